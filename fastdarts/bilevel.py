@@ -1,0 +1,111 @@
+"""The architecture step of DARTS's bilevel optimisation (METHOD.md 1.3): first and second order.
+
+The second-order step never copies or rebuilds the model: the virtual weights `w'` and the
+perturbed weights `w +- eps v` are plain tensors handed to `torch.func.functional_call`, so the
+model's own parameters are never written (and never pick up rounding from a perturb-and-restore).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Architect:
+    """Updates a model's architecture parameters with Adam on the validation loss.
+
+    The model must provide `arch_parameters()` and `named_weight_parameters()`.
+    `weight_optimizer` is the SGD optimizer of the weights: the second-order step reads its
+    momentum, weight decay and momentum buffers to form the virtual step, exactly as the next
+    real weight step would. `hessian_r` sets the finite-difference step of the Hessian-vector
+    product: the weights move by `hessian_r` in L2 norm (DARTS: 0.01).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        weight_optimizer: torch.optim.Optimizer,
+        *,
+        arch_learning_rate: float = 3e-4,
+        arch_betas: tuple[float, float] = (0.5, 0.999),
+        arch_weight_decay: float = 1e-3,
+        unrolled: bool = False,
+        hessian_r: float = 0.01,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    ):
+        self.model = model
+        self.weight_optimizer = weight_optimizer
+        self.unrolled = unrolled
+        self.hessian_r = hessian_r
+        self.loss_fn = loss_fn
+        self.optimizer = torch.optim.Adam(
+            model.arch_parameters(), lr=arch_learning_rate, betas=arch_betas, weight_decay=arch_weight_decay
+        )
+
+    def step(self, train_batch: Batch, val_batch: Batch, lr: float) -> torch.Tensor:
+        """One Adam step on the architecture; `lr` is the current weight learning rate (xi).
+
+        Returns the validation loss it differentiated (at `w`, or at the virtual `w'` when unrolled).
+        """
+        if self.unrolled:
+            grads, val_loss = self.second_order_grads(train_batch, val_batch, lr)
+        else:
+            grads, val_loss = self.first_order_grads(val_batch)
+        for p, g in zip(self.model.arch_parameters(), grads):
+            p.grad = g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return val_loss
+
+    def loss(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x) if params is None else functional_call(self.model, params, (x,))
+        return self.loss_fn(logits, y)
+
+    def first_order_grads(self, val_batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """`grad_alpha L_val(w, alpha)`; autograd computes no weight gradients on the way."""
+        loss = self.loss(val_batch)
+        grads = torch.autograd.grad(loss, self.model.arch_parameters())
+        return list(grads), loss.detach()
+
+    def second_order_grads(self, train_batch: Batch, val_batch: Batch, lr: float):
+        """`grad_alpha L_val(w', alpha) - xi * H v` with a central finite-difference Hessian-vector product."""
+        arch = self.model.arch_parameters()
+        names, weights = zip(*self.model.named_weight_parameters())
+        group = self.weight_optimizer.param_groups[0]
+        momentum, weight_decay = group.get("momentum", 0.0), group.get("weight_decay", 0.0)
+
+        # The virtual SGD step w' = w - xi (mu buf + grad_w L_train + lambda w), unclipped.
+        train_grads = torch.autograd.grad(self.loss(train_batch), weights, materialize_grads=True)
+        with torch.no_grad():
+            virtual = []
+            for w, g in zip(weights, train_grads):
+                buf = self.weight_optimizer.state.get(w, {}).get("momentum_buffer")
+                step = g + weight_decay * w
+                if buf is not None:
+                    step = step + momentum * buf
+                virtual.append((w - lr * step).requires_grad_())
+        # The virtual model's batch-norm running statistics are a throwaway copy, as in DARTS.
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        val_loss = self.loss(val_batch, {**dict(zip(names, virtual)), **buffers})
+        grads = torch.autograd.grad(val_loss, [*arch, *virtual], materialize_grads=True)
+        arch_grads, v = grads[: len(arch)], grads[len(arch) :]
+
+        implicit = self.hessian_vector_product(train_batch, names, weights, v)
+        return [g - lr * h for g, h in zip(arch_grads, implicit)], val_loss.detach()
+
+    def hessian_vector_product(self, train_batch, names, weights, v) -> list[torch.Tensor]:
+        """`(grad_alpha L_train(w + eps v) - grad_alpha L_train(w - eps v)) / (2 eps)`, `eps = r / ||v||`."""
+        arch = self.model.arch_parameters()
+        eps = self.hessian_r / torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in v]))
+        grads = []
+        for sign in (1.0, -1.0):
+            with torch.no_grad():
+                perturbed = {n: w + sign * eps * t for n, w, t in zip(names, weights, v)}
+            grads.append(torch.autograd.grad(self.loss(train_batch, perturbed), arch, materialize_grads=True))
+        return [(gp - gm) / (2 * eps) for gp, gm in zip(*grads)]

@@ -1,0 +1,357 @@
+"""The DARTS convolutional search space: primitives, the OPS factory, genotypes and their derivation.
+
+METHOD.md section 1.1 (ops) and 1.4 (derivation). Column order of every architecture tensor is
+PRIMITIVES; code refers to op groups by name, never by column number.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import GenotypeError
+
+PRIMITIVES: tuple[str, ...] = (
+    "none",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Operations (ReLU -> conv -> BN, no conv bias)
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+
+class DilConv(nn.Sequential):
+    """ReLU, depthwise kxk with dilation, pointwise 1x1, BN."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation, affine=True):
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(C_in, C_in, kernel_size, stride, padding, dilation=dilation, groups=C_in, bias=False),
+            nn.Conv2d(C_in, C_out, 1, bias=False),
+            nn.BatchNorm2d(C_out, affine=affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    """Two DilConv blocks with dilation 1; only the first carries the stride."""
+
+    def __init__(self, C_in, C_out, kernel_size, stride, padding, affine=True):
+        super().__init__(
+            DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine),
+            DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine),
+        )
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class Zero(nn.Module):
+    """The `none` op: zeros of the (strided) output shape."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x):
+        if self.stride == 1:
+            return x.mul(0.0)
+        return x[:, :, :: self.stride, :: self.stride].mul(0.0)
+
+
+class FactorizedReduce(nn.Module):
+    """ReLU, two 1x1 stride-2 convs (on x and on x shifted by one pixel), concatenated, BN."""
+
+    def __init__(self, C_in: int, C_out: int, affine: bool = True):
+        super().__init__()
+        if C_out % 2:
+            raise ValueError(f"FactorizedReduce needs an even number of output channels, got {C_out}")
+        self.relu = nn.ReLU(inplace=False)
+        self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(C_out, affine=affine)
+
+    def forward(self, x):
+        x = self.relu(x)
+        # On odd sizes the shifted view is one pixel smaller; pad it back so both halves align.
+        shifted = x[:, :, 1:, 1:]
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            shifted = nn.functional.pad(shifted, (0, 1, 0, 1))
+        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+
+
+def _pool(kind: str, stride: int) -> nn.Module:
+    if kind == "max":
+        return nn.MaxPool2d(3, stride=stride, padding=1)
+    return nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False)
+
+
+OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {
+    "none": lambda C, stride, affine: Zero(stride),
+    "max_pool_3x3": lambda C, stride, affine: _pool("max", stride),
+    "avg_pool_3x3": lambda C, stride, affine: _pool("avg", stride),
+    "skip_connect": lambda C, stride, affine: Identity() if stride == 1 else FactorizedReduce(C, C, affine),
+    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine),
+    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine),
+    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine),
+    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Genotypes
+
+Edge = tuple[str, int]  # (op name, input index): 0 = c_{k-2}, 1 = c_{k-1}, 2.. = intermediate nodes
+
+
+@dataclass(frozen=True)
+class Genotype:
+    """A discrete cell pair in DARTS's format: two (op, input) edges per intermediate node, nodes in order."""
+
+    normal: tuple[Edge, ...]
+    normal_concat: tuple[int, ...]
+    reduce: tuple[Edge, ...]
+    reduce_concat: tuple[int, ...]
+
+    def __post_init__(self):
+        for cell in ("normal", "reduce"):
+            edges = tuple(_as_edge(e, cell) for e in getattr(self, cell))
+            concat = tuple(_as_int(c, f"{cell}_concat") for c in getattr(self, f"{cell}_concat"))
+            object.__setattr__(self, cell, edges)
+            object.__setattr__(self, f"{cell}_concat", concat)
+            _check_cell(cell, edges, concat)
+
+    # DARTS string format ------------------------------------------------------------------------
+    def __str__(self) -> str:
+        def edges(es):
+            return "[" + ", ".join(f"({op!r}, {i})" for op, i in es) + "]"
+
+        return (
+            f"Genotype(normal={edges(self.normal)}, normal_concat={list(self.normal_concat)}, "
+            f"reduce={edges(self.reduce)}, reduce_concat={list(self.reduce_concat)})"
+        )
+
+    __repr__ = __str__
+
+    @classmethod
+    def parse(cls, text: str) -> Genotype:
+        """Parse DARTS's `Genotype(normal=[...], normal_concat=[...], reduce=[...], reduce_concat=[...])`."""
+        text = text.strip()
+        if not text:
+            raise GenotypeError("empty genotype string")
+        try:
+            tree = ast.parse(text, mode="eval").body
+        except SyntaxError as e:
+            raise GenotypeError(f"genotype string is not valid syntax: {e.msg} (column {e.offset})") from None
+        if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id == "Genotype"):
+            raise GenotypeError("genotype string must have the form Genotype(normal=[...], normal_concat=[...], ...)")
+        if tree.args:
+            raise GenotypeError("genotype string must use keyword fields (normal=..., normal_concat=..., ...)")
+        fields = {}
+        for kw in tree.keywords:
+            if kw.arg is None:
+                raise GenotypeError("genotype string must not use ** in Genotype(...)")
+            if kw.arg in fields:
+                raise GenotypeError(f"genotype field {kw.arg!r} is given twice")
+            if isinstance(kw.value, ast.Call):  # DARTS writes range(2, 6) for the concat lists
+                fields[kw.arg] = _literal_range(kw)
+                continue
+            try:
+                fields[kw.arg] = ast.literal_eval(kw.value)
+            except (ValueError, SyntaxError):
+                raise GenotypeError(f"genotype field {kw.arg!r} is not a literal") from None
+        return cls.from_dict(fields)
+
+    # JSON ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "normal": [list(e) for e in self.normal],
+            "normal_concat": list(self.normal_concat),
+            "reduce": [list(e) for e in self.reduce],
+            "reduce_concat": list(self.reduce_concat),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> Genotype:
+        if not isinstance(fields, dict):
+            raise GenotypeError(f"a genotype must be a mapping of its four fields, got {type(fields).__name__}")
+        expected = {"normal", "normal_concat", "reduce", "reduce_concat"}
+        missing, unknown = expected - fields.keys(), fields.keys() - expected
+        if missing:
+            raise GenotypeError(f"genotype is missing field(s): {', '.join(sorted(missing))}")
+        if unknown:
+            raise GenotypeError(f"genotype has unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+        for name in expected:
+            if not isinstance(fields[name], (list, tuple, range)):
+                raise GenotypeError(f"genotype field {name!r} must be a list, got {type(fields[name]).__name__}")
+        return cls(**{k: tuple(v) for k, v in fields.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> Genotype:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise GenotypeError(f"genotype JSON is malformed: {e.msg} at line {e.lineno} column {e.colno}") from None
+        return cls.from_dict(data)
+
+    @property
+    def steps(self) -> int:
+        return len(self.normal) // 2
+
+
+def _literal_range(kw: ast.keyword) -> list[int]:
+    call = kw.value
+    if not (isinstance(call.func, ast.Name) and call.func.id == "range" and not call.keywords):
+        raise GenotypeError(f"genotype field {kw.arg!r} must be a list or range(...)")
+    try:
+        args = [ast.literal_eval(a) for a in call.args]
+        return list(range(*args))
+    except (ValueError, TypeError):
+        raise GenotypeError(f"genotype field {kw.arg!r} has a malformed range(...)") from None
+
+
+def _as_int(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GenotypeError(f"{where}: expected an integer, got {value!r}")
+    return value
+
+
+def _as_edge(edge, cell: str) -> Edge:
+    if not (isinstance(edge, (list, tuple)) and len(edge) == 2 and isinstance(edge[0], str)):
+        raise GenotypeError(f"{cell}: each edge must be a pair (op name, input index), got {edge!r}")
+    return edge[0], _as_int(edge[1], f"{cell} edge {edge!r}")
+
+
+def _check_cell(cell: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> None:
+    if not edges or len(edges) % 2:
+        raise GenotypeError(f"{cell}: needs two edges per intermediate node, got {len(edges)} edge(s)")
+    steps = len(edges) // 2
+    for k, (op, inp) in enumerate(edges):
+        node = 2 + k // 2
+        if not 0 <= inp < node:
+            raise GenotypeError(f"{cell}: node {node} reads input {inp}, which is not an earlier node (0..{node - 1})")
+    if not concat:
+        raise GenotypeError(f"{cell}_concat is empty")
+    for c in concat:
+        if not 0 <= c < 2 + steps:
+            raise GenotypeError(f"{cell}_concat names node {c}, but the cell has nodes 0..{steps + 1}")
+
+
+def load_genotype(source: str | Path) -> Genotype:
+    """A genotype from a built-in name, a DARTS string, a genotype.json/.txt file or a run directory."""
+    text = str(source)
+    if text in BUILTIN_GENOTYPES:
+        return BUILTIN_GENOTYPES[text]
+    if text.lstrip().startswith("Genotype("):
+        return Genotype.parse(text)
+    path = Path(text)
+    if path.is_dir():
+        for name in ("genotype.json", "genotype.txt"):
+            if (path / name).is_file():
+                return load_genotype(path / name)
+        raise GenotypeError(f"{path}: directory has no genotype.json or genotype.txt")
+    if not path.exists():
+        known = ", ".join(BUILTIN_GENOTYPES)
+        raise GenotypeError(f"{text!r} is not a built-in genotype ({known}), a Genotype(...) string or an existing path")
+    try:
+        content = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise GenotypeError(f"{path}: cannot read genotype file ({e})") from None
+    if not content.strip():
+        raise GenotypeError(f"{path}: genotype file is empty")
+    try:
+        if content.lstrip().startswith("{"):
+            return Genotype.from_json(content)
+        return Genotype.parse(content)
+    except GenotypeError as e:
+        raise GenotypeError(f"{path}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Derivation (METHOD 1.4)
+
+
+def derive_cell(weights: torch.Tensor, steps: int, primitives: Sequence[str] = PRIMITIVES) -> tuple[Edge, ...]:
+    """DARTS's rule on one cell's edge weights `[num_edges, num_ops]` (already softmaxed).
+
+    For each node: score every incoming edge by its strongest non-`none` weight, keep the top-2
+    edges by descending score (stable: ties go to the lower input), and on each the argmax
+    non-`none` op (ties to the lower column).
+    """
+    weights = weights.detach().double().cpu()
+    expected_edges = sum(2 + i for i in range(steps))
+    if weights.shape != (expected_edges, len(primitives)):
+        raise ValueError(f"expected edge weights of shape {(expected_edges, len(primitives))}, got {tuple(weights.shape)}")
+    candidate_cols = [j for j, name in enumerate(primitives) if name != "none"]
+    gene: list[Edge] = []
+    start = 0
+    for i in range(steps):
+        n_in = 2 + i
+        W = weights[start : start + n_in, candidate_cols]
+        scores = W.max(dim=1).values.tolist()
+        # Python's sort is stable, so equal scores keep the lower input first.
+        order = sorted(range(n_in), key=lambda e: -scores[e])[:2]
+        for inp in order:
+            row = W[inp].tolist()
+            best = max(range(len(row)), key=lambda c: (row[c], -c))
+            gene.append((primitives[candidate_cols[best]], inp))
+        start += n_in
+    return tuple(gene)
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in genotypes (DARTS paper, Liu et al. 2019, as published in the reference code)
+
+DARTS_V1 = Genotype(
+    normal=[
+        ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_3x3", 1),
+        ("skip_connect", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("skip_connect", 2),
+    ],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[
+        ("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 0),
+        ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("avg_pool_3x3", 0),
+    ],
+    reduce_concat=[2, 3, 4, 5],
+)  # fmt: skip
+
+DARTS_V2 = Genotype(
+    normal=[
+        ("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1),
+        ("sep_conv_3x3", 1), ("skip_connect", 0), ("skip_connect", 0), ("dil_conv_3x3", 2),
+    ],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[
+        ("max_pool_3x3", 0), ("max_pool_3x3", 1), ("skip_connect", 2), ("max_pool_3x3", 1),
+        ("max_pool_3x3", 0), ("skip_connect", 2), ("skip_connect", 2), ("max_pool_3x3", 1),
+    ],
+    reduce_concat=[2, 3, 4, 5],
+)  # fmt: skip
+
+BUILTIN_GENOTYPES: dict[str, Genotype] = {"DARTS_V1": DARTS_V1, "DARTS_V2": DARTS_V2, "DARTS": DARTS_V2}

@@ -1,0 +1,101 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fastdarts import search
+from fastdarts.config import SearchConfig
+from fastdarts.space import Genotype
+
+from .test_data import make_cifar_dir
+
+TINY = ["--epochs", "1", "--layers", "3", "--init_channels", "2", "--batch_size", "64", "--no_progress"]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "fastdarts.search", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
+
+
+@pytest.mark.slow
+def test_cli_runs_a_one_epoch_search_and_writes_its_outputs(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli(*TINY, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    genotype = Genotype.from_json((out / "genotype.json").read_text())
+    assert Genotype.parse((out / "genotype.txt").read_text()) == genotype
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "genotype", "normal_skip_connects",
+                "entropy_normal", "entropy_reduce"):  # fmt: skip
+        assert key in rows[0]
+    assert (out / "checkpoint.pt").stat().st_size > 0
+    assert "epoch 0:" in result.stdout
+
+
+def test_python_call_returns_genotype_and_history(tmp_path):
+    result = search.run(SearchConfig(epochs=1, layers=3, init_channels=2, out=str(tmp_path / "r"), progress=False))
+    assert isinstance(result.genotype, Genotype)
+    assert len(result.history) == 1 and result.history[0]["epoch"] == 0
+    assert 0 <= result.history[0]["val_acc"] <= 1
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 3\nlayers: 4\nlearning_rate: 0.05\n")
+    from fastdarts.config import parse_config
+
+    config = parse_config(SearchConfig, ["--config", str(cfg), "--layers", "6"], "p", "d").resolved()
+    assert (config.epochs, config.layers, config.learning_rate) == (3, 6, 0.05)
+    assert config.batch_size == 64  # preset of the digits data set
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--dataset", "cifar10", "--data", "/nonexistent/dir"], "does not exist"),
+        (["--train_portion", "1.5"], "train_portion must be < 1"),
+        (["--batch_size", "0"], "batch_size must be >= 1"),
+        (["--learning_rate", "-1"], "learning_rate must be > 0"),
+        (["--layers", "2"], "layers must be >= 3"),
+        (["--dataset", "cifar10"], "needs data"),
+        (["--dataset", "imagenet"], "invalid choice"),
+        (["--epochs", "many"], "invalid int value"),
+        (["--config", "/nonexistent.yaml"], "does not exist"),
+    ],
+)
+def test_bad_input_gives_one_line_and_status_2(tmp_path, args, message):
+    result = run_cli(*args, "--out", str(tmp_path / "never"))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_unknown_config_key_and_bad_value(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"epochs": 2, "learning_rat": 0.1}')
+    result = run_cli("--config", str(cfg))
+    assert result.returncode == 2 and "unknown key(s) learning_rat" in result.stderr
+    cfg.write_text('{"batch_size": "big"}')
+    result = run_cli("--config", str(cfg))
+    assert result.returncode == 2 and "batch_size must be of type int" in result.stderr
+
+
+def test_cifar10_directory_with_wrong_files(tmp_path):
+    root = make_cifar_dir(tmp_path / "cifar")
+    (root / "data_batch_5").unlink()
+    result = run_cli("--dataset", "cifar10", "--data", str(root))
+    assert result.returncode == 2 and "missing data_batch_5" in result.stderr
+
+
+@pytest.mark.slow
+def test_search_runs_on_a_cifar10_directory(tmp_path):
+    root = make_cifar_dir(tmp_path / "cifar", per_batch=8)
+    out = tmp_path / "run"
+    result = run_cli("--dataset", "cifar10", "--data", str(root), *TINY, "--batch_size", "8", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert (out / "genotype.txt").exists()

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+from fastdarts import PRIMITIVES, SearchNetwork, ops
+from fastdarts.space import DARTS_V2
+from fastdarts.supernet import MixedOp
+
+from .conftest import requires_ext
+
+
+def test_arch_parameters_shapes_and_separation():
+    net = SearchNetwork(C=4, num_classes=10, layers=5, in_channels=1)
+    alpha_normal, alpha_reduce = net.arch_parameters()
+    assert alpha_normal.shape == (14, 8) and alpha_reduce.shape == (14, 8)
+    weight_ids = {id(p) for p in net.weight_parameters()}
+    assert id(alpha_normal) not in weight_ids and id(alpha_reduce) not in weight_ids
+    assert len(weight_ids) + 2 == len(list(net.parameters()))
+    assert [cell.reduction for cell in net.cells] == [False, True, False, True, False]
+    assert alpha_normal.abs().max() < 0.01  # initialised as 1e-3 * N(0, 1)
+
+
+@pytest.mark.parametrize("size", [8, 9])
+def test_forward_shape_and_edge_order(size):
+    net = SearchNetwork(C=4, num_classes=7, layers=3, in_channels=3, steps=3, multiplier=3)
+    assert net.alpha_normal.shape == (2 + 3 + 4, len(PRIMITIVES))
+    out = net(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 7)
+    # Edge k of node i reads state j with stride 2 only from the two cell inputs in a reduction cell.
+    strides = [edge.stride for edge in net.cells[1].edges]
+    assert strides == [2, 2, 2, 2, 1, 2, 2, 1, 1]
+
+
+def test_mixed_op_is_the_softmax_weighted_sum_of_all_primitives():
+    torch.manual_seed(0)
+    edge = MixedOp(4, 1)
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.randn(len(PRIMITIVES)).softmax(-1)
+    # `none` is not among the computed candidates but still takes part in the sum as zero.
+    expected = sum(wk * op(x) for wk, op in zip(w[1:], edge.candidates))
+    torch.testing.assert_close(edge(x, w), expected)
+
+
+def test_genotype_from_hand_set_alphas():
+    net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=1)
+    with torch.no_grad():
+        for alpha, cell in ((net.alpha_normal, DARTS_V2.normal), (net.alpha_reduce, DARTS_V2.reduce)):
+            alpha.fill_(0.0)
+            alpha[:, 0] = 5.0  # a dominant `none` must be ignored
+            start = 0
+            for i in range(4):
+                for rank, (op, inp) in enumerate(cell[2 * i : 2 * i + 2]):
+                    alpha[start + inp, PRIMITIVES.index(op)] = 3.0 - rank
+                start += 2 + i
+    assert net.genotype() == DARTS_V2
+
+
+def test_invalid_network_arguments():
+    with pytest.raises(ValueError, match="C must be"):
+        SearchNetwork(C=0)
+    with pytest.raises(ValueError, match="multiplier"):
+        SearchNetwork(C=4, steps=2, multiplier=4)
+
+
+@requires_ext
+@pytest.mark.parametrize("train", [True, False])
+def test_cpp_and_reference_backends_agree_on_the_whole_network(train):
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3).train(train)
+    x, y = torch.randn(3, 3, 9, 9), torch.randint(0, 10, (3,))
+    results = {}
+    for backend in ("reference", "cpp"):
+        state = {k: v.clone() for k, v in net.state_dict().items()}
+        with ops.use_backend(backend):
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            grads = torch.autograd.grad(loss, list(net.parameters()))
+        net.load_state_dict(state)  # undo the running-statistics update so both see the same state
+        results[backend] = (loss, grads)
+    torch.testing.assert_close(results["cpp"][0], results["reference"][0], rtol=1e-4, atol=1e-6)
+    for g_cpp, g_ref in zip(results["cpp"][1], results["reference"][1]):
+        torch.testing.assert_close(g_cpp, g_ref, rtol=1e-3, atol=1e-6)
