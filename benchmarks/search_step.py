@@ -11,6 +11,7 @@ flags say otherwise. Prints one JSON object (with --json) or a table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -73,7 +74,8 @@ def benchmark(backend: str, batch: int, C: int, layers: int, size: int, repeats:
         result["saved_bytes"] = saved_bytes_of_forward(model, *train_batch)
         for order in orders:
             architect = Architect(model, weight_optimizer, unrolled=order == "second")
-            times = time_steps(lambda: search_step(model, weight_optimizer, architect, train_batch, val_batch), repeats)
+            step = functools.partial(search_step, model, weight_optimizer, architect, train_batch, val_batch)
+            times = time_steps(step, repeats)
             result[f"{order}_order_seconds"] = statistics.median(times)
             result[f"{order}_order_all_seconds"] = [round(t, 4) for t in times]
     return result

@@ -252,7 +252,7 @@ def _check_cell(cell: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> 
     if not edges or len(edges) % 2:
         raise GenotypeError(f"{cell}: needs two edges per intermediate node, got {len(edges)} edge(s)")
     steps = len(edges) // 2
-    for k, (op, inp) in enumerate(edges):
+    for k, (_, inp) in enumerate(edges):
         node = 2 + k // 2
         if not 0 <= inp < node:
             raise GenotypeError(f"{cell}: node {node} reads input {inp}, which is not an earlier node (0..{node - 1})")
@@ -278,7 +278,9 @@ def load_genotype(source: str | Path) -> Genotype:
         raise GenotypeError(f"{path}: directory has no genotype.json or genotype.txt")
     if not path.exists():
         known = ", ".join(BUILTIN_GENOTYPES)
-        raise GenotypeError(f"{text!r} is not a built-in genotype ({known}), a Genotype(...) string or an existing path")
+        raise GenotypeError(
+            f"{text!r} is not a built-in genotype ({known}), a Genotype(...) string or an existing path"
+        )
     try:
         content = path.read_text()
     except (OSError, UnicodeDecodeError) as e:
@@ -307,7 +309,8 @@ def derive_cell(weights: torch.Tensor, steps: int, primitives: Sequence[str] = P
     weights = weights.detach().double().cpu()
     expected_edges = sum(2 + i for i in range(steps))
     if weights.shape != (expected_edges, len(primitives)):
-        raise ValueError(f"expected edge weights of shape {(expected_edges, len(primitives))}, got {tuple(weights.shape)}")
+        expected = (expected_edges, len(primitives))
+        raise ValueError(f"expected edge weights of shape {expected}, got {tuple(weights.shape)}")
     candidate_cols = [j for j, name in enumerate(primitives) if name != "none"]
     gene: list[Edge] = []
     start = 0
