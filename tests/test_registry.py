@@ -1,8 +1,12 @@
+import json
+import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdarts import ops
 from fastdarts.ops import _registry
@@ -10,93 +14,154 @@ from fastdarts.ops import _registry
 from .conftest import requires_ext
 
 
-def calls(monkeypatch):
-    """Record which backend each weighted_sum call reaches."""
-    seen = []
-    row = _registry.TABLE["weighted_sum"]
-    for name, fn in list(row.items()):
-        monkeypatch.setitem(row, name, lambda xs, w, _n=name, _f=fn: seen.append(_n) or _f(xs, w))
-    return seen
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.namespaces = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.namespaces.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+def backend_of_call(device="cpu", **kwargs):
+    """Which backend an ops.weighted_sum call ran, told by the ops it dispatched."""
+    xs, w = [torch.randn(3, device=device), torch.randn(3, device=device)], torch.randn(2, device=device)
+    with RecordOps() as record:
+        ops.weighted_sum(xs, w, **kwargs)
+    return "cpp" if "fastdarts" in record.namespaces else "reference"
+
+
+@pytest.fixture
+def no_env_backend(monkeypatch):
+    """Whatever FASTDARTS_BACKEND the test run was started with, test the rules without it."""
+    monkeypatch.setattr(_registry, "_ENV_BACKEND", None)
 
 
 @requires_ext
-def test_default_on_cpu_is_cpp_and_overrides_nest(monkeypatch):
-    seen = calls(monkeypatch)
-    xs, w = [torch.randn(3)], torch.ones(1)
-    ops.weighted_sum(xs, w)
+def test_cpu_defaults_to_cpp_and_other_devices_to_reference(no_env_backend):
+    assert backend_of_call() == "cpp"
+    assert backend_of_call(device="meta") == "reference"
+
+
+@requires_ext
+def test_explicit_backend_argument_wins_over_everything(no_env_backend, monkeypatch):
+    assert backend_of_call(backend="reference") == "reference"
     with ops.use_backend("reference"):
-        ops.weighted_sum(xs, w)
+        assert backend_of_call(backend="cpp") == "cpp"
+    monkeypatch.setattr(_registry, "_ENV_BACKEND", "reference")
+    assert backend_of_call(backend="cpp") == "cpp"
+
+
+@requires_ext
+def test_use_backend_nests_and_restores(no_env_backend):
+    with ops.use_backend("reference"):
+        assert backend_of_call() == "reference"
         with ops.use_backend("cpp"):
-            ops.weighted_sum(xs, w)
-        ops.weighted_sum(xs, w)
-        ops.weighted_sum(xs, w, backend="cpp")  # the call's own argument wins
-    ops.weighted_sum(xs, w)
-    assert seen == ["cpp", "reference", "cpp", "reference", "cpp", "cpp"]
+            assert backend_of_call() == "cpp"
+            with ops.use_backend("reference"):
+                assert backend_of_call() == "reference"
+            assert backend_of_call() == "cpp"
+        assert backend_of_call() == "reference"
+        with pytest.raises(KeyError):
+            with ops.use_backend("cpp"):
+                raise KeyError("leaving the block through an exception")
+        assert backend_of_call() == "reference"
+    assert backend_of_call() == "cpp"
 
 
-def test_unknown_backend_names_are_rejected():
-    with pytest.raises(ValueError, match="unknown backend 'fast'"):
-        with ops.use_backend("fast"):
-            pass
+@requires_ext
+def test_use_backend_beats_the_environment_variable(monkeypatch):
+    monkeypatch.setattr(_registry, "_ENV_BACKEND", "reference")
+    assert backend_of_call() == "reference"
+    with ops.use_backend("cpp"):
+        assert backend_of_call() == "cpp"
+
+
+def test_unknown_names_are_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'fast'; the backends are reference, cpp"):
+        ops.use_backend("fast")  # refused when called, before any block starts
     with pytest.raises(ValueError, match="unknown backend 'gpu'"):
         ops.weighted_sum([torch.randn(2)], torch.ones(1), backend="gpu")
-
-
-def test_use_backend_restores_after_an_exception():
-    with pytest.raises(KeyError):
-        with ops.use_backend("reference"):
-            raise KeyError
-    assert _registry._forced == []
-
-
-@requires_ext
-def test_available_backends():
-    assert ops.available_backends() == ["reference", "cpp"]
-    assert ops.available_backends("weighted_sum", "meta") == ["reference"]
-    with pytest.raises(ValueError, match="unknown op"):
+    with pytest.raises(ValueError, match="unknown op 'conv9'; the ops are weighted_sum"):
         ops.available_backends("conv9")
 
 
-def test_cpp_backend_refuses_other_devices():
-    if not ops.EXTENSION_LOADED:
-        pytest.skip("extension not built")
-    with pytest.raises(RuntimeError, match="cannot run on meta tensors"):
+@requires_ext
+def test_cpp_refuses_tensors_it_cannot_run():
+    with pytest.raises(RuntimeError, match="backend 'cpp' runs on cpu tensors only, got meta tensors"):
         ops.weighted_sum([torch.empty(2, device="meta")], torch.empty(1, device="meta"), backend="cpp")
 
 
+@requires_ext
+def test_available_backends_with_the_extension():
+    assert ops.BACKENDS == ("reference", "cpp")
+    assert ops.available_backends() == ["reference", "cpp"]
+    assert ops.available_backends("weighted_sum", torch.device("cpu")) == ["reference", "cpp"]
+    assert ops.available_backends("weighted_sum", "meta") == ["reference"]
+
+
 def run_python(code, **env):
-    import os
-
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env})
-
-
-def test_environment_variable_is_validated_and_used():
-    bad = run_python("import fastdarts", FASTDARTS_BACKEND="bogus")
-    assert bad.returncode != 0 and "FASTDARTS_BACKEND: unknown backend 'bogus'" in bad.stderr
-    good = run_python(
-        "import torch; from fastdarts.ops import _registry as r; "
-        "print(r.resolve('weighted_sum', torch.device('cpu')).__module__)",
-        FASTDARTS_BACKEND="reference",
+    """Run `code` in a fresh interpreter, to see what happens at import."""
+    environment = {k: v for k, v in os.environ.items() if k != "FASTDARTS_BACKEND"} | env
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environment, timeout=300
     )
-    assert good.returncode == 0 and good.stdout.strip() == "fastdarts.ops.reference"
 
 
-def test_missing_extension_falls_back_to_reference_with_one_warning():
-    # Block the compiled module to see what a user without a C++ build gets.
-    code = (
-        "import sys, warnings, torch\n"
-        "sys.modules['fastdarts._C'] = None\n"
-        "from fastdarts import ops\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    for _ in range(3): ops.weighted_sum([torch.ones(2)], torch.ones(1))\n"
-        "print(ops.EXTENSION_LOADED, ops.available_backends(), len(caught))\n"
-        "try:\n"
-        "    ops.weighted_sum([torch.ones(2)], torch.ones(1), backend='cpp')\n"
-        "except RuntimeError as e:\n"
-        "    print(e)\n"
-    )
+def test_environment_variable_is_validated_at_import():
+    result = run_python("import fastdarts", FASTDARTS_BACKEND="bogus")
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("ValueError: FASTDARTS_BACKEND='bogus' is not a fastdarts backend"), result.stderr
+    assert "allowed values: reference, cpp" in last_line
+
+
+def test_environment_variable_sets_the_default():
+    code = """
+        import json, torch
+        from fastdarts import ops
+        from fastdarts.ops._registry import select
+        cpu = torch.device("cpu")
+        chosen = {"default": select("weighted_sum", cpu)}
+        if ops.EXTENSION_LOADED:  # both overrides still beat the variable
+            chosen["argument"] = select("weighted_sum", cpu, "cpp")
+            with ops.use_backend("cpp"):
+                chosen["context"] = select("weighted_sum", cpu)
+        print(json.dumps(chosen))
+    """
+    result = run_python(code, FASTDARTS_BACKEND="reference")
+    assert result.returncode == 0, result.stderr
+    chosen = json.loads(result.stdout)
+    assert chosen.pop("default") == "reference"
+    assert all(name == "cpp" for name in chosen.values()), chosen
+
+
+def test_without_the_extension_everything_runs_on_the_reference_after_one_warning():
+    code = """
+        import json, sys, warnings, torch
+        sys.modules["fastdarts._C"] = None  # what a user without a C++ build gets
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            from fastdarts import ops
+            xs, w = [torch.ones(2), 2 * torch.ones(2)], torch.tensor([1.0, 3.0])
+            outs = [ops.weighted_sum(xs, w).tolist() for _ in range(3)]
+        try:
+            ops.weighted_sum(xs, w, backend="cpp")
+            explicit_cpp = "no error"
+        except RuntimeError as error:
+            explicit_cpp = str(error)
+        print(json.dumps({
+            "loaded": ops.EXTENSION_LOADED, "error": ops.EXTENSION_ERROR, "available": ops.available_backends(),
+            "outs": outs, "warnings": [str(w.message) for w in caught if "fastdarts" in str(w.message)],
+            "explicit_cpp": explicit_cpp,
+        }))
+    """
     result = run_python(code)
-    lines = result.stdout.splitlines()
-    assert lines[0] == "False ['reference'] 1", result.stderr
-    assert "backend 'cpp' is not available (the extension did not load" in lines[1]
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["loaded"] is False and "fastdarts._C" in report["error"]
+    assert report["available"] == ["reference"]
+    assert report["outs"] == [[7.0, 7.0]] * 3
+    assert len(report["warnings"]) == 1 and "fall back to the slower pure-PyTorch reference" in report["warnings"][0]
+    assert "backend 'cpp' was requested, but the C++ extension fastdarts._C is not loaded" in report["explicit_cpp"]

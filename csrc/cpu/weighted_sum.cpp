@@ -1,11 +1,20 @@
-// out = sum_k w[k] * xs[k] and its backward, on the CPU, for float and double.
+// CPU kernels of weighted_sum and weighted_sum_backward (schemas in ../fastdarts.cpp).
 //
-// Memory-bound: the forward reads K inputs and writes one output; the backward reads grad and
-// the K inputs once and writes K gradients, accumulating the K dot products on the way.
+//   forward:  out = sum_k w[k] * xs[k]
+//   backward: grad_xs[k] = w[k] * grad,  grad_w[k] = sum(grad * xs[k])
+//
+// Both walk the tensors as flat arrays: every tensor is first given the layout of the output
+// (at::empty_like of xs[0], which keeps channels_last), so when the inputs already share one
+// dense layout nothing is copied.
+
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
 #include <vector>
 
 #include "fastdarts/checks.h"
@@ -13,45 +22,60 @@
 namespace fastdarts {
 namespace {
 
-// Elements per tile: K passes over one tile of the output stay in L1/L2.
-constexpr int64_t kTile = 4096;
-// Fixed reduction chunks, independent of the thread count, so grad_w is bit-reproducible.
-constexpr int64_t kReduceChunk = 16384;
+// Forward block: the output block (4 KiB in float32) stays in L1 while all K inputs are added in.
+constexpr int64_t kBlock = 1024;
+// Backward chunk. The chunking does not depend on the thread count and the per-chunk dot products
+// are combined in chunk order, so grad_w is identical bit for bit however the threads are scheduled.
+// A chunk of grad (16 KiB in float32) stays in L1 while it is read once per k.
+constexpr int64_t kChunk = 4096;
+// at::internal::GRAIN_SIZE: below this many elements a second thread costs more than it saves.
+constexpr int64_t kGrain = 32768;
 
-// Tensors that share one dense layout (contiguous, channels_last, ...) can be walked as flat
-// arrays in storage order; anything else is made contiguous first.
-std::vector<at::Tensor> as_flat_walkable(std::vector<at::Tensor> ts) {
-  bool shared = true;
-  for (const auto& t : ts) {
-    shared = shared && t.is_non_overlapping_and_dense() && t.strides() == ts[0].strides();
+// `t` with exactly the strides of `like` (same sizes; `like` is fresh from at::empty_like, so dense
+// and non-overlapping): `t` itself when the strides agree, else a copy.
+at::Tensor with_layout_of(const at::Tensor& t, const at::Tensor& like) {
+  if (t.strides() == like.strides()) {
+    return t;
   }
-  if (!shared) {
-    for (auto& t : ts) t = t.contiguous();
-  }
-  return ts;
+  return at::empty_like(like).copy_(t);
 }
 
 template <typename scalar_t>
-std::vector<scalar_t> weights_of(const at::Tensor& w) {
-  auto wc = w.contiguous();
-  const scalar_t* p = wc.data_ptr<scalar_t>();
-  return std::vector<scalar_t>(p, p + wc.numel());
+std::vector<const scalar_t*> data_pointers(const std::vector<at::Tensor>& tensors) {
+  std::vector<const scalar_t*> pointers;
+  pointers.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    pointers.push_back(t.const_data_ptr<scalar_t>());
+  }
+  return pointers;
 }
 
 template <typename scalar_t>
-void weighted_sum_kernel(const std::vector<const scalar_t*>& xs, const std::vector<scalar_t>& w,
-                         scalar_t* out, int64_t n) {
-  const size_t K = xs.size();
-  at::parallel_for(0, n, kTile, [&](int64_t begin, int64_t end) {
-    for (int64_t t0 = begin; t0 < end; t0 += kTile) {
-      const int64_t t1 = std::min(end, t0 + kTile);
-      const scalar_t* x0 = xs[0];
+std::vector<scalar_t> weight_values(const at::Tensor& w) {
+  const at::Tensor contiguous = w.contiguous();
+  const scalar_t* begin = contiguous.const_data_ptr<scalar_t>();
+  return std::vector<scalar_t>(begin, begin + contiguous.numel());
+}
+
+template <typename scalar_t>
+void weighted_sum_kernel(const std::vector<const scalar_t*>& xs, const std::vector<scalar_t>& w, scalar_t* out,
+                         int64_t n) {
+  const int64_t K = static_cast<int64_t>(xs.size());
+  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t lo = begin; lo < end; lo += kBlock) {
+      const int64_t len = std::min(kBlock, end - lo);
+      scalar_t* __restrict__ o = out + lo;
+      const scalar_t* __restrict__ x0 = xs[0] + lo;
       const scalar_t w0 = w[0];
-      for (int64_t i = t0; i < t1; ++i) out[i] = w0 * x0[i];
-      for (size_t k = 1; k < K; ++k) {
-        const scalar_t* xk = xs[k];
+      for (int64_t i = 0; i < len; ++i) {
+        o[i] = w0 * x0[i];
+      }
+      for (int64_t k = 1; k < K; ++k) {
+        const scalar_t* __restrict__ x = xs[k] + lo;
         const scalar_t wk = w[k];
-        for (int64_t i = t0; i < t1; ++i) out[i] += wk * xk[i];
+        for (int64_t i = 0; i < len; ++i) {
+          o[i] += wk * x[i];
+        }
       }
     }
   });
@@ -59,75 +83,89 @@ void weighted_sum_kernel(const std::vector<const scalar_t*>& xs, const std::vect
 
 template <typename scalar_t>
 void weighted_sum_backward_kernel(const scalar_t* grad, const std::vector<const scalar_t*>& xs,
-                                  const std::vector<scalar_t>& w,
-                                  const std::vector<scalar_t*>& grad_xs, double* grad_w,
-                                  int64_t n) {
+                                  const std::vector<scalar_t>& w, const std::vector<scalar_t*>& grad_xs,
+                                  scalar_t* grad_w, int64_t n) {
   const int64_t K = static_cast<int64_t>(xs.size());
-  const int64_t chunks = (n + kReduceChunk - 1) / kReduceChunk;
-  std::vector<double> partial(static_cast<size_t>(chunks * K), 0.0);
-  at::parallel_for(0, chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    for (int64_t c = c_begin; c < c_end; ++c) {
-      const int64_t i0 = c * kReduceChunk;
-      const int64_t i1 = std::min(n, i0 + kReduceChunk);
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(num_chunks * K);  // partial[c * K + k]: chunk c's share of grad_w[k]
+  at::parallel_for(0, num_chunks, kGrain / kChunk, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t lo = c * kChunk;
+      const int64_t len = std::min(kChunk, n - lo);
+      const scalar_t* __restrict__ g = grad + lo;
       for (int64_t k = 0; k < K; ++k) {
-        const scalar_t* xk = xs[k];
-        scalar_t* gk = grad_xs[k];
+        const scalar_t* __restrict__ x = xs[k] + lo;
+        scalar_t* __restrict__ gx = grad_xs[k] + lo;
         const scalar_t wk = w[k];
-        double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = i0; i < i1; ++i) {
-          gk[i] = wk * grad[i];
-          acc += static_cast<double>(grad[i]) * static_cast<double>(xk[i]);
+        double dot = 0.0;
+        // The reduction needs the pragma to vectorise (without -ffast-math the compiler keeps
+        // the sequential order); the vector order is fixed at compile time, so still deterministic.
+#pragma omp simd reduction(+ : dot)
+        for (int64_t i = 0; i < len; ++i) {
+          gx[i] = wk * g[i];
+          dot += static_cast<double>(g[i]) * static_cast<double>(x[i]);
         }
-        partial[c * K + k] = acc;
+        partial[c * K + k] = dot;
       }
     }
   });
-  for (int64_t k = 0; k < K; ++k) grad_w[k] = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    for (int64_t k = 0; k < K; ++k) grad_w[k] += partial[c * K + k];
+  for (int64_t k = 0; k < K; ++k) {
+    double total = 0.0;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      total += partial[c * K + k];
+    }
+    grad_w[k] = static_cast<scalar_t>(total);
   }
 }
 
-at::Tensor weighted_sum_cpu(at::TensorList xs_in, const at::Tensor& w) {
-  check_same_tensors(xs_in, "xs");
-  check_weights(w, static_cast<int64_t>(xs_in.size()), xs_in[0]);
-  TORCH_CHECK(xs_in[0].device().is_cpu(), "weighted_sum_cpu needs CPU tensors");
-  auto xs = as_flat_walkable(xs_in.vec());
+at::Tensor weighted_sum_cpu(at::TensorList xs, const at::Tensor& w) {
+  check_same_tensors("weighted_sum", "xs", xs);
+  check_supported_dtype("weighted_sum", xs[0]);
+  check_weights("weighted_sum", "w", w, static_cast<int64_t>(xs.size()), xs[0]);
+  TORCH_INTERNAL_ASSERT(xs[0].device().is_cpu());
+
   at::Tensor out = at::empty_like(xs[0]);
+  std::vector<at::Tensor> inputs;
+  inputs.reserve(xs.size());
+  for (const at::Tensor& x : xs) {
+    inputs.push_back(with_layout_of(x, out));
+  }
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "weighted_sum_cpu", [&] {
-    std::vector<const scalar_t*> ptrs;
-    for (const auto& x : xs) ptrs.push_back(x.const_data_ptr<scalar_t>());
-    weighted_sum_kernel<scalar_t>(ptrs, weights_of<scalar_t>(w), out.mutable_data_ptr<scalar_t>(),
-                                  out.numel());
+    weighted_sum_kernel<scalar_t>(data_pointers<scalar_t>(inputs), weight_values<scalar_t>(w),
+                                  out.data_ptr<scalar_t>(), out.numel());
   });
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> weighted_sum_backward_cpu(
-    const at::Tensor& grad_in, at::TensorList xs_in, const at::Tensor& w) {
-  check_same_tensors(xs_in, "xs");
-  check_weights(w, static_cast<int64_t>(xs_in.size()), xs_in[0]);
-  check_same_as(grad_in, xs_in[0], "grad");
-  TORCH_CHECK(grad_in.device().is_cpu(), "weighted_sum_backward_cpu needs CPU tensors");
-  std::vector<at::Tensor> all = xs_in.vec();
-  all.push_back(grad_in);
-  all = as_flat_walkable(std::move(all));
-  const at::Tensor grad = all.back();
-  all.pop_back();
+std::tuple<std::vector<at::Tensor>, at::Tensor> weighted_sum_backward_cpu(const at::Tensor& grad, at::TensorList xs,
+                                                                          const at::Tensor& w) {
+  check_same_tensors("weighted_sum_backward", "xs", xs);
+  check_supported_dtype("weighted_sum_backward", xs[0]);
+  check_like("weighted_sum_backward", "grad", grad, "xs[0]", xs[0]);
+  check_weights("weighted_sum_backward", "w", w, static_cast<int64_t>(xs.size()), xs[0]);
+  TORCH_INTERNAL_ASSERT(xs[0].device().is_cpu());
+
   std::vector<at::Tensor> grad_xs;
-  for (const auto& x : all) grad_xs.push_back(at::empty_like(x));
-  at::Tensor grad_w_acc = at::empty({static_cast<int64_t>(all.size())}, w.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "weighted_sum_backward_cpu", [&] {
-    std::vector<const scalar_t*> x_ptrs;
-    std::vector<scalar_t*> g_ptrs;
-    for (const auto& x : all) x_ptrs.push_back(x.const_data_ptr<scalar_t>());
-    for (auto& g : grad_xs) g_ptrs.push_back(g.mutable_data_ptr<scalar_t>());
-    weighted_sum_backward_kernel<scalar_t>(grad.const_data_ptr<scalar_t>(), x_ptrs,
-                                           weights_of<scalar_t>(w), g_ptrs,
-                                           grad_w_acc.mutable_data_ptr<double>(), grad.numel());
+  std::vector<at::Tensor> inputs;
+  grad_xs.reserve(xs.size());
+  inputs.reserve(xs.size());
+  for (const at::Tensor& x : xs) {
+    grad_xs.push_back(at::empty_like(xs[0]));
+    inputs.push_back(with_layout_of(x, grad_xs[0]));
+  }
+  const at::Tensor grad_in_layout = with_layout_of(grad, grad_xs[0]);
+  at::Tensor grad_w = at::empty({static_cast<int64_t>(xs.size())}, w.options());
+  AT_DISPATCH_FLOATING_TYPES(grad_w.scalar_type(), "weighted_sum_backward_cpu", [&] {
+    std::vector<scalar_t*> grad_x_pointers;
+    grad_x_pointers.reserve(grad_xs.size());
+    for (at::Tensor& g : grad_xs) {
+      grad_x_pointers.push_back(g.data_ptr<scalar_t>());
+    }
+    weighted_sum_backward_kernel<scalar_t>(grad_in_layout.const_data_ptr<scalar_t>(), data_pointers<scalar_t>(inputs),
+                                           weight_values<scalar_t>(w), grad_x_pointers, grad_w.data_ptr<scalar_t>(),
+                                           grad_in_layout.numel());
   });
-  return {grad_xs, grad_w_acc.to(w.scalar_type())};
+  return {std::move(grad_xs), grad_w};
 }
 
 }  // namespace

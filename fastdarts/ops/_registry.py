@@ -1,88 +1,125 @@
-"""The dispatch table: which implementation of an op runs for a call.
+"""THE dispatch table: which implementation of each op runs for a call.
 
-Order of precedence: the call's `backend=` argument, then the innermost `use_backend(...)`,
-then the `FASTDARTS_BACKEND` environment variable (read once, at import), then the default for
-the tensors' device: C++ on the CPU when the extension is built, else the reference.
+The first rule that names a backend wins:
+1. the call's `backend=` argument;
+2. the innermost `use_backend(name)` block;
+3. the FASTDARTS_BACKEND environment variable, read and validated once, at import;
+4. the device: CPU tensors run "cpp" when fastdarts._C loaded, else "reference"; tensors on any
+   other device run "reference" (CUDA tensors will default to "triton" once those kernels exist).
+
+The call path reads nothing but plain module globals, so torch.compile traces the choice (and
+guards on it) instead of breaking the graph.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from . import reference
-from ._extension import EXTENSION_LOADED, LOAD_ERROR
-
-BACKENDS: tuple[str, ...] = ("reference", "cpp")
-
-# op name -> backend -> implementation. A backend missing from an op's row cannot run it.
-TABLE: dict[str, dict[str, Callable]] = {
-    "weighted_sum": {"reference": reference.weighted_sum},
-}
+from ._extension import EXTENSION_ERROR, EXTENSION_LOADED
 
 if EXTENSION_LOADED:
     from . import _cpp
 
-    TABLE["weighted_sum"]["cpp"] = _cpp.weighted_sum
+BACKENDS: tuple[str, ...] = ("reference", "cpp")
+ENV_VAR = "FASTDARTS_BACKEND"
 
-# Which devices each compiled backend can run on.
-_DEVICES: dict[str, tuple[str, ...]] = {"reference": ("cpu", "cuda", "meta", "mps", "xpu"), "cpp": ("cpu",)}
+# op -> backend -> implementation. A backend missing from a row cannot run that op in this process.
+_TABLE: dict[str, dict[str, Callable[..., Any]]] = {
+    "weighted_sum": {
+        "reference": reference.weighted_sum,
+        **({"cpp": _cpp.weighted_sum} if EXTENSION_LOADED else {}),
+    },
+}
+# The device types a backend runs on (None: wherever PyTorch runs).
+_DEVICE_TYPES: dict[str, tuple[str, ...] | None] = {"reference": None, "cpp": ("cpu",)}
+# Why a backend can be missing from the table.
+_WHY_MISSING = {
+    "cpp": f"the C++ extension fastdarts._C is not loaded ({EXTENSION_ERROR}); rebuild it with `pip install -e .`",
+}
 
 
-def _check_name(name: str, where: str) -> str:
+def _check_known(name: object, where: str) -> str:
     if name not in BACKENDS:
-        raise ValueError(f"{where}: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise ValueError(f"{where}: unknown backend {name!r}; the backends are {', '.join(BACKENDS)}")
     return name
 
 
-_env = os.environ.get("FASTDARTS_BACKEND") or None
-_from_env: str | None = _check_name(_env, "FASTDARTS_BACKEND") if _env else None
-_forced: list[str] = []  # the stack of use_backend() contexts
-_warned_fallback = False
+def _row(op: str) -> dict[str, Callable[..., Any]]:
+    row = _TABLE.get(op)
+    if row is None:
+        raise ValueError(f"unknown op {op!r}; the ops are {', '.join(_TABLE)}")
+    return row
+
+
+def _backend_from_environment() -> str | None:
+    value = os.environ.get(ENV_VAR, "").strip()
+    if value and value not in BACKENDS:
+        raise ValueError(
+            f"{ENV_VAR}={value!r} is not a fastdarts backend; allowed values: {', '.join(BACKENDS)} "
+            "(or leave it unset for the per-device default)"
+        )
+    return value or None
+
+
+_ENV_BACKEND = _backend_from_environment()
+_context_backend: str | None = None  # set by use_backend()
+
+
+def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
+    """Run every fastdarts op inside the `with` block on backend `name` ("reference" or "cpp").
+
+    A call's own `backend=` argument still wins. Blocks nest, and leaving one, even through an
+    exception, restores the enclosing choice. The name is checked here, before the block starts.
+    """
+    return _backend_block(_check_known(name, "use_backend"))
 
 
 @contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Run every fastdarts op in this block with backend `name` ("reference" or "cpp")."""
-    _forced.append(_check_name(name, "use_backend"))
+def _backend_block(name: str) -> Iterator[None]:
+    global _context_backend
+    previous, _context_backend = _context_backend, name
     try:
         yield
     finally:
-        _forced.pop()
+        _context_backend = previous
 
 
 def available_backends(op: str | None = None, device: str | torch.device = "cpu") -> list[str]:
-    """The backends that can run `op` (every op when None) on `device` in this installation."""
+    """The backends that can run `op` (every op, when None) on tensors of `device` in this process."""
+    rows = [_row(name) for name in ([op] if op is not None else _TABLE)]
     device_type = torch.device(device).type
-    ops = [op] if op is not None else list(TABLE)
-    for name in ops:
-        if name not in TABLE:
-            raise ValueError(f"unknown op {name!r}; known ops: {', '.join(TABLE)}")
-    return [b for b in BACKENDS if device_type in _DEVICES[b] and all(b in TABLE[name] for name in ops)]
+    return [name for name in BACKENDS if all(name in row for row in rows) and _runs_on(name, device_type)]
 
 
-def resolve(op: str, device: torch.device, backend: str | None = None) -> Callable:
-    """The implementation of `op` to call for tensors on `device`."""
-    global _warned_fallback
-    chosen = backend or (_forced[-1] if _forced else None) or _from_env
-    if chosen is not None:
-        _check_name(chosen, op)
-        if chosen not in TABLE[op]:
-            why = f" (the extension did not load: {LOAD_ERROR})" if chosen == "cpp" and not EXTENSION_LOADED else ""
-            raise RuntimeError(f"{op}: backend {chosen!r} is not available{why}")
-        if device.type not in _DEVICES[chosen]:
-            raise RuntimeError(f"{op}: backend {chosen!r} cannot run on {device.type} tensors")
-        return TABLE[op][chosen]
-    if device.type == "cpu" and "cpp" in TABLE[op]:
-        return TABLE[op]["cpp"]
-    if device.type == "cpu" and not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(
-            f"fastdarts: the compiled kernels are not available ({LOAD_ERROR}); using the PyTorch reference",
-            stacklevel=3,
+def _runs_on(name: str, device_type: str) -> bool:
+    device_types = _DEVICE_TYPES[name]
+    return device_types is None or device_type in device_types
+
+
+def select(op: str, device: torch.device, backend: str | None = None) -> str:
+    """The name of the backend that runs `op` on tensors of `device` (the rules are in the module docstring)."""
+    row = _row(op)
+    if backend is not None:
+        _check_known(backend, f"fastdarts.ops.{op}")
+    name = backend or _context_backend or _ENV_BACKEND
+    if name is None:
+        return "cpp" if device.type == "cpu" and "cpp" in row else "reference"
+    if name not in row:
+        raise RuntimeError(f"fastdarts.ops.{op}: backend {name!r} was requested, but {_WHY_MISSING[name]}")
+    if not _runs_on(name, device.type):
+        raise RuntimeError(
+            f"fastdarts.ops.{op}: backend {name!r} runs on {', '.join(_DEVICE_TYPES[name])} tensors only, "
+            f"got {device.type} tensors"
         )
-    return TABLE[op]["reference"]
+    return name
+
+
+def dispatch(op: str, device: torch.device, backend: str | None = None) -> Callable[..., Any]:
+    """The implementation of `op` to call for tensors on `device`."""
+    return _TABLE[op][select(op, device, backend)]

@@ -7,124 +7,266 @@ from fastdarts.ops import reference
 
 from ..conftest import requires_ext
 
-pytestmark = requires_ext
+# (shape, layout): odd sizes, channels_last, one case long enough for several backward chunks and
+# both threads, and an empty one (grad_w is then zero).
+CASES = [
+    ((5,), "contiguous"),
+    ((3, 4, 7, 9), "contiguous"),
+    ((3, 4, 7, 9), "channels_last"),
+    ((2, 16, 8, 8), "contiguous"),
+    ((2, 16, 8, 8), "channels_last"),
+    ((5, 7001), "contiguous"),
+    ((0, 3), "contiguous"),
+]
+CASE_IDS = [f"{'x'.join(map(str, shape))}-{layout}" for shape, layout in CASES]
+# Outputs and grad_xs: a few roundings apart. grad_w: fp32 reference sums in float32, the kernel
+# in float64, so it is compared to float64 truth separately, and to the reference loosely.
+TOLERANCES = {
+    torch.float32: dict(out=dict(rtol=1e-5, atol=1e-6), grad_w=dict(rtol=1e-5, atol=1e-4)),
+    torch.float64: dict(out=dict(rtol=1e-12, atol=1e-12), grad_w=dict(rtol=1e-12, atol=1e-10)),
+}
 
-SHAPES = [(5,), (3, 4, 7, 9), (2, 16, 8, 8), (1, 3, 9, 7), (70000,)]  # the last spans several reduce chunks
-TOLERANCES = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
-
-def make_inputs(K, shape, dtype, channels_last=False, requires_grad=True):
-    xs = [torch.randn(shape, dtype=dtype) for _ in range(K)]
-    if channels_last:
-        xs = [x.to(memory_format=torch.channels_last) for x in xs]
+def make_inputs(K, shape, dtype=torch.float32, layout="contiguous", xs_grad=True, w_grad=True):
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    xs = [torch.randn(shape, dtype=dtype).contiguous(memory_format=memory_format) for _ in range(K)]
     w = torch.randn(K, dtype=dtype)
-    for t in (*xs, w):
-        t.requires_grad_(requires_grad)
-    return xs, w
+    return [x.requires_grad_(xs_grad) for x in xs], w.requires_grad_(w_grad)
 
 
+def grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape,layout", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("K", [1, 3, 7])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_matches_reference_in_value_and_every_gradient(K, shape, dtype):
-    xs, w = make_inputs(K, shape, dtype)
+def test_cpp_matches_reference(K, shape, layout, dtype):
+    xs, w = make_inputs(K, shape, dtype, layout)
+    tol = TOLERANCES[dtype]
+    out = ops.weighted_sum(xs, w, backend="cpp")
+    expected = ops.weighted_sum(xs, w, backend="reference")
+    torch.testing.assert_close(out, expected, **tol["out"])
+    assert out.stride() == expected.stride()  # the layout of xs[0], e.g. channels_last, is kept
+
+    grad_out = torch.randn_like(out)
+    *grad_xs, grad_w = grads(out, [*xs, w], grad_out)
+    *expected_xs, expected_w = grads(expected, [*xs, w], grad_out)
+    for got, want in zip(grad_xs, expected_xs):
+        torch.testing.assert_close(got, want, **tol["out"])
+    torch.testing.assert_close(grad_w, expected_w, **tol["grad_w"])
+    # Products of floats are exact in double, so a float64 accumulation is off by one final rounding.
+    truth = torch.stack([(grad_out.double() * x.double()).sum() for x in xs])
+    torch.testing.assert_close(grad_w.double(), truth, rtol=2e-7 if dtype == torch.float32 else 1e-12, atol=1e-10)
+
+
+@requires_ext
+@pytest.mark.parametrize("layout", ["mixed", "strided", "overlapping_grad"])
+def test_cpp_matches_reference_on_other_layouts(layout):
+    xs, w = make_inputs(3, (2, 6, 5, 7), layout="channels_last")
+    grad_out = torch.randn(2, 6, 5, 7)
+    if layout == "mixed":  # xs[1] contiguous, the others channels_last
+        xs[1] = xs[1].detach().contiguous().requires_grad_()
+    if layout == "strided":  # views that are not dense, and a strided w
+        xs = [torch.randn(2, 6, 5, 14)[..., ::2].requires_grad_() for _ in xs]
+        w = torch.randn(6)[::2].requires_grad_()
+    if layout == "overlapping_grad":  # what autograd hands over after an expand or a sum
+        grad_out = torch.randn(1, 6, 1, 7).expand(2, 6, 5, 7)
     out = ops.weighted_sum(xs, w, backend="cpp")
     expected = reference.weighted_sum(xs, w)
-    torch.testing.assert_close(out, expected, **TOLERANCES[dtype])
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, [*xs, w], grad)
-    want = torch.autograd.grad(expected, [*xs, w], grad)
-    for g, e in zip(got, want):
-        torch.testing.assert_close(g, e, rtol=1e-4 if dtype == torch.float32 else 1e-12, atol=1e-5)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    assert out.stride() == torch.empty_like(xs[0]).stride()
+    for got, want in zip(grads(out, [*xs, w], grad_out), grads(expected, [*xs, w], grad_out)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["channels_last", "mixed", "non_contiguous"])
-def test_layouts(layout):
-    xs, w = make_inputs(3, (2, 16, 8, 8), torch.float32, channels_last=layout != "non_contiguous")
-    if layout == "mixed":
-        xs[1] = xs[1].detach().contiguous().requires_grad_()
-    if layout == "non_contiguous":
-        xs = [x.detach().transpose(1, 3).requires_grad_() for x in xs]
+@requires_ext
+@pytest.mark.parametrize("needs_grad", ["xs_and_w", "only_w", "only_xs", "some_xs"])
+def test_saves_only_what_the_requested_gradients_need(needs_grad):
+    xs, w = make_inputs(3, (4, 5), xs_grad=needs_grad != "only_w", w_grad=needs_grad in ("xs_and_w", "only_w"))
+    if needs_grad == "some_xs":
+        xs[1].requires_grad_(False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ops.weighted_sum(xs, w, backend="cpp")
+    saved_xs = [x for x in xs if any(s.data_ptr() == x.data_ptr() for s in saved)]
+    # grad_w needs the K activations; grad_xs only needs the K weights.
+    assert len(saved_xs) == (3 if w.requires_grad else 0)
+    differentiable = [t for t in (*xs, w) if t.requires_grad]
+    grad_out = torch.randn_like(out)
+    expected = grads(reference.weighted_sum(xs, w), differentiable, grad_out)
+    for got, want in zip(grads(out, differentiable, grad_out), expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize(
+    "shape,layout", [((3,), "contiguous"), ((2, 3, 5), "contiguous"), ((2, 3, 2, 2), "channels_last")]
+)
+def test_gradcheck_float64(backend, shape, layout):
+    xs, w = make_inputs(3, shape, torch.float64, layout)
+
+    def fn(*tensors):
+        return ops.weighted_sum(tensors[:-1], tensors[-1], backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (*xs, w))
+    assert torch.autograd.gradgradcheck(fn, (*xs, w))
+
+
+@requires_ext
+@pytest.mark.parametrize("needs_grad", ["xs_and_w", "only_w", "only_xs"])
+def test_double_backward_matches_reference(needs_grad):
+    xs, w = make_inputs(3, (2, 3, 4), torch.float64, xs_grad=needs_grad != "only_w", w_grad=needs_grad != "only_xs")
+    grad_out = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    differentiable = [t for t in (*xs, w) if t.requires_grad]
+    directions = [torch.randn_like(t) for t in differentiable]
+
+    def second_derivatives(backend):
+        first = torch.autograd.grad(
+            ops.weighted_sum(xs, w, backend=backend), differentiable, grad_out, create_graph=True
+        )
+        directional = sum((f * d).sum() for f, d in zip(first, directions))
+        return torch.autograd.grad(directional, [*differentiable, grad_out], allow_unused=True, materialize_grads=True)
+
+    for got, want in zip(second_derivatives("cpp"), second_derivatives("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@requires_ext
+def test_grad_w_does_not_depend_on_the_thread_count():
+    xs, w = make_inputs(4, (9, 7001))  # 16 fixed chunks, split between threads differently below
     out = ops.weighted_sum(xs, w, backend="cpp")
-    if layout == "channels_last":
-        assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, reference.weighted_sum(xs, w), rtol=1e-5, atol=1e-6)
-    grad = torch.randn_like(out).transpose(0, 1).contiguous().transpose(0, 1)  # a strided grad too
-    got = torch.autograd.grad(out, [*xs, w], grad)
-    want = torch.autograd.grad(reference.weighted_sum(xs, w), [*xs, w], grad)
-    for g, e in zip(got, want):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            results.append(torch.autograd.grad(out, w, grad_out, retain_graph=True)[0])
+    finally:
+        torch.set_num_threads(previous)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
 
 
-@pytest.mark.parametrize("backend", ["cpp", "reference"])
-@pytest.mark.parametrize("shape", [(3,), (2, 3, 5)])
-def test_gradcheck_float64(backend, shape):
-    xs, w = make_inputs(3, shape, torch.float64)
-    assert torch.autograd.gradcheck(lambda *t: ops.weighted_sum(t[:-1], t[-1], backend=backend), (*xs, w))
+def weighted_sum_samples():
+    """(id, (xs, w)) for opcheck: every mix of operands needing gradients, and the layout cases."""
+    samples = []
+    for xs_grad, w_grad in ((True, True), (False, True), (True, False), (False, False)):
+        samples.append((f"xs_grad={xs_grad}-w_grad={w_grad}", make_inputs(3, (4, 5), xs_grad=xs_grad, w_grad=w_grad)))
+    xs, w = make_inputs(3, (4, 5))
+    xs[2].requires_grad_(False)
+    samples.append(("some_xs_grad", (xs, w)))
+    samples.append(("K1", make_inputs(1, (7,))))
+    samples.append(("channels_last_f64", make_inputs(2, (2, 3, 5, 4), torch.float64, "channels_last")))
+    xs, w = make_inputs(2, (2, 3, 5, 4), layout="channels_last")
+    samples.append(("mixed_layouts", ([xs[0], xs[1].detach().contiguous()], w)))
+    samples.append(("strided", ([torch.randn(3, 8)[:, ::2] for _ in range(2)], torch.randn(2, requires_grad=True))))
+    return samples
 
 
-def test_grad_w_is_reproducible():
-    xs, w = make_inputs(4, (70001,), torch.float32)
-    out = ops.weighted_sum(xs, w, backend="cpp")
-    grad = torch.randn_like(out)
-    first = torch.autograd.grad(out, w, grad, retain_graph=True)[0]
-    for threads in (1, 2):
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            assert torch.equal(torch.autograd.grad(out, w, grad, retain_graph=True)[0], first)
-        finally:
-            torch.set_num_threads(previous)
+def weighted_sum_backward_samples():
+    """(id, (grad, xs, w)) for opcheck, including every single operand needing a gradient."""
+    samples = []
+    for needs in ("none", "grad", "xs", "w", "all"):
+        xs, w = make_inputs(3, (4, 5), xs_grad=needs in ("xs", "all"), w_grad=needs in ("w", "all"))
+        grad = torch.randn(4, 5, requires_grad=needs in ("grad", "all"))
+        samples.append((f"needs_grad={needs}", (grad, xs, w)))
+    xs, w = make_inputs(2, (2, 3, 5, 4), torch.float64, "channels_last")
+    samples.append(("channels_last_xs_contiguous_grad_f64", (torch.randn(2, 3, 5, 4, dtype=torch.float64), xs, w)))
+    return samples
 
 
-def sample_inputs():
-    """(args) for opcheck, including inputs where only some operands need gradients."""
-    for shape, dtype in (((4, 5), torch.float32), ((2, 3, 7, 9), torch.float64), ((6,), torch.float32)):
-        for xs_grad, w_grad in ((True, True), (False, True), (True, False), (False, False)):
-            xs = [torch.randn(shape, dtype=dtype, requires_grad=xs_grad) for _ in range(3)]
-            w = torch.randn(3, dtype=dtype, requires_grad=w_grad)
-            yield xs, w
-
-
-@pytest.mark.parametrize("args", list(sample_inputs()))
+@requires_ext
+@pytest.mark.parametrize("args", [s for _, s in weighted_sum_samples()], ids=[i for i, _ in weighted_sum_samples()])
 def test_opcheck_weighted_sum(args):
     opcheck(torch.ops.fastdarts.weighted_sum.default, args)
 
 
-@pytest.mark.parametrize("shape,dtype", [((4, 5), torch.float32), ((2, 3, 7, 9), torch.float64)])
-def test_opcheck_weighted_sum_backward(shape, dtype):
-    xs = [torch.randn(shape, dtype=dtype) for _ in range(3)]
-    args = (torch.randn(shape, dtype=dtype), xs, torch.randn(3, dtype=dtype))
+@requires_ext
+@pytest.mark.parametrize(
+    "args", [s for _, s in weighted_sum_backward_samples()], ids=[i for i, _ in weighted_sum_backward_samples()]
+)
+def test_opcheck_weighted_sum_backward(args):
     opcheck(torch.ops.fastdarts.weighted_sum_backward.default, args)
 
 
-@pytest.mark.parametrize(
-    "make,message",
-    [
-        (lambda: ([], torch.randn(0)), "must not be empty"),
-        (lambda: ([torch.randn(2, 3), torch.randn(3, 2)], torch.randn(2)), "has shape"),
-        (lambda: ([torch.randn(2, 3), torch.randn(2, 3)], torch.randn(3)), "one weight per tensor"),
-        (lambda: ([torch.randn(2, 3), torch.randn(2, 3).double()], torch.randn(2)), "dtype"),
-        (lambda: ([torch.randn(2, 3, dtype=torch.float64)], torch.randn(1)), "dtype"),
-        (lambda: ([torch.randint(0, 3, (2, 3))], torch.randn(1)), "float32 or float64"),
-    ],
-)
-def test_bad_inputs_raise_clear_errors(make, message):
+BAD_INPUTS = [
+    ("empty", lambda: ([], torch.randn(0)), ValueError, "xs must be a non-empty list"),
+    (
+        "shapes",
+        lambda: ([torch.randn(2, 3), torch.randn(3, 2)], torch.randn(2)),
+        ValueError,
+        r"xs\[1\] must have the shape",
+    ),
+    ("too_few_weights", lambda: ([torch.randn(2, 3)] * 3, torch.randn(2)), ValueError, "K = 3"),
+    ("too_many_weights", lambda: ([torch.randn(2, 3)] * 2, torch.randn(3)), ValueError, "K = 2"),
+    ("weights_2d", lambda: ([torch.randn(2, 3)] * 2, torch.randn(2, 1)), ValueError, r"shape \[K\]"),
+    (
+        "dtypes",
+        lambda: ([torch.randn(2), torch.randn(2).double()], torch.randn(2)),
+        TypeError,
+        r"xs\[1\] must have the dtype",
+    ),
+    ("weight_dtype", lambda: ([torch.randn(2)], torch.randn(1).double()), TypeError, "w must have the dtype"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("make,error,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_raise_clear_errors(backend, make, error, message):
     xs, w = make()
-    with pytest.raises(RuntimeError, match=message):
-        torch.ops.fastdarts.weighted_sum(xs, w)
+    with pytest.raises(error, match=message):
+        ops.weighted_sum(xs, w, backend=backend)
 
 
-@pytest.mark.slow
-def test_compiles_fullgraph():
-    def mixed(x, alpha):
-        w = alpha.softmax(0)
-        return ops.weighted_sum([x.relu(), x.sigmoid(), x * 2], w).sum()
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int64])
+def test_cpp_rejects_unsupported_dtypes(dtype):
+    xs, w = [torch.ones(3, dtype=dtype)] * 2, torch.ones(2, dtype=dtype)
+    with pytest.raises(TypeError, match="only float32 and float64 are supported"):
+        ops.weighted_sum(xs, w, backend="cpp")
+    with pytest.raises(TypeError, match="only float32 and float64 are supported"):
+        torch.ops.fastdarts.weighted_sum_backward(torch.ones(3, dtype=dtype), xs, w)
 
+
+@requires_ext
+def test_backward_op_checks_grad():
+    xs, w = make_inputs(2, (4, 5), xs_grad=False, w_grad=False)
+    with pytest.raises(ValueError, match="grad must have the shape of xs"):
+        torch.ops.fastdarts.weighted_sum_backward(torch.randn(5, 4), xs, w)
+
+
+def mixed_op(x, alpha):
+    return ops.weighted_sum([x.relu(), x.sigmoid(), 2 * x], alpha.softmax(0)).square().sum()
+
+
+@requires_ext
+def test_compile_traces_the_dispatch_without_graph_breaks():
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append({node.target for node in gm.graph.nodes})
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(mixed_op, fullgraph=True, backend=record)
+    x, alpha = torch.randn(2, 3, 5, 5), torch.randn(3)
+    compiled(x, alpha)
+    with ops.use_backend("reference"):  # the choice is guarded on, so this recompiles
+        compiled(x, alpha)
+    assert len(graphs) == 2
+    assert torch.ops.fastdarts.weighted_sum.default in graphs[0]
+    assert torch.ops.fastdarts.weighted_sum.default not in graphs[1]
+
+
+@requires_ext
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     alpha = torch.randn(3, requires_grad=True)
-    compiled = torch.compile(mixed, fullgraph=True, backend="aot_eager")
-    expected = mixed(x, alpha)
-    got = compiled(x, alpha)
+    got = torch.compile(mixed_op, fullgraph=True, backend=backend)(x, alpha)
+    expected = mixed_op(x, alpha)
     torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(torch.autograd.grad(got, [x, alpha]), torch.autograd.grad(expected, [x, alpha]))
+    torch.testing.assert_close(grads(got, [x, alpha], None), grads(expected, [x, alpha], None))

@@ -1,44 +1,57 @@
-// Input checks shared by every kernel file (CPU and CUDA), written once.
 #pragma once
 
-#include <ATen/ATen.h>
+// Argument checks shared by every kernel (CPU now, CUDA later), so each rule and its message is
+// written once. They mirror the checks of fastdarts/ops/reference.py: shape, length and device
+// problems raise ValueError in Python, dtype problems TypeError. Message arguments are only
+// formatted when a check fails, so the checks cost nothing on the success path.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
 
 namespace fastdarts {
 
-inline void check_float_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
-              name, " must be float32 or float64, got ", t.scalar_type());
+// The kernels compute in float32 or float64; float64 is there so that gradcheck can run.
+inline void check_supported_dtype(const char* op, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op,
+                   ": only float32 and float64 are supported, got ", t.scalar_type());
 }
 
-// A non-empty list of tensors with one shape, dtype and device.
-inline void check_same_tensors(at::TensorList ts, const char* name) {
-  TORCH_CHECK(!ts.empty(), name, " must not be empty");
-  const at::Tensor& first = ts[0];
-  check_float_dtype(first, name);
-  for (size_t k = 1; k < ts.size(); ++k) {
-    TORCH_CHECK(ts[k].sizes() == first.sizes(), name, "[", k, "] has shape ", ts[k].sizes(),
-                " but ", name, "[0] has shape ", first.sizes());
-    TORCH_CHECK(ts[k].scalar_type() == first.scalar_type(), name, "[", k, "] has dtype ",
-                ts[k].scalar_type(), " but ", name, "[0] has dtype ", first.scalar_type());
-    TORCH_CHECK(ts[k].device() == first.device(), name, "[", k, "] is on ", ts[k].device(),
-                " but ", name, "[0] is on ", first.device());
+// `t` has the shape, dtype and device of `like`.
+inline void check_like(const char* op, const char* name, const at::Tensor& t, const char* like_name,
+                       const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.sizes() == like.sizes(), op, ": ", name, " must have the shape of ", like_name, " ",
+                    like.sizes(), ", got ", t.sizes());
+  TORCH_CHECK_TYPE(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of ", like_name,
+                   " (", like.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == like.device(), op, ": ", name, " must be on the device of ", like_name, " (",
+                    like.device(), "), got ", t.device());
+}
+
+// A non-empty list whose tensors all share the shape, dtype and device of the first.
+inline void check_same_tensors(const char* op, const char* name, at::TensorList tensors) {
+  TORCH_CHECK_VALUE(!tensors.empty(), op, ": ", name, " must be a non-empty list of tensors");
+  const at::Tensor& first = tensors[0];
+  for (size_t k = 1; k < tensors.size(); ++k) {
+    const at::Tensor& t = tensors[k];
+    TORCH_CHECK_VALUE(t.sizes() == first.sizes(), op, ": ", name, "[", k, "] must have the shape of ", name, "[0] ",
+                      first.sizes(), ", got ", t.sizes());
+    TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), op, ": ", name, "[", k, "] must have the dtype of ",
+                     name, "[0] (", first.scalar_type(), "), got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.device() == first.device(), op, ": ", name, "[", k, "] must be on the device of ", name,
+                      "[0] (", first.device(), "), got ", t.device());
   }
 }
 
-// A 1-D weight vector with one entry per tensor of `like`, matching its dtype and device.
-inline void check_weights(const at::Tensor& w, int64_t count, const at::Tensor& like) {
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == count, "w must have shape [", count,
-              "] (one weight per tensor), got ", w.sizes());
-  TORCH_CHECK(w.scalar_type() == like.scalar_type(), "w has dtype ", w.scalar_type(),
-              " but the tensors have ", like.scalar_type());
-  TORCH_CHECK(w.device() == like.device(), "w is on ", w.device(), " but the tensors are on ",
-              like.device());
-}
-
-inline void check_same_as(const at::Tensor& t, const at::Tensor& like, const char* name) {
-  TORCH_CHECK(t.sizes() == like.sizes() && t.scalar_type() == like.scalar_type() &&
-                  t.device() == like.device(),
-              name, " must match the inputs in shape, dtype and device");
+// One weight per tensor of a K-long list: shape [K], with the dtype and device of `like`.
+inline void check_weights(const char* op, const char* name, const at::Tensor& w, int64_t K, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == K, op, ": ", name, " must have shape [K] with K = ", K,
+                    " (one weight per tensor), got shape ", w.sizes());
+  TORCH_CHECK_TYPE(w.scalar_type() == like.scalar_type(), op, ": ", name, " must have the dtype of the tensors (",
+                   like.scalar_type(), "), got ", w.scalar_type());
+  TORCH_CHECK_VALUE(w.device() == like.device(), op, ": ", name, " must be on the device of the tensors (",
+                    like.device(), "), got ", w.device());
 }
 
 }  // namespace fastdarts
