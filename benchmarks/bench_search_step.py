@@ -1,11 +1,12 @@
 """pytest-benchmark cases of one search step per backend.
 
-    pytest benchmarks/bench_search_step.py                          # tiny CI-sized case, timed
-    FASTDARTS_BENCH_FULL=1 pytest benchmarks/bench_search_step.py   # batch 64, C=16, 8 layers, 32x32
+    pytest benchmarks/bench_search_step.py --benchmark-enable                          # tiny case, timed
+    FASTDARTS_BENCH_FULL=1 pytest benchmarks/bench_search_step.py --benchmark-enable   # batch 64, C=16, 8 cells, 32x32
 
-CI runs them with --benchmark-disable, which executes each case once.
+The test suite (and CI) runs them with timing disabled, which executes each case once.
 """
 
+import json
 import os
 
 import pytest
@@ -13,7 +14,7 @@ import pytest
 from fastdarts import ops
 from fastdarts.bilevel import Architect
 
-from .search_step import make_problem, saved_bytes_of_forward, search_step
+from .search_step import main, make_problem, saved_bytes_of_step, search_step
 
 FULL = os.environ.get("FASTDARTS_BENCH_FULL") == "1"
 CASE = dict(batch=64, C=16, layers=8, size=32) if FULL else dict(batch=4, C=4, layers=3, size=8)
@@ -25,7 +26,18 @@ def test_search_step(benchmark, backend, order):
     model, weight_optimizer, (train_batch, val_batch) = make_problem(**CASE)
     with ops.use_backend(backend):
         architect = Architect(model, weight_optimizer, unrolled=order == "second")
-        benchmark.extra_info["saved_bytes"] = saved_bytes_of_forward(model, *train_batch)
+        benchmark.extra_info.update(saved_bytes_of_step(model, *train_batch))
         before = [a.detach().clone() for a in model.arch_parameters()]
         benchmark(search_step, model, weight_optimizer, architect, train_batch, val_batch)
     assert any((a != b).any() for a, b in zip(model.arch_parameters(), before))
+
+
+@pytest.mark.slow
+def test_the_script_measures_every_case_in_child_processes(capsys):
+    main(["--json", "--batch", "2", "--init_channels", "2", "--layers", "3", "--size", "8", "--repeats", "1"])
+    report = json.loads(capsys.readouterr().out)
+    for backend in ops.available_backends("weighted_sum", "cpu"):
+        for order in ("first", "second"):
+            case = report["backends"][backend][order]
+            assert case["median_seconds"] > 0 and case["peak_rss_bytes"] > 0
+            assert case["saved_bytes"] == max(case["saved_bytes_arch_step"], case["saved_bytes_weight_step"]) > 0

@@ -1,28 +1,35 @@
-"""Time one DARTS search step per backend, in one process, and count the bytes saved for backward.
+"""Time one DARTS search step per backend and count the bytes saved for backward.
 
     python benchmarks/search_step.py --json [--batch 64] [--repeats 3] [--backends reference,cpp]
 
 A first-order step is an architecture step on one batch plus a weight step on another; a
 second-order step replaces the architecture step by the unrolled one (METHOD.md 1.3). The
 network is `SearchNetwork(C=16, layers=8, num_classes=10)` on random 3x32x32 data unless the
-flags say otherwise. Prints one JSON object (with --json) or a table.
+flags say otherwise. One command measures every backend and order, alternating between them;
+each (backend, order) case runs in a fresh child process so that its peak RSS is its own and
+one case's freed-but-fragmented heap cannot push the next one out of memory. Prints one JSON
+object (with --json) or a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from fastdarts import SearchNetwork, ops
-from fastdarts.bilevel import Architect
+from fastdarts.bilevel import Architect, frozen, weight_step
+
+ORDERS = ("first", "second")
 
 
 def make_problem(batch: int, C: int, layers: int, size: int, seed: int = 0):
@@ -35,14 +42,10 @@ def make_problem(batch: int, C: int, layers: int, size: int, seed: int = 0):
 
 def search_step(model, weight_optimizer, architect, train_batch, val_batch, lr=0.025):
     architect.step(train_batch, val_batch, lr)
-    weights = model.weight_parameters()
-    weight_optimizer.zero_grad(set_to_none=True)
-    F.cross_entropy(model(train_batch[0]), train_batch[1]).backward(inputs=weights)
-    torch.nn.utils.clip_grad_norm_(weights, 5.0)
-    weight_optimizer.step()
+    weight_step(model, weight_optimizer, train_batch, grad_clip=5.0)
 
 
-def saved_bytes_of_forward(model, x, y) -> int:
+def saved_bytes_of_forward(model, x, y, frozen_params=()) -> int:
     """Bytes of the distinct storages autograd saves for the backward of one training forward."""
     storages: dict[int, int] = {}
 
@@ -51,10 +54,18 @@ def saved_bytes_of_forward(model, x, y) -> int:
         storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with frozen(frozen_params), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = F.cross_entropy(model(x), y)
     del loss
     return sum(storages.values())
+
+
+def saved_bytes_of_step(model, x, y) -> dict[str, int]:
+    """The two graphs of a first-order step: the architecture step keeps nothing for weight
+    gradients, the weight step nothing for architecture gradients."""
+    arch = saved_bytes_of_forward(model, x, y, model.weight_parameters())
+    weight = saved_bytes_of_forward(model, x, y, model.arch_parameters())
+    return {"saved_bytes": max(arch, weight), "saved_bytes_arch_step": arch, "saved_bytes_weight_step": weight}
 
 
 def time_steps(fn, repeats: int) -> list[float]:
@@ -67,17 +78,16 @@ def time_steps(fn, repeats: int) -> list[float]:
     return times
 
 
-def benchmark(backend: str, batch: int, C: int, layers: int, size: int, repeats: int, orders) -> dict:
+def run_case(backend: str, order: str, batch: int, C: int, layers: int, size: int, repeats: int) -> dict:
+    """One (backend, order) case in this process."""
     model, weight_optimizer, (train_batch, val_batch) = make_problem(batch, C, layers, size)
-    result: dict = {}
     with ops.use_backend(backend):
-        result["saved_bytes"] = saved_bytes_of_forward(model, *train_batch)
-        for order in orders:
-            architect = Architect(model, weight_optimizer, unrolled=order == "second")
-            step = functools.partial(search_step, model, weight_optimizer, architect, train_batch, val_batch)
-            times = time_steps(step, repeats)
-            result[f"{order}_order_seconds"] = statistics.median(times)
-            result[f"{order}_order_all_seconds"] = [round(t, 4) for t in times]
+        result = saved_bytes_of_step(model, *train_batch)
+        architect = Architect(model, weight_optimizer, unrolled=order == "second")
+        times = time_steps(lambda: search_step(model, weight_optimizer, architect, train_batch, val_batch), repeats)
+    result["median_seconds"] = statistics.median(times)
+    result["all_seconds"] = [round(t, 4) for t in times]
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return result
 
 
@@ -91,24 +101,58 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default=None, help="comma-separated (default: every available one)")
     parser.add_argument("--orders", default="first,second", help="first, second or both")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--in_process", action="store_true", help="run the cases in this process (no children)")
+    parser.add_argument("--one_case", help=argparse.SUPPRESS)  # BACKEND:ORDER, used by the parent
     args = parser.parse_args(argv)
+    shape = dict(batch=args.batch, C=args.init_channels, layers=args.layers, size=args.size, repeats=args.repeats)
+    if args.one_case:
+        backend, order = args.one_case.split(":")
+        print(json.dumps(run_case(backend, order, **shape)))
+        return 0
+
     backends = args.backends.split(",") if args.backends else ops.available_backends("weighted_sum", "cpu")
     orders = args.orders.split(",")
+    for order in orders:
+        if order not in ORDERS:
+            parser.error(f"--orders: unknown order {order!r}; choose from {', '.join(ORDERS)}")
+    results: dict[str, dict] = {b: {} for b in backends}
+    for order in orders:  # alternate backends inside each order, so drifting load hits both alike
+        for backend in backends:
+            if args.in_process:
+                results[backend][order] = run_case(backend, order, **shape)
+                continue
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    *(argv or sys.argv[1:]),
+                    "--one_case",
+                    f"{backend}:{order}",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if child.returncode != 0:
+                tail = child.stderr.strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
+                raise SystemExit(f"case {backend}:{order} failed: {tail[0]}")
+            results[backend][order] = json.loads(child.stdout)
     report = {
-        "case": {"batch": args.batch, "C": args.init_channels, "layers": args.layers, "size": args.size,
-                 "repeats": args.repeats},
+        "case": {**shape, "num_classes": 10},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
-        "backends": {b: benchmark(b, args.batch, args.init_channels, args.layers, args.size, args.repeats, orders)
-                     for b in backends},
-    }  # fmt: skip
+        "backends": results,
+    }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        for backend, r in report["backends"].items():
-            timings = "  ".join(f"{o}-order {r[f'{o}_order_seconds']:.3f} s" for o in orders)
-            print(f"{backend:>10}: {timings}  saved for backward {r['saved_bytes'] / 2**30:.3f} GiB")
+        for backend, r in results.items():
+            for order, c in r.items():
+                print(
+                    f"{backend:>10} {order}-order: {c['median_seconds']:.3f} s median, "
+                    f"saved for backward {c['saved_bytes'] / 2**30:.3f} GiB, "
+                    f"peak RSS {c['peak_rss_bytes'] / 2**30:.2f} GiB"
+                )
     return 0
 
 

@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .bilevel import Architect
+from .analyze import write_cell_diagrams
+from .bilevel import Architect, weight_step
 from .checkpoint import atomic_write_text, save_checkpoint
 from .config import SearchConfig, parse_config, run_cli
 from .data import ImageData, load_dataset, random_batch, shuffled_batches, split_indices
 from .errors import ConfigError
+from .plots import plot_run
 from .space import Genotype
 from .supernet import SearchNetwork
 
@@ -80,12 +82,7 @@ def run(config: SearchConfig | None = None, **overrides) -> SearchResult:
             val_batch = data.batch(random_batch(val_idx, config.batch_size, generator), generator, augment=True)
             architect.step(train_batch, val_batch, lr)
 
-            weight_optimizer.zero_grad(set_to_none=True)
-            logits = model(train_batch[0])
-            loss = F.cross_entropy(logits, train_batch[1])
-            loss.backward(inputs=weights)
-            torch.nn.utils.clip_grad_norm_(weights, config.grad_clip)
-            weight_optimizer.step()
+            loss, logits = weight_step(model, weight_optimizer, train_batch, config.grad_clip)
 
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -126,6 +123,8 @@ def run(config: SearchConfig | None = None, **overrides) -> SearchResult:
             "genotype": str(genotype),
         },
     )
+    write_cell_diagrams(genotype, run_dir)
+    plot_run(run_dir / "metrics.jsonl", run_dir)
     print(f"genotype: {genotype}\nrun directory: {run_dir}")
     return SearchResult(genotype, history, run_dir)
 

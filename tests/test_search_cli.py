@@ -32,6 +32,8 @@ def test_cli_runs_a_one_epoch_search_and_writes_its_outputs(tmp_path):
                 "entropy_normal", "entropy_reduce"):  # fmt: skip
         assert key in rows[0]
     assert (out / "checkpoint.pt").stat().st_size > 0
+    for picture in ("curves.png", "skip_connects.png", "weights_normal.png", "weights_reduce.png", "normal.dot"):
+        assert (out / picture).stat().st_size > 0, picture
     assert "epoch 0:" in result.stdout
 
 

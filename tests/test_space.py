@@ -164,28 +164,3 @@ def test_derivation_keeps_two_distinct_inputs_and_rejects_wrong_shapes():
         assert "none" not in (cell[2 * i][0], cell[2 * i + 1][0])
     with pytest.raises(ValueError, match="shape"):
         derive_cell(torch.rand(13, 8), 4)
-
-
-@pytest.mark.parametrize(
-    "arg,message",
-    [
-        ("DARTS_V9", "not a built-in genotype"),
-        ("Genotype(normal=[('sep_conv_3x3', 0)", "not valid syntax"),
-        ("Genotype(normal=[('a', 0), ('b', 2)], normal_concat=[2], reduce=[('a', 0), ('b', 1)], reduce_concat=[2])",
-         "node 2 reads input 2"),
-    ],
-)  # fmt: skip
-def test_analyze_cli_reports_bad_genotypes_on_one_line(arg, message):
-    import subprocess
-    import sys
-
-    result = subprocess.run([sys.executable, "-m", "fastdarts.analyze", arg], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-
-
-def test_analyze_describes_darts_v2():
-    from fastdarts.analyze import describe
-
-    report = describe(DARTS_V2)
-    assert report["normal"]["skip_connects"] == 2 and report["reduce"]["parameter_free_ops"] == 8

@@ -1,0 +1,173 @@
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+
+from fastdarts import analyze
+from fastdarts.analyze import cell_depth, cell_to_dot, cell_width, describe_network, variants, write_cell_diagrams
+from fastdarts.space import DARTS_V1, DARTS_V2, Genotype
+
+
+def cell(edges, concat=(2, 3, 4, 5)):
+    """A genotype whose normal and reduce cells are both `edges`."""
+    return Genotype(normal=edges, normal_concat=concat, reduce=edges, reduce_concat=concat)
+
+
+def width_depth(g):
+    return cell_width(g.normal), cell_depth(g.normal, g.normal_concat)
+
+
+def test_darts_v2_is_three_and_a_half_wide_and_three_deep():
+    assert width_depth(DARTS_V2) == (Fraction(7, 2), 3)
+
+
+def test_all_nodes_on_the_inputs_is_depth_two():
+    g = cell([("sep_conv_3x3", 0), ("sep_conv_3x3", 1)] * 4)
+    assert width_depth(g) == (4, 2)
+
+
+def test_node_reading_the_same_input_twice():
+    # Node 3 reads node 2 twice: no cell input, so it adds no width and one level of depth.
+    g = cell([("sep_conv_3x3", 0), ("skip_connect", 0), ("sep_conv_3x3", 2), ("max_pool_3x3", 2),
+              ("sep_conv_3x3", 1), ("sep_conv_3x3", 3), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1)])  # fmt: skip
+    assert width_depth(g) == (Fraction(5, 2), 4)
+
+
+def test_node_not_in_the_concat_list_counts_for_width_but_not_depth():
+    # Node 5 reads only the inputs but a deep chain 2 -> 3 -> 4 is left out of the output.
+    edges = [("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("sep_conv_3x3", 2), ("sep_conv_3x3", 2),
+             ("sep_conv_3x3", 3), ("sep_conv_3x3", 3), ("sep_conv_3x3", 0), ("sep_conv_3x3", 1)]  # fmt: skip
+    assert width_depth(cell(edges, concat=(2, 5))) == (2, 2)
+    assert width_depth(cell(edges, concat=(4, 5))) == (2, 4)
+
+
+def test_five_node_cell():
+    edges = [("sep_conv_3x3", 0), ("sep_conv_5x5", 1), ("max_pool_3x3", 0), ("sep_conv_3x3", 2),
+             ("skip_connect", 3), ("avg_pool_3x3", 1), ("sep_conv_3x3", 4), ("sep_conv_3x3", 4),
+             ("dil_conv_3x3", 0), ("skip_connect", 5)]  # fmt: skip
+    g = cell(edges, concat=(2, 3, 4, 5, 6))
+    assert g.steps == 5
+    # widths 1 + 1/2 + 1/2 + 0 + 1/2; deepest: x0 -> 2 -> 3 -> 4 -> 5 -> 6 -> out
+    assert width_depth(g) == (Fraction(5, 2), 6)
+
+
+def test_chain_cell():
+    edges = [("sep_conv_3x3", n) for n in (1, 1, 2, 2, 3, 3, 4, 4)]
+    assert width_depth(cell(edges, concat=(5,))) == (1, 5)
+
+
+def test_variants_keep_ops_and_concat_are_reproducible_and_respect_the_dag():
+    drawn = variants(DARTS_V2, 20, seed=3)
+    assert drawn == variants(DARTS_V2, 20, seed=3)
+    assert drawn != variants(DARTS_V2, 20, seed=4)
+    assert len(set(drawn)) == 20 and DARTS_V2 not in drawn
+    for g in drawn:
+        for name in ("normal", "reduce"):
+            edges, original = getattr(g, name), getattr(DARTS_V2, name)
+            assert [op for op, _ in edges] == [op for op, _ in original]
+            assert getattr(g, f"{name}_concat") == getattr(DARTS_V2, f"{name}_concat")
+            assert all(index < 2 + k // 2 for k, (_, index) in enumerate(edges))
+    widths = {cell_width(g.normal) for g in drawn}
+    assert len(widths) > 1  # the wiring really is redrawn
+
+
+def test_op_variants_keep_the_wiring():
+    for g in variants(DARTS_V2, 5, seed=0, kind="ops"):
+        assert [i for _, i in g.normal] == [i for _, i in DARTS_V2.normal]
+        assert all(op != "none" for op, _ in g.normal + g.reduce)
+
+
+def test_one_seeded_stream_serves_both_cells():
+    rng = random.Random(7)
+    g = analyze.random_wiring_variant(DARTS_V2, rng)
+    rng = random.Random(7)
+    normal = [rng.randrange(2 + k // 2) for k in range(8)]
+    reduce = [rng.randrange(2 + k // 2) for k in range(8)]
+    assert [i for _, i in g.normal] == normal and [i for _, i in g.reduce] == reduce
+
+
+def parse_dot(text):
+    labelled = re.findall(r'"([^"]+)" -> "([^"]+)" \[label="([^"]+)"\]', text)
+    to_output = re.findall(r'"([^"]+)" -> "c_\{k\}" \[color=gray\]', text)
+    nodes = re.findall(r'^\s*"([^"]+)" \[fillcolor', text, flags=re.M)
+    return nodes, labelled, to_output
+
+
+@pytest.mark.parametrize("g", [DARTS_V1, DARTS_V2])
+def test_dot_output_parses_back_to_the_genotype(g):
+    nodes, labelled, to_output = parse_dot(cell_to_dot(g, "normal"))
+    assert nodes == ["c_{k-2}", "c_{k-1}", "0", "1", "2", "3", "c_{k}"]
+    names = ["c_{k-2}", "c_{k-1}", "0", "1", "2", "3"]
+    assert labelled == [(names[i], str(k // 2), op) for k, (op, i) in enumerate(g.normal)]
+    assert to_output == [names[c] for c in g.normal_concat]
+
+
+def test_diagrams_render_when_dot_exists(tmp_path):
+    written = write_cell_diagrams(DARTS_V2, tmp_path)
+    assert (tmp_path / "normal.dot").exists() and (tmp_path / "reduce.dot").exists()
+    if shutil.which("dot"):
+        png = (tmp_path / "normal.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+        assert (tmp_path / "reduce.svg").read_text().lstrip().startswith("<?xml")
+        assert len(written) == 6
+    else:
+        assert len(written) == 2
+
+
+def test_missing_dot_gives_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(analyze.shutil, "which", lambda name: None)
+    written = write_cell_diagrams(DARTS_V2, tmp_path)
+    assert [p.suffix for p in written] == [".dot", ".dot"]
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["Graphviz 'dot' is not installed: wrote the .dot files only (apt-get install graphviz renders them)"]
+
+
+def test_darts_v2_evaluation_network_parameter_count():
+    n = describe_network(DARTS_V2)
+    assert 3.3e6 <= n["parameters"] <= 3.4e6
+    assert n["uncounted_ops"] == []
+    assert n["multiply_adds"] > 4e8
+
+
+def test_unknown_ops_are_reported_as_not_counted():
+    g = cell([("sep_conv_3x3", 0), ("my_op", 1)] * 4)
+    n = describe_network(g, C=8, layers=5)
+    assert n["uncounted_ops"] == ["my_op"]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "fastdarts.analyze", *args], capture_output=True, text=True)
+
+
+def test_cli_json_report(tmp_path):
+    result = run("DARTS_V2", "--json", "--variants", "3", "--seed", "1", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["normal"]["width_c"] == 3.5 and report["normal"]["depth"] == 3
+    assert report["normal"]["skip_connects"] == 2
+    assert sum(len(v) for v in report["variants"].values()) == 3
+    assert json.loads((tmp_path / "variants.json").read_text()) == report["variants"]
+
+
+@pytest.mark.parametrize(
+    "arg,message",
+    [
+        ("DARTS_V9", "not a built-in genotype"),
+        ("Genotype(normal=[('sep_conv_3x3', 0)", "not valid syntax"),
+        ("Genotype(normal=[('a', 0), ('b', 2)], normal_concat=[2], reduce=[('a', 0), ('b', 1)], reduce_concat=[2])",
+         "node 2 reads input 2"),
+        ("EMPTY_FILE", "genotype file is empty"),
+    ],
+)  # fmt: skip
+def test_cli_bad_input_is_one_line_and_status_2(tmp_path, arg, message):
+    if arg == "EMPTY_FILE":
+        arg = str(tmp_path / "genotype.txt")
+        (tmp_path / "genotype.txt").write_text("")
+    result = run(arg)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
