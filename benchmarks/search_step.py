@@ -47,17 +47,22 @@ def search_step(model, weight_optimizer, architect, train_batch, val_batch, lr=0
 
 def saved_bytes_of_forward(model, x, y, frozen_params=()) -> int:
     """Bytes of the distinct storages autograd saves for the backward of one training forward."""
-    storages: dict[int, int] = {}
+    storages = {}
 
+    # The graph is only measured, never run backward. The hook keeps each storage alive (so no
+    # address is reused and counted twice) but not the tensor: a tensor would tie each output to
+    # its own grad_fn in a reference cycle that outlives `loss`.
     def pack(t):
         storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
+        storages[storage.data_ptr()] = storage
 
-    with frozen(frozen_params), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_):
+        raise RuntimeError("saved_bytes_of_forward builds a graph for counting only")
+
+    with frozen(frozen_params), torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         loss = F.cross_entropy(model(x), y)
     del loss
-    return sum(storages.values())
+    return sum(s.nbytes() for s in storages.values())
 
 
 def saved_bytes_of_step(model, x, y) -> dict[str, int]:

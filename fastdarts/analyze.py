@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import OneLineParser, run_cli
 from .errors import FastDartsError
 from .evalnet import NetworkCIFAR, count_multiply_adds, count_parameters
-from .space import PRIMITIVES, Genotype, load_genotype
+from .space import BUILTIN_SOURCES, PRIMITIVES, Genotype, load_genotype
 
 PARAMETER_FREE = {"none", "max_pool_3x3", "avg_pool_3x3", "skip_connect"}
 CELLS = ("normal", "reduce")
@@ -213,6 +213,8 @@ def main(argv=None) -> int:
     report = describe(
         genotype, C=args.init_channels, layers=args.layers, num_classes=args.num_classes, image_size=args.image_size
     )
+    if args.genotype in BUILTIN_SOURCES:
+        report["source"] = BUILTIN_SOURCES[args.genotype]
     if args.variants:
         kind = "ops" if args.random_ops else "wiring"
         drawn = variants(genotype, args.variants, args.seed, kind)
@@ -238,6 +240,8 @@ def main(argv=None) -> int:
 
 def print_report(report: dict) -> None:
     print(report["genotype"])
+    if "source" in report:
+        print(f"source: {report['source']}")
     for cell in CELLS:
         r = report[cell]
         print(

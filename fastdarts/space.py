@@ -357,4 +357,59 @@ DARTS_V2 = Genotype(
     reduce_concat=[2, 3, 4, 5],
 )  # fmt: skip
 
-BUILTIN_GENOTYPES: dict[str, Genotype] = {"DARTS_V1": DARTS_V1, "DARTS_V2": DARTS_V2, "DARTS": DARTS_V2}
+PRDARTS = Genotype(
+    normal=[
+        ("skip_connect", 0), ("sep_conv_3x3", 1), ("dil_conv_3x3", 2), ("sep_conv_3x3", 0),
+        ("dil_conv_3x3", 3), ("sep_conv_3x3", 1), ("dil_conv_3x3", 4), ("dil_conv_3x3", 1),
+    ],
+    normal_concat=[2, 3, 4, 5],
+    reduce=[
+        ("avg_pool_3x3", 0), ("dil_conv_5x5", 1), ("sep_conv_3x3", 0), ("dil_conv_5x5", 2),
+        ("sep_conv_5x5", 1), ("dil_conv_3x3", 3), ("dil_conv_5x5", 4), ("dil_conv_5x5", 1),
+    ],
+    reduce_concat=[2, 3, 4, 5],
+)  # fmt: skip
+
+# Five-node cells from other search spaces (some of their ops are not in PRIMITIVES).
+NASNET = Genotype(
+    normal=[
+        ("sep_conv_5x5", 1), ("sep_conv_3x3", 0), ("sep_conv_5x5", 0), ("sep_conv_3x3", 0), ("avg_pool_3x3", 1),
+        ("skip_connect", 0), ("avg_pool_3x3", 0), ("avg_pool_3x3", 0), ("sep_conv_3x3", 1), ("skip_connect", 1),
+    ],
+    normal_concat=[2, 3, 4, 5, 6],
+    reduce=[
+        ("sep_conv_5x5", 1), ("sep_conv_7x7", 0), ("max_pool_3x3", 1), ("sep_conv_7x7", 0), ("avg_pool_3x3", 1),
+        ("sep_conv_5x5", 0), ("skip_connect", 3), ("avg_pool_3x3", 2), ("sep_conv_3x3", 2), ("max_pool_3x3", 1),
+    ],
+    reduce_concat=[4, 5, 6],
+)  # fmt: skip
+
+AMOEBANET = Genotype(
+    normal=[
+        ("avg_pool_3x3", 0), ("max_pool_3x3", 1), ("sep_conv_3x3", 0), ("sep_conv_5x5", 2), ("sep_conv_3x3", 0),
+        ("avg_pool_3x3", 3), ("sep_conv_3x3", 1), ("skip_connect", 1), ("skip_connect", 0), ("avg_pool_3x3", 1),
+    ],
+    normal_concat=[4, 5, 6],
+    reduce=[
+        ("avg_pool_3x3", 0), ("sep_conv_3x3", 1), ("max_pool_3x3", 0), ("sep_conv_7x7", 2), ("sep_conv_7x7", 0),
+        ("avg_pool_3x3", 1), ("max_pool_3x3", 0), ("max_pool_3x3", 1), ("conv_7x1_1x7", 0), ("sep_conv_3x3", 5),
+    ],
+    reduce_concat=[3, 4, 6],
+)  # fmt: skip
+
+BUILTIN_GENOTYPES: dict[str, Genotype] = {
+    "DARTS_V1": DARTS_V1,
+    "DARTS_V2": DARTS_V2,
+    "DARTS": DARTS_V2,
+    "PRDARTS": PRDARTS,
+    "NASNet": NASNET,
+    "AmoebaNet": AMOEBANET,
+}
+BUILTIN_SOURCES: dict[str, str] = {
+    "DARTS_V1": "DARTS first-order search on CIFAR-10 (Liu, Simonyan, Yang, ICLR 2019; the authors' genotypes.py)",
+    "DARTS_V2": "DARTS second-order search on CIFAR-10 (Liu, Simonyan, Yang, ICLR 2019; the authors' genotypes.py)",
+    "DARTS": "alias of DARTS_V2, as in the DARTS authors' code",
+    "PRDARTS": "PR-DARTS search on CIFAR-10 (Zhou, Xiong, Socher, Hoi, NeurIPS 2020; the authors' genotypes.py)",
+    "NASNet": "NASNet-A (Zoph et al., CVPR 2018), as written in the DARTS authors' genotypes.py",
+    "AmoebaNet": "AmoebaNet-A (Real et al., AAAI 2019), as written in the DARTS authors' genotypes.py",
+}

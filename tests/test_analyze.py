@@ -171,3 +171,16 @@ def test_cli_bad_input_is_one_line_and_status_2(tmp_path, arg, message):
     result = run(arg)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_builtin_cells_from_other_search_spaces():
+    from fastdarts.space import AMOEBANET, NASNET, PRDARTS
+
+    nasnet = analyze.describe(NASNET, C=8, layers=5)
+    assert nasnet["normal"]["nodes"] == 5 and nasnet["normal"]["width_c"] == 5 and nasnet["normal"]["depth"] == 2
+    assert nasnet["network"]["uncounted_ops"] == ["sep_conv_7x7"]
+    amoeba = analyze.describe(AMOEBANET, C=8, layers=5)
+    assert amoeba["network"]["uncounted_ops"] == ["conv_7x1_1x7", "sep_conv_7x7"]
+    assert amoeba["reduce"]["concat"] == [3, 4, 6]
+    # PR-DARTS's normal cell has one skip connection, DARTS_V2's two, DARTS_V1's three.
+    assert [analyze.describe_cell(g, "normal")["skip_connects"] for g in (PRDARTS, DARTS_V2, DARTS_V1)] == [1, 2, 3]
