@@ -45,6 +45,8 @@ class SearchConfig:
     train_portion: float = option(0.5, "fraction of the training set that trains the weights", low=0, high=1,
                                   low_open=True, high_open=True)  # fmt: skip
     unrolled: bool = option(False, "second-order (unrolled) architecture gradient")
+    hessian_r: float = option(0.01, "second order: the finite-difference step of the Hessian-vector product (L2 norm)",
+                              low=0, low_open=True)  # fmt: skip
     arch_learning_rate: float | None = option(None, "Adam learning rate of the architecture", low=0, low_open=True)
     arch_weight_decay: float = option(1e-3, "weight decay of the architecture parameters", low=0)
     grad_clip: float = option(5.0, "gradient-norm clip of the weights", low=0, low_open=True)

@@ -67,6 +67,7 @@ def run(config: SearchConfig | None = None, **overrides) -> SearchResult:
         arch_learning_rate=config.arch_learning_rate,
         arch_weight_decay=config.arch_weight_decay,
         unrolled=config.unrolled,
+        hessian_r=config.hessian_r,
     )
     generator = torch.Generator().manual_seed(config.seed)
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
