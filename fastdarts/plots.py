@@ -71,6 +71,8 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
             ax.set_title(names[e], fontsize=9)
             ax.grid(alpha=0.3)
         axes.flat[0].legend(fontsize=6, loc="upper left")
+        for ax in axes[-1]:
+            ax.set_xlabel("epoch")
         fig.suptitle(f"{cell} cell: weight of every op on every edge")
         written.append(_save(fig, out_dir / f"weights_{cell}.png"))
     return written
