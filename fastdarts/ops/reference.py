@@ -23,13 +23,7 @@ def raise_unless(condition: bool, error: type[Exception], message: Callable[[], 
         raise error(message())
 
 
-def check_like(op: str, name: str, t: Tensor, like_name: str, like: Tensor, require: Require = raise_unless) -> None:
-    """`t` has the shape, dtype and device of `like`."""
-    require(
-        t.shape == like.shape,
-        ValueError,
-        lambda: f"{op}: {name} must have the shape of {like_name} {list(like.shape)}, got {list(t.shape)}",
-    )
+def check_dtype_and_device(op: str, name: str, t: Tensor, like_name: str, like: Tensor, require: Require) -> None:
     require(
         t.dtype == like.dtype,
         TypeError,
@@ -40,6 +34,16 @@ def check_like(op: str, name: str, t: Tensor, like_name: str, like: Tensor, requ
         ValueError,
         lambda: f"{op}: {name} must be on the device of {like_name} ({like.device}), got {t.device}",
     )
+
+
+def check_like(op: str, name: str, t: Tensor, like_name: str, like: Tensor, require: Require = raise_unless) -> None:
+    """`t` has the shape, dtype and device of `like`."""
+    require(
+        t.shape == like.shape,
+        ValueError,
+        lambda: f"{op}: {name} must have the shape of {like_name} {list(like.shape)}, got {list(t.shape)}",
+    )
+    check_dtype_and_device(op, name, t, like_name, like, require)
 
 
 def check_same_tensors(op: str, name: str, tensors: Sequence[Tensor], require: Require = raise_unless) -> None:
@@ -56,16 +60,7 @@ def check_weights(op: str, name: str, w: Tensor, K: int, like: Tensor, require: 
         ValueError,
         lambda: f"{op}: {name} must have shape [K] with K = {K} (one weight per tensor), got shape {list(w.shape)}",
     )
-    require(
-        w.dtype == like.dtype,
-        TypeError,
-        lambda: f"{op}: {name} must have the dtype of the tensors ({like.dtype}), got {w.dtype}",
-    )
-    require(
-        w.device == like.device,
-        ValueError,
-        lambda: f"{op}: {name} must be on the device of the tensors ({like.device}), got {w.device}",
-    )
+    check_dtype_and_device(op, name, w, "the tensors", like, require)
 
 
 def weighted_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
