@@ -17,6 +17,15 @@ from torch.func import functional_call
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN or infinite; raised before any parameter is updated with it."""
+
+
+def check_finite(value: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise NonFiniteError(f"{what} is not finite")
+
+
 @contextlib.contextmanager
 def frozen(params: Iterable[torch.Tensor]) -> Iterator[None]:
     """Parameters that need no gradient in this block: autograd then saves nothing for them
@@ -40,9 +49,10 @@ def weight_step(
     with frozen(model.arch_parameters()):
         logits = model(batch[0])
         loss = loss_fn(logits, batch[1])
+        check_finite(loss, "the training loss")
         loss.backward()
-    if grad_clip is not None:
-        torch.nn.utils.clip_grad_norm_(weights, grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(weights, grad_clip if grad_clip is not None else float("inf"))
+    check_finite(grad_norm, "the weight gradient")
     optimizer.step()
     return loss.detach(), logits.detach()
 
@@ -87,6 +97,8 @@ class Architect:
             grads, val_loss = self.second_order_grads(train_batch, val_batch, lr)
         else:
             grads, val_loss = self.first_order_grads(val_batch)
+        check_finite(val_loss, "the validation loss")
+        check_finite(torch.stack([g.norm() for g in grads]), "the architecture gradient")
         for p, g in zip(self.model.arch_parameters(), grads):
             p.grad = g
         self.optimizer.step()

@@ -1,17 +1,25 @@
-"""Checkpoints written atomically: a crash mid-write leaves the previous file intact."""
+"""What makes a long run safe to stop: atomic checkpoints, every random stream's state, and
+signal handling that lets the current step finish and save before the process exits."""
 
 from __future__ import annotations
 
 import io
 import os
+import random
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from .errors import FastDartsError
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Write to a temporary file beside `path`, fsync it, then rename it over `path`: a crash at
+    any point leaves either the old file or the new one, never a torn one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -38,3 +46,64 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FastDartsError(f"{path}: no checkpoint to resume from")
+    try:
+        # Our own file: it holds Python RNG states and config dicts, so not weights_only.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: name it in one line
+        raise FastDartsError(f"{path}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    """Every random stream a run draws from: Python, NumPy, torch's global one and the run's own."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+
+
+class RunInterrupted(Exception):
+    """A run stopped by SIGINT or SIGTERM after saving a checkpoint; `status` is the exit status."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class StopSignals:
+    """Inside the block SIGINT and SIGTERM only set `signum`, so the loop can finish its step,
+    save and stop. A second signal interrupts at once. Off the main thread nothing is installed."""
+
+    signum: int | None = None
+
+    def __enter__(self) -> StopSignals:
+        self.signum = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoint import RunInterrupted
 from .data import DATASETS
-from .errors import ConfigError, FastDartsError
+from .errors import ConfigError, FastDartsError, TrainingDiverged
 
 
 def option(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None):
@@ -52,6 +53,9 @@ class SearchConfig:
     grad_clip: float = option(5.0, "gradient-norm clip of the weights", low=0, low_open=True)
     seed: int = option(2, "random seed")
     out: str | None = option(None, "run directory (default: a new folder under runs/)")
+    save_every: int = option(1, "write a checkpoint every this many epochs", low=1)
+    on_nan: str = option("stop", "on a NaN or infinite loss or gradient: stop, or skip the batch",
+                         choices=("stop", "skip"))  # fmt: skip
     progress: bool = option(True, "show a progress bar")
 
     def check(self) -> None:
@@ -150,6 +154,7 @@ class OneLineParser(argparse.ArgumentParser):
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     parser = OneLineParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML or JSON file with the same keys as the flags; flags override it")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR, with its own settings")
     for f in dataclasses.fields(cls):
         kind = _field_type(cls, f)
         shown = f.default if f.default is not None else "preset" if f.name in PRESETS["digits"] else None
@@ -167,18 +172,28 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def parse_config(cls, argv, prog: str, description: str):
-    """Flags over config file over defaults; returns the (unresolved) config."""
+    """Flags over config file over defaults; returns the (unresolved) config and the --resume directory."""
     args = vars(build_parser(cls, prog, description).parse_args(argv))
     config_file = args.pop("config", None)
+    resume = args.pop("resume", None)
+    if resume is not None and (config_file or set(args) - {"progress"}):
+        raise ConfigError("--resume continues a run with its own settings; give no other flags but --no_progress")
     values = load_config_file(config_file, cls) if config_file else {}
     values.update(args)
-    return cls(**values)
+    return cls(**values), resume
 
 
 def run_cli(main, argv=None) -> int:
-    """Run an entry point, turning bad input into one line on stderr and exit status 2."""
+    """Run an entry point: bad input is one line on stderr and exit status 2, a diverged run one
+    line and status 1, a run stopped by a signal says how to resume and exits with 128 + signal."""
     try:
         return main(argv) or 0
     except FastDartsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except RunInterrupted as e:
+        print(e, file=sys.stderr)
+        return e.status

@@ -15,3 +15,7 @@ class DataError(FastDartsError):
 
 class GenotypeError(FastDartsError):
     """A genotype string, file or structure that does not describe a valid cell."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss or gradient became NaN or infinite and the run was told to stop (--on_nan stop)."""

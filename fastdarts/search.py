@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -23,18 +24,22 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .analyze import write_cell_diagrams
-from .bilevel import Architect, weight_step
-from .checkpoint import atomic_write_text, save_checkpoint
+from .bilevel import Architect, NonFiniteError, weight_step
+from .checkpoint import (
+    RunInterrupted,
+    StopSignals,
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import SearchConfig, parse_config, run_cli
 from .data import ImageData, load_dataset, random_batch, shuffled_batches, split_indices
-from .errors import ConfigError
+from .errors import ConfigError, TrainingDiverged
 from .plots import plot_run
 from .space import Genotype
 from .supernet import SearchNetwork
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass
@@ -44,21 +49,36 @@ class SearchResult:
     run_dir: Path
 
 
-def run(config: SearchConfig | None = None, **overrides) -> SearchResult:
-    """Run a search; `overrides` set config fields by name (`run(epochs=1, layers=3)`)."""
-    config = dataclasses.replace(config or SearchConfig(), **overrides).resolved()
+def run(config: SearchConfig | None = None, *, resume: str | Path | None = None, **overrides) -> SearchResult:
+    """Run a search; `overrides` set config fields by name (`run(epochs=1, layers=3)`).
+
+    `resume` continues the run saved in that directory, with its own configuration (only
+    `progress` may be overridden), and ends exactly as the uninterrupted run would have.
+    """
+    checkpoint = None
+    if resume is not None:
+        run_dir = Path(resume)
+        checkpoint = load_checkpoint(run_dir / "checkpoint.pt")
+        unknown = set(overrides) - {"progress"}
+        if config is not None or unknown:
+            raise ConfigError("resume continues a run with its own configuration; give no other settings")
+        config = dataclasses.replace(SearchConfig(**checkpoint["config"]), **overrides).resolved()
+        if checkpoint.get("complete"):
+            raise ConfigError(f"resume: the run in {run_dir} is already complete")
+    else:
+        config = dataclasses.replace(config or SearchConfig(), **overrides).resolved()
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
     data = load_dataset(config.dataset, config.data)
     train_idx, val_idx = split_indices(len(data), config.train_portion)
-    run_dir = make_run_dir(config.out, "search")
-    atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    if resume is None:
+        run_dir = make_run_dir(config.out, "search")
+        atomic_write_text(run_dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
 
     model = SearchNetwork(config.init_channels, data.num_classes, config.layers, data.in_channels)
-    weights = model.weight_parameters()
     weight_optimizer = torch.optim.SGD(
-        weights, config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+        model.weight_parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_optimizer, config.epochs, config.learning_rate_min)
     architect = Architect(
@@ -70,60 +90,97 @@ def run(config: SearchConfig | None = None, **overrides) -> SearchResult:
         hessian_r=config.hessian_r,
     )
     generator = torch.Generator().manual_seed(config.seed)
+    stateful = {"model": model, "weight_optimizer": weight_optimizer, "arch_optimizer": architect.optimizer,
+                "scheduler": scheduler}  # fmt: skip
+    # Where the run stands: the epoch, the next step in it, its batches, its running sums.
+    position = {"epoch": 0, "step": 0, "batches": None, "sums": None, "history": []}
+    if checkpoint is not None:
+        for name, obj in stateful.items():
+            obj.load_state_dict(checkpoint[name])
+        position = checkpoint["position"]
+        set_rng_state(checkpoint["rng"], generator)
+        # Rows logged after the checkpoint belong to work that is about to be redone.
+        rows = "".join(json.dumps(r) + "\n" for r in position["history"])
+        atomic_write_text(run_dir / "metrics.jsonl", rows)
+    history = position["history"]
+
+    def save(complete: bool = False) -> None:
+        state = {name: obj.state_dict() for name, obj in stateful.items()}
+        state.update(config=dataclasses.asdict(config), position=position, rng=rng_state(generator),
+                     genotype=str(model.genotype()), complete=complete)  # fmt: skip
+        save_checkpoint(run_dir / "checkpoint.pt", state)
+
     steps_per_epoch = math.ceil(len(train_idx) / config.batch_size)
-    bar = tqdm(total=config.epochs * steps_per_epoch, disable=not config.progress, unit="step", dynamic_ncols=True)
-    history: list[dict] = []
-    for epoch in range(config.epochs):
-        lr = scheduler.get_last_lr()[0]
-        started = time.perf_counter()
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        for step, batch_idx in enumerate(shuffled_batches(train_idx, config.batch_size, generator)):
-            train_batch = data.batch(batch_idx, generator, augment=True)
-            val_batch = data.batch(random_batch(val_idx, config.batch_size, generator), generator, augment=True)
-            architect.step(train_batch, val_batch, lr)
-
-            loss, logits = weight_step(model, weight_optimizer, train_batch, config.grad_clip)
-
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"training loss is {loss_value} at epoch {epoch} step {step}")
-            n = len(batch_idx)
-            loss_sum += loss_value * n
-            correct += (logits.argmax(1) == train_batch[1]).sum().item()
-            seen += n
-            bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
-            bar.update()
-        scheduler.step()
-        val_loss, val_acc = evaluate(model, data, val_idx, config.batch_size)
-        record = epoch_record(model, epoch, lr, loss_sum / seen, correct / seen, val_loss, val_acc)
-        record["seconds"] = round(time.perf_counter() - started, 3)
-        history.append(record)
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        tqdm.write(
-            f"epoch {epoch}: lr {lr:.4g} train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
-            f"val loss {val_loss:.4f} acc {val_acc:.4f} | normal skips {record['normal_skip_connects']} | "
-            f"entropy {record['entropy_normal']:.4f}/{record['entropy_reduce']:.4f} | {record['seconds']:.1f}s\n"
-            f"  {record['genotype']}"
-        )
+    done = position["epoch"] * steps_per_epoch + position["step"]
+    bar = tqdm(total=config.epochs * steps_per_epoch, initial=done, disable=not config.progress, unit="step",
+               dynamic_ncols=True)  # fmt: skip
+    with StopSignals() as stop:
+        while position["epoch"] < config.epochs:
+            epoch = position["epoch"]
+            if position["batches"] is None:
+                position.update(step=0, batches=shuffled_batches(train_idx, config.batch_size, generator),
+                                sums={"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "seconds": 0.0})  # fmt: skip
+            sums = position["sums"]
+            lr = scheduler.get_last_lr()[0]
+            started = time.perf_counter()
+            model.train()
+            while position["step"] < len(position["batches"]):
+                step = position["step"]
+                batch_idx = position["batches"][step]
+                train_batch = data.batch(batch_idx, generator, augment=True)
+                val_batch = data.batch(random_batch(val_idx, config.batch_size, generator), generator, augment=True)
+                try:
+                    architect.step(train_batch, val_batch, lr)
+                    loss, logits = weight_step(model, weight_optimizer, train_batch, config.grad_clip)
+                except NonFiniteError as e:
+                    if config.on_nan == "stop":
+                        raise TrainingDiverged(
+                            f"{e} at epoch {epoch} step {step}; stopped, the last checkpoint in {run_dir} is intact"
+                        ) from None
+                    sums["skipped"] += 1
+                else:
+                    n = len(batch_idx)
+                    sums["loss"] += loss.item() * n
+                    sums["correct"] += (logits.argmax(1) == train_batch[1]).sum().item()
+                    sums["seen"] += n
+                position["step"] = step + 1
+                seen = max(sums["seen"], 1)
+                bar.set_postfix(epoch=epoch, loss=f"{sums['loss'] / seen:.3f}", acc=f"{sums['correct'] / seen:.3f}",
+                                refresh=False)  # fmt: skip
+                bar.update()
+                if stop.signum is not None:
+                    sums["seconds"] += time.perf_counter() - started
+                    save()
+                    bar.close()
+                    raise RunInterrupted(
+                        f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch} step {step + 1}; "
+                        f"resume with: python -m fastdarts.search --resume {run_dir}",
+                        128 + stop.signum,
+                    )
+            scheduler.step()
+            val_loss, val_acc = evaluate(model, data, val_idx, config.batch_size)
+            seen = max(sums["seen"], 1)
+            record = epoch_record(model, epoch, lr, sums["loss"] / seen, sums["correct"] / seen, val_loss, val_acc)
+            record["skipped_steps"] = sums["skipped"]
+            record["seconds"] = round(sums["seconds"] + time.perf_counter() - started, 3)
+            history.append(record)
+            position.update(epoch=epoch + 1, step=0, batches=None, sums=None)
+            if position["epoch"] % config.save_every == 0 and position["epoch"] < config.epochs:
+                save()
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            tqdm.write(
+                f"epoch {epoch}: lr {lr:.4g} train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f} | "
+                f"val loss {val_loss:.4f} acc {val_acc:.4f} | normal skips {record['normal_skip_connects']} | "
+                f"entropy {record['entropy_normal']:.4f}/{record['entropy_reduce']:.4f} | {record['seconds']:.1f}s\n"
+                f"  {record['genotype']}"
+            )
     bar.close()
 
     genotype = model.genotype()
     atomic_write_text(run_dir / "genotype.json", json.dumps(genotype.to_dict(), indent=2) + "\n")
     atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
-    save_checkpoint(
-        run_dir / "checkpoint.pt",
-        {
-            "epoch": config.epochs,
-            "config": dataclasses.asdict(config),
-            "model": model.state_dict(),
-            "weight_optimizer": weight_optimizer.state_dict(),
-            "arch_optimizer": architect.optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "genotype": str(genotype),
-        },
-    )
+    save(complete=True)
     write_cell_diagrams(genotype, run_dir)
     plot_run(run_dir / "metrics.jsonl", run_dir)
     print(f"genotype: {genotype}\nrun directory: {run_dir}")
@@ -196,8 +253,11 @@ def make_run_dir(out: str | None, kind: str) -> Path:
 
 
 def main(argv=None) -> int:
-    config = parse_config(SearchConfig, argv, "python -m fastdarts.search", "DARTS architecture search.")
-    run(config)
+    config, resume = parse_config(SearchConfig, argv, "python -m fastdarts.search", "DARTS architecture search.")
+    if resume is not None:
+        run(resume=resume, progress=config.progress)
+    else:
+        run(config)
     return 0
 
 

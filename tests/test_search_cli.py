@@ -49,7 +49,9 @@ def test_config_file_and_flag_precedence(tmp_path):
     cfg.write_text("epochs: 3\nlayers: 4\nlearning_rate: 0.05\n")
     from fastdarts.config import parse_config
 
-    config = parse_config(SearchConfig, ["--config", str(cfg), "--layers", "6"], "p", "d").resolved()
+    config, resume = parse_config(SearchConfig, ["--config", str(cfg), "--layers", "6"], "p", "d")
+    config = config.resolved()
+    assert resume is None
     assert (config.epochs, config.layers, config.learning_rate) == (3, 6, 0.05)
     assert config.batch_size == 64  # preset of the digits data set
 
