@@ -24,4 +24,22 @@ TORCH_LIBRARY(fastdarts, m) {
   m.def("weighted_sum(Tensor[] xs, Tensor w) -> Tensor");
   // grad_xs[k] = w[k] * grad, grad_w[k] = sum(grad * xs[k]), in one pass over grad.
   m.def("weighted_sum_backward(Tensor grad, Tensor[] xs, Tensor w) -> (Tensor[], Tensor)");
+  // out[i] = depthwise conv of relu(x) (x when relu is false) with weights[i]: dilation dilations[i], the one stride,
+  // "same" padding dilations[i] * (k_i - 1) / 2. x: [N, C, H, W]; weights[i]: [C, 1, k_i, k_i], k_i odd;
+  // out[i]: [N, C, (H - 1) / stride + 1, (W - 1) / stride + 1], laid out like x. The first stage of DARTS's sep and
+  // dil conv candidates, all K from one read of x. No default for relu: the dispatcher drops arguments equal to
+  // their default, and register_autograd's backward must then return one gradient fewer.
+  m.def("relu_dwconv(Tensor x, Tensor[] weights, int[] dilations, int stride, bool relu) -> Tensor[]");
+  // One pass over x (relu(x) recomputed, never saved) and the K output gradients: grad_x (masked by x > 0 when
+  // relu) if input_grad, else None; every grad_weights[i] if weight_grad, else an empty list.
+  m.def(
+      "relu_dwconv_backward(Tensor[] grads, Tensor x, Tensor[] weights, int[] dilations, int stride, bool relu, "
+      "bool input_grad, bool weight_grad) -> (Tensor?, Tensor[])");
+  // PR-DARTS's hard-concrete gates and top-k mask from given noise: reference.gates_from_noise, with the same
+  // arguments. beta, u: [E, K]; explore: bool [E, K] and perm: int64 [K] when k is set, ignored (may be None)
+  // when it is not. Outputs [E, K]: gates (exactly the 0/1 mask with k, g without), mask, p_nonzero = P(g != 0),
+  // and s_kept (the sigmoid s on kept, unclamped gates, else 0: what autograd differentiates through).
+  m.def(
+      "sample_gates(Tensor beta, float tau, float a, float b, int? k, Tensor u, Tensor? explore, Tensor? perm) -> "
+      "(Tensor gates, Tensor mask, Tensor p_nonzero, Tensor s_kept)");
 }

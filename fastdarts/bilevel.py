@@ -21,6 +21,10 @@ class NonFiniteError(FloatingPointError):
     """A loss or gradient became NaN or infinite; raised before any parameter is updated with it."""
 
 
+class NonFiniteWeights(NonFiniteError):
+    """A parameter became NaN or infinite in an update: no later step can repair it, so a run stops."""
+
+
 def check_finite(value: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(value).all()):
         raise NonFiniteError(f"{what} is not finite")
@@ -44,23 +48,36 @@ def weight_step(
     model, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float | None, loss_fn=F.cross_entropy
 ):
     """One SGD step of the weights on `batch` (architecture fixed); returns the loss and the logits."""
-    weights = model.weight_parameters()
     optimizer.zero_grad(set_to_none=True)
     with frozen(model.arch_parameters()):
         logits = model(batch[0])
         loss = loss_fn(logits, batch[1])
-        check_finite(loss, "the training loss")
-        loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(weights, grad_clip if grad_clip is not None else float("inf"))
+    sgd_step(optimizer, model.weight_parameters(), loss, grad_clip)
+    return loss.detach(), logits.detach()
+
+
+def sgd_step(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor, grad_clip: float | None) -> None:
+    """Backward, clip the gradient norm of `params`, step. A non-finite loss or gradient raises
+    NonFiniteError before any parameter changes."""
+    params = list(params)
+    check_finite(loss, "the training loss")
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
     check_finite(grad_norm, "the weight gradient")
     optimizer.step()
-    return loss.detach(), logits.detach()
+    # A finite but huge gradient can still overflow a weight. The max-norm is finite exactly when
+    # every weight is (NaN propagates through it), and costs one pass over the weights.
+    if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=float("inf")))):
+        raise NonFiniteWeights("a weight became non-finite in the update")
 
 
 class Architect:
     """Updates a model's architecture parameters with Adam on the validation loss.
 
-    The model must provide `arch_parameters()` and `named_weight_parameters()`.
+    The model must provide `arch_parameters()`, `named_weight_parameters()`, `regulariser()` (a term
+    added to the validation loss, for the forward pass just run, or None) and `samples_each_forward`.
+    The architecture objective is `loss_fn(logits, y) + regulariser()`; the training loss of the
+    virtual step and of the Hessian-vector product is `loss_fn` alone, since the weights minimise it.
     `weight_optimizer` is the SGD optimizer of the weights: the second-order step reads its
     momentum, weight decay and momentum buffers to form the virtual step, exactly as the next
     real weight step would. `hessian_r` sets the finite-difference step of the Hessian-vector
@@ -79,6 +96,12 @@ class Architect:
         hessian_r: float = 0.01,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     ):
+        if unrolled and model.samples_each_forward:
+            # The finite differences compare forward passes, which would each draw other edge weights.
+            raise ValueError(
+                "Architect: the second-order (unrolled) step needs the same edge weights in every forward pass; "
+                "this model's method samples new ones each time, so use the first-order step"
+            )
         self.model = model
         self.weight_optimizer = weight_optimizer
         self.unrolled = unrolled
@@ -91,7 +114,7 @@ class Architect:
     def step(self, train_batch: Batch, val_batch: Batch, lr: float) -> torch.Tensor:
         """One Adam step on the architecture; `lr` is the current weight learning rate (xi).
 
-        Returns the validation loss it differentiated (at `w`, or at the virtual `w'` when unrolled).
+        Returns the validation objective it differentiated (at `w`, or at the virtual `w'` when unrolled).
         """
         if self.unrolled:
             grads, val_loss = self.second_order_grads(train_batch, val_batch, lr)
@@ -110,10 +133,16 @@ class Architect:
         logits = self.model(x) if params is None else functional_call(self.model, params, (x,))
         return self.loss_fn(logits, y)
 
+    def objective(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The architecture objective: the loss plus the model's regulariser of the forward pass just run."""
+        loss = self.loss(batch, params)
+        regulariser = self.model.regulariser()
+        return loss if regulariser is None else loss + regulariser
+
     def first_order_grads(self, val_batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
         """`grad_alpha L_val(w, alpha)`; autograd neither computes nor keeps anything for weight gradients."""
         with frozen(self.model.weight_parameters()):
-            loss = self.loss(val_batch)
+            loss = self.objective(val_batch)
             grads = torch.autograd.grad(loss, self.model.arch_parameters())
         return list(grads), loss.detach()
 
@@ -137,7 +166,7 @@ class Architect:
                 virtual.append((w - lr * step).requires_grad_())
         # The virtual model's batch-norm running statistics are a throwaway copy, as in DARTS.
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-        val_loss = self.loss(val_batch, {**dict(zip(names, virtual)), **buffers})
+        val_loss = self.objective(val_batch, {**dict(zip(names, virtual)), **buffers})
         grads = torch.autograd.grad(val_loss, [*arch, *virtual], materialize_grads=True)
         arch_grads, v = grads[: len(arch)], grads[len(arch) :]
 

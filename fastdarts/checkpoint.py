@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FastDartsError
+from .errors import CheckpointWriteError, FastDartsError
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
@@ -45,7 +45,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def save_checkpoint(path: str | Path, state: dict) -> None:
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    try:
+        atomic_write_bytes(path, buffer.getvalue())
+    except OSError as e:
+        raise CheckpointWriteError(f"cannot write the checkpoint {path} ({e}); the previous one is intact") from None
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -20,7 +20,8 @@ import yaml
 
 from .checkpoint import RunInterrupted
 from .data import DATASETS
-from .errors import ConfigError, FastDartsError, TrainingDiverged
+from .errors import ConfigError, FastDartsError, RunFailed
+from .space import OPS, load_genotype
 
 
 def option(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None):
@@ -30,7 +31,33 @@ def option(default, help: str, *, low=None, high=None, low_open=False, high_open
 
 
 @dataclass
-class SearchConfig:
+class RunOptions:
+    """How a long run is kept and stopped; shared by every entry point (listed last in --help)."""
+
+    out: str | None = option(None, "run directory (default: a new folder under runs/)")
+    save_every: int = option(1, "write a checkpoint every this many epochs", low=1)
+    stop_after: int | None = option(None, "stop after this many epochs, resumably (to split a run into jobs)", low=1)
+    on_nan: str = option("stop", "on a NaN or infinite loss or gradient: stop, or skip the batch",
+                         choices=("stop", "skip"))  # fmt: skip
+    progress: bool = option(True, "show a progress bar")
+
+    # Fields left at None take the value of the data set's preset.
+    PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {}
+
+    def check(self) -> None:
+        """Checks across fields, after each field's own range check."""
+
+    def resolved(self):
+        """A copy with the data set's preset filled into every field left at None, validated."""
+        preset = self.PRESETS.get(getattr(self, "dataset", None), {})
+        filled = {k: v for k, v in preset.items() if getattr(self, k) is None}
+        config = dataclasses.replace(self, **filled)
+        validate(config)
+        return config
+
+
+@dataclass
+class SearchConfig(RunOptions):
     """DARTS search. Fields left at None take the data set's preset (see PRESETS)."""
 
     dataset: str = option("digits", "data set: digits (bundled) or cifar10 (needs --data)", choices=DATASETS)
@@ -52,11 +79,30 @@ class SearchConfig:
     arch_weight_decay: float = option(1e-3, "weight decay of the architecture parameters", low=0)
     grad_clip: float = option(5.0, "gradient-norm clip of the weights", low=0, low_open=True)
     seed: int = option(2, "random seed")
-    out: str | None = option(None, "run directory (default: a new folder under runs/)")
-    save_every: int = option(1, "write a checkpoint every this many epochs", low=1)
-    on_nan: str = option("stop", "on a NaN or infinite loss or gradient: stop, or skip the batch",
-                         choices=("stop", "skip"))  # fmt: skip
-    progress: bool = option(True, "show a progress bar")
+    method: str = option("darts", "search method: darts (softmax over ops) or pr-darts (hard-concrete gates)",
+                         choices=("darts", "pr-darts"))  # fmt: skip
+    # PR-DARTS (METHOD.md section 2); used only with --method pr-darts.
+    prdarts_form: str = option("reference", "pr-darts: reference (top-k, hinged groups) or paper (all gates)",
+                               choices=("reference", "paper"))  # fmt: skip
+    tau_start: float = option(1.0, "pr-darts: gate temperature at the first epoch", low=0, low_open=True)
+    tau_end: float = option(0.1, "pr-darts: gate temperature at the last epoch", low=0, low_open=True)
+    l1: float = option(0.01, "pr-darts: weight of the skip-group term", low=0)
+    l2: float = option(0.005, "pr-darts: weight of the non-skip and pooling group terms", low=0)
+    l3: float = option(0.005, "pr-darts: weight of the path-depth term", low=0)
+    hinge: float = option(0.2, "pr-darts: hinge of the group terms", low=0)
+    top_k: int = option(2, "pr-darts: ops computed per edge", low=1, high=8)
+    explore_p: float = option(0.4, "pr-darts: probability that a gate is pushed down before the top-k", low=0,
+                              high=1)  # fmt: skip
+    gate_a: float = option(-0.1, "pr-darts: lower end of the stretched sigmoid (a < 0)", high=0, high_open=True)
+    gate_b: float = option(1.1, "pr-darts: upper end of the stretched sigmoid (b > 1)", low=1, low_open=True)
+
+    # DARTS's CIFAR-10 settings, and settings for the bundled digits that finish a real search in a
+    # few minutes on 2 cores: 8x8 images need fewer cells, and the architecture takes a larger step
+    # because a digits epoch has 15 steps where a CIFAR-10 epoch has 391.
+    PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
+        "cifar10": dict(batch_size=64, epochs=50, init_channels=16, layers=8, arch_learning_rate=3e-4),
+        "digits": dict(batch_size=64, epochs=15, init_channels=8, layers=5, arch_learning_rate=3e-3),
+    }
 
     def check(self) -> None:
         if self.dataset == "cifar10" and self.data is None:
@@ -65,23 +111,65 @@ class SearchConfig:
             raise ConfigError(
                 f"learning_rate_min ({self.learning_rate_min}) must not exceed learning_rate ({self.learning_rate})"
             )
+        if self.method == "pr-darts" and self.unrolled:
+            raise ConfigError("unrolled: pr-darts samples new gates in every forward pass, so it searches first order")
 
-    def resolved(self) -> SearchConfig:
-        """A copy with the data set's preset filled into every field left at None, validated."""
-        preset = PRESETS[self.dataset] if self.dataset in PRESETS else {}
-        filled = {k: v for k, v in preset.items() if getattr(self, k) is None}
-        config = dataclasses.replace(self, **filled)
-        validate(config)
-        return config
+    def method_settings(self) -> dict:
+        """The keyword arguments of the method object (fastdarts.methods.make_method)."""
+        if self.method == "darts":
+            return {}
+        return dict(tau_start=self.tau_start, tau_end=self.tau_end, l1=self.l1, l2=self.l2, l3=self.l3,
+                    hinge=self.hinge, k=self.top_k, explore_p=self.explore_p, a=self.gate_a, b=self.gate_b,
+                    form=self.prdarts_form, seed=self.seed)  # fmt: skip
 
 
-# DARTS's CIFAR-10 settings, and settings for the bundled digits that finish a real search in a few
-# minutes on 2 cores: 8x8 images need fewer cells, and the architecture takes a larger step
-# because a digits epoch has 15 steps where a CIFAR-10 epoch has 391.
-PRESETS: dict[str, dict[str, typing.Any]] = {
-    "cifar10": dict(batch_size=64, epochs=50, init_channels=16, layers=8, arch_learning_rate=3e-4),
-    "digits": dict(batch_size=64, epochs=15, init_channels=8, layers=5, arch_learning_rate=3e-3),
-}
+@dataclass
+class TrainConfig(RunOptions):
+    """Training a found cell from scratch (METHOD.md 1.5). Fields left at None take the data set's preset."""
+
+    genotype: str = option("DARTS_V2", "the cell: built-in name, DARTS string, genotype.json/.txt or run directory")
+    dataset: str = option("digits", "data set: digits (bundled) or cifar10 (needs --data)", choices=DATASETS)
+    data: str | None = option(None, "data directory (cifar10: the cifar-10-batches-py directory)")
+    batch_size: int | None = option(None, "batch size", low=1)
+    learning_rate: float = option(0.025, "initial learning rate", low=0, low_open=True)
+    learning_rate_min: float = option(0.0, "final learning rate of the cosine schedule", low=0)
+    momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True)
+    weight_decay: float = option(3e-4, "weight decay", low=0)
+    epochs: int | None = option(None, "number of training epochs", low=1)
+    init_channels: int | None = option(None, "channels of the first cell (C)", low=1)
+    layers: int | None = option(None, "number of cells (reductions at layers//3 and 2*layers//3)", low=3)
+    auxiliary: bool = option(True, "use the auxiliary head (after cell 2*layers//3)")
+    auxiliary_weight: float = option(0.4, "weight of the auxiliary loss", low=0)
+    cutout: bool = option(True, "use cutout")
+    cutout_length: int | None = option(None, "cutout square side in pixels", low=1)
+    drop_path_prob: float = option(0.2, "final drop-path probability (ramped up linearly from 0)", low=0, high=1,
+                                   high_open=True)  # fmt: skip
+    grad_clip: float = option(5.0, "gradient-norm clip", low=0, low_open=True)
+    seed: int = option(0, "random seed")
+
+    # DARTS's published CIFAR-10 setting, and one that trains on the 8x8 digits in a few minutes
+    # on 2 cores (the cells shrink the image to 2x2 after two reductions, so fewer are needed).
+    PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
+        "cifar10": dict(batch_size=96, epochs=600, init_channels=36, layers=20, cutout_length=16),
+        "digits": dict(batch_size=64, epochs=20, init_channels=16, layers=8, cutout_length=4),
+    }
+
+    def check(self) -> None:
+        if self.dataset == "cifar10" and self.data is None:
+            raise ConfigError("dataset cifar10 needs data: the cifar-10-batches-py directory (--data DIR)")
+        if self.learning_rate_min > self.learning_rate:
+            raise ConfigError(
+                f"learning_rate_min ({self.learning_rate_min}) must not exceed learning_rate ({self.learning_rate})"
+            )
+        self.cell()  # a genotype that cannot be read or built fails here, before anything is written
+
+    def cell(self):
+        """The genotype to train, checked to use only ops fastdarts can build."""
+        genotype = load_genotype(self.genotype)
+        unknown = sorted({op for op, _ in (*genotype.normal, *genotype.reduce)} - set(OPS))
+        if unknown:
+            raise ConfigError(f"genotype uses op(s) fastdarts cannot build: {', '.join(unknown)}")
+        return genotype
 
 
 def _field_type(cls, f: dataclasses.Field) -> type:
@@ -151,47 +239,82 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def seed_list(text: str) -> list[int]:
+    """`--seeds 0,1,2`: distinct integers, comma-separated."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return seeds
+
+
+def _fields_for_help(cls) -> list[dataclasses.Field]:
+    """The config's own fields first, the shared RunOptions last."""
+    shared = {f.name for f in dataclasses.fields(RunOptions)}
+    fields = dataclasses.fields(cls)
+    return [f for f in fields if f.name not in shared] + [f for f in fields if f.name in shared]
+
+
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     parser = OneLineParser(prog=prog, description=description)
     parser.add_argument("--config", help="YAML or JSON file with the same keys as the flags; flags override it")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run saved in RUN_DIR, with its own settings")
-    for f in dataclasses.fields(cls):
+    parser.add_argument("--seeds", type=seed_list, metavar="S1,S2,...",
+                        help="one run per seed, then the mean and standard deviation of the final metrics")  # fmt: skip
+    presets = set().union(*cls.PRESETS.values()) if cls.PRESETS else set()
+    for f in _fields_for_help(cls):
         kind = _field_type(cls, f)
-        shown = f.default if f.default is not None else "preset" if f.name in PRESETS["digits"] else None
-        helptext = f"{f.metadata['help']} (default: {shown})"
-        if kind is bool:
-            if f.default:
-                parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=f"do not {helptext}",
-                                    default=argparse.SUPPRESS)  # fmt: skip
-            else:
-                parser.add_argument(f"--{f.name}", action="store_true", help=helptext, default=argparse.SUPPRESS)
+        shown = f.default if f.default is not None else "preset" if f.name in presets else None
+        helptext = f.metadata["help"] if "default" in f.metadata["help"] else f"{f.metadata['help']} (default: {shown})"
+        if kind is bool:  # --x and --no_x both, whatever the default (DARTS commands spell out --auxiliary)
+            switch = parser.add_mutually_exclusive_group()
+            # --help shows the one that changes the default.
+            switch.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS if f.default else f"{f.metadata['help']}")  # fmt: skip
+            switch.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
+                                help=f"do not {f.metadata['help']}" if f.default else argparse.SUPPRESS)  # fmt: skip
             continue
         parser.add_argument(f"--{f.name}", type=kind, help=helptext, default=argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), metavar=f.name.upper())  # fmt: skip
     return parser
 
 
-def parse_config(cls, argv, prog: str, description: str):
-    """Flags over config file over defaults; returns the (unresolved) config and the --resume directory."""
+@dataclass
+class CommandLine:
+    """What an entry point was asked to do."""
+
+    config: typing.Any  # flags over config file over defaults, not yet resolved
+    given: dict  # the flags given explicitly (a resumed run accepts a few of them)
+    resume: str | None
+    seeds: list[int] | None
+
+
+def parse_command_line(cls, argv, prog: str, description: str) -> CommandLine:
     args = vars(build_parser(cls, prog, description).parse_args(argv))
     config_file = args.pop("config", None)
     resume = args.pop("resume", None)
-    if resume is not None and (config_file or set(args) - {"progress"}):
-        raise ConfigError("--resume continues a run with its own settings; give no other flags but --no_progress")
+    seeds = args.pop("seeds", None)
+    if resume is not None and config_file:
+        raise ConfigError("--resume continues a run with its own settings; it takes no --config")
+    if seeds is not None and (resume is not None or "seed" in args):
+        raise ConfigError("--seeds starts one new run per seed; it goes with neither --seed nor --resume")
     values = load_config_file(config_file, cls) if config_file else {}
     values.update(args)
-    return cls(**values), resume
+    return CommandLine(cls(**values), args, resume, seeds)
 
 
 def run_cli(main, argv=None) -> int:
-    """Run an entry point: bad input is one line on stderr and exit status 2, a diverged run one
-    line and status 1, a run stopped by a signal says how to resume and exits with 128 + signal."""
+    """Run an entry point: bad input is one line on stderr and exit status 2, a run that failed
+    (diverged, could not save) one line and status 1, a run stopped by a signal says how to resume
+    and exits with 128 + signal."""
     try:
         return main(argv) or 0
     except FastDartsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except RunInterrupted as e:

@@ -1,7 +1,9 @@
 """Image data sets held as tensors, with the DARTS augmentation done batch-wise on the tensors.
 
 - `digits`: scikit-learn's 8x8 handwritten digits (1,797 real images, 10 classes), shipped with
-  the package as `fastdarts/data/digits.npz` (from the UCI optical digits test set).
+  the package as `fastdarts/data/digits.npz` (from the UCI optical digits test set). Its first
+  1,437 images are the training split (the search's, and the training run's), the last 360 the
+  test split; both hold every class in near-equal numbers.
 - `cifar10`: the standard `cifar-10-batches-py` directory of pickled batches, read without
   torchvision.
 Nothing is ever downloaded.
@@ -20,6 +22,8 @@ from .errors import DataError
 
 DATASETS = ("digits", "cifar10")
 _DIGITS_FILE = Path(__file__).with_name("data") / "digits.npz"
+DIGITS_TRAIN_SIZE = 1437  # 80 %; the remaining 360 images are the test split
+SPLITS = ("train", "test")
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
 
@@ -47,14 +51,19 @@ class ImageData:
     def image_size(self) -> int:
         return self.images.shape[-1]
 
-    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None, augment: bool = False):
-        """The normalised images and labels at `indices`; random crop and flip when `augment`."""
+    def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None, augment: bool = False,
+              cutout: int = 0):  # fmt: skip
+        """The normalised images and labels at `indices`; random crop and flip when `augment`, then
+        (as DARTS does, after normalising) a `cutout`-pixel square cut out when `cutout` > 0."""
         x = self.images[indices]
         if augment:
             x = random_crop_flip(x, self.crop_padding, self.flip, generator)
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return (x - mean) / std, self.labels[indices]
+        x = (x - mean) / std
+        if cutout > 0:
+            x = random_cutout(x, cutout, generator)
+        return x, self.labels[indices]
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None) -> torch.Tensor:
@@ -73,10 +82,25 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
     return x
 
 
-def load_digits() -> ImageData:
+def random_cutout(x: torch.Tensor, length: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Per image, zero a `length` x `length` square centred at a uniformly random pixel, clipped at
+    the border (DARTS's Cutout)."""
+    n, _, h, w = x.shape
+    cy = torch.randint(0, h, (n,), generator=generator)
+    cx = torch.randint(0, w, (n,), generator=generator)
+    rows, cols = torch.arange(h), torch.arange(w)
+    inside_y = (rows >= (cy - length // 2)[:, None]) & (rows < (cy + length - length // 2)[:, None])
+    inside_x = (cols >= (cx - length // 2)[:, None]) & (cols < (cx + length - length // 2)[:, None])
+    cut = inside_y[:, :, None] & inside_x[:, None, :]
+    return x.masked_fill(cut[:, None], 0.0)
+
+
+def load_digits(split: str = "train") -> ImageData:
     with np.load(_DIGITS_FILE) as f:
         images = torch.from_numpy(f["images"].astype(np.float32) / 16.0).unsqueeze(1)
         labels = torch.from_numpy(f["labels"].astype(np.int64))
+    part = slice(0, DIGITS_TRAIN_SIZE) if split == "train" else slice(DIGITS_TRAIN_SIZE, None)
+    images, labels = images[part], labels[part]
     # Mirroring changes what a digit means, so digits get only a one-pixel random shift.
     return ImageData(images, labels, 10, mean=(0.3053,), std=(0.3760,), crop_padding=1, flip=False)
 
@@ -133,13 +157,16 @@ def write_cifar10_batch(path: str | Path, images: np.ndarray, labels) -> None:
         pickle.dump(entry, f)
 
 
-def load_dataset(name: str, root: str | Path | None = None) -> ImageData:
+def load_dataset(name: str, root: str | Path | None = None, split: str = "train") -> ImageData:
+    """The `split` ("train" or "test") of data set `name`, read from `root` when it needs a directory."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     if name == "digits":
-        return load_digits()
+        return load_digits(split)
     if name == "cifar10":
         if root is None:
             raise DataError("--dataset cifar10 needs --data DIR (the cifar-10-batches-py directory)")
-        return load_cifar10(root)
+        return load_cifar10(root, split)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

@@ -17,5 +17,13 @@ class GenotypeError(FastDartsError):
     """A genotype string, file or structure that does not describe a valid cell."""
 
 
-class TrainingDiverged(RuntimeError):
+class RunFailed(RuntimeError):
+    """A run that cannot go on, through no fault of its input: entry points print one line and exit with status 1."""
+
+
+class TrainingDiverged(RunFailed):
     """A loss or gradient became NaN or infinite and the run was told to stop (--on_nan stop)."""
+
+
+class CheckpointWriteError(RunFailed):
+    """A checkpoint could not be written (disk full, permissions); the previous one is left intact."""

@@ -32,7 +32,7 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
     written = []
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    for split in ("train", "val"):
+    for split in [s for s in ("train", "val", "test") if f"{s}_loss" in rows[0]]:
         ax_loss.plot(epochs, [r[f"{split}_loss"] for r in rows], marker=".", label=split)
         ax_acc.plot(epochs, [r[f"{split}_acc"] for r in rows], marker=".", label=split)
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
@@ -42,16 +42,15 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     written.append(_save(fig, out_dir / "curves.png"))
 
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for cell in ("normal", "reduce"):
-        key = f"{cell}_skip_connects"
-        if key in rows[0]:
-            ax.plot(epochs, [r[key] for r in rows], marker="o", label=f"{cell} cell")
-    ax.set(xlabel="epoch", ylabel="skip connections in the derived cell", title="skip connections")
-    ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    written.append(_save(fig, out_dir / "skip_connects.png"))
+    if "normal_skip_connects" in rows[0]:  # a search run
+        fig, ax = plt.subplots(figsize=(5, 4))
+        for cell in ("normal", "reduce"):
+            ax.plot(epochs, [r[f"{cell}_skip_connects"] for r in rows], marker="o", label=f"{cell} cell")
+        ax.set(xlabel="epoch", ylabel="skip connections in the derived cell", title="skip connections")
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(_save(fig, out_dir / "skip_connects.png"))
 
     for cell in ("normal", "reduce"):
         key = f"weights_{cell}"

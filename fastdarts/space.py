@@ -296,7 +296,40 @@ def load_genotype(source: str | Path) -> Genotype:
 
 
 # ----------------------------------------------------------------------------------------------
-# Derivation (METHOD 1.4)
+# Cell structure and derivation (METHOD 1.4, 2.4)
+
+
+def cell_edge_count(steps: int) -> int:
+    """The edges of a cell with `steps` intermediate nodes: 2 + 3 + ... + (steps + 1)."""
+    return steps * (steps + 3) // 2
+
+
+def edge_index(node: int, inp: int) -> int:
+    """The row of edge `node <- inp` (0-based intermediate node, input index) in node-major order."""
+    return cell_edge_count(node) + inp
+
+
+def cell_steps(num_edges: int) -> int:
+    """The number of intermediate nodes of a cell with `num_edges` edges."""
+    steps = 0
+    while cell_edge_count(steps) < num_edges:
+        steps += 1
+    if cell_edge_count(steps) != num_edges:
+        raise ValueError(f"{num_edges} edges do not make a cell: a cell has 2, 5, 9, 14, ... edges")
+    return steps
+
+
+def deepest_chain(steps: int) -> tuple[int, ...]:
+    """The edge rows of the chain c_{k-1} -> node 0 -> node 1 -> ... (edges 0<-1, 1<-2, 2<-3, ...)."""
+    return tuple(edge_index(i, i + 1) for i in range(steps))
+
+
+def _check_edge_weights(weights: torch.Tensor, steps: int, primitives: Sequence[str]) -> torch.Tensor:
+    weights = weights.detach().double().cpu()
+    expected = (cell_edge_count(steps), len(primitives))
+    if weights.shape != expected:
+        raise ValueError(f"expected edge weights of shape {expected}, got {tuple(weights.shape)}")
+    return weights
 
 
 def derive_cell(weights: torch.Tensor, steps: int, primitives: Sequence[str] = PRIMITIVES) -> tuple[Edge, ...]:
@@ -306,16 +339,12 @@ def derive_cell(weights: torch.Tensor, steps: int, primitives: Sequence[str] = P
     edges by descending score (stable: ties go to the lower input), and on each the argmax
     non-`none` op (ties to the lower column).
     """
-    weights = weights.detach().double().cpu()
-    expected_edges = sum(2 + i for i in range(steps))
-    if weights.shape != (expected_edges, len(primitives)):
-        expected = (expected_edges, len(primitives))
-        raise ValueError(f"expected edge weights of shape {expected}, got {tuple(weights.shape)}")
+    weights = _check_edge_weights(weights, steps, primitives)
     candidate_cols = [j for j, name in enumerate(primitives) if name != "none"]
     gene: list[Edge] = []
-    start = 0
     for i in range(steps):
         n_in = 2 + i
+        start = edge_index(i, 0)
         W = weights[start : start + n_in, candidate_cols]
         scores = W.max(dim=1).values.tolist()
         # Python's sort is stable, so equal scores keep the lower input first.
@@ -324,7 +353,28 @@ def derive_cell(weights: torch.Tensor, steps: int, primitives: Sequence[str] = P
             row = W[inp].tolist()
             best = max(range(len(row)), key=lambda c: (row[c], -c))
             gene.append((primitives[candidate_cols[best]], inp))
-        start += n_in
+    return tuple(gene)
+
+
+def derive_cell_top_ops(weights: torch.Tensor, steps: int, primitives: Sequence[str] = PRIMITIVES) -> tuple[Edge, ...]:
+    """PR-DARTS's rule on one cell's edge weights `[num_edges, num_ops]` (softmax over each edge).
+
+    For each node: list every (op, input) pair with op != `none` over all incoming edges and keep
+    the two of highest weight (stable: ties go to the lower input, then the lower column). Both
+    may read the same input.
+    """
+    weights = _check_edge_weights(weights, steps, primitives)
+    gene: list[Edge] = []
+    for i in range(steps):
+        pairs = [
+            (weights[edge_index(i, inp), col].item(), name, inp)
+            for inp in range(2 + i)
+            for col, name in enumerate(primitives)
+            if name != "none"
+        ]
+        # Python's sort is stable: the listing order (input, then column) breaks ties.
+        best = sorted(pairs, key=lambda pair: -pair[0])[:2]
+        gene.extend((name, inp) for _, name, inp in best)
     return tuple(gene)
 
 

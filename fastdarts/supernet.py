@@ -1,19 +1,34 @@
-"""The DARTS search network (METHOD.md 1.1-1.2): mixed ops, search cells, the supernet.
+"""The search network (METHOD.md 1.1-1.2): mixed ops, search cells, the supernet.
 
-No math of its own: every weighted sum goes through `fastdarts.ops`, which picks the backend.
+No math of its own: every weighted sum goes through `fastdarts.ops`, which picks the backend, and
+the method object (`fastdarts.methods`) turns the architecture parameters into edge weights. When
+the method marks the selected ops of each edge (PR-DARTS), only those are computed.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from . import ops
-from .space import OPS, PRIMITIVES, FactorizedReduce, Genotype, ReLUConvBN, derive_cell
+from .methods import DARTSMethod, Method
+from .space import OPS, PRIMITIVES, FactorizedReduce, Genotype, ReLUConvBN, Zero, cell_edge_count
 
-# `none` contributes zeros, so it takes part in the softmax but is never computed.
+# `none` contributes zeros, so it takes part in the weights but is never computed.
 _COMPUTED = tuple(name for name in PRIMITIVES if name != "none")
 _COMPUTED_COLUMNS = tuple(PRIMITIVES.index(name) for name in _COMPUTED)
+_CANDIDATE_OF_COLUMN = {column: i for i, column in enumerate(_COMPUTED_COLUMNS)}
+
+Columns = Sequence[int]  # PRIMITIVES columns of the ops to compute on one edge (`none` never listed)
+
+
+def selected_columns(mask: torch.Tensor | None) -> list[Columns] | None:
+    """Per edge, the computed columns a 0/1 mask `[num_edges, len(PRIMITIVES)]` selects; None for every op."""
+    if mask is None:
+        return None
+    return [tuple(c for c in _COMPUTED_COLUMNS if row[c]) for row in mask.tolist()]
 
 
 class MixedOp(nn.Module):
@@ -30,12 +45,23 @@ class MixedOp(nn.Module):
             candidates.append(op)
         self.candidates = nn.ModuleList(candidates)
 
-    def candidate_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [op(x) for op in self.candidates]
+    def candidate_outputs(self, x: torch.Tensor, columns: Columns = _COMPUTED_COLUMNS) -> list[torch.Tensor]:
+        """The outputs of the candidates in `columns` (PRIMITIVES columns other than `none`), in that order."""
+        return [self.candidates[_CANDIDATE_OF_COLUMN[c]](x) for c in columns]
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """`sum_k weights[k] * o_k(x)` with `weights` over all PRIMITIVES (`none` included)."""
-        return ops.weighted_sum(self.candidate_outputs(x), weights[list(_COMPUTED_COLUMNS)])
+    def zeros(self, x: torch.Tensor) -> torch.Tensor:
+        """What the edge gives when only `none` is selected."""
+        return Zero(self.stride)(x)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, columns: Columns | None = None) -> torch.Tensor:
+        """`sum_k weights[k] * o_k(x)` with `weights` over all PRIMITIVES (`none` included).
+
+        `columns`: compute only these ops (the others' weights count as 0); None computes every op.
+        """
+        columns = _COMPUTED_COLUMNS if columns is None else columns
+        if not columns:
+            return self.zeros(x)
+        return ops.weighted_sum(self.candidate_outputs(x, columns), weights[list(columns)])
 
 
 class SearchCell(nn.Module):
@@ -56,27 +82,38 @@ class SearchCell(nn.Module):
             MixedOp(C, 2 if reduction and j < 2 else 1) for i in range(steps) for j in range(2 + i)
         )
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, columns: Sequence[Columns] | None = None
+    ) -> torch.Tensor:
+        """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        columns = list(_COMPUTED_COLUMNS)
+        num_ops = weights.shape[1]
         offset = 0
         for _ in range(self.steps):
-            # One weighted sum per node over every candidate of every incoming edge: the same
-            # value as summing the edges' mixed ops, with no per-edge partial sums.
-            outputs = []
-            for j, h in enumerate(states):
-                outputs += self.edges[offset + j].candidate_outputs(h)
-            node_weights = weights[offset : offset + len(states), columns].reshape(-1)
+            # One weighted sum per node over the computed candidates of every incoming edge: the
+            # same value as summing the edges' mixed ops, with no per-edge partial sums.
+            outputs, flat_index = [], []
+            for edge, h in enumerate(states, start=offset):
+                edge_columns = _COMPUTED_COLUMNS if columns is None else columns[edge]
+                outputs += self.edges[edge].candidate_outputs(h, edge_columns)
+                flat_index += [edge * num_ops + c for c in edge_columns]
+            if outputs:
+                node_weights = weights.reshape(-1)[torch.tensor(flat_index, device=weights.device)]
+                node = ops.weighted_sum(outputs, node_weights)
+            else:  # every incoming edge selected only `none`
+                node = self.edges[offset].zeros(states[0])
             offset += len(states)
-            states.append(ops.weighted_sum(outputs, node_weights))
+            states.append(node)
         return torch.cat(states[-self.multiplier :], dim=1)
 
 
 class SearchNetwork(nn.Module):
-    """The DARTS supernet: stem, `layers` search cells (reductions at layers//3 and 2*layers//3), classifier.
+    """The supernet: stem, `layers` search cells (reductions at layers//3 and 2*layers//3), classifier.
 
     All normal cells share `alpha_normal`, all reduction cells `alpha_reduce`, each
-    `[num_edges, len(PRIMITIVES)]` in PRIMITIVES column order and DARTS edge order.
+    `[num_edges, len(PRIMITIVES)]` in PRIMITIVES column order and DARTS edge order (for PR-DARTS
+    they hold the gate logits beta). `method` (default `DARTSMethod`) turns them into the edge
+    weights of each forward pass, and gives the regulariser and the genotype rule.
     """
 
     def __init__(
@@ -88,6 +125,7 @@ class SearchNetwork(nn.Module):
         steps: int = 4,
         multiplier: int = 4,
         stem_multiplier: int = 3,
+        method: Method | None = None,
     ):
         super().__init__()
         for name, value, low in (("C", C, 1), ("num_classes", num_classes, 2), ("layers", layers, 1),
@@ -97,6 +135,9 @@ class SearchNetwork(nn.Module):
                 raise ValueError(f"SearchNetwork: {name} must be an integer >= {low}, got {value!r}")
         if multiplier > steps:
             raise ValueError(f"SearchNetwork: multiplier ({multiplier}) cannot exceed steps ({steps})")
+        if method is not None and not isinstance(method, Method):
+            raise ValueError(f"SearchNetwork: method must be a fastdarts.methods.Method, got {type(method).__name__}")
+        self.method = method if method is not None else DARTSMethod()
         self.steps = steps
         self.multiplier = multiplier
         self.layers = layers
@@ -119,7 +160,7 @@ class SearchNetwork(nn.Module):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
 
-        num_edges = sum(2 + i for i in range(steps))
+        num_edges = cell_edge_count(steps)
         self.alpha_normal = nn.Parameter(1e-3 * torch.randn(num_edges, len(PRIMITIVES)))
         self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(num_edges, len(PRIMITIVES)))
 
@@ -130,6 +171,9 @@ class SearchNetwork(nn.Module):
     def arch_parameters(self) -> list[nn.Parameter]:
         return [self.alpha_normal, self.alpha_reduce]
 
+    def arch_parameters_by_cell(self) -> dict[str, nn.Parameter]:
+        return {"normal": self.alpha_normal, "reduce": self.alpha_reduce}
+
     def weight_parameters(self) -> list[nn.Parameter]:
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if id(p) not in arch]
@@ -138,23 +182,38 @@ class SearchNetwork(nn.Module):
         arch = {id(p) for p in self.arch_parameters()}
         return [(n, p) for n, p in self.named_parameters() if id(p) not in arch]
 
+    @property
+    def samples_each_forward(self) -> bool:
+        """Whether every forward pass draws new random edge weights (the method's gates)."""
+        return self.method.samples_each_forward
+
     def edge_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax over the ops of every edge: (normal, reduce), each `[num_edges, len(PRIMITIVES)]`."""
-        return self.alpha_normal.softmax(dim=-1), self.alpha_reduce.softmax(dim=-1)
+        """The method's deterministic per-edge op distribution (a softmax for DARTS and PR-DARTS):
+        (normal, reduce), each `[num_edges, len(PRIMITIVES)]`."""
+        return self.method.edge_weights(self.alpha_normal), self.method.edge_weights(self.alpha_reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights_normal, weights_reduce = self.edge_weights()
+        weights = self.method.forward_weights(self.arch_parameters_by_cell())
+        columns = {kind: selected_columns(w.mask) for kind, w in weights.items()}
         s0 = s1 = self.stem(x)
         for cell in self.cells:
-            s0, s1 = s1, cell(s0, s1, weights_reduce if cell.reduction else weights_normal)
+            kind = "reduce" if cell.reduction else "normal"
+            s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind])
         return self.classifier(self.global_pooling(s1).flatten(1))
 
+    def regulariser(self) -> torch.Tensor | None:
+        """The method's term for the architecture loss, for the last forward pass (None for DARTS)."""
+        return self.method.regulariser()
+
+    def diagnostics(self) -> dict[str, float]:
+        """The method's per-epoch figures (entropies of the edge weights; PR-DARTS: mean P(g != 0) per group)."""
+        return self.method.diagnostics(self.arch_parameters_by_cell())
+
     def genotype(self) -> Genotype:
-        weights_normal, weights_reduce = self.edge_weights()
         concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
         return Genotype(
-            normal=derive_cell(weights_normal, self.steps),
+            normal=self.method.derive_cell(self.alpha_normal, self.steps),
             normal_concat=concat,
-            reduce=derive_cell(weights_reduce, self.steps),
+            reduce=self.method.derive_cell(self.alpha_reduce, self.steps),
             reduce_concat=concat,
         )

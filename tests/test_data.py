@@ -8,6 +8,7 @@ from fastdarts.data import (
     load_digits,
     random_batch,
     random_crop_flip,
+    random_cutout,
     shuffled_batches,
     split_indices,
     write_cifar10_batch,
@@ -23,13 +24,29 @@ def make_cifar_dir(root, per_batch=4, seed=0):
     return root
 
 
-def test_digits_are_bundled_and_normalised():
-    data = load_digits()
-    assert data.images.shape == (1797, 1, 8, 8) and data.num_classes == 10
-    assert data.images.min() == 0 and data.images.max() == 1
-    x, y = data.batch(torch.arange(len(data)))
-    assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1) < 0.01
-    assert torch.equal(torch.bincount(y).clamp(max=1), torch.ones(10, dtype=torch.long))
+def test_digits_are_bundled_split_and_normalised():
+    train, test = load_digits("train"), load_digits("test")
+    assert train.images.shape == (1437, 1, 8, 8) and test.images.shape == (360, 1, 8, 8)
+    both = torch.cat([train.images, test.images])
+    assert both.min() == 0 and both.max() == 1
+    for data in (train, test):
+        assert data.num_classes == 10
+        x, y = data.batch(torch.arange(len(data)))
+        assert abs(float(x.mean())) < 0.05 and abs(float(x.std()) - 1) < 0.05
+        assert torch.bincount(y, minlength=10).min() >= 30  # every class, in near-equal numbers
+
+
+def test_cutout_zeroes_one_clipped_square_per_image():
+    x = torch.ones(64, 2, 8, 8)
+    out = random_cutout(x, 4, torch.Generator().manual_seed(0))
+    zeros = (out == 0).all(1)  # the same square in every channel
+    assert torch.equal(zeros, (out == 0).any(1))
+    sizes = zeros.sum((1, 2))
+    assert sizes.max() == 16 and sizes.min() >= 4  # whole inside, or clipped at a corner to 2x2
+    for mask in zeros:  # a rectangle: its bounding box is full
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        assert mask.sum() == len(rows) * len(cols)
+    assert torch.equal(random_cutout(x, 4, torch.Generator().manual_seed(0)), out)
 
 
 def test_cifar10_reader_round_trip(tmp_path):

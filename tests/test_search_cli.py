@@ -47,11 +47,11 @@ def test_python_call_returns_genotype_and_history(tmp_path):
 def test_config_file_and_flag_precedence(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epochs: 3\nlayers: 4\nlearning_rate: 0.05\n")
-    from fastdarts.config import parse_config
+    from fastdarts.config import parse_command_line
 
-    config, resume = parse_config(SearchConfig, ["--config", str(cfg), "--layers", "6"], "p", "d")
-    config = config.resolved()
-    assert resume is None
+    cli = parse_command_line(SearchConfig, ["--config", str(cfg), "--layers", "6"], "p", "d")
+    config = cli.config.resolved()
+    assert cli.resume is None and cli.seeds is None and cli.given == {"layers": 6}
     assert (config.epochs, config.layers, config.learning_rate) == (3, 6, 0.05)
     assert config.batch_size == 64  # preset of the digits data set
 

@@ -10,12 +10,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from ._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from ._registry import BACKENDS, available_backends, dispatch, use_backend
 
-__all__ = ["BACKENDS", "EXTENSION_ERROR", "EXTENSION_LOADED", "available_backends", "use_backend", "weighted_sum"]
+__all__ = [
+    "BACKENDS",
+    "EXTENSION_ERROR",
+    "EXTENSION_LOADED",
+    "available_backends",
+    "relu_dwconv",
+    "sample_gates",
+    "use_backend",
+    "weighted_sum",
+]
 
 
 def weighted_sum(xs: Sequence[Tensor], w: Tensor, *, backend: str | None = None) -> Tensor:
@@ -33,3 +43,86 @@ def weighted_sum(xs: Sequence[Tensor], w: Tensor, *, backend: str | None = None)
     TypeError for mismatched dtypes (and, on "cpp", dtypes other than float32/float64).
     """
     return dispatch("weighted_sum", w.device, backend)(xs, w)
+
+
+def sample_gates(
+    beta: Tensor,
+    tau: float,
+    a: float = -0.1,
+    b: float = 1.1,
+    k: int | None = 2,
+    explore_p: float = 0.4,
+    generator: torch.Generator | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One sample of PR-DARTS's hard-concrete gates and the top-k ops of every edge (METHOD.md 2.1-2.2).
+
+    Args:
+        beta: `[num_edges, num_ops]` gate logits, floating point.
+        tau: the temperature, > 0.
+        a, b: the stretch of the sigmoid, `a < 0` and `b > 1`.
+        k: ops kept per edge, 1..num_ops; None keeps every op (no exploration, no top-k).
+        explore_p: probability, per gate, of having 1 subtracted before the top-k.
+        generator: the source of every random number (uniforms, then exploration draws, then one
+            column permutation); draws happen on its device and move to beta's. None: the default
+            generator of beta's device.
+        backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND,
+            then the device ("cpp" for CPU tensors when built). Both draw the same random numbers from
+            the generator; "cpp" then computes every gate in one C++ pass. The C++ and PyTorch log and
+            exp can differ in the last bit, so g, `p_nonzero` and the gradients agree to a rounding, and
+            the masks (so the top-k gates) are identical unless such a bit decides a near-tie of g.
+
+    Returns `(gates, mask, p_nonzero)`, each the shape, dtype and device of `beta`:
+        mask: 0/1, exactly k ones per edge: the top-k of `g - explore` (ties go to the column that
+            comes first in the call's random permutation, the same for every edge); all ones when
+            k is None.
+        gates: with top-k, exactly 1 on the mask and 0 elsewhere in the forward, with the
+            straight-through gradient `1 - g.detach() + g` on the mask, where
+            `g = clamp(sigmoid((beta + log u - log(1 - u)) / tau) * (b - a) + a, 0, 1)`, `u ~ U(0, 1)`;
+            so `d gates / d beta = mask * (b - a) * s (1 - s) / tau` (s the sigmoid), 0 where
+            the clamp is active. When k is None, the gates are g itself.
+        p_nonzero: `P(g != 0) = sigmoid(beta - tau * log(-a / b))`, differentiable in beta.
+
+    Differentiable in beta, any number of times. Raises ValueError for a beta that is not 2-D or
+    settings out of range, TypeError for a beta that is not floating point (and, on "cpp", not
+    float32/float64), before any random number is drawn.
+    """
+    return dispatch("sample_gates", beta.device, backend)(beta, tau, a, b, k, explore_p, generator)
+
+
+def relu_dwconv(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    dilations: Sequence[int],
+    stride: int,
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> list[Tensor]:
+    """ReLU, then K depthwise convolutions of the result, from one read of `x`.
+
+    `out[i] = conv2d(relu(x), weights[i], stride=stride, dilation=dilations[i], padding=dilations[i] * (k_i - 1) // 2,
+    groups=C)`: the first stage of DARTS's sep_conv and dil_conv candidates (3x3, 5x5, 3x3 dilation 2, 5x5
+    dilation 2 on one edge), and with K = 1 the second stage of a sep_conv.
+
+    Args:
+        x: [N, C, H, W], float32 or float64, any memory layout (channels_last is the fast one).
+        weights: K >= 1 depthwise kernels, weights[i] of shape [C, 1, k_i, k_i] with k_i odd; the dtype and
+            device of `x`.
+        dilations: K positive ints, one per kernel. The padding is "same": dilations[i] * (k_i - 1) // 2.
+        stride: a positive int shared by the K kernels (1, or 2 on a DARTS reduction edge).
+        relu: apply ReLU to `x` first (True in DARTS); False convolves `x` itself.
+        backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND, then
+            the device ("cpp" for CPU tensors when built).
+
+    Returns:
+        K tensors [N, C, (H - 1) // stride + 1, (W - 1) // stride + 1], laid out like `x` (channels_last in,
+        channels_last out).
+
+    Differentiable in `x` and every weight, any number of times. The "cpp" backend saves only `x` and the
+    weights for backward, recomputes relu(x) there, and computes only the gradients asked for. Raises
+    ValueError for a shape, length or device problem or a stride or dilation below 1; TypeError for mismatched
+    dtypes (and, on "cpp", dtypes other than float32/float64).
+    """
+    return dispatch("relu_dwconv", x.device, backend)(x, weights, dilations, stride, relu)

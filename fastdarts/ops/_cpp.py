@@ -11,14 +11,54 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 from torch.utils import _pytree as pytree
 
-from .reference import check_like, check_same_tensors, check_weights
+from .reference import (
+    check_beta,
+    check_explore_p,
+    check_gate_noise,
+    check_gate_settings,
+    check_like,
+    check_relu_dwconv_arguments,
+    check_same_tensors,
+    check_sized_list,
+    check_weights,
+    draw_gate_noise,
+    raise_unless,
+    relu_dwconv_output_shape,
+)
 
 
 def weighted_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
     """`out = sum_k w[k] * xs[k]` by the C++ kernel (CPU, float32/float64)."""
     return torch.ops.fastdarts.weighted_sum.default(list(xs), w)
+
+
+def relu_dwconv(
+    x: Tensor, weights: Sequence[Tensor], dilations: Sequence[int], stride: int, relu: bool = True
+) -> list[Tensor]:
+    """ReLU, then one depthwise convolution of the result per weight, by the C++ kernel (CPU, float32/float64)."""
+    return torch.ops.fastdarts.relu_dwconv.default(x, list(weights), list(dilations), stride, relu)
+
+
+def sample_gates(
+    beta: Tensor, tau: float, a: float = -0.1, b: float = 1.1, k: int | None = 2, explore_p: float = 0.4,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """One sample of PR-DARTS's gates: the noise drawn exactly as the reference draws it, the rest by the C++ kernel.
+
+    The checks come first, as in reference.sample_gates, so that a bad call raises the reference's error before
+    it consumes any random numbers.
+    """
+    check_beta("sample_gates", beta)
+    # A plain raise, not torch._check, which torch.compile cannot trace with a message about a tensor.
+    _check_supported_dtype("sample_gates", beta, raise_unless)
+    check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1])
+    check_explore_p("sample_gates", explore_p)
+    u, explore, perm = draw_gate_noise(beta, k, explore_p, generator)
+    gates, mask, p_nonzero, _ = torch.ops.fastdarts.sample_gates.default(beta, tau, a, b, k, u, explore, perm)
+    return gates, mask, p_nonzero
 
 
 def _torch_check(condition, error, message) -> None:
@@ -27,9 +67,9 @@ def _torch_check(condition, error, message) -> None:
     (torch._check_type if error is TypeError else torch._check_value)(condition, message)
 
 
-def _check_supported_dtype(op: str, t: Tensor) -> None:
+def _check_supported_dtype(op: str, t: Tensor, require=_torch_check) -> None:
     supported = t.dtype in (torch.float32, torch.float64)
-    torch._check_type(supported, lambda: f"{op}: only float32 and float64 are supported, got {t.dtype}")
+    require(supported, TypeError, lambda: f"{op}: only float32 and float64 are supported, got {t.dtype}")
 
 
 def _needs_input_grad(ctx) -> list[bool]:
@@ -123,4 +163,161 @@ torch.library.register_autograd(
     "fastdarts::weighted_sum_backward",
     _weighted_sum_backward_backward,
     setup_context=_weighted_sum_backward_setup_context,
+)
+
+
+# relu_dwconv. Autograd saves x and the weights, never relu(x) or the outputs: the backward kernel recomputes
+# relu(x) from x. Both are needed whatever gradients are asked for: grad_w reads x, grad_x reads the weights and
+# takes its mask (and its layout) from x, and the kernel reads the kernel sizes off the weights.
+
+
+@torch.library.register_fake("fastdarts::relu_dwconv")
+def _relu_dwconv_fake(x, weights, dilations, stride, relu):
+    check_relu_dwconv_arguments("relu_dwconv", x, weights, dilations, stride, _torch_check)
+    _check_supported_dtype("relu_dwconv", x)
+    # The kernel's x.suggest_memory_format(): channels_last in, channels_last out.
+    memory_format = suggest_memory_format(x)
+    shape = relu_dwconv_output_shape(x, stride)
+    return [torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format) for _ in weights]
+
+
+@torch.library.register_fake("fastdarts::relu_dwconv_backward")
+def _relu_dwconv_backward_fake(grads, x, weights, dilations, stride, relu, input_grad, weight_grad):
+    op = "relu_dwconv_backward"
+    check_relu_dwconv_arguments(op, x, weights, dilations, stride, _torch_check)
+    _check_supported_dtype(op, x)
+    output_shape = relu_dwconv_output_shape(x, stride)
+    check_sized_list(op, "grads", grads, len(weights), "weight", output_shape, "x", x, _torch_check)
+    grad_x = torch.empty_like(x) if input_grad else None
+    grad_weights = [w.new_empty(w.shape) for w in weights] if weight_grad else []
+    return grad_x, grad_weights
+
+
+def _relu_dwconv_setup_context(ctx, inputs, output):
+    x, weights, dilations, stride, relu = inputs
+    ctx.num_weights = len(weights)
+    ctx.dilations, ctx.stride, ctx.relu = list(dilations), stride, relu
+    ctx.save_for_backward(x, *weights)
+
+
+def _relu_dwconv_backward(ctx, grads):
+    K = ctx.num_weights
+    needs = _needs_input_grad(ctx)  # x, then the K weights (the int and bool arguments follow)
+    x_needs_grad, weights_need_grad = needs[0], needs[1 : K + 1]
+    x, *weights = ctx.saved_tensors
+    grad_x, grad_weights = torch.ops.fastdarts.relu_dwconv_backward.default(
+        list(grads), x, weights, ctx.dilations, ctx.stride, ctx.relu, x_needs_grad, any(weights_need_grad)
+    )
+    grad_weights = [g if need else None for g, need in zip(grad_weights, weights_need_grad)] or [None] * K
+    return grad_x, grad_weights, None, None, None
+
+
+torch.library.register_autograd(
+    "fastdarts::relu_dwconv", _relu_dwconv_backward, setup_context=_relu_dwconv_setup_context
+)
+
+
+# The backward is linear in the output gradients g and bilinear in (g, weights) and (g, r), with r = relu(x) and
+# m = [x > 0] (r = x and m = 1 without the ReLU):
+#   grad_x = m * sum_i convT(g_i, w_i),  grad_w_i = corr(g_i, r).
+# So its own backward, for incoming gradients gg_x and gg_w, is again made of relu_dwconv and its backward:
+#   d/dg_i = conv(m gg_x, w_i) + conv(r, gg_w_i)   = relu_dwconv(m gg_x, w, relu=False)[i] + relu_dwconv(x, gg_w)[i]
+#   d/dw_i = corr(g_i, m gg_x)                     = the weight gradient of relu_dwconv_backward(g, m gg_x, relu=False)
+#   d/dx   = m * sum_i convT(g_i, gg_w_i)          = the input gradient of relu_dwconv_backward(g, x, gg_w)
+# (ReLU's mask has derivative 0 almost everywhere), which makes the op differentiable any number of times.
+
+
+def _relu_dwconv_backward_setup_context(ctx, inputs, output):
+    grads, x, weights, dilations, stride, relu, input_grad, weight_grad = inputs
+    ctx.num_weights = len(weights)
+    ctx.dilations, ctx.stride, ctx.relu = list(dilations), stride, relu
+    ctx.input_grad, ctx.weight_grad = input_grad, weight_grad
+    ctx.save_for_backward(x, *grads, *weights)
+
+
+def _relu_dwconv_backward_backward(ctx, grad_grad_x, grad_grad_weights):
+    K = ctx.num_weights
+    needs = _needs_input_grad(ctx)  # the K grads, x, the K weights
+    grads_need, x_needs, weights_need = needs[:K], needs[K], needs[K + 1 : 2 * K + 1]
+    x, *rest = ctx.saved_tensors
+    grads, weights = rest[:K], rest[K:]
+    dilations, stride, relu = ctx.dilations, ctx.stride, ctx.relu
+    # The incoming gradients that can be non-zero: only those of outputs that were computed.
+    gg_x = grad_grad_x if ctx.input_grad else None
+    gg_w = list(grad_grad_weights) if ctx.weight_grad and grad_grad_weights else None
+    masked_gg_x = None if gg_x is None else (torch.where(x > 0, gg_x, 0) if relu else gg_x)
+
+    d_grads = [None] * K
+    if any(grads_need):
+        terms = []
+        if masked_gg_x is not None:
+            terms.append(relu_dwconv(masked_gg_x, weights, dilations, stride, False))
+        if gg_w is not None:
+            terms.append(relu_dwconv(x, gg_w, dilations, stride, relu))
+        if terms:
+            summed = [sum(parts[1:], parts[0]) for parts in zip(*terms)]
+            d_grads = [d if need else None for d, need in zip(summed, grads_need)]
+    d_x = None
+    if x_needs and gg_w is not None:
+        d_x, _ = torch.ops.fastdarts.relu_dwconv_backward.default(
+            list(grads), x, gg_w, dilations, stride, relu, True, False
+        )
+    d_weights = [None] * K
+    if any(weights_need) and masked_gg_x is not None:
+        _, all_d_weights = torch.ops.fastdarts.relu_dwconv_backward.default(
+            list(grads), masked_gg_x, weights, dilations, stride, False, False, True
+        )
+        d_weights = [d if need else None for d, need in zip(all_d_weights, weights_need)]
+    return d_grads, d_x, d_weights, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastdarts::relu_dwconv_backward",
+    _relu_dwconv_backward_backward,
+    setup_context=_relu_dwconv_backward_setup_context,
+)
+
+
+# sample_gates. The op's fourth output, s_kept (s on the kept, unclamped gates, 0 elsewhere), is all the backward
+# needs besides p_nonzero: with x = beta + log u - log1p(-u),
+#   d gates / d x = (b - a) / tau * s_kept (1 - s_kept),   d s_kept / d x = s_kept (1 - s_kept) / tau,
+#   d p_nonzero / d beta = p_nonzero (1 - p_nonzero),      d x / d beta = 1,   d x / d u = 1 / u + 1 / (1 - u).
+# The backward is written in torch ops on these saved outputs (and u), so it traces, and differentiating it again
+# goes back through this op's own derivatives: higher orders are exact too. The formulas are evaluated in the order
+# the reference's autograd evaluates them (clamp, mul, sigmoid, div backward), which keeps float32 results within
+# a rounding or two of the reference's.
+
+
+@torch.library.register_fake("fastdarts::sample_gates")
+def _sample_gates_fake(beta, tau, a, b, k, u, explore, perm):
+    check_beta("sample_gates", beta, _torch_check)
+    _check_supported_dtype("sample_gates", beta)
+    check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1], _torch_check)
+    check_gate_noise("sample_gates", beta, k, u, explore, perm, _torch_check)
+    # The kernel's at::empty({E, K}, beta.options()): contiguous, whatever beta's strides.
+    return tuple(beta.new_empty(beta.shape) for _ in range(4))
+
+
+def _sample_gates_setup_context(ctx, inputs, output):
+    beta, tau, a, b, k, u, explore, perm = inputs
+    _, mask, p_nonzero, s_kept = output
+    ctx.mark_non_differentiable(mask)
+    ctx.tau, ctx.scale = tau, b - a
+    needs = _needs_input_grad(ctx)  # beta, tau, a, b, k, u, explore, perm
+    ctx.beta_needs_grad, ctx.u_needs_grad = needs[0], needs[5]
+    ctx.save_for_backward(p_nonzero, s_kept, u if ctx.u_needs_grad else None)
+
+
+def _sample_gates_backward(ctx, grad_gates, _grad_mask, grad_p_nonzero, grad_s_kept):
+    p_nonzero, s_kept, u = ctx.saved_tensors
+    # dL/dx: the reference's chain (grad * (b - a)) * (1 - s) * s / tau, with s_kept's own gradient joining before
+    # the sigmoid; s_kept = 0 zeroes it off the mask and where the clamp is active.
+    grad_x = (grad_gates * ctx.scale + grad_s_kept) * (1 - s_kept) * s_kept / ctx.tau
+    grad_beta = grad_x + grad_p_nonzero * (1 - p_nonzero) * p_nonzero if ctx.beta_needs_grad else None
+    grad_u = grad_x / u + grad_x / (1 - u) if ctx.u_needs_grad else None
+    return grad_beta, None, None, None, None, grad_u, None, None
+
+
+torch.library.register_autograd(
+    "fastdarts::sample_gates", _sample_gates_backward, setup_context=_sample_gates_setup_context
 )

@@ -35,13 +35,24 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         "reference": reference.weighted_sum,
         **({"cpp": _cpp.weighted_sum} if EXTENSION_LOADED else {}),
     },
+    "relu_dwconv": {
+        "reference": reference.relu_dwconv,
+        **({"cpp": _cpp.relu_dwconv} if EXTENSION_LOADED else {}),
+    },
+    "sample_gates": {
+        "reference": reference.sample_gates,
+        **({"cpp": _cpp.sample_gates} if EXTENSION_LOADED else {}),
+    },
 }
 # The device types a backend runs on (None: wherever PyTorch runs).
 _DEVICE_TYPES: dict[str, tuple[str, ...] | None] = {"reference": None, "cpp": ("cpu",)}
-# Why a backend can be missing from the table.
-_WHY_MISSING = {
-    "cpp": f"the C++ extension fastdarts._C is not loaded ({EXTENSION_ERROR}); rebuild it with `pip install -e .`",
-}
+# Why a backend is missing from every row of the table. A backend missing from some rows only
+# has no implementation of those ops yet.
+_WHY_MISSING: dict[str, str] = {}
+if not EXTENSION_LOADED:
+    _WHY_MISSING["cpp"] = (
+        f"the C++ extension fastdarts._C is not loaded ({EXTENSION_ERROR}); rebuild it with `pip install -e .`"
+    )
 
 
 def _check_known(name: object, where: str) -> str:
@@ -111,7 +122,8 @@ def select(op: str, device: torch.device, backend: str | None = None) -> str:
     if name is None:
         return "cpp" if device.type == "cpu" and "cpp" in row else "reference"
     if name not in row:
-        raise RuntimeError(f"fastdarts.ops.{op}: backend {name!r} was requested, but {_WHY_MISSING[name]}")
+        why = _WHY_MISSING.get(name, f"this op has no {name!r} implementation yet")
+        raise RuntimeError(f"fastdarts.ops.{op}: backend {name!r} was requested, but {why}")
     if not _runs_on(name, device.type):
         raise RuntimeError(
             f"fastdarts.ops.{op}: backend {name!r} runs on {', '.join(_DEVICE_TYPES[name])} tensors only, "

@@ -11,8 +11,11 @@ torch._check_value/_check_type instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Require = Callable[[bool, type[Exception], Callable[[], str]], None]
@@ -63,6 +66,77 @@ def check_weights(op: str, name: str, w: Tensor, K: int, like: Tensor, require: 
     check_dtype_and_device(op, name, w, "the tensors", like, require)
 
 
+def check_images(op: str, name: str, x: Tensor, require: Require = raise_unless) -> None:
+    """A batch of images: a 4-D [N, C, H, W] tensor with C, H and W at least 1 (N may be 0)."""
+    require(
+        x.dim() == 4 and x.shape[1] >= 1 and x.shape[2] >= 1 and x.shape[3] >= 1,
+        ValueError,
+        lambda: f"{op}: {name} must be a 4-D [N, C, H, W] tensor with C, H, W >= 1, got shape {list(x.shape)}",
+    )
+
+
+def check_depthwise_weights(
+    op: str, name: str, weights: Sequence[Tensor], like_name: str, like: Tensor, require: Require = raise_unless
+) -> None:
+    """A non-empty list of depthwise kernels for the C channels of `like`: each [C, 1, k, k] with k odd
+    (so that "same" padding d*(k-1)/2 exists), with the dtype and device of `like`."""
+    require(len(weights) > 0, ValueError, lambda: f"{op}: {name} must be a non-empty list of tensors")
+    C = like.shape[1]
+    for i, w in enumerate(weights):
+        ok = w.dim() == 4 and w.shape[0] == C and w.shape[1] == 1 and w.shape[2] == w.shape[3] and w.shape[2] % 2 == 1
+        require(
+            ok,
+            ValueError,
+            lambda i=i, w=w: (
+                f"{op}: {name}[{i}] must have shape [C, 1, k, k] with C = {C} and k odd, got shape {list(w.shape)}"
+            ),
+        )
+        check_dtype_and_device(op, f"{name}[{i}]", w, like_name, like, require)
+
+
+def check_positive_per_item(
+    op: str, name: str, values: Sequence[int], K: int, per: str, require: Require = raise_unless
+) -> None:
+    """One positive integer per item of a K-long list (a dilation per kernel, say)."""
+    require(
+        len(values) == K,
+        ValueError,
+        lambda: f"{op}: {name} must have one entry per {per} (K = {K}), got {len(values)}",
+    )
+    for v in values:
+        require(v >= 1, ValueError, lambda: f"{op}: {name} must be positive, got {list(values)}")
+
+
+def check_positive(op: str, name: str, value: int, require: Require = raise_unless) -> None:
+    require(value >= 1, ValueError, lambda: f"{op}: {name} must be positive, got {value}")
+
+
+def check_sized_list(
+    op: str,
+    name: str,
+    tensors: Sequence[Tensor],
+    K: int,
+    per: str,
+    shape: Sequence[int],
+    like_name: str,
+    like: Tensor,
+    require: Require = raise_unless,
+) -> None:
+    """A list of K tensors, each of shape `shape` with the dtype and device of `like`."""
+    require(
+        len(tensors) == K,
+        ValueError,
+        lambda: f"{op}: {name} must have one tensor per {per} (K = {K}), got {len(tensors)}",
+    )
+    for i, t in enumerate(tensors):
+        require(
+            list(t.shape) == list(shape),
+            ValueError,
+            lambda i=i, t=t: f"{op}: {name}[{i}] must have shape {list(shape)}, got {list(t.shape)}",
+        )
+        check_dtype_and_device(op, f"{name}[{i}]", t, like_name, like, require)
+
+
 def weighted_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
     """`out = sum_k w[k] * xs[k]`, the DARTS mixed-op sum of K same-shaped tensors.
 
@@ -76,3 +150,186 @@ def weighted_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
     for x, wk in zip(xs[1:], weights[1:]):
         out = out + x * wk
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Gate sampling: PR-DARTS's hard-concrete gates and the top-k selection (METHOD.md 2.1-2.2).
+# `gates_from_noise` is the deterministic part, which a kernel must reproduce exactly given the
+# same noise; `draw_gate_noise` is the only place that consumes random numbers.
+
+
+def check_gate_settings(
+    op: str, tau: float, a: float, b: float, k: int | None, num_ops: int, require: Require = raise_unless
+) -> None:
+    """The scalar settings of a gate sample, for gates over `num_ops` ops per edge."""
+    require(math.isfinite(tau) and tau > 0, ValueError, lambda: f"{op}: tau must be a finite number > 0, got {tau!r}")
+    # a < 0 < 1 < b: the stretched sigmoid overshoots both ends, so g has point masses at 0 and 1.
+    require(math.isfinite(a) and a < 0, ValueError, lambda: f"{op}: a must be a finite number < 0, got {a!r}")
+    require(math.isfinite(b) and b > 1, ValueError, lambda: f"{op}: b must be a finite number > 1, got {b!r}")
+    require(
+        k is None or (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= num_ops),
+        ValueError,
+        lambda: f"{op}: k must be None or an integer in 1..{num_ops} (the ops per edge), got {k!r}",
+    )
+
+
+def check_explore_p(op: str, explore_p: float, require: Require = raise_unless) -> None:
+    require(0 <= explore_p <= 1, ValueError, lambda: f"{op}: explore_p must lie in [0, 1], got {explore_p!r}")
+
+
+def check_beta(op: str, beta: Tensor, require: Require = raise_unless) -> None:
+    require(
+        beta.dim() == 2 and beta.shape[1] > 0,
+        ValueError,
+        lambda: f"{op}: beta must have shape [num_edges, num_ops] with num_ops >= 1, got shape {list(beta.shape)}",
+    )
+    require(beta.is_floating_point(), TypeError, lambda: f"{op}: beta must be floating point, got {beta.dtype}")
+
+
+def check_gate_noise(
+    op: str, beta: Tensor, k: int | None, u: Tensor, explore: Tensor | None, perm: Tensor | None,
+    require: Require = raise_unless,
+) -> None:  # fmt: skip
+    check_like(op, "u", u, "beta", beta, require)
+    if k is None:
+        return
+    require(explore is not None and perm is not None, ValueError, lambda: f"{op}: top-k needs explore and perm")
+    require(
+        explore.shape == beta.shape and explore.dtype == torch.bool,
+        ValueError,
+        lambda: (
+            f"{op}: explore must be a bool tensor of the shape of beta {list(beta.shape)}, "
+            f"got {explore.dtype} of shape {list(explore.shape)}"
+        ),
+    )
+    require(
+        perm.shape == (beta.shape[1],) and perm.dtype == torch.int64,
+        ValueError,
+        lambda: (
+            f"{op}: perm must be an int64 permutation of the {beta.shape[1]} op columns, "
+            f"got {perm.dtype} of shape {list(perm.shape)}"
+        ),
+    )
+    for name, t in (("explore", explore), ("perm", perm)):
+        require(
+            t.device == beta.device,
+            ValueError,
+            lambda name=name, t=t: f"{op}: {name} must be on the device of beta ({beta.device}), got {t.device}",
+        )
+
+
+def gate_p_nonzero(beta: Tensor, tau: float, a: float, b: float) -> Tensor:
+    """`P(g != 0) = sigmoid(beta - tau * log(-a / b))`, the closed form the regularisers use."""
+    return torch.sigmoid(beta - tau * math.log(-a / b))
+
+
+def hard_concrete(beta: Tensor, tau: float, a: float, b: float, u: Tensor) -> Tensor:
+    """`g = clamp(sigmoid((beta + logit(u)) / tau) * (b - a) + a, 0, 1)`; zero gradient where clamped."""
+    s = torch.sigmoid((beta + torch.log(u) - torch.log1p(-u)) / tau)
+    return torch.clamp(s * (b - a) + a, 0.0, 1.0)
+
+
+def top_k_mask(scores: Tensor, k: int, perm: Tensor) -> Tensor:
+    """1 on the k highest scores of each row, 0 elsewhere.
+
+    Among equal scores the column that comes earlier in `perm` wins (one permutation for every
+    row): the columns are put in `perm` order and sorted stably.
+    """
+    order = torch.sort(scores[:, perm], dim=1, descending=True, stable=True).indices[:, :k]
+    return torch.zeros_like(scores).scatter_(1, perm[order], 1.0)
+
+
+def gates_from_noise(
+    beta: Tensor, tau: float, a: float, b: float, k: int | None,
+    u: Tensor, explore: Tensor | None, perm: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The deterministic part of `sample_gates`, given its random inputs.
+
+    u: uniforms in [0, 1), the shape of beta. explore: bool, the shape of beta, True where the
+    gate gets 1 subtracted before the top-k. perm: a permutation of the op columns that breaks
+    ties (see `top_k_mask`). `explore` and `perm` are unused when `k` is None.
+    Returns `(gates, mask, p_nonzero)` as documented in `fastdarts.ops.sample_gates`.
+    """
+    check_beta("sample_gates", beta)
+    check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1])
+    check_gate_noise("sample_gates", beta, k, u, explore, perm)
+    g = hard_concrete(beta, tau, a, b, u)
+    p_nonzero = gate_p_nonzero(beta, tau, a, b)
+    if k is None:
+        return g, torch.ones_like(g), p_nonzero
+    mask = top_k_mask(g.detach() - explore.to(g.dtype), k, perm)
+    # The straight-through 1 - g.detach() + g, grouped so that the forward value is exactly 1.
+    gates = mask * ((g - g.detach()) + 1.0)
+    return gates, mask, p_nonzero
+
+
+def draw_gate_noise(
+    beta: Tensor, k: int | None, explore_p: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The random inputs of one gate sample, in this order: u, then (top-k only) explore, perm.
+
+    Drawn on the generator's device (the default generator of beta's device when None) and
+    moved to beta's device, so one seed gives the same sample wherever beta lives.
+    """
+    device = beta.device if generator is None else generator.device
+    u = torch.rand(beta.shape, generator=generator, dtype=beta.dtype, device=device)
+    if k is None:
+        return u.to(beta.device), None, None
+    explore = torch.rand(beta.shape, generator=generator, dtype=beta.dtype, device=device) < explore_p
+    perm = torch.randperm(beta.shape[1], generator=generator, device=device)
+    return u.to(beta.device), explore.to(beta.device), perm.to(beta.device)
+
+
+def sample_gates(
+    beta: Tensor, tau: float, a: float = -0.1, b: float = 1.1, k: int | None = 2, explore_p: float = 0.4,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """One sample of every gate of `beta` [num_edges, num_ops]; see `fastdarts.ops.sample_gates`."""
+    check_beta("sample_gates", beta)
+    check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1])
+    check_explore_p("sample_gates", explore_p)
+    u, explore, perm = draw_gate_noise(beta, k, explore_p, generator)
+    return gates_from_noise(beta, tau, a, b, k, u, explore, perm)
+
+
+def check_relu_dwconv_arguments(
+    op: str,
+    x: Tensor,
+    weights: Sequence[Tensor],
+    dilations: Sequence[int],
+    stride: int,
+    require: Require = raise_unless,
+) -> None:
+    """The arguments of relu_dwconv (and of its backward), checked in the order of the C++ kernel."""
+    check_images(op, "x", x, require)
+    check_depthwise_weights(op, "weights", weights, "x", x, require)
+    check_positive_per_item(op, "dilations", dilations, len(weights), "weight", require)
+    check_positive(op, "stride", stride, require)
+
+
+def relu_dwconv_output_shape(x: Tensor, stride: int) -> list[int]:
+    """[N, C, H_out, W_out]: with "same" padding every kernel gives floor((H - 1) / stride) + 1."""
+    N, C, H, W = x.shape
+    return [N, C, (H - 1) // stride + 1, (W - 1) // stride + 1]
+
+
+def relu_dwconv(
+    x: Tensor, weights: Sequence[Tensor], dilations: Sequence[int], stride: int, relu: bool = True
+) -> list[Tensor]:
+    """`out[i] = depthwise_conv(relu(x), weights[i], dilation=dilations[i], stride, padding="same")` for each i.
+
+    The first stage of DARTS's separable and dilated convolutions, K kernels from one input:
+        out[i][n, c, ho, wo] = sum_{a, b < k_i} weights[i][c, 0, a, b] * r[n, c, ho*s - p_i + d_i*a, wo*s - p_i + d_i*b]
+    with r = relu(x) (x itself when relu is False, and 0 outside the image), d_i = dilations[i],
+    p_i = d_i * (k_i - 1) // 2 and s = stride.
+    x: [N, C, H, W]; weights[i]: [C, 1, k_i, k_i] with k_i odd; out[i]: [N, C, (H-1)//s + 1, (W-1)//s + 1].
+    Gradients: dL/dx = [x > 0] * sum_i conv_transpose(dL/dout[i], weights[i]) (without the mask when relu is
+    False); dL/dweights[i][c, 0, a, b] = sum over n, ho, wo of dL/dout[i] times the r value that tap (a, b) read.
+    """
+    check_relu_dwconv_arguments("relu_dwconv", x, weights, dilations, stride)
+    r = x.relu() if relu else x
+    groups = x.shape[1]
+    return [
+        F.conv2d(r, w, stride=stride, padding=d * (w.shape[-1] - 1) // 2, dilation=d, groups=groups)
+        for w, d in zip(weights, dilations)
+    ]

@@ -1,0 +1,673 @@
+// CPU kernels of relu_dwconv and relu_dwconv_backward (schemas in ../fastdarts.cpp): ReLU, then K depthwise
+// convolutions of the result with "same" padding and one stride. This is the first stage that the four conv
+// candidates of a DARTS edge share (3x3, 5x5, 3x3 dilation 2, 5x5 dilation 2), computed from one read of x.
+//
+//   shapes:   x [N, C, H, W]; w_i [C, 1, k_i, k_i] with k_i odd; out_i and grad_i [N, C, Ho, Wo], where
+//             s = stride, d_i = dilations[i], p_i = d_i (k_i - 1) / 2, Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1
+//   forward:  r = relu(x) (x itself when relu is false), taken as 0 outside the image;
+//             out_i[n, c, ho, wo] = sum_{a, b < k_i} w_i[c, 0, a, b] r[n, c, ho s - p_i + d_i a, wo s - p_i + d_i b]
+//   backward: grad_x[n, c, y, x] = [x > 0] sum_i sum_{a, b} w_i[c, 0, a, b] grad_i[n, c, ho, wo], summed over the
+//                                  (ho, wo) with ho s - p_i + d_i a = y and wo s - p_i + d_i b = x (no mask when
+//                                  relu is false): a transposed convolution
+//             grad_w_i[c, 0, a, b] = sum_{n, ho, wo} grad_i[n, c, ho, wo] r[n, c, ho s - p_i + d_i a, wo s - p_i + d_i b]
+//             The backward recomputes r from x, so autograd keeps only x and the weights, never r.
+//
+// Floors at (N, C, H, W) = (64, 16, 32, 32), stride 1, the DARTS four kernels, float32 (DESIGN.md 3):
+//   compute: 9 + 25 + 9 + 25 = 68 taps per output element, N C Ho Wo = 2^20 output elements per kernel, so
+//            2 * 68 * 2^20 = 143 MFLOP each for the forward, grad_x and grad_w: 428 MFLOP, 2.4 ms at 180 GFLOP/s.
+//   memory:  forward reads x (4 MiB) and writes 4 outputs (16 MiB); backward reads x (4 MiB) and 4 output
+//            gradients (16 MiB) and writes grad_x (4 MiB): 44 MiB = 46 MB, 1.8 ms at 26 GB/s.
+//   The compute floor binds: the loops have to run close to the FMA rate, whatever the layout of x.
+// At (64, 32, 16, 16) stride 2 (a reduction edge) the memory floor binds instead: 3 x 17.8 MFLOP = 53 MFLOP,
+// 0.30 ms; x twice, the outputs and their gradients (2 MiB each) and grad_x: 10 MiB, 0.40 ms.
+//
+// How. The work is split into chunks of whole output rows of one image; the split depends on the shapes only.
+// A chunk first copies the input rows it reads into a thread-local tile: ReLU applied, zero padding of the
+// largest kernel's width around the image, channels innermost and padded to whole 64-byte vectors, whatever
+// the layout of x. Every tap of every kernel then reads the tile without bounds checks, and the inner loop
+// holds kCols output columns of one vector of channels in registers while it runs over the taps.
+// The backward copies each grad_i into a tile the same way (padded by ceil(P / s) in output coordinates).
+// grad_x runs the same inner loop on it, one phase (y mod s, x mod s) of the input grid at a time: the input
+// positions of one phase receive gradient through a fixed subset of the taps, each reading the gradient tile
+// at a fixed offset (taps whose offset is not a whole number of output rows or columns meet no gradient in that
+// phase and are left out, so no multiply-add is spent on them). grad_w accumulates in the chunk's own slot of a
+// partial-sum buffer while both tiles are in cache, and the slots are added up in chunk order, so grad_w is the
+// same bit for bit whatever the number of threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "fastdarts/checks.h"
+#include "fastdarts/cpu_isa.h"
+
+namespace fastdarts {
+namespace {
+
+// Output columns whose accumulators stay in registers: 8 AVX-512 registers of 16 floats each (of 32); the
+// baseline copy has 16 SSE registers, so 2 columns of four xmm each. Tiles are rounded to kMaxCols columns.
+constexpr int64_t kColsAvx512 = 8;
+constexpr int64_t kColsBaseline = 2;
+constexpr int64_t kMaxCols = 8;
+// A chunk holds about this many output values (positions x padded channels), never less than one row: at
+// C = 16 and 32x32 that is one image, whose input tile (40 x 40 x 16 floats, 100 KiB) stays in L2.
+constexpr int64_t kChunkValues = 16384;
+// A thread gets chunks worth at least this many multiply-adds (about 10 us of work): below that, waking a
+// second thread costs more than it saves.
+constexpr int64_t kTaskMacs = int64_t{1} << 20;
+
+int64_t round_up(int64_t n, int64_t multiple) {
+  return (n + multiple - 1) / multiple * multiple;
+}
+
+struct Strides {
+  int64_t n, c, h, w;
+};
+
+Strides strides_of(const at::Tensor& t) {
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
+
+// A tile: rows x cols positions of Cp values each, channels innermost.
+struct TileShape {
+  int64_t rows, cols, row_stride;
+  int64_t size() const {
+    return rows * row_stride;
+  }
+};
+
+// Everything that depends on the shapes alone.
+struct Geometry {
+  int64_t N, C, H, W, Ho, Wo, s;
+  int64_t P;     // the largest padding: the width of the input tile's zero border
+  int64_t Pg;    // ceil(P / s): the gradient tile's border, in output positions
+  int64_t Cp;    // C rounded up to whole vectors: the tiles' column stride
+  int64_t Wo_r;  // Wo rounded up to whole column blocks
+  int64_t chunk_rows, chunks_per_image, num_chunks;  // a chunk: chunk_rows output rows of one image
+  int64_t grain;                                     // at::parallel_for's grain, in chunks
+  // relu(x) for input rows from ho0 s - P and columns from -P (ho0: the chunk's first output row): the forward
+  // and grad_w read (chunk_rows - 1) s + 2P + 1 rows and (Wo_r - 1) s + 2P + 1 columns; grad_x's mask reads the
+  // chunk's own input rows, at most chunk_rows s, and W <= Wo_r s columns past the border.
+  TileShape input;
+  // grad_i for output rows from ho0 - Pg and columns from -Pg.
+  TileShape grad;
+  int64_t gx_cols;  // columns of the chunk's grad_x rows: Wo_r s >= W, the columns the s phases fill
+  int64_t num_taps;
+  std::vector<int64_t> tap_begin;  // kernel i's taps are [tap_begin[i], tap_begin[i + 1]), row-major (a, b)
+  // Forward and grad_w: tap (a, b) of kernel i reads the input tile at offsets[tap] past the position of its
+  // output's tap (0, 0) without padding: (P - p_i + d_i a) rows and (P - p_i + d_i b) columns further.
+  std::vector<int64_t> offsets;
+  // grad_x: the input position (s yy + py, s xx + px) receives grad_i[(s yy + py + p_i - d_i a) / s, ...] w_i[a, b]
+  // from every tap whose row and column divisions are exact. The taps of kernel i in phase (py, px) are
+  // [phase_begin[l], phase_begin[l + 1]) with l = (py s + px) K + i; each reads the gradient tile at phase_offsets
+  // past output position (yy, xx), and the weight of tap phase_taps (a number in the numbering of tap_begin).
+  // Every tap belongs to exactly one phase.
+  std::vector<int64_t> phase_begin, phase_offsets, phase_taps;
+
+  Geometry(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, int64_t stride, int64_t lanes)
+      : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), s(stride) {
+    Ho = (H - 1) / s + 1;
+    Wo = (W - 1) / s + 1;
+    const int64_t K = static_cast<int64_t>(weights.size());
+    P = 0;
+    for (int64_t i = 0; i < K; ++i) {
+      P = std::max(P, dilations[i] * (weights[i].size(2) - 1) / 2);
+    }
+    Pg = (P + s - 1) / s;
+    Cp = round_up(C, lanes);
+    Wo_r = round_up(Wo, kMaxCols);
+    chunk_rows = std::min(Ho, std::max<int64_t>(1, kChunkValues / (Wo_r * Cp)));
+    chunks_per_image = (Ho + chunk_rows - 1) / chunk_rows;
+    num_chunks = N * chunks_per_image;
+    input.rows = chunk_rows * s + 2 * P;
+    input.cols = Wo_r * s + 2 * P;
+    input.row_stride = input.cols * Cp;
+    grad.rows = chunk_rows + 2 * Pg;
+    grad.cols = Wo_r + 2 * Pg;
+    grad.row_stride = grad.cols * Cp;
+    gx_cols = Wo_r * s;
+    tap_begin.push_back(0);
+    for (int64_t i = 0; i < K; ++i) {
+      const int64_t k = weights[i].size(2);
+      const int64_t d = dilations[i];
+      const int64_t o = P - d * (k - 1) / 2;
+      for (int64_t a = 0; a < k; ++a) {
+        for (int64_t b = 0; b < k; ++b) {
+          offsets.push_back((o + d * a) * input.row_stride + (o + d * b) * Cp);
+        }
+      }
+      tap_begin.push_back(static_cast<int64_t>(offsets.size()));
+    }
+    num_taps = static_cast<int64_t>(offsets.size());
+    phase_begin.push_back(0);
+    for (int64_t py = 0; py < s; ++py) {
+      for (int64_t px = 0; px < s; ++px) {
+        for (int64_t i = 0; i < K; ++i) {
+          const int64_t k = weights[i].size(2);
+          const int64_t d = dilations[i];
+          const int64_t p = d * (k - 1) / 2;
+          for (int64_t a = 0; a < k; ++a) {
+            for (int64_t b = 0; b < k; ++b) {
+              const int64_t dy = py + p - d * a;  // s times the row offset, when a multiple of s
+              const int64_t dx = px + p - d * b;
+              if (dy % s == 0 && dx % s == 0) {  // exact division, also for negative numbers
+                phase_offsets.push_back((dy / s + Pg) * grad.row_stride + (dx / s + Pg) * Cp);
+                phase_taps.push_back(tap_begin[i] + a * k + b);
+              }
+            }
+          }
+          phase_begin.push_back(static_cast<int64_t>(phase_offsets.size()));
+        }
+      }
+    }
+    grain = std::max<int64_t>(1, kTaskMacs / std::max<int64_t>(1, chunk_rows * Wo_r * Cp * num_taps));
+  }
+
+  int64_t taps(int64_t i) const {
+    return tap_begin[i + 1] - tap_begin[i];
+  }
+};
+
+// The weights as one vector of channels per tap: taps[t][c] = w_i[c, 0, a, b] for tap t = (a, b) of kernel i;
+// zero for the padding channels.
+template <typename T>
+std::vector<T> tap_vectors(at::TensorList weights, const Geometry& g) {
+  std::vector<T> taps(g.num_taps * g.Cp, T(0));
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor w = weights[i].contiguous();
+    const T* src = w.const_data_ptr<T>();
+    const int64_t k = w.size(2);
+    for (int64_t t = 0; t < k * k; ++t) {
+      for (int64_t c = 0; c < g.C; ++c) {
+        taps[(g.tap_begin[i] + t) * g.Cp + c] = src[c * k * k + t];
+      }
+    }
+  }
+  return taps;
+}
+
+// The tap vectors in the order of the phase lists (Geometry::phase_taps).
+template <typename T>
+std::vector<T> phase_tap_vectors(const std::vector<T>& taps, const Geometry& g) {
+  std::vector<T> ordered(g.num_taps * g.Cp);
+  for (int64_t t = 0; t < g.num_taps; ++t) {
+    std::copy_n(taps.begin() + g.phase_taps[t] * g.Cp, g.Cp, ordered.begin() + t * g.Cp);
+  }
+  return ordered;
+}
+
+// ---- Loops. FASTDARTS_ALWAYS_INLINE, so that each is compiled for the instruction set of the chunk loop that
+// ---- calls it (cpu_isa.h).
+
+// dst[r * dst_row + w * dst_col + c] = f(src[r * s.h + w * s.w + c * s.c]) for r < rows, w < cols, c < C, with f
+// relu or the identity. The loop order follows the source: channels innermost when they are contiguous.
+template <typename T, bool kRelu>
+FASTDARTS_ALWAYS_INLINE void pack(const T* src, const Strides& s, int64_t rows, int64_t cols, int64_t C, T* dst,
+                                  int64_t dst_row, int64_t dst_col) {
+  if (s.c == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t w = 0; w < cols; ++w) {
+        const T* __restrict__ from = src + r * s.h + w * s.w;
+        T* __restrict__ to = dst + r * dst_row + w * dst_col;
+        for (int64_t c = 0; c < C; ++c) {
+          const T v = from[c];
+          to[c] = kRelu && v < T(0) ? T(0) : v;  // a NaN stays NaN, as in torch.relu
+        }
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* __restrict__ from = src + c * s.c + r * s.h;
+        T* __restrict__ to = dst + r * dst_row + c;
+        for (int64_t w = 0; w < cols; ++w) {
+          const T v = from[w * s.w];
+          to[w * dst_col] = kRelu && v < T(0) ? T(0) : v;
+        }
+      }
+    }
+  }
+}
+
+// dst[r * s.h + w * s.w + c * s.c] = src[r * src_row + w * Cp + c] for r < rows, w < cols, c < C, in the loop order
+// of the destination.
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void unpack(const T* src, int64_t src_row, int64_t Cp, int64_t rows, int64_t cols, int64_t C,
+                                    T* dst, const Strides& s) {
+  if (s.c == 1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t w = 0; w < cols; ++w) {
+        const T* __restrict__ from = src + r * src_row + w * Cp;
+        T* __restrict__ to = dst + r * s.h + w * s.w;
+        for (int64_t c = 0; c < C; ++c) {
+          to[c] = from[c];
+        }
+      }
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* __restrict__ from = src + r * src_row + c;
+        T* __restrict__ to = dst + c * s.c + r * s.h;
+        for (int64_t w = 0; w < cols; ++w) {
+          to[w * s.w] = from[w * Cp];
+        }
+      }
+    }
+  }
+}
+
+// ReLU's backward on rows of a tile: g[r * g_row + e] = 0 unless relu_x[r * x_row + e] > 0, for e < len. It runs
+// on the tiles, where both are contiguous runs, so it compiles to blends; a select inside the strided unpack
+// compiled to a mispredicted branch per value.
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void mask_rows(T* g, int64_t g_row, const T* relu_x, int64_t x_row, int64_t rows,
+                                       int64_t len) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* __restrict__ to = g + r * g_row;
+    const T* __restrict__ m = relu_x + r * x_row;
+    for (int64_t e = 0; e < len; ++e) {
+      const T v = to[e];
+      to[e] = m[e] > T(0) ? v : T(0);
+    }
+  }
+}
+
+// One row of one kernel: out[w * out_step + c] (+)= sum_t taps[t * Cp + c] * in[offsets[t] + w * step + c] for
+// w < cols (a multiple of kCols) and c < Cp. Each block of kCols columns x one vector of channels is accumulated
+// in registers over all taps: per tap, one weight load and kCols FMAs whose other operand comes from the tile.
+template <typename T, int64_t kCols>
+FASTDARTS_ALWAYS_INLINE void conv_row(const T* in, int64_t step, const int64_t* offsets, const T* taps,
+                                      int64_t num_taps, T* out, int64_t out_step, int64_t cols, int64_t Cp,
+                                      bool accumulate) {
+  constexpr int64_t V = kVecLanes<T>;
+  for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+      T* o = out + w0 * out_step + c0;
+      Vec<T> acc[kCols];
+      for (int64_t j = 0; j < kCols; ++j) {
+        if (accumulate) {
+          vec_load(acc[j], o + j * out_step);
+        } else {
+          acc[j] = Vec<T>{};
+        }
+      }
+      const T* base = in + w0 * step + c0;
+      for (int64_t t = 0; t < num_taps; ++t) {
+        Vec<T> wt;
+        vec_load(wt, taps + t * Cp + c0);
+        const T* src = base + offsets[t];
+        for (int64_t j = 0; j < kCols; ++j) {
+          Vec<T> v;
+          vec_load(v, src + j * step);
+          acc[j] += wt * v;
+        }
+      }
+      for (int64_t j = 0; j < kCols; ++j) {
+        vec_store(o + j * out_step, acc[j]);
+      }
+    }
+  }
+}
+
+// One row's share of one kernel's weight gradient:
+//   partial[t * Cp + c] += sum_{w < cols} grad[w * Cp + c] * in[offsets[t] + w * step + c]   (c < Cp).
+// kCols gradient vectors stay in registers while every tap reads its kCols inputs; two interleaved sums per tap
+// halve the chain of dependent FMAs.
+template <typename T, int64_t kCols>
+FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t step, const int64_t* offsets,
+                                             int64_t num_taps, T* partial, int64_t cols, int64_t Cp) {
+  constexpr int64_t V = kVecLanes<T>;
+  for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+      Vec<T> g[kCols];
+      for (int64_t j = 0; j < kCols; ++j) {
+        vec_load(g[j], grad + (w0 + j) * Cp + c0);
+      }
+      const T* base = in + w0 * step + c0;
+      for (int64_t t = 0; t < num_taps; ++t) {
+        const T* src = base + offsets[t];
+        Vec<T> even;
+        Vec<T> odd{};
+        vec_load(even, partial + t * Cp + c0);
+        for (int64_t j = 0; j < kCols; ++j) {
+          Vec<T> v;
+          vec_load(v, src + j * step);
+          if (j % 2 == 0) {
+            even += g[j] * v;
+          } else {
+            odd += g[j] * v;
+          }
+        }
+        even += odd;
+        vec_store(partial + t * Cp + c0, even);
+      }
+    }
+  }
+}
+
+// Zeroes what a pack into rows [r0, r1) and columns [c0, c1) of a tile leaves unwritten: only the border when
+// the pack fills every channel (C == Cp), the whole tile otherwise.
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void clear_around(const Geometry& g, const TileShape& shape, T* tile, int64_t r0, int64_t r1,
+                                          int64_t c0, int64_t c1) {
+  if (r0 >= r1 || g.C != g.Cp) {
+    std::fill(tile, tile + shape.size(), T(0));
+    return;
+  }
+  std::fill(tile, tile + r0 * shape.row_stride, T(0));
+  for (int64_t r = r0; r < r1; ++r) {
+    T* row = tile + r * shape.row_stride;
+    std::fill(row, row + c0 * g.Cp, T(0));
+    std::fill(row + c1 * g.Cp, row + shape.row_stride, T(0));
+  }
+  std::fill(tile + r1 * shape.row_stride, tile + shape.size(), T(0));
+}
+
+// Fills the input tile of image n with r for input rows [y_origin, y_origin + input.rows) and columns from -P: r
+// where it lies in the image, 0 elsewhere (padding rows and columns, padding channels).
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void load_input_tile(const Geometry& g, const T* x, const Strides& xs, bool relu, int64_t n,
+                                             int64_t y_origin, T* tile) {
+  const int64_t y_lo = std::max<int64_t>(0, y_origin);
+  const int64_t y_hi = std::min(g.H, y_origin + g.input.rows);
+  clear_around(g, g.input, tile, y_lo - y_origin, y_hi - y_origin, g.P, g.P + g.W);
+  if (y_lo >= y_hi) {
+    return;
+  }
+  const T* src = x + n * xs.n + y_lo * xs.h;
+  T* dst = tile + (y_lo - y_origin) * g.input.row_stride + g.P * g.Cp;
+  if (relu) {
+    pack<T, true>(src, xs, y_hi - y_lo, g.W, g.C, dst, g.input.row_stride, g.Cp);
+  } else {
+    pack<T, false>(src, xs, y_hi - y_lo, g.W, g.C, dst, g.input.row_stride, g.Cp);
+  }
+}
+
+// Fills the gradient tile of image n with grad for output rows [ho_origin, ho_origin + grad.rows) and columns
+// from -Pg, 0 outside the output.
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void load_grad_tile(const Geometry& g, const T* grad, const Strides& gs, int64_t n,
+                                            int64_t ho_origin, T* tile) {
+  const int64_t ho_lo = std::max<int64_t>(0, ho_origin);
+  const int64_t ho_hi = std::min(g.Ho, ho_origin + g.grad.rows);
+  clear_around(g, g.grad, tile, ho_lo - ho_origin, ho_hi - ho_origin, g.Pg, g.Pg + g.Wo);
+  if (ho_lo >= ho_hi) {
+    return;
+  }
+  pack<T, false>(grad + n * gs.n + ho_lo * gs.h, gs, ho_hi - ho_lo, g.Wo, g.C,
+                 tile + (ho_lo - ho_origin) * g.grad.row_stride + g.Pg * g.Cp, g.grad.row_stride, g.Cp);
+}
+
+template <typename T>
+struct ForwardArgs {
+  const Geometry& g;
+  const T* x;
+  Strides xs;
+  bool relu;
+  const T* taps;           // tap_vectors
+  std::vector<T*> outs;    // K outputs, all with strides `os`
+  Strides os;
+};
+
+// Chunks [begin, end) of the forward, with scratch space for one input tile and one output row.
+template <typename T, int64_t kCols>
+FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile, T* row) {
+  const Geometry& g = f.g;
+  const int64_t K = static_cast<int64_t>(f.outs.size());
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    const int64_t n = chunk / g.chunks_per_image;
+    const int64_t ho0 = chunk % g.chunks_per_image * g.chunk_rows;
+    const int64_t ho1 = std::min(g.Ho, ho0 + g.chunk_rows);
+    load_input_tile(g, f.x, f.xs, f.relu, n, ho0 * g.s - g.P, tile);
+    for (int64_t ho = ho0; ho < ho1; ++ho) {
+      const T* in = tile + (ho - ho0) * g.s * g.input.row_stride;
+      for (int64_t i = 0; i < K; ++i) {
+        const int64_t t0 = g.tap_begin[i];
+        conv_row<T, kCols>(in, g.s * g.Cp, g.offsets.data() + t0, f.taps + t0 * g.Cp, g.taps(i), row, g.Cp, g.Wo_r,
+                           g.Cp, false);
+        unpack(row, 0, g.Cp, 1, g.Wo, g.C, f.outs[i] + n * f.os.n + ho * f.os.h, f.os);
+      }
+    }
+  }
+}
+
+template <typename T>
+FASTDARTS_TARGET_AVX512 void forward_chunks_avx512(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile,
+                                                   T* row) {
+  forward_chunks<T, kColsAvx512>(f, begin, end, tile, row);
+}
+
+template <typename T>
+void forward_chunks_baseline(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile, T* row) {
+  forward_chunks<T, kColsBaseline>(f, begin, end, tile, row);
+}
+
+template <typename T>
+struct BackwardArgs {
+  const Geometry& g;
+  const T* x;
+  Strides xs;
+  bool relu;
+  std::vector<const T*> grads;  // K output gradients
+  std::vector<Strides> gs;
+  const T* phase_taps;  // phase_tap_vectors; read only for grad_x
+  T* grad_x;              // nullptr: not wanted
+  Strides gxs;
+  T* partials;  // [num_chunks][num_taps][Cp], one slot per chunk; nullptr: grad_w not wanted
+};
+
+// Chunks [begin, end) of the backward, with scratch space for an input tile, a gradient tile and the chunk's
+// grad_x rows (chunk_rows s rows of gx_cols x Cp values).
+template <typename T, int64_t kCols>
+FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t begin, int64_t end, T* input_tile,
+                                             T* grad_tile, T* grad_x_rows) {
+  const Geometry& g = b.g;
+  const int64_t K = static_cast<int64_t>(b.grads.size());
+  const bool want_input_tile = b.partials != nullptr || (b.grad_x != nullptr && b.relu);
+  const int64_t grad_x_row = g.gx_cols * g.Cp;
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    const int64_t n = chunk / g.chunks_per_image;
+    const int64_t ho0 = chunk % g.chunks_per_image * g.chunk_rows;
+    const int64_t ho1 = std::min(g.Ho, ho0 + g.chunk_rows);
+    // The input rows whose gradient this chunk owns; together the chunks of an image cover [0, H) once.
+    const int64_t y0 = ho0 * g.s;
+    const int64_t y1 = ho1 == g.Ho ? g.H : ho1 * g.s;
+    if (want_input_tile) {
+      load_input_tile(g, b.x, b.xs, b.relu, n, y0 - g.P, input_tile);
+    }
+    T* partial = b.partials == nullptr ? nullptr : b.partials + chunk * g.num_taps * g.Cp;
+    if (partial != nullptr) {
+      std::fill(partial, partial + g.num_taps * g.Cp, T(0));
+    }
+    for (int64_t i = 0; i < K; ++i) {
+      load_grad_tile(g, b.grads[i], b.gs[i], n, ho0 - g.Pg, grad_tile);
+      if (partial != nullptr) {
+        const int64_t t0 = g.tap_begin[i];
+        for (int64_t ho = ho0; ho < ho1; ++ho) {
+          grad_weight_row<T, kCols>(grad_tile + (ho - ho0 + g.Pg) * g.grad.row_stride + g.Pg * g.Cp,
+                                    input_tile + (ho - ho0) * g.s * g.input.row_stride, g.s * g.Cp,
+                                    g.offsets.data() + t0, g.taps(i), partial + t0 * g.Cp, g.Wo_r, g.Cp);
+        }
+      }
+      if (b.grad_x != nullptr) {
+        // Input row y = s yy + py, column x = s xx + px: phase (py, px), its taps reading gradient row yy.
+        for (int64_t y = y0; y < y1; ++y) {
+          const int64_t py = (y - y0) % g.s;
+          const T* in = grad_tile + (y - y0) / g.s * g.grad.row_stride;
+          T* out = grad_x_rows + (y - y0) * grad_x_row;
+          for (int64_t px = 0; px < g.s; ++px) {
+            const int64_t list = (py * g.s + px) * K + i;
+            const int64_t t0 = g.phase_begin[list];
+            conv_row<T, kCols>(in, g.Cp, g.phase_offsets.data() + t0, b.phase_taps + t0 * g.Cp,
+                               g.phase_begin[list + 1] - t0, out + px * g.Cp, g.s * g.Cp, g.Wo_r, g.Cp, i > 0);
+          }
+        }
+      }
+    }
+    if (b.grad_x != nullptr) {
+      if (b.relu) {  // input row y0 is input tile row P
+        mask_rows(grad_x_rows, grad_x_row, input_tile + g.P * g.input.row_stride + g.P * g.Cp, g.input.row_stride,
+                  y1 - y0, g.W * g.Cp);
+      }
+      unpack(grad_x_rows, grad_x_row, g.Cp, y1 - y0, g.W, g.C, b.grad_x + n * b.gxs.n + y0 * b.gxs.h, b.gxs);
+    }
+  }
+}
+
+template <typename T>
+FASTDARTS_TARGET_AVX512 void backward_chunks_avx512(const BackwardArgs<T>& b, int64_t begin, int64_t end,
+                                                    T* input_tile, T* grad_tile, T* grad_x_rows) {
+  backward_chunks<T, kColsAvx512>(b, begin, end, input_tile, grad_tile, grad_x_rows);
+}
+
+template <typename T>
+void backward_chunks_baseline(const BackwardArgs<T>& b, int64_t begin, int64_t end, T* input_tile, T* grad_tile,
+                              T* grad_x_rows) {
+  backward_chunks<T, kColsBaseline>(b, begin, end, input_tile, grad_tile, grad_x_rows);
+}
+
+// Scratch space from the ATen allocator, which aligns to 64 bytes: every vector a loop loads from a tile is
+// then aligned, since tiles are made of whole vectors.
+at::Tensor scratch(int64_t numel, const at::Tensor& like) {
+  return at::empty({numel}, like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
+void check_arguments(const char* op, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
+                     int64_t stride) {
+  check_images(op, "x", x);
+  check_depthwise_weights(op, "weights", weights, "x", x);
+  check_positive_per_item(op, "dilations", dilations, static_cast<int64_t>(weights.size()), "weight");
+  check_positive(op, "stride", stride);
+  check_supported_dtype(op, x);
+  TORCH_INTERNAL_ASSERT(x.device().is_cpu());
+}
+
+std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t stride) {
+  return {x.size(0), x.size(1), (x.size(2) - 1) / stride + 1, (x.size(3) - 1) / stride + 1};
+}
+
+std::vector<at::Tensor> relu_dwconv_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
+                                        int64_t stride, bool relu) {
+  check_arguments("relu_dwconv", x, weights, dilations, stride);
+  // The outputs take the layout of x: channels_last in, channels_last out.
+  const at::TensorOptions options = x.options().memory_format(x.suggest_memory_format());
+  std::vector<at::Tensor> outs;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    outs.push_back(at::empty(output_sizes(x, stride), options));
+  }
+  if (x.numel() == 0) {
+    return outs;
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_dwconv_cpu", [&] {
+    const Geometry g(x, weights, dilations, stride, kVecLanes<scalar_t>);
+    const std::vector<scalar_t> taps = tap_vectors<scalar_t>(weights, g);
+    ForwardArgs<scalar_t> f{g, x.const_data_ptr<scalar_t>(), strides_of(x), relu, taps.data(), {}, strides_of(outs[0])};
+    for (at::Tensor& out : outs) {
+      f.outs.push_back(out.data_ptr<scalar_t>());
+    }
+    const bool avx512 = cpu_has_avx512();
+    at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
+      at::Tensor tile = scratch(g.input.size(), x);
+      at::Tensor row = scratch(g.Wo_r * g.Cp, x);
+      (avx512 ? forward_chunks_avx512<scalar_t> : forward_chunks_baseline<scalar_t>)(
+          f, begin, end, tile.data_ptr<scalar_t>(), row.data_ptr<scalar_t>());
+    });
+  });
+  return outs;
+}
+
+std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>> relu_dwconv_backward_cpu(
+    at::TensorList grads, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
+    bool relu, bool input_grad, bool weight_grad) {
+  const char* op = "relu_dwconv_backward";
+  check_arguments(op, x, weights, dilations, stride);
+  check_sized_list(op, "grads", grads, static_cast<int64_t>(weights.size()), "weight", output_sizes(x, stride), "x",
+                   x);
+
+  std::optional<at::Tensor> grad_x;
+  if (input_grad) {
+    grad_x = at::empty_like(x);
+  }
+  std::vector<at::Tensor> grad_weights;
+  if (weight_grad) {
+    for (const at::Tensor& w : weights) {
+      grad_weights.push_back(at::empty(w.sizes(), w.options()));
+    }
+  }
+  if (!input_grad && !weight_grad) {
+    return {grad_x, grad_weights};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_dwconv_backward_cpu", [&] {
+    const Geometry g(x, weights, dilations, stride, kVecLanes<scalar_t>);
+    std::vector<scalar_t> phase_taps;
+    if (input_grad) {
+      phase_taps = phase_tap_vectors(tap_vectors<scalar_t>(weights, g), g);
+    }
+    at::Tensor partials;
+    if (weight_grad) {
+      partials = scratch(g.num_chunks * g.num_taps * g.Cp, x);
+    }
+    BackwardArgs<scalar_t> b{g,
+                             x.const_data_ptr<scalar_t>(),
+                             strides_of(x),
+                             relu,
+                             {},
+                             {},
+                             phase_taps.data(),
+                             input_grad ? grad_x->data_ptr<scalar_t>() : nullptr,
+                             input_grad ? strides_of(*grad_x) : Strides{},
+                             weight_grad ? partials.data_ptr<scalar_t>() : nullptr};
+    for (const at::Tensor& grad : grads) {
+      b.grads.push_back(grad.const_data_ptr<scalar_t>());
+      b.gs.push_back(strides_of(grad));
+    }
+    const bool avx512 = cpu_has_avx512();
+    at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
+      const bool want_input_tile = weight_grad || relu;  // grad_w reads r; grad_x's mask reads relu(x)
+      at::Tensor input_tile = scratch(want_input_tile ? g.input.size() : 0, x);
+      at::Tensor grad_tile = scratch(g.grad.size(), x);
+      at::Tensor grad_x_rows = scratch(input_grad ? g.chunk_rows * g.s * g.gx_cols * g.Cp : 0, x);
+      (avx512 ? backward_chunks_avx512<scalar_t> : backward_chunks_baseline<scalar_t>)(
+          b, begin, end, input_tile.data_ptr<scalar_t>(), grad_tile.data_ptr<scalar_t>(),
+          grad_x_rows.data_ptr<scalar_t>());
+    });
+    if (weight_grad) {
+      // The chunks' partial sums, added in chunk order (in double) whatever thread computed each.
+      std::vector<double> total(g.num_taps * g.Cp, 0.0);
+      const scalar_t* p = partials.const_data_ptr<scalar_t>();
+      for (int64_t chunk = 0; chunk < g.num_chunks; ++chunk) {
+        const scalar_t* slot = p + chunk * g.num_taps * g.Cp;
+        for (int64_t e = 0; e < g.num_taps * g.Cp; ++e) {
+          total[e] += static_cast<double>(slot[e]);
+        }
+      }
+      for (size_t i = 0; i < weights.size(); ++i) {
+        scalar_t* gw = grad_weights[i].data_ptr<scalar_t>();  // contiguous [C, 1, k, k]
+        const int64_t k = weights[i].size(2);
+        for (int64_t c = 0; c < g.C; ++c) {
+          for (int64_t t = 0; t < k * k; ++t) {
+            gw[c * k * k + t] = static_cast<scalar_t>(total[(g.tap_begin[i] + t) * g.Cp + c]);
+          }
+        }
+      }
+    }
+  });
+  return {grad_x, grad_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
+  m.impl("relu_dwconv", &relu_dwconv_cpu);
+  m.impl("relu_dwconv_backward", &relu_dwconv_backward_cpu);
+}
+
+}  // namespace fastdarts

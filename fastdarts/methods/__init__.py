@@ -1,0 +1,23 @@
+"""Architecture-search methods: how architecture parameters become per-edge weights (DESIGN.md 1).
+
+`make_method(name, **settings)` builds one by its command-line name; `SearchNetwork(method=...)`
+takes the object.
+"""
+
+from __future__ import annotations
+
+from .base import CellWeights, Method, edge_entropy
+from .darts import DARTSMethod
+from .prdarts import PRDARTSMethod
+
+METHODS: dict[str, type[Method]] = {DARTSMethod.name: DARTSMethod, PRDARTSMethod.name: PRDARTSMethod}
+
+
+def make_method(name: str, **settings) -> Method:
+    """The method called `name` ("darts" or "pr-darts"), built with `settings` as keyword arguments."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; the methods are {', '.join(METHODS)}")
+    return METHODS[name](**settings)
+
+
+__all__ = ["DARTSMethod", "METHODS", "PRDARTSMethod", "CellWeights", "Method", "edge_entropy", "make_method"]

@@ -1,0 +1,93 @@
+"""What every architecture-search method provides to the supernet and the search loop.
+
+A method turns each cell type's architecture parameters (`[num_edges, len(PRIMITIVES)]`, keyed
+"normal" and "reduce") into the edge weights of one forward pass, and may add a regulariser to the
+architecture loss. The supernet and the bilevel optimizer use only this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar, NamedTuple
+
+from torch import Tensor
+
+from ..space import Edge
+
+
+class CellWeights(NamedTuple):
+    """One cell type's edge weights for one forward pass.
+
+    weights: `[num_edges, len(PRIMITIVES)]`, the weight of every op on every edge.
+    mask: None to compute every op, or 0/1 of the same shape: only the ops marked 1 are computed
+        (the others' weights are 0).
+    """
+
+    weights: Tensor
+    mask: Tensor | None = None
+
+
+def edge_entropy(weights: Tensor) -> float:
+    """Mean over edges of the entropy (nats) of the op distribution on that edge."""
+    p = weights.detach().clamp_min(1e-12)
+    return float(-(p * p.log()).sum(-1).mean())
+
+
+def check_epoch(epoch: int, epochs: int) -> None:
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not (isinstance(epoch, int) and 0 <= epoch < epochs):
+        raise ValueError(f"epoch must be an integer in 0..{epochs - 1}, got {epoch!r}")
+
+
+class Method(ABC):
+    """An architecture-search method: edge weights, an optional regulariser, the genotype rule."""
+
+    name: ClassVar[str]
+    # The order of one search step: DARTS updates the architecture first, PR-DARTS the weights.
+    weight_step_first: ClassVar[bool] = False
+    # True when every forward pass draws new random edge weights (then the finite-difference
+    # second-order step, which compares several forward passes, does not apply).
+    samples_each_forward: ClassVar[bool] = False
+
+    @abstractmethod
+    def forward_weights(self, arch: Mapping[str, Tensor]) -> dict[str, CellWeights]:
+        """The edge weights of one forward pass for each cell type of `arch` (name -> parameters)."""
+
+    @abstractmethod
+    def edge_weights(self, alpha: Tensor) -> Tensor:
+        """A deterministic per-edge distribution over the ops, for the genotype and the diagnostics."""
+
+    @abstractmethod
+    def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
+        """The discrete cell of one cell type's parameters, as (op, input) pairs, two per node."""
+
+    def regulariser(self) -> Tensor | None:
+        """The term added to the architecture loss for the last forward pass; None when there is none."""
+        return None
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """Per-epoch settings (for example a temperature) for 0-based `epoch` of `epochs`."""
+        check_epoch(epoch, epochs)
+
+    def epoch_settings(self) -> dict[str, float]:
+        """The per-epoch settings in force (after `set_epoch`), to log with the epoch."""
+        return {}
+
+    def diagnostics(self, arch: Mapping[str, Tensor]) -> dict[str, float]:
+        """Per-epoch figures to log: `entropy_<cell type>` of the edge weights, plus the method's own."""
+        return {f"entropy_{cell}": edge_entropy(self.edge_weights(alpha)) for cell, alpha in arch.items()}
+
+    def state_dict(self) -> dict:
+        """Every piece of mutable state, so a search can resume bit for bit."""
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        check_state_keys(self, state, set())
+
+
+def check_state_keys(method: Method, state: Mapping, expected: set[str]) -> None:
+    if not isinstance(state, Mapping) or set(state) != expected:
+        got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+        raise ValueError(f"{method.name} state must have the keys {sorted(expected)}, got {got}")

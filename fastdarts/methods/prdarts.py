@@ -1,0 +1,198 @@
+"""PR-DARTS (METHOD.md section 2): hard-concrete gates, the sparse top-k forward, group-sparsity
+and path-depth regularisers, and its genotype rule.
+
+Op groups are defined by name (PRIMITIVES), never by column number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..ops.reference import check_explore_p, check_gate_settings, gate_p_nonzero
+from ..space import PRIMITIVES, Edge, cell_steps, deepest_chain, derive_cell_top_ops
+from .base import CellWeights, Method, check_epoch, check_state_keys
+
+SKIP = ("skip_connect",)
+CONV = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
+POOL = ("max_pool_3x3", "avg_pool_3x3")
+NONSKIP = ("none", *CONV)
+REST = tuple(name for name in PRIMITIVES if name not in SKIP)  # the paper form's second group
+DIAGNOSTIC_GROUPS = {"skip": SKIP, "nonskip": NONSKIP, "pool": POOL}
+FORMS = ("reference", "paper")
+
+Groups = Sequence[tuple[Sequence[str], float]]  # (op names, weight in R)
+
+
+def columns(names: Sequence[str]) -> list[int]:
+    return [PRIMITIVES.index(name) for name in names]
+
+
+def group_term(p: Tensor, mask: Tensor, names: Sequence[str]) -> Tensor:
+    """The mean of `p` over the group's sampled gates (mask 1) in one cell type; 0 if none was sampled."""
+    cols = columns(names)
+    m = mask[:, cols]
+    # With nothing sampled the numerator is 0, so clamping the count to 1 gives the 0 of the spec.
+    return (p[:, cols] * m).sum() / m.sum().clamp_min(1.0)
+
+
+def path_term(p: Tensor, mask: Tensor, chain: Sequence[int]) -> Tensor:
+    """The product, over the chain edges with a sampled conv, of the mean `p` of their sampled convs.
+
+    Edges without a sampled conv drop out of the product; with no such edge at all the term is 0.
+    """
+    rows, cols = list(chain), columns(CONV)
+    m = mask[rows][:, cols]
+    counts = m.sum(dim=1)
+    means = (p[rows][:, cols] * m).sum(dim=1) / counts.clamp_min(1.0)
+    sampled = counts > 0
+    return torch.where(sampled, means, torch.ones_like(means)).prod() * sampled.any()
+
+
+def regulariser(
+    ps: Sequence[Tensor], masks: Sequence[Tensor], groups: Groups, l3: float, hinge: float | None
+) -> Tensor:
+    """METHOD 2.3: `sum_group weight * hinge(L_group) - l3 * L_path`.
+
+    `ps` and `masks` hold one `[num_edges, len(PRIMITIVES)]` tensor per cell type (`P(g != 0)` and
+    the 0/1 mask of sampled ops); every term is averaged over the cell types; `hinge` None means
+    no hinge.
+    """
+    chain = deepest_chain(cell_steps(ps[0].shape[0]))
+    total = -l3 * torch.stack([path_term(p, m, chain) for p, m in zip(ps, masks)]).mean()
+    for names, weight in groups:
+        term = torch.stack([group_term(p, m, names) for p, m in zip(ps, masks)]).mean()
+        if hinge is not None:
+            term = (term - hinge).clamp_min(0.0)
+        total = total + weight * term
+    return total
+
+
+def _check_number(name: str, value: object, *, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"PRDARTSMethod: {name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+
+
+class PRDARTSMethod(Method):
+    """Independent hard-concrete gates over the betas, top-k ops per edge, regularised groups and paths.
+
+    form "reference": the published code's behaviour (METHOD 2.2-2.3): exploration, top-k
+    straight-through gates, hinged skip / non-skip / pool groups over the sampled gates.
+    form "paper": no top-k (every op computed, weighted by its gate g), no hinge, two groups
+    (skip and the rest) over every gate, the path term over every chain edge.
+    Every forward pass draws its gates from this object's own generator (seeded with `seed`).
+    """
+
+    name = "pr-darts"
+    weight_step_first = True
+    samples_each_forward = True
+
+    def __init__(
+        self,
+        *,
+        tau_start: float = 1.0,
+        tau_end: float = 0.1,
+        l1: float = 0.01,
+        l2: float = 0.005,
+        l3: float = 0.005,
+        hinge: float = 0.2,
+        k: int = 2,
+        explore_p: float = 0.4,
+        a: float = -0.1,
+        b: float = 1.1,
+        form: str = "reference",
+        seed: int = 0,
+    ):
+        for name, value in (("tau_start", tau_start), ("tau_end", tau_end)):
+            _check_number(name, value, positive=True)
+        for name, value in (("l1", l1), ("l2", l2), ("l3", l3), ("hinge", hinge)):
+            _check_number(name, value, positive=False)
+        if k is None:
+            raise ValueError("PRDARTSMethod: k must be an integer; form='paper' is the variant without top-k")
+        check_gate_settings("PRDARTSMethod", tau_start, a, b, k, len(PRIMITIVES))
+        check_explore_p("PRDARTSMethod", explore_p)
+        if form not in FORMS:
+            raise ValueError(f"PRDARTSMethod: form must be one of {', '.join(FORMS)}, got {form!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"PRDARTSMethod: seed must be an integer, got {seed!r}")
+        self.tau_start, self.tau_end = tau_start, tau_end
+        self.l1, self.l2, self.l3, self.hinge = l1, l2, l3, hinge
+        self.k, self.explore_p, self.a, self.b, self.form = k, explore_p, a, b, form
+        self.tau = tau_start
+        self.generator = torch.Generator().manual_seed(seed)
+        # Per cell type, P(g != 0) and the mask of the last forward pass: what R is computed from.
+        self._last: dict[str, tuple[Tensor, Tensor]] = {}
+
+    # One forward pass ---------------------------------------------------------------------------
+    def forward_weights(self, arch: Mapping[str, Tensor]) -> dict[str, CellWeights]:
+        top_k = self.form == "reference"
+        weights, last = {}, {}
+        for cell, beta in arch.items():
+            gates, mask, p_nonzero = ops.sample_gates(
+                beta, self.tau, self.a, self.b, self.k if top_k else None, self.explore_p, self.generator
+            )
+            last[cell] = (p_nonzero, mask)
+            weights[cell] = CellWeights(gates, mask if top_k else None)
+        self._last = last
+        return weights
+
+    def regulariser(self) -> Tensor:
+        """R (METHOD 2.3) of the gates sampled by the last forward pass, differentiable in the betas."""
+        if not self._last:
+            raise RuntimeError("PRDARTSMethod.regulariser: no gates have been sampled yet; run a forward pass first")
+        ps, masks = zip(*self._last.values())
+        return self.regulariser_of(ps, masks)
+
+    def regulariser_of(self, ps: Sequence[Tensor], masks: Sequence[Tensor]) -> Tensor:
+        """R for given `P(g != 0)` and 0/1 masks of sampled ops, one of each per cell type (the
+        paper form ignores the masks: every gate counts)."""
+        if self.form == "paper":
+            all_gates = [torch.ones_like(p) for p in ps]
+            return regulariser(ps, all_gates, ((SKIP, self.l1), (REST, self.l2)), self.l3, hinge=None)
+        return regulariser(ps, masks, ((SKIP, self.l1), (NONSKIP, self.l2), (POOL, self.l2)), self.l3, self.hinge)
+
+    # Schedule, genotype, diagnostics ------------------------------------------------------------
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """tau falls linearly from tau_start at the first epoch to tau_end at the last."""
+        check_epoch(epoch, epochs)
+        fraction = epoch / (epochs - 1) if epochs > 1 else 0.0
+        self.tau = self.tau_start + (self.tau_end - self.tau_start) * fraction
+
+    def epoch_settings(self) -> dict[str, float]:
+        return {"tau": self.tau}
+
+    def edge_weights(self, alpha: Tensor) -> Tensor:
+        return alpha.softmax(dim=-1)
+
+    def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
+        return derive_cell_top_ops(self.edge_weights(alpha), steps)
+
+    def diagnostics(self, arch: Mapping[str, Tensor]) -> dict[str, float]:
+        """The entropies, and `p_nonzero_<group>_<cell type>`: the mean P(g != 0) over every gate of a group."""
+        figures = super().diagnostics(arch)
+        for cell, beta in arch.items():
+            p = gate_p_nonzero(beta.detach(), self.tau, self.a, self.b)
+            for group, names in DIAGNOSTIC_GROUPS.items():
+                figures[f"p_nonzero_{group}_{cell}"] = float(p[:, columns(names)].mean())
+        return figures
+
+    # Checkpointing ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"tau": self.tau, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        check_state_keys(self, state, {"tau", "generator"})
+        _check_number("tau", state["tau"], positive=True)
+        generator_state = state["generator"]
+        if not (isinstance(generator_state, Tensor) and generator_state.dtype == torch.uint8):
+            raise ValueError("PRDARTSMethod: the generator state must be a uint8 tensor from Generator.get_state()")
+        try:
+            self.generator.set_state(generator_state)
+        except RuntimeError as e:
+            raise ValueError(f"PRDARTSMethod: the generator state does not fit a CPU generator ({e})") from None
+        self.tau = state["tau"]

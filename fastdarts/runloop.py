@@ -1,0 +1,288 @@
+"""The epoch loop shared by every long run (search, train): checkpoints, exact resume, signals,
+divergence and logging, so each entry point only says what one step and one epoch's end do.
+
+A run directory holds `config.json`, `metrics.jsonl` (one row per finished epoch) and
+`checkpoint.pt`: every stateful object, every random stream and the run's position (epoch, the
+next step, the epoch's batch order and running sums, the logged rows). Resuming from it continues
+the run bit for bit as if it had never stopped (on the CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import random
+import signal
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .bilevel import NonFiniteError, NonFiniteWeights
+from .checkpoint import (
+    RunInterrupted,
+    StopSignals,
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .data import ImageData
+from .errors import ConfigError, TrainingDiverged
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+# Settings a resumed run may change: they do not alter what the run computes.
+RESUME_OVERRIDES = ("progress", "stop_after")
+
+
+class Task(Protocol):
+    """What a run does; the loop calls these in order and handles everything else."""
+
+    def batches(self, generator: torch.Generator) -> Sequence[torch.Tensor]:
+        """One epoch's training batches (index tensors), drawn from the run's generator."""
+
+    def begin_epoch(self, epoch: int) -> dict:
+        """Set per-epoch state (learning rate, drop path, temperature); returns fields for the epoch's row.
+        Called again for an epoch resumed midway, so it must depend on the epoch and the loaded state only."""
+
+    def step(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """One training step; returns the loss and the number of correct predictions. Raises
+        NonFiniteError, before any parameter changes, when a loss or gradient is not finite."""
+
+    def end_epoch(self, epoch: int) -> dict:
+        """After the epoch's last step (schedulers, evaluation); returns fields for the epoch's row."""
+
+    def announce(self, row: dict) -> str:
+        """The console lines for one finished epoch."""
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: ImageData, indices: torch.Tensor, batch_size: int) -> tuple[float, float]:
+    """Loss and accuracy on `indices` without augmentation, in eval mode (running BN statistics).
+    A model that returns `(logits, auxiliary logits)` is scored on its logits."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for batch_idx in indices.split(batch_size):
+        x, y = data.batch(batch_idx)
+        logits = model(x)
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    model.train(was_training)
+    return loss_sum / len(indices), correct / len(indices)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_config(cls, kind: str, config=None, resume: str | Path | None = None, **overrides):
+    """The resolved config of a new run, or of the run saved in `resume` (with its checkpoint).
+
+    Returns `(config, checkpoint)`; `checkpoint` is None for a new run. A resumed run keeps its own
+    settings: only RESUME_OVERRIDES may be given.
+    """
+    if resume is None:
+        return dataclasses.replace(config or cls(), **overrides).resolved(), None
+    run_dir = Path(resume)
+    if not run_dir.is_dir():
+        raise ConfigError(f"resume: {run_dir} is not a run directory")
+    checkpoint = load_checkpoint(run_dir / CHECKPOINT)
+    if checkpoint.get("kind") != kind:
+        raise ConfigError(f"resume: {run_dir} holds a {checkpoint.get('kind')} run, not a {kind} run")
+    changed = sorted(set(overrides) - set(RESUME_OVERRIDES))
+    if config is not None or changed:
+        raise ConfigError(
+            f"resume continues a run with its own settings; only {', '.join(RESUME_OVERRIDES)} may be given"
+            + (f" (got {', '.join(changed)})" if changed else "")
+        )
+    if checkpoint["complete"]:
+        raise ConfigError(f"resume: the run in {run_dir} is already complete")
+    saved = {**checkpoint["config"], "stop_after": None}
+    return dataclasses.replace(cls(**saved), **overrides).resolved(), checkpoint
+
+
+def make_run_dir(out: str | None, kind: str) -> Path:
+    """The run directory: `out` if given (it must not hold a run already), else a new folder under runs/."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"out {path} exists and is not a directory")
+        if (path / METRICS).exists() or (path / CHECKPOINT).exists():
+            raise ConfigError(f"out {path} already holds a run; choose another --out, or --resume it")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"out {path}: cannot create the run directory ({e.strerror})") from None
+        return path
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(1000):
+        path = Path("runs") / (f"{kind}-{stamp}" + (f"-{n}" if n else ""))
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+    raise ConfigError("could not create a new run directory under runs/")
+
+
+class Run:
+    """A run directory and the state that continues it.
+
+    `stateful` maps names to objects with `state_dict()`/`load_state_dict()` (model, optimizers,
+    schedulers, a method's gate state); `generator` is the run's own random stream (data order,
+    augmentation). With `checkpoint`, everything is restored from it and `run_dir` must be its
+    directory; rows logged after it are dropped from metrics.jsonl, since that work is redone.
+    """
+
+    def __init__(self, kind: str, config, run_dir: Path, stateful: dict[str, Any], generator: torch.Generator,
+                 checkpoint: dict | None = None):  # fmt: skip
+        self.kind = kind
+        self.config = config
+        self.dir = Path(run_dir)
+        self.stateful = stateful
+        self.generator = generator
+        # Where the run stands: the epoch, the next step in it, its batches, its running sums, the rows.
+        self.position: dict[str, Any] = {"epoch": 0, "step": 0, "batches": None, "sums": None, "history": []}
+        if checkpoint is None:
+            atomic_write_text(self.dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+            return
+        for name, obj in stateful.items():
+            obj.load_state_dict(checkpoint[name])
+        self.position = checkpoint["position"]
+        set_rng_state(checkpoint["rng"], generator)
+        atomic_write_text(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
+
+    @property
+    def history(self) -> list[dict]:
+        return self.position["history"]
+
+    def save(self, complete: bool = False, **extra) -> None:
+        state = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        state.update(kind=self.kind, config=dataclasses.asdict(self.config), position=self.position,
+                     rng=rng_state(self.generator), complete=complete, **extra)  # fmt: skip
+        save_checkpoint(self.dir / CHECKPOINT, state)
+
+    def resume_hint(self) -> str:
+        return f"resume with: python -m fastdarts.{self.kind} --resume {self.dir}"
+
+    def loop(self, task: Task) -> list[dict]:
+        """Run the remaining epochs of `task`; returns the rows of every epoch.
+
+        A checkpoint is written every `save_every` epochs and when the run stops early: on SIGINT
+        or SIGTERM (after the current step; RunInterrupted), on a non-finite loss or gradient with
+        `on_nan == "stop"` (TrainingDiverged; the last checkpoint is the last good one and is left
+        alone), and after `stop_after` epochs (a normal return; `stopped_early` is then True).
+        """
+        config, position = self.config, self.position
+        bar = None  # sized when the first epoch's batches are known
+        self.stopped_early = False
+        # The bar is closed before any exception's message is printed, so that message stays last.
+        with StopSignals() as stop, contextlib.ExitStack() as closing:
+            while position["epoch"] < config.epochs:
+                if config.stop_after is not None and position["epoch"] >= config.stop_after:
+                    self.save()
+                    self.stopped_early = True
+                    tqdm.write(f"stopped after epoch {position['epoch'] - 1} as asked; {self.resume_hint()}")
+                    break
+                epoch = position["epoch"]
+                if position["batches"] is None:
+                    sums = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "seconds": 0.0}
+                    position.update(step=0, batches=list(task.batches(self.generator)), sums=sums)
+                batches, sums = position["batches"], position["sums"]
+                if bar is None:
+                    bar = tqdm(total=config.epochs * len(batches), initial=epoch * len(batches) + position["step"],
+                               disable=not config.progress, unit="step", dynamic_ncols=True)  # fmt: skip
+                    closing.callback(bar.close)
+                row = {"epoch": epoch, **task.begin_epoch(epoch)}
+                started = time.perf_counter()
+                while position["step"] < len(batches):
+                    step = position["step"]
+                    self._step(task, batches[step], sums, epoch, step)
+                    position["step"] = step + 1
+                    seen = max(sums["seen"], 1)
+                    bar.set_postfix(epoch=epoch, loss=f"{sums['loss'] / seen:.3f}",
+                                    acc=f"{sums['correct'] / seen:.3f}", refresh=False)  # fmt: skip
+                    bar.update()
+                    if stop.signum is not None:
+                        sums["seconds"] += time.perf_counter() - started
+                        self.save()
+                        raise RunInterrupted(
+                            f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch} step {step + 1} "
+                            f"(checkpoint written); {self.resume_hint()}",
+                            128 + stop.signum,
+                        )
+                seen = sums["seen"] or float("nan")  # every step skipped: nothing to average
+                row.update(train_loss=sums["loss"] / seen, train_acc=sums["correct"] / seen,
+                           skipped_steps=sums["skipped"])  # fmt: skip
+                row.update(task.end_epoch(epoch))
+                row["seconds"] = round(sums["seconds"] + time.perf_counter() - started, 3)
+                self.history.append(row)
+                position.update(epoch=epoch + 1, step=0, batches=None, sums=None)
+                if position["epoch"] % config.save_every == 0 and position["epoch"] < config.epochs:
+                    self.save()
+                with open(self.dir / METRICS, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                tqdm.write(task.announce(row))
+        return self.history
+
+    def _step(self, task: Task, batch: torch.Tensor, sums: dict, epoch: int, step: int) -> None:
+        # A skipped step's forward has already folded its batch into the BN running statistics.
+        buffers = None
+        if self.config.on_nan == "skip":
+            buffers = [b.clone() for b in self.stateful["model"].buffers()]
+        try:
+            loss, correct = task.step(batch)
+        except NonFiniteError as e:
+            if self.config.on_nan == "stop" or isinstance(e, NonFiniteWeights):
+                kept = (
+                    f"the last checkpoint ({self.dir / CHECKPOINT}) is intact"
+                    if (self.dir / CHECKPOINT).exists()
+                    else "no checkpoint had been written yet"
+                )
+                raise TrainingDiverged(f"{e} at epoch {epoch} step {step}; stopped, {kept}") from None
+            sums["skipped"] += 1
+            with torch.no_grad():
+                for b, saved in zip(self.stateful["model"].buffers(), buffers):
+                    b.copy_(saved)
+            return
+        n = len(batch)
+        sums["loss"] += loss.item() * n
+        sums["correct"] += correct
+        sums["seen"] += n
+
+
+def run_seeds(run_one, config, seeds: Sequence[int], keys: Sequence[str]) -> dict[str, dict]:
+    """One new run per seed (in `<out>/seed-<s>` when `out` is set), then the mean and the sample
+    standard deviation of each of `keys` in the final metrics, printed and returned (and written to
+    `<out>/seeds.json`). `run_one(config)` runs one seed and returns its final metrics."""
+    if config.stop_after is not None:
+        raise ConfigError("--seeds runs each seed to the end; it does not go with stop_after")
+    finals = []
+    for seed in seeds:
+        out = str(Path(config.out) / f"seed-{seed}") if config.out is not None else None
+        finals.append(run_one(dataclasses.replace(config, seed=seed, out=out)))
+    summary = {}
+    for key in keys:
+        values = np.array([float(final[key]) for final in finals])
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary[key] = {"mean": float(values.mean()), "std": std, "values": values.tolist()}
+    print(f"over {len(seeds)} seeds ({', '.join(map(str, seeds))}), mean ± sample standard deviation:")
+    for key, s in summary.items():
+        print(f"  {key}: {s['mean']:.4f} ± {s['std']:.4f}   ({', '.join(f'{v:.4f}' for v in s['values'])})")
+    if config.out is not None:
+        atomic_write_text(Path(config.out) / "seeds.json", json.dumps({"seeds": list(seeds), **summary}, indent=2))
+    return summary

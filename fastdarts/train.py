@@ -1,0 +1,135 @@
+"""`python -m fastdarts.train --genotype G`: train a found cell from scratch (METHOD.md 1.5), or `run(config)`.
+
+The evaluation network (NetworkCIFAR: affine BN, the genotype's ops only) is trained with SGD and
+a per-epoch cosine schedule, the auxiliary head's loss weighted in, cutout, and a drop-path
+probability that ramps up linearly over the epochs; every epoch is scored on the test split.
+Checkpoints, `--resume`, signals and divergence work as for the search (`fastdarts.runloop`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .bilevel import sgd_step
+from .checkpoint import atomic_write_text
+from .config import TrainConfig, parse_command_line, run_cli
+from .data import ImageData, load_dataset, shuffled_batches
+from .evalnet import NetworkCIFAR, count_parameters
+from .plots import plot_run
+from .runloop import Run, evaluate, make_run_dir, run_seeds, seed_everything, start_config
+from .space import Genotype
+
+
+@dataclass
+class TrainResult:
+    genotype: Genotype
+    parameters: int  # auxiliary head excluded, as DARTS reports it
+    test_acc: float
+    history: list[dict]
+    run_dir: Path
+    stopped_early: bool = False  # stopped by `stop_after`; resume it to finish
+
+
+class TrainTask:
+    """One SGD step of the evaluation network on a training batch (crop, flip, cutout)."""
+
+    def __init__(self, config: TrainConfig, train: ImageData, test: ImageData, model: NetworkCIFAR, optimizer,
+                 scheduler, generator: torch.Generator):  # fmt: skip
+        self.config, self.train, self.test, self.model = config, train, test, model
+        self.optimizer, self.scheduler, self.generator = optimizer, scheduler, generator
+
+    def batches(self, generator):
+        return shuffled_batches(torch.arange(len(self.train)), self.config.batch_size, generator)
+
+    def begin_epoch(self, epoch: int) -> dict:
+        self.model.drop_path_prob = self.config.drop_path_prob * epoch / self.config.epochs
+        self.model.train()
+        return {"lr": self.scheduler.get_last_lr()[0], "drop_path_prob": self.model.drop_path_prob}
+
+    def step(self, batch_idx):
+        cutout = self.config.cutout_length if self.config.cutout else 0
+        x, y = self.train.batch(batch_idx, self.generator, augment=True, cutout=cutout)
+        self.optimizer.zero_grad(set_to_none=True)
+        logits, logits_aux = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        if logits_aux is not None:
+            loss = loss + self.config.auxiliary_weight * F.cross_entropy(logits_aux, y)
+        sgd_step(self.optimizer, self.model.parameters(), loss, self.config.grad_clip)
+        return loss.detach(), int((logits.argmax(1) == y).sum())
+
+    def end_epoch(self, epoch: int) -> dict:
+        self.scheduler.step()
+        test_loss, test_acc = evaluate(self.model, self.test, torch.arange(len(self.test)), self.config.batch_size)
+        return {"test_loss": test_loss, "test_acc": test_acc}
+
+    def announce(self, r: dict) -> str:
+        skipped = f" | {r['skipped_steps']} steps skipped (non-finite)" if r["skipped_steps"] else ""
+        return (
+            f"epoch {r['epoch']}: lr {r['lr']:.4g} drop path {r['drop_path_prob']:.3f} | train loss "
+            f"{r['train_loss']:.4f} acc {r['train_acc']:.4f} | test loss {r['test_loss']:.4f} acc {r['test_acc']:.4f}"
+            f" | {r['seconds']:.1f}s{skipped}"
+        )
+
+
+def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, **overrides) -> TrainResult:
+    """Train a genotype; `overrides` set config fields by name (`run(genotype="DARTS_V1", epochs=5)`).
+
+    `resume` continues the run saved in that directory with its own configuration (only `progress`
+    and `stop_after` may be given) and ends exactly as the uninterrupted run would have.
+    """
+    config, checkpoint = start_config(TrainConfig, "train", config, resume, **overrides)
+    genotype = config.cell()
+    seed_everything(config.seed)
+    train = load_dataset(config.dataset, config.data, "train")
+    test = load_dataset(config.dataset, config.data, "test")
+    run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "train")
+
+    model = NetworkCIFAR(genotype, config.init_channels, train.num_classes, config.layers, config.auxiliary,
+                         train.in_channels)  # fmt: skip
+    parameters = count_parameters(model)
+    optimizer = torch.optim.SGD(
+        model.parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, config.learning_rate_min)
+    generator = torch.Generator().manual_seed(config.seed)
+    train_run = Run("train", config, run_dir, {"model": model, "optimizer": optimizer, "scheduler": scheduler},
+                    generator, checkpoint)  # fmt: skip
+    if checkpoint is None:
+        atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
+    print(f"{genotype}\nevaluation network: {parameters / 1e6:.3f} M parameters (auxiliary head excluded)")
+    history = train_run.loop(TrainTask(config, train, test, model, optimizer, scheduler, generator))
+    test_acc = history[-1]["test_acc"] if history else float("nan")
+    if train_run.stopped_early:
+        return TrainResult(genotype, parameters, test_acc, history, run_dir, stopped_early=True)
+
+    summary = {"parameters": parameters, "test_acc": test_acc, "test_loss": history[-1]["test_loss"]}
+    atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
+    train_run.save(complete=True)
+    plot_run(run_dir / "metrics.jsonl", run_dir)
+    print(f"test accuracy: {test_acc:.4f} ({parameters / 1e6:.3f} M parameters)\nrun directory: {run_dir}")
+    return TrainResult(genotype, parameters, test_acc, history, run_dir)
+
+
+# The final metrics that --seeds summarises.
+SUMMARY_KEYS = ("test_acc", "test_loss", "train_acc", "train_loss")
+
+
+def main(argv=None) -> int:
+    cli = parse_command_line(TrainConfig, argv, "python -m fastdarts.train", "Train a found cell from scratch.")
+    if cli.seeds is not None:
+        run_seeds(lambda config: run(config).history[-1], cli.config, cli.seeds, SUMMARY_KEYS)
+    elif cli.resume is not None:
+        run(resume=cli.resume, **cli.given)
+    else:
+        run(cli.config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
