@@ -35,6 +35,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .config import parse_command_line
 from .data import ImageData
 from .errors import ConfigError, TrainingDiverged
 
@@ -286,3 +287,15 @@ def run_seeds(run_one, config, seeds: Sequence[int], keys: Sequence[str]) -> dic
     if config.out is not None:
         atomic_write_text(Path(config.out) / "seeds.json", json.dumps({"seeds": list(seeds), **summary}, indent=2))
     return summary
+
+
+def entry_point(cls, run, argv, prog: str, description: str, summary_keys: Sequence[str]) -> int:
+    """The command line of a run kind: a new run, `--resume RUN_DIR`, or `--seeds` (one run per seed)."""
+    cli = parse_command_line(cls, argv, prog, description)
+    if cli.seeds is not None:
+        run_seeds(lambda config: run(config).history[-1], cli.config, cli.seeds, summary_keys)
+    elif cli.resume is not None:
+        run(resume=cli.resume, **cli.given)
+    else:
+        run(cli.config)
+    return 0

@@ -19,11 +19,11 @@ import torch
 from .analyze import write_cell_diagrams
 from .bilevel import Architect, weight_step
 from .checkpoint import atomic_write_text
-from .config import SearchConfig, parse_command_line, run_cli
+from .config import SearchConfig, run_cli
 from .data import ImageData, load_dataset, random_batch, shuffled_batches, split_indices
 from .methods import make_method
 from .plots import plot_run
-from .runloop import Run, evaluate, make_run_dir, run_seeds, seed_everything, start_config
+from .runloop import Run, entry_point, evaluate, make_run_dir, seed_everything, start_config
 from .space import Genotype
 from .supernet import SearchNetwork
 
@@ -147,14 +147,8 @@ SUMMARY_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "normal_skip_c
 
 
 def main(argv=None) -> int:
-    cli = parse_command_line(SearchConfig, argv, "python -m fastdarts.search", "DARTS architecture search.")
-    if cli.seeds is not None:
-        run_seeds(lambda config: run(config).history[-1], cli.config, cli.seeds, SUMMARY_KEYS)
-    elif cli.resume is not None:
-        run(resume=cli.resume, **cli.given)
-    else:
-        run(cli.config)
-    return 0
+    return entry_point(SearchConfig, run, argv, "python -m fastdarts.search", "DARTS architecture search.",
+                       SUMMARY_KEYS)  # fmt: skip
 
 
 if __name__ == "__main__":

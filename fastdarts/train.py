@@ -18,11 +18,11 @@ import torch.nn.functional as F
 
 from .bilevel import sgd_step
 from .checkpoint import atomic_write_text
-from .config import TrainConfig, parse_command_line, run_cli
+from .config import TrainConfig, run_cli
 from .data import ImageData, load_dataset, shuffled_batches
 from .evalnet import NetworkCIFAR, count_parameters
 from .plots import plot_run
-from .runloop import Run, evaluate, make_run_dir, run_seeds, seed_everything, start_config
+from .runloop import Run, entry_point, evaluate, make_run_dir, seed_everything, start_config
 from .space import Genotype
 
 
@@ -121,14 +121,8 @@ SUMMARY_KEYS = ("test_acc", "test_loss", "train_acc", "train_loss")
 
 
 def main(argv=None) -> int:
-    cli = parse_command_line(TrainConfig, argv, "python -m fastdarts.train", "Train a found cell from scratch.")
-    if cli.seeds is not None:
-        run_seeds(lambda config: run(config).history[-1], cli.config, cli.seeds, SUMMARY_KEYS)
-    elif cli.resume is not None:
-        run(resume=cli.resume, **cli.given)
-    else:
-        run(cli.config)
-    return 0
+    return entry_point(TrainConfig, run, argv, "python -m fastdarts.train", "Train a found cell from scratch.",
+                       SUMMARY_KEYS)  # fmt: skip
 
 
 if __name__ == "__main__":
