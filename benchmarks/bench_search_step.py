@@ -1,4 +1,4 @@
-"""pytest-benchmark cases of one search step per backend.
+"""pytest-benchmark cases of one search step per provider.
 
     pytest benchmarks/bench_search_step.py --benchmark-enable                          # tiny case, timed
     FASTDARTS_BENCH_FULL=1 pytest benchmarks/bench_search_step.py --benchmark-enable   # batch 64, C=16, 8 cells, 32x32
@@ -14,16 +14,18 @@ import pytest
 from fastdarts import ops
 from fastdarts.bilevel import Architect
 
-from .search_step import main, make_problem, saved_bytes_of_step, search_step
+from .search_step import PROVIDERS, main, make_problem, saved_bytes_of_step, search_step
 
 FULL = os.environ.get("FASTDARTS_BENCH_FULL") == "1"
 CASE = dict(batch=64, C=16, layers=8, size=32) if FULL else dict(batch=4, C=4, layers=3, size=8)
+AVAILABLE = [p for p in ("reference-contiguous", "reference", "cpp") if PROVIDERS[p][0] in ops.available_backends()]
 
 
-@pytest.mark.parametrize("backend", ops.available_backends("weighted_sum", "cpu"))
+@pytest.mark.parametrize("provider", AVAILABLE)
 @pytest.mark.parametrize("order", ["first", "second"])
-def test_search_step(benchmark, backend, order):
-    model, weight_optimizer, (train_batch, val_batch) = make_problem(**CASE)
+def test_search_step(benchmark, provider, order):
+    backend, memory_format, _ = PROVIDERS[provider]
+    model, weight_optimizer, (train_batch, val_batch) = make_problem(**CASE, memory_format=memory_format)
     with ops.use_backend(backend):
         architect = Architect(model, weight_optimizer, unrolled=order == "second")
         benchmark.extra_info.update(saved_bytes_of_step(model, *train_batch))
@@ -36,8 +38,8 @@ def test_search_step(benchmark, backend, order):
 def test_the_script_measures_every_case_in_child_processes(capsys):
     main(["--json", "--batch", "2", "--init_channels", "2", "--layers", "3", "--size", "8", "--repeats", "1"])
     report = json.loads(capsys.readouterr().out)
-    for backend in ops.available_backends("weighted_sum", "cpu"):
+    for provider in AVAILABLE:
         for order in ("first", "second"):
-            case = report["backends"][backend][order]
+            case = report["providers"][provider][order]
             assert case["median_seconds"] > 0 and case["peak_rss_bytes"] > 0
             assert case["saved_bytes"] == max(case["saved_bytes_arch_step"], case["saved_bytes_weight_step"]) > 0

@@ -1,12 +1,14 @@
-"""Time one DARTS search step per backend and count the bytes saved for backward.
+"""Time one DARTS search step per provider and count the bytes saved for backward.
 
-    python benchmarks/search_step.py --json [--batch 64] [--repeats 3] [--backends reference,cpp]
+    python benchmarks/search_step.py --json [--batch 64] [--repeats 3] [--providers reference,cpp]
 
 A first-order step is an architecture step on one batch plus a weight step on another; a
 second-order step replaces the architecture step by the unrolled one (METHOD.md 1.3). The
 network is `SearchNetwork(C=16, layers=8, num_classes=10)` on random 3x32x32 data unless the
-flags say otherwise. One command measures every backend and order, alternating between them;
-each (backend, order) case runs in a fresh child process so that its peak RSS is its own and
+flags say otherwise. Providers: the eager reference with contiguous and with channels_last
+activations, the fused kernels ("cpp"), and torch.compile of the reference network ("compile", not
+run by default: it compiles the whole supernet). One command measures every provider and order,
+alternating between them; each (provider, order) case runs in a fresh child process so that its peak RSS is its own and
 one case's freed-but-fragmented heap cannot push the next one out of memory. Prints one JSON
 object (with --json) or a table.
 """
@@ -32,9 +34,18 @@ from fastdarts.bilevel import Architect, frozen, weight_step
 ORDERS = ("first", "second")
 
 
-def make_problem(batch: int, C: int, layers: int, size: int, seed: int = 0):
+# provider -> (ops backend, memory layout of the network's activations, torch.compile the network?)
+PROVIDERS = {
+    "reference-contiguous": ("reference", torch.contiguous_format, False),
+    "reference": ("reference", torch.channels_last, False),
+    "cpp": ("cpp", torch.channels_last, False),
+    "compile": ("reference", torch.channels_last, True),
+}
+
+
+def make_problem(batch: int, C: int, layers: int, size: int, seed: int = 0, memory_format=torch.channels_last):
     torch.manual_seed(seed)
-    model = SearchNetwork(C=C, num_classes=10, layers=layers, in_channels=3)
+    model = SearchNetwork(C=C, num_classes=10, layers=layers, in_channels=3, memory_format=memory_format)
     weight_optimizer = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     batches = [(torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))) for _ in range(2)]
     return model, weight_optimizer, batches
@@ -83,11 +94,15 @@ def time_steps(fn, repeats: int) -> list[float]:
     return times
 
 
-def run_case(backend: str, order: str, batch: int, C: int, layers: int, size: int, repeats: int) -> dict:
-    """One (backend, order) case in this process."""
-    model, weight_optimizer, (train_batch, val_batch) = make_problem(batch, C, layers, size)
+def run_case(provider: str, order: str, batch: int, C: int, layers: int, size: int, repeats: int) -> dict:
+    """One (provider, order) case in this process."""
+    backend, memory_format, compiled = PROVIDERS[provider]
+    model, weight_optimizer, batches = make_problem(batch, C, layers, size, memory_format=memory_format)
+    train_batch, val_batch = batches
     with ops.use_backend(backend):
         result = saved_bytes_of_step(model, *train_batch)
+        if compiled:  # after counting: the compiled graph's saved tensors are inductor's business
+            model.compile()
         architect = Architect(model, weight_optimizer, unrolled=order == "second")
         times = time_steps(lambda: search_step(model, weight_optimizer, architect, train_batch, val_batch), repeats)
     result["median_seconds"] = statistics.median(times)
@@ -103,28 +118,35 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--size", type=int, default=32, help="image height and width")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (after one warm-up)")
-    parser.add_argument("--backends", default=None, help="comma-separated (default: every available one)")
+    parser.add_argument(
+        "--providers", default=None,
+        help=f"comma-separated, from {', '.join(PROVIDERS)} (default: reference-contiguous, reference and cpp)",
+    )  # fmt: skip
     parser.add_argument("--orders", default="first,second", help="first, second or both")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--in_process", action="store_true", help="run the cases in this process (no children)")
-    parser.add_argument("--one_case", help=argparse.SUPPRESS)  # BACKEND:ORDER, used by the parent
+    parser.add_argument("--one_case", help=argparse.SUPPRESS)  # PROVIDER:ORDER, used by the parent
     args = parser.parse_args(argv)
     shape = dict(batch=args.batch, C=args.init_channels, layers=args.layers, size=args.size, repeats=args.repeats)
     if args.one_case:
-        backend, order = args.one_case.split(":")
-        print(json.dumps(run_case(backend, order, **shape)))
+        provider, order = args.one_case.split(":")
+        print(json.dumps(run_case(provider, order, **shape)))
         return 0
 
-    backends = args.backends.split(",") if args.backends else ops.available_backends("weighted_sum", "cpu")
+    default = [p for p in ("reference-contiguous", "reference", "cpp") if PROVIDERS[p][0] in ops.available_backends()]
+    providers = args.providers.split(",") if args.providers else default
+    for provider in providers:
+        if provider not in PROVIDERS:
+            parser.error(f"--providers: unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
     orders = args.orders.split(",")
     for order in orders:
         if order not in ORDERS:
             parser.error(f"--orders: unknown order {order!r}; choose from {', '.join(ORDERS)}")
-    results: dict[str, dict] = {b: {} for b in backends}
-    for order in orders:  # alternate backends inside each order, so drifting load hits both alike
-        for backend in backends:
+    results: dict[str, dict] = {p: {} for p in providers}
+    for order in orders:  # alternate providers inside each order, so drifting load hits them alike
+        for provider in providers:
             if args.in_process:
-                results[backend][order] = run_case(backend, order, **shape)
+                results[provider][order] = run_case(provider, order, **shape)
                 continue
             child = subprocess.run(
                 [
@@ -132,29 +154,29 @@ def main(argv=None) -> int:
                     str(Path(__file__).resolve()),
                     *(argv or sys.argv[1:]),
                     "--one_case",
-                    f"{backend}:{order}",
+                    f"{provider}:{order}",
                 ],
                 capture_output=True,
                 text=True,
             )
             if child.returncode != 0:
                 tail = child.stderr.strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
-                raise SystemExit(f"case {backend}:{order} failed: {tail[0]}")
-            results[backend][order] = json.loads(child.stdout)
+                raise SystemExit(f"case {provider}:{order} failed: {tail[0]}")
+            results[provider][order] = json.loads(child.stdout)
     report = {
         "case": {**shape, "num_classes": 10},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
-        "backends": results,
+        "providers": results,
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        for backend, r in results.items():
+        for provider, r in results.items():
             for order, c in r.items():
                 print(
-                    f"{backend:>10} {order}-order: {c['median_seconds']:.3f} s median, "
+                    f"{provider:>20} {order}-order: {c['median_seconds']:.3f} s median, "
                     f"saved for backward {c['saved_bytes'] / 2**30:.3f} GiB, "
                     f"peak RSS {c['peak_rss_bytes'] / 2**30:.2f} GiB"
                 )

@@ -16,8 +16,10 @@ from . import ops
 from .methods import DARTSMethod, Method
 from .space import OPS, PRIMITIVES, FactorizedReduce, Genotype, ReLUConvBN, Zero, cell_edge_count
 
-# `none` contributes zeros, so it takes part in the weights but is never computed.
+# `none` contributes zeros, so it takes part in the weights but is never computed; every other
+# primitive is a candidate of the fused mixed op, in the same order.
 _COMPUTED = tuple(name for name in PRIMITIVES if name != "none")
+assert _COMPUTED == ops.MIXED_OP_CANDIDATES, "PRIMITIVES and the mixed op's candidates must agree"
 _COMPUTED_COLUMNS = tuple(PRIMITIVES.index(name) for name in _COMPUTED)
 _CANDIDATE_OF_COLUMN = {column: i for i, column in enumerate(_COMPUTED_COLUMNS)}
 
@@ -32,7 +34,12 @@ def selected_columns(mask: torch.Tensor | None) -> list[Columns] | None:
 
 
 class MixedOp(nn.Module):
-    """One edge: every candidate op of the search space on the same input."""
+    """One edge: every candidate op of the search space on the same input, computed by `ops.mixed_op`.
+
+    The candidate modules hold the parameters and BN buffers (so checkpoints keep DARTS's layout); the forward
+    hands them to the fused op as one node and updates the BNs' running statistics from the batch statistics it
+    returns, as nn.BatchNorm2d would.
+    """
 
     def __init__(self, C: int, stride: int):
         super().__init__()
@@ -44,10 +51,17 @@ class MixedOp(nn.Module):
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             candidates.append(op)
         self.candidates = nn.ModuleList(candidates)
+        self.bns = [m for op in candidates for m in op.modules() if isinstance(m, nn.BatchNorm2d)]
+        # Per candidate, its BNs (the rows of the op's statistics), in ops.mixed_op_layout order.
+        self.bn_rows, row = [], 0
+        for op in candidates:
+            count = sum(isinstance(m, nn.BatchNorm2d) for m in op.modules())
+            self.bn_rows.append(range(row, row + count))
+            row += count
 
-    def candidate_outputs(self, x: torch.Tensor, columns: Columns = _COMPUTED_COLUMNS) -> list[torch.Tensor]:
-        """The outputs of the candidates in `columns` (PRIMITIVES columns other than `none`), in that order."""
-        return [self.candidates[_CANDIDATE_OF_COLUMN[c]](x) for c in columns]
+    def conv_weights(self) -> list[torch.Tensor]:
+        """The convs' weights in the order ops.mixed_op takes them (each candidate's in registration order)."""
+        return [p for op in self.candidates for p in op.parameters()]
 
     def zeros(self, x: torch.Tensor) -> torch.Tensor:
         """What the edge gives when only `none` is selected."""
@@ -61,7 +75,30 @@ class MixedOp(nn.Module):
         columns = _COMPUTED_COLUMNS if columns is None else columns
         if not columns:
             return self.zeros(x)
-        return ops.weighted_sum(self.candidate_outputs(x, columns), weights[list(columns)])
+        candidates = [_CANDIDATE_OF_COLUMN[c] for c in columns]
+        bn = self.bns[0]
+        running = None if self.training else (torch.stack([b.running_mean for b in self.bns]),
+                                              torch.stack([b.running_var for b in self.bns]))  # fmt: skip
+        out, mean, var = ops.mixed_op(
+            x, weights[list(_COMPUTED_COLUMNS)], self.conv_weights(), self.stride, candidates,
+            *(running or (None, None)), self.training, bn.eps,
+        )  # fmt: skip
+        if self.training and bn.track_running_stats:
+            self._update_running_statistics(candidates, mean, var, out.numel() // out.shape[1])
+        return out
+
+    @torch.no_grad()
+    def _update_running_statistics(self, candidates: Columns, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """nn.BatchNorm2d's update: an exponential average with the BN's momentum, of the unbiased variance."""
+        unbiased = var * (n / max(n - 1, 1))
+        for k in candidates:
+            for row in self.bn_rows[k]:
+                bn = self.bns[row]
+                bn.num_batches_tracked.add_(1)
+                # momentum None: a cumulative average, as nn.BatchNorm2d keeps it
+                momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+                bn.running_mean.lerp_(mean[row], momentum)
+                bn.running_var.lerp_(unbiased[row], momentum)
 
 
 class SearchCell(nn.Module):
@@ -87,20 +124,16 @@ class SearchCell(nn.Module):
     ) -> torch.Tensor:
         """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all)."""
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        num_ops = weights.shape[1]
         offset = 0
         for _ in range(self.steps):
-            # One weighted sum per node over the computed candidates of every incoming edge: the
-            # same value as summing the edges' mixed ops, with no per-edge partial sums.
-            outputs, flat_index = [], []
+            node = None
             for edge, h in enumerate(states, start=offset):
-                edge_columns = _COMPUTED_COLUMNS if columns is None else columns[edge]
-                outputs += self.edges[edge].candidate_outputs(h, edge_columns)
-                flat_index += [edge * num_ops + c for c in edge_columns]
-            if outputs:
-                node_weights = weights.reshape(-1)[torch.tensor(flat_index, device=weights.device)]
-                node = ops.weighted_sum(outputs, node_weights)
-            else:  # every incoming edge selected only `none`
+                edge_columns = None if columns is None else columns[edge]
+                if edge_columns is not None and not edge_columns:
+                    continue  # only `none`: adds zeros
+                out = self.edges[edge](h, weights[edge], edge_columns)
+                node = out if node is None else node + out
+            if node is None:  # every incoming edge selected only `none`
                 node = self.edges[offset].zeros(states[0])
             offset += len(states)
             states.append(node)
@@ -126,8 +159,10 @@ class SearchNetwork(nn.Module):
         multiplier: int = 4,
         stem_multiplier: int = 3,
         method: Method | None = None,
+        memory_format: torch.memory_format = torch.channels_last,
     ):
         super().__init__()
+        self.memory_format = memory_format
         for name, value, low in (("C", C, 1), ("num_classes", num_classes, 2), ("layers", layers, 1),
                                  ("in_channels", in_channels, 1), ("steps", steps, 1),
                                  ("multiplier", multiplier, 1), ("stem_multiplier", stem_multiplier, 1)):  # fmt: skip
@@ -195,7 +230,9 @@ class SearchNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.method.forward_weights(self.arch_parameters_by_cell())
         columns = {kind: selected_columns(w.mask) for kind, w in weights.items()}
-        s0 = s1 = self.stem(x)
+        # channels_last by default: the layout the fused kernels compute in, and the faster one for eager PyTorch on
+        # the CPU too (the fused op returns channels_last whatever it is given).
+        s0 = s1 = self.stem(x).contiguous(memory_format=self.memory_format)
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
             s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind])

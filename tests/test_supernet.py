@@ -78,3 +78,49 @@ def test_cpp_and_reference_backends_agree_on_the_whole_network(train):
     torch.testing.assert_close(results["cpp"][0], results["reference"][0], rtol=1e-4, atol=1e-6)
     for g_cpp, g_ref in zip(results["cpp"][1], results["reference"][1]):
         torch.testing.assert_close(g_cpp, g_ref, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mixed_op_updates_running_statistics_like_batch_norm(backend, stride):
+    torch.manual_seed(0)
+    edge = MixedOp(4, stride)
+    modules = MixedOp(4, stride)
+    modules.load_state_dict(edge.state_dict())
+    x = torch.randn(3, 4, 9, 9)
+    w = torch.randn(len(PRIMITIVES)).softmax(-1)
+    for _ in range(2):
+        with ops.use_backend(backend):
+            edge(x, w)
+        for op in modules.candidates:  # nn.BatchNorm2d's own update, one candidate module at a time
+            op(x)
+    for (name, got), want in zip(edge.state_dict().items(), modules.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+    # Evaluation normalises with those running statistics.
+    edge.eval(), modules.eval()
+    with ops.use_backend(backend):
+        got = edge(x, w)
+    want = sum(wk * op(x) for wk, op in zip(w[1:], modules.candidates))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@requires_ext
+@pytest.mark.slow
+def test_fused_search_step_compiles_with_fullgraph():
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3)
+    x, y = torch.randn(2, 3, 8, 8), torch.randint(0, 10, (2,))
+
+    def loss_fn(x, y):
+        return torch.nn.functional.cross_entropy(net(x), y)
+
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    eager_loss = loss_fn(x, y)
+    eager_grads = torch.autograd.grad(eager_loss, list(net.parameters()))
+    net.load_state_dict(state)
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, y)
+    grads = torch.autograd.grad(loss, list(net.parameters()))
+    torch.testing.assert_close(loss, eager_loss)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)

@@ -15,12 +15,17 @@ from torch import Tensor
 
 from ._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from ._registry import BACKENDS, available_backends, dispatch, use_backend
+from .reference import MIXED_OP_CANDIDATES, mixed_op_layout, mixed_op_weight_shapes
 
 __all__ = [
     "BACKENDS",
     "EXTENSION_ERROR",
     "EXTENSION_LOADED",
+    "MIXED_OP_CANDIDATES",
     "available_backends",
+    "mixed_op",
+    "mixed_op_layout",
+    "mixed_op_weight_shapes",
     "relu_dwconv",
     "sample_gates",
     "use_backend",
@@ -35,12 +40,13 @@ def weighted_sum(xs: Sequence[Tensor], w: Tensor, *, backend: str | None = None)
         xs: K >= 1 tensors of one shape (any), dtype and device. The output takes the memory
             layout of `xs[0]` (channels_last stays channels_last).
         w: shape [K], the dtype and device of `xs`; typically a softmax of architecture weights.
-        backend: "reference" or "cpp" for this call; None follows `use_backend`, then
-            FASTDARTS_BACKEND, then the device ("cpp" for CPU tensors when built).
+        backend: "reference", "cpp" or "triton" for this call; None follows `use_backend`, then
+            FASTDARTS_BACKEND, then the device ("cpp" for CPU tensors when built, "triton" for CUDA
+            tensors when triton imports).
 
     Differentiable in every `xs[k]` (`w[k] * grad`) and in `w` (`sum(grad * xs[k])`), twice.
     Raises ValueError for an empty list, mismatched shapes or devices, or `w` not of shape [K];
-    TypeError for mismatched dtypes (and, on "cpp", dtypes other than float32/float64).
+    TypeError for mismatched dtypes (and, on "cpp" and "triton", dtypes other than float32/float64).
     """
     return dispatch("weighted_sum", w.device, backend)(xs, w)
 
@@ -67,10 +73,11 @@ def sample_gates(
         generator: the source of every random number (uniforms, then exploration draws, then one
             column permutation); draws happen on its device and move to beta's. None: the default
             generator of beta's device.
-        backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND,
-            then the device ("cpp" for CPU tensors when built). Both draw the same random numbers from
-            the generator; "cpp" then computes every gate in one C++ pass. The C++ and PyTorch log and
-            exp can differ in the last bit, so g, `p_nonzero` and the gradients agree to a rounding, and
+        backend: "reference", "cpp" or "triton" for this call; None follows `use_backend`, then
+            FASTDARTS_BACKEND, then the device ("cpp" for CPU tensors when built, "triton" for CUDA
+            tensors when triton imports). All draw the same random numbers from the generator; "cpp"
+            and "triton" then compute every gate in one kernel. Their log and exp and PyTorch's
+            can differ in the last bit, so g, `p_nonzero` and the gradients agree to a rounding, and
             the masks (so the top-k gates) are identical unless such a bit decides a near-tie of g.
 
     Returns `(gates, mask, p_nonzero)`, each the shape, dtype and device of `beta`:
@@ -85,8 +92,8 @@ def sample_gates(
         p_nonzero: `P(g != 0) = sigmoid(beta - tau * log(-a / b))`, differentiable in beta.
 
     Differentiable in beta, any number of times. Raises ValueError for a beta that is not 2-D or
-    settings out of range, TypeError for a beta that is not floating point (and, on "cpp", not
-    float32/float64), before any random number is drawn.
+    settings out of range, TypeError for a beta that is not floating point (and, on "cpp" and
+    "triton", not float32/float64), before any random number is drawn.
     """
     return dispatch("sample_gates", beta.device, backend)(beta, tau, a, b, k, explore_p, generator)
 
@@ -113,16 +120,59 @@ def relu_dwconv(
         dilations: K positive ints, one per kernel. The padding is "same": dilations[i] * (k_i - 1) // 2.
         stride: a positive int shared by the K kernels (1, or 2 on a DARTS reduction edge).
         relu: apply ReLU to `x` first (True in DARTS); False convolves `x` itself.
-        backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND, then
-            the device ("cpp" for CPU tensors when built).
+        backend: "reference", "cpp" or "triton" for this call; None follows `use_backend`, then FASTDARTS_BACKEND,
+            then the device ("cpp" for CPU tensors when built, "triton" for CUDA tensors when triton imports).
 
     Returns:
         K tensors [N, C, (H - 1) // stride + 1, (W - 1) // stride + 1], laid out like `x` (channels_last in,
         channels_last out).
 
-    Differentiable in `x` and every weight, any number of times. The "cpp" backend saves only `x` and the
-    weights for backward, recomputes relu(x) there, and computes only the gradients asked for. Raises
+    Differentiable in `x` and every weight, any number of times. The "cpp" and "triton" backends save only `x`
+    and the weights for backward, recompute relu(x) there, and compute only the gradients asked for. Raises
     ValueError for a shape, length or device problem or a stride or dilation below 1; TypeError for mismatched
-    dtypes (and, on "cpp", dtypes other than float32/float64).
+    dtypes (and, on "cpp" and "triton", dtypes other than float32/float64).
     """
     return dispatch("relu_dwconv", x.device, backend)(x, weights, dilations, stride, relu)
+
+
+def mixed_op(
+    x: Tensor,
+    w: Tensor,
+    weights: Sequence[Tensor],
+    stride: int,
+    candidates: Sequence[int] = tuple(range(len(MIXED_OP_CANDIDATES))),
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    training: bool = True,
+    eps: float = 1e-5,
+    *,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One DARTS edge, `sum_k w[k] * o_k(x)` over the candidates MIXED_OP_CANDIDATES (METHOD.md 1.1), in one node.
+
+    Args:
+        x: [N, C, H, W], float32 or float64 (channels_last is the layout the "cpp" backend computes in).
+        w: [7], the weight of each candidate (`none` excluded: it adds zeros); those not computed are ignored.
+        weights: every conv weight of the edge, shapes `mixed_op_weight_shapes(C, stride)` (sep_conv_k: depthwise,
+            pointwise, depthwise, pointwise; dil_conv_k: depthwise, pointwise; at stride 2 the skip's
+            FactorizedReduce convs first), passed whatever `candidates` computes.
+        stride: 1, or 2 on a reduction edge (C must then be even).
+        candidates: increasing indices into MIXED_OP_CANDIDATES, the ops to compute (PR-DARTS's top-k); empty
+            gives zeros.
+        bn_mean, bn_var: [B, C], the running statistics of the edge's B affine-free BNs (rows in
+            `mixed_op_layout(stride)` order): what evaluation normalises with. Ignored in training.
+        training: normalise with the batch's statistics (and return them) or with bn_mean and bn_var.
+        eps: the BNs' epsilon.
+        backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND, then the
+            device ("cpp" for CPU tensors when built).
+
+    Returns (out [N, C, (H-1)//stride + 1, (W-1)//stride + 1], mean [B, C], var [B, C]): in training the batch
+    mean and biased variance each BN normalised with (rows of candidates not computed: 0 and 1), from which the
+    caller updates its running statistics; in evaluation copies of bn_mean and bn_var.
+
+    Differentiable in x, w and every conv weight (once on "cpp"; the reference any number of times). The "cpp"
+    backend keeps only x, w, the weights and the statistics for backward and recomputes the edge there; it
+    computes only the gradients asked for. Raises ValueError for a shape, length, stride or candidate problem
+    and TypeError for mismatched dtypes (on "cpp", also for dtypes other than float32/float64).
+    """
+    return dispatch("mixed_op", x.device, backend)(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps)

@@ -24,7 +24,7 @@ from . import reference
 from ._extension import EXTENSION_ERROR, EXTENSION_LOADED
 
 if EXTENSION_LOADED:
-    from . import _cpp
+    from . import _cpp, _mixed_op
 
 BACKENDS: tuple[str, ...] = ("reference", "cpp")
 ENV_VAR = "FASTDARTS_BACKEND"
@@ -38,6 +38,10 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
     "relu_dwconv": {
         "reference": reference.relu_dwconv,
         **({"cpp": _cpp.relu_dwconv} if EXTENSION_LOADED else {}),
+    },
+    "mixed_op": {
+        "reference": reference.mixed_op,
+        **({"cpp": _mixed_op.fused_mixed_op} if EXTENSION_LOADED else {}),
     },
     "sample_gates": {
         "reference": reference.sample_gates,

@@ -333,3 +333,191 @@ def relu_dwconv(
         F.conv2d(r, w, stride=stride, padding=d * (w.shape[-1] - 1) // 2, dilation=d, groups=groups)
         for w, d in zip(weights, dilations)
     ]
+
+
+# ----------------------------------------------------------------------------------------------
+# The DARTS mixed op (METHOD.md 1.1): one edge of the search cell, `sum_k w[k] * o_k(x)` over the
+# candidates below (`none` contributes zeros and is never computed). Every BN is affine-free and,
+# in training, normalises with the batch statistics, which the op returns so that the caller can
+# update its running averages; in evaluation it normalises with the running statistics given.
+
+MIXED_OP_CANDIDATES: tuple[str, ...] = (
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "skip_connect",
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+)
+
+
+def mixed_op_layout(stride: int) -> list[tuple[int, int]]:
+    """Per candidate: (conv weights it takes, BNs it has). The op's `weights` and BN rows are these, in order.
+
+    The conv weights, each without bias: skip at stride 2 (FactorizedReduce): two [C/2, C, 1, 1]; sep_conv_k:
+    depthwise [C, 1, k, k], pointwise [C, C, 1, 1], depthwise, pointwise; dil_conv_k: depthwise, pointwise.
+    The BNs: one after each pool, after FactorizedReduce, after each pointwise conv.
+    """
+    skip = (0, 0) if stride == 1 else (2, 1)
+    return [(0, 1), (0, 1), skip, (4, 2), (4, 2), (2, 1), (2, 1)]
+
+
+def mixed_op_weight_shapes(C: int, stride: int) -> list[list[int]]:
+    """The shape of every conv weight of a mixed op on C channels, in the order of mixed_op_layout."""
+    dw = {3: [C, 1, 3, 3], 5: [C, 1, 5, 5]}
+    pw = [C, C, 1, 1]
+    skip = [] if stride == 1 else [[C // 2, C, 1, 1]] * 2
+    return [*skip, dw[3], pw, dw[3], pw, dw[5], pw, dw[5], pw, dw[3], pw, dw[5], pw]
+
+
+def mixed_op_output_shape(x: Tensor, stride: int) -> list[int]:
+    """Every candidate pads to keep the size at stride 1 and halves it (rounding up) at stride 2."""
+    return relu_dwconv_output_shape(x, stride)
+
+
+def check_mixed_op_arguments(
+    op: str,
+    x: Tensor,
+    w: Tensor,
+    weights: Sequence[Tensor],
+    stride: int,
+    candidates: Sequence[int],
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+    training: bool,
+    require: Require = raise_unless,
+) -> None:
+    check_images(op, "x", x, require)
+    require(stride in (1, 2), ValueError, lambda: f"{op}: stride must be 1 or 2, got {stride}")
+    C = x.shape[1]
+    require(
+        stride == 1 or C % 2 == 0,
+        ValueError,
+        lambda: f"{op}: a stride-2 edge needs an even channel count (FactorizedReduce), got C = {C}",
+    )
+    K = len(MIXED_OP_CANDIDATES)
+    require(
+        w.dim() == 1 and w.shape[0] == K,
+        ValueError,
+        lambda: f"{op}: w must have shape [K] with K = {K} (one weight per candidate), got shape {list(w.shape)}",
+    )
+    check_dtype_and_device(op, "w", w, "x", x, require)
+    shapes = mixed_op_weight_shapes(C, stride)
+    require(
+        len(weights) == len(shapes),
+        ValueError,
+        lambda: f"{op}: weights must hold the {len(shapes)} conv weights of a stride-{stride} edge, got {len(weights)}",
+    )
+    for i, (t, shape) in enumerate(zip(weights, shapes)):
+        require(
+            list(t.shape) == shape,
+            ValueError,
+            lambda i=i, t=t, shape=shape: f"{op}: weights[{i}] must have shape {shape}, got {list(t.shape)}",
+        )
+        check_dtype_and_device(op, f"weights[{i}]", t, "x", x, require)
+    require(
+        all(0 <= c < K for c in candidates) and all(a < b for a, b in zip(candidates, candidates[1:])),
+        ValueError,
+        lambda: f"{op}: candidates must be increasing indices in 0..{K - 1}, got {list(candidates)}",
+    )
+    if not training:
+        B = sum(bns for _, bns in mixed_op_layout(stride))
+        for name, stats in (("bn_mean", bn_mean), ("bn_var", bn_var)):
+            require(
+                stats is not None and list(stats.shape) == [B, C],
+                ValueError,
+                lambda name=name, stats=stats: (
+                    f"{op}: in evaluation {name} must be the running statistics [{B}, {C}] of the edge's BNs, "
+                    f"got {None if stats is None else list(stats.shape)}"
+                ),
+            )
+            check_dtype_and_device(op, name, stats, "x", x, require)
+
+
+def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor) -> Tensor:
+    """The skip candidate of a stride-2 edge before its BN: ReLU, two 1x1 stride-2 convs, on x and on x shifted by
+    one pixel (padded back to x's size when a side is odd, so both halves align), concatenated."""
+    r = x.relu()
+    shifted = r[:, :, 1:, 1:]
+    if x.shape[-1] % 2 or x.shape[-2] % 2:
+        shifted = F.pad(shifted, (0, 1, 0, 1))
+    return torch.cat([F.conv2d(r, conv_1, stride=2), F.conv2d(shifted, conv_2, stride=2)], dim=1)
+
+
+def mixed_op(
+    x: Tensor,
+    w: Tensor,
+    weights: Sequence[Tensor],
+    stride: int,
+    candidates: Sequence[int] = tuple(range(len(MIXED_OP_CANDIDATES))),
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    training: bool = True,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One DARTS edge: `out = sum_{k in candidates} w[k] * o_k(x)`.
+
+    Args:
+        x: [N, C, H, W].
+        w: [7], one weight per MIXED_OP_CANDIDATES entry (`none` excluded); those not in `candidates` are ignored.
+        weights: the edge's conv weights, mixed_op_weight_shapes(C, stride), all of them whatever is computed.
+        stride: 1, or 2 on a reduction edge.
+        candidates: the indices into MIXED_OP_CANDIDATES to compute, increasing; empty gives zeros.
+        bn_mean, bn_var: [B, C] running statistics of the edge's B BNs (rows in mixed_op_layout order), used
+            in evaluation; ignored in training.
+        training: normalise with batch statistics (True) or with bn_mean and bn_var.
+        eps: the BNs' epsilon.
+
+    Returns (out [N, C, H_out, W_out], mean [B, C], var [B, C]): in training the batch mean and biased
+    variance each BN normalised with (rows of candidates not computed: 0 and 1); in evaluation copies of
+    bn_mean and bn_var. Differentiable in x, w and every conv weight; mean and var are not.
+    """
+    check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training)
+    C = x.shape[1]
+    layout = mixed_op_layout(stride)
+    B = sum(bns for _, bns in layout)
+    if training:
+        mean, var = x.new_zeros(B, C), x.new_ones(B, C)
+    else:
+        mean, var = bn_mean.detach().clone(), bn_var.detach().clone()
+
+    def bn(t: Tensor, row: int) -> Tensor:
+        if not training:
+            return F.batch_norm(t, bn_mean[row], bn_var[row], training=False, eps=eps)
+        # With momentum 1 the "running" buffers receive the batch mean and unbiased variance: nn.BatchNorm2d's own
+        # single ATen call, so this reference costs what DARTS's modules cost.
+        batch_mean, batch_var = t.new_zeros(C), t.new_ones(C)
+        y = F.batch_norm(t, batch_mean, batch_var, training=True, momentum=1.0, eps=eps)
+        n = t.numel() // C
+        mean[row], var[row] = batch_mean, batch_var * ((n - 1) / n)
+        return y
+
+    def conv(t: Tensor, dw: Tensor, pw: Tensor, stride: int, dilation: int) -> Tensor:
+        padding = dilation * (dw.shape[-1] - 1) // 2
+        t = F.conv2d(t.relu(), dw, stride=stride, padding=padding, dilation=dilation, groups=C)
+        return F.conv2d(t, pw)
+
+    outputs = []
+    weight_at, row_at = 0, 0
+    for k, (num_weights, num_bns) in enumerate(layout):
+        ws, row = weights[weight_at : weight_at + num_weights], row_at
+        weight_at, row_at = weight_at + num_weights, row_at + num_bns
+        if k not in candidates:
+            continue
+        name = MIXED_OP_CANDIDATES[k]
+        if name == "max_pool_3x3":
+            y = bn(F.max_pool2d(x, 3, stride, 1), row)
+        elif name == "avg_pool_3x3":
+            y = bn(F.avg_pool2d(x, 3, stride, 1, count_include_pad=False), row)
+        elif name == "skip_connect":
+            y = x if stride == 1 else bn(factorized_reduce(x, *ws), row)
+        elif name.startswith("sep_conv"):
+            u = bn(conv(x, ws[0], ws[1], stride, 1), row)
+            y = bn(conv(u, ws[2], ws[3], 1, 1), row + 1)
+        else:  # dil_conv
+            y = bn(conv(x, ws[0], ws[1], stride, 2), row)
+        outputs.append(y)
+    if not outputs:
+        return x.new_zeros(mixed_op_output_shape(x, stride)), mean, var
+    return weighted_sum(outputs, w[list(candidates)]), mean, var

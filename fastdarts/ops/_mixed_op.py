@@ -1,0 +1,381 @@
+"""The "cpp" backend's mixed op: one autograd node per DARTS edge, built from the C++ kernels and ATen GEMMs,
+imported only when fastdarts._C loaded.
+
+Forward: relu(x) is read once by the relu_dwconv kernel for the first stage of all four convolutions; every
+1x1 pointwise conv is one GEMM on the channels_last matrix [N*H*W, C]; each affine-free BN is ATen's
+channels_last batch norm; the candidates meet in the weighted_sum kernel. Only the sum leaves the op.
+
+Memory: autograd keeps x (which the cell holds anyway), the weights and the BN statistics ([B, C] each). The
+backward recomputes the edge's intermediates, uses them, and drops them: an edge's activations live for one
+forward or backward call, not from the forward to the backward of the whole network. It computes only what
+is asked for: no conv-weight gradients in a first-order architecture step, no `w` gradient in a weight step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from .reference import (
+    MIXED_OP_CANDIDATES,
+    check_mixed_op_arguments,
+    factorized_reduce,
+    mixed_op_layout,
+    mixed_op_output_shape,
+)
+
+_CHANNELS_LAST = torch.channels_last
+_MAX_POOL, _AVG_POOL, _SKIP, _SEP3, _SEP5, _DIL3, _DIL5 = range(len(MIXED_OP_CANDIDATES))
+_FIRST_STAGE_DILATION = {_SEP3: 1, _SEP5: 1, _DIL3: 2, _DIL5: 2}
+
+
+def _pointwise(z: Tensor, weight: Tensor) -> Tensor:
+    """A 1x1 conv of a channels_last z as one GEMM on its [N*H*W, C] matrix (a view, no copy)."""
+    N, C, H, W = z.shape
+    t = torch.mm(z.permute(0, 2, 3, 1).reshape(-1, C), weight.reshape(weight.shape[0], C).t())
+    return t.view(N, H, W, -1).permute(0, 3, 1, 2)
+
+
+def _pointwise_weight_grad(dt: Tensor, z: Tensor) -> Tensor:
+    """dL/dweight of _pointwise(z, weight) for dL/dt: one GEMM, dt^T z, as [C_out, C_in, 1, 1]."""
+    C_out, C_in = dt.shape[1], z.shape[1]
+    grad = torch.mm(dt.permute(0, 2, 3, 1).reshape(-1, C_out).t(), z.permute(0, 2, 3, 1).reshape(-1, C_in))
+    return grad.view(C_out, C_in, 1, 1)
+
+
+def _pointwise_input_grad(dt: Tensor, weight: Tensor) -> Tensor:
+    """dL/dz of _pointwise(z, weight) for dL/dt: one GEMM, dt weight."""
+    N, C_out, H, W = dt.shape
+    dz = torch.mm(dt.permute(0, 2, 3, 1).reshape(-1, C_out), weight.reshape(C_out, -1))
+    return dz.view(N, H, W, -1).permute(0, 3, 1, 2)
+
+
+def _factorized_reduce_backward(
+    dt: Tensor, x: Tensor, conv_1: Tensor, conv_2: Tensor, input_grad: bool, weight_grad: bool
+) -> tuple[Tensor | None, list[Tensor]]:
+    """(dL/drelu(x), [dL/dconv_1, dL/dconv_2]) of reference.factorized_reduce for its output gradient dt."""
+    r = x.relu()
+    H, W = x.shape[-2:]
+    shifted = r[:, :, 1:, 1:]
+    if H % 2 or W % 2:
+        shifted = F.pad(shifted, (0, 1, 0, 1))
+    half = conv_1.shape[0]
+    grads, input_grads = [], []
+    for conv, t, d in ((conv_1, r, dt[:, :half]), (conv_2, shifted, dt[:, half:])):
+        d_input, d_conv, _ = torch.ops.aten.convolution_backward.default(
+            d, t, conv, None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1, [input_grad, weight_grad, False]
+        )
+        input_grads.append(d_input)
+        grads.append(d_conv)
+    if not input_grad:
+        return None, grads
+    grad_r = input_grads[0].clone()
+    grad_r[:, :, 1:, 1:] += input_grads[1][:, :, : H - 1, : W - 1]
+    return grad_r, grads
+
+
+class _Edge:
+    """The forward of one edge, keeping what the backward needs when asked to (`keep`)."""
+
+    def __init__(self, x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, keep):
+        self.x, self.stride, self.candidates = x, stride, list(candidates)
+        self.training, self.eps, self.keep = training, eps, keep
+        C = x.shape[1]
+        layout = mixed_op_layout(stride)
+        B = sum(bns for _, bns in layout)
+        # Where each candidate's weights and BN rows start.
+        self.weights, self.rows, weight_at, row_at = {}, {}, 0, 0
+        for k, (num_weights, num_bns) in enumerate(layout):
+            self.weights[k], self.rows[k] = list(weights[weight_at : weight_at + num_weights]), row_at
+            weight_at, row_at = weight_at + num_weights, row_at + num_bns
+        if training:
+            self.mean, self.var = x.new_zeros(B, C), x.new_ones(B, C)
+        else:
+            self.mean, self.var = bn_mean.clone(), bn_var.clone()
+        self.kept: dict[str, Tensor] = {}  # the pre-BN tensors (and a few others) for the backward
+        self.outputs = [self._candidate(k) for k in self._first_stage_then_rest()]
+        self.w = w
+
+    def _first_stage_then_rest(self) -> list[int]:
+        convs = [k for k in self.candidates if k in _FIRST_STAGE_DILATION]
+        if convs:
+            self.first_stage_weights = [self.weights[k][0] for k in convs]
+            self.first_stage_dilations = [_FIRST_STAGE_DILATION[k] for k in convs]
+            zs = torch.ops.fastdarts.relu_dwconv.default(
+                self.x, self.first_stage_weights, self.first_stage_dilations, self.stride, True
+            )
+            self.first_stage = dict(zip(convs, zs))
+        return self.candidates
+
+    def _bn(self, t: Tensor, row: int, name: str) -> Tensor:
+        if self.keep:
+            self.kept[name] = t
+        if not self.training:
+            return torch.native_batch_norm(t, None, None, self.mean[row], self.var[row], False, 0.0, self.eps)[0]
+        y, mean, invstd = torch.native_batch_norm(t, None, None, None, None, True, 0.0, self.eps)
+        self.mean[row] = mean
+        self.var[row] = invstd.pow(-2) - self.eps
+        return y
+
+    def _candidate(self, k: int) -> Tensor:
+        x, stride, row, ws = self.x, self.stride, self.rows[k], self.weights[k]
+        if k == _MAX_POOL:
+            if not self.keep:
+                return self._bn(F.max_pool2d(x, 3, stride, 1), row, f"t{k}")
+            pooled, self.max_pool_indices = F.max_pool2d(x, 3, stride, 1, return_indices=True)
+            return self._bn(pooled, row, f"t{k}")
+        if k == _AVG_POOL:
+            return self._bn(F.avg_pool2d(x, 3, stride, 1, count_include_pad=False), row, f"t{k}")
+        if k == _SKIP:
+            return x if stride == 1 else self._bn(factorized_reduce(x, *ws), row, f"t{k}")
+        z = self.first_stage[k]
+        if k in (_DIL3, _DIL5):
+            return self._bn(_pointwise(z, ws[1]), row, f"t{k}")
+        u = self._bn(_pointwise(z, ws[1]), row, f"t{k}_1")
+        z2 = torch.ops.fastdarts.relu_dwconv.default(u, [ws[2]], [1], 1, True)[0]
+        if self.keep:
+            self.kept[f"u{k}"], self.kept[f"z2_{k}"] = u, z2
+        return self._bn(_pointwise(z2, ws[3]), row + 1, f"t{k}")
+
+    def out(self) -> Tensor:
+        if not self.outputs:
+            return self.x.new_zeros(mixed_op_output_shape(self.x, self.stride)).contiguous(
+                memory_format=_CHANNELS_LAST
+            )
+        return torch.ops.fastdarts.weighted_sum.default(self.outputs, self.w[self.candidates])
+
+    # The backward ---------------------------------------------------------------------------------------------
+
+    def _bn_backward(self, grad: Tensor, name: str, row: int, input_grad: bool, w_grad: bool):
+        """(dL/dt, sum over channels of dL/dgamma) of y = BN(t) for dL/dy = grad; gamma = 1 is the BN's implicit
+        scale, so sum(dL/dgamma) = sum(grad * y): the candidate's share of dL/dw when grad is dL/dout."""
+        if not (input_grad or w_grad):
+            return None, None
+        t = self.kept[name]
+        if self.training:
+            mean, invstd = self.mean[row], (self.var[row] + self.eps).rsqrt()
+            running_mean = running_var = None
+        else:
+            mean = invstd = None
+            running_mean, running_var = self.mean[row], self.var[row]
+        dt, dgamma, _ = torch.ops.aten.native_batch_norm_backward.default(
+            grad, t, None, running_mean, running_var, mean, invstd, self.training, self.eps, [input_grad, w_grad, False]
+        )
+        return dt, (dgamma.sum() if w_grad else None)
+
+    def backward(self, grad: Tensor, x_grad: bool, w_grad: bool, weights_grad: bool):
+        """(dL/dx or None, dL/dw or None, dL/dweights per candidate {k: [...]} or None)."""
+        x, w = self.x, self.w
+        grad_w = w.new_zeros(w.shape) if w_grad else None
+        grad_weights = None
+        if weights_grad:
+            grad_weights = {k: [torch.zeros_like(t) for t in ws] for k, ws in self.weights.items()}
+        # dL/dx = sum of terms[i] * coefficients[i]: one weighted_sum at the end.
+        terms, coefficients = [], []
+        first_stage_grads = {}
+        need_dt = x_grad or weights_grad
+        for k in self.candidates:
+            wk, row = w[k], self.rows[k]
+            if k == _SKIP and self.stride == 1:
+                if w_grad:
+                    grad_w[k] = (grad * x).sum()
+                if x_grad:
+                    terms.append(grad)
+                    coefficients.append(wk)
+                continue
+            if k in (_MAX_POOL, _AVG_POOL):
+                dt, share = self._bn_backward(grad, f"t{k}", row, x_grad, w_grad)
+                if x_grad:
+                    if k == _MAX_POOL:
+                        dx = torch.ops.aten.max_pool2d_with_indices_backward.default(
+                            dt, x, [3, 3], [self.stride] * 2, [1, 1], [1, 1], False, self.max_pool_indices
+                        )
+                    else:
+                        dx = torch.ops.aten.avg_pool2d_backward.default(
+                            dt, x, [3, 3], [self.stride] * 2, [1, 1], False, False, None
+                        )
+                    terms.append(dx)
+                    coefficients.append(wk)
+            elif k == _SKIP:  # FactorizedReduce (stride-2 edges only): ATen's conv backward for its two 1x1 convs
+                dt, share = self._bn_backward(grad, f"t{k}", row, need_dt, w_grad)
+                if need_dt:
+                    grad_r, grads = _factorized_reduce_backward(dt * wk, x, *self.weights[k], x_grad, weights_grad)
+                    if x_grad:
+                        terms.append(grad_r.masked_fill_(x <= 0, 0))
+                        coefficients.append(None)
+                    if weights_grad:
+                        grad_weights[k] = grads
+            else:  # the convolutions: everything back to the first stage, which is one relu_dwconv backward
+                ws = self.weights[k]
+                last_row = row + 1 if k in (_SEP3, _SEP5) else row  # a sep conv's second BN is its last
+                dt, share = self._bn_backward(grad, f"t{k}", last_row, need_dt, w_grad)
+                if need_dt:
+                    dt = dt * wk
+                    z = self.kept[f"z2_{k}"] if k in (_SEP3, _SEP5) else self.first_stage[k]
+                    pointwise = ws[3] if k in (_SEP3, _SEP5) else ws[1]
+                    if weights_grad:
+                        grad_weights[k][3 if k in (_SEP3, _SEP5) else 1] = _pointwise_weight_grad(dt, z)
+                    dz = _pointwise_input_grad(dt, pointwise)
+                    if k in (_SEP3, _SEP5):
+                        du, second = torch.ops.fastdarts.relu_dwconv_backward.default(
+                            [dz], self.kept[f"u{k}"], [ws[2]], [1], 1, True, True, weights_grad
+                        )
+                        if weights_grad:
+                            grad_weights[k][2] = second[0]
+                        dt, _ = self._bn_backward(du, f"t{k}_1", row, True, False)
+                        if weights_grad:
+                            grad_weights[k][1] = _pointwise_weight_grad(dt, self.first_stage[k])
+                        dz = _pointwise_input_grad(dt, ws[1])
+                    first_stage_grads[k] = dz
+            if w_grad:
+                grad_w[k] = share
+        if first_stage_grads:
+            convs = list(first_stage_grads)
+            dx, firsts = torch.ops.fastdarts.relu_dwconv_backward.default(
+                [first_stage_grads[k] for k in convs], x, self.first_stage_weights, self.first_stage_dilations,
+                self.stride, True, x_grad, weights_grad,
+            )  # fmt: skip
+            if weights_grad:
+                for k, g in zip(convs, firsts):
+                    grad_weights[k][0] = g
+            if x_grad:
+                terms.append(dx)
+                coefficients.append(None)
+        grad_x = None
+        if x_grad:
+            if terms:
+                one = w.new_ones(())
+                ws = torch.stack([one if c is None else c for c in coefficients])
+                grad_x = torch.ops.fastdarts.weighted_sum.default([t.contiguous(memory_format=_CHANNELS_LAST)
+                                                                   for t in terms], ws)  # fmt: skip
+            else:
+                grad_x = torch.zeros_like(x)
+        return grad_x, grad_w, grad_weights
+
+
+def _prepare(x: Tensor) -> Tensor:
+    # Every kernel and GEMM here works on channels_last; a contiguous input costs one copy.
+    return x.contiguous(memory_format=_CHANNELS_LAST)
+
+
+@torch.library.custom_op("fastdarts::mixed_op", mutates_args=(), device_types="cpu")
+def mixed_op(
+    x: Tensor,
+    w: Tensor,
+    weights: list[Tensor],
+    stride: int,
+    candidates: list[int],
+    bn_mean: Tensor | None,
+    bn_var: Tensor | None,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """reference.mixed_op on the C++ kernels (float32/float64, CPU)."""
+    check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training)
+    _check_supported_dtype(x)
+    edge = _Edge(_prepare(x), w, weights, stride, candidates, bn_mean, bn_var, training, eps, keep=False)
+    return edge.out(), edge.mean, edge.var
+
+
+@mixed_op.register_fake
+def _mixed_op_fake(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps):
+    B = sum(bns for _, bns in mixed_op_layout(stride))
+    out = x.new_empty(mixed_op_output_shape(x, stride)).contiguous(memory_format=_CHANNELS_LAST)
+    return out, x.new_empty(B, x.shape[1]), x.new_empty(B, x.shape[1])
+
+
+@torch.library.custom_op("fastdarts::mixed_op_backward", mutates_args=(), device_types="cpu")
+def mixed_op_backward(
+    grad: Tensor,
+    x: Tensor,
+    w: Tensor,
+    weights: list[Tensor],
+    stride: int,
+    candidates: list[int],
+    mean: Tensor,
+    var: Tensor,
+    training: bool,
+    eps: float,
+    x_grad: bool,
+    w_grad: bool,
+    weights_grad: bool,
+) -> list[Tensor]:
+    """Recomputes the edge from x and its statistics, then returns, in this order, dL/dx if x_grad, dL/dw if
+    w_grad, and every dL/dweights[i] if weights_grad (zeros for the convs of candidates not computed)."""
+    x = _prepare(x)
+    # mean and var are the statistics the forward normalised with: recomputing in "evaluation" with them as the
+    # running statistics reproduces the forward exactly; the backward still treats them as batch statistics.
+    edge = _Edge(x, w, weights, stride, candidates, mean, var, False, eps, keep=True)
+    edge.training = training
+    grad_x, grad_w, grad_weights = edge.backward(_prepare(grad), x_grad, w_grad, weights_grad)
+    flat = [g for k in range(len(MIXED_OP_CANDIDATES)) for g in grad_weights[k]] if weights_grad else []
+    return [g for g in (grad_x, grad_w) if g is not None] + flat
+
+
+@mixed_op_backward.register_fake
+def _mixed_op_backward_fake(grad, x, w, weights, stride, candidates, mean, var, training, eps, x_grad, w_grad,
+                            weights_grad):  # fmt: skip
+    grad_x = [torch.empty_like(x, memory_format=_CHANNELS_LAST)] if x_grad else []
+    grad_w = [w.new_empty(w.shape)] if w_grad else []
+    return grad_x + grad_w + ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
+
+
+def _refuse_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastdarts.ops.mixed_op: the 'cpp' backend is differentiable once (DARTS's second-order step needs no more); "
+        "for higher derivatives run the network under fastdarts.ops.use_backend('reference')"
+    )
+
+
+mixed_op_backward.register_autograd(_refuse_double_backward)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, weights, stride, candidates, bn_mean, bn_var, training, eps = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.stride, ctx.candidates, ctx.training, ctx.eps = stride, list(candidates), training, eps
+    ctx.num_weights = len(weights)
+    ctx.save_for_backward(x, w, mean, var, *weights)
+
+
+def _backward(ctx, grad, _grad_mean, _grad_var):
+    x, w, mean, var, *weights = ctx.saved_tensors
+    # Flattened, the flags start with x, w and the conv weights (PyTorch nests those of a Tensor[] argument).
+    needs = pytree.tree_leaves(ctx.needs_input_grad)
+    x_grad, w_grad, weights_grad = needs[0], needs[1], any(needs[2 : 2 + ctx.num_weights])
+    grads = iter(mixed_op_backward(
+        grad, x, w, weights, ctx.stride, ctx.candidates, mean, var, ctx.training, ctx.eps,
+        x_grad, w_grad, weights_grad,
+    ))  # fmt: skip
+    grad_x = next(grads) if x_grad else None
+    grad_w = next(grads) if w_grad else None
+    grad_weights = list(grads) if weights_grad else [None] * ctx.num_weights
+    return grad_x, grad_w, grad_weights, None, None, None, None, None, None
+
+
+mixed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_supported_dtype(x: Tensor) -> None:
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"mixed_op: only float32 and float64 are supported, got {x.dtype}")
+
+
+def fused_mixed_op(
+    x: Tensor,
+    w: Tensor,
+    weights: Sequence[Tensor],
+    stride: int,
+    candidates: Sequence[int] = tuple(range(len(MIXED_OP_CANDIDATES))),
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    training: bool = True,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The dispatch table's entry: reference.mixed_op's signature."""
+    return mixed_op(x, w, list(weights), stride, list(candidates), bn_mean, bn_var, training, eps)

@@ -1,0 +1,256 @@
+"""The fused mixed op ("cpp") against its reference: outputs, statistics and every gradient over odd shapes, both
+strides, training and evaluation, candidate subsets; gradcheck, opcheck, what it saves and which gradients it
+computes, and its errors."""
+
+import itertools
+
+import pytest
+import torch
+from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastdarts import ops
+from fastdarts.ops import reference
+
+from ..conftest import requires_ext
+
+ALL = list(range(len(ops.MIXED_OP_CANDIDATES)))
+SHAPES = [(N, C, S) for N, C, S in itertools.product([1, 3], [4, 16], [7, 9, 8])]
+TOLERANCES = {
+    torch.float32: dict(out=dict(rtol=1e-4, atol=1e-5), grad=dict(rtol=1e-3, atol=1e-4)),
+    torch.float64: dict(out=dict(rtol=1e-9, atol=1e-11), grad=dict(rtol=1e-8, atol=1e-10)),
+}
+
+
+def make_inputs(N, C, S, stride, dtype=torch.float32, layout=torch.contiguous_format, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, S, S, dtype=dtype, generator=generator).contiguous(memory_format=layout).requires_grad_()
+    w = torch.randn(len(ALL), dtype=dtype, generator=generator).softmax(0).requires_grad_()
+    weights = [
+        (0.5 * torch.randn(shape, dtype=dtype, generator=generator)).requires_grad_()
+        for shape in ops.mixed_op_weight_shapes(C, stride)
+    ]
+    B = sum(bns for _, bns in ops.mixed_op_layout(stride))
+    bn_mean = 0.1 * torch.randn(B, C, dtype=dtype, generator=generator)
+    bn_var = torch.rand(B, C, dtype=dtype, generator=generator) + 0.5
+    return x, w, weights, bn_mean, bn_var
+
+
+def run(backend, x, w, weights, stride, candidates, bn_mean, bn_var, training, grad_out=None):
+    out, mean, var = ops.mixed_op(x, w, weights, stride, candidates, bn_mean, bn_var, training, backend=backend)
+    if grad_out is None:
+        grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    inputs = [t for t in (x, w, *weights) if t.requires_grad]
+    grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True) if out.requires_grad else [None] * len(inputs)
+    # A conv that was not computed has no gradient in the reference and a zero one in the fused op.
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+    return out, mean, var, grads, grad_out
+
+
+def assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, training):
+    tol = TOLERANCES[x.dtype]
+    want = run("reference", x, w, weights, stride, candidates, bn_mean, bn_var, training)
+    got = run("cpp", x, w, weights, stride, candidates, bn_mean, bn_var, training, grad_out=want[-1])
+    for g, r in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g, r, **tol["out"])
+    assert len(got[3]) == len(want[3])
+    for i, (g, r) in enumerate(zip(got[3], want[3])):
+        torch.testing.assert_close(g, r, **tol["grad"], msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
+@requires_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
+def test_fused_equals_reference(shape, stride, training):
+    x, w, weights, bn_mean, bn_var = make_inputs(*shape, stride)
+    assert_backends_agree(x, w, weights, stride, ALL, bn_mean, bn_var, training)
+
+
+@requires_ext
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_fused_equals_reference_in_both_layouts_and_keeps_channels_last(layout):
+    x, w, weights, bn_mean, bn_var = make_inputs(2, 16, 8, 1, layout=layout)
+    assert_backends_agree(x, w, weights, 1, ALL, bn_mean, bn_var, True)
+    out, _, _ = ops.mixed_op(x, w, weights, 1, backend="cpp")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+SUBSETS = [[0], [1], [2], [3], [4], [5], [6], [0, 3], [2, 6], [1, 4, 5], [3, 4, 5, 6]]
+
+
+@requires_ext
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+@pytest.mark.parametrize("candidates", SUBSETS, ids=["-".join(map(str, c)) for c in SUBSETS])
+def test_candidate_subsets(candidates, stride):
+    x, w, weights, bn_mean, bn_var = make_inputs(3, 4, 7, stride)
+    assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, True)
+    _, mean, var = ops.mixed_op(x, w, weights, stride, candidates, backend="cpp")
+    # The statistics of BNs that did not run are the neutral 0 and 1.
+    rows, row = [], 0
+    for k, (_, bns) in enumerate(ops.mixed_op_layout(stride)):
+        rows += [row + i for i in range(bns) if k not in candidates]
+        row += bns
+    assert torch.equal(mean[rows], torch.zeros_like(mean[rows])) and torch.equal(var[rows], torch.ones_like(var[rows]))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+def test_no_candidates_gives_zeros(backend):
+    x, w, weights, _, _ = make_inputs(2, 4, 9, 2)
+    out, _, _ = ops.mixed_op(x, w, weights, 2, [], backend=backend)
+    assert out.shape == (2, 4, 5, 5) and torch.count_nonzero(out) == 0
+
+
+@requires_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+def test_gradcheck_float64(stride, training):
+    x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 5, stride, dtype=torch.float64)
+
+    def f(x, w, *weights):
+        return ops.mixed_op(x, w, weights, stride, ALL, bn_mean, bn_var, training, backend="cpp")[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, *weights), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@requires_ext
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+def test_float64_matches_reference_tightly(stride):
+    x, w, weights, bn_mean, bn_var = make_inputs(3, 4, 9, stride, dtype=torch.float64)
+    assert_backends_agree(x, w, weights, stride, ALL, bn_mean, bn_var, True)
+
+
+@requires_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+def test_opcheck(stride, training):
+    x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 7, stride)
+    args = (x, w, weights, stride, [0, 2, 3, 6], bn_mean, bn_var, training, 1e-5)
+    opcheck(torch.ops.fastdarts.mixed_op.default, args)
+    out, mean, var = torch.ops.fastdarts.mixed_op.default(*args)
+    grad = torch.randn_like(out)
+    backward_args = (grad, x.detach(), w.detach(), [t.detach() for t in weights], stride, [0, 2, 3, 6], mean, var,
+                     training, 1e-5, True, True, True)  # fmt: skip
+    opcheck(torch.ops.fastdarts.mixed_op_backward.default, backward_args)
+
+
+class RecordBackwardCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.fastdarts.mixed_op_backward.default:
+            self.calls.append(args[-3:])  # (x_grad, w_grad, weights_grad)
+        return func(*args, **(kwargs or {}))
+
+
+@requires_ext
+@pytest.mark.parametrize(
+    "wants", [("x", "w"), ("x", "weights"), ("w",), ("x", "w", "weights")], ids=["arch_step", "weight_step", "w", "all"]
+)
+def test_computes_only_the_gradients_asked_for(wants):
+    x, w, weights, _, _ = make_inputs(2, 4, 7, 1)
+    x.requires_grad_("x" in wants)
+    w.requires_grad_("w" in wants)
+    for t in weights:
+        t.requires_grad_("weights" in wants)
+    want = run("reference", x, w, weights, 1, ALL, None, None, True)
+    with RecordBackwardCalls() as record:
+        got = run("cpp", x, w, weights, 1, ALL, None, None, True, grad_out=want[-1])
+    assert record.calls == [("x" in wants, "w" in wants, "weights" in wants)]
+    for g, r in zip(got[3], want[3]):
+        torch.testing.assert_close(g, r, **TOLERANCES[torch.float32]["grad"])
+
+
+@requires_ext
+def test_saves_only_the_input_the_weights_and_the_statistics():
+    x, w, weights, _, _ = make_inputs(4, 16, 16, 1)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.mixed_op(x, w, weights, 1, backend="cpp")
+    inputs = {t.untyped_storage().data_ptr() for t in (x, w, *weights)}
+    beyond_inputs = sum(size for ptr, size in storages.items() if ptr not in inputs)
+    B = sum(bns for _, bns in ops.mixed_op_layout(1))
+    assert beyond_inputs <= 2 * B * 16 * 4  # the mean and variance rows: no activation at all
+    # The input x is channels_last already here, so the op kept x itself, not a copy.
+    assert x.untyped_storage().data_ptr() in storages
+
+
+@requires_ext
+def test_double_backward_is_refused_with_a_clear_error():
+    x, w, weights, _, _ = make_inputs(2, 4, 7, 1)
+    out, _, _ = ops.mixed_op(x, w, weights, 1, backend="cpp")
+    (grad_w,) = torch.autograd.grad(out.square().sum(), [w], create_graph=True)
+    with pytest.raises(RuntimeError, match="the 'cpp' backend is differentiable once"):
+        torch.autograd.grad(grad_w.sum(), [x])
+
+
+BAD_ARGUMENTS = [
+    (dict(stride=3), ValueError, "stride must be 1 or 2"),
+    (dict(candidates=[3, 1]), ValueError, "candidates must be increasing indices in 0..6"),
+    (dict(candidates=[7]), ValueError, "candidates must be increasing indices in 0..6"),
+    (dict(weights="short"), ValueError, "weights must hold the 12 conv weights of a stride-1 edge, got 11"),
+    (dict(weights="wrong_shape"), ValueError, r"weights\[0\] must have shape \[4, 1, 3, 3\]"),
+    (dict(w="short"), ValueError, r"w must have shape \[K\] with K = 7"),
+    (dict(training=False), ValueError, r"in evaluation bn_mean must be the running statistics \[8, 4\]"),
+    (dict(x="3d"), ValueError, r"x must be a 4-D \[N, C, H, W\] tensor"),
+    (dict(w="double"), TypeError, "w must have the dtype of x"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("change, error, message", BAD_ARGUMENTS, ids=[m for _, _, m in BAD_ARGUMENTS])
+def test_bad_arguments(backend, change, error, message):
+    x, w, weights, _, _ = make_inputs(2, 4, 7, 1)
+    arguments = dict(x=x, w=w, weights=weights, stride=1, candidates=ALL, bn_mean=None, bn_var=None, training=True)
+    for key, value in change.items():
+        arguments[key] = value
+    if change.get("weights") == "short":
+        arguments["weights"] = weights[:-1]
+    if change.get("weights") == "wrong_shape":
+        arguments["weights"] = [torch.randn(4, 1, 5, 5)] + weights[1:]
+    if change.get("w") == "short":
+        arguments["w"] = w[:5]
+    if change.get("w") == "double":
+        arguments["w"] = w.double()
+    if change.get("x") == "3d":
+        arguments["x"] = x[0]
+    with pytest.raises(error, match=message):
+        ops.mixed_op(**arguments, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+def test_odd_channels_at_stride_2_are_refused(backend):
+    x = torch.randn(2, 5, 8, 8)
+    weights = [torch.randn(s) for s in ops.mixed_op_weight_shapes(4, 2)]
+    with pytest.raises(ValueError, match="a stride-2 edge needs an even channel count"):
+        ops.mixed_op(x, torch.ones(7), weights, 2, backend=backend)
+
+
+@requires_ext
+def test_unsupported_dtype_on_cpp():
+    x, w, weights, _, _ = make_inputs(2, 4, 7, 1)
+    half = [t.detach().half() for t in (x, w, *weights)]
+    with pytest.raises(TypeError, match="only float32 and float64 are supported"):
+        ops.mixed_op(half[0], half[1], half[2:], 1, backend="cpp")
+
+
+def test_reference_is_the_functional_form_of_the_candidate_modules():
+    """reference.mixed_op is DARTS's modules (space.OPS, each pool followed by a BN), written as functions."""
+    from fastdarts.supernet import MixedOp
+
+    for stride in (1, 2):
+        edge = MixedOp(4, stride)
+        x, w, _, _, _ = make_inputs(3, 4, 9, stride)
+        with torch.no_grad():
+            for p in edge.parameters():
+                p.normal_()
+        expected = sum(wk * op(x) for wk, op in zip(w, edge.candidates))
+        got, _, _ = reference.mixed_op(x, w, edge.conv_weights(), stride)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
