@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import ops
 from .errors import GenotypeError
 
 PRIMITIVES: tuple[str, ...] = (
@@ -43,7 +44,12 @@ class ReLUConvBN(nn.Sequential):
 
 
 class DilConv(nn.Sequential):
-    """ReLU, depthwise kxk with dilation, pointwise 1x1, BN."""
+    """ReLU, depthwise kxk with dilation, pointwise 1x1, BN.
+
+    With "same" padding (as every DARTS op has) the ReLU and the depthwise conv run as one fused op,
+    `ops.relu_dwconv`, which reads the input once and keeps only it for backward; the submodules stay
+    those of DARTS, so state dicts keep their keys.
+    """
 
     def __init__(self, C_in, C_out, kernel_size, stride, padding, dilation, affine=True):
         super().__init__(
@@ -52,6 +58,14 @@ class DilConv(nn.Sequential):
             nn.Conv2d(C_in, C_out, 1, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
+        self.fused = padding == dilation * (kernel_size - 1) // 2
+
+    def forward(self, x):
+        if not self.fused:
+            return super().forward(x)
+        _, depthwise, pointwise, bn = self
+        z = ops.relu_dwconv(x, [depthwise.weight], [depthwise.dilation[0]], depthwise.stride[0])[0]
+        return bn(pointwise(z))
 
 
 class SepConv(nn.Sequential):

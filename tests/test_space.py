@@ -3,8 +3,11 @@ import json
 import pytest
 import torch
 
+from fastdarts import ops
 from fastdarts.errors import GenotypeError
-from fastdarts.space import DARTS_V1, DARTS_V2, OPS, PRIMITIVES, Genotype, derive_cell, load_genotype
+from fastdarts.space import DARTS_V1, DARTS_V2, OPS, PRIMITIVES, DilConv, Genotype, derive_cell, load_genotype
+
+from .conftest import requires_ext
 
 
 def test_primitives_order():
@@ -164,3 +167,35 @@ def test_derivation_keeps_two_distinct_inputs_and_rejects_wrong_shapes():
         assert "none" not in (cell[2 * i][0], cell[2 * i + 1][0])
     with pytest.raises(ValueError, match="shape"):
         derive_cell(torch.rand(13, 8), 4)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("name", ["sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_ops_run_relu_and_depthwise_fused_with_the_module_math(name, stride, backend):
+    """The fused forward of DilConv (and so of SepConv) equals running its DARTS submodules one after another."""
+    op = OPS[name](5, stride, True)
+    for module in op.modules():
+        if isinstance(module, DilConv):
+            assert module.fused
+    x = torch.randn(3, 5, 9, 9, requires_grad=True)
+
+    def unfused(m, x):  # nn.Sequential's forward, through nested DilConvs
+        for child in m:
+            x = unfused(child, x) if isinstance(child, DilConv) else child(x)
+        return x
+
+    with ops.use_backend(backend):
+        got = op(x)
+    want = unfused(op, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    inputs = [x, *op.parameters()]
+    upstream = torch.randn_like(got)
+    for g, w in zip(torch.autograd.grad(got, inputs, upstream), torch.autograd.grad(want, inputs, upstream)):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
+
+
+def test_dil_conv_with_other_padding_keeps_the_plain_modules():
+    op = DilConv(4, 4, 3, 1, 0, 1)
+    assert not op.fused
+    assert op(torch.randn(1, 4, 7, 7)).shape == (1, 4, 5, 5)
