@@ -95,7 +95,7 @@ def test_cpp_refuses_tensors_it_cannot_run():
 
 @requires_ext
 def test_available_backends_with_the_extension():
-    assert ops.BACKENDS == ("reference", "cpp")
+    assert ops.BACKENDS == ("reference", "cpp", "triton")
     assert ops.available_backends() == ["reference", "cpp"]
     assert ops.available_backends("weighted_sum", torch.device("cpu")) == ["reference", "cpp"]
     assert ops.available_backends("weighted_sum", "meta") == ["reference"]

@@ -1,9 +1,11 @@
 """The kernel layer: one function per fused op, each call dispatched to a backend.
 
 Every op has a pure-PyTorch reference (`fastdarts.ops.reference`, the specification) and a C++
-CPU kernel (`fastdarts._C`). CPU tensors run the C++ kernel when it is built, everything else
-the reference; `backend=`, `use_backend(...)` and FASTDARTS_BACKEND override that (`_registry`
-holds the rules). Every op is differentiable and traces under torch.compile(fullgraph=True).
+CPU kernel (`fastdarts._C`); weighted_sum, relu_dwconv and sample_gates also have Triton kernels
+(`_triton`). CPU tensors run the C++ kernel when it is built, CUDA tensors the Triton kernel when
+triton imports, everything else the reference; `backend=`, `use_backend(...)` and FASTDARTS_BACKEND
+override that (`_registry` holds the rules; "triton" runs CPU tensors only under TRITON_INTERPRET=1).
+Every op is differentiable and traces under torch.compile(fullgraph=True).
 """
 
 from __future__ import annotations

@@ -4,11 +4,15 @@ The first rule that names a backend wins:
 1. the call's `backend=` argument;
 2. the innermost `use_backend(name)` block;
 3. the FASTDARTS_BACKEND environment variable, read and validated once, at import;
-4. the device: CPU tensors run "cpp" when fastdarts._C loaded, else "reference"; tensors on any
-   other device run "reference" (CUDA tensors will default to "triton" once those kernels exist).
+4. the device: CPU tensors run "cpp" when fastdarts._C loaded, else "reference"; CUDA tensors run
+   "triton" when triton imports, else "reference"; tensors on any other device run "reference".
+
+"triton" runs CPU tensors too, through Triton's interpreter, when TRITON_INTERPRET=1 (the tests),
+but only when asked for by name.
 
 The call path reads nothing but plain module globals, so torch.compile traces the choice (and
-guards on it) instead of breaking the graph.
+guards on it) instead of breaking the graph; only an explicit "triton" on CPU tensors reads
+TRITON_INTERPRET, at call time, since the tests set it after fastdarts was imported.
 """
 
 from __future__ import annotations
@@ -26,7 +30,17 @@ from ._extension import EXTENSION_ERROR, EXTENSION_LOADED
 if EXTENSION_LOADED:
     from . import _cpp, _mixed_op
 
-BACKENDS: tuple[str, ...] = ("reference", "cpp")
+try:
+    # Registers the fastdarts_triton ops; the kernels themselves are made at their first launch.
+    from . import _triton
+
+    TRITON_LOADED = True
+    TRITON_ERROR: str | None = None
+except ImportError as error:  # triton is not installed, or does not load on this platform
+    TRITON_LOADED = False
+    TRITON_ERROR = f"{type(error).__name__}: {error}"
+
+BACKENDS: tuple[str, ...] = ("reference", "cpp", "triton")
 ENV_VAR = "FASTDARTS_BACKEND"
 
 # op -> backend -> implementation. A backend missing from a row cannot run that op in this process.
@@ -34,10 +48,12 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
     "weighted_sum": {
         "reference": reference.weighted_sum,
         **({"cpp": _cpp.weighted_sum} if EXTENSION_LOADED else {}),
+        **({"triton": _triton.weighted_sum} if TRITON_LOADED else {}),
     },
     "relu_dwconv": {
         "reference": reference.relu_dwconv,
         **({"cpp": _cpp.relu_dwconv} if EXTENSION_LOADED else {}),
+        **({"triton": _triton.relu_dwconv} if TRITON_LOADED else {}),
     },
     "mixed_op": {
         "reference": reference.mixed_op,
@@ -46,10 +62,12 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
     "sample_gates": {
         "reference": reference.sample_gates,
         **({"cpp": _cpp.sample_gates} if EXTENSION_LOADED else {}),
+        **({"triton": _triton.sample_gates} if TRITON_LOADED else {}),
     },
 }
-# The device types a backend runs on (None: wherever PyTorch runs).
-_DEVICE_TYPES: dict[str, tuple[str, ...] | None] = {"reference": None, "cpp": ("cpu",)}
+# The device types a backend runs on (None: wherever PyTorch runs). "triton" also runs CPU
+# tensors under TRITON_INTERPRET=1 (see _runs_on).
+_DEVICE_TYPES: dict[str, tuple[str, ...] | None] = {"reference": None, "cpp": ("cpu",), "triton": ("cuda",)}
 # Why a backend is missing from every row of the table. A backend missing from some rows only
 # has no implementation of those ops yet.
 _WHY_MISSING: dict[str, str] = {}
@@ -57,6 +75,8 @@ if not EXTENSION_LOADED:
     _WHY_MISSING["cpp"] = (
         f"the C++ extension fastdarts._C is not loaded ({EXTENSION_ERROR}); rebuild it with `pip install -e .`"
     )
+if not TRITON_LOADED:
+    _WHY_MISSING["triton"] = f"triton did not import ({TRITON_ERROR}); install it with `pip install triton`"
 
 
 def _check_known(name: object, where: str) -> str:
@@ -87,7 +107,7 @@ _context_backend: str | None = None  # set by use_backend()
 
 
 def use_backend(name: str) -> contextlib.AbstractContextManager[None]:
-    """Run every fastdarts op inside the `with` block on backend `name` ("reference" or "cpp").
+    """Run every fastdarts op inside the `with` block on backend `name` ("reference", "cpp" or "triton").
 
     A call's own `backend=` argument still wins. Blocks nest, and leaving one, even through an
     exception, restores the enclosing choice. The name is checked here, before the block starts.
@@ -114,7 +134,11 @@ def available_backends(op: str | None = None, device: str | torch.device = "cpu"
 
 def _runs_on(name: str, device_type: str) -> bool:
     device_types = _DEVICE_TYPES[name]
-    return device_types is None or device_type in device_types
+    if device_types is None or device_type in device_types:
+        return True
+    # Triton's interpreter runs CPU tensors. Read at call time: the tests set TRITON_INTERPRET after
+    # fastdarts was imported.
+    return name == "triton" and device_type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def select(op: str, device: torch.device, backend: str | None = None) -> str:
@@ -124,6 +148,8 @@ def select(op: str, device: torch.device, backend: str | None = None) -> str:
         _check_known(backend, f"fastdarts.ops.{op}")
     name = backend or _context_backend or _ENV_BACKEND
     if name is None:
+        if device.type == "cuda" and "triton" in row:
+            return "triton"
         return "cpp" if device.type == "cpu" and "cpp" in row else "reference"
     if name not in row:
         why = _WHY_MISSING.get(name, f"this op has no {name!r} implementation yet")
@@ -131,7 +157,7 @@ def select(op: str, device: torch.device, backend: str | None = None) -> str:
     if not _runs_on(name, device.type):
         raise RuntimeError(
             f"fastdarts.ops.{op}: backend {name!r} runs on {', '.join(_DEVICE_TYPES[name])} tensors only, "
-            f"got {device.type} tensors"
+            f"got {device.type} tensors" + (" (and CPU tensors when TRITON_INTERPRET=1)" if name == "triton" else "")
         )
     return name
 

@@ -1,0 +1,718 @@
+"""Triton kernels of the fused ops, registered with torch.library.triton_op; imported by the registry when triton
+imports.
+
+The ops live in their own namespace, fastdarts_triton, with the schemas of the C++ ops (csrc/fastdarts.cpp; only
+relu_dwconv_backward returns its outputs in one list, see there) and the same autograd formulas (saving the same
+tensors) as _cpp.py. A triton_op's body is its own fake: under
+FakeTensorMode the launches are skipped and only the metadata of the outputs is computed, and torch.compile sees
+the launches through torch.library.wrap_triton.
+
+Triton kernels run on CUDA tensors. CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1, the
+tests). Triton decides between compiling and interpreting a function when `triton.jit` decorates it, and
+registering a triton_op imports triton, so the kernels here are decorated at their first launch (`_Kernel`), and
+they call no function of triton's standard library that is itself a @triton.jit function (tl.sum and tl.zeros
+are: they are made when triton is imported, usually before the tests set TRITON_INTERPRET); hence
+tl.reduce(..., _ADD) and tl.full.
+
+What the kernels do (one program per block of output elements, no atomics, so results are deterministic):
+- weighted_sum: one pass over up to 8 inputs per launch (DARTS has 8 candidates); more are added in further
+  launches. The backward writes every grad_xs[k] and a per-block partial sum of grad * xs[k]; the partials are
+  summed by PyTorch.
+- relu_dwconv: one launch per kernel, each recomputing relu(x) as it reads x (a GPU serves the K reads of the same
+  tile from its caches). The backward recomputes relu(x) from the saved x, adds the K transposed convolutions into
+  grad_x, and reduces grad_w per (channel, block of outputs) for PyTorch to sum.
+- sample_gates: the deterministic part of the gate sample, from noise drawn exactly as reference.draw_gate_noise
+  draws it: one program per block of edges computes g, the top-k mask (a rank per gate from all pairwise
+  comparisons of the edge's scores), the gates, P(g != 0) and s_kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch._prims_common import suggest_memory_format
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
+from torch.utils import _pytree as pytree
+
+from .reference import (
+    check_beta,
+    check_explore_p,
+    check_gate_noise,
+    check_gate_settings,
+    check_like,
+    check_relu_dwconv_arguments,
+    check_same_tensors,
+    check_sized_list,
+    check_weights,
+    draw_gate_noise,
+    raise_unless,
+    relu_dwconv_output_shape,
+)
+
+# The combine function of tl.sum, for tl.reduce: tl.sum itself is a @triton.jit function, compiled or interpreted
+# as TRITON_INTERPRET was when triton was imported, while the interpreter runs a reduction with this function by
+# numpy in either case.
+_ADD = tl.standard._sum_combine
+
+# The inputs of one weighted_sum launch: a Triton kernel takes a fixed list of pointers, not a list of tensors.
+MAX_INPUTS_PER_LAUNCH = 8
+# Elements per program: 1-D element-wise kernels, and the output pixels of one (image, channel) plane.
+ELEMENTWISE_BLOCK = 1024
+CONV_BLOCK = 256
+
+
+class _Kernel:
+    """A Triton kernel, `triton.jit(fn)` made at its first launch under each TRITON_INTERPRET setting."""
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self._made: dict[bool, object] = {}
+
+    def __getitem__(self, grid):
+        interpret = bool(triton.knobs.runtime.interpret)
+        kernel = self._made.get(interpret)
+        if kernel is None:
+            kernel = self._made[interpret] = triton.jit(self.fn)
+        if interpret:
+            return _InterpretedLaunch(kernel[grid])
+        return wrap_triton(kernel)[grid]
+
+
+class _InterpretedLaunch:
+    """A launch under Triton's interpreter, skipped on fake tensors.
+
+    The interpreter reads real CPU memory, and PyTorch cannot trace it into a graph (wrap_triton hands interpreted
+    kernels back as they are), so with fake tensors (the triton_op's fake) the op's body computes only the outputs'
+    metadata; tracing through the ops needs them kept whole (torch._functorch.config.decompose_custom_triton_ops
+    = False, as torch.export keeps them).
+    """
+
+    def __init__(self, launch) -> None:
+        self.launch = launch
+
+    def __call__(self, *args, **kwargs) -> None:
+        if not any(isinstance(arg, Tensor) and is_fake(arg) for arg in args):
+            self.launch(*args, **kwargs)
+
+
+def _launch_blocks(n: int, block: int) -> int:
+    return -(-n // block)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks shared by the ops' bodies, which run both on real tensors and, as the fakes, on fake ones.
+
+
+def _torch_check(condition, error, message) -> None:
+    """The reference checks' `require`: a plain raise on concrete values, a runtime assertion (instead of a
+    specialisation of the graph) on symbolic ones."""
+    (torch._check_type if error is TypeError else torch._check_value)(condition, message)
+
+
+def _check_supported_dtype(op: str, t: Tensor, require=_torch_check) -> None:
+    supported = t.dtype in (torch.float32, torch.float64)
+    require(supported, TypeError, lambda: f"{op}: only float32 and float64 are supported, got {t.dtype}")
+
+
+def _needs_input_grad(ctx) -> list[bool]:
+    """One flag per tensor argument, Tensor[] arguments flattened in place (see _cpp._needs_input_grad)."""
+    return pytree.tree_leaves(ctx.needs_input_grad)
+
+
+def _laid_out_like(t: Tensor, like: Tensor) -> Tensor:
+    """`t` with the strides of the dense tensor `like`, copied only if it has other strides: then element i of
+    the flat storage is the same element of both, and a kernel can walk them with one offset."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# weighted_sum
+
+
+def _weighted_sum_fn(
+    out, w, x0, x1, x2, x3, x4, x5, x6, x7, n,
+    K: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # out (+)= sum_{k < K} w[k] * x_k over one block; the reference's order of additions within a launch.
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    acc = tl.load(x0 + offsets, mask=inside) * tl.load(w)
+    if ACCUMULATE:
+        acc = tl.load(out + offsets, mask=inside) + acc
+    if K > 1:
+        acc += tl.load(x1 + offsets, mask=inside) * tl.load(w + 1)
+    if K > 2:
+        acc += tl.load(x2 + offsets, mask=inside) * tl.load(w + 2)
+    if K > 3:
+        acc += tl.load(x3 + offsets, mask=inside) * tl.load(w + 3)
+    if K > 4:
+        acc += tl.load(x4 + offsets, mask=inside) * tl.load(w + 4)
+    if K > 5:
+        acc += tl.load(x5 + offsets, mask=inside) * tl.load(w + 5)
+    if K > 6:
+        acc += tl.load(x6 + offsets, mask=inside) * tl.load(w + 6)
+    if K > 7:
+        acc += tl.load(x7 + offsets, mask=inside) * tl.load(w + 7)
+    tl.store(out + offsets, acc, mask=inside)
+
+
+def _weighted_sum_backward_fn(
+    grad, w, partials, num_blocks, n,
+    x0, x1, x2, x3, x4, x5, x6, x7, gx0, gx1, gx2, gx3, gx4, gx5, gx6, gx7,
+    K: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # gx_k = w[k] * grad, and partials[k, block] = sum over the block of grad * x_k: grad is read once.
+    block = tl.program_id(0)
+    offsets = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    g = tl.load(grad + offsets, mask=inside, other=0.0)
+    tl.store(gx0 + offsets, g * tl.load(w), mask=inside)
+    tl.store(partials + block, tl.reduce(g * tl.load(x0 + offsets, mask=inside, other=0.0), 0, _ADD))
+    if K > 1:
+        tl.store(gx1 + offsets, g * tl.load(w + 1), mask=inside)
+        tl.store(partials + num_blocks + block, tl.reduce(g * tl.load(x1 + offsets, mask=inside, other=0.0), 0, _ADD))
+    if K > 2:
+        tl.store(gx2 + offsets, g * tl.load(w + 2), mask=inside)
+        tl.store(
+            partials + 2 * num_blocks + block, tl.reduce(g * tl.load(x2 + offsets, mask=inside, other=0.0), 0, _ADD)
+        )
+    if K > 3:
+        tl.store(gx3 + offsets, g * tl.load(w + 3), mask=inside)
+        tl.store(
+            partials + 3 * num_blocks + block, tl.reduce(g * tl.load(x3 + offsets, mask=inside, other=0.0), 0, _ADD)
+        )
+    if K > 4:
+        tl.store(gx4 + offsets, g * tl.load(w + 4), mask=inside)
+        tl.store(
+            partials + 4 * num_blocks + block, tl.reduce(g * tl.load(x4 + offsets, mask=inside, other=0.0), 0, _ADD)
+        )
+    if K > 5:
+        tl.store(gx5 + offsets, g * tl.load(w + 5), mask=inside)
+        tl.store(
+            partials + 5 * num_blocks + block, tl.reduce(g * tl.load(x5 + offsets, mask=inside, other=0.0), 0, _ADD)
+        )
+    if K > 6:
+        tl.store(gx6 + offsets, g * tl.load(w + 6), mask=inside)
+        tl.store(
+            partials + 6 * num_blocks + block, tl.reduce(g * tl.load(x6 + offsets, mask=inside, other=0.0), 0, _ADD)
+        )
+    if K > 7:
+        tl.store(gx7 + offsets, g * tl.load(w + 7), mask=inside)
+        tl.store(
+            partials + 7 * num_blocks + block, tl.reduce(g * tl.load(x7 + offsets, mask=inside, other=0.0), 0, _ADD)
+        )
+
+
+_weighted_sum_kernel = _Kernel(_weighted_sum_fn)
+_weighted_sum_backward_kernel = _Kernel(_weighted_sum_backward_fn)
+
+
+def _padded(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The pointer arguments of one launch: the tensors, then the first repeated (never read) up to 8."""
+    return [*tensors, *([tensors[0]] * (MAX_INPUTS_PER_LAUNCH - len(tensors)))]
+
+
+@triton_op("fastdarts_triton::weighted_sum", mutates_args=())
+def _weighted_sum_op(xs: list[Tensor], w: Tensor) -> Tensor:
+    check_same_tensors("weighted_sum", "xs", xs, _torch_check)
+    _check_supported_dtype("weighted_sum", xs[0])
+    check_weights("weighted_sum", "w", w, len(xs), xs[0], _torch_check)
+    out = torch.empty_like(xs[0])  # the C++ op's layout: that of xs[0] when it is dense
+    n = out.numel()
+    if n == 0:
+        return out
+    xs = [_laid_out_like(x, out) for x in xs]
+    w = w.contiguous()
+    grid = (_launch_blocks(n, ELEMENTWISE_BLOCK),)
+    for start in range(0, len(xs), MAX_INPUTS_PER_LAUNCH):
+        chunk = xs[start : start + MAX_INPUTS_PER_LAUNCH]
+        _weighted_sum_kernel[grid](
+            out, w[start:], *_padded(chunk), n, K=len(chunk), ACCUMULATE=start > 0, BLOCK=ELEMENTWISE_BLOCK
+        )
+    return out
+
+
+@triton_op("fastdarts_triton::weighted_sum_backward", mutates_args=())
+def _weighted_sum_backward_op(grad: Tensor, xs: list[Tensor], w: Tensor) -> tuple[list[Tensor], Tensor]:
+    op = "weighted_sum_backward"
+    check_same_tensors(op, "xs", xs, _torch_check)
+    _check_supported_dtype(op, xs[0])
+    check_like(op, "grad", grad, "xs[0]", xs[0], _torch_check)
+    check_weights(op, "w", w, len(xs), xs[0], _torch_check)
+    grad_xs = [torch.empty_like(xs[0]) for _ in xs]
+    n = xs[0].numel()
+    num_blocks = _launch_blocks(n, ELEMENTWISE_BLOCK)
+    # One partial sum of grad * xs[k] per block; PyTorch sums them (in a fixed order: deterministic).
+    partials = w.new_empty(len(xs), num_blocks)
+    if n > 0:
+        like = grad_xs[0]
+        grad, xs, w = _laid_out_like(grad, like), [_laid_out_like(x, like) for x in xs], w.contiguous()
+        for start in range(0, len(xs), MAX_INPUTS_PER_LAUNCH):
+            end = start + MAX_INPUTS_PER_LAUNCH
+            K = len(xs[start:end])
+            _weighted_sum_backward_kernel[(num_blocks,)](
+                grad, w[start:], partials[start:], num_blocks, n, *_padded(xs[start:end]),
+                *_padded(grad_xs[start:end]), K=K, BLOCK=ELEMENTWISE_BLOCK,
+            )  # fmt: skip
+    return grad_xs, partials.sum(dim=1)
+
+
+def weighted_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
+    """`out = sum_k w[k] * xs[k]` by the Triton kernel (CUDA; CPU under TRITON_INTERPRET=1; float32/float64)."""
+    return torch.ops.fastdarts_triton.weighted_sum.default(list(xs), w)
+
+
+def _weighted_sum_setup_context(ctx, inputs, output):
+    xs, w = inputs
+    ctx.num_xs = len(xs)
+    w_needs_grad = _needs_input_grad(ctx)[len(xs)]
+    # grad_xs needs only w; the xs (K activations) are kept alive only when grad_w needs them.
+    ctx.save_for_backward(w, *(xs if w_needs_grad else ()))
+
+
+def _weighted_sum_backward(ctx, grad):
+    num_xs = ctx.num_xs
+    needs = _needs_input_grad(ctx)
+    xs_need, w_needs_grad = needs[:num_xs], needs[num_xs]
+    w, *xs = ctx.saved_tensors
+    if w_needs_grad:
+        grad_xs, grad_w = torch.ops.fastdarts_triton.weighted_sum_backward.default(grad, xs, w)
+        return [g if need else None for g, need in zip(grad_xs, xs_need)], grad_w
+    # No grad_w means no reduction to fuse: each grad_xs[k] = w[k] * grad is a single multiply.
+    return [grad * wk if need else None for wk, need in zip(w.unbind(0), xs_need)], None
+
+
+torch.library.register_autograd(
+    "fastdarts_triton::weighted_sum", _weighted_sum_backward, setup_context=_weighted_sum_setup_context
+)
+
+
+# The backward is bilinear in (grad, (xs, w)); its own backward is again a weighted sum and a weighted_sum_backward
+# (the formulas are in _cpp.py).
+
+
+def _weighted_sum_backward_setup_context(ctx, inputs, output):
+    grad, xs, w = inputs
+    num_xs = len(xs)
+    needs = _needs_input_grad(ctx)
+    ctx.num_xs = num_xs
+    ctx.grad_needs_grad = needs[0]
+    ctx.xs_or_w_need_grad = any(needs[1 : num_xs + 2])
+    saved_grad = grad if ctx.xs_or_w_need_grad else None
+    ctx.save_for_backward(saved_grad, *((w, *xs) if ctx.grad_needs_grad else ()))
+
+
+def _weighted_sum_backward_backward(ctx, grad_grad_xs, grad_grad_w):
+    num_xs = ctx.num_xs
+    needs = _needs_input_grad(ctx)
+    grad, *w_and_xs = ctx.saved_tensors
+    d_grad, d_xs, d_w = None, [None] * num_xs, None
+    if ctx.grad_needs_grad:
+        w, *xs = w_and_xs
+        d_grad = weighted_sum(grad_grad_xs, w) + weighted_sum(xs, grad_grad_w)
+    if ctx.xs_or_w_need_grad:
+        all_d_xs, all_d_w = torch.ops.fastdarts_triton.weighted_sum_backward.default(grad, grad_grad_xs, grad_grad_w)
+        d_xs = [d if need else None for d, need in zip(all_d_xs, needs[1 : num_xs + 1])]
+        d_w = all_d_w if needs[num_xs + 1] else None
+    return d_grad, d_xs, d_w
+
+
+torch.library.register_autograd(
+    "fastdarts_triton::weighted_sum_backward",
+    _weighted_sum_backward_backward,
+    setup_context=_weighted_sum_backward_setup_context,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# relu_dwconv. Every tensor is addressed through its strides, so any layout (contiguous, channels_last, a strided
+# view, an expanded gradient) is read in place.
+
+
+def _relu_dwconv_fn(
+    x, w, out, C, H, W, H_out, W_out,
+    sxn, sxc, sxh, sxw, son, soc, soh, sow, stride, dilation, padding,
+    KS: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # One block of output pixels of one (image, channel) plane: out = sum over the KS x KS taps of w * relu(x).
+    plane = tl.program_id(0)
+    n, c = (plane // C).to(tl.int64), plane % C
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < H_out * W_out
+    ho, wo = offsets // W_out, offsets % W_out
+    x_plane = x + n * sxn + c * sxc
+    acc = tl.full([BLOCK], 0.0, out.dtype.element_ty)
+    for a in tl.static_range(KS):
+        hi = ho * stride - padding + a * dilation
+        for b in tl.static_range(KS):
+            wi = wo * stride - padding + b * dilation
+            valid = inside & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            r = tl.load(x_plane + hi * sxh + wi * sxw, mask=valid, other=0.0)
+            if RELU:
+                r = tl.where(r < 0, 0.0, r)  # relu that keeps NaN, like torch.relu
+            acc += tl.load(w + c * KS * KS + a * KS + b) * r
+    tl.store(out + n * son + c * soc + ho * soh + wo * sow, acc, mask=inside)
+
+
+def _relu_dwconv_grad_x_fn(
+    g, w, x, gx, C, H, W, H_out, W_out,
+    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, stride, dilation, padding,
+    KS: tl.constexpr, RELU: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # gx (+)= [x > 0] * convT(g, w) over one block of input pixels: input pixel h gets tap a from output row
+    # ho = (h + padding - a * dilation) / stride when that is a whole number inside the output.
+    plane = tl.program_id(0)
+    n, c = (plane // C).to(tl.int64), plane % C
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < H * W
+    h, w_ = offsets // W, offsets % W
+    g_plane = g + n * sgn + c * sgc
+    acc = tl.full([BLOCK], 0.0, gx.dtype.element_ty)
+    for a in tl.static_range(KS):
+        th = h + padding - a * dilation
+        ho = th // stride
+        rows = (th >= 0) & (th % stride == 0) & (ho < H_out)
+        for b in tl.static_range(KS):
+            tw = w_ + padding - b * dilation
+            wo = tw // stride
+            valid = inside & rows & (tw >= 0) & (tw % stride == 0) & (wo < W_out)
+            gv = tl.load(g_plane + ho * sgh + wo * sgw, mask=valid, other=0.0)
+            acc += tl.load(w + c * KS * KS + a * KS + b) * gv
+    if RELU:
+        xv = tl.load(x + n * sxn + c * sxc + h * sxh + w_ * sxw, mask=inside, other=0.0)
+        acc = tl.where(xv > 0, acc, 0.0)
+    gx_pointers = gx + n * sdn + c * sdc + h * sdh + w_ * sdw
+    if ACCUMULATE:
+        acc = tl.load(gx_pointers, mask=inside) + acc
+    tl.store(gx_pointers, acc, mask=inside)
+
+
+def _relu_dwconv_grad_w_fn(
+    g, x, partials, N, C, H, W, H_out, W_out, num_blocks,
+    sgn, sgc, sgh, sgw, sxn, sxc, sxh, sxw, stride, dilation, padding,
+    KS: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    # partials[c, block, tap] = sum over one block of the N * H_out * W_out outputs of channel c of g times the
+    # relu(x) that the tap read; g is loaded once for all the taps.
+    c = tl.program_id(0)
+    block = tl.program_id(1)
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < N * H_out * W_out
+    n = (offsets // (H_out * W_out)).to(tl.int64)
+    pixel = offsets % (H_out * W_out)
+    ho, wo = pixel // W_out, pixel % W_out
+    gv = tl.load(g + n * sgn + c * sgc + ho * sgh + wo * sgw, mask=inside, other=0.0)
+    x_planes = x + n * sxn + c * sxc
+    out = partials + (c * num_blocks + block) * KS * KS
+    for a in tl.static_range(KS):
+        hi = ho * stride - padding + a * dilation
+        for b in tl.static_range(KS):
+            wi = wo * stride - padding + b * dilation
+            valid = inside & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            r = tl.load(x_planes + hi * sxh + wi * sxw, mask=valid, other=0.0)
+            if RELU:
+                r = tl.where(r < 0, 0.0, r)
+            tl.store(out + a * KS + b, tl.reduce(gv * r, 0, _ADD))
+
+
+_relu_dwconv_kernel = _Kernel(_relu_dwconv_fn)
+_relu_dwconv_grad_x_kernel = _Kernel(_relu_dwconv_grad_x_fn)
+_relu_dwconv_grad_w_kernel = _Kernel(_relu_dwconv_grad_w_fn)
+
+
+@triton_op("fastdarts_triton::relu_dwconv", mutates_args=())
+def _relu_dwconv_op(x: Tensor, weights: list[Tensor], dilations: list[int], stride: int, relu: bool) -> list[Tensor]:
+    check_relu_dwconv_arguments("relu_dwconv", x, weights, dilations, stride, _torch_check)
+    _check_supported_dtype("relu_dwconv", x)
+    N, C, H, W = x.shape
+    shape = relu_dwconv_output_shape(x, stride)
+    H_out, W_out = shape[2], shape[3]
+    # Laid out like x (the C++ op's x.suggest_memory_format()): channels_last in, channels_last out.
+    memory_format = suggest_memory_format(x)
+    outs = [torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format) for _ in weights]
+    if N == 0:
+        return outs
+    grid = (N * C, _launch_blocks(H_out * W_out, CONV_BLOCK))
+    for w, d, out in zip(weights, dilations, outs):
+        ks = w.shape[-1]
+        _relu_dwconv_kernel[grid](
+            x, w.contiguous(), out, C, H, W, H_out, W_out, *x.stride(), *out.stride(), stride, d, d * (ks - 1) // 2,
+            KS=ks, RELU=relu, BLOCK=CONV_BLOCK,
+        )  # fmt: skip
+    return outs
+
+
+# The C++ op's outputs (Tensor?, Tensor[]) in one list, [grad_x] if input_grad followed by the K grad_weights if
+# weight_grad: triton_op infers the schema from the annotations, which cannot express an optional output.
+@triton_op("fastdarts_triton::relu_dwconv_backward", mutates_args=())
+def _relu_dwconv_backward_op(
+    grads: list[Tensor], x: Tensor, weights: list[Tensor], dilations: list[int], stride: int,
+    relu: bool, input_grad: bool, weight_grad: bool,
+) -> list[Tensor]:  # fmt: skip
+    op = "relu_dwconv_backward"
+    check_relu_dwconv_arguments(op, x, weights, dilations, stride, _torch_check)
+    _check_supported_dtype(op, x)
+    output_shape = relu_dwconv_output_shape(x, stride)
+    check_sized_list(op, "grads", grads, len(weights), "weight", output_shape, "x", x, _torch_check)
+    N, C, H, W = x.shape
+    H_out, W_out = output_shape[2], output_shape[3]
+    weights = [w.contiguous() for w in weights]
+
+    grad_x = None
+    if input_grad:
+        grad_x = torch.empty_like(x)
+        if N > 0:
+            grid = (N * C, _launch_blocks(H * W, CONV_BLOCK))
+            for i, (g, w, d) in enumerate(zip(grads, weights, dilations)):
+                ks = w.shape[-1]
+                _relu_dwconv_grad_x_kernel[grid](
+                    g, w, x, grad_x, C, H, W, H_out, W_out, *g.stride(), *x.stride(), *grad_x.stride(), stride, d,
+                    d * (ks - 1) // 2, KS=ks, RELU=relu, ACCUMULATE=i > 0, BLOCK=CONV_BLOCK,
+                )  # fmt: skip
+
+    grad_weights = []
+    if weight_grad:
+        num_blocks = _launch_blocks(N * H_out * W_out, CONV_BLOCK)
+        for g, w, d in zip(grads, weights, dilations):
+            ks = w.shape[-1]
+            # One partial sum per (channel, block of outputs, tap); PyTorch sums the blocks, in a fixed order.
+            partials = w.new_empty(C, num_blocks, ks * ks)
+            if num_blocks > 0:
+                _relu_dwconv_grad_w_kernel[(C, num_blocks)](
+                    g, x, partials, N, C, H, W, H_out, W_out, num_blocks, *g.stride(), *x.stride(), stride, d,
+                    d * (ks - 1) // 2, KS=ks, RELU=relu, BLOCK=CONV_BLOCK,
+                )  # fmt: skip
+            grad_weights.append(partials.sum(dim=1).view(w.shape))
+    return ([grad_x] if grad_x is not None else []) + grad_weights
+
+
+def relu_dwconv(
+    x: Tensor, weights: Sequence[Tensor], dilations: Sequence[int], stride: int, relu: bool = True
+) -> list[Tensor]:
+    """ReLU, then one depthwise convolution of the result per weight, by the Triton kernels."""
+    return torch.ops.fastdarts_triton.relu_dwconv.default(x, list(weights), list(dilations), stride, relu)
+
+
+# Autograd saves x and the weights, never relu(x) or the outputs, as the C++ op's does (see _cpp.py).
+
+
+def _relu_dwconv_setup_context(ctx, inputs, output):
+    x, weights, dilations, stride, relu = inputs
+    ctx.num_weights = len(weights)
+    ctx.dilations, ctx.stride, ctx.relu = list(dilations), stride, relu
+    ctx.save_for_backward(x, *weights)
+
+
+def _split_relu_dwconv_gradients(outputs: Sequence, input_grad: bool) -> tuple:
+    """(grad_x or None, grad_weights) from relu_dwconv_backward's one list of outputs (or of their gradients)."""
+    return (outputs[0], list(outputs[1:])) if input_grad else (None, list(outputs))
+
+
+def _relu_dwconv_gradients(grads, x, weights, dilations, stride, relu, input_grad, weight_grad) -> tuple:
+    """relu_dwconv_backward with the C++ op's outputs: (grad_x or None, grad_weights or [])."""
+    outputs = torch.ops.fastdarts_triton.relu_dwconv_backward.default(
+        list(grads), x, list(weights), list(dilations), stride, relu, input_grad, weight_grad
+    )
+    return _split_relu_dwconv_gradients(outputs, input_grad)
+
+
+def _relu_dwconv_backward(ctx, grads):
+    K = ctx.num_weights
+    needs = _needs_input_grad(ctx)  # x, then the K weights (the int and bool arguments follow)
+    x_needs_grad, weights_need_grad = needs[0], needs[1 : K + 1]
+    x, *weights = ctx.saved_tensors
+    grad_x, grad_weights = _relu_dwconv_gradients(
+        grads, x, weights, ctx.dilations, ctx.stride, ctx.relu, x_needs_grad, any(weights_need_grad)
+    )
+    grad_weights = [g if need else None for g, need in zip(grad_weights, weights_need_grad)] or [None] * K
+    return grad_x, grad_weights, None, None, None
+
+
+torch.library.register_autograd(
+    "fastdarts_triton::relu_dwconv", _relu_dwconv_backward, setup_context=_relu_dwconv_setup_context
+)
+
+
+# The backward's own backward is again made of relu_dwconv and its backward (the formulas are in _cpp.py).
+
+
+def _relu_dwconv_backward_setup_context(ctx, inputs, output):
+    grads, x, weights, dilations, stride, relu, input_grad, weight_grad = inputs
+    ctx.num_weights = len(weights)
+    ctx.dilations, ctx.stride, ctx.relu = list(dilations), stride, relu
+    ctx.input_grad, ctx.weight_grad = input_grad, weight_grad
+    ctx.save_for_backward(x, *grads, *weights)
+
+
+def _relu_dwconv_backward_backward(ctx, grad_outputs):
+    K = ctx.num_weights
+    grad_grad_x, grad_grad_weights = _split_relu_dwconv_gradients(grad_outputs, ctx.input_grad)
+    needs = _needs_input_grad(ctx)  # the K grads, x, the K weights
+    grads_need, x_needs, weights_need = needs[:K], needs[K], needs[K + 1 : 2 * K + 1]
+    x, *rest = ctx.saved_tensors
+    grads, weights = rest[:K], rest[K:]
+    dilations, stride, relu = ctx.dilations, ctx.stride, ctx.relu
+    # The incoming gradients that can be non-zero: only those of outputs that were computed.
+    gg_x = grad_grad_x if ctx.input_grad else None
+    gg_w = list(grad_grad_weights) if ctx.weight_grad and grad_grad_weights else None
+    masked_gg_x = None if gg_x is None else (torch.where(x > 0, gg_x, 0) if relu else gg_x)
+
+    d_grads = [None] * K
+    if any(grads_need):
+        terms = []
+        if masked_gg_x is not None:
+            terms.append(relu_dwconv(masked_gg_x, weights, dilations, stride, False))
+        if gg_w is not None:
+            terms.append(relu_dwconv(x, gg_w, dilations, stride, relu))
+        if terms:
+            summed = [sum(parts[1:], parts[0]) for parts in zip(*terms)]
+            d_grads = [d if need else None for d, need in zip(summed, grads_need)]
+    d_x = None
+    if x_needs and gg_w is not None:
+        d_x, _ = _relu_dwconv_gradients(grads, x, gg_w, dilations, stride, relu, True, False)
+    d_weights = [None] * K
+    if any(weights_need) and masked_gg_x is not None:
+        _, all_d_weights = _relu_dwconv_gradients(grads, masked_gg_x, weights, dilations, stride, False, False, True)
+        d_weights = [d if need else None for d, need in zip(all_d_weights, weights_need)]
+    return d_grads, d_x, d_weights, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "fastdarts_triton::relu_dwconv_backward",
+    _relu_dwconv_backward_backward,
+    setup_context=_relu_dwconv_backward_setup_context,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# sample_gates. The kernel follows the reference's operations one by one, in beta's dtype (the float settings come
+# in a tensor of that dtype, rounded as PyTorch rounds a Python scalar: a Triton float argument would be float32).
+
+
+def _sample_gates_fn(
+    beta, u, explore, position, settings, gates, mask, p_nonzero, s_kept, E, K, k,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
+    columns = tl.arange(0, BLOCK_K)
+    column_inside = columns < K
+    inside = (rows < E)[:, None] & column_inside[None, :]
+    index = rows.to(tl.int64)[:, None] * K + columns[None, :]
+    beta_v = tl.load(beta + index, mask=inside, other=0.0)
+    u_v = tl.load(u + index, mask=inside, other=0.5)
+    tau, scale, a, shift = tl.load(settings), tl.load(settings + 1), tl.load(settings + 2), tl.load(settings + 3)
+
+    # log1p(-u) as log(1 - u) * -u / ((1 - u) - 1), which cancels the rounding of 1 - u (exact when 1 - u
+    # rounds to 1): Triton has no portable log1p.
+    one_minus_u = 1.0 - u_v
+    log1p_minus_u = tl.where(one_minus_u == 1.0, -u_v, tl.log(one_minus_u) * -u_v / (one_minus_u - 1.0))
+    x = (beta_v + tl.log(u_v)) - log1p_minus_u
+    s = 1.0 / (1.0 + tl.exp(-(x / tau)))  # torch.sigmoid's formula
+    stretched = s * scale + a
+    g = tl.where(stretched < 0.0, 0.0, tl.where(stretched > 1.0, 1.0, stretched))  # NaN stays NaN
+    # torch.clamp's gradient passes on the closed interval, so s counts as unclamped at 0 and 1 too.
+    s_unclamped = tl.where((stretched >= 0.0) & (stretched <= 1.0), s, 0.0)
+    tl.store(p_nonzero + index, 1.0 / (1.0 + tl.exp(-(beta_v - shift))), mask=inside)
+
+    if TOP_K:
+        # The top-k of g - explore as the reference's stable descending sort of the columns in perm order ranks
+        # them: column j is kept when fewer than k columns of its edge come before it, by score (NaN first), then
+        # by position in perm.
+        explored = tl.load(explore + index, mask=inside, other=0).to(beta_v.dtype)
+        scores = g - explored
+        position_v = tl.load(position + columns, mask=column_inside, other=0)
+        mine, other = scores[:, :, None], scores[:, None, :]
+        other_first = (other > mine) | ((other != other) & (mine == mine))
+        mine_first = (mine > other) | ((mine != mine) & (other == other))
+        earlier = position_v[None, None, :] < position_v[None, :, None]
+        ahead = (other_first | (~mine_first & ~other_first & earlier)) & column_inside[None, None, :]
+        kept = tl.reduce(ahead.to(tl.int32), 2, _ADD) < k
+        mask_v = tl.where(kept, 1.0, 0.0).to(beta_v.dtype)
+        tl.store(gates + index, mask_v * ((g - g) + 1.0), mask=inside)  # exactly the mask, NaN where g is NaN
+        tl.store(mask + index, mask_v, mask=inside)
+        tl.store(s_kept + index, tl.where(kept, s_unclamped, 0.0), mask=inside)
+    else:
+        tl.store(gates + index, g, mask=inside)
+        tl.store(mask + index, tl.full([BLOCK_E, BLOCK_K], 1.0, beta_v.dtype), mask=inside)
+        tl.store(s_kept + index, s_unclamped, mask=inside)
+
+
+_sample_gates_kernel = _Kernel(_sample_gates_fn)
+
+
+@triton_op("fastdarts_triton::sample_gates", mutates_args=())
+def _sample_gates_op(
+    beta: Tensor, tau: float, a: float, b: float, k: int | None, u: Tensor, explore: Tensor | None,
+    perm: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    check_beta("sample_gates", beta, _torch_check)
+    _check_supported_dtype("sample_gates", beta)
+    check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1], _torch_check)
+    check_gate_noise("sample_gates", beta, k, u, explore, perm, _torch_check)
+    E, K = beta.shape
+    # Contiguous outputs whatever beta's strides, like the C++ op's.
+    gates, mask, p_nonzero, s_kept = (beta.new_empty(E, K) for _ in range(4))
+    if E == 0:
+        return gates, mask, p_nonzero, s_kept
+    settings = torch.tensor([tau, b - a, a, tau * math.log(-a / b)], dtype=beta.dtype, device=beta.device)
+    top_k = k is not None
+    # The position of each column in perm (the inverse permutation), the tie-break of the top-k.
+    position = torch.argsort(perm) if top_k else beta
+    block_k = 1 << (K - 1).bit_length()  # the next power of 2
+    # Rows per program: the pairwise comparisons take BLOCK_E * BLOCK_K**2 values.
+    block_e = max(1, min(64, 4096 // (block_k * block_k)))
+    _sample_gates_kernel[(_launch_blocks(E, block_e),)](
+        beta.contiguous(), u.contiguous(), explore.contiguous() if top_k else beta, position, settings,
+        gates, mask, p_nonzero, s_kept, E, K, k if top_k else 0, TOP_K=top_k, BLOCK_E=block_e, BLOCK_K=block_k,
+    )  # fmt: skip
+    return gates, mask, p_nonzero, s_kept
+
+
+def sample_gates(
+    beta: Tensor, tau: float, a: float = -0.1, b: float = 1.1, k: int | None = 2, explore_p: float = 0.4,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """One sample of PR-DARTS's gates: the noise drawn exactly as the reference draws it, the rest by the Triton
+    kernel. The checks come first, so that a bad call raises the reference's error before it draws anything."""
+    check_beta("sample_gates", beta)
+    _check_supported_dtype("sample_gates", beta, raise_unless)
+    check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1])
+    check_explore_p("sample_gates", explore_p)
+    u, explore, perm = draw_gate_noise(beta, k, explore_p, generator)
+    gates, mask, p_nonzero, _ = torch.ops.fastdarts_triton.sample_gates.default(beta, tau, a, b, k, u, explore, perm)
+    return gates, mask, p_nonzero
+
+
+# The backward, in torch ops on the op's saved outputs (see _cpp.py for the formulas), so it traces and is
+# differentiable again.
+
+
+def _sample_gates_setup_context(ctx, inputs, output):
+    beta, tau, a, b, k, u, explore, perm = inputs
+    _, mask, p_nonzero, s_kept = output
+    ctx.mark_non_differentiable(mask)
+    ctx.tau, ctx.scale = tau, b - a
+    needs = _needs_input_grad(ctx)  # beta, tau, a, b, k, u, explore, perm
+    ctx.beta_needs_grad, ctx.u_needs_grad = needs[0], needs[5]
+    ctx.save_for_backward(p_nonzero, s_kept, u if ctx.u_needs_grad else None)
+
+
+def _sample_gates_backward(ctx, grad_gates, _grad_mask, grad_p_nonzero, grad_s_kept):
+    p_nonzero, s_kept, u = ctx.saved_tensors
+    grad_x = (grad_gates * ctx.scale + grad_s_kept) * (1 - s_kept) * s_kept / ctx.tau
+    grad_beta = grad_x + grad_p_nonzero * (1 - p_nonzero) * p_nonzero if ctx.beta_needs_grad else None
+    grad_u = grad_x / u + grad_x / (1 - u) if ctx.u_needs_grad else None
+    return grad_beta, None, None, None, None, grad_u, None, None
+
+
+torch.library.register_autograd(
+    "fastdarts_triton::sample_gates", _sample_gates_backward, setup_context=_sample_gates_setup_context
+)
