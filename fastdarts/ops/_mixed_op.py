@@ -2,7 +2,7 @@
 imported only when fastdarts._C loaded.
 
 Forward: relu(x) is read once by the relu_dwconv kernel for the first stage of all four convolutions; every
-1x1 pointwise conv is one GEMM on the channels_last matrix [N*H*W, C]; each affine-free BN is ATen's
+1x1 pointwise conv is oneDNN's (a GEMM on the channels_last matrix [N*H*W, C]); each affine-free BN is ATen's
 channels_last batch norm; the candidates meet in the weighted_sum kernel. Only the sum leaves the op.
 
 Memory: autograd keeps x (which the cell holds anyway), the weights and the BN statistics ([B, C] each). The
@@ -34,24 +34,16 @@ _FIRST_STAGE_DILATION = {_SEP3: 1, _SEP5: 1, _DIL3: 2, _DIL5: 2}
 
 
 def _pointwise(z: Tensor, weight: Tensor) -> Tensor:
-    """A 1x1 conv of a channels_last z as one GEMM on its [N*H*W, C] matrix (a view, no copy)."""
-    N, C, H, W = z.shape
-    t = torch.mm(z.permute(0, 2, 3, 1).reshape(-1, C), weight.reshape(weight.shape[0], C).t())
-    return t.view(N, H, W, -1).permute(0, 3, 1, 2)
+    """A 1x1 conv. oneDNN's on channels_last ran faster here than torch.mm on the [N*H*W, C] matrix."""
+    return F.conv2d(z, weight)
 
 
-def _pointwise_weight_grad(dt: Tensor, z: Tensor) -> Tensor:
-    """dL/dweight of _pointwise(z, weight) for dL/dt: one GEMM, dt^T z, as [C_out, C_in, 1, 1]."""
-    C_out, C_in = dt.shape[1], z.shape[1]
-    grad = torch.mm(dt.permute(0, 2, 3, 1).reshape(-1, C_out).t(), z.permute(0, 2, 3, 1).reshape(-1, C_in))
-    return grad.view(C_out, C_in, 1, 1)
-
-
-def _pointwise_input_grad(dt: Tensor, weight: Tensor) -> Tensor:
-    """dL/dz of _pointwise(z, weight) for dL/dt: one GEMM, dt weight."""
-    N, C_out, H, W = dt.shape
-    dz = torch.mm(dt.permute(0, 2, 3, 1).reshape(-1, C_out), weight.reshape(C_out, -1))
-    return dz.view(N, H, W, -1).permute(0, 3, 1, 2)
+def _pointwise_backward(dt: Tensor, z: Tensor, weight: Tensor, weight_grad: bool) -> tuple[Tensor, Tensor | None]:
+    """(dL/dz, dL/dweight if weight_grad) of _pointwise(z, weight) for dL/dt, in one oneDNN call."""
+    dz, dweight, _ = torch.ops.aten.convolution_backward.default(
+        dt, z, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, weight_grad, False]
+    )
+    return dz, dweight
 
 
 def _factorized_reduce_backward(
@@ -111,9 +103,13 @@ class _Edge:
             self.first_stage = dict(zip(convs, zs))
         return self.candidates
 
-    def _bn(self, t: Tensor, row: int, name: str) -> Tensor:
+    def _bn(self, t: Tensor, row: int, name: str) -> Tensor | None:
+        """BN(t) with the statistics of BN row `row`; t kept under `name` for the backward. A candidate's last BN
+        (every name without "_1") gives None when recomputing for the backward, which needs only t."""
         if self.keep:
             self.kept[name] = t
+            if not name.endswith("_1"):
+                return None
         if not self.training:
             return torch.native_batch_norm(t, None, None, self.mean[row], self.var[row], False, 0.0, self.eps)[0]
         y, mean, invstd = torch.native_batch_norm(t, None, None, None, None, True, 0.0, self.eps)
@@ -203,7 +199,8 @@ class _Edge:
             elif k == _SKIP:  # FactorizedReduce (stride-2 edges only): ATen's conv backward for its two 1x1 convs
                 dt, share = self._bn_backward(grad, f"t{k}", row, need_dt, w_grad)
                 if need_dt:
-                    grad_r, grads = _factorized_reduce_backward(dt * wk, x, *self.weights[k], x_grad, weights_grad)
+                    dt = dt * wk
+                    grad_r, grads = _factorized_reduce_backward(dt, x, *self.weights[k], x_grad, weights_grad)
                     if x_grad:
                         terms.append(grad_r.masked_fill_(x <= 0, 0))
                         coefficients.append(None)
@@ -214,12 +211,13 @@ class _Edge:
                 last_row = row + 1 if k in (_SEP3, _SEP5) else row  # a sep conv's second BN is its last
                 dt, share = self._bn_backward(grad, f"t{k}", last_row, need_dt, w_grad)
                 if need_dt:
-                    dt = dt * wk
+                    # dL/dt is wk times the BN backward of dL/dout: the factor goes on the (small) pointwise
+                    # weight and its gradient instead of on the activation.
                     z = self.kept[f"z2_{k}"] if k in (_SEP3, _SEP5) else self.first_stage[k]
                     pointwise = ws[3] if k in (_SEP3, _SEP5) else ws[1]
+                    dz, dpointwise = _pointwise_backward(dt, z, pointwise * wk, weights_grad)
                     if weights_grad:
-                        grad_weights[k][3 if k in (_SEP3, _SEP5) else 1] = _pointwise_weight_grad(dt, z)
-                    dz = _pointwise_input_grad(dt, pointwise)
+                        grad_weights[k][3 if k in (_SEP3, _SEP5) else 1] = dpointwise * wk
                     if k in (_SEP3, _SEP5):
                         du, second = torch.ops.fastdarts.relu_dwconv_backward.default(
                             [dz], self.kept[f"u{k}"], [ws[2]], [1], 1, True, True, weights_grad
@@ -227,9 +225,9 @@ class _Edge:
                         if weights_grad:
                             grad_weights[k][2] = second[0]
                         dt, _ = self._bn_backward(du, f"t{k}_1", row, True, False)
+                        dz, dpointwise = _pointwise_backward(dt, self.first_stage[k], ws[1], weights_grad)
                         if weights_grad:
-                            grad_weights[k][1] = _pointwise_weight_grad(dt, self.first_stage[k])
-                        dz = _pointwise_input_grad(dt, ws[1])
+                            grad_weights[k][1] = dpointwise
                     first_stage_grads[k] = dz
             if w_grad:
                 grad_w[k] = share
