@@ -42,4 +42,12 @@ TORCH_LIBRARY(fastdarts, m) {
   m.def(
       "sample_gates(Tensor beta, float tau, float a, float b, int? k, Tensor u, Tensor? explore, Tensor? perm) -> "
       "(Tensor gates, Tensor mask, Tensor p_nonzero, Tensor s_kept)");
+  // DARTS's two pool candidates and their BN statistics from one read of x [N, C, H, W]: max_out =
+  // max_pool2d(x, 3, stride, 1) and avg_out = avg_pool2d(x, 3, stride, 1, count_include_pad=False), laid out like x;
+  // mean, var [2, C]: the per-channel mean and biased variance of each over (N, H_out, W_out), row 0 for max_out and
+  // row 1 for avg_out (no gradient). stride: 1 or 2.
+  m.def("pool_bn_stats(Tensor x, int stride) -> (Tensor max_out, Tensor avg_out, Tensor mean, Tensor var)");
+  // grad_x of both pools, the max's argmax recomputed from x (ATen's: the first maximum in scan order, or a NaN);
+  // a None gradient contributes nothing.
+  m.def("pool_bn_stats_backward(Tensor? grad_max, Tensor? grad_avg, Tensor x, int stride) -> Tensor");
 }

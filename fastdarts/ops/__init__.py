@@ -28,6 +28,7 @@ __all__ = [
     "mixed_op",
     "mixed_op_layout",
     "mixed_op_weight_shapes",
+    "pool_bn_stats",
     "relu_dwconv",
     "sample_gates",
     "use_backend",
@@ -178,3 +179,31 @@ def mixed_op(
     and TypeError for mismatched dtypes (on "cpp", also for dtypes other than float32/float64).
     """
     return dispatch("mixed_op", x.device, backend)(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps)
+
+
+def pool_bn_stats(x: Tensor, stride: int, *, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DARTS's two pool candidates and the batch statistics of the affine-free BNs after them, from one read of `x`.
+
+    `max_out = max_pool2d(x, 3, stride, 1)` and `avg_out = avg_pool2d(x, 3, stride, 1, count_include_pad=False)`
+    (METHOD.md 1.1's max_pool_3x3 and avg_pool_3x3 before their BNs), with the per-channel mean and biased variance
+    of each over (N, H_out, W_out).
+
+    Args:
+        x: [N, C, H, W], float32 or float64, any memory layout (channels_last is the fast one).
+        stride: 1, or 2 on a DARTS reduction edge.
+        backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND, then the
+            device ("cpp" for CPU tensors when built).
+
+    Returns (max_out, avg_out, mean, var):
+        max_out, avg_out: [N, C, (H - 1) // stride + 1, (W - 1) // stride + 1], laid out like `x`. A NaN in a
+            window gives NaN in both.
+        mean, var: [2, C], row 0 for max_out and row 1 for avg_out; "cpp" accumulates them in double. They carry
+            no gradient.
+
+    Differentiable in `x` through the two pools: the max's gradient goes to the first maximum of each window in
+    scan order, as max_pool2d's does; any number of times. The "cpp" backend saves only `x` for backward and
+    recomputes the argmax there (its second derivatives run ATen's pools). Raises ValueError for an `x` that is
+    not 4-D with C, H, W >= 1 or a stride other than 1 or 2; TypeError for an `x` that is not floating point (on
+    "cpp", not float32/float64).
+    """
+    return dispatch("pool_bn_stats", x.device, backend)(x, stride)

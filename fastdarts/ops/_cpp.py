@@ -16,15 +16,18 @@ from torch.utils import _pytree as pytree
 
 from .reference import (
     check_beta,
+    check_dtype_and_device,
     check_explore_p,
     check_gate_noise,
     check_gate_settings,
     check_like,
+    check_pool_bn_stats_arguments,
     check_relu_dwconv_arguments,
     check_same_tensors,
     check_sized_list,
     check_weights,
     draw_gate_noise,
+    pool_bn_stats_output_shape,
     raise_unless,
     relu_dwconv_output_shape,
 )
@@ -320,4 +323,103 @@ def _sample_gates_backward(ctx, grad_gates, _grad_mask, grad_p_nonzero, grad_s_k
 
 torch.library.register_autograd(
     "fastdarts::sample_gates", _sample_gates_backward, setup_context=_sample_gates_setup_context
+)
+
+
+# pool_bn_stats. Autograd saves x alone: the backward kernel recomputes each window's argmax from it. mean and var
+# carry no gradient. Gradients are not materialised, so a pool that the loss does not use hands the backward None,
+# and the kernel skips that pool's part.
+
+
+def pool_bn_stats(x: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both 3x3 pools of x and their per-channel batch statistics, by the C++ kernel (CPU, float32/float64)."""
+    return torch.ops.fastdarts.pool_bn_stats.default(x, stride)
+
+
+def _check_pool_grad(op: str, name: str, grad: Tensor | None, x: Tensor, stride: int, require=_torch_check) -> None:
+    """An output gradient of pool_bn_stats, when given: the pools' shape, with the dtype and device of x."""
+    if grad is None:
+        return
+    shape = pool_bn_stats_output_shape(x, stride)
+    require(
+        list(grad.shape) == shape,
+        ValueError,
+        lambda: f"{op}: {name} must have shape {shape}, got {list(grad.shape)}",
+    )
+    check_dtype_and_device(op, name, grad, "x", x, require)
+
+
+@torch.library.register_fake("fastdarts::pool_bn_stats")
+def _pool_bn_stats_fake(x, stride):
+    check_pool_bn_stats_arguments("pool_bn_stats", x, stride, _torch_check)
+    _check_supported_dtype("pool_bn_stats", x)
+    # The kernel's x.suggest_memory_format() for the pools; the statistics are contiguous [2, C].
+    memory_format = suggest_memory_format(x)
+    shape = pool_bn_stats_output_shape(x, stride)
+    pools = [torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format) for _ in range(2)]
+    return (*pools, x.new_empty((2, x.shape[1])), x.new_empty((2, x.shape[1])))
+
+
+@torch.library.register_fake("fastdarts::pool_bn_stats_backward")
+def _pool_bn_stats_backward_fake(grad_max, grad_avg, x, stride):
+    op = "pool_bn_stats_backward"
+    check_pool_bn_stats_arguments(op, x, stride, _torch_check)
+    _check_supported_dtype(op, x)
+    _check_pool_grad(op, "grad_max", grad_max, x, stride)
+    _check_pool_grad(op, "grad_avg", grad_avg, x, stride)
+    return torch.empty_like(x)
+
+
+def _pool_bn_stats_setup_context(ctx, inputs, output):
+    x, stride = inputs
+    _, _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.set_materialize_grads(False)
+    ctx.stride = stride
+    ctx.save_for_backward(x)
+
+
+def _pool_bn_stats_backward(ctx, grad_max, grad_avg, _grad_mean, _grad_var):
+    (x,) = ctx.saved_tensors
+    if grad_max is None and grad_avg is None:
+        return None, None
+    return torch.ops.fastdarts.pool_bn_stats_backward.default(grad_max, grad_avg, x, ctx.stride), None
+
+
+torch.library.register_autograd(
+    "fastdarts::pool_bn_stats", _pool_bn_stats_backward, setup_context=_pool_bn_stats_setup_context
+)
+
+
+# The backward is linear in (grad_max, grad_avg), and depends on x only through the argmax, which is piecewise
+# constant. So its own backward, for an incoming gradient gg of grad_x, is
+#   d/dgrad_max = gg at each window's argmax: a gather with max_pool2d's indices, which follow the kernel's rule;
+#   d/dgrad_avg = avg_pool2d(gg, 3, stride, 1, count_include_pad=False), the adjoint of spreading grad / count;
+#   d/dx        = 0,
+# made of differentiable ATen ops, so higher orders follow.
+
+
+def _pool_bn_stats_backward_setup_context(ctx, inputs, output):
+    grad_max, grad_avg, x, stride = inputs
+    ctx.set_materialize_grads(False)
+    ctx.stride = stride
+    ctx.max_needs_grad, ctx.avg_needs_grad = _needs_input_grad(ctx)[:2]
+    ctx.save_for_backward(x if ctx.max_needs_grad else None)
+
+
+def _pool_bn_stats_backward_backward(ctx, grad_grad_x):
+    (x,) = ctx.saved_tensors
+    d_max = d_avg = None
+    if grad_grad_x is not None and ctx.max_needs_grad:
+        _, indices = torch.nn.functional.max_pool2d(x.detach(), 3, ctx.stride, 1, return_indices=True)
+        d_max = grad_grad_x.flatten(2).gather(2, indices.flatten(2)).view_as(indices)
+    if grad_grad_x is not None and ctx.avg_needs_grad:
+        d_avg = torch.nn.functional.avg_pool2d(grad_grad_x, 3, ctx.stride, 1, count_include_pad=False)
+    return d_max, d_avg, None, None
+
+
+torch.library.register_autograd(
+    "fastdarts::pool_bn_stats_backward",
+    _pool_bn_stats_backward_backward,
+    setup_context=_pool_bn_stats_backward_setup_context,
 )

@@ -64,6 +64,10 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         **({"cpp": _cpp.sample_gates} if EXTENSION_LOADED else {}),
         **({"triton": _triton.sample_gates} if TRITON_LOADED else {}),
     },
+    "pool_bn_stats": {
+        "reference": reference.pool_bn_stats,
+        **({"cpp": _cpp.pool_bn_stats} if EXTENSION_LOADED else {}),
+    },
 }
 # The device types a backend runs on (None: wherever PyTorch runs). "triton" also runs CPU
 # tensors under TRITON_INTERPRET=1 (see _runs_on).

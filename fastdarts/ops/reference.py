@@ -521,3 +521,38 @@ def mixed_op(
     if not outputs:
         return x.new_zeros(mixed_op_output_shape(x, stride)), mean, var
     return weighted_sum(outputs, w[list(candidates)]), mean, var
+
+
+# ----------------------------------------------------------------------------------------------
+# DARTS's two pool candidates (max_pool_3x3, avg_pool_3x3) with the batch statistics of the
+# affine-free BNs that follow them, which the kernels compute from one read of x.
+
+
+def check_pool_bn_stats_arguments(op: str, x: Tensor, stride: int, require: Require = raise_unless) -> None:
+    """The arguments of pool_bn_stats (and of its backward), checked in the order of the C++ kernel."""
+    check_images(op, "x", x, require)
+    # The pools of a DARTS edge: stride 1 on a normal edge, 2 on a reduction edge.
+    require(stride in (1, 2), ValueError, lambda: f"{op}: stride must be 1 or 2, got {stride}")
+
+
+def pool_bn_stats_output_shape(x: Tensor, stride: int) -> list[int]:
+    """[N, C, H_out, W_out] of both pools: 3x3 windows with padding 1 give floor((H - 1) / stride) + 1."""
+    return relu_dwconv_output_shape(x, stride)
+
+
+def pool_bn_stats(x: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both 3x3 pools of `x` and the per-channel batch statistics of each; see `fastdarts.ops.pool_bn_stats`.
+
+    max_out = max_pool2d(x, 3, stride, 1); avg_out = avg_pool2d(x, 3, stride, 1, count_include_pad=False);
+    mean, var: [2, C], the mean and biased variance of max_out (row 0) and avg_out (row 1) over (N, H_out, W_out),
+    without gradient. Differentiable in x through the pools, any number of times.
+    """
+    op = "pool_bn_stats"
+    check_pool_bn_stats_arguments(op, x, stride)
+    # The pools would run on integer tensors, but the statistics and the gradients need floating point.
+    raise_unless(x.is_floating_point(), TypeError, lambda: f"{op}: x must be floating point, got {x.dtype}")
+    max_out = F.max_pool2d(x, 3, stride, 1)
+    avg_out = F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)
+    pools = torch.stack([max_out.detach(), avg_out.detach()])  # [2, N, C, H_out, W_out]
+    var, mean = torch.var_mean(pools, dim=(1, 3, 4), correction=0)
+    return max_out, avg_out, mean, var
