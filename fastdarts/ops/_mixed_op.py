@@ -1,9 +1,10 @@
 """The "cpp" backend's mixed op: one autograd node per DARTS edge, built from the C++ kernels and ATen GEMMs,
 imported only when fastdarts._C loaded.
 
-Forward: relu(x) is read once by the relu_dwconv kernel for the first stage of all four convolutions; every
-1x1 pointwise conv is oneDNN's (a GEMM on the channels_last matrix [N*H*W, C]); each affine-free BN is ATen's
-channels_last batch norm; the candidates meet in the weighted_sum kernel. Only the sum leaves the op.
+Forward: relu(x) is read once by the relu_dwconv kernel for the first stage of all four convolutions, and x once
+by the pool_bn_stats kernel for both pools and their BN statistics; every 1x1 pointwise conv is oneDNN's (a GEMM
+on the channels_last matrix [N*H*W, C]); each other affine-free BN is ATen's channels_last batch norm; the
+candidates meet in the weighted_sum kernel. Only the sum leaves the op.
 
 Memory: autograd keeps x (which the cell holds anyway), the weights and the BN statistics ([B, C] each). The
 backward recomputes the edge's intermediates, uses them, and drops them: an edge's activations live for one
@@ -89,6 +90,7 @@ class _Edge:
         else:
             self.mean, self.var = bn_mean.clone(), bn_var.clone()
         self.kept: dict[str, Tensor] = {}  # the pre-BN tensors (and a few others) for the backward
+        self.pools: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # pool_bn_stats's outputs, when computed
         self.outputs = [self._candidate(k) for k in self._first_stage_then_rest()]
         self.w = w
 
@@ -103,14 +105,19 @@ class _Edge:
             self.first_stage = dict(zip(convs, zs))
         return self.candidates
 
-    def _bn(self, t: Tensor, row: int, name: str) -> Tensor | None:
+    def _bn(
+        self, t: Tensor, row: int, name: str, batch_statistics: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor | None:
         """BN(t) with the statistics of BN row `row`; t kept under `name` for the backward. A candidate's last BN
-        (every name without "_1") gives None when recomputing for the backward, which needs only t."""
+        (every name without "_1") gives None when recomputing for the backward, which needs only t. In training,
+        `batch_statistics` (mean, biased variance), when a kernel has computed them already, spare a pass over t."""
         if self.keep:
             self.kept[name] = t
             if not name.endswith("_1"):
                 return None
-        if not self.training:
+        if self.training and batch_statistics is not None:
+            self.mean[row], self.var[row] = batch_statistics
+        if not self.training or batch_statistics is not None:
             return torch.native_batch_norm(t, None, None, self.mean[row], self.var[row], False, 0.0, self.eps)[0]
         y, mean, invstd = torch.native_batch_norm(t, None, None, None, None, True, 0.0, self.eps)
         self.mean[row] = mean
@@ -119,13 +126,11 @@ class _Edge:
 
     def _candidate(self, k: int) -> Tensor:
         x, stride, row, ws = self.x, self.stride, self.rows[k], self.weights[k]
-        if k == _MAX_POOL:
-            if not self.keep:
-                return self._bn(F.max_pool2d(x, 3, stride, 1), row, f"t{k}")
-            pooled, self.max_pool_indices = F.max_pool2d(x, 3, stride, 1, return_indices=True)
-            return self._bn(pooled, row, f"t{k}")
-        if k == _AVG_POOL:
-            return self._bn(F.avg_pool2d(x, 3, stride, 1, count_include_pad=False), row, f"t{k}")
+        if k in (_MAX_POOL, _AVG_POOL):
+            if self.pools is None:  # both pools and their statistics from one read of x
+                self.pools = torch.ops.fastdarts.pool_bn_stats.default(x, stride)
+            pooled, mean, var = self.pools[k], self.pools[2][k], self.pools[3][k]
+            return self._bn(pooled, row, f"t{k}", (mean, var))
         if k == _SKIP:
             return x if stride == 1 else self._bn(factorized_reduce(x, *ws), row, f"t{k}")
         z = self.first_stage[k]
@@ -139,9 +144,7 @@ class _Edge:
 
     def out(self) -> Tensor:
         if not self.outputs:
-            return self.x.new_zeros(mixed_op_output_shape(self.x, self.stride)).contiguous(
-                memory_format=_CHANNELS_LAST
-            )
+            return self.x.new_zeros(mixed_op_output_shape(self.x, self.stride)).contiguous(memory_format=_CHANNELS_LAST)
         return torch.ops.fastdarts.weighted_sum.default(self.outputs, self.w[self.candidates])
 
     # The backward ---------------------------------------------------------------------------------------------
@@ -172,7 +175,7 @@ class _Edge:
             grad_weights = {k: [torch.zeros_like(t) for t in ws] for k, ws in self.weights.items()}
         # dL/dx = sum of terms[i] * coefficients[i]: one weighted_sum at the end.
         terms, coefficients = [], []
-        first_stage_grads = {}
+        first_stage_grads, pool_grads = {}, {}
         need_dt = x_grad or weights_grad
         for k in self.candidates:
             wk, row = w[k], self.rows[k]
@@ -186,23 +189,14 @@ class _Edge:
             if k in (_MAX_POOL, _AVG_POOL):
                 dt, share = self._bn_backward(grad, f"t{k}", row, x_grad, w_grad)
                 if x_grad:
-                    if k == _MAX_POOL:
-                        dx = torch.ops.aten.max_pool2d_with_indices_backward.default(
-                            dt, x, [3, 3], [self.stride] * 2, [1, 1], [1, 1], False, self.max_pool_indices
-                        )
-                    else:
-                        dx = torch.ops.aten.avg_pool2d_backward.default(
-                            dt, x, [3, 3], [self.stride] * 2, [1, 1], False, False, None
-                        )
-                    terms.append(dx)
-                    coefficients.append(wk)
+                    pool_grads[k] = dt * wk
             elif k == _SKIP:  # FactorizedReduce (stride-2 edges only): ATen's conv backward for its two 1x1 convs
                 dt, share = self._bn_backward(grad, f"t{k}", row, need_dt, w_grad)
                 if need_dt:
                     dt = dt * wk
                     grad_r, grads = _factorized_reduce_backward(dt, x, *self.weights[k], x_grad, weights_grad)
                     if x_grad:
-                        terms.append(grad_r.masked_fill_(x <= 0, 0))
+                        terms.append(torch.ops.aten.threshold_backward.default(grad_r, x, 0))  # ReLU's mask
                         coefficients.append(None)
                     if weights_grad:
                         grad_weights[k] = grads
@@ -231,6 +225,11 @@ class _Edge:
                     first_stage_grads[k] = dz
             if w_grad:
                 grad_w[k] = share
+        if pool_grads:  # both pools' gradients in one pass over x, which recomputes the argmax
+            terms.append(torch.ops.fastdarts.pool_bn_stats_backward.default(
+                pool_grads.get(_MAX_POOL), pool_grads.get(_AVG_POOL), x, self.stride
+            ))  # fmt: skip
+            coefficients.append(None)
         if first_stage_grads:
             convs = list(first_stage_grads)
             dx, firsts = torch.ops.fastdarts.relu_dwconv_backward.default(
