@@ -91,11 +91,14 @@ class _Edge:
             self.mean, self.var = bn_mean.clone(), bn_var.clone()
         self.kept: dict[str, Tensor] = {}  # the pre-BN tensors (and a few others) for the backward
         self.pools: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # pool_bn_stats's outputs, when computed
-        self.outputs = [self._candidate(k) for k in self._first_stage_then_rest()]
+        self._first_stage()
+        self.outputs = [self._candidate(k) for k in self.candidates]
         self.w = w
 
-    def _first_stage_then_rest(self) -> list[int]:
+    def _first_stage(self) -> None:
+        """relu(x) into the depthwise convs of every conv candidate computed, from one read of x."""
         convs = [k for k in self.candidates if k in _FIRST_STAGE_DILATION]
+        self.first_stage: dict[int, Tensor] = {}
         if convs:
             self.first_stage_weights = [self.weights[k][0] for k in convs]
             self.first_stage_dilations = [_FIRST_STAGE_DILATION[k] for k in convs]
@@ -103,7 +106,6 @@ class _Edge:
                 self.x, self.first_stage_weights, self.first_stage_dilations, self.stride, True
             )
             self.first_stage = dict(zip(convs, zs))
-        return self.candidates
 
     def _bn(
         self, t: Tensor, row: int, name: str, batch_statistics: tuple[Tensor, Tensor] | None = None
