@@ -17,7 +17,8 @@ import torch
 
 from fastdarts import ops
 
-from .mixed_op import CASES, main, make_forward, make_problem, saved_bytes
+from ._device import NO_TRITON_MIXED_OP, benchmark_device
+from .mixed_op import CASES, default_providers, main, make_forward, make_problem, saved_bytes
 
 FULL = os.environ.get("FASTDARTS_BENCH_FULL") == "1"
 SHAPES = {name: shape if FULL else (2, shape[1], 9 if stride == 1 else 8, 9 if stride == 1 else 8)
@@ -42,9 +43,14 @@ def test_mixed_op(benchmark, case, provider):
 
 @pytest.mark.slow
 def test_the_script_measures_every_case_in_child_processes(capsys):
-    main(["--json", "--batch", "2", "--repeats", "1", "--providers", ",".join(PROVIDERS)])
-    report = json.loads(capsys.readouterr().out)
+    # The script runs on the CUDA device when there is one (without cpp there), so it has its own providers.
+    providers = [p for p in default_providers(benchmark_device()) if p in PROVIDERS]
+    main(["--json", "--batch", "2", "--repeats", "1", "--providers", ",".join(providers), "--peak_gbps", "10"])
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert err.strip() == NO_TRITON_MIXED_OP and report["peak_gbps"] == 10
     for case in CASES:
-        for provider in PROVIDERS:
+        for provider in providers:
             result = report["cases"][case]["providers"][provider]
             assert result["median_seconds"] > 0 and result["peak_rss_bytes"] > 0 and result["saved_bytes"] >= 0
+            assert result["flops"] > 0 and result["fraction_of_peak_gbps"] == result["gbps"] / 10

@@ -1,14 +1,27 @@
 """Time one DARTS mixed op (one edge, all 7 computed candidates) forward + backward per provider.
 
     python benchmarks/mixed_op.py --json [--repeats 10] [--providers eager-contiguous,eager,cpp,compile]
+                                  [--peak_gbps G --peak_gflops F]
 
 Cases: (N, C, H, W) = (64, 16, 32, 32) at stride 1 (a normal-cell edge of the batch-64 search) and
 (64, 32, 16, 16) at stride 2 (a reduction edge). Providers: the eager reference (ops.mixed_op on "reference":
 DARTS's ops in eager PyTorch) on a contiguous and on a channels_last input, the fused op ("cpp"), and
 torch.compile (inductor) of the reference on channels_last. Each timed call is one forward and one backward
 for x, the 7 candidate weights and every conv weight. Every (case, provider) runs in a fresh child process, so
-its peak RSS is its own; the providers alternate inside each case, so drifting load hits them alike. Prints one
-JSON object (with --json) or a table.
+its peak RSS is its own; the providers alternate inside each case, so drifting load hits them alike.
+
+On a CUDA device (torch.cuda.is_available()) the tensors live there and the providers are eager-contiguous, eager
+and compile ("cpp" is CPU only, and the fused mixed op has no Triton kernel yet: one printed line says so); the
+times come from CUDA events and each case also reports its peak device memory (benchmarks/_device.py).
+
+Every case reports GFLOP/s and GB/s (and their fractions of the peaks, when known), from:
+- FLOPs: the convolutions of one eager forward + backward as benchmarks/_device.count_flops counts them (the
+  depthwise, pointwise and FactorizedReduce convs and their input and weight gradients; BN, pools and sums not
+  counted), counted at batch 1 on the CPU and multiplied by the batch size (conv FLOPs scale with it);
+- bytes: E * (3 |x| + 2 |out| + 3 (|weights| + 7)), E bytes per element: x read by the forward and the backward and
+  grad_x written, out written and its gradient read, the conv weights and w read twice and their gradients written.
+  That is the least a fused forward + backward moves, the same for every provider (the eager one moves far more).
+Prints one JSON object (with --json) or a table; the Triton line goes to stderr.
 """
 
 from __future__ import annotations
@@ -17,10 +30,8 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,18 +39,38 @@ import torch
 from fastdarts import ops
 from fastdarts.ops import reference
 
+if __package__:
+    from . import _device
+else:  # run as a script: benchmarks/ is sys.path[0]
+    import _device
+
 CASES = {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)}
 PROVIDERS = ("eager-contiguous", "eager", "cpp", "compile")
 
 
-def make_problem(shape, stride, layout=torch.channels_last, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=generator).contiguous(memory_format=layout).requires_grad_()
-    w = torch.randn(len(ops.MIXED_OP_CANDIDATES), generator=generator).softmax(0).requires_grad_()
+def default_providers(device: torch.device) -> list[str]:
+    return ["eager-contiguous", "eager", "compile"] if device.type == "cuda" else list(PROVIDERS)
+
+
+def make_problem(shape, stride, layout=torch.channels_last, seed=0, device="cpu"):
+    generator = torch.Generator().manual_seed(seed)  # drawn on the CPU, so every device gets the same numbers
+    x = torch.randn(shape, generator=generator).to(device).contiguous(memory_format=layout).requires_grad_()
+    w = torch.randn(len(ops.MIXED_OP_CANDIDATES), generator=generator).softmax(0).to(device).requires_grad_()
     shapes = ops.mixed_op_weight_shapes(shape[1], stride)
-    weights = [(0.3 * torch.randn(s, generator=generator)).requires_grad_() for s in shapes]
-    grad_out = torch.randn(reference.mixed_op_output_shape(x, stride), generator=generator)
+    weights = [(0.3 * torch.randn(s, generator=generator)).to(device).requires_grad_() for s in shapes]
+    grad_out = torch.randn(reference.mixed_op_output_shape(x, stride), generator=generator).to(device)
     return x, w, weights, grad_out.contiguous(memory_format=layout)
+
+
+def flops_and_bytes(shape, stride: int, element_size: int = 4) -> tuple[int, int]:
+    """FLOPs and least bytes of one forward + backward (the module docstring says how)."""
+    x, w, weights, grad_out = make_problem((1, *shape[1:]), stride)
+    inputs = [x, w, *weights]
+    flops = shape[0] * _device.count_flops(
+        lambda: torch.autograd.grad(reference.mixed_op(x, w, weights, stride)[0], inputs, grad_out)
+    )
+    elements = 3 * x.numel() * shape[0] + 2 * grad_out.numel() * shape[0] + 3 * (sum(t.numel() for t in weights) + 7)
+    return flops, element_size * elements
 
 
 def make_forward(provider: str, stride: int):
@@ -66,27 +97,25 @@ def saved_bytes(forward, x, w, weights) -> int:
     return sum(size for ptr, size in storages.items() if ptr not in inputs)
 
 
-def run_case(case: str, provider: str, repeats: int, shape=None) -> dict:
-    default_shape, stride = CASES[case]
+def run_case(case: str, provider: str, repeats: int, shape=None, device="cpu", peaks=None) -> dict:
+    """One (case, provider) on `device`: times (one warm-up first, which for compile compiles), saved bytes, peak
+    RSS, on CUDA peak device memory, and the achieved rates (against `peaks`, from _device.device_peaks)."""
+    device = torch.device(device)
+    shape = shape or CASES[case][0]
+    stride = CASES[case][1]
     layout = torch.contiguous_format if provider == "eager-contiguous" else torch.channels_last
-    x, w, weights, grad_out = make_problem(shape or default_shape, stride, layout)
+    x, w, weights, grad_out = make_problem(shape, stride, layout, device=device)
     forward = make_forward(provider, stride)
 
     def step():
         torch.autograd.grad(forward(x, w, weights), [x, w, *weights], grad_out)
 
-    step()  # warm-up (and, for compile, the compilation)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {
-        "median_seconds": statistics.median(times),
-        "all_seconds": [round(t, 5) for t in times],
-        "saved_bytes": saved_bytes(forward, x, w, weights),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-    }
+    result = _device.measure(step, _device.timer_for(device, repeats)[0], device)
+    result["saved_bytes"] = saved_bytes(forward, x, w, weights)
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    flops, nbytes = flops_and_bytes(shape, stride, x.element_size())  # after the RSS: it runs an eager step
+    result.update(_device.throughput(result["median_seconds"], peaks or {}, flops, nbytes))
+    return result
 
 
 def main(argv=None) -> int:
@@ -97,7 +126,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="override the batch size of every case (tests)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--one_case", help=argparse.SUPPRESS)  # CASE:PROVIDER, used by the parent
+    _device.add_peak_flags(parser)
     args = parser.parse_args(argv)
+    _device.check_peak_flags(parser, args)
+    device = _device.benchmark_device()
+    peaks = _device.device_peaks(_device.device_name(device), args.peak_gbps, args.peak_gflops)
 
     def shape_of(case):
         shape = CASES[case][0]
@@ -105,9 +138,11 @@ def main(argv=None) -> int:
 
     if args.one_case:
         case, provider = args.one_case.split(":")
-        print(json.dumps(run_case(case, provider, args.repeats, shape_of(case))))
+        print(json.dumps(run_case(case, provider, args.repeats, shape_of(case), device, peaks)))
         return 0
-    providers = args.providers.split(",") if args.providers else list(PROVIDERS)
+    providers = args.providers.split(",") if args.providers else default_providers(device)
+    if "cpp" in providers and device.type == "cuda":
+        parser.error("--providers: cpp runs on CPU tensors only; on CUDA choose from eager-contiguous, eager, compile")
     if "cpp" in providers and "cpp" not in ops.available_backends("mixed_op", "cpu"):
         parser.error("--providers: cpp is not available (the C++ extension is not built)")
     for name, allowed in ((p, PROVIDERS) for p in providers):
@@ -118,6 +153,7 @@ def main(argv=None) -> int:
         if case not in CASES:
             parser.error(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
 
+    print(_device.NO_TRITON_MIXED_OP, file=sys.stderr)
     results: dict[str, dict] = {}
     for case in cases:
         results[case] = {"shape": list(shape_of(case)), "stride": CASES[case][1], "providers": {}}
@@ -137,16 +173,22 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
         "repeats": args.repeats,
+        "device_type": device.type,
+        **peaks,
+        "timer": _device.timer_for(device, args.repeats)[1],
+        "notes": [_device.NO_TRITON_MIXED_OP],
         "cases": results,
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        print(f"{peaks['device']}; peaks {peaks['peaks_from']}; timer: {report['timer']}")
         for case, r in results.items():
             for provider, c in r["providers"].items():
                 print(
                     f"{case} {provider:>16}: {1e3 * c['median_seconds']:8.2f} ms median, saved for backward "
                     f"{c['saved_bytes'] / 2**20:8.2f} MiB, peak RSS {c['peak_rss_bytes'] / 2**20:7.0f} MiB"
+                    + _device.describe(c)
                 )
     return 0
 

@@ -1,6 +1,7 @@
 """Time one DARTS search step per provider and count the bytes saved for backward.
 
     python benchmarks/search_step.py --json [--batch 64] [--repeats 3] [--providers reference,cpp]
+                                     [--peak_gbps G --peak_gflops F]
 
 A first-order step is an architecture step on one batch plus a weight step on another; a
 second-order step replaces the architecture step by the unrolled one (METHOD.md 1.3). The
@@ -9,8 +10,18 @@ flags say otherwise. Providers: the eager reference with contiguous and with cha
 activations, the fused kernels ("cpp"), and torch.compile of the reference network ("compile", not
 run by default: it compiles the whole supernet). One command measures every provider and order,
 alternating between them; each (provider, order) case runs in a fresh child process so that its peak RSS is its own and
-one case's freed-but-fragmented heap cannot push the next one out of memory. Prints one JSON
-object (with --json) or a table.
+one case's freed-but-fragmented heap cannot push the next one out of memory.
+
+On a CUDA device (torch.cuda.is_available()) the network and data live there and the providers are
+reference-contiguous, reference and compile ("cpp" is CPU only; the network's ops run the mixed op, which
+has no Triton kernel yet: one printed line says so). There each case is timed with CUDA events (do_bench,
+about 1 s of steps after its warm-up; --repeats applies to the CPU only) and also reports its peak device
+memory and its GFLOP/s: the FLOPs of one step of the eager network as benchmarks/_device.count_flops counts
+them (convs and matmuls, forward and backward, counted in one extra step before the timing), against the peak
+of --peak_gflops or the device table. No GB/s: a whole step has no byte floor worth quoting (ops.py and
+mixed_op.py report GB/s per op). On the CPU the FLOPs are not counted (DESIGN.md 3 gives about 115 GFLOP per
+forward + backward at batch 64), since the extra step would cost as much as a timed one.
+Prints one JSON object (with --json) or a table; the Triton line goes to stderr.
 """
 
 from __future__ import annotations
@@ -19,10 +30,8 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +40,13 @@ import torch.nn.functional as F
 from fastdarts import SearchNetwork, ops
 from fastdarts.bilevel import Architect, frozen, weight_step
 
+if __package__:
+    from . import _device
+else:  # run as a script: benchmarks/ is sys.path[0]
+    import _device
+
 ORDERS = ("first", "second")
+CUDA_REP_MS = 1000  # do_bench's timed span per case: a step takes tens of milliseconds or more
 
 
 # provider -> (ops backend, memory layout of the network's activations, torch.compile the network?)
@@ -43,12 +58,20 @@ PROVIDERS = {
 }
 
 
-def make_problem(batch: int, C: int, layers: int, size: int, seed: int = 0, memory_format=torch.channels_last):
-    torch.manual_seed(seed)
-    model = SearchNetwork(C=C, num_classes=10, layers=layers, in_channels=3, memory_format=memory_format)
+def default_providers(device: torch.device) -> list[str]:
+    """reference-contiguous, reference and cpp, those that run on `device` (on CUDA, not cpp)."""
+    available = ops.available_backends(device=device)
+    return [p for p in ("reference-contiguous", "reference", "cpp") if PROVIDERS[p][0] in available]
+
+
+def make_problem(
+    batch: int, C: int, layers: int, size: int, seed: int = 0, memory_format=torch.channels_last, device="cpu"
+):
+    torch.manual_seed(seed)  # the model and the data are drawn on the CPU, so every device gets the same numbers
+    model = SearchNetwork(C=C, num_classes=10, layers=layers, in_channels=3, memory_format=memory_format).to(device)
     weight_optimizer = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     batches = [(torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))) for _ in range(2)]
-    return model, weight_optimizer, batches
+    return model, weight_optimizer, [(x.to(device), y.to(device)) for x, y in batches]
 
 
 def search_step(model, weight_optimizer, architect, train_batch, val_batch, lr=0.025):
@@ -84,30 +107,28 @@ def saved_bytes_of_step(model, x, y) -> dict[str, int]:
     return {"saved_bytes": max(arch, weight), "saved_bytes_arch_step": arch, "saved_bytes_weight_step": weight}
 
 
-def time_steps(fn, repeats: int) -> list[float]:
-    fn()  # warm-up: allocator, one-time dispatch work
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def run_case(provider: str, order: str, batch: int, C: int, layers: int, size: int, repeats: int) -> dict:
-    """One (provider, order) case in this process."""
+def run_case(
+    provider: str, order: str, batch: int, C: int, layers: int, size: int, repeats: int, device="cpu", peaks=None
+) -> dict:
+    """One (provider, order) case in this process, on `device` (CUDA: also FLOPs and peak device memory)."""
+    device = torch.device(device)
     backend, memory_format, compiled = PROVIDERS[provider]
-    model, weight_optimizer, batches = make_problem(batch, C, layers, size, memory_format=memory_format)
+    model, weight_optimizer, batches = make_problem(batch, C, layers, size, memory_format=memory_format, device=device)
     train_batch, val_batch = batches
     with ops.use_backend(backend):
         result = saved_bytes_of_step(model, *train_batch)
+        architect = Architect(model, weight_optimizer, unrolled=order == "second")
+
+        def step():
+            search_step(model, weight_optimizer, architect, train_batch, val_batch)
+
+        flops = _device.count_flops(step) if device.type == "cuda" else None  # eager, before any compile
         if compiled:  # after counting: the compiled graph's saved tensors are inductor's business
             model.compile()
-        architect = Architect(model, weight_optimizer, unrolled=order == "second")
-        times = time_steps(lambda: search_step(model, weight_optimizer, architect, train_batch, val_batch), repeats)
-    result["median_seconds"] = statistics.median(times)
-    result["all_seconds"] = [round(t, 4) for t in times]
+        result.update(_device.measure(step, _device.timer_for(device, repeats, CUDA_REP_MS)[0], device))
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if flops is not None:
+        result.update(_device.throughput(result["median_seconds"], peaks or {}, flops))
     return result
 
 
@@ -126,27 +147,33 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--in_process", action="store_true", help="run the cases in this process (no children)")
     parser.add_argument("--one_case", help=argparse.SUPPRESS)  # PROVIDER:ORDER, used by the parent
+    _device.add_peak_flags(parser)
     args = parser.parse_args(argv)
+    _device.check_peak_flags(parser, args)
+    device = _device.benchmark_device()
+    peaks = _device.device_peaks(_device.device_name(device), args.peak_gbps, args.peak_gflops)
     shape = dict(batch=args.batch, C=args.init_channels, layers=args.layers, size=args.size, repeats=args.repeats)
     if args.one_case:
         provider, order = args.one_case.split(":")
-        print(json.dumps(run_case(provider, order, **shape)))
+        print(json.dumps(run_case(provider, order, **shape, device=device, peaks=peaks)))
         return 0
 
-    default = [p for p in ("reference-contiguous", "reference", "cpp") if PROVIDERS[p][0] in ops.available_backends()]
-    providers = args.providers.split(",") if args.providers else default
+    providers = args.providers.split(",") if args.providers else default_providers(device)
     for provider in providers:
         if provider not in PROVIDERS:
             parser.error(f"--providers: unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+        if PROVIDERS[provider][0] not in ops.available_backends(device=device):
+            parser.error(f"--providers: {provider} does not run on {device.type} tensors in this process")
     orders = args.orders.split(",")
     for order in orders:
         if order not in ORDERS:
             parser.error(f"--orders: unknown order {order!r}; choose from {', '.join(ORDERS)}")
+    print(_device.NO_TRITON_MIXED_OP, file=sys.stderr)
     results: dict[str, dict] = {p: {} for p in providers}
     for order in orders:  # alternate providers inside each order, so drifting load hits them alike
         for provider in providers:
             if args.in_process:
-                results[provider][order] = run_case(provider, order, **shape)
+                results[provider][order] = run_case(provider, order, **shape, device=device, peaks=peaks)
                 continue
             child = subprocess.run(
                 [
@@ -168,17 +195,22 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
+        "device_type": device.type,
+        **peaks,
+        "timer": _device.timer_for(device, args.repeats, CUDA_REP_MS)[1],
+        "notes": [_device.NO_TRITON_MIXED_OP],
         "providers": results,
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        print(f"{peaks['device']}; peaks {peaks['peaks_from']}; timer: {report['timer']}")
         for provider, r in results.items():
             for order, c in r.items():
                 print(
                     f"{provider:>20} {order}-order: {c['median_seconds']:.3f} s median, "
                     f"saved for backward {c['saved_bytes'] / 2**30:.3f} GiB, "
-                    f"peak RSS {c['peak_rss_bytes'] / 2**30:.2f} GiB"
+                    f"peak RSS {c['peak_rss_bytes'] / 2**30:.2f} GiB" + _device.describe(c)
                 )
     return 0
 

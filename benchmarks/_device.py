@@ -1,0 +1,200 @@
+"""What the benchmark scripts share to run on a CUDA device as well as on the CPU: the device, the timers, the peak
+device memory, the FLOP count, and the achieved GB/s and GFLOP/s with the peaks they are compared against.
+
+- Device: CUDA when `torch.cuda.is_available()`, else the CPU.
+- Timers take `fn` (one forward + backward, or one search step) and return the seconds of each timed call. On CUDA,
+  `triton.testing.do_bench` times with CUDA events: one warm-up call, then about `warmup_ms` of untimed and
+  `rep_ms` of timed calls, with the L2 cache flushed before each timed call (cold-cache times, as a call inside a
+  training step sees). On the CPU, `time.perf_counter` around each of `repeats` calls after one warm-up.
+- Peak memory (CUDA only): `torch.cuda.max_memory_allocated` over one call after the timing, reset just before it:
+  every tensor allocated during the call, the case's inputs included.
+- GFLOP/s = FLOPs / median seconds / 1e9 and GB/s = bytes / median seconds / 1e9, with the FLOPs and bytes of
+  each script's docstring. The peaks come from --peak_gbps / --peak_gflops when given, else from DEVICE_PEAKS by
+  device name, else there are none (no fraction of peak is printed); the report says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+TRITON_SKIPPED = "triton: skipped, no CUDA device (Triton kernels run on CPU only under TRITON_INTERPRET=1)"
+NO_TRITON_MIXED_OP = "triton: the fused mixed op has no Triton kernel yet, so there is no Triton provider to time"
+
+# Datasheet peaks of NVIDIA GPUs: (name as it occurs, as a whole word, in torch.cuda.get_device_name(), memory GB/s,
+# float32 GFLOP/s without tensor cores). The first match wins, so the specific names come first. With
+# torch.backends.cudnn.allow_tf32 (PyTorch's default) the dense convs of the mixed op and the network may run on
+# TF32 tensor cores and exceed the float32 peak; the depthwise convs and element-wise ops do not.
+DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
+    ("H100 PCIe", 2000, 51200),
+    ("H100", 3350, 66900),  # SXM5
+    ("A100-SXM4-80GB", 2039, 19500),
+    ("A100 80GB PCIe", 1935, 19500),
+    ("A100", 1555, 19500),  # 40 GB
+    ("A10", 600, 31200),
+    ("L4", 300, 30300),
+    ("T4", 320, 8100),
+    ("V100", 900, 15700),  # SXM2
+)
+
+Timer = Callable[[Callable[[], object]], list[float]]
+
+
+def benchmark_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def cpu_timer(repeats: int) -> Timer:
+    def time_calls(fn):
+        fn()  # warm-up: allocator, one-time dispatch work, compilation
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return times
+
+    return time_calls
+
+
+def cuda_timer(warmup_ms: float = 25, rep_ms: float = 100) -> Timer:
+    def time_calls(fn):
+        from triton.testing import do_bench  # here: only CUDA runs need triton
+
+        return [ms / 1e3 for ms in do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
+
+    return time_calls
+
+
+def timer_for(device: torch.device, repeats: int, rep_ms: float = 100) -> tuple[Timer, str]:
+    """The timer for `device` and its description for the report."""
+    if device.type == "cuda":
+        return cuda_timer(rep_ms=rep_ms), f"CUDA events (triton.testing.do_bench, rep={rep_ms:g} ms, L2 flushed)"
+    return cpu_timer(repeats), f"time.perf_counter, {repeats} timed call(s) after one warm-up"
+
+
+def measure(fn: Callable[[], object], timer: Timer, device: torch.device) -> dict:
+    """Median and every timed call of `fn`, and on CUDA the peak bytes allocated during one more call."""
+    times = timer(fn)
+    result = {"median_seconds": statistics.median(times), "all_seconds": [round(t, 7) for t in times]}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def _conv_backward_flops(
+    grad_out_shape,
+    x_shape,
+    w_shape,
+    _bias,
+    _stride,
+    _padding,
+    _dilation,
+    transposed,
+    _output_padding,
+    _groups,
+    output_mask,
+    out_shape=None,
+    **kwargs,
+) -> int:
+    """grad_input and grad_weight each take the multiply-adds of the forward. (torch.utils.flop_counter's own formula
+    ignores the groups of grad_weight: C times too many for a depthwise conv, whose weight gradient it counts as a
+    dense conv's.)"""
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """The FLOPs of one call of `fn` as torch.utils.flop_counter counts them, with the weight gradients of grouped
+    convs corrected: matmuls and convolutions, forward and backward, a multiply-add as 2, padding taps included
+    (element-wise ops, BN and pools are not counted)."""
+    corrected = {torch.ops.aten.convolution_backward: _conv_backward_flops}
+    with FlopCounterMode(display=False, custom_mapping=corrected) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def add_peak_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--peak_gbps",
+        type=float,
+        default=None,
+        help="the device's memory bandwidth in GB/s (default: DEVICE_PEAKS by device name, else none)",
+    )
+    parser.add_argument(
+        "--peak_gflops",
+        type=float,
+        default=None,
+        help="the device's float32 GFLOP/s (default: DEVICE_PEAKS by device name, else none)",
+    )
+
+
+def check_peak_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag in ("peak_gbps", "peak_gflops"):
+        value = getattr(args, flag)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            parser.error(f"--{flag}: must be a positive number, got {value}")
+
+
+def device_peaks(name: str, peak_gbps: float | None = None, peak_gflops: float | None = None) -> dict:
+    """The peaks to compare against and where they come from: the flags first, then DEVICE_PEAKS."""
+    entry = next((e for e in DEVICE_PEAKS if re.search(rf"\b{re.escape(e[0])}\b", name)), None)
+    sources = []
+    if peak_gbps is not None or peak_gflops is not None:
+        sources.append("from --peak_gbps/--peak_gflops")
+    if entry is not None and (peak_gbps is None or peak_gflops is None):
+        sources.append(f"from the datasheet table entry {entry[0]!r} (benchmarks/_device.py)")
+        peak_gbps = entry[1] if peak_gbps is None else peak_gbps
+        peak_gflops = entry[2] if peak_gflops is None else peak_gflops
+    return {
+        "device": name,
+        "peak_gbps": peak_gbps,
+        "peak_gflops": peak_gflops,
+        "peaks_from": " and ".join(sources) or "none: unknown device, pass --peak_gbps and --peak_gflops",
+    }
+
+
+def throughput(seconds: float, peaks: dict, flops: int | None = None, nbytes: int | None = None) -> dict:
+    """Achieved GFLOP/s and GB/s (1 GB = 1e9 bytes) and their fractions of the peaks that are known."""
+    result = {}
+    for key, amount, rate_key, peak_key in (
+        ("flops", flops, "gflops_per_s", "peak_gflops"),
+        ("bytes", nbytes, "gbps", "peak_gbps"),
+    ):
+        if amount is None:
+            continue
+        rate = amount / seconds / 1e9
+        result[key], result[rate_key] = amount, rate
+        if peaks.get(peak_key):
+            result[f"fraction_of_{peak_key}"] = rate / peaks[peak_key]
+    return result
+
+
+def describe(result: dict) -> str:
+    """`, 12.3 GFLOP/s (4% of peak), 45.6 GB/s (...)`, and the CUDA peak memory, for the table output."""
+    parts = []
+    for rate_key, unit, peak_key in (("gflops_per_s", "GFLOP/s", "peak_gflops"), ("gbps", "GB/s", "peak_gbps")):
+        if rate_key in result:
+            fraction = result.get(f"fraction_of_{peak_key}")
+            parts.append(f"{result[rate_key]:8.1f} {unit}" + (f" ({100 * fraction:4.1f}% of peak)" if fraction else ""))
+    if "peak_memory_bytes" in result:
+        parts.append(f"peak allocated {result['peak_memory_bytes'] / 2**20:7.1f} MiB")
+    return "".join(f", {p}" for p in parts)

@@ -1,0 +1,218 @@
+"""Time the fused ops that have a Triton kernel, relu_dwconv and weighted_sum, forward + backward per provider.
+
+    python benchmarks/ops.py --json [--ops relu_dwconv,weighted_sum] [--cases stride1,stride2] [--providers ...]
+                             [--repeats 10] [--peak_gbps G --peak_gflops F]
+
+Runs on the CUDA device when torch.cuda.is_available(), else on the CPU (benchmarks/_device.py: timers, peak
+memory, peaks). Cases, the tensors of one DARTS edge of the batch-64 search:
+- relu_dwconv: ReLU, then the four first-stage depthwise convs of the edge (3x3, 5x5, 3x3 dilation 2, 5x5
+  dilation 2), on x = (64, 16, 32, 32) at stride 1 (a normal edge) and (64, 32, 16, 16) at stride 2 (a reduction
+  edge);
+- weighted_sum: the sum of the K = 7 computed candidates of the edge's mixed op, each of its output shape,
+  (64, 16, 32, 32) and (64, 32, 8, 8).
+Providers: "eager-contiguous" and "eager" (the reference in the contiguous and the channels_last layout),
+"compile" (torch.compile of the reference, channels_last), "cpp" (the C++ kernel, CPU only) and "triton" (the
+Triton kernel, channels_last; CUDA only: on the CPU it is skipped with one printed line, and runs only if asked
+for by name under TRITON_INTERPRET=1, where its times mean nothing). Each timed call is one forward and one backward
+for every input; all cases run in this process.
+
+FLOPs and bytes of one forward + backward, from the shapes (E bytes per element, a multiply-add is 2 FLOPs):
+- relu_dwconv, x [N, C, H, W], K kernels k_i x k_i, outputs [N, C, Ho, Wo]:
+  FLOPs = 3 * sum_i 2 N C Ho Wo k_i^2 (the forward, grad_x and grad_w are one convolution's worth each, padding taps
+  included, as torch.utils.flop_counter counts them);
+  bytes = E * (3 N C H W + 2 K N C Ho Wo + 3 C sum_i k_i^2): x read by the forward and the backward and grad_x
+  written, each output written and its gradient read, the weights read twice and their gradients written.
+- weighted_sum, K inputs of n elements: FLOPs = 5 K n (the forward's K multiply-adds per element, the backward's K
+  products for the grad_xs and K multiply-adds for grad_w); bytes = E * ((3 K + 2) n + 3 K): the inputs read by the
+  forward and the backward and their gradients written, the output written and its gradient read, w read twice and
+  grad_w written.
+The bytes are the least a fused forward + backward must move (relu(x) recomputed, never stored), the same for every
+provider: GB/s is that traffic over the measured time, so a provider that moves more shows a lower figure than the
+bandwidth it used. Prints one JSON object (with --json) or a table; notes (such as the Triton skip) go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from fastdarts import ops
+from fastdarts.ops import reference
+
+if __package__:
+    from . import _device
+else:  # run as a script: benchmarks/ is sys.path[0]
+    import _device
+
+OPS = ("relu_dwconv", "weighted_sum")
+DARTS = [(3, 1), (5, 1), (3, 2), (5, 2)]  # (kernel size, dilation)
+K_CANDIDATES = len(ops.MIXED_OP_CANDIDATES)
+# op -> case -> (shape, stride): relu_dwconv's x, weighted_sum's inputs (the mixed op's output at that stride).
+CASES = {
+    "relu_dwconv": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
+    "weighted_sum": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 8, 8), 2)},
+}
+PROVIDERS = ("eager-contiguous", "eager", "cpp", "compile", "triton")
+BACKEND_OF = {"eager-contiguous": "reference", "eager": "reference", "cpp": "cpp", "triton": "triton"}
+
+
+def default_providers(device: torch.device) -> list[str]:
+    if device.type == "cuda":
+        return ["eager-contiguous", "eager", "compile", "triton"]
+    cpp = ["cpp"] if all("cpp" in ops.available_backends(op, "cpu") for op in OPS) else []
+    return ["eager-contiguous", "eager", *cpp, "compile"]
+
+
+def make_problem(op: str, shape, stride: int, layout=torch.channels_last, device="cpu", seed=0):
+    """(args, inputs, grad_outs): the op's arguments, the tensors among them to differentiate for, and one gradient
+    per output, laid out like the outputs (as autograd hands them over)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return (scale * torch.randn(size, generator=generator)).to(device)
+
+    if op == "relu_dwconv":
+        x = randn(*shape).contiguous(memory_format=layout).requires_grad_()
+        weights = [randn(shape[1], 1, k, k).requires_grad_() for k, _ in DARTS]
+        out_shape = reference.relu_dwconv_output_shape(x, stride)
+        grad_outs = [randn(*out_shape).contiguous(memory_format=layout) for _ in DARTS]
+        return (x, weights, [d for _, d in DARTS], stride), [x, *weights], grad_outs
+    xs = [randn(*shape).contiguous(memory_format=layout).requires_grad_() for _ in range(K_CANDIDATES)]
+    w = randn(K_CANDIDATES).softmax(0).requires_grad_()
+    return (xs, w), [*xs, w], [randn(*shape).contiguous(memory_format=layout)]
+
+
+def make_forward(op: str, provider: str):
+    """The forward to time: args -> list of outputs."""
+
+    def as_list(out):
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    if provider == "compile":
+        return torch.compile(lambda *args: as_list(getattr(reference, op)(*args)))
+    backend = BACKEND_OF[provider]
+    return lambda *args: as_list(getattr(ops, op)(*args, backend=backend))
+
+
+def flops_and_bytes(op: str, shape, stride: int, element_size: int = 4) -> tuple[int, int]:
+    """The FLOPs and the least bytes of one forward + backward (the formulas are in the module docstring)."""
+    N, C, H, W = shape
+    if op == "relu_dwconv":
+        Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+        taps = sum(k * k for k, _ in DARTS)
+        flops = 3 * 2 * N * C * Ho * Wo * taps
+        nbytes = element_size * (3 * N * C * H * W + 2 * len(DARTS) * N * C * Ho * Wo + 3 * C * taps)
+        return flops, nbytes
+    n, K = N * C * H * W, K_CANDIDATES
+    return 5 * K * n, element_size * ((3 * K + 2) * n + 3 * K)
+
+
+def saved_bytes_beyond_inputs(forward, args, inputs) -> int:
+    """Bytes of the distinct storages autograd saves for backward beyond the op's inputs (which the caller holds
+    anyway): what the op adds to a training step's memory."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(*args)
+    held = {t.untyped_storage().data_ptr() for t in inputs}
+    return sum(size for ptr, size in storages.items() if ptr not in held)
+
+
+def run_case(op, case, provider, device, timer, peaks, shape=None) -> dict:
+    """Time one (op, case, provider) on `device` with `timer` (benchmarks/_device.py)."""
+    default_shape, stride = CASES[op][case]
+    shape = shape or default_shape
+    layout = torch.contiguous_format if provider == "eager-contiguous" else torch.channels_last
+    args, inputs, grad_outs = make_problem(op, shape, stride, layout, device)
+    forward = make_forward(op, provider)
+
+    def step():
+        return torch.autograd.grad(forward(*args), inputs, grad_outs)
+
+    result = _device.measure(step, timer, torch.device(device))
+    result["saved_bytes_beyond_inputs"] = saved_bytes_beyond_inputs(forward, args, inputs)
+    flops, nbytes = flops_and_bytes(op, shape, stride, inputs[0].element_size())
+    result.update(_device.throughput(result["median_seconds"], peaks, flops, nbytes))
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
+    parser.add_argument("--cases", default="stride1,stride2", help="comma-separated, from stride1, stride2")
+    parser.add_argument(
+        "--providers", default=None, help=f"comma-separated, from {', '.join(PROVIDERS)} (default: those of the device)"
+    )
+    parser.add_argument("--repeats", type=int, default=10, help="CPU: timed calls per case after one warm-up")
+    parser.add_argument("--batch", type=int, default=None, help="override the batch size of every case (tests)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    _device.add_peak_flags(parser)
+    args = parser.parse_args(argv)
+    _device.check_peak_flags(parser, args)
+    if args.repeats < 1:
+        parser.error(f"--repeats: must be at least 1, got {args.repeats}")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch: must be at least 1, got {args.batch}")
+
+    device = _device.benchmark_device()
+    op_names, cases = args.ops.split(","), args.cases.split(",")
+    for op in op_names:
+        if op not in OPS:
+            parser.error(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
+    for case in cases:
+        if case not in CASES[OPS[0]]:
+            parser.error(f"--cases: unknown case {case!r}; choose from stride1, stride2")
+    providers = args.providers.split(",") if args.providers else default_providers(device)
+    for provider in providers:
+        if provider not in PROVIDERS:
+            parser.error(f"--providers: unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+        backend = BACKEND_OF.get(provider, "reference")
+        for op in op_names:
+            if backend not in ops.available_backends(op, device):
+                if provider == "triton":
+                    parser.error("--providers: triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+                parser.error(f"--providers: {provider} does not run {op} on {device.type} tensors")
+
+    notes = [_device.TRITON_SKIPPED] if "triton" not in providers and device.type != "cuda" else []
+    for note in notes:
+        print(note, file=sys.stderr)
+    peaks = _device.device_peaks(_device.device_name(device), args.peak_gbps, args.peak_gflops)
+    timer, timer_description = _device.timer_for(device, args.repeats)
+    results: dict[str, dict] = {}
+    for op in op_names:
+        for case in cases:
+            shape, stride = CASES[op][case]
+            shape = shape if args.batch is None else (args.batch, *shape[1:])
+            entry = results.setdefault(op, {})[case] = {"shape": list(shape), "stride": stride, "providers": {}}
+            for provider in providers:  # alternate inside each case, so drifting load hits the providers alike
+                entry["providers"][provider] = run_case(op, case, provider, device, timer, peaks, shape)
+    report = {
+        "torch": torch.__version__,
+        "device_type": device.type,
+        **peaks,
+        "threads": torch.get_num_threads(),
+        "timer": timer_description,
+        "notes": notes,
+        "ops": results,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{peaks['device']}; peaks {peaks['peaks_from']}; timer: {timer_description}")
+        for op, by_case in results.items():
+            for case, r in by_case.items():
+                for provider, c in r["providers"].items():
+                    line = f"{op} {case} {provider:>16}: {1e3 * c['median_seconds']:8.3f} ms median"
+                    print(line + _device.describe(c))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

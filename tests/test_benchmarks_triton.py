@@ -1,0 +1,123 @@
+"""The benchmarks' Triton path (benchmarks/ops.py run_case with the "triton" provider), on CPU tensors under Triton's
+interpreter, on tiny shapes, with a CPU timer where a GPU run has CUDA events; and the parts of benchmarks/_device.py
+that need no GPU.
+
+TRITON_INTERPRET is set and restored as in tests/ops/test_triton.py: while this module imports and while its tests
+run, so that the other modules see "triton" on CUDA tensors only.
+"""
+
+import os
+
+_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import _device, mixed_op  # noqa: E402
+from benchmarks import ops as bench_ops  # noqa: E402
+from fastdarts.ops import _registry, reference  # noqa: E402
+
+if _INTERPRET_BEFORE is None:
+    del os.environ["TRITON_INTERPRET"]
+else:
+    os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
+
+TINY = {
+    "relu_dwconv": {"stride1": (1, 3, 7, 6), "stride2": (1, 4, 7, 7)},
+    "weighted_sum": {"stride1": (1, 3, 7, 6), "stride2": (2, 4, 4, 4)},
+}
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.skipif(not _registry.TRITON_LOADED, reason=f"triton did not import: {_registry.TRITON_ERROR}")
+@pytest.mark.parametrize("case", ["stride1", "stride2"])
+@pytest.mark.parametrize("op", bench_ops.OPS)
+def test_run_case_times_the_triton_provider(op, case):
+    peaks = _device.device_peaks("a CPU", peak_gbps=10.0, peak_gflops=100.0)
+    shape = TINY[op][case]
+    result = bench_ops.run_case(op, case, "triton", CPU, _device.cpu_timer(2), peaks, shape)
+    assert len(result["all_seconds"]) == 2 and result["median_seconds"] > 0
+    assert "peak_memory_bytes" not in result  # CUDA only
+    flops, nbytes = bench_ops.flops_and_bytes(op, shape, bench_ops.CASES[op][case][1])
+    assert (result["flops"], result["bytes"]) == (flops, nbytes)
+    assert result["gbps"] == pytest.approx(nbytes / result["median_seconds"] / 1e9)
+    assert result["fraction_of_peak_gflops"] == pytest.approx(result["gflops_per_s"] / 100.0)
+    if op == "relu_dwconv":  # the kernel saves only x and the weights
+        assert result["saved_bytes_beyond_inputs"] == 0
+
+    # What was timed is the op's forward + backward: it agrees with the reference's.
+    args, inputs, grad_outs = bench_ops.make_problem(op, shape, bench_ops.CASES[op][case][1])
+    got = torch.autograd.grad(bench_ops.make_forward(op, "triton")(*args), inputs, grad_outs)
+    want = torch.autograd.grad(bench_ops.make_forward(op, "eager")(*args), inputs, grad_outs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_relu_dwconv_flops_match_the_corrected_flop_counter(stride):
+    shape = (2, 3, 9, 8)
+    args, inputs, grad_outs = bench_ops.make_problem("relu_dwconv", shape, stride)
+    counted = _device.count_flops(lambda: torch.autograd.grad(reference.relu_dwconv(*args), inputs, grad_outs))
+    assert counted == bench_ops.flops_and_bytes("relu_dwconv", shape, stride)[0]
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mixed_op_flops_counted_at_batch_1_scale_to_the_batch(stride):
+    shape = (3, 4, 6, 6)
+    x, w, weights, grad_out = mixed_op.make_problem(shape, stride)
+    inputs = [x, w, *weights]
+    counted = _device.count_flops(
+        lambda: torch.autograd.grad(reference.mixed_op(x, w, weights, stride)[0], inputs, grad_out)
+    )
+    assert counted == mixed_op.flops_and_bytes(shape, stride)[0] > 0
+
+
+def test_peaks_come_from_the_flags_then_the_table():
+    table = _device.device_peaks("NVIDIA A100-SXM4-80GB")
+    assert (table["peak_gbps"], table["peak_gflops"]) == (2039, 19500) and "A100-SXM4-80GB" in table["peaks_from"]
+    assert _device.device_peaks("NVIDIA A10")["peak_gbps"] == 600  # not an A100
+    assert _device.device_peaks("NVIDIA L40S")["peak_gbps"] is None  # not an L4
+    both = _device.device_peaks("NVIDIA A100-SXM4-40GB", peak_gbps=1000.0)
+    assert (both["peak_gbps"], both["peak_gflops"]) == (1000.0, 19500)
+    assert "--peak_gbps" in both["peaks_from"] and "'A100'" in both["peaks_from"]
+    unknown = _device.device_peaks("x86_64")
+    assert unknown["peak_gbps"] is None and unknown["peaks_from"].startswith("none")
+    assert "fraction_of_peak_gbps" not in _device.throughput(1.0, unknown, flops=10, nbytes=10)
+
+
+def test_script_on_the_cpu_skips_triton_with_one_line(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setattr(_device, "benchmark_device", lambda: CPU)  # as on a machine without a GPU
+    bench_ops.main(["--json", "--batch", "1", "--repeats", "1", "--cases", "stride2", "--providers", "eager"])
+    out, err = capsys.readouterr()
+    assert err.strip() == _device.TRITON_SKIPPED
+    report = json.loads(out)
+    assert report["notes"] == [_device.TRITON_SKIPPED] and report["device_type"] == "cpu"
+    for op in bench_ops.OPS:
+        assert report["ops"][op]["stride2"]["providers"]["eager"]["median_seconds"] > 0
+    with pytest.raises(SystemExit):
+        bench_ops.main(["--providers", "triton"])
+    assert "triton needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,message",
+    [
+        ("--peak_gbps=0", "--peak_gbps: must be a positive number, got 0.0"),
+        ("--peak_gflops=nan", "--peak_gflops: must be a positive number, got nan"),
+        ("--repeats=0", "--repeats: must be at least 1, got 0"),
+        ("--ops=conv", "--ops: unknown op 'conv'"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(capsys, flag, message):
+    with pytest.raises(SystemExit):
+        bench_ops.main([flag])
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
