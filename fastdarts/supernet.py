@@ -146,7 +146,9 @@ class SearchNetwork(nn.Module):
     All normal cells share `alpha_normal`, all reduction cells `alpha_reduce`, each
     `[num_edges, len(PRIMITIVES)]` in PRIMITIVES column order and DARTS edge order (for PR-DARTS
     they hold the gate logits beta). `method` (default `DARTSMethod`) turns them into the edge
-    weights of each forward pass, and gives the regulariser and the genotype rule.
+    weights of each forward pass, and gives the regulariser and the genotype rule. Each edge is one
+    `ops.mixed_op` call; `memory_format` (default channels_last, the kernels' layout) is the layout
+    of the activations.
     """
 
     def __init__(
