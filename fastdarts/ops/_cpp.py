@@ -12,8 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
-from torch.utils import _pytree as pytree
 
+from ._autograd import needs_input_grad, register_weighted_sum_autograd
 from .reference import (
     check_beta,
     check_dtype_and_device,
@@ -75,15 +75,6 @@ def _check_supported_dtype(op: str, t: Tensor, require=_torch_check) -> None:
     require(supported, TypeError, lambda: f"{op}: only float32 and float64 are supported, got {t.dtype}")
 
 
-def _needs_input_grad(ctx) -> list[bool]:
-    """One flag per tensor argument, Tensor[] arguments flattened in place.
-
-    PyTorch hands setup_context these flags flat (with one extra flag at the end) and backward
-    nested per argument; flattening both lets the two index them the same way.
-    """
-    return pytree.tree_leaves(ctx.needs_input_grad)
-
-
 # The fakes check what the kernels check, and lay every output out like the kernels do:
 # at::empty_like(xs[0]), which keeps a dense layout such as channels_last.
 
@@ -105,68 +96,7 @@ def _weighted_sum_backward_fake(grad, xs, w):
     return [torch.empty_like(xs[0]) for _ in xs], w.new_empty(len(xs))
 
 
-def _weighted_sum_setup_context(ctx, inputs, output):
-    xs, w = inputs
-    ctx.num_xs = len(xs)
-    w_needs_grad = _needs_input_grad(ctx)[len(xs)]
-    # grad_xs needs only w; the xs (K activations) are kept alive only when grad_w needs them.
-    ctx.save_for_backward(w, *(xs if w_needs_grad else ()))
-
-
-def _weighted_sum_backward(ctx, grad):
-    num_xs = ctx.num_xs
-    needs = _needs_input_grad(ctx)
-    xs_need, w_needs_grad = needs[:num_xs], needs[num_xs]
-    w, *xs = ctx.saved_tensors
-    if w_needs_grad:
-        grad_xs, grad_w = torch.ops.fastdarts.weighted_sum_backward.default(grad, xs, w)
-        return [g if need else None for g, need in zip(grad_xs, xs_need)], grad_w
-    # No grad_w means no reduction to fuse: each grad_xs[k] = w[k] * grad is a single multiply.
-    return [grad * wk if need else None for wk, need in zip(w.unbind(0), xs_need)], None
-
-
-torch.library.register_autograd(
-    "fastdarts::weighted_sum", _weighted_sum_backward, setup_context=_weighted_sum_setup_context
-)
-
-
-# The backward is bilinear in (grad, (xs, w)), so its own backward (double backward, e.g. for
-# exact Hessian-vector products) is again a weighted sum and a weighted_sum_backward:
-#   d/dgrad  = sum_k w[k] gg_xs[k] + sum_k gg_w[k] xs[k]
-#   d/dxs[k] = gg_w[k] grad,  d/dw[k] = <grad, gg_xs[k]>   (= weighted_sum_backward(grad, gg_xs, gg_w))
-
-
-def _weighted_sum_backward_setup_context(ctx, inputs, output):
-    grad, xs, w = inputs
-    num_xs = len(xs)
-    needs = _needs_input_grad(ctx)
-    ctx.num_xs = num_xs
-    ctx.grad_needs_grad = needs[0]
-    ctx.xs_or_w_need_grad = any(needs[1 : num_xs + 2])
-    saved_grad = grad if ctx.xs_or_w_need_grad else None
-    ctx.save_for_backward(saved_grad, *((w, *xs) if ctx.grad_needs_grad else ()))
-
-
-def _weighted_sum_backward_backward(ctx, grad_grad_xs, grad_grad_w):
-    num_xs = ctx.num_xs
-    needs = _needs_input_grad(ctx)
-    grad, *w_and_xs = ctx.saved_tensors
-    d_grad, d_xs, d_w = None, [None] * num_xs, None
-    if ctx.grad_needs_grad:
-        w, *xs = w_and_xs
-        d_grad = weighted_sum(grad_grad_xs, w) + weighted_sum(xs, grad_grad_w)
-    if ctx.xs_or_w_need_grad:
-        all_d_xs, all_d_w = torch.ops.fastdarts.weighted_sum_backward.default(grad, grad_grad_xs, grad_grad_w)
-        d_xs = [d if need else None for d, need in zip(all_d_xs, needs[1 : num_xs + 1])]
-        d_w = all_d_w if needs[num_xs + 1] else None
-    return d_grad, d_xs, d_w
-
-
-torch.library.register_autograd(
-    "fastdarts::weighted_sum_backward",
-    _weighted_sum_backward_backward,
-    setup_context=_weighted_sum_backward_setup_context,
-)
+register_weighted_sum_autograd("fastdarts")
 
 
 # relu_dwconv. Autograd saves x and the weights, never relu(x) or the outputs: the backward kernel recomputes
@@ -205,7 +135,7 @@ def _relu_dwconv_setup_context(ctx, inputs, output):
 
 def _relu_dwconv_backward(ctx, grads):
     K = ctx.num_weights
-    needs = _needs_input_grad(ctx)  # x, then the K weights (the int and bool arguments follow)
+    needs = needs_input_grad(ctx)  # x, then the K weights (the int and bool arguments follow)
     x_needs_grad, weights_need_grad = needs[0], needs[1 : K + 1]
     x, *weights = ctx.saved_tensors
     grad_x, grad_weights = torch.ops.fastdarts.relu_dwconv_backward.default(
@@ -240,7 +170,7 @@ def _relu_dwconv_backward_setup_context(ctx, inputs, output):
 
 def _relu_dwconv_backward_backward(ctx, grad_grad_x, grad_grad_weights):
     K = ctx.num_weights
-    needs = _needs_input_grad(ctx)  # the K grads, x, the K weights
+    needs = needs_input_grad(ctx)  # the K grads, x, the K weights
     grads_need, x_needs, weights_need = needs[:K], needs[K], needs[K + 1 : 2 * K + 1]
     x, *rest = ctx.saved_tensors
     grads, weights = rest[:K], rest[K:]
@@ -306,7 +236,7 @@ def _sample_gates_setup_context(ctx, inputs, output):
     _, mask, p_nonzero, s_kept = output
     ctx.mark_non_differentiable(mask)
     ctx.tau, ctx.scale = tau, b - a
-    needs = _needs_input_grad(ctx)  # beta, tau, a, b, k, u, explore, perm
+    needs = needs_input_grad(ctx)  # beta, tau, a, b, k, u, explore, perm
     ctx.beta_needs_grad, ctx.u_needs_grad = needs[0], needs[5]
     ctx.save_for_backward(p_nonzero, s_kept, u if ctx.u_needs_grad else None)
 
@@ -403,7 +333,7 @@ def _pool_bn_stats_backward_setup_context(ctx, inputs, output):
     grad_max, grad_avg, x, stride = inputs
     ctx.set_materialize_grads(False)
     ctx.stride = stride
-    ctx.max_needs_grad, ctx.avg_needs_grad = _needs_input_grad(ctx)[:2]
+    ctx.max_needs_grad, ctx.avg_needs_grad = needs_input_grad(ctx)[:2]
     ctx.save_for_backward(x if ctx.max_needs_grad else None)
 
 

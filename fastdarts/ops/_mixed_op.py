@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ._cpp import _check_supported_dtype
 from .reference import (
     MIXED_OP_CANDIDATES,
     check_mixed_op_arguments,
     factorized_reduce,
     mixed_op_layout,
     mixed_op_output_shape,
+    raise_unless,
 )
 
 _CHANNELS_LAST = torch.channels_last
@@ -275,7 +277,7 @@ def mixed_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """reference.mixed_op on the C++ kernels (float32/float64, CPU)."""
     check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training)
-    _check_supported_dtype(x)
+    _check_supported_dtype("mixed_op", x, raise_unless)
     edge = _Edge(_prepare(x), w, weights, stride, candidates, bn_mean, bn_var, training, eps, keep=False)
     return edge.out(), edge.mean, edge.var
 
@@ -358,11 +360,6 @@ def _backward(ctx, grad, _grad_mean, _grad_var):
 
 
 mixed_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _check_supported_dtype(x: Tensor) -> None:
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"mixed_op: only float32 and float64 are supported, got {x.dtype}")
 
 
 def fused_mixed_op(

@@ -38,8 +38,8 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
-from torch.utils import _pytree as pytree
 
+from ._autograd import needs_input_grad, register_weighted_sum_autograd
 from .reference import (
     check_beta,
     check_explore_p,
@@ -118,11 +118,6 @@ def _torch_check(condition, error, message) -> None:
 def _check_supported_dtype(op: str, t: Tensor, require=_torch_check) -> None:
     supported = t.dtype in (torch.float32, torch.float64)
     require(supported, TypeError, lambda: f"{op}: only float32 and float64 are supported, got {t.dtype}")
-
-
-def _needs_input_grad(ctx) -> list[bool]:
-    """One flag per tensor argument, Tensor[] arguments flattened in place (see _cpp._needs_input_grad)."""
-    return pytree.tree_leaves(ctx.needs_input_grad)
 
 
 def _laid_out_like(t: Tensor, like: Tensor) -> Tensor:
@@ -270,66 +265,7 @@ def weighted_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
     return torch.ops.fastdarts_triton.weighted_sum.default(list(xs), w)
 
 
-def _weighted_sum_setup_context(ctx, inputs, output):
-    xs, w = inputs
-    ctx.num_xs = len(xs)
-    w_needs_grad = _needs_input_grad(ctx)[len(xs)]
-    # grad_xs needs only w; the xs (K activations) are kept alive only when grad_w needs them.
-    ctx.save_for_backward(w, *(xs if w_needs_grad else ()))
-
-
-def _weighted_sum_backward(ctx, grad):
-    num_xs = ctx.num_xs
-    needs = _needs_input_grad(ctx)
-    xs_need, w_needs_grad = needs[:num_xs], needs[num_xs]
-    w, *xs = ctx.saved_tensors
-    if w_needs_grad:
-        grad_xs, grad_w = torch.ops.fastdarts_triton.weighted_sum_backward.default(grad, xs, w)
-        return [g if need else None for g, need in zip(grad_xs, xs_need)], grad_w
-    # No grad_w means no reduction to fuse: each grad_xs[k] = w[k] * grad is a single multiply.
-    return [grad * wk if need else None for wk, need in zip(w.unbind(0), xs_need)], None
-
-
-torch.library.register_autograd(
-    "fastdarts_triton::weighted_sum", _weighted_sum_backward, setup_context=_weighted_sum_setup_context
-)
-
-
-# The backward is bilinear in (grad, (xs, w)); its own backward is again a weighted sum and a weighted_sum_backward
-# (the formulas are in _cpp.py).
-
-
-def _weighted_sum_backward_setup_context(ctx, inputs, output):
-    grad, xs, w = inputs
-    num_xs = len(xs)
-    needs = _needs_input_grad(ctx)
-    ctx.num_xs = num_xs
-    ctx.grad_needs_grad = needs[0]
-    ctx.xs_or_w_need_grad = any(needs[1 : num_xs + 2])
-    saved_grad = grad if ctx.xs_or_w_need_grad else None
-    ctx.save_for_backward(saved_grad, *((w, *xs) if ctx.grad_needs_grad else ()))
-
-
-def _weighted_sum_backward_backward(ctx, grad_grad_xs, grad_grad_w):
-    num_xs = ctx.num_xs
-    needs = _needs_input_grad(ctx)
-    grad, *w_and_xs = ctx.saved_tensors
-    d_grad, d_xs, d_w = None, [None] * num_xs, None
-    if ctx.grad_needs_grad:
-        w, *xs = w_and_xs
-        d_grad = weighted_sum(grad_grad_xs, w) + weighted_sum(xs, grad_grad_w)
-    if ctx.xs_or_w_need_grad:
-        all_d_xs, all_d_w = torch.ops.fastdarts_triton.weighted_sum_backward.default(grad, grad_grad_xs, grad_grad_w)
-        d_xs = [d if need else None for d, need in zip(all_d_xs, needs[1 : num_xs + 1])]
-        d_w = all_d_w if needs[num_xs + 1] else None
-    return d_grad, d_xs, d_w
-
-
-torch.library.register_autograd(
-    "fastdarts_triton::weighted_sum_backward",
-    _weighted_sum_backward_backward,
-    setup_context=_weighted_sum_backward_setup_context,
-)
+register_weighted_sum_autograd("fastdarts_triton")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,7 +462,7 @@ def _relu_dwconv_gradients(grads, x, weights, dilations, stride, relu, input_gra
 
 def _relu_dwconv_backward(ctx, grads):
     K = ctx.num_weights
-    needs = _needs_input_grad(ctx)  # x, then the K weights (the int and bool arguments follow)
+    needs = needs_input_grad(ctx)  # x, then the K weights (the int and bool arguments follow)
     x_needs_grad, weights_need_grad = needs[0], needs[1 : K + 1]
     x, *weights = ctx.saved_tensors
     grad_x, grad_weights = _relu_dwconv_gradients(
@@ -555,7 +491,7 @@ def _relu_dwconv_backward_setup_context(ctx, inputs, output):
 def _relu_dwconv_backward_backward(ctx, grad_outputs):
     K = ctx.num_weights
     grad_grad_x, grad_grad_weights = _split_relu_dwconv_gradients(grad_outputs, ctx.input_grad)
-    needs = _needs_input_grad(ctx)  # the K grads, x, the K weights
+    needs = needs_input_grad(ctx)  # the K grads, x, the K weights
     grads_need, x_needs, weights_need = needs[:K], needs[K], needs[K + 1 : 2 * K + 1]
     x, *rest = ctx.saved_tensors
     grads, weights = rest[:K], rest[K:]
@@ -700,7 +636,7 @@ def _sample_gates_setup_context(ctx, inputs, output):
     _, mask, p_nonzero, s_kept = output
     ctx.mark_non_differentiable(mask)
     ctx.tau, ctx.scale = tau, b - a
-    needs = _needs_input_grad(ctx)  # beta, tau, a, b, k, u, explore, perm
+    needs = needs_input_grad(ctx)  # beta, tau, a, b, k, u, explore, perm
     ctx.beta_needs_grad, ctx.u_needs_grad = needs[0], needs[5]
     ctx.save_for_backward(p_nonzero, s_kept, u if ctx.u_needs_grad else None)
 
