@@ -84,6 +84,9 @@ class SearchConfig(RunOptions):
     # PR-DARTS (METHOD.md section 2); used only with --method pr-darts.
     prdarts_form: str = option("reference", "pr-darts: reference (top-k, hinged groups) or paper (all gates)",
                                choices=("reference", "paper"))  # fmt: skip
+    prdarts_network: str = option("reference", "pr-darts: the reference code's search network (batch statistics "
+                                  "in evaluation, BN + ReLU before the pooling) or DARTS's",
+                                  choices=("reference", "darts"))  # fmt: skip
     tau_start: float = option(1.0, "pr-darts: gate temperature at the first epoch", low=0, low_open=True)
     tau_end: float = option(0.1, "pr-darts: gate temperature at the last epoch", low=0, low_open=True)
     l1: float = option(0.01, "pr-darts: weight of the skip-group term", low=0)
@@ -120,7 +123,7 @@ class SearchConfig(RunOptions):
             return {}
         return dict(tau_start=self.tau_start, tau_end=self.tau_end, l1=self.l1, l2=self.l2, l3=self.l3,
                     hinge=self.hinge, k=self.top_k, explore_p=self.explore_p, a=self.gate_a, b=self.gate_b,
-                    form=self.prdarts_form, seed=self.seed)  # fmt: skip
+                    form=self.prdarts_form, network=self.prdarts_network, seed=self.seed)  # fmt: skip
 
 
 @dataclass

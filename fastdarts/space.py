@@ -117,6 +117,14 @@ class FactorizedReduce(nn.Module):
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
 
 
+def drop_running_statistics(module: nn.Module) -> None:
+    """Make every BN in `module` normalise with its batch's statistics in evaluation too (and keep none)."""
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+
+
 def _pool(kind: str, stride: int) -> nn.Module:
     if kind == "max":
         return nn.MaxPool2d(3, stride=stride, padding=1)

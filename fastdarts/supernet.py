@@ -14,7 +14,7 @@ from torch import nn
 
 from . import ops
 from .methods import DARTSMethod, Method
-from .space import OPS, PRIMITIVES, FactorizedReduce, Genotype, ReLUConvBN, Zero, cell_edge_count
+from .space import OPS, PRIMITIVES, FactorizedReduce, Genotype, ReLUConvBN, Zero, cell_edge_count, drop_running_statistics
 
 # `none` contributes zeros, so it takes part in the weights but is never computed; every other
 # primitive is a candidate of the fused mixed op, in the same order.
@@ -77,11 +77,12 @@ class MixedOp(nn.Module):
             return self.zeros(x)
         candidates = [_CANDIDATE_OF_COLUMN[c] for c in columns]
         bn = self.bns[0]
-        running = None if self.training else (torch.stack([b.running_mean for b in self.bns]),
-                                              torch.stack([b.running_var for b in self.bns]))  # fmt: skip
+        batch_statistics = self.training or not bn.track_running_stats
+        running = None if batch_statistics else (torch.stack([b.running_mean for b in self.bns]),
+                                                  torch.stack([b.running_var for b in self.bns]))  # fmt: skip
         out, mean, var = ops.mixed_op(
             x, weights[list(_COMPUTED_COLUMNS)], self.conv_weights(), self.stride, candidates,
-            *(running or (None, None)), self.training, bn.eps,
+            *(running or (None, None)), batch_statistics, bn.eps,
         )  # fmt: skip
         if self.training and bn.track_running_stats:
             self._update_running_statistics(candidates, mean, var, out.numel() // out.shape[1])
@@ -148,7 +149,8 @@ class SearchNetwork(nn.Module):
     they hold the gate logits beta). `method` (default `DARTSMethod`) turns them into the edge
     weights of each forward pass, and gives the regulariser and the genotype rule. Each edge is one
     `ops.mixed_op` call; `memory_format` (default channels_last, the kernels' layout) is the layout
-    of the activations.
+    of the activations. The method's `network_style` says whether the cells' BNs keep running
+    statistics and whether a BN + ReLU precedes the global pooling.
     """
 
     def __init__(
@@ -190,10 +192,15 @@ class SearchNetwork(nn.Module):
             reduction = i in self.reduction_indices
             if reduction:
                 C_curr *= 2
-            cells.append(SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev))
+            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
+            if not self.method.network_style.running_statistics:
+                drop_running_statistics(cell)
+            cells.append(cell)
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
         self.cells = nn.ModuleList(cells)
+        # A BN and ReLU before the pooling when the method's network has them (PR-DARTS's); else nothing.
+        self.head = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU()) if self.method.network_style.head_bn_relu else None
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
 
@@ -238,6 +245,8 @@ class SearchNetwork(nn.Module):
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
             s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind])
+        if self.head is not None:
+            s1 = self.head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
     def regulariser(self) -> torch.Tensor | None:

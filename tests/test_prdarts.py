@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fastdarts import PRIMITIVES, SearchNetwork, ops
 from fastdarts.bilevel import Architect, weight_step
-from fastdarts.methods import DARTSMethod, PRDARTSMethod, edge_entropy, make_method
+from fastdarts.methods import DARTSMethod, NetworkStyle, PRDARTSMethod, edge_entropy, make_method
 from fastdarts.ops.reference import gate_p_nonzero
 from fastdarts.space import PRDARTS as PRDARTS_GENOTYPE
 from fastdarts.space import derive_cell, derive_cell_top_ops, edge_index
@@ -318,6 +318,34 @@ def test_tiny_prdarts_network_forward_backward_and_search_step(form):
     assert all(len(edge) == 2 for edge in net.genotype().normal)
 
 
+def cell_outputs_in_both_modes(net, x):
+    """Each cell's (train-mode, eval-mode) output for its inputs and gates in one forward pass of `x`."""
+    calls = []
+    hooks = [cell.register_forward_hook(lambda cell, args, out: calls.append((cell, args))) for cell in net.cells]
+    net(x)
+    for hook in hooks:
+        hook.remove()
+    return [tuple(cell.train(mode)(*args) for mode in (True, False)) for cell, args in calls]
+
+
+def test_reference_network_normalises_cells_with_batch_statistics_in_evaluation_too():
+    net, _, (x, _), _ = tiny_prdarts_net()
+    assert net.method.network_style == NetworkStyle(running_statistics=False, head_bn_relu=True)
+    assert not any("running" in name for name in net.cells.state_dict())
+    assert isinstance(net.head[0], torch.nn.BatchNorm2d) and isinstance(net.head[1], torch.nn.ReLU)
+    with torch.no_grad():
+        for train_out, eval_out in cell_outputs_in_both_modes(net, x):
+            torch.testing.assert_close(eval_out, train_out)
+
+
+def test_darts_network_keeps_running_statistics_for_evaluation():
+    net, _, (x, _), _ = tiny_prdarts_net(network="darts")
+    assert net.head is None and any("running_mean" in name for name in net.cells.state_dict())
+    with torch.no_grad():
+        for train_out, eval_out in cell_outputs_in_both_modes(net, x):
+            assert not torch.allclose(eval_out, train_out)
+
+
 def test_second_order_steps_refuse_a_method_that_samples_each_forward():
     net, opt, _, _ = tiny_prdarts_net()
     with pytest.raises(ValueError, match="second-order .* use the first-order step"):
@@ -347,6 +375,7 @@ def test_regulariser_needs_a_forward_pass_first():
         (dict(a=0.5), "a must be a finite number < 0"),
         (dict(explore_p=2.0), r"explore_p must lie in \[0, 1\]"),
         (dict(seed=1.5), "seed must be an integer"),
+        (dict(network="nasnet"), "network must be one of reference, darts, got 'nasnet'"),
     ],
 )
 def test_bad_settings_raise_one_line_errors(settings, message):

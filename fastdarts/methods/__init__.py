@@ -6,7 +6,7 @@ takes the object.
 
 from __future__ import annotations
 
-from .base import CellWeights, Method, edge_entropy
+from .base import CellWeights, Method, NetworkStyle, edge_entropy
 from .darts import DARTSMethod
 from .prdarts import PRDARTSMethod
 
@@ -20,4 +20,4 @@ def make_method(name: str, **settings) -> Method:
     return METHODS[name](**settings)
 
 
-__all__ = ["DARTSMethod", "METHODS", "PRDARTSMethod", "CellWeights", "Method", "edge_entropy", "make_method"]
+__all__ = ["DARTSMethod", "METHODS", "PRDARTSMethod", "CellWeights", "Method", "NetworkStyle", "edge_entropy", "make_method"]

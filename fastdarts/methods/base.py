@@ -16,6 +16,19 @@ from torch import Tensor
 from ..space import Edge
 
 
+class NetworkStyle(NamedTuple):
+    """How a method's search network differs from DARTS's (METHOD.md 2.4); the defaults are DARTS's.
+
+    running_statistics: the cells' BNs keep running statistics for evaluation; False: they normalise with
+        the batch's statistics in evaluation too (a network whose ops are sampled anew each forward pass
+        has no single set of statistics to keep).
+    head_bn_relu: a BN and a ReLU between the last cell and the global pooling.
+    """
+
+    running_statistics: bool = True
+    head_bn_relu: bool = False
+
+
 class CellWeights(NamedTuple):
     """One cell type's edge weights for one forward pass.
 
@@ -50,6 +63,8 @@ class Method(ABC):
     # True when every forward pass draws new random edge weights (then the finite-difference
     # second-order step, which compares several forward passes, does not apply).
     samples_each_forward: ClassVar[bool] = False
+    # The search network the method's published code trains (an instance attribute may override it).
+    network_style: NetworkStyle = NetworkStyle()
 
     @abstractmethod
     def forward_weights(self, arch: Mapping[str, Tensor]) -> dict[str, CellWeights]:

@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import ops
 from ..ops.reference import check_explore_p, check_gate_settings, gate_p_nonzero
 from ..space import PRIMITIVES, Edge, cell_steps, deepest_chain, derive_cell_top_ops
-from .base import CellWeights, Method, check_epoch, check_state_keys
+from .base import CellWeights, Method, NetworkStyle, check_epoch, check_state_keys
 
 SKIP = ("skip_connect",)
 CONV = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -24,6 +24,8 @@ NONSKIP = ("none", *CONV)
 REST = tuple(name for name in PRIMITIVES if name not in SKIP)  # the paper form's second group
 DIAGNOSTIC_GROUPS = {"skip": SKIP, "nonskip": NONSKIP, "pool": POOL}
 FORMS = ("reference", "paper")
+# The search network of the published code (METHOD 2.4), or DARTS's, to compare the methods on one network.
+NETWORKS = {"reference": NetworkStyle(running_statistics=False, head_bn_relu=True), "darts": NetworkStyle()}
 
 Groups = Sequence[tuple[Sequence[str], float]]  # (op names, weight in R)
 
@@ -86,6 +88,8 @@ class PRDARTSMethod(Method):
     form "paper": no top-k (every op computed, weighted by its gate g), no hinge, two groups
     (skip and the rest) over every gate, the path term over every chain edge.
     Every forward pass draws its gates from this object's own generator (seeded with `seed`).
+    network "reference": the published code's search network (batch statistics in evaluation too, a BN and
+    ReLU before the global pooling); "darts": DARTS's.
     """
 
     name = "pr-darts"
@@ -106,6 +110,7 @@ class PRDARTSMethod(Method):
         a: float = -0.1,
         b: float = 1.1,
         form: str = "reference",
+        network: str = "reference",
         seed: int = 0,
     ):
         for name, value in (("tau_start", tau_start), ("tau_end", tau_end)):
@@ -118,12 +123,15 @@ class PRDARTSMethod(Method):
         check_explore_p("PRDARTSMethod", explore_p)
         if form not in FORMS:
             raise ValueError(f"PRDARTSMethod: form must be one of {', '.join(FORMS)}, got {form!r}")
+        if network not in NETWORKS:
+            raise ValueError(f"PRDARTSMethod: network must be one of {', '.join(NETWORKS)}, got {network!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"PRDARTSMethod: seed must be an integer, got {seed!r}")
         self.tau_start, self.tau_end = tau_start, tau_end
         self.l1, self.l2, self.l3, self.hinge = l1, l2, l3, hinge
         self.k, self.explore_p, self.a, self.b, self.form = k, explore_p, a, b, form
         self.tau = tau_start
+        self.network_style = NETWORKS[network]
         self.generator = torch.Generator().manual_seed(seed)
         # Per cell type, P(g != 0) and the mask of the last forward pass: what R is computed from.
         self._last: dict[str, tuple[Tensor, Tensor]] = {}
