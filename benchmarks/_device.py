@@ -27,7 +27,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 TRITON_SKIPPED = "triton: skipped, no CUDA device (Triton kernels run on CPU only under TRITON_INTERPRET=1)"
-NO_TRITON_MIXED_OP = "triton: the fused mixed op has no Triton kernel yet, so there is no Triton provider to time"
 
 # Datasheet peaks of NVIDIA GPUs: (name as it occurs, as a whole word, in torch.cuda.get_device_name(), memory GB/s,
 # float32 GFLOP/s without tensor cores). The first match wins, so the specific names come first. With

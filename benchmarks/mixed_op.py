@@ -1,18 +1,20 @@
 """Time one DARTS mixed op (one edge, all 7 computed candidates) forward + backward per provider.
 
-    python benchmarks/mixed_op.py --json [--repeats 10] [--providers eager-contiguous,eager,cpp,compile]
+    python benchmarks/mixed_op.py --json [--repeats 10] [--providers eager-contiguous,eager,cpp,compile,triton]
                                   [--peak_gbps G --peak_gflops F]
 
 Cases: (N, C, H, W) = (64, 16, 32, 32) at stride 1 (a normal-cell edge of the batch-64 search) and
 (64, 32, 16, 16) at stride 2 (a reduction edge). Providers: the eager reference (ops.mixed_op on "reference":
-DARTS's ops in eager PyTorch) on a contiguous and on a channels_last input, the fused op ("cpp"), and
-torch.compile (inductor) of the reference on channels_last. Each timed call is one forward and one backward
-for x, the 7 candidate weights and every conv weight. Every (case, provider) runs in a fresh child process, so
-its peak RSS is its own; the providers alternate inside each case, so drifting load hits them alike.
+DARTS's ops in eager PyTorch) on a contiguous and on a channels_last input, the fused op on the C++ kernels
+("cpp", CPU only), torch.compile (inductor) of the reference on channels_last, and the fused op on the Triton
+kernels ("triton", channels_last; CUDA only: on the CPU it is skipped with one printed line, and runs only if asked
+for by name under TRITON_INTERPRET=1, where its times mean nothing). Each timed call is one forward and one
+backward for x, the 7 candidate weights and every conv weight. Every (case, provider) runs in a fresh child
+process, so its peak RSS is its own; the providers alternate inside each case, so drifting load hits them alike.
 
-On a CUDA device (torch.cuda.is_available()) the tensors live there and the providers are eager-contiguous, eager
-and compile ("cpp" is CPU only, and the fused mixed op has no Triton kernel yet: one printed line says so); the
-times come from CUDA events and each case also reports its peak device memory (benchmarks/_device.py).
+On a CUDA device (torch.cuda.is_available()) the tensors live there and the providers are eager-contiguous, eager,
+compile and triton; the times come from CUDA events and each case also reports its peak device memory
+(benchmarks/_device.py).
 
 Every case reports GFLOP/s and GB/s (and their fractions of the peaks, when known), from:
 - FLOPs: the convolutions of one eager forward + backward as benchmarks/_device.count_flops counts them (the
@@ -21,7 +23,7 @@ Every case reports GFLOP/s and GB/s (and their fractions of the peaks, when know
 - bytes: E * (3 |x| + 2 |out| + 3 (|weights| + 7)), E bytes per element: x read by the forward and the backward and
   grad_x written, out written and its gradient read, the conv weights and w read twice and their gradients written.
   That is the least a fused forward + backward moves, the same for every provider (the eager one moves far more).
-Prints one JSON object (with --json) or a table; the Triton line goes to stderr.
+Prints one JSON object (with --json) or a table; notes (such as the Triton skip) go to stderr.
 """
 
 from __future__ import annotations
@@ -45,11 +47,21 @@ else:  # run as a script: benchmarks/ is sys.path[0]
     import _device
 
 CASES = {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)}
-PROVIDERS = ("eager-contiguous", "eager", "cpp", "compile")
+PROVIDERS = ("eager-contiguous", "eager", "cpp", "compile", "triton")
+BACKEND_OF = {
+    "eager-contiguous": "reference",
+    "eager": "reference",
+    "compile": "reference",
+    "cpp": "cpp",
+    "triton": "triton",
+}
 
 
 def default_providers(device: torch.device) -> list[str]:
-    return ["eager-contiguous", "eager", "compile"] if device.type == "cuda" else list(PROVIDERS)
+    if device.type == "cuda":
+        return ["eager-contiguous", "eager", "compile", "triton"]
+    cpp = ["cpp"] if "cpp" in ops.available_backends("mixed_op", "cpu") else []
+    return ["eager-contiguous", "eager", *cpp, "compile"]
 
 
 def make_problem(shape, stride, layout=torch.channels_last, seed=0, device="cpu"):
@@ -77,7 +89,7 @@ def make_forward(provider: str, stride: int):
     """The forward to time: (x, w, weights) -> out."""
     if provider == "compile":
         return torch.compile(lambda x, w, weights: reference.mixed_op(x, w, weights, stride)[0])
-    backend = "cpp" if provider == "cpp" else "reference"
+    backend = BACKEND_OF[provider]
     return lambda x, w, weights: ops.mixed_op(x, w, weights, stride, backend=backend)[0]
 
 
@@ -141,19 +153,23 @@ def main(argv=None) -> int:
         print(json.dumps(run_case(case, provider, args.repeats, shape_of(case), device, peaks)))
         return 0
     providers = args.providers.split(",") if args.providers else default_providers(device)
-    if "cpp" in providers and device.type == "cuda":
-        parser.error("--providers: cpp runs on CPU tensors only; on CUDA choose from eager-contiguous, eager, compile")
-    if "cpp" in providers and "cpp" not in ops.available_backends("mixed_op", "cpu"):
-        parser.error("--providers: cpp is not available (the C++ extension is not built)")
-    for name, allowed in ((p, PROVIDERS) for p in providers):
-        if name not in allowed:
-            parser.error(f"--providers: unknown provider {name!r}; choose from {', '.join(PROVIDERS)}")
+    for provider in providers:
+        if provider not in PROVIDERS:
+            parser.error(f"--providers: unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+        if BACKEND_OF[provider] not in ops.available_backends("mixed_op", device):
+            if provider == "triton":
+                parser.error("--providers: triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
+            if provider == "cpp" and device.type == "cpu":
+                parser.error("--providers: cpp is not available (the C++ extension is not built)")
+            parser.error(f"--providers: {provider} does not run the mixed op on {device.type} tensors")
     cases = args.cases.split(",")
     for case in cases:
         if case not in CASES:
             parser.error(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
 
-    print(_device.NO_TRITON_MIXED_OP, file=sys.stderr)
+    notes = [_device.TRITON_SKIPPED] if "triton" not in providers and device.type != "cuda" else []
+    for note in notes:
+        print(note, file=sys.stderr)
     results: dict[str, dict] = {}
     for case in cases:
         results[case] = {"shape": list(shape_of(case)), "stride": CASES[case][1], "providers": {}}
@@ -176,7 +192,7 @@ def main(argv=None) -> int:
         "device_type": device.type,
         **peaks,
         "timer": _device.timer_for(device, args.repeats)[1],
-        "notes": [_device.NO_TRITON_MIXED_OP],
+        "notes": notes,
         "cases": results,
     }
     if args.json:

@@ -1,6 +1,8 @@
-"""Time the fused ops that have a Triton kernel, relu_dwconv and weighted_sum, forward + backward per provider.
+"""Time the building blocks that have a Triton kernel, relu_dwconv, weighted_sum and pool_bn_stats, forward + backward
+per provider.
 
-    python benchmarks/ops.py --json [--ops relu_dwconv,weighted_sum] [--cases stride1,stride2] [--providers ...]
+    python benchmarks/ops.py --json [--ops relu_dwconv,weighted_sum,pool_bn_stats] [--cases stride1,stride2]
+                             [--providers ...]
                              [--repeats 10] [--peak_gbps G --peak_gflops F]
 
 Runs on the CUDA device when torch.cuda.is_available(), else on the CPU (benchmarks/_device.py: timers, peak
@@ -9,7 +11,9 @@ memory, peaks). Cases, the tensors of one DARTS edge of the batch-64 search:
   dilation 2), on x = (64, 16, 32, 32) at stride 1 (a normal edge) and (64, 32, 16, 16) at stride 2 (a reduction
   edge);
 - weighted_sum: the sum of the K = 7 computed candidates of the edge's mixed op, each of its output shape,
-  (64, 16, 32, 32) and (64, 32, 8, 8).
+  (64, 16, 32, 32) and (64, 32, 8, 8);
+- pool_bn_stats: both 3x3 pools of the edge and their BN statistics, on x = (64, 16, 32, 32) at stride 1 and
+  (64, 32, 16, 16) at stride 2 (the backward for both pools; the statistics carry no gradient).
 Providers: "eager-contiguous" and "eager" (the reference in the contiguous and the channels_last layout),
 "compile" (torch.compile of the reference, channels_last), "cpp" (the C++ kernel, CPU only) and "triton" (the
 Triton kernel, channels_last; CUDA only: on the CPU it is skipped with one printed line, and runs only if asked
@@ -26,6 +30,10 @@ FLOPs and bytes of one forward + backward, from the shapes (E bytes per element,
   products for the grad_xs and K multiply-adds for grad_w); bytes = E * ((3 K + 2) n + 3 K): the inputs read by the
   forward and the backward and their gradients written, the output written and its gradient read, w read twice and
   grad_w written.
+- pool_bn_stats, x [N, C, H, W], pools [N, C, Ho, Wo]: no FLOPs counted (comparisons and additions, which
+  torch.utils.flop_counter does not count either), so no GFLOP/s; bytes = E * (3 N C H W + 4 N C Ho Wo + 4 C): x read
+  by the forward and by the backward (which recomputes the argmax) and grad_x written, both pools written and their
+  gradients read, the [2, C] mean and variance written.
 The bytes are the least a fused forward + backward must move (relu(x) recomputed, never stored), the same for every
 provider: GB/s is that traffic over the measured time, so a provider that moves more shows a lower figure than the
 bandwidth it used. Prints one JSON object (with --json) or a table; notes (such as the Triton skip) go to stderr.
@@ -47,13 +55,15 @@ if __package__:
 else:  # run as a script: benchmarks/ is sys.path[0]
     import _device
 
-OPS = ("relu_dwconv", "weighted_sum")
+OPS = ("relu_dwconv", "weighted_sum", "pool_bn_stats")
 DARTS = [(3, 1), (5, 1), (3, 2), (5, 2)]  # (kernel size, dilation)
 K_CANDIDATES = len(ops.MIXED_OP_CANDIDATES)
-# op -> case -> (shape, stride): relu_dwconv's x, weighted_sum's inputs (the mixed op's output at that stride).
+# op -> case -> (shape, stride): relu_dwconv's and pool_bn_stats's x, weighted_sum's inputs (the mixed op's output at
+# that stride).
 CASES = {
     "relu_dwconv": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
     "weighted_sum": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 8, 8), 2)},
+    "pool_bn_stats": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
 }
 PROVIDERS = ("eager-contiguous", "eager", "cpp", "compile", "triton")
 BACKEND_OF = {"eager-contiguous": "reference", "eager": "reference", "cpp": "cpp", "triton": "triton"}
@@ -68,7 +78,7 @@ def default_providers(device: torch.device) -> list[str]:
 
 def make_problem(op: str, shape, stride: int, layout=torch.channels_last, device="cpu", seed=0):
     """(args, inputs, grad_outs): the op's arguments, the tensors among them to differentiate for, and one gradient
-    per output, laid out like the outputs (as autograd hands them over)."""
+    per differentiable output, laid out like the outputs (as autograd hands them over)."""
     generator = torch.Generator().manual_seed(seed)
 
     def randn(*size, scale=1.0):
@@ -80,13 +90,17 @@ def make_problem(op: str, shape, stride: int, layout=torch.channels_last, device
         out_shape = reference.relu_dwconv_output_shape(x, stride)
         grad_outs = [randn(*out_shape).contiguous(memory_format=layout) for _ in DARTS]
         return (x, weights, [d for _, d in DARTS], stride), [x, *weights], grad_outs
+    if op == "pool_bn_stats":
+        x = randn(*shape).contiguous(memory_format=layout).requires_grad_()
+        out_shape = reference.pool_bn_stats_output_shape(x, stride)
+        return (x, stride), [x], [randn(*out_shape).contiguous(memory_format=layout) for _ in range(2)]
     xs = [randn(*shape).contiguous(memory_format=layout).requires_grad_() for _ in range(K_CANDIDATES)]
     w = randn(K_CANDIDATES).softmax(0).requires_grad_()
     return (xs, w), [*xs, w], [randn(*shape).contiguous(memory_format=layout)]
 
 
 def make_forward(op: str, provider: str):
-    """The forward to time: args -> list of outputs."""
+    """The forward to time: args -> list of outputs (every output: compile must not drop the statistics)."""
 
     def as_list(out):
         return list(out) if isinstance(out, (list, tuple)) else [out]
@@ -97,9 +111,17 @@ def make_forward(op: str, provider: str):
     return lambda *args: as_list(getattr(ops, op)(*args, backend=backend))
 
 
-def flops_and_bytes(op: str, shape, stride: int, element_size: int = 4) -> tuple[int, int]:
-    """The FLOPs and the least bytes of one forward + backward (the formulas are in the module docstring)."""
+def differentiable(outputs: list) -> list:
+    """The outputs that carry a gradient (pool_bn_stats's statistics do not), which grad_outs match."""
+    return [out for out in outputs if out.requires_grad]
+
+
+def flops_and_bytes(op: str, shape, stride: int, element_size: int = 4) -> tuple[int | None, int]:
+    """The FLOPs (None: not counted) and the least bytes of one forward + backward (the module docstring says how)."""
     N, C, H, W = shape
+    if op == "pool_bn_stats":
+        Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
+        return None, element_size * (3 * N * C * H * W + 4 * N * C * Ho * Wo + 4 * C)
     if op == "relu_dwconv":
         Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
         taps = sum(k * k for k, _ in DARTS)
@@ -134,7 +156,7 @@ def run_case(op, case, provider, device, timer, peaks, shape=None) -> dict:
     forward = make_forward(op, provider)
 
     def step():
-        return torch.autograd.grad(forward(*args), inputs, grad_outs)
+        return torch.autograd.grad(differentiable(forward(*args)), inputs, grad_outs)
 
     result = _device.measure(step, timer, torch.device(device))
     result["saved_bytes_beyond_inputs"] = saved_bytes_beyond_inputs(forward, args, inputs)

@@ -7,14 +7,14 @@ A first-order step is an architecture step on one batch plus a weight step on an
 second-order step replaces the architecture step by the unrolled one (METHOD.md 1.3). The
 network is `SearchNetwork(C=16, layers=8, num_classes=10)` on random 3x32x32 data unless the
 flags say otherwise. Providers: the eager reference with contiguous and with channels_last
-activations, the fused kernels ("cpp"), and torch.compile of the reference network ("compile", not
-run by default: it compiles the whole supernet). One command measures every provider and order,
+activations, the fused kernels ("cpp" on the CPU, "triton" on CUDA), and torch.compile of the reference
+network ("compile", not run by default: it compiles the whole supernet). One command measures every provider and order,
 alternating between them; each (provider, order) case runs in a fresh child process so that its peak RSS is its own and
 one case's freed-but-fragmented heap cannot push the next one out of memory.
 
 On a CUDA device (torch.cuda.is_available()) the network and data live there and the providers are
-reference-contiguous, reference and compile ("cpp" is CPU only; the network's ops run the mixed op, which
-has no Triton kernel yet: one printed line says so). There each case is timed with CUDA events (do_bench,
+reference-contiguous, reference and triton (on the CPU, where Triton does not time, one printed line says it is
+skipped). There each case is timed with CUDA events (do_bench,
 about 1 s of steps after its warm-up; --repeats applies to the CPU only) and also reports its peak device
 memory and its GFLOP/s: the FLOPs of one step of the eager network as benchmarks/_device.count_flops counts
 them (convs and matmuls, forward and backward, counted in one extra step before the timing), against the peak
@@ -55,13 +55,15 @@ PROVIDERS = {
     "reference": ("reference", torch.channels_last, False),
     "cpp": ("cpp", torch.channels_last, False),
     "compile": ("reference", torch.channels_last, True),
+    "triton": ("triton", torch.channels_last, False),
 }
 
 
 def default_providers(device: torch.device) -> list[str]:
-    """reference-contiguous, reference and cpp, those that run on `device` (on CUDA, not cpp)."""
+    """reference-contiguous, reference and the fused kernels of `device` (cpp on the CPU, triton on CUDA)."""
+    fused = "triton" if device.type == "cuda" else "cpp"
     available = ops.available_backends(device=device)
-    return [p for p in ("reference-contiguous", "reference", "cpp") if PROVIDERS[p][0] in available]
+    return [p for p in ("reference-contiguous", "reference", fused) if PROVIDERS[p][0] in available]
 
 
 def make_problem(
@@ -141,7 +143,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per case (after one warm-up)")
     parser.add_argument(
         "--providers", default=None,
-        help=f"comma-separated, from {', '.join(PROVIDERS)} (default: reference-contiguous, reference and cpp)",
+        help=f"comma-separated, from {', '.join(PROVIDERS)} (default: reference-contiguous, reference and the "
+        "device's fused kernels: cpp on the CPU, triton on CUDA)",
     )  # fmt: skip
     parser.add_argument("--orders", default="first,second", help="first, second or both")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -168,7 +171,9 @@ def main(argv=None) -> int:
     for order in orders:
         if order not in ORDERS:
             parser.error(f"--orders: unknown order {order!r}; choose from {', '.join(ORDERS)}")
-    print(_device.NO_TRITON_MIXED_OP, file=sys.stderr)
+    notes = [_device.TRITON_SKIPPED] if "triton" not in providers and device.type != "cuda" else []
+    for note in notes:
+        print(note, file=sys.stderr)
     results: dict[str, dict] = {p: {} for p in providers}
     for order in orders:  # alternate providers inside each order, so drifting load hits them alike
         for provider in providers:
@@ -198,7 +203,7 @@ def main(argv=None) -> int:
         "device_type": device.type,
         **peaks,
         "timer": _device.timer_for(device, args.repeats, CUDA_REP_MS)[1],
-        "notes": [_device.NO_TRITON_MIXED_OP],
+        "notes": notes,
         "providers": results,
     }
     if args.json:

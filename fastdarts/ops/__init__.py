@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ._extension import EXTENSION_ERROR, EXTENSION_LOADED
-from ._registry import BACKENDS, available_backends, dispatch, use_backend
+from ._registry import BACKENDS, available_backends, dispatch, select, use_backend
 from .reference import MIXED_OP_CANDIDATES, mixed_op_layout, mixed_op_weight_shapes
 
 __all__ = [
@@ -64,6 +64,7 @@ def sample_gates(
     generator: torch.Generator | None = None,
     *,
     backend: str | None = None,
+    noise: str = "torch",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One sample of PR-DARTS's hard-concrete gates and the top-k ops of every edge (METHOD.md 2.1-2.2).
 
@@ -82,6 +83,11 @@ def sample_gates(
             and "triton" then compute every gate in one kernel. Their log and exp and PyTorch's
             can differ in the last bit, so g, `p_nonzero` and the gradients agree to a rounding, and
             the masks (so the top-k gates) are identical unless such a bit decides a near-tie of g.
+        noise: where the uniforms and the exploration draws come from. "torch" (the default): drawn
+            from `generator` as above, the same numbers on every backend. "kernel" ("triton" only):
+            made inside the kernel by tl.rand (Philox keyed by one seed drawn from `generator`, which
+            then draws the column permutation): no noise tensors, and a seed still reproduces a
+            run, but the sample is not the other backends' (its distribution is).
 
     Returns `(gates, mask, p_nonzero)`, each the shape, dtype and device of `beta`:
         mask: 0/1, exactly k ones per edge: the top-k of `g - explore` (ties go to the column that
@@ -94,11 +100,18 @@ def sample_gates(
             the clamp is active. When k is None, the gates are g itself.
         p_nonzero: `P(g != 0) = sigmoid(beta - tau * log(-a / b))`, differentiable in beta.
 
-    Differentiable in beta, any number of times. Raises ValueError for a beta that is not 2-D or
-    settings out of range, TypeError for a beta that is not floating point (and, on "cpp" and
-    "triton", not float32/float64), before any random number is drawn.
+    Differentiable in beta, any number of times. Raises ValueError for a beta that is not 2-D,
+    settings out of range or a bad `noise`, TypeError for a beta that is not floating point (and,
+    on "cpp" and "triton", not float32/float64), before any random number is drawn.
     """
-    return dispatch("sample_gates", beta.device, backend)(beta, tau, a, b, k, explore_p, generator)
+    if noise == "torch":
+        return dispatch("sample_gates", beta.device, backend)(beta, tau, a, b, k, explore_p, generator)
+    if noise != "kernel":
+        raise ValueError(f"sample_gates: noise must be 'torch' or 'kernel', got {noise!r}")
+    chosen = select("sample_gates", beta.device, backend)
+    if chosen != "triton":
+        raise ValueError(f"sample_gates: noise='kernel' needs the 'triton' backend, got {chosen!r}")
+    return dispatch("sample_gates", beta.device, chosen)(beta, tau, a, b, k, explore_p, generator, kernel_noise=True)
 
 
 def relu_dwconv(

@@ -1,10 +1,41 @@
-"""Autograd formulas shared by the backends whose ops have the same schemas (the C++ ops in namespace fastdarts,
-the Triton ops in fastdarts_triton): registered once per namespace, so the two cannot drift apart."""
+"""What the registrations of the backends whose ops have the same schemas (the C++ ops in namespace fastdarts, the
+Triton ops in fastdarts_triton) share: the checks only those backends make, and the autograd formulas, registered
+once per namespace, so the two cannot drift apart. Imports nothing of either backend: the Triton ops (and the mixed
+op built on them) must load without the C++ extension."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 from torch.utils import _pytree as pytree
+
+from .reference import check_dtype_and_device, pool_bn_stats_output_shape
+
+
+def torch_check(condition, error, message) -> None:
+    """The reference checks' `require` for the fakes: a plain raise on concrete values, a runtime assertion
+    (instead of a specialisation of the graph) on symbolic ones."""
+    (torch._check_type if error is TypeError else torch._check_value)(condition, message)
+
+
+def check_supported_dtype(op: str, t: Tensor, require=torch_check) -> None:
+    """The kernels' dtypes: float32 and float64 (the reference runs any floating dtype)."""
+    supported = t.dtype in (torch.float32, torch.float64)
+    require(supported, TypeError, lambda: f"{op}: only float32 and float64 are supported, got {t.dtype}")
+
+
+def check_pool_grad(op: str, name: str, grad: Tensor | None, x: Tensor, stride: int, require=torch_check) -> None:
+    """An output gradient of pool_bn_stats, when given: the pools' shape, with the dtype and device of x."""
+    if grad is None:
+        return
+    shape = pool_bn_stats_output_shape(x, stride)
+    require(
+        list(grad.shape) == shape,
+        ValueError,
+        lambda: f"{op}: {name} must have shape {shape}, got {list(grad.shape)}",
+    )
+    check_dtype_and_device(op, name, grad, "x", x, require)
 
 
 def needs_input_grad(ctx) -> list[bool]:
@@ -76,4 +107,94 @@ def register_weighted_sum_autograd(namespace: str) -> None:
         f"{namespace}::weighted_sum_backward",
         _weighted_sum_backward_backward,
         setup_context=_weighted_sum_backward_setup_context,
+    )
+
+
+def register_sample_gates_autograd(op: str) -> None:
+    """Autograd of a gate sampler `op` whose inputs are (beta, tau, a, b, k, u, explore, perm) and whose outputs are
+    (gates, mask, p_nonzero, s_kept): `namespace::sample_gates`, and fastdarts_triton::sample_gates_seeded, which
+    takes an integer seed tensor where u goes (never differentiable, so u's gradient is simply never asked for).
+
+    s_kept (s on the kept, unclamped gates, 0 elsewhere) is all the backward needs besides p_nonzero: with
+    x = beta + log u - log1p(-u),
+      d gates / d x = (b - a) / tau * s_kept (1 - s_kept),   d s_kept / d x = s_kept (1 - s_kept) / tau,
+      d p_nonzero / d beta = p_nonzero (1 - p_nonzero),      d x / d beta = 1,   d x / d u = 1 / u + 1 / (1 - u).
+    The backward is written in torch ops on these saved outputs (and u), so it traces, and differentiating it again
+    goes back through the op's own derivatives: higher orders are exact too. The formulas are evaluated in the
+    order the reference's autograd evaluates them (clamp, mul, sigmoid, div backward), which keeps float32 results
+    within a rounding or two of the reference's.
+    """
+
+    def _setup_context(ctx, inputs, output):
+        beta, tau, a, b, k, u, explore, perm = inputs
+        _, mask, p_nonzero, s_kept = output
+        ctx.mark_non_differentiable(mask)
+        ctx.tau, ctx.scale = tau, b - a
+        needs = needs_input_grad(ctx)  # beta, tau, a, b, k, u, explore, perm
+        ctx.beta_needs_grad, ctx.u_needs_grad = needs[0], needs[5]
+        ctx.save_for_backward(p_nonzero, s_kept, u if ctx.u_needs_grad else None)
+
+    def _backward(ctx, grad_gates, _grad_mask, grad_p_nonzero, grad_s_kept):
+        p_nonzero, s_kept, u = ctx.saved_tensors
+        # dL/dx: the reference's chain (grad * (b - a)) * (1 - s) * s / tau, with s_kept's own gradient joining
+        # before the sigmoid; s_kept = 0 zeroes it off the mask and where the clamp is active.
+        grad_x = (grad_gates * ctx.scale + grad_s_kept) * (1 - s_kept) * s_kept / ctx.tau
+        grad_beta = grad_x + grad_p_nonzero * (1 - p_nonzero) * p_nonzero if ctx.beta_needs_grad else None
+        grad_u = grad_x / u + grad_x / (1 - u) if ctx.u_needs_grad else None
+        return grad_beta, None, None, None, None, grad_u, None, None
+
+    torch.library.register_autograd(op, _backward, setup_context=_setup_context)
+
+
+def register_pool_bn_stats_autograd(namespace: str) -> None:
+    """Autograd of `namespace::pool_bn_stats` and of its backward op (so double backward too).
+
+    Autograd saves x alone: the backward kernel recomputes each window's argmax from it. mean and var carry no
+    gradient. Gradients are not materialised, so a pool that the loss does not use hands the backward None, and
+    the kernel skips that pool's part.
+    """
+    backward_op = getattr(torch.ops, namespace).pool_bn_stats_backward.default
+
+    def _setup_context(ctx, inputs, output):
+        x, stride = inputs
+        _, _, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)
+        ctx.stride = stride
+        ctx.save_for_backward(x)
+
+    def _backward(ctx, grad_max, grad_avg, _grad_mean, _grad_var):
+        (x,) = ctx.saved_tensors
+        if grad_max is None and grad_avg is None:
+            return None, None
+        return backward_op(grad_max, grad_avg, x, ctx.stride), None
+
+    torch.library.register_autograd(f"{namespace}::pool_bn_stats", _backward, setup_context=_setup_context)
+
+    # The backward is linear in (grad_max, grad_avg), and depends on x only through the argmax, which is piecewise
+    # constant. So its own backward, for an incoming gradient gg of grad_x, is
+    #   d/dgrad_max = gg at each window's argmax: a gather with max_pool2d's indices, which follow the kernels' rule;
+    #   d/dgrad_avg = avg_pool2d(gg, 3, stride, 1, count_include_pad=False), the adjoint of spreading grad / count;
+    #   d/dx        = 0,
+    # made of differentiable ATen ops, so higher orders follow.
+
+    def _backward_setup_context(ctx, inputs, output):
+        grad_max, grad_avg, x, stride = inputs
+        ctx.set_materialize_grads(False)
+        ctx.stride = stride
+        ctx.max_needs_grad, ctx.avg_needs_grad = needs_input_grad(ctx)[:2]
+        ctx.save_for_backward(x if ctx.max_needs_grad else None)
+
+    def _backward_backward(ctx, grad_grad_x):
+        (x,) = ctx.saved_tensors
+        d_max = d_avg = None
+        if grad_grad_x is not None and ctx.max_needs_grad:
+            _, indices = F.max_pool2d(x.detach(), 3, ctx.stride, 1, return_indices=True)
+            d_max = grad_grad_x.flatten(2).gather(2, indices.flatten(2)).view_as(indices)
+        if grad_grad_x is not None and ctx.avg_needs_grad:
+            d_avg = F.avg_pool2d(grad_grad_x, 3, ctx.stride, 1, count_include_pad=False)
+        return d_max, d_avg, None, None
+
+    torch.library.register_autograd(
+        f"{namespace}::pool_bn_stats_backward", _backward_backward, setup_context=_backward_setup_context
     )

@@ -1,8 +1,10 @@
-"""The "cpp" backend's mixed op: one autograd node per DARTS edge, built from the C++ kernels and ATen GEMMs,
-imported only when fastdarts._C loaded.
+"""The fused mixed op: one autograd node per DARTS edge, built from one backend's kernels and ATen GEMMs. The edge
+is written once (`_Edge`) over a set of building blocks (`EdgeKernels`); `define_mixed_op` registers a mixed op
+and its backward for one backend: fastdarts::mixed_op on the C++ kernels (below, when fastdarts._C loaded) and
+fastdarts_triton::mixed_op on the Triton kernels (_triton.py).
 
 Forward: relu(x) is read once by the relu_dwconv kernel for the first stage of all four convolutions, and x once
-by the pool_bn_stats kernel for both pools and their BN statistics; every 1x1 pointwise conv is oneDNN's (a GEMM
+by the pool_bn_stats kernel for both pools and their BN statistics; every 1x1 pointwise conv is ATen's (a GEMM
 on the channels_last matrix [N*H*W, C]); each other affine-free BN is ATen's channels_last batch norm; the
 candidates meet in the weighted_sum kernel. Only the sum leaves the op.
 
@@ -14,14 +16,15 @@ is asked for: no conv-weight gradients in a first-order architecture step, no `w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils import _pytree as pytree
 
-from ._cpp import _check_supported_dtype
+from ._autograd import check_supported_dtype, needs_input_grad
+from ._extension import EXTENSION_LOADED
 from .reference import (
     MIXED_OP_CANDIDATES,
     check_mixed_op_arguments,
@@ -31,9 +34,27 @@ from .reference import (
     raise_unless,
 )
 
+
+@dataclass(frozen=True)
+class EdgeKernels:
+    """The building blocks of an edge on one backend, each with the signature of the C++ op of its name."""
+
+    backend: str  # the backend's name in the dispatch table, for messages
+    relu_dwconv: Callable[..., list[Tensor]]  # (x, weights, dilations, stride, relu)
+    # (grads, x, weights, dilations, stride, relu, input_grad, weight_grad) -> (grad_x or None, grad_weights or [])
+    relu_dwconv_backward: Callable[..., tuple]
+    pool_bn_stats: Callable[..., tuple]  # (x, stride) -> (max_out, avg_out, mean, var)
+    pool_bn_stats_backward: Callable[..., Tensor]  # (grad_max or None, grad_avg or None, x, stride) -> grad_x
+    weighted_sum: Callable[..., Tensor]  # (xs, w)
+
+
 _CHANNELS_LAST = torch.channels_last
 _MAX_POOL, _AVG_POOL, _SKIP, _SEP3, _SEP5, _DIL3, _DIL5 = range(len(MIXED_OP_CANDIDATES))
 _FIRST_STAGE_DILATION = {_SEP3: 1, _SEP5: 1, _DIL3: 2, _DIL5: 2}
+
+
+# The 1x1 convs and the BNs run ATen on every backend (oneDNN on the CPU, cuDNN and cuBLAS on a GPU): a 1x1 conv is a
+# GEMM that those libraries run near peak, which a tl.dot kernel would not beat at these sizes.
 
 
 def _pointwise(z: Tensor, weight: Tensor) -> Tensor:
@@ -42,7 +63,7 @@ def _pointwise(z: Tensor, weight: Tensor) -> Tensor:
 
 
 def _pointwise_backward(dt: Tensor, z: Tensor, weight: Tensor, weight_grad: bool) -> tuple[Tensor, Tensor | None]:
-    """(dL/dz, dL/dweight if weight_grad) of _pointwise(z, weight) for dL/dt, in one oneDNN call."""
+    """(dL/dz, dL/dweight if weight_grad) of _pointwise(z, weight) for dL/dt, in one ATen call."""
     dz, dweight, _ = torch.ops.aten.convolution_backward.default(
         dt, z, weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, weight_grad, False]
     )
@@ -74,9 +95,10 @@ def _factorized_reduce_backward(
 
 
 class _Edge:
-    """The forward of one edge, keeping what the backward needs when asked to (`keep`)."""
+    """The forward of one edge on `kernels`, keeping what the backward needs when asked to (`keep`)."""
 
-    def __init__(self, x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, keep):
+    def __init__(self, kernels, x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, keep):
+        self.kernels = kernels
         self.x, self.stride, self.candidates = x, stride, list(candidates)
         self.training, self.eps, self.keep = training, eps, keep
         C = x.shape[1]
@@ -104,7 +126,7 @@ class _Edge:
         if convs:
             self.first_stage_weights = [self.weights[k][0] for k in convs]
             self.first_stage_dilations = [_FIRST_STAGE_DILATION[k] for k in convs]
-            zs = torch.ops.fastdarts.relu_dwconv.default(
+            zs = self.kernels.relu_dwconv(
                 self.x, self.first_stage_weights, self.first_stage_dilations, self.stride, True
             )
             self.first_stage = dict(zip(convs, zs))
@@ -132,7 +154,7 @@ class _Edge:
         x, stride, row, ws = self.x, self.stride, self.rows[k], self.weights[k]
         if k in (_MAX_POOL, _AVG_POOL):
             if self.pools is None:  # both pools and their statistics from one read of x
-                self.pools = torch.ops.fastdarts.pool_bn_stats.default(x, stride)
+                self.pools = self.kernels.pool_bn_stats(x, stride)
             pooled, mean, var = self.pools[k], self.pools[2][k], self.pools[3][k]
             return self._bn(pooled, row, f"t{k}", (mean, var))
         if k == _SKIP:
@@ -141,7 +163,7 @@ class _Edge:
         if k in (_DIL3, _DIL5):
             return self._bn(_pointwise(z, ws[1]), row, f"t{k}")
         u = self._bn(_pointwise(z, ws[1]), row, f"t{k}_1")
-        z2 = torch.ops.fastdarts.relu_dwconv.default(u, [ws[2]], [1], 1, True)[0]
+        z2 = self.kernels.relu_dwconv(u, [ws[2]], [1], 1, True)[0]
         if self.keep:
             self.kept[f"u{k}"], self.kept[f"z2_{k}"] = u, z2
         return self._bn(_pointwise(z2, ws[3]), row + 1, f"t{k}")
@@ -149,7 +171,7 @@ class _Edge:
     def out(self) -> Tensor:
         if not self.outputs:
             return self.x.new_zeros(mixed_op_output_shape(self.x, self.stride)).contiguous(memory_format=_CHANNELS_LAST)
-        return torch.ops.fastdarts.weighted_sum.default(self.outputs, self.w[self.candidates])
+        return self.kernels.weighted_sum(self.outputs, self.w[self.candidates])
 
     # The backward ---------------------------------------------------------------------------------------------
 
@@ -217,7 +239,7 @@ class _Edge:
                     if weights_grad:
                         grad_weights[k][3 if k in (_SEP3, _SEP5) else 1] = dpointwise * wk
                     if k in (_SEP3, _SEP5):
-                        du, second = torch.ops.fastdarts.relu_dwconv_backward.default(
+                        du, second = self.kernels.relu_dwconv_backward(
                             [dz], self.kept[f"u{k}"], [ws[2]], [1], 1, True, True, weights_grad
                         )
                         if weights_grad:
@@ -230,13 +252,13 @@ class _Edge:
             if w_grad:
                 grad_w[k] = share
         if pool_grads:  # both pools' gradients in one pass over x, which recomputes the argmax
-            terms.append(torch.ops.fastdarts.pool_bn_stats_backward.default(
+            terms.append(self.kernels.pool_bn_stats_backward(
                 pool_grads.get(_MAX_POOL), pool_grads.get(_AVG_POOL), x, self.stride
             ))  # fmt: skip
             coefficients.append(None)
         if first_stage_grads:
             convs = list(first_stage_grads)
-            dx, firsts = torch.ops.fastdarts.relu_dwconv_backward.default(
+            dx, firsts = self.kernels.relu_dwconv_backward(
                 [first_stage_grads[k] for k in convs], x, self.first_stage_weights, self.first_stage_dilations,
                 self.stride, True, x_grad, weights_grad,
             )  # fmt: skip
@@ -251,8 +273,7 @@ class _Edge:
             if terms:
                 one = w.new_ones(())
                 ws = torch.stack([one if c is None else c for c in coefficients])
-                grad_x = torch.ops.fastdarts.weighted_sum.default([t.contiguous(memory_format=_CHANNELS_LAST)
-                                                                   for t in terms], ws)  # fmt: skip
+                grad_x = self.kernels.weighted_sum([t.contiguous(memory_format=_CHANNELS_LAST) for t in terms], ws)
             else:
                 grad_x = torch.zeros_like(x)
         return grad_x, grad_w, grad_weights
@@ -263,115 +284,130 @@ def _prepare(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=_CHANNELS_LAST)
 
 
-@torch.library.custom_op("fastdarts::mixed_op", mutates_args=(), device_types="cpu")
-def mixed_op(
-    x: Tensor,
-    w: Tensor,
-    weights: list[Tensor],
-    stride: int,
-    candidates: list[int],
-    bn_mean: Tensor | None,
-    bn_var: Tensor | None,
-    training: bool,
-    eps: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """reference.mixed_op on the C++ kernels (float32/float64, CPU)."""
-    check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training)
-    _check_supported_dtype("mixed_op", x, raise_unless)
-    edge = _Edge(_prepare(x), w, weights, stride, candidates, bn_mean, bn_var, training, eps, keep=False)
-    return edge.out(), edge.mean, edge.var
+def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | None) -> Callable[..., tuple]:
+    """Registers `namespace::mixed_op` and `namespace::mixed_op_backward` on `kernels`, with their fakes and
+    autograd, and returns the dispatch table's entry (reference.mixed_op's signature)."""
+    backend = kernels.backend
+
+    @torch.library.custom_op(f"{namespace}::mixed_op", mutates_args=(), device_types=device_types)
+    def mixed_op(
+        x: Tensor,
+        w: Tensor,
+        weights: list[Tensor],
+        stride: int,
+        candidates: list[int],
+        bn_mean: Tensor | None,
+        bn_var: Tensor | None,
+        training: bool,
+        eps: float,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """reference.mixed_op on the building blocks of `kernels` (float32/float64)."""
+        check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training)
+        check_supported_dtype("mixed_op", x, raise_unless)
+        edge = _Edge(kernels, _prepare(x), w, weights, stride, candidates, bn_mean, bn_var, training, eps, keep=False)
+        return edge.out(), edge.mean, edge.var
+
+    @mixed_op.register_fake
+    def _mixed_op_fake(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps):
+        B = sum(bns for _, bns in mixed_op_layout(stride))
+        out = x.new_empty(mixed_op_output_shape(x, stride)).contiguous(memory_format=_CHANNELS_LAST)
+        return out, x.new_empty(B, x.shape[1]), x.new_empty(B, x.shape[1])
+
+    @torch.library.custom_op(f"{namespace}::mixed_op_backward", mutates_args=(), device_types=device_types)
+    def mixed_op_backward(
+        grad: Tensor,
+        x: Tensor,
+        w: Tensor,
+        weights: list[Tensor],
+        stride: int,
+        candidates: list[int],
+        mean: Tensor,
+        var: Tensor,
+        training: bool,
+        eps: float,
+        x_grad: bool,
+        w_grad: bool,
+        weights_grad: bool,
+    ) -> list[Tensor]:
+        """Recomputes the edge from x and its statistics, then returns, in this order, dL/dx if x_grad, dL/dw if
+        w_grad, and every dL/dweights[i] if weights_grad (zeros for the convs of candidates not computed)."""
+        x = _prepare(x)
+        # mean and var are the statistics the forward normalised with: recomputing in "evaluation" with them as the
+        # running statistics reproduces the forward exactly; the backward still treats them as batch statistics.
+        edge = _Edge(kernels, x, w, weights, stride, candidates, mean, var, False, eps, keep=True)
+        edge.training = training
+        grad_x, grad_w, grad_weights = edge.backward(_prepare(grad), x_grad, w_grad, weights_grad)
+        flat = [g for k in range(len(MIXED_OP_CANDIDATES)) for g in grad_weights[k]] if weights_grad else []
+        return [g for g in (grad_x, grad_w) if g is not None] + flat
+
+    @mixed_op_backward.register_fake
+    def _mixed_op_backward_fake(grad, x, w, weights, stride, candidates, mean, var, training, eps, x_grad, w_grad,
+                                weights_grad):  # fmt: skip
+        grad_x = [torch.empty_like(x, memory_format=_CHANNELS_LAST)] if x_grad else []
+        grad_w = [w.new_empty(w.shape)] if w_grad else []
+        return grad_x + grad_w + ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
+
+    def _refuse_double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"fastdarts.ops.mixed_op: the {backend!r} backend is differentiable once (DARTS's second-order step needs "
+            "no more); for higher derivatives run the network under fastdarts.ops.use_backend('reference')"
+        )
+
+    mixed_op_backward.register_autograd(_refuse_double_backward)
+
+    def _setup_context(ctx, inputs, output):
+        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps = inputs
+        _, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.stride, ctx.candidates, ctx.training, ctx.eps = stride, list(candidates), training, eps
+        ctx.num_weights = len(weights)
+        ctx.save_for_backward(x, w, mean, var, *weights)
+
+    def _backward(ctx, grad, _grad_mean, _grad_var):
+        x, w, mean, var, *weights = ctx.saved_tensors
+        needs = needs_input_grad(ctx)  # x, w, then the conv weights
+        x_grad, w_grad, weights_grad = needs[0], needs[1], any(needs[2 : 2 + ctx.num_weights])
+        grads = iter(mixed_op_backward(
+            grad, x, w, weights, ctx.stride, ctx.candidates, mean, var, ctx.training, ctx.eps,
+            x_grad, w_grad, weights_grad,
+        ))  # fmt: skip
+        grad_x = next(grads) if x_grad else None
+        grad_w = next(grads) if w_grad else None
+        grad_weights = list(grads) if weights_grad else [None] * ctx.num_weights
+        # torch.library takes an empty int list for an empty Tensor list, whose gradient must be [] (not None).
+        grad_candidates = None if ctx.candidates else []
+        return grad_x, grad_w, grad_weights, None, grad_candidates, None, None, None, None
+
+    mixed_op.register_autograd(_backward, setup_context=_setup_context)
+
+    def fused_mixed_op(
+        x: Tensor,
+        w: Tensor,
+        weights: Sequence[Tensor],
+        stride: int,
+        candidates: Sequence[int] = tuple(range(len(MIXED_OP_CANDIDATES))),
+        bn_mean: Tensor | None = None,
+        bn_var: Tensor | None = None,
+        training: bool = True,
+        eps: float = 1e-5,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The dispatch table's entry: reference.mixed_op's signature."""
+        return mixed_op(x, w, list(weights), stride, list(candidates), bn_mean, bn_var, training, eps)
+
+    return fused_mixed_op
 
 
-@mixed_op.register_fake
-def _mixed_op_fake(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps):
-    B = sum(bns for _, bns in mixed_op_layout(stride))
-    out = x.new_empty(mixed_op_output_shape(x, stride)).contiguous(memory_format=_CHANNELS_LAST)
-    return out, x.new_empty(B, x.shape[1]), x.new_empty(B, x.shape[1])
-
-
-@torch.library.custom_op("fastdarts::mixed_op_backward", mutates_args=(), device_types="cpu")
-def mixed_op_backward(
-    grad: Tensor,
-    x: Tensor,
-    w: Tensor,
-    weights: list[Tensor],
-    stride: int,
-    candidates: list[int],
-    mean: Tensor,
-    var: Tensor,
-    training: bool,
-    eps: float,
-    x_grad: bool,
-    w_grad: bool,
-    weights_grad: bool,
-) -> list[Tensor]:
-    """Recomputes the edge from x and its statistics, then returns, in this order, dL/dx if x_grad, dL/dw if
-    w_grad, and every dL/dweights[i] if weights_grad (zeros for the convs of candidates not computed)."""
-    x = _prepare(x)
-    # mean and var are the statistics the forward normalised with: recomputing in "evaluation" with them as the
-    # running statistics reproduces the forward exactly; the backward still treats them as batch statistics.
-    edge = _Edge(x, w, weights, stride, candidates, mean, var, False, eps, keep=True)
-    edge.training = training
-    grad_x, grad_w, grad_weights = edge.backward(_prepare(grad), x_grad, w_grad, weights_grad)
-    flat = [g for k in range(len(MIXED_OP_CANDIDATES)) for g in grad_weights[k]] if weights_grad else []
-    return [g for g in (grad_x, grad_w) if g is not None] + flat
-
-
-@mixed_op_backward.register_fake
-def _mixed_op_backward_fake(grad, x, w, weights, stride, candidates, mean, var, training, eps, x_grad, w_grad,
-                            weights_grad):  # fmt: skip
-    grad_x = [torch.empty_like(x, memory_format=_CHANNELS_LAST)] if x_grad else []
-    grad_w = [w.new_empty(w.shape)] if w_grad else []
-    return grad_x + grad_w + ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
-
-
-def _refuse_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fastdarts.ops.mixed_op: the 'cpp' backend is differentiable once (DARTS's second-order step needs no more); "
-        "for higher derivatives run the network under fastdarts.ops.use_backend('reference')"
+if EXTENSION_LOADED:  # the C++ kernels exist only then
+    _cpp_ops = torch.ops.fastdarts
+    cpp_mixed_op = define_mixed_op(
+        "fastdarts",
+        EdgeKernels(
+            backend="cpp",
+            relu_dwconv=_cpp_ops.relu_dwconv.default,
+            relu_dwconv_backward=_cpp_ops.relu_dwconv_backward.default,
+            pool_bn_stats=_cpp_ops.pool_bn_stats.default,
+            pool_bn_stats_backward=_cpp_ops.pool_bn_stats_backward.default,
+            weighted_sum=_cpp_ops.weighted_sum.default,
+        ),
+        device_types="cpu",
     )
-
-
-mixed_op_backward.register_autograd(_refuse_double_backward)
-
-
-def _setup_context(ctx, inputs, output):
-    x, w, weights, stride, candidates, bn_mean, bn_var, training, eps = inputs
-    _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.stride, ctx.candidates, ctx.training, ctx.eps = stride, list(candidates), training, eps
-    ctx.num_weights = len(weights)
-    ctx.save_for_backward(x, w, mean, var, *weights)
-
-
-def _backward(ctx, grad, _grad_mean, _grad_var):
-    x, w, mean, var, *weights = ctx.saved_tensors
-    # Flattened, the flags start with x, w and the conv weights (PyTorch nests those of a Tensor[] argument).
-    needs = pytree.tree_leaves(ctx.needs_input_grad)
-    x_grad, w_grad, weights_grad = needs[0], needs[1], any(needs[2 : 2 + ctx.num_weights])
-    grads = iter(mixed_op_backward(
-        grad, x, w, weights, ctx.stride, ctx.candidates, mean, var, ctx.training, ctx.eps,
-        x_grad, w_grad, weights_grad,
-    ))  # fmt: skip
-    grad_x = next(grads) if x_grad else None
-    grad_w = next(grads) if w_grad else None
-    grad_weights = list(grads) if weights_grad else [None] * ctx.num_weights
-    return grad_x, grad_w, grad_weights, None, None, None, None, None, None
-
-
-mixed_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def fused_mixed_op(
-    x: Tensor,
-    w: Tensor,
-    weights: Sequence[Tensor],
-    stride: int,
-    candidates: Sequence[int] = tuple(range(len(MIXED_OP_CANDIDATES))),
-    bn_mean: Tensor | None = None,
-    bn_var: Tensor | None = None,
-    training: bool = True,
-    eps: float = 1e-5,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The dispatch table's entry: reference.mixed_op's signature."""
-    return mixed_op(x, w, list(weights), stride, list(candidates), bn_mean, bn_var, training, eps)

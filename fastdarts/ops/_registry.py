@@ -31,7 +31,7 @@ if EXTENSION_LOADED:
     from . import _cpp, _mixed_op
 
 try:
-    # Registers the fastdarts_triton ops; the kernels themselves are made at their first launch.
+    # Registers the fastdarts_triton ops (the mixed op too); the kernels themselves are made at their first launch.
     from . import _triton
 
     TRITON_LOADED = True
@@ -57,7 +57,8 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
     },
     "mixed_op": {
         "reference": reference.mixed_op,
-        **({"cpp": _mixed_op.fused_mixed_op} if EXTENSION_LOADED else {}),
+        **({"cpp": _mixed_op.cpp_mixed_op} if EXTENSION_LOADED else {}),
+        **({"triton": _triton.mixed_op} if TRITON_LOADED else {}),
     },
     "sample_gates": {
         "reference": reference.sample_gates,
@@ -67,6 +68,7 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
     "pool_bn_stats": {
         "reference": reference.pool_bn_stats,
         **({"cpp": _cpp.pool_bn_stats} if EXTENSION_LOADED else {}),
+        **({"triton": _triton.pool_bn_stats} if TRITON_LOADED else {}),
     },
 }
 # The device types a backend runs on (None: wherever PyTorch runs). "triton" also runs CPU

@@ -3,16 +3,18 @@ imports.
 
 The ops live in their own namespace, fastdarts_triton, with the schemas of the C++ ops (csrc/fastdarts.cpp; only
 relu_dwconv_backward returns its outputs in one list, see there) and the same autograd formulas (saving the same
-tensors) as _cpp.py. A triton_op's body is its own fake: under
-FakeTensorMode the launches are skipped and only the metadata of the outputs is computed, and torch.compile sees
-the launches through torch.library.wrap_triton.
+tensors) as _cpp.py, most of them registered by _autograd.py for both namespaces. A triton_op's body is its own
+fake: under FakeTensorMode the launches are skipped and only the metadata of the outputs is computed, and
+torch.compile sees the launches through torch.library.wrap_triton. The mixed op, fastdarts_triton::mixed_op, is
+_mixed_op.py's edge on these kernels (a torch.library.custom_op, as the C++ backend's).
 
 Triton kernels run on CUDA tensors. CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1, the
 tests). Triton decides between compiling and interpreting a function when `triton.jit` decorates it, and
 registering a triton_op imports triton, so the kernels here are decorated at their first launch (`_Kernel`), and
 they call no function of triton's standard library that is itself a @triton.jit function (tl.sum and tl.zeros
 are: they are made when triton is imported, usually before the tests set TRITON_INTERPRET); hence
-tl.reduce(..., _ADD) and tl.full.
+tl.reduce(..., _ADD) and tl.full. The one exception is tl.rand4x, which sample_gates's in-kernel noise needs: that
+path runs under the interpreter only when TRITON_INTERPRET=1 was set before triton was imported.
 
 What the kernels do (one program per block of output elements, no atomics, so results are deterministic):
 - weighted_sum: one pass over up to 8 inputs per launch (DARTS has 8 candidates); more are added in further
@@ -22,8 +24,12 @@ What the kernels do (one program per block of output elements, no atomics, so re
   tile from its caches). The backward recomputes relu(x) from the saved x, adds the K transposed convolutions into
   grad_x, and reduces grad_w per (channel, block of outputs) for PyTorch to sum.
 - sample_gates: the deterministic part of the gate sample, from noise drawn exactly as reference.draw_gate_noise
-  draws it: one program per block of edges computes g, the top-k mask (a rank per gate from all pairwise
-  comparisons of the edge's scores), the gates, P(g != 0) and s_kept.
+  draws it (or, sample_gates_seeded, drawn in the kernel by tl.rand4x from one seed): one program per block of
+  edges computes g, the top-k mask (a rank per gate from all pairwise comparisons of the edge's scores), the gates,
+  P(g != 0) and s_kept.
+- pool_bn_stats: one program per tile of output pixels by channels computes both pools and the tile's float64
+  sums for the statistics, which PyTorch adds up. The backward recomputes each window's argmax (as one byte per
+  output) in one launch, then gathers grad_x per input pixel from the windows that contain it in another.
 """
 
 from __future__ import annotations
@@ -38,19 +44,31 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
 
-from ._autograd import needs_input_grad, register_weighted_sum_autograd
+from ._autograd import (
+    check_pool_grad,
+    check_supported_dtype,
+    needs_input_grad,
+    register_pool_bn_stats_autograd,
+    register_sample_gates_autograd,
+    register_weighted_sum_autograd,
+    torch_check,
+)
+from ._mixed_op import EdgeKernels, define_mixed_op
 from .reference import (
     check_beta,
     check_explore_p,
     check_gate_noise,
     check_gate_settings,
     check_like,
+    check_pool_bn_stats_arguments,
     check_relu_dwconv_arguments,
     check_same_tensors,
     check_sized_list,
     check_weights,
     draw_gate_noise,
+    pool_bn_stats_output_shape,
     raise_unless,
     relu_dwconv_output_shape,
 )
@@ -106,18 +124,8 @@ def _launch_blocks(n: int, block: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checks shared by the ops' bodies, which run both on real tensors and, as the fakes, on fake ones.
-
-
-def _torch_check(condition, error, message) -> None:
-    """The reference checks' `require`: a plain raise on concrete values, a runtime assertion (instead of a
-    specialisation of the graph) on symbolic ones."""
-    (torch._check_type if error is TypeError else torch._check_value)(condition, message)
-
-
-def _check_supported_dtype(op: str, t: Tensor, require=_torch_check) -> None:
-    supported = t.dtype in (torch.float32, torch.float64)
-    require(supported, TypeError, lambda: f"{op}: only float32 and float64 are supported, got {t.dtype}")
+# Helpers of the ops' bodies, which run both on real tensors and, as the fakes, on fake ones. (The checks beyond the
+# reference's, such as the dtypes, are in _autograd.py.)
 
 
 def _laid_out_like(t: Tensor, like: Tensor) -> Tensor:
@@ -217,9 +225,9 @@ def _padded(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 @triton_op("fastdarts_triton::weighted_sum", mutates_args=())
 def _weighted_sum_op(xs: list[Tensor], w: Tensor) -> Tensor:
-    check_same_tensors("weighted_sum", "xs", xs, _torch_check)
-    _check_supported_dtype("weighted_sum", xs[0])
-    check_weights("weighted_sum", "w", w, len(xs), xs[0], _torch_check)
+    check_same_tensors("weighted_sum", "xs", xs, torch_check)
+    check_supported_dtype("weighted_sum", xs[0])
+    check_weights("weighted_sum", "w", w, len(xs), xs[0], torch_check)
     out = torch.empty_like(xs[0])  # the C++ op's layout: that of xs[0] when it is dense
     n = out.numel()
     if n == 0:
@@ -238,10 +246,10 @@ def _weighted_sum_op(xs: list[Tensor], w: Tensor) -> Tensor:
 @triton_op("fastdarts_triton::weighted_sum_backward", mutates_args=())
 def _weighted_sum_backward_op(grad: Tensor, xs: list[Tensor], w: Tensor) -> tuple[list[Tensor], Tensor]:
     op = "weighted_sum_backward"
-    check_same_tensors(op, "xs", xs, _torch_check)
-    _check_supported_dtype(op, xs[0])
-    check_like(op, "grad", grad, "xs[0]", xs[0], _torch_check)
-    check_weights(op, "w", w, len(xs), xs[0], _torch_check)
+    check_same_tensors(op, "xs", xs, torch_check)
+    check_supported_dtype(op, xs[0])
+    check_like(op, "grad", grad, "xs[0]", xs[0], torch_check)
+    check_weights(op, "w", w, len(xs), xs[0], torch_check)
     grad_xs = [torch.empty_like(xs[0]) for _ in xs]
     n = xs[0].numel()
     num_blocks = _launch_blocks(n, ELEMENTWISE_BLOCK)
@@ -366,8 +374,8 @@ _relu_dwconv_grad_w_kernel = _Kernel(_relu_dwconv_grad_w_fn)
 
 @triton_op("fastdarts_triton::relu_dwconv", mutates_args=())
 def _relu_dwconv_op(x: Tensor, weights: list[Tensor], dilations: list[int], stride: int, relu: bool) -> list[Tensor]:
-    check_relu_dwconv_arguments("relu_dwconv", x, weights, dilations, stride, _torch_check)
-    _check_supported_dtype("relu_dwconv", x)
+    check_relu_dwconv_arguments("relu_dwconv", x, weights, dilations, stride, torch_check)
+    check_supported_dtype("relu_dwconv", x)
     N, C, H, W = x.shape
     shape = relu_dwconv_output_shape(x, stride)
     H_out, W_out = shape[2], shape[3]
@@ -394,10 +402,10 @@ def _relu_dwconv_backward_op(
     relu: bool, input_grad: bool, weight_grad: bool,
 ) -> list[Tensor]:  # fmt: skip
     op = "relu_dwconv_backward"
-    check_relu_dwconv_arguments(op, x, weights, dilations, stride, _torch_check)
-    _check_supported_dtype(op, x)
+    check_relu_dwconv_arguments(op, x, weights, dilations, stride, torch_check)
+    check_supported_dtype(op, x)
     output_shape = relu_dwconv_output_shape(x, stride)
-    check_sized_list(op, "grads", grads, len(weights), "weight", output_shape, "x", x, _torch_check)
+    check_sized_list(op, "grads", grads, len(weights), "weight", output_shape, "x", x, torch_check)
     N, C, H, W = x.shape
     H_out, W_out = output_shape[2], output_shape[3]
     weights = [w.contiguous() for w in weights]
@@ -531,11 +539,14 @@ torch.library.register_autograd(
 # ----------------------------------------------------------------------------------------------
 # sample_gates. The kernel follows the reference's operations one by one, in beta's dtype (the float settings come
 # in a tensor of that dtype, rounded as PyTorch rounds a Python scalar: a Triton float argument would be float32).
+# Its noise comes either from tensors drawn as reference.draw_gate_noise draws them, or (SEEDED) from tl.rand4x in
+# the kernel: Philox keyed by one seed and counting over the gates, its first stream the uniforms u and its second
+# the exploration draws.
 
 
 def _sample_gates_fn(
-    beta, u, explore, position, settings, gates, mask, p_nonzero, s_kept, E, K, k,
-    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    beta, u, explore, seed, position, settings, gates, mask, p_nonzero, s_kept, E, K, k,
+    TOP_K: tl.constexpr, SEEDED: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_E + tl.arange(0, BLOCK_E)
     columns = tl.arange(0, BLOCK_K)
@@ -543,8 +554,12 @@ def _sample_gates_fn(
     inside = (rows < E)[:, None] & column_inside[None, :]
     index = rows.to(tl.int64)[:, None] * K + columns[None, :]
     beta_v = tl.load(beta + index, mask=inside, other=0.0)
-    u_v = tl.load(u + index, mask=inside, other=0.5)
     tau, scale, a, shift = tl.load(settings), tl.load(settings + 1), tl.load(settings + 2), tl.load(settings + 3)
+    if SEEDED:
+        uniforms, explore_draws, _, _ = tl.rand4x(tl.load(seed), index)
+        u_v = tl.where(inside, uniforms.to(beta_v.dtype), 0.5)
+    else:
+        u_v = tl.load(u + index, mask=inside, other=0.5)
 
     # log1p(-u) as log(1 - u) * -u / ((1 - u) - 1), which cancels the rounding of 1 - u (exact when 1 - u
     # rounds to 1): Triton has no portable log1p.
@@ -562,7 +577,10 @@ def _sample_gates_fn(
         # The top-k of g - explore as the reference's stable descending sort of the columns in perm order ranks
         # them: column j is kept when fewer than k columns of its edge come before it, by score (NaN first), then
         # by position in perm.
-        explored = tl.load(explore + index, mask=inside, other=0).to(beta_v.dtype)
+        if SEEDED:
+            explored = tl.where(explore_draws < tl.load(settings + 4), 1.0, 0.0).to(beta_v.dtype)
+        else:
+            explored = tl.load(explore + index, mask=inside, other=0).to(beta_v.dtype)
         scores = g - explored
         position_v = tl.load(position + columns, mask=column_inside, other=0)
         mine, other = scores[:, :, None], scores[:, None, :]
@@ -584,71 +602,331 @@ def _sample_gates_fn(
 _sample_gates_kernel = _Kernel(_sample_gates_fn)
 
 
-@triton_op("fastdarts_triton::sample_gates", mutates_args=())
-def _sample_gates_op(
-    beta: Tensor, tau: float, a: float, b: float, k: int | None, u: Tensor, explore: Tensor | None,
-    perm: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    check_beta("sample_gates", beta, _torch_check)
-    _check_supported_dtype("sample_gates", beta)
-    check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1], _torch_check)
-    check_gate_noise("sample_gates", beta, k, u, explore, perm, _torch_check)
+def _launch_sample_gates(beta, tau, a, b, k, explore_p, u, explore, seed, perm) -> tuple[Tensor, ...]:
+    """The outputs of both sampler ops: the noise from u and explore, or from tl.rand4x when `seed` is given."""
     E, K = beta.shape
     # Contiguous outputs whatever beta's strides, like the C++ op's.
     gates, mask, p_nonzero, s_kept = (beta.new_empty(E, K) for _ in range(4))
     if E == 0:
         return gates, mask, p_nonzero, s_kept
-    settings = torch.tensor([tau, b - a, a, tau * math.log(-a / b)], dtype=beta.dtype, device=beta.device)
-    top_k = k is not None
+    settings = torch.tensor([tau, b - a, a, tau * math.log(-a / b), explore_p], dtype=beta.dtype, device=beta.device)
+    top_k, seeded = k is not None, seed is not None
     # The position of each column in perm (the inverse permutation), the tie-break of the top-k.
     position = torch.argsort(perm) if top_k else beta
     block_k = 1 << (K - 1).bit_length()  # the next power of 2
-    # Rows per program: the pairwise comparisons take BLOCK_E * BLOCK_K**2 values.
-    block_e = max(1, min(64, 4096 // (block_k * block_k)))
+    # Rows per program: the top-k's pairwise comparisons take BLOCK_E * BLOCK_K**2 values, the rest BLOCK_E * BLOCK_K.
+    block_e = max(1, min(64, 4096 // (block_k * block_k)) if top_k else 4096 // block_k)
+    unused = beta  # the pointer passed for an input the launch does not read
     _sample_gates_kernel[(_launch_blocks(E, block_e),)](
-        beta.contiguous(), u.contiguous(), explore.contiguous() if top_k else beta, position, settings,
-        gates, mask, p_nonzero, s_kept, E, K, k if top_k else 0, TOP_K=top_k, BLOCK_E=block_e, BLOCK_K=block_k,
+        beta.contiguous(), unused if seeded else u.contiguous(),
+        explore.contiguous() if top_k and not seeded else unused, seed if seeded else unused, position, settings,
+        gates, mask, p_nonzero, s_kept, E, K, k if top_k else 0,
+        TOP_K=top_k, SEEDED=seeded, BLOCK_E=block_e, BLOCK_K=block_k,
     )  # fmt: skip
     return gates, mask, p_nonzero, s_kept
 
 
+@triton_op("fastdarts_triton::sample_gates", mutates_args=())
+def _sample_gates_op(
+    beta: Tensor, tau: float, a: float, b: float, k: int | None, u: Tensor, explore: Tensor | None,
+    perm: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    check_beta("sample_gates", beta, torch_check)
+    check_supported_dtype("sample_gates", beta)
+    check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1], torch_check)
+    check_gate_noise("sample_gates", beta, k, u, explore, perm, torch_check)
+    return _launch_sample_gates(beta, tau, a, b, k, 0.0, u, explore, None, perm)
+
+
+# sample_gates's schema with an int64 seed of shape [1] (on beta's device) in place of u, and explore_p in place of
+# explore: the kernel draws both itself.
+@triton_op("fastdarts_triton::sample_gates_seeded", mutates_args=())
+def _sample_gates_seeded_op(
+    beta: Tensor, tau: float, a: float, b: float, k: int | None, seed: Tensor, explore_p: float,
+    perm: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    op = "sample_gates"
+    check_beta(op, beta, torch_check)
+    check_supported_dtype(op, beta)
+    check_gate_settings(op, tau, a, b, k, beta.shape[1], torch_check)
+    check_explore_p(op, explore_p, torch_check)
+    torch_check(
+        seed.shape == (1,) and seed.dtype == torch.int64 and seed.device == beta.device,
+        ValueError,
+        lambda: f"{op}: seed must be one int64 on the device of beta, got {seed.dtype} of shape {list(seed.shape)}",
+    )
+    if k is not None:
+        K = beta.shape[1]
+        torch_check(
+            perm is not None and perm.shape == (K,) and perm.dtype == torch.int64 and perm.device == beta.device,
+            ValueError,
+            lambda: f"{op}: top-k needs perm, an int64 permutation of the {K} op columns on the device of beta",
+        )
+    return _launch_sample_gates(beta, tau, a, b, k, explore_p, None, None, seed, perm)
+
+
 def sample_gates(
     beta: Tensor, tau: float, a: float = -0.1, b: float = 1.1, k: int | None = 2, explore_p: float = 0.4,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, kernel_noise: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """One sample of PR-DARTS's gates: the noise drawn exactly as the reference draws it, the rest by the Triton
-    kernel. The checks come first, so that a bad call raises the reference's error before it draws anything."""
+    """One sample of PR-DARTS's gates by the Triton kernel. Its noise is drawn exactly as the reference draws it, or
+    with `kernel_noise` by tl.rand in the kernel, from one seed drawn from `generator` (then the column permutation,
+    drawn as the reference draws it). The checks come first, so that a bad call raises the reference's error before
+    it draws anything."""
     check_beta("sample_gates", beta)
-    _check_supported_dtype("sample_gates", beta, raise_unless)
+    check_supported_dtype("sample_gates", beta, raise_unless)
     check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1])
     check_explore_p("sample_gates", explore_p)
-    u, explore, perm = draw_gate_noise(beta, k, explore_p, generator)
-    gates, mask, p_nonzero, _ = torch.ops.fastdarts_triton.sample_gates.default(beta, tau, a, b, k, u, explore, perm)
+    if not kernel_noise:
+        u, explore, perm = draw_gate_noise(beta, k, explore_p, generator)
+        gates, mask, p_nonzero, _ = torch.ops.fastdarts_triton.sample_gates.default(
+            beta, tau, a, b, k, u, explore, perm
+        )  # fmt: skip
+        return gates, mask, p_nonzero
+    # Triton makes tl.rand4x, a @triton.jit function, when it is imported: the interpreter can run it only if
+    # TRITON_INTERPRET=1 was set by then.
+    raise_unless(
+        not triton.knobs.runtime.interpret or isinstance(tl.rand4x, InterpretedFunction),
+        RuntimeError,
+        lambda: (
+            "sample_gates: noise='kernel' under Triton's interpreter needs TRITON_INTERPRET=1 set before triton "
+            "is imported (tl.rand is made then)"
+        ),
+    )
+    device = beta.device if generator is None else generator.device
+    seed = torch.randint(2**63 - 1, (1,), generator=generator, device=device)
+    perm = None if k is None else torch.randperm(beta.shape[1], generator=generator, device=device)
+    gates, mask, p_nonzero, _ = torch.ops.fastdarts_triton.sample_gates_seeded.default(
+        beta, tau, a, b, k, seed.to(beta.device), explore_p, None if perm is None else perm.to(beta.device)
+    )  # fmt: skip
     return gates, mask, p_nonzero
 
 
-# The backward, in torch ops on the op's saved outputs (see _cpp.py for the formulas), so it traces and is
-# differentiable again.
+# The backward, in torch ops on the ops' saved outputs, so it traces and is differentiable again.
+register_sample_gates_autograd("fastdarts_triton::sample_gates")
+register_sample_gates_autograd("fastdarts_triton::sample_gates_seeded")
 
 
-def _sample_gates_setup_context(ctx, inputs, output):
-    beta, tau, a, b, k, u, explore, perm = inputs
-    _, mask, p_nonzero, s_kept = output
-    ctx.mark_non_differentiable(mask)
-    ctx.tau, ctx.scale = tau, b - a
-    needs = needs_input_grad(ctx)  # beta, tau, a, b, k, u, explore, perm
-    ctx.beta_needs_grad, ctx.u_needs_grad = needs[0], needs[5]
-    ctx.save_for_backward(p_nonzero, s_kept, u if ctx.u_needs_grad else None)
+# ----------------------------------------------------------------------------------------------
+# pool_bn_stats. A program takes a tile of POOL_BLOCK_P output (or, backward, input) pixels of the N images by up to
+# POOL_BLOCK_C channels, every tensor addressed through its strides: with channels_last the channels of a pixel are
+# adjacent, in the contiguous layout the pixels of a row. The window of output (ho, wo) is the input rows
+# ho * stride - 1 + a and columns wo * stride - 1 + b, a, b < 3, that lie inside the image.
+
+POOL_BLOCK_P = 128
+POOL_BLOCK_C = 32
 
 
-def _sample_gates_backward(ctx, grad_gates, _grad_mask, grad_p_nonzero, grad_s_kept):
-    p_nonzero, s_kept, u = ctx.saved_tensors
-    grad_x = (grad_gates * ctx.scale + grad_s_kept) * (1 - s_kept) * s_kept / ctx.tau
-    grad_beta = grad_x + grad_p_nonzero * (1 - p_nonzero) * p_nonzero if ctx.beta_needs_grad else None
-    grad_u = grad_x / u + grad_x / (1 - u) if ctx.u_needs_grad else None
-    return grad_beta, None, None, None, None, grad_u, None, None
+def _pool_bn_stats_fn(
+    x, max_out, avg_out, shift, partials, C, H, W, H_out, W_out, P,
+    sxn, sxc, sxh, sxw, son, soc, soh, sow, stride,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # Both pools of the tile, and per channel the tile's sums of d and d^2, d = pool - shift in float64, for the
+    # statistics (partials[block, 0:2] for max_out, [block, 2:4] for avg_out). The maximum follows ATen's rule: a
+    # tap replaces it when greater or NaN, so a NaN in the window comes out.
+    block = tl.program_id(0)
+    pixels = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_inside = channels < C
+    inside = (pixels < P)[:, None] & channel_inside[None, :]
+    n = (pixels // (H_out * W_out)).to(tl.int64)
+    ho, wo = (pixels // W_out) % H_out, pixels % W_out
+    top, left = ho * stride - 1, wo * stride - 1
+    x_tile = x + (n * sxn)[:, None] + channels.to(tl.int64)[None, :] * sxc
+    maximum = tl.full([BLOCK_P, BLOCK_C], float("-inf"), x.dtype.element_ty)
+    total = tl.full([BLOCK_P, BLOCK_C], 0.0, x.dtype.element_ty)
+    for a in tl.static_range(3):
+        hi = top + a
+        for b in tl.static_range(3):
+            wi = left + b
+            valid = inside & ((hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))[:, None]
+            v = tl.load(x_tile + (hi * sxh + wi * sxw)[:, None], mask=valid, other=0.0)
+            maximum = tl.where(valid & ((v != v) | (v > maximum)), v, maximum)
+            total += v
+    count = (tl.minimum(top + 3, H) - tl.maximum(top, 0)) * (tl.minimum(left + 3, W) - tl.maximum(left, 0))
+    average = total / count.to(total.dtype)[:, None]
+    out_offsets = (n * son + ho * soh + wo * sow)[:, None] + channels.to(tl.int64)[None, :] * soc
+    tl.store(max_out + out_offsets, maximum, mask=inside)
+    tl.store(avg_out + out_offsets, average, mask=inside)
+
+    shift_v = tl.load(shift + channels, mask=channel_inside, other=0.0)[None, :]
+    d_max = tl.where(inside, maximum.to(tl.float64) - shift_v, 0.0)
+    d_avg = tl.where(inside, average.to(tl.float64) - shift_v, 0.0)
+    row = partials + block * 4 * C + channels
+    tl.store(row, tl.reduce(d_max, 0, _ADD), mask=channel_inside)
+    tl.store(row + C, tl.reduce(d_max * d_max, 0, _ADD), mask=channel_inside)
+    tl.store(row + 2 * C, tl.reduce(d_avg, 0, _ADD), mask=channel_inside)
+    tl.store(row + 3 * C, tl.reduce(d_avg * d_avg, 0, _ADD), mask=channel_inside)
 
 
-torch.library.register_autograd(
-    "fastdarts_triton::sample_gates", _sample_gates_backward, setup_context=_sample_gates_setup_context
+def _pool_argmax_fn(
+    x, index, C, H, W, H_out, W_out, P,
+    sxn, sxc, sxh, sxw, sin, sic, sih, siw, stride,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # index = 3 a + b of each window's argmax by the forward's rule: the first maximum in scan order, or the last
+    # NaN (a tap wins when nothing has yet, or when it is not <= the maximum raised to +inf if NaN).
+    pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = (pixels < P)[:, None] & (channels < C)[None, :]
+    n = (pixels // (H_out * W_out)).to(tl.int64)
+    ho, wo = (pixels // W_out) % H_out, pixels % W_out
+    top, left = ho * stride - 1, wo * stride - 1
+    x_tile = x + (n * sxn)[:, None] + channels.to(tl.int64)[None, :] * sxc
+    maximum = tl.full([BLOCK_P, BLOCK_C], float("-inf"), x.dtype.element_ty)
+    best = tl.full([BLOCK_P, BLOCK_C], -1, tl.int32)
+    for a in tl.static_range(3):
+        hi = top + a
+        for b in tl.static_range(3):
+            wi = left + b
+            valid = inside & ((hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))[:, None]
+            v = tl.load(x_tile + (hi * sxh + wi * sxw)[:, None], mask=valid, other=0.0)
+            ceiling = tl.where(maximum != maximum, float("inf"), maximum)
+            wins = valid & ((best < 0) | ~(v <= ceiling))
+            maximum = tl.where(wins, v, maximum)
+            best = tl.where(wins, 3 * a + b, best)
+    index_offsets = (n * sin + ho * sih + wo * siw)[:, None] + channels.to(tl.int64)[None, :] * sic
+    tl.store(index + index_offsets, best.to(tl.int8), mask=inside)
+
+
+def _pool_bn_stats_backward_fn(
+    grad_max, grad_avg, index, grad_x, C, H, W, H_out, W_out, P,
+    smn, smc, smh, smw, san, sac, sah, saw, sin, sic, sih, siw, sdn, sdc, sdh, sdw, stride,
+    MAX: tl.constexpr, AVG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # grad_x over a tile of input pixels, gathered rather than scattered (no atomics, so deterministic): input row h
+    # is tap a of output row ho = (h + 1 - a) / stride when that is a whole number inside the output. It receives
+    # grad_max where it was the argmax and grad_avg / count of every window it lies in, the windows in the C++
+    # kernel's order (ho, then wo, ascending).
+    pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = (pixels < P)[:, None] & (channels < C)[None, :]
+    c = channels.to(tl.int64)[None, :]
+    n = (pixels // (H * W)).to(tl.int64)
+    h, w = (pixels // W) % H, pixels % W
+    acc = tl.full([BLOCK_P, BLOCK_C], 0.0, grad_x.dtype.element_ty)
+    for i in tl.static_range(3):
+        a = 2 - i
+        th = h + 1 - a
+        ho = th // stride
+        rows = (th >= 0) & (th % stride == 0) & (ho < H_out)
+        for j in tl.static_range(3):
+            b = 2 - j
+            tw = w + 1 - b
+            wo = tw // stride
+            valid = inside & (rows & (tw >= 0) & (tw % stride == 0) & (wo < W_out))[:, None]
+            if MAX:
+                at = index + (n * sin + ho * sih + wo * siw)[:, None] + c * sic
+                mine = valid & (tl.load(at, mask=valid, other=-1).to(tl.int32) == 3 * a + b)
+                # A masked load, not a multiply by a 0/1 mask: an inf or NaN gradient must not reach other taps.
+                acc += tl.load(grad_max + (n * smn + ho * smh + wo * smw)[:, None] + c * smc, mask=mine, other=0.0)
+            if AVG:
+                top, left = ho * stride - 1, wo * stride - 1
+                count = (tl.minimum(top + 3, H) - tl.maximum(top, 0)) * (tl.minimum(left + 3, W) - tl.maximum(left, 0))
+                g = tl.load(grad_avg + (n * san + ho * sah + wo * saw)[:, None] + c * sac, mask=valid, other=0.0)
+                # ATen's avg_pool2d backward divides, too; off the output, count can be 0.
+                acc += tl.where(valid, g / count.to(acc.dtype)[:, None], 0.0)
+    tl.store(grad_x + (n * sdn + h * sdh + w * sdw)[:, None] + c * sdc, acc, mask=inside)
+
+
+_pool_bn_stats_kernel = _Kernel(_pool_bn_stats_fn)
+_pool_argmax_kernel = _Kernel(_pool_argmax_fn)
+_pool_bn_stats_backward_kernel = _Kernel(_pool_bn_stats_backward_fn)
+
+
+def _pool_grid(pixels: int, C: int) -> tuple[tuple[int, int], int]:
+    """The launch grid over `pixels` x C, and the channels per tile (a power of 2, at most POOL_BLOCK_C)."""
+    block_c = min(POOL_BLOCK_C, 1 << (C - 1).bit_length())
+    return (_launch_blocks(pixels, POOL_BLOCK_P), _launch_blocks(C, block_c)), block_c
+
+
+@triton_op("fastdarts_triton::pool_bn_stats", mutates_args=())
+def _pool_bn_stats_op(x: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_pool_bn_stats_arguments("pool_bn_stats", x, stride, torch_check)
+    check_supported_dtype("pool_bn_stats", x)
+    N, C, H, W = x.shape
+    shape = pool_bn_stats_output_shape(x, stride)
+    H_out, W_out = shape[2], shape[3]
+    # Laid out like x (the C++ op's x.suggest_memory_format()); the statistics are contiguous [2, C].
+    memory_format = suggest_memory_format(x)
+    max_out, avg_out = (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format) for _ in "ma")
+    if N == 0:  # no values: the statistics are NaN, as torch.var_mean's are
+        return max_out, avg_out, x.new_full((2, C), math.nan), x.new_full((2, C), math.nan)
+    # The statistics are sums of d and d^2 in float64 with d = v - shift, shift = x[0, c, 0, 0] a value in the data's
+    # range, so that the variance does not cancel catastrophically; one partial sum per tile of pixels, added up by
+    # PyTorch in a fixed order (deterministic).
+    shift = x[0, :, 0, 0].to(torch.float64).contiguous()
+    P = N * H_out * W_out
+    grid, block_c = _pool_grid(P, C)
+    partials = x.new_empty((grid[0], 4, C), dtype=torch.float64)
+    _pool_bn_stats_kernel[grid](
+        x, max_out, avg_out, shift, partials, C, H, W, H_out, W_out, P, *x.stride(), *max_out.stride(), stride,
+        BLOCK_P=POOL_BLOCK_P, BLOCK_C=block_c,
+    )  # fmt: skip
+    sums = partials.sum(dim=0) / P  # [4, C]: E[d] and E[d^2] of max_out, then of avg_out
+    mean_d, square_d = sums[0::2], sums[1::2]
+    var = square_d - mean_d * mean_d
+    # Rounding can leave a constant channel's variance a hair below 0; a NaN stays NaN.
+    var = torch.where(var < 0, 0.0, var)
+    return max_out, avg_out, (shift + mean_d).to(x.dtype), var.to(x.dtype)
+
+
+@triton_op("fastdarts_triton::pool_bn_stats_backward", mutates_args=())
+def _pool_bn_stats_backward_op(grad_max: Tensor | None, grad_avg: Tensor | None, x: Tensor, stride: int) -> Tensor:
+    op = "pool_bn_stats_backward"
+    check_pool_bn_stats_arguments(op, x, stride, torch_check)
+    check_supported_dtype(op, x)
+    check_pool_grad(op, "grad_max", grad_max, x, stride)
+    check_pool_grad(op, "grad_avg", grad_avg, x, stride)
+    if grad_max is None and grad_avg is None:
+        return torch.zeros_like(x)
+    grad_x = torch.empty_like(x)
+    N, C, H, W = x.shape
+    if N == 0:
+        return grad_x
+    shape = pool_bn_stats_output_shape(x, stride)
+    H_out, W_out = shape[2], shape[3]
+    unused = x  # the pointer passed for a gradient that is not given
+    index = unused
+    if grad_max is not None:  # each window's argmax, recomputed from x (autograd saved nothing else), as one byte
+        index = torch.empty(shape, dtype=torch.int8, device=x.device, memory_format=suggest_memory_format(x))
+        P = N * H_out * W_out
+        grid, block_c = _pool_grid(P, C)
+        _pool_argmax_kernel[grid](
+            x, index, C, H, W, H_out, W_out, P, *x.stride(), *index.stride(), stride,
+            BLOCK_P=POOL_BLOCK_P, BLOCK_C=block_c,
+        )  # fmt: skip
+    grid, block_c = _pool_grid(N * H * W, C)
+    given_max, given_avg = grad_max if grad_max is not None else unused, grad_avg if grad_avg is not None else unused
+    _pool_bn_stats_backward_kernel[grid](
+        given_max, given_avg, index, grad_x, C, H, W, H_out, W_out, N * H * W,
+        *given_max.stride(), *given_avg.stride(), *index.stride(), *grad_x.stride(), stride,
+        MAX=grad_max is not None, AVG=grad_avg is not None, BLOCK_P=POOL_BLOCK_P, BLOCK_C=block_c,
+    )  # fmt: skip
+    return grad_x
+
+
+def pool_bn_stats(x: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both 3x3 pools of x and their per-channel batch statistics, by the Triton kernels."""
+    return torch.ops.fastdarts_triton.pool_bn_stats.default(x, stride)
+
+
+register_pool_bn_stats_autograd("fastdarts_triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# The mixed op: the edge of _mixed_op.py on the kernels above (the 1x1 convs and the BNs stay ATen's, see there).
+
+mixed_op = define_mixed_op(
+    "fastdarts_triton",
+    EdgeKernels(
+        backend="triton",
+        relu_dwconv=torch.ops.fastdarts_triton.relu_dwconv.default,
+        relu_dwconv_backward=_relu_dwconv_gradients,
+        pool_bn_stats=torch.ops.fastdarts_triton.pool_bn_stats.default,
+        pool_bn_stats_backward=torch.ops.fastdarts_triton.pool_bn_stats_backward.default,
+        weighted_sum=torch.ops.fastdarts_triton.weighted_sum.default,
+    ),
+    device_types=None,  # CUDA, and CPU tensors under TRITON_INTERPRET=1
 )

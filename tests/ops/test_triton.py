@@ -6,6 +6,8 @@ kernels at their first launch and the registry reads TRITON_INTERPRET at call ti
 while this module imports and while its tests run, so that the other modules see "triton" on CUDA tensors only.
 """
 
+import json
+import math
 import os
 
 _INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
@@ -17,6 +19,9 @@ from torch.library import opcheck  # noqa: E402
 
 from fastdarts import ops  # noqa: E402
 from fastdarts.ops import _registry, reference  # noqa: E402
+
+from ..test_registry import run_python  # noqa: E402
+from .test_sample_gates import expected_p_nonzero, expected_p_one  # noqa: E402
 
 if _INTERPRET_BEFORE is None:
     del os.environ["TRITON_INTERPRET"]
@@ -55,7 +60,7 @@ def grads(outs, inputs, grad_outs, **kwargs):
 def test_dispatch():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
     assert "triton" in ops.BACKENDS
-    for op in ("weighted_sum", "relu_dwconv", "sample_gates"):
+    for op in ("weighted_sum", "relu_dwconv", "sample_gates", "pool_bn_stats", "mixed_op"):
         assert _registry.select(op, cuda) == "triton"  # CUDA tensors default to Triton
         assert _registry.select(op, cpu) != "triton"  # CPU tensors only when asked for
         assert _registry.select(op, cpu, "triton") == "triton"
@@ -209,7 +214,8 @@ def test_relu_dwconv_double_backward_matches_reference(relu):
 
 
 # ----------------------------------------------------------------------------------------------
-# sample_gates. 300 edges of 8 ops take 5 programs of 64 edges, the last one masked; 5 x 3 pads the columns to 4.
+# sample_gates. With top-k, 300 edges of 8 ops take 5 programs of 64 edges, the last one masked (without, one of 512
+# edges); 5 x 3 pads the columns to 4.
 
 
 def sample_and_grads(beta, tau, k, seed, backend):
@@ -293,6 +299,155 @@ def test_bad_inputs_raise_the_reference_errors():
         ops.relu_dwconv(x, [weights[0], torch.randn(4, 1, 4, 4)], [1, 1], 1, backend="triton")
     with pytest.raises(ValueError, match="relu_dwconv: stride must be positive, got 0"):
         ops.relu_dwconv(x, weights, dilations, 0, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# sample_gates with noise="kernel": the noise comes from tl.rand in the kernel. Triton makes tl.rand (a @triton.jit
+# function) when it is imported, so the interpreter can run it only in a process that had TRITON_INTERPRET=1 set
+# by then: these checks run in one fresh interpreter, and the tests below judge its report.
+
+KERNEL_NOISE_CHECKS = """
+    import json, torch
+    from torch.library import opcheck
+    from fastdarts import ops
+
+    A, B = -0.1, 1.1
+
+    def sample(beta, tau, k, seed, explore_p=0.4):
+        generator = torch.Generator().manual_seed(seed)
+        return ops.sample_gates(beta, tau, A, B, k, explore_p, generator, backend="triton", noise="kernel")
+
+    report = {"frequencies": {}}
+    betas = torch.tensor([-3.0, -1.0, -0.2, 0.0, 0.4, 1.5, 3.0], dtype=torch.float64)
+    for tau in (0.1, 0.5, 1.0):  # one column per beta, one row per draw
+        g, mask, p_nonzero = sample(betas.expand(20000, -1).contiguous(), tau, None, 1)
+        report["frequencies"][str(tau)] = {
+            "nonzero": (g != 0).double().mean(0).tolist(), "one": (g == 1).double().mean(0).tolist(),
+            "p_nonzero": p_nonzero[0].tolist(), "mask_all_ones": bool((mask == 1).all()),
+            "in_0_1": bool(g.min() >= 0 and g.max() <= 1),
+        }
+
+    beta = torch.randn(300, 8, generator=torch.Generator().manual_seed(0))
+    first, again, other = sample(beta, 0.7, 2, 5), sample(beta, 0.7, 2, 5), sample(beta, 0.7, 2, 6)
+    report["same_seed_same_sample"] = all(torch.equal(a, b) for a, b in zip(first, again))
+    report["other_seed_other_mask"] = not torch.equal(first[1], other[1])
+    torch.manual_seed(9)  # generator=None: the default generator
+    default_first = ops.sample_gates(beta, 0.7, backend="triton", noise="kernel")
+    torch.manual_seed(9)
+    default_again = ops.sample_gates(beta, 0.7, backend="triton", noise="kernel")
+    report["default_generator_reproduces"] = all(torch.equal(a, b) for a, b in zip(default_first, default_again))
+    report["ones_per_edge"], report["gates_are_the_mask"] = {}, {}
+    for k in (1, 2, 3, 8):
+        gates, mask, _ = sample(beta, 0.7, k, 3)
+        report["ones_per_edge"][k] = mask.sum(1).unique().tolist()
+        report["gates_are_the_mask"][k] = torch.equal(gates, mask)
+
+    # How often each op is kept: g, the exploration and the top-k together (one row per edge).
+    _, mask, _ = sample(torch.tensor([1.0, 0.5, 0.0, -0.5]).expand(4000, -1).contiguous(), 1.0, 2, 8)
+    report["keep_frequency"] = mask.mean(0).tolist()
+
+    # Every g = 0 (beta = -inf): each edge keeps the column not explored, and on a tie (both or neither explored) the
+    # one the call's permutation puts first; so the other column is kept exactly when it alone escapes exploration.
+    _, mask, _ = sample(torch.full((4000, 2), -float("inf")), 1.0, 1, 4)
+    report["kept_fraction_of_the_column_second_in_perm"] = mask.mean(0).min().item()
+
+    # Without top-k the gates are g, whose gradient is (b - a) s (1 - s) / tau with s = (g - a) / (b - a) where the
+    # clamp is inactive, and p_nonzero's p (1 - p).
+    beta = torch.randn(50, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    g, _, p = sample(beta, 0.6, None, 7)
+    up_g, up_p = torch.randn_like(g), torch.randn_like(p)
+    (grad,) = torch.autograd.grad((g * up_g).sum() + (p * up_p).sum(), beta)
+    g, p, s = g.detach(), p.detach(), (g.detach() - A) / (B - A)
+    expected = torch.where((g > 0) & (g < 1), up_g * (B - A) * s * (1 - s) / 0.6, 0.0) + up_p * p * (1 - p)
+    report["gradient_error"] = (grad - expected).abs().max().item()
+    report["free_gates"] = int(((g > 0) & (g < 1)).sum())
+
+    report["opcheck"] = []
+    for k, dtype in ((2, torch.float32), (None, torch.float64)):
+        beta = torch.randn(5, 4, dtype=dtype).requires_grad_()
+        seed, perm = torch.tensor([123]), None if k is None else torch.randperm(4)
+        with torch._functorch.config.patch(decompose_custom_triton_ops=False):
+            opcheck(torch.ops.fastdarts_triton.sample_gates_seeded.default, (beta, 0.5, A, B, k, seed, 0.4, perm))
+        report["opcheck"].append(k)
+    print(json.dumps(report))
+"""
+
+
+@pytest.fixture(scope="module")
+def kernel_noise():
+    result = run_python(KERNEL_NOISE_CHECKS, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("tau", ["0.1", "0.5", "1.0"])
+def test_kernel_noise_frequency_of_nonzero_gates_matches_the_closed_form(kernel_noise, tau):
+    report, draws = kernel_noise["frequencies"][tau], 20000
+    assert report["mask_all_ones"] and report["in_0_1"]
+    betas = [-3.0, -1.0, -0.2, 0.0, 0.4, 1.5, 3.0]
+    for column, beta in enumerate(betas):
+        for observed, p in (
+            (report["nonzero"][column], expected_p_nonzero(beta, float(tau))),
+            (report["one"][column], expected_p_one(beta, float(tau))),
+        ):
+            assert abs(observed - p) < 4 * math.sqrt(p * (1 - p) / draws), (beta, tau, observed, p)
+        assert report["p_nonzero"][column] == pytest.approx(expected_p_nonzero(beta, float(tau)), rel=1e-12)
+
+
+def test_kernel_noise_one_seed_reproduces_the_sample(kernel_noise):
+    assert kernel_noise["same_seed_same_sample"] and kernel_noise["default_generator_reproduces"]
+    assert kernel_noise["other_seed_other_mask"]
+
+
+def test_kernel_noise_keeps_exactly_k_gates_per_edge(kernel_noise):
+    assert kernel_noise["ones_per_edge"] == {str(k): [float(k)] for k in (1, 2, 3, 8)}
+    assert all(kernel_noise["gates_are_the_mask"].values())
+
+
+def test_kernel_noise_explores_with_probability_explore_p(kernel_noise):
+    p, edges = 0.4 * (1 - 0.4), 4000
+    observed = kernel_noise["kept_fraction_of_the_column_second_in_perm"]
+    assert abs(observed - p) < 4 * math.sqrt(p * (1 - p) / edges)
+
+
+def test_kernel_noise_keeps_each_op_as_often_as_the_reference_noise(kernel_noise):
+    # The same distribution as the reference's draws: this fails if, say, the exploration draws depended on u.
+    edges, reference_edges = 4000, 40000
+    beta = torch.tensor([1.0, 0.5, 0.0, -0.5]).expand(reference_edges, -1)
+    _, mask, _ = ops.sample_gates(beta, 1.0, A, B, 2, 0.4, generator(8), backend="reference")
+    for observed, p in zip(kernel_noise["keep_frequency"], mask.mean(0).tolist()):
+        assert abs(observed - p) < 4 * math.sqrt(p * (1 - p) * (1 / edges + 1 / reference_edges)), (observed, p)
+
+
+def test_kernel_noise_gradient_is_the_stretched_sigmoid_derivative(kernel_noise):
+    assert kernel_noise["free_gates"] > 100 and kernel_noise["gradient_error"] < 1e-12
+
+
+def test_opcheck_sample_gates_seeded(kernel_noise):
+    assert kernel_noise["opcheck"] == [2, None]
+
+
+def test_kernel_noise_needs_the_triton_backend_and_a_known_name():
+    beta = torch.zeros(2, 8)
+    with pytest.raises(ValueError, match="sample_gates: noise='kernel' needs the 'triton' backend, got 'reference'"):
+        ops.sample_gates(beta, 1.0, backend="reference", noise="kernel")
+    with pytest.raises(ValueError, match="sample_gates: noise must be 'torch' or 'kernel', got 'philox'"):
+        ops.sample_gates(beta, 1.0, backend="triton", noise="philox")
+
+
+def test_kernel_noise_in_an_interpreter_started_without_it_is_a_clear_error():
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    beta = torch.zeros(2, 8)
+    if isinstance(tl.rand4x, InterpretedFunction):  # this module ran alone, and set TRITON_INTERPRET before triton
+        assert ops.sample_gates(beta, 1.0, backend="triton", noise="kernel")[1].sum() == 4
+        return
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1 set before triton is imported"):
+        ops.sample_gates(beta, 1.0, generator=generator, backend="triton", noise="kernel")
+    assert torch.equal(generator.get_state(), state)  # raised before drawing
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""The mixed op on the Triton kernels ("triton") against the reference, under Triton's interpreter: outputs,
+statistics and every gradient over odd shapes, both strides, training and evaluation, candidate subsets; opcheck,
+what it saves and which gradients it computes, its errors, and that it needs no C++ extension.
+
+The interpreter runs a 5x5 depthwise conv in about 40 ms per (image, channel) plane, so the shapes are few and small.
+"""
+
+import json
+
+import pytest
+import torch
+from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# test_triton first: it sets TRITON_INTERPRET while fastdarts (and triton) import, when this module runs alone. Its
+# autouse fixture `interpret` and its skip `pytestmark` apply here too.
+from .test_triton import interpret, pytestmark  # noqa: F401
+
+# isort: split
+from fastdarts import ops
+from fastdarts.ops import _registry
+
+from ..test_registry import run_python
+from .test_mixed_op import ALL, TOLERANCES, make_inputs, run
+
+
+def assert_agrees_with_reference(x, w, weights, stride, candidates, bn_mean, bn_var, training):
+    tol = TOLERANCES[x.dtype]
+    want = run("reference", x, w, weights, stride, candidates, bn_mean, bn_var, training)
+    got = run("triton", x, w, weights, stride, candidates, bn_mean, bn_var, training, grad_out=want[-1])
+    for g, r in zip(got[:3], want[:3]):
+        torch.testing.assert_close(g, r, **tol["out"])
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert len(got[3]) == len(want[3])
+    for i, (g, r) in enumerate(zip(got[3], want[3])):
+        torch.testing.assert_close(g, r, **tol["grad"], msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
+def test_dispatch():
+    assert _registry.select("mixed_op", torch.device("cuda")) == "triton"
+    assert "triton" in ops.available_backends("mixed_op", "cpu")
+
+
+# (N, C, S), stride, training, layout: batch 1 and 3, C 4 and 5, 7x7 and 9x9, both strides, both modes and layouts.
+CASES = [
+    ((1, 5, 7), 1, True, torch.contiguous_format),
+    ((3, 5, 9), 1, False, torch.channels_last),
+    ((1, 4, 9), 2, False, torch.contiguous_format),
+    ((3, 4, 7), 2, True, torch.channels_last),
+]
+
+
+@pytest.mark.parametrize(
+    "shape,stride,training,layout",
+    CASES,
+    ids=[f"{'x'.join(map(str, s))}-stride{st}-{'train' if t else 'eval'}" for s, st, t, _ in CASES],
+)
+def test_triton_equals_reference(shape, stride, training, layout):
+    x, w, weights, bn_mean, bn_var = make_inputs(*shape, stride, layout=layout)
+    assert_agrees_with_reference(x, w, weights, stride, ALL, bn_mean, bn_var, training)
+
+
+SUBSETS = [([0, 1], 1), ([0, 1], 2), ([2], 1), ([2], 2), ([3], 1), ([6], 2), ([1, 3, 5], 1), ([], 2)]
+
+
+@pytest.mark.parametrize(
+    "candidates,stride", SUBSETS, ids=[f"{'-'.join(map(str, c)) or 'none'}-stride{s}" for c, s in SUBSETS]
+)
+def test_candidate_subsets(candidates, stride):
+    x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 7, stride)
+    assert_agrees_with_reference(x, w, weights, stride, candidates, bn_mean, bn_var, True)
+    _, mean, var = ops.mixed_op(x, w, weights, stride, candidates, backend="triton")
+    # The statistics of BNs that did not run are the neutral 0 and 1.
+    rows, row = [], 0
+    for k, (_, bns) in enumerate(ops.mixed_op_layout(stride)):
+        rows += [row + i for i in range(bns) if k not in candidates]
+        row += bns
+    assert torch.equal(mean[rows], torch.zeros_like(mean[rows])) and torch.equal(var[rows], torch.ones_like(var[rows]))
+
+
+@pytest.mark.parametrize(
+    "op,stride,training", [("mixed_op", 2, True), ("mixed_op_backward", 1, False)], ids=["forward", "backward"]
+)
+def test_opcheck(op, stride, training):
+    x, w, weights, bn_mean, bn_var = make_inputs(1, 2, 5, stride)
+    candidates = [0, 2, 5]  # a pool, the skip and a conv: each kind of candidate, on the cheapest kernels
+    args = (x, w, weights, stride, candidates, bn_mean, bn_var, training, 1e-5)
+    if op == "mixed_op_backward":
+        out, mean, var = torch.ops.fastdarts_triton.mixed_op.default(*args)
+        args = (torch.randn_like(out), x.detach(), w.detach(), [t.detach() for t in weights], stride, candidates,
+                mean, var, training, 1e-5, True, True, True)  # fmt: skip
+    opcheck(getattr(torch.ops.fastdarts_triton, op).default, args)
+
+
+class RecordBackwardCalls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.fastdarts_triton.mixed_op_backward.default:
+            self.calls.append(args[-3:])  # (x_grad, w_grad, weights_grad)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("wants", [("x", "w"), ("x", "weights"), ("w",)], ids=["arch_step", "weight_step", "w"])
+def test_computes_only_the_gradients_asked_for(wants):
+    x, w, weights, _, _ = make_inputs(1, 2, 5, 1)
+    x.requires_grad_("x" in wants)
+    w.requires_grad_("w" in wants)
+    for t in weights:
+        t.requires_grad_("weights" in wants)
+    want = run("reference", x, w, weights, 1, ALL, None, None, True)
+    with RecordBackwardCalls() as record:
+        got = run("triton", x, w, weights, 1, ALL, None, None, True, grad_out=want[-1])
+    assert record.calls == [("x" in wants, "w" in wants, "weights" in wants)]
+    assert len(got[3]) == len(want[3])
+    for g, r in zip(got[3], want[3]):
+        torch.testing.assert_close(g, r, **TOLERANCES[torch.float32]["grad"])
+
+
+def test_saves_only_the_input_the_weights_and_the_statistics():
+    x, w, weights, _, _ = make_inputs(1, 4, 6, 1, layout=torch.channels_last)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.mixed_op(x, w, weights, 1, backend="triton")
+    inputs = {t.untyped_storage().data_ptr() for t in (x, w, *weights)}
+    beyond_inputs = sum(size for ptr, size in storages.items() if ptr not in inputs)
+    B = sum(bns for _, bns in ops.mixed_op_layout(1))
+    assert beyond_inputs <= 2 * B * 4 * 4  # the mean and variance rows: no activation at all
+    assert x.untyped_storage().data_ptr() in storages  # x itself (channels_last already), not a copy
+
+
+def test_double_backward_is_refused_with_a_clear_error():
+    x, w, weights, _, _ = make_inputs(1, 2, 5, 1)
+    out, _, _ = ops.mixed_op(x, w, weights, 1, [0, 2], backend="triton")
+    (grad_w,) = torch.autograd.grad(out.square().sum(), [w], create_graph=True)
+    with pytest.raises(RuntimeError, match="the 'triton' backend is differentiable once"):
+        torch.autograd.grad(grad_w.sum(), [x])
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(stride=3), ValueError, "mixed_op: stride must be 1 or 2"),
+        (dict(dtype=torch.float16), TypeError, "mixed_op: only float32 and float64 are supported"),
+    ],
+    ids=["stride", "float16"],
+)
+def test_bad_arguments(change, error, message):
+    x, w, weights, _, _ = make_inputs(1, 2, 5, 1)
+    dtype = change.get("dtype", torch.float32)
+    x, w, weights = x.detach().to(dtype), w.detach().to(dtype), [t.detach().to(dtype) for t in weights]
+    with pytest.raises(error, match=message):
+        ops.mixed_op(x, w, weights, change.get("stride", 1), backend="triton")
+
+
+def test_runs_without_the_cpp_extension():
+    code = """
+        import json, sys, torch
+        sys.modules["fastdarts._C"] = None  # what a user without a C++ build gets
+        from fastdarts import ops
+        from fastdarts.ops import reference
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 2, 5, 5, generator=generator).requires_grad_()
+        w = torch.randn(7, generator=generator).softmax(0).requires_grad_()
+        shapes = ops.mixed_op_weight_shapes(2, 2)
+        weights = [(0.5 * torch.randn(s, generator=generator)).requires_grad_() for s in shapes]
+        errors = []
+        results = [ops.mixed_op(x, w, weights, 2, backend="triton"), reference.mixed_op(x, w, weights, 2)]
+        grad_out = torch.randn(results[1][0].shape, generator=generator)
+        grads = [torch.autograd.grad(r[0], [x, w, *weights], grad_out) for r in results]
+        for got, want in zip([*results[0], *grads[0]], [*results[1], *grads[1]]):
+            errors.append(((got - want).abs().max() / want.abs().max().clamp(min=1e-6)).item())
+        print(json.dumps({"loaded": ops.EXTENSION_LOADED, "available": ops.available_backends("mixed_op", "cpu"),
+                          "error": max(errors)}))
+    """
+    result = run_python(code, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["loaded"] is False and report["available"] == ["reference", "triton"]
+    assert report["error"] < 1e-3
