@@ -41,13 +41,13 @@ class MixedOp(nn.Module):
     returns, as nn.BatchNorm2d would.
     """
 
-    def __init__(self, C: int, stride: int):
+    def __init__(self, C: int, stride: int, pool_bn: bool = True):
         super().__init__()
-        self.stride = stride
+        self.stride, self.pool_bn = stride, pool_bn
         candidates = []
         for name in _COMPUTED:
             op = OPS[name](C, stride, False)
-            if "pool" in name:  # the search network normalises pool outputs too
+            if "pool" in name and pool_bn:  # DARTS's search network normalises pool outputs too
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             candidates.append(op)
         self.candidates = nn.ModuleList(candidates)
@@ -82,7 +82,7 @@ class MixedOp(nn.Module):
                                                   torch.stack([b.running_var for b in self.bns]))  # fmt: skip
         out, mean, var = ops.mixed_op(
             x, weights[list(_COMPUTED_COLUMNS)], self.conv_weights(), self.stride, candidates,
-            *(running or (None, None)), batch_statistics, bn.eps,
+            *(running or (None, None)), batch_statistics, bn.eps, self.pool_bn,
         )  # fmt: skip
         if self.training and bn.track_running_stats:
             self._update_running_statistics(candidates, mean, var, out.numel() // out.shape[1])
@@ -105,7 +105,7 @@ class MixedOp(nn.Module):
 class SearchCell(nn.Module):
     """A DAG of `steps` nodes over two inputs; each node sums the mixed ops from all its predecessors."""
 
-    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, pool_bn=True):
         super().__init__()
         self.reduction = reduction
         self.steps = steps
@@ -117,7 +117,7 @@ class SearchCell(nn.Module):
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
         # Edges node-major, input-minor: node 0 <- (0, 1), node 1 <- (0, 1, 2), ...
         self.edges = nn.ModuleList(
-            MixedOp(C, 2 if reduction and j < 2 else 1) for i in range(steps) for j in range(2 + i)
+            MixedOp(C, 2 if reduction and j < 2 else 1, pool_bn) for i in range(steps) for j in range(2 + i)
         )
 
     def forward(
@@ -149,8 +149,8 @@ class SearchNetwork(nn.Module):
     they hold the gate logits beta). `method` (default `DARTSMethod`) turns them into the edge
     weights of each forward pass, and gives the regulariser and the genotype rule. Each edge is one
     `ops.mixed_op` call; `memory_format` (default channels_last, the kernels' layout) is the layout
-    of the activations. The method's `network_style` says whether the cells' BNs keep running
-    statistics and whether a BN + ReLU precedes the global pooling.
+    of the activations. The method's `network_style` says whether the pools have BNs, whether the
+    cells' BNs keep running statistics and whether a BN + ReLU precedes the global pooling.
     """
 
     def __init__(
@@ -187,20 +187,21 @@ class SearchNetwork(nn.Module):
         )
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         reduction_prev = False
+        style = self.method.network_style
         cells = []
         for i in range(layers):
             reduction = i in self.reduction_indices
             if reduction:
                 C_curr *= 2
-            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev)
-            if not self.method.network_style.running_statistics:
+            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, style.pool_bn)
+            if not style.running_statistics:
                 drop_running_statistics(cell)
             cells.append(cell)
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, multiplier * C_curr
         self.cells = nn.ModuleList(cells)
         # A BN and ReLU before the pooling when the method's network has them (PR-DARTS's); else nothing.
-        self.head = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU()) if self.method.network_style.head_bn_relu else None
+        self.head = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU()) if style.head_bn_relu else None
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
 

@@ -330,7 +330,8 @@ def cell_outputs_in_both_modes(net, x):
 
 def test_reference_network_normalises_cells_with_batch_statistics_in_evaluation_too():
     net, _, (x, _), _ = tiny_prdarts_net()
-    assert net.method.network_style == NetworkStyle(running_statistics=False, head_bn_relu=True)
+    assert net.method.network_style == NetworkStyle(running_statistics=False, head_bn_relu=True, pool_bn=False)
+    assert all(not edge.pool_bn for cell in net.cells for edge in cell.edges)
     assert not any("running" in name for name in net.cells.state_dict())
     assert isinstance(net.head[0], torch.nn.BatchNorm2d) and isinstance(net.head[1], torch.nn.ReLU)
     with torch.no_grad():
@@ -341,6 +342,7 @@ def test_reference_network_normalises_cells_with_batch_statistics_in_evaluation_
 def test_darts_network_keeps_running_statistics_for_evaluation():
     net, _, (x, _), _ = tiny_prdarts_net(network="darts")
     assert net.head is None and any("running_mean" in name for name in net.cells.state_dict())
+    assert all(edge.pool_bn for cell in net.cells for edge in cell.edges)
     with torch.no_grad():
         for train_out, eval_out in cell_outputs_in_both_modes(net, x):
             assert not torch.allclose(eval_out, train_out)

@@ -30,14 +30,20 @@ def test_forward_shape_and_edge_order(size):
     assert strides == [2, 2, 2, 2, 1, 2, 2, 1, 1]
 
 
-def test_mixed_op_is_the_softmax_weighted_sum_of_all_primitives():
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("pool_bn", [True, False], ids=["pool-bn", "no-pool-bn"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mixed_op_is_the_softmax_weighted_sum_of_all_primitives(stride, pool_bn, backend):
     torch.manual_seed(0)
-    edge = MixedOp(4, 1)
+    edge = MixedOp(4, stride, pool_bn)
     x = torch.randn(2, 4, 6, 6)
     w = torch.randn(len(PRIMITIVES)).softmax(-1)
     # `none` is not among the computed candidates but still takes part in the sum as zero.
     expected = sum(wk * op(x) for wk, op in zip(w[1:], edge.candidates))
-    torch.testing.assert_close(edge(x, w), expected)
+    with ops.use_backend(backend):
+        torch.testing.assert_close(edge(x, w), expected, rtol=1e-4, atol=1e-5)
+    pool_bns = [m for op in edge.candidates[:2] for m in op.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(pool_bns) == (2 if pool_bn else 0)
 
 
 def test_genotype_from_hand_set_alphas():

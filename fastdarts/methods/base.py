@@ -23,10 +23,12 @@ class NetworkStyle(NamedTuple):
         the batch's statistics in evaluation too (a network whose ops are sampled anew each forward pass
         has no single set of statistics to keep).
     head_bn_relu: a BN and a ReLU between the last cell and the global pooling.
+    pool_bn: an affine-free BN after each pooling candidate of the mixed ops.
     """
 
     running_statistics: bool = True
     head_bn_relu: bool = False
+    pool_bn: bool = True
 
 
 class CellWeights(NamedTuple):

@@ -25,7 +25,10 @@ REST = tuple(name for name in PRIMITIVES if name not in SKIP)  # the paper form'
 DIAGNOSTIC_GROUPS = {"skip": SKIP, "nonskip": NONSKIP, "pool": POOL}
 FORMS = ("reference", "paper")
 # The search network of the published code (METHOD 2.4), or DARTS's, to compare the methods on one network.
-NETWORKS = {"reference": NetworkStyle(running_statistics=False, head_bn_relu=True), "darts": NetworkStyle()}
+NETWORKS = {
+    "reference": NetworkStyle(running_statistics=False, head_bn_relu=True, pool_bn=False),
+    "darts": NetworkStyle(),
+}
 
 Groups = Sequence[tuple[Sequence[str], float]]  # (op names, weight in R)
 
@@ -88,8 +91,8 @@ class PRDARTSMethod(Method):
     form "paper": no top-k (every op computed, weighted by its gate g), no hinge, two groups
     (skip and the rest) over every gate, the path term over every chain edge.
     Every forward pass draws its gates from this object's own generator (seeded with `seed`).
-    network "reference": the published code's search network (batch statistics in evaluation too, a BN and
-    ReLU before the global pooling); "darts": DARTS's.
+    network "reference": the published code's search network (no BN after the pools, batch statistics in
+    evaluation too, a BN and ReLU before the global pooling); "darts": DARTS's.
     """
 
     name = "pr-darts"

@@ -161,6 +161,7 @@ def mixed_op(
     bn_var: Tensor | None = None,
     training: bool = True,
     eps: float = 1e-5,
+    pool_bn: bool = True,
     *,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -176,9 +177,10 @@ def mixed_op(
         candidates: increasing indices into MIXED_OP_CANDIDATES, the ops to compute (PR-DARTS's top-k); empty
             gives zeros.
         bn_mean, bn_var: [B, C], the running statistics of the edge's B affine-free BNs (rows in
-            `mixed_op_layout(stride)` order): what evaluation normalises with. Ignored in training.
+            `mixed_op_layout(stride, pool_bn)` order): what evaluation normalises with. Ignored in training.
         training: normalise with the batch's statistics (and return them) or with bn_mean and bn_var.
         eps: the BNs' epsilon.
+        pool_bn: an affine-free BN after each pool (DARTS's search network) or none (PR-DARTS's).
         backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND, then the
             device ("cpp" for CPU tensors when built).
 
@@ -191,7 +193,9 @@ def mixed_op(
     computes only the gradients asked for. Raises ValueError for a shape, length, stride or candidate problem
     and TypeError for mismatched dtypes (on "cpp", also for dtypes other than float32/float64).
     """
-    return dispatch("mixed_op", x.device, backend)(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps)
+    return dispatch("mixed_op", x.device, backend)(
+        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn
+    )  # fmt: skip
 
 
 def pool_bn_stats(x: Tensor, stride: int, *, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

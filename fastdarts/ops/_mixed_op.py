@@ -97,12 +97,12 @@ def _factorized_reduce_backward(
 class _Edge:
     """The forward of one edge on `kernels`, keeping what the backward needs when asked to (`keep`)."""
 
-    def __init__(self, kernels, x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, keep):
+    def __init__(self, kernels, x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, keep):
         self.kernels = kernels
         self.x, self.stride, self.candidates = x, stride, list(candidates)
-        self.training, self.eps, self.keep = training, eps, keep
+        self.training, self.eps, self.pool_bn, self.keep = training, eps, pool_bn, keep
         C = x.shape[1]
-        layout = mixed_op_layout(stride)
+        layout = mixed_op_layout(stride, pool_bn)
         B = sum(bns for _, bns in layout)
         # Where each candidate's weights and BN rows start.
         self.weights, self.rows, weight_at, row_at = {}, {}, 0, 0
@@ -156,6 +156,10 @@ class _Edge:
             if self.pools is None:  # both pools and their statistics from one read of x
                 self.pools = self.kernels.pool_bn_stats(x, stride)
             pooled, mean, var = self.pools[k], self.pools[2][k], self.pools[3][k]
+            if not self.pool_bn:
+                if self.keep:
+                    self.kept[f"t{k}"] = pooled
+                return pooled
             return self._bn(pooled, row, f"t{k}", (mean, var))
         if k == _SKIP:
             return x if stride == 1 else self._bn(factorized_reduce(x, *ws), row, f"t{k}")
@@ -213,7 +217,10 @@ class _Edge:
                     coefficients.append(wk)
                 continue
             if k in (_MAX_POOL, _AVG_POOL):
-                dt, share = self._bn_backward(grad, f"t{k}", row, x_grad, w_grad)
+                if self.pool_bn:
+                    dt, share = self._bn_backward(grad, f"t{k}", row, x_grad, w_grad)
+                else:
+                    dt, share = grad, ((grad * self.kept[f"t{k}"]).sum() if w_grad else None)
                 if x_grad:
                     pool_grads[k] = dt * wk
             elif k == _SKIP:  # FactorizedReduce (stride-2 edges only): ATen's conv backward for its two 1x1 convs
@@ -300,16 +307,18 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         bn_var: Tensor | None,
         training: bool,
         eps: float,
+        pool_bn: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """reference.mixed_op on the building blocks of `kernels` (float32/float64)."""
-        check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training)
+        check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn)
         check_supported_dtype("mixed_op", x, raise_unless)
-        edge = _Edge(kernels, _prepare(x), w, weights, stride, candidates, bn_mean, bn_var, training, eps, keep=False)
+        edge = _Edge(kernels, _prepare(x), w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn,
+                     keep=False)  # fmt: skip
         return edge.out(), edge.mean, edge.var
 
     @mixed_op.register_fake
-    def _mixed_op_fake(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps):
-        B = sum(bns for _, bns in mixed_op_layout(stride))
+    def _mixed_op_fake(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn):
+        B = sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
         out = x.new_empty(mixed_op_output_shape(x, stride)).contiguous(memory_format=_CHANNELS_LAST)
         return out, x.new_empty(B, x.shape[1]), x.new_empty(B, x.shape[1])
 
@@ -325,6 +334,7 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         var: Tensor,
         training: bool,
         eps: float,
+        pool_bn: bool,
         x_grad: bool,
         w_grad: bool,
         weights_grad: bool,
@@ -334,15 +344,15 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         x = _prepare(x)
         # mean and var are the statistics the forward normalised with: recomputing in "evaluation" with them as the
         # running statistics reproduces the forward exactly; the backward still treats them as batch statistics.
-        edge = _Edge(kernels, x, w, weights, stride, candidates, mean, var, False, eps, keep=True)
+        edge = _Edge(kernels, x, w, weights, stride, candidates, mean, var, False, eps, pool_bn, keep=True)
         edge.training = training
         grad_x, grad_w, grad_weights = edge.backward(_prepare(grad), x_grad, w_grad, weights_grad)
         flat = [g for k in range(len(MIXED_OP_CANDIDATES)) for g in grad_weights[k]] if weights_grad else []
         return [g for g in (grad_x, grad_w) if g is not None] + flat
 
     @mixed_op_backward.register_fake
-    def _mixed_op_backward_fake(grad, x, w, weights, stride, candidates, mean, var, training, eps, x_grad, w_grad,
-                                weights_grad):  # fmt: skip
+    def _mixed_op_backward_fake(grad, x, w, weights, stride, candidates, mean, var, training, eps, pool_bn, x_grad,
+                                w_grad, weights_grad):  # fmt: skip
         grad_x = [torch.empty_like(x, memory_format=_CHANNELS_LAST)] if x_grad else []
         grad_w = [w.new_empty(w.shape)] if w_grad else []
         return grad_x + grad_w + ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
@@ -356,10 +366,10 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
     mixed_op_backward.register_autograd(_refuse_double_backward)
 
     def _setup_context(ctx, inputs, output):
-        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps = inputs
+        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn = inputs
         _, mean, var = output
         ctx.mark_non_differentiable(mean, var)
-        ctx.stride, ctx.candidates, ctx.training, ctx.eps = stride, list(candidates), training, eps
+        ctx.stride, ctx.candidates, ctx.training, ctx.eps, ctx.pool_bn = stride, list(candidates), training, eps, pool_bn
         ctx.num_weights = len(weights)
         ctx.save_for_backward(x, w, mean, var, *weights)
 
@@ -368,7 +378,7 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         needs = needs_input_grad(ctx)  # x, w, then the conv weights
         x_grad, w_grad, weights_grad = needs[0], needs[1], any(needs[2 : 2 + ctx.num_weights])
         grads = iter(mixed_op_backward(
-            grad, x, w, weights, ctx.stride, ctx.candidates, mean, var, ctx.training, ctx.eps,
+            grad, x, w, weights, ctx.stride, ctx.candidates, mean, var, ctx.training, ctx.eps, ctx.pool_bn,
             x_grad, w_grad, weights_grad,
         ))  # fmt: skip
         grad_x = next(grads) if x_grad else None
@@ -376,7 +386,7 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         grad_weights = list(grads) if weights_grad else [None] * ctx.num_weights
         # torch.library takes an empty int list for an empty Tensor list, whose gradient must be [] (not None).
         grad_candidates = None if ctx.candidates else []
-        return grad_x, grad_w, grad_weights, None, grad_candidates, None, None, None, None
+        return grad_x, grad_w, grad_weights, None, grad_candidates, None, None, None, None, None
 
     mixed_op.register_autograd(_backward, setup_context=_setup_context)
 
@@ -390,9 +400,10 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         bn_var: Tensor | None = None,
         training: bool = True,
         eps: float = 1e-5,
+        pool_bn: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The dispatch table's entry: reference.mixed_op's signature."""
-        return mixed_op(x, w, list(weights), stride, list(candidates), bn_mean, bn_var, training, eps)
+        return mixed_op(x, w, list(weights), stride, list(candidates), bn_mean, bn_var, training, eps, pool_bn)
 
     return fused_mixed_op
 

@@ -352,15 +352,17 @@ MIXED_OP_CANDIDATES: tuple[str, ...] = (
 )
 
 
-def mixed_op_layout(stride: int) -> list[tuple[int, int]]:
+def mixed_op_layout(stride: int, pool_bn: bool = True) -> list[tuple[int, int]]:
     """Per candidate: (conv weights it takes, BNs it has). The op's `weights` and BN rows are these, in order.
 
     The conv weights, each without bias: skip at stride 2 (FactorizedReduce): two [C/2, C, 1, 1]; sep_conv_k:
     depthwise [C, 1, k, k], pointwise [C, C, 1, 1], depthwise, pointwise; dil_conv_k: depthwise, pointwise.
-    The BNs: one after each pool, after FactorizedReduce, after each pointwise conv.
+    The BNs: one after each pool (DARTS's search network; PR-DARTS's has none there: `pool_bn` False), after
+    FactorizedReduce, after each pointwise conv.
     """
     skip = (0, 0) if stride == 1 else (2, 1)
-    return [(0, 1), (0, 1), skip, (4, 2), (4, 2), (2, 1), (2, 1)]
+    pool = (0, 1 if pool_bn else 0)
+    return [pool, pool, skip, (4, 2), (4, 2), (2, 1), (2, 1)]
 
 
 def mixed_op_weight_shapes(C: int, stride: int) -> list[list[int]]:
@@ -386,6 +388,7 @@ def check_mixed_op_arguments(
     bn_mean: Tensor | None,
     bn_var: Tensor | None,
     training: bool,
+    pool_bn: bool = True,
     require: Require = raise_unless,
 ) -> None:
     check_images(op, "x", x, require)
@@ -422,7 +425,7 @@ def check_mixed_op_arguments(
         lambda: f"{op}: candidates must be increasing indices in 0..{K - 1}, got {list(candidates)}",
     )
     if not training:
-        B = sum(bns for _, bns in mixed_op_layout(stride))
+        B = sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
         for name, stats in (("bn_mean", bn_mean), ("bn_var", bn_var)):
             require(
                 stats is not None and list(stats.shape) == [B, C],
@@ -455,6 +458,7 @@ def mixed_op(
     bn_var: Tensor | None = None,
     training: bool = True,
     eps: float = 1e-5,
+    pool_bn: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One DARTS edge: `out = sum_{k in candidates} w[k] * o_k(x)`.
 
@@ -464,18 +468,19 @@ def mixed_op(
         weights: the edge's conv weights, mixed_op_weight_shapes(C, stride), all of them whatever is computed.
         stride: 1, or 2 on a reduction edge.
         candidates: the indices into MIXED_OP_CANDIDATES to compute, increasing; empty gives zeros.
-        bn_mean, bn_var: [B, C] running statistics of the edge's B BNs (rows in mixed_op_layout order), used
-            in evaluation; ignored in training.
+        bn_mean, bn_var: [B, C] running statistics of the edge's B BNs (rows in mixed_op_layout(stride, pool_bn)
+            order), used in evaluation; ignored in training.
         training: normalise with batch statistics (True) or with bn_mean and bn_var.
         eps: the BNs' epsilon.
+        pool_bn: an affine-free BN after each pool (DARTS's search network) or none (PR-DARTS's).
 
     Returns (out [N, C, H_out, W_out], mean [B, C], var [B, C]): in training the batch mean and biased
     variance each BN normalised with (rows of candidates not computed: 0 and 1); in evaluation copies of
     bn_mean and bn_var. Differentiable in x, w and every conv weight; mean and var are not.
     """
-    check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training)
+    check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn)
     C = x.shape[1]
-    layout = mixed_op_layout(stride)
+    layout = mixed_op_layout(stride, pool_bn)
     B = sum(bns for _, bns in layout)
     if training:
         mean, var = x.new_zeros(B, C), x.new_ones(B, C)
@@ -507,9 +512,11 @@ def mixed_op(
             continue
         name = MIXED_OP_CANDIDATES[k]
         if name == "max_pool_3x3":
-            y = bn(F.max_pool2d(x, 3, stride, 1), row)
+            y = F.max_pool2d(x, 3, stride, 1)
+            y = bn(y, row) if pool_bn else y
         elif name == "avg_pool_3x3":
-            y = bn(F.avg_pool2d(x, 3, stride, 1, count_include_pad=False), row)
+            y = F.avg_pool2d(x, 3, stride, 1, count_include_pad=False)
+            y = bn(y, row) if pool_bn else y
         elif name == "skip_connect":
             y = x if stride == 1 else bn(factorized_reduce(x, *ws), row)
         elif name.startswith("sep_conv"):

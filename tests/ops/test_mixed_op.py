@@ -22,7 +22,7 @@ TOLERANCES = {
 }
 
 
-def make_inputs(N, C, S, stride, dtype=torch.float32, layout=torch.contiguous_format, seed=0):
+def make_inputs(N, C, S, stride, dtype=torch.float32, layout=torch.contiguous_format, seed=0, pool_bn=True):
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(N, C, S, S, dtype=dtype, generator=generator).contiguous(memory_format=layout).requires_grad_()
     w = torch.randn(len(ALL), dtype=dtype, generator=generator).softmax(0).requires_grad_()
@@ -30,14 +30,15 @@ def make_inputs(N, C, S, stride, dtype=torch.float32, layout=torch.contiguous_fo
         (0.5 * torch.randn(shape, dtype=dtype, generator=generator)).requires_grad_()
         for shape in ops.mixed_op_weight_shapes(C, stride)
     ]
-    B = sum(bns for _, bns in ops.mixed_op_layout(stride))
+    B = sum(bns for _, bns in ops.mixed_op_layout(stride, pool_bn))
     bn_mean = 0.1 * torch.randn(B, C, dtype=dtype, generator=generator)
     bn_var = torch.rand(B, C, dtype=dtype, generator=generator) + 0.5
     return x, w, weights, bn_mean, bn_var
 
 
-def run(backend, x, w, weights, stride, candidates, bn_mean, bn_var, training, grad_out=None):
-    out, mean, var = ops.mixed_op(x, w, weights, stride, candidates, bn_mean, bn_var, training, backend=backend)
+def run(backend, x, w, weights, stride, candidates, bn_mean, bn_var, training, grad_out=None, pool_bn=True):
+    out, mean, var = ops.mixed_op(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=pool_bn,
+                                  backend=backend)  # fmt: skip
     if grad_out is None:
         grad_out = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
     inputs = [t for t in (x, w, *weights) if t.requires_grad]
@@ -47,10 +48,10 @@ def run(backend, x, w, weights, stride, candidates, bn_mean, bn_var, training, g
     return out, mean, var, grads, grad_out
 
 
-def assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, training):
+def assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=True):
     tol = TOLERANCES[x.dtype]
-    want = run("reference", x, w, weights, stride, candidates, bn_mean, bn_var, training)
-    got = run("cpp", x, w, weights, stride, candidates, bn_mean, bn_var, training, grad_out=want[-1])
+    want = run("reference", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=pool_bn)
+    got = run("cpp", x, w, weights, stride, candidates, bn_mean, bn_var, training, grad_out=want[-1], pool_bn=pool_bn)
     for g, r in zip(got[:3], want[:3]):
         torch.testing.assert_close(g, r, **tol["out"])
     assert len(got[3]) == len(want[3])
@@ -94,6 +95,33 @@ def test_candidate_subsets(candidates, stride):
     assert torch.equal(mean[rows], torch.zeros_like(mean[rows])) and torch.equal(var[rows], torch.ones_like(var[rows]))
 
 
+POOL_SUBSETS = [[0], [1], [0, 1], [0, 3], ALL]
+
+
+@requires_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+@pytest.mark.parametrize("candidates", POOL_SUBSETS, ids=["-".join(map(str, c)) for c in POOL_SUBSETS])
+def test_pools_without_bn(candidates, stride, training):
+    x, w, weights, bn_mean, bn_var = make_inputs(3, 4, 7, stride, pool_bn=False)
+    assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=False)
+    # Without their BNs the pools are added as they are, so the op moves with x's scale.
+    (out,) = run("cpp", x, w, weights, stride, [0, 1], bn_mean, bn_var, True, pool_bn=False)[:1]
+    (doubled,) = run("cpp", 2 * x.detach(), w, weights, stride, [0, 1], bn_mean, bn_var, True, pool_bn=False)[:1]
+    torch.testing.assert_close(doubled, 2 * out)
+
+
+@requires_ext
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+def test_gradcheck_float64_pools_without_bn(stride):
+    x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 5, stride, dtype=torch.float64, pool_bn=False)
+
+    def f(x, w, *weights):
+        return ops.mixed_op(x, w, weights, stride, ALL, pool_bn=False, backend="cpp")[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, *weights), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
 def test_no_candidates_gives_zeros(backend):
     x, w, weights, _, _ = make_inputs(2, 4, 9, 2)
@@ -121,16 +149,17 @@ def test_float64_matches_reference_tightly(stride):
 
 
 @requires_ext
+@pytest.mark.parametrize("pool_bn", [True, False], ids=["pool-bn", "no-pool-bn"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
-def test_opcheck(stride, training):
-    x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 7, stride)
-    args = (x, w, weights, stride, [0, 2, 3, 6], bn_mean, bn_var, training, 1e-5)
+def test_opcheck(stride, training, pool_bn):
+    x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 7, stride, pool_bn=pool_bn)
+    args = (x, w, weights, stride, [0, 2, 3, 6], bn_mean, bn_var, training, 1e-5, pool_bn)
     opcheck(torch.ops.fastdarts.mixed_op.default, args)
     out, mean, var = torch.ops.fastdarts.mixed_op.default(*args)
     grad = torch.randn_like(out)
     backward_args = (grad, x.detach(), w.detach(), [t.detach() for t in weights], stride, [0, 2, 3, 6], mean, var,
-                     training, 1e-5, True, True, True)  # fmt: skip
+                     training, 1e-5, pool_bn, True, True, True)  # fmt: skip
     opcheck(torch.ops.fastdarts.mixed_op_backward.default, backward_args)
 
 

@@ -24,10 +24,10 @@ from ..test_registry import run_python
 from .test_mixed_op import ALL, TOLERANCES, make_inputs, run
 
 
-def assert_agrees_with_reference(x, w, weights, stride, candidates, bn_mean, bn_var, training):
+def assert_agrees_with_reference(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=True):
     tol = TOLERANCES[x.dtype]
-    want = run("reference", x, w, weights, stride, candidates, bn_mean, bn_var, training)
-    got = run("triton", x, w, weights, stride, candidates, bn_mean, bn_var, training, grad_out=want[-1])
+    want = run("reference", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=pool_bn)
+    got = run("triton", x, w, weights, stride, candidates, bn_mean, bn_var, training, want[-1], pool_bn)
     for g, r in zip(got[:3], want[:3]):
         torch.testing.assert_close(g, r, **tol["out"])
     assert got[0].is_contiguous(memory_format=torch.channels_last)
@@ -78,17 +78,26 @@ def test_candidate_subsets(candidates, stride):
     assert torch.equal(mean[rows], torch.zeros_like(mean[rows])) and torch.equal(var[rows], torch.ones_like(var[rows]))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+def test_pools_without_bn(stride, training):
+    x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 7, stride, pool_bn=False)
+    assert_agrees_with_reference(x, w, weights, stride, [0, 1, 2], bn_mean, bn_var, training, pool_bn=False)
+
+
 @pytest.mark.parametrize(
-    "op,stride,training", [("mixed_op", 2, True), ("mixed_op_backward", 1, False)], ids=["forward", "backward"]
+    "op,stride,training,pool_bn",
+    [("mixed_op", 2, True, True), ("mixed_op_backward", 1, False, False)],
+    ids=["forward", "backward-no-pool-bn"],
 )
-def test_opcheck(op, stride, training):
-    x, w, weights, bn_mean, bn_var = make_inputs(1, 2, 5, stride)
+def test_opcheck(op, stride, training, pool_bn):
+    x, w, weights, bn_mean, bn_var = make_inputs(1, 2, 5, stride, pool_bn=pool_bn)
     candidates = [0, 2, 5]  # a pool, the skip and a conv: each kind of candidate, on the cheapest kernels
-    args = (x, w, weights, stride, candidates, bn_mean, bn_var, training, 1e-5)
+    args = (x, w, weights, stride, candidates, bn_mean, bn_var, training, 1e-5, pool_bn)
     if op == "mixed_op_backward":
         out, mean, var = torch.ops.fastdarts_triton.mixed_op.default(*args)
         args = (torch.randn_like(out), x.detach(), w.detach(), [t.detach() for t in weights], stride, candidates,
-                mean, var, training, 1e-5, True, True, True)  # fmt: skip
+                mean, var, training, 1e-5, pool_bn, True, True, True)  # fmt: skip
     opcheck(getattr(torch.ops.fastdarts_triton, op).default, args)
 
 
