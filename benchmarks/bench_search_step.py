@@ -19,14 +19,16 @@ from .search_step import PROVIDERS, default_providers, main, make_problem, saved
 
 FULL = os.environ.get("FASTDARTS_BENCH_FULL") == "1"
 CASE = dict(batch=64, C=16, layers=8, size=32) if FULL else dict(batch=4, C=4, layers=3, size=8)
-AVAILABLE = [p for p in ("reference-contiguous", "reference", "cpp") if PROVIDERS[p][0] in ops.available_backends()]
+AVAILABLE = [p for p in ("reference-contiguous", "reference", "cpp", "cpp-no-recompute")
+             if PROVIDERS[p][0] in ops.available_backends()]  # fmt: skip
 
 
 @pytest.mark.parametrize("provider", AVAILABLE)
 @pytest.mark.parametrize("order", ["first", "second"])
 def test_search_step(benchmark, provider, order):
-    backend, memory_format, _ = PROVIDERS[provider]
-    model, weight_optimizer, (train_batch, val_batch) = make_problem(**CASE, memory_format=memory_format)
+    backend, memory_format, _, recompute = PROVIDERS[provider]
+    model, weight_optimizer, (train_batch, val_batch) = make_problem(**CASE, memory_format=memory_format,
+                                                                     recompute=recompute)  # fmt: skip
     with ops.use_backend(backend):
         architect = Architect(model, weight_optimizer, unrolled=order == "second")
         benchmark.extra_info.update(saved_bytes_of_step(model, *train_batch))

@@ -6,7 +6,8 @@
 Cases: (N, C, H, W) = (64, 16, 32, 32) at stride 1 (a normal-cell edge of the batch-64 search) and
 (64, 32, 16, 16) at stride 2 (a reduction edge). Providers: the eager reference (ops.mixed_op on "reference":
 DARTS's ops in eager PyTorch) on a contiguous and on a channels_last input, the fused op on the C++ kernels
-("cpp", CPU only), torch.compile (inductor) of the reference on channels_last, and the fused op on the Triton
+("cpp", CPU only; "cpp-no-recompute" keeps the edge's intermediates instead of recomputing them, not run by
+default), torch.compile (inductor) of the reference on channels_last, and the fused op on the Triton
 kernels ("triton", channels_last; CUDA only: on the CPU it is skipped with one printed line, and runs only if asked
 for by name under TRITON_INTERPRET=1, where its times mean nothing). Each timed call is one forward and one
 backward for x, the 7 candidate weights and every conv weight. Every (case, provider) runs in a fresh child
@@ -47,12 +48,13 @@ else:  # run as a script: benchmarks/ is sys.path[0]
     import _device
 
 CASES = {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)}
-PROVIDERS = ("eager-contiguous", "eager", "cpp", "compile", "triton")
+PROVIDERS = ("eager-contiguous", "eager", "cpp", "cpp-no-recompute", "compile", "triton")
 BACKEND_OF = {
     "eager-contiguous": "reference",
     "eager": "reference",
     "compile": "reference",
     "cpp": "cpp",
+    "cpp-no-recompute": "cpp",  # keeps the edge's intermediates for the backward instead of recomputing them
     "triton": "triton",
 }
 
@@ -89,8 +91,8 @@ def make_forward(provider: str, stride: int):
     """The forward to time: (x, w, weights) -> out."""
     if provider == "compile":
         return torch.compile(lambda x, w, weights: reference.mixed_op(x, w, weights, stride)[0])
-    backend = BACKEND_OF[provider]
-    return lambda x, w, weights: ops.mixed_op(x, w, weights, stride, backend=backend)[0]
+    backend, recompute = BACKEND_OF[provider], provider != "cpp-no-recompute"
+    return lambda x, w, weights: ops.mixed_op(x, w, weights, stride, recompute=recompute, backend=backend)[0]
 
 
 def saved_bytes(forward, x, w, weights) -> int:

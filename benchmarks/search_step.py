@@ -7,7 +7,8 @@ A first-order step is an architecture step on one batch plus a weight step on an
 second-order step replaces the architecture step by the unrolled one (METHOD.md 1.3). The
 network is `SearchNetwork(C=16, layers=8, num_classes=10)` on random 3x32x32 data unless the
 flags say otherwise. Providers: the eager reference with contiguous and with channels_last
-activations, the fused kernels ("cpp" on the CPU, "triton" on CUDA), and torch.compile of the reference
+activations, the fused kernels ("cpp" on the CPU, "triton" on CUDA; "cpp-no-recompute" keeps each edge's
+intermediates instead of recomputing them, not run by default), and torch.compile of the reference
 network ("compile", not run by default: it compiles the whole supernet). One command measures every provider and order,
 alternating between them; each (provider, order) case runs in a fresh child process so that its peak RSS is its own and
 one case's freed-but-fragmented heap cannot push the next one out of memory.
@@ -49,13 +50,14 @@ ORDERS = ("first", "second")
 CUDA_REP_MS = 1000  # do_bench's timed span per case: a step takes tens of milliseconds or more
 
 
-# provider -> (ops backend, memory layout of the network's activations, torch.compile the network?)
+# provider -> (ops backend, memory layout of the network's activations, torch.compile the network?, recompute?)
 PROVIDERS = {
-    "reference-contiguous": ("reference", torch.contiguous_format, False),
-    "reference": ("reference", torch.channels_last, False),
-    "cpp": ("cpp", torch.channels_last, False),
-    "compile": ("reference", torch.channels_last, True),
-    "triton": ("triton", torch.channels_last, False),
+    "reference-contiguous": ("reference", torch.contiguous_format, False, True),
+    "reference": ("reference", torch.channels_last, False, True),
+    "cpp": ("cpp", torch.channels_last, False, True),
+    "cpp-no-recompute": ("cpp", torch.channels_last, False, False),
+    "compile": ("reference", torch.channels_last, True, True),
+    "triton": ("triton", torch.channels_last, False, True),
 }
 
 
@@ -67,10 +69,12 @@ def default_providers(device: torch.device) -> list[str]:
 
 
 def make_problem(
-    batch: int, C: int, layers: int, size: int, seed: int = 0, memory_format=torch.channels_last, device="cpu"
-):
+    batch: int, C: int, layers: int, size: int, seed: int = 0, memory_format=torch.channels_last, device="cpu",
+    recompute: bool = True,
+):  # fmt: skip
     torch.manual_seed(seed)  # the model and the data are drawn on the CPU, so every device gets the same numbers
-    model = SearchNetwork(C=C, num_classes=10, layers=layers, in_channels=3, memory_format=memory_format).to(device)
+    model = SearchNetwork(C=C, num_classes=10, layers=layers, in_channels=3, memory_format=memory_format,
+                          recompute=recompute).to(device)  # fmt: skip
     weight_optimizer = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     batches = [(torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))) for _ in range(2)]
     return model, weight_optimizer, [(x.to(device), y.to(device)) for x, y in batches]
@@ -114,8 +118,10 @@ def run_case(
 ) -> dict:
     """One (provider, order) case in this process, on `device` (CUDA: also FLOPs and peak device memory)."""
     device = torch.device(device)
-    backend, memory_format, compiled = PROVIDERS[provider]
-    model, weight_optimizer, batches = make_problem(batch, C, layers, size, memory_format=memory_format, device=device)
+    backend, memory_format, compiled, recompute = PROVIDERS[provider]
+    model, weight_optimizer, batches = make_problem(
+        batch, C, layers, size, memory_format=memory_format, device=device, recompute=recompute
+    )  # fmt: skip
     train_batch, val_batch = batches
     with ops.use_backend(backend):
         result = saved_bytes_of_step(model, *train_batch)

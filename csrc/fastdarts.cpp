@@ -24,6 +24,19 @@ TORCH_LIBRARY(fastdarts, m) {
   m.def("weighted_sum(Tensor[] xs, Tensor w) -> Tensor");
   // grad_xs[k] = w[k] * grad, grad_w[k] = sum(grad * xs[k]), in one pass over grad.
   m.def("weighted_sum_backward(Tensor grad, Tensor[] xs, Tensor w) -> (Tensor[], Tensor)");
+  // out = sum_k w[k] * (ts[k] - mean[k, c]) * invstd[k, c], per channel c: the mixed-op sum of K affine-free BNs,
+  // without writing the K normalised tensors. ts: K tensors [N, C, H, W] of one shape; w: [K]; mean, invstd: [K, C]
+  // (mean 0 and invstd 1: a term added un-normalised, the skip connection). out is laid out like ts[0].
+  m.def("bn_weighted_sum(Tensor[] ts, Tensor w, Tensor mean, Tensor invstd) -> Tensor");
+  // The gradient of bn_weighted_sum when mean[k] and invstd[k] are, for the rows with batch_statistics[k], the
+  // batch statistics of ts[k] (biased variance, invstd = rsqrt(var + eps)): the gradient flows through them too,
+  // as in native_batch_norm_backward in training, times w[k]; the other rows are fixed (skip connection, eval).
+  // grad_ts (laid out like ts[0]) if input_grad, else an empty list; grad_w if w_grad, else None. Not
+  // differentiable: the autograd of bn_weighted_sum takes mean and invstd as plain inputs and calls it with every
+  // flag false.
+  m.def(
+      "bn_weighted_sum_backward(Tensor grad, Tensor[] ts, Tensor w, Tensor mean, Tensor invstd, "
+      "bool[] batch_statistics, bool input_grad, bool w_grad) -> (Tensor[], Tensor?)");
   // out[i] = depthwise conv of relu(x) (x when relu is false) with weights[i]: dilation dilations[i], the one stride,
   // "same" padding dilations[i] * (k_i - 1) / 2. x: [N, C, H, W]; weights[i]: [C, 1, k_i, k_i], k_i odd;
   // out[i]: [N, C, (H - 1) / stride + 1, (W - 1) / stride + 1], laid out like x. The first stage of DARTS's sep and

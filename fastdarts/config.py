@@ -73,6 +73,8 @@ class SearchConfig(RunOptions):
     train_portion: float = option(0.5, "fraction of the training set that trains the weights", low=0, high=1,
                                   low_open=True, high_open=True)  # fmt: skip
     unrolled: bool = option(False, "second-order (unrolled) architecture gradient")
+    recompute: bool = option(True, "recompute each edge's intermediates in backward (keeping them is faster but "
+                             "takes several times the activation memory: benchmarks/RESULTS.md)")  # fmt: skip
     hessian_r: float = option(0.01, "second order: the finite-difference step of the Hessian-vector product (L2 norm)",
                               low=0, low_open=True)  # fmt: skip
     arch_learning_rate: float | None = option(None, "Adam learning rate of the architecture", low=0, low_open=True)

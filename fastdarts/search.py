@@ -96,7 +96,8 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
     run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "search")
 
     method = make_method(config.method, **config.method_settings())
-    model = SearchNetwork(config.init_channels, data.num_classes, config.layers, data.in_channels, method=method)
+    model = SearchNetwork(config.init_channels, data.num_classes, config.layers, data.in_channels, method=method,
+                          recompute=config.recompute)  # fmt: skip
     weight_optimizer = torch.optim.SGD(
         model.weight_parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
     )

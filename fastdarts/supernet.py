@@ -14,7 +14,16 @@ from torch import nn
 
 from . import ops
 from .methods import DARTSMethod, Method
-from .space import OPS, PRIMITIVES, FactorizedReduce, Genotype, ReLUConvBN, Zero, cell_edge_count, drop_running_statistics
+from .space import (
+    OPS,
+    PRIMITIVES,
+    FactorizedReduce,
+    Genotype,
+    ReLUConvBN,
+    Zero,
+    cell_edge_count,
+    drop_running_statistics,
+)
 
 # `none` contributes zeros, so it takes part in the weights but is never computed; every other
 # primitive is a candidate of the fused mixed op, in the same order.
@@ -41,9 +50,9 @@ class MixedOp(nn.Module):
     returns, as nn.BatchNorm2d would.
     """
 
-    def __init__(self, C: int, stride: int, pool_bn: bool = True):
+    def __init__(self, C: int, stride: int, pool_bn: bool = True, recompute: bool = True):
         super().__init__()
-        self.stride, self.pool_bn = stride, pool_bn
+        self.stride, self.pool_bn, self.recompute = stride, pool_bn, recompute
         candidates = []
         for name in _COMPUTED:
             op = OPS[name](C, stride, False)
@@ -82,7 +91,7 @@ class MixedOp(nn.Module):
                                                   torch.stack([b.running_var for b in self.bns]))  # fmt: skip
         out, mean, var = ops.mixed_op(
             x, weights[list(_COMPUTED_COLUMNS)], self.conv_weights(), self.stride, candidates,
-            *(running or (None, None)), batch_statistics, bn.eps, self.pool_bn,
+            *(running or (None, None)), batch_statistics, bn.eps, self.pool_bn, self.recompute,
         )  # fmt: skip
         if self.training and bn.track_running_stats:
             self._update_running_statistics(candidates, mean, var, out.numel() // out.shape[1])
@@ -105,7 +114,8 @@ class MixedOp(nn.Module):
 class SearchCell(nn.Module):
     """A DAG of `steps` nodes over two inputs; each node sums the mixed ops from all its predecessors."""
 
-    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, pool_bn=True):
+    def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, pool_bn=True,
+                 recompute=True):  # fmt: skip
         super().__init__()
         self.reduction = reduction
         self.steps = steps
@@ -117,7 +127,7 @@ class SearchCell(nn.Module):
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
         # Edges node-major, input-minor: node 0 <- (0, 1), node 1 <- (0, 1, 2), ...
         self.edges = nn.ModuleList(
-            MixedOp(C, 2 if reduction and j < 2 else 1, pool_bn) for i in range(steps) for j in range(2 + i)
+            MixedOp(C, 2 if reduction and j < 2 else 1, pool_bn, recompute) for i in range(steps) for j in range(2 + i)
         )
 
     def forward(
@@ -149,7 +159,9 @@ class SearchNetwork(nn.Module):
     they hold the gate logits beta). `method` (default `DARTSMethod`) turns them into the edge
     weights of each forward pass, and gives the regulariser and the genotype rule. Each edge is one
     `ops.mixed_op` call; `memory_format` (default channels_last, the kernels' layout) is the layout
-    of the activations. The method's `network_style` says whether the pools have BNs, whether the
+    of the activations. `recompute` (default True) makes each fused mixed op keep only its input for
+    backward and recompute the edge there; False keeps the edge's intermediates instead (faster, several
+    times the memory: benchmarks/RESULTS.md). The method's `network_style` says whether the pools have BNs, whether the
     cells' BNs keep running statistics and whether a BN + ReLU precedes the global pooling.
     """
 
@@ -164,6 +176,7 @@ class SearchNetwork(nn.Module):
         stem_multiplier: int = 3,
         method: Method | None = None,
         memory_format: torch.memory_format = torch.channels_last,
+        recompute: bool = True,
     ):
         super().__init__()
         self.memory_format = memory_format
@@ -193,7 +206,8 @@ class SearchNetwork(nn.Module):
             reduction = i in self.reduction_indices
             if reduction:
                 C_curr *= 2
-            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, style.pool_bn)
+            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, style.pool_bn,
+                              recompute)  # fmt: skip
             if not style.running_statistics:
                 drop_running_statistics(cell)
             cells.append(cell)

@@ -68,10 +68,12 @@ def test_invalid_network_arguments():
 
 
 @requires_ext
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "no-recompute"])
 @pytest.mark.parametrize("train", [True, False])
-def test_cpp_and_reference_backends_agree_on_the_whole_network(train):
+def test_cpp_and_reference_backends_agree_on_the_whole_network(train, recompute):
     torch.manual_seed(0)
-    net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3).train(train)
+    net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3, recompute=recompute).train(train)
+    assert all(edge.recompute == recompute for cell in net.cells for edge in cell.edges)
     x, y = torch.randn(3, 3, 9, 9), torch.randint(0, 10, (3,))
     results = {}
     for backend in ("reference", "cpp"):

@@ -20,4 +20,13 @@ def make_method(name: str, **settings) -> Method:
     return METHODS[name](**settings)
 
 
-__all__ = ["DARTSMethod", "METHODS", "PRDARTSMethod", "CellWeights", "Method", "NetworkStyle", "edge_entropy", "make_method"]
+__all__ = [
+    "DARTSMethod",
+    "METHODS",
+    "PRDARTSMethod",
+    "CellWeights",
+    "Method",
+    "NetworkStyle",
+    "edge_entropy",
+    "make_method",
+]

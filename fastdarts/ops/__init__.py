@@ -25,6 +25,7 @@ __all__ = [
     "EXTENSION_LOADED",
     "MIXED_OP_CANDIDATES",
     "available_backends",
+    "bn_weighted_sum",
     "mixed_op",
     "mixed_op_layout",
     "mixed_op_weight_shapes",
@@ -52,6 +53,32 @@ def weighted_sum(xs: Sequence[Tensor], w: Tensor, *, backend: str | None = None)
     TypeError for mismatched dtypes (and, on "cpp" and "triton", dtypes other than float32/float64).
     """
     return dispatch("weighted_sum", w.device, backend)(xs, w)
+
+
+def bn_weighted_sum(
+    ts: Sequence[Tensor], w: Tensor, mean: Tensor, invstd: Tensor, *, backend: str | None = None
+) -> Tensor:
+    """`out = sum_k w[k] * (ts[k] - mean[k, c]) * invstd[k, c]`: the end of a DARTS mixed op, the weighted sum of K
+    affine-free batch norms (per channel c), without writing the K normalised tensors.
+
+    Args:
+        ts: K >= 1 tensors [N, C, H, W] of one shape, dtype and device. The output takes the memory layout of
+            `ts[0]` (channels_last, the layout "cpp" computes in, stays channels_last; other layouts are copied).
+        w: [K], the dtype and device of `ts`; typically a softmax of architecture weights.
+        mean, invstd: [K, C], the statistics each BN normalises with (invstd = 1 / sqrt(var + eps)). A row of
+            zeros and ones adds its tensor un-normalised (the skip connection).
+        backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND, then the
+            device ("cpp" for CPU tensors when built).
+
+    Differentiable in `ts`, `w`, `mean` and `invstd`, each taken as an input in its own right (statistics computed
+    from `ts` in the graph pass their gradient on through autograd): with g = dL/dout and xhat_k = (ts[k] -
+    mean[k]) * invstd[k], `dL/dts[k] = w[k] invstd[k] g` and `dL/dw[k] = sum(g xhat_k)`. Once on "cpp" (the
+    reference any number of times). The fused mixed op calls `torch.ops.fastdarts.bn_weighted_sum_backward`
+    instead, which takes the gradient through batch statistics of `ts[k]` in the same pass. Raises ValueError for
+    an empty list, a shape or device problem; TypeError for mismatched dtypes (and, on "cpp", dtypes other than
+    float32/float64).
+    """
+    return dispatch("bn_weighted_sum", w.device, backend)(ts, w, mean, invstd)
 
 
 def sample_gates(
@@ -162,6 +189,7 @@ def mixed_op(
     training: bool = True,
     eps: float = 1e-5,
     pool_bn: bool = True,
+    recompute: bool = True,
     *,
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -181,6 +209,9 @@ def mixed_op(
         training: normalise with the batch's statistics (and return them) or with bn_mean and bn_var.
         eps: the BNs' epsilon.
         pool_bn: an affine-free BN after each pool (DARTS's search network) or none (PR-DARTS's).
+        recompute: on "cpp" and "triton", keep only x, the weights and the statistics for backward and recompute
+            the edge there (the default), or keep the edge's intermediates (16 activations of the output's size
+            for all seven candidates) and skip the recomputation.
         backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND, then the
             device ("cpp" for CPU tensors when built).
 
@@ -188,13 +219,12 @@ def mixed_op(
     mean and biased variance each BN normalised with (rows of candidates not computed: 0 and 1), from which the
     caller updates its running statistics; in evaluation copies of bn_mean and bn_var.
 
-    Differentiable in x, w and every conv weight (once on "cpp"; the reference any number of times). The "cpp"
-    backend keeps only x, w, the weights and the statistics for backward and recomputes the edge there; it
-    computes only the gradients asked for. Raises ValueError for a shape, length, stride or candidate problem
-    and TypeError for mismatched dtypes (on "cpp", also for dtypes other than float32/float64).
+    Differentiable in x, w and every conv weight (once on "cpp" and "triton"; the reference any number of times).
+    The fused backends compute only the gradients asked for. Raises ValueError for a shape, length, stride or
+    candidate problem and TypeError for mismatched dtypes (on "cpp", also for dtypes other than float32/float64).
     """
     return dispatch("mixed_op", x.device, backend)(
-        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn
+        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute
     )  # fmt: skip
 
 

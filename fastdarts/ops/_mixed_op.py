@@ -46,6 +46,28 @@ class EdgeKernels:
     pool_bn_stats: Callable[..., tuple]  # (x, stride) -> (max_out, avg_out, mean, var)
     pool_bn_stats_backward: Callable[..., Tensor]  # (grad_max or None, grad_avg or None, x, stride) -> grad_x
     weighted_sum: Callable[..., Tensor]  # (xs, w)
+    bn_weighted_sum: Callable[..., Tensor]  # (ts, w, mean, invstd)
+    # (grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad) -> (grad_ts or [], grad_w or None)
+    bn_weighted_sum_backward: Callable[..., tuple]
+
+
+def bn_weighted_sum_backward_in_torch(grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad):
+    """fastdarts::bn_weighted_sum_backward in torch ops, for a backend without that kernel (Triton's, for now):
+    with xhat = (t - mean) * invstd and means over (n, h, w), dL/dt = w invstd (g - mean(g) - xhat mean(g xhat)) on
+    a batch-statistics row, w invstd g on a fixed one; dL/dw = sum(g xhat)."""
+    C = grad.shape[1]
+    per_channel = [1, C, 1, 1]
+    count = grad.numel() // C
+    grad_mean = grad.sum((0, 2, 3)) / count
+    grad_ts, grad_w = [], []
+    for t, wk, m, s, batch in zip(ts, w, mean, invstd, batch_statistics):
+        xhat = (t - m.view(per_channel)) * s.view(per_channel)
+        g_xhat = (grad * xhat).sum((0, 2, 3))
+        grad_w.append(g_xhat.sum())
+        if input_grad:
+            g = grad - grad_mean.view(per_channel) - xhat * (g_xhat / count).view(per_channel) if batch else grad
+            grad_ts.append(g * (wk * s).view(per_channel))
+    return grad_ts, (torch.stack(grad_w) if w_grad else None)
 
 
 _CHANNELS_LAST = torch.channels_last
@@ -94,11 +116,36 @@ def _factorized_reduce_backward(
     return grad_r, grads
 
 
-class _Edge:
-    """The forward of one edge on `kernels`, keeping what the backward needs when asked to (`keep`)."""
+def _saved_names(candidates: Sequence[int], stride: int) -> list[str]:
+    """What the backward reads besides x, in a fixed order: each candidate's tensor before its last BN ("t"), a sep
+    conv's first pointwise output ("t_1"), the input ("u") and output ("z2") of its second depthwise conv, and the
+    first-stage depthwise output ("z") of every conv."""
+    names = []
+    for k in candidates:
+        if k == _SKIP and stride == 1:
+            continue  # the skip's tensor is x
+        names.append(f"t{k}")
+        if k in (_SEP3, _SEP5):
+            names += [f"t{k}_1", f"u{k}", f"z2_{k}"]
+        if k in _FIRST_STAGE_DILATION:
+            names.append(f"z{k}")
+    return names
 
-    def __init__(self, kernels, x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, keep):
-        self.kernels = kernels
+
+class _Edge:
+    """One edge on `kernels`: its forward, keeping what the backward needs when asked to (`keep`), and its backward.
+
+    Every candidate ends in a tensor its last BN normalises (x itself for the stride-1 skip, and the pools' outputs
+    when they have no BN); those BNs are not applied one by one: `bn_weighted_sum` folds them, with the edge weights,
+    into the sum, and its backward gives every candidate's dL/dt (w[k] and the path through the batch statistics
+    included) and dL/dw in one pass.
+    """
+
+    def __init__(self, kernels, x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, keep,
+                 saved=None):  # fmt: skip
+        """With `saved` (the tensors of _saved_names, from a forward with keep), nothing is computed: the edge is
+        restored for its backward; bn_mean and bn_var are then the statistics the forward used."""
+        self.kernels, self.w = kernels, w
         self.x, self.stride, self.candidates = x, stride, list(candidates)
         self.training, self.eps, self.pool_bn, self.keep = training, eps, pool_bn, keep
         C = x.shape[1]
@@ -109,41 +156,52 @@ class _Edge:
         for k, (num_weights, num_bns) in enumerate(layout):
             self.weights[k], self.rows[k] = list(weights[weight_at : weight_at + num_weights]), row_at
             weight_at, row_at = weight_at + num_weights, row_at + num_bns
-        if training:
+        if training and saved is None:
             self.mean, self.var = x.new_zeros(B, C), x.new_ones(B, C)
         else:
             self.mean, self.var = bn_mean.clone(), bn_var.clone()
-        self.kept: dict[str, Tensor] = {}  # the pre-BN tensors (and a few others) for the backward
-        self.pools: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # pool_bn_stats's outputs, when computed
-        self._first_stage()
-        self.outputs = [self._candidate(k) for k in self.candidates]
-        self.w = w
-
-    def _first_stage(self) -> None:
-        """relu(x) into the depthwise convs of every conv candidate computed, from one read of x."""
         convs = [k for k in self.candidates if k in _FIRST_STAGE_DILATION]
-        self.first_stage: dict[int, Tensor] = {}
-        if convs:
-            self.first_stage_weights = [self.weights[k][0] for k in convs]
-            self.first_stage_dilations = [_FIRST_STAGE_DILATION[k] for k in convs]
-            zs = self.kernels.relu_dwconv(
-                self.x, self.first_stage_weights, self.first_stage_dilations, self.stride, True
-            )
-            self.first_stage = dict(zip(convs, zs))
+        self.first_stage_weights = [self.weights[k][0] for k in convs]
+        self.first_stage_dilations = [_FIRST_STAGE_DILATION[k] for k in convs]
+        self.pools: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # pool_bn_stats's outputs, when computed
+        if saved is not None:
+            self.kept = dict(zip(_saved_names(self.candidates, stride), saved))
+            self.first_stage = {k: self.kept[f"z{k}"] for k in convs}
+            finals = [x if k == _SKIP and stride == 1 else self.kept[f"t{k}"] for k in self.candidates]
+        else:
+            self.kept: dict[str, Tensor] = {}  # what the backward reads, when keep
+            self.first_stage: dict[int, Tensor] = {}
+            if convs:  # relu(x) into the depthwise convs of every conv candidate, from one read of x
+                zs = kernels.relu_dwconv(x, self.first_stage_weights, self.first_stage_dilations, stride, True)
+                self.first_stage = dict(zip(convs, zs))
+                self._keep(**{f"z{k}": z for k, z in self.first_stage.items()})
+            finals = [self._candidate(k) for k in self.candidates]
+        # Per candidate: the tensor its last BN normalises and that BN's row (None: added as it is).
+        self.finals = [(t, self._final_row(k)) for t, k in zip(finals, self.candidates)]
 
-    def _bn(
-        self, t: Tensor, row: int, name: str, batch_statistics: tuple[Tensor, Tensor] | None = None
-    ) -> Tensor | None:
-        """BN(t) with the statistics of BN row `row`; t kept under `name` for the backward. A candidate's last BN
-        (every name without "_1") gives None when recomputing for the backward, which needs only t. In training,
-        `batch_statistics` (mean, biased variance), when a kernel has computed them already, spare a pass over t."""
+    def _keep(self, **tensors: Tensor) -> None:
         if self.keep:
-            self.kept[name] = t
-            if not name.endswith("_1"):
-                return None
-        if self.training and batch_statistics is not None:
-            self.mean[row], self.var[row] = batch_statistics
-        if not self.training or batch_statistics is not None:
+            self.kept.update(tensors)
+
+    def _final_row(self, k: int) -> int | None:
+        if k == _SKIP and self.stride == 1 or k in (_MAX_POOL, _AVG_POOL) and not self.pool_bn:
+            return None
+        return self.rows[k] + 1 if k in (_SEP3, _SEP5) else self.rows[k]  # a sep conv's second BN is its last
+
+    def _final(self, t: Tensor, k: int) -> Tensor:
+        """t, the input of candidate k's last BN, whose batch statistics (in training) this records."""
+        self._keep(**{f"t{k}": t})
+        if self.training:
+            # ATen's BN statistics pass (mean and biased variance); torch.var_mean over (0, 2, 3) is ~10x slower on
+            # channels_last.
+            mean, var = torch.ops.aten.batch_norm_update_stats.default(t, None, None, 0.0)
+            row = self._final_row(k)
+            self.mean[row], self.var[row] = mean, var
+        return t
+
+    def _middle_bn(self, t: Tensor, row: int) -> Tensor:
+        """A sep conv's first BN, applied (its ReLU and depthwise conv follow)."""
+        if not self.training:
             return torch.native_batch_norm(t, None, None, self.mean[row], self.var[row], False, 0.0, self.eps)[0]
         y, mean, invstd = torch.native_batch_norm(t, None, None, None, None, True, 0.0, self.eps)
         self.mean[row] = mean
@@ -155,46 +213,55 @@ class _Edge:
         if k in (_MAX_POOL, _AVG_POOL):
             if self.pools is None:  # both pools and their statistics from one read of x
                 self.pools = self.kernels.pool_bn_stats(x, stride)
-            pooled, mean, var = self.pools[k], self.pools[2][k], self.pools[3][k]
-            if not self.pool_bn:
-                if self.keep:
-                    self.kept[f"t{k}"] = pooled
-                return pooled
-            return self._bn(pooled, row, f"t{k}", (mean, var))
+            pooled = self.pools[k]
+            self._keep(**{f"t{k}": pooled})
+            if self.pool_bn and self.training:  # the kernel's statistics spare a pass over the output
+                self.mean[row], self.var[row] = self.pools[2][k], self.pools[3][k]
+            return pooled
         if k == _SKIP:
-            return x if stride == 1 else self._bn(factorized_reduce(x, *ws), row, f"t{k}")
+            return x if stride == 1 else self._final(factorized_reduce(x, *ws), k)
         z = self.first_stage[k]
         if k in (_DIL3, _DIL5):
-            return self._bn(_pointwise(z, ws[1]), row, f"t{k}")
-        u = self._bn(_pointwise(z, ws[1]), row, f"t{k}_1")
+            return self._final(_pointwise(z, ws[1]), k)
+        t1 = _pointwise(z, ws[1])
+        u = self._middle_bn(t1, row)
         z2 = self.kernels.relu_dwconv(u, [ws[2]], [1], 1, True)[0]
-        if self.keep:
-            self.kept[f"u{k}"], self.kept[f"z2_{k}"] = u, z2
-        return self._bn(_pointwise(z2, ws[3]), row + 1, f"t{k}")
+        self._keep(**{f"t{k}_1": t1, f"u{k}": u, f"z2_{k}": z2})
+        return self._final(_pointwise(z2, ws[3]), k)
+
+    def saved(self) -> list[Tensor]:
+        """The tensors of _saved_names (after a forward with keep)."""
+        return [self.kept[name] for name in _saved_names(self.candidates, self.stride)]
+
+    def _final_statistics(self) -> tuple[Tensor, Tensor]:
+        """([K, C] mean, [K, C] invstd) of the candidates' last BNs; zeros and ones for a tensor added as it is."""
+        C = self.x.shape[1]
+        zeros, ones = self.x.new_zeros(C), self.x.new_ones(C)
+        mean = torch.stack([zeros if row is None else self.mean[row] for _, row in self.finals])
+        invstd = torch.stack([ones if row is None else (self.var[row] + self.eps).rsqrt() for _, row in self.finals])
+        return mean, invstd
 
     def out(self) -> Tensor:
-        if not self.outputs:
+        if not self.finals:
             return self.x.new_zeros(mixed_op_output_shape(self.x, self.stride)).contiguous(memory_format=_CHANNELS_LAST)
-        return self.kernels.weighted_sum(self.outputs, self.w[self.candidates])
+        ts = [t.contiguous(memory_format=_CHANNELS_LAST) for t, _ in self.finals]
+        return self.kernels.bn_weighted_sum(ts, self.w[self.candidates], *self._final_statistics())
 
     # The backward ---------------------------------------------------------------------------------------------
 
-    def _bn_backward(self, grad: Tensor, name: str, row: int, input_grad: bool, w_grad: bool):
-        """(dL/dt, sum over channels of dL/dgamma) of y = BN(t) for dL/dy = grad; gamma = 1 is the BN's implicit
-        scale, so sum(dL/dgamma) = sum(grad * y): the candidate's share of dL/dw when grad is dL/dout."""
-        if not (input_grad or w_grad):
-            return None, None
-        t = self.kept[name]
+    def _middle_bn_backward(self, grad: Tensor, k: int) -> Tensor:
+        """dL/dt_1 of a sep conv's first BN, u = BN(t_1), for dL/du = grad."""
+        t, row = self.kept[f"t{k}_1"], self.rows[k]
         if self.training:
             mean, invstd = self.mean[row], (self.var[row] + self.eps).rsqrt()
             running_mean = running_var = None
         else:
             mean = invstd = None
             running_mean, running_var = self.mean[row], self.var[row]
-        dt, dgamma, _ = torch.ops.aten.native_batch_norm_backward.default(
-            grad, t, None, running_mean, running_var, mean, invstd, self.training, self.eps, [input_grad, w_grad, False]
+        dt, _, _ = torch.ops.aten.native_batch_norm_backward.default(
+            grad, t, None, running_mean, running_var, mean, invstd, self.training, self.eps, [True, False, False]
         )
-        return dt, (dgamma.sum() if w_grad else None)
+        return dt
 
     def backward(self, grad: Tensor, x_grad: bool, w_grad: bool, weights_grad: bool):
         """(dL/dx or None, dL/dw or None, dL/dweights per candidate {k: [...]} or None)."""
@@ -203,66 +270,55 @@ class _Edge:
         grad_weights = None
         if weights_grad:
             grad_weights = {k: [torch.zeros_like(t) for t in ws] for k, ws in self.weights.items()}
-        # dL/dx = sum of terms[i] * coefficients[i]: one weighted_sum at the end.
-        terms, coefficients = [], []
-        first_stage_grads, pool_grads = {}, {}
+        if not self.finals:
+            return (torch.zeros_like(x) if x_grad else None), grad_w, grad_weights
         need_dt = x_grad or weights_grad
-        for k in self.candidates:
-            wk, row = w[k], self.rows[k]
+        ts = [t.contiguous(memory_format=_CHANNELS_LAST) for t, _ in self.finals]
+        batch_statistics = [self.training and row is not None for _, row in self.finals]
+        # Every candidate's dL/dt (w[k] included) and dL/dw[k], in one pass over grad and the ts.
+        dts, dw = self.kernels.bn_weighted_sum_backward(
+            grad, ts, w[self.candidates], *self._final_statistics(), batch_statistics, need_dt, w_grad
+        )
+        if w_grad:
+            grad_w[self.candidates] = dw
+        terms = []  # dL/dx is their sum: one weighted_sum at the end
+        first_stage_grads, pool_grads = {}, {}
+        for k, dt in zip(self.candidates, dts):
             if k == _SKIP and self.stride == 1:
-                if w_grad:
-                    grad_w[k] = (grad * x).sum()
                 if x_grad:
-                    terms.append(grad)
-                    coefficients.append(wk)
-                continue
-            if k in (_MAX_POOL, _AVG_POOL):
-                if self.pool_bn:
-                    dt, share = self._bn_backward(grad, f"t{k}", row, x_grad, w_grad)
-                else:
-                    dt, share = grad, ((grad * self.kept[f"t{k}"]).sum() if w_grad else None)
+                    terms.append(dt)
+            elif k in (_MAX_POOL, _AVG_POOL):
                 if x_grad:
-                    pool_grads[k] = dt * wk
+                    pool_grads[k] = dt
             elif k == _SKIP:  # FactorizedReduce (stride-2 edges only): ATen's conv backward for its two 1x1 convs
-                dt, share = self._bn_backward(grad, f"t{k}", row, need_dt, w_grad)
-                if need_dt:
-                    dt = dt * wk
-                    grad_r, grads = _factorized_reduce_backward(dt, x, *self.weights[k], x_grad, weights_grad)
-                    if x_grad:
-                        terms.append(torch.ops.aten.threshold_backward.default(grad_r, x, 0))  # ReLU's mask
-                        coefficients.append(None)
-                    if weights_grad:
-                        grad_weights[k] = grads
+                grad_r, grads = _factorized_reduce_backward(dt, x, *self.weights[k], x_grad, weights_grad)
+                if x_grad:
+                    terms.append(torch.ops.aten.threshold_backward.default(grad_r, x, 0))  # ReLU's mask
+                if weights_grad:
+                    grad_weights[k] = grads
             else:  # the convolutions: everything back to the first stage, which is one relu_dwconv backward
                 ws = self.weights[k]
-                last_row = row + 1 if k in (_SEP3, _SEP5) else row  # a sep conv's second BN is its last
-                dt, share = self._bn_backward(grad, f"t{k}", last_row, need_dt, w_grad)
-                if need_dt:
-                    # dL/dt is wk times the BN backward of dL/dout: the factor goes on the (small) pointwise
-                    # weight and its gradient instead of on the activation.
-                    z = self.kept[f"z2_{k}"] if k in (_SEP3, _SEP5) else self.first_stage[k]
-                    pointwise = ws[3] if k in (_SEP3, _SEP5) else ws[1]
-                    dz, dpointwise = _pointwise_backward(dt, z, pointwise * wk, weights_grad)
+                sep = k in (_SEP3, _SEP5)
+                z = self.kept[f"z2_{k}"] if sep else self.first_stage[k]
+                dz, dpointwise = _pointwise_backward(dt, z, ws[3] if sep else ws[1], weights_grad)
+                if weights_grad:
+                    grad_weights[k][3 if sep else 1] = dpointwise
+                if sep:
+                    du, second = self.kernels.relu_dwconv_backward(
+                        [dz], self.kept[f"u{k}"], [ws[2]], [1], 1, True, True, weights_grad
+                    )
                     if weights_grad:
-                        grad_weights[k][3 if k in (_SEP3, _SEP5) else 1] = dpointwise * wk
-                    if k in (_SEP3, _SEP5):
-                        du, second = self.kernels.relu_dwconv_backward(
-                            [dz], self.kept[f"u{k}"], [ws[2]], [1], 1, True, True, weights_grad
-                        )
-                        if weights_grad:
-                            grad_weights[k][2] = second[0]
-                        dt, _ = self._bn_backward(du, f"t{k}_1", row, True, False)
-                        dz, dpointwise = _pointwise_backward(dt, self.first_stage[k], ws[1], weights_grad)
-                        if weights_grad:
-                            grad_weights[k][1] = dpointwise
-                    first_stage_grads[k] = dz
-            if w_grad:
-                grad_w[k] = share
+                        grad_weights[k][2] = second[0]
+                    dz, dpointwise = _pointwise_backward(
+                        self._middle_bn_backward(du, k), self.first_stage[k], ws[1], weights_grad
+                    )
+                    if weights_grad:
+                        grad_weights[k][1] = dpointwise
+                first_stage_grads[k] = dz
         if pool_grads:  # both pools' gradients in one pass over x, which recomputes the argmax
             terms.append(self.kernels.pool_bn_stats_backward(
                 pool_grads.get(_MAX_POOL), pool_grads.get(_AVG_POOL), x, self.stride
             ))  # fmt: skip
-            coefficients.append(None)
         if first_stage_grads:
             convs = list(first_stage_grads)
             dx, firsts = self.kernels.relu_dwconv_backward(
@@ -274,13 +330,11 @@ class _Edge:
                     grad_weights[k][0] = g
             if x_grad:
                 terms.append(dx)
-                coefficients.append(None)
         grad_x = None
         if x_grad:
             if terms:
-                one = w.new_ones(())
-                ws = torch.stack([one if c is None else c for c in coefficients])
-                grad_x = self.kernels.weighted_sum([t.contiguous(memory_format=_CHANNELS_LAST) for t in terms], ws)
+                terms = [t.contiguous(memory_format=_CHANNELS_LAST) for t in terms]
+                grad_x = self.kernels.weighted_sum(terms, w.new_ones(len(terms)))
             else:
                 grad_x = torch.zeros_like(x)
         return grad_x, grad_w, grad_weights
@@ -308,19 +362,22 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         training: bool,
         eps: float,
         pool_bn: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """reference.mixed_op on the building blocks of `kernels` (float32/float64)."""
+        recompute: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+        """reference.mixed_op on the building blocks of `kernels` (float32/float64); with recompute False, also the
+        intermediates the backward then reads instead of recomputing them (_saved_names)."""
         check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn)
         check_supported_dtype("mixed_op", x, raise_unless)
         edge = _Edge(kernels, _prepare(x), w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn,
-                     keep=False)  # fmt: skip
-        return edge.out(), edge.mean, edge.var
+                     keep=not recompute)  # fmt: skip
+        return edge.out(), edge.mean, edge.var, ([] if recompute else edge.saved())
 
     @mixed_op.register_fake
-    def _mixed_op_fake(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn):
+    def _mixed_op_fake(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute):
         B = sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
         out = x.new_empty(mixed_op_output_shape(x, stride)).contiguous(memory_format=_CHANNELS_LAST)
-        return out, x.new_empty(B, x.shape[1]), x.new_empty(B, x.shape[1])
+        saved = [] if recompute else [torch.empty_like(out) for _ in _saved_names(candidates, stride)]
+        return out, x.new_empty(B, x.shape[1]), x.new_empty(B, x.shape[1]), saved
 
     @torch.library.custom_op(f"{namespace}::mixed_op_backward", mutates_args=(), device_types=device_types)
     def mixed_op_backward(
@@ -335,24 +392,30 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         training: bool,
         eps: float,
         pool_bn: bool,
+        saved: list[Tensor],
         x_grad: bool,
         w_grad: bool,
         weights_grad: bool,
     ) -> list[Tensor]:
-        """Recomputes the edge from x and its statistics, then returns, in this order, dL/dx if x_grad, dL/dw if
-        w_grad, and every dL/dweights[i] if weights_grad (zeros for the convs of candidates not computed)."""
+        """Recomputes the edge from x and its statistics (or restores it from `saved`, the forward's intermediates
+        when it did not recompute), then returns, in this order, dL/dx if x_grad, dL/dw if w_grad, and every
+        dL/dweights[i] if weights_grad (zeros for the convs of candidates not computed)."""
         x = _prepare(x)
-        # mean and var are the statistics the forward normalised with: recomputing in "evaluation" with them as the
-        # running statistics reproduces the forward exactly; the backward still treats them as batch statistics.
-        edge = _Edge(kernels, x, w, weights, stride, candidates, mean, var, False, eps, pool_bn, keep=True)
-        edge.training = training
+        if saved:
+            edge = _Edge(kernels, x, w, weights, stride, candidates, mean, var, training, eps, pool_bn, keep=True,
+                         saved=saved)  # fmt: skip
+        else:
+            # mean and var are the statistics the forward normalised with: recomputing in "evaluation" with them as
+            # the running statistics reproduces the forward exactly; the backward still treats them as batch ones.
+            edge = _Edge(kernels, x, w, weights, stride, candidates, mean, var, False, eps, pool_bn, keep=True)
+            edge.training = training
         grad_x, grad_w, grad_weights = edge.backward(_prepare(grad), x_grad, w_grad, weights_grad)
         flat = [g for k in range(len(MIXED_OP_CANDIDATES)) for g in grad_weights[k]] if weights_grad else []
         return [g for g in (grad_x, grad_w) if g is not None] + flat
 
     @mixed_op_backward.register_fake
-    def _mixed_op_backward_fake(grad, x, w, weights, stride, candidates, mean, var, training, eps, pool_bn, x_grad,
-                                w_grad, weights_grad):  # fmt: skip
+    def _mixed_op_backward_fake(grad, x, w, weights, stride, candidates, mean, var, training, eps, pool_bn, saved,
+                                x_grad, w_grad, weights_grad):  # fmt: skip
         grad_x = [torch.empty_like(x, memory_format=_CHANNELS_LAST)] if x_grad else []
         grad_w = [w.new_empty(w.shape)] if w_grad else []
         return grad_x + grad_w + ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
@@ -366,19 +429,26 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
     mixed_op_backward.register_autograd(_refuse_double_backward)
 
     def _setup_context(ctx, inputs, output):
-        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn = inputs
-        _, mean, var = output
-        ctx.mark_non_differentiable(mean, var)
-        ctx.stride, ctx.candidates, ctx.training, ctx.eps, ctx.pool_bn = stride, list(candidates), training, eps, pool_bn
+        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute = inputs
+        _, mean, var, saved = output
+        ctx.mark_non_differentiable(mean, var, *saved)
+        ctx.stride, ctx.candidates, ctx.training, ctx.eps, ctx.pool_bn = (
+            stride,
+            list(candidates),
+            training,
+            eps,
+            pool_bn,
+        )
         ctx.num_weights = len(weights)
-        ctx.save_for_backward(x, w, mean, var, *weights)
+        ctx.save_for_backward(x, w, mean, var, *weights, *saved)
 
-    def _backward(ctx, grad, _grad_mean, _grad_var):
-        x, w, mean, var, *weights = ctx.saved_tensors
+    def _backward(ctx, grad, _grad_mean, _grad_var, _grad_saved):
+        x, w, mean, var, *rest = ctx.saved_tensors
+        weights, saved = rest[: ctx.num_weights], rest[ctx.num_weights :]
         needs = needs_input_grad(ctx)  # x, w, then the conv weights
         x_grad, w_grad, weights_grad = needs[0], needs[1], any(needs[2 : 2 + ctx.num_weights])
         grads = iter(mixed_op_backward(
-            grad, x, w, weights, ctx.stride, ctx.candidates, mean, var, ctx.training, ctx.eps, ctx.pool_bn,
+            grad, x, w, weights, ctx.stride, ctx.candidates, mean, var, ctx.training, ctx.eps, ctx.pool_bn, saved,
             x_grad, w_grad, weights_grad,
         ))  # fmt: skip
         grad_x = next(grads) if x_grad else None
@@ -386,7 +456,7 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         grad_weights = list(grads) if weights_grad else [None] * ctx.num_weights
         # torch.library takes an empty int list for an empty Tensor list, whose gradient must be [] (not None).
         grad_candidates = None if ctx.candidates else []
-        return grad_x, grad_w, grad_weights, None, grad_candidates, None, None, None, None, None
+        return grad_x, grad_w, grad_weights, None, grad_candidates, None, None, None, None, None, None
 
     mixed_op.register_autograd(_backward, setup_context=_setup_context)
 
@@ -401,9 +471,13 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         training: bool = True,
         eps: float = 1e-5,
         pool_bn: bool = True,
+        recompute: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The dispatch table's entry: reference.mixed_op's signature."""
-        return mixed_op(x, w, list(weights), stride, list(candidates), bn_mean, bn_var, training, eps, pool_bn)
+        out, mean, var, _ = mixed_op(
+            x, w, list(weights), stride, list(candidates), bn_mean, bn_var, training, eps, pool_bn, recompute
+        )  # fmt: skip
+        return out, mean, var
 
     return fused_mixed_op
 
@@ -419,6 +493,8 @@ if EXTENSION_LOADED:  # the C++ kernels exist only then
             pool_bn_stats=_cpp_ops.pool_bn_stats.default,
             pool_bn_stats_backward=_cpp_ops.pool_bn_stats_backward.default,
             weighted_sum=_cpp_ops.weighted_sum.default,
+            bn_weighted_sum=_cpp_ops.bn_weighted_sum.default,
+            bn_weighted_sum_backward=_cpp_ops.bn_weighted_sum_backward.default,
         ),
         device_types="cpu",
     )

@@ -70,6 +70,10 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         **({"cpp": _cpp.pool_bn_stats} if EXTENSION_LOADED else {}),
         **({"triton": _triton.pool_bn_stats} if TRITON_LOADED else {}),
     },
+    "bn_weighted_sum": {
+        "reference": reference.bn_weighted_sum,
+        **({"cpp": _cpp.bn_weighted_sum} if EXTENSION_LOADED else {}),
+    },
 }
 # The device types a backend runs on (None: wherever PyTorch runs). "triton" also runs CPU
 # tensors under TRITON_INTERPRET=1 (see _runs_on).

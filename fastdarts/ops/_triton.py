@@ -55,8 +55,9 @@ from ._autograd import (
     register_weighted_sum_autograd,
     torch_check,
 )
-from ._mixed_op import EdgeKernels, define_mixed_op
+from ._mixed_op import EdgeKernels, bn_weighted_sum_backward_in_torch, define_mixed_op
 from .reference import (
+    bn_weighted_sum,
     check_beta,
     check_explore_p,
     check_gate_noise,
@@ -927,6 +928,9 @@ mixed_op = define_mixed_op(
         pool_bn_stats=torch.ops.fastdarts_triton.pool_bn_stats.default,
         pool_bn_stats_backward=torch.ops.fastdarts_triton.pool_bn_stats_backward.default,
         weighted_sum=torch.ops.fastdarts_triton.weighted_sum.default,
+        # No Triton kernel folds the BNs into the sum yet: torch ops do it.
+        bn_weighted_sum=bn_weighted_sum,
+        bn_weighted_sum_backward=bn_weighted_sum_backward_in_torch,
     ),
     device_types=None,  # CUDA, and CPU tensors under TRITON_INTERPRET=1
 )

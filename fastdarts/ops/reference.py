@@ -66,6 +66,18 @@ def check_weights(op: str, name: str, w: Tensor, K: int, like: Tensor, require: 
     check_dtype_and_device(op, name, w, "the tensors", like, require)
 
 
+def check_channel_rows(op: str, name: str, t: Tensor, K: int, like: Tensor, require: Require = raise_unless) -> None:
+    """Per-channel values (a BN's mean, say) for each of K batches of images like `like`: shape [K, C], with the
+    dtype and device of `like`."""
+    C = like.shape[1]
+    require(
+        t.dim() == 2 and t.shape[0] == K and t.shape[1] == C,
+        ValueError,
+        lambda: f"{op}: {name} must have shape [K, C] = [{K}, {C}] (one row per tensor), got shape {list(t.shape)}",
+    )
+    check_dtype_and_device(op, name, t, "the tensors", like, require)
+
+
 def check_images(op: str, name: str, x: Tensor, require: Require = raise_unless) -> None:
     """A batch of images: a 4-D [N, C, H, W] tensor with C, H and W at least 1 (N may be 0)."""
     require(
@@ -94,15 +106,16 @@ def check_depthwise_weights(
         check_dtype_and_device(op, f"{name}[{i}]", w, like_name, like, require)
 
 
+def check_one_per_item(op: str, name: str, count: int, K: int, per: str, require: Require = raise_unless) -> None:
+    """A list argument with one entry per item of a K-long list (a flag per tensor, say)."""
+    require(count == K, ValueError, lambda: f"{op}: {name} must have one entry per {per} (K = {K}), got {count}")
+
+
 def check_positive_per_item(
     op: str, name: str, values: Sequence[int], K: int, per: str, require: Require = raise_unless
 ) -> None:
     """One positive integer per item of a K-long list (a dilation per kernel, say)."""
-    require(
-        len(values) == K,
-        ValueError,
-        lambda: f"{op}: {name} must have one entry per {per} (K = {K}), got {len(values)}",
-    )
+    check_one_per_item(op, name, len(values), K, per, require)
     for v in values:
         require(v >= 1, ValueError, lambda: f"{op}: {name} must be positive, got {list(values)}")
 
@@ -149,6 +162,37 @@ def weighted_sum(xs: Sequence[Tensor], w: Tensor) -> Tensor:
     out = xs[0] * weights[0]
     for x, wk in zip(xs[1:], weights[1:]):
         out = out + x * wk
+    return out
+
+
+def check_bn_weighted_sum_arguments(
+    op: str, ts: Sequence[Tensor], w: Tensor, mean: Tensor, invstd: Tensor, require: Require = raise_unless
+) -> None:
+    """The arguments of bn_weighted_sum (and of its backward), checked in the order of the C++ kernel."""
+    check_same_tensors(op, "ts", ts, require)
+    check_images(op, "ts", ts[0], require)
+    check_weights(op, "w", w, len(ts), ts[0], require)
+    check_channel_rows(op, "mean", mean, len(ts), ts[0], require)
+    check_channel_rows(op, "invstd", invstd, len(ts), ts[0], require)
+
+
+def bn_weighted_sum(ts: Sequence[Tensor], w: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """`out = sum_k w[k] * (ts[k] - mean[k, c]) * invstd[k, c]`: the end of a DARTS mixed op, the weighted sum of
+    K affine-free batch norms (per channel c), each with the statistics given.
+
+    ts: K >= 1 tensors [N, C, H, W] of one shape, dtype and device; w: [K]; mean, invstd: [K, C], the same dtype
+    and device. A row with mean 0 and invstd 1 adds its tensor un-normalised (the skip connection).
+    Gradients, mean and invstd taken as inputs in their own right (when they are the batch statistics of ts[k]
+    computed in the graph, autograd adds the path through them): with xhat_k = (ts[k] - mean[k]) * invstd[k],
+    `dL/dts[k] = w[k] invstd[k] g`, `dL/dw[k] = sum(g xhat_k)`, `dL/dmean[k, c] = -w[k] invstd[k, c] sum_c(g)`,
+    `dL/dinvstd[k, c] = w[k] sum_c(g (ts[k] - mean[k]))`, with g = dL/dout and sum_c the sum over (n, h, w).
+    """
+    check_bn_weighted_sum_arguments("bn_weighted_sum", ts, w, mean, invstd)
+    C = ts[0].shape[1]
+    out = None
+    for t, wk, m, s in zip(ts, w.unbind(0), mean.unbind(0), invstd.unbind(0)):
+        term = (t - m.view(1, C, 1, 1)) * s.view(1, C, 1, 1) * wk
+        out = term if out is None else out + term
     return out
 
 
@@ -459,6 +503,7 @@ def mixed_op(
     training: bool = True,
     eps: float = 1e-5,
     pool_bn: bool = True,
+    recompute: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One DARTS edge: `out = sum_{k in candidates} w[k] * o_k(x)`.
 
@@ -473,6 +518,7 @@ def mixed_op(
         training: normalise with batch statistics (True) or with bn_mean and bn_var.
         eps: the BNs' epsilon.
         pool_bn: an affine-free BN after each pool (DARTS's search network) or none (PR-DARTS's).
+        recompute: the fused ops' memory choice; ignored here (autograd keeps what eager PyTorch keeps).
 
     Returns (out [N, C, H_out, W_out], mean [B, C], var [B, C]): in training the batch mean and biased
     variance each BN normalised with (rows of candidates not computed: 0 and 1); in evaluation copies of

@@ -149,17 +149,21 @@ def test_float64_matches_reference_tightly(stride):
 
 
 @requires_ext
-@pytest.mark.parametrize("pool_bn", [True, False], ids=["pool-bn", "no-pool-bn"])
+@pytest.mark.parametrize(
+    "pool_bn,recompute", [(True, True), (False, True), (True, False)], ids=["pool-bn", "no-pool-bn", "no-recompute"]
+)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
-def test_opcheck(stride, training, pool_bn):
+def test_opcheck(stride, training, pool_bn, recompute):
     x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 7, stride, pool_bn=pool_bn)
-    args = (x, w, weights, stride, [0, 2, 3, 6], bn_mean, bn_var, training, 1e-5, pool_bn)
+    args = (x, w, weights, stride, [0, 2, 3, 6], bn_mean, bn_var, training, 1e-5, pool_bn, recompute)
     opcheck(torch.ops.fastdarts.mixed_op.default, args)
-    out, mean, var = torch.ops.fastdarts.mixed_op.default(*args)
+    out, mean, var, saved = torch.ops.fastdarts.mixed_op.default(*args)
+    # max pool's output; the skip's FactorizedReduce output (stride 2 only); sep3's t, t_1, u, z2, z; dil5's t, z
+    assert len(saved) == (0 if recompute else 8 + (stride == 2))
     grad = torch.randn_like(out)
     backward_args = (grad, x.detach(), w.detach(), [t.detach() for t in weights], stride, [0, 2, 3, 6], mean, var,
-                     training, 1e-5, pool_bn, True, True, True)  # fmt: skip
+                     training, 1e-5, pool_bn, [t.detach() for t in saved], True, True, True)  # fmt: skip
     opcheck(torch.ops.fastdarts.mixed_op_backward.default, backward_args)
 
 
@@ -190,6 +194,65 @@ def test_computes_only_the_gradients_asked_for(wants):
     assert record.calls == [("x" in wants, "w" in wants, "weights" in wants)]
     for g, r in zip(got[3], want[3]):
         torch.testing.assert_close(g, r, **TOLERANCES[torch.float32]["grad"])
+
+
+class RecordCalls(TorchDispatchMode):
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.calls = op, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is self.op
+        return func(*args, **(kwargs or {}))
+
+
+NO_RECOMPUTE_CASES = [(1, ALL, True), (2, ALL, False), (1, [0, 1, 4], True), (2, [2, 5], True)]
+
+
+@requires_ext
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("stride,candidates,pool_bn", NO_RECOMPUTE_CASES)
+def test_without_recomputation_equals_reference_and_runs_no_forward_kernel_in_backward(
+    stride, candidates, pool_bn, training
+):
+    x, w, weights, bn_mean, bn_var = make_inputs(3, 4, 9, stride, pool_bn=pool_bn)
+    want = run("reference", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=pool_bn)
+    out, mean, var = ops.mixed_op(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=pool_bn,
+                                  recompute=False, backend="cpp")  # fmt: skip
+    with RecordCalls(torch.ops.fastdarts.relu_dwconv.default) as forward_kernel:
+        grads = torch.autograd.grad(out, [x, w, *weights], want[-1], allow_unused=True)
+    assert forward_kernel.calls == 0
+    for g, r in zip((out, mean, var), want[:3]):
+        torch.testing.assert_close(g, r, **TOLERANCES[torch.float32]["out"])
+    for g, r in zip(grads, want[3]):
+        torch.testing.assert_close(g, r, **TOLERANCES[torch.float32]["grad"])
+
+
+@requires_ext
+def test_gradcheck_float64_without_recomputation():
+    x, w, weights, _, _ = make_inputs(2, 4, 5, 2, dtype=torch.float64)
+
+    def f(x, w, *weights):
+        return ops.mixed_op(x, w, weights, 2, ALL, recompute=False, backend="cpp")[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, *weights), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@requires_ext
+def test_without_recomputation_saves_the_sixteen_intermediates():
+    x, w, weights, _, _ = make_inputs(4, 16, 16, 1)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ops.mixed_op(x, w, weights, 1, recompute=False, backend="cpp")
+    inputs = {t.untyped_storage().data_ptr() for t in (x, w, *weights)}
+    activations = [size for ptr, size in storages.items() if ptr not in inputs and size == x.numel() * 4]
+    # both pools' outputs; per sep conv t, t_1, u, z2 and z; per dil conv t and z
+    assert len(activations) == 16
 
 
 @requires_ext

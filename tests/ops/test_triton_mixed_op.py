@@ -86,18 +86,18 @@ def test_pools_without_bn(stride, training):
 
 
 @pytest.mark.parametrize(
-    "op,stride,training,pool_bn",
-    [("mixed_op", 2, True, True), ("mixed_op_backward", 1, False, False)],
-    ids=["forward", "backward-no-pool-bn"],
+    "op,stride,training,pool_bn,recompute",
+    [("mixed_op", 2, True, True, False), ("mixed_op_backward", 1, False, False, True)],
+    ids=["forward-no-recompute", "backward-no-pool-bn"],
 )
-def test_opcheck(op, stride, training, pool_bn):
+def test_opcheck(op, stride, training, pool_bn, recompute):
     x, w, weights, bn_mean, bn_var = make_inputs(1, 2, 5, stride, pool_bn=pool_bn)
     candidates = [0, 2, 5]  # a pool, the skip and a conv: each kind of candidate, on the cheapest kernels
-    args = (x, w, weights, stride, candidates, bn_mean, bn_var, training, 1e-5, pool_bn)
+    args = (x, w, weights, stride, candidates, bn_mean, bn_var, training, 1e-5, pool_bn, recompute)
     if op == "mixed_op_backward":
-        out, mean, var = torch.ops.fastdarts_triton.mixed_op.default(*args)
+        out, mean, var, saved = torch.ops.fastdarts_triton.mixed_op.default(*args)
         args = (torch.randn_like(out), x.detach(), w.detach(), [t.detach() for t in weights], stride, candidates,
-                mean, var, training, 1e-5, pool_bn, True, True, True)  # fmt: skip
+                mean, var, training, 1e-5, pool_bn, saved, True, True, True)  # fmt: skip
     opcheck(getattr(torch.ops.fastdarts_triton, op).default, args)
 
 

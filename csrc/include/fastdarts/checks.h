@@ -85,6 +85,16 @@ inline void check_weights(const char* op, const char* name, const at::Tensor& w,
                     like.device(), "), got ", w.device());
 }
 
+// Per-channel values (a BN's mean, say) for each of K batches of images like `like`: shape [K, C], with the dtype
+// and device of `like`.
+inline void check_channel_rows(const char* op, const char* name, const at::Tensor& t, int64_t K,
+                               const at::Tensor& like) {
+  const int64_t C = like.size(1);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == K && t.size(1) == C, op, ": ", name, " must have shape [K, C] = [",
+                    K, ", ", C, "] (one row per tensor), got shape ", t.sizes());
+  check_dtype_and_device(op, name, t, "the tensors", like);
+}
+
 // A batch of images: a 4-D [N, C, H, W] tensor with C, H and W at least 1 (N may be 0).
 inline void check_images(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op, ": ", name,
@@ -107,11 +117,15 @@ inline void check_depthwise_weights(const char* op, const char* name, at::Tensor
   }
 }
 
+// A list argument with one entry per item of a K-long list (a flag per tensor, say).
+inline void check_one_per_item(const char* op, const char* name, int64_t count, int64_t K, const char* per) {
+  TORCH_CHECK_VALUE(count == K, op, ": ", name, " must have one entry per ", per, " (K = ", K, "), got ", count);
+}
+
 // One positive integer per item of a K-long list (a dilation per kernel, say).
 inline void check_positive_per_item(const char* op, const char* name, at::IntArrayRef values, int64_t K,
                                     const char* per) {
-  TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == K, op, ": ", name, " must have one entry per ", per,
-                    " (K = ", K, "), got ", values.size());
+  check_one_per_item(op, name, static_cast<int64_t>(values.size()), K, per);
   for (const int64_t v : values) {
     TORCH_CHECK_VALUE(v >= 1, op, ": ", name, " must be positive, got ", values);
   }

@@ -1,0 +1,486 @@
+// CPU kernels of bn_weighted_sum and bn_weighted_sum_backward (schemas in ../fastdarts.cpp): the end of a DARTS
+// mixed op, sum_k w[k] BN_k(t_k), with the K affine-free batch norms folded into the weighted sum, so that the K
+// normalised tensors are never written nor read back.
+//
+//   shapes:   ts[k], grad, out, grad_ts[k] [N, C, H, W]; w [K]; mean, invstd [K, C]; M = N H W
+//   forward:  xhat_k = (t_k - mean[k, c]) invstd[k, c];  out = sum_k w[k] xhat_k
+//   backward: grad_w[k] = sum_{n, c, h, w} g xhat_k, with g = grad
+//             grad_t_k = w[k] invstd (g - mean_c(g) - xhat_k mean_c(g xhat_k))  (batch-statistics rows: mean and
+//                        invstd are the biased batch statistics of t_k, so the gradient flows through them, as in
+//                        native_batch_norm_backward in training)
+//             grad_t_k = w[k] invstd g                                        (fixed rows: skip connection, eval)
+//             mean_c: the mean over (n, h, w) of one channel.
+//
+// Floors, float32, (64, 16, 32, 32), K = 7 (4.2 MB per tensor; 26 GB/s from DRAM, benchmarks/RESULTS.md; the
+// few FLOPs per value are trivial):
+//   forward:  read the K inputs, write out: 33.6 MB, 1.3 ms.
+//   backward: read grad and the K inputs, write the K input gradients: 62.9 MB, 2.4 ms. With batch-statistics
+//             rows the second pass has to wait for the per-channel sums of the first, so it reads grad and those
+//             inputs again: 96.5 MB, 3.7 ms when all K rows are.
+//
+// How. The kernels compute in channels_last, where a pixel's C channels are contiguous: other layouts are copied
+// in (and the results out), correct but not fast. The pixels are cut into fixed units (about kUnitValues values,
+// whole pixels), split among the threads; a unit is walked in groups of R pixels (R C about kGroupValues values).
+// Each per-channel quantity is expanded once per call into a pattern of one group's length (pattern[r C + c] =
+// value[c]), so that every inner loop is a plain elementwise loop over a group, which vectorises whatever C is.
+// forward:  out's group stays in L1 while the K inputs are added into it.
+// backward: pass 1 reads grad once (a group of it stays in L1 while the K inputs' are read) and accumulates, per
+//           value of a group, sum g and sum g (t_k - mean) in double (each product rounded once to the inputs'
+//           precision); a unit's group-wide sums are folded into per-channel sums in its own slot, and the slots
+//           are added in unit order, so the results do not depend on the thread count. Subtracting the mean
+//           before the product keeps the sums free of cancellation. Pass 1 also writes the fixed rows' gradients
+//           (they need no sums). Pass 2 writes the batch-statistics rows':
+//             grad_t_k = a g + b (t_k - mean) + e,  a = w invstd,  b = -a invstd^2 S_k / M,  e = -a S / M,
+//           with S = sum g and S_k = sum g (t_k - mean) per channel; grad_w[k] = sum_c invstd S_k.
+// The loops are compiled twice, for baseline x86-64 and for AVX-512 (cpu_isa.h): the conversions and double sums
+// of pass 1 keep up with memory only at 8 doubles per instruction.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "fastdarts/checks.h"
+#include "fastdarts/cpu_isa.h"
+
+namespace fastdarts {
+namespace {
+
+// A group. The loops walk all K inputs over one group before the next, so what a group touches (the group of grad
+// or out and of each input, K patterns, K + 1 rows of double sums) must stay well inside L1: groups of 256 values
+// and more ran markedly slower.
+constexpr int64_t kGroupValues = 64;
+// A unit, the grain of the deterministic reduction: 16 KiB of grad in float32, as in weighted_sum_backward.
+constexpr int64_t kUnitValues = 4096;
+// at::internal::GRAIN_SIZE: below this many values a second thread costs more than it saves.
+constexpr int64_t kGrain = 32768;
+
+// How the channels_last values [M pixels][C] are cut into units and groups, from the shape alone.
+struct Geometry {
+  Geometry(int64_t C, int64_t pixels) : C(C), pixels(pixels) {
+    group_pixels = std::max<int64_t>(1, kGroupValues / C);
+    group = group_pixels * C;
+    unit_pixels = group_pixels * std::max<int64_t>(1, kUnitValues / group);
+    num_units = (pixels + unit_pixels - 1) / unit_pixels;
+    grain = std::max<int64_t>(1, kGrain / (unit_pixels * C));
+  }
+  // The values [begin, end) of unit u.
+  int64_t begin(int64_t u) const {
+    return u * unit_pixels * C;
+  }
+  int64_t end(int64_t u) const {
+    return std::min((u + 1) * unit_pixels, pixels) * C;
+  }
+  int64_t C, pixels, group_pixels, group, unit_pixels, num_units, grain;
+};
+
+// values [rows, C] (row-major) repeated along a group: [rows, group] with pattern[i][r C + c] = values[i][c].
+template <typename P>
+std::vector<P> patterns(const std::vector<double>& values, int64_t rows, const Geometry& g) {
+  std::vector<P> out(rows * g.group);
+  for (int64_t i = 0; i < rows; ++i) {
+    for (int64_t j = 0; j < g.group; ++j) {
+      out[i * g.group + j] = static_cast<P>(values[i * g.C + j % g.C]);
+    }
+  }
+  return out;
+}
+
+// The values of w [K] or of a statistic [K, C] in double, row-major whatever the strides. Read in place: a
+// conversion through ATen costs microseconds, as much as the whole kernel at the supernet's small sizes.
+std::vector<double> values_of(const at::Tensor& t) {
+  const bool matrix = t.dim() == 2;
+  const int64_t rows = matrix ? t.size(0) : 1;
+  const int64_t cols = t.size(t.dim() - 1);
+  const int64_t row_stride = matrix ? t.stride(0) : 0;
+  const int64_t col_stride = t.stride(t.dim() - 1);
+  std::vector<double> out(rows * cols);
+  AT_DISPATCH_FLOATING_TYPES(t.scalar_type(), "values_of", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t c = 0; c < cols; ++c) {
+        out[r * cols + c] = static_cast<double>(p[r * row_stride + c * col_stride]);
+      }
+    }
+  });
+  return out;
+}
+
+// `t` with the channels contiguous: itself when it is already, else a copy.
+at::Tensor channels_last(const at::Tensor& t) {
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// An output laid out like `like` (at::empty_like, which keeps channels_last) and the channels_last tensor the
+// kernel writes: the output itself when it is channels_last, else a scratch tensor copied into it by finish().
+struct Output {
+  explicit Output(const at::Tensor& like) : result(at::empty_like(like)) {
+    work = result.is_contiguous(at::MemoryFormat::ChannelsLast)
+               ? result
+               : at::empty_like(result, at::MemoryFormat::ChannelsLast);
+  }
+  at::Tensor finish() {
+    if (!work.is_same(result)) {
+      result.copy_(work);
+    }
+    return result;
+  }
+  at::Tensor result, work;
+};
+
+// ---- Loops. FASTDARTS_ALWAYS_INLINE, so that each is compiled for the instruction set of the task loop that
+// ---- calls it (cpu_isa.h).
+
+template <typename T>
+struct ForwardArgs {
+  Geometry g;
+  std::vector<const T*> ts;
+  const T* mean;  // [K, group] patterns
+  const T* coef;  // w[k] invstd[k, c], [K, group] patterns
+  T* out;
+};
+
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void forward_units(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
+  const int64_t K = static_cast<int64_t>(f.ts.size());
+  const int64_t G = f.g.group;
+  for (int64_t lo = f.g.begin(begin); lo < f.g.end(end - 1); lo += G) {
+    const int64_t len = std::min(G, f.g.end(end - 1) - lo);
+    T* __restrict__ o = f.out + lo;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* __restrict__ t = f.ts[k] + lo;
+      const T* __restrict__ m = f.mean + k * G;
+      const T* __restrict__ c = f.coef + k * G;
+      if (k == 0) {
+        for (int64_t j = 0; j < len; ++j) {
+          o[j] = (t[j] - m[j]) * c[j];
+        }
+      } else {
+        for (int64_t j = 0; j < len; ++j) {
+          o[j] += (t[j] - m[j]) * c[j];
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+FASTDARTS_TARGET_AVX512 void forward_units_avx512(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
+  forward_units(f, begin, end);
+}
+
+template <typename T>
+void forward_units_baseline(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
+  forward_units(f, begin, end);
+}
+
+template <typename T>
+struct BackwardArgs {
+  Geometry g;
+  const T* grad = nullptr;
+  std::vector<const T*> ts;
+  std::vector<T*> grad_ts;  // empty without input_grad
+  // Pass 1: which rows need S_k, whether S is needed, and where unit u's sums go: sums[u][row][c], row K for S.
+  std::vector<bool> dot;
+  bool sum_grad = false;
+  double* sums = nullptr;
+  // Pass 1 writes the rows with `fixed` set (a g), pass 2 the others (a g + b (t - mean) + e).
+  std::vector<bool> fixed;
+  const T* mean = nullptr;  // [K, group] patterns
+  const T* a = nullptr;
+  const T* b = nullptr;
+  const T* e = nullptr;
+};
+
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void reduce_units(const BackwardArgs<T>& p, int64_t begin, int64_t end, double* acc) {
+  const int64_t K = static_cast<int64_t>(p.ts.size());
+  const int64_t C = p.g.C;
+  const int64_t G = p.g.group;
+  const bool write = !p.grad_ts.empty();
+  for (int64_t u = begin; u < end; ++u) {
+    std::fill(acc, acc + (K + 1) * G, 0.0);
+    const int64_t stop = p.g.end(u);
+    for (int64_t lo = p.g.begin(u); lo < stop; lo += G) {
+      const int64_t len = std::min(G, stop - lo);
+      const T* __restrict__ g = p.grad + lo;
+      if (p.sum_grad) {
+        double* __restrict__ s = acc + K * G;
+        for (int64_t j = 0; j < len; ++j) {
+          s[j] += static_cast<double>(g[j]);
+        }
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const T* __restrict__ t = p.ts[k] + lo;
+        if (p.dot[k]) {
+          double* __restrict__ s = acc + k * G;
+          const T* __restrict__ m = p.mean + k * G;
+          for (int64_t j = 0; j < len; ++j) {
+            s[j] += static_cast<double>(g[j] * (t[j] - m[j]));
+          }
+        }
+        if (write && p.fixed[k]) {
+          T* __restrict__ gt = p.grad_ts[k] + lo;
+          const T* __restrict__ a = p.a + k * G;
+          for (int64_t j = 0; j < len; ++j) {
+            gt[j] = a[j] * g[j];
+          }
+        }
+      }
+    }
+    // The group-wide sums folded into the unit's per-channel slot.
+    double* slot = p.sums + u * (K + 1) * C;
+    for (int64_t row = 0; row <= K; ++row) {
+      if (row == K ? !p.sum_grad : !p.dot[row]) {
+        continue;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        double total = 0.0;
+        for (int64_t r = 0; r < p.g.group_pixels; ++r) {
+          total += acc[row * G + r * C + c];
+        }
+        slot[row * C + c] = total;
+      }
+    }
+  }
+}
+
+template <typename T>
+FASTDARTS_TARGET_AVX512 void reduce_units_avx512(const BackwardArgs<T>& p, int64_t begin, int64_t end, double* acc) {
+  reduce_units(p, begin, end, acc);
+}
+
+template <typename T>
+void reduce_units_baseline(const BackwardArgs<T>& p, int64_t begin, int64_t end, double* acc) {
+  reduce_units(p, begin, end, acc);
+}
+
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void normalised_grad_units(const BackwardArgs<T>& p, int64_t begin, int64_t end) {
+  const int64_t K = static_cast<int64_t>(p.ts.size());
+  const int64_t G = p.g.group;
+  const int64_t stop = p.g.end(end - 1);
+  for (int64_t lo = p.g.begin(begin); lo < stop; lo += G) {
+    const int64_t len = std::min(G, stop - lo);
+    const T* __restrict__ g = p.grad + lo;
+    for (int64_t k = 0; k < K; ++k) {
+      if (p.fixed[k]) {
+        continue;
+      }
+      const T* __restrict__ t = p.ts[k] + lo;
+      T* __restrict__ gt = p.grad_ts[k] + lo;
+      const T* __restrict__ m = p.mean + k * G;
+      const T* __restrict__ a = p.a + k * G;
+      const T* __restrict__ b = p.b + k * G;
+      const T* __restrict__ e = p.e + k * G;
+      for (int64_t j = 0; j < len; ++j) {
+        gt[j] = a[j] * g[j] + b[j] * (t[j] - m[j]) + e[j];
+      }
+    }
+  }
+}
+
+template <typename T>
+FASTDARTS_TARGET_AVX512 void normalised_grad_units_avx512(const BackwardArgs<T>& p, int64_t begin, int64_t end) {
+  normalised_grad_units(p, begin, end);
+}
+
+template <typename T>
+void normalised_grad_units_baseline(const BackwardArgs<T>& p, int64_t begin, int64_t end) {
+  normalised_grad_units(p, begin, end);
+}
+
+// ---- Entry points.
+
+// The arguments both ops take, checked in the order of reference.check_bn_weighted_sum_arguments.
+void check_arguments(const char* op, at::TensorList ts, const at::Tensor& w, const at::Tensor& mean,
+                     const at::Tensor& invstd) {
+  check_same_tensors(op, "ts", ts);
+  check_images(op, "ts", ts[0]);
+  const int64_t K = static_cast<int64_t>(ts.size());
+  check_weights(op, "w", w, K, ts[0]);
+  check_channel_rows(op, "mean", mean, K, ts[0]);
+  check_channel_rows(op, "invstd", invstd, K, ts[0]);
+  check_supported_dtype(op, ts[0]);
+  TORCH_INTERNAL_ASSERT(ts[0].device().is_cpu());
+}
+
+std::vector<at::Tensor> channels_last_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const at::Tensor& t : ts) {
+    out.push_back(channels_last(t));
+  }
+  return out;
+}
+
+template <typename T>
+std::vector<const T*> data_pointers(const std::vector<at::Tensor>& tensors) {
+  std::vector<const T*> pointers;
+  pointers.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    pointers.push_back(t.const_data_ptr<T>());
+  }
+  return pointers;
+}
+
+at::Tensor bn_weighted_sum_cpu(at::TensorList ts, const at::Tensor& w, const at::Tensor& mean,
+                               const at::Tensor& invstd) {
+  check_arguments("bn_weighted_sum", ts, w, mean, invstd);
+  const int64_t K = static_cast<int64_t>(ts.size());
+  const int64_t C = ts[0].size(1);
+  Output out(ts[0]);
+  if (ts[0].numel() == 0) {
+    return out.result;
+  }
+  const std::vector<at::Tensor> inputs = channels_last_all(ts);
+  const std::vector<double> wv = values_of(w);
+  const std::vector<double> mv = values_of(mean);
+  std::vector<double> coef = values_of(invstd);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      coef[k * C + c] *= wv[k];
+    }
+  }
+  const Geometry g(C, ts[0].numel() / C);
+  AT_DISPATCH_FLOATING_TYPES(ts[0].scalar_type(), "bn_weighted_sum_cpu", [&] {
+    const std::vector<scalar_t> mean_p = patterns<scalar_t>(mv, K, g);
+    const std::vector<scalar_t> coef_p = patterns<scalar_t>(coef, K, g);
+    const ForwardArgs<scalar_t> f{g, data_pointers<scalar_t>(inputs), mean_p.data(), coef_p.data(),
+                                  out.work.data_ptr<scalar_t>()};
+    const bool avx512 = cpu_has_avx512();
+    at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
+      (avx512 ? forward_units_avx512<scalar_t> : forward_units_baseline<scalar_t>)(f, begin, end);
+    });
+  });
+  return out.finish();
+}
+
+std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_backward_cpu(
+    const at::Tensor& grad, at::TensorList ts, const at::Tensor& w, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::List<bool>& batch_statistics, bool input_grad, bool w_grad) {
+  const char* op = "bn_weighted_sum_backward";
+  check_arguments(op, ts, w, mean, invstd);
+  check_like(op, "grad", grad, "ts[0]", ts[0]);
+  const int64_t K = static_cast<int64_t>(ts.size());
+  check_one_per_item(op, "batch_statistics", static_cast<int64_t>(batch_statistics.size()), K, "tensor");
+  const int64_t C = ts[0].size(1);
+  const int64_t pixels = ts[0].numel() / C;
+
+  std::vector<Output> grad_outs;
+  if (input_grad) {
+    grad_outs.reserve(ts.size());
+    for (int64_t k = 0; k < K; ++k) {
+      grad_outs.emplace_back(ts[0]);
+    }
+  }
+  std::optional<at::Tensor> grad_w;
+  if (w_grad) {
+    grad_w = at::empty({K}, w.options());
+  }
+  if (!input_grad && !w_grad) {
+    return {std::vector<at::Tensor>{}, grad_w};
+  }
+  // The rows whose gradient reads the sums: every row for grad_w, the batch-statistics rows for grad_ts, which
+  // also read sum g (and need pass 2).
+  std::vector<bool> dot(K), fixed(K);
+  bool normalised = false;
+  for (int64_t k = 0; k < K; ++k) {
+    const bool statistics = batch_statistics.get(k);
+    fixed[k] = !statistics;
+    dot[k] = w_grad || (input_grad && statistics);
+    normalised = normalised || (input_grad && statistics);
+  }
+
+  const std::vector<double> wv = values_of(w);
+  const std::vector<double> mv = values_of(mean);
+  const std::vector<double> sv = values_of(invstd);
+  const Geometry g(C, pixels);
+  const at::Tensor grad_cl = channels_last(grad);
+  const std::vector<at::Tensor> inputs = channels_last_all(ts);
+  std::vector<double> sums(g.num_units * (K + 1) * C, 0.0);
+  // a = w invstd for every row; b and e (batch-statistics rows) once pass 1 has the sums.
+  std::vector<double> a(K * C), b(K * C, 0.0), e(K * C, 0.0);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < C; ++c) {
+      a[k * C + c] = wv[k] * sv[k * C + c];
+    }
+  }
+
+  AT_DISPATCH_FLOATING_TYPES(ts[0].scalar_type(), "bn_weighted_sum_backward_cpu", [&] {
+    const std::vector<scalar_t> mean_p = patterns<scalar_t>(mv, K, g);
+    const std::vector<scalar_t> a_p = patterns<scalar_t>(a, K, g);
+    BackwardArgs<scalar_t> p{g};
+    p.grad = grad_cl.const_data_ptr<scalar_t>();
+    p.ts = data_pointers<scalar_t>(inputs);
+    p.dot = dot;
+    p.sum_grad = normalised;
+    p.sums = sums.data();
+    p.fixed = fixed;
+    p.mean = mean_p.data();
+    p.a = a_p.data();
+    for (Output& o : grad_outs) {
+      p.grad_ts.push_back(o.work.data_ptr<scalar_t>());
+    }
+    const bool avx512 = cpu_has_avx512();
+    at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
+      std::vector<double> acc((K + 1) * g.group);
+      (avx512 ? reduce_units_avx512<scalar_t> : reduce_units_baseline<scalar_t>)(p, begin, end, acc.data());
+    });
+    // The units' sums, added in unit order whatever thread computed each.
+    std::vector<double> total((K + 1) * C, 0.0);
+    for (int64_t u = 0; u < g.num_units; ++u) {
+      for (int64_t i = 0; i < (K + 1) * C; ++i) {
+        total[i] += sums[u * (K + 1) * C + i];
+      }
+    }
+    if (w_grad) {
+      scalar_t* gw = grad_w->data_ptr<scalar_t>();
+      for (int64_t k = 0; k < K; ++k) {
+        double share = 0.0;
+        for (int64_t c = 0; c < C; ++c) {
+          share += sv[k * C + c] * total[k * C + c];
+        }
+        gw[k] = static_cast<scalar_t>(share);
+      }
+    }
+    if (normalised && pixels > 0) {
+      const double M = static_cast<double>(pixels);
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t c = 0; c < C; ++c) {
+          const double s = sv[k * C + c];
+          b[k * C + c] = -a[k * C + c] * s * s * total[k * C + c] / M;
+          e[k * C + c] = -a[k * C + c] * total[K * C + c] / M;
+        }
+      }
+      const std::vector<scalar_t> b_p = patterns<scalar_t>(b, K, g);
+      const std::vector<scalar_t> e_p = patterns<scalar_t>(e, K, g);
+      p.b = b_p.data();
+      p.e = e_p.data();
+      at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
+        (avx512 ? normalised_grad_units_avx512<scalar_t> : normalised_grad_units_baseline<scalar_t>)(p, begin, end);
+      });
+    }
+  });
+  std::vector<at::Tensor> grad_ts;
+  grad_ts.reserve(grad_outs.size());
+  for (Output& o : grad_outs) {
+    grad_ts.push_back(o.finish());
+  }
+  return {std::move(grad_ts), grad_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
+  m.impl("bn_weighted_sum", &bn_weighted_sum_cpu);
+  m.impl("bn_weighted_sum_backward", &bn_weighted_sum_backward_cpu);
+}
+
+}  // namespace fastdarts

@@ -1,0 +1,423 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from fastdarts import ops
+from fastdarts.ops import reference
+
+from ..conftest import requires_ext
+
+EPS = 1e-5
+# (N, C, H, W): batch 1 and 3, C 4 and 16, odd spatial sizes.
+SHAPES = [(1, 4, 7, 7), (3, 16, 9, 9), (3, 4, 9, 9), (1, 16, 7, 7)]
+LAYOUTS = ["channels_last", "contiguous"]
+CASES = [(shape, layout) for shape in SHAPES for layout in LAYOUTS]
+CASE_IDS = [f"{'x'.join(map(str, shape))}-{layout}" for shape, layout in CASES]
+
+
+def memory_format(layout):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+def make_inputs(K, shape, dtype=torch.float32, layout="channels_last", requires_grad=True):
+    """ts (means away from 0, so that subtracting the mean matters), w, and statistics whose row 0 is a skip row
+    (mean 0, invstd 1) when K > 1."""
+    C = shape[1]
+    ts = [
+        (torch.randn(shape, dtype=dtype) * 1.5 + 0.5).contiguous(memory_format=memory_format(layout)) for _ in range(K)
+    ]
+    w = torch.randn(K, dtype=dtype)
+    mean = torch.randn(K, C, dtype=dtype)
+    invstd = torch.rand(K, C, dtype=dtype) + 0.5
+    if K > 1:
+        mean[0], invstd[0] = 0.0, 1.0
+    return [t.requires_grad_(requires_grad) for t in ts], *(x.requires_grad_(requires_grad) for x in (w, mean, invstd))
+
+
+def assert_close(got, want, rtol):
+    """Relative to the size of the whole tensor, so that values near 0 are not held to rtol on their own."""
+    scale = want.abs().max().item() if want.numel() else 1.0
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30))
+
+
+@requires_ext
+@pytest.mark.parametrize("shape,layout", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("K", [1, 7])
+def test_cpp_matches_reference(K, shape, layout):
+    ts, w, mean, invstd = make_inputs(K, shape, layout=layout)
+    out = ops.bn_weighted_sum(ts, w, mean, invstd, backend="cpp")
+    expected = ops.bn_weighted_sum(ts, w, mean, invstd, backend="reference")
+    assert_close(out, expected, 1e-4)
+    assert out.stride() == torch.empty_like(ts[0]).stride()  # laid out like ts[0]
+
+    grad_out = torch.randn_like(out)
+    inputs = [*ts, w, mean, invstd]
+    for got, want in zip(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out)):
+        assert_close(got, want, 1e-3)
+
+
+def batch_norm_graph(ts, batch_statistics, fixed_mean, fixed_invstd):
+    """mean and invstd [K, C]: the batch statistics of ts[k] computed in the graph (biased variance) for the rows
+    with batch_statistics[k], the fixed rows given (skip connection, eval) otherwise."""
+    means, invstds = [], []
+    for k, t in enumerate(ts):
+        if batch_statistics[k]:
+            var, m = torch.var_mean(t, dim=(0, 2, 3), unbiased=False)
+            means.append(m)
+            invstds.append((var + EPS).rsqrt())
+        else:
+            means.append(fixed_mean[k])
+            invstds.append(fixed_invstd[k])
+    return torch.stack(means), torch.stack(invstds)
+
+
+def statistics_flags(K):
+    return [k % 3 != 0 for k in range(K)]  # K = 7: rows 0, 3, 6 fixed (row 0 a skip row), the others batch
+
+
+@requires_ext
+@pytest.mark.parametrize("shape,layout", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(
+    "K,flags", [(1, [True]), (1, [False]), (7, statistics_flags(7))], ids=["K1-batch", "K1-fixed", "K7-mixed"]
+)
+def test_backward_op_matches_autograd_through_batch_statistics(K, flags, shape, layout):
+    ts, w, fixed_mean, fixed_invstd = make_inputs(K, shape, layout=layout)
+    mean, invstd = batch_norm_graph(ts, flags, fixed_mean.detach(), fixed_invstd.detach())
+    expected = reference.bn_weighted_sum(ts, w, mean, invstd)
+    grad_out = torch.randn_like(expected)
+    *expected_ts, expected_w = torch.autograd.grad(expected, [*ts, w], grad_out)
+
+    detached = [t.detach() for t in ts]
+    grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward(
+        grad_out, detached, w.detach(), mean.detach(), invstd.detach(), flags, True, True
+    )
+    for got, want in zip(grad_ts, expected_ts):
+        assert_close(got, want, 1e-3)
+        assert got.stride() == torch.empty_like(ts[0]).stride()
+    assert_close(grad_w, expected_w, 1e-3)
+
+
+@requires_ext
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_op_float64_matches_native_batch_norm_backward(layout):
+    ts, w, mean, invstd = make_inputs(3, (2, 5, 7, 9), torch.float64, layout, requires_grad=False)
+    flags = [True, False, True]
+    for k in (0, 2):
+        _, mean[k], invstd[k] = torch.native_batch_norm(ts[k], None, None, None, None, True, 0.0, EPS)
+    grad = torch.randn_like(ts[0])
+    grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward(grad, ts, w, mean, invstd, flags, True, True)
+    for k in range(3):
+        if flags[k]:
+            dt, dgamma, _ = torch.ops.aten.native_batch_norm_backward(
+                grad, ts[k], None, None, None, mean[k], invstd[k], True, EPS, [True, True, False]
+            )
+            want_t, want_w = w[k] * dt, dgamma.sum()
+        else:
+            want_t = w[k] * invstd[k].view(1, -1, 1, 1) * grad
+            want_w = (grad * (ts[k] - mean[k].view(1, -1, 1, 1)) * invstd[k].view(1, -1, 1, 1)).sum()
+        torch.testing.assert_close(grad_ts[k], want_t, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grad_w[k], want_w, rtol=1e-10, atol=1e-12)
+
+
+@requires_ext
+@pytest.mark.parametrize("layout", ["strided", "permuted", "mixed", "empty_batch"])
+def test_other_layouts_and_an_empty_batch(layout):
+    """Layouts the kernels copy in and out of channels_last, and N = 0 (grad_w is then 0)."""
+    K, C = 3, 4
+    if layout == "strided":  # views that are not dense
+        ts = [torch.randn(2, C, 5, 14)[..., ::2] for _ in range(K)]
+    elif layout == "permuted":  # dense, neither contiguous nor channels_last
+        ts = [torch.randn(2, C, 7, 5).permute(0, 1, 3, 2) for _ in range(K)]
+    elif layout == "mixed":  # ts[0] channels_last, the others contiguous
+        ts = [torch.randn(2, C, 5, 7) for _ in range(K)]
+        ts[0] = ts[0].contiguous(memory_format=torch.channels_last)
+    else:
+        ts = [torch.randn(0, C, 5, 7) for _ in range(K)]
+    ts = [t.requires_grad_() for t in ts]
+    w, fixed_mean, fixed_invstd = torch.randn(K, requires_grad=True), torch.randn(K, C), torch.rand(K, C) + 0.5
+    flags = [True, False, True] if layout != "empty_batch" else [False] * K  # no batch statistics of 0 values
+    mean, invstd = batch_norm_graph(ts, flags, fixed_mean, fixed_invstd)
+    expected = reference.bn_weighted_sum(ts, w, mean, invstd)
+    out = torch.ops.fastdarts.bn_weighted_sum(ts, w, mean.detach(), invstd.detach())
+    assert_close(out, expected, 1e-5)
+    assert out.stride() == torch.empty_like(ts[0]).stride()
+    grad = torch.randn_like(expected)
+    leaves = [*ts, w]
+    want = torch.autograd.grad(expected, leaves, grad) if expected.numel() else [torch.zeros_like(t) for t in leaves]
+    grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward(
+        grad, [t.detach() for t in ts], w.detach(), mean.detach(), invstd.detach(), flags, True, True
+    )
+    for got, expected_grad in zip([*grad_ts, grad_w], want):
+        assert_close(got, expected_grad, 1e-5)
+    if layout == "empty_batch":
+        assert torch.equal(grad_w, torch.zeros(K))
+
+
+@requires_ext
+@pytest.mark.parametrize("input_grad,w_grad", [(True, False), (False, True), (False, False)])
+def test_backward_op_computes_only_what_is_asked(input_grad, w_grad):
+    ts, w, mean, invstd = make_inputs(4, (2, 6, 5, 7), requires_grad=False)
+    grad = torch.randn_like(ts[0])
+    flags = [False, True, True, False]
+    all_ts, all_w = torch.ops.fastdarts.bn_weighted_sum_backward(grad, ts, w, mean, invstd, flags, True, True)
+    grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward(grad, ts, w, mean, invstd, flags, input_grad, w_grad)
+    assert grad_ts == [] if not input_grad else all(torch.equal(a, b) for a, b in zip(grad_ts, all_ts, strict=True))
+    assert grad_w is None if not w_grad else torch.equal(grad_w, all_w)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_float64(backend, layout):
+    ts, w, mean, invstd = make_inputs(3, (2, 3, 3, 4), torch.float64, layout)
+
+    def fn(*tensors):
+        return ops.bn_weighted_sum(tensors[:3], *tensors[3:], backend=backend)
+
+    assert torch.autograd.gradcheck(fn, (*ts, w, mean, invstd))
+    if backend == "reference":
+        assert torch.autograd.gradgradcheck(fn, (*ts, w, mean, invstd))
+
+
+@requires_ext
+def test_gradcheck_float64_through_batch_statistics():
+    """The forward op's autograd, chained through statistics computed in the graph, is the BN-through gradient."""
+    ts, w, fixed_mean, fixed_invstd = make_inputs(3, (2, 3, 3, 4), torch.float64)
+    flags = [False, True, True]
+
+    def fn(*tensors):
+        mean, invstd = batch_norm_graph(tensors[:3], flags, fixed_mean.detach(), fixed_invstd.detach())
+        return ops.bn_weighted_sum(tensors[:3], tensors[3], mean, invstd, backend="cpp")
+
+    assert torch.autograd.gradcheck(fn, (*ts, w))
+
+
+@requires_ext
+def test_cpp_second_derivative_raises_a_clear_error():
+    ts, w, mean, invstd = make_inputs(2, (2, 3, 4, 4), torch.float64)
+    out = ops.bn_weighted_sum(ts, w, mean, invstd, backend="cpp")
+    (grad_w,) = torch.autograd.grad(out.square().sum(), [w], create_graph=True)
+    with pytest.raises(RuntimeError, match="bn_weighted_sum_backward is not differentiable"):
+        torch.autograd.grad(grad_w.sum(), [ts[0]])
+
+
+@requires_ext
+def test_does_not_depend_on_the_thread_count():
+    # 16 units of 4096 values, two tasks of 8: both threads work with 2 threads.
+    ts, w, mean, invstd = make_inputs(5, (4, 16, 32, 32), requires_grad=False)
+    grad = torch.randn_like(ts[0])
+    flags = [False, True, True, False, True]
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            out = torch.ops.fastdarts.bn_weighted_sum(ts, w, mean, invstd)
+            grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward(grad, ts, w, mean, invstd, flags, True, True)
+            results.append([out, *grad_ts, grad_w])
+    finally:
+        torch.set_num_threads(previous)
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
+
+
+@requires_ext
+def test_baseline_copy_matches_reference():
+    """The loops without AVX-512 (FASTDARTS_CPU_BASELINE=1 picks them in a fresh process)."""
+    code = """
+        import json, torch
+        from fastdarts.ops import reference
+        torch.manual_seed(0)
+        errors = []
+        for dtype, layout in [(torch.float32, torch.channels_last), (torch.float64, torch.contiguous_format)]:
+            ts = [torch.randn(3, 5, 9, 7, dtype=dtype).contiguous(memory_format=layout) for _ in range(3)]
+            w, fixed_mean = torch.randn(3, dtype=dtype), torch.randn(3, 5, dtype=dtype)
+            fixed_invstd = torch.rand(3, 5, dtype=dtype) + 0.5
+            flags = [True, False, True]
+            leaves = [t.clone().requires_grad_() for t in ts] + [w.clone().requires_grad_()]
+            means, invstds = [], []
+            for k, t in enumerate(leaves[:3]):
+                var, m = torch.var_mean(t, dim=(0, 2, 3), unbiased=False)
+                means.append(m if flags[k] else fixed_mean[k])
+                invstds.append((var + 1e-5).rsqrt() if flags[k] else fixed_invstd[k])
+            mean, invstd = torch.stack(means), torch.stack(invstds)
+            out = reference.bn_weighted_sum(leaves[:3], leaves[3], mean, invstd)
+            grad = torch.randn_like(out)
+            want = [out, *torch.autograd.grad(out, leaves, grad)]
+            mean, invstd = mean.detach(), invstd.detach()
+            grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward(grad, ts, w, mean, invstd, flags, True, True)
+            got = [torch.ops.fastdarts.bn_weighted_sum(ts, w, mean, invstd), *grad_ts, grad_w]
+            for a, b in zip(got, want):
+                errors.append(((a - b).abs().max() / b.abs().max()).item())
+        print(json.dumps(max(errors)))
+    """
+    environment = os.environ | {"FASTDARTS_CPU_BASELINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) < 1e-5
+
+
+def forward_samples():
+    """(id, (ts, w, mean, invstd)) for opcheck: every mix of operands needing gradients, and the layouts."""
+    samples = []
+    for needs in ("all", "ts", "w", "statistics", "none"):
+        ts, w, mean, invstd = make_inputs(3, (2, 4, 5, 3), requires_grad=False)
+        for t in ts:
+            t.requires_grad_(needs in ("all", "ts"))
+        w.requires_grad_(needs in ("all", "w"))
+        mean.requires_grad_(needs in ("all", "statistics"))
+        invstd.requires_grad_(needs in ("all", "statistics"))
+        samples.append((f"needs_grad={needs}", (ts, w, mean, invstd)))
+    samples.append(("K1_contiguous_f64", make_inputs(1, (1, 3, 5, 5), torch.float64, "contiguous")))
+    ts, w, mean, invstd = make_inputs(2, (2, 3, 5, 4))
+    samples.append(("mixed_layouts", ([ts[0], ts[1].detach().contiguous()], w, mean, invstd)))
+    return samples
+
+
+def backward_samples():
+    """(id, args) for opcheck: no operand needs a gradient (the op is not differentiable); every output flag."""
+    samples = []
+    for layout in LAYOUTS:
+        ts, w, mean, invstd = make_inputs(3, (2, 4, 5, 3), layout=layout, requires_grad=False)
+        grad = torch.randn(2, 4, 5, 3)
+        for input_grad, w_grad in ((True, True), (True, False), (False, True), (False, False)):
+            args = (grad, ts, w, mean, invstd, [True, False, True], input_grad, w_grad)
+            samples.append((f"{layout}-input_grad={input_grad}-w_grad={w_grad}", args))
+    return samples
+
+
+@requires_ext
+@pytest.mark.parametrize("args", [s for _, s in forward_samples()], ids=[i for i, _ in forward_samples()])
+def test_opcheck_bn_weighted_sum(args):
+    opcheck(torch.ops.fastdarts.bn_weighted_sum.default, args)
+
+
+@requires_ext
+@pytest.mark.parametrize("args", [s for _, s in backward_samples()], ids=[i for i, _ in backward_samples()])
+def test_opcheck_bn_weighted_sum_backward(args):
+    opcheck(torch.ops.fastdarts.bn_weighted_sum_backward.default, args)
+
+
+@requires_ext
+def test_opcheck_bn_weighted_sum_backward_with_inputs_needing_grad():
+    """Its autograd is registered (it raises when used), and the fake agrees with the kernel."""
+    ts, w, mean, invstd = make_inputs(2, (2, 4, 3, 3))
+    args = (torch.randn(2, 4, 3, 3, requires_grad=True), ts, w, mean, invstd, [True, False], True, True)
+    opcheck(
+        torch.ops.fastdarts.bn_weighted_sum_backward.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def ok(K=2, C=3):
+    """Valid arguments, to be spoilt one at a time."""
+    return [torch.randn(2, C, 4, 4) for _ in range(K)], torch.randn(K), torch.zeros(K, C), torch.ones(K, C)
+
+
+def spoil(index, value):
+    def make():
+        args = list(ok())
+        args[index] = value
+        return args
+
+    return make
+
+
+BAD_INPUTS = [
+    (
+        "empty",
+        lambda: ([], torch.randn(0), torch.zeros(0, 3), torch.ones(0, 3)),
+        ValueError,
+        "ts must be a non-empty list",
+    ),
+    (
+        "shapes",
+        spoil(0, [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 5)]),
+        ValueError,
+        r"ts\[1\] must have the shape of ts\[0\]",
+    ),
+    ("not_images", spoil(0, [torch.randn(2, 3, 4)] * 2), ValueError, r"ts must be a 4-D \[N, C, H, W\] tensor"),
+    (
+        "dtypes",
+        spoil(0, [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4).double()]),
+        TypeError,
+        r"ts\[1\] must have the dtype",
+    ),
+    ("weights", spoil(1, torch.randn(3)), ValueError, r"w must have shape \[K\] with K = 2"),
+    (
+        "mean_shape",
+        spoil(2, torch.zeros(2, 4)),
+        ValueError,
+        r"mean must have shape \[K, C\] = \[2, 3\] \(one row per tensor\)",
+    ),
+    ("invstd_rows", spoil(3, torch.ones(3, 3)), ValueError, r"invstd must have shape \[K, C\] = \[2, 3\]"),
+    ("invstd_dtype", spoil(3, torch.ones(2, 3).double()), TypeError, "invstd must have the dtype of the tensors"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("make,error,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_arguments_raise_one_line_errors(backend, make, error, message):
+    with pytest.raises(error, match=message) as raised:
+        ops.bn_weighted_sum(*make(), backend=backend)
+    assert str(raised.value).startswith("bn_weighted_sum: ") and "\n" not in str(raised.value)
+
+
+@requires_ext
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (dict(grad=torch.randn(2, 3, 4, 5)), ValueError, r"grad must have the shape of ts\[0\]"),
+        (
+            dict(batch_statistics=[True]),
+            ValueError,
+            r"batch_statistics must have one entry per tensor \(K = 2\), got 1",
+        ),
+        (dict(dtype=torch.float16), TypeError, "only float32 and float64 are supported"),
+    ],
+    ids=["grad", "batch_statistics", "dtype"],
+)
+def test_backward_op_bad_arguments(change, error, message):
+    ts, w, mean, invstd = ok()
+    if "dtype" in change:
+        ts, w, mean, invstd = [t.to(change["dtype"]) for t in ts], *(x.to(change["dtype"]) for x in (w, mean, invstd))
+    grad = change.get("grad", torch.randn_like(ts[0]))
+    flags = change.get("batch_statistics", [True, False])
+    for call in (torch.ops.fastdarts.bn_weighted_sum_backward, _fake_backward):
+        with pytest.raises(error, match=message) as raised:
+            call(grad, ts, w, mean, invstd, flags, True, True)
+        assert "\n" not in str(raised.value)
+
+
+def _fake_backward(*args):
+    """The backward op under FakeTensorMode: its fake's checks."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake[1] = [mode.from_tensor(t) for t in args[1]]
+        return torch.ops.fastdarts.bn_weighted_sum_backward(*fake)
+
+
+@requires_ext
+def test_compile_fullgraph_matches_eager():
+    def edge(ts, alpha):
+        mean, invstd = batch_norm_graph(ts, [False, True], torch.zeros(2, 3), torch.ones(2, 3))
+        return ops.bn_weighted_sum(ts, alpha.softmax(0), mean, invstd).square().sum()
+
+    torch._dynamo.reset()
+    ts, alpha, _, _ = make_inputs(2, (2, 3, 5, 5))
+    got = torch.compile(edge, fullgraph=True, backend="aot_eager")(ts, alpha)
+    expected = edge(ts, alpha)
+    torch.testing.assert_close(got, expected)
+    grads = torch.autograd.grad(got, [*ts, alpha])
+    for a, b in zip(grads, torch.autograd.grad(expected, [*ts, alpha])):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
