@@ -1,11 +1,12 @@
 """The kernel layer: one function per fused op, each call dispatched to a backend.
 
 Every op has a pure-PyTorch reference (`fastdarts.ops.reference`, the specification) and a C++
-CPU kernel (`fastdarts._C`); weighted_sum, relu_dwconv and sample_gates also have Triton kernels
-(`_triton`). CPU tensors run the C++ kernel when it is built, CUDA tensors the Triton kernel when
-triton imports, everything else the reference; `backend=`, `use_backend(...)` and FASTDARTS_BACKEND
-override that (`_registry` holds the rules; "triton" runs CPU tensors only under TRITON_INTERPRET=1).
-Every op is differentiable and traces under torch.compile(fullgraph=True).
+CPU kernel (`fastdarts._C`); all but bn_weighted_sum also have a Triton version (`_triton`; the mixed
+op there is the same edge on the Triton building blocks). CPU tensors run the C++ kernel when it is
+built, CUDA tensors the Triton kernel when triton imports, everything else the reference;
+`backend=`, `use_backend(...)` and FASTDARTS_BACKEND override that (`_registry` holds the rules;
+"triton" runs CPU tensors only under TRITON_INTERPRET=1). Every op is differentiable and traces
+under torch.compile(fullgraph=True).
 """
 
 from __future__ import annotations
@@ -212,8 +213,8 @@ def mixed_op(
         recompute: on "cpp" and "triton", keep only x, the weights and the statistics for backward and recompute
             the edge there (the default), or keep the edge's intermediates (16 activations of the output's size
             for all seven candidates) and skip the recomputation.
-        backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND, then the
-            device ("cpp" for CPU tensors when built).
+        backend: "reference", "cpp" or "triton" for this call; None follows `use_backend`, then FASTDARTS_BACKEND,
+            then the device ("cpp" for CPU tensors when built, "triton" for CUDA tensors).
 
     Returns (out [N, C, (H-1)//stride + 1, (W-1)//stride + 1], mean [B, C], var [B, C]): in training the batch
     mean and biased variance each BN normalised with (rows of candidates not computed: 0 and 1), from which the
@@ -238,8 +239,8 @@ def pool_bn_stats(x: Tensor, stride: int, *, backend: str | None = None) -> tupl
     Args:
         x: [N, C, H, W], float32 or float64, any memory layout (channels_last is the fast one).
         stride: 1, or 2 on a DARTS reduction edge.
-        backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND, then the
-            device ("cpp" for CPU tensors when built).
+        backend: "reference", "cpp" or "triton" for this call; None follows `use_backend`, then FASTDARTS_BACKEND,
+            then the device ("cpp" for CPU tensors when built, "triton" for CUDA tensors).
 
     Returns (max_out, avg_out, mean, var):
         max_out, avg_out: [N, C, (H - 1) // stride + 1, (W - 1) // stride + 1], laid out like `x`. A NaN in a

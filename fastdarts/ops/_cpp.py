@@ -13,11 +13,18 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from ._autograd import needs_input_grad, register_weighted_sum_autograd
+from ._autograd import (
+    check_pool_grad,
+    check_supported_dtype,
+    needs_input_grad,
+    register_pool_bn_stats_autograd,
+    register_sample_gates_autograd,
+    register_weighted_sum_autograd,
+    torch_check,
+)
 from .reference import (
     check_beta,
     check_bn_weighted_sum_arguments,
-    check_dtype_and_device,
     check_explore_p,
     check_gate_noise,
     check_gate_settings,
@@ -58,23 +65,12 @@ def sample_gates(
     """
     check_beta("sample_gates", beta)
     # A plain raise, not torch._check, which torch.compile cannot trace with a message about a tensor.
-    _check_supported_dtype("sample_gates", beta, raise_unless)
+    check_supported_dtype("sample_gates", beta, raise_unless)
     check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1])
     check_explore_p("sample_gates", explore_p)
     u, explore, perm = draw_gate_noise(beta, k, explore_p, generator)
     gates, mask, p_nonzero, _ = torch.ops.fastdarts.sample_gates.default(beta, tau, a, b, k, u, explore, perm)
     return gates, mask, p_nonzero
-
-
-def _torch_check(condition, error, message) -> None:
-    """The reference checks' `require` for the fakes: with symbolic shapes, torch._check_* records a
-    runtime assertion instead of specialising the graph on the condition."""
-    (torch._check_type if error is TypeError else torch._check_value)(condition, message)
-
-
-def _check_supported_dtype(op: str, t: Tensor, require=_torch_check) -> None:
-    supported = t.dtype in (torch.float32, torch.float64)
-    require(supported, TypeError, lambda: f"{op}: only float32 and float64 are supported, got {t.dtype}")
 
 
 # The fakes check what the kernels check, and lay every output out like the kernels do:
@@ -83,18 +79,18 @@ def _check_supported_dtype(op: str, t: Tensor, require=_torch_check) -> None:
 
 @torch.library.register_fake("fastdarts::weighted_sum")
 def _weighted_sum_fake(xs, w):
-    check_same_tensors("weighted_sum", "xs", xs, _torch_check)
-    _check_supported_dtype("weighted_sum", xs[0])
-    check_weights("weighted_sum", "w", w, len(xs), xs[0], _torch_check)
+    check_same_tensors("weighted_sum", "xs", xs, torch_check)
+    check_supported_dtype("weighted_sum", xs[0])
+    check_weights("weighted_sum", "w", w, len(xs), xs[0], torch_check)
     return torch.empty_like(xs[0])
 
 
 @torch.library.register_fake("fastdarts::weighted_sum_backward")
 def _weighted_sum_backward_fake(grad, xs, w):
-    check_same_tensors("weighted_sum_backward", "xs", xs, _torch_check)
-    _check_supported_dtype("weighted_sum_backward", xs[0])
-    check_like("weighted_sum_backward", "grad", grad, "xs[0]", xs[0], _torch_check)
-    check_weights("weighted_sum_backward", "w", w, len(xs), xs[0], _torch_check)
+    check_same_tensors("weighted_sum_backward", "xs", xs, torch_check)
+    check_supported_dtype("weighted_sum_backward", xs[0])
+    check_like("weighted_sum_backward", "grad", grad, "xs[0]", xs[0], torch_check)
+    check_weights("weighted_sum_backward", "w", w, len(xs), xs[0], torch_check)
     return [torch.empty_like(xs[0]) for _ in xs], w.new_empty(len(xs))
 
 
@@ -108,8 +104,8 @@ register_weighted_sum_autograd("fastdarts")
 
 @torch.library.register_fake("fastdarts::relu_dwconv")
 def _relu_dwconv_fake(x, weights, dilations, stride, relu):
-    check_relu_dwconv_arguments("relu_dwconv", x, weights, dilations, stride, _torch_check)
-    _check_supported_dtype("relu_dwconv", x)
+    check_relu_dwconv_arguments("relu_dwconv", x, weights, dilations, stride, torch_check)
+    check_supported_dtype("relu_dwconv", x)
     # The kernel's x.suggest_memory_format(): channels_last in, channels_last out.
     memory_format = suggest_memory_format(x)
     shape = relu_dwconv_output_shape(x, stride)
@@ -119,10 +115,10 @@ def _relu_dwconv_fake(x, weights, dilations, stride, relu):
 @torch.library.register_fake("fastdarts::relu_dwconv_backward")
 def _relu_dwconv_backward_fake(grads, x, weights, dilations, stride, relu, input_grad, weight_grad):
     op = "relu_dwconv_backward"
-    check_relu_dwconv_arguments(op, x, weights, dilations, stride, _torch_check)
-    _check_supported_dtype(op, x)
+    check_relu_dwconv_arguments(op, x, weights, dilations, stride, torch_check)
+    check_supported_dtype(op, x)
     output_shape = relu_dwconv_output_shape(x, stride)
-    check_sized_list(op, "grads", grads, len(weights), "weight", output_shape, "x", x, _torch_check)
+    check_sized_list(op, "grads", grads, len(weights), "weight", output_shape, "x", x, torch_check)
     grad_x = torch.empty_like(x) if input_grad else None
     grad_weights = [w.new_empty(w.shape) for w in weights] if weight_grad else []
     return grad_x, grad_weights
@@ -213,54 +209,20 @@ torch.library.register_autograd(
 )
 
 
-# sample_gates. The op's fourth output, s_kept (s on the kept, unclamped gates, 0 elsewhere), is all the backward
-# needs besides p_nonzero: with x = beta + log u - log1p(-u),
-#   d gates / d x = (b - a) / tau * s_kept (1 - s_kept),   d s_kept / d x = s_kept (1 - s_kept) / tau,
-#   d p_nonzero / d beta = p_nonzero (1 - p_nonzero),      d x / d beta = 1,   d x / d u = 1 / u + 1 / (1 - u).
-# The backward is written in torch ops on these saved outputs (and u), so it traces, and differentiating it again
-# goes back through this op's own derivatives: higher orders are exact too. The formulas are evaluated in the order
-# the reference's autograd evaluates them (clamp, mul, sigmoid, div backward), which keeps float32 results within
-# a rounding or two of the reference's.
+# sample_gates and pool_bn_stats: their autograd formulas are _autograd.py's, shared with the Triton ops.
 
 
 @torch.library.register_fake("fastdarts::sample_gates")
 def _sample_gates_fake(beta, tau, a, b, k, u, explore, perm):
-    check_beta("sample_gates", beta, _torch_check)
-    _check_supported_dtype("sample_gates", beta)
-    check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1], _torch_check)
-    check_gate_noise("sample_gates", beta, k, u, explore, perm, _torch_check)
+    check_beta("sample_gates", beta, torch_check)
+    check_supported_dtype("sample_gates", beta)
+    check_gate_settings("sample_gates", tau, a, b, k, beta.shape[1], torch_check)
+    check_gate_noise("sample_gates", beta, k, u, explore, perm, torch_check)
     # The kernel's at::empty({E, K}, beta.options()): contiguous, whatever beta's strides.
     return tuple(beta.new_empty(beta.shape) for _ in range(4))
 
 
-def _sample_gates_setup_context(ctx, inputs, output):
-    beta, tau, a, b, k, u, explore, perm = inputs
-    _, mask, p_nonzero, s_kept = output
-    ctx.mark_non_differentiable(mask)
-    ctx.tau, ctx.scale = tau, b - a
-    needs = needs_input_grad(ctx)  # beta, tau, a, b, k, u, explore, perm
-    ctx.beta_needs_grad, ctx.u_needs_grad = needs[0], needs[5]
-    ctx.save_for_backward(p_nonzero, s_kept, u if ctx.u_needs_grad else None)
-
-
-def _sample_gates_backward(ctx, grad_gates, _grad_mask, grad_p_nonzero, grad_s_kept):
-    p_nonzero, s_kept, u = ctx.saved_tensors
-    # dL/dx: the reference's chain (grad * (b - a)) * (1 - s) * s / tau, with s_kept's own gradient joining before
-    # the sigmoid; s_kept = 0 zeroes it off the mask and where the clamp is active.
-    grad_x = (grad_gates * ctx.scale + grad_s_kept) * (1 - s_kept) * s_kept / ctx.tau
-    grad_beta = grad_x + grad_p_nonzero * (1 - p_nonzero) * p_nonzero if ctx.beta_needs_grad else None
-    grad_u = grad_x / u + grad_x / (1 - u) if ctx.u_needs_grad else None
-    return grad_beta, None, None, None, None, grad_u, None, None
-
-
-torch.library.register_autograd(
-    "fastdarts::sample_gates", _sample_gates_backward, setup_context=_sample_gates_setup_context
-)
-
-
-# pool_bn_stats. Autograd saves x alone: the backward kernel recomputes each window's argmax from it. mean and var
-# carry no gradient. Gradients are not materialised, so a pool that the loss does not use hands the backward None,
-# and the kernel skips that pool's part.
+register_sample_gates_autograd("fastdarts::sample_gates")
 
 
 def pool_bn_stats(x: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -268,23 +230,10 @@ def pool_bn_stats(x: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, Tenso
     return torch.ops.fastdarts.pool_bn_stats.default(x, stride)
 
 
-def _check_pool_grad(op: str, name: str, grad: Tensor | None, x: Tensor, stride: int, require=_torch_check) -> None:
-    """An output gradient of pool_bn_stats, when given: the pools' shape, with the dtype and device of x."""
-    if grad is None:
-        return
-    shape = pool_bn_stats_output_shape(x, stride)
-    require(
-        list(grad.shape) == shape,
-        ValueError,
-        lambda: f"{op}: {name} must have shape {shape}, got {list(grad.shape)}",
-    )
-    check_dtype_and_device(op, name, grad, "x", x, require)
-
-
 @torch.library.register_fake("fastdarts::pool_bn_stats")
 def _pool_bn_stats_fake(x, stride):
-    check_pool_bn_stats_arguments("pool_bn_stats", x, stride, _torch_check)
-    _check_supported_dtype("pool_bn_stats", x)
+    check_pool_bn_stats_arguments("pool_bn_stats", x, stride, torch_check)
+    check_supported_dtype("pool_bn_stats", x)
     # The kernel's x.suggest_memory_format() for the pools; the statistics are contiguous [2, C].
     memory_format = suggest_memory_format(x)
     shape = pool_bn_stats_output_shape(x, stride)
@@ -295,66 +244,14 @@ def _pool_bn_stats_fake(x, stride):
 @torch.library.register_fake("fastdarts::pool_bn_stats_backward")
 def _pool_bn_stats_backward_fake(grad_max, grad_avg, x, stride):
     op = "pool_bn_stats_backward"
-    check_pool_bn_stats_arguments(op, x, stride, _torch_check)
-    _check_supported_dtype(op, x)
-    _check_pool_grad(op, "grad_max", grad_max, x, stride)
-    _check_pool_grad(op, "grad_avg", grad_avg, x, stride)
+    check_pool_bn_stats_arguments(op, x, stride, torch_check)
+    check_supported_dtype(op, x)
+    check_pool_grad(op, "grad_max", grad_max, x, stride)
+    check_pool_grad(op, "grad_avg", grad_avg, x, stride)
     return torch.empty_like(x)
 
 
-def _pool_bn_stats_setup_context(ctx, inputs, output):
-    x, stride = inputs
-    _, _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.set_materialize_grads(False)
-    ctx.stride = stride
-    ctx.save_for_backward(x)
-
-
-def _pool_bn_stats_backward(ctx, grad_max, grad_avg, _grad_mean, _grad_var):
-    (x,) = ctx.saved_tensors
-    if grad_max is None and grad_avg is None:
-        return None, None
-    return torch.ops.fastdarts.pool_bn_stats_backward.default(grad_max, grad_avg, x, ctx.stride), None
-
-
-torch.library.register_autograd(
-    "fastdarts::pool_bn_stats", _pool_bn_stats_backward, setup_context=_pool_bn_stats_setup_context
-)
-
-
-# The backward is linear in (grad_max, grad_avg), and depends on x only through the argmax, which is piecewise
-# constant. So its own backward, for an incoming gradient gg of grad_x, is
-#   d/dgrad_max = gg at each window's argmax: a gather with max_pool2d's indices, which follow the kernel's rule;
-#   d/dgrad_avg = avg_pool2d(gg, 3, stride, 1, count_include_pad=False), the adjoint of spreading grad / count;
-#   d/dx        = 0,
-# made of differentiable ATen ops, so higher orders follow.
-
-
-def _pool_bn_stats_backward_setup_context(ctx, inputs, output):
-    grad_max, grad_avg, x, stride = inputs
-    ctx.set_materialize_grads(False)
-    ctx.stride = stride
-    ctx.max_needs_grad, ctx.avg_needs_grad = needs_input_grad(ctx)[:2]
-    ctx.save_for_backward(x if ctx.max_needs_grad else None)
-
-
-def _pool_bn_stats_backward_backward(ctx, grad_grad_x):
-    (x,) = ctx.saved_tensors
-    d_max = d_avg = None
-    if grad_grad_x is not None and ctx.max_needs_grad:
-        _, indices = torch.nn.functional.max_pool2d(x.detach(), 3, ctx.stride, 1, return_indices=True)
-        d_max = grad_grad_x.flatten(2).gather(2, indices.flatten(2)).view_as(indices)
-    if grad_grad_x is not None and ctx.avg_needs_grad:
-        d_avg = torch.nn.functional.avg_pool2d(grad_grad_x, 3, ctx.stride, 1, count_include_pad=False)
-    return d_max, d_avg, None, None
-
-
-torch.library.register_autograd(
-    "fastdarts::pool_bn_stats_backward",
-    _pool_bn_stats_backward_backward,
-    setup_context=_pool_bn_stats_backward_setup_context,
-)
+register_pool_bn_stats_autograd("fastdarts")
 
 
 # bn_weighted_sum. Its autograd takes mean and invstd as inputs in their own right (reference.bn_weighted_sum has
@@ -371,18 +268,18 @@ def bn_weighted_sum(ts: Sequence[Tensor], w: Tensor, mean: Tensor, invstd: Tenso
 
 @torch.library.register_fake("fastdarts::bn_weighted_sum")
 def _bn_weighted_sum_fake(ts, w, mean, invstd):
-    check_bn_weighted_sum_arguments("bn_weighted_sum", ts, w, mean, invstd, _torch_check)
-    _check_supported_dtype("bn_weighted_sum", ts[0])
+    check_bn_weighted_sum_arguments("bn_weighted_sum", ts, w, mean, invstd, torch_check)
+    check_supported_dtype("bn_weighted_sum", ts[0])
     return torch.empty_like(ts[0])
 
 
 @torch.library.register_fake("fastdarts::bn_weighted_sum_backward")
 def _bn_weighted_sum_backward_fake(grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad):
     op = "bn_weighted_sum_backward"
-    check_bn_weighted_sum_arguments(op, ts, w, mean, invstd, _torch_check)
-    _check_supported_dtype(op, ts[0])
-    check_like(op, "grad", grad, "ts[0]", ts[0], _torch_check)
-    check_one_per_item(op, "batch_statistics", len(batch_statistics), len(ts), "tensor", _torch_check)
+    check_bn_weighted_sum_arguments(op, ts, w, mean, invstd, torch_check)
+    check_supported_dtype(op, ts[0])
+    check_like(op, "grad", grad, "ts[0]", ts[0], torch_check)
+    check_one_per_item(op, "batch_statistics", len(batch_statistics), len(ts), "tensor", torch_check)
     grad_ts = [torch.empty_like(ts[0]) for _ in ts] if input_grad else []
     return grad_ts, (w.new_empty(len(ts)) if w_grad else None)
 
