@@ -14,6 +14,7 @@ import pytest
 from fastdarts import ops
 from fastdarts.bilevel import Architect
 
+from . import recompute_granularity
 from ._device import benchmark_device
 from .search_step import PROVIDERS, default_providers, main, make_problem, saved_bytes_of_step, search_step
 
@@ -46,3 +47,12 @@ def test_the_script_measures_every_case_in_child_processes(capsys):
             case = report["providers"][provider][order]
             assert case["median_seconds"] > 0 and case["peak_rss_bytes"] > 0
             assert case["saved_bytes"] == max(case["saved_bytes_arch_step"], case["saved_bytes_weight_step"]) > 0
+
+
+@pytest.mark.skipif("cpp" not in ops.available_backends(), reason="the fused mixed op needs the C++ extension")
+def test_recompute_granularities_trade_memory_as_described(capsys):
+    tiny = dict(batch=2, C=2, layers=3, size=8, repeats=1)
+    saved = {g: recompute_granularity.run(g, **tiny)["saved_bytes"] for g in recompute_granularity.GRANULARITIES}
+    assert saved["cell"] < saved["edge"] < saved["none"]
+    recompute_granularity.main(["cell", "--batch", "2", "--init_channels", "2", "--layers", "3", "--size", "8"])
+    assert capsys.readouterr().out.startswith("cell: median ")

@@ -5,6 +5,8 @@ op built on them) must load without the C++ extension."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -197,4 +199,61 @@ def register_pool_bn_stats_autograd(namespace: str) -> None:
 
     torch.library.register_autograd(
         f"{namespace}::pool_bn_stats_backward", _backward_backward, setup_context=_backward_setup_context
+    )
+
+
+def register_bn_weighted_sum_autograd(namespace: str, gradients: Callable[..., tuple] | None = None) -> None:
+    """Autograd of `namespace::bn_weighted_sum`, and the registration that makes its backward op raise when
+    differentiated. `gradients` is the backward op with the C++ op's outputs, (grad_ts or [], grad_w or None): by
+    default `namespace::bn_weighted_sum_backward` itself.
+
+    The autograd takes mean and invstd as inputs in their own right (reference.bn_weighted_sum has the formulas):
+    that is the op's derivative, what opcheck and gradcheck verify, and what a graph that computes the statistics
+    itself (torch.var_mean) chains through them. The fused mixed op does not go through it: it calls the backward op
+    with batch_statistics set, which folds the path through the statistics into one kernel. With every row fixed,
+    that op gives exactly grad_ts and grad_w of this autograd.
+    """
+    backward_op = getattr(torch.ops, namespace).bn_weighted_sum_backward.default
+    gradients = gradients or backward_op
+
+    def _setup_context(ctx, inputs, output):
+        ts, w, mean, invstd = inputs
+        ctx.num_ts = K = len(ts)
+        needs = needs_input_grad(ctx)  # the K ts, w, mean, invstd
+        # The ts (K activations) are kept alive only for the reductions that read them: grad_w and grad_invstd.
+        keep_ts = needs[K] or needs[K + 2]
+        ctx.save_for_backward(w, mean, invstd, *(ts if keep_ts else ()))
+
+    def _backward(ctx, grad):
+        K = ctx.num_ts
+        needs = needs_input_grad(ctx)
+        ts_need, w_needs, mean_needs, invstd_needs = needs[:K], needs[K], needs[K + 1], needs[K + 2]
+        w, mean, invstd, *ts = ctx.saved_tensors
+        C = invstd.shape[1]
+        grad_ts, grad_w = [None] * K, None
+        if w_needs:  # every row fixed: grad_ts[k] = w[k] invstd[k] grad, grad_w[k] = sum(grad xhat_k), one kernel
+            all_grad_ts, grad_w = gradients(grad, ts, w, mean, invstd, [False] * K, any(ts_need), True)
+            if any(ts_need):
+                grad_ts = [g if need else None for g, need in zip(all_grad_ts, ts_need)]
+        elif any(ts_need):  # no reduction to fuse: each grad_ts[k] = w[k] invstd[k] grad is a single multiply
+            coef = w[:, None] * invstd
+            grad_ts = [grad * coef[k].view(1, C, 1, 1) if need else None for k, need in enumerate(ts_need)]
+        grad_mean = grad_invstd = None
+        if mean_needs:
+            grad_mean = -(w[:, None] * invstd) * grad.sum((0, 2, 3))
+        if invstd_needs:
+            centred_sums = [(grad * (t - m.view(1, C, 1, 1))).sum((0, 2, 3)) for t, m in zip(ts, mean)]
+            grad_invstd = w[:, None] * torch.stack(centred_sums)
+        return grad_ts, grad_w, grad_mean, grad_invstd
+
+    torch.library.register_autograd(f"{namespace}::bn_weighted_sum", _backward, setup_context=_setup_context)
+
+    def _not_differentiable(ctx, *grads):
+        raise RuntimeError(
+            f"{namespace}::bn_weighted_sum_backward is not differentiable: for second derivatives of bn_weighted_sum "
+            "use backend='reference'"
+        )
+
+    torch.library.register_autograd(
+        f"{namespace}::bn_weighted_sum_backward", _not_differentiable, setup_context=lambda ctx, inputs, output: None
     )

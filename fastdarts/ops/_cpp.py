@@ -17,6 +17,7 @@ from ._autograd import (
     check_pool_grad,
     check_supported_dtype,
     needs_input_grad,
+    register_bn_weighted_sum_autograd,
     register_pool_bn_stats_autograd,
     register_sample_gates_autograd,
     register_weighted_sum_autograd,
@@ -209,7 +210,8 @@ torch.library.register_autograd(
 )
 
 
-# sample_gates and pool_bn_stats: their autograd formulas are _autograd.py's, shared with the Triton ops.
+# sample_gates, pool_bn_stats and bn_weighted_sum: their autograd formulas are _autograd.py's, shared with the Triton
+# ops.
 
 
 @torch.library.register_fake("fastdarts::sample_gates")
@@ -254,13 +256,6 @@ def _pool_bn_stats_backward_fake(grad_max, grad_avg, x, stride):
 register_pool_bn_stats_autograd("fastdarts")
 
 
-# bn_weighted_sum. Its autograd takes mean and invstd as inputs in their own right (reference.bn_weighted_sum has
-# the formulas): that is the op's derivative, what opcheck and gradcheck verify, and what a graph that computes the
-# statistics itself (torch.var_mean) chains through them. The fused mixed op does not go through autograd here: it
-# calls bn_weighted_sum_backward with batch_statistics set, which folds the path through the statistics into one
-# kernel. With every row fixed, that op gives exactly grad_ts and grad_w of this autograd.
-
-
 def bn_weighted_sum(ts: Sequence[Tensor], w: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     """`out = sum_k w[k] * (ts[k] - mean[k]) * invstd[k]` per channel, by the C++ kernel (CPU, float32/float64)."""
     return torch.ops.fastdarts.bn_weighted_sum.default(list(ts), w, mean, invstd)
@@ -284,54 +279,4 @@ def _bn_weighted_sum_backward_fake(grad, ts, w, mean, invstd, batch_statistics, 
     return grad_ts, (w.new_empty(len(ts)) if w_grad else None)
 
 
-def _bn_weighted_sum_setup_context(ctx, inputs, output):
-    ts, w, mean, invstd = inputs
-    ctx.num_ts = K = len(ts)
-    needs = needs_input_grad(ctx)  # the K ts, w, mean, invstd
-    # The ts (K activations) are kept alive only for the reductions that read them: grad_w and grad_invstd.
-    keep_ts = needs[K] or needs[K + 2]
-    ctx.save_for_backward(w, mean, invstd, *(ts if keep_ts else ()))
-
-
-def _bn_weighted_sum_backward(ctx, grad):
-    K = ctx.num_ts
-    needs = needs_input_grad(ctx)
-    ts_need, w_needs, mean_needs, invstd_needs = needs[:K], needs[K], needs[K + 1], needs[K + 2]
-    w, mean, invstd, *ts = ctx.saved_tensors
-    C = invstd.shape[1]
-    grad_ts, grad_w = [None] * K, None
-    if w_needs:  # every row fixed: grad_ts[k] = w[k] invstd[k] grad, grad_w[k] = sum(grad xhat_k), one kernel
-        all_grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward.default(
-            grad, ts, w, mean, invstd, [False] * K, any(ts_need), True
-        )
-        if any(ts_need):
-            grad_ts = [g if need else None for g, need in zip(all_grad_ts, ts_need)]
-    elif any(ts_need):  # no reduction to fuse: each grad_ts[k] = w[k] invstd[k] grad is a single multiply
-        coef = w[:, None] * invstd
-        grad_ts = [grad * coef[k].view(1, C, 1, 1) if need else None for k, need in enumerate(ts_need)]
-    grad_mean = grad_invstd = None
-    if mean_needs:
-        grad_mean = -(w[:, None] * invstd) * grad.sum((0, 2, 3))
-    if invstd_needs:
-        centred_sums = [(grad * (t - m.view(1, C, 1, 1))).sum((0, 2, 3)) for t, m in zip(ts, mean)]
-        grad_invstd = w[:, None] * torch.stack(centred_sums)
-    return grad_ts, grad_w, grad_mean, grad_invstd
-
-
-torch.library.register_autograd(
-    "fastdarts::bn_weighted_sum", _bn_weighted_sum_backward, setup_context=_bn_weighted_sum_setup_context
-)
-
-
-def _bn_weighted_sum_backward_not_differentiable(ctx, *grads):
-    raise RuntimeError(
-        "fastdarts::bn_weighted_sum_backward is not differentiable: for second derivatives of bn_weighted_sum "
-        "use backend='reference'"
-    )
-
-
-torch.library.register_autograd(
-    "fastdarts::bn_weighted_sum_backward",
-    _bn_weighted_sum_backward_not_differentiable,
-    setup_context=lambda ctx, inputs, output: None,
-)
+register_bn_weighted_sum_autograd("fastdarts")
