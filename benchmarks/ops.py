@@ -1,8 +1,8 @@
-"""Time the building blocks that have a Triton kernel, relu_dwconv, weighted_sum and pool_bn_stats, forward + backward
-per provider.
+"""Time the building blocks that have a Triton kernel, relu_dwconv, weighted_sum, pool_bn_stats and bn_weighted_sum,
+forward + backward per provider.
 
-    python benchmarks/ops.py --json [--ops relu_dwconv,weighted_sum,pool_bn_stats] [--cases stride1,stride2]
-                             [--providers ...]
+    python benchmarks/ops.py --json [--ops relu_dwconv,weighted_sum,pool_bn_stats,bn_weighted_sum]
+                             [--cases stride1,stride2] [--providers ...]
                              [--repeats 10] [--peak_gbps G --peak_gflops F]
 
 Runs on the CUDA device when torch.cuda.is_available(), else on the CPU (benchmarks/_device.py: timers, peak
@@ -13,7 +13,10 @@ memory, peaks). Cases, the tensors of one DARTS edge of the batch-64 search:
 - weighted_sum: the sum of the K = 7 computed candidates of the edge's mixed op, each of its output shape,
   (64, 16, 32, 32) and (64, 32, 8, 8);
 - pool_bn_stats: both 3x3 pools of the edge and their BN statistics, on x = (64, 16, 32, 32) at stride 1 and
-  (64, 32, 16, 16) at stride 2 (the backward for both pools; the statistics carry no gradient).
+  (64, 32, 16, 16) at stride 2 (the backward for both pools; the statistics carry no gradient);
+- bn_weighted_sum: the K = 7 candidates' last BNs folded into the weighted sum, at weighted_sum's shapes, with given
+  statistics (mean, invstd [K, C], no gradient: the backward for the inputs and w; the path through batch statistics
+  is the mixed op's, benchmarks/mixed_op.py).
 Providers: "eager-contiguous" and "eager" (the reference in the contiguous and the channels_last layout),
 "compile" (torch.compile of the reference, channels_last), "cpp" (the C++ kernel, CPU only) and "triton" (the
 Triton kernel, channels_last; CUDA only: on the CPU it is skipped with one printed line, and runs only if asked
@@ -34,6 +37,9 @@ FLOPs and bytes of one forward + backward, from the shapes (E bytes per element,
   torch.utils.flop_counter does not count either), so no GFLOP/s; bytes = E * (3 N C H W + 4 N C Ho Wo + 4 C): x read
   by the forward and by the backward (which recomputes the argmax) and grad_x written, both pools written and their
   gradients read, the [2, C] mean and variance written.
+- bn_weighted_sum, K inputs of n elements with C channels: FLOPs = 7 K n (the forward's subtraction, product and
+  sum per input and element, the backward's product for the grad_ts and subtraction, product and sum for grad_w);
+  bytes = E * ((3 K + 2) n + 3 K + 4 K C): weighted_sum's, and the statistics read by the forward and the backward.
 The bytes are the least a fused forward + backward must move (relu(x) recomputed, never stored), the same for every
 provider: GB/s is that traffic over the measured time, so a provider that moves more shows a lower figure than the
 bandwidth it used. Prints one JSON object (with --json) or a table; notes (such as the Triton skip) go to stderr.
@@ -46,6 +52,7 @@ import json
 import sys
 
 import torch
+from torch.utils import _pytree as pytree
 
 from fastdarts import ops
 from fastdarts.ops import reference
@@ -55,15 +62,16 @@ if __package__:
 else:  # run as a script: benchmarks/ is sys.path[0]
     import _device
 
-OPS = ("relu_dwconv", "weighted_sum", "pool_bn_stats")
+OPS = ("relu_dwconv", "weighted_sum", "pool_bn_stats", "bn_weighted_sum")
 DARTS = [(3, 1), (5, 1), (3, 2), (5, 2)]  # (kernel size, dilation)
 K_CANDIDATES = len(ops.MIXED_OP_CANDIDATES)
-# op -> case -> (shape, stride): relu_dwconv's and pool_bn_stats's x, weighted_sum's inputs (the mixed op's output at
-# that stride).
+# op -> case -> (shape, stride): relu_dwconv's and pool_bn_stats's x, weighted_sum's and bn_weighted_sum's inputs (the
+# mixed op's output at that stride).
 CASES = {
     "relu_dwconv": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
     "weighted_sum": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 8, 8), 2)},
     "pool_bn_stats": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
+    "bn_weighted_sum": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 8, 8), 2)},
 }
 PROVIDERS = ("eager-contiguous", "eager", "cpp", "compile", "triton")
 BACKEND_OF = {"eager-contiguous": "reference", "eager": "reference", "cpp": "cpp", "triton": "triton"}
@@ -96,7 +104,11 @@ def make_problem(op: str, shape, stride: int, layout=torch.channels_last, device
         return (x, stride), [x], [randn(*out_shape).contiguous(memory_format=layout) for _ in range(2)]
     xs = [randn(*shape).contiguous(memory_format=layout).requires_grad_() for _ in range(K_CANDIDATES)]
     w = randn(K_CANDIDATES).softmax(0).requires_grad_()
-    return (xs, w), [*xs, w], [randn(*shape).contiguous(memory_format=layout)]
+    grad_outs = [randn(*shape).contiguous(memory_format=layout)]
+    if op == "bn_weighted_sum":
+        mean, invstd = randn(K_CANDIDATES, shape[1], scale=0.1), 1 + randn(K_CANDIDATES, shape[1], scale=0.1).abs()
+        return (xs, w, mean, invstd), [*xs, w], grad_outs
+    return (xs, w), [*xs, w], grad_outs
 
 
 def make_forward(op: str, provider: str):
@@ -129,12 +141,14 @@ def flops_and_bytes(op: str, shape, stride: int, element_size: int = 4) -> tuple
         nbytes = element_size * (3 * N * C * H * W + 2 * len(DARTS) * N * C * Ho * Wo + 3 * C * taps)
         return flops, nbytes
     n, K = N * C * H * W, K_CANDIDATES
+    if op == "bn_weighted_sum":
+        return 7 * K * n, element_size * ((3 * K + 2) * n + 3 * K + 4 * K * C)
     return 5 * K * n, element_size * ((3 * K + 2) * n + 3 * K)
 
 
-def saved_bytes_beyond_inputs(forward, args, inputs) -> int:
-    """Bytes of the distinct storages autograd saves for backward beyond the op's inputs (which the caller holds
-    anyway): what the op adds to a training step's memory."""
+def saved_bytes_beyond_inputs(forward, args) -> int:
+    """Bytes of the distinct storages autograd saves for backward beyond the op's tensor arguments (which the caller
+    holds anyway): what the op adds to a training step's memory."""
     storages = {}
 
     def pack(t):
@@ -143,7 +157,7 @@ def saved_bytes_beyond_inputs(forward, args, inputs) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         forward(*args)
-    held = {t.untyped_storage().data_ptr() for t in inputs}
+    held = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)}
     return sum(size for ptr, size in storages.items() if ptr not in held)
 
 
@@ -159,7 +173,7 @@ def run_case(op, case, provider, device, timer, peaks, shape=None) -> dict:
         return torch.autograd.grad(differentiable(forward(*args)), inputs, grad_outs)
 
     result = _device.measure(step, timer, torch.device(device))
-    result["saved_bytes_beyond_inputs"] = saved_bytes_beyond_inputs(forward, args, inputs)
+    result["saved_bytes_beyond_inputs"] = saved_bytes_beyond_inputs(forward, args)
     flops, nbytes = flops_and_bytes(op, shape, stride, inputs[0].element_size())
     result.update(_device.throughput(result["median_seconds"], peaks, flops, nbytes))
     return result

@@ -30,6 +30,7 @@ TINY = {
     "relu_dwconv": {"stride1": (1, 3, 7, 6), "stride2": (1, 4, 7, 7)},
     "weighted_sum": {"stride1": (1, 3, 7, 6), "stride2": (2, 4, 4, 4)},
     "pool_bn_stats": {"stride1": (1, 3, 7, 6), "stride2": (2, 5, 7, 7)},
+    "bn_weighted_sum": {"stride1": (1, 3, 7, 6), "stride2": (2, 4, 4, 4)},
     "mixed_op": {"stride1": (1, 2, 5, 5), "stride2": (1, 2, 6, 6)},
 }
 needs_triton = pytest.mark.skipif(
@@ -59,7 +60,8 @@ def test_run_case_times_the_triton_provider(op, case):
         assert "gflops_per_s" not in result and op == "pool_bn_stats"
     else:
         assert result["fraction_of_peak_gflops"] == pytest.approx(result["gflops_per_s"] / 100.0)
-    if op != "weighted_sum":  # relu_dwconv saves only x and the weights, pool_bn_stats only x
+    # relu_dwconv saves only x and the weights, pool_bn_stats only x, bn_weighted_sum only its arguments
+    if op != "weighted_sum":
         assert result["saved_bytes_beyond_inputs"] == 0
 
     # What was timed is the op's forward + backward: it agrees with the reference's.

@@ -1,9 +1,9 @@
 """The kernel layer: one function per fused op, each call dispatched to a backend.
 
-Every op has a pure-PyTorch reference (`fastdarts.ops.reference`, the specification) and a C++
-CPU kernel (`fastdarts._C`); all but bn_weighted_sum also have a Triton version (`_triton`; the mixed
-op there is the same edge on the Triton building blocks). CPU tensors run the C++ kernel when it is
-built, CUDA tensors the Triton kernel when triton imports, everything else the reference;
+Every op has a pure-PyTorch reference (`fastdarts.ops.reference`, the specification), a C++
+CPU kernel (`fastdarts._C`) and a Triton version (`_triton`; the mixed op there is the same edge
+on the Triton building blocks). CPU tensors run the C++ kernel when it is built, CUDA tensors the
+Triton kernel when triton imports, everything else the reference;
 `backend=`, `use_backend(...)` and FASTDARTS_BACKEND override that (`_registry` holds the rules;
 "triton" runs CPU tensors only under TRITON_INTERPRET=1). Every op is differentiable and traces
 under torch.compile(fullgraph=True).
@@ -64,20 +64,21 @@ def bn_weighted_sum(
 
     Args:
         ts: K >= 1 tensors [N, C, H, W] of one shape, dtype and device. The output takes the memory layout of
-            `ts[0]` (channels_last, the layout "cpp" computes in, stays channels_last; other layouts are copied).
+            `ts[0]` (channels_last, the layout "cpp" computes in, stays channels_last; "cpp" copies other layouts,
+            "triton" reads the inputs laid out like the output in place and copies the others).
         w: [K], the dtype and device of `ts`; typically a softmax of architecture weights.
         mean, invstd: [K, C], the statistics each BN normalises with (invstd = 1 / sqrt(var + eps)). A row of
             zeros and ones adds its tensor un-normalised (the skip connection).
-        backend: "reference" or "cpp" for this call; None follows `use_backend`, then FASTDARTS_BACKEND, then the
-            device ("cpp" for CPU tensors when built).
+        backend: "reference", "cpp" or "triton" for this call; None follows `use_backend`, then FASTDARTS_BACKEND,
+            then the device ("cpp" for CPU tensors when built, "triton" for CUDA tensors when triton imports).
 
     Differentiable in `ts`, `w`, `mean` and `invstd`, each taken as an input in its own right (statistics computed
     from `ts` in the graph pass their gradient on through autograd): with g = dL/dout and xhat_k = (ts[k] -
-    mean[k]) * invstd[k], `dL/dts[k] = w[k] invstd[k] g` and `dL/dw[k] = sum(g xhat_k)`. Once on "cpp" (the
-    reference any number of times). The fused mixed op calls `torch.ops.fastdarts.bn_weighted_sum_backward`
-    instead, which takes the gradient through batch statistics of `ts[k]` in the same pass. Raises ValueError for
-    an empty list, a shape or device problem; TypeError for mismatched dtypes (and, on "cpp", dtypes other than
-    float32/float64).
+    mean[k]) * invstd[k], `dL/dts[k] = w[k] invstd[k] g` and `dL/dw[k] = sum(g xhat_k)`. Once on "cpp" and
+    "triton" (the reference any number of times). The fused mixed op calls the backend's
+    `bn_weighted_sum_backward` op instead, which takes the gradient through batch statistics of `ts[k]` in the
+    same pass. Raises ValueError for an empty list, a shape or device problem; TypeError for mismatched dtypes
+    (and, on "cpp" and "triton", dtypes other than float32/float64).
     """
     return dispatch("bn_weighted_sum", w.device, backend)(ts, w, mean, invstd)
 

@@ -51,25 +51,6 @@ class EdgeKernels:
     bn_weighted_sum_backward: Callable[..., tuple]
 
 
-def bn_weighted_sum_backward_in_torch(grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad):
-    """fastdarts::bn_weighted_sum_backward in torch ops, for a backend without that kernel (Triton's, for now):
-    with xhat = (t - mean) * invstd and means over (n, h, w), dL/dt = w invstd (g - mean(g) - xhat mean(g xhat)) on
-    a batch-statistics row, w invstd g on a fixed one; dL/dw = sum(g xhat)."""
-    C = grad.shape[1]
-    per_channel = [1, C, 1, 1]
-    count = grad.numel() // C
-    grad_mean = grad.sum((0, 2, 3)) / count
-    grad_ts, grad_w = [], []
-    for t, wk, m, s, batch in zip(ts, w, mean, invstd, batch_statistics):
-        xhat = (t - m.view(per_channel)) * s.view(per_channel)
-        g_xhat = (grad * xhat).sum((0, 2, 3))
-        grad_w.append(g_xhat.sum())
-        if input_grad:
-            g = grad - grad_mean.view(per_channel) - xhat * (g_xhat / count).view(per_channel) if batch else grad
-            grad_ts.append(g * (wk * s).view(per_channel))
-    return grad_ts, (torch.stack(grad_w) if w_grad else None)
-
-
 _CHANNELS_LAST = torch.channels_last
 _MAX_POOL, _AVG_POOL, _SKIP, _SEP3, _SEP5, _DIL3, _DIL5 = range(len(MIXED_OP_CANDIDATES))
 _FIRST_STAGE_DILATION = {_SEP3: 1, _SEP5: 1, _DIL3: 2, _DIL5: 2}

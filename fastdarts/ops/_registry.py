@@ -73,6 +73,7 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
     "bn_weighted_sum": {
         "reference": reference.bn_weighted_sum,
         **({"cpp": _cpp.bn_weighted_sum} if EXTENSION_LOADED else {}),
+        **({"triton": _triton.bn_weighted_sum} if TRITON_LOADED else {}),
     },
 }
 # The device types a backend runs on (None: wherever PyTorch runs). "triton" also runs CPU

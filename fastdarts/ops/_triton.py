@@ -1,12 +1,12 @@
 """Triton kernels of the fused ops, registered with torch.library.triton_op; imported by the registry when triton
 imports.
 
-The ops live in their own namespace, fastdarts_triton, with the schemas of the C++ ops (csrc/fastdarts.cpp; only
-relu_dwconv_backward returns its outputs in one list, see there) and the same autograd formulas (saving the same
-tensors) as _cpp.py, most of them registered by _autograd.py for both namespaces. A triton_op's body is its own
-fake: under FakeTensorMode the launches are skipped and only the metadata of the outputs is computed, and
-torch.compile sees the launches through torch.library.wrap_triton. The mixed op, fastdarts_triton::mixed_op, is
-_mixed_op.py's edge on these kernels (a torch.library.custom_op, as the C++ backend's).
+The ops live in their own namespace, fastdarts_triton, with the schemas of the C++ ops (csrc/fastdarts.cpp; only the
+outputs of relu_dwconv_backward and bn_weighted_sum_backward take another form, see there) and the same autograd
+formulas (saving the same tensors) as _cpp.py, most of them registered by _autograd.py for both namespaces. A
+triton_op's body is its own fake: under FakeTensorMode the launches are skipped and only the metadata of the outputs
+is computed, and torch.compile sees the launches through torch.library.wrap_triton. The mixed op,
+fastdarts_triton::mixed_op, is _mixed_op.py's edge on these kernels (a torch.library.custom_op, as the C++ backend's).
 
 Triton kernels run on CUDA tensors. CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1, the
 tests). Triton decides between compiling and interpreting a function when `triton.jit` decorates it, and
@@ -30,6 +30,10 @@ What the kernels do (one program per block of output elements, no atomics, so re
 - pool_bn_stats: one program per tile of output pixels by channels computes both pools and the tile's float64
   sums for the statistics, which PyTorch adds up. The backward recomputes each window's argmax (as one byte per
   output) in one launch, then gathers grad_x per input pixel from the windows that contain it in another.
+- bn_weighted_sum: one program per tile of pixels by channels reads up to 8 inputs and adds them, normalised and
+  weighted, into the output. The backward's first pass reads grad once, writes the fixed rows' gradients and the
+  tile's float64 per-channel sums of g and g (t_k - mean), which PyTorch adds up; a second pass writes the
+  batch-statistics rows' gradients from those sums.
 """
 
 from __future__ import annotations
@@ -50,19 +54,21 @@ from ._autograd import (
     check_pool_grad,
     check_supported_dtype,
     needs_input_grad,
+    register_bn_weighted_sum_autograd,
     register_pool_bn_stats_autograd,
     register_sample_gates_autograd,
     register_weighted_sum_autograd,
     torch_check,
 )
-from ._mixed_op import EdgeKernels, bn_weighted_sum_backward_in_torch, define_mixed_op
+from ._mixed_op import EdgeKernels, define_mixed_op
 from .reference import (
-    bn_weighted_sum,
     check_beta,
+    check_bn_weighted_sum_arguments,
     check_explore_p,
     check_gate_noise,
     check_gate_settings,
     check_like,
+    check_one_per_item,
     check_pool_bn_stats_arguments,
     check_relu_dwconv_arguments,
     check_same_tensors,
@@ -79,11 +85,15 @@ from .reference import (
 # numpy in either case.
 _ADD = tl.standard._sum_combine
 
-# The inputs of one weighted_sum launch: a Triton kernel takes a fixed list of pointers, not a list of tensors.
+# The inputs of one weighted_sum or bn_weighted_sum launch: a Triton kernel takes a fixed list of pointers, not a
+# list of tensors.
 MAX_INPUTS_PER_LAUNCH = 8
 # Elements per program: 1-D element-wise kernels, and the output pixels of one (image, channel) plane.
 ELEMENTWISE_BLOCK = 1024
 CONV_BLOCK = 256
+# The tiles of pool_bn_stats and bn_weighted_sum: TILE_PIXELS pixels (of all N images) by up to TILE_CHANNELS channels.
+TILE_PIXELS = 128
+TILE_CHANNELS = 32
 
 
 class _Kernel:
@@ -127,6 +137,12 @@ def _launch_blocks(n: int, block: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Helpers of the ops' bodies, which run both on real tensors and, as the fakes, on fake ones. (The checks beyond the
 # reference's, such as the dtypes, are in _autograd.py.)
+
+
+def _tile_grid(pixels: int, C: int) -> tuple[tuple[int, int], int]:
+    """The launch grid over `pixels` x C, and the channels per tile (a power of 2, at most TILE_CHANNELS)."""
+    block_c = min(TILE_CHANNELS, 1 << (C - 1).bit_length())
+    return (_launch_blocks(pixels, TILE_PIXELS), _launch_blocks(C, block_c)), block_c
 
 
 def _laid_out_like(t: Tensor, like: Tensor) -> Tensor:
@@ -709,13 +725,10 @@ register_sample_gates_autograd("fastdarts_triton::sample_gates_seeded")
 
 
 # ----------------------------------------------------------------------------------------------
-# pool_bn_stats. A program takes a tile of POOL_BLOCK_P output (or, backward, input) pixels of the N images by up to
-# POOL_BLOCK_C channels, every tensor addressed through its strides: with channels_last the channels of a pixel are
-# adjacent, in the contiguous layout the pixels of a row. The window of output (ho, wo) is the input rows
-# ho * stride - 1 + a and columns wo * stride - 1 + b, a, b < 3, that lie inside the image.
-
-POOL_BLOCK_P = 128
-POOL_BLOCK_C = 32
+# pool_bn_stats. A program takes a tile of output (or, backward, input) pixels by channels (_tile_grid), every
+# tensor addressed through its strides: with channels_last the channels of a pixel are adjacent, in the contiguous
+# layout the pixels of a row. The window of output (ho, wo) is the input rows ho * stride - 1 + a and columns
+# wo * stride - 1 + b, a, b < 3, that lie inside the image.
 
 
 def _pool_bn_stats_fn(
@@ -836,12 +849,6 @@ _pool_argmax_kernel = _Kernel(_pool_argmax_fn)
 _pool_bn_stats_backward_kernel = _Kernel(_pool_bn_stats_backward_fn)
 
 
-def _pool_grid(pixels: int, C: int) -> tuple[tuple[int, int], int]:
-    """The launch grid over `pixels` x C, and the channels per tile (a power of 2, at most POOL_BLOCK_C)."""
-    block_c = min(POOL_BLOCK_C, 1 << (C - 1).bit_length())
-    return (_launch_blocks(pixels, POOL_BLOCK_P), _launch_blocks(C, block_c)), block_c
-
-
 @triton_op("fastdarts_triton::pool_bn_stats", mutates_args=())
 def _pool_bn_stats_op(x: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_pool_bn_stats_arguments("pool_bn_stats", x, stride, torch_check)
@@ -859,11 +866,11 @@ def _pool_bn_stats_op(x: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, T
     # PyTorch in a fixed order (deterministic).
     shift = x[0, :, 0, 0].to(torch.float64).contiguous()
     P = N * H_out * W_out
-    grid, block_c = _pool_grid(P, C)
+    grid, block_c = _tile_grid(P, C)
     partials = x.new_empty((grid[0], 4, C), dtype=torch.float64)
     _pool_bn_stats_kernel[grid](
         x, max_out, avg_out, shift, partials, C, H, W, H_out, W_out, P, *x.stride(), *max_out.stride(), stride,
-        BLOCK_P=POOL_BLOCK_P, BLOCK_C=block_c,
+        BLOCK_P=TILE_PIXELS, BLOCK_C=block_c,
     )  # fmt: skip
     sums = partials.sum(dim=0) / P  # [4, C]: E[d] and E[d^2] of max_out, then of avg_out
     mean_d, square_d = sums[0::2], sums[1::2]
@@ -893,17 +900,17 @@ def _pool_bn_stats_backward_op(grad_max: Tensor | None, grad_avg: Tensor | None,
     if grad_max is not None:  # each window's argmax, recomputed from x (autograd saved nothing else), as one byte
         index = torch.empty(shape, dtype=torch.int8, device=x.device, memory_format=suggest_memory_format(x))
         P = N * H_out * W_out
-        grid, block_c = _pool_grid(P, C)
+        grid, block_c = _tile_grid(P, C)
         _pool_argmax_kernel[grid](
             x, index, C, H, W, H_out, W_out, P, *x.stride(), *index.stride(), stride,
-            BLOCK_P=POOL_BLOCK_P, BLOCK_C=block_c,
+            BLOCK_P=TILE_PIXELS, BLOCK_C=block_c,
         )  # fmt: skip
-    grid, block_c = _pool_grid(N * H * W, C)
+    grid, block_c = _tile_grid(N * H * W, C)
     given_max, given_avg = grad_max if grad_max is not None else unused, grad_avg if grad_avg is not None else unused
     _pool_bn_stats_backward_kernel[grid](
         given_max, given_avg, index, grad_x, C, H, W, H_out, W_out, N * H * W,
         *given_max.stride(), *given_avg.stride(), *index.stride(), *grad_x.stride(), stride,
-        MAX=grad_max is not None, AVG=grad_avg is not None, BLOCK_P=POOL_BLOCK_P, BLOCK_C=block_c,
+        MAX=grad_max is not None, AVG=grad_avg is not None, BLOCK_P=TILE_PIXELS, BLOCK_C=block_c,
     )  # fmt: skip
     return grad_x
 
@@ -917,7 +924,224 @@ register_pool_bn_stats_autograd("fastdarts_triton")
 
 
 # ----------------------------------------------------------------------------------------------
-# The mixed op: the edge of _mixed_op.py on the kernels above (the 1x1 convs and the BNs stay ATen's, see there).
+# bn_weighted_sum: the C++ kernels' formulas (csrc/cpu/bn_weighted_sum.cpp) over tiles of pixels by channels
+# (_tile_grid). Every tensor is read with the strides of the output (inputs in another layout are copied to it);
+# with channels_last the channels of a pixel are adjacent, in the contiguous layout the pixels of a row. The K inputs
+# of a launch come as a tuple of pointers indexed by the constexpr k of tl.static_range; the bit masks (bit k for
+# input k of the launch) are constexprs too, so each variant compiles to straight-line code.
+
+
+def _bn_weighted_sum_fn(
+    out, mean, coef, t0, t1, t2, t3, t4, t5, t6, t7, C, H, W, P, sn, sc, sh, sw,
+    K: tl.constexpr, ACCUMULATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # out (+)= sum_{k < K} (t_k - mean[k, c]) * coef[k, c] over one tile, coef = w[k] invstd[k, c].
+    ts = (t0, t1, t2, t3, t4, t5, t6, t7)
+    pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_inside = channels < C
+    inside = (pixels < P)[:, None] & channel_inside[None, :]
+    n = (pixels // (H * W)).to(tl.int64)
+    h, w = (pixels // W) % H, pixels % W
+    offsets = (n * sn + h * sh + w * sw)[:, None] + channels.to(tl.int64)[None, :] * sc
+    if ACCUMULATE:
+        acc = tl.load(out + offsets, mask=inside, other=0.0)
+    else:
+        acc = tl.full([BLOCK_P, BLOCK_C], 0.0, out.dtype.element_ty)
+    for k in tl.static_range(K):
+        m = tl.load(mean + k * C + channels, mask=channel_inside, other=0.0)[None, :]
+        s = tl.load(coef + k * C + channels, mask=channel_inside, other=0.0)[None, :]
+        acc += (tl.load(ts[k] + offsets, mask=inside, other=0.0) - m) * s
+    tl.store(out + offsets, acc, mask=inside)
+
+
+def _bn_weighted_sum_reduce_fn(
+    grad, mean, a, partials, grad_sums, t0, t1, t2, t3, t4, t5, t6, t7, gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7,
+    C, H, W, P, sn, sc, sh, sw, num_blocks,
+    K: tl.constexpr, DOT: tl.constexpr, WRITE: tl.constexpr, SUM_GRAD: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # The backward's first pass over one tile, grad read once: per channel, the float64 sums of g (grad_sums[block],
+    # if SUM_GRAD) and of g (t_k - mean[k, c]) (partials[k, block], for the rows in DOT), each product rounded once
+    # to the inputs' precision as in the C++ kernel; and gt_k = a[k, c] g for the rows in WRITE (the fixed rows,
+    # which need no sums).
+    ts = (t0, t1, t2, t3, t4, t5, t6, t7)
+    gts = (gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7)
+    block = tl.program_id(0)
+    pixels = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_inside = channels < C
+    inside = (pixels < P)[:, None] & channel_inside[None, :]
+    n = (pixels // (H * W)).to(tl.int64)
+    h, w = (pixels // W) % H, pixels % W
+    offsets = (n * sn + h * sh + w * sw)[:, None] + channels.to(tl.int64)[None, :] * sc
+    g = tl.load(grad + offsets, mask=inside, other=0.0)
+    slot = block * C + channels
+    if SUM_GRAD:
+        tl.store(grad_sums + slot, tl.reduce(g.to(tl.float64), 0, _ADD), mask=channel_inside)
+    for k in tl.static_range(K):
+        if (DOT >> k) & 1:
+            m = tl.load(mean + k * C + channels, mask=channel_inside, other=0.0)[None, :]
+            # Zero off the tile, where 0 * (0 - mean) would be NaN for an infinite mean.
+            product = tl.where(inside, g * (tl.load(ts[k] + offsets, mask=inside, other=0.0) - m), 0.0)
+            total = tl.reduce(product.to(tl.float64), 0, _ADD)
+            tl.store(partials + k * num_blocks * C + slot, total, mask=channel_inside)
+        if (WRITE >> k) & 1:
+            ak = tl.load(a + k * C + channels, mask=channel_inside, other=0.0)[None, :]
+            tl.store(gts[k] + offsets, ak * g, mask=inside)
+
+
+def _bn_weighted_sum_grad_fn(
+    grad, mean, a, b, e, t0, t1, t2, t3, t4, t5, t6, t7, gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7,
+    C, H, W, P, sn, sc, sh, sw,
+    K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # The second pass, for K batch-statistics rows: gt_k = a g + b (t_k - mean) + e with the per-channel
+    # coefficients [k, c] of the first pass's sums.
+    ts = (t0, t1, t2, t3, t4, t5, t6, t7)
+    gts = (gt0, gt1, gt2, gt3, gt4, gt5, gt6, gt7)
+    pixels = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_inside = channels < C
+    inside = (pixels < P)[:, None] & channel_inside[None, :]
+    n = (pixels // (H * W)).to(tl.int64)
+    h, w = (pixels // W) % H, pixels % W
+    offsets = (n * sn + h * sh + w * sw)[:, None] + channels.to(tl.int64)[None, :] * sc
+    g = tl.load(grad + offsets, mask=inside, other=0.0)
+    for k in tl.static_range(K):
+        row = k * C + channels
+        m = tl.load(mean + row, mask=channel_inside, other=0.0)[None, :]
+        ak = tl.load(a + row, mask=channel_inside, other=0.0)[None, :]
+        bk = tl.load(b + row, mask=channel_inside, other=0.0)[None, :]
+        ek = tl.load(e + row, mask=channel_inside, other=0.0)[None, :]
+        t = tl.load(ts[k] + offsets, mask=inside, other=0.0)
+        tl.store(gts[k] + offsets, ak * g + bk * (t - m) + ek, mask=inside)
+
+
+_bn_weighted_sum_kernel = _Kernel(_bn_weighted_sum_fn)
+_bn_weighted_sum_reduce_kernel = _Kernel(_bn_weighted_sum_reduce_fn)
+_bn_weighted_sum_grad_kernel = _Kernel(_bn_weighted_sum_grad_fn)
+
+
+def _tile_arguments(like: Tensor) -> tuple[tuple[int, int], int, list[int]]:
+    """The grid, the channels per tile, and the size and stride arguments (C, H, W, P, then the strides) of a tile
+    kernel over tensors laid out like `like`."""
+    N, C, H, W = like.shape
+    grid, block_c = _tile_grid(N * H * W, C)
+    return grid, block_c, [C, H, W, N * H * W, *like.stride()]
+
+
+def _bits(flags: Sequence[bool]) -> int:
+    """A constexpr bit mask: bit i set when flags[i] is."""
+    return sum(1 << i for i, flag in enumerate(flags) if flag)
+
+
+@triton_op("fastdarts_triton::bn_weighted_sum", mutates_args=())
+def _bn_weighted_sum_op(ts: list[Tensor], w: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    check_bn_weighted_sum_arguments("bn_weighted_sum", ts, w, mean, invstd, torch_check)
+    check_supported_dtype("bn_weighted_sum", ts[0])
+    out = torch.empty_like(ts[0])  # the C++ op's layout: at::empty_like(ts[0])
+    if out.numel() == 0:
+        return out
+    ts = [_laid_out_like(t, out) for t in ts]
+    # w[k] invstd[k, c] in double, rounded once, as the C++ kernel's coefficients.
+    coef = (w.double()[:, None] * invstd.double()).to(out.dtype)
+    mean = mean.contiguous()
+    grid, block_c, sizes = _tile_arguments(out)
+    for start in range(0, len(ts), MAX_INPUTS_PER_LAUNCH):
+        chunk = ts[start : start + MAX_INPUTS_PER_LAUNCH]
+        _bn_weighted_sum_kernel[grid](
+            out, mean[start:], coef[start:], *_padded(chunk), *sizes,
+            K=len(chunk), ACCUMULATE=start > 0, BLOCK_P=TILE_PIXELS, BLOCK_C=block_c,
+        )  # fmt: skip
+    return out
+
+
+# The C++ op's outputs (Tensor[], Tensor?) as (grad_ts or [], [grad_w] or []): triton_op infers the schema from the
+# annotations, which cannot express an optional output.
+@triton_op("fastdarts_triton::bn_weighted_sum_backward", mutates_args=())
+def _bn_weighted_sum_backward_op(
+    grad: Tensor, ts: list[Tensor], w: Tensor, mean: Tensor, invstd: Tensor, batch_statistics: list[bool],
+    input_grad: bool, w_grad: bool,
+) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
+    op = "bn_weighted_sum_backward"
+    check_bn_weighted_sum_arguments(op, ts, w, mean, invstd, torch_check)
+    check_supported_dtype(op, ts[0])
+    check_like(op, "grad", grad, "ts[0]", ts[0], torch_check)
+    K = len(ts)
+    check_one_per_item(op, "batch_statistics", len(batch_statistics), K, "tensor", torch_check)
+    grad_ts = [torch.empty_like(ts[0]) for _ in ts] if input_grad else []
+    N, C, H, W = ts[0].shape
+    M = N * H * W
+    if M == 0 or not (input_grad or w_grad):  # nothing to read, or nothing to write
+        return grad_ts, [w.new_zeros(K)] if w_grad else []
+    # The rows whose gradient goes through their batch statistics (the second pass writes them), the rows whose sum
+    # of g (t_k - mean) is needed (those, and every row for grad_w), and the rows the first pass writes.
+    normalised = [input_grad and statistics for statistics in batch_statistics]
+    dot = [w_grad or row for row in normalised]
+    fixed = [input_grad and not statistics for statistics in batch_statistics]
+    like = grad_ts[0] if input_grad else torch.empty_like(ts[0])
+    grad, ts = _laid_out_like(grad, like), [_laid_out_like(t, like) for t in ts]
+    outs = grad_ts or ts  # without input_grad, pointers that are never written
+    dtype = ts[0].dtype
+    w64, invstd64 = w.double(), invstd.double()
+    a = w64[:, None] * invstd64  # a fixed row's gradient is a g
+    grid, block_c, sizes = _tile_arguments(like)
+    num_blocks = grid[0]
+    # Per tile and channel, the sums of g (t_k - mean[k]) (rows k < K, those in `dot`) and of g (row K), added up by
+    # PyTorch in a fixed order (deterministic); the sums of rows no launch writes are never used.
+    partials = w.new_empty((K + 1, num_blocks, C), dtype=torch.float64)
+    mean_rows, a_rows = mean.contiguous(), a.to(dtype)
+    for start in range(0, K, MAX_INPUTS_PER_LAUNCH):
+        end = start + MAX_INPUTS_PER_LAUNCH
+        _bn_weighted_sum_reduce_kernel[grid](
+            grad, mean_rows[start:], a_rows[start:], partials[start], partials[K], *_padded(ts[start:end]),
+            *_padded(outs[start:end]), *sizes, num_blocks, K=len(ts[start:end]), DOT=_bits(dot[start:end]),
+            WRITE=_bits(fixed[start:end]), SUM_GRAD=start == 0 and any(normalised), BLOCK_P=TILE_PIXELS,
+            BLOCK_C=block_c,
+        )  # fmt: skip
+    grad_w = []
+    if not (w_grad or any(normalised)):
+        return grad_ts, grad_w
+    sums = partials.sum(dim=1)  # [K + 1, C]
+    if w_grad:  # sum(g xhat_k) = sum over c of invstd[k, c] sum_c(g (t_k - mean[k, c]))
+        grad_w.append((invstd64 * sums[:K]).sum(dim=1).to(w.dtype))
+    rows = [k for k in range(K) if normalised[k]]
+    if rows:
+        # grad_t_k = a (g - mean_c(g) - xhat mean_c(g xhat)) = a g + b (t_k - mean) + e: the C++ kernel's b and e.
+        b = -a[rows] * invstd64[rows].square() * sums[rows] / M
+        e = -a[rows] * sums[K] / M
+        mean_rows, a_rows, b, e = mean[rows].contiguous(), a[rows].to(dtype), b.to(dtype), e.to(dtype)
+        ts_rows, outs = [ts[k] for k in rows], [grad_ts[k] for k in rows]
+        for start in range(0, len(rows), MAX_INPUTS_PER_LAUNCH):
+            end = start + MAX_INPUTS_PER_LAUNCH
+            _bn_weighted_sum_grad_kernel[grid](
+                grad, mean_rows[start:], a_rows[start:], b[start:], e[start:], *_padded(ts_rows[start:end]),
+                *_padded(outs[start:end]), *sizes, K=len(ts_rows[start:end]), BLOCK_P=TILE_PIXELS, BLOCK_C=block_c,
+            )  # fmt: skip
+    return grad_ts, grad_w
+
+
+def _bn_weighted_sum_gradients(grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad) -> tuple:
+    """bn_weighted_sum_backward with the C++ op's outputs: (grad_ts or [], grad_w or None)."""
+    grad_ts, grad_w = torch.ops.fastdarts_triton.bn_weighted_sum_backward.default(
+        grad, list(ts), w, mean, invstd, list(batch_statistics), input_grad, w_grad
+    )
+    return grad_ts, (grad_w[0] if w_grad else None)
+
+
+def bn_weighted_sum(ts: Sequence[Tensor], w: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """`out = sum_k w[k] * (ts[k] - mean[k]) * invstd[k]` per channel, by the Triton kernel (CUDA; CPU under
+    TRITON_INTERPRET=1; float32/float64)."""
+    return torch.ops.fastdarts_triton.bn_weighted_sum.default(list(ts), w, mean, invstd)
+
+
+register_bn_weighted_sum_autograd("fastdarts_triton", _bn_weighted_sum_gradients)
+
+
+# ----------------------------------------------------------------------------------------------
+# The mixed op: the edge of _mixed_op.py on the kernels above (the 1x1 convs and the BNs that bn_weighted_sum does
+# not fold stay ATen's, see there).
 
 mixed_op = define_mixed_op(
     "fastdarts_triton",
@@ -928,9 +1152,8 @@ mixed_op = define_mixed_op(
         pool_bn_stats=torch.ops.fastdarts_triton.pool_bn_stats.default,
         pool_bn_stats_backward=torch.ops.fastdarts_triton.pool_bn_stats_backward.default,
         weighted_sum=torch.ops.fastdarts_triton.weighted_sum.default,
-        # No Triton kernel folds the BNs into the sum yet: torch ops do it.
-        bn_weighted_sum=bn_weighted_sum,
-        bn_weighted_sum_backward=bn_weighted_sum_backward_in_torch,
+        bn_weighted_sum=torch.ops.fastdarts_triton.bn_weighted_sum.default,
+        bn_weighted_sum_backward=_bn_weighted_sum_gradients,
     ),
     device_types=None,  # CUDA, and CPU tensors under TRITON_INTERPRET=1
 )
