@@ -238,9 +238,8 @@ def test_gradcheck_float64_without_recomputation():
     assert torch.autograd.gradcheck(f, (x, w, *weights), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-@requires_ext
-def test_without_recomputation_saves_the_sixteen_intermediates():
-    x, w, weights, _, _ = make_inputs(4, 16, 16, 1)
+def saved_storages(forward, x, w, weights) -> tuple[dict[int, int], set[int]]:
+    """({storage address: bytes} of what autograd saves in `forward()`, the addresses of the inputs' storages)."""
     storages = {}
 
     def pack(t):
@@ -248,8 +247,16 @@ def test_without_recomputation_saves_the_sixteen_intermediates():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ops.mixed_op(x, w, weights, 1, recompute=False, backend="cpp")
-    inputs = {t.untyped_storage().data_ptr() for t in (x, w, *weights)}
+        forward()
+    return storages, {t.untyped_storage().data_ptr() for t in (x, w, *weights)}
+
+
+@requires_ext
+def test_without_recomputation_saves_the_sixteen_intermediates():
+    x, w, weights, _, _ = make_inputs(4, 16, 16, 1)
+    storages, inputs = saved_storages(
+        lambda: ops.mixed_op(x, w, weights, 1, recompute=False, backend="cpp"), x, w, weights
+    )  # fmt: skip
     activations = [size for ptr, size in storages.items() if ptr not in inputs and size == x.numel() * 4]
     # both pools' outputs; per sep conv t, t_1, u, z2 and z; per dil conv t and z
     assert len(activations) == 16
@@ -258,15 +265,7 @@ def test_without_recomputation_saves_the_sixteen_intermediates():
 @requires_ext
 def test_saves_only_the_input_the_weights_and_the_statistics():
     x, w, weights, _, _ = make_inputs(4, 16, 16, 1)
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ops.mixed_op(x, w, weights, 1, backend="cpp")
-    inputs = {t.untyped_storage().data_ptr() for t in (x, w, *weights)}
+    storages, inputs = saved_storages(lambda: ops.mixed_op(x, w, weights, 1, backend="cpp"), x, w, weights)
     beyond_inputs = sum(size for ptr, size in storages.items() if ptr not in inputs)
     B = sum(bns for _, bns in ops.mixed_op_layout(1))
     assert beyond_inputs <= 2 * B * 16 * 4  # the mean and variance rows: no activation at all

@@ -21,7 +21,7 @@ from fastdarts import ops
 from fastdarts.ops import _registry
 
 from ..test_registry import run_python
-from .test_mixed_op import ALL, TOLERANCES, make_inputs, run
+from .test_mixed_op import ALL, TOLERANCES, make_inputs, run, saved_storages
 
 
 def assert_agrees_with_reference(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=True):
@@ -130,15 +130,7 @@ def test_computes_only_the_gradients_asked_for(wants):
 
 def test_saves_only_the_input_the_weights_and_the_statistics():
     x, w, weights, _, _ = make_inputs(1, 4, 6, 1, layout=torch.channels_last)
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        ops.mixed_op(x, w, weights, 1, backend="triton")
-    inputs = {t.untyped_storage().data_ptr() for t in (x, w, *weights)}
+    storages, inputs = saved_storages(lambda: ops.mixed_op(x, w, weights, 1, backend="triton"), x, w, weights)
     beyond_inputs = sum(size for ptr, size in storages.items() if ptr not in inputs)
     B = sum(bns for _, bns in ops.mixed_op_layout(1))
     assert beyond_inputs <= 2 * B * 4 * 4  # the mean and variance rows: no activation at all
