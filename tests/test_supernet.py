@@ -65,6 +65,8 @@ def test_invalid_network_arguments():
         SearchNetwork(C=0)
     with pytest.raises(ValueError, match="multiplier"):
         SearchNetwork(C=4, steps=2, multiplier=4)
+    with pytest.raises(ValueError, match="SearchNetwork: recompute must be True or False, got 'no'"):
+        SearchNetwork(C=4, recompute="no")
 
 
 @requires_ext

@@ -225,6 +225,10 @@ def mixed_op(
     The fused backends compute only the gradients asked for. Raises ValueError for a shape, length, stride or
     candidate problem and TypeError for mismatched dtypes (on "cpp", also for dtypes other than float32/float64).
     """
+    # Checked here, before the dispatcher turns a non-bool into a bool for the fused ops' schema.
+    for name, flag in (("pool_bn", pool_bn), ("recompute", recompute)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"mixed_op: {name} must be True or False, got {flag!r}")
     return dispatch("mixed_op", x.device, backend)(
         x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute
     )  # fmt: skip

@@ -292,6 +292,8 @@ BAD_ARGUMENTS = [
     (dict(training=False), ValueError, r"in evaluation bn_mean must be the running statistics \[8, 4\]"),
     (dict(x="3d"), ValueError, r"x must be a 4-D \[N, C, H, W\] tensor"),
     (dict(w="double"), TypeError, "w must have the dtype of x"),
+    (dict(pool_bn=None), ValueError, "pool_bn must be True or False, got None"),
+    (dict(recompute="no"), ValueError, "recompute must be True or False, got 'no'"),
 ]
 
 
