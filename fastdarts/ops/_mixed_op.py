@@ -173,8 +173,8 @@ class _Edge:
         """t, the input of candidate k's last BN, whose batch statistics (in training) this records."""
         self._keep(**{f"t{k}": t})
         if self.training:
-            # ATen's BN statistics pass (mean and biased variance); torch.var_mean over (0, 2, 3) is ~10x slower on
-            # channels_last.
+            # ATen's BN statistics pass (mean and biased variance); torch.var_mean over (0, 2, 3) is 11.7x slower on
+            # channels_last (benchmarks/RESULTS.md).
             mean, var = torch.ops.aten.batch_norm_update_stats.default(t, None, None, 0.0)
             row = self._final_row(k)
             self.mean[row], self.var[row] = mean, var
