@@ -48,6 +48,18 @@ TORCH_LIBRARY(fastdarts, m) {
   m.def(
       "relu_dwconv_backward(Tensor[] grads, Tensor x, Tensor[] weights, int[] dilations, int stride, bool relu, "
       "bool input_grad, bool weight_grad) -> (Tensor?, Tensor[])");
+  // relu_dwconv with each output i going straight through a 1x1 conv: out[i] = conv2d(relu_dwconv(...)[i],
+  // pointwise_weights[i]) with pointwise_weights[i]: [C, C, 1, 1], laid out like x; mean, var: [K, C], the
+  // per-channel mean and biased variance of each out[i] over (N, H_out, W_out) (no gradient: a following BN's
+  // batch statistics). The depthwise outputs are never written: a DARTS sep or dil conv up to its BN.
+  m.def(
+      "relu_dwconv_pointwise(Tensor x, Tensor[] weights, Tensor[] pointwise_weights, int[] dilations, int stride, "
+      "bool relu) -> (Tensor[] outs, Tensor mean, Tensor var)");
+  // One pass over x and the K output gradients, the depthwise outputs recomputed in tiles: grad_x (masked by x > 0
+  // when relu) if input_grad, else None; the depthwise and the 1x1 weights' gradients if weight_grad, else empty.
+  m.def(
+      "relu_dwconv_pointwise_backward(Tensor[] grads, Tensor x, Tensor[] weights, Tensor[] pointwise_weights, "
+      "int[] dilations, int stride, bool relu, bool input_grad, bool weight_grad) -> (Tensor?, Tensor[], Tensor[])");
   // PR-DARTS's hard-concrete gates and top-k mask from given noise: reference.gates_from_noise, with the same
   // arguments. beta, u: [E, K]; explore: bool [E, K] and perm: int64 [K] when k is set, ignored (may be None)
   // when it is not. Outputs [E, K]: gates (exactly the 0/1 mask with k, g without), mask, p_nonzero = P(g != 0),

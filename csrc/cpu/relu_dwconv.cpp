@@ -353,6 +353,82 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t
   }
 }
 
+// One row of a 1x1 conv: out[w * Cp + c] = sum_{j < C} in[w * Cp + j] * m[j * Cp + c] for w < cols (a multiple of
+// kCols) and c < Cp, with m one of pointwise_matrices. Like conv_row, kCols positions x one vector of output
+// channels accumulate in registers; each input value is broadcast against a row of m. in and out do not overlap.
+template <typename T, int64_t kCols>
+FASTDARTS_ALWAYS_INLINE void pointwise_row(const T* in, const T* m, T* out, int64_t cols, int64_t C, int64_t Cp) {
+  constexpr int64_t V = kVecLanes<T>;
+  for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+      Vec<T> acc[kCols];
+      for (int64_t q = 0; q < kCols; ++q) {
+        acc[q] = Vec<T>{};
+      }
+      const T* src = in + w0 * Cp;
+      for (int64_t j = 0; j < C; ++j) {
+        Vec<T> mj;
+        vec_load(mj, m + j * Cp + c0);
+        for (int64_t q = 0; q < kCols; ++q) {
+          acc[q] += src[q * Cp + j] * mj;
+        }
+      }
+      for (int64_t q = 0; q < kCols; ++q) {
+        vec_store(out + (w0 + q) * Cp + c0, acc[q]);
+      }
+    }
+  }
+}
+
+// One row's share of a 1x1 conv's weight gradient: partial[o * Cp + c] += sum_{w < cols} grad[w * Cp + o] * z[w * Cp + c]
+// for o < round_up(C, kCols) (Cp is a multiple of kCols; the rows past C add the zeros of grad's padding channels)
+// and c < Cp. kCols rows of partial x one vector of z's channels stay in registers over the row.
+template <typename T, int64_t kCols>
+FASTDARTS_ALWAYS_INLINE void pointwise_grad_row(const T* grad, const T* z, T* partial, int64_t cols, int64_t C,
+                                                int64_t Cp) {
+  constexpr int64_t V = kVecLanes<T>;
+  for (int64_t o0 = 0; o0 < C; o0 += kCols) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+      Vec<T> acc[kCols];
+      for (int64_t q = 0; q < kCols; ++q) {
+        vec_load(acc[q], partial + (o0 + q) * Cp + c0);
+      }
+      for (int64_t w = 0; w < cols; ++w) {
+        Vec<T> zw;
+        vec_load(zw, z + w * Cp + c0);
+        const T* g = grad + w * Cp + o0;
+        for (int64_t q = 0; q < kCols; ++q) {
+          acc[q] += g[q] * zw;
+        }
+      }
+      for (int64_t q = 0; q < kCols; ++q) {
+        vec_store(partial + (o0 + q) * Cp + c0, acc[q]);
+      }
+    }
+  }
+}
+
+// Adds one row's per-channel sum and sum of squares (positions w < cols) to moments[c] and moments[Cp + c]: the
+// row in T (cols values per channel), the running totals in double.
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void add_row_moments(const T* row, int64_t cols, int64_t Cp, double* moments) {
+  constexpr int64_t V = kVecLanes<T>;
+  for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+    Vec<T> sum{};
+    Vec<T> squares{};
+    for (int64_t w = 0; w < cols; ++w) {
+      Vec<T> v;
+      vec_load(v, row + w * Cp + c0);
+      sum += v;
+      squares += v * v;
+    }
+    for (int64_t l = 0; l < V; ++l) {
+      moments[c0 + l] += static_cast<double>(sum[l]);
+      moments[Cp + c0 + l] += static_cast<double>(squares[l]);
+    }
+  }
+}
+
 // Zeroes what a pack into rows [r0, r1) and columns [c0, c1) of a tile leaves unwritten: only the border when
 // the pack fills every channel (C == Cp), the whole tile otherwise.
 template <typename T>
@@ -415,17 +491,28 @@ struct ForwardArgs {
   const T* taps;           // tap_vectors
   std::vector<T*> outs;    // K outputs, all with strides `os`
   Strides os;
+  // relu_dwconv_pointwise: each depthwise output row goes through kernel i's 1x1 conv (pointwise_matrices, not
+  // transposed) before it is written, and its moments go to the chunk's slot [num_chunks][K][2][Cp] of `moments`.
+  // nullptr for relu_dwconv.
+  const T* pointwise = nullptr;
+  double* moments = nullptr;
 };
 
-// Chunks [begin, end) of the forward, with scratch space for one input tile and one output row.
+// Chunks [begin, end) of the forward, with scratch space for one input tile and two output rows (the second is
+// the 1x1 conv's output, when there is one).
 template <typename T, int64_t kCols>
-FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile, T* row) {
+FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile, T* row,
+                                            T* pointwise_row_out) {
   const Geometry& g = f.g;
   const int64_t K = static_cast<int64_t>(f.outs.size());
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     const int64_t n = chunk / g.chunks_per_image;
     const int64_t ho0 = chunk % g.chunks_per_image * g.chunk_rows;
     const int64_t ho1 = std::min(g.Ho, ho0 + g.chunk_rows);
+    double* moments = f.moments == nullptr ? nullptr : f.moments + chunk * K * 2 * g.Cp;
+    if (moments != nullptr) {
+      std::fill(moments, moments + K * 2 * g.Cp, 0.0);
+    }
     load_input_tile(g, f.x, f.xs, f.relu, n, ho0 * g.s - g.P, tile);
     for (int64_t ho = ho0; ho < ho1; ++ho) {
       const T* in = tile + (ho - ho0) * g.s * g.input.row_stride;
@@ -433,7 +520,13 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
         const int64_t t0 = g.tap_begin[i];
         conv_row<T, kCols>(in, g.s * g.Cp, g.offsets.data() + t0, f.taps + t0 * g.Cp, g.taps(i), row, g.Cp, g.Wo_r,
                            g.Cp, false);
-        unpack(row, 0, g.Cp, 1, g.Wo, g.C, f.outs[i] + n * f.os.n + ho * f.os.h, f.os);
+        const T* result = row;
+        if (f.pointwise != nullptr) {
+          pointwise_row<T, kCols>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.Wo_r, g.C, g.Cp);
+          add_row_moments(pointwise_row_out, g.Wo, g.Cp, moments + i * 2 * g.Cp);
+          result = pointwise_row_out;
+        }
+        unpack(result, 0, g.Cp, 1, g.Wo, g.C, f.outs[i] + n * f.os.n + ho * f.os.h, f.os);
       }
     }
   }
@@ -441,13 +534,14 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
 
 template <typename T>
 FASTDARTS_TARGET_AVX512 void forward_chunks_avx512(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile,
-                                                   T* row) {
-  forward_chunks<T, kColsAvx512>(f, begin, end, tile, row);
+                                                   T* row, T* pointwise_row_out) {
+  forward_chunks<T, kColsAvx512>(f, begin, end, tile, row, pointwise_row_out);
 }
 
 template <typename T>
-void forward_chunks_baseline(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile, T* row) {
-  forward_chunks<T, kColsBaseline>(f, begin, end, tile, row);
+void forward_chunks_baseline(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile, T* row,
+                             T* pointwise_row_out) {
+  forward_chunks<T, kColsBaseline>(f, begin, end, tile, row, pointwise_row_out);
 }
 
 template <typename T>
@@ -462,16 +556,52 @@ struct BackwardArgs {
   T* grad_x;              // nullptr: not wanted
   Strides gxs;
   T* partials;  // [num_chunks][num_taps][Cp], one slot per chunk; nullptr: grad_w not wanted
+  // relu_dwconv_pointwise_backward: grads are the 1x1 convs' output gradients dt_i. The gradient tile of kernel i
+  // is then dz_i = dt_i P_i (pointwise_matrices, transposed), computed row by row from dt_i, and while the chunk's
+  // own rows pass by, z_i is recomputed from the input tile (`taps`, tap_vectors) for P_i's gradient, which adds
+  // up in the chunk's slot [num_chunks][K][Cp][Cp] of `pointwise_partials` (nullptr: not wanted).
+  const T* pointwise_transposed = nullptr;
+  const T* taps = nullptr;
+  T* pointwise_partials = nullptr;
 };
 
+// The gradient tile of image n for kernel i of relu_dwconv_pointwise_backward (BackwardArgs), for output rows
+// from ho0 - Pg, and the chunk's share of that kernel's 1x1 weight gradient. dt_row and z_row: scratch rows of
+// Wo_r x Cp values, dt_row zero past Wo columns and C channels (the pack below never writes there), so that the
+// tile's columns past Wo and its padding channels come out zero.
+template <typename T, int64_t kCols>
+FASTDARTS_ALWAYS_INLINE void pointwise_grad_tile(const BackwardArgs<T>& b, int64_t i, int64_t n, int64_t ho0,
+                                                 int64_t ho1, const T* input_tile, T* grad_tile, T* dt_row,
+                                                 T* z_row, T* pointwise_partial) {
+  const Geometry& g = b.g;
+  const int64_t ho_origin = ho0 - g.Pg;
+  const int64_t ho_lo = std::max<int64_t>(0, ho_origin);
+  const int64_t ho_hi = std::min(g.Ho, ho_origin + g.grad.rows);
+  clear_around(g, g.grad, grad_tile, ho_lo - ho_origin, ho_hi - ho_origin, g.Pg, g.Pg + g.Wo_r);
+  const Strides& gs = b.gs[i];
+  for (int64_t ho = ho_lo; ho < ho_hi; ++ho) {
+    pack<T, false>(b.grads[i] + n * gs.n + ho * gs.h, gs, 1, g.Wo, g.C, dt_row, 0, g.Cp);
+    pointwise_row<T, kCols>(dt_row, b.pointwise_transposed + i * g.Cp * g.Cp,
+                            grad_tile + (ho - ho_origin) * g.grad.row_stride + g.Pg * g.Cp, g.Wo_r, g.C, g.Cp);
+    if (pointwise_partial != nullptr && ho >= ho0 && ho < ho1) {
+      const int64_t t0 = g.tap_begin[i];
+      conv_row<T, kCols>(input_tile + (ho - ho0) * g.s * g.input.row_stride, g.s * g.Cp, g.offsets.data() + t0,
+                         b.taps + t0 * g.Cp, g.taps(i), z_row, g.Cp, g.Wo_r, g.Cp, false);
+      pointwise_grad_row<T, kCols>(dt_row, z_row, pointwise_partial + i * g.Cp * g.Cp, g.Wo, g.C, g.Cp);
+    }
+  }
+}
+
 // Chunks [begin, end) of the backward, with scratch space for an input tile, a gradient tile and the chunk's
-// grad_x rows (chunk_rows s rows of gx_cols x Cp values).
+// grad_x rows (chunk_rows s rows of gx_cols x Cp values), and for relu_dwconv_pointwise_backward two rows
+// (pointwise_grad_tile's dt_row and z_row).
 template <typename T, int64_t kCols>
 FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t begin, int64_t end, T* input_tile,
-                                             T* grad_tile, T* grad_x_rows) {
+                                             T* grad_tile, T* grad_x_rows, T* dt_row, T* z_row) {
   const Geometry& g = b.g;
   const int64_t K = static_cast<int64_t>(b.grads.size());
-  const bool want_input_tile = b.partials != nullptr || (b.grad_x != nullptr && b.relu);
+  const bool want_input_tile =
+      b.partials != nullptr || b.pointwise_partials != nullptr || (b.grad_x != nullptr && b.relu);
   const int64_t grad_x_row = g.gx_cols * g.Cp;
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     const int64_t n = chunk / g.chunks_per_image;
@@ -487,8 +617,17 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
     if (partial != nullptr) {
       std::fill(partial, partial + g.num_taps * g.Cp, T(0));
     }
+    T* pointwise_partial = nullptr;
+    if (b.pointwise_partials != nullptr) {
+      pointwise_partial = b.pointwise_partials + chunk * K * g.Cp * g.Cp;
+      std::fill(pointwise_partial, pointwise_partial + K * g.Cp * g.Cp, T(0));
+    }
     for (int64_t i = 0; i < K; ++i) {
-      load_grad_tile(g, b.grads[i], b.gs[i], n, ho0 - g.Pg, grad_tile);
+      if (b.pointwise_transposed != nullptr) {
+        pointwise_grad_tile<T, kCols>(b, i, n, ho0, ho1, input_tile, grad_tile, dt_row, z_row, pointwise_partial);
+      } else {
+        load_grad_tile(g, b.grads[i], b.gs[i], n, ho0 - g.Pg, grad_tile);
+      }
       if (partial != nullptr) {
         const int64_t t0 = g.tap_begin[i];
         for (int64_t ho = ho0; ho < ho1; ++ho) {
@@ -524,14 +663,15 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
 
 template <typename T>
 FASTDARTS_TARGET_AVX512 void backward_chunks_avx512(const BackwardArgs<T>& b, int64_t begin, int64_t end,
-                                                    T* input_tile, T* grad_tile, T* grad_x_rows) {
-  backward_chunks<T, kColsAvx512>(b, begin, end, input_tile, grad_tile, grad_x_rows);
+                                                    T* input_tile, T* grad_tile, T* grad_x_rows, T* dt_row,
+                                                    T* z_row) {
+  backward_chunks<T, kColsAvx512>(b, begin, end, input_tile, grad_tile, grad_x_rows, dt_row, z_row);
 }
 
 template <typename T>
 void backward_chunks_baseline(const BackwardArgs<T>& b, int64_t begin, int64_t end, T* input_tile, T* grad_tile,
-                              T* grad_x_rows) {
-  backward_chunks<T, kColsBaseline>(b, begin, end, input_tile, grad_tile, grad_x_rows);
+                              T* grad_x_rows, T* dt_row, T* z_row) {
+  backward_chunks<T, kColsBaseline>(b, begin, end, input_tile, grad_tile, grad_x_rows, dt_row, z_row);
 }
 
 // Scratch space from the ATen allocator, which aligns to 64 bytes: every vector a loop loads from a tile is
@@ -540,80 +680,166 @@ at::Tensor scratch(int64_t numel, const at::Tensor& like) {
   return at::empty({numel}, like.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
-void check_arguments(const char* op, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
-                     int64_t stride) {
+std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t stride) {
+  return {x.size(0), x.size(1), (x.size(2) - 1) / stride + 1, (x.size(3) - 1) / stride + 1};
+}
+
+// The checks of both ops; `pointwise` is empty for relu_dwconv.
+void check_arguments(const char* op, const at::Tensor& x, at::TensorList weights, at::TensorList pointwise,
+                     bool with_pointwise, at::IntArrayRef dilations, int64_t stride) {
   check_images(op, "x", x);
   check_depthwise_weights(op, "weights", weights, "x", x);
+  if (with_pointwise) {
+    const int64_t C = x.size(1);
+    check_sized_list(op, "pointwise_weights", pointwise, static_cast<int64_t>(weights.size()), "weight",
+                     {C, C, 1, 1}, "x", x);
+  }
   check_positive_per_item(op, "dilations", dilations, static_cast<int64_t>(weights.size()), "weight");
   check_positive(op, "stride", stride);
   check_supported_dtype(op, x);
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
 }
 
-std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t stride) {
-  return {x.size(0), x.size(1), (x.size(2) - 1) / stride + 1, (x.size(3) - 1) / stride + 1};
+// The 1x1 convs' weights [C, C, 1, 1] as Cp x Cp matrices, one after the other, zero past C rows and columns:
+// m[(i Cp + j) Cp + c] = P_i[c, j] for the forward (input channel j, output channel c), P_i[j, c] when transposed
+// (the backward's dz = dt P_i: output channel j, input channel c).
+template <typename T>
+std::vector<T> pointwise_matrices(at::TensorList pointwise, const Geometry& g, bool transposed) {
+  std::vector<T> m(pointwise.size() * g.Cp * g.Cp, T(0));
+  for (size_t i = 0; i < pointwise.size(); ++i) {
+    const at::Tensor p = pointwise[i].contiguous();
+    const T* src = p.const_data_ptr<T>();
+    for (int64_t out = 0; out < g.C; ++out) {
+      for (int64_t in = 0; in < g.C; ++in) {
+        const int64_t j = transposed ? out : in;
+        const int64_t c = transposed ? in : out;
+        m[(i * g.Cp + j) * g.Cp + c] = src[out * g.C + in];
+      }
+    }
+  }
+  return m;
 }
 
-std::vector<at::Tensor> relu_dwconv_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
-                                        int64_t stride, bool relu) {
-  check_arguments("relu_dwconv", x, weights, dilations, stride);
-  // The outputs take the layout of x: channels_last in, channels_last out.
+// Adds per-chunk slots [num_chunks][size] in chunk order, in double, whatever thread filled each: the result is
+// the same bit for bit whatever the number of threads.
+template <typename S>
+std::vector<double> add_slots(const S* slots, int64_t num_chunks, int64_t size) {
+  std::vector<double> total(size, 0.0);
+  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+    const S* slot = slots + chunk * size;
+    for (int64_t e = 0; e < size; ++e) {
+      total[e] += static_cast<double>(slot[e]);
+    }
+  }
+  return total;
+}
+
+// The forward of both ops: the K outputs, laid out like x (channels_last in, channels_last out), and with
+// pointwise weights the [K, C] mean and biased variance of each output over (N, Ho, Wo) (undefined without).
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Tensor& x, at::TensorList weights,
+                                                                    at::TensorList pointwise, bool with_pointwise,
+                                                                    at::IntArrayRef dilations, int64_t stride,
+                                                                    bool relu) {
   const at::TensorOptions options = x.options().memory_format(x.suggest_memory_format());
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < weights.size(); ++i) {
     outs.push_back(at::empty(output_sizes(x, stride), options));
   }
-  if (x.numel() == 0) {
-    return outs;
+  const int64_t K = static_cast<int64_t>(weights.size());
+  at::Tensor mean, var;
+  if (with_pointwise) {
+    mean = at::empty({K, x.size(1)}, x.options());
+    var = at::empty({K, x.size(1)}, x.options());
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_dwconv_cpu", [&] {
     const Geometry g(x, weights, dilations, stride, kVecLanes<scalar_t>);
     const std::vector<scalar_t> taps = tap_vectors<scalar_t>(weights, g);
+    std::vector<scalar_t> matrices;
+    std::vector<double> moments;  // [num_chunks][K][2][Cp]
     ForwardArgs<scalar_t> f{g, x.const_data_ptr<scalar_t>(), strides_of(x), relu, taps.data(), {}, strides_of(outs[0])};
     for (at::Tensor& out : outs) {
       f.outs.push_back(out.data_ptr<scalar_t>());
     }
-    const bool avx512 = cpu_has_avx512();
-    at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
-      at::Tensor tile = scratch(g.input.size(), x);
-      at::Tensor row = scratch(g.Wo_r * g.Cp, x);
-      (avx512 ? forward_chunks_avx512<scalar_t> : forward_chunks_baseline<scalar_t>)(
-          f, begin, end, tile.data_ptr<scalar_t>(), row.data_ptr<scalar_t>());
-    });
+    if (with_pointwise) {
+      matrices = pointwise_matrices<scalar_t>(pointwise, g, false);
+      moments.resize(g.num_chunks * K * 2 * g.Cp);
+      f.pointwise = matrices.data();
+      f.moments = moments.data();
+    }
+    if (x.numel() > 0) {
+      const bool avx512 = cpu_has_avx512();
+      at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
+        at::Tensor tile = scratch(g.input.size(), x);
+        at::Tensor rows = scratch((with_pointwise ? 2 : 1) * g.Wo_r * g.Cp, x);
+        scalar_t* row = rows.data_ptr<scalar_t>();
+        (avx512 ? forward_chunks_avx512<scalar_t> : forward_chunks_baseline<scalar_t>)(
+            f, begin, end, tile.data_ptr<scalar_t>(), row, row + g.Wo_r * g.Cp);
+      });
+    }
+    if (with_pointwise) {
+      // Biased variance from the sums in double; N = 0 gives NaN, as torch.var_mean of an empty tensor does.
+      const std::vector<double> total = add_slots(moments.data(), g.num_chunks, K * 2 * g.Cp);
+      const double count = static_cast<double>(g.N * g.Ho * g.Wo);
+      scalar_t* m = mean.data_ptr<scalar_t>();
+      scalar_t* v = var.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < K; ++i) {
+        for (int64_t c = 0; c < g.C; ++c) {
+          const double mu = total[i * 2 * g.Cp + c] / count;
+          const double second = total[i * 2 * g.Cp + g.Cp + c] / count;
+          m[i * g.C + c] = static_cast<scalar_t>(mu);
+          v[i * g.C + c] = static_cast<scalar_t>(std::max(second - mu * mu, 0.0));
+        }
+      }
+    }
   });
-  return outs;
+  return {outs, mean, var};
 }
 
-std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>> relu_dwconv_backward_cpu(
-    at::TensorList grads, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
-    bool relu, bool input_grad, bool weight_grad) {
-  const char* op = "relu_dwconv_backward";
-  check_arguments(op, x, weights, dilations, stride);
-  check_sized_list(op, "grads", grads, static_cast<int64_t>(weights.size()), "weight", output_sizes(x, stride), "x",
-                   x);
+// The backward of both ops: grad_x if input_grad, the depthwise and (with pointwise weights) the 1x1 weights'
+// gradients if weight_grad.
+std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> backward(
+    const char* op, at::TensorList grads, const at::Tensor& x, at::TensorList weights, at::TensorList pointwise,
+    bool with_pointwise, at::IntArrayRef dilations, int64_t stride, bool relu, bool input_grad, bool weight_grad) {
+  check_arguments(op, x, weights, pointwise, with_pointwise, dilations, stride);
+  const int64_t K = static_cast<int64_t>(weights.size());
+  check_sized_list(op, "grads", grads, K, "weight", output_sizes(x, stride), "x", x);
 
   std::optional<at::Tensor> grad_x;
   if (input_grad) {
     grad_x = at::empty_like(x);
   }
-  std::vector<at::Tensor> grad_weights;
+  std::vector<at::Tensor> grad_weights, grad_pointwise;
   if (weight_grad) {
     for (const at::Tensor& w : weights) {
       grad_weights.push_back(at::empty(w.sizes(), w.options()));
     }
+    if (with_pointwise) {
+      for (const at::Tensor& p : pointwise) {
+        grad_pointwise.push_back(at::empty(p.sizes(), p.options()));
+      }
+    }
   }
   if (!input_grad && !weight_grad) {
-    return {grad_x, grad_weights};
+    return {grad_x, grad_weights, grad_pointwise};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_dwconv_backward_cpu", [&] {
     const Geometry g(x, weights, dilations, stride, kVecLanes<scalar_t>);
+    const std::vector<scalar_t> taps = tap_vectors<scalar_t>(weights, g);
     std::vector<scalar_t> phase_taps;
     if (input_grad) {
-      phase_taps = phase_tap_vectors(tap_vectors<scalar_t>(weights, g), g);
+      phase_taps = phase_tap_vectors(taps, g);
     }
-    at::Tensor partials;
+    std::vector<scalar_t> transposed;
+    if (with_pointwise) {
+      transposed = pointwise_matrices<scalar_t>(pointwise, g, true);
+    }
+    at::Tensor partials, pointwise_partials;
     if (weight_grad) {
-      partials = scratch(g.num_chunks * g.num_taps * g.Cp, x);
+      partials = at::zeros({g.num_chunks * g.num_taps * g.Cp}, x.options().memory_format(at::MemoryFormat::Contiguous));
+      if (with_pointwise) {
+        pointwise_partials =
+            at::zeros({g.num_chunks * K * g.Cp * g.Cp}, x.options().memory_format(at::MemoryFormat::Contiguous));
+      }
     }
     BackwardArgs<scalar_t> b{g,
                              x.const_data_ptr<scalar_t>(),
@@ -629,27 +855,30 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>> relu_dwconv_backw
       b.grads.push_back(grad.const_data_ptr<scalar_t>());
       b.gs.push_back(strides_of(grad));
     }
-    const bool avx512 = cpu_has_avx512();
-    at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
-      const bool want_input_tile = weight_grad || relu;  // grad_w reads r; grad_x's mask reads relu(x)
-      at::Tensor input_tile = scratch(want_input_tile ? g.input.size() : 0, x);
-      at::Tensor grad_tile = scratch(g.grad.size(), x);
-      at::Tensor grad_x_rows = scratch(input_grad ? g.chunk_rows * g.s * g.gx_cols * g.Cp : 0, x);
-      (avx512 ? backward_chunks_avx512<scalar_t> : backward_chunks_baseline<scalar_t>)(
-          b, begin, end, input_tile.data_ptr<scalar_t>(), grad_tile.data_ptr<scalar_t>(),
-          grad_x_rows.data_ptr<scalar_t>());
-    });
+    if (with_pointwise) {
+      b.pointwise_transposed = transposed.data();
+      b.taps = taps.data();
+      b.pointwise_partials = weight_grad ? pointwise_partials.data_ptr<scalar_t>() : nullptr;
+    }
+    if (x.numel() > 0) {
+      const bool avx512 = cpu_has_avx512();
+      at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
+        // grad_w and the 1x1 gradient read r; grad_x's mask reads relu(x)
+        const bool want_input_tile = weight_grad || relu;
+        at::Tensor input_tile = scratch(want_input_tile ? g.input.size() : 0, x);
+        at::Tensor grad_tile = scratch(g.grad.size(), x);
+        at::Tensor grad_x_rows = scratch(input_grad ? g.chunk_rows * g.s * g.gx_cols * g.Cp : 0, x);
+        // dt_row must be zero wherever the pack of one dt row does not write (pointwise_grad_tile).
+        at::Tensor rows = at::zeros({with_pointwise ? 2 * g.Wo_r * g.Cp : 0}, input_tile.options());
+        scalar_t* dt_row = rows.data_ptr<scalar_t>();
+        (avx512 ? backward_chunks_avx512<scalar_t> : backward_chunks_baseline<scalar_t>)(
+            b, begin, end, input_tile.data_ptr<scalar_t>(), grad_tile.data_ptr<scalar_t>(),
+            grad_x_rows.data_ptr<scalar_t>(), dt_row, with_pointwise ? dt_row + g.Wo_r * g.Cp : nullptr);
+      });
+    }
     if (weight_grad) {
-      // The chunks' partial sums, added in chunk order (in double) whatever thread computed each.
-      std::vector<double> total(g.num_taps * g.Cp, 0.0);
-      const scalar_t* p = partials.const_data_ptr<scalar_t>();
-      for (int64_t chunk = 0; chunk < g.num_chunks; ++chunk) {
-        const scalar_t* slot = p + chunk * g.num_taps * g.Cp;
-        for (int64_t e = 0; e < g.num_taps * g.Cp; ++e) {
-          total[e] += static_cast<double>(slot[e]);
-        }
-      }
-      for (size_t i = 0; i < weights.size(); ++i) {
+      const std::vector<double> total = add_slots(partials.const_data_ptr<scalar_t>(), g.num_chunks, g.num_taps * g.Cp);
+      for (int64_t i = 0; i < K; ++i) {
         scalar_t* gw = grad_weights[i].data_ptr<scalar_t>();  // contiguous [C, 1, k, k]
         const int64_t k = weights[i].size(2);
         for (int64_t c = 0; c < g.C; ++c) {
@@ -658,9 +887,50 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>> relu_dwconv_backw
           }
         }
       }
+      if (with_pointwise) {
+        const std::vector<double> sums =
+            add_slots(pointwise_partials.const_data_ptr<scalar_t>(), g.num_chunks, K * g.Cp * g.Cp);
+        for (int64_t i = 0; i < K; ++i) {
+          scalar_t* gp = grad_pointwise[i].data_ptr<scalar_t>();  // contiguous [C, C, 1, 1]: [out][in]
+          for (int64_t out = 0; out < g.C; ++out) {
+            for (int64_t in = 0; in < g.C; ++in) {
+              gp[out * g.C + in] = static_cast<scalar_t>(sums[(i * g.Cp + out) * g.Cp + in]);
+            }
+          }
+        }
+      }
     }
   });
+  return {grad_x, grad_weights, grad_pointwise};
+}
+
+std::vector<at::Tensor> relu_dwconv_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
+                                        int64_t stride, bool relu) {
+  check_arguments("relu_dwconv", x, weights, {}, false, dilations, stride);
+  return std::get<0>(forward(x, weights, {}, false, dilations, stride, relu));
+}
+
+std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>> relu_dwconv_backward_cpu(
+    at::TensorList grads, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
+    bool relu, bool input_grad, bool weight_grad) {
+  auto [grad_x, grad_weights, unused] =
+      backward("relu_dwconv_backward", grads, x, weights, {}, false, dilations, stride, relu, input_grad, weight_grad);
   return {grad_x, grad_weights};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relu_dwconv_pointwise_cpu(
+    const at::Tensor& x, at::TensorList weights, at::TensorList pointwise_weights, at::IntArrayRef dilations,
+    int64_t stride, bool relu) {
+  check_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, true, dilations, stride);
+  return forward(x, weights, pointwise_weights, true, dilations, stride, relu);
+}
+
+std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+relu_dwconv_pointwise_backward_cpu(at::TensorList grads, const at::Tensor& x, at::TensorList weights,
+                                   at::TensorList pointwise_weights, at::IntArrayRef dilations, int64_t stride,
+                                   bool relu, bool input_grad, bool weight_grad) {
+  return backward("relu_dwconv_pointwise_backward", grads, x, weights, pointwise_weights, true, dilations, stride,
+                  relu, input_grad, weight_grad);
 }
 
 }  // namespace
@@ -668,6 +938,8 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>> relu_dwconv_backw
 TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
   m.impl("relu_dwconv", &relu_dwconv_cpu);
   m.impl("relu_dwconv_backward", &relu_dwconv_backward_cpu);
+  m.impl("relu_dwconv_pointwise", &relu_dwconv_pointwise_cpu);
+  m.impl("relu_dwconv_pointwise_backward", &relu_dwconv_pointwise_backward_cpu);
 }
 
 }  // namespace fastdarts

@@ -33,6 +33,7 @@ from .reference import (
     check_one_per_item,
     check_pool_bn_stats_arguments,
     check_relu_dwconv_arguments,
+    check_relu_dwconv_pointwise_arguments,
     check_same_tensors,
     check_sized_list,
     check_weights,
@@ -207,6 +208,91 @@ torch.library.register_autograd(
     "fastdarts::relu_dwconv_backward",
     _relu_dwconv_backward_backward,
     setup_context=_relu_dwconv_backward_setup_context,
+)
+
+
+def relu_dwconv_pointwise(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    pointwise_weights: Sequence[Tensor],
+    dilations: Sequence[int],
+    stride: int,
+    relu: bool = True,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """relu_dwconv, each output straight through its 1x1 conv, and the results' batch statistics, by the C++ kernel
+    (CPU, float32/float64)."""
+    outs, mean, var = torch.ops.fastdarts.relu_dwconv_pointwise.default(
+        x, list(weights), list(pointwise_weights), list(dilations), stride, relu
+    )
+    return list(outs), mean, var
+
+
+# relu_dwconv_pointwise. As for relu_dwconv, autograd saves x and the weights, never relu(x), the depthwise outputs
+# or the outputs: the backward kernel recomputes the depthwise outputs tile by tile.
+
+
+@torch.library.register_fake("fastdarts::relu_dwconv_pointwise")
+def _relu_dwconv_pointwise_fake(x, weights, pointwise_weights, dilations, stride, relu):
+    op = "relu_dwconv_pointwise"
+    check_relu_dwconv_pointwise_arguments(op, x, weights, pointwise_weights, dilations, stride, torch_check)
+    check_supported_dtype(op, x)
+    memory_format = suggest_memory_format(x)
+    shape = relu_dwconv_output_shape(x, stride)
+    outs = [torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format) for _ in weights]
+    return outs, x.new_empty(len(weights), x.shape[1]), x.new_empty(len(weights), x.shape[1])
+
+
+@torch.library.register_fake("fastdarts::relu_dwconv_pointwise_backward")
+def _relu_dwconv_pointwise_backward_fake(
+    grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad
+):
+    op = "relu_dwconv_pointwise_backward"
+    check_relu_dwconv_pointwise_arguments(op, x, weights, pointwise_weights, dilations, stride, torch_check)
+    check_supported_dtype(op, x)
+    check_sized_list(op, "grads", grads, len(weights), "weight", relu_dwconv_output_shape(x, stride), "x", x,
+                     torch_check)  # fmt: skip
+    grad_x = torch.empty_like(x) if input_grad else None
+    grad_weights = [w.new_empty(w.shape) for w in weights] if weight_grad else []
+    grad_pointwise = [p.new_empty(p.shape) for p in pointwise_weights] if weight_grad else []
+    return grad_x, grad_weights, grad_pointwise
+
+
+def _relu_dwconv_pointwise_setup_context(ctx, inputs, output):
+    x, weights, pointwise_weights, dilations, stride, relu = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.num_weights = len(weights)
+    ctx.dilations, ctx.stride, ctx.relu = list(dilations), stride, relu
+    ctx.save_for_backward(x, *weights, *pointwise_weights)
+
+
+def _relu_dwconv_pointwise_backward(ctx, grads, _grad_mean, _grad_var):
+    K = ctx.num_weights
+    needs = needs_input_grad(ctx)  # x, the K depthwise weights, the K 1x1 weights
+    x_needs_grad, weights_need_grad = needs[0], needs[1 : 2 * K + 1]
+    x, *rest = ctx.saved_tensors
+    grad_x, grad_weights, grad_pointwise = torch.ops.fastdarts.relu_dwconv_pointwise_backward.default(
+        list(grads), x, rest[:K], rest[K:], ctx.dilations, ctx.stride, ctx.relu, x_needs_grad, any(weights_need_grad)
+    )
+    both = [*grad_weights, *grad_pointwise] or [None] * (2 * K)
+    both = [g if need else None for g, need in zip(both, weights_need_grad)]
+    return grad_x, both[:K], both[K:], None, None, None
+
+
+torch.library.register_autograd(
+    "fastdarts::relu_dwconv_pointwise", _relu_dwconv_pointwise_backward, setup_context=_relu_dwconv_pointwise_setup_context
+)
+
+
+def _refuse_relu_dwconv_pointwise_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fastdarts.ops.relu_dwconv_pointwise: the 'cpp' backend is differentiable once; for higher derivatives use "
+        "the 'reference' backend"
+    )
+
+
+torch.library.register_autograd(
+    "fastdarts::relu_dwconv_pointwise_backward", _refuse_relu_dwconv_pointwise_double_backward
 )
 
 

@@ -3,10 +3,12 @@ is written once (`_Edge`) over a set of building blocks (`EdgeKernels`); `define
 and its backward for one backend: fastdarts::mixed_op on the C++ kernels (below, when fastdarts._C loaded) and
 fastdarts_triton::mixed_op on the Triton kernels (_triton.py).
 
-Forward: relu(x) is read once by the relu_dwconv kernel for the first stage of all four convolutions, and x once
-by the pool_bn_stats kernel for both pools and their BN statistics; every 1x1 pointwise conv is ATen's (a GEMM
-on the channels_last matrix [N*H*W, C]); each other affine-free BN is ATen's channels_last batch norm; the
-candidates meet in the weighted_sum kernel. Only the sum leaves the op.
+Forward: relu(x) is read once by the relu_dwconv_pointwise kernel for the first stage of all four convolutions,
+each depthwise conv going straight into its 1x1 conv tile by tile (the depthwise outputs are never written) with
+the BN statistics of the result in the same pass; a sep conv's second stage is the same kernel on its middle BN's
+output (ATen's channels_last batch norm); x is read once more by the pool_bn_stats kernel for both pools and their
+BN statistics; the candidates' last BNs and the edge weights fold into one bn_weighted_sum. Only the sum leaves
+the op.
 
 Memory: autograd keeps x (which the cell holds anyway), the weights and the BN statistics ([B, C] each). The
 backward recomputes the edge's intermediates, uses them, and drops them: an edge's activations live for one
@@ -40,9 +42,11 @@ class EdgeKernels:
     """The building blocks of an edge on one backend, each with the signature of the C++ op of its name."""
 
     backend: str  # the backend's name in the dispatch table, for messages
-    relu_dwconv: Callable[..., list[Tensor]]  # (x, weights, dilations, stride, relu)
-    # (grads, x, weights, dilations, stride, relu, input_grad, weight_grad) -> (grad_x or None, grad_weights or [])
-    relu_dwconv_backward: Callable[..., tuple]
+    # (x, weights, pointwise_weights, dilations, stride, relu) -> (outs, mean [K, C], var [K, C])
+    relu_dwconv_pointwise: Callable[..., tuple]
+    # (grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad)
+    #   -> (grad_x or None, grad_weights or [], grad_pointwise_weights or [])
+    relu_dwconv_pointwise_backward: Callable[..., tuple]
     pool_bn_stats: Callable[..., tuple]  # (x, stride) -> (max_out, avg_out, mean, var)
     pool_bn_stats_backward: Callable[..., Tensor]  # (grad_max or None, grad_avg or None, x, stride) -> grad_x
     weighted_sum: Callable[..., Tensor]  # (xs, w)
@@ -54,10 +58,6 @@ class EdgeKernels:
 _CHANNELS_LAST = torch.channels_last
 _MAX_POOL, _AVG_POOL, _SKIP, _SEP3, _SEP5, _DIL3, _DIL5 = range(len(MIXED_OP_CANDIDATES))
 _FIRST_STAGE_DILATION = {_SEP3: 1, _SEP5: 1, _DIL3: 2, _DIL5: 2}
-
-
-# The 1x1 convs and the BNs run ATen on every backend (oneDNN on the CPU, cuDNN and cuBLAS on a GPU): a 1x1 conv is a
-# GEMM that those libraries run near peak, which a tl.dot kernel would not beat at these sizes.
 
 
 def _pointwise(z: Tensor, weight: Tensor) -> Tensor:
@@ -97,19 +97,42 @@ def _factorized_reduce_backward(
     return grad_r, grads
 
 
+def composed_relu_dwconv_pointwise(relu_dwconv: Callable[..., list[Tensor]], relu_dwconv_backward: Callable[..., tuple]):
+    """relu_dwconv_pointwise and its backward composed of a backend's relu_dwconv kernels and ATen's 1x1 convs and BN
+    statistics (for a backend without the fused kernel): the same results, with the depthwise outputs written and
+    read back (and recomputed by the backward)."""
+
+    def forward(x, weights, pointwise_weights, dilations, stride, relu):
+        zs = relu_dwconv(x, weights, dilations, stride, relu)
+        ts = [_pointwise(z, p) for z, p in zip(zs, pointwise_weights)]
+        # ATen's statistics pass: mean and biased variance (torch.var_mean over (0, 2, 3) is far slower on
+        # channels_last, benchmarks/RESULTS.md).
+        moments = [torch.ops.aten.batch_norm_update_stats.default(t, None, None, 0.0) for t in ts]
+        return ts, torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments])
+
+    def backward(grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad):
+        zs = relu_dwconv(x, weights, dilations, stride, relu)
+        dzs, grad_pointwise = [], []
+        for dt, z, p in zip(grads, zs, pointwise_weights):
+            dz, dp = _pointwise_backward(dt, z, p, weight_grad)
+            dzs.append(dz)
+            grad_pointwise.append(dp)
+        grad_x, grad_weights = relu_dwconv_backward(dzs, x, weights, dilations, stride, relu, input_grad, weight_grad)
+        return grad_x, grad_weights, (grad_pointwise if weight_grad else [])
+
+    return forward, backward
+
+
 def _saved_names(candidates: Sequence[int], stride: int) -> list[str]:
-    """What the backward reads besides x, in a fixed order: each candidate's tensor before its last BN ("t"), a sep
-    conv's first pointwise output ("t_1"), the input ("u") and output ("z2") of its second depthwise conv, and the
-    first-stage depthwise output ("z") of every conv."""
+    """What the backward reads besides x, in a fixed order: each candidate's tensor before its last BN ("t"), and a
+    sep conv's first pointwise output ("t_1") and its middle BN's output ("u"), the input of its second stage."""
     names = []
     for k in candidates:
         if k == _SKIP and stride == 1:
             continue  # the skip's tensor is x
         names.append(f"t{k}")
         if k in (_SEP3, _SEP5):
-            names += [f"t{k}_1", f"u{k}", f"z2_{k}"]
-        if k in _FIRST_STAGE_DILATION:
-            names.append(f"z{k}")
+            names += [f"t{k}_1", f"u{k}"]
     return names
 
 
@@ -142,20 +165,23 @@ class _Edge:
         else:
             self.mean, self.var = bn_mean.clone(), bn_var.clone()
         convs = [k for k in self.candidates if k in _FIRST_STAGE_DILATION]
+        # The first stage of every conv candidate: its depthwise conv and the 1x1 conv after it.
         self.first_stage_weights = [self.weights[k][0] for k in convs]
+        self.first_stage_pointwise = [self.weights[k][1] for k in convs]
         self.first_stage_dilations = [_FIRST_STAGE_DILATION[k] for k in convs]
         self.pools: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # pool_bn_stats's outputs, when computed
         if saved is not None:
             self.kept = dict(zip(_saved_names(self.candidates, stride), saved))
-            self.first_stage = {k: self.kept[f"z{k}"] for k in convs}
             finals = [x if k == _SKIP and stride == 1 else self.kept[f"t{k}"] for k in self.candidates]
         else:
             self.kept: dict[str, Tensor] = {}  # what the backward reads, when keep
-            self.first_stage: dict[int, Tensor] = {}
-            if convs:  # relu(x) into the depthwise convs of every conv candidate, from one read of x
-                zs = kernels.relu_dwconv(x, self.first_stage_weights, self.first_stage_dilations, stride, True)
-                self.first_stage = dict(zip(convs, zs))
-                self._keep(**{f"z{k}": z for k, z in self.first_stage.items()})
+            # Per conv candidate: its first 1x1 conv's output and that output's batch mean and variance.
+            self.first_stage: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+            if convs:  # relu(x) into every conv candidate's first stage, from one read of x
+                ts, mean, var = kernels.relu_dwconv_pointwise(
+                    x, self.first_stage_weights, self.first_stage_pointwise, self.first_stage_dilations, stride, True
+                )
+                self.first_stage = {k: (t, mean[i], var[i]) for i, (k, t) in enumerate(zip(convs, ts))}
             finals = [self._candidate(k) for k in self.candidates]
         # Per candidate: the tensor its last BN normalises and that BN's row (None: added as it is).
         self.finals = [(t, self._final_row(k)) for t, k in zip(finals, self.candidates)]
@@ -169,25 +195,25 @@ class _Edge:
             return None
         return self.rows[k] + 1 if k in (_SEP3, _SEP5) else self.rows[k]  # a sep conv's second BN is its last
 
-    def _final(self, t: Tensor, k: int) -> Tensor:
-        """t, the input of candidate k's last BN, whose batch statistics (in training) this records."""
+    def _final(self, t: Tensor, k: int, mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
+        """t, the input of candidate k's last BN, whose batch statistics (in training) this records: `mean` and
+        `var` when the kernel that made t gave them, else ATen's statistics pass over t."""
         self._keep(**{f"t{k}": t})
         if self.training:
-            # ATen's BN statistics pass (mean and biased variance); torch.var_mean over (0, 2, 3) is 11.7x slower on
-            # channels_last (benchmarks/RESULTS.md).
-            mean, var = torch.ops.aten.batch_norm_update_stats.default(t, None, None, 0.0)
+            if mean is None:
+                # ATen's BN statistics pass (mean and biased variance); torch.var_mean over (0, 2, 3) is 11.7x slower
+                # on channels_last (benchmarks/RESULTS.md).
+                mean, var = torch.ops.aten.batch_norm_update_stats.default(t, None, None, 0.0)
             row = self._final_row(k)
             self.mean[row], self.var[row] = mean, var
         return t
 
-    def _middle_bn(self, t: Tensor, row: int) -> Tensor:
-        """A sep conv's first BN, applied (its ReLU and depthwise conv follow)."""
-        if not self.training:
-            return torch.native_batch_norm(t, None, None, self.mean[row], self.var[row], False, 0.0, self.eps)[0]
-        y, mean, invstd = torch.native_batch_norm(t, None, None, None, None, True, 0.0, self.eps)
-        self.mean[row] = mean
-        self.var[row] = invstd.pow(-2) - self.eps
-        return y
+    def _middle_bn(self, t: Tensor, row: int, mean: Tensor, var: Tensor) -> Tensor:
+        """A sep conv's first BN, applied (its ReLU and depthwise conv follow), with t's batch statistics `mean` and
+        `var` in training and the recorded ones otherwise."""
+        if self.training:
+            self.mean[row], self.var[row] = mean, var
+        return torch.native_batch_norm(t, None, None, self.mean[row], self.var[row], False, 0.0, self.eps)[0]
 
     def _candidate(self, k: int) -> Tensor:
         x, stride, row, ws = self.x, self.stride, self.rows[k], self.weights[k]
@@ -201,14 +227,13 @@ class _Edge:
             return pooled
         if k == _SKIP:
             return x if stride == 1 else self._final(factorized_reduce(x, *ws), k)
-        z = self.first_stage[k]
+        t1, mean, var = self.first_stage[k]
         if k in (_DIL3, _DIL5):
-            return self._final(_pointwise(z, ws[1]), k)
-        t1 = _pointwise(z, ws[1])
-        u = self._middle_bn(t1, row)
-        z2 = self.kernels.relu_dwconv(u, [ws[2]], [1], 1, True)[0]
-        self._keep(**{f"t{k}_1": t1, f"u{k}": u, f"z2_{k}": z2})
-        return self._final(_pointwise(z2, ws[3]), k)
+            return self._final(t1, k, mean, var)
+        u = self._middle_bn(t1, row, mean, var)
+        self._keep(**{f"t{k}_1": t1, f"u{k}": u})
+        (t2,), mean, var = self.kernels.relu_dwconv_pointwise(u, [ws[2]], [ws[3]], [1], 1, True)
+        return self._final(t2, k, mean[0], var[0])
 
     def saved(self) -> list[Tensor]:
         """The tensors of _saved_names (after a forward with keep)."""
@@ -277,38 +302,29 @@ class _Edge:
                     terms.append(torch.ops.aten.threshold_backward.default(grad_r, x, 0))  # ReLU's mask
                 if weights_grad:
                     grad_weights[k] = grads
-            else:  # the convolutions: everything back to the first stage, which is one relu_dwconv backward
-                ws = self.weights[k]
-                sep = k in (_SEP3, _SEP5)
-                z = self.kept[f"z2_{k}"] if sep else self.first_stage[k]
-                dz, dpointwise = _pointwise_backward(dt, z, ws[3] if sep else ws[1], weights_grad)
-                if weights_grad:
-                    grad_weights[k][3 if sep else 1] = dpointwise
-                if sep:
-                    du, second = self.kernels.relu_dwconv_backward(
-                        [dz], self.kept[f"u{k}"], [ws[2]], [1], 1, True, True, weights_grad
+            else:  # the convolutions: back to the first stage, whose backward is one kernel for all of them
+                if k in (_SEP3, _SEP5):  # the second stage, then the middle BN
+                    ws = self.weights[k]
+                    du, second, second_pointwise = self.kernels.relu_dwconv_pointwise_backward(
+                        [dt], self.kept[f"u{k}"], [ws[2]], [ws[3]], [1], 1, True, True, weights_grad
                     )
                     if weights_grad:
-                        grad_weights[k][2] = second[0]
-                    dz, dpointwise = _pointwise_backward(
-                        self._middle_bn_backward(du, k), self.first_stage[k], ws[1], weights_grad
-                    )
-                    if weights_grad:
-                        grad_weights[k][1] = dpointwise
-                first_stage_grads[k] = dz
+                        grad_weights[k][2], grad_weights[k][3] = second[0], second_pointwise[0]
+                    dt = self._middle_bn_backward(du, k)
+                first_stage_grads[k] = dt
         if pool_grads:  # both pools' gradients in one pass over x, which recomputes the argmax
             terms.append(self.kernels.pool_bn_stats_backward(
                 pool_grads.get(_MAX_POOL), pool_grads.get(_AVG_POOL), x, self.stride
             ))  # fmt: skip
         if first_stage_grads:
             convs = list(first_stage_grads)
-            dx, firsts = self.kernels.relu_dwconv_backward(
-                [first_stage_grads[k] for k in convs], x, self.first_stage_weights, self.first_stage_dilations,
-                self.stride, True, x_grad, weights_grad,
+            dx, firsts, first_pointwise = self.kernels.relu_dwconv_pointwise_backward(
+                [first_stage_grads[k] for k in convs], x, self.first_stage_weights, self.first_stage_pointwise,
+                self.first_stage_dilations, self.stride, True, x_grad, weights_grad,
             )  # fmt: skip
             if weights_grad:
-                for k, g in zip(convs, firsts):
-                    grad_weights[k][0] = g
+                for k, g, p in zip(convs, firsts, first_pointwise):
+                    grad_weights[k][0], grad_weights[k][1] = g, p
             if x_grad:
                 terms.append(dx)
         grad_x = None
@@ -469,8 +485,8 @@ if EXTENSION_LOADED:  # the C++ kernels exist only then
         "fastdarts",
         EdgeKernels(
             backend="cpp",
-            relu_dwconv=_cpp_ops.relu_dwconv.default,
-            relu_dwconv_backward=_cpp_ops.relu_dwconv_backward.default,
+            relu_dwconv_pointwise=_cpp_ops.relu_dwconv_pointwise.default,
+            relu_dwconv_pointwise_backward=_cpp_ops.relu_dwconv_pointwise_backward.default,
             pool_bn_stats=_cpp_ops.pool_bn_stats.default,
             pool_bn_stats_backward=_cpp_ops.pool_bn_stats_backward.default,
             weighted_sum=_cpp_ops.weighted_sum.default,

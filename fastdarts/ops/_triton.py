@@ -60,7 +60,7 @@ from ._autograd import (
     register_weighted_sum_autograd,
     torch_check,
 )
-from ._mixed_op import EdgeKernels, define_mixed_op
+from ._mixed_op import EdgeKernels, composed_relu_dwconv_pointwise, define_mixed_op
 from .reference import (
     check_beta,
     check_bn_weighted_sum_arguments,
@@ -1140,15 +1140,19 @@ register_bn_weighted_sum_autograd("fastdarts_triton", _bn_weighted_sum_gradients
 
 
 # ----------------------------------------------------------------------------------------------
-# The mixed op: the edge of _mixed_op.py on the kernels above (the 1x1 convs and the BNs that bn_weighted_sum does
-# not fold stay ATen's, see there).
+# The mixed op: the edge of _mixed_op.py on the kernels above. Its depthwise convs and the 1x1 convs after them
+# are the Triton relu_dwconv and ATen's 1x1 convs and BN statistics (cuDNN and cuBLAS on a GPU), composed; the BNs
+# that bn_weighted_sum does not fold stay ATen's.
 
+_relu_dwconv_pointwise, _relu_dwconv_pointwise_gradients = composed_relu_dwconv_pointwise(
+    torch.ops.fastdarts_triton.relu_dwconv.default, _relu_dwconv_gradients
+)
 mixed_op = define_mixed_op(
     "fastdarts_triton",
     EdgeKernels(
         backend="triton",
-        relu_dwconv=torch.ops.fastdarts_triton.relu_dwconv.default,
-        relu_dwconv_backward=_relu_dwconv_gradients,
+        relu_dwconv_pointwise=_relu_dwconv_pointwise,
+        relu_dwconv_pointwise_backward=_relu_dwconv_pointwise_gradients,
         pool_bn_stats=torch.ops.fastdarts_triton.pool_bn_stats.default,
         pool_bn_stats_backward=torch.ops.fastdarts_triton.pool_bn_stats_backward.default,
         weighted_sum=torch.ops.fastdarts_triton.weighted_sum.default,

@@ -379,6 +379,47 @@ def relu_dwconv(
     ]
 
 
+def check_relu_dwconv_pointwise_arguments(
+    op: str,
+    x: Tensor,
+    weights: Sequence[Tensor],
+    pointwise_weights: Sequence[Tensor],
+    dilations: Sequence[int],
+    stride: int,
+    require: Require = raise_unless,
+) -> None:
+    """The arguments of relu_dwconv_pointwise (and of its backward), checked in the order of the C++ kernel."""
+    check_images(op, "x", x, require)
+    check_depthwise_weights(op, "weights", weights, "x", x, require)
+    C = x.shape[1]
+    check_sized_list(op, "pointwise_weights", pointwise_weights, len(weights), "weight", [C, C, 1, 1], "x", x, require)
+    check_positive_per_item(op, "dilations", dilations, len(weights), "weight", require)
+    check_positive(op, "stride", stride, require)
+
+
+def relu_dwconv_pointwise(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    pointwise_weights: Sequence[Tensor],
+    dilations: Sequence[int],
+    stride: int,
+    relu: bool = True,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """`out[i] = conv2d(relu_dwconv(x, weights, dilations, stride, relu)[i], pointwise_weights[i])`, and the batch
+    statistics of each out[i]: a DARTS sep or dil conv up to its BN (the whole dil conv's, a sep conv's first or
+    second half), K of them from one input.
+
+    pointwise_weights[i]: [C, C, 1, 1]. Returns (out, mean, var): out[i] like relu_dwconv's; mean and var [K, C],
+    the per-channel mean and biased variance of out[i] over (N, H_out, W_out), without gradient (the statistics a
+    following BN normalises with; its backward accounts for them).
+    """
+    check_relu_dwconv_pointwise_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, dilations, stride)
+    zs = relu_dwconv(x, weights, dilations, stride, relu)
+    outs = [F.conv2d(z, p) for z, p in zip(zs, pointwise_weights)]
+    moments = [torch.var_mean(t.detach(), dim=(0, 2, 3), correction=0) for t in outs]
+    return outs, torch.stack([m for _, m in moments]), torch.stack([v for v, _ in moments])
+
+
 # ----------------------------------------------------------------------------------------------
 # The DARTS mixed op (METHOD.md 1.1): one edge of the search cell, `sum_k w[k] * o_k(x)` over the
 # candidates below (`none` contributes zeros and is never computed). Every BN is affine-free and,
