@@ -1,7 +1,7 @@
-"""Time the building blocks that have a Triton kernel, relu_dwconv, weighted_sum, pool_bn_stats and bn_weighted_sum,
-forward + backward per provider.
+"""Time the building blocks of the mixed op, relu_dwconv, relu_dwconv_pointwise, weighted_sum, pool_bn_stats and
+bn_weighted_sum, forward + backward per provider.
 
-    python benchmarks/ops.py --json [--ops relu_dwconv,weighted_sum,pool_bn_stats,bn_weighted_sum]
+    python benchmarks/ops.py --json [--ops relu_dwconv,relu_dwconv_pointwise,weighted_sum,pool_bn_stats,bn_weighted_sum]
                              [--cases stride1,stride2] [--providers ...]
                              [--repeats 10] [--peak_gbps G --peak_gflops F]
 
@@ -10,6 +10,8 @@ memory, peaks). Cases, the tensors of one DARTS edge of the batch-64 search:
 - relu_dwconv: ReLU, then the four first-stage depthwise convs of the edge (3x3, 5x5, 3x3 dilation 2, 5x5
   dilation 2), on x = (64, 16, 32, 32) at stride 1 (a normal edge) and (64, 32, 16, 16) at stride 2 (a reduction
   edge);
+- relu_dwconv_pointwise: the same, each depthwise conv followed by its 1x1 conv (the first stage of the edge's four
+  conv candidates up to their BNs), with the outputs' batch statistics (no gradient);
 - weighted_sum: the sum of the K = 7 computed candidates of the edge's mixed op, each of its output shape,
   (64, 16, 32, 32) and (64, 32, 8, 8);
 - pool_bn_stats: both 3x3 pools of the edge and their BN statistics, on x = (64, 16, 32, 32) at stride 1 and
@@ -29,6 +31,8 @@ FLOPs and bytes of one forward + backward, from the shapes (E bytes per element,
   included, as torch.utils.flop_counter counts them);
   bytes = E * (3 N C H W + 2 K N C Ho Wo + 3 C sum_i k_i^2): x read by the forward and the backward and grad_x
   written, each output written and its gradient read, the weights read twice and their gradients written.
+- relu_dwconv_pointwise: relu_dwconv's, plus 3 * K * 2 N C^2 Ho Wo FLOPs for the 1x1 convs (forward, input and weight
+  gradients) and E * 3 K C^2 bytes for their weights (the depthwise outputs are never stored).
 - weighted_sum, K inputs of n elements: FLOPs = 5 K n (the forward's K multiply-adds per element, the backward's K
   products for the grad_xs and K multiply-adds for grad_w); bytes = E * ((3 K + 2) n + 3 K): the inputs read by the
   forward and the backward and their gradients written, the output written and its gradient read, w read twice and
@@ -62,13 +66,14 @@ if __package__:
 else:  # run as a script: benchmarks/ is sys.path[0]
     import _device
 
-OPS = ("relu_dwconv", "weighted_sum", "pool_bn_stats", "bn_weighted_sum")
+OPS = ("relu_dwconv", "relu_dwconv_pointwise", "weighted_sum", "pool_bn_stats", "bn_weighted_sum")
 DARTS = [(3, 1), (5, 1), (3, 2), (5, 2)]  # (kernel size, dilation)
 K_CANDIDATES = len(ops.MIXED_OP_CANDIDATES)
 # op -> case -> (shape, stride): relu_dwconv's and pool_bn_stats's x, weighted_sum's and bn_weighted_sum's inputs (the
 # mixed op's output at that stride).
 CASES = {
     "relu_dwconv": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
+    "relu_dwconv_pointwise": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
     "weighted_sum": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 8, 8), 2)},
     "pool_bn_stats": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
     "bn_weighted_sum": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 8, 8), 2)},
@@ -92,12 +97,16 @@ def make_problem(op: str, shape, stride: int, layout=torch.channels_last, device
     def randn(*size, scale=1.0):
         return (scale * torch.randn(size, generator=generator)).to(device)
 
-    if op == "relu_dwconv":
+    if op in ("relu_dwconv", "relu_dwconv_pointwise"):
         x = randn(*shape).contiguous(memory_format=layout).requires_grad_()
         weights = [randn(shape[1], 1, k, k).requires_grad_() for k, _ in DARTS]
         out_shape = reference.relu_dwconv_output_shape(x, stride)
         grad_outs = [randn(*out_shape).contiguous(memory_format=layout) for _ in DARTS]
-        return (x, weights, [d for _, d in DARTS], stride), [x, *weights], grad_outs
+        dilations = [d for _, d in DARTS]
+        if op == "relu_dwconv":
+            return (x, weights, dilations, stride), [x, *weights], grad_outs
+        pointwise = [randn(shape[1], shape[1], 1, 1, scale=0.25).requires_grad_() for _ in DARTS]
+        return (x, weights, pointwise, dilations, stride), [x, *weights, *pointwise], grad_outs
     if op == "pool_bn_stats":
         x = randn(*shape).contiguous(memory_format=layout).requires_grad_()
         out_shape = reference.pool_bn_stats_output_shape(x, stride)
@@ -114,8 +123,8 @@ def make_problem(op: str, shape, stride: int, layout=torch.channels_last, device
 def make_forward(op: str, provider: str):
     """The forward to time: args -> list of outputs (every output: compile must not drop the statistics)."""
 
-    def as_list(out):
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+    def as_list(out):  # relu_dwconv_pointwise returns (outs, mean, var): every tensor, flat
+        return pytree.tree_leaves(out)
 
     if provider == "compile":
         return torch.compile(lambda *args: as_list(getattr(reference, op)(*args)))
@@ -134,11 +143,14 @@ def flops_and_bytes(op: str, shape, stride: int, element_size: int = 4) -> tuple
     if op == "pool_bn_stats":
         Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
         return None, element_size * (3 * N * C * H * W + 4 * N * C * Ho * Wo + 4 * C)
-    if op == "relu_dwconv":
+    if op in ("relu_dwconv", "relu_dwconv_pointwise"):
         Ho, Wo = (H - 1) // stride + 1, (W - 1) // stride + 1
-        taps = sum(k * k for k, _ in DARTS)
+        taps, K = sum(k * k for k, _ in DARTS), len(DARTS)
         flops = 3 * 2 * N * C * Ho * Wo * taps
-        nbytes = element_size * (3 * N * C * H * W + 2 * len(DARTS) * N * C * Ho * Wo + 3 * C * taps)
+        nbytes = element_size * (3 * N * C * H * W + 2 * K * N * C * Ho * Wo + 3 * C * taps)
+        if op == "relu_dwconv_pointwise":
+            flops += 3 * K * 2 * N * C * C * Ho * Wo
+            nbytes += element_size * 3 * K * C * C
         return flops, nbytes
     n, K = N * C * H * W, K_CANDIDATES
     if op == "bn_weighted_sum":

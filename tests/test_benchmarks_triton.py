@@ -28,6 +28,7 @@ else:
 
 TINY = {
     "relu_dwconv": {"stride1": (1, 3, 7, 6), "stride2": (1, 4, 7, 7)},
+    "relu_dwconv_pointwise": {"stride1": (1, 3, 7, 6), "stride2": (1, 4, 7, 7)},
     "weighted_sum": {"stride1": (1, 3, 7, 6), "stride2": (2, 4, 4, 4)},
     "pool_bn_stats": {"stride1": (1, 3, 7, 6), "stride2": (2, 5, 7, 7)},
     "bn_weighted_sum": {"stride1": (1, 3, 7, 6), "stride2": (2, 4, 4, 4)},
@@ -60,8 +61,9 @@ def test_run_case_times_the_triton_provider(op, case):
         assert "gflops_per_s" not in result and op == "pool_bn_stats"
     else:
         assert result["fraction_of_peak_gflops"] == pytest.approx(result["gflops_per_s"] / 100.0)
-    # relu_dwconv saves only x and the weights, pool_bn_stats only x, bn_weighted_sum only its arguments
-    if op != "weighted_sum":
+    # relu_dwconv saves only x and the weights, pool_bn_stats only x, bn_weighted_sum only its arguments (the Triton
+    # relu_dwconv_pointwise keeps the depthwise outputs for ATen's 1x1 convs: a composition, not a fused kernel)
+    if op not in ("weighted_sum", "relu_dwconv_pointwise"):
         assert result["saved_bytes_beyond_inputs"] == 0
 
     # What was timed is the op's forward + backward: it agrees with the reference's.
@@ -105,12 +107,16 @@ def test_mixed_op_run_case_times_the_triton_provider(case):
     torch.testing.assert_close(got, mixed_op.make_forward("eager", stride)(x, w, weights), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["relu_dwconv", "relu_dwconv_pointwise"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_relu_dwconv_flops_match_the_corrected_flop_counter(stride):
+def test_relu_dwconv_flops_match_the_corrected_flop_counter(stride, op):
     shape = (2, 3, 9, 8)
-    args, inputs, grad_outs = bench_ops.make_problem("relu_dwconv", shape, stride)
-    counted = _device.count_flops(lambda: torch.autograd.grad(reference.relu_dwconv(*args), inputs, grad_outs))
-    assert counted == bench_ops.flops_and_bytes("relu_dwconv", shape, stride)[0]
+    args, inputs, grad_outs = bench_ops.make_problem(op, shape, stride)
+    forward = bench_ops.make_forward(op, "eager")
+    counted = _device.count_flops(
+        lambda: torch.autograd.grad(bench_ops.differentiable(forward(*args)), inputs, grad_outs)
+    )
+    assert counted == bench_ops.flops_and_bytes(op, shape, stride)[0]
 
 
 @pytest.mark.parametrize("stride", [1, 2])

@@ -1,6 +1,8 @@
 // CPU kernels of relu_dwconv and relu_dwconv_backward (schemas in ../fastdarts.cpp): ReLU, then K depthwise
 // convolutions of the result with "same" padding and one stride. This is the first stage that the four conv
 // candidates of a DARTS edge share (3x3, 5x5, 3x3 dilation 2, 5x5 dilation 2), computed from one read of x.
+// relu_dwconv_pointwise and its backward are the same loops with each depthwise conv followed by its 1x1 conv
+// (at the end of this comment).
 //
 //   shapes:   x [N, C, H, W]; w_i [C, 1, k_i, k_i] with k_i odd; out_i and grad_i [N, C, Ho, Wo], where
 //             s = stride, d_i = dilations[i], p_i = d_i (k_i - 1) / 2, Ho = (H - 1) / s + 1, Wo = (W - 1) / s + 1
@@ -33,6 +35,19 @@
 // phase and are left out, so no multiply-add is spent on them). grad_w accumulates in the chunk's own slot of a
 // partial-sum buffer while both tiles are in cache, and the slots are added up in chunk order, so grad_w is the
 // same bit for bit whatever the number of threads.
+//
+// relu_dwconv_pointwise: t_i = P_i z_i per position, P_i [C, C] a 1x1 conv, z_i the depthwise output above. Each
+// output row of z_i, still in cache, goes through P_i (pointwise_row: kCols positions x one vector of output
+// channels in registers, each z value broadcast against a row of P_i) and the row's per-channel sum and sum of
+// squares are added to the chunk's slot (in double) before the row is written: z_i never reaches memory, and the
+// BN after the 1x1 conv gets its batch statistics without a pass of its own. The backward writes dz_i = dt_i P_i
+// into the gradient tile row by row (the same transposed pointwise_row, the tile's border rows included) in place
+// of copying grad_i there; grad_x and grad_w then run as above. dP_i = sum over positions of dt_i z_i^T needs z_i:
+// while the chunk's own rows pass, each z_i row is recomputed from the input tile (the forward's conv_row) and
+// multiplied out with its dt_i row (pointwise_grad_row, into the chunk's slot). At (64, 16, 32, 32), stride 1, the
+// four DARTS kernels: the forward reads x (4 MiB) and writes the 4 outputs (16 MiB) where relu_dwconv, four 1x1
+// convs and four statistics passes move 68 MiB; the backward reads x and 4 output gradients and writes grad_x
+// (24 MiB) where recomputing z, four 1x1 conv backwards and relu_dwconv_backward move about 90 MiB.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>

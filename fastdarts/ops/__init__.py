@@ -32,6 +32,7 @@ __all__ = [
     "mixed_op_weight_shapes",
     "pool_bn_stats",
     "relu_dwconv",
+    "relu_dwconv_pointwise",
     "sample_gates",
     "use_backend",
     "weighted_sum",
@@ -178,6 +179,41 @@ def relu_dwconv(
     dtypes (and, on "cpp" and "triton", dtypes other than float32/float64).
     """
     return dispatch("relu_dwconv", x.device, backend)(x, weights, dilations, stride, relu)
+
+
+def relu_dwconv_pointwise(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    pointwise_weights: Sequence[Tensor],
+    dilations: Sequence[int],
+    stride: int,
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """relu_dwconv with each output going straight through its own 1x1 conv, and the batch statistics of the results.
+
+    `out[i] = conv2d(relu_dwconv(x, weights, dilations, stride, relu)[i], pointwise_weights[i])`: a DARTS dil conv up
+    to its BN, or one half of a sep conv (K = 4 on an edge's input for the first stage of its four conv candidates;
+    K = 1 for a sep conv's second half, after its middle BN).
+
+    Args:
+        x, weights, dilations, stride, relu: as for `relu_dwconv`.
+        pointwise_weights: K 1x1 kernels [C, C, 1, 1], one per depthwise kernel; the dtype and device of `x`.
+        backend: as for `relu_dwconv`.
+
+    Returns:
+        (out, mean, var): out[i] like relu_dwconv's outputs (laid out like `x`); mean and var [K, C], the per-channel
+        mean and biased variance of out[i] over (N, H_out, W_out), the batch statistics a BN after it normalises with
+        (no gradient flows through them).
+
+    Differentiable in `x` and every weight. The "cpp" kernel never writes the depthwise outputs: it runs each one
+    into its 1x1 conv tile by tile with the statistics in the same pass, and its backward recomputes them in tiles,
+    so autograd keeps only `x` and the weights; it is differentiable once (the reference any number of times).
+    "triton" composes its relu_dwconv with ATen's 1x1 convs. Raises ValueError and TypeError as `relu_dwconv`
+    does, and ValueError for a pointwise weight not of shape [C, C, 1, 1] or not one per depthwise kernel.
+    """
+    return dispatch("relu_dwconv_pointwise", x.device, backend)(x, weights, pointwise_weights, dilations, stride, relu)
 
 
 def mixed_op(

@@ -280,7 +280,9 @@ def _relu_dwconv_pointwise_backward(ctx, grads, _grad_mean, _grad_var):
 
 
 torch.library.register_autograd(
-    "fastdarts::relu_dwconv_pointwise", _relu_dwconv_pointwise_backward, setup_context=_relu_dwconv_pointwise_setup_context
+    "fastdarts::relu_dwconv_pointwise",
+    _relu_dwconv_pointwise_backward,
+    setup_context=_relu_dwconv_pointwise_setup_context,
 )
 
 

@@ -97,7 +97,9 @@ def _factorized_reduce_backward(
     return grad_r, grads
 
 
-def composed_relu_dwconv_pointwise(relu_dwconv: Callable[..., list[Tensor]], relu_dwconv_backward: Callable[..., tuple]):
+def composed_relu_dwconv_pointwise(
+    relu_dwconv: Callable[..., list[Tensor]], relu_dwconv_backward: Callable[..., tuple]
+):
     """relu_dwconv_pointwise and its backward composed of a backend's relu_dwconv kernels and ATen's 1x1 convs and BN
     statistics (for a backend without the fused kernel): the same results, with the depthwise outputs written and
     read back (and recomputed by the backward)."""
@@ -106,8 +108,8 @@ def composed_relu_dwconv_pointwise(relu_dwconv: Callable[..., list[Tensor]], rel
         zs = relu_dwconv(x, weights, dilations, stride, relu)
         ts = [_pointwise(z, p) for z, p in zip(zs, pointwise_weights)]
         # ATen's statistics pass: mean and biased variance (torch.var_mean over (0, 2, 3) is far slower on
-        # channels_last, benchmarks/RESULTS.md).
-        moments = [torch.ops.aten.batch_norm_update_stats.default(t, None, None, 0.0) for t in ts]
+        # channels_last, benchmarks/RESULTS.md), without gradient, as from the fused kernel.
+        moments = [torch.ops.aten.batch_norm_update_stats.default(t.detach(), None, None, 0.0) for t in ts]
         return ts, torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments])
 
     def backward(grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad):

@@ -55,6 +55,11 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         **({"cpp": _cpp.relu_dwconv} if EXTENSION_LOADED else {}),
         **({"triton": _triton.relu_dwconv} if TRITON_LOADED else {}),
     },
+    "relu_dwconv_pointwise": {
+        "reference": reference.relu_dwconv_pointwise,
+        **({"cpp": _cpp.relu_dwconv_pointwise} if EXTENSION_LOADED else {}),
+        **({"triton": _triton.relu_dwconv_pointwise} if TRITON_LOADED else {}),
+    },
     "mixed_op": {
         "reference": reference.mixed_op,
         **({"cpp": _mixed_op.cpp_mixed_op} if EXTENSION_LOADED else {}),

@@ -71,6 +71,7 @@ from .reference import (
     check_one_per_item,
     check_pool_bn_stats_arguments,
     check_relu_dwconv_arguments,
+    check_relu_dwconv_pointwise_arguments,
     check_same_tensors,
     check_sized_list,
     check_weights,
@@ -1147,6 +1148,22 @@ register_bn_weighted_sum_autograd("fastdarts_triton", _bn_weighted_sum_gradients
 _relu_dwconv_pointwise, _relu_dwconv_pointwise_gradients = composed_relu_dwconv_pointwise(
     torch.ops.fastdarts_triton.relu_dwconv.default, _relu_dwconv_gradients
 )
+
+
+def relu_dwconv_pointwise(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    pointwise_weights: Sequence[Tensor],
+    dilations: Sequence[int],
+    stride: int,
+    relu: bool = True,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The Triton relu_dwconv, each output through ATen's 1x1 conv, and ATen's batch statistics of the results
+    (differentiable through the Triton relu_dwconv's autograd and ATen's)."""
+    check_relu_dwconv_pointwise_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, dilations, stride)
+    return _relu_dwconv_pointwise(x, list(weights), list(pointwise_weights), list(dilations), stride, relu)
+
+
 mixed_op = define_mixed_op(
     "fastdarts_triton",
     EdgeKernels(

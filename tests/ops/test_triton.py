@@ -197,6 +197,23 @@ def test_relu_dwconv_saves_only_x_and_the_weights():
     assert all(s.data_ptr() == w.data_ptr() for s, w in zip(saved[1:], weights))
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_relu_dwconv_pointwise_matches_reference(stride):
+    """The Triton relu_dwconv composed with ATen's 1x1 convs and statistics: outputs, statistics, every gradient."""
+    x, weights, dilations = relu_dwconv_inputs((3, 4, 7, 7), layout="channels_last")
+    pointwise = [torch.randn(4, 4, 1, 1, requires_grad=True) for _ in weights]
+    inputs = [x, *weights, *pointwise]
+    results = {}
+    for backend in ("triton", "reference"):
+        outs, mean, var = ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, stride, backend=backend)
+        grad_outs = [torch.ones_like(o) for o in outs]
+        results[backend] = [outs, [mean, var], torch.autograd.grad(outs, inputs, grad_outs)]
+    got, want = results["triton"], results["reference"]
+    assert_all_close(got[0], want[0], OUT_TOL)
+    assert_all_close(got[1], want[1], OUT_TOL)
+    assert_all_close(got[2], want[2], GRAD_TOL)
+
+
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
 def test_relu_dwconv_double_backward_matches_reference(relu):
     x, weights, dilations = relu_dwconv_inputs((1, 2, 6, 5), DARTS[::3], torch.float64)

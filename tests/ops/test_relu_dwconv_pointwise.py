@@ -1,0 +1,290 @@
+"""relu_dwconv_pointwise: the C++ kernel (depthwise convs straight into their 1x1 convs, tile by tile) against the
+reference (reference.relu_dwconv_pointwise: ATen's depthwise and 1x1 convs and torch.var_mean)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from fastdarts import ops
+
+from ..conftest import requires_ext
+from .test_relu_dwconv import DARTS, TOLERANCES, assert_all_close, make_inputs, memory_format_of
+
+KERNELS = {"one": [(3, 1)], "darts": DARTS}
+# Batch 1 and 3; C 4, 5 (not a whole vector) and 16; odd and even sizes.
+SHAPES = [(1, 4, 7, 7), (3, 5, 9, 9), (3, 16, 8, 8), (2, 16, 9, 7), (3, 4, 9, 9)]
+SHAPE_IDS = ["x".join(map(str, shape)) for shape in SHAPES]
+# The batch statistics: sums over up to 3 * 81 values of the outputs.
+STAT_TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
+
+
+def make_pointwise(C, K, dtype=torch.float32, requires_grad=True):
+    return [(0.5 * torch.randn(C, C, 1, 1, dtype=dtype)).requires_grad_(requires_grad) for _ in range(K)]
+
+
+def run(backend, x, weights, pointwise, dilations, stride, relu, grad_outs=None):
+    """(outs, mean, var) and, with grad_outs, the gradients of x, the depthwise and the 1x1 weights."""
+    outs, mean, var = ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, stride, relu, backend=backend)
+    if grad_outs is None:
+        return outs, mean, var, None
+    inputs = [t for t in (x, *weights, *pointwise) if t.requires_grad]
+    # One scalar: in the reference, the outputs that need no gradient (those of other 1x1 weights) have no graph.
+    loss = sum((out * grad).sum() for out, grad in zip(outs, grad_outs))
+    return outs, mean, var, torch.autograd.grad(loss, inputs)
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("kernels", list(KERNELS), ids=list(KERNELS))
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_cpp_matches_reference(shape, stride, kernels, relu, layout, dtype):
+    x, weights, dilations = make_inputs(shape, KERNELS[kernels], dtype, layout)
+    pointwise = make_pointwise(shape[1], len(weights), dtype)
+    tol = TOLERANCES[dtype]
+    expected = run("reference", x, weights, pointwise, dilations, stride, relu)
+    grad_outs = [torch.randn_like(e) for e in expected[0]]
+    outs, mean, var, got = run("cpp", x, weights, pointwise, dilations, stride, relu, grad_outs)
+    _, _, _, want = run("reference", x, weights, pointwise, dilations, stride, relu, grad_outs)
+    assert_all_close(outs, expected[0], tol["out"])
+    torch.testing.assert_close(mean, expected[1], **STAT_TOLERANCES[dtype])
+    torch.testing.assert_close(var, expected[2], **STAT_TOLERANCES[dtype])
+    assert not mean.requires_grad and not var.requires_grad
+    for out in outs:  # laid out like x
+        assert out.is_contiguous(memory_format=memory_format_of(layout))
+    assert_all_close(got, want, tol["grad"])
+    assert got[0].stride() == x.stride()
+
+
+@requires_ext
+@pytest.mark.parametrize("shape", [(2, 33, 11, 10), (2, 40, 6, 6)], ids=["C33", "C40"])
+def test_cpp_matches_reference_for_wider_channels_and_stride_3(shape):
+    """More channels than one vector (and a part of one), a stride past DARTS's, kernel sizes 1 and 7."""
+    kernels = [(1, 1), (3, 1), (7, 1), (5, 3)]
+    x, weights, dilations = make_inputs(shape, kernels)
+    pointwise = make_pointwise(shape[1], len(weights))
+    expected = run("reference", x, weights, pointwise, dilations, 3, True)
+    grad_outs = [torch.randn_like(e) for e in expected[0]]
+    got = run("cpp", x, weights, pointwise, dilations, 3, True, grad_outs)
+    want = run("reference", x, weights, pointwise, dilations, 3, True, grad_outs)
+    assert_all_close(got[0], expected[0], TOLERANCES[torch.float32]["out"])
+    torch.testing.assert_close(got[1], expected[1], **STAT_TOLERANCES[torch.float32])
+    torch.testing.assert_close(got[2], expected[2], **STAT_TOLERANCES[torch.float32])
+    assert_all_close(got[3], want[3], TOLERANCES[torch.float32]["grad"])
+
+
+@requires_ext
+def test_statistics_of_outputs_far_from_zero():
+    """A large mean against a small spread: the variance from sums of squares in double stays accurate."""
+    x, weights, dilations = make_inputs((3, 16, 9, 9), DARTS, x_grad=False, w_grad=False)
+    x = x.abs() + 100.0
+    pointwise = make_pointwise(16, 4, requires_grad=False)
+    _, mean, var = ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, backend="cpp")
+    _, want_mean, want_var = ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, backend="reference")
+    torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(var, want_var, rtol=1e-3, atol=1e-3)
+
+
+@requires_ext
+@pytest.mark.parametrize("needs_grad", ["x", "depthwise", "pointwise", "one_pointwise"])
+def test_computes_only_the_gradients_asked_for(needs_grad):
+    x, weights, dilations = make_inputs((2, 5, 7, 7), DARTS, x_grad=needs_grad == "x", w_grad=needs_grad == "depthwise")
+    pointwise = make_pointwise(5, 4, requires_grad=needs_grad == "pointwise")
+    if needs_grad == "one_pointwise":
+        pointwise[2].requires_grad_()
+    inputs = [t for t in (x, *weights, *pointwise) if t.requires_grad]
+    grad_outs = [torch.randn(2, 5, 7, 7) for _ in weights]
+    got = run("cpp", x, weights, pointwise, dilations, 1, True, grad_outs)[3]
+    want = run("reference", x, weights, pointwise, dilations, 1, True, grad_outs)[3]
+    assert len(got) == len(inputs)
+    assert_all_close(got, want, TOLERANCES[torch.float32]["grad"])
+
+
+@requires_ext
+def test_saves_only_x_and_the_weights():
+    x, weights, dilations = make_inputs((2, 16, 16, 16), DARTS, layout="channels_last")
+    pointwise = make_pointwise(16, 4)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, backend="cpp")
+    storages = {t.untyped_storage().data_ptr() for t in saved}
+    assert storages == {t.untyped_storage().data_ptr() for t in (x, *weights, *pointwise)}
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradcheck_float64(backend, stride):
+    # x away from ReLU's kink, where finite differences would straddle it.
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    x = (x + 0.1 * x.sign()).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weights = [torch.randn(3, 1, k, k, dtype=torch.float64, requires_grad=True) for k in (3, 5)]
+    pointwise = make_pointwise(3, 2, torch.float64)
+
+    def f(x, *params):
+        return tuple(ops.relu_dwconv_pointwise(x, params[:2], params[2:], [2, 1], stride, backend=backend)[0])
+
+    assert torch.autograd.gradcheck(f, (x, *weights, *pointwise))
+
+
+@requires_ext
+def test_double_backward_is_refused_with_a_clear_error():
+    x, weights, dilations = make_inputs((2, 4, 7, 7), DARTS)
+    pointwise = make_pointwise(4, 4)
+    outs, _, _ = ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, backend="cpp")
+    (grad_x,) = torch.autograd.grad(sum(o.square().sum() for o in outs), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="the 'cpp' backend is differentiable once"):
+        torch.autograd.grad(grad_x.sum(), [pointwise[0]])
+
+
+@requires_ext
+def test_results_do_not_depend_on_the_thread_count():
+    # 40 columns x 16 channels: 2 chunks per image and 6 in all, split between the threads differently below.
+    x, weights, dilations = make_inputs((3, 16, 40, 40), DARTS)
+    pointwise = make_pointwise(16, 4)
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            outs, mean, var = ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, backend="cpp")
+            grads = torch.autograd.grad(outs, [x, *weights, *pointwise], [torch.ones_like(o) for o in outs])
+            results.append([mean, var, *grads])
+    finally:
+        torch.set_num_threads(previous)
+    for result in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
+
+
+@requires_ext
+def test_baseline_instruction_set_matches_reference():
+    """The copy of the loops compiled for plain x86-64, which an AVX-512 machine never runs by itself."""
+    code = """
+        import json, torch
+        from fastdarts import ops
+        torch.manual_seed(0)
+        errors = []
+        cases = [(torch.float32, torch.channels_last, 1), (torch.float64, torch.contiguous_format, 2)]
+        for dtype, layout, stride in cases:
+            x = torch.randn(2, 5, 9, 8, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
+            weights = [torch.randn(5, 1, k, k, dtype=dtype, requires_grad=True) for k in (3, 5, 3, 5)]
+            pointwise = [torch.randn(5, 5, 1, 1, dtype=dtype, requires_grad=True) for _ in range(4)]
+            results = {}
+            for backend in ("cpp", "reference"):
+                outs, mean, var = ops.relu_dwconv_pointwise(
+                    x, weights, pointwise, [1, 1, 2, 2], stride, backend=backend
+                )
+                grads = torch.autograd.grad(outs, [x, *weights, *pointwise], [torch.ones_like(o) for o in outs])
+                results[backend] = [*outs, mean, var, *grads]
+            for a, b in zip(results["cpp"], results["reference"]):
+                errors.append(((a - b).abs().max() / b.abs().max()).item())
+        print(json.dumps(max(errors)))
+    """
+    environment = os.environ | {"FASTDARTS_CPU_BASELINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=environment, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) < 1e-5
+
+
+def forward_samples():
+    """(id, args) for opcheck: operands needing gradients or not, layouts, strides, dtypes."""
+    samples = []
+    for needs in ("all", "x", "weights", "none"):
+        x, weights, dilations = make_inputs((2, 5, 7, 6), DARTS, x_grad=needs in ("all", "x"), w_grad=needs == "all")
+        pointwise = make_pointwise(5, 4, requires_grad=needs in ("all", "weights"))
+        samples.append((f"needs_grad={needs}", (x, weights, pointwise, dilations, 1, True)))
+    x, weights, dilations = make_inputs((1, 16, 9, 9), DARTS, torch.float64, "channels_last")
+    samples.append(
+        ("channels_last_f64_stride2", (x, weights, make_pointwise(16, 4, torch.float64), dilations, 2, True))
+    )
+    x, weights, dilations = make_inputs((3, 4, 8, 8), [(5, 2)])
+    samples.append(("K1_no_relu", (x, weights, make_pointwise(4, 1), dilations, 1, False)))
+    return samples
+
+
+def backward_samples():
+    samples = []
+    x, weights, dilations = make_inputs((2, 5, 7, 6), DARTS, x_grad=False, w_grad=False)
+    pointwise = make_pointwise(5, 4, requires_grad=False)
+    grads = [torch.randn(2, 5, 4, 3) for _ in weights]
+    for input_grad, weight_grad in ((True, True), (True, False), (False, True), (False, False)):
+        samples.append(
+            (f"input_grad={input_grad}-weight_grad={weight_grad}",
+             (grads, x, weights, pointwise, dilations, 2, True, input_grad, weight_grad))
+        )  # fmt: skip
+    return samples
+
+
+@requires_ext
+@pytest.mark.parametrize("args", [s for _, s in forward_samples()], ids=[i for i, _ in forward_samples()])
+def test_opcheck_relu_dwconv_pointwise(args):
+    opcheck(torch.ops.fastdarts.relu_dwconv_pointwise.default, args)
+
+
+@requires_ext
+@pytest.mark.parametrize("args", [s for _, s in backward_samples()], ids=[i for i, _ in backward_samples()])
+def test_opcheck_relu_dwconv_pointwise_backward(args):
+    opcheck(torch.ops.fastdarts.relu_dwconv_pointwise_backward.default, args)
+
+
+def good():
+    x, weights, dilations = make_inputs((2, 4, 7, 7), DARTS, x_grad=False, w_grad=False)
+    return x, weights, make_pointwise(4, 4, requires_grad=False), dilations
+
+
+def with_pointwise(i, weight):
+    x, weights, pointwise, dilations = good()
+    pointwise[i] = weight
+    return x, weights, pointwise, dilations
+
+
+BAD_INPUTS = [
+    ("x_3d", lambda: (torch.randn(4, 7, 7), *good()[1:]), ValueError, r"x must be a 4-D \[N, C, H, W\] tensor"),
+    (
+        "pointwise_count",
+        lambda: (good()[0], good()[1], good()[2][:3], good()[3]),
+        ValueError,
+        r"relu_dwconv_pointwise: pointwise_weights must have one tensor per weight \(K = 4\), got 3",
+    ),
+    (
+        "pointwise_shape",
+        lambda: with_pointwise(1, torch.randn(4, 4, 3, 3)),
+        ValueError,
+        r"pointwise_weights\[1\] must have shape \[4, 4, 1, 1\], got \[4, 4, 3, 3\]",
+    ),
+    (
+        "pointwise_channels",
+        lambda: with_pointwise(0, torch.randn(8, 4, 1, 1)),
+        ValueError,
+        r"pointwise_weights\[0\] must have shape \[4, 4, 1, 1\]",
+    ),
+    (
+        "pointwise_dtype",
+        lambda: with_pointwise(2, torch.randn(4, 4, 1, 1, dtype=torch.float64)),
+        TypeError,
+        r"pointwise_weights\[2\] must have the dtype of x",
+    ),
+    (
+        "dilations_length",
+        lambda: (*good()[:3], [1, 1, 2]),
+        ValueError,
+        r"dilations must have one entry per weight \(K = 4\), got 3",
+    ),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("make,error,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_inputs_raise_clear_errors(backend, make, error, message):
+    x, weights, pointwise, dilations = make()
+    with pytest.raises(error, match=message):
+        ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, backend=backend)
