@@ -54,6 +54,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <emmintrin.h>
+#include <xmmintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <optional>
@@ -256,6 +259,26 @@ FASTDARTS_ALWAYS_INLINE void pack(const T* src, const Strides& s, int64_t rows, 
 template <typename T>
 FASTDARTS_ALWAYS_INLINE void unpack(const T* src, int64_t src_row, int64_t Cp, int64_t rows, int64_t cols, int64_t C,
                                     T* dst, const Strides& s) {
+  // Channels_last with whole 16-byte groups of channels: non-temporal stores, which write the output lines without
+  // first reading them into the cache (a plain store reads each line it writes).
+  if (s.c == 1 && (C * sizeof(T)) % 16 == 0 && (s.w * sizeof(T)) % 16 == 0 &&
+      reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    constexpr int64_t kGroup = 16 / sizeof(T);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t w = 0; w < cols; ++w) {
+        const T* from = src + r * src_row + w * Cp;
+        T* to = dst + r * s.h + w * s.w;
+        for (int64_t c = 0; c < C; c += kGroup) {
+          if constexpr (sizeof(T) == 4) {
+            _mm_stream_ps(reinterpret_cast<float*>(to + c), _mm_load_ps(reinterpret_cast<const float*>(from + c)));
+          } else {
+            _mm_stream_pd(reinterpret_cast<double*>(to + c), _mm_load_pd(reinterpret_cast<const double*>(from + c)));
+          }
+        }
+      }
+    }
+    return;
+  }
   if (s.c == 1) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t w = 0; w < cols; ++w) {
@@ -545,6 +568,7 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
       }
     }
   }
+  _mm_sfence();  // the non-temporal stores of unpack are visible before the thread reports its chunks done
 }
 
 template <typename T>
@@ -674,6 +698,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
       unpack(grad_x_rows, grad_x_row, g.Cp, y1 - y0, g.W, g.C, b.grad_x + n * b.gxs.n + y0 * b.gxs.h, b.gxs);
     }
   }
+  _mm_sfence();  // as in forward_chunks
 }
 
 template <typename T>
