@@ -248,8 +248,8 @@ def mixed_op(
         eps: the BNs' epsilon.
         pool_bn: an affine-free BN after each pool (DARTS's search network) or none (PR-DARTS's).
         recompute: on "cpp" and "triton", keep only x, the weights and the statistics for backward and recompute
-            the edge there (the default), or keep the edge's intermediates (16 activations of the output's size
-            for all seven candidates) and skip the recomputation.
+            the edge there (the default), or keep the edge's intermediates (10 activations of the output's size
+            for all seven candidates: never a depthwise output) and skip most of the recomputation.
         backend: "reference", "cpp" or "triton" for this call; None follows `use_backend`, then FASTDARTS_BACKEND,
             then the device ("cpp" for CPU tensors when built, "triton" for CUDA tensors).
 
