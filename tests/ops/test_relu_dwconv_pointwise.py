@@ -278,3 +278,24 @@ def test_bad_inputs_raise_clear_errors(backend, make, error, message):
     x, weights, pointwise, dilations = make()
     with pytest.raises(error, match=message):
         ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, backend=backend)
+
+
+def first_stage(x, weights, pointwise):
+    """A DARTS edge's four conv candidates up to their BNs, normalised with the returned statistics, to a scalar."""
+    outs, mean, var = ops.relu_dwconv_pointwise(x, weights, pointwise, [1, 1, 2, 2], 1)
+    normalised = [(t - m[:, None, None]) * (v[:, None, None] + 1e-5).rsqrt() for t, m, v in zip(outs, mean, var)]
+    return sum((t * t.flip(-1)).sum() for t in normalised)
+
+
+@requires_ext
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    x, weights, _ = make_inputs((2, 4, 7, 7), DARTS, layout="channels_last")
+    pointwise = make_pointwise(4, 4)
+    inputs = [x, *weights, *pointwise]
+    got = torch.compile(first_stage, fullgraph=True, backend=backend)(x, weights, pointwise)
+    expected = first_stage(x, weights, pointwise)
+    torch.testing.assert_close(got, expected)
+    got_grads = torch.autograd.grad(got, inputs)
+    assert_all_close(got_grads, torch.autograd.grad(expected, inputs), dict(rtol=1e-5, atol=1e-5))
