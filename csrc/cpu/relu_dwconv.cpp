@@ -54,8 +54,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <emmintrin.h>
-#include <xmmintrin.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>  // SSE2's non-temporal stores, on every x86-64 CPU
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -254,13 +255,21 @@ FASTDARTS_ALWAYS_INLINE void pack(const T* src, const Strides& s, int64_t rows, 
   }
 }
 
+// Makes this thread's non-temporal stores (unpack's) globally visible before its chunks count as done.
+FASTDARTS_ALWAYS_INLINE void store_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
 // dst[r * s.h + w * s.w + c * s.c] = src[r * src_row + w * Cp + c] for r < rows, w < cols, c < C, in the loop order
 // of the destination.
 template <typename T>
 FASTDARTS_ALWAYS_INLINE void unpack(const T* src, int64_t src_row, int64_t Cp, int64_t rows, int64_t cols, int64_t C,
                                     T* dst, const Strides& s) {
+#if defined(__x86_64__)
   // Channels_last with whole 16-byte groups of channels: non-temporal stores, which write the output lines without
-  // first reading them into the cache (a plain store reads each line it writes).
+  // first reading them into the cache (a plain store reads each line it writes). store_fence orders them.
   if (s.c == 1 && (C * sizeof(T)) % 16 == 0 && (s.w * sizeof(T)) % 16 == 0 &&
       reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
     constexpr int64_t kGroup = 16 / sizeof(T);
@@ -279,6 +288,7 @@ FASTDARTS_ALWAYS_INLINE void unpack(const T* src, int64_t src_row, int64_t Cp, i
     }
     return;
   }
+#endif
   if (s.c == 1) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t w = 0; w < cols; ++w) {
@@ -568,7 +578,7 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
       }
     }
   }
-  _mm_sfence();  // the non-temporal stores of unpack are visible before the thread reports its chunks done
+  store_fence();
 }
 
 template <typename T>
@@ -698,7 +708,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
       unpack(grad_x_rows, grad_x_row, g.Cp, y1 - y0, g.W, g.C, b.grad_x + n * b.gxs.n + y0 * b.gxs.h, b.gxs);
     }
   }
-  _mm_sfence();  // as in forward_chunks
+  store_fence();
 }
 
 template <typename T>
