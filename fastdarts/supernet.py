@@ -14,6 +14,7 @@ from torch import nn
 
 from . import ops
 from .methods import DARTSMethod, Method
+from .ops.reference import check_flag
 from .space import (
     OPS,
     PRIMITIVES,
@@ -187,8 +188,7 @@ class SearchNetwork(nn.Module):
                 raise ValueError(f"SearchNetwork: {name} must be an integer >= {low}, got {value!r}")
         if multiplier > steps:
             raise ValueError(f"SearchNetwork: multiplier ({multiplier}) cannot exceed steps ({steps})")
-        if not isinstance(recompute, bool):
-            raise ValueError(f"SearchNetwork: recompute must be True or False, got {recompute!r}")
+        check_flag("SearchNetwork", "recompute", recompute)
         if method is not None and not isinstance(method, Method):
             raise ValueError(f"SearchNetwork: method must be a fastdarts.methods.Method, got {type(method).__name__}")
         self.method = method if method is not None else DARTSMethod()

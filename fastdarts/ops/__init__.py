@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ._extension import EXTENSION_ERROR, EXTENSION_LOADED
 from ._registry import BACKENDS, available_backends, dispatch, select, use_backend
-from .reference import MIXED_OP_CANDIDATES, mixed_op_layout, mixed_op_weight_shapes
+from .reference import MIXED_OP_CANDIDATES, check_conv_settings, check_flag, mixed_op_layout, mixed_op_weight_shapes
 
 __all__ = [
     "BACKENDS",
@@ -175,9 +175,10 @@ def relu_dwconv(
 
     Differentiable in `x` and every weight, any number of times. The "cpp" and "triton" backends save only `x`
     and the weights for backward, recompute relu(x) there, and compute only the gradients asked for. Raises
-    ValueError for a shape, length or device problem or a stride or dilation below 1; TypeError for mismatched
-    dtypes (and, on "cpp" and "triton", dtypes other than float32/float64).
+    ValueError for a shape, length or device problem, a stride or dilation below 1 or not an int, or a relu that
+    is not a bool; TypeError for mismatched dtypes (and, on "cpp" and "triton", dtypes other than float32/float64).
     """
+    check_conv_settings("relu_dwconv", dilations, stride, relu)
     return dispatch("relu_dwconv", x.device, backend)(x, weights, dilations, stride, relu)
 
 
@@ -213,6 +214,7 @@ def relu_dwconv_pointwise(
     "triton" composes its relu_dwconv with ATen's 1x1 convs. Raises ValueError and TypeError as `relu_dwconv`
     does, and ValueError for a pointwise weight not of shape [C, C, 1, 1] or not one per depthwise kernel.
     """
+    check_conv_settings("relu_dwconv_pointwise", dilations, stride, relu)
     return dispatch("relu_dwconv_pointwise", x.device, backend)(x, weights, pointwise_weights, dilations, stride, relu)
 
 
@@ -261,10 +263,8 @@ def mixed_op(
     The fused backends compute only the gradients asked for. Raises ValueError for a shape, length, stride or
     candidate problem and TypeError for mismatched dtypes (on "cpp", also for dtypes other than float32/float64).
     """
-    # Checked here, before the dispatcher turns a non-bool into a bool for the fused ops' schema.
-    for name, flag in (("pool_bn", pool_bn), ("recompute", recompute)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"mixed_op: {name} must be True or False, got {flag!r}")
+    check_flag("mixed_op", "pool_bn", pool_bn)
+    check_flag("mixed_op", "recompute", recompute)
     return dispatch("mixed_op", x.device, backend)(
         x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute
     )  # fmt: skip

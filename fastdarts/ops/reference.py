@@ -120,6 +120,25 @@ def check_positive_per_item(
         require(v >= 1, ValueError, lambda: f"{op}: {name} must be positive, got {list(values)}")
 
 
+def check_flag(op: str, name: str, value: object) -> None:
+    """A True/False argument, checked before anything dispatches it: a fused op's schema would turn None into False
+    silently, and reject other values with a message of several lines."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be True or False, got {value!r}")
+
+
+def check_conv_settings(op: str, dilations: object, stride: object, relu: object) -> None:
+    """The plain arguments of relu_dwconv and relu_dwconv_pointwise, checked before anything dispatches them (for
+    check_flag's reason): an int stride, a list of int dilations, a bool relu."""
+    if isinstance(stride, bool) or not isinstance(stride, int):
+        raise ValueError(f"{op}: stride must be an int, got {stride!r}")
+    if not isinstance(dilations, (list, tuple)) or any(
+        isinstance(d, bool) or not isinstance(d, int) for d in dilations
+    ):
+        raise ValueError(f"{op}: dilations must be a list of ints, got {dilations!r}")
+    check_flag(op, "relu", relu)
+
+
 def check_positive(op: str, name: str, value: int, require: Require = raise_unless) -> None:
     require(value >= 1, ValueError, lambda: f"{op}: {name} must be positive, got {value}")
 
@@ -370,6 +389,7 @@ def relu_dwconv(
     Gradients: dL/dx = [x > 0] * sum_i conv_transpose(dL/dout[i], weights[i]) (without the mask when relu is
     False); dL/dweights[i][c, 0, a, b] = sum over n, ho, wo of dL/dout[i] times the r value that tap (a, b) read.
     """
+    check_conv_settings("relu_dwconv", dilations, stride, relu)
     check_relu_dwconv_arguments("relu_dwconv", x, weights, dilations, stride)
     r = x.relu() if relu else x
     groups = x.shape[1]
@@ -413,6 +433,7 @@ def relu_dwconv_pointwise(
     the per-channel mean and biased variance of out[i] over (N, H_out, W_out), without gradient (the statistics a
     following BN normalises with; its backward accounts for them).
     """
+    check_conv_settings("relu_dwconv_pointwise", dilations, stride, relu)
     check_relu_dwconv_pointwise_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, dilations, stride)
     zs = relu_dwconv(x, weights, dilations, stride, relu)
     outs = [F.conv2d(z, p) for z, p in zip(zs, pointwise_weights)]

@@ -299,3 +299,27 @@ def test_compile_fullgraph_matches_eager(backend):
     torch.testing.assert_close(got, expected)
     got_grads = torch.autograd.grad(got, inputs)
     assert_all_close(got_grads, torch.autograd.grad(expected, inputs), dict(rtol=1e-5, atol=1e-5))
+
+
+BAD_SETTINGS = [
+    (dict(relu="no"), "relu_dwconv_pointwise: relu must be True or False, got 'no'"),
+    (dict(relu=None), "relu_dwconv_pointwise: relu must be True or False, got None"),
+    (dict(stride=1.5), "relu_dwconv_pointwise: stride must be an int, got 1.5"),
+    (dict(dilations=1), "relu_dwconv_pointwise: dilations must be a list of ints, got 1"),
+    (dict(dilations=[1, 1.0, 2, 2]), r"dilations must be a list of ints, got \[1, 1.0, 2, 2\]"),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize(
+    "change,message", BAD_SETTINGS, ids=[next(iter(c)) + str(i) for i, (c, _) in enumerate(BAD_SETTINGS)]
+)
+def test_bad_settings_raise_one_line_errors(backend, change, message):
+    x, weights, pointwise, dilations = good()
+    settings = dict(dilations=dilations, stride=1, relu=True) | change
+    with pytest.raises(ValueError, match=message) as error:
+        ops.relu_dwconv_pointwise(x, weights, pointwise, settings["dilations"], settings["stride"], settings["relu"],
+                                  backend=backend)  # fmt: skip
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=message.replace("relu_dwconv_pointwise", "relu_dwconv")):
+        ops.relu_dwconv(x, weights, settings["dilations"], settings["stride"], settings["relu"], backend=backend)
