@@ -56,3 +56,9 @@ def test_recompute_granularities_trade_memory_as_described(capsys):
     assert saved["cell"] < saved["edge"] < saved["none"]
     recompute_granularity.main(["cell", "--batch", "2", "--init_channels", "2", "--layers", "3", "--size", "8"])
     assert capsys.readouterr().out.startswith("cell: median ")
+
+
+def test_recompute_granularity_refuses_a_non_positive_count(capsys):
+    with pytest.raises(SystemExit):
+        recompute_granularity.main(["edge", "--repeats", "0"])
+    assert "--repeats: invalid positive_int value: '0'" in capsys.readouterr().err

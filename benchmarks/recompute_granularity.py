@@ -56,14 +56,22 @@ def run(granularity: str, batch: int, C: int, layers: int, size: int, repeats: i
             "peak_rss_bytes": peak}  # fmt: skip
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse turns the ValueError into a one-line usage error)."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("granularity", choices=GRANULARITIES)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--init_channels", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--size", type=int, default=32, help="image height and width")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps (after one warm-up)")
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--init_channels", type=positive_int, default=16)
+    parser.add_argument("--layers", type=positive_int, default=8)
+    parser.add_argument("--size", type=positive_int, default=32, help="image height and width")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed steps (after one warm-up)")
     args = parser.parse_args(argv)
     r = run(args.granularity, args.batch, args.init_channels, args.layers, args.size, args.repeats)
     steps = ", ".join(f"{s:.2f}" for s in r["all_seconds"])
