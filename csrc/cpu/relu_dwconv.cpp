@@ -883,12 +883,11 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
     if (with_pointwise) {
       transposed = pointwise_matrices<scalar_t>(pointwise, g, true);
     }
-    at::Tensor partials, pointwise_partials;
+    at::Tensor partials, pointwise_partials;  // each chunk zeroes its own slots
     if (weight_grad) {
-      partials = at::zeros({g.num_chunks * g.num_taps * g.Cp}, x.options().memory_format(at::MemoryFormat::Contiguous));
+      partials = scratch(g.num_chunks * g.num_taps * g.Cp, x);
       if (with_pointwise) {
-        pointwise_partials =
-            at::zeros({g.num_chunks * K * g.Cp * g.Cp}, x.options().memory_format(at::MemoryFormat::Contiguous));
+        pointwise_partials = scratch(g.num_chunks * K * g.Cp * g.Cp, x);
       }
     }
     BackwardArgs<scalar_t> b{g,
