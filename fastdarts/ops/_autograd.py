@@ -202,6 +202,16 @@ def register_pool_bn_stats_autograd(namespace: str) -> None:
     )
 
 
+def refuse_differentiation(op: object, message: str) -> None:
+    """Registers an autograd for `op` (a qualified name or a custom op: a fused backward that runs once) that raises
+    RuntimeError(message) when something differentiates through it, instead of a silently wrong gradient."""
+
+    def _refuse(ctx, *grads):
+        raise RuntimeError(message)
+
+    torch.library.register_autograd(op, _refuse, setup_context=lambda ctx, inputs, output: None)
+
+
 def register_bn_weighted_sum_autograd(namespace: str, gradients: Callable[..., tuple] | None = None) -> None:
     """Autograd of `namespace::bn_weighted_sum`, and the registration that makes its backward op raise when
     differentiated. `gradients` is the backward op with the C++ op's outputs, (grad_ts or [], grad_w or None): by
@@ -248,12 +258,8 @@ def register_bn_weighted_sum_autograd(namespace: str, gradients: Callable[..., t
 
     torch.library.register_autograd(f"{namespace}::bn_weighted_sum", _backward, setup_context=_setup_context)
 
-    def _not_differentiable(ctx, *grads):
-        raise RuntimeError(
-            f"{namespace}::bn_weighted_sum_backward is not differentiable: for second derivatives of bn_weighted_sum "
-            "use backend='reference'"
-        )
-
-    torch.library.register_autograd(
-        f"{namespace}::bn_weighted_sum_backward", _not_differentiable, setup_context=lambda ctx, inputs, output: None
+    refuse_differentiation(
+        f"{namespace}::bn_weighted_sum_backward",
+        f"{namespace}::bn_weighted_sum_backward is not differentiable: for second derivatives of bn_weighted_sum "
+        "use backend='reference'",
     )

@@ -17,6 +17,7 @@ from ._autograd import (
     check_pool_grad,
     check_supported_dtype,
     needs_input_grad,
+    refuse_differentiation,
     register_bn_weighted_sum_autograd,
     register_pool_bn_stats_autograd,
     register_sample_gates_autograd,
@@ -286,15 +287,10 @@ torch.library.register_autograd(
 )
 
 
-def _refuse_relu_dwconv_pointwise_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "fastdarts.ops.relu_dwconv_pointwise: the 'cpp' backend is differentiable once; for higher derivatives use "
-        "the 'reference' backend"
-    )
-
-
-torch.library.register_autograd(
-    "fastdarts::relu_dwconv_pointwise_backward", _refuse_relu_dwconv_pointwise_double_backward
+refuse_differentiation(
+    "fastdarts::relu_dwconv_pointwise_backward",
+    "fastdarts.ops.relu_dwconv_pointwise: the 'cpp' backend is differentiable once; for higher derivatives use the "
+    "'reference' backend",
 )
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import check_supported_dtype, needs_input_grad
+from ._autograd import check_supported_dtype, needs_input_grad, refuse_differentiation
 from ._extension import EXTENSION_LOADED
 from .reference import (
     MIXED_OP_CANDIDATES,
@@ -419,13 +419,11 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         grad_w = [w.new_empty(w.shape)] if w_grad else []
         return grad_x + grad_w + ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
 
-    def _refuse_double_backward(ctx, *grads):
-        raise RuntimeError(
-            f"fastdarts.ops.mixed_op: the {backend!r} backend is differentiable once (DARTS's second-order step needs "
-            "no more); for higher derivatives run the network under fastdarts.ops.use_backend('reference')"
-        )
-
-    mixed_op_backward.register_autograd(_refuse_double_backward)
+    refuse_differentiation(
+        mixed_op_backward,
+        f"fastdarts.ops.mixed_op: the {backend!r} backend is differentiable once (DARTS's second-order step needs no "
+        "more); for higher derivatives run the network under fastdarts.ops.use_backend('reference')",
+    )
 
     def _setup_context(ctx, inputs, output):
         x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute = inputs
