@@ -2,18 +2,59 @@
 // cpu/<op>.cpp (TORCH_LIBRARY_IMPL); fakes and autograd formulas live in fastdarts/ops/_cpp.py.
 
 #include <Python.h>
+#include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <exception>
+
+#include "fastdarts/cpu_isa.h"
+
+namespace {
+
+// The instruction-set tier of the CPU kernels (include/fastdarts/cpu_isa.h), for fastdarts.ops: errors become a
+// ValueError with their one-line message.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(fastdarts::cpu_isa_name(fastdarts::cpu_isa()));
+  } catch (const c10::Error& error) {
+    PyErr_SetString(PyExc_ValueError, error.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyObject* best_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fastdarts::cpu_isa_name(fastdarts::best_cpu_isa()));
+}
+
+PyObject* set_cpu_isa(PyObject*, PyObject* name) {
+  const char* text = PyUnicode_AsUTF8(name);
+  if (text == nullptr) {
+    return nullptr;  // not a str: PyUnicode_AsUTF8 set a TypeError
+  }
+  try {
+    fastdarts::set_cpu_isa(text);
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_ValueError, error.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction-set tier the CPU kernels run: baseline, avx2 or avx512."},
+    {"best_cpu_isa", best_cpu_isa, METH_NOARGS, "The best tier this CPU supports."},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "Make a tier the one in force (ValueError if unknown or unsupported)."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+}  // namespace
+
 extern "C" {
-// `import fastdarts._C` only needs to load this shared library: its static initialisers
-// (TORCH_LIBRARY and TORCH_LIBRARY_IMPL) register the ops with the dispatcher.
+// `import fastdarts._C` loads this shared library: its static initialisers (TORCH_LIBRARY and TORCH_LIBRARY_IMPL)
+// register the ops with the dispatcher; the module itself holds the tier functions above.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT,
-      "_C",
-      "Compiled fastdarts kernels; the ops are under torch.ops.fastdarts.",
-      -1,
-      nullptr,
+      PyModuleDef_HEAD_INIT, "_C", "Compiled fastdarts kernels; the ops are under torch.ops.fastdarts.", -1, methods,
   };
   return PyModule_Create(&module_def);
 }

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from . import ops
 from .bilevel import NonFiniteError, NonFiniteWeights
 from .checkpoint import (
     RunInterrupted,
@@ -90,12 +91,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def kernels_in_use() -> str:
+    """ops.describe_kernels(), with a FASTDARTS_CPU_ISA that cannot run here as a ConfigError."""
+    try:
+        return ops.describe_kernels()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def start_config(cls, kind: str, config=None, resume: str | Path | None = None, **overrides):
     """The resolved config of a new run, or of the run saved in `resume` (with its checkpoint).
 
     Returns `(config, checkpoint)`; `checkpoint` is None for a new run. A resumed run keeps its own
-    settings: only RESUME_OVERRIDES may be given.
+    settings: only RESUME_OVERRIDES may be given. The kernels are checked first, before anything is written.
     """
+    kernels_in_use()
     if resume is None:
         return dataclasses.replace(config or cls(), **overrides).resolved(), None
     run_dir = Path(resume)
@@ -189,6 +199,7 @@ class Run:
         alone), and after `stop_after` epochs (a normal return; `stopped_early` is then True).
         """
         config, position = self.config, self.position
+        tqdm.write(f"{self.kind} in {self.dir}; {kernels_in_use()}")
         bar = None  # sized when the first epoch's batches are known
         self.stopped_early = False
         # The bar is closed before any exception's message is printed, so that message stays last.

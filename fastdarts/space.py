@@ -97,24 +97,19 @@ class Zero(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-    """ReLU, two 1x1 stride-2 convs (on x and on x shifted by one pixel), concatenated, BN."""
+    """ReLU, two 1x1 stride-2 convs (on x and on x shifted by one pixel), concatenated, BN. The convs run as
+    ops.reference.factorized_reduce computes them (subsampling, then one matrix product)."""
 
     def __init__(self, C_in: int, C_out: int, affine: bool = True):
         super().__init__()
         if C_out % 2:
             raise ValueError(f"FactorizedReduce needs an even number of output channels, got {C_out}")
-        self.relu = nn.ReLU(inplace=False)
         self.conv_1 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
     def forward(self, x):
-        x = self.relu(x)
-        # On odd sizes the shifted view is one pixel smaller; pad it back so both halves align.
-        shifted = x[:, :, 1:, 1:]
-        if x.shape[-1] % 2 or x.shape[-2] % 2:
-            shifted = nn.functional.pad(shifted, (0, 1, 0, 1))
-        return self.bn(torch.cat([self.conv_1(x), self.conv_2(shifted)], dim=1))
+        return self.bn(ops.reference.factorized_reduce(x, self.conv_1.weight, self.conv_2.weight))
 
 
 def drop_running_statistics(module: nn.Module) -> None:

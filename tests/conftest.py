@@ -17,6 +17,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_generate_tests(metafunc):
+    # A test that takes the `cpu_isa` fixture runs once per instruction-set tier this CPU supports.
+    if "cpu_isa" in metafunc.fixturenames:
+        metafunc.parametrize("cpu_isa", ops.supported_cpu_isas() or ["none"], indirect=True)
+
+
+@pytest.fixture
+def cpu_isa(request):
+    """The C++ kernels run on tier request.param (one of ops.supported_cpu_isas()) for the test."""
+    if request.param == "none":
+        pytest.skip(f"needs the compiled extension fastdarts._C ({ops.EXTENSION_ERROR})")
+    with ops.use_cpu_isa(request.param):
+        yield request.param
+
+
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)

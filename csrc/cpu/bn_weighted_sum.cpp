@@ -32,7 +32,7 @@
 //           (they need no sums). Pass 2 writes the batch-statistics rows':
 //             grad_t_k = a g + b (t_k - mean) + e,  a = w invstd,  b = -a invstd^2 S_k / M,  e = -a S / M,
 //           with S = sum g and S_k = sum g (t_k - mean) per channel; grad_w[k] = sum_c invstd S_k.
-// The loops are compiled twice, for baseline x86-64 and for AVX-512 (cpu_isa.h): the conversions and double sums
+// The loops are compiled once per instruction-set tier (cpu_isa.h): the conversions and double sums
 // of pass 1 keep up with memory only at 8 doubles per instruction.
 
 #include <ATen/ATen.h>
@@ -146,7 +146,7 @@ struct ForwardArgs {
   T* out;
 };
 
-template <typename T>
+template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
 FASTDARTS_ALWAYS_INLINE void forward_units(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
   const int64_t K = static_cast<int64_t>(f.ts.size());
   const int64_t G = f.g.group;
@@ -170,15 +170,7 @@ FASTDARTS_ALWAYS_INLINE void forward_units(const ForwardArgs<T>& f, int64_t begi
   }
 }
 
-template <typename T>
-FASTDARTS_TARGET_AVX512 void forward_units_avx512(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
-  forward_units(f, begin, end);
-}
-
-template <typename T>
-void forward_units_baseline(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
-  forward_units(f, begin, end);
-}
+FASTDARTS_CPU_ISA_COPIES(forward_units)
 
 template <typename T>
 struct BackwardArgs {
@@ -198,7 +190,7 @@ struct BackwardArgs {
   const T* e = nullptr;
 };
 
-template <typename T>
+template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
 FASTDARTS_ALWAYS_INLINE void reduce_units(const BackwardArgs<T>& p, int64_t begin, int64_t end, double* acc) {
   const int64_t K = static_cast<int64_t>(p.ts.size());
   const int64_t C = p.g.C;
@@ -251,17 +243,9 @@ FASTDARTS_ALWAYS_INLINE void reduce_units(const BackwardArgs<T>& p, int64_t begi
   }
 }
 
-template <typename T>
-FASTDARTS_TARGET_AVX512 void reduce_units_avx512(const BackwardArgs<T>& p, int64_t begin, int64_t end, double* acc) {
-  reduce_units(p, begin, end, acc);
-}
+FASTDARTS_CPU_ISA_COPIES(reduce_units)
 
-template <typename T>
-void reduce_units_baseline(const BackwardArgs<T>& p, int64_t begin, int64_t end, double* acc) {
-  reduce_units(p, begin, end, acc);
-}
-
-template <typename T>
+template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
 FASTDARTS_ALWAYS_INLINE void normalised_grad_units(const BackwardArgs<T>& p, int64_t begin, int64_t end) {
   const int64_t K = static_cast<int64_t>(p.ts.size());
   const int64_t G = p.g.group;
@@ -286,15 +270,7 @@ FASTDARTS_ALWAYS_INLINE void normalised_grad_units(const BackwardArgs<T>& p, int
   }
 }
 
-template <typename T>
-FASTDARTS_TARGET_AVX512 void normalised_grad_units_avx512(const BackwardArgs<T>& p, int64_t begin, int64_t end) {
-  normalised_grad_units(p, begin, end);
-}
-
-template <typename T>
-void normalised_grad_units_baseline(const BackwardArgs<T>& p, int64_t begin, int64_t end) {
-  normalised_grad_units(p, begin, end);
-}
+FASTDARTS_CPU_ISA_COPIES(normalised_grad_units)
 
 // ---- Entry points.
 
@@ -354,9 +330,8 @@ at::Tensor bn_weighted_sum_cpu(at::TensorList ts, const at::Tensor& w, const at:
     const std::vector<scalar_t> coef_p = patterns<scalar_t>(coef, K, g);
     const ForwardArgs<scalar_t> f{g, data_pointers<scalar_t>(inputs), mean_p.data(), coef_p.data(),
                                   out.work.data_ptr<scalar_t>()};
-    const bool avx512 = cpu_has_avx512();
     at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
-      (avx512 ? forward_units_avx512<scalar_t> : forward_units_baseline<scalar_t>)(f, begin, end);
+      FASTDARTS_CALL_FOR_CPU_ISA(forward_units, scalar_t, f, begin, end);
     });
   });
   return out.finish();
@@ -428,10 +403,9 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
     for (Output& o : grad_outs) {
       p.grad_ts.push_back(o.work.data_ptr<scalar_t>());
     }
-    const bool avx512 = cpu_has_avx512();
     at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
       std::vector<double> acc((K + 1) * g.group);
-      (avx512 ? reduce_units_avx512<scalar_t> : reduce_units_baseline<scalar_t>)(p, begin, end, acc.data());
+      FASTDARTS_CALL_FOR_CPU_ISA(reduce_units, scalar_t, p, begin, end, acc.data());
     });
     // The units' sums, added in unit order whatever thread computed each.
     std::vector<double> total((K + 1) * C, 0.0);
@@ -464,7 +438,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
       p.b = b_p.data();
       p.e = e_p.data();
       at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
-        (avx512 ? normalised_grad_units_avx512<scalar_t> : normalised_grad_units_baseline<scalar_t>)(p, begin, end);
+        FASTDARTS_CALL_FOR_CPU_ISA(normalised_grad_units, scalar_t, p, begin, end);
       });
     }
   });

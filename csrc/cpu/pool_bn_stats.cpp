@@ -23,8 +23,8 @@
 //
 // How. Work is split by output rows (forward) or images (backward, whose windows overlap so that two outputs of
 // one image add into the same grad_x values); for each output the 2x2 to 3x3 window is walked in scan order.
-// With channels contiguous in x and in every output (channels_last), the loops run over whole 64-byte vectors of
-// channels (kVecLanes) and the remaining channels one at a time; with any other layout every channel runs one
+// With channels contiguous in x and in every output (channels_last), the loops run over whole vectors of the
+// tier's width (cpu_isa.h) up to a multiple of 64 bytes of channels (kVecLanes) and the rest one at a time; with any other layout every channel runs one
 // at a time (correct, not fast). The statistics are sums of (v - shift) and (v - shift)^2 in double, with shift
 // = x[0, c, 0, 0], a value in the data's range, so that the variance does not cancel catastrophically. They are
 // summed in locals over an output row, then added to the running thread's own slot (at::get_thread_num()), and the
@@ -72,14 +72,14 @@ FASTDARTS_ALWAYS_INLINE Span window_span(int64_t out, int64_t stride, int64_t si
   return {lo, hi - lo};
 }
 
-// One channel (kVector false) or one 64-byte vector of channels (true): the value type V, the per-lane tap number
+// One channel (kVector false) or one vector of channels of tier kIsa (true): the value type V, the per-lane tap number
 // I (the integer type a comparison of two V yields), the double-precision type D with one lane per channel, and
 // loads and stores through pointers (by reference: see cpu_isa.h on -Wpsabi).
-template <typename T, bool kVector>
+template <typename T, bool kVector, CpuIsa kIsa>
 struct Lane;
 
-template <typename T>
-struct Lane<T, false> {
+template <typename T, CpuIsa kIsa>
+struct Lane<T, false, kIsa> {
   using V = T;
   using I = int64_t;
   using IElem = int64_t;
@@ -102,18 +102,18 @@ struct Lane<T, false> {
   }
 };
 
-template <typename T>
+template <typename T, CpuIsa kIsa>
 struct WideOf {
-  typedef double type __attribute__((vector_size(kVecLanes<T> * sizeof(double))));
+  typedef double type __attribute__((vector_size(kLanes<T, kIsa> * sizeof(double))));
 };
 
-template <typename T>
-struct Lane<T, true> {
-  using V = Vec<T>;
+template <typename T, CpuIsa kIsa>
+struct Lane<T, true, kIsa> {
+  using V = Vec<T, kIsa>;
   using I = decltype(V{} > V{});
   using IElem = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  using D = typename WideOf<T>::type;
-  static constexpr int64_t kWidth = kVecLanes<T>;
+  using D = typename WideOf<T, kIsa>::type;
+  static constexpr int64_t kWidth = kLanes<T, kIsa>;
   static FASTDARTS_ALWAYS_INLINE void load(V& v, const T* p) {
     vec_load(v, p);
   }
@@ -238,31 +238,22 @@ FASTDARTS_ALWAYS_INLINE void forward_row(const ForwardArgs<T>& f, int64_t n, int
 }
 
 // Output rows [begin, end) (row = n Ho + ho) of every channel.
-template <typename T>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void forward_rows(const ForwardArgs<T>& f, int64_t begin, int64_t end, double* partial) {
-  constexpr int64_t V = kVecLanes<T>;
+  constexpr int64_t V = kLanes<T, kIsa>;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / f.Ho;
     const int64_t ho = row % f.Ho;
     for (int64_t c0 = 0; c0 < f.vector_channels; c0 += V) {
-      forward_row<Lane<T, true>>(f, n, ho, c0, partial);
+      forward_row<Lane<T, true, kIsa>>(f, n, ho, c0, partial);
     }
     for (int64_t c = f.vector_channels; c < f.C; ++c) {
-      forward_row<Lane<T, false>>(f, n, ho, c, partial);
+      forward_row<Lane<T, false, kIsa>>(f, n, ho, c, partial);
     }
   }
 }
 
-template <typename T>
-FASTDARTS_TARGET_AVX512 void forward_rows_avx512(const ForwardArgs<T>& f, int64_t begin, int64_t end,
-                                                 double* partial) {
-  forward_rows(f, begin, end, partial);
-}
-
-template <typename T>
-void forward_rows_baseline(const ForwardArgs<T>& f, int64_t begin, int64_t end, double* partial) {
-  forward_rows(f, begin, end, partial);
-}
+FASTDARTS_CPU_ISA_COPIES(forward_rows)
 
 template <typename T>
 struct BackwardArgs {
@@ -319,9 +310,9 @@ FASTDARTS_ALWAYS_INLINE void backward_row(const BackwardArgs<T>& b, int64_t n, i
 
 // Images [begin, end): grad_x zeroed, then every output's gradient added in. Windows of different images never
 // overlap, so each task writes only its own images.
-template <typename T, bool kMax, bool kAvg>
+template <typename T, CpuIsa kIsa, bool kMax, bool kAvg>
 FASTDARTS_ALWAYS_INLINE void backward_images(const BackwardArgs<T>& b, int64_t begin, int64_t end) {
-  constexpr int64_t V = kVecLanes<T>;
+  constexpr int64_t V = kLanes<T, kIsa>;
   const Strides& s = b.gxs;
   for (int64_t n = begin; n < end; ++n) {
     T* image = b.grad_x + n * s.n;
@@ -342,39 +333,31 @@ FASTDARTS_ALWAYS_INLINE void backward_images(const BackwardArgs<T>& b, int64_t b
     }
     for (int64_t ho = 0; ho < b.Ho; ++ho) {
       for (int64_t c0 = 0; c0 < b.vector_channels; c0 += V) {
-        backward_row<Lane<T, true>, kMax, kAvg>(b, n, ho, c0);
+        backward_row<Lane<T, true, kIsa>, kMax, kAvg>(b, n, ho, c0);
       }
       for (int64_t c = b.vector_channels; c < b.C; ++c) {
-        backward_row<Lane<T, false>, kMax, kAvg>(b, n, ho, c);
+        backward_row<Lane<T, false, kIsa>, kMax, kAvg>(b, n, ho, c);
       }
     }
   }
 }
 
-template <typename T>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void backward_images_any(const BackwardArgs<T>& b, int64_t begin, int64_t end) {
   const bool with_max = b.grad_max != nullptr;
   const bool with_avg = b.grad_avg != nullptr;
   if (with_max && with_avg) {
-    backward_images<T, true, true>(b, begin, end);
+    backward_images<T, kIsa, true, true>(b, begin, end);
   } else if (with_max) {
-    backward_images<T, true, false>(b, begin, end);
+    backward_images<T, kIsa, true, false>(b, begin, end);
   } else if (with_avg) {
-    backward_images<T, false, true>(b, begin, end);
+    backward_images<T, kIsa, false, true>(b, begin, end);
   } else {
-    backward_images<T, false, false>(b, begin, end);
+    backward_images<T, kIsa, false, false>(b, begin, end);
   }
 }
 
-template <typename T>
-FASTDARTS_TARGET_AVX512 void backward_images_avx512(const BackwardArgs<T>& b, int64_t begin, int64_t end) {
-  backward_images_any(b, begin, end);
-}
-
-template <typename T>
-void backward_images_baseline(const BackwardArgs<T>& b, int64_t begin, int64_t end) {
-  backward_images_any(b, begin, end);
-}
+FASTDARTS_CPU_ISA_COPIES(backward_images_any)
 
 void check_arguments(const char* op, const at::Tensor& x, int64_t stride) {
   check_images(op, "x", x);
@@ -445,13 +428,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bn_stats_cpu(con
                                   partials.data()};
     const int64_t num_rows = x.size(0) * f.Ho;
     const int64_t grain = std::max<int64_t>(1, kTaskValues / (f.Wo * C));
-    const bool avx512 = cpu_has_avx512();
     at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
       // Each thread adds into its own slot of partials, so no two threads write one value.
       const int64_t thread = at::get_thread_num();
       TORCH_INTERNAL_ASSERT(thread < threads);
       double* partial = partials.data() + thread * 4 * C;
-      (avx512 ? forward_rows_avx512<scalar_t> : forward_rows_baseline<scalar_t>)(f, begin, end, partial);
+      FASTDARTS_CALL_FOR_CPU_ISA(forward_rows, scalar_t, f, begin, end, partial);
     });
     // The thread slots combined, then mean = shift + E[d] and var = E[d^2] - E[d]^2 with d = v - shift.
     const double count = static_cast<double>(num_rows * f.Wo);
@@ -518,11 +500,10 @@ at::Tensor pool_bn_stats_backward_cpu(const std::optional<at::Tensor>& grad_max,
                                    grad_x.data_ptr<scalar_t>(),
                                    strides_of(grad_x),
                                    vectors ? x.size(1) / kVecLanes<scalar_t> * kVecLanes<scalar_t> : 0};
-    const bool avx512 = cpu_has_avx512();
     // Whole images per task (their windows overlap only within an image); one image is already a few
     // microseconds of work at the smallest DARTS shapes.
     at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
-      (avx512 ? backward_images_avx512<scalar_t> : backward_images_baseline<scalar_t>)(b, begin, end);
+      FASTDARTS_CALL_FOR_CPU_ISA(backward_images_any, scalar_t, b, begin, end);
     });
   });
   return grad_x;

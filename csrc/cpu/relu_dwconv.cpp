@@ -70,11 +70,9 @@
 namespace fastdarts {
 namespace {
 
-// Output columns whose accumulators stay in registers: 8 AVX-512 registers of 16 floats each (of 32); the
-// baseline copy has 16 SSE registers, so 2 columns of four xmm each. Tiles are rounded to kMaxCols columns.
-constexpr int64_t kColsAvx512 = 8;
-constexpr int64_t kColsBaseline = 2;
-constexpr int64_t kMaxCols = 8;
+// Output columns whose accumulators stay in registers: 8 vectors of the tier's width, of 32 zmm (avx512) or 16
+// ymm or xmm registers (avx2, baseline). Tiles are rounded to whole blocks of kCols columns.
+constexpr int64_t kCols = 8;
 // A chunk holds about this many output values (positions x padded channels), never less than one row: at
 // C = 16 and 32x32 that is one image, whose input tile (40 x 40 x 16 floats, 100 KiB) stays in L2.
 constexpr int64_t kChunkValues = 16384;
@@ -141,7 +139,7 @@ struct Geometry {
     }
     Pg = (P + s - 1) / s;
     Cp = round_up(C, lanes);
-    Wo_r = round_up(Wo, kMaxCols);
+    Wo_r = round_up(Wo, kCols);
     chunk_rows = std::min(Ho, std::max<int64_t>(1, kChunkValues / (Wo_r * Cp)));
     chunks_per_image = (Ho + chunk_rows - 1) / chunk_rows;
     num_chunks = N * chunks_per_image;
@@ -331,29 +329,29 @@ FASTDARTS_ALWAYS_INLINE void mask_rows(T* g, int64_t g_row, const T* relu_x, int
 // One row of one kernel: out[w * out_step + c] (+)= sum_t taps[t * Cp + c] * in[offsets[t] + w * step + c] for
 // w < cols (a multiple of kCols) and c < Cp. Each block of kCols columns x one vector of channels is accumulated
 // in registers over all taps: per tap, one weight load and kCols FMAs whose other operand comes from the tile.
-template <typename T, int64_t kCols>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void conv_row(const T* in, int64_t step, const int64_t* offsets, const T* taps,
                                       int64_t num_taps, T* out, int64_t out_step, int64_t cols, int64_t Cp,
                                       bool accumulate) {
-  constexpr int64_t V = kVecLanes<T>;
+  constexpr int64_t V = kLanes<T, kIsa>;
   for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
     for (int64_t c0 = 0; c0 < Cp; c0 += V) {
       T* o = out + w0 * out_step + c0;
-      Vec<T> acc[kCols];
+      Vec<T, kIsa> acc[kCols];
       for (int64_t j = 0; j < kCols; ++j) {
         if (accumulate) {
           vec_load(acc[j], o + j * out_step);
         } else {
-          acc[j] = Vec<T>{};
+          acc[j] = Vec<T, kIsa>{};
         }
       }
       const T* base = in + w0 * step + c0;
       for (int64_t t = 0; t < num_taps; ++t) {
-        Vec<T> wt;
+        Vec<T, kIsa> wt;
         vec_load(wt, taps + t * Cp + c0);
         const T* src = base + offsets[t];
         for (int64_t j = 0; j < kCols; ++j) {
-          Vec<T> v;
+          Vec<T, kIsa> v;
           vec_load(v, src + j * step);
           acc[j] += wt * v;
         }
@@ -369,24 +367,24 @@ FASTDARTS_ALWAYS_INLINE void conv_row(const T* in, int64_t step, const int64_t* 
 //   partial[t * Cp + c] += sum_{w < cols} grad[w * Cp + c] * in[offsets[t] + w * step + c]   (c < Cp).
 // kCols gradient vectors stay in registers while every tap reads its kCols inputs; two interleaved sums per tap
 // halve the chain of dependent FMAs.
-template <typename T, int64_t kCols>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t step, const int64_t* offsets,
                                              int64_t num_taps, T* partial, int64_t cols, int64_t Cp) {
-  constexpr int64_t V = kVecLanes<T>;
+  constexpr int64_t V = kLanes<T, kIsa>;
   for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
     for (int64_t c0 = 0; c0 < Cp; c0 += V) {
-      Vec<T> g[kCols];
+      Vec<T, kIsa> g[kCols];
       for (int64_t j = 0; j < kCols; ++j) {
         vec_load(g[j], grad + (w0 + j) * Cp + c0);
       }
       const T* base = in + w0 * step + c0;
       for (int64_t t = 0; t < num_taps; ++t) {
         const T* src = base + offsets[t];
-        Vec<T> even;
-        Vec<T> odd{};
+        Vec<T, kIsa> even;
+        Vec<T, kIsa> odd{};
         vec_load(even, partial + t * Cp + c0);
         for (int64_t j = 0; j < kCols; ++j) {
-          Vec<T> v;
+          Vec<T, kIsa> v;
           vec_load(v, src + j * step);
           if (j % 2 == 0) {
             even += g[j] * v;
@@ -404,18 +402,18 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t
 // One row of a 1x1 conv: out[w * Cp + c] = sum_{j < C} in[w * Cp + j] * m[j * Cp + c] for w < cols (a multiple of
 // kCols) and c < Cp, with m one of pointwise_matrices. Like conv_row, kCols positions x one vector of output
 // channels accumulate in registers; each input value is broadcast against a row of m. in and out do not overlap.
-template <typename T, int64_t kCols>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void pointwise_row(const T* in, const T* m, T* out, int64_t cols, int64_t C, int64_t Cp) {
-  constexpr int64_t V = kVecLanes<T>;
+  constexpr int64_t V = kLanes<T, kIsa>;
   for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
     for (int64_t c0 = 0; c0 < Cp; c0 += V) {
-      Vec<T> acc[kCols];
+      Vec<T, kIsa> acc[kCols];
       for (int64_t q = 0; q < kCols; ++q) {
-        acc[q] = Vec<T>{};
+        acc[q] = Vec<T, kIsa>{};
       }
       const T* src = in + w0 * Cp;
       for (int64_t j = 0; j < C; ++j) {
-        Vec<T> mj;
+        Vec<T, kIsa> mj;
         vec_load(mj, m + j * Cp + c0);
         for (int64_t q = 0; q < kCols; ++q) {
           acc[q] += src[q * Cp + j] * mj;
@@ -431,18 +429,18 @@ FASTDARTS_ALWAYS_INLINE void pointwise_row(const T* in, const T* m, T* out, int6
 // One row's share of a 1x1 conv's weight gradient: partial[o * Cp + c] += sum_{w < cols} grad[w * Cp + o] * z[w * Cp + c]
 // for o < round_up(C, kCols) (Cp is a multiple of kCols; the rows past C add the zeros of grad's padding channels)
 // and c < Cp. kCols rows of partial x one vector of z's channels stay in registers over the row.
-template <typename T, int64_t kCols>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void pointwise_grad_row(const T* grad, const T* z, T* partial, int64_t cols, int64_t C,
                                                 int64_t Cp) {
-  constexpr int64_t V = kVecLanes<T>;
+  constexpr int64_t V = kLanes<T, kIsa>;
   for (int64_t o0 = 0; o0 < C; o0 += kCols) {
     for (int64_t c0 = 0; c0 < Cp; c0 += V) {
-      Vec<T> acc[kCols];
+      Vec<T, kIsa> acc[kCols];
       for (int64_t q = 0; q < kCols; ++q) {
         vec_load(acc[q], partial + (o0 + q) * Cp + c0);
       }
       for (int64_t w = 0; w < cols; ++w) {
-        Vec<T> zw;
+        Vec<T, kIsa> zw;
         vec_load(zw, z + w * Cp + c0);
         const T* g = grad + w * Cp + o0;
         for (int64_t q = 0; q < kCols; ++q) {
@@ -458,14 +456,14 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_row(const T* grad, const T* z, T* pa
 
 // Adds one row's per-channel sum and sum of squares (positions w < cols) to moments[c] and moments[Cp + c]: the
 // row in T (cols values per channel), the running totals in double.
-template <typename T>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void add_row_moments(const T* row, int64_t cols, int64_t Cp, double* moments) {
-  constexpr int64_t V = kVecLanes<T>;
+  constexpr int64_t V = kLanes<T, kIsa>;
   for (int64_t c0 = 0; c0 < Cp; c0 += V) {
-    Vec<T> sum{};
-    Vec<T> squares{};
+    Vec<T, kIsa> sum{};
+    Vec<T, kIsa> squares{};
     for (int64_t w = 0; w < cols; ++w) {
-      Vec<T> v;
+      Vec<T, kIsa> v;
       vec_load(v, row + w * Cp + c0);
       sum += v;
       squares += v * v;
@@ -548,7 +546,7 @@ struct ForwardArgs {
 
 // Chunks [begin, end) of the forward, with scratch space for one input tile and two output rows (the second is
 // the 1x1 conv's output, when there is one).
-template <typename T, int64_t kCols>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile, T* row,
                                             T* pointwise_row_out) {
   const Geometry& g = f.g;
@@ -566,12 +564,12 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
       const T* in = tile + (ho - ho0) * g.s * g.input.row_stride;
       for (int64_t i = 0; i < K; ++i) {
         const int64_t t0 = g.tap_begin[i];
-        conv_row<T, kCols>(in, g.s * g.Cp, g.offsets.data() + t0, f.taps + t0 * g.Cp, g.taps(i), row, g.Cp, g.Wo_r,
+        conv_row<T, kIsa>(in, g.s * g.Cp, g.offsets.data() + t0, f.taps + t0 * g.Cp, g.taps(i), row, g.Cp, g.Wo_r,
                            g.Cp, false);
         const T* result = row;
         if (f.pointwise != nullptr) {
-          pointwise_row<T, kCols>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.Wo_r, g.C, g.Cp);
-          add_row_moments(pointwise_row_out, g.Wo, g.Cp, moments + i * 2 * g.Cp);
+          pointwise_row<T, kIsa>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.Wo_r, g.C, g.Cp);
+          add_row_moments<T, kIsa>(pointwise_row_out, g.Wo, g.Cp, moments + i * 2 * g.Cp);
           result = pointwise_row_out;
         }
         unpack(result, 0, g.Cp, 1, g.Wo, g.C, f.outs[i] + n * f.os.n + ho * f.os.h, f.os);
@@ -581,17 +579,7 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
   store_fence();
 }
 
-template <typename T>
-FASTDARTS_TARGET_AVX512 void forward_chunks_avx512(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile,
-                                                   T* row, T* pointwise_row_out) {
-  forward_chunks<T, kColsAvx512>(f, begin, end, tile, row, pointwise_row_out);
-}
-
-template <typename T>
-void forward_chunks_baseline(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile, T* row,
-                             T* pointwise_row_out) {
-  forward_chunks<T, kColsBaseline>(f, begin, end, tile, row, pointwise_row_out);
-}
+FASTDARTS_CPU_ISA_COPIES(forward_chunks)
 
 template <typename T>
 struct BackwardArgs {
@@ -618,7 +606,7 @@ struct BackwardArgs {
 // from ho0 - Pg, and the chunk's share of that kernel's 1x1 weight gradient. dt_row and z_row: scratch rows of
 // Wo_r x Cp values, dt_row zero past Wo columns and C channels (the pack below never writes there), so that the
 // tile's columns past Wo and its padding channels come out zero.
-template <typename T, int64_t kCols>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void pointwise_grad_tile(const BackwardArgs<T>& b, int64_t i, int64_t n, int64_t ho0,
                                                  int64_t ho1, const T* input_tile, T* grad_tile, T* dt_row,
                                                  T* z_row, T* pointwise_partial) {
@@ -630,13 +618,13 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_tile(const BackwardArgs<T>& b, int64
   const Strides& gs = b.gs[i];
   for (int64_t ho = ho_lo; ho < ho_hi; ++ho) {
     pack<T, false>(b.grads[i] + n * gs.n + ho * gs.h, gs, 1, g.Wo, g.C, dt_row, 0, g.Cp);
-    pointwise_row<T, kCols>(dt_row, b.pointwise_transposed + i * g.Cp * g.Cp,
+    pointwise_row<T, kIsa>(dt_row, b.pointwise_transposed + i * g.Cp * g.Cp,
                             grad_tile + (ho - ho_origin) * g.grad.row_stride + g.Pg * g.Cp, g.Wo_r, g.C, g.Cp);
     if (pointwise_partial != nullptr && ho >= ho0 && ho < ho1) {
       const int64_t t0 = g.tap_begin[i];
-      conv_row<T, kCols>(input_tile + (ho - ho0) * g.s * g.input.row_stride, g.s * g.Cp, g.offsets.data() + t0,
+      conv_row<T, kIsa>(input_tile + (ho - ho0) * g.s * g.input.row_stride, g.s * g.Cp, g.offsets.data() + t0,
                          b.taps + t0 * g.Cp, g.taps(i), z_row, g.Cp, g.Wo_r, g.Cp, false);
-      pointwise_grad_row<T, kCols>(dt_row, z_row, pointwise_partial + i * g.Cp * g.Cp, g.Wo, g.C, g.Cp);
+      pointwise_grad_row<T, kIsa>(dt_row, z_row, pointwise_partial + i * g.Cp * g.Cp, g.Wo, g.C, g.Cp);
     }
   }
 }
@@ -644,7 +632,7 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_tile(const BackwardArgs<T>& b, int64
 // Chunks [begin, end) of the backward, with scratch space for an input tile, a gradient tile and the chunk's
 // grad_x rows (chunk_rows s rows of gx_cols x Cp values), and for relu_dwconv_pointwise_backward two rows
 // (pointwise_grad_tile's dt_row and z_row).
-template <typename T, int64_t kCols>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t begin, int64_t end, T* input_tile,
                                              T* grad_tile, T* grad_x_rows, T* dt_row, T* z_row) {
   const Geometry& g = b.g;
@@ -673,14 +661,14 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
     }
     for (int64_t i = 0; i < K; ++i) {
       if (b.pointwise_transposed != nullptr) {
-        pointwise_grad_tile<T, kCols>(b, i, n, ho0, ho1, input_tile, grad_tile, dt_row, z_row, pointwise_partial);
+        pointwise_grad_tile<T, kIsa>(b, i, n, ho0, ho1, input_tile, grad_tile, dt_row, z_row, pointwise_partial);
       } else {
         load_grad_tile(g, b.grads[i], b.gs[i], n, ho0 - g.Pg, grad_tile);
       }
       if (partial != nullptr) {
         const int64_t t0 = g.tap_begin[i];
         for (int64_t ho = ho0; ho < ho1; ++ho) {
-          grad_weight_row<T, kCols>(grad_tile + (ho - ho0 + g.Pg) * g.grad.row_stride + g.Pg * g.Cp,
+          grad_weight_row<T, kIsa>(grad_tile + (ho - ho0 + g.Pg) * g.grad.row_stride + g.Pg * g.Cp,
                                     input_tile + (ho - ho0) * g.s * g.input.row_stride, g.s * g.Cp,
                                     g.offsets.data() + t0, g.taps(i), partial + t0 * g.Cp, g.Wo_r, g.Cp);
         }
@@ -694,7 +682,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
           for (int64_t px = 0; px < g.s; ++px) {
             const int64_t list = (py * g.s + px) * K + i;
             const int64_t t0 = g.phase_begin[list];
-            conv_row<T, kCols>(in, g.Cp, g.phase_offsets.data() + t0, b.phase_taps + t0 * g.Cp,
+            conv_row<T, kIsa>(in, g.Cp, g.phase_offsets.data() + t0, b.phase_taps + t0 * g.Cp,
                                g.phase_begin[list + 1] - t0, out + px * g.Cp, g.s * g.Cp, g.Wo_r, g.Cp, i > 0);
           }
         }
@@ -711,18 +699,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
   store_fence();
 }
 
-template <typename T>
-FASTDARTS_TARGET_AVX512 void backward_chunks_avx512(const BackwardArgs<T>& b, int64_t begin, int64_t end,
-                                                    T* input_tile, T* grad_tile, T* grad_x_rows, T* dt_row,
-                                                    T* z_row) {
-  backward_chunks<T, kColsAvx512>(b, begin, end, input_tile, grad_tile, grad_x_rows, dt_row, z_row);
-}
-
-template <typename T>
-void backward_chunks_baseline(const BackwardArgs<T>& b, int64_t begin, int64_t end, T* input_tile, T* grad_tile,
-                              T* grad_x_rows, T* dt_row, T* z_row) {
-  backward_chunks<T, kColsBaseline>(b, begin, end, input_tile, grad_tile, grad_x_rows, dt_row, z_row);
-}
+FASTDARTS_CPU_ISA_COPIES(backward_chunks)
 
 // Scratch space from the ATen allocator, which aligns to 64 bytes: every vector a loop loads from a tile is
 // then aligned, since tiles are made of whole vectors.
@@ -817,13 +794,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Te
       f.moments = moments.data();
     }
     if (x.numel() > 0) {
-      const bool avx512 = cpu_has_avx512();
       at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
         at::Tensor tile = scratch(g.input.size(), x);
         at::Tensor rows = scratch((with_pointwise ? 2 : 1) * g.Wo_r * g.Cp, x);
         scalar_t* row = rows.data_ptr<scalar_t>();
-        (avx512 ? forward_chunks_avx512<scalar_t> : forward_chunks_baseline<scalar_t>)(
-            f, begin, end, tile.data_ptr<scalar_t>(), row, row + g.Wo_r * g.Cp);
+        FASTDARTS_CALL_FOR_CPU_ISA(forward_chunks, scalar_t, f, begin, end, tile.data_ptr<scalar_t>(), row,
+                                   row + g.Wo_r * g.Cp);
       });
     }
     if (with_pointwise) {
@@ -910,7 +886,6 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
       b.pointwise_partials = weight_grad ? pointwise_partials.data_ptr<scalar_t>() : nullptr;
     }
     if (x.numel() > 0) {
-      const bool avx512 = cpu_has_avx512();
       at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
         // grad_w and the 1x1 gradient read r; grad_x's mask reads relu(x)
         const bool want_input_tile = weight_grad || relu;
@@ -920,9 +895,9 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
         // dt_row must be zero wherever the pack of one dt row does not write (pointwise_grad_tile).
         at::Tensor rows = at::zeros({with_pointwise ? 2 * g.Wo_r * g.Cp : 0}, input_tile.options());
         scalar_t* dt_row = rows.data_ptr<scalar_t>();
-        (avx512 ? backward_chunks_avx512<scalar_t> : backward_chunks_baseline<scalar_t>)(
-            b, begin, end, input_tile.data_ptr<scalar_t>(), grad_tile.data_ptr<scalar_t>(),
-            grad_x_rows.data_ptr<scalar_t>(), dt_row, with_pointwise ? dt_row + g.Wo_r * g.Cp : nullptr);
+        FASTDARTS_CALL_FOR_CPU_ISA(backward_chunks, scalar_t, b, begin, end, input_tile.data_ptr<scalar_t>(),
+                                   grad_tile.data_ptr<scalar_t>(), grad_x_rows.data_ptr<scalar_t>(), dt_row,
+                                   with_pointwise ? dt_row + g.Wo_r * g.Cp : nullptr);
       });
     }
     if (weight_grad) {

@@ -16,17 +16,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._extension import EXTENSION_ERROR, EXTENSION_LOADED
+from ._extension import CPU_ISAS, EXTENSION_ERROR, EXTENSION_LOADED, cpu_isa, supported_cpu_isas, use_cpu_isa
 from ._registry import BACKENDS, available_backends, dispatch, select, use_backend
 from .reference import MIXED_OP_CANDIDATES, check_conv_settings, check_flag, mixed_op_layout, mixed_op_weight_shapes
 
 __all__ = [
     "BACKENDS",
+    "CPU_ISAS",
     "EXTENSION_ERROR",
     "EXTENSION_LOADED",
     "MIXED_OP_CANDIDATES",
     "available_backends",
     "bn_weighted_sum",
+    "cpu_isa",
+    "describe_kernels",
     "mixed_op",
     "mixed_op_layout",
     "mixed_op_weight_shapes",
@@ -34,9 +37,22 @@ __all__ = [
     "relu_dwconv",
     "relu_dwconv_pointwise",
     "sample_gates",
+    "supported_cpu_isas",
     "use_backend",
+    "use_cpu_isa",
     "weighted_sum",
 ]
+
+
+def describe_kernels(device: str | torch.device = "cpu") -> str:
+    """One line for a run's log: the backend the supernet's ops run on for tensors of `device`, and for the C++
+    kernels the instruction-set tier in force and the CPU's best. Raises ValueError (one line) when
+    FASTDARTS_CPU_ISA names an unknown tier or one the CPU lacks."""
+    backend = select("mixed_op", torch.device(device))
+    line = f"kernels: {backend}"
+    if backend == "cpp":
+        line += f" on CPU tier {cpu_isa()} (best here: {supported_cpu_isas()[-1]})"
+    return f"{line}, {torch.get_num_threads()} threads"
 
 
 def weighted_sum(xs: Sequence[Tensor], w: Tensor, *, backend: str | None = None) -> Tensor:

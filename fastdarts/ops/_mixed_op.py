@@ -31,6 +31,7 @@ from .reference import (
     MIXED_OP_CANDIDATES,
     check_mixed_op_arguments,
     factorized_reduce,
+    factorized_reduce_halves,
     mixed_op_layout,
     mixed_op_output_shape,
     raise_unless,
@@ -76,24 +77,25 @@ def _pointwise_backward(dt: Tensor, z: Tensor, weight: Tensor, weight_grad: bool
 def _factorized_reduce_backward(
     dt: Tensor, x: Tensor, conv_1: Tensor, conv_2: Tensor, input_grad: bool, weight_grad: bool
 ) -> tuple[Tensor | None, list[Tensor]]:
-    """(dL/drelu(x), [dL/dconv_1, dL/dconv_2]) of reference.factorized_reduce for its output gradient dt."""
-    r = x.relu()
-    H, W = x.shape[-2:]
-    shifted = r[:, :, 1:, 1:]
-    if H % 2 or W % 2:
-        shifted = F.pad(shifted, (0, 1, 0, 1))
+    """(dL/drelu(x), [dL/dconv_1, dL/dconv_2]) of reference.factorized_reduce for its output gradient dt: the same
+    subsampled halves and block-diagonal matrix, two matrix products on the BLAS (no strided 1x1 oneDNN conv, see
+    reference.factorized_reduce)."""
+    N, C, H, W = x.shape
     half = conv_1.shape[0]
-    grads, input_grads = [], []
-    for conv, t, d in ((conv_1, r, dt[:, :half]), (conv_2, shifted, dt[:, half:])):
-        d_input, d_conv, _ = torch.ops.aten.convolution_backward.default(
-            d, t, conv, None, [2, 2], [0, 0], [1, 1], False, [0, 0], 1, [input_grad, weight_grad, False]
-        )
-        input_grads.append(d_input)
-        grads.append(d_conv)
+    dt_rows = dt.permute(0, 2, 3, 1).reshape(-1, 2 * half)  # [N Ho Wo, C_out]
+    grads = []
+    if weight_grad:
+        halves = factorized_reduce_halves(x.relu()).permute(0, 2, 3, 1).reshape(-1, 2 * C)  # [N Ho Wo, 2 C]
+        # the diagonal blocks of the matrix's gradient dt_rows^T halves
+        grads = [(dt_rows[:, :half].t() @ halves[:, :C]).reshape(conv_1.shape),
+                 (dt_rows[:, half:].t() @ halves[:, C:]).reshape(conv_2.shape)]  # fmt: skip
     if not input_grad:
         return None, grads
-    grad_r = input_grads[0].clone()
-    grad_r[:, :, 1:, 1:] += input_grads[1][:, :, : H - 1, : W - 1]
+    matrix = torch.block_diag(conv_1.flatten(1), conv_2.flatten(1))
+    d_halves = (dt_rows @ matrix).reshape(N, dt.shape[2], dt.shape[3], 2 * C).permute(0, 3, 1, 2)
+    grad_r = torch.zeros_like(x)
+    grad_r[:, :, ::2, ::2] = d_halves[:, :C]
+    grad_r[:, :, 1::2, 1::2] = d_halves[:, C:, : H // 2, : W // 2]
     return grad_r, grads
 
 
@@ -298,7 +300,7 @@ class _Edge:
             elif k in (_MAX_POOL, _AVG_POOL):
                 if x_grad:
                     pool_grads[k] = dt
-            elif k == _SKIP:  # FactorizedReduce (stride-2 edges only): ATen's conv backward for its two 1x1 convs
+            elif k == _SKIP:  # FactorizedReduce (stride-2 edges only)
                 grad_r, grads = _factorized_reduce_backward(dt, x, *self.weights[k], x_grad, weights_grad)
                 if x_grad:
                     terms.append(torch.ops.aten.threshold_backward.default(grad_r, x, 0))  # ReLU's mask

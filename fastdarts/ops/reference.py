@@ -544,14 +544,28 @@ def check_mixed_op_arguments(
             check_dtype_and_device(op, name, stats, "x", x, require)
 
 
+def factorized_reduce_halves(r: Tensor) -> Tensor:
+    """[N, 2C, Ho, Wo]: r at the even pixels (what FactorizedReduce's first stride-2 1x1 conv reads) and at the odd
+    ones (what its second reads, of r shifted by one pixel), the odd half zero-padded at the end when a side is odd."""
+    even = r[:, :, ::2, ::2]
+    odd = r[:, :, 1::2, 1::2]
+    odd = F.pad(odd, (0, even.shape[-1] - odd.shape[-1], 0, even.shape[-2] - odd.shape[-2]))
+    return torch.cat([even, odd], dim=1)
+
+
 def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor) -> Tensor:
     """The skip candidate of a stride-2 edge before its BN: ReLU, two 1x1 stride-2 convs, on x and on x shifted by
-    one pixel (padded back to x's size when a side is odd, so both halves align), concatenated."""
-    r = x.relu()
-    shifted = r[:, :, 1:, 1:]
-    if x.shape[-1] % 2 or x.shape[-2] % 2:
-        shifted = F.pad(shifted, (0, 1, 0, 1))
-    return torch.cat([F.conv2d(r, conv_1, stride=2), F.conv2d(shifted, conv_2, stride=2)], dim=1)
+    one pixel (padded back to x's size when a side is odd, so both halves align), concatenated.
+
+    Computed as the subsampled halves times one block-diagonal matrix, never as a strided 1x1 convolution: oneDNN's
+    AVX2 1x1 convolution backward-weights (jit_1x1:avx2) with stride 2 on a channels_last input of fewer than 8
+    channels returns wrong, run-to-run different weight gradients or never returns (oneDNN issue 6035, open in
+    PyTorch 2.13). A matrix product runs on the BLAS, in the forward and in autograd's backward alike."""
+    halves = factorized_reduce_halves(x.relu())
+    matrix = torch.block_diag(conv_1.flatten(1), conv_2.flatten(1))  # [C_out, 2 C_in]
+    out = (halves.permute(0, 2, 3, 1) @ matrix.t()).permute(0, 3, 1, 2)  # a channels_last [N, C_out, Ho, Wo]
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def mixed_op(

@@ -6,7 +6,6 @@ from fastdarts import ops
 from fastdarts.ops import reference
 
 from ..conftest import requires_ext
-from ._baseline import max_error_on_baseline_loops
 
 EPS = 1e-5
 # (N, C, H, W): batch 1 and 3, C 4 and 16, odd spatial sizes.
@@ -44,7 +43,7 @@ def assert_close(got, want, rtol):
 @requires_ext
 @pytest.mark.parametrize("shape,layout", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize("K", [1, 7])
-def test_cpp_matches_reference(K, shape, layout):
+def test_cpp_matches_reference(K, shape, layout, cpu_isa):
     ts, w, mean, invstd = make_inputs(K, shape, layout=layout)
     out = ops.bn_weighted_sum(ts, w, mean, invstd, backend="cpp")
     expected = ops.bn_weighted_sum(ts, w, mean, invstd, backend="reference")
@@ -81,7 +80,7 @@ def statistics_flags(K):
 @pytest.mark.parametrize(
     "K,flags", [(1, [True]), (1, [False]), (7, statistics_flags(7))], ids=["K1-batch", "K1-fixed", "K7-mixed"]
 )
-def test_backward_op_matches_autograd_through_batch_statistics(K, flags, shape, layout):
+def test_backward_op_matches_autograd_through_batch_statistics(K, flags, shape, layout, cpu_isa):
     ts, w, fixed_mean, fixed_invstd = make_inputs(K, shape, layout=layout)
     mean, invstd = batch_norm_graph(ts, flags, fixed_mean.detach(), fixed_invstd.detach())
     expected = reference.bn_weighted_sum(ts, w, mean, invstd)
@@ -100,7 +99,7 @@ def test_backward_op_matches_autograd_through_batch_statistics(K, flags, shape, 
 
 @requires_ext
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_backward_op_float64_matches_native_batch_norm_backward(layout):
+def test_backward_op_float64_matches_native_batch_norm_backward(layout, cpu_isa):
     ts, w, mean, invstd = make_inputs(3, (2, 5, 7, 9), torch.float64, layout, requires_grad=False)
     flags = [True, False, True]
     for k in (0, 2):
@@ -122,7 +121,7 @@ def test_backward_op_float64_matches_native_batch_norm_backward(layout):
 
 @requires_ext
 @pytest.mark.parametrize("layout", ["strided", "permuted", "mixed", "empty_batch"])
-def test_other_layouts_and_an_empty_batch(layout):
+def test_other_layouts_and_an_empty_batch(layout, cpu_isa):
     """Layouts the kernels copy in and out of channels_last, and N = 0 (grad_w is then 0)."""
     K, C = 3, 4
     if layout == "strided":  # views that are not dense
@@ -180,7 +179,7 @@ def test_gradcheck_float64(backend, layout):
 
 
 @requires_ext
-def test_gradcheck_float64_through_batch_statistics():
+def test_gradcheck_float64_through_batch_statistics(cpu_isa):
     """The forward op's autograd, chained through statistics computed in the graph, is the BN-through gradient."""
     ts, w, fixed_mean, fixed_invstd = make_inputs(3, (2, 3, 3, 4), torch.float64)
     flags = [False, True, True]
@@ -202,7 +201,7 @@ def test_cpp_second_derivative_raises_a_clear_error():
 
 
 @requires_ext
-def test_does_not_depend_on_the_thread_count():
+def test_does_not_depend_on_the_thread_count(cpu_isa):
     # 16 units of 4096 values, two tasks of 8: both threads work with 2 threads.
     ts, w, mean, invstd = make_inputs(5, (4, 16, 32, 32), requires_grad=False)
     grad = torch.randn_like(ts[0])
@@ -220,38 +219,6 @@ def test_does_not_depend_on_the_thread_count():
     for result in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
 
-
-@requires_ext
-def test_baseline_copy_matches_reference():
-    """The loops without AVX-512 (FASTDARTS_CPU_BASELINE=1 picks them in a fresh process)."""
-    code = """
-        import json, torch
-        from fastdarts.ops import reference
-        torch.manual_seed(0)
-        errors = []
-        for dtype, layout in [(torch.float32, torch.channels_last), (torch.float64, torch.contiguous_format)]:
-            ts = [torch.randn(3, 5, 9, 7, dtype=dtype).contiguous(memory_format=layout) for _ in range(3)]
-            w, fixed_mean = torch.randn(3, dtype=dtype), torch.randn(3, 5, dtype=dtype)
-            fixed_invstd = torch.rand(3, 5, dtype=dtype) + 0.5
-            flags = [True, False, True]
-            leaves = [t.clone().requires_grad_() for t in ts] + [w.clone().requires_grad_()]
-            means, invstds = [], []
-            for k, t in enumerate(leaves[:3]):
-                var, m = torch.var_mean(t, dim=(0, 2, 3), unbiased=False)
-                means.append(m if flags[k] else fixed_mean[k])
-                invstds.append((var + 1e-5).rsqrt() if flags[k] else fixed_invstd[k])
-            mean, invstd = torch.stack(means), torch.stack(invstds)
-            out = reference.bn_weighted_sum(leaves[:3], leaves[3], mean, invstd)
-            grad = torch.randn_like(out)
-            want = [out, *torch.autograd.grad(out, leaves, grad)]
-            mean, invstd = mean.detach(), invstd.detach()
-            grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward(grad, ts, w, mean, invstd, flags, True, True)
-            got = [torch.ops.fastdarts.bn_weighted_sum(ts, w, mean, invstd), *grad_ts, grad_w]
-            for a, b in zip(got, want):
-                errors.append(((a - b).abs().max() / b.abs().max()).item())
-        print(json.dumps(max(errors)))
-    """
-    assert max_error_on_baseline_loops(code) < 1e-5
 
 
 def forward_samples():

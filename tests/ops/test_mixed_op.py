@@ -63,14 +63,14 @@ def assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, tr
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
-def test_fused_equals_reference(shape, stride, training):
+def test_fused_equals_reference(shape, stride, training, cpu_isa):
     x, w, weights, bn_mean, bn_var = make_inputs(*shape, stride)
     assert_backends_agree(x, w, weights, stride, ALL, bn_mean, bn_var, training)
 
 
 @requires_ext
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
-def test_fused_equals_reference_in_both_layouts_and_keeps_channels_last(layout):
+def test_fused_equals_reference_in_both_layouts_and_keeps_channels_last(layout, cpu_isa):
     x, w, weights, bn_mean, bn_var = make_inputs(2, 16, 8, 1, layout=layout)
     assert_backends_agree(x, w, weights, 1, ALL, bn_mean, bn_var, True)
     out, _, _ = ops.mixed_op(x, w, weights, 1, backend="cpp")
@@ -83,7 +83,7 @@ SUBSETS = [[0], [1], [2], [3], [4], [5], [6], [0, 3], [2, 6], [1, 4, 5], [3, 4, 
 @requires_ext
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 @pytest.mark.parametrize("candidates", SUBSETS, ids=["-".join(map(str, c)) for c in SUBSETS])
-def test_candidate_subsets(candidates, stride):
+def test_candidate_subsets(candidates, stride, cpu_isa):
     x, w, weights, bn_mean, bn_var = make_inputs(3, 4, 7, stride)
     assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, True)
     _, mean, var = ops.mixed_op(x, w, weights, stride, candidates, backend="cpp")
@@ -102,7 +102,7 @@ POOL_SUBSETS = [[0], [1], [0, 1], [0, 3], ALL]
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 @pytest.mark.parametrize("candidates", POOL_SUBSETS, ids=["-".join(map(str, c)) for c in POOL_SUBSETS])
-def test_pools_without_bn(candidates, stride, training):
+def test_pools_without_bn(candidates, stride, training, cpu_isa):
     x, w, weights, bn_mean, bn_var = make_inputs(3, 4, 7, stride, pool_bn=False)
     assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=False)
     # Without their BNs the pools are added as they are, so the op moves with x's scale.
@@ -132,7 +132,7 @@ def test_no_candidates_gives_zeros(backend):
 @requires_ext
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
-def test_gradcheck_float64(stride, training):
+def test_gradcheck_float64(stride, training, cpu_isa):
     x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 5, stride, dtype=torch.float64)
 
     def f(x, w, *weights):
@@ -143,7 +143,7 @@ def test_gradcheck_float64(stride, training):
 
 @requires_ext
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
-def test_float64_matches_reference_tightly(stride):
+def test_float64_matches_reference_tightly(stride, cpu_isa):
     x, w, weights, bn_mean, bn_var = make_inputs(3, 4, 9, stride, dtype=torch.float64)
     assert_backends_agree(x, w, weights, stride, ALL, bn_mean, bn_var, True)
 

@@ -10,7 +10,6 @@ from fastdarts import ops
 from fastdarts.ops import reference
 
 from ..conftest import requires_ext
-from ._baseline import max_error_on_baseline_loops
 
 SHAPES = [(N, C, S, S) for N, C, S in itertools.product([1, 3], [4, 5, 16, 33], [7, 8, 9])] + [(3, 16, 7, 10)]
 SHAPE_IDS = ["x".join(map(str, shape)) for shape in SHAPES]
@@ -44,7 +43,7 @@ def var_mean_of(max_out, avg_out):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_cpp_matches_reference(shape, stride, layout):
+def test_cpp_matches_reference(shape, stride, layout, cpu_isa):
     x = make_x(shape, layout=layout)
     tol = TOLERANCES[torch.float32]
     max_out, avg_out, mean, var = ops.pool_bn_stats(x, stride, backend="cpp")
@@ -69,7 +68,7 @@ def test_cpp_matches_reference(shape, stride, layout):
 @requires_ext
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_float64_matches_reference(stride, layout):
+def test_float64_matches_reference(stride, layout, cpu_isa):
     x = make_x((2, 19, 9, 8), torch.float64, layout)
     got = ops.pool_bn_stats(x, stride, backend="cpp")
     want = reference.pool_bn_stats(x, stride)
@@ -86,7 +85,7 @@ def test_float64_matches_reference(stride, layout):
 @requires_ext
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("offset", [0.0, 1e3], ids=["centred", "offset"])
-def test_statistics_are_accumulated_in_double(offset, layout):
+def test_statistics_are_accumulated_in_double(offset, layout, cpu_isa):
     # Far from zero, float32 sums of squares would lose the variance (1e3^2 against 1); the kernel's must agree
     # with float64 statistics of its own float32 pools to the float32 rounding of the result.
     x = (offset + torch.randn(4, 16, 16, 16)).contiguous(memory_format=memory_format_of(layout))
@@ -114,7 +113,7 @@ class RecordBackwardCalls(TorchDispatchMode):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("used", ["max", "avg"])
-def test_gradient_of_one_pool(used, stride, layout):
+def test_gradient_of_one_pool(used, stride, layout, cpu_isa):
     x = make_x((3, 17, 9, 10), layout=layout)
     outs = ops.pool_bn_stats(x, stride, backend="cpp")
     expected = aten_pools(x, stride)
@@ -137,7 +136,7 @@ def test_gradient_of_one_pool(used, stride, layout):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("case", ["zeros", "constant", "minus_inf", "few_values"])
-def test_ties_route_the_gradient_like_aten(case, stride, layout):
+def test_ties_route_the_gradient_like_aten(case, stride, layout, cpu_isa):
     # Every tie must go to the first tap in scan order, as ATen's max_pool2d indices do. Compared exactly: each
     # grad_x value is a sum of at most 9 small integers, exact in any order.
     shape = (2, 18, 7, 8)
@@ -165,7 +164,7 @@ def test_ties_route_the_gradient_like_aten(case, stride, layout):
 @requires_ext
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_nan_propagates_like_aten(stride, layout):
+def test_nan_propagates_like_aten(stride, layout, cpu_isa):
     x = torch.randn(2, 20, 9, 9)
     x[0, 3, 4, 4] = float("nan")
     x[1, 17, 0, 0] = float("nan")
@@ -197,7 +196,7 @@ def test_empty_batch():
 
 @requires_ext
 @pytest.mark.parametrize("layout", ["strided_x", "permuted_x", "expanded_grads", "mixed_grads"])
-def test_other_layouts(layout):
+def test_other_layouts(layout, cpu_isa):
     x = make_x((2, 17, 9, 7))
     if layout == "strided_x":  # a view that is not dense
         x = torch.randn(2, 17, 9, 14)[..., ::2].requires_grad_()
@@ -258,7 +257,7 @@ def test_double_backward_matches_reference():
 
 
 @requires_ext
-def test_statistics_do_not_depend_on_the_thread_count():
+def test_statistics_do_not_depend_on_the_thread_count(cpu_isa):
     # 512 output rows of 256 values: more than one task's worth (32768 values), so 2 threads both take rows.
     x = make_x((32, 16, 16, 16), requires_grad=False)
     previous = torch.get_num_threads()
@@ -273,28 +272,6 @@ def test_statistics_do_not_depend_on_the_thread_count():
         # The pools are the same bit for bit; the statistics' double sums differ in their order only.
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
-
-@requires_ext
-def test_baseline_instruction_set_matches_reference():
-    """The copy of the loops compiled for plain x86-64, which an AVX-512 machine never runs by itself."""
-    code = """
-        import json, torch
-        from fastdarts import ops
-        torch.manual_seed(0)
-        errors = []
-        cases = [(torch.float32, torch.channels_last, 1), (torch.float64, torch.channels_last, 2)]
-        for dtype, layout, stride in cases:
-            x = torch.randn(2, 21, 9, 8, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
-            results = {}
-            for backend in ("cpp", "reference"):
-                outs = ops.pool_bn_stats(x, stride, backend=backend)
-                grad_outs = [torch.ones_like(o) for o in outs[:2]]
-                results[backend] = [*outs, *torch.autograd.grad(outs[:2], x, grad_outs)]
-            for a, b in zip(results["cpp"], results["reference"]):
-                errors.append(((a - b).abs().max() / b.abs().max()).item())
-        print(json.dumps(max(errors)))
-    """
-    assert max_error_on_baseline_loops(code) < 1e-5
 
 
 def pool_bn_stats_samples():

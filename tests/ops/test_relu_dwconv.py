@@ -9,7 +9,6 @@ from fastdarts import ops
 from fastdarts.ops import reference
 
 from ..conftest import requires_ext
-from ._baseline import max_error_on_baseline_loops
 
 # (kernel size, dilation) of the first stage of DARTS's four conv candidates: sep 3x3, sep 5x5, dil 3x3, dil 5x5.
 DARTS = [(3, 1), (5, 1), (3, 2), (5, 2)]
@@ -54,7 +53,7 @@ def assert_all_close(got, want, tol):
 @pytest.mark.parametrize("kernels", list(KERNELS), ids=list(KERNELS))
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_cpp_matches_reference(shape, stride, kernels, relu, layout, dtype):
+def test_cpp_matches_reference(shape, stride, kernels, relu, layout, dtype, cpu_isa):
     x, weights, dilations = make_inputs(shape, KERNELS[kernels], dtype, layout)
     tol = TOLERANCES[dtype]
     outs = ops.relu_dwconv(x, weights, dilations, stride, relu, backend="cpp")
@@ -73,7 +72,7 @@ def test_cpp_matches_reference(shape, stride, kernels, relu, layout, dtype):
 @requires_ext
 @pytest.mark.parametrize("stride", [1, 2, 3])
 @pytest.mark.parametrize("shape", [(2, 33, 11, 10), (2, 64, 8, 8)], ids=["C33", "C64"])
-def test_cpp_matches_reference_for_other_kernel_sizes(shape, stride):
+def test_cpp_matches_reference_for_other_kernel_sizes(shape, stride, cpu_isa):
     # k = 1 (no padding), k = 7, dilation 3; an odd 11x10 image with C = 33 (two vectors and one channel), and
     # C = 64 (four vectors, as in the supernet's last cells).
     x, weights, dilations = make_inputs(shape, [(1, 1), (7, 1), (3, 3), (5, 2)])
@@ -87,7 +86,7 @@ def test_cpp_matches_reference_for_other_kernel_sizes(shape, stride):
 
 @requires_ext
 @pytest.mark.parametrize("layout", ["strided_x", "permuted_x", "expanded_grads", "strided_weights", "mixed_grads"])
-def test_cpp_matches_reference_on_other_layouts(layout):
+def test_cpp_matches_reference_on_other_layouts(layout, cpu_isa):
     x, weights, dilations = make_inputs((2, 6, 9, 7), DARTS, layout="channels_last")
     if layout == "strided_x":  # a view that is not dense
         x = torch.randn(2, 6, 9, 14)[..., ::2].requires_grad_()
@@ -119,7 +118,7 @@ def test_empty_batch():
 
 
 @requires_ext
-def test_nan_propagates_like_the_reference():
+def test_nan_propagates_like_the_reference(cpu_isa):
     x, weights, dilations = make_inputs((1, 4, 5, 5), [(3, 1)])
     x = x.detach().clone()
     x[0, 1, 2, 2] = float("nan")
@@ -193,7 +192,7 @@ def test_gradcheck_float64(backend, relu, stride, layout):
 @requires_ext
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
 @pytest.mark.parametrize("needs_grad", ["x_and_weights", "only_x", "only_weights"])
-def test_double_backward_matches_reference(needs_grad, relu):
+def test_double_backward_matches_reference(needs_grad, relu, cpu_isa):
     x, weights, dilations = make_inputs(
         (2, 3, 7, 6), DARTS, torch.float64, x_grad=needs_grad != "only_weights", w_grad=needs_grad != "only_x"
     )
@@ -212,7 +211,7 @@ def test_double_backward_matches_reference(needs_grad, relu):
 
 
 @requires_ext
-def test_grad_weights_do_not_depend_on_the_thread_count():
+def test_grad_weights_do_not_depend_on_the_thread_count(cpu_isa):
     # 40 columns x 16 channels: 25 output rows per chunk, so 2 chunks per image and 6 in all, split between the
     # threads differently below.
     x, weights, dilations = make_inputs((3, 16, 40, 40), DARTS)
@@ -229,29 +228,6 @@ def test_grad_weights_do_not_depend_on_the_thread_count():
     for result in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
 
-
-@requires_ext
-def test_baseline_instruction_set_matches_reference():
-    """The copy of the loops compiled for plain x86-64, which an AVX-512 machine never runs by itself."""
-    code = """
-        import json, torch
-        from fastdarts import ops
-        torch.manual_seed(0)
-        errors = []
-        cases = [(torch.float32, torch.channels_last, 1), (torch.float64, torch.contiguous_format, 2)]
-        for dtype, layout, stride in cases:
-            x = torch.randn(2, 5, 9, 8, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
-            weights = [torch.randn(5, 1, k, k, dtype=dtype, requires_grad=True) for k in (3, 5, 3, 5)]
-            results = {}
-            for backend in ("cpp", "reference"):
-                outs = ops.relu_dwconv(x, weights, [1, 1, 2, 2], stride, backend=backend)
-                grad_outs = [torch.ones_like(o) for o in outs]
-                results[backend] = [*outs, *torch.autograd.grad(outs, [x, *weights], grad_outs)]
-            for a, b in zip(results["cpp"], results["reference"]):
-                errors.append(((a - b).abs().max() / b.abs().max()).item())
-        print(json.dumps(max(errors)))
-    """
-    assert max_error_on_baseline_loops(code) < 1e-5
 
 
 def relu_dwconv_samples():

@@ -8,7 +8,6 @@ from torch.library import opcheck
 from fastdarts import ops
 
 from ..conftest import requires_ext
-from ._baseline import max_error_on_baseline_loops
 from .test_relu_dwconv import DARTS, TOLERANCES, assert_all_close, make_inputs, memory_format_of
 
 KERNELS = {"one": [(3, 1)], "darts": DARTS}
@@ -41,7 +40,7 @@ def run(backend, x, weights, pointwise, dilations, stride, relu, grad_outs=None)
 @pytest.mark.parametrize("kernels", list(KERNELS), ids=list(KERNELS))
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_cpp_matches_reference(shape, stride, kernels, relu, layout, dtype):
+def test_cpp_matches_reference(shape, stride, kernels, relu, layout, dtype, cpu_isa):
     x, weights, dilations = make_inputs(shape, KERNELS[kernels], dtype, layout)
     pointwise = make_pointwise(shape[1], len(weights), dtype)
     tol = TOLERANCES[dtype]
@@ -61,7 +60,7 @@ def test_cpp_matches_reference(shape, stride, kernels, relu, layout, dtype):
 
 @requires_ext
 @pytest.mark.parametrize("shape", [(2, 33, 11, 10), (2, 40, 6, 6)], ids=["C33", "C40"])
-def test_cpp_matches_reference_for_wider_channels_and_stride_3(shape):
+def test_cpp_matches_reference_for_wider_channels_and_stride_3(shape, cpu_isa):
     """More channels than one vector (and a part of one), a stride past DARTS's, kernel sizes 1 and 7."""
     kernels = [(1, 1), (3, 1), (7, 1), (5, 3)]
     x, weights, dilations = make_inputs(shape, kernels)
@@ -77,7 +76,7 @@ def test_cpp_matches_reference_for_wider_channels_and_stride_3(shape):
 
 
 @requires_ext
-def test_statistics_of_outputs_far_from_zero():
+def test_statistics_of_outputs_far_from_zero(cpu_isa):
     """A large mean against a small spread: the variance from sums of squares in double stays accurate."""
     x, weights, dilations = make_inputs((3, 16, 9, 9), DARTS, x_grad=False, w_grad=False)
     x = x.abs() + 100.0
@@ -140,7 +139,7 @@ def test_double_backward_is_refused_with_a_clear_error():
 
 
 @requires_ext
-def test_results_do_not_depend_on_the_thread_count():
+def test_results_do_not_depend_on_the_thread_count(cpu_isa):
     # 40 columns x 16 channels: 2 chunks per image and 6 in all, split between the threads differently below.
     x, weights, dilations = make_inputs((3, 16, 40, 40), DARTS)
     pointwise = make_pointwise(16, 4)
@@ -157,32 +156,6 @@ def test_results_do_not_depend_on_the_thread_count():
     for result in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
 
-
-@requires_ext
-def test_baseline_instruction_set_matches_reference():
-    """The copy of the loops compiled for plain x86-64, which an AVX-512 machine never runs by itself."""
-    code = """
-        import json, torch
-        from fastdarts import ops
-        torch.manual_seed(0)
-        errors = []
-        cases = [(torch.float32, torch.channels_last, 1), (torch.float64, torch.contiguous_format, 2)]
-        for dtype, layout, stride in cases:
-            x = torch.randn(2, 5, 9, 8, dtype=dtype).contiguous(memory_format=layout).requires_grad_()
-            weights = [torch.randn(5, 1, k, k, dtype=dtype, requires_grad=True) for k in (3, 5, 3, 5)]
-            pointwise = [torch.randn(5, 5, 1, 1, dtype=dtype, requires_grad=True) for _ in range(4)]
-            results = {}
-            for backend in ("cpp", "reference"):
-                outs, mean, var = ops.relu_dwconv_pointwise(
-                    x, weights, pointwise, [1, 1, 2, 2], stride, backend=backend
-                )
-                grads = torch.autograd.grad(outs, [x, *weights, *pointwise], [torch.ones_like(o) for o in outs])
-                results[backend] = [*outs, mean, var, *grads]
-            for a, b in zip(results["cpp"], results["reference"]):
-                errors.append(((a - b).abs().max() / b.abs().max()).item())
-        print(json.dumps(max(errors)))
-    """
-    assert max_error_on_baseline_loops(code) < 1e-5
 
 
 def forward_samples():

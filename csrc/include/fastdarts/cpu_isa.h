@@ -1,76 +1,117 @@
 #pragma once
 
-// Run-time choice of the instruction set for compute-bound CPU loops.
+// Run-time choice of the instruction-set tier for compute-bound CPU loops.
 //
-// setup.py compiles for the baseline x86-64 instruction set (SSE2, no FMA) so that one build runs on any
-// x86-64 CPU. A kernel whose hot loops are compute bound compiles them a second time for AVX-512 + FMA:
-// it writes the loops once as FASTDARTS_ALWAYS_INLINE templates, wraps them in one function marked
-// FASTDARTS_TARGET_AVX512 and one without, and calls the first when cpu_has_avx512(). (Inlining is what
-// makes the wrapper's target apply to the loops; a function called, not inlined, keeps the baseline.)
-// Both copies do the same arithmetic in the same order, except that the AVX-512 copy contracts
-// a * b + c into one FMA rounding, so the two agree to the last bit or two, not bit for bit.
+// setup.py compiles for the baseline of the target (x86-64: SSE2, no FMA) so that one build runs on any CPU of
+// that architecture. A kernel whose hot loops are compute bound compiles them once per tier: it writes the loops
+// once as FASTDARTS_ALWAYS_INLINE templates taking the tier as a template argument (to pick register tiles), and
+// FASTDARTS_CPU_ISA_COPIES(loop) defines loop_baseline, loop_avx2 and loop_avx512, each marked with its tier's
+// target attribute; FASTDARTS_CALL_FOR_CPU_ISA(loop, T, args...) calls the one of the tier in force. (Inlining is
+// what makes a copy's target apply to the loops; a function called, not inlined, keeps the baseline.)
 //
-// Plain loops vectorise well when each element is loaded, updated and stored once. A register-tiled
-// loop (a small block of accumulators updated many times, as in a convolution) is different: GCC keeps
-// a fixed-size accumulator array on the stack and reloads it for every update. Such loops use Vec<T>,
-// one 64-byte vector in GCC/Clang vector-extension form, which stays in registers: one zmm under
-// FASTDARTS_TARGET_AVX512, four xmm in the baseline copy.
+//   baseline: no target attribute (x86-64: SSE2; AArch64: NEON, which every AArch64 CPU has).
+//   avx2:     AVX2 + FMA, x86-64-v3's vector instructions: 16 ymm registers of 8 floats.
+//   avx512:   AVX-512 F/VL/BW/DQ + FMA, x86-64-v4: 32 zmm registers of 16 floats.
+//
+// The tier in force is the best one the CPU supports, unless FASTDARTS_CPU_ISA=baseline|avx2|avx512 names
+// another (one the CPU lacks is refused), decided at the first kernel call; set_cpu_isa changes it (the tests
+// run every kernel on every tier with it). The copies do the same arithmetic in the same order, except that the
+// avx2 and avx512 ones contract a * b + c into one FMA rounding, so they agree to the last bit or two with the
+// baseline, not bit for bit.
+//
+// Plain loops vectorise well when each element is loaded, updated and stored once. A register-tiled loop (a
+// small block of accumulators updated many times, as in a convolution) is different: GCC keeps a fixed-size
+// accumulator array on the stack and reloads it for every update. Such loops use Vec<T, kIsa>, one register of
+// the tier (below), which stays in registers.
 
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #define FASTDARTS_ALWAYS_INLINE inline __attribute__((always_inline))
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FASTDARTS_HAS_AVX512_VARIANT 1
+#define FASTDARTS_HAS_X86_TIERS 1
+#define FASTDARTS_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define FASTDARTS_TARGET_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")))
 #else
-#define FASTDARTS_HAS_AVX512_VARIANT 0
+#define FASTDARTS_HAS_X86_TIERS 0
+#define FASTDARTS_TARGET_AVX2
 #define FASTDARTS_TARGET_AVX512
 #endif
 
 namespace fastdarts {
 
-// Whether to run the FASTDARTS_TARGET_AVX512 copies: the CPU has the instructions and the environment variable
-// FASTDARTS_CPU_BASELINE is not "1" (which lets the tests run the baseline copies on an AVX-512 machine).
-// Decided once per process.
-inline bool cpu_has_avx512() {
-#if FASTDARTS_HAS_AVX512_VARIANT
-  static const bool has = [] {
-    const char* baseline = std::getenv("FASTDARTS_CPU_BASELINE");
-    if (baseline != nullptr && std::strcmp(baseline, "1") == 0) {
-      return false;
-    }
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-#else
-  return false;
-#endif
-}
+enum class CpuIsa : int { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
-// One 64-byte vector of T: 16 floats (exactly C = 16 channels in channels_last) or 8 doubles.
-template <typename T>
+// "baseline", "avx2" or "avx512".
+const char* cpu_isa_name(CpuIsa isa);
+// The best tier this CPU (and this build: x86-64 tiers on x86-64 only) can run.
+CpuIsa best_cpu_isa();
+// The tier in force (see above). Throws c10::Error when FASTDARTS_CPU_ISA names an unknown tier or one the CPU
+// lacks, until set_cpu_isa sets a valid one.
+CpuIsa cpu_isa();
+// Makes `name` the tier in force; throws std::invalid_argument with a one-line message for an unknown tier or
+// one the CPU lacks.
+void set_cpu_isa(const std::string& name);
+
+// The copies of an FASTDARTS_ALWAYS_INLINE loop template `loop<T, CpuIsa>`, one per tier, each compiled for it.
+#define FASTDARTS_CPU_ISA_COPIES(loop)                                                  \
+  template <typename T, typename... Args>                                               \
+  void loop##_baseline(Args&&... args) {                                                \
+    loop<T, ::fastdarts::CpuIsa::kBaseline>(args...);                                   \
+  }                                                                                     \
+  template <typename T, typename... Args>                                               \
+  FASTDARTS_TARGET_AVX2 void loop##_avx2(Args&&... args) {                              \
+    loop<T, ::fastdarts::CpuIsa::kAvx2>(args...);                                       \
+  }                                                                                     \
+  template <typename T, typename... Args>                                               \
+  FASTDARTS_TARGET_AVX512 void loop##_avx512(Args&&... args) {                          \
+    loop<T, ::fastdarts::CpuIsa::kAvx512>(args...);                                     \
+  }
+
+// Calls the copy of `loop` (defined by FASTDARTS_CPU_ISA_COPIES) for the tier in force.
+#define FASTDARTS_CALL_FOR_CPU_ISA(loop, T, ...)       \
+  do {                                                 \
+    switch (::fastdarts::cpu_isa()) {                  \
+      case ::fastdarts::CpuIsa::kAvx512:               \
+        loop##_avx512<T>(__VA_ARGS__);                 \
+        break;                                         \
+      case ::fastdarts::CpuIsa::kAvx2:                 \
+        loop##_avx2<T>(__VA_ARGS__);                   \
+        break;                                         \
+      default:                                         \
+        loop##_baseline<T>(__VA_ARGS__);               \
+    }                                                  \
+  } while (false)
+
+// The vectors of tier kIsa in GCC/Clang vector-extension form: 64 bytes (one zmm) on avx512, 32 (one ymm) on
+// avx2, 16 (one xmm, or an AArch64 q register) on the baseline. A loop written with the tier's own width keeps
+// its vectors in registers; a wider one (64 bytes under avx2, say) GCC splits through the stack.
+template <CpuIsa kIsa>
+constexpr int64_t kVecBytes = kIsa == CpuIsa::kAvx512 ? 64 : kIsa == CpuIsa::kAvx2 ? 32 : 16;
+template <typename T, int64_t kBytes>
 struct VecOf {
-  typedef T type __attribute__((vector_size(64)));
+  typedef T type __attribute__((vector_size(kBytes)));
 };
+template <typename T, CpuIsa kIsa>
+using Vec = typename VecOf<T, kVecBytes<kIsa>>::type;
+template <typename T, CpuIsa kIsa>
+constexpr int64_t kLanes = kVecBytes<kIsa> / static_cast<int64_t>(sizeof(T));
+// The widest tier's lanes (16 floats, 8 doubles): tiles pad channels to a multiple of it, so that every tier's
+// loops cover them in whole vectors.
 template <typename T>
-using Vec = typename VecOf<T>::type;
-template <typename T>
-constexpr int64_t kVecLanes = 64 / sizeof(T);
+constexpr int64_t kVecLanes = 64 / static_cast<int64_t>(sizeof(T));
 
 // Unaligned loads and stores. They pass the vector by reference: by value, GCC warns that the calling
-// convention of a 64-byte vector differs with and without AVX-512 (-Wpsabi), although these always inline.
-template <typename T>
-FASTDARTS_ALWAYS_INLINE void vec_load(Vec<T>& v, const T* p) {
-  std::memcpy(&v, p, sizeof(Vec<T>));
+// convention of a vector differs between the tiers (-Wpsabi), although these always inline.
+template <typename V, typename T>
+FASTDARTS_ALWAYS_INLINE void vec_load(V& v, const T* p) {
+  std::memcpy(&v, p, sizeof(V));
 }
-template <typename T>
-FASTDARTS_ALWAYS_INLINE void vec_store(T* p, const Vec<T>& v) {
-  std::memcpy(p, &v, sizeof(Vec<T>));
+template <typename V, typename T>
+FASTDARTS_ALWAYS_INLINE void vec_store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
 }
 
 }  // namespace fastdarts
