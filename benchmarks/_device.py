@@ -8,6 +8,10 @@ device memory, the FLOP count, and the achieved GB/s and GFLOP/s with the peaks 
   training step sees). On the CPU, `time.perf_counter` around each of `repeats` calls after one warm-up.
 - Peak memory (CUDA only): `torch.cuda.max_memory_allocated` over one call after the timing, reset just before it:
   every tensor allocated during the call, the case's inputs included.
+- CPU tier: `--cpu_isa baseline|avx2|avx512` runs the benchmark as on a CPU of that tier, fastdarts and eager
+  PyTorch alike: the process restarts itself with FASTDARTS_CPU_ISA, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA and
+  MKL_ENABLE_INSTRUCTIONS set (CPU_TIERS), which must be in place before torch starts. `cpu_line()` says which
+  CPU ran and which tier each library used.
 - GFLOP/s = FLOPs / median seconds / 1e9 and GB/s = bytes / median seconds / 1e9, with the FLOPs and bytes of
   each script's docstring. The peaks come from --peak_gbps / --peak_gflops when given, else from DEVICE_PEAKS by
   device name, else there are none (no fraction of peak is printed); the report says which.
@@ -17,14 +21,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import re
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
+
+from fastdarts import ops
 
 TRITON_SKIPPED = "triton: skipped, no CUDA device (Triton kernels run on CPU only under TRITON_INTERPRET=1)"
 
@@ -45,6 +53,63 @@ DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
 )
 
 Timer = Callable[[Callable[[], object]], list[float]]
+
+# A benchmark's child process (one case) that runs longer than this is stuck: the benchmark fails instead of hanging.
+CHILD_TIMEOUT_SECONDS = 3600
+
+
+# The environment that makes fastdarts and eager PyTorch (ATen's kernels, oneDNN, MKL) run as on a CPU whose best
+# tier is the key: an AVX2 machine is emulated on an AVX-512 one (oneDNN and MKL honour these limits, see
+# ONEDNN_VERBOSE=1 and MKL_VERBOSE=1), a baseline one (SSE4.1 for oneDNN, SSE4.2 for MKL) on either.
+CPU_TIERS: dict[str, dict[str, str]] = {
+    "baseline": {"FASTDARTS_CPU_ISA": "baseline", "ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "avx2": {"FASTDARTS_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"FASTDARTS_CPU_ISA": "avx512", "ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+}  # fmt: skip
+
+
+def add_cpu_isa_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cpu_isa", choices=list(CPU_TIERS), default=None,
+        help="run fastdarts and eager PyTorch as on a CPU of this tier (default: this CPU's best, unlimited)",
+    )  # fmt: skip
+
+
+def apply_cpu_isa(parser: argparse.ArgumentParser, tier: str | None) -> None:
+    """With a tier, restart this process with CPU_TIERS[tier] in its environment, unless it is already there."""
+    if tier is None:
+        return
+    if tier not in ops.supported_cpu_isas():
+        parser.error(f"--cpu_isa: this CPU cannot run tier {tier}; it runs {', '.join(ops.supported_cpu_isas())}")
+    environment = CPU_TIERS[tier]
+    if any(os.environ.get(k) != v for k, v in environment.items()):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], os.environ | environment)
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its vector flags, from /proc/cpuinfo (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            lines = cpuinfo.read().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = [f for f in fields.get("flags", fields.get("Features", "")).split() if f in ("avx2", "fma", "avx512f")]
+    model = fields.get("model name", platform.machine())
+    family = f", family {fields['cpu family']} model {fields['model']}" if "cpu family" in fields else ""
+    return f"{model}{family} ({' '.join(flags) or 'no avx2/fma/avx512f'})"
+
+
+def cpu_line() -> str:
+    """Which CPU ran, and the tier fastdarts's kernels, ATen's and oneDNN's used."""
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "its best")
+    return (f"CPU: {cpu_model()}; fastdarts tier {ops.cpu_isa()}, ATen {torch.backends.cpu.get_cpu_capability()}, "
+            f"oneDNN up to {onednn}, {torch.get_num_threads()} threads")  # fmt: skip
 
 
 def benchmark_device() -> torch.device:

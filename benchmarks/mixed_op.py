@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -141,7 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--one_case", help=argparse.SUPPRESS)  # CASE:PROVIDER, used by the parent
     _device.add_peak_flags(parser)
+    _device.add_cpu_isa_flag(parser)
     args = parser.parse_args(argv)
+    _device.apply_cpu_isa(parser, args.cpu_isa)
     _device.check_peak_flags(parser, args)
     device = _device.benchmark_device()
     peaks = _device.device_peaks(_device.device_name(device), args.peak_gbps, args.peak_gflops)
@@ -181,6 +182,7 @@ def main(argv=None) -> int:
                  f"{case}:{provider}"],
                 capture_output=True,
                 text=True,
+                timeout=_device.CHILD_TIMEOUT_SECONDS,
             )  # fmt: skip
             if child.returncode != 0:
                 tail = child.stderr.strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
     report = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _device.cpu_line(),
         "repeats": args.repeats,
         "device_type": device.type,
         **peaks,
@@ -200,6 +202,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        print(report["cpu"])
         print(f"{peaks['device']}; peaks {peaks['peaks_from']}; timer: {report['timer']}")
         for case, r in results.items():
             for provider, c in r["providers"].items():

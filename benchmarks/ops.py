@@ -202,7 +202,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="override the batch size of every case (tests)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     _device.add_peak_flags(parser)
+    _device.add_cpu_isa_flag(parser)
     args = parser.parse_args(argv)
+    _device.apply_cpu_isa(parser, args.cpu_isa)
     _device.check_peak_flags(parser, args)
     if args.repeats < 1:
         parser.error(f"--repeats: must be at least 1, got {args.repeats}")
@@ -243,6 +245,7 @@ def main(argv=None) -> int:
                 entry["providers"][provider] = run_case(op, case, provider, device, timer, peaks, shape)
     report = {
         "torch": torch.__version__,
+        "cpu": _device.cpu_line(),
         "device_type": device.type,
         **peaks,
         "threads": torch.get_num_threads(),
@@ -253,6 +256,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        print(report["cpu"])
         print(f"{peaks['device']}; peaks {peaks['peaks_from']}; timer: {timer_description}")
         for op, by_case in results.items():
             for case, r in by_case.items():

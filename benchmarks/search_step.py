@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -157,7 +156,9 @@ def main(argv=None) -> int:
     parser.add_argument("--in_process", action="store_true", help="run the cases in this process (no children)")
     parser.add_argument("--one_case", help=argparse.SUPPRESS)  # PROVIDER:ORDER, used by the parent
     _device.add_peak_flags(parser)
+    _device.add_cpu_isa_flag(parser)
     args = parser.parse_args(argv)
+    _device.apply_cpu_isa(parser, args.cpu_isa)
     _device.check_peak_flags(parser, args)
     device = _device.benchmark_device()
     peaks = _device.device_peaks(_device.device_name(device), args.peak_gbps, args.peak_gflops)
@@ -196,6 +197,7 @@ def main(argv=None) -> int:
                 ],
                 capture_output=True,
                 text=True,
+                timeout=_device.CHILD_TIMEOUT_SECONDS,
             )
             if child.returncode != 0:
                 tail = child.stderr.strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
@@ -205,7 +207,7 @@ def main(argv=None) -> int:
         "case": {**shape, "num_classes": 10},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _device.cpu_line(),
         "device_type": device.type,
         **peaks,
         "timer": _device.timer_for(device, args.repeats, CUDA_REP_MS)[1],
@@ -215,6 +217,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        print(report["cpu"])
         print(f"{peaks['device']}; peaks {peaks['peaks_from']}; timer: {report['timer']}")
         for provider, r in results.items():
             for order, c in r.items():

@@ -141,7 +141,8 @@ def test_unknown_ops_are_reported_as_not_counted():
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "fastdarts.analyze", *args], capture_output=True, text=True)
+    command = [sys.executable, "-m", "fastdarts.analyze", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
 def test_cli_json_report(tmp_path):

@@ -37,7 +37,7 @@
 // same bit for bit whatever the number of threads.
 //
 // relu_dwconv_pointwise: t_i = P_i z_i per position, P_i [C, C] a 1x1 conv, z_i the depthwise output above. Each
-// output row of z_i, still in cache, goes through P_i (pointwise_row: kCols positions x one vector of output
+// output row of z_i, still in cache, goes through P_i (pointwise_row in tiles.h: a block of positions x output
 // channels in registers, each z value broadcast against a row of P_i) and the row's per-channel sum and sum of
 // squares are added to the chunk's slot (in double) before the row is written: z_i never reaches memory, and the
 // BN after the 1x1 conv gets its batch statistics without a pass of its own. The backward writes dz_i = dt_i P_i
@@ -66,13 +66,18 @@
 
 #include "fastdarts/checks.h"
 #include "fastdarts/cpu_isa.h"
+#include "fastdarts/tiles.h"
 
 namespace fastdarts {
 namespace {
 
-// Output columns whose accumulators stay in registers: 8 vectors of the tier's width, of 32 zmm (avx512) or 16
-// ymm or xmm registers (avx2, baseline). Tiles are rounded to whole blocks of kCols columns.
-constexpr int64_t kCols = 8;
+using tiles::kCols;
+using tiles::add_row_moments;
+using tiles::conv_row;
+using tiles::grad_weight_row;
+using tiles::pointwise_grad_row;
+using tiles::pointwise_row;
+
 // A chunk holds about this many output values (positions x padded channels), never less than one row: at
 // C = 16 and 32x32 that is one image, whose input tile (40 x 40 x 16 floats, 100 KiB) stays in L2.
 constexpr int64_t kChunkValues = 16384;
@@ -220,8 +225,8 @@ std::vector<T> phase_tap_vectors(const std::vector<T>& taps, const Geometry& g) 
   return ordered;
 }
 
-// ---- Loops. FASTDARTS_ALWAYS_INLINE, so that each is compiled for the instruction set of the chunk loop that
-// ---- calls it (cpu_isa.h).
+// ---- Loops (and those of tiles.h). FASTDARTS_ALWAYS_INLINE, so that each is compiled for the instruction set of
+// ---- the chunk loop that calls it (cpu_isa.h).
 
 // dst[r * dst_row + w * dst_col + c] = f(src[r * s.h + w * s.w + c * s.c]) for r < rows, w < cols, c < C, with f
 // relu or the identity. The loop order follows the source: channels innermost when they are contiguous.
@@ -322,155 +327,6 @@ FASTDARTS_ALWAYS_INLINE void mask_rows(T* g, int64_t g_row, const T* relu_x, int
     for (int64_t e = 0; e < len; ++e) {
       const T v = to[e];
       to[e] = m[e] > T(0) ? v : T(0);
-    }
-  }
-}
-
-// One row of one kernel: out[w * out_step + c] (+)= sum_t taps[t * Cp + c] * in[offsets[t] + w * step + c] for
-// w < cols (a multiple of kCols) and c < Cp. Each block of kCols columns x one vector of channels is accumulated
-// in registers over all taps: per tap, one weight load and kCols FMAs whose other operand comes from the tile.
-template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void conv_row(const T* in, int64_t step, const int64_t* offsets, const T* taps,
-                                      int64_t num_taps, T* out, int64_t out_step, int64_t cols, int64_t Cp,
-                                      bool accumulate) {
-  constexpr int64_t V = kLanes<T, kIsa>;
-  for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
-    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
-      T* o = out + w0 * out_step + c0;
-      Vec<T, kIsa> acc[kCols];
-      for (int64_t j = 0; j < kCols; ++j) {
-        if (accumulate) {
-          vec_load(acc[j], o + j * out_step);
-        } else {
-          acc[j] = Vec<T, kIsa>{};
-        }
-      }
-      const T* base = in + w0 * step + c0;
-      for (int64_t t = 0; t < num_taps; ++t) {
-        Vec<T, kIsa> wt;
-        vec_load(wt, taps + t * Cp + c0);
-        const T* src = base + offsets[t];
-        for (int64_t j = 0; j < kCols; ++j) {
-          Vec<T, kIsa> v;
-          vec_load(v, src + j * step);
-          acc[j] += wt * v;
-        }
-      }
-      for (int64_t j = 0; j < kCols; ++j) {
-        vec_store(o + j * out_step, acc[j]);
-      }
-    }
-  }
-}
-
-// One row's share of one kernel's weight gradient:
-//   partial[t * Cp + c] += sum_{w < cols} grad[w * Cp + c] * in[offsets[t] + w * step + c]   (c < Cp).
-// kCols gradient vectors stay in registers while every tap reads its kCols inputs; two interleaved sums per tap
-// halve the chain of dependent FMAs.
-template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t step, const int64_t* offsets,
-                                             int64_t num_taps, T* partial, int64_t cols, int64_t Cp) {
-  constexpr int64_t V = kLanes<T, kIsa>;
-  for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
-    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
-      Vec<T, kIsa> g[kCols];
-      for (int64_t j = 0; j < kCols; ++j) {
-        vec_load(g[j], grad + (w0 + j) * Cp + c0);
-      }
-      const T* base = in + w0 * step + c0;
-      for (int64_t t = 0; t < num_taps; ++t) {
-        const T* src = base + offsets[t];
-        Vec<T, kIsa> even;
-        Vec<T, kIsa> odd{};
-        vec_load(even, partial + t * Cp + c0);
-        for (int64_t j = 0; j < kCols; ++j) {
-          Vec<T, kIsa> v;
-          vec_load(v, src + j * step);
-          if (j % 2 == 0) {
-            even += g[j] * v;
-          } else {
-            odd += g[j] * v;
-          }
-        }
-        even += odd;
-        vec_store(partial + t * Cp + c0, even);
-      }
-    }
-  }
-}
-
-// One row of a 1x1 conv: out[w * Cp + c] = sum_{j < C} in[w * Cp + j] * m[j * Cp + c] for w < cols (a multiple of
-// kCols) and c < Cp, with m one of pointwise_matrices. Like conv_row, kCols positions x one vector of output
-// channels accumulate in registers; each input value is broadcast against a row of m. in and out do not overlap.
-template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void pointwise_row(const T* in, const T* m, T* out, int64_t cols, int64_t C, int64_t Cp) {
-  constexpr int64_t V = kLanes<T, kIsa>;
-  for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
-    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
-      Vec<T, kIsa> acc[kCols];
-      for (int64_t q = 0; q < kCols; ++q) {
-        acc[q] = Vec<T, kIsa>{};
-      }
-      const T* src = in + w0 * Cp;
-      for (int64_t j = 0; j < C; ++j) {
-        Vec<T, kIsa> mj;
-        vec_load(mj, m + j * Cp + c0);
-        for (int64_t q = 0; q < kCols; ++q) {
-          acc[q] += src[q * Cp + j] * mj;
-        }
-      }
-      for (int64_t q = 0; q < kCols; ++q) {
-        vec_store(out + (w0 + q) * Cp + c0, acc[q]);
-      }
-    }
-  }
-}
-
-// One row's share of a 1x1 conv's weight gradient: partial[o * Cp + c] += sum_{w < cols} grad[w * Cp + o] * z[w * Cp + c]
-// for o < round_up(C, kCols) (Cp is a multiple of kCols; the rows past C add the zeros of grad's padding channels)
-// and c < Cp. kCols rows of partial x one vector of z's channels stay in registers over the row.
-template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void pointwise_grad_row(const T* grad, const T* z, T* partial, int64_t cols, int64_t C,
-                                                int64_t Cp) {
-  constexpr int64_t V = kLanes<T, kIsa>;
-  for (int64_t o0 = 0; o0 < C; o0 += kCols) {
-    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
-      Vec<T, kIsa> acc[kCols];
-      for (int64_t q = 0; q < kCols; ++q) {
-        vec_load(acc[q], partial + (o0 + q) * Cp + c0);
-      }
-      for (int64_t w = 0; w < cols; ++w) {
-        Vec<T, kIsa> zw;
-        vec_load(zw, z + w * Cp + c0);
-        const T* g = grad + w * Cp + o0;
-        for (int64_t q = 0; q < kCols; ++q) {
-          acc[q] += g[q] * zw;
-        }
-      }
-      for (int64_t q = 0; q < kCols; ++q) {
-        vec_store(partial + (o0 + q) * Cp + c0, acc[q]);
-      }
-    }
-  }
-}
-
-// Adds one row's per-channel sum and sum of squares (positions w < cols) to moments[c] and moments[Cp + c]: the
-// row in T (cols values per channel), the running totals in double.
-template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void add_row_moments(const T* row, int64_t cols, int64_t Cp, double* moments) {
-  constexpr int64_t V = kLanes<T, kIsa>;
-  for (int64_t c0 = 0; c0 < Cp; c0 += V) {
-    Vec<T, kIsa> sum{};
-    Vec<T, kIsa> squares{};
-    for (int64_t w = 0; w < cols; ++w) {
-      Vec<T, kIsa> v;
-      vec_load(v, row + w * Cp + c0);
-      sum += v;
-      squares += v * v;
-    }
-    for (int64_t l = 0; l < V; ++l) {
-      moments[c0 + l] += static_cast<double>(sum[l]);
-      moments[Cp + c0 + l] += static_cast<double>(squares[l]);
     }
   }
 }

@@ -1,0 +1,202 @@
+#pragma once
+
+// The register-tiled loops of relu_dwconv.cpp, in a header of their own so that a benchmark can time them against
+// other GEMM micro-kernels (benchmarks/pointwise_gemm.py). Each is FASTDARTS_ALWAYS_INLINE and templated on the
+// instruction-set tier, so that it compiles for the tier of the copy that calls it (cpu_isa.h). Rows are tiles:
+// positions of Cp values each, channels innermost, Cp a multiple of kVecLanes.
+
+#include <cstdint>
+
+#include "fastdarts/cpu_isa.h"
+
+namespace fastdarts {
+namespace tiles {
+
+// Output columns whose accumulators stay in registers: 8 vectors of the tier's width, of 32 zmm (avx512) or 16
+// ymm or xmm registers (avx2, baseline). Rows are rounded to whole blocks of kCols columns.
+constexpr int64_t kCols = 8;
+
+// One row of one kernel: out[w * out_step + c] (+)= sum_t taps[t * Cp + c] * in[offsets[t] + w * step + c] for
+// w < cols (a multiple of kCols) and c < Cp. Each block of kCols columns x one vector of channels is accumulated
+// in registers over all taps: per tap, one weight load and kCols FMAs whose other operand comes from the tile.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void conv_row(const T* in, int64_t step, const int64_t* offsets, const T* taps,
+                                      int64_t num_taps, T* out, int64_t out_step, int64_t cols, int64_t Cp,
+                                      bool accumulate) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+      T* o = out + w0 * out_step + c0;
+      Vec<T, kIsa> acc[kCols];
+      for (int64_t j = 0; j < kCols; ++j) {
+        if (accumulate) {
+          vec_load(acc[j], o + j * out_step);
+        } else {
+          acc[j] = Vec<T, kIsa>{};
+        }
+      }
+      const T* base = in + w0 * step + c0;
+      for (int64_t t = 0; t < num_taps; ++t) {
+        Vec<T, kIsa> wt;
+        vec_load(wt, taps + t * Cp + c0);
+        const T* src = base + offsets[t];
+        for (int64_t j = 0; j < kCols; ++j) {
+          Vec<T, kIsa> v;
+          vec_load(v, src + j * step);
+          acc[j] += wt * v;
+        }
+      }
+      for (int64_t j = 0; j < kCols; ++j) {
+        vec_store(o + j * out_step, acc[j]);
+      }
+    }
+  }
+}
+
+// One row's share of one kernel's weight gradient:
+//   partial[t * Cp + c] += sum_{w < cols} grad[w * Cp + c] * in[offsets[t] + w * step + c]   (c < Cp).
+// kCols gradient vectors stay in registers while every tap reads its kCols inputs; two interleaved sums per tap
+// halve the chain of dependent FMAs.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t step, const int64_t* offsets,
+                                             int64_t num_taps, T* partial, int64_t cols, int64_t Cp) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+      Vec<T, kIsa> g[kCols];
+      for (int64_t j = 0; j < kCols; ++j) {
+        vec_load(g[j], grad + (w0 + j) * Cp + c0);
+      }
+      const T* base = in + w0 * step + c0;
+      for (int64_t t = 0; t < num_taps; ++t) {
+        const T* src = base + offsets[t];
+        Vec<T, kIsa> even;
+        Vec<T, kIsa> odd{};
+        vec_load(even, partial + t * Cp + c0);
+        for (int64_t j = 0; j < kCols; ++j) {
+          Vec<T, kIsa> v;
+          vec_load(v, src + j * step);
+          if (j % 2 == 0) {
+            even += g[j] * v;
+          } else {
+            odd += g[j] * v;
+          }
+        }
+        even += odd;
+        vec_store(partial + t * Cp + c0, even);
+      }
+    }
+  }
+}
+
+// The register block of the 1x1 conv's loops (pointwise_row, pointwise_grad_row): kPointwiseRows positions (or
+// output rows of the weight gradient) x kPointwiseVecs vectors of channels. With one vector per position, each
+// multiply-add needs a broadcast load besides its vector: 9 loads for 8 FMAs, more than the 2 loads a cycle that
+// feed 2 FMAs. AVX-512 makes up for it with 16-float vectors; on the narrower tiers 4 positions x 2 vectors load
+// 6 times for 8 FMAs (benchmarks/pointwise_gemm.py measures it). Cp is a multiple of kPointwiseVecs vectors.
+template <CpuIsa kIsa>
+constexpr int64_t kPointwiseRows = kIsa == CpuIsa::kAvx512 ? 8 : 4;
+template <CpuIsa kIsa>
+constexpr int64_t kPointwiseVecs = kIsa == CpuIsa::kAvx512 ? 1 : 2;
+
+// One row of a 1x1 conv: out[w * Cp + c] = sum_{j < C} in[w * Cp + j] * m[j * Cp + c] for w < cols (a multiple of
+// kCols) and c < Cp, with m [C][Cp] (the weights, input channel major). A block of kPointwiseRows positions x
+// kPointwiseVecs vectors of output channels accumulates in registers; each input value is broadcast against the
+// block's part of a row of m. in and out do not overlap.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void pointwise_row(const T* in, const T* m, T* out, int64_t cols, int64_t C, int64_t Cp) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  constexpr int64_t R = kPointwiseRows<kIsa>;
+  constexpr int64_t B = kPointwiseVecs<kIsa>;
+  for (int64_t w0 = 0; w0 < cols; w0 += R) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += B * V) {
+      Vec<T, kIsa> acc[R][B];
+      for (int64_t q = 0; q < R; ++q) {
+        for (int64_t v = 0; v < B; ++v) {
+          acc[q][v] = Vec<T, kIsa>{};
+        }
+      }
+      const T* src = in + w0 * Cp;
+      for (int64_t j = 0; j < C; ++j) {
+        Vec<T, kIsa> mj[B];
+        for (int64_t v = 0; v < B; ++v) {
+          vec_load(mj[v], m + j * Cp + c0 + v * V);
+        }
+        for (int64_t q = 0; q < R; ++q) {
+          const T x = src[q * Cp + j];
+          for (int64_t v = 0; v < B; ++v) {
+            acc[q][v] += x * mj[v];
+          }
+        }
+      }
+      for (int64_t q = 0; q < R; ++q) {
+        for (int64_t v = 0; v < B; ++v) {
+          vec_store(out + (w0 + q) * Cp + c0 + v * V, acc[q][v]);
+        }
+      }
+    }
+  }
+}
+
+// One row's share of a 1x1 conv's weight gradient: partial[o * Cp + c] += sum_{w < cols} grad[w * Cp + o] * z[w * Cp + c]
+// for o < C rounded up to kPointwiseRows (Cp is a multiple of it; the rows past C add the zeros of grad's padding
+// channels) and c < Cp. A block of kPointwiseRows rows of partial x kPointwiseVecs vectors of z's channels stays in
+// registers over the row.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void pointwise_grad_row(const T* grad, const T* z, T* partial, int64_t cols, int64_t C,
+                                                int64_t Cp) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  constexpr int64_t R = kPointwiseRows<kIsa>;
+  constexpr int64_t B = kPointwiseVecs<kIsa>;
+  for (int64_t o0 = 0; o0 < C; o0 += R) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += B * V) {
+      Vec<T, kIsa> acc[R][B];
+      for (int64_t q = 0; q < R; ++q) {
+        for (int64_t v = 0; v < B; ++v) {
+          vec_load(acc[q][v], partial + (o0 + q) * Cp + c0 + v * V);
+        }
+      }
+      for (int64_t w = 0; w < cols; ++w) {
+        Vec<T, kIsa> zw[B];
+        for (int64_t v = 0; v < B; ++v) {
+          vec_load(zw[v], z + w * Cp + c0 + v * V);
+        }
+        const T* g = grad + w * Cp + o0;
+        for (int64_t q = 0; q < R; ++q) {
+          for (int64_t v = 0; v < B; ++v) {
+            acc[q][v] += g[q] * zw[v];
+          }
+        }
+      }
+      for (int64_t q = 0; q < R; ++q) {
+        for (int64_t v = 0; v < B; ++v) {
+          vec_store(partial + (o0 + q) * Cp + c0 + v * V, acc[q][v]);
+        }
+      }
+    }
+  }
+}
+
+// Adds one row's per-channel sum and sum of squares (positions w < cols) to moments[c] and moments[Cp + c]: the
+// row in T (cols values per channel), the running totals in double.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void add_row_moments(const T* row, int64_t cols, int64_t Cp, double* moments) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+    Vec<T, kIsa> sum{};
+    Vec<T, kIsa> squares{};
+    for (int64_t w = 0; w < cols; ++w) {
+      Vec<T, kIsa> v;
+      vec_load(v, row + w * Cp + c0);
+      sum += v;
+      squares += v * v;
+    }
+    for (int64_t l = 0; l < V; ++l) {
+      moments[c0 + l] += static_cast<double>(sum[l]);
+      moments[Cp + c0 + l] += static_cast<double>(squares[l]);
+    }
+  }
+}
+
+}  // namespace tiles
+}  // namespace fastdarts
