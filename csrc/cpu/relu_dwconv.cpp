@@ -74,6 +74,7 @@ namespace {
 using tiles::kCols;
 using tiles::add_row_moments;
 using tiles::conv_row;
+using tiles::depthwise_row;
 using tiles::grad_weight_row;
 using tiles::pointwise_grad_row;
 using tiles::pointwise_row;
@@ -122,6 +123,7 @@ struct Geometry {
   TileShape grad;
   int64_t gx_cols;  // columns of the chunk's grad_x rows: Wo_r s >= W, the columns the s phases fill
   int64_t num_taps;
+  std::vector<int64_t> kernel_size, dilation;  // k_i and d_i of kernel i
   std::vector<int64_t> tap_begin;  // kernel i's taps are [tap_begin[i], tap_begin[i + 1]), row-major (a, b)
   // Forward and grad_w: tap (a, b) of kernel i reads the input tile at offsets[tap] past the position of its
   // output's tap (0, 0) without padding: (P - p_i + d_i a) rows and (P - p_i + d_i b) columns further.
@@ -159,6 +161,8 @@ struct Geometry {
     for (int64_t i = 0; i < K; ++i) {
       const int64_t k = weights[i].size(2);
       const int64_t d = dilations[i];
+      kernel_size.push_back(k);
+      dilation.push_back(d);
       const int64_t o = P - d * (k - 1) / 2;
       for (int64_t a = 0; a < k; ++a) {
         for (int64_t b = 0; b < k; ++b) {
@@ -176,7 +180,8 @@ struct Geometry {
           const int64_t d = dilations[i];
           const int64_t p = d * (k - 1) / 2;
           for (int64_t a = 0; a < k; ++a) {
-            for (int64_t b = 0; b < k; ++b) {
+            // b descending: at stride 1 a kernel row's offsets then ascend by d Cp, as depthwise_row reads them
+            for (int64_t b = k - 1; b >= 0; --b) {
               const int64_t dy = py + p - d * a;  // s times the row offset, when a multiple of s
               const int64_t dx = px + p - d * b;
               if (dy % s == 0 && dx % s == 0) {  // exact division, also for negative numbers
@@ -420,8 +425,8 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
       const T* in = tile + (ho - ho0) * g.s * g.input.row_stride;
       for (int64_t i = 0; i < K; ++i) {
         const int64_t t0 = g.tap_begin[i];
-        conv_row<T, kIsa>(in, g.s * g.Cp, g.offsets.data() + t0, f.taps + t0 * g.Cp, g.taps(i), row, g.Cp, g.Wo_r,
-                           g.Cp, false);
+        depthwise_row<T, kIsa>(in, g.kernel_size[i], g.dilation[i], g.s, g.offsets.data() + t0, f.taps + t0 * g.Cp,
+                               row, g.Wo_r, g.Cp, false);
         const T* result = row;
         if (f.pointwise != nullptr) {
           pointwise_row<T, kIsa>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.Wo_r, g.C, g.Cp);
@@ -478,8 +483,8 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_tile(const BackwardArgs<T>& b, int64
                             grad_tile + (ho - ho_origin) * g.grad.row_stride + g.Pg * g.Cp, g.Wo_r, g.C, g.Cp);
     if (pointwise_partial != nullptr && ho >= ho0 && ho < ho1) {
       const int64_t t0 = g.tap_begin[i];
-      conv_row<T, kIsa>(input_tile + (ho - ho0) * g.s * g.input.row_stride, g.s * g.Cp, g.offsets.data() + t0,
-                         b.taps + t0 * g.Cp, g.taps(i), z_row, g.Cp, g.Wo_r, g.Cp, false);
+      depthwise_row<T, kIsa>(input_tile + (ho - ho0) * g.s * g.input.row_stride, g.kernel_size[i], g.dilation[i],
+                             g.s, g.offsets.data() + t0, b.taps + t0 * g.Cp, z_row, g.Wo_r, g.Cp, false);
       pointwise_grad_row<T, kIsa>(dt_row, z_row, pointwise_partial + i * g.Cp * g.Cp, g.Wo, g.C, g.Cp);
     }
   }
@@ -538,8 +543,13 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
           for (int64_t px = 0; px < g.s; ++px) {
             const int64_t list = (py * g.s + px) * K + i;
             const int64_t t0 = g.phase_begin[list];
-            conv_row<T, kIsa>(in, g.Cp, g.phase_offsets.data() + t0, b.phase_taps + t0 * g.Cp,
-                               g.phase_begin[list + 1] - t0, out + px * g.Cp, g.s * g.Cp, g.Wo_r, g.Cp, i > 0);
+            if (g.s == 1) {  // one phase: every tap, the kernel flipped, a correlation of the gradient tile
+              depthwise_row<T, kIsa>(in, g.kernel_size[i], g.dilation[i], 1, g.phase_offsets.data() + t0,
+                                     b.phase_taps + t0 * g.Cp, out, g.Wo_r, g.Cp, i > 0);
+            } else {
+              conv_row<T, kIsa>(in, g.Cp, g.phase_offsets.data() + t0, b.phase_taps + t0 * g.Cp,
+                                g.phase_begin[list + 1] - t0, out + px * g.Cp, g.s * g.Cp, g.Wo_r, g.Cp, i > 0);
+            }
           }
         }
       }

@@ -53,6 +53,74 @@ FASTDARTS_ALWAYS_INLINE void conv_row(const T* in, int64_t step, const int64_t* 
   }
 }
 
+// conv_row for one k x k kernel with dilation kD at stride kS, written out at compile time: for each kernel row a,
+// the k weight vectors stay in registers while the input columns the block of kCols outputs reads pass once, each
+// loaded once and multiplied into every output it reaches (output j, tap b reads column j kS + kD b). Per kernel
+// row that is k + (kCols - 1) kS + kD (k - 1) + 1 loads for k kCols FMAs (5 + 12 = 17 for 40 at k = 5, stride 1):
+// conv_row loads 9 for 8. offsets and taps as for conv_row (offsets[a k + b] = offsets[a k] + kD b Cp); the row is
+// written to (added to, when accumulate) out[w * Cp + c].
+template <typename T, CpuIsa kIsa, int kK, int kD, int kS>
+FASTDARTS_ALWAYS_INLINE void conv_row_unrolled(const T* in, const int64_t* offsets, const T* taps, T* out,
+                                               int64_t cols, int64_t Cp, bool accumulate) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  constexpr int kInputs = (kCols - 1) * kS + kD * (kK - 1) + 1;
+  for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+      Vec<T, kIsa> acc[kCols];
+      for (int64_t j = 0; j < kCols; ++j) {
+        if (accumulate) {
+          vec_load(acc[j], out + (w0 + j) * Cp + c0);
+        } else {
+          acc[j] = Vec<T, kIsa>{};
+        }
+      }
+      const T* base = in + w0 * kS * Cp + c0;
+      for (int a = 0; a < kK; ++a) {
+        Vec<T, kIsa> wt[kK];
+#pragma GCC unroll 8
+        for (int b = 0; b < kK; ++b) {
+          vec_load(wt[b], taps + (a * kK + b) * Cp + c0);
+        }
+        const T* row = base + offsets[a * kK];
+#pragma GCC unroll 32
+        for (int x = 0; x < kInputs; ++x) {
+          Vec<T, kIsa> v;
+          vec_load(v, row + x * Cp);
+#pragma GCC unroll 8
+          for (int b = 0; b < kK; ++b) {
+            const int shifted = x - kD * b;  // kS j for the output j that tap b of this column feeds
+            if (shifted >= 0 && shifted % kS == 0 && shifted / kS < kCols) {
+              acc[shifted / kS] += wt[b] * v;
+            }
+          }
+        }
+      }
+      for (int64_t j = 0; j < kCols; ++j) {
+        vec_store(out + (w0 + j) * Cp + c0, acc[j]);
+      }
+    }
+  }
+}
+
+// One row of a k x k depthwise kernel with dilation d at stride s into (onto, when accumulate) out[w * Cp + c]
+// (w < cols): the unrolled loop for DARTS's kernels (k 3 or 5, dilation 1 or 2, stride 1 or 2), conv_row for any
+// other.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void depthwise_row(const T* in, int64_t k, int64_t d, int64_t s, const int64_t* offsets,
+                                           const T* taps, T* out, int64_t cols, int64_t Cp, bool accumulate) {
+  switch ((k * 10 + d) * 10 + s) {
+    case 311: return conv_row_unrolled<T, kIsa, 3, 1, 1>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 511: return conv_row_unrolled<T, kIsa, 5, 1, 1>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 321: return conv_row_unrolled<T, kIsa, 3, 2, 1>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 521: return conv_row_unrolled<T, kIsa, 5, 2, 1>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 312: return conv_row_unrolled<T, kIsa, 3, 1, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 512: return conv_row_unrolled<T, kIsa, 5, 1, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 322: return conv_row_unrolled<T, kIsa, 3, 2, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 522: return conv_row_unrolled<T, kIsa, 5, 2, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    default: return conv_row<T, kIsa>(in, s * Cp, offsets, taps, k * k, out, Cp, cols, Cp, accumulate);
+  }
+}
+
 // One row's share of one kernel's weight gradient:
 //   partial[t * Cp + c] += sum_{w < cols} grad[w * Cp + c] * in[offsets[t] + w * step + c]   (c < Cp).
 // kCols gradient vectors stay in registers while every tap reads its kCols inputs; two interleaved sums per tap
