@@ -102,9 +102,31 @@ struct Lane<T, false, kIsa> {
   }
 };
 
+// One vector of T's channels in double: kParts registers of the tier (two for float, one for double). A single
+// GCC vector twice the register width goes through the stack and general registers in every operation under AVX2.
 template <typename T, CpuIsa kIsa>
-struct WideOf {
-  typedef double type __attribute__((vector_size(kLanes<T, kIsa> * sizeof(double))));
+struct Wide {
+  static constexpr int64_t kParts = sizeof(double) / sizeof(T);
+  Vec<double, kIsa> part[kParts];
+  FASTDARTS_ALWAYS_INLINE Wide& operator+=(const Wide& o) {
+    for (int64_t p = 0; p < kParts; ++p) {
+      part[p] += o.part[p];
+    }
+    return *this;
+  }
+  FASTDARTS_ALWAYS_INLINE Wide& operator-=(const Wide& o) {
+    for (int64_t p = 0; p < kParts; ++p) {
+      part[p] -= o.part[p];
+    }
+    return *this;
+  }
+  FASTDARTS_ALWAYS_INLINE Wide operator*(const Wide& o) const {
+    Wide product;
+    for (int64_t p = 0; p < kParts; ++p) {
+      product.part[p] = part[p] * o.part[p];
+    }
+    return product;
+  }
 };
 
 template <typename T, CpuIsa kIsa>
@@ -112,7 +134,7 @@ struct Lane<T, true, kIsa> {
   using V = Vec<T, kIsa>;
   using I = decltype(V{} > V{});
   using IElem = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  using D = typename WideOf<T, kIsa>::type;
+  using D = Wide<T, kIsa>;
   static constexpr int64_t kWidth = kLanes<T, kIsa>;
   static FASTDARTS_ALWAYS_INLINE void load(V& v, const T* p) {
     vec_load(v, p);
@@ -121,7 +143,12 @@ struct Lane<T, true, kIsa> {
     vec_store(p, v);
   }
   static FASTDARTS_ALWAYS_INLINE void widen(D& d, const V& v) {
-    d = __builtin_convertvector(v, D);
+    using Part = typename VecOf<T, kVecBytes<kIsa> / D::kParts>::type;  // the channels of one part of d
+    for (int64_t p = 0; p < D::kParts; ++p) {
+      Part lanes;
+      std::memcpy(&lanes, reinterpret_cast<const char*>(&v) + p * sizeof(Part), sizeof(Part));
+      d.part[p] = __builtin_convertvector(lanes, Vec<double, kIsa>);
+    }
   }
   static FASTDARTS_ALWAYS_INLINE void load_wide(D& d, const double* p) {
     std::memcpy(&d, p, sizeof(D));

@@ -167,80 +167,66 @@ constexpr int64_t kPointwiseRows = kIsa == CpuIsa::kAvx512 ? 8 : 4;
 template <CpuIsa kIsa>
 constexpr int64_t kPointwiseVecs = kIsa == CpuIsa::kAvx512 ? 1 : 2;
 
-// One row of a 1x1 conv: out[w * Cp + c] = sum_{j < C} in[w * Cp + j] * m[j * Cp + c] for w < cols (a multiple of
-// kCols) and c < Cp, with m [C][Cp] (the weights, input channel major). A block of kPointwiseRows positions x
-// kPointwiseVecs vectors of output channels accumulates in registers; each input value is broadcast against the
-// block's part of a row of m. in and out do not overlap.
+// The register block of both 1x1 loops: acc[q][v] (+)= sum_{k < K} a[k a_k + q a_q] b[k b_k + v V] for q <
+// kPointwiseRows and v < kPointwiseVecs (V lanes a vector), starting from zero, or from the block at `block` (row
+// stride Cp) when accumulate, and written back there.
 template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void pointwise_row(const T* in, const T* m, T* out, int64_t cols, int64_t C, int64_t Cp) {
+FASTDARTS_ALWAYS_INLINE void outer_product_block(const T* a, int64_t a_k, int64_t a_q, const T* b, int64_t b_k,
+                                                 int64_t K, T* block, int64_t Cp, bool accumulate) {
   constexpr int64_t V = kLanes<T, kIsa>;
   constexpr int64_t R = kPointwiseRows<kIsa>;
   constexpr int64_t B = kPointwiseVecs<kIsa>;
-  for (int64_t w0 = 0; w0 < cols; w0 += R) {
-    for (int64_t c0 = 0; c0 < Cp; c0 += B * V) {
-      Vec<T, kIsa> acc[R][B];
-      for (int64_t q = 0; q < R; ++q) {
-        for (int64_t v = 0; v < B; ++v) {
-          acc[q][v] = Vec<T, kIsa>{};
-        }
+  Vec<T, kIsa> acc[R][B];
+  for (int64_t q = 0; q < R; ++q) {
+    for (int64_t v = 0; v < B; ++v) {
+      if (accumulate) {
+        vec_load(acc[q][v], block + q * Cp + v * V);
+      } else {
+        acc[q][v] = Vec<T, kIsa>{};
       }
-      const T* src = in + w0 * Cp;
-      for (int64_t j = 0; j < C; ++j) {
-        Vec<T, kIsa> mj[B];
-        for (int64_t v = 0; v < B; ++v) {
-          vec_load(mj[v], m + j * Cp + c0 + v * V);
-        }
-        for (int64_t q = 0; q < R; ++q) {
-          const T x = src[q * Cp + j];
-          for (int64_t v = 0; v < B; ++v) {
-            acc[q][v] += x * mj[v];
-          }
-        }
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    Vec<T, kIsa> bk[B];
+    for (int64_t v = 0; v < B; ++v) {
+      vec_load(bk[v], b + k * b_k + v * V);
+    }
+    for (int64_t q = 0; q < R; ++q) {
+      const T x = a[k * a_k + q * a_q];
+      for (int64_t v = 0; v < B; ++v) {
+        acc[q][v] += x * bk[v];
       }
-      for (int64_t q = 0; q < R; ++q) {
-        for (int64_t v = 0; v < B; ++v) {
-          vec_store(out + (w0 + q) * Cp + c0 + v * V, acc[q][v]);
-        }
-      }
+    }
+  }
+  for (int64_t q = 0; q < R; ++q) {
+    for (int64_t v = 0; v < B; ++v) {
+      vec_store(block + q * Cp + v * V, acc[q][v]);
+    }
+  }
+}
+
+// One row of a 1x1 conv: out[w * Cp + c] = sum_{j < C} in[w * Cp + j] * m[j * Cp + c] for w < cols (a multiple of
+// kCols) and c < Cp, with m [C][Cp] (the weights, input channel major): blocks of kPointwiseRows positions x
+// kPointwiseVecs vectors of output channels, each input value broadcast against the block's part of a row of m.
+// in and out do not overlap.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void pointwise_row(const T* in, const T* m, T* out, int64_t cols, int64_t C, int64_t Cp) {
+  for (int64_t w0 = 0; w0 < cols; w0 += kPointwiseRows<kIsa>) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += kPointwiseVecs<kIsa> * kLanes<T, kIsa>) {
+      outer_product_block<T, kIsa>(in + w0 * Cp, 1, Cp, m + c0, Cp, C, out + w0 * Cp + c0, Cp, false);
     }
   }
 }
 
 // One row's share of a 1x1 conv's weight gradient: partial[o * Cp + c] += sum_{w < cols} grad[w * Cp + o] * z[w * Cp + c]
 // for o < C rounded up to kPointwiseRows (Cp is a multiple of it; the rows past C add the zeros of grad's padding
-// channels) and c < Cp. A block of kPointwiseRows rows of partial x kPointwiseVecs vectors of z's channels stays in
-// registers over the row.
+// channels) and c < Cp: blocks of kPointwiseRows rows of partial x kPointwiseVecs vectors of z's channels.
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void pointwise_grad_row(const T* grad, const T* z, T* partial, int64_t cols, int64_t C,
                                                 int64_t Cp) {
-  constexpr int64_t V = kLanes<T, kIsa>;
-  constexpr int64_t R = kPointwiseRows<kIsa>;
-  constexpr int64_t B = kPointwiseVecs<kIsa>;
-  for (int64_t o0 = 0; o0 < C; o0 += R) {
-    for (int64_t c0 = 0; c0 < Cp; c0 += B * V) {
-      Vec<T, kIsa> acc[R][B];
-      for (int64_t q = 0; q < R; ++q) {
-        for (int64_t v = 0; v < B; ++v) {
-          vec_load(acc[q][v], partial + (o0 + q) * Cp + c0 + v * V);
-        }
-      }
-      for (int64_t w = 0; w < cols; ++w) {
-        Vec<T, kIsa> zw[B];
-        for (int64_t v = 0; v < B; ++v) {
-          vec_load(zw[v], z + w * Cp + c0 + v * V);
-        }
-        const T* g = grad + w * Cp + o0;
-        for (int64_t q = 0; q < R; ++q) {
-          for (int64_t v = 0; v < B; ++v) {
-            acc[q][v] += g[q] * zw[v];
-          }
-        }
-      }
-      for (int64_t q = 0; q < R; ++q) {
-        for (int64_t v = 0; v < B; ++v) {
-          vec_store(partial + (o0 + q) * Cp + c0 + v * V, acc[q][v]);
-        }
-      }
+  for (int64_t o0 = 0; o0 < C; o0 += kPointwiseRows<kIsa>) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += kPointwiseVecs<kIsa> * kLanes<T, kIsa>) {
+      outer_product_block<T, kIsa>(grad + o0, Cp, 1, z + c0, Cp, cols, partial + o0 * Cp + c0, Cp, true);
     }
   }
 }
