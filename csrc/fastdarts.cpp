@@ -5,11 +5,15 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <exception>
-
 #include "fastdarts/cpu_isa.h"
 
 namespace {
+
+// Sets a ValueError with the error's one-line message; returns nullptr for the caller to return.
+PyObject* value_error(const c10::Error& error) {
+  PyErr_SetString(PyExc_ValueError, error.what_without_backtrace());
+  return nullptr;
+}
 
 // The instruction-set tier of the CPU kernels (include/fastdarts/cpu_isa.h), for fastdarts.ops: errors become a
 // ValueError with their one-line message.
@@ -17,8 +21,7 @@ PyObject* cpu_isa(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(fastdarts::cpu_isa_name(fastdarts::cpu_isa()));
   } catch (const c10::Error& error) {
-    PyErr_SetString(PyExc_ValueError, error.what_without_backtrace());
-    return nullptr;
+    return value_error(error);
   }
 }
 
@@ -33,9 +36,8 @@ PyObject* set_cpu_isa(PyObject*, PyObject* name) {
   }
   try {
     fastdarts::set_cpu_isa(text);
-  } catch (const std::exception& error) {
-    PyErr_SetString(PyExc_ValueError, error.what());
-    return nullptr;
+  } catch (const c10::Error& error) {
+    return value_error(error);
   }
   Py_RETURN_NONE;
 }

@@ -326,12 +326,13 @@ at::Tensor bn_weighted_sum_cpu(at::TensorList ts, const at::Tensor& w, const at:
   }
   const Geometry g(C, ts[0].numel() / C);
   AT_DISPATCH_FLOATING_TYPES(ts[0].scalar_type(), "bn_weighted_sum_cpu", [&] {
+    const CpuIsa isa = cpu_isa();  // once per call, before the threads start
     const std::vector<scalar_t> mean_p = patterns<scalar_t>(mv, K, g);
     const std::vector<scalar_t> coef_p = patterns<scalar_t>(coef, K, g);
     const ForwardArgs<scalar_t> f{g, data_pointers<scalar_t>(inputs), mean_p.data(), coef_p.data(),
                                   out.work.data_ptr<scalar_t>()};
     at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
-      FASTDARTS_CALL_FOR_CPU_ISA(forward_units, scalar_t, f, begin, end);
+      FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_units, scalar_t, f, begin, end);
     });
   });
   return out.finish();
@@ -389,6 +390,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
   }
 
   AT_DISPATCH_FLOATING_TYPES(ts[0].scalar_type(), "bn_weighted_sum_backward_cpu", [&] {
+    const CpuIsa isa = cpu_isa();  // once per call, before the threads start
     const std::vector<scalar_t> mean_p = patterns<scalar_t>(mv, K, g);
     const std::vector<scalar_t> a_p = patterns<scalar_t>(a, K, g);
     BackwardArgs<scalar_t> p{g};
@@ -405,7 +407,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
     }
     at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
       std::vector<double> acc((K + 1) * g.group);
-      FASTDARTS_CALL_FOR_CPU_ISA(reduce_units, scalar_t, p, begin, end, acc.data());
+      FASTDARTS_CALL_FOR_CPU_ISA(isa, reduce_units, scalar_t, p, begin, end, acc.data());
     });
     // The units' sums, added in unit order whatever thread computed each.
     std::vector<double> total((K + 1) * C, 0.0);
@@ -438,7 +440,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
       p.b = b_p.data();
       p.e = e_p.data();
       at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
-        FASTDARTS_CALL_FOR_CPU_ISA(normalised_grad_units, scalar_t, p, begin, end);
+        FASTDARTS_CALL_FOR_CPU_ISA(isa, normalised_grad_units, scalar_t, p, begin, end);
       });
     }
   });

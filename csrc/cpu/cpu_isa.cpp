@@ -7,7 +7,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <optional>
-#include <stdexcept>
 
 namespace fastdarts {
 namespace {
@@ -83,9 +82,7 @@ CpuIsa cpu_isa() {
 void set_cpu_isa(const std::string& name) {
   std::string problem;
   const CpuIsa isa = checked(name, "use_cpu_isa", &problem);
-  if (!problem.empty()) {
-    throw std::invalid_argument(problem);
-  }
+  TORCH_CHECK_VALUE(problem.empty(), problem);
   g_cpu_isa.store(static_cast<int>(isa), std::memory_order_relaxed);
 }
 

@@ -24,11 +24,11 @@
 // How. Work is split by output rows (forward) or images (backward, whose windows overlap so that two outputs of
 // one image add into the same grad_x values); for each output the 2x2 to 3x3 window is walked in scan order.
 // With channels contiguous in x and in every output (channels_last), the loops run over whole vectors of the
-// tier's width (cpu_isa.h) up to a multiple of 64 bytes of channels (kVecLanes) and the rest one at a time; with any other layout every channel runs one
-// at a time (correct, not fast). The statistics are sums of (v - shift) and (v - shift)^2 in double, with shift
-// = x[0, c, 0, 0], a value in the data's range, so that the variance does not cancel catastrophically. They are
-// summed in locals over an output row, then added to the running thread's own slot (at::get_thread_num()), and the
-// slots are added up at the end.
+// tier's width (cpu_isa.h) up to a multiple of 64 bytes of channels (kVecLanes) and the rest one at a time; with
+// any other layout every channel runs one at a time (correct, not fast). The statistics are sums of (v - shift)
+// and (v - shift)^2 in double, with shift = x[0, c, 0, 0], a value in the data's range, so that the variance does
+// not cancel catastrophically. They are summed in locals over an output row, then added to the running thread's
+// own slot (at::get_thread_num()), and the slots are added up at the end.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -430,6 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bn_stats_cpu(con
     return {max_out, avg_out, mean, var};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_bn_stats_cpu", [&] {
+    const CpuIsa isa = cpu_isa();  // once per call, before the threads start
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const Strides xs = strides_of(x);
     std::vector<double> shift(C);
@@ -460,7 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bn_stats_cpu(con
       const int64_t thread = at::get_thread_num();
       TORCH_INTERNAL_ASSERT(thread < threads);
       double* partial = partials.data() + thread * 4 * C;
-      FASTDARTS_CALL_FOR_CPU_ISA(forward_rows, scalar_t, f, begin, end, partial);
+      FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_rows, scalar_t, f, begin, end, partial);
     });
     // The thread slots combined, then mean = shift + E[d] and var = E[d^2] - E[d]^2 with d = v - shift.
     const double count = static_cast<double>(num_rows * f.Wo);
@@ -512,6 +513,7 @@ at::Tensor pool_bn_stats_backward_cpu(const std::optional<at::Tensor>& grad_max,
   const at::Tensor gm = prepare(grad_max);
   const at::Tensor ga = prepare(grad_avg);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_bn_stats_backward_cpu", [&] {
+    const CpuIsa isa = cpu_isa();  // once per call, before the threads start
     const BackwardArgs<scalar_t> b{x.size(1),
                                    x.size(2),
                                    x.size(3),
@@ -530,7 +532,7 @@ at::Tensor pool_bn_stats_backward_cpu(const std::optional<at::Tensor>& grad_max,
     // Whole images per task (their windows overlap only within an image); one image is already a few
     // microseconds of work at the smallest DARTS shapes.
     at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
-      FASTDARTS_CALL_FOR_CPU_ISA(backward_images_any, scalar_t, b, begin, end);
+      FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_images_any, scalar_t, b, begin, end);
     });
   });
   return grad_x;

@@ -645,6 +645,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Te
     var = at::empty({K, x.size(1)}, x.options());
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_dwconv_cpu", [&] {
+    const CpuIsa isa = cpu_isa();  // once per call, before the threads start
     const Geometry g(x, weights, dilations, stride, kVecLanes<scalar_t>);
     const std::vector<scalar_t> taps = tap_vectors<scalar_t>(weights, g);
     std::vector<scalar_t> matrices;
@@ -664,7 +665,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Te
         at::Tensor tile = scratch(g.input.size(), x);
         at::Tensor rows = scratch((with_pointwise ? 2 : 1) * g.Wo_r * g.Cp, x);
         scalar_t* row = rows.data_ptr<scalar_t>();
-        FASTDARTS_CALL_FOR_CPU_ISA(forward_chunks, scalar_t, f, begin, end, tile.data_ptr<scalar_t>(), row,
+        FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_chunks, scalar_t, f, begin, end, tile.data_ptr<scalar_t>(), row,
                                    row + g.Wo_r * g.Cp);
       });
     }
@@ -715,6 +716,7 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
     return {grad_x, grad_weights, grad_pointwise};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_dwconv_backward_cpu", [&] {
+    const CpuIsa isa = cpu_isa();  // once per call, before the threads start
     const Geometry g(x, weights, dilations, stride, kVecLanes<scalar_t>);
     const std::vector<scalar_t> taps = tap_vectors<scalar_t>(weights, g);
     std::vector<scalar_t> phase_taps;
@@ -761,7 +763,7 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
         // dt_row must be zero wherever the pack of one dt row does not write (pointwise_grad_tile).
         at::Tensor rows = at::zeros({with_pointwise ? 2 * g.Wo_r * g.Cp : 0}, input_tile.options());
         scalar_t* dt_row = rows.data_ptr<scalar_t>();
-        FASTDARTS_CALL_FOR_CPU_ISA(backward_chunks, scalar_t, b, begin, end, input_tile.data_ptr<scalar_t>(),
+        FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_chunks, scalar_t, b, begin, end, input_tile.data_ptr<scalar_t>(),
                                    grad_tile.data_ptr<scalar_t>(), grad_x_rows.data_ptr<scalar_t>(), dt_row,
                                    with_pointwise ? dt_row + g.Wo_r * g.Cp : nullptr);
       });

@@ -6,8 +6,10 @@
 // that architecture. A kernel whose hot loops are compute bound compiles them once per tier: it writes the loops
 // once as FASTDARTS_ALWAYS_INLINE templates taking the tier as a template argument (to pick register tiles), and
 // FASTDARTS_CPU_ISA_COPIES(loop) defines loop_baseline, loop_avx2 and loop_avx512, each marked with its tier's
-// target attribute; FASTDARTS_CALL_FOR_CPU_ISA(loop, T, args...) calls the one of the tier in force. (Inlining is
-// what makes a copy's target apply to the loops; a function called, not inlined, keeps the baseline.)
+// target attribute; FASTDARTS_CALL_FOR_CPU_ISA(isa, loop, T, args...) calls the one of tier `isa`. An op reads
+// the tier once, cpu_isa(), before its threads start, so that one call runs one tier even if set_cpu_isa changes
+// it meanwhile. (Inlining is what makes a copy's target apply to the loops; a function called, not inlined, keeps
+// the baseline.)
 //
 //   baseline: no target attribute (x86-64: SSE2; AArch64: NEON, which every AArch64 CPU has).
 //   avx2:     AVX2 + FMA, x86-64-v3's vector instructions: 16 ymm registers of 8 floats.
@@ -51,8 +53,8 @@ CpuIsa best_cpu_isa();
 // The tier in force (see above). Throws c10::Error when FASTDARTS_CPU_ISA names an unknown tier or one the CPU
 // lacks, until set_cpu_isa sets a valid one.
 CpuIsa cpu_isa();
-// Makes `name` the tier in force; throws std::invalid_argument with a one-line message for an unknown tier or
-// one the CPU lacks.
+// Makes `name` the tier in force; throws c10::ValueError with a one-line message for an unknown tier or one the
+// CPU lacks.
 void set_cpu_isa(const std::string& name);
 
 // The copies of an FASTDARTS_ALWAYS_INLINE loop template `loop<T, CpuIsa>`, one per tier, each compiled for it.
@@ -70,10 +72,10 @@ void set_cpu_isa(const std::string& name);
     loop<T, ::fastdarts::CpuIsa::kAvx512>(args...);                                     \
   }
 
-// Calls the copy of `loop` (defined by FASTDARTS_CPU_ISA_COPIES) for the tier in force.
-#define FASTDARTS_CALL_FOR_CPU_ISA(loop, T, ...)       \
+// Calls the copy of `loop` (defined by FASTDARTS_CPU_ISA_COPIES) for tier `isa`.
+#define FASTDARTS_CALL_FOR_CPU_ISA(isa, loop, T, ...)  \
   do {                                                 \
-    switch (::fastdarts::cpu_isa()) {                  \
+    switch (isa) {                                     \
       case ::fastdarts::CpuIsa::kAvx512:               \
         loop##_avx512<T>(__VA_ARGS__);                 \
         break;                                         \

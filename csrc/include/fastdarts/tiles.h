@@ -218,7 +218,8 @@ FASTDARTS_ALWAYS_INLINE void pointwise_row(const T* in, const T* m, T* out, int6
   }
 }
 
-// One row's share of a 1x1 conv's weight gradient: partial[o * Cp + c] += sum_{w < cols} grad[w * Cp + o] * z[w * Cp + c]
+// One row's share of a 1x1 conv's weight gradient:
+//   partial[o * Cp + c] += sum_{w < cols} grad[w * Cp + o] * z[w * Cp + c]
 // for o < C rounded up to kPointwiseRows (Cp is a multiple of it; the rows past C add the zeros of grad's padding
 // channels) and c < Cp: blocks of kPointwiseRows rows of partial x kPointwiseVecs vectors of z's channels.
 template <typename T, CpuIsa kIsa>
