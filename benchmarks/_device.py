@@ -33,6 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from fastdarts import ops
+from fastdarts.memory import keep_freed_memory
 
 TRITON_SKIPPED = "triton: skipped, no CUDA device (Triton kernels run on CPU only under TRITON_INTERPRET=1)"
 
@@ -78,10 +79,21 @@ def add_cpu_isa_flag(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def apply_cpu_isa(parser: argparse.ArgumentParser, tier: str | None) -> None:
-    """With a tier, restart this process with CPU_TIERS[tier] in its environment, unless it is already there."""
+def prepare_process(parser: argparse.ArgumentParser | None = None, tier: str | None = None) -> None:
+    """Set this process up as the command-line runs set up theirs (fastdarts.memory.keep_freed_memory), for every
+    provider alike; with a tier, first restart it with CPU_TIERS[tier] in its environment, unless it is there."""
+    _apply_cpu_isa(parser, tier)
+    global FREED_MEMORY_KEPT
+    FREED_MEMORY_KEPT = keep_freed_memory()
+
+
+FREED_MEMORY_KEPT = False  # whether prepare_process made glibc keep freed memory
+
+
+def _apply_cpu_isa(parser: argparse.ArgumentParser | None, tier: str | None) -> None:
     if tier is None:
         return
+    assert parser is not None, "a tier comes from a command line"
     if tier not in ops.supported_cpu_isas():
         parser.error(f"--cpu_isa: this CPU cannot run tier {tier}; it runs {', '.join(ops.supported_cpu_isas())}")
     environment = CPU_TIERS[tier]
@@ -109,7 +121,8 @@ def cpu_line() -> str:
     """Which CPU ran, and the tier fastdarts's kernels, ATen's and oneDNN's used."""
     onednn = os.environ.get("ONEDNN_MAX_CPU_ISA", "its best")
     return (f"CPU: {cpu_model()}; fastdarts tier {ops.cpu_isa()}, ATen {torch.backends.cpu.get_cpu_capability()}, "
-            f"oneDNN up to {onednn}, {torch.get_num_threads()} threads")  # fmt: skip
+            f"oneDNN up to {onednn}, {torch.get_num_threads()} threads, freed memory "
+            f"{'kept for reuse' if FREED_MEMORY_KEPT else 'as the allocator decides'}")  # fmt: skip
 
 
 def benchmark_device() -> torch.device:

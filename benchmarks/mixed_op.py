@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     _device.add_peak_flags(parser)
     _device.add_cpu_isa_flag(parser)
     args = parser.parse_args(argv)
-    _device.apply_cpu_isa(parser, args.cpu_isa)
+    _device.prepare_process(parser, args.cpu_isa)
     _device.check_peak_flags(parser, args)
     device = _device.benchmark_device()
     peaks = _device.device_peaks(_device.device_name(device), args.peak_gbps, args.peak_gflops)

@@ -204,7 +204,7 @@ def main(argv=None) -> int:
     _device.add_peak_flags(parser)
     _device.add_cpu_isa_flag(parser)
     args = parser.parse_args(argv)
-    _device.apply_cpu_isa(parser, args.cpu_isa)
+    _device.prepare_process(parser, args.cpu_isa)
     _device.check_peak_flags(parser, args)
     if args.repeats < 1:
         parser.error(f"--repeats: must be at least 1, got {args.repeats}")

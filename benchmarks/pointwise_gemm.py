@@ -127,7 +127,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     _device.add_cpu_isa_flag(parser)
     args = parser.parse_args(argv)
-    _device.apply_cpu_isa(parser, args.cpu_isa)
+    _device.prepare_process(parser, args.cpu_isa)
     if args.calls < 1:
         parser.error(f"--calls: must be at least 1, got {args.calls}")
     from fastdarts import ops

@@ -39,6 +39,7 @@ from .checkpoint import (
 from .config import parse_command_line
 from .data import ImageData
 from .errors import ConfigError, TrainingDiverged
+from .memory import keep_freed_memory
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -303,6 +304,7 @@ def run_seeds(run_one, config, seeds: Sequence[int], keys: Sequence[str]) -> dic
 def entry_point(cls, run, argv, prog: str, description: str, summary_keys: Sequence[str]) -> int:
     """The command line of a run kind: a new run, `--resume RUN_DIR`, or `--seeds` (one run per seed)."""
     cli = parse_command_line(cls, argv, prog, description)
+    keep_freed_memory()  # this process is the run's own: its steps reuse each other's freed memory
     if cli.seeds is not None:
         run_seeds(lambda config: run(config).history[-1], cli.config, cli.seeds, summary_keys)
     elif cli.resume is not None:

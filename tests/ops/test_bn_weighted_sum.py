@@ -220,7 +220,6 @@ def test_does_not_depend_on_the_thread_count(cpu_isa):
         assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
 
 
-
 def forward_samples():
     """(id, (ts, w, mean, invstd)) for opcheck: every mix of operands needing gradients, and the layouts."""
     samples = []

@@ -62,8 +62,11 @@ def test_an_unknown_tier_in_the_environment_is_one_line_from_the_api_the_kernels
         result = run_python(code, FASTDARTS_CPU_ISA="sse9")
         assert result.stdout.strip().splitlines() == [message], call
     # the search stops before it writes anything
-    result = run_python("import sys, fastdarts.search, fastdarts.config; sys.argv[1:] = ['--epochs', '1']; "
-                        "sys.exit(fastdarts.config.run_cli(fastdarts.search.main))", FASTDARTS_CPU_ISA="sse9")
+    result = run_python(
+        "import sys, fastdarts.search, fastdarts.config; sys.argv[1:] = ['--epochs', '1']; "
+        "sys.exit(fastdarts.config.run_cli(fastdarts.search.main))",
+        FASTDARTS_CPU_ISA="sse9",
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {message}"
 

@@ -273,7 +273,6 @@ def test_statistics_do_not_depend_on_the_thread_count(cpu_isa):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-
 def pool_bn_stats_samples():
     return [
         ("contiguous", (make_x((2, 5, 7, 6), layout="contiguous"), 1)),

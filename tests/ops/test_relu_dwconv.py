@@ -229,7 +229,6 @@ def test_grad_weights_do_not_depend_on_the_thread_count(cpu_isa):
         assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
 
 
-
 def relu_dwconv_samples():
     """(id, args) for opcheck: every mix of operands needing gradients, layouts, strides, dtypes."""
     samples = []

@@ -157,7 +157,6 @@ def test_results_do_not_depend_on_the_thread_count(cpu_isa):
         assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
 
 
-
 def forward_samples():
     """(id, args) for opcheck: operands needing gradients or not, layouts, strides, dtypes."""
     samples = []
