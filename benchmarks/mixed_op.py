@@ -32,9 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -42,9 +40,10 @@ from fastdarts import ops
 from fastdarts.ops import reference
 
 if __package__:
-    from . import _device
+    from . import _device, _report
 else:  # run as a script: benchmarks/ is sys.path[0]
     import _device
+    import _report
 
 CASES = {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)}
 PROVIDERS = ("eager-contiguous", "eager", "cpp", "cpp-no-recompute", "compile", "triton")
@@ -139,13 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=None, help="override the batch size of every case (tests)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--one_case", help=argparse.SUPPRESS)  # CASE:PROVIDER, used by the parent
-    _device.add_peak_flags(parser)
-    _device.add_cpu_isa_flag(parser)
-    args = parser.parse_args(argv)
-    _device.prepare_process(parser, args.cpu_isa)
-    _device.check_peak_flags(parser, args)
-    device = _device.benchmark_device()
-    peaks = _device.device_peaks(_device.device_name(device), args.peak_gbps, args.peak_gflops)
+    args, device, peaks = _report.parse_device_args(parser, argv)
 
     def shape_of(case):
         shape = CASES[case][0]
@@ -155,62 +148,31 @@ def main(argv=None) -> int:
         case, provider = args.one_case.split(":")
         print(json.dumps(run_case(case, provider, args.repeats, shape_of(case), device, peaks)))
         return 0
-    providers = args.providers.split(",") if args.providers else default_providers(device)
+    providers = _report.choices(parser, "providers", args.providers, PROVIDERS, default_providers(device))
     for provider in providers:
-        if provider not in PROVIDERS:
-            parser.error(f"--providers: unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
         if BACKEND_OF[provider] not in ops.available_backends("mixed_op", device):
             if provider == "triton":
                 parser.error("--providers: triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
             if provider == "cpp" and device.type == "cpu":
                 parser.error("--providers: cpp is not available (the C++ extension is not built)")
             parser.error(f"--providers: {provider} does not run the mixed op on {device.type} tensors")
-    cases = args.cases.split(",")
-    for case in cases:
-        if case not in CASES:
-            parser.error(f"--cases: unknown case {case!r}; choose from {', '.join(CASES)}")
+    cases = _report.choices(parser, "cases", args.cases, CASES)
 
-    notes = [_device.TRITON_SKIPPED] if "triton" not in providers and device.type != "cuda" else []
-    for note in notes:
-        print(note, file=sys.stderr)
+    notes = _report.triton_notes(providers, device)
     results: dict[str, dict] = {}
     for case in cases:
         results[case] = {"shape": list(shape_of(case)), "stride": CASES[case][1], "providers": {}}
         for provider in providers:
-            child = subprocess.run(
-                [sys.executable, str(Path(__file__).resolve()), *(argv or sys.argv[1:]), "--one_case",
-                 f"{case}:{provider}"],
-                capture_output=True,
-                text=True,
-                timeout=_device.CHILD_TIMEOUT_SECONDS,
-            )  # fmt: skip
-            if child.returncode != 0:
-                tail = child.stderr.strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
-                raise SystemExit(f"case {case}:{provider} failed: {tail[0]}")
-            results[case]["providers"][provider] = json.loads(child.stdout)
-    report = {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": _device.cpu_line(),
-        "repeats": args.repeats,
-        "device_type": device.type,
-        **peaks,
-        "timer": _device.timer_for(device, args.repeats)[1],
-        "notes": notes,
-        "cases": results,
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(report["cpu"])
-        print(f"{peaks['device']}; peaks {peaks['peaks_from']}; timer: {report['timer']}")
-        for case, r in results.items():
-            for provider, c in r["providers"].items():
-                print(
-                    f"{case} {provider:>16}: {1e3 * c['median_seconds']:8.2f} ms median, saved for backward "
-                    f"{c['saved_bytes'] / 2**20:8.2f} MiB, peak RSS {c['peak_rss_bytes'] / 2**20:7.0f} MiB"
-                    + _device.describe(c)
-                )
+            results[case]["providers"][provider] = _report.run_child(__file__, argv, f"{case}:{provider}")
+    timer = _device.timer_for(device, args.repeats)[1]
+    report = {**_report.common_fields(device, peaks, timer, notes), "repeats": args.repeats, "cases": results}
+    rows = [
+        f"{case} {provider:>16}: {1e3 * c['median_seconds']:8.2f} ms median, saved for backward "
+        f"{c['saved_bytes'] / 2**20:8.2f} MiB, peak RSS {c['peak_rss_bytes'] / 2**20:7.0f} MiB" + _device.describe(c)
+        for case, r in results.items()
+        for provider, c in r["providers"].items()
+    ]
+    _report.print_report(report, args.json, rows)
     return 0
 
 

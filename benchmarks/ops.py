@@ -52,7 +52,6 @@ bandwidth it used. Prints one JSON object (with --json) or a table; notes (such 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
@@ -62,9 +61,10 @@ from fastdarts import ops
 from fastdarts.ops import reference
 
 if __package__:
-    from . import _device
+    from . import _device, _report
 else:  # run as a script: benchmarks/ is sys.path[0]
     import _device
+    import _report
 
 OPS = ("relu_dwconv", "relu_dwconv_pointwise", "weighted_sum", "pool_bn_stats", "bn_weighted_sum")
 DARTS = [(3, 1), (5, 1), (3, 2), (5, 2)]  # (kernel size, dilation)
@@ -201,28 +201,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="CPU: timed calls per case after one warm-up")
     parser.add_argument("--batch", type=int, default=None, help="override the batch size of every case (tests)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    _device.add_peak_flags(parser)
-    _device.add_cpu_isa_flag(parser)
-    args = parser.parse_args(argv)
-    _device.prepare_process(parser, args.cpu_isa)
-    _device.check_peak_flags(parser, args)
+    args, device, peaks = _report.parse_device_args(parser, argv)
     if args.repeats < 1:
         parser.error(f"--repeats: must be at least 1, got {args.repeats}")
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch: must be at least 1, got {args.batch}")
 
-    device = _device.benchmark_device()
-    op_names, cases = args.ops.split(","), args.cases.split(",")
-    for op in op_names:
-        if op not in OPS:
-            parser.error(f"--ops: unknown op {op!r}; choose from {', '.join(OPS)}")
-    for case in cases:
-        if case not in CASES[OPS[0]]:
-            parser.error(f"--cases: unknown case {case!r}; choose from stride1, stride2")
-    providers = args.providers.split(",") if args.providers else default_providers(device)
+    op_names = _report.choices(parser, "ops", args.ops, OPS)
+    cases = _report.choices(parser, "cases", args.cases, list(CASES[OPS[0]]))
+    providers = _report.choices(parser, "providers", args.providers, PROVIDERS, default_providers(device))
     for provider in providers:
-        if provider not in PROVIDERS:
-            parser.error(f"--providers: unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
         backend = BACKEND_OF.get(provider, "reference")
         for op in op_names:
             if backend not in ops.available_backends(op, device):
@@ -230,10 +218,7 @@ def main(argv=None) -> int:
                     parser.error("--providers: triton needs a CUDA device (or TRITON_INTERPRET=1 on the CPU)")
                 parser.error(f"--providers: {provider} does not run {op} on {device.type} tensors")
 
-    notes = [_device.TRITON_SKIPPED] if "triton" not in providers and device.type != "cuda" else []
-    for note in notes:
-        print(note, file=sys.stderr)
-    peaks = _device.device_peaks(_device.device_name(device), args.peak_gbps, args.peak_gflops)
+    notes = _report.triton_notes(providers, device)
     timer, timer_description = _device.timer_for(device, args.repeats)
     results: dict[str, dict] = {}
     for op in op_names:
@@ -243,26 +228,14 @@ def main(argv=None) -> int:
             entry = results.setdefault(op, {})[case] = {"shape": list(shape), "stride": stride, "providers": {}}
             for provider in providers:  # alternate inside each case, so drifting load hits the providers alike
                 entry["providers"][provider] = run_case(op, case, provider, device, timer, peaks, shape)
-    report = {
-        "torch": torch.__version__,
-        "cpu": _device.cpu_line(),
-        "device_type": device.type,
-        **peaks,
-        "threads": torch.get_num_threads(),
-        "timer": timer_description,
-        "notes": notes,
-        "ops": results,
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(report["cpu"])
-        print(f"{peaks['device']}; peaks {peaks['peaks_from']}; timer: {timer_description}")
-        for op, by_case in results.items():
-            for case, r in by_case.items():
-                for provider, c in r["providers"].items():
-                    line = f"{op} {case} {provider:>16}: {1e3 * c['median_seconds']:8.3f} ms median"
-                    print(line + _device.describe(c))
+    report = {**_report.common_fields(device, peaks, timer_description, notes), "ops": results}
+    rows = [
+        f"{op} {case} {provider:>16}: {1e3 * c['median_seconds']:8.3f} ms median" + _device.describe(c)
+        for op, by_case in results.items()
+        for case, r in by_case.items()
+        for provider, c in r["providers"].items()
+    ]
+    _report.print_report(report, args.json, rows)
     return 0
 
 

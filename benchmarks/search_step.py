@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +39,10 @@ from fastdarts import SearchNetwork, ops
 from fastdarts.bilevel import Architect, frozen, weight_step
 
 if __package__:
-    from . import _device
+    from . import _device, _report
 else:  # run as a script: benchmarks/ is sys.path[0]
     import _device
+    import _report
 
 ORDERS = ("first", "second")
 CUDA_REP_MS = 1000  # do_bench's timed span per case: a step takes tens of milliseconds or more
@@ -155,77 +154,37 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--in_process", action="store_true", help="run the cases in this process (no children)")
     parser.add_argument("--one_case", help=argparse.SUPPRESS)  # PROVIDER:ORDER, used by the parent
-    _device.add_peak_flags(parser)
-    _device.add_cpu_isa_flag(parser)
-    args = parser.parse_args(argv)
-    _device.prepare_process(parser, args.cpu_isa)
-    _device.check_peak_flags(parser, args)
-    device = _device.benchmark_device()
-    peaks = _device.device_peaks(_device.device_name(device), args.peak_gbps, args.peak_gflops)
+    args, device, peaks = _report.parse_device_args(parser, argv)
     shape = dict(batch=args.batch, C=args.init_channels, layers=args.layers, size=args.size, repeats=args.repeats)
     if args.one_case:
         provider, order = args.one_case.split(":")
         print(json.dumps(run_case(provider, order, **shape, device=device, peaks=peaks)))
         return 0
 
-    providers = args.providers.split(",") if args.providers else default_providers(device)
+    providers = _report.choices(parser, "providers", args.providers, PROVIDERS, default_providers(device))
     for provider in providers:
-        if provider not in PROVIDERS:
-            parser.error(f"--providers: unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
         if PROVIDERS[provider][0] not in ops.available_backends(device=device):
             parser.error(f"--providers: {provider} does not run on {device.type} tensors in this process")
-    orders = args.orders.split(",")
-    for order in orders:
-        if order not in ORDERS:
-            parser.error(f"--orders: unknown order {order!r}; choose from {', '.join(ORDERS)}")
-    notes = [_device.TRITON_SKIPPED] if "triton" not in providers and device.type != "cuda" else []
-    for note in notes:
-        print(note, file=sys.stderr)
+    orders = _report.choices(parser, "orders", args.orders, ORDERS)
+    notes = _report.triton_notes(providers, device)
     results: dict[str, dict] = {p: {} for p in providers}
     for order in orders:  # alternate providers inside each order, so drifting load hits them alike
         for provider in providers:
             if args.in_process:
                 results[provider][order] = run_case(provider, order, **shape, device=device, peaks=peaks)
-                continue
-            child = subprocess.run(
-                [
-                    sys.executable,
-                    str(Path(__file__).resolve()),
-                    *(argv or sys.argv[1:]),
-                    "--one_case",
-                    f"{provider}:{order}",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=_device.CHILD_TIMEOUT_SECONDS,
-            )
-            if child.returncode != 0:
-                tail = child.stderr.strip().splitlines()[-1:] or [f"exit status {child.returncode}"]
-                raise SystemExit(f"case {provider}:{order} failed: {tail[0]}")
-            results[provider][order] = json.loads(child.stdout)
-    report = {
-        "case": {**shape, "num_classes": 10},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu": _device.cpu_line(),
-        "device_type": device.type,
-        **peaks,
-        "timer": _device.timer_for(device, args.repeats, CUDA_REP_MS)[1],
-        "notes": notes,
-        "providers": results,
-    }
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(report["cpu"])
-        print(f"{peaks['device']}; peaks {peaks['peaks_from']}; timer: {report['timer']}")
-        for provider, r in results.items():
-            for order, c in r.items():
-                print(
-                    f"{provider:>20} {order}-order: {c['median_seconds']:.3f} s median, "
-                    f"saved for backward {c['saved_bytes'] / 2**30:.3f} GiB, "
-                    f"peak RSS {c['peak_rss_bytes'] / 2**30:.2f} GiB" + _device.describe(c)
-                )
+            else:
+                results[provider][order] = _report.run_child(__file__, argv, f"{provider}:{order}")
+    timer = _device.timer_for(device, args.repeats, CUDA_REP_MS)[1]
+    report = {"case": {**shape, "num_classes": 10}, **_report.common_fields(device, peaks, timer, notes),
+              "providers": results}  # fmt: skip
+    rows = [
+        f"{provider:>20} {order}-order: {c['median_seconds']:.3f} s median, "
+        f"saved for backward {c['saved_bytes'] / 2**30:.3f} GiB, "
+        f"peak RSS {c['peak_rss_bytes'] / 2**30:.2f} GiB" + _device.describe(c)
+        for provider, r in results.items()
+        for order, c in r.items()
+    ]
+    _report.print_report(report, args.json, rows)
     return 0
 
 

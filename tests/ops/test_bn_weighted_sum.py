@@ -6,6 +6,7 @@ from fastdarts import ops
 from fastdarts.ops import reference
 
 from ..conftest import requires_ext
+from ._helpers import backend_ops, memory_format_of
 
 EPS = 1e-5
 # (N, C, H, W): batch 1 and 3, C 4 and 16, odd spatial sizes.
@@ -15,16 +16,13 @@ CASES = [(shape, layout) for shape in SHAPES for layout in LAYOUTS]
 CASE_IDS = [f"{'x'.join(map(str, shape))}-{layout}" for shape, layout in CASES]
 
 
-def memory_format(layout):
-    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
-
-
 def make_inputs(K, shape, dtype=torch.float32, layout="channels_last", requires_grad=True):
     """ts (means away from 0, so that subtracting the mean matters), w, and statistics whose row 0 is a skip row
     (mean 0, invstd 1) when K > 1."""
     C = shape[1]
     ts = [
-        (torch.randn(shape, dtype=dtype) * 1.5 + 0.5).contiguous(memory_format=memory_format(layout)) for _ in range(K)
+        (torch.randn(shape, dtype=dtype) * 1.5 + 0.5).contiguous(memory_format=memory_format_of(layout))
+        for _ in range(K)
     ]
     w = torch.randn(K, dtype=dtype)
     mean = torch.randn(K, C, dtype=dtype)
@@ -40,20 +38,35 @@ def assert_close(got, want, rtol):
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * max(scale, 1e-30))
 
 
-@requires_ext
-@pytest.mark.parametrize("shape,layout", CASES, ids=CASE_IDS)
-@pytest.mark.parametrize("K", [1, 7])
-def test_cpp_matches_reference(K, shape, layout, cpu_isa):
+def call_backward_op(backend, grad, ts, w, mean, invstd, flags, input_grad=True, w_grad=True):
+    """The backend's bn_weighted_sum_backward op on detached tensors: (grad_ts or [], grad_w or None). The Triton op
+    returns grad_w as [grad_w] or []."""
+    grad_ts, grad_w = backend_ops(backend).bn_weighted_sum_backward(
+        grad, [t.detach() for t in ts], w.detach(), mean.detach(), invstd.detach(), flags, input_grad, w_grad
+    )
+    if backend == "triton":
+        assert len(grad_w) == w_grad
+        grad_w = grad_w[0] if w_grad else None
+    return grad_ts, grad_w
+
+
+def check_matches_reference(backend, K, shape, layout):
     ts, w, mean, invstd = make_inputs(K, shape, layout=layout)
-    out = ops.bn_weighted_sum(ts, w, mean, invstd, backend="cpp")
-    expected = ops.bn_weighted_sum(ts, w, mean, invstd, backend="reference")
+    out = ops.bn_weighted_sum(ts, w, mean, invstd, backend=backend)
+    expected = reference.bn_weighted_sum(ts, w, mean, invstd)
     assert_close(out, expected, 1e-4)
     assert out.stride() == torch.empty_like(ts[0]).stride()  # laid out like ts[0]
-
     grad_out = torch.randn_like(out)
     inputs = [*ts, w, mean, invstd]
     for got, want in zip(torch.autograd.grad(out, inputs, grad_out), torch.autograd.grad(expected, inputs, grad_out)):
         assert_close(got, want, 1e-3)
+
+
+@requires_ext
+@pytest.mark.parametrize("shape,layout", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("K", [1, 7])
+def test_cpp_matches_reference(K, shape, layout, cpu_isa):
+    check_matches_reference("cpp", K, shape, layout)
 
 
 def batch_norm_graph(ts, batch_statistics, fixed_mean, fixed_invstd):
@@ -75,26 +88,26 @@ def statistics_flags(K):
     return [k % 3 != 0 for k in range(K)]  # K = 7: rows 0, 3, 6 fixed (row 0 a skip row), the others batch
 
 
+def check_backward_op_matches_autograd_through_batch_statistics(backend, K, flags, shape, layout):
+    ts, w, fixed_mean, fixed_invstd = make_inputs(K, shape, layout=layout)
+    mean, invstd = batch_norm_graph(ts, flags, fixed_mean.detach(), fixed_invstd.detach())
+    expected = reference.bn_weighted_sum(ts, w, mean, invstd)
+    grad_out = torch.randn_like(expected)
+    *expected_ts, expected_w = torch.autograd.grad(expected, [*ts, w], grad_out)
+    grad_ts, grad_w = call_backward_op(backend, grad_out, ts, w, mean, invstd, flags)
+    for got, want in zip(grad_ts, expected_ts, strict=True):
+        assert_close(got, want, 1e-3)
+        assert got.stride() == torch.empty_like(ts[0]).stride()
+    assert_close(grad_w, expected_w, 1e-3)
+
+
 @requires_ext
 @pytest.mark.parametrize("shape,layout", CASES, ids=CASE_IDS)
 @pytest.mark.parametrize(
     "K,flags", [(1, [True]), (1, [False]), (7, statistics_flags(7))], ids=["K1-batch", "K1-fixed", "K7-mixed"]
 )
 def test_backward_op_matches_autograd_through_batch_statistics(K, flags, shape, layout, cpu_isa):
-    ts, w, fixed_mean, fixed_invstd = make_inputs(K, shape, layout=layout)
-    mean, invstd = batch_norm_graph(ts, flags, fixed_mean.detach(), fixed_invstd.detach())
-    expected = reference.bn_weighted_sum(ts, w, mean, invstd)
-    grad_out = torch.randn_like(expected)
-    *expected_ts, expected_w = torch.autograd.grad(expected, [*ts, w], grad_out)
-
-    detached = [t.detach() for t in ts]
-    grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward(
-        grad_out, detached, w.detach(), mean.detach(), invstd.detach(), flags, True, True
-    )
-    for got, want in zip(grad_ts, expected_ts):
-        assert_close(got, want, 1e-3)
-        assert got.stride() == torch.empty_like(ts[0]).stride()
-    assert_close(grad_w, expected_w, 1e-3)
+    check_backward_op_matches_autograd_through_batch_statistics("cpp", K, flags, shape, layout)
 
 
 @requires_ext
@@ -119,50 +132,63 @@ def test_backward_op_float64_matches_native_batch_norm_backward(layout, cpu_isa)
         torch.testing.assert_close(grad_w[k], want_w, rtol=1e-10, atol=1e-12)
 
 
-@requires_ext
-@pytest.mark.parametrize("layout", ["strided", "permuted", "mixed", "empty_batch"])
-def test_other_layouts_and_an_empty_batch(layout, cpu_isa):
-    """Layouts the kernels copy in and out of channels_last, and N = 0 (grad_w is then 0)."""
+OTHER_LAYOUTS = ["strided", "permuted", "mixed", "expanded_grad", "empty_batch"]
+
+
+def check_other_layouts_and_an_empty_batch(backend, layout):
+    """Views that are not dense, a dense layout that is neither contiguous nor channels_last, inputs in two layouts,
+    an expanded gradient, and N = 0 (grad_w is then 0): the kernels copy these in and out of channels_last."""
     K, C = 3, 4
-    if layout == "strided":  # views that are not dense
+    if layout == "strided":
         ts = [torch.randn(2, C, 5, 14)[..., ::2] for _ in range(K)]
-    elif layout == "permuted":  # dense, neither contiguous nor channels_last
+    elif layout == "permuted":
         ts = [torch.randn(2, C, 7, 5).permute(0, 1, 3, 2) for _ in range(K)]
-    elif layout == "mixed":  # ts[0] channels_last, the others contiguous
+    elif layout == "empty_batch":
+        ts = [torch.randn(0, C, 5, 7) for _ in range(K)]
+    else:  # ts[0] channels_last, the others contiguous
         ts = [torch.randn(2, C, 5, 7) for _ in range(K)]
         ts[0] = ts[0].contiguous(memory_format=torch.channels_last)
-    else:
-        ts = [torch.randn(0, C, 5, 7) for _ in range(K)]
     ts = [t.requires_grad_() for t in ts]
     w, fixed_mean, fixed_invstd = torch.randn(K, requires_grad=True), torch.randn(K, C), torch.rand(K, C) + 0.5
     flags = [True, False, True] if layout != "empty_batch" else [False] * K  # no batch statistics of 0 values
     mean, invstd = batch_norm_graph(ts, flags, fixed_mean, fixed_invstd)
     expected = reference.bn_weighted_sum(ts, w, mean, invstd)
-    out = torch.ops.fastdarts.bn_weighted_sum(ts, w, mean.detach(), invstd.detach())
+    out = backend_ops(backend).bn_weighted_sum(ts, w, mean.detach(), invstd.detach())
     assert_close(out, expected, 1e-5)
     assert out.stride() == torch.empty_like(ts[0]).stride()
-    grad = torch.randn_like(expected)
+    if layout == "expanded_grad":  # stride 0 over images and channels; varying over pixels, or the BN would cancel it
+        grad = torch.randn(1, 1, *expected.shape[2:]).expand(expected.shape)
+    else:
+        grad = torch.randn_like(expected)
     leaves = [*ts, w]
     want = torch.autograd.grad(expected, leaves, grad) if expected.numel() else [torch.zeros_like(t) for t in leaves]
-    grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward(
-        grad, [t.detach() for t in ts], w.detach(), mean.detach(), invstd.detach(), flags, True, True
-    )
-    for got, expected_grad in zip([*grad_ts, grad_w], want):
+    grad_ts, grad_w = call_backward_op(backend, grad, ts, w, mean, invstd, flags)
+    for got, expected_grad in zip([*grad_ts, grad_w], want, strict=True):
         assert_close(got, expected_grad, 1e-5)
     if layout == "empty_batch":
         assert torch.equal(grad_w, torch.zeros(K))
 
 
 @requires_ext
-@pytest.mark.parametrize("input_grad,w_grad", [(True, False), (False, True), (False, False)])
-def test_backward_op_computes_only_what_is_asked(input_grad, w_grad):
+@pytest.mark.parametrize("layout", OTHER_LAYOUTS)
+def test_other_layouts_and_an_empty_batch(layout, cpu_isa):
+    check_other_layouts_and_an_empty_batch("cpp", layout)
+
+
+def check_backward_op_computes_only_what_is_asked(backend, input_grad, w_grad):
     ts, w, mean, invstd = make_inputs(4, (2, 6, 5, 7), requires_grad=False)
     grad = torch.randn_like(ts[0])
     flags = [False, True, True, False]
-    all_ts, all_w = torch.ops.fastdarts.bn_weighted_sum_backward(grad, ts, w, mean, invstd, flags, True, True)
-    grad_ts, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward(grad, ts, w, mean, invstd, flags, input_grad, w_grad)
+    all_ts, all_w = call_backward_op(backend, grad, ts, w, mean, invstd, flags)
+    grad_ts, grad_w = call_backward_op(backend, grad, ts, w, mean, invstd, flags, input_grad, w_grad)
     assert grad_ts == [] if not input_grad else all(torch.equal(a, b) for a, b in zip(grad_ts, all_ts, strict=True))
     assert grad_w is None if not w_grad else torch.equal(grad_w, all_w)
+
+
+@requires_ext
+@pytest.mark.parametrize("input_grad,w_grad", [(True, False), (False, True), (False, False)])
+def test_backward_op_computes_only_what_is_asked(input_grad, w_grad):
+    check_backward_op_computes_only_what_is_asked("cpp", input_grad, w_grad)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
@@ -178,26 +204,35 @@ def test_gradcheck_float64(backend, layout):
         assert torch.autograd.gradgradcheck(fn, (*ts, w, mean, invstd))
 
 
-@requires_ext
-def test_gradcheck_float64_through_batch_statistics(cpu_isa):
+def check_gradcheck_float64_through_batch_statistics(backend, fast_mode=False):
     """The forward op's autograd, chained through statistics computed in the graph, is the BN-through gradient."""
     ts, w, fixed_mean, fixed_invstd = make_inputs(3, (2, 3, 3, 4), torch.float64)
     flags = [False, True, True]
 
     def fn(*tensors):
         mean, invstd = batch_norm_graph(tensors[:3], flags, fixed_mean.detach(), fixed_invstd.detach())
-        return ops.bn_weighted_sum(tensors[:3], tensors[3], mean, invstd, backend="cpp")
+        return ops.bn_weighted_sum(tensors[:3], tensors[3], mean, invstd, backend=backend)
 
-    assert torch.autograd.gradcheck(fn, (*ts, w))
+    assert torch.autograd.gradcheck(fn, (*ts, w), fast_mode=fast_mode)
+
+
+@requires_ext
+def test_gradcheck_float64_through_batch_statistics(cpu_isa):
+    check_gradcheck_float64_through_batch_statistics("cpp")
+
+
+def check_second_derivative_raises_a_clear_error(backend):
+    ts, w, mean, invstd = make_inputs(2, (2, 3, 4, 4), torch.float64)
+    out = ops.bn_weighted_sum(ts, w, mean, invstd, backend=backend)
+    (grad_w,) = torch.autograd.grad(out.square().sum(), [w], create_graph=True)
+    namespace = backend_ops(backend).name
+    with pytest.raises(RuntimeError, match=f"{namespace}::bn_weighted_sum_backward is not differentiable"):
+        torch.autograd.grad(grad_w.sum(), [ts[0]])
 
 
 @requires_ext
 def test_cpp_second_derivative_raises_a_clear_error():
-    ts, w, mean, invstd = make_inputs(2, (2, 3, 4, 4), torch.float64)
-    out = ops.bn_weighted_sum(ts, w, mean, invstd, backend="cpp")
-    (grad_w,) = torch.autograd.grad(out.square().sum(), [w], create_graph=True)
-    with pytest.raises(RuntimeError, match="bn_weighted_sum_backward is not differentiable"):
-        torch.autograd.grad(grad_w.sum(), [ts[0]])
+    check_second_derivative_raises_a_clear_error("cpp")
 
 
 @requires_ext
@@ -261,16 +296,20 @@ def test_opcheck_bn_weighted_sum_backward(args):
     opcheck(torch.ops.fastdarts.bn_weighted_sum_backward.default, args)
 
 
-@requires_ext
-def test_opcheck_bn_weighted_sum_backward_with_inputs_needing_grad():
+def opcheck_backward_op_with_inputs_needing_grad(backend):
     """Its autograd is registered (it raises when used), and the fake agrees with the kernel."""
     ts, w, mean, invstd = make_inputs(2, (2, 4, 3, 3))
     args = (torch.randn(2, 4, 3, 3, requires_grad=True), ts, w, mean, invstd, [True, False], True, True)
     opcheck(
-        torch.ops.fastdarts.bn_weighted_sum_backward.default,
+        backend_ops(backend).bn_weighted_sum_backward.default,
         args,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+@requires_ext
+def test_opcheck_bn_weighted_sum_backward_with_inputs_needing_grad():
+    opcheck_backward_op_with_inputs_needing_grad("cpp")
 
 
 def ok(K=2, C=3):
@@ -327,29 +366,33 @@ def test_bad_arguments_raise_one_line_errors(backend, make, error, message):
     assert str(raised.value).startswith("bn_weighted_sum: ") and "\n" not in str(raised.value)
 
 
-@requires_ext
-@pytest.mark.parametrize(
-    "change,error,message",
-    [
-        (dict(grad=torch.randn(2, 3, 4, 5)), ValueError, r"grad must have the shape of ts\[0\]"),
-        (
-            dict(batch_statistics=[True]),
-            ValueError,
-            r"batch_statistics must have one entry per tensor \(K = 2\), got 1",
-        ),
-        (dict(dtype=torch.float16), TypeError, "only float32 and float64 are supported"),
-    ],
-    ids=["grad", "batch_statistics", "dtype"],
-)
-def test_backward_op_bad_arguments(change, error, message):
+BACKWARD_BAD_ARGUMENTS = [
+    ("grad", dict(grad=torch.randn(2, 3, 4, 5)), ValueError, r"grad must have the shape of ts\[0\]"),
+    ("batch_statistics", dict(batch_statistics=[True]), ValueError,
+     r"batch_statistics must have one entry per tensor \(K = 2\), got 1"),
+    ("dtype", dict(dtype=torch.float16), TypeError, "only float32 and float64 are supported"),
+]  # fmt: skip
+
+
+def spoilt_backward_arguments(change):
+    """bn_weighted_sum_backward's arguments, valid but for `change`."""
     ts, w, mean, invstd = ok()
     if "dtype" in change:
         ts, w, mean, invstd = [t.to(change["dtype"]) for t in ts], *(x.to(change["dtype"]) for x in (w, mean, invstd))
     grad = change.get("grad", torch.randn_like(ts[0]))
     flags = change.get("batch_statistics", [True, False])
+    return grad, ts, w, mean, invstd, flags, True, True
+
+
+@requires_ext
+@pytest.mark.parametrize(
+    "change,error,message", [c[1:] for c in BACKWARD_BAD_ARGUMENTS], ids=[c[0] for c in BACKWARD_BAD_ARGUMENTS]
+)
+def test_backward_op_bad_arguments(change, error, message):
+    args = spoilt_backward_arguments(change)
     for call in (torch.ops.fastdarts.bn_weighted_sum_backward, _fake_backward):
         with pytest.raises(error, match=message) as raised:
-            call(grad, ts, w, mean, invstd, flags, True, True)
+            call(*args)
         assert "\n" not in str(raised.value)
 
 

@@ -7,12 +7,12 @@ import itertools
 import pytest
 import torch
 from torch.library import opcheck
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdarts import ops
 from fastdarts.ops import reference
 
 from ..conftest import requires_ext
+from ._helpers import RecordCalls, backend_ops
 
 ALL = list(range(len(ops.MIXED_OP_CANDIDATES)))
 SHAPES = [(N, C, S) for N, C, S in itertools.product([1, 3], [4, 16], [7, 9, 8])]
@@ -48,12 +48,13 @@ def run(backend, x, w, weights, stride, candidates, bn_mean, bn_var, training, g
     return out, mean, var, grads, grad_out
 
 
-def assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=True):
+def assert_agrees_with_reference(backend, x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=True):
     tol = TOLERANCES[x.dtype]
     want = run("reference", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=pool_bn)
-    got = run("cpp", x, w, weights, stride, candidates, bn_mean, bn_var, training, grad_out=want[-1], pool_bn=pool_bn)
+    got = run(backend, x, w, weights, stride, candidates, bn_mean, bn_var, training, want[-1], pool_bn)
     for g, r in zip(got[:3], want[:3]):
         torch.testing.assert_close(g, r, **tol["out"])
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
     assert len(got[3]) == len(want[3])
     for i, (g, r) in enumerate(zip(got[3], want[3])):
         torch.testing.assert_close(g, r, **tol["grad"], msg=lambda m, i=i: f"gradient {i}: {m}")
@@ -65,16 +66,28 @@ def assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, tr
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
 def test_fused_equals_reference(shape, stride, training, cpu_isa):
     x, w, weights, bn_mean, bn_var = make_inputs(*shape, stride)
-    assert_backends_agree(x, w, weights, stride, ALL, bn_mean, bn_var, training)
+    assert_agrees_with_reference("cpp", x, w, weights, stride, ALL, bn_mean, bn_var, training)
 
 
 @requires_ext
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
 def test_fused_equals_reference_in_both_layouts_and_keeps_channels_last(layout, cpu_isa):
     x, w, weights, bn_mean, bn_var = make_inputs(2, 16, 8, 1, layout=layout)
-    assert_backends_agree(x, w, weights, 1, ALL, bn_mean, bn_var, True)
+    assert_agrees_with_reference("cpp", x, w, weights, 1, ALL, bn_mean, bn_var, True)
     out, _, _ = ops.mixed_op(x, w, weights, 1, backend="cpp")
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def check_candidate_subset(backend, candidates, stride, N, C, S):
+    x, w, weights, bn_mean, bn_var = make_inputs(N, C, S, stride)
+    assert_agrees_with_reference(backend, x, w, weights, stride, candidates, bn_mean, bn_var, True)
+    _, mean, var = ops.mixed_op(x, w, weights, stride, candidates, backend=backend)
+    # The statistics of BNs that did not run are the neutral 0 and 1.
+    rows, row = [], 0
+    for k, (_, bns) in enumerate(ops.mixed_op_layout(stride)):
+        rows += [row + i for i in range(bns) if k not in candidates]
+        row += bns
+    assert torch.equal(mean[rows], torch.zeros_like(mean[rows])) and torch.equal(var[rows], torch.ones_like(var[rows]))
 
 
 SUBSETS = [[0], [1], [2], [3], [4], [5], [6], [0, 3], [2, 6], [1, 4, 5], [3, 4, 5, 6]]
@@ -84,15 +97,7 @@ SUBSETS = [[0], [1], [2], [3], [4], [5], [6], [0, 3], [2, 6], [1, 4, 5], [3, 4, 
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 @pytest.mark.parametrize("candidates", SUBSETS, ids=["-".join(map(str, c)) for c in SUBSETS])
 def test_candidate_subsets(candidates, stride, cpu_isa):
-    x, w, weights, bn_mean, bn_var = make_inputs(3, 4, 7, stride)
-    assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, True)
-    _, mean, var = ops.mixed_op(x, w, weights, stride, candidates, backend="cpp")
-    # The statistics of BNs that did not run are the neutral 0 and 1.
-    rows, row = [], 0
-    for k, (_, bns) in enumerate(ops.mixed_op_layout(stride)):
-        rows += [row + i for i in range(bns) if k not in candidates]
-        row += bns
-    assert torch.equal(mean[rows], torch.zeros_like(mean[rows])) and torch.equal(var[rows], torch.ones_like(var[rows]))
+    check_candidate_subset("cpp", candidates, stride, 3, 4, 7)
 
 
 POOL_SUBSETS = [[0], [1], [0, 1], [0, 3], ALL]
@@ -104,7 +109,7 @@ POOL_SUBSETS = [[0], [1], [0, 1], [0, 3], ALL]
 @pytest.mark.parametrize("candidates", POOL_SUBSETS, ids=["-".join(map(str, c)) for c in POOL_SUBSETS])
 def test_pools_without_bn(candidates, stride, training, cpu_isa):
     x, w, weights, bn_mean, bn_var = make_inputs(3, 4, 7, stride, pool_bn=False)
-    assert_backends_agree(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=False)
+    assert_agrees_with_reference("cpp", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=False)
     # Without their BNs the pools are added as they are, so the op moves with x's scale.
     (out,) = run("cpp", x, w, weights, stride, [0, 1], bn_mean, bn_var, True, pool_bn=False)[:1]
     (doubled,) = run("cpp", 2 * x.detach(), w, weights, stride, [0, 1], bn_mean, bn_var, True, pool_bn=False)[:1]
@@ -145,7 +150,7 @@ def test_gradcheck_float64(stride, training, cpu_isa):
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 def test_float64_matches_reference_tightly(stride, cpu_isa):
     x, w, weights, bn_mean, bn_var = make_inputs(3, 4, 9, stride, dtype=torch.float64)
-    assert_backends_agree(x, w, weights, stride, ALL, bn_mean, bn_var, True)
+    assert_agrees_with_reference("cpp", x, w, weights, stride, ALL, bn_mean, bn_var, True)
 
 
 @requires_ext
@@ -168,15 +173,20 @@ def test_opcheck(stride, training, pool_bn, recompute):
     opcheck(torch.ops.fastdarts.mixed_op_backward.default, backward_args)
 
 
-class RecordBackwardCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.fastdarts.mixed_op_backward.default:
-            self.calls.append(args[-3:])  # (x_grad, w_grad, weights_grad)
-        return func(*args, **(kwargs or {}))
+def check_computes_only_the_gradients_asked_for(backend, wants, N, C, S):
+    x, w, weights, _, _ = make_inputs(N, C, S, 1)
+    x.requires_grad_("x" in wants)
+    w.requires_grad_("w" in wants)
+    for t in weights:
+        t.requires_grad_("weights" in wants)
+    want = run("reference", x, w, weights, 1, ALL, None, None, True)
+    # The backward op's last three arguments: which of the gradients of x, w and the weights it computes.
+    with RecordCalls(backend_ops(backend).mixed_op_backward.default, lambda args: args[-3:]) as record:
+        got = run(backend, x, w, weights, 1, ALL, None, None, True, grad_out=want[-1])
+    assert record.calls == [("x" in wants, "w" in wants, "weights" in wants)]
+    assert len(got[3]) == len(want[3])
+    for g, r in zip(got[3], want[3]):
+        torch.testing.assert_close(g, r, **TOLERANCES[torch.float32]["grad"])
 
 
 @requires_ext
@@ -184,27 +194,7 @@ class RecordBackwardCalls(TorchDispatchMode):
     "wants", [("x", "w"), ("x", "weights"), ("w",), ("x", "w", "weights")], ids=["arch_step", "weight_step", "w", "all"]
 )
 def test_computes_only_the_gradients_asked_for(wants):
-    x, w, weights, _, _ = make_inputs(2, 4, 7, 1)
-    x.requires_grad_("x" in wants)
-    w.requires_grad_("w" in wants)
-    for t in weights:
-        t.requires_grad_("weights" in wants)
-    want = run("reference", x, w, weights, 1, ALL, None, None, True)
-    with RecordBackwardCalls() as record:
-        got = run("cpp", x, w, weights, 1, ALL, None, None, True, grad_out=want[-1])
-    assert record.calls == [("x" in wants, "w" in wants, "weights" in wants)]
-    for g, r in zip(got[3], want[3]):
-        torch.testing.assert_close(g, r, **TOLERANCES[torch.float32]["grad"])
-
-
-class RecordCalls(TorchDispatchMode):
-    def __init__(self, op):
-        super().__init__()
-        self.op, self.calls = op, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func is self.op
-        return func(*args, **(kwargs or {}))
+    check_computes_only_the_gradients_asked_for("cpp", wants, 2, 4, 7)
 
 
 NO_RECOMPUTE_CASES = [(1, ALL, True), (2, ALL, False), (1, [0, 1, 4], True), (2, [2, 5], True)]
@@ -222,7 +212,7 @@ def test_without_recomputation_equals_reference_and_runs_no_forward_kernel_in_ba
                                   recompute=False, backend="cpp")  # fmt: skip
     with RecordCalls(torch.ops.fastdarts.relu_dwconv.default) as forward_kernel:
         grads = torch.autograd.grad(out, [x, w, *weights], want[-1], allow_unused=True)
-    assert forward_kernel.calls == 0
+    assert forward_kernel.calls == []
     for g, r in zip((out, mean, var), want[:3]):
         torch.testing.assert_close(g, r, **TOLERANCES[torch.float32]["out"])
     for g, r in zip(grads, want[3]):
@@ -264,24 +254,30 @@ def test_without_recomputation_saves_the_ten_intermediates():
     assert len(activations) == 10
 
 
-@requires_ext
-def test_saves_only_the_input_the_weights_and_the_statistics():
-    x, w, weights, _, _ = make_inputs(4, 16, 16, 1)
-    storages, inputs = saved_storages(lambda: ops.mixed_op(x, w, weights, 1, backend="cpp"), x, w, weights)
+def check_saves_only_the_input_the_weights_and_the_statistics(backend, x, w, weights):
+    storages, inputs = saved_storages(lambda: ops.mixed_op(x, w, weights, 1, backend=backend), x, w, weights)
     beyond_inputs = sum(size for ptr, size in storages.items() if ptr not in inputs)
     B = sum(bns for _, bns in ops.mixed_op_layout(1))
-    assert beyond_inputs <= 2 * B * 16 * 4  # the mean and variance rows: no activation at all
-    # The input x is channels_last already here, so the op kept x itself, not a copy.
+    assert beyond_inputs <= 2 * B * x.shape[1] * 4  # the mean and variance rows: no activation at all
+    # x itself, not a copy of it.
     assert x.untyped_storage().data_ptr() in storages
 
 
 @requires_ext
-def test_double_backward_is_refused_with_a_clear_error():
-    x, w, weights, _, _ = make_inputs(2, 4, 7, 1)
-    out, _, _ = ops.mixed_op(x, w, weights, 1, backend="cpp")
+def test_saves_only_the_input_the_weights_and_the_statistics():
+    check_saves_only_the_input_the_weights_and_the_statistics("cpp", *make_inputs(4, 16, 16, 1)[:3])
+
+
+def check_double_backward_is_refused(backend, x, w, weights, candidates):
+    out, _, _ = ops.mixed_op(x, w, weights, 1, candidates, backend=backend)
     (grad_w,) = torch.autograd.grad(out.square().sum(), [w], create_graph=True)
-    with pytest.raises(RuntimeError, match="the 'cpp' backend is differentiable once"):
+    with pytest.raises(RuntimeError, match=f"the '{backend}' backend is differentiable once"):
         torch.autograd.grad(grad_w.sum(), [x])
+
+
+@requires_ext
+def test_double_backward_is_refused_with_a_clear_error():
+    check_double_backward_is_refused("cpp", *make_inputs(2, 4, 7, 1)[:3], ALL)
 
 
 BAD_ARGUMENTS = [

@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.library import opcheck
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdarts import ops
 from fastdarts.ops import reference
 
 from ..conftest import requires_ext
+from ._helpers import RecordCalls, backend_ops, memory_format_of
 
 SHAPES = [(N, C, S, S) for N, C, S in itertools.product([1, 3], [4, 5, 16, 33], [7, 8, 9])] + [(3, 16, 7, 10)]
 SHAPE_IDS = ["x".join(map(str, shape)) for shape in SHAPES]
@@ -18,10 +18,6 @@ TOLERANCES = {
     torch.float32: dict(out=dict(rtol=1e-4, atol=1e-5), grad=dict(rtol=1e-3, atol=1e-4)),
     torch.float64: dict(out=dict(rtol=1e-10, atol=1e-12), grad=dict(rtol=1e-10, atol=1e-10)),
 }
-
-
-def memory_format_of(layout):
-    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
 def make_x(shape, dtype=torch.float32, layout="channels_last", requires_grad=True):
@@ -39,15 +35,11 @@ def var_mean_of(max_out, avg_out):
     return torch.var_mean(pools, dim=(1, 3, 4), correction=0)
 
 
-@requires_ext
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_cpp_matches_reference(shape, stride, layout, cpu_isa):
+def check_matches_reference(backend, shape, stride, layout):
     x = make_x(shape, layout=layout)
     tol = TOLERANCES[torch.float32]
-    max_out, avg_out, mean, var = ops.pool_bn_stats(x, stride, backend="cpp")
-    expected = ops.pool_bn_stats(x, stride, backend="reference")
+    max_out, avg_out, mean, var = ops.pool_bn_stats(x, stride, backend=backend)
+    expected = reference.pool_bn_stats(x, stride)
     for got, want in zip((max_out, avg_out, mean, var), expected):
         torch.testing.assert_close(got, want, **tol["out"])
     for out in (max_out, avg_out):  # laid out like x
@@ -67,6 +59,14 @@ def test_cpp_matches_reference(shape, stride, layout, cpu_isa):
 
 @requires_ext
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_cpp_matches_reference(shape, stride, layout, cpu_isa):
+    check_matches_reference("cpp", shape, stride, layout)
+
+
+@requires_ext
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_float64_matches_reference(stride, layout, cpu_isa):
     x = make_x((2, 19, 9, 8), torch.float64, layout)
@@ -82,31 +82,40 @@ def test_float64_matches_reference(stride, layout, cpu_isa):
     )
 
 
-@requires_ext
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["centred", "offset"])
-def test_statistics_are_accumulated_in_double(offset, layout, cpu_isa):
+def check_statistics_in_double(backend, x):
     # Far from zero, float32 sums of squares would lose the variance (1e3^2 against 1); the kernel's must agree
     # with float64 statistics of its own float32 pools to the float32 rounding of the result.
-    x = (offset + torch.randn(4, 16, 16, 16)).contiguous(memory_format=memory_format_of(layout))
     for stride in (1, 2):
-        max_out, avg_out, mean, var = ops.pool_bn_stats(x, stride, backend="cpp")
+        max_out, avg_out, mean, var = ops.pool_bn_stats(x, stride, backend=backend)
         want_var, want_mean = var_mean_of(max_out.double(), avg_out.double())
         torch.testing.assert_close(mean, want_mean.float(), rtol=1e-6, atol=0)
         torch.testing.assert_close(var, want_var.float(), rtol=1e-6, atol=0)
 
 
-class RecordBackwardCalls(TorchDispatchMode):
-    """Which of (grad_max, grad_avg) every pool_bn_stats_backward call was given."""
+@requires_ext
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("offset", [0.0, 1e3], ids=["centred", "offset"])
+def test_statistics_are_accumulated_in_double(offset, layout, cpu_isa):
+    x = (offset + torch.randn(4, 16, 16, 16)).contiguous(memory_format=memory_format_of(layout))
+    check_statistics_in_double("cpp", x)
 
-    def __init__(self):
-        super().__init__()
-        self.given = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.fastdarts.pool_bn_stats_backward.default:
-            self.given.append((args[0] is not None, args[1] is not None))
-        return func(*args, **(kwargs or {}))
+def check_gradient_of_one_pool(backend, used, stride, x):
+    backward = backend_ops(backend).pool_bn_stats_backward
+    outs = ops.pool_bn_stats(x, stride, backend=backend)
+    k = 0 if used == "max" else 1
+    expected = aten_pools(x, stride)[k]
+    grad_out = torch.randn_like(expected)
+    with RecordCalls(backward.default, lambda args: (args[0] is not None, args[1] is not None)) as record:
+        (got,) = torch.autograd.grad(outs[k], x, grad_out)
+    # The unused pool's gradient reaches the backward as None, not as zeros to add.
+    assert record.calls == [(used == "max", used == "avg")]
+    (want,) = torch.autograd.grad(expected, x, grad_out)
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32]["grad"])
+    # The op itself, with the other gradient None, and with neither.
+    grads = [grad_out, None] if used == "max" else [None, grad_out]
+    torch.testing.assert_close(backward(*grads, x.detach(), stride), want, **TOLERANCES[torch.float32]["grad"])
+    assert torch.equal(backward(None, None, x.detach(), stride), torch.zeros_like(x))
 
 
 @requires_ext
@@ -114,32 +123,12 @@ class RecordBackwardCalls(TorchDispatchMode):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("used", ["max", "avg"])
 def test_gradient_of_one_pool(used, stride, layout, cpu_isa):
-    x = make_x((3, 17, 9, 10), layout=layout)
-    outs = ops.pool_bn_stats(x, stride, backend="cpp")
-    expected = aten_pools(x, stride)
-    k = 0 if used == "max" else 1
-    grad_out = torch.randn_like(expected[k])
-    with RecordBackwardCalls() as record:
-        (got,) = torch.autograd.grad(outs[k], x, grad_out)
-    # The unused pool's gradient reaches the backward as None, not as zeros to add.
-    assert record.given == [(used == "max", used == "avg")]
-    (want,) = torch.autograd.grad(expected[k], x, grad_out)
-    torch.testing.assert_close(got, want, **TOLERANCES[torch.float32]["grad"])
-    # The op itself, with the other gradient None.
-    grads = [grad_out, None] if used == "max" else [None, grad_out]
-    direct = torch.ops.fastdarts.pool_bn_stats_backward(*grads, x.detach(), stride)
-    torch.testing.assert_close(direct, want, **TOLERANCES[torch.float32]["grad"])
-    assert torch.equal(torch.ops.fastdarts.pool_bn_stats_backward(None, None, x.detach(), stride), torch.zeros_like(x))
+    check_gradient_of_one_pool("cpp", used, stride, make_x((3, 17, 9, 10), layout=layout))
 
 
-@requires_ext
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("case", ["zeros", "constant", "minus_inf", "few_values"])
-def test_ties_route_the_gradient_like_aten(case, stride, layout, cpu_isa):
+def check_ties_route_the_gradient_like_aten(backend, case, stride, shape, layout):
     # Every tie must go to the first tap in scan order, as ATen's max_pool2d indices do. Compared exactly: each
     # grad_x value is a sum of at most 9 small integers, exact in any order.
-    shape = (2, 18, 7, 8)
     x = {
         "zeros": torch.zeros(shape),
         "constant": torch.full(shape, 2.5),
@@ -147,7 +136,7 @@ def test_ties_route_the_gradient_like_aten(case, stride, layout, cpu_isa):
         "few_values": torch.randint(0, 3, shape).float(),
     }[case]
     x = x.contiguous(memory_format=memory_format_of(layout)).requires_grad_()
-    max_out = ops.pool_bn_stats(x, stride, backend="cpp")[0]
+    max_out = ops.pool_bn_stats(x, stride, backend=backend)[0]
     expected = F.max_pool2d(x, 3, stride, 1)
     assert torch.equal(max_out, expected)
     grad_out = torch.randint(1, 5, expected.shape).float()
@@ -159,6 +148,14 @@ def test_ties_route_the_gradient_like_aten(case, stride, layout, cpu_isa):
         for ho, wo in itertools.product(range(expected.shape[2]), range(expected.shape[3])):
             corners[:, :, max(ho * stride - 1, 0), max(wo * stride - 1, 0)] += grad_out[:, :, ho, wo]
         assert torch.equal(got, corners)
+
+
+@requires_ext
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("case", ["zeros", "constant", "minus_inf", "few_values"])
+def test_ties_route_the_gradient_like_aten(case, stride, layout, cpu_isa):
+    check_ties_route_the_gradient_like_aten("cpp", case, stride, (2, 18, 7, 8), layout)
 
 
 @requires_ext
@@ -184,10 +181,9 @@ def test_nan_propagates_like_aten(stride, layout, cpu_isa):
     assert torch.equal(got, want)
 
 
-@requires_ext
-def test_empty_batch():
+def check_empty_batch(backend):
     x = make_x((0, 4, 7, 7))
-    max_out, avg_out, mean, var = ops.pool_bn_stats(x, 2, backend="cpp")
+    max_out, avg_out, mean, var = ops.pool_bn_stats(x, 2, backend=backend)
     assert max_out.shape == avg_out.shape == (0, 4, 4, 4)
     assert mean.isnan().all() and var.isnan().all()
     (grad,) = torch.autograd.grad(max_out.sum() + avg_out.sum(), x)
@@ -195,14 +191,17 @@ def test_empty_batch():
 
 
 @requires_ext
-@pytest.mark.parametrize("layout", ["strided_x", "permuted_x", "expanded_grads", "mixed_grads"])
-def test_other_layouts(layout, cpu_isa):
-    x = make_x((2, 17, 9, 7))
+def test_empty_batch():
+    check_empty_batch("cpp")
+
+
+def check_other_layouts(backend, layout, C):
+    x = make_x((2, C, 9, 7))
     if layout == "strided_x":  # a view that is not dense
-        x = torch.randn(2, 17, 9, 14)[..., ::2].requires_grad_()
+        x = torch.randn(2, C, 9, 14)[..., ::2].requires_grad_()
     if layout == "permuted_x":  # dense, but neither contiguous nor channels_last
-        x = torch.randn(2, 7, 9, 17).permute(0, 3, 2, 1).requires_grad_()
-    outs = ops.pool_bn_stats(x, 2, backend="cpp")
+        x = torch.randn(2, 7, 9, C).permute(0, 3, 2, 1).requires_grad_()
+    outs = ops.pool_bn_stats(x, 2, backend=backend)
     expected = reference.pool_bn_stats(x, 2)
     for got, want in zip(outs, expected):
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32]["out"])
@@ -217,13 +216,23 @@ def test_other_layouts(layout, cpu_isa):
 
 
 @requires_ext
-def test_saves_only_x():
-    x = make_x((2, 16, 9, 9))
+@pytest.mark.parametrize("layout", ["strided_x", "permuted_x", "expanded_grads", "mixed_grads"])
+def test_other_layouts(layout, cpu_isa):
+    check_other_layouts("cpp", layout, 17)
+
+
+def check_saves_only_x(backend, C):
+    x = make_x((2, C, 9, 9))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        max_out, avg_out, mean, var = ops.pool_bn_stats(x, 1, backend="cpp")
+        max_out, avg_out, mean, var = ops.pool_bn_stats(x, 1, backend=backend)
     assert len(saved) == 1 and saved[0].data_ptr() == x.data_ptr() and saved[0].shape == x.shape
     assert not mean.requires_grad and not var.requires_grad
+
+
+@requires_ext
+def test_saves_only_x():
+    check_saves_only_x("cpp", 16)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
@@ -241,8 +250,7 @@ def test_gradcheck_float64(backend, stride, layout):
     assert torch.autograd.gradgradcheck(pools, (x,), eps=1e-4, fast_mode=True)
 
 
-@requires_ext
-def test_double_backward_matches_reference():
+def check_double_backward_matches_reference(backend, tol):
     x = make_x((2, 5, 7, 6), torch.float64)
     grad_outs = [torch.randn(2, 5, 4, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     direction = torch.randn_like(x)
@@ -252,8 +260,13 @@ def test_double_backward_matches_reference():
         (first,) = torch.autograd.grad(outs, x, grad_outs, create_graph=True)
         return torch.autograd.grad((first * direction).sum(), grad_outs)
 
-    for got, want in zip(second_derivatives("cpp"), second_derivatives("reference")):
-        torch.testing.assert_close(got, want, **TOLERANCES[torch.float64]["grad"])
+    for got, want in zip(second_derivatives(backend), second_derivatives("reference")):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@requires_ext
+def test_double_backward_matches_reference():
+    check_double_backward_matches_reference("cpp", TOLERANCES[torch.float64]["grad"])
 
 
 @requires_ext
@@ -336,15 +349,22 @@ def test_integer_x_is_rejected(backend, message):
         ops.pool_bn_stats(torch.ones(2, 4, 7, 7, dtype=torch.int64), 1, backend=backend)
 
 
+BAD_GRADIENTS = [
+    (
+        "shape",
+        torch.randn(2, 4, 7, 7),
+        None,
+        ValueError,
+        r"grad_max must have shape \[2, 4, 4, 4\], got \[2, 4, 7, 7\]",
+    ),
+    ("dtype", None, torch.randn(2, 4, 4, 4).double(), TypeError, "grad_avg must have the dtype of x"),
+    ("device", None, torch.randn(2, 4, 4, 4, device="meta"), ValueError, "grad_avg must be on the device of x"),
+]
+
+
 @requires_ext
 @pytest.mark.parametrize(
-    "grad_max,grad_avg,error,message",
-    [
-        (torch.randn(2, 4, 7, 7), None, ValueError, r"grad_max must have shape \[2, 4, 4, 4\], got \[2, 4, 7, 7\]"),
-        (None, torch.randn(2, 4, 4, 4).double(), TypeError, "grad_avg must have the dtype of x"),
-        (None, torch.randn(2, 4, 4, 4, device="meta"), ValueError, "grad_avg must be on the device of x"),
-    ],
-    ids=["shape", "dtype", "device"],
+    "grad_max,grad_avg,error,message", [c[1:] for c in BAD_GRADIENTS], ids=[c[0] for c in BAD_GRADIENTS]
 )
 def test_backward_op_checks_its_gradients(grad_max, grad_avg, error, message):
     with pytest.raises(error, match=f"pool_bn_stats_backward: {message}"):

@@ -3,12 +3,12 @@ import itertools
 import pytest
 import torch
 from torch.library import opcheck
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastdarts import ops
 from fastdarts.ops import reference
 
 from ..conftest import requires_ext
+from ._helpers import RecordCalls, memory_format_of
 
 # (kernel size, dilation) of the first stage of DARTS's four conv candidates: sep 3x3, sep 5x5, dil 3x3, dil 5x5.
 DARTS = [(3, 1), (5, 1), (3, 2), (5, 2)]
@@ -21,10 +21,6 @@ TOLERANCES = {
     torch.float32: dict(out=dict(rtol=1e-4, atol=1e-5), grad=dict(rtol=1e-3, atol=1e-4)),
     torch.float64: dict(out=dict(rtol=1e-10, atol=1e-12), grad=dict(rtol=1e-10, atol=1e-10)),
 }
-
-
-def memory_format_of(layout):
-    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
 def make_inputs(shape, kernels, dtype=torch.float32, layout="contiguous", x_grad=True, w_grad=True):
@@ -128,19 +124,6 @@ def test_nan_propagates_like_the_reference(cpu_isa):
     torch.testing.assert_close(out, expected, equal_nan=True)
 
 
-class RecordBackwardCalls(TorchDispatchMode):
-    """The (input_grad, weight_grad) flags of every relu_dwconv_backward call."""
-
-    def __init__(self):
-        super().__init__()
-        self.flags = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.fastdarts.relu_dwconv_backward.default:
-            self.flags.append(tuple(args[-2:]))
-        return func(*args, **(kwargs or {}))
-
-
 @requires_ext
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
 @pytest.mark.parametrize("needs_grad", ["x_and_weights", "only_x", "only_weights", "some_weights"])
@@ -160,9 +143,10 @@ def test_saves_only_x_and_the_weights_and_computes_only_the_gradients_asked_for(
 
     differentiable = [t for t in (x, *weights) if t.requires_grad]
     grad_outs = [torch.randn_like(out) for out in outs]
-    with RecordBackwardCalls() as record:
+    # The backward op's last two arguments: whether it computes the gradient of x, of the weights.
+    with RecordCalls(torch.ops.fastdarts.relu_dwconv_backward.default, lambda args: tuple(args[-2:])) as record:
         got = grads(outs, differentiable, grad_outs)
-    assert record.flags == [(x.requires_grad, any(w.requires_grad for w in weights))]
+    assert record.calls == [(x.requires_grad, any(w.requires_grad for w in weights))]
     # Reference outputs whose inputs need no gradient carry none (the kernel's outputs always do).
     expected = reference.relu_dwconv(x, weights, dilations, 1, relu)
     pairs = [(e, g) for e, g in zip(expected, grad_outs) if e.requires_grad]

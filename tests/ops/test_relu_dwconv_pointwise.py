@@ -8,7 +8,8 @@ from torch.library import opcheck
 from fastdarts import ops
 
 from ..conftest import requires_ext
-from .test_relu_dwconv import DARTS, TOLERANCES, assert_all_close, make_inputs, memory_format_of
+from ._helpers import memory_format_of
+from .test_relu_dwconv import DARTS, TOLERANCES, assert_all_close, make_inputs
 
 KERNELS = {"one": [(3, 1)], "darts": DARTS}
 # Batch 1 and 3; C 4, 5 (not a whole vector) and 16; odd and even sizes.

@@ -10,7 +10,6 @@ import json
 import pytest
 import torch
 from torch.library import opcheck
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # test_triton first: it sets TRITON_INTERPRET while fastdarts (and triton) import, when this module runs alone. Its
 # autouse fixture `interpret` and its skip `pytestmark` apply here too.
@@ -21,19 +20,15 @@ from fastdarts import ops
 from fastdarts.ops import _registry
 
 from ..test_registry import run_python
-from .test_mixed_op import ALL, TOLERANCES, make_inputs, run, saved_storages
-
-
-def assert_agrees_with_reference(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=True):
-    tol = TOLERANCES[x.dtype]
-    want = run("reference", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=pool_bn)
-    got = run("triton", x, w, weights, stride, candidates, bn_mean, bn_var, training, want[-1], pool_bn)
-    for g, r in zip(got[:3], want[:3]):
-        torch.testing.assert_close(g, r, **tol["out"])
-    assert got[0].is_contiguous(memory_format=torch.channels_last)
-    assert len(got[3]) == len(want[3])
-    for i, (g, r) in enumerate(zip(got[3], want[3])):
-        torch.testing.assert_close(g, r, **tol["grad"], msg=lambda m, i=i: f"gradient {i}: {m}")
+from .test_mixed_op import (
+    ALL,
+    assert_agrees_with_reference,
+    check_candidate_subset,
+    check_computes_only_the_gradients_asked_for,
+    check_double_backward_is_refused,
+    check_saves_only_the_input_the_weights_and_the_statistics,
+    make_inputs,
+)
 
 
 def test_dispatch():
@@ -57,7 +52,7 @@ CASES = [
 )
 def test_triton_equals_reference(shape, stride, training, layout):
     x, w, weights, bn_mean, bn_var = make_inputs(*shape, stride, layout=layout)
-    assert_agrees_with_reference(x, w, weights, stride, ALL, bn_mean, bn_var, training)
+    assert_agrees_with_reference("triton", x, w, weights, stride, ALL, bn_mean, bn_var, training)
 
 
 SUBSETS = [([0, 1], 1), ([0, 1], 2), ([2], 1), ([2], 2), ([3], 1), ([6], 2), ([1, 3, 5], 1), ([], 2)]
@@ -67,22 +62,14 @@ SUBSETS = [([0, 1], 1), ([0, 1], 2), ([2], 1), ([2], 2), ([3], 1), ([6], 2), ([1
     "candidates,stride", SUBSETS, ids=[f"{'-'.join(map(str, c)) or 'none'}-stride{s}" for c, s in SUBSETS]
 )
 def test_candidate_subsets(candidates, stride):
-    x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 7, stride)
-    assert_agrees_with_reference(x, w, weights, stride, candidates, bn_mean, bn_var, True)
-    _, mean, var = ops.mixed_op(x, w, weights, stride, candidates, backend="triton")
-    # The statistics of BNs that did not run are the neutral 0 and 1.
-    rows, row = [], 0
-    for k, (_, bns) in enumerate(ops.mixed_op_layout(stride)):
-        rows += [row + i for i in range(bns) if k not in candidates]
-        row += bns
-    assert torch.equal(mean[rows], torch.zeros_like(mean[rows])) and torch.equal(var[rows], torch.ones_like(var[rows]))
+    check_candidate_subset("triton", candidates, stride, 2, 4, 7)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 def test_pools_without_bn(stride, training):
     x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 7, stride, pool_bn=False)
-    assert_agrees_with_reference(x, w, weights, stride, [0, 1, 2], bn_mean, bn_var, training, pool_bn=False)
+    assert_agrees_with_reference("triton", x, w, weights, stride, [0, 1, 2], bn_mean, bn_var, training, pool_bn=False)
 
 
 @pytest.mark.parametrize(
@@ -101,48 +88,18 @@ def test_opcheck(op, stride, training, pool_bn, recompute):
     opcheck(getattr(torch.ops.fastdarts_triton, op).default, args)
 
 
-class RecordBackwardCalls(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.fastdarts_triton.mixed_op_backward.default:
-            self.calls.append(args[-3:])  # (x_grad, w_grad, weights_grad)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("wants", [("x", "w"), ("x", "weights"), ("w",)], ids=["arch_step", "weight_step", "w"])
 def test_computes_only_the_gradients_asked_for(wants):
-    x, w, weights, _, _ = make_inputs(1, 2, 5, 1)
-    x.requires_grad_("x" in wants)
-    w.requires_grad_("w" in wants)
-    for t in weights:
-        t.requires_grad_("weights" in wants)
-    want = run("reference", x, w, weights, 1, ALL, None, None, True)
-    with RecordBackwardCalls() as record:
-        got = run("triton", x, w, weights, 1, ALL, None, None, True, grad_out=want[-1])
-    assert record.calls == [("x" in wants, "w" in wants, "weights" in wants)]
-    assert len(got[3]) == len(want[3])
-    for g, r in zip(got[3], want[3]):
-        torch.testing.assert_close(g, r, **TOLERANCES[torch.float32]["grad"])
+    check_computes_only_the_gradients_asked_for("triton", wants, 1, 2, 5)
 
 
 def test_saves_only_the_input_the_weights_and_the_statistics():
     x, w, weights, _, _ = make_inputs(1, 4, 6, 1, layout=torch.channels_last)
-    storages, inputs = saved_storages(lambda: ops.mixed_op(x, w, weights, 1, backend="triton"), x, w, weights)
-    beyond_inputs = sum(size for ptr, size in storages.items() if ptr not in inputs)
-    B = sum(bns for _, bns in ops.mixed_op_layout(1))
-    assert beyond_inputs <= 2 * B * 4 * 4  # the mean and variance rows: no activation at all
-    assert x.untyped_storage().data_ptr() in storages  # x itself (channels_last already), not a copy
+    check_saves_only_the_input_the_weights_and_the_statistics("triton", x, w, weights)
 
 
 def test_double_backward_is_refused_with_a_clear_error():
-    x, w, weights, _, _ = make_inputs(1, 2, 5, 1)
-    out, _, _ = ops.mixed_op(x, w, weights, 1, [0, 2], backend="triton")
-    (grad_w,) = torch.autograd.grad(out.square().sum(), [w], create_graph=True)
-    with pytest.raises(RuntimeError, match="the 'triton' backend is differentiable once"):
-        torch.autograd.grad(grad_w.sum(), [x])
+    check_double_backward_is_refused("triton", *make_inputs(1, 2, 5, 1)[:3], [0, 2])
 
 
 @pytest.mark.parametrize(
