@@ -13,15 +13,16 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import stat
 import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
 
 from .config import OneLineParser, run_cli
-from .errors import FastDartsError
+from .errors import FastDartsError, path_stat
 from .evalnet import NetworkCIFAR, count_multiply_adds, count_parameters
-from .space import BUILTIN_SOURCES, PRIMITIVES, Genotype, load_genotype
+from .space import BUILTIN_SOURCES, PRIMITIVES, Genotype, locate_genotype
 
 PARAMETER_FREE = {"none", "max_pool_3x3", "avg_pool_3x3", "skip_connect"}
 CELLS = ("normal", "reduce")
@@ -155,15 +156,22 @@ def cell_to_dot(genotype: Genotype, cell: str) -> str:
     lines += [f'  "{i}" [fillcolor=lightblue, shape=circle];' for i in range(steps)]
     lines.append('  "c_{k}" [fillcolor=palegoldenrod, shape=box];')
     for k, (op, index) in enumerate(edges):
-        lines.append(f'  "{names[index]}" -> "{k // 2}" [label="{op}"];')
+        lines.append(f'  "{names[index]}" -> "{k // 2}" [label="{_dot_escape(op)}"];')
     for c in concat:
         lines.append(f'  "{names[c]}" -> "c_{{k}}" [color=gray];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
+def _dot_escape(text: str) -> str:
+    """`text` inside a DOT double-quoted string: an op name from a user's genotype may hold quotes or backslashes."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
 def write_cell_diagrams(genotype: Genotype, out_dir: Path) -> list[Path]:
-    """Write `<cell>.dot` always, and `.png`/`.svg` when Graphviz's `dot` is installed."""
+    """Write `<cell>.dot`, and `.png`/`.svg` rendered by Graphviz's `dot`, or drawn with matplotlib without it."""
+    from .plots import draw_cell
+
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     dot = shutil.which("dot")
@@ -172,13 +180,12 @@ def write_cell_diagrams(genotype: Genotype, out_dir: Path) -> list[Path]:
         path.write_text(cell_to_dot(genotype, cell))
         written.append(path)
         if dot is None:
+            written += draw_cell(*cell_edges(genotype, cell), path)
             continue
         for fmt in ("png", "svg"):
             target = path.with_suffix(f".{fmt}")
             subprocess.run([dot, f"-T{fmt}", str(path), "-o", str(target)], check=True, capture_output=True)
             written.append(target)
-    if dot is None:
-        print("Graphviz 'dot' is not installed: wrote the .dot files only (apt-get install graphviz renders them)")
     return written
 
 
@@ -206,10 +213,10 @@ def main(argv=None) -> int:
     if args.variants < 0:
         raise FastDartsError(f"--variants must be >= 0, got {args.variants}")
 
-    genotype = load_genotype(args.genotype)
-    source = Path(args.genotype)
-    run_dir = source if source.is_dir() else None
+    genotype, run_dir = locate_genotype(args.genotype)
     out_dir = Path(args.out) if args.out else (run_dir or Path("."))
+    if args.variants or args.plot:
+        check_out_dir(out_dir)
     report = describe(
         genotype, C=args.init_channels, layers=args.layers, num_classes=args.num_classes, image_size=args.image_size
     )
@@ -225,10 +232,11 @@ def main(argv=None) -> int:
         print_report(report)
     if args.variants:
         path = out_dir / "variants.json"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_out_dir(out_dir)
         path.write_text(json.dumps(report["variants"], indent=2) + "\n")
         print(f"variants written to {path}", file=sys.stderr if args.json else sys.stdout)
     if args.plot:
+        make_out_dir(out_dir)
         written = write_cell_diagrams(genotype, out_dir)
         if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
             from .plots import plot_run
@@ -236,6 +244,20 @@ def main(argv=None) -> int:
             written += plot_run(run_dir / "metrics.jsonl", out_dir)
         print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def check_out_dir(path: Path) -> None:
+    """Refuse an --out that cannot become a directory before anything is computed or written."""
+    found = path_stat(path, "out")
+    if found is not None and not stat.S_ISDIR(found.st_mode):
+        raise FastDartsError(f"out {path} exists and is not a directory")
+
+
+def make_out_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        raise FastDartsError(f"out {path}: cannot create the directory ({getattr(e, 'strerror', None) or e})") from None
 
 
 def print_report(report: dict) -> None:

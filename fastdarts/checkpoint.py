@@ -7,14 +7,16 @@ import io
 import os
 import random
 import signal
+import stat
 import tempfile
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import CheckpointWriteError, FastDartsError
+from .errors import CheckpointWriteError, FastDartsError, path_stat, summary
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
@@ -51,15 +53,33 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
         raise CheckpointWriteError(f"cannot write the checkpoint {path} ({e}); the previous one is intact") from None
 
 
+# What every run's checkpoint holds besides its stateful objects (runloop.Run.save), and of which type.
+RUN_FIELDS: dict[str, type] = {"kind": str, "config": dict, "position": dict, "rng": dict, "complete": bool}
+
+
 def load_checkpoint(path: str | Path) -> dict:
+    """A run's checkpoint; a missing, torn or foreign file is a FastDartsError naming it."""
     path = Path(path)
-    if not path.is_file():
+    found = path_stat(path, "checkpoint")
+    if found is None or not stat.S_ISREG(found.st_mode):
         raise FastDartsError(f"{path}: no checkpoint to resume from")
     try:
+        # Every member's CRC first: a damaged byte would otherwise load as a wrong weight, or make torch.load
+        # fail part-way, printing messages of its own.
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
         # Our own file: it holds Python RNG states and config dicts, so not weights_only.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = None if damaged else torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: name it in one line
-        raise FastDartsError(f"{path}: cannot load the checkpoint ({type(e).__name__}: {e})") from None
+        raise FastDartsError(f"{path}: cannot load the checkpoint ({summary(e)})") from None
+    if damaged:
+        raise FastDartsError(f"{path}: cannot load the checkpoint ({damaged} fails its checksum: the file is damaged)")
+    if not isinstance(state, dict):
+        raise FastDartsError(f"{path}: not a fastdarts run checkpoint (it holds a {type(state).__name__})")
+    wrong = [key for key, kind in RUN_FIELDS.items() if not isinstance(state.get(key), kind)]
+    if wrong:
+        raise FastDartsError(f"{path}: not a fastdarts run checkpoint (no valid {', '.join(wrong)})")
+    return state
 
 
 def rng_state(generator: torch.Generator) -> dict:

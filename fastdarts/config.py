@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
-import math
+import stat
 import sys
 import types
 import typing
@@ -19,8 +20,9 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import RunInterrupted
-from .data import DATASETS
-from .errors import ConfigError, FastDartsError, RunFailed
+from .data import DATA_DIRECTORIES, DATASETS, IMAGE_DATASETS, SEARCH_DATASETS
+from .errors import ConfigError, FastDartsError, RunFailed, one_line, path_stat
+from .evalnet import NETWORKS
 from .space import OPS, load_genotype
 
 
@@ -49,7 +51,8 @@ class RunOptions:
 
     def resolved(self):
         """A copy with the data set's preset filled into every field left at None, validated."""
-        preset = self.PRESETS.get(getattr(self, "dataset", None), {})
+        dataset = getattr(self, "dataset", None)
+        preset = self.PRESETS.get(dataset, {}) if isinstance(dataset, str) else {}  # validate() names a wrong type
         filled = {k: v for k, v in preset.items() if getattr(self, k) is None}
         config = dataclasses.replace(self, **filled)
         validate(config)
@@ -57,20 +60,54 @@ class RunOptions:
 
 
 @dataclass
-class SearchConfig(RunOptions):
-    """DARTS search. Fields left at None take the data set's preset (see PRESETS)."""
+class CommonConfig(RunOptions):
+    """The fields search and train share: the data, the network's size, the weights' SGD."""
 
-    dataset: str = option("digits", "data set: digits (bundled) or cifar10 (needs --data)", choices=DATASETS)
-    data: str | None = option(None, "data directory (cifar10: the cifar-10-batches-py directory)")
+    dataset: str = option("digits", "data set: digits (bundled), cifar10, cifar100, folder (images, a sub-folder per "
+                          "class) or imagenet (train only); all but digits need --data", choices=DATASETS)  # fmt: skip
+    data: str | None = option(None, "data directory: cifar-10-batches-py, cifar-100-python, or a folder of images "
+                              "with one sub-folder per class (train/, val/, test/ sub-folders split it)")  # fmt: skip
+    image_size: int | None = option(None, "folder, imagenet: side of the square each image is resized and cropped to",
+                                    low=1)  # fmt: skip
+    workers: int = option(4, "folder, imagenet: processes that read and augment images ahead of the steps "
+                          "(0: the main process does, between steps)", low=0)  # fmt: skip
+    preload_mb: int = option(2048, "folder: hold a split in memory when its decoded images take at most this "
+                             "many MiB (float32), else read them from disk every epoch (imagenet: always)",
+                             low=0)  # fmt: skip
     batch_size: int | None = option(None, "batch size", low=1)
-    learning_rate: float = option(0.025, "initial weight learning rate", low=0, low_open=True)
-    learning_rate_min: float = option(0.001, "final weight learning rate of the cosine schedule", low=0)
-    momentum: float = option(0.9, "weight SGD momentum", low=0, high=1, high_open=True)
-    weight_decay: float = option(3e-4, "weight decay of the weights", low=0)
-    epochs: int | None = option(None, "number of search epochs", low=1)
+    momentum: float = option(0.9, "SGD momentum of the weights", low=0, high=1, high_open=True)
+    epochs: int | None = option(None, "number of epochs", low=1)
     init_channels: int | None = option(None, "channels of the first cell (C)", low=1)
     layers: int | None = option(None, "number of cells (reductions at layers//3 and 2*layers//3)", low=3)
-    train_portion: float = option(0.5, "fraction of the training set that trains the weights", low=0, high=1,
+    grad_clip: float = option(5.0, "gradient-norm clip of the weights", low=0, low_open=True)
+
+    def check(self) -> None:
+        # learning_rate and learning_rate_min are each config's own: their defaults and help differ.
+        if self.dataset in DATA_DIRECTORIES and self.data is None:
+            raise ConfigError(f"dataset {self.dataset} needs data: {DATA_DIRECTORIES[self.dataset]} (--data DIR)")
+        if self.image_size is not None and self.dataset not in IMAGE_DATASETS:
+            raise ConfigError(f"image_size applies to folder and imagenet data; {self.dataset} images have their own")
+        if self.learning_rate_min > self.learning_rate:
+            raise ConfigError(
+                f"learning_rate_min ({self.learning_rate_min}) must not exceed learning_rate ({self.learning_rate})"
+            )
+
+    def data_options(self) -> dict:
+        """How fastdarts.data.load_dataset reads the data set."""
+        return dict(image_size=self.image_size, workers=self.workers, preload_mb=self.preload_mb)
+
+
+@dataclass
+class SearchConfig(CommonConfig):
+    """DARTS search. Fields left at None take the data set's preset (see PRESETS)."""
+
+    dataset: str = option("digits", "data set: digits (bundled), cifar10, cifar100 or folder (images, a sub-folder "
+                          "per class); all but digits need --data", choices=SEARCH_DATASETS)  # fmt: skip
+    learning_rate: float = option(0.025, "initial weight learning rate", low=0, low_open=True)
+    learning_rate_min: float = option(0.001, "final weight learning rate of the cosine schedule", low=0)
+    weight_decay: float = option(3e-4, "weight decay of the weights", low=0)
+    train_portion: float = option(0.5, "fraction of the training set that trains the weights (a folder with val/ "
+                                  "trains them on train/ and the architecture on val/)", low=0, high=1,
                                   low_open=True, high_open=True)  # fmt: skip
     unrolled: bool = option(False, "second-order (unrolled) architecture gradient")
     recompute: bool = option(True, "recompute each edge's intermediates in backward (keeping them is faster but "
@@ -79,8 +116,7 @@ class SearchConfig(RunOptions):
                               low=0, low_open=True)  # fmt: skip
     arch_learning_rate: float | None = option(None, "Adam learning rate of the architecture", low=0, low_open=True)
     arch_weight_decay: float = option(1e-3, "weight decay of the architecture parameters", low=0)
-    grad_clip: float = option(5.0, "gradient-norm clip of the weights", low=0, low_open=True)
-    seed: int = option(2, "random seed")
+    seed: int = option(2, "random seed", low=0, high=2**32 - 1)  # NumPy's seeds
     method: str = option("darts", "search method: darts (softmax over ops) or pr-darts (hard-concrete gates)",
                          choices=("darts", "pr-darts"))  # fmt: skip
     # PR-DARTS (METHOD.md section 2); used only with --method pr-darts.
@@ -101,21 +137,19 @@ class SearchConfig(RunOptions):
     gate_a: float = option(-0.1, "pr-darts: lower end of the stretched sigmoid (a < 0)", high=0, high_open=True)
     gate_b: float = option(1.1, "pr-darts: upper end of the stretched sigmoid (b > 1)", low=1, low_open=True)
 
-    # DARTS's CIFAR-10 settings, and settings for the bundled digits that finish a real search in a
-    # few minutes on 2 cores: 8x8 images need fewer cells, and the architecture takes a larger step
-    # because a digits epoch has 15 steps where a CIFAR-10 epoch has 391.
+    # DARTS's CIFAR-10 settings (for CIFAR-100 and 32-pixel folders too), and settings for the bundled
+    # digits that finish a real search in a few minutes on 2 cores: 8x8 images need fewer cells, and
+    # the architecture takes a larger step because a digits epoch has 15 steps where CIFAR-10 has 391.
+    _DARTS = dict(batch_size=64, epochs=50, init_channels=16, layers=8, arch_learning_rate=3e-4)
     PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
-        "cifar10": dict(batch_size=64, epochs=50, init_channels=16, layers=8, arch_learning_rate=3e-4),
+        "cifar10": _DARTS,
+        "cifar100": _DARTS,
+        "folder": {**_DARTS, "image_size": 32},
         "digits": dict(batch_size=64, epochs=15, init_channels=8, layers=5, arch_learning_rate=3e-3),
     }
 
     def check(self) -> None:
-        if self.dataset == "cifar10" and self.data is None:
-            raise ConfigError("dataset cifar10 needs data: the cifar-10-batches-py directory (--data DIR)")
-        if self.learning_rate_min > self.learning_rate:
-            raise ConfigError(
-                f"learning_rate_min ({self.learning_rate_min}) must not exceed learning_rate ({self.learning_rate})"
-            )
+        super().check()
         if self.method == "pr-darts" and self.unrolled:
             raise ConfigError("unrolled: pr-darts samples new gates in every forward pass, so it searches first order")
 
@@ -129,43 +163,49 @@ class SearchConfig(RunOptions):
 
 
 @dataclass
-class TrainConfig(RunOptions):
+class TrainConfig(CommonConfig):
     """Training a found cell from scratch (METHOD.md 1.5). Fields left at None take the data set's preset."""
 
     genotype: str = option("DARTS_V2", "the cell: built-in name, DARTS string, genotype.json/.txt or run directory")
-    dataset: str = option("digits", "data set: digits (bundled) or cifar10 (needs --data)", choices=DATASETS)
-    data: str | None = option(None, "data directory (cifar10: the cifar-10-batches-py directory)")
-    batch_size: int | None = option(None, "batch size", low=1)
-    learning_rate: float = option(0.025, "initial learning rate", low=0, low_open=True)
+    network: str | None = option(None, "evaluation network: cifar (NetworkCIFAR) or imagenet (NetworkImageNet: a "
+                                 "stem of three stride-2 convs, for 224-pixel images)",
+                                 choices=tuple(NETWORKS))  # fmt: skip
+    learning_rate: float | None = option(None, "initial learning rate", low=0, low_open=True)
     learning_rate_min: float = option(0.0, "final learning rate of the cosine schedule", low=0)
-    momentum: float = option(0.9, "SGD momentum", low=0, high=1, high_open=True)
-    weight_decay: float = option(3e-4, "weight decay", low=0)
-    epochs: int | None = option(None, "number of training epochs", low=1)
-    init_channels: int | None = option(None, "channels of the first cell (C)", low=1)
-    layers: int | None = option(None, "number of cells (reductions at layers//3 and 2*layers//3)", low=3)
+    schedule: str | None = option(None, "learning-rate schedule: cosine (to learning_rate_min over the epochs) "
+                                  "or step (times gamma every decay_period epochs)",
+                                  choices=("cosine", "step"))  # fmt: skip
+    gamma: float = option(0.97, "step schedule: factor of each decay", low=0, low_open=True, high=1)
+    decay_period: int = option(1, "step schedule: epochs between two decays", low=1)
+    weight_decay: float | None = option(None, "weight decay", low=0)
+    label_smooth: float | None = option(None, "label smoothing of the training loss", low=0, high=1, high_open=True)
     auxiliary: bool = option(True, "use the auxiliary head (after cell 2*layers//3)")
     auxiliary_weight: float = option(0.4, "weight of the auxiliary loss", low=0)
-    cutout: bool = option(True, "use cutout")
+    cutout: bool | None = option(None, "use cutout")
     cutout_length: int | None = option(None, "cutout square side in pixels", low=1)
-    drop_path_prob: float = option(0.2, "final drop-path probability (ramped up linearly from 0)", low=0, high=1,
-                                   high_open=True)  # fmt: skip
-    grad_clip: float = option(5.0, "gradient-norm clip", low=0, low_open=True)
-    seed: int = option(0, "random seed")
+    drop_path_prob: float | None = option(None, "final drop-path probability (ramped up linearly from 0)", low=0,
+                                          high=1, high_open=True)  # fmt: skip
+    seed: int = option(0, "random seed", low=0, high=2**32 - 1)  # NumPy's seeds
 
-    # DARTS's published CIFAR-10 setting, and one that trains on the 8x8 digits in a few minutes
-    # on 2 cores (the cells shrink the image to 2x2 after two reductions, so fewer are needed).
+    # DARTS's published CIFAR-10 setting (also for CIFAR-100 and 32-pixel folders) and ImageNet setting
+    # (cnn/train_imagenet.py), and one that trains on the 8x8 digits in a few minutes on 2 cores (the
+    # cells shrink the image to 2x2 after two reductions, so fewer are needed).
+    _CIFAR = dict(network="cifar", learning_rate=0.025, schedule="cosine", weight_decay=3e-4, label_smooth=0.0,
+                  cutout=True, drop_path_prob=0.2)  # fmt: skip
+    _DARTS_CIFAR = dict(_CIFAR, batch_size=96, epochs=600, init_channels=36, layers=20, cutout_length=16)
+    _IMAGENET = dict(network="imagenet", image_size=224, batch_size=128, epochs=250, init_channels=48, layers=14,
+                     learning_rate=0.1, schedule="step", weight_decay=3e-5, label_smooth=0.1, cutout=False,
+                     cutout_length=16, drop_path_prob=0.0)  # fmt: skip
     PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
-        "cifar10": dict(batch_size=96, epochs=600, init_channels=36, layers=20, cutout_length=16),
-        "digits": dict(batch_size=64, epochs=20, init_channels=16, layers=8, cutout_length=4),
+        "cifar10": _DARTS_CIFAR,
+        "cifar100": _DARTS_CIFAR,
+        "folder": {**_DARTS_CIFAR, "image_size": 32},
+        "imagenet": _IMAGENET,
+        "digits": dict(_CIFAR, batch_size=64, epochs=20, init_channels=16, layers=8, cutout_length=4),
     }
 
     def check(self) -> None:
-        if self.dataset == "cifar10" and self.data is None:
-            raise ConfigError("dataset cifar10 needs data: the cifar-10-batches-py directory (--data DIR)")
-        if self.learning_rate_min > self.learning_rate:
-            raise ConfigError(
-                f"learning_rate_min ({self.learning_rate_min}) must not exceed learning_rate ({self.learning_rate})"
-            )
+        super().check()
         self.cell()  # a genotype that cannot be read or built fails here, before anything is written
 
     def cell(self):
@@ -177,8 +217,14 @@ class TrainConfig(RunOptions):
         return genotype
 
 
+@functools.cache
+def _type_hints(cls) -> dict[str, typing.Any]:
+    # Evaluated once per class: get_type_hints compiles every annotation anew, 1 ms a call.
+    return typing.get_type_hints(cls)
+
+
 def _field_type(cls, f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(cls)[f.name]
+    hint = _type_hints(cls)[f.name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
@@ -189,15 +235,17 @@ def validate(config) -> None:
     cls = type(config)
     for f in dataclasses.fields(cls):
         value = getattr(config, f.name)
-        if value is None:
-            continue
         kind = _field_type(cls, f)
+        if value is None:
+            if f.default is None:  # unset: the preset's value, or none at all
+                continue
+            raise ConfigError(f"{f.name} must be of type {kind.__name__}, got None")
         ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if not ok:
             raise ConfigError(f"{f.name} must be of type {kind.__name__}, got {value!r}")
-        if kind is float and not math.isfinite(value):
+        if kind is float and not abs(value) <= sys.float_info.max:  # NaN, infinities, integers beyond a float
             raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
         m = f.metadata
         if m.get("choices") and value not in m["choices"]:
@@ -215,8 +263,11 @@ def validate(config) -> None:
 def load_config_file(path: str | Path, cls) -> dict:
     """Read a YAML or JSON mapping of config keys; unknown keys are an error."""
     path = Path(path)
-    if not path.is_file():
+    found = path_stat(path, "config file", ConfigError)
+    if found is None:
         raise ConfigError(f"config file {path} does not exist")
+    if not stat.S_ISREG(found.st_mode):
+        raise ConfigError(f"config file {path} is not a regular file")
     try:
         text = path.read_text()
         values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -226,6 +277,8 @@ def load_config_file(path: str | Path, cls) -> dict:
         raise ConfigError(f"config file {path}: malformed JSON: {e.msg} at line {e.lineno}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path}: malformed YAML: {str(e).splitlines()[0]}") from None
+    except (ValueError, RecursionError) as e:  # an integer of too many digits, nesting too deep
+        raise ConfigError(f"config file {path}: cannot read it ({type(e).__name__}: {e})") from None
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -241,7 +294,7 @@ class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error on one line (`prog: error: ...`) with exit status 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 def seed_list(text: str) -> list[int]:
@@ -252,6 +305,8 @@ def seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 0,1,2, got {text!r}") from None
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    if not all(0 <= seed < 2**32 for seed in seeds):  # checked before the first run, not when its turn comes
+        raise argparse.ArgumentTypeError(f"seeds must lie in 0..{2**32 - 1} (NumPy's seeds), got {text!r}")
     return seeds
 
 
@@ -260,6 +315,17 @@ def _fields_for_help(cls) -> list[dataclasses.Field]:
     shared = {f.name for f in dataclasses.fields(RunOptions)}
     fields = dataclasses.fields(cls)
     return [f for f in fields if f.name not in shared] + [f for f in fields if f.name in shared]
+
+
+def _preset_default(cls, name: str) -> str:
+    """How --help shows the default of a preset field: its value per data set ("digits: 64; cifar10/folder: 96")."""
+    datasets_of: dict[typing.Any, list[str]] = {}
+    for dataset, preset in cls.PRESETS.items():
+        if name in preset:
+            datasets_of.setdefault(preset[name], []).append(dataset)
+    if len(datasets_of) == 1 and len(next(iter(datasets_of.values()))) == len(cls.PRESETS):
+        return str(next(iter(datasets_of)))
+    return "; ".join(f"{'/'.join(datasets)}: {value}" for value, datasets in datasets_of.items())
 
 
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
@@ -271,15 +337,17 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     presets = set().union(*cls.PRESETS.values()) if cls.PRESETS else set()
     for f in _fields_for_help(cls):
         kind = _field_type(cls, f)
-        shown = f.default if f.default is not None else "preset" if f.name in presets else None
+        shown = f.default if f.default is not None else _preset_default(cls, f.name) if f.name in presets else None
         helptext = f.metadata["help"] if "default" in f.metadata["help"] else f"{f.metadata['help']} (default: {shown})"
         if kind is bool:  # --x and --no_x both, whatever the default (DARTS commands spell out --auxiliary)
             switch = parser.add_mutually_exclusive_group()
-            # --help shows the one that changes the default.
+            # --help shows the one that changes the default (both for a preset's).
+            yes = helptext if f.default is None else f.metadata["help"]
             switch.add_argument(f"--{f.name}", action="store_true", default=argparse.SUPPRESS,
-                                help=argparse.SUPPRESS if f.default else f"{f.metadata['help']}")  # fmt: skip
+                                help=argparse.SUPPRESS if f.default is True else yes)  # fmt: skip
+            no = argparse.SUPPRESS if f.default is False else f"do not {f.metadata['help']}"
             switch.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", default=argparse.SUPPRESS,
-                                help=f"do not {f.metadata['help']}" if f.default else argparse.SUPPRESS)  # fmt: skip
+                                help=no)  # fmt: skip
             continue
         parser.add_argument(f"--{f.name}", type=kind, help=helptext, default=argparse.SUPPRESS,
                             choices=f.metadata.get("choices"), metavar=f.name.upper())  # fmt: skip
@@ -317,10 +385,10 @@ def run_cli(main, argv=None) -> int:
     try:
         return main(argv) or 0
     except FastDartsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 1
     except RunInterrupted as e:
         print(e, file=sys.stderr)

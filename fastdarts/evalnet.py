@@ -1,4 +1,5 @@
-"""The evaluation network that trains a found cell from scratch (METHOD.md 1.5): NetworkCIFAR.
+"""The evaluation networks that train a found cell from scratch (METHOD.md 1.5): DARTS's NetworkCIFAR
+and NetworkImageNet.
 
 Only the genotype's ops, affine BN, no BN after pools; an optional auxiliary head after cell
 `2*layers//3`; drop path on every op output except the stride-1 identity.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .space import OPS, FactorizedReduce, Genotype, Identity, ReLUConvBN, Zero
+from .space import OPS, DilConv, FactorizedReduce, Genotype, Identity, ReLUConvBN, Zero
 
 
 def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
@@ -61,50 +62,58 @@ class EvalCell(nn.Module):
 
 
 class AuxiliaryHead(nn.Module):
-    """DARTS's CIFAR auxiliary classifier. It pools its input to 2x2: an 8x8 map (CIFAR-10 after two
-    reductions) exactly as DARTS does, with a 5x5 average pool of stride 3; any other size (the 2x2
-    maps of 8x8 digits, say) with an adaptive average pool."""
+    """DARTS's auxiliary classifier, on the output of cell 2*layers//3: ReLU, a 5x5 average pool down to
+    2x2, a 1x1 conv to 128, BN, ReLU, a 2x2 conv to 768, BN, ReLU, linear.
 
-    def __init__(self, C: int, num_classes: int):
+    DARTS pools with stride 3 on the 8x8 map of a 32x32 image (CIFAR), with stride 2 on the 7x7 map of a
+    224x224 one (ImageNet, whose published head has no BN after the 2x2 conv: `bn_768=False`). A map of
+    another size (the 2x2 maps of 8x8 digits, say) is pooled to 2x2 adaptively.
+    """
+
+    def __init__(self, C: int, num_classes: int, pool_stride: int = 3, native_size: int = 8, bn_768: bool = True):
         super().__init__()
+        self.native_size = native_size
         self.relu = nn.ReLU(inplace=False)
-        self.pool = nn.AvgPool2d(5, stride=3, padding=0, count_include_pad=False)
+        self.pool = nn.AvgPool2d(5, stride=pool_stride, padding=0, count_include_pad=False)
         self.adaptive_pool = nn.AdaptiveAvgPool2d(2)
         self.features = nn.Sequential(
             nn.Conv2d(C, 128, 1, bias=False),
             nn.BatchNorm2d(128),
             nn.ReLU(inplace=True),
             nn.Conv2d(128, 768, 2, bias=False),
-            nn.BatchNorm2d(768),
+            *([nn.BatchNorm2d(768)] if bn_768 else []),
             nn.ReLU(inplace=True),
         )
         self.classifier = nn.Linear(768, num_classes)
 
     def forward(self, x):
         x = self.relu(x)
-        x = self.pool(x) if x.shape[-2:] == (8, 8) else self.adaptive_pool(x)
+        x = self.pool(x) if x.shape[-2:] == (self.native_size, self.native_size) else self.adaptive_pool(x)
         return self.classifier(self.features(x).flatten(1))
 
 
-class NetworkCIFAR(nn.Module):
-    """Stem, `layers` cells of `genotype` (reductions at layers//3 and 2*layers//3), classifier.
+class EvalNetwork(nn.Module):
+    """What both evaluation networks share: after a stem that gives the first two cell inputs, `layers`
+    cells of `genotype` (reductions at layers//3 and 2*layers//3), the auxiliary head after cell
+    2*layers//3, global average pooling and a linear classifier.
 
     `forward` returns `(logits, logits_aux)`; `logits_aux` is None unless the auxiliary head is
-    on and the network is training. `uncounted`, when given a set, lets unknown op names through
-    as zero placeholders (for counting) and collects them.
+    on and the network is training.
     """
 
-    def __init__(self, genotype: Genotype, C=36, num_classes=10, layers=20, auxiliary=False, in_channels=3,
-                 uncounted: set | None = None):  # fmt: skip
-        super().__init__()
+    def stems(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inputs of the first cell."""
+        raise NotImplementedError
+
+    def _add_cells(self, genotype: Genotype, C: int, num_classes: int, layers: int, C_stem: int, stem_reduces: bool,
+                   auxiliary_head: dict | None, uncounted: set | None) -> None:  # fmt: skip
+        """Build the cells and heads (after the stem, so that weights are drawn in DARTS's order). `C_stem`
+        is the channels of both stem outputs; `stem_reduces` says the second is half the size of the
+        first; `auxiliary_head` holds the AuxiliaryHead's keyword arguments, None for no head."""
         self.layers = layers
         self.drop_path_prob = 0.0
-        stem_channels = 3 * C
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, stem_channels, 3, padding=1, bias=False), nn.BatchNorm2d(stem_channels)
-        )
-        C_prev_prev, C_prev, C_curr = stem_channels, stem_channels, C
-        reduction_prev = False
+        C_prev_prev, C_prev, C_curr = C_stem, C_stem, C
+        reduction_prev = stem_reduces
         cells = []
         C_aux = None
         for i in range(layers):
@@ -118,18 +127,71 @@ class NetworkCIFAR(nn.Module):
             if i == 2 * layers // 3:
                 C_aux = C_prev
         self.cells = nn.ModuleList(cells)
-        self.auxiliary_head = AuxiliaryHead(C_aux, num_classes) if auxiliary else None
+        self.auxiliary_head = None if auxiliary_head is None else AuxiliaryHead(C_aux, num_classes, **auxiliary_head)
+        # Adaptive, so that any image size works: on the 7x7 map of a 224x224 image it is DARTS's ImageNet AvgPool2d(7).
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits_aux = None
-        s0 = s1 = self.stem(x)
+        s0, s1 = self.stems(x)
         for i, cell in enumerate(self.cells):
             s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
             if i == 2 * self.layers // 3 and self.auxiliary_head is not None and self.training:
                 logits_aux = self.auxiliary_head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1)), logits_aux
+
+
+class NetworkCIFAR(EvalNetwork):
+    """DARTS's network for 32x32 images: a 3x3 conv stem (3C channels) at full resolution, then the cells.
+
+    `uncounted`, when given a set, lets unknown op names through as zero placeholders (for counting)
+    and collects them.
+    """
+
+    def __init__(self, genotype: Genotype, C=36, num_classes=10, layers=20, auxiliary=False, in_channels=3,
+                 uncounted: set | None = None):  # fmt: skip
+        super().__init__()
+        stem_channels = 3 * C
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem_channels, 3, padding=1, bias=False), nn.BatchNorm2d(stem_channels)
+        )
+        self._add_cells(genotype, C, num_classes, layers, stem_channels, False, {} if auxiliary else None, uncounted)
+
+    def stems(self, x):
+        s = self.stem(x)
+        return s, s
+
+
+class NetworkImageNet(EvalNetwork):
+    """DARTS's network for 224x224 images: two stems of stride-2 3x3 convs shrink the image 8x before the
+    cells (stem0: conv to C/2, BN, ReLU, conv to C, BN; stem1: ReLU, conv, BN), so the first cell reads a
+    56x56 and a 28x28 map; the auxiliary head pools the 7x7 map of cell 2*layers//3 with stride 2.
+    DARTS's ImageNet setting: C=48, 14 cells, 1000 classes, the head on."""
+
+    def __init__(self, genotype: Genotype, C=48, num_classes=1000, layers=14, auxiliary=False, in_channels=3,
+                 uncounted: set | None = None):  # fmt: skip
+        super().__init__()
+        self.stem0 = nn.Sequential(
+            nn.Conv2d(in_channels, C // 2, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(C // 2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(C),
+        )
+        # Not in place, unlike DARTS's: there the ReLU also rewrites stem0's output, which changes nothing,
+        # since the first cell reads that output through a ReLU of its own (FactorizedReduce).
+        self.stem1 = nn.Sequential(nn.ReLU(inplace=False), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
+                                   nn.BatchNorm2d(C))  # fmt: skip
+        head = dict(pool_stride=2, native_size=7, bn_768=False) if auxiliary else None
+        self._add_cells(genotype, C, num_classes, layers, C, True, head, uncounted)
+
+    def stems(self, x):
+        s0 = self.stem0(x)
+        return s0, self.stem1(s0)
+
+
+NETWORKS = {"cifar": NetworkCIFAR, "imagenet": NetworkImageNet}
 
 
 def count_parameters(model: nn.Module, exclude_auxiliary: bool = True) -> int:
@@ -142,7 +204,13 @@ def count_parameters(model: nn.Module, exclude_auxiliary: bool = True) -> int:
 
 
 def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Multiply-adds of the convolutions and linear layers for one input of `input_shape` (C, H, W), eval mode."""
+    """Multiply-adds of the convolutions and linear layers for one input of `input_shape` (C, H, W), eval mode.
+
+    A conv counts its output elements times the inputs each one reads (in_channels / groups x kernel
+    area), a linear layer its outputs times in_features. The convs that fused ops compute without calling
+    their modules (the depthwise conv of a DilConv or SepConv, FactorizedReduce's two 1x1 convs) are
+    counted from the shape of their op's output.
+    """
     total = 0
 
     def conv_hook(module: nn.Conv2d, inputs, output):
@@ -154,12 +222,20 @@ def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         nonlocal total
         total += output.numel() * module.in_features
 
-    handles = []
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            handles.append(m.register_forward_hook(conv_hook))
-        elif isinstance(m, nn.Linear):
-            handles.append(m.register_forward_hook(linear_hook))
+    def dil_conv_hook(module: DilConv, inputs, output):
+        nonlocal total
+        if module.fused:  # the depthwise conv: the op's input channels at its output's size
+            depthwise = module[1]
+            kh, kw = depthwise.kernel_size
+            total += output.numel() // output.shape[1] * depthwise.in_channels * kh * kw
+
+    def factorized_reduce_hook(module: FactorizedReduce, inputs, output):
+        nonlocal total
+        total += output.numel() * module.conv_1.in_channels  # each output channel is a 1x1 conv of the input
+
+    hooks = {nn.Conv2d: conv_hook, nn.Linear: linear_hook, DilConv: dil_conv_hook,
+             FactorizedReduce: factorized_reduce_hook}  # fmt: skip
+    handles = [m.register_forward_hook(hooks[type(m)]) for m in model.modules() if type(m) in hooks]
     was_training = model.training
     model.eval()
     try:

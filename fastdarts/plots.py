@@ -1,8 +1,10 @@
-"""Pictures of a search run, drawn from its metrics.jsonl (matplotlib, no display needed)."""
+"""Pictures of a run, drawn with matplotlib (no display needed): the curves of its metrics.jsonl, and the cell
+diagrams where Graphviz is not installed."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .errors import FastDartsError
@@ -92,3 +94,164 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Cell diagrams without Graphviz: the picture of analyze.cell_to_dot's digraph, drawn with matplotlib
+
+_FIRST = 3.2  # data units from the inputs to the first node: most edges leave the inputs
+_COLUMN = 2.6  # data units between node columns: room for the widest label ("sep_conv_3x3") between two nodes
+_ROW = 0.8  # intermediate nodes zigzag above and below the middle line, so that an edge skipping one clears it
+_INPUT_ROW = 1.6  # c_{k-2} above the middle line, c_{k-1} below it
+_RADIUS = 0.32  # of an intermediate node
+_BOX = (1.1, 0.55)  # width and height of the input and output boxes
+_INCH = 0.7  # inches per data unit
+_FONT = 9  # points, of the op labels
+_CHAR = _FONT * 0.62 / 72 / _INCH  # width of a label character in data units (DejaVu Sans averages 0.6 em)
+_LINE = 0.36  # data units between two labels' baselines at the least: a line of text and its white box
+_RADS = (0.0, 0.15, -0.15, 0.3, -0.3, 0.45, -0.45, 0.6, -0.6)  # arc curvatures to try, straightest first
+_LABEL_TS = (0.5, 0.6, 0.4, 0.7, 0.3, 0.65, 0.35, 0.75, 0.25, 0.8, 0.2)  # places on an arc to try, middle first
+# Graphviz's darkseagreen2, lightblue and palegoldenrod, the colours of the .dot file.
+_FILL = {"input": "#b4eeb4", "node": "#add8e6", "output": "#eee8aa"}
+
+_Label = tuple[tuple[float, float], float, str]  # centre, angle in degrees, op name
+
+
+def draw_cell(edges, concat, base: Path) -> list[Path]:
+    """Draw one cell as a DAG, left to right: c_{k-2} and c_{k-1}, the intermediate nodes in their order (every
+    edge goes from an earlier node to a later one), c_{k}; each edge labelled with its op along it, and gray edges
+    from the `concat` nodes into c_{k}. Writes `base`.png and `base`.svg, the files Graphviz would render."""
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend to set, no figure to close
+    from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
+
+    steps = len(edges) // 2
+    output = 2 + steps
+    nodes = _cell_nodes(steps)
+    names = {0: "$c_{k-2}$", 1: "$c_{k-1}$", output: "$c_{k}$", **{2 + i: str(i) for i in range(steps)}}
+    routed = _route(_cell_arrows(edges, concat), nodes)
+    labels = _place_labels(routed, nodes)
+
+    fig = Figure()
+    ax = fig.add_axes((0, 0, 1, 1))
+    patches = {}
+    for node, (x, y, half_w, half_h) in nodes.items():
+        if node in (0, 1, output):
+            kind = "output" if node == output else "input"
+            patch = FancyBboxPatch((x - half_w, y - half_h), 2 * half_w, 2 * half_h, facecolor=_FILL[kind],
+                                   boxstyle="round,pad=0,rounding_size=0.08", edgecolor="black")  # fmt: skip
+        else:
+            patch = Circle((x, y), _RADIUS, facecolor=_FILL["node"], edgecolor="black")
+        patches[node] = ax.add_patch(patch)
+        ax.text(x, y, names[node], ha="center", va="center", fontsize=_FONT + 2, zorder=4)
+    for source, target, op, rad in routed:
+        ax.add_patch(FancyArrowPatch(nodes[source][:2], nodes[target][:2], connectionstyle=f"arc3,rad={rad}",
+                                     arrowstyle="-|>", mutation_scale=12, linewidth=1.1,
+                                     color="gray" if op is None else "black", patchA=patches[source],
+                                     patchB=patches[target], shrinkA=0, shrinkB=1))  # fmt: skip
+    for (x, y), angle, op in labels:
+        ax.text(x, y, op, ha="center", va="center", rotation=angle, rotation_mode="anchor", fontsize=_FONT,
+                zorder=3, bbox=dict(boxstyle="round,pad=0.1", facecolor="white", edgecolor="none"))  # fmt: skip
+
+    # The axes span every node, arc and label, at _INCH inches per unit in both directions.
+    points = [(x + sx * w, y + sy * h) for x, y, w, h in nodes.values() for sx in (-1, 1) for sy in (-1, 1)]
+    points += [p for s, t, _, rad in routed for p in _arc(nodes[s][:2], nodes[t][:2], rad)]
+    points += [(x, y + sy * _LINE / 2) for label in labels for x, y in _label_points(*label) for sy in (-1, 1)]
+    x0, x1 = min(x for x, _ in points) - 0.2, max(x for x, _ in points) + 0.2
+    y0, y1 = min(y for _, y in points) - 0.2, max(y for _, y in points) + 0.2
+    ax.set(xlim=(x0, x1), ylim=(y0, y1), aspect="equal")  # equal: label angles in data units are those drawn
+    ax.axis("off")
+    fig.set_size_inches((x1 - x0) * _INCH, (y1 - y0) * _INCH)
+    written = []
+    for suffix in (".png", ".svg"):
+        path = base.with_suffix(suffix)
+        with matplotlib.rc_context({"svg.fonttype": "none"}):  # SVG text stays text, as in Graphviz's SVG
+            fig.savefig(path, dpi=150, bbox_inches="tight", pad_inches=0.1)
+        written.append(path)
+    return written
+
+
+def _cell_arrows(edges, concat) -> list[tuple[int, int, str | None]]:
+    """(source node, target node, op) of every edge, then (concat node, output node, None) of the output's inputs."""
+    output = 2 + len(edges) // 2
+    return [(index, 2 + k // 2, op) for k, (op, index) in enumerate(edges)] + [(c, output, None) for c in concat]
+
+
+def _cell_nodes(steps: int) -> dict[int, tuple[float, float, float, float]]:
+    """Node (0, 1 the inputs, 2.. the intermediate nodes, 2 + steps the output) -> centre and half width and height,
+    in data units."""
+    box = (_BOX[0] / 2, _BOX[1] / 2)
+    nodes = {0: (0.0, _INPUT_ROW, *box), 1: (0.0, -_INPUT_ROW, *box)}
+    for i in range(steps):
+        nodes[2 + i] = (_FIRST + i * _COLUMN, _ROW if i % 2 == 0 else -_ROW, _RADIUS, _RADIUS)
+    nodes[2 + steps] = (_FIRST + steps * _COLUMN, 0.0, *box)
+    return nodes
+
+
+def _arc(a, b, rad: float, ts=None) -> list[tuple[float, float]]:
+    """Points of matplotlib's arc3 connection from centre a to centre b: the quadratic Bezier curve whose control
+    point lies `rad` times the chord's length off its middle, to the right when looking from a to b."""
+    (xa, ya), (xb, yb), (xc, yc) = a, b, _control_point(a, b, rad)
+    ts = [i / 20 for i in range(1, 20)] if ts is None else ts
+    return [((1 - t) ** 2 * xa + 2 * (1 - t) * t * xc + t**2 * xb, (1 - t) ** 2 * ya + 2 * (1 - t) * t * yc + t**2 * yb)
+            for t in ts]  # fmt: skip
+
+
+def _control_point(a, b, rad: float) -> tuple[float, float]:
+    (xa, ya), (xb, yb) = a, b
+    return (xa + xb) / 2 + rad * (yb - ya), (ya + yb) / 2 - rad * (xb - xa)
+
+
+def _overlaps(point, half_w, half_h, node) -> bool:
+    """Whether a box of these half sizes around `point` overlaps the (box around the) node, 0.1 apart at least."""
+    x, y, w, h = node
+    return abs(point[0] - x) < half_w + w + 0.1 and abs(point[1] - y) < half_h + h + 0.1
+
+
+def _route(arrows, nodes) -> list[tuple[int, int, str | None, float]]:
+    """Each (source, target, op) with the straightest arc that passes no other node and is not drawn already
+    between the same two nodes (a node may take both its edges from one input)."""
+    routed = []
+    for source, target, op in arrows:
+        taken = [rad for s, t, _, rad in routed if (s, t) == (source, target)]
+        others = [n for key, n in nodes.items() if key not in (source, target)]
+        free = [rad for rad in _RADS if all(abs(rad - r) > 0.25 for r in taken)]  # parallel arcs well apart
+        a, b = nodes[source][:2], nodes[target][:2]
+        hits = [sum(_overlaps(p, 0.05, 0.05, n) for p in _arc(a, b, rad) for n in others) for rad in free]
+        routed.append((source, target, op, free[hits.index(min(hits))]))  # of the fewest hits, the straightest
+    return routed
+
+
+def _label_points(centre, angle: float, op: str) -> list[tuple[float, float]]:
+    """Points along a label's baseline, a character apart, from end to end."""
+    half, n = len(op) * _CHAR / 2, max(len(op), 1)
+    dx, dy = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    return [(centre[0] + s * dx, centre[1] + s * dy) for s in (half * (2 * i / n - 1) for i in range(n + 1))]
+
+
+def _labels_clash(a: _Label, b: _Label) -> bool:
+    return any(math.dist(p, q) < _LINE for p in _label_points(*a) for q in _label_points(*b))
+
+
+def _label_hits_node(label: _Label, nodes) -> bool:
+    return any(_overlaps(p, _LINE / 2, _LINE / 2, n) for p in _label_points(*label) for n in nodes.values())
+
+
+def _place_labels(routed, nodes) -> list[_Label]:
+    """Each labelled arc's op name laid along it, at the place nearest its middle where it touches no node and no
+    label placed before it (else at the middle)."""
+    placed: list[_Label] = []
+    for source, target, op, rad in routed:
+        if op is None:
+            continue
+        (xa, ya), (xb, yb) = a, b = nodes[source][:2], nodes[target][:2]
+        xc, yc = _control_point(a, b, rad)
+        candidates = []
+        for t, point in zip(_LABEL_TS, _arc(a, b, rad, _LABEL_TS)):
+            # The curve's direction at t; every edge runs left to right, so the text is never upside down.
+            dx = (1 - t) * (xc - xa) + t * (xb - xc)
+            dy = (1 - t) * (yc - ya) + t * (yb - yc)
+            candidates.append((point, math.degrees(math.atan2(dy, dx)), op))
+        clear = [c for c in candidates if not (_label_hits_node(c, nodes) or any(_labels_clash(c, p) for p in placed))]
+        placed.append((clear or candidates)[0])
+    return placed

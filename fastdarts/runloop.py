@@ -14,8 +14,9 @@ import dataclasses
 import json
 import random
 import signal
+import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,8 +38,8 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import parse_command_line
-from .data import ImageData
-from .errors import ConfigError, TrainingDiverged
+from .data import BatchJob, Images
+from .errors import ConfigError, FastDartsError, TrainingDiverged, path_stat, summary
 from .memory import keep_freed_memory
 
 CHECKPOINT = "checkpoint.pt"
@@ -57,9 +58,15 @@ class Task(Protocol):
         """Set per-epoch state (learning rate, drop path, temperature); returns fields for the epoch's row.
         Called again for an epoch resumed midway, so it must depend on the epoch and the loaded state only."""
 
-    def step(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """One training step; returns the loss and the number of correct predictions. Raises
-        NonFiniteError, before any parameter changes, when a loss or gradient is not finite."""
+    def inputs(self, epoch: int, batches: Sequence[torch.Tensor], start: int) -> Iterator:
+        """What `step` takes for each of `batches[start:]`, in order (the images, read and augmented,
+        ahead of the steps for data read from disk): a generator, closed when the epoch ends or stops.
+        Its randomness must depend on the run's seed, the epoch and the step alone (data.step_seed),
+        so that a run resumed midway sees the same inputs."""
+
+    def step(self, inputs) -> tuple[torch.Tensor, int]:
+        """One training step on one of `inputs`'s items; returns the loss and the number of correct
+        predictions. Raises NonFiniteError, before any parameter changes, when a loss or gradient is not finite."""
 
     def end_epoch(self, epoch: int) -> dict:
         """After the epoch's last step (schedulers, evaluation); returns fields for the epoch's row."""
@@ -69,19 +76,19 @@ class Task(Protocol):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: ImageData, indices: torch.Tensor, batch_size: int) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, data: Images, indices: torch.Tensor, batch_size: int) -> tuple[float, float]:
     """Loss and accuracy on `indices` without augmentation, in eval mode (running BN statistics).
     A model that returns `(logits, auxiliary logits)` is scored on its logits."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
-    for batch_idx in indices.split(batch_size):
-        x, y = data.batch(batch_idx)
-        logits = model(x)
-        if isinstance(logits, tuple):
-            logits = logits[0]
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+    with contextlib.closing(data.iterate(BatchJob(b) for b in indices.split(batch_size))) as batches:
+        for x, y in batches:
+            logits = model(x)
+            if isinstance(logits, tuple):
+                logits = logits[0]
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
     model.train(was_training)
     return loss_sum / len(indices), correct / len(indices)
 
@@ -110,7 +117,8 @@ def start_config(cls, kind: str, config=None, resume: str | Path | None = None, 
     if resume is None:
         return dataclasses.replace(config or cls(), **overrides).resolved(), None
     run_dir = Path(resume)
-    if not run_dir.is_dir():
+    found = path_stat(run_dir, "resume:", ConfigError)
+    if found is None or not stat.S_ISDIR(found.st_mode):
         raise ConfigError(f"resume: {run_dir} is not a run directory")
     checkpoint = load_checkpoint(run_dir / CHECKPOINT)
     if checkpoint.get("kind") != kind:
@@ -124,6 +132,9 @@ def start_config(cls, kind: str, config=None, resume: str | Path | None = None, 
     if checkpoint["complete"]:
         raise ConfigError(f"resume: the run in {run_dir} is already complete")
     saved = {**checkpoint["config"], "stop_after": None}
+    unknown = sorted(map(str, saved.keys() - {f.name for f in dataclasses.fields(cls)}))
+    if unknown:  # written by another version of fastdarts
+        raise ConfigError(f"resume: the checkpoint in {run_dir} has settings this version lacks: {', '.join(unknown)}")
     return dataclasses.replace(cls(**saved), **overrides).resolved(), checkpoint
 
 
@@ -131,14 +142,16 @@ def make_run_dir(out: str | None, kind: str) -> Path:
     """The run directory: `out` if given (it must not hold a run already), else a new folder under runs/."""
     if out is not None:
         path = Path(out)
-        if path.exists() and not path.is_dir():
+        found = path_stat(path, "out", ConfigError)
+        if found is not None and not stat.S_ISDIR(found.st_mode):
             raise ConfigError(f"out {path} exists and is not a directory")
         if (path / METRICS).exists() or (path / CHECKPOINT).exists():
             raise ConfigError(f"out {path} already holds a run; choose another --out, or --resume it")
         try:
             path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"out {path}: cannot create the run directory ({e.strerror})") from None
+        except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+            reason = getattr(e, "strerror", None) or e
+            raise ConfigError(f"out {path}: cannot create the run directory ({reason})") from None
         return path
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in range(1000):
@@ -172,11 +185,15 @@ class Run:
         if checkpoint is None:
             atomic_write_text(self.dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
             return
-        for name, obj in stateful.items():
-            obj.load_state_dict(checkpoint[name])
-        self.position = checkpoint["position"]
-        set_rng_state(checkpoint["rng"], generator)
-        atomic_write_text(self.dir / METRICS, "".join(json.dumps(r) + "\n" for r in self.history))
+        try:
+            for name, obj in stateful.items():
+                obj.load_state_dict(checkpoint[name])
+            self.position = checkpoint["position"]
+            set_rng_state(checkpoint["rng"], generator)
+            metrics = "".join(json.dumps(r) + "\n" for r in self.history)
+        except Exception as e:  # the checkpoint of another network or version: name it, in one line
+            raise FastDartsError(f"{self.dir / CHECKPOINT} does not fit this run ({summary(e)})") from None
+        atomic_write_text(self.dir / METRICS, metrics)
 
     @property
     def history(self) -> list[dict]:
@@ -213,18 +230,23 @@ class Run:
                     break
                 epoch = position["epoch"]
                 if position["batches"] is None:
-                    sums = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "seconds": 0.0}
+                    sums = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "seconds": 0.0, "data_seconds": 0.0}
                     position.update(step=0, batches=list(task.batches(self.generator)), sums=sums)
                 batches, sums = position["batches"], position["sums"]
+                sums.setdefault("data_seconds", 0.0)  # a checkpoint written before steps timed their wait for data
                 if bar is None:
                     bar = tqdm(total=config.epochs * len(batches), initial=epoch * len(batches) + position["step"],
                                disable=not config.progress, unit="step", dynamic_ncols=True)  # fmt: skip
                     closing.callback(bar.close)
                 row = {"epoch": epoch, **task.begin_epoch(epoch)}
                 started = time.perf_counter()
+                inputs = closing.enter_context(contextlib.closing(task.inputs(epoch, batches, position["step"])))
                 while position["step"] < len(batches):
                     step = position["step"]
-                    self._step(task, batches[step], sums, epoch, step)
+                    asked = time.perf_counter()
+                    step_inputs = next(inputs)
+                    sums["data_seconds"] += time.perf_counter() - asked
+                    self._step(task, step_inputs, len(batches[step]), sums, epoch, step)
                     position["step"] = step + 1
                     seen = max(sums["seen"], 1)
                     bar.set_postfix(epoch=epoch, loss=f"{sums['loss'] / seen:.3f}",
@@ -241,8 +263,10 @@ class Run:
                 seen = sums["seen"] or float("nan")  # every step skipped: nothing to average
                 row.update(train_loss=sums["loss"] / seen, train_acc=sums["correct"] / seen,
                            skipped_steps=sums["skipped"])  # fmt: skip
+                inputs.close()
                 row.update(task.end_epoch(epoch))
                 row["seconds"] = round(sums["seconds"] + time.perf_counter() - started, 3)
+                row["data_seconds"] = round(sums["data_seconds"], 3)
                 self.history.append(row)
                 position.update(epoch=epoch + 1, step=0, batches=None, sums=None)
                 if position["epoch"] % config.save_every == 0 and position["epoch"] < config.epochs:
@@ -252,13 +276,13 @@ class Run:
                 tqdm.write(task.announce(row))
         return self.history
 
-    def _step(self, task: Task, batch: torch.Tensor, sums: dict, epoch: int, step: int) -> None:
+    def _step(self, task: Task, inputs, n: int, sums: dict, epoch: int, step: int) -> None:
         # A skipped step's forward has already folded its batch into the BN running statistics.
         buffers = None
         if self.config.on_nan == "skip":
             buffers = [b.clone() for b in self.stateful["model"].buffers()]
         try:
-            loss, correct = task.step(batch)
+            loss, correct = task.step(inputs)
         except NonFiniteError as e:
             if self.config.on_nan == "stop" or isinstance(e, NonFiniteWeights):
                 kept = (
@@ -272,7 +296,6 @@ class Run:
                 for b, saved in zip(self.stateful["model"].buffers(), buffers):
                     b.copy_(saved)
             return
-        n = len(batch)
         sums["loss"] += loss.item() * n
         sums["correct"] += correct
         sums["seen"] += n

@@ -1,10 +1,11 @@
 """`python -m fastdarts.search`: a DARTS or PR-DARTS architecture search (METHOD.md 1.3, 2), or `run(config)`.
 
 Each step updates the architecture on a fresh random validation batch, then the weights on the
-next training batch. Every epoch is logged to the console and to `metrics.jsonl` in the run
-directory, and a checkpoint lets an interrupted search continue exactly (`--resume RUN_DIR`, see
-`fastdarts.runloop`); the end writes `genotype.json`, `genotype.txt` (DARTS format) and the final
-checkpoint.
+next training batch (PR-DARTS: the weights first). The validation images are the second part of
+the training split (`--train_portion`), or a folder's own `val/`. Every epoch is logged to the
+console and to `metrics.jsonl` in the run directory, and a checkpoint lets an interrupted search
+continue exactly (`--resume RUN_DIR`, see `fastdarts.runloop`); the end writes `genotype.json`,
+`genotype.txt` (DARTS format) and the final checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .analyze import write_cell_diagrams
 from .bilevel import Architect, weight_step
 from .checkpoint import atomic_write_text
 from .config import SearchConfig, run_cli
-from .data import ImageData, load_dataset, random_batch, shuffled_batches, split_indices
+from .data import BatchJob, Images, load_dataset, random_batch, shuffled_batches, split_indices, step_seed
 from .methods import make_method
 from .plots import plot_run
 from .runloop import Run, entry_point, evaluate, make_run_dir, seed_everything, start_config
@@ -37,16 +38,34 @@ class SearchResult:
 
 
 class SearchTask:
-    """One search step: the architecture on a fresh random validation batch, then the weights."""
+    """One search step: the architecture on a fresh random validation batch, then the weights.
 
-    def __init__(self, config: SearchConfig, data: ImageData, val_idx, train_idx, model: SearchNetwork,
-                 weight_optimizer, scheduler, architect: Architect, generator: torch.Generator):  # fmt: skip
-        self.config, self.data, self.val_idx, self.train_idx = config, data, val_idx, train_idx
+    The weights train on the images `train_idx` of `train`, the architecture on `val_idx` of `val`
+    (the same data set, split, unless it has a validation split of its own)."""
+
+    def __init__(self, config: SearchConfig, train: Images, train_idx, val: Images, val_idx, model: SearchNetwork,
+                 weight_optimizer, scheduler, architect: Architect):  # fmt: skip
+        self.config, self.train, self.train_idx, self.val, self.val_idx = config, train, train_idx, val, val_idx
         self.model, self.weight_optimizer, self.scheduler = model, weight_optimizer, scheduler
-        self.architect, self.generator = architect, generator
+        self.architect = architect
 
     def batches(self, generator):
         return shuffled_batches(self.train_idx, self.config.batch_size, generator)
+
+    def inputs(self, epoch, batches, start):
+        """Each step's training batch and a fresh random validation batch, both augmented."""
+        seed, train_jobs, val_jobs = self.config.seed, [], []
+        for step, batch_idx in enumerate(batches[start:], start):
+            pick = torch.Generator().manual_seed(step_seed(seed, epoch, step, 2))
+            train_jobs.append(BatchJob(batch_idx, step_seed(seed, epoch, step, 0)))
+            val_jobs.append(BatchJob(random_batch(self.val_idx, self.config.batch_size, pick),
+                                     step_seed(seed, epoch, step, 1)))  # fmt: skip
+        train, val = self.train.iterate(train_jobs), self.val.iterate(val_jobs)
+        try:
+            yield from zip(train, val)
+        finally:
+            train.close()
+            val.close()
 
     def begin_epoch(self, epoch: int) -> dict:
         self.lr = self.scheduler.get_last_lr()[0]
@@ -54,10 +73,8 @@ class SearchTask:
         self.model.train()
         return {"lr": self.lr, **self.model.method.epoch_settings()}
 
-    def step(self, batch_idx):
-        train_batch = self.data.batch(batch_idx, self.generator, augment=True)
-        val_idx = random_batch(self.val_idx, self.config.batch_size, self.generator)
-        val_batch = self.data.batch(val_idx, self.generator, augment=True)
+    def step(self, inputs):
+        train_batch, val_batch = inputs
         if self.model.method.weight_step_first:  # PR-DARTS: the weights, then the gates
             loss, logits = weight_step(self.model, self.weight_optimizer, train_batch, self.config.grad_clip)
             self.architect.step(train_batch, val_batch, self.lr)
@@ -68,7 +85,7 @@ class SearchTask:
 
     def end_epoch(self, epoch: int) -> dict:
         self.scheduler.step()
-        val_loss, val_acc = evaluate(self.model, self.data, self.val_idx, self.config.batch_size)
+        val_loss, val_acc = evaluate(self.model, self.val, self.val_idx, self.config.batch_size)
         return {"val_loss": val_loss, "val_acc": val_acc, **architecture_record(self.model)}
 
     def announce(self, r: dict) -> str:
@@ -77,7 +94,7 @@ class SearchTask:
             f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} | normal skips {r['normal_skip_connects']} | "
             f"entropy {r['entropy_normal']:.4f}/{r['entropy_reduce']:.4f}"
             + (f" | tau {r['tau']:.3f} P(skip gate on) {r['p_nonzero_skip_normal']:.3f}" if "tau" in r else "")
-            + f" | {r['seconds']:.1f}s"
+            + f" | {r['seconds']:.1f}s ({r['data_seconds']:.1f}s waiting for data)"
             + (f" | {r['skipped_steps']} steps skipped (non-finite)" if r["skipped_steps"] else "")
             + f"\n  {r['genotype']}"
         )
@@ -91,12 +108,17 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
     """
     config, checkpoint = start_config(SearchConfig, "search", config, resume, **overrides)
     seed_everything(config.seed)
-    data = load_dataset(config.dataset, config.data)
-    train_idx, val_idx = split_indices(len(data), config.train_portion)
+    train = load_dataset(config.dataset, config.data, "train", **config.data_options())
+    val = load_dataset(config.dataset, config.data, "valid", **config.data_options())
+    if val is None:
+        train_idx, val_idx = split_indices(len(train), config.train_portion)
+        val = train
+    else:
+        train_idx, val_idx = torch.arange(len(train)), torch.arange(len(val))
     run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "search")
 
     method = make_method(config.method, **config.method_settings())
-    model = SearchNetwork(config.init_channels, data.num_classes, config.layers, data.in_channels, method=method,
+    model = SearchNetwork(config.init_channels, train.num_classes, config.layers, train.in_channels, method=method,
                           recompute=config.recompute)  # fmt: skip
     weight_optimizer = torch.optim.SGD(
         model.weight_parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
@@ -114,7 +136,7 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
     stateful = {"model": model, "weight_optimizer": weight_optimizer, "arch_optimizer": architect.optimizer,
                 "scheduler": scheduler, "method": method}  # fmt: skip
     search_run = Run("search", config, run_dir, stateful, generator, checkpoint)
-    task = SearchTask(config, data, val_idx, train_idx, model, weight_optimizer, scheduler, architect, generator)
+    task = SearchTask(config, train, train_idx, val, val_idx, model, weight_optimizer, scheduler, architect)
     history = search_run.loop(task)
     genotype = model.genotype()
     if search_run.stopped_early:

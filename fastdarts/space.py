@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from . import ops
-from .errors import GenotypeError
+from .errors import GenotypeError, path_stat, shorten
 
 PRIMITIVES: tuple[str, ...] = (
     "none",
@@ -183,6 +184,10 @@ class Genotype:
             tree = ast.parse(text, mode="eval").body
         except SyntaxError as e:
             raise GenotypeError(f"genotype string is not valid syntax: {e.msg} (column {e.offset})") from None
+        except ValueError as e:  # a NUL byte, on some Pythons
+            raise GenotypeError(f"genotype string cannot be parsed ({e})") from None
+        except (RecursionError, MemoryError):  # Python's parser runs out of stack: "-" * 100000 + "1"
+            raise GenotypeError("genotype string is nested too deeply to parse") from None
         if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id == "Genotype"):
             raise GenotypeError("genotype string must have the form Genotype(normal=[...], normal_concat=[...], ...)")
         if tree.args:
@@ -194,11 +199,11 @@ class Genotype:
             if kw.arg in fields:
                 raise GenotypeError(f"genotype field {kw.arg!r} is given twice")
             if isinstance(kw.value, ast.Call):  # DARTS writes range(2, 6) for the concat lists
-                fields[kw.arg] = _literal_range(kw)
+                fields[kw.arg] = _literal_range(kw, max_length=len(text))
                 continue
             try:
                 fields[kw.arg] = ast.literal_eval(kw.value)
-            except (ValueError, SyntaxError):
+            except (ValueError, SyntaxError, TypeError, RecursionError):  # TypeError: {[1]: 2}, an unhashable key
                 raise GenotypeError(f"genotype field {kw.arg!r} is not a literal") from None
         return cls.from_dict(fields)
 
@@ -235,6 +240,8 @@ class Genotype:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise GenotypeError(f"genotype JSON is malformed: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except (ValueError, RecursionError) as e:  # an integer of too many digits, nesting too deep
+            raise GenotypeError(f"genotype JSON cannot be read ({type(e).__name__}: {e})") from None
         return cls.from_dict(data)
 
     @property
@@ -242,15 +249,20 @@ class Genotype:
         return len(self.normal) // 2
 
 
-def _literal_range(kw: ast.keyword) -> list[int]:
+def _literal_range(kw: ast.keyword, max_length: int) -> list[int]:
+    """The nodes of `range(...)`, refused when there are more than `max_length`: a range names distinct nodes,
+    and a string of `max_length` characters describes fewer nodes than that (range(2, 10**12) is never listed)."""
     call = kw.value
     if not (isinstance(call.func, ast.Name) and call.func.id == "range" and not call.keywords):
         raise GenotypeError(f"genotype field {kw.arg!r} must be a list or range(...)")
     try:
-        args = [ast.literal_eval(a) for a in call.args]
-        return list(range(*args))
-    except (ValueError, TypeError):
+        nodes = range(*[ast.literal_eval(a) for a in call.args])
+        length = len(nodes)
+    except (ValueError, TypeError, SyntaxError, RecursionError, OverflowError):
         raise GenotypeError(f"genotype field {kw.arg!r} has a malformed range(...)") from None
+    if length > max_length:
+        raise GenotypeError(f"genotype field {kw.arg!r} names {length} nodes, more than the cell has")
+    return list(nodes)
 
 
 def _as_int(value, where: str) -> int:
@@ -278,38 +290,59 @@ def _check_cell(cell: str, edges: tuple[Edge, ...], concat: tuple[int, ...]) -> 
     for c in concat:
         if not 0 <= c < 2 + steps:
             raise GenotypeError(f"{cell}_concat names node {c}, but the cell has nodes 0..{steps + 1}")
+    if cell == "reduce" and min(concat) < 2:
+        raise GenotypeError(
+            f"reduce_concat names cell input {min(concat)}, but the reduction cell's output is at half the "
+            "resolution of its inputs"
+        )
 
 
 def load_genotype(source: str | Path) -> Genotype:
     """A genotype from a built-in name, a DARTS string, a genotype.json/.txt file or a run directory."""
+    return locate_genotype(source)[0]
+
+
+def locate_genotype(source: str | Path) -> tuple[Genotype, Path | None]:
+    """`load_genotype(source)`, and the run directory it was read from (None when `source` is not a directory)."""
     text = str(source)
     if text in BUILTIN_GENOTYPES:
-        return BUILTIN_GENOTYPES[text]
+        return BUILTIN_GENOTYPES[text], None
+    # Never looked up as a path: a published genotype written out in full is longer than a file name may be.
     if text.lstrip().startswith("Genotype("):
-        return Genotype.parse(text)
+        return Genotype.parse(text), None
     path = Path(text)
-    if path.is_dir():
-        for name in ("genotype.json", "genotype.txt"):
-            if (path / name).is_file():
-                return load_genotype(path / name)
-        raise GenotypeError(f"{path}: directory has no genotype.json or genotype.txt")
-    if not path.exists():
+    found = path_stat(path, "genotype", GenotypeError)
+    if found is None:
         known = ", ".join(BUILTIN_GENOTYPES)
         raise GenotypeError(
-            f"{text!r} is not a built-in genotype ({known}), a Genotype(...) string or an existing path"
+            f"{shorten(repr(text))} is not a built-in genotype ({known}), a Genotype(...) string or an existing path"
         )
+    if stat.S_ISDIR(found.st_mode):
+        for name in ("genotype.json", "genotype.txt"):
+            inside = path_stat(path / name, "genotype", GenotypeError)
+            if inside is not None and stat.S_ISREG(inside.st_mode):
+                return _read_genotype_file(path / name), path
+        raise GenotypeError(f"{shorten(str(path))}: directory has no genotype.json or genotype.txt")
+    if not stat.S_ISREG(found.st_mode):  # a FIFO or a device would block or never end
+        raise GenotypeError(f"{shorten(str(path))}: not a regular file")
+    return _read_genotype_file(path), None
+
+
+def _read_genotype_file(path: Path) -> Genotype:
     try:
         content = path.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise GenotypeError(f"{path}: cannot read genotype file ({e})") from None
+    except OSError as e:
+        raise GenotypeError(f"{shorten(str(path))}: cannot read genotype file ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise GenotypeError(f"{shorten(str(path))}: genotype file is not text ({e})") from None
     if not content.strip():
-        raise GenotypeError(f"{path}: genotype file is empty")
+        raise GenotypeError(f"{shorten(str(path))}: genotype file is empty")
     try:
         if content.lstrip().startswith("{"):
             return Genotype.from_json(content)
         return Genotype.parse(content)
     except GenotypeError as e:
-        raise GenotypeError(f"{path}: {e}") from None
+        raise GenotypeError(f"{shorten(str(path))}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------

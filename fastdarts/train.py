@@ -1,7 +1,8 @@
 """`python -m fastdarts.train --genotype G`: train a found cell from scratch (METHOD.md 1.5), or `run(config)`.
 
-The evaluation network (NetworkCIFAR: affine BN, the genotype's ops only) is trained with SGD and
-a per-epoch cosine schedule, the auxiliary head's loss weighted in, cutout, and a drop-path
+The evaluation network (NetworkCIFAR, or NetworkImageNet for 224-pixel images: affine BN, the
+genotype's ops only) is trained with SGD and a per-epoch cosine or step schedule, the auxiliary
+head's loss weighted in, and (as the data set's preset says) cutout, label smoothing and a drop-path
 probability that ramps up linearly over the epochs; every epoch is scored on the test split.
 Checkpoints, `--resume`, signals and divergence work as for the search (`fastdarts.runloop`).
 """
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from .bilevel import sgd_step
 from .checkpoint import atomic_write_text
 from .config import TrainConfig, run_cli
-from .data import ImageData, load_dataset, shuffled_batches
-from .evalnet import NetworkCIFAR, count_parameters
+from .data import BatchJob, Images, load_dataset, shuffled_batches, step_seed
+from .evalnet import NETWORKS, EvalNetwork, count_multiply_adds, count_parameters
 from .plots import plot_run
 from .runloop import Run, entry_point, evaluate, make_run_dir, seed_everything, start_config
 from .space import Genotype
@@ -37,29 +38,36 @@ class TrainResult:
 
 
 class TrainTask:
-    """One SGD step of the evaluation network on a training batch (crop, flip, cutout)."""
+    """One SGD step of the evaluation network on an augmented training batch."""
 
-    def __init__(self, config: TrainConfig, train: ImageData, test: ImageData, model: NetworkCIFAR, optimizer,
-                 scheduler, generator: torch.Generator):  # fmt: skip
+    def __init__(self, config: TrainConfig, train: Images, test: Images, model: EvalNetwork, optimizer, scheduler):
         self.config, self.train, self.test, self.model = config, train, test, model
-        self.optimizer, self.scheduler, self.generator = optimizer, scheduler, generator
+        self.optimizer, self.scheduler = optimizer, scheduler
 
     def batches(self, generator):
         return shuffled_batches(torch.arange(len(self.train)), self.config.batch_size, generator)
+
+    def inputs(self, epoch, batches, start):
+        cutout = self.config.cutout_length if self.config.cutout else 0
+        seed = self.config.seed
+        jobs = [BatchJob(b, step_seed(seed, epoch, step, 0), cutout) for step, b in enumerate(batches[start:], start)]
+        return self.train.iterate(jobs)
 
     def begin_epoch(self, epoch: int) -> dict:
         self.model.drop_path_prob = self.config.drop_path_prob * epoch / self.config.epochs
         self.model.train()
         return {"lr": self.scheduler.get_last_lr()[0], "drop_path_prob": self.model.drop_path_prob}
 
-    def step(self, batch_idx):
-        cutout = self.config.cutout_length if self.config.cutout else 0
-        x, y = self.train.batch(batch_idx, self.generator, augment=True, cutout=cutout)
+    def step(self, inputs):
+        x, y = inputs
         self.optimizer.zero_grad(set_to_none=True)
         logits, logits_aux = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        # DARTS's ImageNet criterion (CrossEntropyLabelSmooth) is cross-entropy with smoothed targets.
+        loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smooth)
         if logits_aux is not None:
-            loss = loss + self.config.auxiliary_weight * F.cross_entropy(logits_aux, y)
+            loss = loss + self.config.auxiliary_weight * F.cross_entropy(
+                logits_aux, y, label_smoothing=self.config.label_smooth
+            )
         sgd_step(self.optimizer, self.model.parameters(), loss, self.config.grad_clip)
         return loss.detach(), int((logits.argmax(1) == y).sum())
 
@@ -73,7 +81,7 @@ class TrainTask:
         return (
             f"epoch {r['epoch']}: lr {r['lr']:.4g} drop path {r['drop_path_prob']:.3f} | train loss "
             f"{r['train_loss']:.4f} acc {r['train_acc']:.4f} | test loss {r['test_loss']:.4f} acc {r['test_acc']:.4f}"
-            f" | {r['seconds']:.1f}s{skipped}"
+            f" | {r['seconds']:.1f}s ({r['data_seconds']:.1f}s waiting for data){skipped}"
         )
 
 
@@ -86,29 +94,36 @@ def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, 
     config, checkpoint = start_config(TrainConfig, "train", config, resume, **overrides)
     genotype = config.cell()
     seed_everything(config.seed)
-    train = load_dataset(config.dataset, config.data, "train")
-    test = load_dataset(config.dataset, config.data, "test")
+    train = load_dataset(config.dataset, config.data, "train", **config.data_options())
+    test = load_dataset(config.dataset, config.data, "test", **config.data_options())
     run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "train")
 
-    model = NetworkCIFAR(genotype, config.init_channels, train.num_classes, config.layers, config.auxiliary,
-                         train.in_channels)  # fmt: skip
+    model = NETWORKS[config.network](genotype, config.init_channels, train.num_classes, config.layers,
+                                     config.auxiliary, train.in_channels)  # fmt: skip
     parameters = count_parameters(model)
+    image = (train.in_channels, train.image_size, train.image_size)
+    multiply_adds = count_multiply_adds(model, image)
     optimizer = torch.optim.SGD(
         model.parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, config.learning_rate_min)
+    if config.schedule == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.decay_period, config.gamma)
+    else:
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, config.learning_rate_min)
     generator = torch.Generator().manual_seed(config.seed)
     train_run = Run("train", config, run_dir, {"model": model, "optimizer": optimizer, "scheduler": scheduler},
                     generator, checkpoint)  # fmt: skip
     if checkpoint is None:
         atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
-    print(f"{genotype}\nevaluation network: {parameters / 1e6:.3f} M parameters (auxiliary head excluded)")
-    history = train_run.loop(TrainTask(config, train, test, model, optimizer, scheduler, generator))
+    print(f"{genotype}\nevaluation network ({config.network}): {parameters / 1e6:.3f} M parameters (auxiliary head "
+          f"excluded), {multiply_adds / 1e6:.1f} M multiply-adds per {image[1]}x{image[2]} image")  # fmt: skip
+    history = train_run.loop(TrainTask(config, train, test, model, optimizer, scheduler))
     test_acc = history[-1]["test_acc"] if history else float("nan")
     if train_run.stopped_early:
         return TrainResult(genotype, parameters, test_acc, history, run_dir, stopped_early=True)
 
-    summary = {"parameters": parameters, "test_acc": test_acc, "test_loss": history[-1]["test_loss"]}
+    summary = {"parameters": parameters, "multiply_adds": multiply_adds, "test_acc": test_acc,
+               "test_loss": history[-1]["test_loss"]}  # fmt: skip
     atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
     train_run.save(complete=True)
     plot_run(run_dir / "metrics.jsonl", run_dir)

@@ -1,7 +1,6 @@
 import json
 import random
 import re
-import shutil
 import subprocess
 import sys
 from fractions import Fraction
@@ -10,6 +9,7 @@ import pytest
 
 from fastdarts import analyze
 from fastdarts.analyze import cell_depth, cell_to_dot, cell_width, describe_network, variants, write_cell_diagrams
+from fastdarts.config import run_cli
 from fastdarts.space import DARTS_V1, DARTS_V2, Genotype
 
 
@@ -107,24 +107,13 @@ def test_dot_output_parses_back_to_the_genotype(g):
     assert to_output == [names[c] for c in g.normal_concat]
 
 
-def test_diagrams_render_when_dot_exists(tmp_path):
+def test_diagrams_render_with_or_without_dot(tmp_path):
+    # Graphviz renders the PNG and SVG when `dot` is installed, matplotlib draws them otherwise (tests/test_plots.py).
     written = write_cell_diagrams(DARTS_V2, tmp_path)
-    assert (tmp_path / "normal.dot").exists() and (tmp_path / "reduce.dot").exists()
-    if shutil.which("dot"):
-        png = (tmp_path / "normal.png").read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-        assert (tmp_path / "reduce.svg").read_text().lstrip().startswith("<?xml")
-        assert len(written) == 6
-    else:
-        assert len(written) == 2
-
-
-def test_missing_dot_gives_one_clear_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(analyze.shutil, "which", lambda name: None)
-    written = write_cell_diagrams(DARTS_V2, tmp_path)
-    assert [p.suffix for p in written] == [".dot", ".dot"]
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out == ["Graphviz 'dot' is not installed: wrote the .dot files only (apt-get install graphviz renders them)"]
+    assert [p.name for p in written] == [f"{c}.{s}" for c in ("normal", "reduce") for s in ("dot", "png", "svg")]
+    png = (tmp_path / "normal.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert (tmp_path / "reduce.svg").read_text().lstrip().startswith("<?xml")
 
 
 def test_darts_v2_evaluation_network_parameter_count():
@@ -185,3 +174,46 @@ def test_builtin_cells_from_other_search_spaces():
     assert amoeba["reduce"]["concat"] == [3, 4, 6]
     # PR-DARTS's normal cell has one skip connection, DARTS_V2's two, DARTS_V1's three.
     assert [analyze.describe_cell(g, "normal")["skip_connects"] for g in (PRDARTS, DARTS_V2, DARTS_V1)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["DARTS_V1", "DARTS_V2"])
+def test_cli_takes_a_published_genotype_written_out_in_full(name):
+    # Longer than a file name may be: analyze once crashed looking it up as a path (OSError: File name too long).
+    from fastdarts.space import BUILTIN_GENOTYPES
+
+    text = str(BUILTIN_GENOTYPES[name])
+    assert len(text) > 255
+    result = run("--json", text)
+    assert result.returncode == 0, result.stderr
+    by_name = json.loads(run("--json", name).stdout)
+    assert json.loads(result.stdout) == {k: v for k, v in by_name.items() if k != "source"}
+
+
+@pytest.mark.parametrize(
+    "arg,message",
+    [
+        ("x" * 300, "genotype " + "x" * 60 + "... (300 characters): File name too long"),
+        ("FILE/genotype.json", "FILE/genotype.json: Not a directory"),
+        ("Genotype(normal=[('a', 0), ('b', 1)], normal_concat=range(2, 1000000000000), reduce=[('a', 0), ('b', 1)], "
+         "reduce_concat=[2])", "'normal_concat' names 999999999998 nodes, more than the cell has"),
+        ("Genotype(normal=[('a', 0), ('b', 1)], normal_concat=[2], reduce=[('a', 0), ('b', 1)], reduce_concat=[0, 2])",
+         "reduce_concat names cell input 0"),
+    ],
+)  # fmt: skip
+def test_bad_paths_and_cells_are_one_line_errors(arg, message, tmp_path, capsys):
+    (tmp_path / "FILE").write_text("a file where a directory is expected")
+    arg, message = (text.replace("FILE", str(tmp_path / "FILE")) for text in (arg, message))
+    assert run_cli(analyze.main, [arg]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_run_directory_source_and_out_checked_before_writing(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "genotype.json").write_text(DARTS_V2.to_json())
+    assert run_cli(analyze.main, [str(run_dir), "--variants", "2", "--init_channels", "2", "--layers", "3"]) == 0
+    assert json.loads((run_dir / "variants.json").read_text())  # a run directory is where its outputs go
+    (tmp_path / "file").write_text("")
+    assert run_cli(analyze.main, ["DARTS_V2", "--variants", "2", "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err

@@ -94,8 +94,10 @@ def test_split_and_batches():
     assert train.tolist() == [0, 1, 2, 3, 4] and val.tolist() == list(range(5, 11))
     g = torch.Generator().manual_seed(0)
     batches = shuffled_batches(train, 2, g)
-    assert [len(b) for b in batches] == [2, 2, 1]
+    assert [len(b) for b in batches] == [2, 3]  # a last batch of one image joins the one before
     assert sorted(torch.cat(batches).tolist()) == train.tolist()
+    assert [len(b) for b in shuffled_batches(torch.arange(6), 2, g)] == [2, 2, 2]
+    assert [len(b) for b in shuffled_batches(torch.arange(1), 2, g)] == [1]
     b = random_batch(val, 4, g)
     assert len(set(b.tolist())) == 4 and set(b.tolist()) <= set(val.tolist())
     with pytest.raises(DataError, match="empty"):

@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import subprocess
@@ -165,3 +166,95 @@ def test_without_the_extension_everything_runs_on_the_reference_after_one_warnin
     assert report["outs"] == [[7.0, 7.0]] * 3
     assert len(report["warnings"]) == 1 and "fall back to the slower pure-PyTorch reference" in report["warnings"][0]
     assert "backend 'cpp' was requested, but the C++ extension fastdarts._C is not loaded" in report["explicit_cpp"]
+
+
+requires_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@requires_triton
+def test_import_leaves_triton_alone_until_cuda_tensors_need_it():
+    # Importing triton pulls in torch._dynamo and torch._inductor: seconds every command line would pay.
+    code = """
+        import json, sys, torch
+        import fastdarts
+        from fastdarts import ops
+        from fastdarts.ops import _registry
+        seen = {"import": "triton" in sys.modules}
+        ops.weighted_sum([torch.ones(2)], torch.ones(1))
+        ops.describe_kernels()
+        ops.available_backends()
+        ops.available_backends("mixed_op", "meta")
+        seen["cpu"] = "triton" in sys.modules
+        seen["cuda"] = _registry.select("weighted_sum", torch.device("cuda"))
+        seen["after"] = "triton" in sys.modules
+        print(json.dumps(seen))
+    """
+    result = run_python(code, TRITON_INTERPRET="")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"import": False, "cpu": False, "cuda": "triton", "after": True}
+
+
+DISPATCHED_NAMESPACES = """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordOps(TorchDispatchMode):
+        namespaces = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.namespaces.add(func.namespace)
+            return func(*args, **(kwargs or {}))
+"""
+
+
+@requires_triton
+@pytest.mark.parametrize("route", ["argument", "use_backend", "environment"])
+def test_triton_is_imported_when_asked_for_by_name(route):
+    test = f"""
+    import json, sys, torch
+    from fastdarts import ops
+    before = "triton" in sys.modules
+    xs, w = [torch.ones(3), 2 * torch.ones(3)], torch.tensor([1.0, 3.0])
+    with RecordOps() as record:
+        if {route!r} == "argument":
+            out = ops.weighted_sum(xs, w, backend="triton")
+        elif {route!r} == "use_backend":
+            with ops.use_backend("triton"):
+                out = ops.weighted_sum(xs, w)
+        else:  # FASTDARTS_BACKEND=triton
+            out = ops.weighted_sum(xs, w)
+    print(json.dumps({{"before": before, "after": "triton" in sys.modules, "out": out.tolist(),
+                      "ran": "fastdarts_triton" in record.namespaces}}))
+    """
+    env = {"TRITON_INTERPRET": "1"} | ({"FASTDARTS_BACKEND": "triton"} if route == "environment" else {})
+    result = run_python(DISPATCHED_NAMESPACES + test, **env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"before": False, "after": True, "out": [7.0] * 3, "ran": True}
+
+
+def test_a_triton_that_does_not_import_is_reported_when_asked_for():
+    code = """
+        import json, sys, torch
+        sys.modules["triton"] = None  # what a machine without triton gives
+        from fastdarts import ops
+        from fastdarts.ops import _registry
+        report = {
+            "cuda_default": _registry.select("weighted_sum", torch.device("cuda")),
+            "cuda_available": ops.available_backends("weighted_sum", "cuda"),
+            "loaded": _registry.TRITON_LOADED,
+            "error": _registry.TRITON_ERROR,
+        }
+        try:
+            ops.weighted_sum([torch.ones(2)], torch.ones(1), backend="triton")
+        except RuntimeError as error:
+            report["explicit"] = str(error)
+        print(json.dumps(report))
+    """
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["cuda_default"] == "reference" and report["cuda_available"] == ["reference"]
+    assert report["loaded"] is False and report["error"].endswith("import of triton halted; None in sys.modules")
+    assert report["explicit"] == (
+        f"fastdarts.ops.weighted_sum: backend 'triton' was requested, but triton did not import ({report['error']}); "
+        "install it with `pip install triton`"
+    )

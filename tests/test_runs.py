@@ -26,9 +26,9 @@ RESUMABLE = {**KINDS, "search-prdarts": (search, {**SEARCH, "method": "pr-darts"
 
 
 def rows(run_dir):
-    """metrics.jsonl without the wall-clock field."""
+    """metrics.jsonl without the wall-clock fields."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+    return [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "data_seconds")} for line in lines]
 
 
 def assert_same_end(a, b):

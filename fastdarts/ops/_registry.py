@@ -10,6 +10,11 @@ The first rule that names a backend wins:
 "triton" runs CPU tensors too, through Triton's interpreter, when TRITON_INTERPRET=1 (the tests),
 but only when asked for by name.
 
+The Triton backend is imported when it is first needed: for a CUDA tensor, when "triton" is asked for
+by name (`backend=`, `use_backend`, FASTDARTS_BACKEND), or when `available_backends` is asked about a
+device it could run on. Importing triton pulls in torch._dynamo and torch._inductor, seconds that
+`import fastdarts` and every command line would otherwise pay.
+
 The call path reads nothing but plain module globals, so torch.compile traces the choice (and
 guards on it) instead of breaking the graph; only an explicit "triton" on CPU tensors reads
 TRITON_INTERPRET, at call time, since the tests set it after fastdarts was imported.
@@ -30,55 +35,39 @@ from ._extension import EXTENSION_ERROR, EXTENSION_LOADED
 if EXTENSION_LOADED:
     from . import _cpp, _mixed_op
 
-try:
-    # Registers the fastdarts_triton ops (the mixed op too); the kernels themselves are made at their first launch.
-    from . import _triton
-
-    TRITON_LOADED = True
-    TRITON_ERROR: str | None = None
-except ImportError as error:  # triton is not installed, or does not load on this platform
-    TRITON_LOADED = False
-    TRITON_ERROR = f"{type(error).__name__}: {error}"
-
 BACKENDS: tuple[str, ...] = ("reference", "cpp", "triton")
 ENV_VAR = "FASTDARTS_BACKEND"
 
-# op -> backend -> implementation. A backend missing from a row cannot run that op in this process.
+# op -> backend -> implementation. A backend missing from a row cannot run that op in this process. The
+# "triton" entries are added when the Triton backend is imported (_load_triton).
 _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
     "weighted_sum": {
         "reference": reference.weighted_sum,
         **({"cpp": _cpp.weighted_sum} if EXTENSION_LOADED else {}),
-        **({"triton": _triton.weighted_sum} if TRITON_LOADED else {}),
     },
     "relu_dwconv": {
         "reference": reference.relu_dwconv,
         **({"cpp": _cpp.relu_dwconv} if EXTENSION_LOADED else {}),
-        **({"triton": _triton.relu_dwconv} if TRITON_LOADED else {}),
     },
     "relu_dwconv_pointwise": {
         "reference": reference.relu_dwconv_pointwise,
         **({"cpp": _cpp.relu_dwconv_pointwise} if EXTENSION_LOADED else {}),
-        **({"triton": _triton.relu_dwconv_pointwise} if TRITON_LOADED else {}),
     },
     "mixed_op": {
         "reference": reference.mixed_op,
         **({"cpp": _mixed_op.cpp_mixed_op} if EXTENSION_LOADED else {}),
-        **({"triton": _triton.mixed_op} if TRITON_LOADED else {}),
     },
     "sample_gates": {
         "reference": reference.sample_gates,
         **({"cpp": _cpp.sample_gates} if EXTENSION_LOADED else {}),
-        **({"triton": _triton.sample_gates} if TRITON_LOADED else {}),
     },
     "pool_bn_stats": {
         "reference": reference.pool_bn_stats,
         **({"cpp": _cpp.pool_bn_stats} if EXTENSION_LOADED else {}),
-        **({"triton": _triton.pool_bn_stats} if TRITON_LOADED else {}),
     },
     "bn_weighted_sum": {
         "reference": reference.bn_weighted_sum,
         **({"cpp": _cpp.bn_weighted_sum} if EXTENSION_LOADED else {}),
-        **({"triton": _triton.bn_weighted_sum} if TRITON_LOADED else {}),
     },
 }
 # The device types a backend runs on (None: wherever PyTorch runs). "triton" also runs CPU
@@ -91,8 +80,38 @@ if not EXTENSION_LOADED:
     _WHY_MISSING["cpp"] = (
         f"the C++ extension fastdarts._C is not loaded ({EXTENSION_ERROR}); rebuild it with `pip install -e .`"
     )
-if not TRITON_LOADED:
-    _WHY_MISSING["triton"] = f"triton did not import ({TRITON_ERROR}); install it with `pip install triton`"
+
+# Whether the Triton backend was imported yet, and why it could not be (None: it was, or was not tried yet).
+_triton_tried = False
+_triton_error: str | None = None
+
+
+def _load_triton() -> bool:
+    """Import the Triton backend, once per process, and enter its ops in the table; True when they are there."""
+    global _triton_tried, _triton_error
+    if _triton_tried:
+        return _triton_error is None
+    try:
+        # Registers the fastdarts_triton ops (the mixed op too); the kernels themselves are made at their first launch.
+        from . import _triton
+    except ImportError as error:  # triton is not installed, or does not load on this platform
+        _triton_error = f"{type(error).__name__}: {error}"
+        _WHY_MISSING["triton"] = f"triton did not import ({_triton_error}); install it with `pip install triton`"
+    else:
+        for op, row in _TABLE.items():
+            row["triton"] = getattr(_triton, op)
+    _triton_tried = True
+    return _triton_error is None
+
+
+def __getattr__(name: str) -> Any:
+    # TRITON_LOADED and TRITON_ERROR, read as module attributes, import the Triton backend to answer.
+    if name == "TRITON_LOADED":
+        return _load_triton()
+    if name == "TRITON_ERROR":
+        _load_triton()
+        return _triton_error
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_known(name: object, where: str) -> str:
@@ -145,6 +164,8 @@ def available_backends(op: str | None = None, device: str | torch.device = "cpu"
     """The backends that can run `op` (every op, when None) on tensors of `device` in this process."""
     rows = [_row(name) for name in ([op] if op is not None else _TABLE)]
     device_type = torch.device(device).type
+    if _runs_on("triton", device_type):
+        _load_triton()
     return [name for name in BACKENDS if all(name in row for row in rows) and _runs_on(name, device_type)]
 
 
@@ -164,9 +185,11 @@ def select(op: str, device: torch.device, backend: str | None = None) -> str:
         _check_known(backend, f"fastdarts.ops.{op}")
     name = backend or _context_backend or _ENV_BACKEND
     if name is None:
-        if device.type == "cuda" and "triton" in row:
+        if device.type == "cuda" and _load_triton() and "triton" in row:
             return "triton"
         return "cpp" if device.type == "cpu" and "cpp" in row else "reference"
+    if name == "triton":
+        _load_triton()
     if name not in row:
         why = _WHY_MISSING.get(name, f"this op has no {name!r} implementation yet")
         raise RuntimeError(f"fastdarts.ops.{op}: backend {name!r} was requested, but {why}")

@@ -1,5 +1,5 @@
-"""Triton kernels of the fused ops, registered with torch.library.triton_op; imported by the registry when triton
-imports.
+"""Triton kernels of the fused ops, registered with torch.library.triton_op; imported by the registry when the
+Triton backend is first needed.
 
 The ops live in their own namespace, fastdarts_triton, with the schemas of the C++ ops (csrc/fastdarts.cpp; only the
 outputs of relu_dwconv_backward and bn_weighted_sum_backward take another form, see there) and the same autograd

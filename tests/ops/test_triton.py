@@ -1,9 +1,9 @@
 """The Triton kernels against the reference, on CPU tensors under Triton's interpreter (tiny shapes: it is slow).
 
-TRITON_INTERPRET=1 is set before anything imports triton when this module runs alone. In a whole pytest session
-fastdarts (and triton) are imported first by the conftest; that works as well, because fastdarts makes its
-kernels at their first launch and the registry reads TRITON_INTERPRET at call time. The variable is set only
-while this module imports and while its tests run, so that the other modules see "triton" on CUDA tensors only.
+triton itself is imported at the latest when the skip mark below asks the registry about it, after TRITON_INTERPRET is
+restored; that works because fastdarts makes its kernels at their first launch and the registry reads
+TRITON_INTERPRET at call time. The variable is set only while this module imports and while its tests run, so
+that the other modules see "triton" on CUDA tensors only.
 """
 
 import json

@@ -1,0 +1,104 @@
+"""Cell diagrams: Graphviz renders them when its `dot` is installed, matplotlib draws them when it is not."""
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from fastdarts import plots
+from fastdarts.analyze import CELLS, cell_edges, write_cell_diagrams
+from fastdarts.space import BUILTIN_GENOTYPES, DARTS_V2, Genotype
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FILLS = [tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5)) for colour in plots._FILL.values()]
+
+# Node k reads nodes 0 .. k + 1; here every one of them is read by some edge, node 0 of the reduction cell reads
+# c_{k-1} twice and the normal cell's output takes both cell inputs as well.
+EVERY_INPUT = Genotype(
+    normal=[
+        ("sep_conv_3x3", 0), ("sep_conv_5x5", 1), ("dil_conv_3x3", 2), ("skip_connect", 0),
+        ("max_pool_3x3", 3), ("avg_pool_3x3", 1), ("dil_conv_5x5", 4), ("sep_conv_3x3", 2),
+    ],
+    normal_concat=[0, 1, 2, 3, 4, 5],
+    reduce=[
+        ("max_pool_3x3", 1), ("sep_conv_3x3", 1), ("skip_connect", 2), ("avg_pool_3x3", 0),
+        ("dil_conv_3x3", 3), ("sep_conv_5x5", 2), ("dil_conv_5x5", 4), ("max_pool_3x3", 0),
+    ],
+    reduce_concat=[2, 3, 4, 5],
+)  # fmt: skip
+NAMES = [f"{cell}.{suffix}" for cell in CELLS for suffix in ("dot", "png", "svg")]
+GENOTYPES = {**BUILTIN_GENOTYPES, "every_input": EVERY_INPUT}
+
+
+@pytest.fixture
+def no_dot(tmp_path, monkeypatch):
+    """A PATH without Graphviz's `dot`, as on a machine where only pip installed packages."""
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert shutil.which("dot") is None
+
+
+@pytest.mark.parametrize("genotype", [DARTS_V2, EVERY_INPUT], ids=["DARTS_V2", "every_input"])
+def test_without_dot_matplotlib_draws_png_and_svg(genotype, no_dot, tmp_path):
+    out = tmp_path / "out"
+    written = write_cell_diagrams(genotype, out)
+    assert [p.name for p in written] == NAMES
+    for cell in CELLS:
+        edges, _ = cell_edges(genotype, cell)
+        png = (out / f"{cell}.png").read_bytes()
+        assert png.startswith(PNG_SIGNATURE)
+        pixels = np.round(imread(out / f"{cell}.png")[..., :3] * 255).astype(int)
+        height, width, _ = pixels.shape
+        assert 400 < width < 3000 and 200 < height < width  # a readable size, wider than high: left to right
+        for fill in FILLS:  # the input boxes, the intermediate nodes, the output box
+            assert (np.abs(pixels - fill).max(axis=-1) <= 2).sum() > 100, fill
+        svg = (out / f"{cell}.svg").read_text()
+        assert svg.lstrip().startswith("<?xml") and "Matplotlib" in svg
+        labels = re.findall(r">([a-z][a-z0-9_]*)</text>", svg)
+        assert sorted(labels) == sorted(op for op, _ in edges)  # one label per edge, as text
+
+
+@pytest.mark.parametrize("genotype", GENOTYPES)
+@pytest.mark.parametrize("cell", CELLS)
+def test_arcs_pass_no_node_and_labels_do_not_overlap(genotype, cell):
+    edges, concat = cell_edges(GENOTYPES[genotype], cell)
+    nodes = plots._cell_nodes(len(edges) // 2)
+    routed = plots._route(plots._cell_arrows(edges, concat), nodes)
+    for source, target, _, rad in routed:
+        others = [n for key, n in nodes.items() if key not in (source, target)]
+        for point in plots._arc(nodes[source][:2], nodes[target][:2], rad):
+            assert not any(plots._overlaps(point, 0, 0, n) for n in others), (source, target, rad)
+    arcs = [(s, t, rad) for s, t, _, rad in routed]
+    assert len(set(arcs)) == len(arcs)  # two edges between the same nodes take different arcs
+    labels = plots._place_labels(routed, nodes)
+    assert [op for _, _, op in labels] == [op for op, _ in edges]
+    for i, label in enumerate(labels):
+        assert not plots._label_hits_node(label, nodes), label
+        assert not any(plots._labels_clash(label, other) for other in labels[i + 1 :]), label
+
+
+def test_dot_on_the_path_renders_the_pictures(tmp_path, monkeypatch):
+    """With a `dot` on PATH (here a stand-in that logs its arguments), it renders the PNG and SVG, not matplotlib."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "dot.log"
+    bin_dir.mkdir()
+    (bin_dir / "dot").write_text(f'#!/bin/sh\necho "$*" >> {log}\necho rendered > "$4"\n')
+    (bin_dir / "dot").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    out = tmp_path / "out"
+    written = write_cell_diagrams(DARTS_V2, out)
+    assert [p.name for p in written] == NAMES
+    assert log.read_text().splitlines() == [
+        f"-T{fmt} {out / cell}.dot -o {out / cell}.{fmt}" for cell in CELLS for fmt in ("png", "svg")
+    ]
+    assert all((out / name).read_text() == "rendered\n" for name in NAMES if not name.endswith(".dot"))
+
+
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
+def test_graphviz_renders_when_dot_is_installed(tmp_path):
+    written = write_cell_diagrams(DARTS_V2, tmp_path)
+    assert [p.name for p in written] == NAMES
+    assert "Generated by graphviz" in (tmp_path / "normal.svg").read_text()
+    assert (tmp_path / "reduce.png").read_bytes().startswith(PNG_SIGNATURE)
