@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from .errors import DataError
+from .errors import DataError, summary
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder", "imagenet")
 SEARCH_DATASETS = ("digits", "cifar10", "cifar100", "folder")  # imagenet is for training a found cell
@@ -251,7 +251,7 @@ def _read_cifar_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.n
         with open(path, "rb") as f:
             entry = pickle.load(f, encoding="latin1")
     except Exception as e:  # pickle raises many kinds of error on a damaged file: name the file, in one line
-        raise DataError(f"{path}: cannot read {layout.name} batch ({type(e).__name__}: {_first_line(e)})") from None
+        raise DataError(f"{path}: cannot read {layout.name} batch ({summary(e)})") from None
     key = layout.label_key
     if not isinstance(entry, dict) or "data" not in entry or key not in entry:
         raise DataError(f"{path}: not a {layout.name} batch (expected a pickled dict with 'data' and '{key}')")
@@ -464,11 +464,6 @@ class ImageFiles(Images):
 _RESIZE = 256 / 224
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).splitlines()
-    return lines[0] if lines else ""
-
-
 def _open_rgb(path: str, draft: float | None = None) -> Image.Image:
     """The image at `path` in RGB; with `draft`, a JPEG may be decoded at a reduced scale that keeps both
     sides at least `draft` pixels (libjpeg's DCT scaling: a large photo decodes several times faster)."""
@@ -478,7 +473,7 @@ def _open_rgb(path: str, draft: float | None = None) -> Image.Image:
                 image.draft("RGB", (math.ceil(draft), math.ceil(draft)))
             return image.convert("RGB")
     except Exception as e:  # Pillow's decoders raise many kinds of error on a damaged file: name the file, in one line
-        raise DataError(f"{path}: cannot read the image ({type(e).__name__}: {_first_line(e)})") from None
+        raise DataError(f"{path}: cannot read the image ({summary(e)})") from None
 
 
 def _centre_square(image: Image.Image, size: int, fraction: float = 1.0) -> Image.Image:
