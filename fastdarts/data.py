@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from .errors import DataError, summary
+from .errors import DataError, path_stat, summary
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder", "imagenet")
 SEARCH_DATASETS = ("digits", "cifar10", "cifar100", "folder")  # imagenet is for training a found cell
@@ -653,12 +653,9 @@ def _is_directory(path: Path) -> bool:
 def _directory(root: str | Path, what: str) -> Path:
     """`root` as a Path, checked to be a directory; a DataError naming `what` otherwise."""
     root = Path(root)
-    try:
-        status = root.stat()
-    except FileNotFoundError:
-        raise DataError(f"{what} directory {root} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{what} directory {root}: {getattr(e, 'strerror', None) or e}") from None
+    status = path_stat(root, f"{what} directory", DataError)
+    if status is None:
+        raise DataError(f"{what} directory {root} does not exist")
     if not stat.S_ISDIR(status.st_mode):
         raise DataError(f"{what} path {root} is not a directory")
     return root
