@@ -85,21 +85,18 @@ class MixedOp(nn.Module):
         columns = _COMPUTED_COLUMNS if columns is None else columns
         if not columns:
             return self.zeros(x)
-        candidates = [_CANDIDATE_OF_COLUMN[c] for c in columns]
-        bn = self.bns[0]
-        batch_statistics = self.training or not bn.track_running_stats
-        running = None if batch_statistics else (torch.stack([b.running_mean for b in self.bns]),
-                                                  torch.stack([b.running_var for b in self.bns]))  # fmt: skip
-        out, mean, var = ops.mixed_op(
-            x, weights[list(_COMPUTED_COLUMNS)], self.conv_weights(), self.stride, candidates,
-            *(running or (None, None)), batch_statistics, bn.eps, self.pool_bn, self.recompute,
-        )  # fmt: skip
-        if self.training and bn.track_running_stats:
-            self._update_running_statistics(candidates, mean, var, out.numel() // out.shape[1])
-        return out
+        return edges_leaving(x, [self], weights.unsqueeze(0), [columns])[0]
+
+    def batch_statistics(self) -> bool:
+        """Whether the BNs normalise with the batch's statistics (else with their running ones)."""
+        return self.training or not self.bns[0].track_running_stats
+
+    def running_statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, C] running means and variances of the edge's BNs, in ops.mixed_op_layout order."""
+        return torch.stack([b.running_mean for b in self.bns]), torch.stack([b.running_var for b in self.bns])
 
     @torch.no_grad()
-    def _update_running_statistics(self, candidates: Columns, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+    def update_running_statistics(self, candidates: Columns, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
         """nn.BatchNorm2d's update: an exponential average with the BN's momentum, of the unbiased variance."""
         unbiased = var * (n / max(n - 1, 1))
         for k in candidates:
@@ -110,6 +107,31 @@ class MixedOp(nn.Module):
                 momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
                 bn.running_mean.lerp_(mean[row], momentum)
                 bn.running_var.lerp_(unbiased[row], momentum)
+
+
+def edges_leaving(
+    x: torch.Tensor, edges: Sequence[MixedOp], weights: torch.Tensor, columns: Sequence[Columns]
+) -> list[torch.Tensor]:
+    """The outputs of `edges`, mixed ops that all read x, from one `ops.mixed_ops` call (which shares its passes
+    over x between them); `weights` [E, len(PRIMITIVES)], `columns` per edge (each non-empty). Updates the edges'
+    running statistics in training, as nn.BatchNorm2d would."""
+    first = edges[0]
+    candidates = [[_CANDIDATE_OF_COLUMN[c] for c in cols] for cols in columns]
+    batch_statistics = first.batch_statistics()
+    running = None
+    if not batch_statistics:
+        means, variances = zip(*(edge.running_statistics() for edge in edges))
+        running = torch.stack(means), torch.stack(variances)
+    bn = first.bns[0]
+    outs, mean, var = ops.mixed_ops(
+        x, weights[:, list(_COMPUTED_COLUMNS)], [edge.conv_weights() for edge in edges], first.stride, candidates,
+        *(running or (None, None)), batch_statistics, bn.eps, first.pool_bn, first.recompute,
+    )  # fmt: skip
+    if first.training and bn.track_running_stats:
+        n = outs[0].numel() // outs[0].shape[1]
+        for edge, ks, m, v in zip(edges, candidates, mean, var):
+            edge.update_running_statistics(ks, m, v, n)
+    return outs
 
 
 class SearchCell(nn.Module):
@@ -134,22 +156,46 @@ class SearchCell(nn.Module):
     def forward(
         self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, columns: Sequence[Columns] | None = None
     ) -> torch.Tensor:
-        """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all)."""
+        """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all).
+
+        The edges leaving a state run as one group (`edges_leaving`): those of s0 and s1 first, then each node's
+        as soon as it is complete. Each node sums its inputs' outputs in input order, as DARTS's cell does.
+        """
+        incoming: list[list[torch.Tensor]] = [[] for _ in range(self.steps)]  # per node, its edges' outputs so far
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        offset = 0
-        for _ in range(self.steps):
+        self._leave(0, states[0], weights, columns, incoming)
+        self._leave(1, states[1], weights, columns, incoming)
+        for i in range(self.steps):
             node = None
-            for edge, h in enumerate(states, start=offset):
-                edge_columns = None if columns is None else columns[edge]
-                if edge_columns is not None and not edge_columns:
-                    continue  # only `none`: adds zeros
-                out = self.edges[edge](h, weights[edge], edge_columns)
+            for out in incoming[i]:
                 node = out if node is None else node + out
             if node is None:  # every incoming edge selected only `none`
-                node = self.edges[offset].zeros(states[0])
-            offset += len(states)
+                node = self.edges[self._edge_index(i, 0)].zeros(states[0])
             states.append(node)
+            if i + 1 < self.steps:
+                self._leave(2 + i, node, weights, columns, incoming)
         return torch.cat(states[-self.multiplier :], dim=1)
+
+    @staticmethod
+    def _edge_index(node: int, state: int) -> int:
+        """Edges are node-major, input-minor: node i's edges start after the 2 + 3 + ... + (i + 1) of the nodes
+        before it."""
+        return node * (node + 3) // 2 + state
+
+    def _leave(self, state: int, h: torch.Tensor, weights: torch.Tensor, columns, incoming) -> None:
+        """Runs the edges from state `state` (value h) to every later node, appending their outputs to `incoming`."""
+        nodes, indices = [], []
+        for node in range(max(0, state - 1), self.steps):
+            index = self._edge_index(node, state)
+            if columns is None or columns[index]:  # an edge of only `none` adds zeros: skipped
+                nodes.append(node)
+                indices.append(index)
+        if not indices:
+            return
+        edge_columns = [_COMPUTED_COLUMNS if columns is None else columns[i] for i in indices]
+        outs = edges_leaving(h, [self.edges[i] for i in indices], weights[indices], edge_columns)
+        for node, out in zip(nodes, outs):
+            incoming[node].append(out)
 
 
 class SearchNetwork(nn.Module):

@@ -31,6 +31,7 @@ __all__ = [
     "cpu_isa",
     "describe_kernels",
     "mixed_op",
+    "mixed_ops",
     "mixed_op_layout",
     "mixed_op_weight_shapes",
     "pool_bn_stats",
@@ -282,6 +283,45 @@ def mixed_op(
     check_flag("mixed_op", "pool_bn", pool_bn)
     check_flag("mixed_op", "recompute", recompute)
     return dispatch("mixed_op", x.device, backend)(
+        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute
+    )  # fmt: skip
+
+
+def mixed_ops(
+    x: Tensor,
+    w: Tensor,
+    weights: Sequence[Sequence[Tensor]],
+    stride: int,
+    candidates: Sequence[Sequence[int]],
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    training: bool = True,
+    eps: float = 1e-5,
+    pool_bn: bool = True,
+    recompute: bool = True,
+    *,
+    backend: str | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The mixed ops of E edges leaving the same state x (a DARTS cell has 4 from each input, then 3, 2, 1 from
+    its nodes), in one node: `mixed_op` per edge, with each edge's arguments stacked or listed.
+
+    On "cpp" and "triton" the group shares its passes over x: one relu_dwconv_pointwise call computes the first
+    stage of every edge's convs, the pools (the same tensors on every edge) are computed once, and the backward runs
+    one first-stage kernel, one pool backward and one sum for dL/dx.
+
+    Args:
+        x, stride, training, eps, pool_bn, recompute, backend: as for `mixed_op`, shared by the edges.
+        w: [E, 7], row e the weights of edge e's candidates.
+        weights: E lists, each edge's conv weights as `mixed_op` takes them.
+        candidates: E lists, each edge's candidates as `mixed_op` takes them (an empty one gives zeros).
+        bn_mean, bn_var: [E, B, C], each edge's running statistics (evaluation only).
+
+    Returns (outs, mean [E, B, C], var [E, B, C]): edge e's output and statistics at index e. Differentiable and
+    checked as `mixed_op` is.
+    """
+    check_flag("mixed_ops", "pool_bn", pool_bn)
+    check_flag("mixed_ops", "recompute", recompute)
+    return dispatch("mixed_ops", x.device, backend)(
         x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute
     )  # fmt: skip
 

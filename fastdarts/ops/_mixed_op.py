@@ -30,6 +30,7 @@ from ._extension import EXTENSION_LOADED
 from .reference import (
     MIXED_OP_CANDIDATES,
     check_mixed_op_arguments,
+    check_mixed_ops_edges,
     factorized_reduce,
     factorized_reduce_halves,
     mixed_op_layout,
@@ -128,16 +129,40 @@ def composed_relu_dwconv_pointwise(
 
 
 def _saved_names(candidates: Sequence[int], stride: int) -> list[str]:
-    """What the backward reads besides x, in a fixed order: each candidate's tensor before its last BN ("t"), and a
-    sep conv's first pointwise output ("t_1") and its middle BN's output ("u"), the input of its second stage."""
+    """What an edge's backward reads besides x and the pools (which its group keeps once for all its edges), in a
+    fixed order: each candidate's tensor before its last BN ("t"), and a sep conv's first pointwise output ("t_1")
+    and its middle BN's output ("u"), the input of its second stage."""
     names = []
     for k in candidates:
-        if k == _SKIP and stride == 1:
+        if k == _SKIP and stride == 1 or k in (_MAX_POOL, _AVG_POOL):
             continue  # the skip's tensor is x
         names.append(f"t{k}")
         if k in (_SEP3, _SEP5):
             names += [f"t{k}_1", f"u{k}"]
     return names
+
+
+def _weight_starts(stride: int) -> list[int]:
+    """Per candidate, where its conv weights start in an edge's weights (mixed_op_layout order)."""
+    starts, at = [], 0
+    for num_weights, _ in mixed_op_layout(stride):
+        starts.append(at)
+        at += num_weights
+    return starts
+
+
+def candidate_weights(weights: Sequence[Tensor], stride: int) -> dict[int, list[Tensor]]:
+    """An edge's conv weights per candidate."""
+    return {k: list(weights[start : start + n]) for k, (start, (n, _)) in enumerate(
+        zip(_weight_starts(stride), mixed_op_layout(stride)))}  # fmt: skip
+
+
+def candidate_rows(stride: int, pool_bn: bool) -> dict[int, int]:
+    """Per candidate, its first BN's row in the edge's statistics."""
+    rows, at = {}, 0
+    for k, (_, num_bns) in enumerate(mixed_op_layout(stride, pool_bn)):
+        rows[k], at = at, at + num_bns
+    return rows
 
 
 class _Edge:
@@ -150,42 +175,30 @@ class _Edge:
     """
 
     def __init__(self, kernels, x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, keep,
-                 saved=None):  # fmt: skip
-        """With `saved` (the tensors of _saved_names, from a forward with keep), nothing is computed: the edge is
-        restored for its backward; bn_mean and bn_var are then the statistics the forward used."""
+                 first_stage=None, pools=None, saved=None, saved_pools=None):  # fmt: skip
+        """`first_stage` (per conv candidate: its first 1x1 conv's output, batch mean and variance) and `pools`
+        (pool_bn_stats's outputs, or None when no pool is computed) come from the edge's group, which computes them
+        for every edge leaving x at once. With `saved` (the tensors of _saved_names, from a forward with keep),
+        nothing is computed: the edge is restored for its backward, with the pools' outputs from `saved_pools` ({k:
+        output}); bn_mean and bn_var are then the statistics the forward used."""
         self.kernels, self.w = kernels, w
         self.x, self.stride, self.candidates = x, stride, list(candidates)
         self.training, self.eps, self.pool_bn, self.keep = training, eps, pool_bn, keep
         C = x.shape[1]
-        layout = mixed_op_layout(stride, pool_bn)
-        B = sum(bns for _, bns in layout)
-        # Where each candidate's weights and BN rows start.
-        self.weights, self.rows, weight_at, row_at = {}, {}, 0, 0
-        for k, (num_weights, num_bns) in enumerate(layout):
-            self.weights[k], self.rows[k] = list(weights[weight_at : weight_at + num_weights]), row_at
-            weight_at, row_at = weight_at + num_weights, row_at + num_bns
+        self.weights, self.rows = candidate_weights(weights, stride), candidate_rows(stride, pool_bn)
+        B = sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
         if training and saved is None:
             self.mean, self.var = x.new_zeros(B, C), x.new_ones(B, C)
         else:
             self.mean, self.var = bn_mean.clone(), bn_var.clone()
-        convs = [k for k in self.candidates if k in _FIRST_STAGE_DILATION]
-        # The first stage of every conv candidate: its depthwise conv and the 1x1 conv after it.
-        self.first_stage_weights = [self.weights[k][0] for k in convs]
-        self.first_stage_pointwise = [self.weights[k][1] for k in convs]
-        self.first_stage_dilations = [_FIRST_STAGE_DILATION[k] for k in convs]
-        self.pools: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # pool_bn_stats's outputs, when computed
+        self.pools = pools
         if saved is not None:
             self.kept = dict(zip(_saved_names(self.candidates, stride), saved))
+            self.kept.update({f"t{k}": t for k, t in (saved_pools or {}).items()})
             finals = [x if k == _SKIP and stride == 1 else self.kept[f"t{k}"] for k in self.candidates]
         else:
             self.kept: dict[str, Tensor] = {}  # what the backward reads, when keep
-            # Per conv candidate: its first 1x1 conv's output and that output's batch mean and variance.
-            self.first_stage: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-            if convs:  # relu(x) into every conv candidate's first stage, from one read of x
-                ts, mean, var = kernels.relu_dwconv_pointwise(
-                    x, self.first_stage_weights, self.first_stage_pointwise, self.first_stage_dilations, stride, True
-                )
-                self.first_stage = {k: (t, mean[i], var[i]) for i, (k, t) in enumerate(zip(convs, ts))}
+            self.first_stage = first_stage
             finals = [self._candidate(k) for k in self.candidates]
         # Per candidate: the tensor its last BN normalises and that BN's row (None: added as it is).
         self.finals = [(t, self._final_row(k)) for t, k in zip(finals, self.candidates)]
@@ -222,10 +235,7 @@ class _Edge:
     def _candidate(self, k: int) -> Tensor:
         x, stride, row, ws = self.x, self.stride, self.rows[k], self.weights[k]
         if k in (_MAX_POOL, _AVG_POOL):
-            if self.pools is None:  # both pools and their statistics from one read of x
-                self.pools = self.kernels.pool_bn_stats(x, stride)
             pooled = self.pools[k]
-            self._keep(**{f"t{k}": pooled})
             if self.pool_bn and self.training:  # the kernel's statistics spare a pass over the output
                 self.mean[row], self.var[row] = self.pools[2][k], self.pools[3][k]
             return pooled
@@ -273,15 +283,12 @@ class _Edge:
         )
         return dt
 
-    def backward(self, grad: Tensor, x_grad: bool, w_grad: bool, weights_grad: bool):
-        """(dL/dx or None, dL/dw or None, dL/dweights per candidate {k: [...]} or None)."""
-        x, w = self.x, self.w
-        grad_w = w.new_zeros(w.shape) if w_grad else None
-        grad_weights = None
-        if weights_grad:
-            grad_weights = {k: [torch.zeros_like(t) for t in ws] for k, ws in self.weights.items()}
+    def backward(self, grad: Tensor, x_grad: bool, w_grad: bool, weights_grad: bool, group: _GroupGradients) -> None:
+        """Adds to `group` this edge's dL/dw row, its weight gradients and, for dL/dx, its terms: the skip's, what
+        its pools and its first stage receive (the group runs those backwards once for all its edges)."""
         if not self.finals:
-            return (torch.zeros_like(x) if x_grad else None), grad_w, grad_weights
+            return
+        w, e = self.w, group.edge
         need_dt = x_grad or weights_grad
         ts = [t.contiguous(memory_format=_CHANNELS_LAST) for t, _ in self.finals]
         batch_statistics = [self.training and row is not None for _, row in self.finals]
@@ -290,55 +297,152 @@ class _Edge:
             grad, ts, w[self.candidates], *self._final_statistics(), batch_statistics, need_dt, w_grad
         )
         if w_grad:
-            grad_w[self.candidates] = dw
-        terms = []  # dL/dx is their sum: one weighted_sum at the end
-        first_stage_grads, pool_grads = {}, {}
+            group.grad_w[e, self.candidates] = dw
         for k, dt in zip(self.candidates, dts):
             if k == _SKIP and self.stride == 1:
                 if x_grad:
-                    terms.append(dt)
+                    group.terms.append(dt)
             elif k in (_MAX_POOL, _AVG_POOL):
                 if x_grad:
-                    pool_grads[k] = dt
+                    group.add_pool_grad(k, dt)
             elif k == _SKIP:  # FactorizedReduce (stride-2 edges only)
-                grad_r, grads = _factorized_reduce_backward(dt, x, *self.weights[k], x_grad, weights_grad)
+                grad_r, grads = _factorized_reduce_backward(dt, self.x, *self.weights[k], x_grad, weights_grad)
                 if x_grad:
-                    terms.append(torch.ops.aten.threshold_backward.default(grad_r, x, 0))  # ReLU's mask
+                    group.terms.append(torch.ops.aten.threshold_backward.default(grad_r, self.x, 0))  # ReLU's mask
                 if weights_grad:
-                    grad_weights[k] = grads
-            else:  # the convolutions: back to the first stage, whose backward is one kernel for all of them
+                    group.set_weight_grads(k, range(len(grads)), grads)
+            else:  # the convolutions: back to the first stage, whose backward is one kernel for the whole group
                 if k in (_SEP3, _SEP5):  # the second stage, then the middle BN
                     ws = self.weights[k]
                     du, second, second_pointwise = self.kernels.relu_dwconv_pointwise_backward(
                         [dt], self.kept[f"u{k}"], [ws[2]], [ws[3]], [1], 1, True, True, weights_grad
                     )
                     if weights_grad:
-                        grad_weights[k][2], grad_weights[k][3] = second[0], second_pointwise[0]
+                        group.set_weight_grads(k, (2, 3), (second[0], second_pointwise[0]))
                     dt = self._middle_bn_backward(du, k)
-                first_stage_grads[k] = dt
-        if pool_grads:  # both pools' gradients in one pass over x, which recomputes the argmax
-            terms.append(self.kernels.pool_bn_stats_backward(
-                pool_grads.get(_MAX_POOL), pool_grads.get(_AVG_POOL), x, self.stride
+                group.first_stage.append((dt, group.edge, k))
+
+
+class _GroupGradients:
+    """What the edges of a group hand back for their common backward: dL/dw [E, K], the weight gradients (zeros
+    for the convs of candidates not computed), the terms of dL/dx, and what the pools and first stages receive."""
+
+    def __init__(self, w: Tensor, weights: Sequence[Tensor], stride: int, w_grad: bool, weights_grad: bool):
+        self.grad_w = w.new_zeros(w.shape) if w_grad else None
+        # In the flat order of the group's weights, E edges of the same number each; None until set: zeros.
+        self.grad_weights: list[Tensor | None] | None = [None] * len(weights) if weights_grad else None
+        self.per_edge, self.starts = len(weights) // w.shape[0], _weight_starts(stride)
+        self.terms: list[Tensor] = []
+        self.pool_grads: dict[int, Tensor] = {}
+        self.first_stage: list[tuple[Tensor, int, int]] = []  # (dL/dt_1, edge, candidate) per conv
+        self.edge = 0  # the edge handing back its gradients now
+
+    def set_weight_grads(self, k: int, at: Sequence[int], grads: Sequence[Tensor], edge: int | None = None) -> None:
+        """The gradients of the weights at positions `at` of candidate k's (of `edge`, default the current one)."""
+        base = (self.edge if edge is None else edge) * self.per_edge + self.starts[k]
+        for i, g in zip(at, grads):
+            self.grad_weights[base + i] = g
+
+    def add_pool_grad(self, k: int, dt: Tensor) -> None:
+        # The pools of every edge of the group are the same tensor: their gradients add before one pool backward.
+        self.pool_grads[k] = dt if k not in self.pool_grads else self.pool_grads[k] + dt
+
+
+def _split(flat: Sequence, counts: Sequence[int]) -> list[list]:
+    """flat cut into consecutive pieces of the given lengths."""
+    pieces, at = [], 0
+    for n in counts:
+        pieces.append(list(flat[at : at + n]))
+        at += n
+    return pieces
+
+
+class _EdgeGroup:
+    """The E edges leaving one state x (DARTS's cell: 4 from each cell input, then 3, 2, 1 from the nodes), on
+    `kernels`: relu(x) is read once by one relu_dwconv_pointwise call for the first stage of all their convs, and the
+    pools (the same tensors on every edge) are computed once; the backward likewise runs one first-stage kernel, one
+    pool backward and one sum for dL/dx, whatever E."""
+
+    def __init__(self, kernels, x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, keep,
+                 saved=None):  # fmt: skip
+        """weights and candidates: per edge; bn_mean and bn_var: [E, B, C] or None; saved: what saved() gave, or
+        None."""
+        self.kernels, self.x, self.w, self.stride = kernels, x, w, stride
+        self.weights = [t for ws in weights for t in ws]
+        E = w.shape[0]
+        stats = [(None, None)] * E if bn_mean is None else list(zip(bn_mean.unbind(0), bn_var.unbind(0)))
+        self._edge_arguments = lambda e: (kernels, x, w[e], weights[e], stride, candidates[e], *stats[e], training, eps,
+                                          pool_bn, keep)  # fmt: skip
+        # The pool candidates some edge computes: their outputs are kept once for the group (without recompute).
+        self.pool_candidates = sorted({k for ks in candidates for k in ks if k in (_MAX_POOL, _AVG_POOL)})
+        if saved is not None:
+            saved_pools = dict(zip(self.pool_candidates, saved))
+            sizes = [len(_saved_names(ks, stride)) for ks in candidates]
+            per_edge_saved = _split(saved[len(saved_pools) :], sizes)
+            self.edges = [
+                _Edge(*self._edge_arguments(e), saved=per_edge_saved[e], saved_pools=saved_pools) for e in range(E)
+            ]
+            return
+        convs = [(e, k) for e in range(E) for k in candidates[e] if k in _FIRST_STAGE_DILATION]
+        per_edge = [candidate_weights(ws, stride) for ws in weights]
+        first_stage: list[dict[int, tuple[Tensor, Tensor, Tensor]]] = [{} for _ in range(E)]
+        if convs:  # relu(x) into every conv's first stage, from one read of x
+            ts, mean, var = kernels.relu_dwconv_pointwise(
+                x, [per_edge[e][k][0] for e, k in convs], [per_edge[e][k][1] for e, k in convs],
+                [_FIRST_STAGE_DILATION[k] for _, k in convs], stride, True,
+            )  # fmt: skip
+            for i, ((e, k), t) in enumerate(zip(convs, ts)):
+                first_stage[e][k] = (t, mean[i], var[i])
+        # Both pools and their statistics, once for the group.
+        self.pools = pools = kernels.pool_bn_stats(x, stride) if self.pool_candidates else None
+        self.edges = [_Edge(*self._edge_arguments(e), first_stage=first_stage[e], pools=pools) for e in range(E)]
+
+    def outs(self) -> list[Tensor]:
+        return [edge.out() for edge in self.edges]
+
+    def statistics(self) -> tuple[Tensor, Tensor]:
+        return torch.stack([edge.mean for edge in self.edges]), torch.stack([edge.var for edge in self.edges])
+
+    def saved(self) -> list[Tensor]:
+        """What the backward reads instead of recomputing it (after a forward with keep): the pool outputs some edge
+        uses, then each edge's _saved_names."""
+        return [self.pools[k] for k in self.pool_candidates] + [t for edge in self.edges for t in edge.saved()]
+
+    def backward(self, grads: Sequence[Tensor | None], x_grad: bool, w_grad: bool, weights_grad: bool):
+        """(dL/dx or None, dL/dw [E, K] or None, dL/dweights in the flat order of the weights, or None)."""
+        x = self.x
+        group = _GroupGradients(self.w, self.weights, self.stride, w_grad, weights_grad)
+        for e, (edge, grad) in enumerate(zip(self.edges, grads)):
+            if grad is not None:  # None: the edge's output took no part in the loss
+                group.edge = e
+                edge.backward(_prepare(grad), x_grad, w_grad, weights_grad, group)
+        if group.pool_grads:  # both pools' gradients in one pass over x, which recomputes the argmax
+            group.terms.append(self.kernels.pool_bn_stats_backward(
+                group.pool_grads.get(_MAX_POOL), group.pool_grads.get(_AVG_POOL), x, self.stride
             ))  # fmt: skip
-        if first_stage_grads:
-            convs = list(first_stage_grads)
+        if group.first_stage:
+            dts, es, ks = zip(*group.first_stage)
             dx, firsts, first_pointwise = self.kernels.relu_dwconv_pointwise_backward(
-                [first_stage_grads[k] for k in convs], x, self.first_stage_weights, self.first_stage_pointwise,
-                self.first_stage_dilations, self.stride, True, x_grad, weights_grad,
+                list(dts), x, [self.edges[e].weights[k][0] for e, k in zip(es, ks)],
+                [self.edges[e].weights[k][1] for e, k in zip(es, ks)], [_FIRST_STAGE_DILATION[k] for k in ks],
+                self.stride, True, x_grad, weights_grad,
             )  # fmt: skip
             if weights_grad:
-                for k, g, p in zip(convs, firsts, first_pointwise):
-                    grad_weights[k][0], grad_weights[k][1] = g, p
+                for e, k, g, p in zip(es, ks, firsts, first_pointwise):
+                    group.set_weight_grads(k, (0, 1), (g, p), edge=e)
             if x_grad:
-                terms.append(dx)
+                group.terms.append(dx)
         grad_x = None
         if x_grad:
-            if terms:
-                terms = [t.contiguous(memory_format=_CHANNELS_LAST) for t in terms]
-                grad_x = self.kernels.weighted_sum(terms, w.new_ones(len(terms)))
+            if group.terms:
+                terms = [t.contiguous(memory_format=_CHANNELS_LAST) for t in group.terms]
+                grad_x = self.kernels.weighted_sum(terms, self.w.new_ones(len(terms)))
             else:
                 grad_x = torch.zeros_like(x)
-        return grad_x, grad_w, grad_weights
+        grad_weights = None
+        if weights_grad:
+            grad_weights = [torch.zeros_like(t) if g is None else g for g, t in zip(group.grad_weights, self.weights)]
+        return grad_x, group.grad_w, grad_weights
 
 
 def _prepare(x: Tensor) -> Tensor:
@@ -346,48 +450,80 @@ def _prepare(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=_CHANNELS_LAST)
 
 
-def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | None) -> Callable[..., tuple]:
-    """Registers `namespace::mixed_op` and `namespace::mixed_op_backward` on `kernels`, with their fakes and
-    autograd, and returns the dispatch table's entry (reference.mixed_op's signature)."""
+def _check_group(op, x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn) -> None:
+    """reference.check_mixed_op_arguments for every edge of a group (flat weights and candidates)."""
+    E = w.shape[0] if w.dim() == 2 else -1
+    raise_unless(E >= 1, ValueError, lambda: f"{op}: w must have shape [E, K] with E >= 1, got {list(w.shape)}")
+    raise_unless(
+        len(counts) == E and sum(counts) == len(candidates) and len(weights) % E == 0,
+        ValueError,
+        lambda: (
+            f"{op}: {E} edges need one candidate count each and the same number of weights each, got counts "
+            f"{list(counts)} for {len(candidates)} candidates and {len(weights)} weights"
+        ),
+    )
+    n = len(weights) // E
+    for e, (ws, ks) in enumerate(zip(_split(weights, [n] * E), _split(candidates, counts))):
+        stats = [None if t is None else t[e] for t in (bn_mean, bn_var)]
+        check_mixed_op_arguments(f"{op} (edge {e})", x, w[e], ws, stride, ks, *stats, training, pool_bn)
+
+
+def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | None) -> tuple[Callable, Callable]:
+    """Registers `namespace::mixed_ops` (the mixed ops of E edges leaving one state, _EdgeGroup) and its backward,
+    with their fakes and autograd, and returns the dispatch table's entries for "mixed_ops" and "mixed_op" (the
+    group of one edge)."""
     backend = kernels.backend
 
-    @torch.library.custom_op(f"{namespace}::mixed_op", mutates_args=(), device_types=device_types)
-    def mixed_op(
+    @torch.library.custom_op(f"{namespace}::mixed_ops", mutates_args=(), device_types=device_types)
+    def mixed_ops(
         x: Tensor,
         w: Tensor,
         weights: list[Tensor],
         stride: int,
         candidates: list[int],
+        counts: list[int],
         bn_mean: Tensor | None,
         bn_var: Tensor | None,
         training: bool,
         eps: float,
         pool_bn: bool,
         recompute: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-        """reference.mixed_op on the building blocks of `kernels` (float32/float64); with recompute False, also the
-        intermediates the backward then reads instead of recomputing them (_saved_names)."""
-        check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn)
-        check_supported_dtype("mixed_op", x, raise_unless)
-        edge = _Edge(kernels, _prepare(x), w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn,
-                     keep=not recompute)  # fmt: skip
-        return edge.out(), edge.mean, edge.var, ([] if recompute else edge.saved())
+    ) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
+        """reference.mixed_ops on the building blocks of `kernels` (float32/float64) for the E = w.shape[0] edges
+        leaving x: weights flat (each edge's in turn), candidates flat (counts[e] for edge e). Returns the E outputs,
+        the statistics [E, B, C] and, with recompute False, the intermediates the backward then reads instead of
+        recomputing them (_saved_names, edge after edge)."""
+        _check_group("mixed_ops", x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn)
+        check_supported_dtype("mixed_ops", x, raise_unless)
+        E = w.shape[0]
+        weights_per_edge, candidates_per_edge = _split(weights, [len(weights) // E] * E), _split(candidates, counts)
+        group = _EdgeGroup(kernels, _prepare(x), w, weights_per_edge, stride, candidates_per_edge, bn_mean, bn_var,
+                           training, eps, pool_bn, keep=not recompute)  # fmt: skip
+        mean, var = group.statistics()
+        return group.outs(), mean, var, ([] if recompute else group.saved())
 
-    @mixed_op.register_fake
-    def _mixed_op_fake(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute):
-        B = sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
-        out = x.new_empty(mixed_op_output_shape(x, stride)).contiguous(memory_format=_CHANNELS_LAST)
-        saved = [] if recompute else [torch.empty_like(out) for _ in _saved_names(candidates, stride)]
-        return out, x.new_empty(B, x.shape[1]), x.new_empty(B, x.shape[1]), saved
+    @mixed_ops.register_fake
+    def _mixed_ops_fake(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn,
+                        recompute):  # fmt: skip
+        E, B = w.shape[0], sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
+        shape = mixed_op_output_shape(x, stride)
+        outs = [x.new_empty(shape).contiguous(memory_format=_CHANNELS_LAST) for _ in range(E)]
+        saved = []
+        if not recompute:
+            pools = {k for k in candidates if k in (_MAX_POOL, _AVG_POOL)}
+            names = [name for ks in _split(candidates, counts) for name in _saved_names(ks, stride)]
+            saved = [torch.empty_like(outs[0]) for _ in range(len(pools) + len(names))]
+        return outs, x.new_empty(E, B, x.shape[1]), x.new_empty(E, B, x.shape[1]), saved
 
-    @torch.library.custom_op(f"{namespace}::mixed_op_backward", mutates_args=(), device_types=device_types)
-    def mixed_op_backward(
-        grad: Tensor,
+    @torch.library.custom_op(f"{namespace}::mixed_ops_backward", mutates_args=(), device_types=device_types)
+    def mixed_ops_backward(
+        grads: list[Tensor | None],
         x: Tensor,
         w: Tensor,
         weights: list[Tensor],
         stride: int,
         candidates: list[int],
+        counts: list[int],
         mean: Tensor,
         var: Tensor,
         training: bool,
@@ -398,66 +534,85 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         w_grad: bool,
         weights_grad: bool,
     ) -> list[Tensor]:
-        """Recomputes the edge from x and its statistics (or restores it from `saved`, the forward's intermediates
-        when it did not recompute), then returns, in this order, dL/dx if x_grad, dL/dw if w_grad, and every
+        """Recomputes the group from x and its statistics (or restores it from `saved`, the forward's intermediates
+        when it did not recompute), then returns, in this order, dL/dx if x_grad, dL/dw [E, K] if w_grad, and every
         dL/dweights[i] if weights_grad (zeros for the convs of candidates not computed)."""
         x = _prepare(x)
+        E = w.shape[0]
+        weights_per_edge, candidates_per_edge = _split(weights, [len(weights) // E] * E), _split(candidates, counts)
         if saved:
-            edge = _Edge(kernels, x, w, weights, stride, candidates, mean, var, training, eps, pool_bn, keep=True,
-                         saved=saved)  # fmt: skip
+            group = _EdgeGroup(kernels, x, w, weights_per_edge, stride, candidates_per_edge, mean, var, training, eps,
+                               pool_bn, keep=True, saved=saved)  # fmt: skip
         else:
             # mean and var are the statistics the forward normalised with: recomputing in "evaluation" with them as
             # the running statistics reproduces the forward exactly; the backward still treats them as batch ones.
-            edge = _Edge(kernels, x, w, weights, stride, candidates, mean, var, False, eps, pool_bn, keep=True)
-            edge.training = training
-        grad_x, grad_w, grad_weights = edge.backward(_prepare(grad), x_grad, w_grad, weights_grad)
-        flat = [g for k in range(len(MIXED_OP_CANDIDATES)) for g in grad_weights[k]] if weights_grad else []
-        return [g for g in (grad_x, grad_w) if g is not None] + flat
+            group = _EdgeGroup(kernels, x, w, weights_per_edge, stride, candidates_per_edge, mean, var, False, eps,
+                               pool_bn, keep=True)  # fmt: skip
+            for edge in group.edges:
+                edge.training = training
+        grad_x, grad_w, grad_weights = group.backward(grads, x_grad, w_grad, weights_grad)
+        return [g for g in (grad_x, grad_w) if g is not None] + (grad_weights or [])
 
-    @mixed_op_backward.register_fake
-    def _mixed_op_backward_fake(grad, x, w, weights, stride, candidates, mean, var, training, eps, pool_bn, saved,
-                                x_grad, w_grad, weights_grad):  # fmt: skip
+    @mixed_ops_backward.register_fake
+    def _mixed_ops_backward_fake(grads, x, w, weights, stride, candidates, counts, mean, var, training, eps, pool_bn,
+                                 saved, x_grad, w_grad, weights_grad):  # fmt: skip
         grad_x = [torch.empty_like(x, memory_format=_CHANNELS_LAST)] if x_grad else []
         grad_w = [w.new_empty(w.shape)] if w_grad else []
         return grad_x + grad_w + ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
 
     refuse_differentiation(
-        mixed_op_backward,
+        mixed_ops_backward,
         f"fastdarts.ops.mixed_op: the {backend!r} backend is differentiable once (DARTS's second-order step needs no "
         "more); for higher derivatives run the network under fastdarts.ops.use_backend('reference')",
     )
 
     def _setup_context(ctx, inputs, output):
-        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute = inputs
+        x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, recompute = inputs
         _, mean, var, saved = output
         ctx.mark_non_differentiable(mean, var, *saved)
-        ctx.stride, ctx.candidates, ctx.training, ctx.eps, ctx.pool_bn = (
-            stride,
-            list(candidates),
-            training,
-            eps,
-            pool_bn,
-        )
+        ctx.stride, ctx.candidates, ctx.counts = stride, list(candidates), list(counts)
+        ctx.training, ctx.eps, ctx.pool_bn = training, eps, pool_bn
         ctx.num_weights = len(weights)
         ctx.save_for_backward(x, w, mean, var, *weights, *saved)
 
-    def _backward(ctx, grad, _grad_mean, _grad_var, _grad_saved):
+    def _backward(ctx, grads, _grad_mean, _grad_var, _grad_saved):
         x, w, mean, var, *rest = ctx.saved_tensors
         weights, saved = rest[: ctx.num_weights], rest[ctx.num_weights :]
         needs = needs_input_grad(ctx)  # x, w, then the conv weights
         x_grad, w_grad, weights_grad = needs[0], needs[1], any(needs[2 : 2 + ctx.num_weights])
-        grads = iter(mixed_op_backward(
-            grad, x, w, weights, ctx.stride, ctx.candidates, mean, var, ctx.training, ctx.eps, ctx.pool_bn, saved,
-            x_grad, w_grad, weights_grad,
+        result = iter(mixed_ops_backward(
+            grads, x, w, weights, ctx.stride, ctx.candidates, ctx.counts, mean, var, ctx.training, ctx.eps,
+            ctx.pool_bn, saved, x_grad, w_grad, weights_grad,
         ))  # fmt: skip
-        grad_x = next(grads) if x_grad else None
-        grad_w = next(grads) if w_grad else None
-        grad_weights = list(grads) if weights_grad else [None] * ctx.num_weights
+        grad_x = next(result) if x_grad else None
+        grad_w = next(result) if w_grad else None
+        grad_weights = list(result) if weights_grad else [None] * ctx.num_weights
         # torch.library takes an empty int list for an empty Tensor list, whose gradient must be [] (not None).
         grad_candidates = None if ctx.candidates else []
-        return grad_x, grad_w, grad_weights, None, grad_candidates, None, None, None, None, None, None
+        return grad_x, grad_w, grad_weights, None, grad_candidates, None, None, None, None, None, None, None
 
-    mixed_op.register_autograd(_backward, setup_context=_setup_context)
+    mixed_ops.register_autograd(_backward, setup_context=_setup_context)
+
+    def fused_mixed_ops(
+        x: Tensor,
+        w: Tensor,
+        weights: Sequence[Sequence[Tensor]],
+        stride: int,
+        candidates: Sequence[Sequence[int]],
+        bn_mean: Tensor | None = None,
+        bn_var: Tensor | None = None,
+        training: bool = True,
+        eps: float = 1e-5,
+        pool_bn: bool = True,
+        recompute: bool = True,
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """The dispatch table's "mixed_ops" entry: reference.mixed_ops's signature."""
+        check_mixed_ops_edges("mixed_ops", w, weights, candidates)
+        outs, mean, var, _ = mixed_ops(
+            x, w, [t for ws in weights for t in ws], stride, [k for ks in candidates for k in ks],
+            [len(ks) for ks in candidates], bn_mean, bn_var, training, eps, pool_bn, recompute,
+        )  # fmt: skip
+        return outs, mean, var
 
     def fused_mixed_op(
         x: Tensor,
@@ -472,18 +627,21 @@ def define_mixed_op(namespace: str, kernels: EdgeKernels, device_types: str | No
         pool_bn: bool = True,
         recompute: bool = True,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """The dispatch table's entry: reference.mixed_op's signature."""
-        out, mean, var, _ = mixed_op(
-            x, w, list(weights), stride, list(candidates), bn_mean, bn_var, training, eps, pool_bn, recompute
+        """The dispatch table's "mixed_op" entry (reference.mixed_op's signature): a group of one edge."""
+        check_mixed_op_arguments("mixed_op", x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn)
+        check_supported_dtype("mixed_op", x, raise_unless)
+        stats = [None if t is None else t.unsqueeze(0) for t in (bn_mean, bn_var)]
+        (out,), mean, var = fused_mixed_ops(
+            x, w.unsqueeze(0), [weights], stride, [candidates], *stats, training, eps, pool_bn, recompute
         )  # fmt: skip
-        return out, mean, var
+        return out, mean[0], var[0]
 
-    return fused_mixed_op
+    return fused_mixed_ops, fused_mixed_op
 
 
 if EXTENSION_LOADED:  # the C++ kernels exist only then
     _cpp_ops = torch.ops.fastdarts
-    cpp_mixed_op = define_mixed_op(
+    cpp_mixed_ops, cpp_mixed_op = define_mixed_ops(
         "fastdarts",
         EdgeKernels(
             backend="cpp",

@@ -60,7 +60,7 @@ from ._autograd import (
     register_weighted_sum_autograd,
     torch_check,
 )
-from ._mixed_op import EdgeKernels, composed_relu_dwconv_pointwise, define_mixed_op
+from ._mixed_op import EdgeKernels, composed_relu_dwconv_pointwise, define_mixed_ops
 from .reference import (
     check_beta,
     check_bn_weighted_sum_arguments,
@@ -1164,7 +1164,7 @@ def relu_dwconv_pointwise(
     return _relu_dwconv_pointwise(x, list(weights), list(pointwise_weights), list(dilations), stride, relu)
 
 
-mixed_op = define_mixed_op(
+mixed_ops, mixed_op = define_mixed_ops(
     "fastdarts_triton",
     EdgeKernels(
         backend="triton",

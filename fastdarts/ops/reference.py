@@ -657,6 +657,46 @@ def mixed_op(
 # affine-free BNs that follow them, which the kernels compute from one read of x.
 
 
+def check_mixed_ops_edges(op: str, w: Tensor, weights: Sequence, candidates: Sequence) -> None:
+    """mixed_ops's per-edge arguments: w [E, K] with E >= 1, and E lists of weights and of candidates."""
+    raise_unless(
+        w.dim() == 2 and w.shape[0] >= 1, ValueError, lambda: f"{op}: w must have shape [E, K], got {list(w.shape)}"
+    )
+    E = w.shape[0]
+    raise_unless(
+        len(weights) == E and len(candidates) == E,
+        ValueError,
+        lambda: (
+            f"{op}: {E} edges need {E} weight lists and {E} candidate lists, got {len(weights)} and {len(candidates)}"
+        ),
+    )
+
+
+def mixed_ops(
+    x: Tensor,
+    w: Tensor,
+    weights: Sequence[Sequence[Tensor]],
+    stride: int,
+    candidates: Sequence[Sequence[int]],
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    training: bool = True,
+    eps: float = 1e-5,
+    pool_bn: bool = True,
+    recompute: bool = True,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The mixed ops of the E = w.shape[0] edges leaving one state x: mixed_op per edge e with w[e], weights[e],
+    candidates[e] and (in evaluation) bn_mean[e], bn_var[e]. Returns (outs, mean [E, B, C], var [E, B, C])."""
+    check_mixed_ops_edges("mixed_ops", w, weights, candidates)
+    E = w.shape[0]
+    results = []
+    for e in range(E):
+        stats = [None if t is None else t[e] for t in (bn_mean, bn_var)]
+        results.append(mixed_op(x, w[e], weights[e], stride, candidates[e], *stats, training, eps, pool_bn, recompute))
+    outs, means, variances = zip(*results)
+    return list(outs), torch.stack(means), torch.stack(variances)
+
+
 def check_pool_bn_stats_arguments(op: str, x: Tensor, stride: int, require: Require = raise_unless) -> None:
     """The arguments of pool_bn_stats (and of its backward), checked in the order of the C++ kernel."""
     check_images(op, "x", x, require)

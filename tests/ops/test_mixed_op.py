@@ -161,16 +161,20 @@ def test_float64_matches_reference_tightly(stride, cpu_isa):
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 def test_opcheck(stride, training, pool_bn, recompute):
     x, w, weights, bn_mean, bn_var = make_inputs(2, 4, 7, stride, pool_bn=pool_bn)
-    args = (x, w, weights, stride, [0, 2, 3, 6], bn_mean, bn_var, training, 1e-5, pool_bn, recompute)
-    opcheck(torch.ops.fastdarts.mixed_op.default, args)
-    out, mean, var, saved = torch.ops.fastdarts.mixed_op.default(*args)
-    # max pool's output; the skip's FactorizedReduce output (stride 2 only); sep3's t, t_1, u; dil5's t (no depthwise
-    # output: the backward recomputes those in tiles)
-    assert len(saved) == (0 if recompute else 5 + (stride == 2))
-    grad = torch.randn_like(out)
-    backward_args = (grad, x.detach(), w.detach(), [t.detach() for t in weights], stride, [0, 2, 3, 6], mean, var,
-                     training, 1e-5, pool_bn, [t.detach() for t in saved], True, True, True)  # fmt: skip
-    opcheck(torch.ops.fastdarts.mixed_op_backward.default, backward_args)
+    _, w2, weights2, bn_mean2, bn_var2 = make_inputs(2, 4, 7, stride, pool_bn=pool_bn, seed=1)
+    # Two edges leaving x (the op behind mixed_op and mixed_ops), with different candidates.
+    candidates, counts = [0, 2, 3, 6, 1, 4], [4, 2]
+    args = (x, torch.stack([w, w2]), weights + weights2, stride, candidates, counts, torch.stack([bn_mean, bn_mean2]),
+            torch.stack([bn_var, bn_var2]), training, 1e-5, pool_bn, recompute)  # fmt: skip
+    opcheck(torch.ops.fastdarts.mixed_ops.default, args)
+    outs, mean, var, saved = torch.ops.fastdarts.mixed_ops.default(*args)
+    # Edge 0: max pool's output; the skip's FactorizedReduce output (stride 2 only); sep3's t, t_1, u; dil5's t (no
+    # depthwise output: the backward recomputes those in tiles). Edge 1: avg pool's output; sep5's t, t_1, u.
+    assert len(saved) == (0 if recompute else 5 + (stride == 2) + 4)
+    grads = [torch.randn_like(out) for out in outs]
+    backward_args = (grads, x.detach(), args[1].detach(), [t.detach() for t in args[2]], stride, candidates, counts,
+                     mean, var, training, 1e-5, pool_bn, [t.detach() for t in saved], True, True, True)  # fmt: skip
+    opcheck(torch.ops.fastdarts.mixed_ops_backward.default, backward_args)
 
 
 def check_computes_only_the_gradients_asked_for(backend, wants, N, C, S):
@@ -181,7 +185,7 @@ def check_computes_only_the_gradients_asked_for(backend, wants, N, C, S):
         t.requires_grad_("weights" in wants)
     want = run("reference", x, w, weights, 1, ALL, None, None, True)
     # The backward op's last three arguments: which of the gradients of x, w and the weights it computes.
-    with RecordCalls(backend_ops(backend).mixed_op_backward.default, lambda args: args[-3:]) as record:
+    with RecordCalls(backend_ops(backend).mixed_ops_backward.default, lambda args: args[-3:]) as record:
         got = run(backend, x, w, weights, 1, ALL, None, None, True, grad_out=want[-1])
     assert record.calls == [("x" in wants, "w" in wants, "weights" in wants)]
     assert len(got[3]) == len(want[3])

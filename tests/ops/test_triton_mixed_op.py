@@ -29,6 +29,7 @@ from .test_mixed_op import (
     check_saves_only_the_input_the_weights_and_the_statistics,
     make_inputs,
 )
+from .test_mixed_ops import check_group
 
 
 def test_dispatch():
@@ -74,17 +75,19 @@ def test_pools_without_bn(stride, training):
 
 @pytest.mark.parametrize(
     "op,stride,training,pool_bn,recompute",
-    [("mixed_op", 2, True, True, False), ("mixed_op_backward", 1, False, False, True)],
+    [("mixed_ops", 2, True, True, False), ("mixed_ops_backward", 1, False, False, True)],
     ids=["forward-no-recompute", "backward-no-pool-bn"],
 )
 def test_opcheck(op, stride, training, pool_bn, recompute):
     x, w, weights, bn_mean, bn_var = make_inputs(1, 2, 5, stride, pool_bn=pool_bn)
-    candidates = [0, 2, 5]  # a pool, the skip and a conv: each kind of candidate, on the cheapest kernels
-    args = (x, w, weights, stride, candidates, bn_mean, bn_var, training, 1e-5, pool_bn, recompute)
-    if op == "mixed_op_backward":
-        out, mean, var, saved = torch.ops.fastdarts_triton.mixed_op.default(*args)
-        args = (torch.randn_like(out), x.detach(), w.detach(), [t.detach() for t in weights], stride, candidates,
-                mean, var, training, 1e-5, pool_bn, saved, True, True, True)  # fmt: skip
+    # Two edges: a pool, the skip and a conv (each kind of candidate, on the cheapest kernels), then the other pool.
+    candidates, counts = [0, 2, 5, 1], [3, 1]
+    args = (x, torch.stack([w, w]), weights + weights, stride, candidates, counts, torch.stack([bn_mean, bn_mean]),
+            torch.stack([bn_var, bn_var]), training, 1e-5, pool_bn, recompute)  # fmt: skip
+    if op == "mixed_ops_backward":
+        outs, mean, var, saved = torch.ops.fastdarts_triton.mixed_ops.default(*args)
+        args = ([torch.randn_like(out) for out in outs], x.detach(), args[1].detach(), [t.detach() for t in args[2]],
+                stride, candidates, counts, mean, var, training, 1e-5, pool_bn, saved, True, True, True)  # fmt: skip
     opcheck(getattr(torch.ops.fastdarts_triton, op).default, args)
 
 
@@ -143,3 +146,9 @@ def test_runs_without_the_cpp_extension():
     report = json.loads(result.stdout)
     assert report["loaded"] is False and report["available"] == ["reference", "triton"]
     assert report["error"] < 1e-3
+
+
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+def test_group_of_edges_equals_reference(stride):
+    # Three edges leaving one state: a pool, the skip and a dil conv; the other pool; nothing.
+    check_group("triton", (1, 2, 5), stride, True, candidates=[[0, 2, 5], [1], []])
