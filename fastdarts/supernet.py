@@ -95,18 +95,36 @@ class MixedOp(nn.Module):
         """[B, C] running means and variances of the edge's BNs, in ops.mixed_op_layout order."""
         return torch.stack([b.running_mean for b in self.bns]), torch.stack([b.running_var for b in self.bns])
 
-    @torch.no_grad()
-    def update_running_statistics(self, candidates: Columns, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
-        """nn.BatchNorm2d's update: an exponential average with the BN's momentum, of the unbiased variance."""
-        unbiased = var * (n / max(n - 1, 1))
-        for k in candidates:
-            for row in self.bn_rows[k]:
-                bn = self.bns[row]
-                bn.num_batches_tracked.add_(1)
-                # momentum None: a cumulative average, as nn.BatchNorm2d keeps it
-                momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-                bn.running_mean.lerp_(mean[row], momentum)
-                bn.running_var.lerp_(unbiased[row], momentum)
+
+@torch.no_grad()
+def update_running_statistics(
+    edges: Sequence[MixedOp], candidates: Sequence[Sequence[int]], mean: torch.Tensor, var: torch.Tensor, n: int
+) -> None:
+    """nn.BatchNorm2d's update of every BN the group's `candidates` computed, from the statistics [E, B, C] of
+    `ops.mixed_ops` over n values per channel: an exponential average with the BN's momentum, of the unbiased
+    variance. One foreach call per buffer kind for the whole group (a DARTS cell has about 150 such BNs)."""
+    unbiased = var * (n / max(n - 1, 1))
+    bns, means, variances = [], [], []
+    for e, (edge, ks) in enumerate(zip(edges, candidates)):
+        for k in ks:
+            for row in edge.bn_rows[k]:
+                bns.append(edge.bns[row])
+                means.append(mean[e, row])
+                variances.append(unbiased[e, row])
+    if not bns:
+        return
+    torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)
+    momenta = {bn.momentum for bn in bns}
+    if len(momenta) == 1 and None not in momenta:
+        (momentum,) = momenta
+        torch._foreach_lerp_([bn.running_mean for bn in bns], means, momentum)
+        torch._foreach_lerp_([bn.running_var for bn in bns], variances, momentum)
+        return
+    for bn, m, v in zip(bns, means, variances):
+        # momentum None: a cumulative average, as nn.BatchNorm2d keeps it
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        bn.running_mean.lerp_(m, momentum)
+        bn.running_var.lerp_(v, momentum)
 
 
 def edges_leaving(
@@ -128,9 +146,7 @@ def edges_leaving(
         *(running or (None, None)), batch_statistics, bn.eps, first.pool_bn, first.recompute,
     )  # fmt: skip
     if first.training and bn.track_running_stats:
-        n = outs[0].numel() // outs[0].shape[1]
-        for edge, ks, m, v in zip(edges, candidates, mean, var):
-            edge.update_running_statistics(ks, m, v, n)
+        update_running_statistics(edges, candidates, mean, var, outs[0].numel() // outs[0].shape[1])
     return outs
 
 

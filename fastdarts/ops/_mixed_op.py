@@ -255,10 +255,11 @@ class _Edge:
 
     def _final_statistics(self) -> tuple[Tensor, Tensor]:
         """([K, C] mean, [K, C] invstd) of the candidates' last BNs; zeros and ones for a tensor added as it is."""
-        C = self.x.shape[1]
-        zeros, ones = self.x.new_zeros(C), self.x.new_ones(C)
-        mean = torch.stack([zeros if row is None else self.mean[row] for _, row in self.finals])
-        invstd = torch.stack([ones if row is None else (self.var[row] + self.eps).rsqrt() for _, row in self.finals])
+        # Row B, appended, is the "added as it is" row: a few whole-tensor ops instead of a few per candidate.
+        B, C = self.mean.shape
+        rows = [B if row is None else row for _, row in self.finals]
+        mean = torch.cat([self.mean, self.x.new_zeros(1, C)])[rows]
+        invstd = torch.cat([(self.var + self.eps).rsqrt(), self.x.new_ones(1, C)])[rows]
         return mean, invstd
 
     def out(self) -> Tensor:
