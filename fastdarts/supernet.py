@@ -61,6 +61,9 @@ class MixedOp(nn.Module):
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             candidates.append(op)
         self.candidates = nn.ModuleList(candidates)
+        # In op.parameters() order: modules in preorder, each one's own parameters in registration order.
+        self._weight_slots = [(m, name) for op in candidates for m in op.modules() for name, _ in
+                              m.named_parameters(recurse=False)]  # fmt: skip
         self.bns = [m for op in candidates for m in op.modules() if isinstance(m, nn.BatchNorm2d)]
         # Per candidate, its BNs (the rows of the op's statistics), in ops.mixed_op_layout order.
         self.bn_rows, row = [], 0
@@ -70,8 +73,11 @@ class MixedOp(nn.Module):
             row += count
 
     def conv_weights(self) -> list[torch.Tensor]:
-        """The convs' weights in the order ops.mixed_op takes them (each candidate's in registration order)."""
-        return [p for op in self.candidates for p in op.parameters()]
+        """The convs' weights in the order ops.mixed_op takes them (each candidate's in registration order).
+
+        Read through (module, name) pairs found once: walking the modules for each forward cost more than some
+        kernels at small sizes, and a getattr still sees the tensors torch.func.functional_call puts in place."""
+        return [getattr(module, name) for module, name in self._weight_slots]
 
     def zeros(self, x: torch.Tensor) -> torch.Tensor:
         """What the edge gives when only `none` is selected."""
@@ -104,13 +110,15 @@ def update_running_statistics(
     `ops.mixed_ops` over n values per channel: an exponential average with the BN's momentum, of the unbiased
     variance. One foreach call per buffer kind for the whole group (a DARTS cell has about 150 such BNs)."""
     unbiased = var * (n / max(n - 1, 1))
+    E, B, C = mean.shape
+    mean_rows, variance_rows = mean.reshape(E * B, C).unbind(0), unbiased.reshape(E * B, C).unbind(0)
     bns, means, variances = [], [], []
     for e, (edge, ks) in enumerate(zip(edges, candidates)):
         for k in ks:
             for row in edge.bn_rows[k]:
                 bns.append(edge.bns[row])
-                means.append(mean[e, row])
-                variances.append(unbiased[e, row])
+                means.append(mean_rows[e * B + row])
+                variances.append(variance_rows[e * B + row])
     if not bns:
         return
     torch._foreach_add_([bn.num_batches_tracked for bn in bns], 1)

@@ -192,6 +192,7 @@ class _Edge:
         else:
             self.mean, self.var = bn_mean.clone(), bn_var.clone()
         self.pools = pools
+        self.final_statistics: tuple[Tensor, Tensor] | None = None
         if saved is not None:
             self.kept = dict(zip(_saved_names(self.candidates, stride), saved))
             self.kept.update({f"t{k}": t for k, t in (saved_pools or {}).items()})
@@ -254,7 +255,13 @@ class _Edge:
         return [self.kept[name] for name in _saved_names(self.candidates, self.stride)]
 
     def _final_statistics(self) -> tuple[Tensor, Tensor]:
-        """([K, C] mean, [K, C] invstd) of the candidates' last BNs; zeros and ones for a tensor added as it is."""
+        """([K, C] mean, [K, C] invstd) of the candidates' last BNs; zeros and ones for a tensor added as it is.
+        Computed once, after the forward has recorded every row."""
+        if self.final_statistics is None:
+            self.final_statistics = self._gather_final_statistics()
+        return self.final_statistics
+
+    def _gather_final_statistics(self) -> tuple[Tensor, Tensor]:
         # Row B, appended, is the "added as it is" row: a few whole-tensor ops instead of a few per candidate.
         B, C = self.mean.shape
         rows = [B if row is None else row for _, row in self.finals]
