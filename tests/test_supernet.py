@@ -3,7 +3,7 @@ import torch
 
 from fastdarts import PRIMITIVES, SearchNetwork, ops
 from fastdarts.space import DARTS_V2
-from fastdarts.supernet import MixedOp
+from fastdarts.supernet import MixedOp, selected_columns
 
 from .conftest import requires_ext
 
@@ -134,3 +134,32 @@ def test_fused_search_step_compiles_with_fullgraph():
     torch.testing.assert_close(loss, eager_loss)
     for got, want in zip(grads, eager_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@requires_ext
+def test_a_cell_runs_the_edges_of_each_state_as_one_group():
+    """Per cell one ops.mixed_ops call per state that feeds a node (s0, s1 and the first three nodes), fewer when
+    every edge leaving a state selects only `none`; the outputs and running statistics are the reference's."""
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3)
+    cell = net.cells[0]
+    s = net.stem(torch.randn(3, 3, 8, 8)).detach()
+    weights = torch.randn(14, len(PRIMITIVES)).softmax(-1)
+    mask = torch.ones(14, len(PRIMITIVES), dtype=torch.bool)
+    # Node 0 -> node 1 (edge 4) and every edge leaving node 1 (8, 12) and node 2 (13) select only `none`.
+    mask[[4, 8, 12, 13], :] = False
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    results = {}
+    for backend in ("reference", "cpp"):
+        net.load_state_dict(state)
+        with ops.use_backend(backend), torch.profiler.profile() as profile:
+            outs = [cell(s, s, weights), cell(s, s, weights, selected_columns(mask))]
+        results[backend] = outs, {k: v.clone() for k, v in net.state_dict().items()}
+        groups = sum(event.name == "fastdarts::mixed_ops" for event in profile.events())
+        # All five states, then s0, s1 and node 0 (nodes 1 and 2 feed only `none` edges).
+        assert groups == (5 + 3 if backend == "cpp" else 0)
+    (got, got_state), (want, want_state) = results["cpp"], results["reference"]
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    for name, r in want_state.items():
+        torch.testing.assert_close(got_state[name], r, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
