@@ -101,7 +101,7 @@ def test_mixed_op_run_case_times_the_triton_provider(case):
     assert result["fraction_of_peak_gflops"] == pytest.approx(flops / result["median_seconds"] / 1e9 / 100.0)
     # What was timed is the fused op on the Triton kernels: its forward agrees with the reference's.
     x, w, weights, _ = mixed_op.make_problem(shape, stride)
-    with RecordOps("fastdarts_triton::mixed_op") as record:
+    with RecordOps("fastdarts_triton::mixed_ops") as record:
         got = mixed_op.make_forward("triton", stride)(x, w, weights)
     assert record.calls == 1
     torch.testing.assert_close(got, mixed_op.make_forward("eager", stride)(x, w, weights), rtol=1e-4, atol=1e-5)

@@ -1,19 +1,20 @@
-"""The fused mixed op: one autograd node per DARTS edge, built from one backend's kernels and ATen GEMMs. The edge
-is written once (`_Edge`) over a set of building blocks (`EdgeKernels`); `define_mixed_op` registers a mixed op
-and its backward for one backend: fastdarts::mixed_op on the C++ kernels (below, when fastdarts._C loaded) and
-fastdarts_triton::mixed_op on the Triton kernels (_triton.py).
+"""The fused mixed ops: one autograd node for all the DARTS edges leaving one state (a group of one is `mixed_op`),
+built from one backend's kernels and ATen GEMMs. An edge is written once (`_Edge`) over a set of building blocks
+(`EdgeKernels`), and a group (`_EdgeGroup`) runs the passes its edges share; `define_mixed_ops` registers the group
+op and its backward for one backend: fastdarts::mixed_ops on the C++ kernels (below, when fastdarts._C loaded) and
+fastdarts_triton::mixed_ops on the Triton kernels (_triton.py).
 
-Forward: relu(x) is read once by the relu_dwconv_pointwise kernel for the first stage of all four convolutions,
-each depthwise conv going straight into its 1x1 conv tile by tile (the depthwise outputs are never written) with
-the BN statistics of the result in the same pass; a sep conv's second stage is the same kernel on its middle BN's
-output (ATen's channels_last batch norm); x is read once more by the pool_bn_stats kernel for both pools and their
-BN statistics; the candidates' last BNs and the edge weights fold into one bn_weighted_sum. Only the sum leaves
-the op.
+Forward: relu(x) is read once by the relu_dwconv_pointwise kernel for the first stage of every conv of every edge
+of the group, each depthwise conv going straight into its 1x1 conv tile by tile (the depthwise outputs are never
+written) with the BN statistics of the result in the same pass; a sep conv's second stage is the same kernel on its
+middle BN's output (ATen's channels_last batch norm); x is read once more by the pool_bn_stats kernel for both pools
+and their BN statistics, which every edge of the group shares; per edge, the candidates' last BNs and the edge
+weights fold into one bn_weighted_sum. Only the edges' sums leave the op.
 
-Memory: autograd keeps x (which the cell holds anyway), the weights and the BN statistics ([B, C] each). The
-backward recomputes the edge's intermediates, uses them, and drops them: an edge's activations live for one
-forward or backward call, not from the forward to the backward of the whole network. It computes only what
-is asked for: no conv-weight gradients in a first-order architecture step, no `w` gradient in a weight step.
+Memory: autograd keeps x (which the cell holds anyway), the weights and the BN statistics ([E, B, C]). The
+backward recomputes the group's intermediates, uses them, and drops them: they live for one forward or backward
+call, not from the forward to the backward of the whole network. It computes only what is asked for: no
+conv-weight gradients in a first-order architecture step, no `w` gradient in a weight step.
 """
 
 from __future__ import annotations
