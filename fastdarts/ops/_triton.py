@@ -5,8 +5,9 @@ The ops live in their own namespace, fastdarts_triton, with the schemas of the C
 outputs of relu_dwconv_backward and bn_weighted_sum_backward take another form, see there) and the same autograd
 formulas (saving the same tensors) as _cpp.py, most of them registered by _autograd.py for both namespaces. A
 triton_op's body is its own fake: under FakeTensorMode the launches are skipped and only the metadata of the outputs
-is computed, and torch.compile sees the launches through torch.library.wrap_triton. The mixed op,
-fastdarts_triton::mixed_ops, is _mixed_op.py's group of edges on these kernels (a torch.library.custom_op, as the C++ backend's).
+is computed, and torch.compile sees the launches through torch.library.wrap_triton. The mixed ops,
+fastdarts_triton::mixed_ops, are _mixed_op.py's group of edges on these kernels (a torch.library.custom_op, as the
+C++ backend's).
 
 Triton kernels run on CUDA tensors. CPU tensors run only under Triton's interpreter (TRITON_INTERPRET=1, the
 tests). Triton decides between compiling and interpreting a function when `triton.jit` decorates it, and
