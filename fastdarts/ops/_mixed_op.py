@@ -380,17 +380,19 @@ class _EdgeGroup:
         self.weights = [t for ws in weights for t in ws]
         E = w.shape[0]
         stats = [(None, None)] * E if bn_mean is None else list(zip(bn_mean.unbind(0), bn_var.unbind(0)))
-        self._edge_arguments = lambda e: (kernels, x, w[e], weights[e], stride, candidates[e], *stats[e], training, eps,
-                                          pool_bn, keep)  # fmt: skip
+
+        def edge(e: int, **parts) -> _Edge:
+            """Edge e, restored (saved parts) or built on the parts the group computed for all its edges."""
+            return _Edge(kernels, x, w[e], weights[e], stride, candidates[e], *stats[e], training, eps, pool_bn, keep,
+                         **parts)  # fmt: skip
+
         # The pool candidates some edge computes: their outputs are kept once for the group (without recompute).
         self.pool_candidates = sorted({k for ks in candidates for k in ks if k in (_MAX_POOL, _AVG_POOL)})
         if saved is not None:
             saved_pools = dict(zip(self.pool_candidates, saved))
             sizes = [len(_saved_names(ks, stride)) for ks in candidates]
             per_edge_saved = _split(saved[len(saved_pools) :], sizes)
-            self.edges = [
-                _Edge(*self._edge_arguments(e), saved=per_edge_saved[e], saved_pools=saved_pools) for e in range(E)
-            ]
+            self.edges = [edge(e, saved=per_edge_saved[e], saved_pools=saved_pools) for e in range(E)]
             return
         convs = [(e, k) for e in range(E) for k in candidates[e] if k in _FIRST_STAGE_DILATION]
         per_edge = [candidate_weights(ws, stride) for ws in weights]
@@ -404,7 +406,7 @@ class _EdgeGroup:
                 first_stage[e][k] = (t, mean[i], var[i])
         # Both pools and their statistics, once for the group.
         self.pools = pools = kernels.pool_bn_stats(x, stride) if self.pool_candidates else None
-        self.edges = [_Edge(*self._edge_arguments(e), first_stage=first_stage[e], pools=pools) for e in range(E)]
+        self.edges = [edge(e, first_stage=first_stage[e], pools=pools) for e in range(E)]
 
     def outs(self) -> list[Tensor]:
         return [edge.out() for edge in self.edges]
