@@ -211,11 +211,16 @@ class TrainConfig(CommonConfig):
 
     def cell(self):
         """The genotype to train, checked to use only ops fastdarts can build."""
-        genotype = load_genotype(self.genotype)
-        unknown = sorted({op for op, _ in (*genotype.normal, *genotype.reduce)} - set(OPS))
-        if unknown:
-            raise ConfigError(f"genotype uses op(s) fastdarts cannot build: {', '.join(unknown)}")
-        return genotype
+        return buildable_genotype(self.genotype)
+
+
+def buildable_genotype(source: str):
+    """The genotype `source` names (space.load_genotype), checked to use only ops fastdarts can build."""
+    genotype = load_genotype(source)
+    unknown = sorted({op for op, _ in (*genotype.normal, *genotype.reduce)} - set(OPS))
+    if unknown:
+        raise ConfigError(f"genotype uses op(s) fastdarts cannot build: {', '.join(unknown)}")
+    return genotype
 
 
 def number_list(text: str, what: str, cast=float) -> list:
@@ -245,6 +250,9 @@ class StudyConfig(CommonConfig):
     quick: bool = option(False, "a smoke run: a small network, 4 epochs, one variant per group, seed 0")
     widths: str = option("2,2.5,3,3.5", "width study: the normal-cell width groups, in units of c")
     per_group: int | None = option(None, "width study: variants per width group", low=1)
+    generator: str = option("shu", "width study: shu (Shu et al.'s random_conn with seeds 1, 2, ...: DARTS_CONN1.. "
+                            "for DARTS_V2) or fastdarts (one random.Random stream, as analyze --variants draws)",
+                            choices=("shu", "fastdarts"))  # fmt: skip
     rewire: str = option("normal", "width study: rewire the normal cell only (its width is what the groups "
                          "describe), or both cells as Shu et al.'s generator does",
                          choices=("normal", "both"))  # fmt: skip
@@ -324,7 +332,7 @@ class StudyConfig(CommonConfig):
 
     def check(self) -> None:
         super().check()
-        load_genotype(self.genotype)  # an unreadable cell fails before anything is written
+        buildable_genotype(self.genotype)  # a cell that cannot be read or built fails before anything is written
         widths = number_list(self.widths, "widths")
         if any(w < 0 or w * 2 != int(w * 2) for w in widths):
             raise ConfigError(f"widths must be multiples of 0.5 (a node is 0, c/2 or c wide), got {self.widths!r}")

@@ -31,7 +31,15 @@ import numpy as np
 import torch
 
 from . import train
-from .analyze import CELLS, cell_depth, cell_edges, cell_width, describe_network, random_wiring_variant
+from .analyze import (
+    CELLS,
+    cell_depth,
+    cell_edges,
+    cell_width,
+    describe_network,
+    random_wiring_variant,
+    shu_wiring_variant,
+)
 from .checkpoint import RunInterrupted, StopSignals, atomic_write_text, load_checkpoint
 from .config import CommonConfig, StudyConfig, TrainConfig, parse_command_line, run_cli
 from .data import Images, load_dataset
@@ -71,30 +79,42 @@ class Variant:
     label: str
     genotype: Genotype
     original: bool = False
+    drawn_with: str = ""  # how to draw it again
 
 
 def width_variants(genotype: Genotype, widths: list[float], per_group: int, rewire: str, seed: int,
-                   max_draws: int = 200000) -> list[Variant]:  # fmt: skip
-    """`genotype` and `per_group` distinct random rewirings of it (analyze.random_wiring_variant, one seeded stream)
-    for each normal-cell width in `widths`; labelled C1, C2, ... by width ascending, then depth descending.
-    With `rewire == "normal"` the reduction cell is kept, so that width is the only change between variants."""
-    wanted = {Fraction(w).limit_denominator(2): [] for w in widths}
+                   generator: str = "shu", max_draws: int = 100000) -> list[Variant]:  # fmt: skip
+    """`genotype` and `per_group` distinct random rewirings of it for each normal-cell width in `widths`, labelled
+    C1, C2, ... by width ascending, then depth descending (as Shu et al. number theirs).
+
+    The rewirings are the first that fill the groups among Shu et al.'s `random_conn` with seeds `seed` + 1, + 2, ...
+    (`generator == "shu"`; seeds 1..10 of DARTS_V2 are their DARTS_CONN1..10), or among the draws of one
+    `random.Random(seed)` stream (`"fastdarts"`, analyze.random_wiring_variant). With `rewire == "normal"` the
+    reduction cell is kept, so that the normal cell's wiring is the only change between variants.
+    """
+    wanted: dict[Fraction, list[tuple[Genotype, str]]] = {Fraction(w).limit_denominator(2): [] for w in widths}
     rng = random.Random(seed)
-    for _ in range(max_draws):
+    for draw in range(1, max_draws + 1):
         if all(len(found) == per_group for found in wanted.values()):
             break
-        candidate = random_wiring_variant(genotype, rng)
+        if generator == "shu":
+            candidate, how = shu_wiring_variant(genotype, seed + draw), f"random_conn seed {seed + draw}"
+        else:
+            candidate, how = random_wiring_variant(genotype, rng), f"random.Random({seed}) draw {draw}"
         if rewire == "normal":
             candidate = dataclasses.replace(candidate, reduce=genotype.reduce, reduce_concat=genotype.reduce_concat)
+            how += ", reduction cell kept"
         found = wanted.get(cell_width(candidate.normal))
-        if found is not None and len(found) < per_group and candidate != genotype and candidate not in found:
-            found.append(candidate)
+        if found is None or len(found) == per_group or candidate == genotype or candidate in [g for g, _ in found]:
+            continue
+        found.append((candidate, how))
     short = [f"{float(w):g}c ({len(f)} of {per_group})" for w, f in wanted.items() if len(f) < per_group]
     if short:
         raise ConfigError(f"too few distinct rewirings of this cell have width {', '.join(short)}")
-    drawn = [g for found in wanted.values() for g in found]
-    drawn.sort(key=lambda g: (cell_width(g.normal), -cell_depth(g.normal, g.normal_concat)))
-    return [Variant("original", genotype, True)] + [Variant(f"C{i + 1}", g) for i, g in enumerate(drawn)]
+    drawn = [pair for found in wanted.values() for pair in found]
+    drawn.sort(key=lambda pair: (cell_width(pair[0].normal), -cell_depth(pair[0].normal, pair[0].normal_concat)))
+    return [Variant("original", genotype, True)] + [Variant(f"C{i + 1}", g, False, how)
+                                                    for i, (g, how) in enumerate(drawn)]  # fmt: skip
 
 
 def skip_variants(genotype: Genotype, counts: list[int], placements: int, seed: int) -> list[Variant]:
@@ -113,13 +133,14 @@ def skip_variants(genotype: Genotype, counts: list[int], placements: int, seed: 
                 chosen.append(pick)
         for j, pick in enumerate(chosen):
             normal = [("skip_connect" if i in pick else "sep_conv_3x3", index) for i, (_, index) in enumerate(edges)]
-            out.append(Variant(f"skips{k}-{j + 1}", dataclasses.replace(genotype, normal=tuple(normal))))
+            how = f"skip_connect on normal edges {list(pick)}"
+            out.append(Variant(f"skips{k}-{j + 1}", dataclasses.replace(genotype, normal=tuple(normal)), False, how))
     return out
 
 
 def describe_variant(variant: Variant, config: StudyConfig, data: Images) -> dict:
     g = variant.genotype
-    row = {"label": variant.label, "original": variant.original, "genotype": str(g)}
+    row = {"label": variant.label, "original": variant.original, "drawn_with": variant.drawn_with, "genotype": str(g)}
     for cell in CELLS:
         edges, concat = cell_edges(g, cell)
         row[f"{cell}_width"] = float(cell_width(edges))
@@ -289,7 +310,8 @@ def new_study(config: StudyConfig, seeds: list[int]) -> Path:
         study_dir = Path("runs") / f"convergence-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     genotype = load_genotype(config.genotype)
     if config.study == "width":
-        drawn = width_variants(genotype, config.width_groups(), config.per_group, config.rewire, config.study_seed)
+        drawn = width_variants(genotype, config.width_groups(), config.per_group, config.rewire, config.study_seed,
+                               config.generator)  # fmt: skip
     else:
         drawn = skip_variants(genotype, config.skip_counts(), config.placements, config.study_seed)
     data = load_dataset(config.dataset, config.data, "test", **config.data_options())
@@ -312,7 +334,8 @@ def load_study(study_dir: Path) -> tuple[StudyConfig, list[int], list[Variant], 
     try:
         study = json.loads(path.read_text())
         config = StudyConfig(**study["config"]).resolved()
-        variants = [Variant(v["label"], Genotype.parse(v["genotype"]), v["original"]) for v in study["variants"]]
+        variants = [Variant(v["label"], Genotype.parse(v["genotype"]), v["original"], v["drawn_with"])
+                    for v in study["variants"]]  # fmt: skip
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"resume: {path} cannot be read ({type(e).__name__}: {e})") from None
     return config, study["seeds"], variants, study
@@ -551,6 +574,10 @@ def _mean_sd(entry: dict, digits: int = 4) -> str:
     return f"{entry['mean']:.{digits}g}" + ("" if math.isnan(entry["sd"]) else f" ± {entry['sd']:.2g}")
 
 
+def _number(value: float, spec: str) -> str:
+    return "—" if math.isnan(value) else format(value, spec)
+
+
 def summary_markdown(summary: dict, config: StudyConfig) -> str:
     title = "width and depth (Shu et al.)" if config.study == "width" else "skip connections (PR-DARTS)"
     lines = [f"# Convergence study: {title}", "",
@@ -578,11 +605,11 @@ def summary_markdown(summary: dict, config: StudyConfig) -> str:
     for c in summary["correlations"]:
         sign = {None: "none", 1: "+", -1: "−"}[c["expected"]]
         noise = c["noise_ratio"]
-        line = (f"| {c['predictor'].removeprefix('normal_')} | {c['metric']} | {c['rho']:.2f} | {c['p']:.3g} | "
-                f"[{c['ci'][0]:.2f}, {c['ci'][1]:.2f}] | {sign} | {c['verdict']} | "
-                f"{'—' if math.isnan(noise) else f'{noise:.2f}'} |")  # fmt: skip
+        line = (f"| {c['predictor'].removeprefix('normal_')} | {c['metric']} | {_number(c['rho'], '.2f')} | "
+                f"{_number(c['p'], '.3g')} | [{_number(c['ci'][0], '.2f')}, {_number(c['ci'][1], '.2f')}] | {sign} | "
+                f"{c['verdict']} | {_number(noise, '.2f')} |")  # fmt: skip
         if "partial_rho_given_parameters" in c:
-            line += f" {c['partial_rho_given_parameters']:.2f} |"
+            line += f" {_number(c['partial_rho_given_parameters'], '.2f')} |"
         lines.append(line)
         if not math.isnan(noise) and noise < NOISE_RATIO and c["predictor"] != "normal_depth":
             warnings.append(f"- {c['metric']}: the cells' means spread only {noise:.2f}x the seed noise of a mean; "
@@ -596,6 +623,10 @@ def summary_markdown(summary: dict, config: StudyConfig) -> str:
         lines += ["", f"Seed noise (ratio below {NOISE_RATIO}):", *warnings]
     if config.study == "width":
         lines += ["", "Width and depth are strongly anti-correlated in this space: neither rho names a cause."]
+    elif all(math.isnan(c.get("partial_rho_given_parameters", math.nan)) for c in summary["correlations"]):
+        lines += ["", "The parameter count is a function of the number of skips here (each skip replaces a "
+                  "sep_conv_3x3), so no partial rho can separate the two: fewer parameters may be the "
+                  "cause."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -84,15 +84,20 @@ def bootstrap_interval(x, y, resamples: int = 2000, seed: int = 0, level: float 
 
 def partial_spearman(x, y, z) -> float:
     """Spearman's rho of `x` and `y` with `z` held fixed: Pearson's r of the residuals of the ranks of `x` and `y`
-    after a least-squares line on the ranks of `z`."""
+    after a least-squares line on the ranks of `z`. NaN when `z`'s ranks determine those of `x` or `y` (nothing is
+    left to correlate once `z` is held fixed)."""
     rx, ry, rz = average_ranks(x), average_ranks(y), average_ranks(z)
     design = np.stack([np.ones_like(rz), rz], axis=1)
 
     def residual(r):
         coefficients, *_ = np.linalg.lstsq(design, r, rcond=None)
-        return r - design @ coefficients
+        left = r - design @ coefficients
+        return None if np.linalg.norm(left) <= 1e-9 * max(np.linalg.norm(r - r.mean()), 1.0) else left
 
-    return float(_pearson_rows(residual(rx)[None], residual(ry))[0])
+    rx, ry = residual(rx), residual(ry)
+    if rx is None or ry is None:
+        return float("nan")
+    return float(_pearson_rows(rx[None], ry)[0])
 
 
 def seed_noise_ratio(values_per_variant: list[list[float]]) -> float:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fastdarts import convergence, train
-from fastdarts.analyze import cell_depth, cell_width
+from fastdarts.analyze import cell_depth, cell_width, shu_wiring_variant
 from fastdarts.checkpoint import RunInterrupted, load_checkpoint
 from fastdarts.config import StudyConfig, run_cli
 from fastdarts.probes import (
@@ -70,6 +70,8 @@ def test_bootstrap_interval_and_partial_rho():
     x, y = z + rng.normal(size=15), z + rng.normal(size=15)
     xy, xz, yz = spearman(x, y), spearman(x, z), spearman(y, z)
     assert partial_spearman(x, y, z) == pytest.approx((xy - xz * yz) / math.sqrt((1 - xz**2) * (1 - yz**2)))
+    # Parameters falling with every skip: the skips' ranks are the parameters' (reversed), nothing is left.
+    assert math.isnan(partial_spearman([0, 1, 1, 2, 3], [5.0, 4, 3, 1, 2], [9, 8, 8, 7, 6]))
 
 
 def test_seed_noise_ratio():
@@ -150,9 +152,25 @@ def test_loss_surface_and_sharpness_of_a_known_bowl():
 # Variants
 
 
+def test_shu_generator_gives_the_widths_of_darts_conn1_to_10():
+    # CONVERGENCE_STUDY.md S8, from running Shu et al.'s genotypes.py: DARTS_CONN1..10 have normal widths
+    # 2c/2.5c/3c/3.5c 1/4/3/2 times, reduction widths 1.5c..4c; CONN4 is 3.5c with a 2c reduction cell, CONN10 3.5c
+    # with a 4c one.
+    conn = {seed: shu_wiring_variant(DARTS_V2, seed) for seed in range(1, 11)}
+    normal = [cell_width(g.normal) for g in conn.values()]
+    assert [normal.count(Fraction(w, 2)) for w in (4, 5, 6, 7)] == [1, 4, 3, 2]
+    reduce = [cell_width(g.reduce) for g in conn.values()]
+    assert min(reduce) == Fraction(3, 2) and max(reduce) == 4
+    assert (normal[3], reduce[3], normal[9], reduce[9]) == (Fraction(7, 2), 2, Fraction(7, 2), 4)
+    for g in conn.values():
+        assert [op for op, _ in g.normal] == [op for op, _ in DARTS_V2.normal]
+        assert [op for op, _ in g.reduce] == [op for op, _ in DARTS_V2.reduce]
+
+
+@pytest.mark.parametrize("generator", ["shu", "fastdarts"])
 @pytest.mark.parametrize("rewire", ["normal", "both"])
-def test_width_variants_fill_each_group_with_distinct_rewirings(rewire):
-    variants = convergence.width_variants(DARTS_V2, [2, 2.5, 3, 3.5], 3, rewire, seed=0)
+def test_width_variants_fill_each_group_with_distinct_rewirings(rewire, generator):
+    variants = convergence.width_variants(DARTS_V2, [2, 2.5, 3, 3.5], 3, rewire, 0, generator)
     assert variants[0].original and variants[0].genotype == DARTS_V2
     drawn = [v.genotype for v in variants[1:]]
     assert [v.label for v in variants[1:]] == [f"C{i}" for i in range(1, 13)]
@@ -168,12 +186,16 @@ def test_width_variants_fill_each_group_with_distinct_rewirings(rewire):
         assert g.normal_concat == DARTS_V2.normal_concat
     kept = [g.reduce == DARTS_V2.reduce for g in drawn]
     assert all(kept) if rewire == "normal" else not all(kept)
-    assert convergence.width_variants(DARTS_V2, [2, 2.5, 3, 3.5], 3, rewire, seed=0) == variants
+    assert convergence.width_variants(DARTS_V2, [2, 2.5, 3, 3.5], 3, rewire, 0, generator) == variants
+    if generator == "shu":  # each is random_conn of a seed: the 2c group starts with DARTS_CONN2
+        assert variants[1].drawn_with.startswith("random_conn seed ")
+        seed = int(variants[1].drawn_with.split()[2].rstrip(","))
+        assert variants[1].genotype.normal == shu_wiring_variant(DARTS_V2, seed).normal
 
 
 def test_width_groups_that_cannot_be_filled_are_a_clear_error():
     with pytest.raises(convergence.ConfigError, match=r"too few distinct rewirings of this cell have width 0.5c"):
-        convergence.width_variants(DARTS_V2, [0.5], 1, "normal", seed=0, max_draws=2000)
+        convergence.width_variants(DARTS_V2, [0.5], 1, "normal", 0, max_draws=2000)
 
 
 def test_skip_variants_keep_the_wiring_and_count_their_skips():
