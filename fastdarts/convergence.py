@@ -355,7 +355,12 @@ def run_study(study_dir: Path, jobs: int = 1, progress: bool = True) -> dict:
         measurer = Measurer(config) if todo else None
         for i, (variant, seed) in enumerate(todo):
             print(f"[{i + 1}/{len(todo)}] {variant.label} seed {seed}")
-            run_variant(study_dir, measurer, variant, seed, seed == seeds[0], progress)
+            try:
+                run_variant(study_dir, measurer, variant, seed, seed == seeds[0], progress)
+            except (RunInterrupted, KeyboardInterrupt) as e:  # the run's own hint would resume the run alone
+                raise RunInterrupted(f"{variant.label} seed {seed} stopped, its last checkpoint kept; resume the "
+                                     f"study with: python -m fastdarts.convergence --resume {study_dir}",
+                                     getattr(e, "status", 128 + signal.SIGINT)) from None  # fmt: skip
     else:
         run_in_processes(study_dir, todo, jobs)
     return summarise(study_dir)
@@ -392,8 +397,8 @@ def run_in_processes(study_dir: Path, todo: list[tuple[Variant, int]], jobs: int
                 label, seed = running.pop(child)
                 if child.returncode == 0:
                     print(f"finished {label} seed {seed}")
-                elif child.returncode >= 128:
-                    print(f"stopped {label} seed {seed} (checkpoint written)")
+                elif stop.signum is not None:  # stopped at a step (status 128 + signal) or while measuring (killed)
+                    print(f"stopped {label} seed {seed} (its last checkpoint kept)")
                 else:
                     failed.append(f"{label} seed {seed}")
                     print(f"failed {label} seed {seed} (exit status {child.returncode}; see its log.txt)")
