@@ -315,6 +315,9 @@ def new_study(config: StudyConfig, seeds: list[int]) -> Path:
     else:
         drawn = skip_variants(genotype, config.skip_counts(), config.placements, config.study_seed)
     data = load_dataset(config.dataset, config.data, "test", **config.data_options())
+    if min(len(data), config.probe_images) < 2 * config.gradvar_batch:
+        raise ConfigError(f"the gradient variance needs two batches of gradvar_batch ({config.gradvar_batch}) from "
+                          f"the {len(data)} test images; lower gradvar_batch")  # fmt: skip
     try:
         study_dir.mkdir(parents=True, exist_ok=True)
     except (OSError, ValueError) as e:
