@@ -229,6 +229,8 @@ def number_list(text: str, what: str, cast=float) -> list:
         values = [cast(part) for part in str(text).split(",")]
     except ValueError:
         raise ConfigError(f"{what} must be comma-separated numbers such as 0,1,2, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{what} must be finite numbers, got {text!r}")
     if len(set(values)) != len(values):
         raise ConfigError(f"{what} must not repeat a value, got {text!r}")
     return values

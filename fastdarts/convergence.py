@@ -93,6 +93,11 @@ def width_variants(genotype: Genotype, widths: list[float], per_group: int, rewi
     reduction cell is kept, so that the normal cell's wiring is the only change between variants.
     """
     wanted: dict[Fraction, list[tuple[Genotype, str]]] = {Fraction(w).limit_denominator(2): [] for w in widths}
+    steps = len(genotype.normal) // 2
+    impossible = [f"{float(w):g}c" for w in wanted if not 1 <= w <= steps]  # the first node reads only the inputs
+    if impossible:
+        raise ConfigError(f"a normal cell of {steps} nodes is 1c to {steps}c wide; no rewiring has width "
+                          f"{', '.join(impossible)}")  # fmt: skip
     rng = random.Random(seed)
     for draw in range(1, max_draws + 1):
         if all(len(found) == per_group for found in wanted.values()):

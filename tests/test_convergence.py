@@ -194,8 +194,12 @@ def test_width_variants_fill_each_group_with_distinct_rewirings(rewire, generato
 
 
 def test_width_groups_that_cannot_be_filled_are_a_clear_error():
-    with pytest.raises(convergence.ConfigError, match=r"too few distinct rewirings of this cell have width 0.5c"):
-        convergence.width_variants(DARTS_V2, [0.5], 1, "normal", 0, max_draws=2000)
+    with pytest.raises(convergence.ConfigError, match=r"4 nodes is 1c to 4c wide; no rewiring has width 0.5c, 5c"):
+        convergence.width_variants(DARTS_V2, [0.5, 2, 5], 1, "normal", 0)
+    with pytest.raises(
+        convergence.ConfigError, match=r"too few distinct rewirings of this cell have width 2c \([0-2] of 3"
+    ):
+        convergence.width_variants(DARTS_V2, [2], 3, "normal", 0, max_draws=3)
 
 
 def test_skip_variants_keep_the_wiring_and_count_their_skips():
@@ -287,6 +291,8 @@ def cli(capsys, *args) -> tuple[int, str]:
     [
         (["--widths", "2,x"], "widths must be comma-separated numbers"),
         (["--widths", "2.25"], "widths must be multiples of 0.5"),
+        (["--widths", "2,inf"], "widths must be finite numbers"),
+        (["--widths", "3,3"], "widths must not repeat a value"),
         (["--probes", "0,1"], r"probes must be fractions of training in \(0, 1\]"),
         (["--genotype", "NoSuchCell"], "is not a built-in genotype"),
         (["--gradvar_batch", "200"], r"probe_images \(360\) must hold two batches"),
