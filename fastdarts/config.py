@@ -266,7 +266,7 @@ class StudyConfig(CommonConfig):
     drop_path_prob: float = option(0.2, "final drop-path probability (ramped up linearly from 0)", low=0, high=1,
                                    high_open=True)  # fmt: skip
     probes: str = option("0.25,0.5,1", "when to measure the gradient variance, as fractions of training (also "
-                         "always at initialisation)")  # fmt: skip
+                         "always at initialisation and at the end)")  # fmt: skip
     gradvar_batch: int | None = option(None, "batch of the gradient-variance estimate (1: exact per-sample "
                                        "gradients)", low=1)  # fmt: skip
     probe_images: int | None = option(None, "images of the test split and of a fixed training subset that the "
@@ -355,8 +355,10 @@ class StudyConfig(CommonConfig):
         return sorted(number_list(self.skips, "skips", int))
 
     def probe_epochs(self) -> list[int]:
-        """The epochs (1..epochs) after which the gradient variance is measured, besides initialisation."""
-        return sorted({max(1, math.ceil(f * self.epochs - 1e-9)) for f in number_list(self.probes, "probes")})
+        """The epochs (1..epochs, the last always) after which the gradient variance is measured, besides
+        initialisation."""
+        fractions = number_list(self.probes, "probes")
+        return sorted({self.epochs} | {max(1, math.ceil(f * self.epochs - 1e-9)) for f in fractions})
 
 
 @functools.cache

@@ -188,22 +188,17 @@ class Measurer:
         self.probe_epochs = set(config.probe_epochs())
 
     def gradient_variance(self, model: torch.nn.Module) -> dict:
+        """The gradient variance on the test split (Shu et al.'s) and on a training subset of the same size."""
         was_training = model.training
+        out = {}
         try:
-            return {
-                split: gradient_variance(
-                    ModelProbe(model, data, EVAL_BATCH).loss,
-                    ModelProbe(model, data).params(),
-                    indices,
-                    self.config.gradvar_batch,
-                )  # fmt: skip
-                for split, data, indices in (
-                    ("test", self.test, self.sets.gradvar_test),
-                    ("train", self.train, self.sets.gradvar_train),
-                )  # fmt: skip
-            }
+            for split, data, indices in (("test", self.test, self.sets.gradvar_test),
+                                         ("train", self.train, self.sets.gradvar_train)):  # fmt: skip
+                probe = ModelProbe(model, data, EVAL_BATCH)
+                out[split] = gradient_variance(probe.loss, probe.params(), indices, self.config.gradvar_batch)
         finally:
             model.train(was_training)
+        return out
 
     def after_epoch(self, model: torch.nn.Module, epochs_done: int) -> dict:
         """The train.Observer: the clean training loss every epoch, the gradient variance at the probe epochs.

@@ -311,3 +311,8 @@ def test_resume_needs_a_study_and_takes_only_jobs_and_progress(tmp_path, capsys)
     assert status == 2 and "nowhere is not a convergence study directory" in err
     status, err = cli(capsys, "--resume", str(tmp_path), "--epochs", "3")
     assert status == 2 and "only jobs, progress may be given (got epochs)" in err
+
+
+def test_probe_epochs_always_include_the_end():
+    assert StudyConfig(probes="0.25", epochs=12).resolved().probe_epochs() == [3, 12]
+    assert StudyConfig(probes="0.1,0.5", epochs=4).resolved().probe_epochs() == [1, 2, 4]
