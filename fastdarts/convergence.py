@@ -419,7 +419,9 @@ def run_one_main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     keep_freed_memory()
     config, seeds, variants, _ = load_study(study_dir)
-    variant = next(v for v in variants if v.label == label)
+    variant = next((v for v in variants if v.label == label), None)
+    if variant is None:
+        raise ConfigError(f"{study_dir} has no cell labelled {label!r}")
     run_variant(study_dir, Measurer(config), variant, seed, seed == seeds[0], progress=False)
     return 0
 
@@ -622,6 +624,7 @@ def summary_markdown(summary: dict, config: StudyConfig) -> str:
         if not math.isnan(noise) and noise < NOISE_RATIO and c["predictor"] != "normal_depth":
             warnings.append(f"- {c['metric']}: the cells' means spread only {noise:.2f}x the seed noise of a mean; "
                             f"differences between cells may be seed noise.")  # fmt: skip
+    lines += ["", "Metrics:", *[f"- {key}: {what}" for key, what, *_ in MEASURES]]
     if "original" in summary:
         o = summary["original"]
         lines += ["", f"The original cell ranks {o['rank_by_auc_train']} of {o['variants'] + 1} by mean clean "
