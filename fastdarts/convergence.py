@@ -293,6 +293,17 @@ def run_variant(study_dir: Path, measurer: Measurer, variant: Variant, seed: int
     return result
 
 
+def run_in_study(study_dir: Path, measurer: Measurer, variant: Variant, seed: int, landscape: bool,
+                 progress: bool) -> dict:  # fmt: skip
+    """run_variant, whose stop (a signal, Ctrl-C) says how to resume the study rather than the run alone."""
+    try:
+        return run_variant(study_dir, measurer, variant, seed, landscape, progress)
+    except (RunInterrupted, KeyboardInterrupt) as e:
+        raise RunInterrupted(f"{variant.label} seed {seed} stopped, its last checkpoint kept; resume the study with: "
+                             f"python -m fastdarts.convergence --resume {study_dir}",
+                             getattr(e, "status", 128 + signal.SIGINT)) from None  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # The study: its directory, its runs (in this process or in several), its summary
 
@@ -358,12 +369,7 @@ def run_study(study_dir: Path, jobs: int = 1, progress: bool = True) -> dict:
         measurer = Measurer(config) if todo else None
         for i, (variant, seed) in enumerate(todo):
             print(f"[{i + 1}/{len(todo)}] {variant.label} seed {seed}")
-            try:
-                run_variant(study_dir, measurer, variant, seed, seed == seeds[0], progress)
-            except (RunInterrupted, KeyboardInterrupt) as e:  # the run's own hint would resume the run alone
-                raise RunInterrupted(f"{variant.label} seed {seed} stopped, its last checkpoint kept; resume the "
-                                     f"study with: python -m fastdarts.convergence --resume {study_dir}",
-                                     getattr(e, "status", 128 + signal.SIGINT)) from None  # fmt: skip
+            run_in_study(study_dir, measurer, variant, seed, seed == seeds[0], progress)
     else:
         run_in_processes(study_dir, todo, jobs)
     return summarise(study_dir)
@@ -422,7 +428,7 @@ def run_one_main(argv: list[str]) -> int:
     variant = next((v for v in variants if v.label == label), None)
     if variant is None:
         raise ConfigError(f"{study_dir} has no cell labelled {label!r}")
-    run_variant(study_dir, Measurer(config), variant, seed, seed == seeds[0], progress=False)
+    run_in_study(study_dir, Measurer(config), variant, seed, seed == seeds[0], progress=False)
     return 0
 
 
