@@ -316,3 +316,16 @@ def test_resume_needs_a_study_and_takes_only_jobs_and_progress(tmp_path, capsys)
 def test_probe_epochs_always_include_the_end():
     assert StudyConfig(probes="0.25", epochs=12).resolved().probe_epochs() == [3, 12]
     assert StudyConfig(probes="0.1,0.5", epochs=4).resolved().probe_epochs() == [1, 2, 4]
+
+
+def test_verdicts_and_the_censored_threshold():
+    config = StudyConfig(permutations=1000, bootstrap=200).resolved()
+    x, falling = list(range(8)), [9.0, 7, 6, 4, 3.5, 2, 1, 0]
+    assert convergence.correlation(x, falling, -1, config)["verdict"] == "agrees"
+    assert convergence.correlation(x, falling, 1, config)["verdict"] == "disagrees"
+    assert convergence.correlation(x, falling, None, config)["verdict"] == "no sign predicted"
+    assert convergence.correlation(x, [3.0, 1, 4, 1, 5, 9, 2, 6], -1, config)["verdict"] == "not significant"
+    assert convergence.correlation([1, 2], [2, 1], -1, config)["verdict"] == "—"  # too few cells
+    # The clean loss after epochs 0..3: first at most tau after epoch 2; never: censored at E + 1 = 4.
+    assert convergence.epochs_to_threshold([3, 2, 1, 0.5], 1) == 2
+    assert convergence.epochs_to_threshold([3, 2, 1, 0.5], 0.1) == 4
