@@ -228,6 +228,7 @@ def finished(study_dir):
     return sorted(p.parent.parent.name for p in study_dir.glob("variants/*/seed-*/measurements.json"))
 
 
+@pytest.mark.slow
 def test_the_observer_leaves_training_unchanged(tmp_path):
     config = StudyConfig(**TINY).resolved()
     measurer = convergence.Measurer(config)
