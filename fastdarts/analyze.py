@@ -19,6 +19,8 @@ import sys
 from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
+
 from .config import OneLineParser, run_cli
 from .errors import FastDartsError, path_stat
 from .evalnet import NetworkCIFAR, count_multiply_adds, count_parameters
@@ -94,6 +96,23 @@ def random_wiring_variant(genotype: Genotype, rng: random.Random) -> Genotype:
     for cell in CELLS:
         edges, concat = cell_edges(genotype, cell)
         fields[cell] = [(op, rng.randrange(2 + k // 2)) for k, (op, _) in enumerate(edges)]
+        fields[f"{cell}_concat"] = list(concat)
+    return Genotype(**fields)
+
+
+def shu_wiring_variant(genotype: Genotype, seed: int) -> Genotype:
+    """Shu et al.'s `random_conn(arch, num_ops, seed)` (genotypes.py of shuyao95/Understanding-NAS): NumPy's legacy
+    stream seeded with `seed` redraws each edge's input uniformly among the nodes before it, the normal and the
+    reduction cell's edge k drawn in turn. Seeds 1..10 on DARTS_V2 give their DARTS_CONN1..10."""
+    rng = np.random.RandomState(seed)
+    inputs: dict[str, list[int]] = {cell: [] for cell in CELLS}
+    for k in range(len(genotype.normal)):
+        for cell in CELLS:
+            inputs[cell].append(int(rng.choice(2 + k // 2, 1)[0]))
+    fields = {}
+    for cell in CELLS:
+        edges, concat = cell_edges(genotype, cell)
+        fields[cell] = [(op, index) for (op, _), index in zip(edges, inputs[cell])]
         fields[f"{cell}_concat"] = list(concat)
     return Genotype(**fields)
 

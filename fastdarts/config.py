@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import stat
 import sys
 import types
@@ -210,11 +211,154 @@ class TrainConfig(CommonConfig):
 
     def cell(self):
         """The genotype to train, checked to use only ops fastdarts can build."""
-        genotype = load_genotype(self.genotype)
-        unknown = sorted({op for op, _ in (*genotype.normal, *genotype.reduce)} - set(OPS))
-        if unknown:
-            raise ConfigError(f"genotype uses op(s) fastdarts cannot build: {', '.join(unknown)}")
-        return genotype
+        return buildable_genotype(self.genotype)
+
+
+def buildable_genotype(source: str):
+    """The genotype `source` names (space.load_genotype), checked to use only ops fastdarts can build."""
+    genotype = load_genotype(source)
+    unknown = sorted({op for op, _ in (*genotype.normal, *genotype.reduce)} - set(OPS))
+    if unknown:
+        raise ConfigError(f"genotype uses op(s) fastdarts cannot build: {', '.join(unknown)}")
+    return genotype
+
+
+def number_list(text: str, what: str, cast=float) -> list:
+    """A comma-separated list of numbers from a config field, or a ConfigError naming the field."""
+    try:
+        values = [cast(part) for part in str(text).split(",")]
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated numbers such as 0,1,2, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{what} must be finite numbers, got {text!r}")
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{what} must not repeat a value, got {text!r}")
+    return values
+
+
+@dataclass
+class StudyConfig(CommonConfig):
+    """The convergence study (CONVERGENCE_STUDY.md section 8): a cell and its variants trained with Shu et al.'s
+    settings and probed. Fields left at None take the preset of the profile, or of the data set (and --quick)."""
+
+    genotype: str = option("DARTS_V2", "the starting cell: built-in name, DARTS string, genotype.json/.txt or run "
+                           "directory")  # fmt: skip
+    study: str = option("width", "width: random rewirings grouped by normal-cell width (Shu et al.); skips: the "
+                        "normal cell's wiring with 0..6 skip connections, the other edges sep_conv_3x3 (PR-DARTS)",
+                        choices=("width", "skips"))  # fmt: skip
+    profile: str = option("reduced", "reduced: minutes per run; shu: Shu et al.'s CIFAR-10 settings (C=36, 20 "
+                          "cells, 600 epochs, a 51x51 landscape; days per run)",
+                          choices=("reduced", "shu"))  # fmt: skip
+    quick: bool = option(False, "a smoke run: a small network, 4 epochs, one variant per group, seed 0")
+    widths: str = option("2,2.5,3,3.5", "width study: the normal-cell width groups, in units of c")
+    per_group: int | None = option(None, "width study: variants per width group", low=1)
+    generator: str = option("shu", "width study: shu (Shu et al.'s random_conn with seeds 1, 2, ...: DARTS_CONN1.. "
+                            "for DARTS_V2) or fastdarts (one random.Random stream, as analyze --variants draws)",
+                            choices=("shu", "fastdarts"))  # fmt: skip
+    rewire: str = option("normal", "width study: rewire the normal cell only (its width is what the groups "
+                         "describe), or both cells as Shu et al.'s generator does",
+                         choices=("normal", "both"))  # fmt: skip
+    skips: str = option("0,1,2,3,4,5,6", "skips study: the numbers of skip connections in the normal cell")
+    placements: int | None = option(None, "skips study: random choices of the skip edges per number", low=1)
+    learning_rate: float = option(0.025, "initial learning rate (cosine to learning_rate_min)", low=0, low_open=True)
+    learning_rate_min: float = option(0.0, "final learning rate of the cosine schedule", low=0)
+    weight_decay: float = option(3e-4, "weight decay", low=0)
+    drop_path_prob: float = option(0.2, "final drop-path probability (ramped up linearly from 0)", low=0, high=1,
+                                   high_open=True)  # fmt: skip
+    probes: str = option("0.25,0.5,1", "when to measure the gradient variance, as fractions of training (also "
+                         "always at initialisation and at the end)")  # fmt: skip
+    gradvar_batch: int | None = option(None, "batch of the gradient-variance estimate (1: exact per-sample "
+                                       "gradients)", low=1)  # fmt: skip
+    probe_images: int | None = option(None, "images of the test split and of a fixed training subset that the "
+                                      "gradient variance is measured on", low=2)  # fmt: skip
+    clean_images: int | None = option(None, "training images of the clean (eval-mode, unaugmented) training loss "
+                                      "logged every epoch", low=1)  # fmt: skip
+    hessian_images: int | None = option(None, "training images of the top Hessian eigenvalue", low=1)
+    hessian_iters: int | None = option(None, "power iterations of the top Hessian eigenvalue", low=1)
+    landscape: str | None = option(None, "loss landscape around the trained weights on the test split, for the first "
+                                   "seed: none, 1d (two filter-normalised directions) or 2d (a grid in their plane)",
+                                   choices=("none", "1d", "2d"))  # fmt: skip
+    landscape_points: int | None = option(None, "points of each 1-D loss curve on [-1, 1]", low=3)
+    grid: int | None = option(None, "2d landscape: points per side of the grid on [-1, 1]^2", low=3)
+    landscape_images: int | None = option(None, "test images the landscape is evaluated on", low=1)
+    ntk_images: int | None = option(None, "training images of the empirical NTK Gram matrix", low=2)
+    permutations: int = option(10000, "permutations of each Spearman p-value", low=100)
+    bootstrap: int = option(2000, "resamples of each bootstrap interval", low=100)
+    study_seed: int = option(0, "seed of the variants' draw, the probe subsets and the statistics", low=0,
+                             high=2**32 - 1)  # fmt: skip
+    jobs: int = option(1, "runs trained at once, each in a process of its own with one thread", low=1)
+    save_every: int = option(1, "write each run's checkpoint every this many epochs", low=1)
+
+    dataset: str = option("digits", "data set: digits (bundled), cifar10, cifar100 or folder (images, a sub-folder "
+                          "per class); all but digits need --data", choices=SEARCH_DATASETS)  # fmt: skip
+
+    # Shu et al.'s training settings (train_cifar10.py) on a network that trains in minutes: 8x8 digits, or CIFAR-10
+    # at DARTS's search size. The probes' subsets follow CONVERGENCE_STUDY.md section 8.3.
+    _PROBES = dict(per_group=3, placements=2, hessian_iters=20, landscape="1d", landscape_points=21, grid=21,
+                   ntk_images=64)  # fmt: skip
+    _CIFAR = dict(_PROBES, batch_size=80, epochs=50, init_channels=16, layers=8, gradvar_batch=64, probe_images=2000,
+                  clean_images=5000, hessian_images=1000, landscape_images=2000)  # fmt: skip
+    PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
+        "digits": dict(
+            _PROBES,
+            batch_size=64,
+            epochs=12,
+            init_channels=16,
+            layers=8,
+            gradvar_batch=16,
+            probe_images=360,
+            clean_images=512,
+            hessian_images=256,
+            hessian_iters=12,
+            landscape_images=360,
+        ),
+        "cifar10": _CIFAR,
+        "cifar100": _CIFAR,
+        "folder": {**_CIFAR, "image_size": 32},
+    }
+    SHU = dict(_CIFAR, epochs=600, init_channels=36, layers=20, landscape="2d", grid=51, probe_images=10000,
+               landscape_images=10000)  # fmt: skip
+    QUICK = dict(epochs=4, init_channels=8, layers=5, per_group=1, placements=1, hessian_iters=5, landscape_points=11,
+                 grid=7, clean_images=512, hessian_images=64, ntk_images=16)  # fmt: skip
+
+    def resolved(self):
+        preset = dict(self.PRESETS.get(self.dataset, {})) if isinstance(self.dataset, str) else {}
+        if self.profile == "shu":
+            preset.update(self.SHU)
+        if self.quick is True:
+            preset.update(self.QUICK)
+        filled = {k: v for k, v in preset.items() if getattr(self, k) is None}
+        config = dataclasses.replace(self, **filled)
+        validate(config)
+        return config
+
+    def check(self) -> None:
+        super().check()
+        buildable_genotype(self.genotype)  # a cell that cannot be read or built fails before anything is written
+        widths = number_list(self.widths, "widths")
+        if any(w < 0 or w * 2 != int(w * 2) for w in widths):
+            raise ConfigError(f"widths must be multiples of 0.5 (a node is 0, c/2 or c wide), got {self.widths!r}")
+        skips = number_list(self.skips, "skips", int)
+        if any(k < 0 for k in skips):
+            raise ConfigError(f"skips must be >= 0, got {self.skips!r}")
+        probes = number_list(self.probes, "probes")
+        if any(not 0 < f <= 1 for f in probes):
+            raise ConfigError(f"probes must be fractions of training in (0, 1], got {self.probes!r}")
+        if self.gradvar_batch * 2 > self.probe_images:
+            raise ConfigError(f"probe_images ({self.probe_images}) must hold two batches of gradvar_batch "
+                              f"({self.gradvar_batch}) at least")  # fmt: skip
+
+    def width_groups(self) -> list[float]:
+        return number_list(self.widths, "widths")
+
+    def skip_counts(self) -> list[int]:
+        return sorted(number_list(self.skips, "skips", int))
+
+    def probe_epochs(self) -> list[int]:
+        """The epochs (1..epochs, the last always) after which the gradient variance is measured, besides
+        initialisation."""
+        fractions = number_list(self.probes, "probes")
+        return sorted({self.epochs} | {max(1, math.ceil(f * self.epochs - 1e-9)) for f in fractions})
 
 
 @functools.cache

@@ -255,3 +255,128 @@ def _place_labels(routed, nodes) -> list[_Label]:
         clear = [c for c in candidates if not (_label_hits_node(c, nodes) or any(_labels_clash(c, p) for p in placed))]
         placed.append((clear or candidates)[0])
     return placed
+
+
+# ----------------------------------------------------------------------------------------------
+# The convergence study (fastdarts.convergence)
+
+
+def plot_convergence_study(summary: dict, runs: dict[str, dict[int, dict]], study: str, out_dir: Path) -> list[Path]:
+    """The study's pictures from its summary and each run's scalars and curves (label -> seed -> scalars):
+    loss curves per group (Shu et al.'s Fig. 13), speed against generalisation, gradient variance, sharpness,
+    the 2-D landscapes when measured, and for the skips study the measures against the number of skips."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    variants = summary["variants"]
+    predictor = "normal_width" if study == "width" else "normal_skips"
+    name = {"normal_width": "normal-cell width (c)", "normal_skips": "skip connections in the normal cell"}[predictor]
+    groups = sorted({v[predictor] for v in variants.values()})
+    original = next((label for label, v in variants.items() if v["original"]), None)
+    colours = plt.get_cmap("viridis")(np.linspace(0, 0.9, max(len(groups), 1)))
+    colour = {label: colours[groups.index(v[predictor])] for label, v in variants.items()}
+    written = []
+
+    def curve_band(ax, label, key, **style):
+        curves = np.array([r[key] for r in runs[label].values()])
+        epochs = np.arange(curves.shape[1]) + (0 if key == "clean_train_curve" else 1)
+        ax.plot(epochs, curves.mean(0), label=label, **style)
+        if len(curves) > 1:
+            ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.15, color=style.get("color"))
+
+    for key, file, ylabel in (("test_curve", "convergence_test_loss.png", "test loss"),
+                              ("clean_train_curve", "convergence_train_loss.png", "clean training loss")):  # fmt: skip
+        fig, axes = plt.subplots(1, len(groups), figsize=(3.6 * len(groups), 3.4), sharey=True, squeeze=False)
+        for ax, group in zip(axes[0], groups):
+            for label, v in variants.items():
+                if v[predictor] == group and label != original:
+                    curve_band(ax, label, key, color=colour[label])
+            if original is not None:
+                curve_band(ax, original, key, color="black", linewidth=2)
+            ax.set(title=f"{group:g}" + ("c" if study == "width" else " skips"), xlabel="epoch")
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel(ylabel)
+        written.append(_save(fig, out_dir / file))
+
+    def by_predictor(ax, key, ylabel, log=False):
+        rng = np.random.default_rng(0)
+        for label, v in variants.items():
+            m = v["metrics"][key]
+            x = v[predictor] + rng.uniform(-0.08, 0.08) * (0.5 if study == "width" else 1)
+            marker = "*" if label == original else "os^Dv<>"[min(v["normal_depth"], 8) % 7]
+            ax.errorbar(x, m["mean"], yerr=0 if np.isnan(m["sd"]) else m["sd"], fmt=marker, color=colour[label],
+                        markersize=12 if label == original else 6, markeredgecolor="black" if label == original
+                        else "none", capsize=2)  # fmt: skip
+        found = [c for c in summary["correlations"] if c["predictor"] == predictor and c["metric"] == key]
+        title = ylabel if not found else f"{ylabel}\nrho {found[0]['rho']:.2f}, p {found[0]['p']:.2g}"
+        ax.set(xlabel=name, ylabel=ylabel, title=title)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    by_predictor(left, "auc_train", "mean clean training loss (lower: faster)")
+    by_predictor(right, "final_test_acc", "final test accuracy")
+    fig.suptitle("converges faster, generalises better?" + (" (star: the original; marker: depth)"
+                                                            if original else ""))  # fmt: skip
+    written.append(_save(fig, out_dir / "speed_vs_generalisation.png"))
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label in variants:
+        points = np.array([p for r in runs[label].values() for p in r["gradvar_curve"]])
+        epochs = sorted(set(points[:, 0]))
+        means = [points[points[:, 0] == e, 1].mean() for e in epochs]
+        left.plot(epochs, means, marker=".", color="black" if label == original else colour[label], label=label)
+    left.set(xlabel="epoch", ylabel="per-sample gradient variance (test)", yscale="log", title="gradient variance")
+    left.legend(fontsize=6, ncol=2)
+    left.grid(alpha=0.3)
+    by_predictor(right, "gv_1_end_test", "gradient variance at the end", log=True)
+    written.append(_save(fig, out_dir / "gradient_variance.png"))
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for label in variants:
+        landscapes = [r["landscape"] for r in runs[label].values() if "landscape" in r]
+        if landscapes:
+            ls = landscapes[0]
+            left.plot(ls["t"], np.mean(ls["curves"], axis=0), color="black" if label == original else colour[label],
+                      label=label)  # fmt: skip
+    left.set(xlabel="step along a filter-normalised direction", ylabel="test loss (mean of 2 directions)",
+             yscale="log", title="1-D loss landscape (first seed)")  # fmt: skip
+    left.legend(fontsize=6, ncol=2)
+    left.grid(alpha=0.3)
+    by_predictor(right, "lambda_max", "top Hessian eigenvalue", log=True)
+    written.append(_save(fig, out_dir / "sharpness.png"))
+
+    grids = {label: r["landscape"]["grid"] for label in variants for r in list(runs[label].values())[:1]
+             if "grid" in r.get("landscape", {})}  # fmt: skip
+    if grids:
+        cols = min(4, len(grids))
+        rows = (len(grids) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False)
+        # One set of levels for every panel, unlike Shu et al.'s, so that the panels compare.
+        low = min(min(map(min, g["loss"])) for g in grids.values())
+        high = max(max(map(max, g["loss"])) for g in grids.values())
+        levels = np.geomspace(max(low, 1e-4), high, 15)
+        for ax, (label, g) in zip(axes.flat, grids.items()):
+            ax.contour(g["axis"], g["axis"], g["loss"], levels=levels, cmap="summer")
+            ax.set(title=f"{label} ({variants[label][predictor]:g})", aspect="equal")
+        for ax in list(axes.flat)[len(grids) :]:
+            ax.axis("off")
+        written.append(_save(fig, out_dir / "landscape_2d.png"))
+
+    if study == "skips":
+        fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+        by_predictor(axes[0], "auc_train", "mean clean training loss")
+        by_predictor(axes[1], "final_test_acc", "final test accuracy")
+        by_predictor(axes[2], "ntk_lambda_min_init", "NTK lambda_min at initialisation", log=True)
+        for v in variants.values():
+            m = v["metrics"]["auc_train"]["mean"]
+            axes[0].annotate(f"{v['parameters'] / 1e3:.0f}k", (v[predictor], m), fontsize=6, alpha=0.7)
+        fig.suptitle("skip connections (labels: parameters)")
+        written.append(_save(fig, out_dir / "skips.png"))
+    return written

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,12 +38,24 @@ class TrainResult:
     stopped_early: bool = False  # stopped by `stop_after`; resume it to finish
 
 
+# Measures the model after `epochs_done` epochs and returns fields for that epoch's row of metrics.jsonl. It must
+# leave the model and every random stream as they were, so that the run trains exactly as without it.
+Observer = Callable[[EvalNetwork, int], dict]
+
+
+def build_network(config: TrainConfig, genotype: Genotype, data: Images) -> EvalNetwork:
+    """The evaluation network of `config` for images like `data`'s, drawn from the global torch stream."""
+    return NETWORKS[config.network](genotype, config.init_channels, data.num_classes, config.layers, config.auxiliary,
+                                    data.in_channels)  # fmt: skip
+
+
 class TrainTask:
     """One SGD step of the evaluation network on an augmented training batch."""
 
-    def __init__(self, config: TrainConfig, train: Images, test: Images, model: EvalNetwork, optimizer, scheduler):
+    def __init__(self, config: TrainConfig, train: Images, test: Images, model: EvalNetwork, optimizer, scheduler,
+                 observe: Observer | None = None):  # fmt: skip
         self.config, self.train, self.test, self.model = config, train, test, model
-        self.optimizer, self.scheduler = optimizer, scheduler
+        self.optimizer, self.scheduler, self.observe = optimizer, scheduler, observe
 
     def batches(self, generator):
         return shuffled_batches(torch.arange(len(self.train)), self.config.batch_size, generator)
@@ -74,7 +87,10 @@ class TrainTask:
     def end_epoch(self, epoch: int) -> dict:
         self.scheduler.step()
         test_loss, test_acc = evaluate(self.model, self.test, torch.arange(len(self.test)), self.config.batch_size)
-        return {"test_loss": test_loss, "test_acc": test_acc}
+        row = {"test_loss": test_loss, "test_acc": test_acc}
+        if self.observe is not None:
+            row.update(self.observe(self.model, epoch + 1))
+        return row
 
     def announce(self, r: dict) -> str:
         skipped = f" | {r['skipped_steps']} steps skipped (non-finite)" if r["skipped_steps"] else ""
@@ -85,8 +101,10 @@ class TrainTask:
         )
 
 
-def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, **overrides) -> TrainResult:
+def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, observe: Observer | None = None,
+        **overrides) -> TrainResult:  # fmt: skip
     """Train a genotype; `overrides` set config fields by name (`run(genotype="DARTS_V1", epochs=5)`).
+    `observe(model, epochs_done)` adds measurements to every epoch's row (fastdarts.convergence).
 
     `resume` continues the run saved in that directory with its own configuration (only `progress`
     and `stop_after` may be given) and ends exactly as the uninterrupted run would have.
@@ -98,8 +116,7 @@ def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, 
     test = load_dataset(config.dataset, config.data, "test", **config.data_options())
     run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "train")
 
-    model = NETWORKS[config.network](genotype, config.init_channels, train.num_classes, config.layers,
-                                     config.auxiliary, train.in_channels)  # fmt: skip
+    model = build_network(config, genotype, train)
     parameters = count_parameters(model)
     image = (train.in_channels, train.image_size, train.image_size)
     multiply_adds = count_multiply_adds(model, image)
@@ -117,7 +134,7 @@ def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, 
         atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
     print(f"{genotype}\nevaluation network ({config.network}): {parameters / 1e6:.3f} M parameters (auxiliary head "
           f"excluded), {multiply_adds / 1e6:.1f} M multiply-adds per {image[1]}x{image[2]} image")  # fmt: skip
-    history = train_run.loop(TrainTask(config, train, test, model, optimizer, scheduler))
+    history = train_run.loop(TrainTask(config, train, test, model, optimizer, scheduler, observe))
     test_acc = history[-1]["test_acc"] if history else float("nan")
     if train_run.stopped_early:
         return TrainResult(genotype, parameters, test_acc, history, run_dir, stopped_early=True)
