@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from torch.distributed import DistError
 
 from .checkpoint import RunInterrupted
 from .data import DATA_DIRECTORIES, DATASETS, IMAGE_DATASETS, SEARCH_DATASETS
-from .errors import ConfigError, FastDartsError, RunFailed, one_line, path_stat
+from .distributed import writer_process
+from .errors import ConfigError, FastDartsError, RunFailed, one_line, path_stat, summary
 from .evalnet import NETWORKS
 from .space import OPS, load_genotype
 
@@ -384,12 +386,11 @@ def run_cli(main, argv=None) -> int:
     and exits with 128 + signal."""
     try:
         return main(argv) or 0
-    except FastDartsError as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
+    except (FastDartsError, RunFailed, RunInterrupted) as e:
+        # Over several processes an error that all of them raise together is printed by process 0 alone.
+        if not getattr(e, "every_process", False) or writer_process():
+            print(e if isinstance(e, RunInterrupted) else f"error: {one_line(str(e))}", file=sys.stderr)
+        return e.status if isinstance(e, RunInterrupted) else 2 if isinstance(e, FastDartsError) else 1
+    except DistError as e:  # a collective that failed: another process of the run ended first
+        print(f"error: another process of this run failed ({one_line(summary(e))})", file=sys.stderr)
         return 1
-    except RunInterrupted as e:
-        print(e, file=sys.stderr)
-        return e.status
