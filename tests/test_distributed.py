@@ -229,4 +229,4 @@ def test_a_divergence_stops_both_processes_with_one_line(tmp_path):
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(r"not finite.* at epoch 0 step \d+; stopped", errors[0]), result.stderr
-    assert "Traceback" not in result.stderr
+    assert not re.search(r'File ".*fastdarts', result.stderr), result.stderr  # torchrun's own report aside
