@@ -458,10 +458,14 @@ class ImageFiles(Images):
         size = self.image_size
         if self.augmentation == "imagenet":
             if augment:
-                before = indices[: keep.start or 0].tolist()  # the images of the batch before this part
-                for i in before:
+                # The other images' draws are replayed from their headers, so that this part's images, and the
+                # draws that follow (cutout), are those of the whole batch.
+                start, stop, _ = keep.indices(len(indices))
+                for i in indices[:start].tolist():
                     _imagenet_draws(*_image_size(self.path(i)), generator)
                 images = [_imagenet_train_image(self.path(i), size, generator) for i in indices[keep].tolist()]
+                for i in indices[stop:].tolist():
+                    _imagenet_draws(*_image_size(self.path(i)), generator)
             else:
                 images = [_centre_square(_open_rgb(self.path(i), _RESIZE * size), size, 1 / _RESIZE)
                           for i in indices[keep].tolist()]  # fmt: skip
@@ -552,7 +556,7 @@ def _image_size(path: str) -> tuple[int, int]:
 def _imagenet_draws(w: int, h: int, generator: torch.Generator):
     """The random draws of _imagenet_train_image for a `w` x `h` image, in its order: the crop box, the mirror
     coin, the jitter factors and their order. They depend on the image's size alone, so a process making its
-    part of a batch replays those of the images before it from their headers."""
+    part of a batch replays those of the batch's other images from their headers."""
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
     for _ in range(10):
         area = w * h * _uniform(generator, *scale)

@@ -230,3 +230,31 @@ def test_a_divergence_stops_both_processes_with_one_line(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(r"not finite.* at epoch 0 step \d+; stopped", errors[0]), result.stderr
     assert not re.search(r'File ".*fastdarts', result.stderr), result.stderr  # torchrun's own report aside
+
+
+def test_part_slice_splits_as_tensor_split():
+    for n, count in ((1, 1), (5, 2), (6, 2), (7, 3), (128, 3)):
+        for i, part in enumerate(torch.arange(n).tensor_split(count)):
+            assert torch.equal(torch.arange(n)[part_slice(n, (i, count))], part)
+    assert part_slice(5, None) == slice(None)
+
+
+@pytest.mark.parametrize("data", ["digits", "folder", "imagenet"])
+def test_the_parts_of_a_batch_are_the_whole_batch(tmp_path, data):
+    """Each process makes its part of a global batch, every image augmented (crop, flip, cutout, ImageNet's
+    resized crop and jitter) exactly as in the whole batch."""
+    from fastdarts.data import BatchJob, load_dataset
+
+    from .test_datasets import make_image_folder
+
+    if data == "digits":
+        images = load_dataset("digits")
+    else:
+        root = make_image_folder(tmp_path / "f", layout="train_val", per_class=4, fmt="JPEG")
+        images = load_dataset(data, root, "train", image_size=16, workers=0, preload_mb=0)
+    indices = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:11]
+    for seed, cutout in ((None, 0), (7, 0), (7, 4)):
+        x, y = images.make(BatchJob(indices, seed, cutout))
+        for count in (2, 3):
+            parts = [images.make(BatchJob(indices, seed, cutout, (i, count))) for i in range(count)]
+            assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
