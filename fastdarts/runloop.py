@@ -246,7 +246,10 @@ class Run:
         return signum
 
     def resume_hint(self) -> str:
-        return f"resume with: python -m fastdarts.{self.kind} --resume {self.dir}"
+        if self.world.alone:
+            return f"resume with: python -m fastdarts.{self.kind} --resume {self.dir}"
+        return (f"resume with: torchrun --nproc_per_node=N -m fastdarts.{self.kind} --resume {self.dir} "
+                f"(any number of processes; {self.world.size} here)")  # fmt: skip
 
     def loop(self, task: Task) -> list[dict]:
         """Run the remaining epochs of `task`; returns the rows of every epoch.

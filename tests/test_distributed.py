@@ -206,6 +206,7 @@ def test_sigterm_to_one_process_stops_both_with_a_checkpoint_and_the_resumed_run
     assert proc.returncode != 0, text[-3000:]
     stops = re.findall(r"stopped by SIGTERM at epoch 0 step (\d+)", text)
     assert len(stops) == 1, text[-3000:]  # said once, by process 0
+    assert f"torchrun --nproc_per_node=N -m fastdarts.search --resume {tmp_path / 'cut'}" in text
     position = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["position"]
     assert position["epoch"] == 0 and position["step"] == int(stops[0]) and 2 <= position["step"] < 6
     shutil.copytree(tmp_path / "cut", tmp_path / "cut-one-process")
