@@ -58,13 +58,13 @@ class World:
         """This process's part of each batch (a BatchJob's `part`); None alone."""
         return None if self.alone else (self.rank, self.size)
 
+    def part_size(self, n: int) -> int:
+        """The images of a global batch of `n` that this process makes."""
+        return len(range(n)[part_slice(n, self.part)])
+
     def share(self, n: int) -> float:
         """The fraction of a global batch of `n` images that this process makes."""
-        keep = part_slice(n, self.part)
-        return len(range(n)[keep]) / n
-
-    def part_size(self, n: int) -> int:
-        return len(range(n)[part_slice(n, self.part)])
+        return self.part_size(n) / n
 
     def sum_(self, tensors: Sequence[torch.Tensor]) -> None:
         """Replace each tensor by its sum over the processes, in one all-reduce."""
