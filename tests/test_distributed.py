@@ -223,14 +223,17 @@ def test_sigterm_to_one_process_stops_both_with_a_checkpoint_and_the_resumed_run
 
 
 @pytest.mark.slow
-def test_a_divergence_stops_both_processes_with_one_line(tmp_path):
-    result = subprocess.run(torchrun(2, "train", tmp_path / "dumps", *TRAIN, "--no_progress", "--learning_rate",
-                                     "1e30", "--out", str(tmp_path / "r")), capture_output=True, text=True,
-                            timeout=600, env=environment())  # fmt: skip
+def test_a_nan_in_one_process_stops_both_with_one_line(tmp_path):
+    # A search step makes two augmented batches (training, validation): process 1's 5th is step 2's training batch.
+    result = subprocess.run(torchrun(2, "search", tmp_path / "dumps", *SEARCH, "--no_progress", "--out",
+                                     str(tmp_path / "r")), capture_output=True, text=True, timeout=600,
+                            env=environment(FASTDARTS_TEST_NAN="1,5"))  # fmt: skip
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and re.search(r"not finite.* at epoch 0 step \d+; stopped", errors[0]), result.stderr
+    expected = r"error: the validation loss is not finite at epoch 0 step 2; stopped, no checkpoint had been written"
+    assert len(errors) == 1 and re.match(expected, errors[0]), result.stderr[-3000:]
     assert not re.search(r'File ".*fastdarts', result.stderr), result.stderr  # torchrun's own report aside
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
 def test_part_slice_splits_as_tensor_split():
