@@ -236,6 +236,18 @@ def test_a_nan_in_one_process_stops_both_with_one_line(tmp_path):
     assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
+def test_with_on_nan_skip_both_processes_skip_the_same_steps(tmp_path):
+    # Training makes one augmented batch a step: process 1's images are NaN from step 8 of 12 on.
+    result = subprocess.run(torchrun(2, "train", tmp_path / "dumps", *TRAIN[:1], "1", *TRAIN[2:], "--no_progress",
+                                     "--on_nan", "skip", "--out", str(tmp_path / "r")), capture_output=True,
+                            text=True, timeout=600, env=environment(FASTDARTS_TEST_NAN="1,9"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [json.loads(line)["skipped_steps"] for line in (tmp_path / "r" / "metrics.jsonl").open()] == [4]
+    first, second = (torch.load(tmp_path / "dumps" / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert_same(first, second)
+
+
 def test_part_slice_splits_as_tensor_split():
     for n, count in ((1, 1), (5, 2), (6, 2), (7, 3), (128, 3)):
         for i, part in enumerate(torch.arange(n).tensor_split(count)):
