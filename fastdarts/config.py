@@ -76,7 +76,8 @@ class CommonConfig(RunOptions):
     preload_mb: int = option(2048, "folder: hold a split in memory when its decoded images take at most this "
                              "many MiB (float32), else read them from disk every epoch (imagenet: always)",
                              low=0)  # fmt: skip
-    batch_size: int | None = option(None, "batch size", low=1)
+    batch_size: int | None = option(None, "batch size (under torchrun: the global batch, split across the processes)",
+                                    low=1)  # fmt: skip
     momentum: float = option(0.9, "SGD momentum of the weights", low=0, high=1, high_open=True)
     epochs: int | None = option(None, "number of epochs", low=1)
     init_channels: int | None = option(None, "channels of the first cell (C)", low=1)
