@@ -3,6 +3,9 @@
 The second-order step never copies or rebuilds the model: the virtual weights `w'` and the
 perturbed weights `w +- eps v` are plain tensors handed to `torch.func.functional_call`, so the
 model's own parameters are never written (and never pick up rounding from a perturb-and-restore).
+
+Over several processes (fastdarts.distributed) each step takes the process's part of the global batch and
+its `share` of it; every gradient that feeds a decision or an update is summed over the processes first.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
+
+from .distributed import SINGLE, World
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -44,24 +49,37 @@ def frozen(params: Iterable[torch.Tensor]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def weight_step(
-    model, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float | None, loss_fn=F.cross_entropy
-):
-    """One SGD step of the weights on `batch` (architecture fixed); returns the loss and the logits."""
+def weight_step(model, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float | None,
+                loss_fn=F.cross_entropy, *, forward=None, world: World = SINGLE, share: float = 1.0):  # fmt: skip
+    """One SGD step of the weights on `batch` (architecture fixed); returns the loss and the logits.
+    `forward`: what runs the model (its DistributedDataParallel wrapper over several processes)."""
     optimizer.zero_grad(set_to_none=True)
     with frozen(model.arch_parameters()):
-        logits = model(batch[0])
+        logits = (forward or model)(batch[0])
         loss = loss_fn(logits, batch[1])
-    sgd_step(optimizer, model.weight_parameters(), loss, grad_clip)
+    sgd_step(optimizer, model.weight_parameters(), loss, grad_clip, world=world, share=share)
     return loss.detach(), logits.detach()
 
 
-def sgd_step(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor, grad_clip: float | None) -> None:
+def sgd_step(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor, grad_clip: float | None, *,
+             world: World = SINGLE, share: float = 1.0) -> None:  # fmt: skip
     """Backward, clip the gradient norm of `params`, step. A non-finite loss or gradient raises
-    NonFiniteError before any parameter changes."""
+    NonFiniteError before any parameter changes.
+
+    Over several processes `loss` is this process's part's, `share` its fraction of the global batch, and the
+    backward runs through DistributedDataParallel; the loss is checked summed over the processes, so that every
+    process stops, or goes on, together."""
     params = list(params)
-    check_finite(loss, "the training loss")
-    loss.backward()
+    if world.alone:
+        check_finite(loss, "the training loss")
+        loss.backward()
+    else:
+        total = loss.detach() * share
+        world.sum_([total])
+        check_finite(total, "the training loss")
+        # DDP averages the gradients over the processes: each loss weighted by size * share makes that average
+        # the gradient of the global batch's mean loss, also when the parts are uneven.
+        (loss * (share * world.size)).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
     check_finite(grad_norm, "the weight gradient")
     optimizer.step()
@@ -82,6 +100,15 @@ class Architect:
     momentum, weight decay and momentum buffers to form the virtual step, exactly as the next
     real weight step would. `hessian_r` sets the finite-difference step of the Hessian-vector
     product: the weights move by `hessian_r` in L2 norm (DARTS: 0.01).
+
+    Over several processes (`world`) each process differentiates its term of the global objective: its share
+    of the mean loss of the global batch, plus the regulariser divided by the number of processes (its gates
+    are the same in every process). The sum over the processes is the global gradient: the first-order
+    gradient is summed in `step`; the second order sums the virtual step's weight gradient and the vector `v`
+    as soon as they are computed (the virtual weights and the finite-difference step `eps` depend on them),
+    and `grad_alpha L_val(w') - xi * (grad_alpha L_train(w + eps v) - grad_alpha L_train(w - eps v)) / 2 eps`,
+    linear in its three gradients once `eps` is common, is summed once in `step`: the sum of each gradient
+    over the processes, combined.
     """
 
     def __init__(
@@ -95,6 +122,7 @@ class Architect:
         unrolled: bool = False,
         hessian_r: float = 0.01,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+        world: World = SINGLE,
     ):
         if unrolled and model.samples_each_forward:
             # The finite differences compare forward passes, which would each draw other edge weights.
@@ -107,19 +135,23 @@ class Architect:
         self.unrolled = unrolled
         self.hessian_r = hessian_r
         self.loss_fn = loss_fn
+        self.world = world
         self.optimizer = torch.optim.Adam(
             model.arch_parameters(), lr=arch_learning_rate, betas=arch_betas, weight_decay=arch_weight_decay
         )
 
-    def step(self, train_batch: Batch, val_batch: Batch, lr: float) -> torch.Tensor:
-        """One Adam step on the architecture; `lr` is the current weight learning rate (xi).
+    def step(self, train_batch: Batch, val_batch: Batch, lr: float, train_share: float = 1.0,
+             val_share: float = 1.0) -> torch.Tensor:  # fmt: skip
+        """One Adam step on the architecture; `lr` is the current weight learning rate (xi); the shares are
+        the batches' fractions of the global ones over several processes.
 
         Returns the validation objective it differentiated (at `w`, or at the virtual `w'` when unrolled).
         """
         if self.unrolled:
-            grads, val_loss = self.second_order_grads(train_batch, val_batch, lr)
+            grads, val_loss = self.second_order_grads(train_batch, val_batch, lr, train_share, val_share)
         else:
-            grads, val_loss = self.first_order_grads(val_batch)
+            grads, val_loss = self.first_order_grads(val_batch, val_share)
+        self.world.sum_([*grads, val_loss])  # DDP does not see torch.autograd.grad, nor the architecture
         check_finite(val_loss, "the validation loss")
         check_finite(torch.stack([g.norm() for g in grads]), "the architecture gradient")
         for p, g in zip(self.model.arch_parameters(), grads):
@@ -133,20 +165,29 @@ class Architect:
         logits = self.model(x) if params is None else functional_call(self.model, params, (x,))
         return self.loss_fn(logits, y)
 
-    def objective(self, batch: Batch, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The architecture objective: the loss plus the model's regulariser of the forward pass just run."""
-        loss = self.loss(batch, params)
+    def share_of(self, loss: torch.Tensor, share: float) -> torch.Tensor:
+        """This process's term of the global batch's mean loss (the loss itself alone)."""
+        return loss if self.world.alone else loss * share
+
+    def objective(self, batch: Batch, params: dict[str, torch.Tensor] | None = None,
+                  share: float = 1.0) -> torch.Tensor:  # fmt: skip
+        """The architecture objective: the loss plus the model's regulariser of the forward pass just run
+        (this process's term of it over several processes)."""
+        loss = self.share_of(self.loss(batch, params), share)
         regulariser = self.model.regulariser()
+        if regulariser is not None and not self.world.alone:
+            regulariser = regulariser / self.world.size
         return loss if regulariser is None else loss + regulariser
 
-    def first_order_grads(self, val_batch: Batch) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def first_order_grads(self, val_batch: Batch, share: float = 1.0) -> tuple[list[torch.Tensor], torch.Tensor]:
         """`grad_alpha L_val(w, alpha)`; autograd neither computes nor keeps anything for weight gradients."""
         with frozen(self.model.weight_parameters()):
-            loss = self.objective(val_batch)
+            loss = self.objective(val_batch, share=share)
             grads = torch.autograd.grad(loss, self.model.arch_parameters())
         return list(grads), loss.detach()
 
-    def second_order_grads(self, train_batch: Batch, val_batch: Batch, lr: float):
+    def second_order_grads(self, train_batch: Batch, val_batch: Batch, lr: float, train_share: float = 1.0,
+                           val_share: float = 1.0):  # fmt: skip
         """`grad_alpha L_val(w', alpha) - xi * H v` with a central finite-difference Hessian-vector product."""
         arch = self.model.arch_parameters()
         names, weights = zip(*self.model.named_weight_parameters())
@@ -155,7 +196,9 @@ class Architect:
 
         # The virtual SGD step w' = w - xi (mu buf + grad_w L_train + lambda w), unclipped.
         with frozen(arch):
-            train_grads = torch.autograd.grad(self.loss(train_batch), weights, materialize_grads=True)
+            train_loss = self.share_of(self.loss(train_batch), train_share)
+            train_grads = torch.autograd.grad(train_loss, weights, materialize_grads=True)
+        self.world.sum_(train_grads)
         with torch.no_grad():
             virtual = []
             for w, g in zip(weights, train_grads):
@@ -166,14 +209,15 @@ class Architect:
                 virtual.append((w - lr * step).requires_grad_())
         # The virtual model's batch-norm running statistics are a throwaway copy, as in DARTS.
         buffers = {n: b.clone() for n, b in self.model.named_buffers()}
-        val_loss = self.objective(val_batch, {**dict(zip(names, virtual)), **buffers})
+        val_loss = self.objective(val_batch, {**dict(zip(names, virtual)), **buffers}, val_share)
         grads = torch.autograd.grad(val_loss, [*arch, *virtual], materialize_grads=True)
         arch_grads, v = grads[: len(arch)], grads[len(arch) :]
+        self.world.sum_(v)
 
-        implicit = self.hessian_vector_product(train_batch, names, weights, v)
+        implicit = self.hessian_vector_product(train_batch, names, weights, v, train_share)
         return [g - lr * h for g, h in zip(arch_grads, implicit)], val_loss.detach()
 
-    def hessian_vector_product(self, train_batch, names, weights, v) -> list[torch.Tensor]:
+    def hessian_vector_product(self, train_batch, names, weights, v, share: float = 1.0) -> list[torch.Tensor]:
         """`(grad_alpha L_train(w + eps v) - grad_alpha L_train(w - eps v)) / (2 eps)`, `eps = r / ||v||`."""
         arch = self.model.arch_parameters()
         eps = self.hessian_r / torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in v]))
@@ -181,5 +225,6 @@ class Architect:
         for sign in (1.0, -1.0):
             with torch.no_grad():
                 perturbed = {n: w + sign * eps * t for n, w, t in zip(names, weights, v)}
-            grads.append(torch.autograd.grad(self.loss(train_batch, perturbed), arch, materialize_grads=True))
+            loss = self.share_of(self.loss(train_batch, perturbed), share)
+            grads.append(torch.autograd.grad(loss, arch, materialize_grads=True))
         return [(gp - gm) / (2 * eps) for gp, gm in zip(*grads)]

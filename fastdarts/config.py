@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from torch.distributed import DistError
 
 from .checkpoint import RunInterrupted
 from .data import DATA_DIRECTORIES, DATASETS, IMAGE_DATASETS, SEARCH_DATASETS
-from .errors import ConfigError, FastDartsError, RunFailed, one_line, path_stat
+from .distributed import writer_process
+from .errors import ConfigError, FastDartsError, RunFailed, one_line, path_stat, summary
 from .evalnet import NETWORKS
 from .space import OPS, load_genotype
 
@@ -75,7 +77,8 @@ class CommonConfig(RunOptions):
     preload_mb: int = option(2048, "folder: hold a split in memory when its decoded images take at most this "
                              "many MiB (float32), else read them from disk every epoch (imagenet: always)",
                              low=0)  # fmt: skip
-    batch_size: int | None = option(None, "batch size", low=1)
+    batch_size: int | None = option(None, "batch size (under torchrun: the global batch, split across the processes)",
+                                    low=1)  # fmt: skip
     momentum: float = option(0.9, "SGD momentum of the weights", low=0, high=1, high_open=True)
     epochs: int | None = option(None, "number of epochs", low=1)
     init_channels: int | None = option(None, "channels of the first cell (C)", low=1)
@@ -528,12 +531,11 @@ def run_cli(main, argv=None) -> int:
     and exits with 128 + signal."""
     try:
         return main(argv) or 0
-    except FastDartsError as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
-        return 2
-    except RunFailed as e:
-        print(f"error: {one_line(str(e))}", file=sys.stderr)
+    except (FastDartsError, RunFailed, RunInterrupted) as e:
+        # Over several processes an error that all of them raise together is printed by process 0 alone.
+        if not getattr(e, "every_process", False) or writer_process():
+            print(e if isinstance(e, RunInterrupted) else f"error: {one_line(str(e))}", file=sys.stderr)
+        return e.status if isinstance(e, RunInterrupted) else 2 if isinstance(e, FastDartsError) else 1
+    except DistError as e:  # a collective that failed: another process of the run ended first
+        print(f"error: another process of this run failed ({one_line(summary(e))})", file=sys.stderr)
         return 1
-    except RunInterrupted as e:
-        print(e, file=sys.stderr)
-        return e.status

@@ -73,14 +73,29 @@ PRELOAD_CHUNK = 256  # images decoded per job when a folder is loaded into memor
 # Batches
 
 
+def part_slice(n: int, part: tuple[int, int] | None) -> slice:
+    """Where the `index`-th of `count` near-equal consecutive parts of a batch of `n` lies (torch.tensor_split's
+    parts: the first `n % count` take one more); the whole batch when `part` is None."""
+    if part is None:
+        return slice(None)
+    index, count = part
+    size, extra = divmod(n, count)
+    start = index * size + min(index, extra)
+    return slice(start, start + size + (index < extra))
+
+
 @dataclass(frozen=True)
 class BatchJob:
     """One batch to make: the images at `indices`, augmented with randomness drawn from `seed`
-    (crop and flip, then a `cutout`-pixel cutout when > 0), or as they are when `seed` is None."""
+    (crop and flip, then a `cutout`-pixel cutout when > 0), or as they are when `seed` is None.
+
+    `part` (index, count): make only that part of the batch (part_slice), each image exactly as it
+    would be in the whole batch; one process's share of a global batch (fastdarts.distributed)."""
 
     indices: torch.Tensor
     seed: int | None = None
     cutout: int = 0
+    part: tuple[int, int] | None = None
 
 
 def step_seed(seed: int, epoch: int, step: int, draw: int) -> int:
@@ -100,26 +115,34 @@ class Images:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def pixels(self, indices: torch.Tensor, generator: torch.Generator | None, augment: bool) -> torch.Tensor:
-        """The images at `indices` in [0, 1] as float32 `[N, C, H, W]`, randomly cropped and flipped when `augment`."""
+    def pixels(self, indices: torch.Tensor, generator: torch.Generator | None, augment: bool,
+               keep: slice = slice(None)) -> torch.Tensor:  # fmt: skip
+        """The images at `indices[keep]` in [0, 1] as float32 `[N, C, H, W]`, randomly cropped and flipped when
+        `augment` (the draws made for all of `indices`, so that `keep` picks images augmented as in the whole batch)."""
         raise NotImplementedError
 
     def batch(self, indices: torch.Tensor, generator: torch.Generator | None = None, augment: bool = False,
-              cutout: int = 0):  # fmt: skip
-        """The normalised images and labels at `indices`; augmented when `augment`, then (as DARTS does,
-        after normalising) a `cutout`-pixel square cut out when `cutout` > 0."""
-        x = self.pixels(indices, generator, augment)
+              cutout: int = 0, keep: slice = slice(None)):  # fmt: skip
+        """The normalised images and labels at `indices[keep]`; augmented when `augment`, then (as DARTS does,
+        after normalising) a `cutout`-pixel square cut out when `cutout` > 0, each as in the batch of all `indices`."""
+        x = self.pixels(indices, generator, augment, keep)
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         x = (x - mean) / std
         if cutout > 0:
-            x = random_cutout(x, cutout, generator)
-        return x, self.labels[indices]
+            x = random_cutout(x, cutout, generator, len(indices), keep)
+        return x, self.labels[indices[keep]]
 
     def make(self, job: BatchJob):
+        if job.part is None:  # the whole batch, as it always was
+            if job.seed is None:
+                return self.batch(job.indices)
+            return self.batch(job.indices, torch.Generator().manual_seed(job.seed), augment=True, cutout=job.cutout)
+        keep = part_slice(len(job.indices), job.part)
         if job.seed is None:
-            return self.batch(job.indices)
-        return self.batch(job.indices, torch.Generator().manual_seed(job.seed), augment=True, cutout=job.cutout)
+            return self.batch(job.indices[keep])
+        generator = torch.Generator().manual_seed(job.seed)
+        return self.batch(job.indices, generator, augment=True, cutout=job.cutout, keep=keep)
 
     def iterate(self, jobs: Iterable[BatchJob]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The batches of `jobs`, in order, each made when it is asked for."""
@@ -147,35 +170,40 @@ class ImageData(Images):
     def image_size(self) -> int:
         return self.images.shape[-1]
 
-    def pixels(self, indices, generator, augment):
-        x = self.images[indices]
+    def pixels(self, indices, generator, augment, keep=slice(None)):
+        x = self.images[indices[keep]]
         if augment:
-            x = random_crop_flip(x, self.crop_padding, self.flip, generator)
+            x = random_crop_flip(x, self.crop_padding, self.flip, generator, len(indices), keep)
         return x
 
 
-def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None) -> torch.Tensor:
-    """Per image: a random crop of the zero-padded image (torchvision's RandomCrop) and a coin-flip mirror."""
+def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator | None,
+                     drawn: int | None = None, keep: slice = slice(None)) -> torch.Tensor:  # fmt: skip
+    """Per image: a random crop of the zero-padded image (torchvision's RandomCrop) and a coin-flip mirror.
+    With `drawn`, the draws are made for a batch of `drawn` images, of which `x` is the part `keep`."""
     n, _, h, w = x.shape
+    drawn = n if drawn is None else drawn
     if padding > 0:
         padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
-        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+        dy = torch.randint(0, 2 * padding + 1, (drawn,), generator=generator)[keep]
+        dx = torch.randint(0, 2 * padding + 1, (drawn,), generator=generator)[keep]
         rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
         cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
         x = padded[torch.arange(n)[:, None, None, None], torch.arange(x.shape[1])[None, :, None, None], rows, cols]
     if flip:
-        mirror = torch.rand(n, generator=generator) < 0.5
+        mirror = torch.rand(drawn, generator=generator)[keep] < 0.5
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
     return x
 
 
-def random_cutout(x: torch.Tensor, length: int, generator: torch.Generator | None) -> torch.Tensor:
+def random_cutout(x: torch.Tensor, length: int, generator: torch.Generator | None, drawn: int | None = None,
+                  keep: slice = slice(None)) -> torch.Tensor:  # fmt: skip
     """Per image, zero a `length` x `length` square centred at a uniformly random pixel, clipped at
-    the border (DARTS's Cutout)."""
+    the border (DARTS's Cutout). With `drawn`, as random_crop_flip."""
     n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n,), generator=generator)
-    cx = torch.randint(0, w, (n,), generator=generator)
+    drawn = n if drawn is None else drawn
+    cy = torch.randint(0, h, (drawn,), generator=generator)[keep]
+    cx = torch.randint(0, w, (drawn,), generator=generator)[keep]
     rows, cols = torch.arange(h), torch.arange(w)
     inside_y = (rows >= (cy - length // 2)[:, None]) & (rows < (cy + length - length // 2)[:, None])
     inside_x = (cols >= (cx - length // 2)[:, None]) & (cols < (cx + length - length // 2)[:, None])
@@ -426,18 +454,25 @@ class ImageFiles(Images):
     def path(self, index: int) -> str:
         return os.path.join(self.root, os.fsdecode(self.files[index]))
 
-    def pixels(self, indices, generator, augment):
+    def pixels(self, indices, generator, augment, keep=slice(None)):
         size = self.image_size
         if self.augmentation == "imagenet":
             if augment:
-                images = [_imagenet_train_image(self.path(i), size, generator) for i in indices.tolist()]
+                # The other images' draws are replayed from their headers, so that this part's images, and the
+                # draws that follow (cutout), are those of the whole batch.
+                start, stop, _ = keep.indices(len(indices))
+                for i in indices[:start].tolist():
+                    _imagenet_draws(*_image_size(self.path(i)), generator)
+                images = [_imagenet_train_image(self.path(i), size, generator) for i in indices[keep].tolist()]
+                for i in indices[stop:].tolist():
+                    _imagenet_draws(*_image_size(self.path(i)), generator)
             else:
                 images = [_centre_square(_open_rgb(self.path(i), _RESIZE * size), size, 1 / _RESIZE)
-                          for i in indices.tolist()]  # fmt: skip
+                          for i in indices[keep].tolist()]  # fmt: skip
             return _to_tensor(images)
-        x = _to_tensor([_centre_square(_open_rgb(self.path(i), size), size) for i in indices.tolist()])
+        x = _to_tensor([_centre_square(_open_rgb(self.path(i), size), size) for i in indices[keep].tolist()])
         if augment:
-            x = random_crop_flip(x, size // 8, True, generator)
+            x = random_crop_flip(x, size // 8, True, generator, len(indices), keep)
         return x
 
     def iterate(self, jobs):
@@ -493,7 +528,35 @@ def _imagenet_train_image(path: str, size: int, generator: torch.Generator) -> I
     """torchvision's RandomResizedCrop(size), RandomHorizontalFlip() and ColorJitter(0.4, 0.4, 0.4, 0.2), as DARTS
     trains on ImageNet, drawn from `generator`."""
     image = _open_rgb(path)
-    w, h = image.size
+    box, mirror, factors, order = _imagenet_draws(*image.size, generator)
+    image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+    if mirror:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    for k in order:  # the four adjustments in a random order
+        if k == 0:
+            image = ImageEnhance.Brightness(image).enhance(factors[0])
+        elif k == 1:
+            image = ImageEnhance.Contrast(image).enhance(factors[1])
+        elif k == 2:
+            image = ImageEnhance.Color(image).enhance(factors[2])
+        else:
+            image = _shift_hue(image, factors[3])
+    return image
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """The width and height of the image at `path`, from its header (nothing is decoded)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception as e:
+        raise DataError(f"{path}: cannot read the image ({summary(e)})") from None
+
+
+def _imagenet_draws(w: int, h: int, generator: torch.Generator):
+    """The random draws of _imagenet_train_image for a `w` x `h` image, in its order: the crop box, the mirror
+    coin, the jitter factors and their order. They depend on the image's size alone, so a process making its
+    part of a batch replays those of the batch's other images from their headers."""
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
     for _ in range(10):
         area = w * h * _uniform(generator, *scale)
@@ -507,20 +570,10 @@ def _imagenet_train_image(path: str, size: int, generator: torch.Generator) -> I
         aspect = min(max(w / h, ratio[0]), ratio[1])
         cw, ch = min(w, round(h * aspect)), min(h, round(w / aspect))
         top, left = (h - ch) // 2, (w - cw) // 2
-    image = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
-    if float(torch.rand((), generator=generator)) < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    mirror = float(torch.rand((), generator=generator)) < 0.5
     factors = [_uniform(generator, 0.6, 1.4) for _ in range(3)] + [_uniform(generator, -0.2, 0.2)]
-    for k in torch.randperm(4, generator=generator).tolist():  # the four adjustments in a random order
-        if k == 0:
-            image = ImageEnhance.Brightness(image).enhance(factors[0])
-        elif k == 1:
-            image = ImageEnhance.Contrast(image).enhance(factors[1])
-        elif k == 2:
-            image = ImageEnhance.Color(image).enhance(factors[2])
-        else:
-            image = _shift_hue(image, factors[3])
-    return image
+    order = torch.randperm(4, generator=generator).tolist()
+    return (left, top, left + cw, top + ch), mirror, factors, order
 
 
 def _shift_hue(image: Image.Image, shift: float) -> Image.Image:
@@ -628,13 +681,19 @@ def split_indices(n: int, train_portion: float) -> tuple[torch.Tensor, torch.Ten
     return torch.arange(split), torch.arange(split, n)
 
 
-def shuffled_batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+def shuffled_batches(indices: torch.Tensor, batch_size: int, generator: torch.Generator,
+                     processes: int = 1) -> list[torch.Tensor]:  # fmt: skip
     """One epoch of random batches over `indices` (the last one may be smaller), like SubsetRandomSampler. A last
     batch of one image joins the one before it: batch norm cannot take batch statistics of a single image."""
     order = indices[torch.randperm(len(indices), generator=generator)]
-    batches = list(order.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2:] = [torch.cat(batches[-2:])]
+    return fit_last_batch(list(order.split(batch_size)), processes)
+
+
+def fit_last_batch(batches: list[torch.Tensor], processes: int = 1) -> list[torch.Tensor]:
+    """`batches` with a last batch too small to give each of `processes` two images joined to the one before it
+    (one process: a last batch of one image; batch norm cannot take batch statistics of a single image)."""
+    if len(batches) > 1 and len(batches[-1]) < 2 * processes:
+        batches = [*batches[:-2], torch.cat(batches[-2:])]
     return batches
 
 

@@ -13,10 +13,13 @@ from torch import nn
 from .space import OPS, DilConv, FactorizedReduce, Genotype, Identity, ReLUConvBN, Zero
 
 
-def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
-    """Zero whole samples with probability `drop_prob`, scaling the kept ones by 1/keep."""
+def drop_path(x: torch.Tensor, drop_prob: float, part: tuple[int, slice] | None = None) -> torch.Tensor:
+    """Zero whole samples with probability `drop_prob`, scaling the kept ones by 1/keep. `part` (n, where):
+    `x` is the part `where` of a batch of n images, and the masks are drawn for all n (so every process of a
+    run draws the same numbers, and each image gets the mask it has in the whole batch)."""
     keep = 1.0 - drop_prob
-    mask = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device).bernoulli_(keep)
+    n, where = part if part is not None else (x.shape[0], slice(None))
+    mask = torch.empty(n, 1, 1, 1, dtype=x.dtype, device=x.device).bernoulli_(keep)[where]
     return x / keep * mask
 
 
@@ -48,14 +51,15 @@ class EvalCell(nn.Module):
                 raise ValueError(f"genotype op {name!r} is not one of fastdarts's ops ({', '.join(OPS)})")
         self.ops = nn.ModuleList(ops)
 
-    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0) -> torch.Tensor:
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0,
+                part: tuple[int, slice] | None = None) -> torch.Tensor:  # fmt: skip
         states = [self.preprocess0(s0), self.preprocess1(s1)]
         for i in range(len(self.ops) // 2):
             node = 0
             for k in (2 * i, 2 * i + 1):
                 h = self.ops[k](states[self.indices[k]])
                 if self.training and drop_prob > 0 and not isinstance(self.ops[k], Identity):
-                    h = drop_path(h, drop_prob)
+                    h = drop_path(h, drop_prob, part)
                 node = node + h
             states.append(node)
         return torch.cat([states[i] for i in self.concat], dim=1)
@@ -112,6 +116,8 @@ class EvalNetwork(nn.Module):
         first; `auxiliary_head` holds the AuxiliaryHead's keyword arguments, None for no head."""
         self.layers = layers
         self.drop_path_prob = 0.0
+        # (images in the global batch, this process's part of it) over several processes: see drop_path.
+        self.drop_path_part: tuple[int, slice] | None = None
         C_prev_prev, C_prev, C_curr = C_stem, C_stem, C
         reduction_prev = stem_reduces
         cells = []
@@ -136,7 +142,7 @@ class EvalNetwork(nn.Module):
         logits_aux = None
         s0, s1 = self.stems(x)
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, self.drop_path_prob)
+            s0, s1 = s1, cell(s0, s1, self.drop_path_prob, self.drop_path_part)
             if i == 2 * self.layers // 3 and self.auxiliary_head is not None and self.training:
                 logits_aux = self.auxiliary_head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1)), logits_aux

@@ -5,6 +5,10 @@ A run directory holds `config.json`, `metrics.jsonl` (one row per finished epoch
 `checkpoint.pt`: every stateful object, every random stream and the run's position (epoch, the
 next step, the epoch's batch order and running sums, the logged rows). Resuming from it continues
 the run bit for bit as if it had never stopped (on the CPU).
+
+Over several processes (fastdarts.distributed) every process runs the loop; process 0 alone writes and
+prints, the epoch's sums are added up over the processes, and a signal to any of them stops them all after
+the same step.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import ops
+from . import distributed, ops
 from .bilevel import NonFiniteError, NonFiniteWeights
 from .checkpoint import (
     RunInterrupted,
@@ -38,7 +42,8 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import parse_command_line
-from .data import BatchJob, Images
+from .data import BatchJob, Images, fit_last_batch
+from .distributed import SINGLE, World, mark_shared
 from .errors import ConfigError, FastDartsError, TrainingDiverged, path_stat, summary
 from .memory import keep_freed_memory
 
@@ -46,6 +51,8 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 # Settings a resumed run may change: they do not alter what the run computes.
 RESUME_OVERRIDES = ("progress", "stop_after")
+# The signals that stop a run after its current step (checkpoint.StopSignals).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Task(Protocol):
@@ -76,13 +83,18 @@ class Task(Protocol):
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: Images, indices: torch.Tensor, batch_size: int) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, data: Images, indices: torch.Tensor, batch_size: int,
+             world: World = SINGLE) -> tuple[float, float]:  # fmt: skip
     """Loss and accuracy on `indices` without augmentation, in eval mode (running BN statistics).
-    A model that returns `(logits, auxiliary logits)` is scored on its logits."""
+    A model that returns `(logits, auxiliary logits)` is scored on its logits. Over several processes each
+    scores its part of every batch, and the sums are added up."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
-    with contextlib.closing(data.iterate(BatchJob(b) for b in indices.split(batch_size))) as batches:
+    batches = indices.split(batch_size)
+    if not world.alone:
+        batches = fit_last_batch(list(batches), world.size)
+    with contextlib.closing(data.iterate(BatchJob(b, part=world.part) for b in batches)) as batches:
         for x, y in batches:
             logits = model(x)
             if isinstance(logits, tuple):
@@ -90,6 +102,7 @@ def evaluate(model: torch.nn.Module, data: Images, indices: torch.Tensor, batch_
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
     model.train(was_training)
+    loss_sum, correct = world.sum([loss_sum, correct])
     return loss_sum / len(indices), correct / len(indices)
 
 
@@ -174,16 +187,18 @@ class Run:
     """
 
     def __init__(self, kind: str, config, run_dir: Path, stateful: dict[str, Any], generator: torch.Generator,
-                 checkpoint: dict | None = None):  # fmt: skip
+                 checkpoint: dict | None = None, world: World = SINGLE):  # fmt: skip
         self.kind = kind
         self.config = config
         self.dir = Path(run_dir)
         self.stateful = stateful
         self.generator = generator
+        self.world = world
         # Where the run stands: the epoch, the next step in it, its batches, its running sums, the rows.
         self.position: dict[str, Any] = {"epoch": 0, "step": 0, "batches": None, "sums": None, "history": []}
         if checkpoint is None:
-            atomic_write_text(self.dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+            if world.writes:
+                atomic_write_text(self.dir / "config.json", json.dumps(dataclasses.asdict(config), indent=2) + "\n")
             return
         try:
             for name, obj in stateful.items():
@@ -192,21 +207,49 @@ class Run:
             set_rng_state(checkpoint["rng"], generator)
             metrics = "".join(json.dumps(r) + "\n" for r in self.history)
         except Exception as e:  # the checkpoint of another network or version: name it, in one line
-            raise FastDartsError(f"{self.dir / CHECKPOINT} does not fit this run ({summary(e)})") from None
-        atomic_write_text(self.dir / METRICS, metrics)
+            raise mark_shared(FastDartsError(f"{self.dir / CHECKPOINT} does not fit this run ({summary(e)})")) from None
+        if world.writes:
+            atomic_write_text(self.dir / METRICS, metrics)
 
     @property
     def history(self) -> list[dict]:
         return self.position["history"]
 
     def save(self, complete: bool = False, **extra) -> None:
-        state = {name: obj.state_dict() for name, obj in self.stateful.items()}
-        state.update(kind=self.kind, config=dataclasses.asdict(self.config), position=self.position,
-                     rng=rng_state(self.generator), complete=complete, **extra)  # fmt: skip
-        save_checkpoint(self.dir / CHECKPOINT, state)
+        """Write the checkpoint: process 0 does, the others (which hold the same state) wait until it is on disk,
+        so that none of them ends the job, and torchrun process 0 with it, before it is."""
+        if self.world.writes:
+            state = {name: obj.state_dict() for name, obj in self.stateful.items()}
+            state.update(kind=self.kind, config=dataclasses.asdict(self.config), position=self.position,
+                         rng=rng_state(self.generator), complete=complete, **extra)  # fmt: skip
+            save_checkpoint(self.dir / CHECKPOINT, state)
+        self.world.barrier()
+
+    def say(self, text: str) -> None:
+        """A line on the console (from process 0), above the progress bar."""
+        if self.world.writes:
+            tqdm.write(text)
+
+    def _end_step(self, sums: dict, loss_sum: float, correct: int, seen: int, signum: int | None) -> int | None:
+        """Add a step's loss, correct predictions and images to the epoch's sums; returns the signal that stops
+        the run after this step, if any. Over several processes one all-reduce shares all of it, and averages
+        batch norm's running statistics: every process then holds the same sums, statistics and decision, as
+        a run resumed from a checkpoint written now would."""
+        if not self.world.alone:
+            stops = [float(signum == s) for s in STOP_SIGNALS]
+            loss_sum, correct, seen, *stops = self.world.share_step(self.stateful["model"],
+                                                                    [loss_sum, correct, seen, *stops])  # fmt: skip
+            signum = next((s for s, count in zip(STOP_SIGNALS, stops) if count), None)
+        sums["loss"] += loss_sum
+        sums["correct"] += int(correct)
+        sums["seen"] += int(seen)
+        return signum
 
     def resume_hint(self) -> str:
-        return f"resume with: python -m fastdarts.{self.kind} --resume {self.dir}"
+        if self.world.alone:
+            return f"resume with: python -m fastdarts.{self.kind} --resume {self.dir}"
+        return (f"resume with: torchrun --nproc_per_node=N -m fastdarts.{self.kind} --resume {self.dir} "
+                f"(any number of processes; {self.world.size} here)")  # fmt: skip
 
     def loop(self, task: Task) -> list[dict]:
         """Run the remaining epochs of `task`; returns the rows of every epoch.
@@ -216,8 +259,8 @@ class Run:
         `on_nan == "stop"` (TrainingDiverged; the last checkpoint is the last good one and is left
         alone), and after `stop_after` epochs (a normal return; `stopped_early` is then True).
         """
-        config, position = self.config, self.position
-        tqdm.write(f"{self.kind} in {self.dir}; {kernels_in_use()}")
+        config, position, world = self.config, self.position, self.world
+        self.say(f"{self.kind} in {self.dir}; {kernels_in_use()}; {world.describe_batch(config.batch_size)}")
         bar = None  # sized when the first epoch's batches are known
         self.stopped_early = False
         # The bar is closed before any exception's message is printed, so that message stays last.
@@ -226,17 +269,28 @@ class Run:
                 if config.stop_after is not None and position["epoch"] >= config.stop_after:
                     self.save()
                     self.stopped_early = True
-                    tqdm.write(f"stopped after epoch {position['epoch'] - 1} as asked; {self.resume_hint()}")
+                    self.say(f"stopped after epoch {position['epoch'] - 1} as asked; {self.resume_hint()}")
                     break
                 epoch = position["epoch"]
                 if position["batches"] is None:
                     sums = {"loss": 0.0, "correct": 0, "seen": 0, "skipped": 0, "seconds": 0.0, "data_seconds": 0.0}
                     position.update(step=0, batches=list(task.batches(self.generator)), sums=sums)
+                elif position["step"] < len(position["batches"]) - 1:
+                    # Resumed by another number of processes: its last batch must give each of them two images.
+                    position["batches"] = fit_last_batch(position["batches"], world.size)
                 batches, sums = position["batches"], position["sums"]
+                if len(batches[-1]) < world.size and position["step"] < len(batches):
+                    raise mark_shared(
+                        ConfigError(
+                            f"resume: the epoch's last batch ({len(batches[-1])} images) is too small for "
+                            f"{world.size} processes; resume it with at most {len(batches[-1])}"
+                        )
+                    )
                 sums.setdefault("data_seconds", 0.0)  # a checkpoint written before steps timed their wait for data
                 if bar is None:
                     bar = tqdm(total=config.epochs * len(batches), initial=epoch * len(batches) + position["step"],
-                               disable=not config.progress, unit="step", dynamic_ncols=True)  # fmt: skip
+                               disable=not (config.progress and world.writes), unit="step",
+                               dynamic_ncols=True)  # fmt: skip
                     closing.callback(bar.close)
                 row = {"epoch": epoch, **task.begin_epoch(epoch)}
                 started = time.perf_counter()
@@ -246,19 +300,22 @@ class Run:
                     asked = time.perf_counter()
                     step_inputs = next(inputs)
                     sums["data_seconds"] += time.perf_counter() - asked
-                    self._step(task, step_inputs, len(batches[step]), sums, epoch, step)
+                    done = self._step(task, step_inputs, world.part_size(len(batches[step])), sums, epoch, step)
+                    signum = self._end_step(sums, *done, stop.signum)
                     position["step"] = step + 1
                     seen = max(sums["seen"], 1)
                     bar.set_postfix(epoch=epoch, loss=f"{sums['loss'] / seen:.3f}",
                                     acc=f"{sums['correct'] / seen:.3f}", refresh=False)  # fmt: skip
                     bar.update()
-                    if stop.signum is not None:
+                    if signum is not None:
                         sums["seconds"] += time.perf_counter() - started
                         self.save()
-                        raise RunInterrupted(
-                            f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch} step {step + 1} "
-                            f"(checkpoint written); {self.resume_hint()}",
-                            128 + stop.signum,
+                        raise mark_shared(
+                            RunInterrupted(
+                                f"stopped by {signal.Signals(signum).name} at epoch {epoch} step {step + 1} "
+                                f"(checkpoint written); {self.resume_hint()}",
+                                128 + signum,
+                            )
                         )
                 seen = sums["seen"] or float("nan")  # every step skipped: nothing to average
                 row.update(train_loss=sums["loss"] / seen, train_acc=sums["correct"] / seen,
@@ -271,12 +328,15 @@ class Run:
                 position.update(epoch=epoch + 1, step=0, batches=None, sums=None)
                 if position["epoch"] % config.save_every == 0 and position["epoch"] < config.epochs:
                     self.save()
-                with open(self.dir / METRICS, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-                tqdm.write(task.announce(row))
+                if world.writes:
+                    with open(self.dir / METRICS, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                self.say(task.announce(row))
         return self.history
 
-    def _step(self, task: Task, inputs, n: int, sums: dict, epoch: int, step: int) -> None:
+    def _step(self, task: Task, inputs, n: int, sums: dict, epoch: int, step: int) -> tuple[float, int, int]:
+        """One step of `task` on `n` images; returns its loss summed over them, its correct predictions and `n`
+        (zeros for a skipped step)."""
         # A skipped step's forward has already folded its batch into the BN running statistics.
         buffers = None
         if self.config.on_nan == "skip":
@@ -290,15 +350,13 @@ class Run:
                     if (self.dir / CHECKPOINT).exists()
                     else "no checkpoint had been written yet"
                 )
-                raise TrainingDiverged(f"{e} at epoch {epoch} step {step}; stopped, {kept}") from None
+                raise mark_shared(TrainingDiverged(f"{e} at epoch {epoch} step {step}; stopped, {kept}")) from None
             sums["skipped"] += 1
             with torch.no_grad():
                 for b, saved in zip(self.stateful["model"].buffers(), buffers):
                     b.copy_(saved)
-            return
-        sums["loss"] += loss.item() * n
-        sums["correct"] += correct
-        sums["seen"] += n
+            return 0.0, 0, 0
+        return loss.item() * n, correct, n
 
 
 def run_seeds(run_one, config, seeds: Sequence[int], keys: Sequence[str]) -> dict[str, dict]:
@@ -312,6 +370,8 @@ def run_seeds(run_one, config, seeds: Sequence[int], keys: Sequence[str]) -> dic
         out = str(Path(config.out) / f"seed-{seed}") if config.out is not None else None
         finals.append(run_one(dataclasses.replace(config, seed=seed, out=out)))
     summary = {}
+    if not distributed.world().writes:  # every process ran every seed; process 0 reports them
+        return summary
     for key in keys:
         values = np.array([float(final[key]) for final in finals])
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
@@ -325,13 +385,17 @@ def run_seeds(run_one, config, seeds: Sequence[int], keys: Sequence[str]) -> dic
 
 
 def entry_point(cls, run, argv, prog: str, description: str, summary_keys: Sequence[str]) -> int:
-    """The command line of a run kind: a new run, `--resume RUN_DIR`, or `--seeds` (one run per seed)."""
+    """The command line of a run kind: a new run, `--resume RUN_DIR`, or `--seeds` (one run per seed).
+    Launched by torchrun, every process runs it (fastdarts.distributed)."""
     cli = parse_command_line(cls, argv, prog, description)
     keep_freed_memory()  # this process is the run's own: its steps reuse each other's freed memory
-    if cli.seeds is not None:
-        run_seeds(lambda config: run(config).history[-1], cli.config, cli.seeds, summary_keys)
-    elif cli.resume is not None:
-        run(resume=cli.resume, **cli.given)
-    else:
-        run(cli.config)
+    try:
+        if cli.seeds is not None:
+            run_seeds(lambda config: run(config).history[-1], cli.config, cli.seeds, summary_keys)
+        elif cli.resume is not None:
+            run(resume=cli.resume, **cli.given)
+        else:
+            run(cli.config)
+    finally:
+        distributed.finish()
     return 0

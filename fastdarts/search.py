@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .analyze import write_cell_diagrams
 from .bilevel import Architect, weight_step
 from .checkpoint import atomic_write_text
 from .config import SearchConfig, run_cli
 from .data import BatchJob, Images, load_dataset, random_batch, shuffled_batches, split_indices, step_seed
+from .distributed import SINGLE, World
 from .methods import make_method
 from .plots import plot_run
 from .runloop import Run, entry_point, evaluate, make_run_dir, seed_everything, start_config
@@ -44,25 +46,30 @@ class SearchTask:
     (the same data set, split, unless it has a validation split of its own)."""
 
     def __init__(self, config: SearchConfig, train: Images, train_idx, val: Images, val_idx, model: SearchNetwork,
-                 weight_optimizer, scheduler, architect: Architect):  # fmt: skip
+                 weight_optimizer, scheduler, architect: Architect, world: World = SINGLE,
+                 forward=None):  # fmt: skip
         self.config, self.train, self.train_idx, self.val, self.val_idx = config, train, train_idx, val, val_idx
         self.model, self.weight_optimizer, self.scheduler = model, weight_optimizer, scheduler
         self.architect = architect
+        self.world, self.forward = world, forward  # forward: the model's DDP wrapper over several processes
 
     def batches(self, generator):
-        return shuffled_batches(self.train_idx, self.config.batch_size, generator)
+        return shuffled_batches(self.train_idx, self.config.batch_size, generator, self.world.size)
 
     def inputs(self, epoch, batches, start):
-        """Each step's training batch and a fresh random validation batch, both augmented."""
-        seed, train_jobs, val_jobs = self.config.seed, [], []
+        """Each step's training batch and a fresh random validation batch, both augmented (this process's
+        part of each), and the parts' shares of the batches."""
+        seed, part, train_jobs, val_jobs = self.config.seed, self.world.part, [], []
         for step, batch_idx in enumerate(batches[start:], start):
             pick = torch.Generator().manual_seed(step_seed(seed, epoch, step, 2))
-            train_jobs.append(BatchJob(batch_idx, step_seed(seed, epoch, step, 0)))
+            train_jobs.append(BatchJob(batch_idx, step_seed(seed, epoch, step, 0), part=part))
             val_jobs.append(BatchJob(random_batch(self.val_idx, self.config.batch_size, pick),
-                                     step_seed(seed, epoch, step, 1)))  # fmt: skip
+                                     step_seed(seed, epoch, step, 1), part=part))  # fmt: skip
+        shares = ((self.world.share(len(t.indices)), self.world.share(len(v.indices)))
+                  for t, v in zip(train_jobs, val_jobs))  # fmt: skip
         train, val = self.train.iterate(train_jobs), self.val.iterate(val_jobs)
         try:
-            yield from zip(train, val)
+            yield from zip(train, val, shares)
         finally:
             train.close()
             val.close()
@@ -74,18 +81,23 @@ class SearchTask:
         return {"lr": self.lr, **self.model.method.epoch_settings()}
 
     def step(self, inputs):
-        train_batch, val_batch = inputs
+        train_batch, val_batch, (train_share, val_share) = inputs
+
+        def weights():
+            return weight_step(self.model, self.weight_optimizer, train_batch, self.config.grad_clip,
+                               forward=self.forward, world=self.world, share=train_share)  # fmt: skip
+
         if self.model.method.weight_step_first:  # PR-DARTS: the weights, then the gates
-            loss, logits = weight_step(self.model, self.weight_optimizer, train_batch, self.config.grad_clip)
-            self.architect.step(train_batch, val_batch, self.lr)
+            loss, logits = weights()
+            self.architect.step(train_batch, val_batch, self.lr, train_share, val_share)
         else:
-            self.architect.step(train_batch, val_batch, self.lr)
-            loss, logits = weight_step(self.model, self.weight_optimizer, train_batch, self.config.grad_clip)
+            self.architect.step(train_batch, val_batch, self.lr, train_share, val_share)
+            loss, logits = weights()
         return loss, int((logits.argmax(1) == train_batch[1]).sum())
 
     def end_epoch(self, epoch: int) -> dict:
         self.scheduler.step()
-        val_loss, val_acc = evaluate(self.model, self.val, self.val_idx, self.config.batch_size)
+        val_loss, val_acc = evaluate(self.model, self.val, self.val_idx, self.config.batch_size, self.world)
         return {"val_loss": val_loss, "val_acc": val_acc, **architecture_record(self.model)}
 
     def announce(self, r: dict) -> str:
@@ -106,7 +118,9 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
     `resume` continues the run saved in that directory with its own configuration (only `progress`
     and `stop_after` may be given) and ends exactly as the uninterrupted run would have.
     """
-    config, checkpoint = start_config(SearchConfig, "search", config, resume, **overrides)
+    world = distributed.world()
+    config, checkpoint = world.from_writer(start_config, SearchConfig, "search", config, resume, **overrides)
+    world.check_batch_size(config.batch_size)
     seed_everything(config.seed)
     train = load_dataset(config.dataset, config.data, "train", **config.data_options())
     val = load_dataset(config.dataset, config.data, "valid", **config.data_options())
@@ -115,7 +129,7 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
         val = train
     else:
         train_idx, val_idx = torch.arange(len(train)), torch.arange(len(val))
-    run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "search")
+    run_dir = Path(resume) if resume is not None else world.from_writer(make_run_dir, config.out, "search")
 
     method = make_method(config.method, **config.method_settings())
     model = SearchNetwork(config.init_channels, train.num_classes, config.layers, train.in_channels, method=method,
@@ -131,20 +145,28 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
         arch_weight_decay=config.arch_weight_decay,
         unrolled=config.unrolled,
         hessian_r=config.hessian_r,
+        world=world,
     )
+    # PR-DARTS computes only the sampled ops of each edge: the others' weights get no gradient in a step.
+    forward = world.data_parallel(model, ignore=model.arch_parameters(),
+                                  find_unused_parameters=model.samples_each_forward)  # fmt: skip
     generator = torch.Generator().manual_seed(config.seed)
     stateful = {"model": model, "weight_optimizer": weight_optimizer, "arch_optimizer": architect.optimizer,
                 "scheduler": scheduler, "method": method}  # fmt: skip
-    search_run = Run("search", config, run_dir, stateful, generator, checkpoint)
-    task = SearchTask(config, train, train_idx, val, val_idx, model, weight_optimizer, scheduler, architect)
+    search_run = Run("search", config, run_dir, stateful, generator, checkpoint, world)
+    task = SearchTask(config, train, train_idx, val, val_idx, model, weight_optimizer, scheduler, architect, world,
+                      forward)  # fmt: skip
     history = search_run.loop(task)
     genotype = model.genotype()
     if search_run.stopped_early:
         return SearchResult(genotype, history, run_dir, stopped_early=True)
 
-    atomic_write_text(run_dir / "genotype.json", json.dumps(genotype.to_dict(), indent=2) + "\n")
-    atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
+    if world.writes:
+        atomic_write_text(run_dir / "genotype.json", json.dumps(genotype.to_dict(), indent=2) + "\n")
+        atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
     search_run.save(complete=True, genotype=str(genotype))
+    if not world.writes:  # process 0 writes the rest
+        return SearchResult(genotype, history, run_dir)
     write_cell_diagrams(genotype, run_dir)
     plot_run(run_dir / "metrics.jsonl", run_dir)
     print(f"genotype: {genotype}\nrun directory: {run_dir}")

@@ -18,10 +18,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .bilevel import sgd_step
 from .checkpoint import atomic_write_text
 from .config import TrainConfig, run_cli
-from .data import BatchJob, Images, load_dataset, shuffled_batches, step_seed
+from .data import BatchJob, Images, load_dataset, part_slice, shuffled_batches, step_seed
+from .distributed import SINGLE, World
 from .evalnet import NETWORKS, EvalNetwork, count_multiply_adds, count_parameters
 from .plots import plot_run
 from .runloop import Run, entry_point, evaluate, make_run_dir, seed_everything, start_config
@@ -53,18 +55,26 @@ class TrainTask:
     """One SGD step of the evaluation network on an augmented training batch."""
 
     def __init__(self, config: TrainConfig, train: Images, test: Images, model: EvalNetwork, optimizer, scheduler,
-                 observe: Observer | None = None):  # fmt: skip
+                 world: World = SINGLE, forward=None, observe: Observer | None = None):  # fmt: skip
         self.config, self.train, self.test, self.model = config, train, test, model
         self.optimizer, self.scheduler, self.observe = optimizer, scheduler, observe
+        self.world, self.forward = world, forward or model  # forward: the model's DDP wrapper over several processes
 
     def batches(self, generator):
-        return shuffled_batches(torch.arange(len(self.train)), self.config.batch_size, generator)
+        return shuffled_batches(torch.arange(len(self.train)), self.config.batch_size, generator, self.world.size)
 
     def inputs(self, epoch, batches, start):
+        """Each step's augmented training batch (this process's part of it) and its size."""
         cutout = self.config.cutout_length if self.config.cutout else 0
-        seed = self.config.seed
-        jobs = [BatchJob(b, step_seed(seed, epoch, step, 0), cutout) for step, b in enumerate(batches[start:], start)]
-        return self.train.iterate(jobs)
+        seed, part = self.config.seed, self.world.part
+        jobs = [BatchJob(b, step_seed(seed, epoch, step, 0), cutout, part)
+                for step, b in enumerate(batches[start:], start)]  # fmt: skip
+        batches = self.train.iterate(jobs)
+        try:
+            for batch, job in zip(batches, jobs):
+                yield batch, len(job.indices)
+        finally:
+            batches.close()
 
     def begin_epoch(self, epoch: int) -> dict:
         self.model.drop_path_prob = self.config.drop_path_prob * epoch / self.config.epochs
@@ -72,21 +82,25 @@ class TrainTask:
         return {"lr": self.scheduler.get_last_lr()[0], "drop_path_prob": self.model.drop_path_prob}
 
     def step(self, inputs):
-        x, y = inputs
+        (x, y), n = inputs
         self.optimizer.zero_grad(set_to_none=True)
-        logits, logits_aux = self.model(x)
+        if not self.world.alone:  # drop-path masks drawn for the global batch, as one process would
+            self.model.drop_path_part = (n, part_slice(n, self.world.part))
+        logits, logits_aux = self.forward(x)
         # DARTS's ImageNet criterion (CrossEntropyLabelSmooth) is cross-entropy with smoothed targets.
         loss = F.cross_entropy(logits, y, label_smoothing=self.config.label_smooth)
         if logits_aux is not None:
             loss = loss + self.config.auxiliary_weight * F.cross_entropy(
                 logits_aux, y, label_smoothing=self.config.label_smooth
             )
-        sgd_step(self.optimizer, self.model.parameters(), loss, self.config.grad_clip)
+        sgd_step(self.optimizer, self.model.parameters(), loss, self.config.grad_clip, world=self.world,
+                 share=self.world.share(n))  # fmt: skip
         return loss.detach(), int((logits.argmax(1) == y).sum())
 
     def end_epoch(self, epoch: int) -> dict:
         self.scheduler.step()
-        test_loss, test_acc = evaluate(self.model, self.test, torch.arange(len(self.test)), self.config.batch_size)
+        test_loss, test_acc = evaluate(self.model, self.test, torch.arange(len(self.test)), self.config.batch_size,
+                                       self.world)  # fmt: skip
         row = {"test_loss": test_loss, "test_acc": test_acc}
         if self.observe is not None:
             row.update(self.observe(self.model, epoch + 1))
@@ -109,12 +123,14 @@ def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, 
     `resume` continues the run saved in that directory with its own configuration (only `progress`
     and `stop_after` may be given) and ends exactly as the uninterrupted run would have.
     """
-    config, checkpoint = start_config(TrainConfig, "train", config, resume, **overrides)
+    world = distributed.world()
+    config, checkpoint = world.from_writer(start_config, TrainConfig, "train", config, resume, **overrides)
+    world.check_batch_size(config.batch_size)
     genotype = config.cell()
     seed_everything(config.seed)
     train = load_dataset(config.dataset, config.data, "train", **config.data_options())
     test = load_dataset(config.dataset, config.data, "test", **config.data_options())
-    run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "train")
+    run_dir = Path(resume) if resume is not None else world.from_writer(make_run_dir, config.out, "train")
 
     model = build_network(config, genotype, train)
     parameters = count_parameters(model)
@@ -129,20 +145,25 @@ def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, 
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs, config.learning_rate_min)
     generator = torch.Generator().manual_seed(config.seed)
     train_run = Run("train", config, run_dir, {"model": model, "optimizer": optimizer, "scheduler": scheduler},
-                    generator, checkpoint)  # fmt: skip
-    if checkpoint is None:
-        atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
-    print(f"{genotype}\nevaluation network ({config.network}): {parameters / 1e6:.3f} M parameters (auxiliary head "
-          f"excluded), {multiply_adds / 1e6:.1f} M multiply-adds per {image[1]}x{image[2]} image")  # fmt: skip
-    history = train_run.loop(TrainTask(config, train, test, model, optimizer, scheduler, observe))
+                    generator, checkpoint, world)  # fmt: skip
+    forward = world.data_parallel(model)
+    if world.writes:
+        if checkpoint is None:
+            atomic_write_text(run_dir / "genotype.txt", str(genotype) + "\n")
+        print(f"{genotype}\nevaluation network ({config.network}): {parameters / 1e6:.3f} M parameters (auxiliary "
+              f"head excluded), {multiply_adds / 1e6:.1f} M multiply-adds per {image[1]}x{image[2]} image")  # fmt: skip
+    history = train_run.loop(TrainTask(config, train, test, model, optimizer, scheduler, world, forward, observe))
     test_acc = history[-1]["test_acc"] if history else float("nan")
     if train_run.stopped_early:
         return TrainResult(genotype, parameters, test_acc, history, run_dir, stopped_early=True)
 
     summary = {"parameters": parameters, "multiply_adds": multiply_adds, "test_acc": test_acc,
                "test_loss": history[-1]["test_loss"]}  # fmt: skip
-    atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
+    if world.writes:
+        atomic_write_text(run_dir / "result.json", json.dumps(summary, indent=2) + "\n")
     train_run.save(complete=True)
+    if not world.writes:  # process 0 writes the rest
+        return TrainResult(genotype, parameters, test_acc, history, run_dir)
     plot_run(run_dir / "metrics.jsonl", run_dir)
     print(f"test accuracy: {test_acc:.4f} ({parameters / 1e6:.3f} M parameters)\nrun directory: {run_dir}")
     return TrainResult(genotype, parameters, test_acc, history, run_dir)
