@@ -35,3 +35,13 @@ def cpu_isa(request):
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: for runs compared with processes of one thread each (torchrun's, a study's
+    children), since the sums of a float reduction, and so the last bits of a run, depend on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

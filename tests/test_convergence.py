@@ -244,7 +244,7 @@ def test_the_observer_leaves_training_unchanged(tmp_path):
 
 
 @pytest.mark.slow
-def test_an_interrupted_study_resumes_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+def test_an_interrupted_study_resumes_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch, one_thread):
     whole = convergence.new_study(StudyConfig(**TINY, out=str(tmp_path / "whole")).resolved(), [0])
     convergence.run_study(whole, progress=False)
 

@@ -144,7 +144,7 @@ def largest_difference(a: dict, b: dict) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["search", "train"])
 def test_two_processes_compute_what_one_computes_with_batch_norm_per_half(two_processes, kind, tmp_path,
-                                                                          monkeypatch):  # fmt: skip
+                                                                          monkeypatch, one_thread):  # fmt: skip
     """First order, global batch 128: 2 processes end where 1 process ends when its batch norm takes statistics
     over each half of the batch. With statistics over the whole batch (a plain run) they do not."""
     module, flags = KINDS[kind]
