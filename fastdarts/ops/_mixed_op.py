@@ -154,8 +154,8 @@ def _weight_starts(stride: int) -> list[int]:
 
 def candidate_weights(weights: Sequence[Tensor], stride: int) -> dict[int, list[Tensor]]:
     """An edge's conv weights per candidate."""
-    return {k: list(weights[start : start + n]) for k, (start, (n, _)) in enumerate(
-        zip(_weight_starts(stride), mixed_op_layout(stride)))}  # fmt: skip
+    starts, layout = _weight_starts(stride), mixed_op_layout(stride)
+    return {k: list(weights[start : start + n]) for k, (start, (n, _)) in enumerate(zip(starts, layout))}
 
 
 def candidate_rows(stride: int, pool_bn: bool) -> dict[int, int]:
