@@ -216,7 +216,7 @@ def test_resume_refuses_other_settings_another_kind_and_a_finished_run(tmp_path)
         search.run(resume=tmp_path / "done")
     with pytest.raises(ConfigError, match="holds a search run, not a train run"):
         train.run(resume=tmp_path / "done")
-    with pytest.raises(ConfigError, match=r"only progress, stop_after may be given \(got learning_rate\)"):
+    with pytest.raises(ConfigError, match=r"only progress, stop_after, device may be given \(got learning_rate\)"):
         search.run(resume=tmp_path / "done", learning_rate=0.1)
 
 

@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastdarts import search
 from fastdarts.config import SearchConfig
@@ -68,6 +69,12 @@ def test_config_file_and_flag_precedence(tmp_path):
         (["--dataset", "imagenet"], "invalid choice"),
         (["--epochs", "many"], "invalid int value"),
         (["--config", "/nonexistent.yaml"], "does not exist"),
+        (["--device", "tpu"], "invalid choice"),
+        pytest.param(
+            ["--device", "cuda"],
+            "device cuda: no GPU is visible",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
+        ),
     ],
 )
 def test_bad_input_gives_one_line_and_status_2(tmp_path, args, message):
