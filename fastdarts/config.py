@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import stat
@@ -26,6 +27,7 @@ from .data import DATA_DIRECTORIES, DATASETS, IMAGE_DATASETS, SEARCH_DATASETS
 from .distributed import writer_process
 from .errors import ConfigError, FastDartsError, RunFailed, one_line, path_stat, summary
 from .evalnet import NETWORKS
+from .methods import METHODS
 from .space import OPS, load_genotype
 
 
@@ -121,8 +123,8 @@ class SearchConfig(CommonConfig):
     arch_learning_rate: float | None = option(None, "Adam learning rate of the architecture", low=0, low_open=True)
     arch_weight_decay: float = option(1e-3, "weight decay of the architecture parameters", low=0)
     seed: int = option(2, "random seed", low=0, high=2**32 - 1)  # NumPy's seeds
-    method: str = option("darts", "search method: darts (softmax over ops) or pr-darts (hard-concrete gates)",
-                         choices=("darts", "pr-darts"))  # fmt: skip
+    method: str = option("darts", "search method: darts (softmax over ops), pr-darts (hard-concrete gates), gdas (one "
+                         "Gumbel-sampled op per edge)", choices=tuple(METHODS))  # fmt: skip
     # PR-DARTS (METHOD.md section 2); used only with --method pr-darts.
     prdarts_form: str = option("reference", "pr-darts: reference (top-k, hinged groups) or paper (all gates)",
                                choices=("reference", "paper"))  # fmt: skip
@@ -140,6 +142,15 @@ class SearchConfig(CommonConfig):
                               high=1)  # fmt: skip
     gate_a: float = option(-0.1, "pr-darts: lower end of the stretched sigmoid (a < 0)", high=0, high_open=True)
     gate_b: float = option(1.1, "pr-darts: upper end of the stretched sigmoid (b > 1)", low=1, low_open=True)
+    # The options below belong to one method each (METHOD_OPTIONS); None takes the method's published value.
+    gdas_tau_max: float | None = option(None, "gdas: Gumbel-softmax temperature at the first epoch (default 10)",
+                                        low=0, low_open=True)  # fmt: skip
+    gdas_tau_min: float | None = option(None, "gdas: temperature at the last epoch (default 0.1)", low=0,
+                                        low_open=True)  # fmt: skip
+    # Per method, its config fields and the keyword argument of its constructor each one sets.
+    METHOD_OPTIONS: typing.ClassVar[dict[str, dict[str, str]]] = {
+        "gdas": {"gdas_tau_max": "tau_max", "gdas_tau_min": "tau_min"},
+    }
 
     # DARTS's CIFAR-10 settings (for CIFAR-100 and 32-pixel folders too), and settings for the bundled
     # digits that finish a real search in a few minutes on 2 cores: 8x8 images need fewer cells, and
@@ -154,13 +165,28 @@ class SearchConfig(CommonConfig):
 
     def check(self) -> None:
         super().check()
-        if self.method == "pr-darts" and self.unrolled:
-            raise ConfigError("unrolled: pr-darts samples new gates in every forward pass, so it searches first order")
+        if self.unrolled and METHODS[self.method].samples_each_forward:
+            raise ConfigError(f"unrolled: {self.method} samples new edge weights in every forward pass, so it searches "
+                              "first order")  # fmt: skip
+        for method, options in self.METHOD_OPTIONS.items():
+            given = [name for name in options if getattr(self, name) is not None]
+            if given and method != self.method:
+                raise ConfigError(f"{given[0]} is an option of --method {method}, not of {self.method}")
+        try:  # settings each valid alone may still not go together (a final temperature above the first)
+            METHODS[self.method](**self.method_settings())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     def method_settings(self) -> dict:
         """The keyword arguments of the method object (fastdarts.methods.make_method)."""
         if self.method == "darts":
             return {}
+        if self.method in self.METHOD_OPTIONS:
+            settings = {arg: getattr(self, name) for name, arg in self.METHOD_OPTIONS[self.method].items()
+                        if getattr(self, name) is not None}  # fmt: skip
+            if "seed" in inspect.signature(METHODS[self.method]).parameters:  # a method that draws random numbers
+                settings["seed"] = self.seed
+            return settings
         return dict(tau_start=self.tau_start, tau_end=self.tau_end, l1=self.l1, l2=self.l2, l3=self.l3,
                     hinge=self.hinge, k=self.top_k, explore_p=self.explore_p, a=self.gate_a, b=self.gate_b,
                     form=self.prdarts_form, network=self.prdarts_network, seed=self.seed)  # fmt: skip

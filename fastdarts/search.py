@@ -105,7 +105,8 @@ class SearchTask:
             f"epoch {r['epoch']}: lr {r['lr']:.4g} train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
             f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} | normal skips {r['normal_skip_connects']} | "
             f"entropy {r['entropy_normal']:.4f}/{r['entropy_reduce']:.4f}"
-            + (f" | tau {r['tau']:.3f} P(skip gate on) {r['p_nonzero_skip_normal']:.3f}" if "tau" in r else "")
+            + (f" | tau {r['tau']:.3f}" if "tau" in r else "")
+            + (f" P(skip gate on) {r['p_nonzero_skip_normal']:.3f}" if "p_nonzero_skip_normal" in r else "")
             + f" | {r['seconds']:.1f}s ({r['data_seconds']:.1f}s waiting for data)"
             + (f" | {r['skipped_steps']} steps skipped (non-finite)" if r["skipped_steps"] else "")
             + f"\n  {r['genotype']}"

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from .base import CellWeights, Method, NetworkStyle, edge_entropy
 from .darts import DARTSMethod
+from .gdas import GDASMethod
 from .prdarts import PRDARTSMethod
 
 METHODS: dict[str, type[Method]] = {DARTSMethod.name: DARTSMethod, PRDARTSMethod.name: PRDARTSMethod}
+METHODS[GDASMethod.name] = GDASMethod
 
 
 def make_method(name: str, **settings) -> Method:
-    """The method called `name` ("darts" or "pr-darts"), built with `settings` as keyword arguments."""
+    """The method called `name` (a key of METHODS), built with `settings` as keyword arguments."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; the methods are {', '.join(METHODS)}")
     return METHODS[name](**settings)
@@ -22,6 +24,7 @@ def make_method(name: str, **settings) -> Method:
 
 __all__ = [
     "DARTSMethod",
+    "GDASMethod",
     "METHODS",
     "PRDARTSMethod",
     "CellWeights",

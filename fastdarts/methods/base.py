@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import ClassVar, NamedTuple
 
+import torch
 from torch import Tensor
 
 from ..space import Edge
@@ -108,3 +109,13 @@ def check_state_keys(method: Method, state: Mapping, expected: set[str]) -> None
     if not isinstance(state, Mapping) or set(state) != expected:
         got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(f"{method.name} state must have the keys {sorted(expected)}, got {got}")
+
+
+def load_generator_state(method: Method, state: object) -> None:
+    """Restore `method.generator` from a checkpoint's `Generator.get_state()`, or a ValueError naming the problem."""
+    if not (isinstance(state, Tensor) and state.dtype == torch.uint8):
+        raise ValueError(f"{method.name}: the generator state must be a uint8 tensor from Generator.get_state()")
+    try:
+        method.generator.set_state(state)
+    except RuntimeError as e:
+        raise ValueError(f"{method.name}: the generator state does not fit a CPU generator ({e})") from None

@@ -1,0 +1,53 @@
+"""Helpers of the method tests: a search cell's forward written out edge by edge with eager modules, and a tiny
+search stopped, resumed and compared with the same search run whole."""
+
+from __future__ import annotations
+
+import torch
+
+from fastdarts import search
+from fastdarts.checkpoint import load_checkpoint
+from fastdarts.config import TrainConfig
+from fastdarts.supernet import SearchCell
+
+from .test_runs import SEARCH, assert_same_end
+
+# The ops a MixedOp holds, in the order of its `candidates` (every primitive but `none`).
+COMPUTED = ("max_pool_3x3", "avg_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3",
+            "dil_conv_5x5")  # fmt: skip
+
+
+def candidate(edge, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Op `name` of a MixedOp on x, run by its own eager modules."""
+    return edge.candidates[COMPUTED.index(name)](x)
+
+
+def hand_cell(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, edge_output) -> torch.Tensor:
+    """A search cell's output with each edge's output given by `edge_output(edge, row, x)` (row: the edge's row in
+    the architecture tensors): preprocess, nodes as sums over their inputs, the last `multiplier` nodes concatenated."""
+    states = [cell.preprocess0(s0), cell.preprocess1(s1)]
+    for node in range(cell.steps):
+        start = node * (node + 3) // 2
+        states.append(sum(edge_output(cell.edges[start + j], start + j, h) for j, h in enumerate(states)))
+    return torch.cat(states[-cell.multiplier :], dim=1)
+
+
+def assert_search_resumes_bit_for_bit(tmp_path, monkeypatch, **settings) -> search.SearchResult:
+    """A two-epoch tiny search with `settings`, stopped after one epoch and resumed, ends as the uninterrupted one
+    does; its genotype is one `fastdarts.train` accepts. Returns the whole run. (Without the end's pictures, which
+    take most of a tiny run's time and are tested with DARTS.)"""
+    monkeypatch.setattr(search, "plot_run", lambda *args: None)
+    monkeypatch.setattr(search, "write_cell_diagrams", lambda *args: None)
+    settings = {**SEARCH, **settings}
+    whole = search.run(**settings, out=str(tmp_path / "whole"))
+    first = search.run(**settings, stop_after=1, out=str(tmp_path / "split"))
+    assert first.stopped_early
+    resumed = search.run(resume=tmp_path / "split", progress=False)
+    assert_same_end(whole.run_dir, resumed.run_dir)
+    states = [load_checkpoint(run / "checkpoint.pt")["method"] for run in (whole.run_dir, resumed.run_dir)]
+    assert states[0].keys() == states[1].keys()
+    for key, value in states[0].items():
+        assert torch.equal(torch.as_tensor(value), torch.as_tensor(states[1][key])), key
+    assert resumed.genotype == whole.genotype
+    assert TrainConfig(genotype=str(whole.run_dir)).cell() == whole.genotype
+    return whole
