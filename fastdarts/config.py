@@ -124,7 +124,8 @@ class SearchConfig(CommonConfig):
     arch_weight_decay: float = option(1e-3, "weight decay of the architecture parameters", low=0)
     seed: int = option(2, "random seed", low=0, high=2**32 - 1)  # NumPy's seeds
     method: str = option("darts", "search method: darts (softmax over ops), pr-darts (hard-concrete gates), gdas (one "
-                         "Gumbel-sampled op per edge)", choices=tuple(METHODS))  # fmt: skip
+                         "Gumbel-sampled op per edge), pc-darts (partial channels, edge normalisation)",
+                         choices=tuple(METHODS))  # fmt: skip
     # PR-DARTS (METHOD.md section 2); used only with --method pr-darts.
     prdarts_form: str = option("reference", "pr-darts: reference (top-k, hinged groups) or paper (all gates)",
                                choices=("reference", "paper"))  # fmt: skip
@@ -147,9 +148,14 @@ class SearchConfig(CommonConfig):
                                         low=0, low_open=True)  # fmt: skip
     gdas_tau_min: float | None = option(None, "gdas: temperature at the last epoch (default 0.1)", low=0,
                                         low_open=True)  # fmt: skip
+    pcdarts_k: int | None = option(None, "pc-darts: the ops compute on 1/K of each edge's channels (default 4); "
+                                   "init_channels must be a multiple of K", low=1)  # fmt: skip
+    pcdarts_warmup_epochs: int | None = option(None, "pc-darts: first epochs that train the weights alone (default: "
+                                               "15 of every 50 epochs, rounded down)", low=0)  # fmt: skip
     # Per method, its config fields and the keyword argument of its constructor each one sets.
     METHOD_OPTIONS: typing.ClassVar[dict[str, dict[str, str]]] = {
         "gdas": {"gdas_tau_max": "tau_max", "gdas_tau_min": "tau_min"},
+        "pc-darts": {"pcdarts_k": "k", "pcdarts_warmup_epochs": "warmup_epochs"},
     }
 
     # DARTS's CIFAR-10 settings (for CIFAR-100 and 32-pixel folders too), and settings for the bundled
@@ -173,9 +179,13 @@ class SearchConfig(CommonConfig):
             if given and method != self.method:
                 raise ConfigError(f"{given[0]} is an option of --method {method}, not of {self.method}")
         try:  # settings each valid alone may still not go together (a final temperature above the first)
-            METHODS[self.method](**self.method_settings())
+            method = METHODS[self.method](**self.method_settings())
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        groups = method.network_style.partial_channels
+        if self.init_channels is not None and self.init_channels % groups:
+            raise ConfigError(f"init_channels ({self.init_channels}) must be a multiple of {groups}: {self.method}'s "
+                              f"edges compute on 1/{groups} of their channels")  # fmt: skip
 
     def method_settings(self) -> dict:
         """The keyword arguments of the method object (fastdarts.methods.make_method)."""

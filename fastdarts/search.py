@@ -87,11 +87,15 @@ class SearchTask:
             return weight_step(self.model, self.weight_optimizer, train_batch, self.config.grad_clip,
                                forward=self.forward, world=self.world, share=train_share)  # fmt: skip
 
+        def architecture():
+            if self.model.method.trains_architecture():  # not during a method's warm-up
+                self.architect.step(train_batch, val_batch, self.lr, train_share, val_share)
+
         if self.model.method.weight_step_first:  # PR-DARTS: the weights, then the gates
             loss, logits = weights()
-            self.architect.step(train_batch, val_batch, self.lr, train_share, val_share)
+            architecture()
         else:
-            self.architect.step(train_batch, val_batch, self.lr, train_share, val_share)
+            architecture()
             loss, logits = weights()
         return loss, int((logits.argmax(1) == train_batch[1]).sum())
 

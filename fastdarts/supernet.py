@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -46,14 +47,22 @@ def selected_columns(mask: torch.Tensor | None) -> list[Columns] | None:
 class MixedOp(nn.Module):
     """One edge: every candidate op of the search space on the same input, computed by `ops.mixed_op`.
 
+    With `partial_channels` K > 1 (PC-DARTS) the ops compute on the first C/K channels of the input only; the other
+    channels bypass them (through a 2x2 max pool on a stride-2 edge), and the two parts, concatenated, are shuffled
+    into K groups (`partial_channel_edge`).
+
     The candidate modules hold the parameters and BN buffers (so checkpoints keep DARTS's layout); the forward
     hands them to the fused op as one node and updates the BNs' running statistics from the batch statistics it
     returns, as nn.BatchNorm2d would.
     """
 
-    def __init__(self, C: int, stride: int, pool_bn: bool = True, recompute: bool = True):
+    def __init__(self, C: int, stride: int, pool_bn: bool = True, recompute: bool = True, partial_channels: int = 1):
         super().__init__()
         self.stride, self.pool_bn, self.recompute = stride, pool_bn, recompute
+        if C % partial_channels:
+            raise ValueError(f"MixedOp: {C} channels do not split into {partial_channels} partial-channel groups")
+        self.partial_channels = partial_channels
+        C = C // partial_channels  # the channels the ops compute on
         candidates = []
         for name in _COMPUTED:
             op = OPS[name](C, stride, False)
@@ -141,6 +150,14 @@ def edges_leaving(
     """The outputs of `edges`, mixed ops that all read x, from one `ops.mixed_ops` call (which shares its passes
     over x between them); `weights` [E, len(PRIMITIVES)], `columns` per edge (each non-empty). Updates the edges'
     running statistics in training, as nn.BatchNorm2d would."""
+    groups = edges[0].partial_channels
+    if groups == 1:
+        return _fused_edges(x, edges, weights, columns)
+    processed, bypass = split_partial_channels(x, groups, edges[0].stride)
+    return [partial_channel_edge(out, bypass, groups) for out in _fused_edges(processed, edges, weights, columns)]
+
+
+def _fused_edges(x, edges, weights, columns):
     first = edges[0]
     candidates = [[_CANDIDATE_OF_COLUMN[c] for c in cols] for cols in columns]
     batch_statistics = first.batch_statistics()
@@ -158,11 +175,28 @@ def edges_leaving(
     return outs
 
 
+def split_partial_channels(x: torch.Tensor, groups: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PC-DARTS's split of an edge's input: the first C/groups channels (what the ops compute on) and the rest,
+    through a 2x2 max pool (stride 2, no padding) on a stride-2 edge (the bypass). The pool rounds an odd side up,
+    as the ops' output does (PC-DARTS's searches have even sides only, where this is the same pool)."""
+    C = x.shape[1] // groups
+    processed, bypass = x[:, :C], x[:, C:]
+    if stride == 2:
+        bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
+    return processed, bypass
+
+
+def partial_channel_edge(out: torch.Tensor, bypass: torch.Tensor, groups: int) -> torch.Tensor:
+    """The edge's output from the ops' output and the bypass: concatenated, then shuffled into `groups` groups
+    (channel c*groups + g of the result is channel g*C/groups + c of the concatenation)."""
+    return F.channel_shuffle(torch.cat([out, bypass], dim=1), groups)
+
+
 class SearchCell(nn.Module):
     """A DAG of `steps` nodes over two inputs; each node sums the mixed ops from all its predecessors."""
 
     def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, pool_bn=True,
-                 recompute=True):  # fmt: skip
+                 recompute=True, partial_channels=1):  # fmt: skip
         super().__init__()
         self.reduction = reduction
         self.steps = steps
@@ -174,21 +208,29 @@ class SearchCell(nn.Module):
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
         # Edges node-major, input-minor: node 0 <- (0, 1), node 1 <- (0, 1, 2), ...
         self.edges = nn.ModuleList(
-            MixedOp(C, 2 if reduction and j < 2 else 1, pool_bn, recompute) for i in range(steps) for j in range(2 + i)
+            MixedOp(C, 2 if reduction and j < 2 else 1, pool_bn, recompute, partial_channels)
+            for i in range(steps)
+            for j in range(2 + i)
         )
 
     def forward(
-        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, columns: Sequence[Columns] | None = None
+        self,
+        s0: torch.Tensor,
+        s1: torch.Tensor,
+        weights: torch.Tensor,
+        columns: Sequence[Columns] | None = None,
+        edge_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all).
+        """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all);
+        `edge_scale` `[num_edges]`, a factor on each edge's whole output (None: 1).
 
         The edges leaving a state run as one group (`edges_leaving`): those of s0 and s1 first, then each node's
         as soon as it is complete. Each node sums its inputs' outputs in input order, as DARTS's cell does.
         """
         incoming: list[list[torch.Tensor]] = [[] for _ in range(self.steps)]  # per node, its edges' outputs so far
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        self._leave(0, states[0], weights, columns, incoming)
-        self._leave(1, states[1], weights, columns, incoming)
+        self._leave(0, states[0], weights, columns, edge_scale, incoming)
+        self._leave(1, states[1], weights, columns, edge_scale, incoming)
         for i in range(self.steps):
             node = None
             for out in incoming[i]:
@@ -197,7 +239,7 @@ class SearchCell(nn.Module):
                 node = self.edges[self._edge_index(i, 0)].zeros(states[0])
             states.append(node)
             if i + 1 < self.steps:
-                self._leave(2 + i, node, weights, columns, incoming)
+                self._leave(2 + i, node, weights, columns, edge_scale, incoming)
         return torch.cat(states[-self.multiplier :], dim=1)
 
     @staticmethod
@@ -206,7 +248,7 @@ class SearchCell(nn.Module):
         before it."""
         return node * (node + 3) // 2 + state
 
-    def _leave(self, state: int, h: torch.Tensor, weights: torch.Tensor, columns, incoming) -> None:
+    def _leave(self, state: int, h: torch.Tensor, weights: torch.Tensor, columns, edge_scale, incoming) -> None:
         """Runs the edges from state `state` (value h) to every later node, appending their outputs to `incoming`."""
         nodes, indices = [], []
         for node in range(max(0, state - 1), self.steps):
@@ -218,8 +260,8 @@ class SearchCell(nn.Module):
             return
         edge_columns = [_COMPUTED_COLUMNS if columns is None else columns[i] for i in indices]
         outs = edges_leaving(h, [self.edges[i] for i in indices], weights[indices], edge_columns)
-        for node, out in zip(nodes, outs):
-            incoming[node].append(out)
+        for node, index, out in zip(nodes, indices, outs):
+            incoming[node].append(out if edge_scale is None else out * edge_scale[index])
 
 
 class SearchNetwork(nn.Module):
@@ -279,7 +321,7 @@ class SearchNetwork(nn.Module):
             if reduction:
                 C_curr *= 2
             cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, style.pool_bn,
-                              recompute)  # fmt: skip
+                              recompute, style.partial_channels)  # fmt: skip
             if not style.running_statistics:
                 drop_running_statistics(cell)
             cells.append(cell)
@@ -292,8 +334,9 @@ class SearchNetwork(nn.Module):
         self.classifier = nn.Linear(C_prev, num_classes)
 
         num_edges = cell_edge_count(steps)
-        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(num_edges, len(PRIMITIVES)))
-        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(num_edges, len(PRIMITIVES)))
+        columns = len(PRIMITIVES) + self.method.extra_arch_columns
+        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(num_edges, columns))
+        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(num_edges, columns))
 
     @property
     def reduction_indices(self) -> tuple[int, int]:
@@ -331,7 +374,7 @@ class SearchNetwork(nn.Module):
         s0 = s1 = self.stem(x).contiguous(memory_format=self.memory_format)
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
-            s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind])
+            s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind], weights[kind].edge_scale)
         if self.head is not None:
             s1 = self.head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1))

@@ -246,11 +246,11 @@ def test_forward_weights_of_both_forms():
     betas = arch()
     reference = PRDARTSMethod(seed=0).forward_weights(betas)
     for cell in betas:
-        weights, mask = reference[cell]
+        weights, mask = reference[cell].weights, reference[cell].mask
         assert torch.equal(weights, mask) and torch.equal(mask.sum(1), torch.full((14,), 2.0))
     paper = PRDARTSMethod(form="paper", seed=0).forward_weights(betas)
     for cell in betas:
-        weights, mask = paper[cell]
+        weights, mask = paper[cell].weights, paper[cell].mask
         assert mask is None  # every op computed, weighted by its gate
         assert weights.min() >= 0 and weights.max() <= 1 and ((weights > 0) & (weights < 1)).any()
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 from .base import CellWeights, Method, NetworkStyle, edge_entropy
 from .darts import DARTSMethod
 from .gdas import GDASMethod
+from .pcdarts import PCDARTSMethod
 from .prdarts import PRDARTSMethod
 
 METHODS: dict[str, type[Method]] = {DARTSMethod.name: DARTSMethod, PRDARTSMethod.name: PRDARTSMethod}
 METHODS[GDASMethod.name] = GDASMethod
+METHODS[PCDARTSMethod.name] = PCDARTSMethod
 
 
 def make_method(name: str, **settings) -> Method:
@@ -25,6 +27,7 @@ def make_method(name: str, **settings) -> Method:
 __all__ = [
     "DARTSMethod",
     "GDASMethod",
+    "PCDARTSMethod",
     "METHODS",
     "PRDARTSMethod",
     "CellWeights",

@@ -25,11 +25,14 @@ class NetworkStyle(NamedTuple):
         has no single set of statistics to keep).
     head_bn_relu: a BN and a ReLU between the last cell and the global pooling.
     pool_bn: an affine-free BN after each pooling candidate of the mixed ops.
+    partial_channels: K; above 1, each edge's ops compute on the first C/K channels of its input, the others
+        bypass them and the two parts are shuffled together (PC-DARTS; `supernet.partial_channel_edge`).
     """
 
     running_statistics: bool = True
     head_bn_relu: bool = False
     pool_bn: bool = True
+    partial_channels: int = 1
 
 
 class CellWeights(NamedTuple):
@@ -38,10 +41,13 @@ class CellWeights(NamedTuple):
     weights: `[num_edges, len(PRIMITIVES)]`, the weight of every op on every edge.
     mask: None to compute every op, or 0/1 of the same shape: only the ops marked 1 are computed
         (the others' weights are 0).
+    edge_scale: None, or `[num_edges]`: a factor on each edge's whole output (PC-DARTS's edge normalisation,
+        which also scales the channels that bypass the ops).
     """
 
     weights: Tensor
     mask: Tensor | None = None
+    edge_scale: Tensor | None = None
 
 
 def edge_entropy(weights: Tensor) -> float:
@@ -68,6 +74,9 @@ class Method(ABC):
     samples_each_forward: ClassVar[bool] = False
     # The search network the method's published code trains (an instance attribute may override it).
     network_style: NetworkStyle = NetworkStyle()
+    # Columns of each architecture tensor after the `len(PRIMITIVES)` op columns, for per-edge parameters of the
+    # method's own (PC-DARTS: 1, the edge's logit beta).
+    extra_arch_columns: ClassVar[int] = 0
 
     @abstractmethod
     def forward_weights(self, arch: Mapping[str, Tensor]) -> dict[str, CellWeights]:
@@ -88,6 +97,11 @@ class Method(ABC):
     def set_epoch(self, epoch: int, epochs: int) -> None:
         """Per-epoch settings (for example a temperature) for 0-based `epoch` of `epochs`."""
         check_epoch(epoch, epochs)
+
+    def trains_architecture(self) -> bool:
+        """Whether the steps of the epoch in force (after `set_epoch`) update the architecture; False during a
+        warm-up that trains the weights alone."""
+        return True
 
     def epoch_settings(self) -> dict[str, float]:
         """The per-epoch settings in force (after `set_epoch`), to log with the epoch."""
