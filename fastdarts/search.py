@@ -187,6 +187,7 @@ def architecture_record(model: SearchNetwork) -> dict:
         "reduce_skip_connects": sum(op == "skip_connect" for op, _ in genotype.reduce),
         **model.diagnostics(),
         "genotype": str(genotype),
+        "ops": list(model.method.primitives),  # the columns of the weights below
         "weights_normal": weights_normal.detach().tolist(),
         "weights_reduce": weights_reduce.detach().tolist(),
     }

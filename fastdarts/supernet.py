@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .methods import DARTSMethod, Method
+from .methods import CellWeights, DARTSMethod, Method
 from .ops.reference import check_flag
 from .space import (
     OPS,
@@ -35,6 +35,38 @@ _COMPUTED_COLUMNS = tuple(PRIMITIVES.index(name) for name in _COMPUTED)
 _CANDIDATE_OF_COLUMN = {column: i for i, column in enumerate(_COMPUTED_COLUMNS)}
 
 Columns = Sequence[int]  # PRIMITIVES columns of the ops to compute on one edge (`none` never listed)
+
+
+class OpColumns:
+    """Maps a method's op columns (its `primitives`, any subset of PRIMITIVES in any order) onto the supernet's
+    PRIMITIVES columns by name. Ops the method leaves out get weight 0 and are never computed."""
+
+    def __init__(self, primitives: Sequence[str]):
+        primitives = tuple(primitives)
+        unknown = [name for name in primitives if name not in PRIMITIVES]
+        if unknown or len(set(primitives)) != len(primitives) or not set(primitives) & set(_COMPUTED):
+            raise ValueError(f"a method's ops must be distinct names of {', '.join(PRIMITIVES)}, at least one of "
+                             f"them not `none`; got {list(primitives)}")  # fmt: skip
+        self.primitives = primitives
+        self.identity = primitives == PRIMITIVES
+        # The method column of each PRIMITIVES column; len(primitives) (a zero column appended) where it has none.
+        self.index = [primitives.index(name) if name in primitives else len(primitives) for name in PRIMITIVES]
+        self.complete = set(_COMPUTED) <= set(primitives)
+
+    def __call__(self, weights: CellWeights) -> CellWeights:
+        """`weights` over the method's columns as weights over PRIMITIVES; when the method leaves out a computed
+        op, the mask marks only the method's ops."""
+        if self.identity:
+            return weights
+        mask = weights.mask
+        if mask is None and not self.complete:
+            mask = torch.ones_like(weights.weights)
+        return weights._replace(
+            weights=self._spread(weights.weights), mask=None if mask is None else self._spread(mask)
+        )
+
+    def _spread(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(t.shape[0], 1)], dim=1)[:, self.index]
 
 
 def selected_columns(mask: torch.Tensor | None) -> list[Columns] | None:
@@ -268,9 +300,10 @@ class SearchNetwork(nn.Module):
     """The supernet: stem, `layers` search cells (reductions at layers//3 and 2*layers//3), classifier.
 
     All normal cells share `alpha_normal`, all reduction cells `alpha_reduce`, each
-    `[num_edges, len(PRIMITIVES)]` in PRIMITIVES column order and DARTS edge order (for PR-DARTS
-    they hold the gate logits beta). `method` (default `DARTSMethod`) turns them into the edge
-    weights of each forward pass, and gives the regulariser and the genotype rule. Each edge is one
+    `[num_edges, len(method.primitives)]` in the method's column order and DARTS edge order (for PR-DARTS
+    they hold the gate logits beta); `OpColumns` maps the columns onto the mixed ops by name. `method`
+    (default `DARTSMethod`) turns them into the edge weights of each forward pass, and gives the
+    regulariser and the genotype rule. Each edge is one
     `ops.mixed_op` call; `memory_format` (default channels_last, the kernels' layout) is the layout
     of the activations. `recompute` (default True) makes each fused mixed op keep only its input for
     backward and recompute the edge there; False keeps the edge's intermediates instead (faster, several
@@ -333,10 +366,14 @@ class SearchNetwork(nn.Module):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
 
+        self.op_columns = OpColumns(self.method.primitives)
         num_edges = cell_edge_count(steps)
-        columns = len(PRIMITIVES) + self.method.extra_arch_columns
-        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(num_edges, columns))
-        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(num_edges, columns))
+        self.alpha_normal = nn.Parameter(self.method.initial_arch(num_edges))
+        self.alpha_reduce = nn.Parameter(self.method.initial_arch(num_edges))
+        columns = len(self.method.primitives) + self.method.extra_arch_columns
+        if self.alpha_normal.shape != (num_edges, columns):
+            raise ValueError(f"SearchNetwork: {self.method.name}'s initial_arch must be [{num_edges}, {columns}], "
+                             f"got {list(self.alpha_normal.shape)}")  # fmt: skip
 
     @property
     def reduction_indices(self) -> tuple[int, int]:
@@ -363,11 +400,12 @@ class SearchNetwork(nn.Module):
 
     def edge_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The method's deterministic per-edge op distribution (a softmax for DARTS and PR-DARTS):
-        (normal, reduce), each `[num_edges, len(PRIMITIVES)]`."""
+        (normal, reduce), each `[num_edges, len(method.primitives)]`."""
         return self.method.edge_weights(self.alpha_normal), self.method.edge_weights(self.alpha_reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.method.forward_weights(self.arch_parameters_by_cell())
+        weights = {kind: self.op_columns(w) for kind, w in weights.items()}
         columns = {kind: selected_columns(w.mask) for kind, w in weights.items()}
         # channels_last by default: the layout the fused kernels compute in, and the faster one for eager PyTorch on
         # the CPU too (the fused op returns channels_last whatever it is given).

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdarts import PRIMITIVES, SearchNetwork, search
+from fastdarts import SearchNetwork, search
 from fastdarts.config import run_cli
 from fastdarts.methods import GDASMethod, make_method
 from fastdarts.space import edge_index
-from fastdarts.supernet import SearchCell, selected_columns
+from fastdarts.supernet import OpColumns, SearchCell, selected_columns
 
 from ._methods import assert_search_resumes_bit_for_bit, candidate, hand_cell
 
@@ -21,12 +21,11 @@ GDAS_ORDER = ["none", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_
 
 
 def transcribed_sample(alpha, seed, tau):
-    """The published sampling: Exp(1) draws in GDAS's column order, g = -log E, p = softmax((log_softmax(alpha) +
-    g) / tau), h = onehot(argmax p) - p.detach() + p; returned in PRIMITIVES's column order, with the argmax."""
+    """The published sampling (columns in GDAS's op order): Exp(1) draws, g = -log E, p = softmax((log_softmax(alpha)
+    + g) / tau), h = onehot(argmax p) - p.detach() + p; returned with the argmax."""
     generator = torch.Generator().manual_seed(seed)
     exponential = torch.empty(alpha.shape, dtype=alpha.dtype).exponential_(generator=generator)
     gumbel = -exponential.log()
-    gumbel = torch.stack([gumbel[:, GDAS_ORDER.index(name)] for name in PRIMITIVES], dim=1)
     p = F.softmax((F.log_softmax(alpha, dim=1) + gumbel) / tau, dim=1)
     index = p.max(-1, keepdim=True)[1]
     one_h = torch.zeros_like(p).scatter_(-1, index, 1.0)
@@ -53,7 +52,7 @@ def edge_of_one_op(sample):
     h, index = sample
 
     def edge_output(edge, row, x):
-        name = PRIMITIVES[index[row]]
+        name = GDAS_ORDER[index[row]]
         if name == "none":
             return edge.zeros(x)
         return candidate(edge, name, x) * h[row, index[row]]
@@ -67,10 +66,11 @@ def test_cell_output_and_architecture_gradient_equal_the_transcription(reduction
     s0, s1 = (torch.randn(2, 6, 7, 7, dtype=F64) for _ in range(2))
     alpha = torch.randn(14, 8, dtype=F64, requires_grad=True)
     with torch.no_grad():
-        alpha[3, PRIMITIVES.index("none")] = 10.0  # edge 3 samples `none`: it adds zeros
+        alpha[3, GDAS_ORDER.index("none")] = 10.0  # edge 3 samples `none`: it adds zeros
     method = GDASMethod(seed=1)
     weights = method.forward_weights({"normal": alpha})["normal"]
-    assert weights.mask[3, PRIMITIVES.index("none")] == 1
+    assert weights.mask[3, GDAS_ORDER.index("none")] == 1
+    weights = OpColumns(GDAS_ORDER)(weights)  # as the supernet maps the method's columns onto its mixed ops
     fused = cell(s0, s1, weights.weights, selected_columns(weights.mask))
     hand = hand_cell(cell, s0, s1, edge_of_one_op(transcribed_sample(alpha, 1, method.tau)))
     torch.testing.assert_close(fused, hand)
@@ -86,7 +86,7 @@ def transcribed_genotype(alpha, steps=4):
     weights = alpha.softmax(-1)
     gene = []
     for i in range(steps):
-        pairs = [(weights[edge_index(i, j), PRIMITIVES.index(op)].item(), op, j)
+        pairs = [(weights[edge_index(i, j), GDAS_ORDER.index(op)].item(), op, j)
                  for j in range(2 + i) for op in GDAS_ORDER if op != "none"]  # fmt: skip
         gene += [(op, j) for _, op, j in sorted(pairs, key=lambda pair: -pair[0])[:2]]
     return tuple(gene)
@@ -94,6 +94,7 @@ def transcribed_genotype(alpha, steps=4):
 
 def test_genotype_rule_equals_the_transcription():
     net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=1, method=GDASMethod())
+    assert GDASMethod.primitives == tuple(GDAS_ORDER)
     with torch.no_grad():
         for alpha in net.arch_parameters():
             alpha.normal_(std=0.3)
@@ -101,7 +102,7 @@ def test_genotype_rule_equals_the_transcription():
     genotype = net.genotype()
     assert genotype.normal == transcribed_genotype(net.alpha_normal)
     assert genotype.reduce == transcribed_genotype(net.alpha_reduce)
-    assert genotype.normal[4:6] == (("dil_conv_5x5", 3), ("dil_conv_3x3", 3))
+    assert genotype.normal[4:6] == (("max_pool_3x3", 3), ("avg_pool_3x3", 3))
 
 
 def test_temperature_schedule_state_and_settings():

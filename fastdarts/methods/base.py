@@ -1,8 +1,10 @@
 """What every architecture-search method provides to the supernet and the search loop.
 
-A method turns each cell type's architecture parameters (`[num_edges, len(PRIMITIVES)]`, keyed
-"normal" and "reduce") into the edge weights of one forward pass, and may add a regulariser to the
-architecture loss. The supernet and the bilevel optimizer use only this interface.
+A method declares its candidate ops by name (`primitives`, a subset of space.PRIMITIVES in any
+order), and turns each cell type's architecture parameters (`[num_edges, len(primitives)]`, keyed
+"normal" and "reduce", columns in `primitives` order) into the edge weights of one forward pass, and
+may add a regulariser to the architecture loss. The supernet maps the columns onto its mixed ops by
+name; the supernet and the bilevel optimizer use only this interface.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ..space import Edge
+from ..space import PRIMITIVES, Edge
 
 
 class NetworkStyle(NamedTuple):
@@ -38,7 +40,7 @@ class NetworkStyle(NamedTuple):
 class CellWeights(NamedTuple):
     """One cell type's edge weights for one forward pass.
 
-    weights: `[num_edges, len(PRIMITIVES)]`, the weight of every op on every edge.
+    weights: `[num_edges, len(primitives)]`, the weight of every op of the method on every edge.
     mask: None to compute every op, or 0/1 of the same shape: only the ops marked 1 are computed
         (the others' weights are 0).
     edge_scale: None, or `[num_edges]`: a factor on each edge's whole output (PC-DARTS's edge normalisation,
@@ -74,9 +76,17 @@ class Method(ABC):
     samples_each_forward: ClassVar[bool] = False
     # The search network the method's published code trains (an instance attribute may override it).
     network_style: NetworkStyle = NetworkStyle()
-    # Columns of each architecture tensor after the `len(PRIMITIVES)` op columns, for per-edge parameters of the
+    # The candidate ops by name, in the column order of the architecture parameters (an instance attribute
+    # may override it): a subset of space.PRIMITIVES in any order; the supernet never computes the others.
+    primitives: tuple[str, ...] = PRIMITIVES
+    # Columns of each architecture tensor after the `len(primitives)` op columns, for per-edge parameters of the
     # method's own (PC-DARTS: 1, the edge's logit beta).
     extra_arch_columns: ClassVar[int] = 0
+
+    def initial_arch(self, num_edges: int) -> Tensor:
+        """One cell type's architecture parameters at the start, `[num_edges, len(primitives) + extra_arch_columns]`
+        (DARTS: 1e-3 N(0, 1), drawn from torch's global generator)."""
+        return 1e-3 * torch.randn(num_edges, len(self.primitives) + self.extra_arch_columns)
 
     @abstractmethod
     def forward_weights(self, arch: Mapping[str, Tensor]) -> dict[str, CellWeights]:

@@ -14,15 +14,13 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..space import PRIMITIVES, Edge, derive_cell_top_ops
+from ..space import Edge, derive_cell_top_ops
 from .base import CellWeights, Method, check_epoch, check_state_keys, load_generator_state
 
-# GDAS's own op order (its DARTS_SPACE): the Gumbel noise is drawn in this column order, so that the same generator
-# state gives the same sample as the published code.
+# GDAS's own op order (its DARTS_SPACE), the column order of its architecture parameters: the Gumbel noise is drawn
+# in this order, so the same generator state gives the same sample as the published code.
 GDAS_ORDER = ("none", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
               "avg_pool_3x3", "max_pool_3x3")  # fmt: skip
-# Column c of the noise in PRIMITIVES order is column _FROM_GDAS[c] of the noise drawn in GDAS_ORDER.
-_FROM_GDAS = [GDAS_ORDER.index(name) for name in PRIMITIVES]
 
 
 def hard_gumbel_softmax(alpha: Tensor, gumbel: Tensor, tau: float) -> tuple[Tensor, Tensor]:
@@ -43,13 +41,15 @@ class GDASMethod(Method):
     """One Gumbel-sampled op per edge, shared by every cell of a type and every image of the batch.
 
     The weights train first in each step, then the architecture (each forward pass draws its own sample, from this
-    object's generator, seeded with `seed`). The genotype keeps, for each node, the two (op, input) pairs of highest
-    softmax(alpha) over all its inputs (`none` excluded); both may read the same input.
+    object's generator, seeded with `seed`). The architecture columns are in GDAS's op order. The genotype keeps,
+    for each node, the two (op, input) pairs of highest softmax(alpha) over all its inputs (`none` excluded); both
+    may read the same input.
     """
 
     name = "gdas"
     weight_step_first = True
     samples_each_forward = True
+    primitives = GDAS_ORDER
 
     def __init__(self, *, tau_max: float = 10.0, tau_min: float = 0.1, seed: int = 0):
         _check_positive("tau_max", tau_max)
@@ -62,9 +62,9 @@ class GDASMethod(Method):
         self.generator = torch.Generator().manual_seed(seed)
 
     def gumbel_noise(self, alpha: Tensor) -> Tensor:
-        """`-log(E)`, `E ~ Exp(1)`, shaped like `alpha` (drawn in GDAS's column order, returned in PRIMITIVES')."""
+        """`-log(E)`, `E ~ Exp(1)`, shaped like `alpha` (drawn on the CPU, where the generator is)."""
         exponential = torch.empty(alpha.shape, dtype=alpha.dtype).exponential_(generator=self.generator)
-        return -exponential.log()[:, _FROM_GDAS].to(alpha.device)
+        return -exponential.log().to(alpha.device)
 
     def forward_weights(self, arch: Mapping[str, Tensor]) -> dict[str, CellWeights]:
         weights = {}
@@ -90,7 +90,7 @@ class GDASMethod(Method):
         return alpha.softmax(dim=-1)
 
     def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
-        return derive_cell_top_ops(self.edge_weights(alpha), steps)
+        return derive_cell_top_ops(self.edge_weights(alpha), steps, self.primitives)
 
     def state_dict(self) -> dict:
         return {"tau": self.tau, "generator": self.generator.get_state()}

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..space import PRIMITIVES, Edge, cell_steps, derive_cell, edge_index
+from ..space import Edge, cell_steps, derive_cell, edge_index
 from .base import CellWeights, Method, NetworkStyle, check_epoch, edge_entropy
 
 # The published run freezes the architecture for 15 of its 50 epochs.
@@ -49,8 +49,8 @@ class PCDARTSMethod(Method):
         self.frozen = False
 
     def split(self, alpha: Tensor) -> tuple[Tensor, Tensor]:
-        """(w, w2) of one cell type's parameters `[num_edges, len(PRIMITIVES) + 1]`."""
-        return alpha[:, : len(PRIMITIVES)].softmax(dim=-1), edge_normalisation(alpha[:, len(PRIMITIVES)])
+        """(w, w2) of one cell type's parameters `[num_edges, len(primitives) + 1]`."""
+        return alpha[:, : len(self.primitives)].softmax(dim=-1), edge_normalisation(alpha[:, len(self.primitives)])
 
     def forward_weights(self, arch: Mapping[str, Tensor]) -> dict[str, CellWeights]:
         weights = {}
@@ -64,7 +64,7 @@ class PCDARTSMethod(Method):
 
     def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
         w, w2 = self.split(alpha)
-        return derive_cell(w * w2[:, None], steps)
+        return derive_cell(w * w2[:, None], steps, self.primitives)
 
     def set_epoch(self, epoch: int, epochs: int) -> None:
         check_epoch(epoch, epochs)

@@ -181,7 +181,7 @@ class PRDARTSMethod(Method):
         return alpha.softmax(dim=-1)
 
     def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
-        return derive_cell_top_ops(self.edge_weights(alpha), steps)
+        return derive_cell_top_ops(self.edge_weights(alpha), steps, self.primitives)
 
     def diagnostics(self, arch: Mapping[str, Tensor]) -> dict[str, float]:
         """The entropies, and `p_nonzero_<group>_<cell type>`: the mean P(g != 0) over every gate of a group."""
