@@ -124,7 +124,8 @@ class SearchConfig(CommonConfig):
     arch_weight_decay: float = option(1e-3, "weight decay of the architecture parameters", low=0)
     seed: int = option(2, "random seed", low=0, high=2**32 - 1)  # NumPy's seeds
     method: str = option("darts", "search method: darts (softmax over ops), pr-darts (hard-concrete gates), gdas (one "
-                         "Gumbel-sampled op per edge), pc-darts (partial channels, edge normalisation)",
+                         "Gumbel-sampled op per edge), pc-darts (partial channels, edge normalisation), "
+                         "drnas (Dirichlet-sampled weights, pruned halfway)",
                          choices=tuple(METHODS))  # fmt: skip
     # PR-DARTS (METHOD.md section 2); used only with --method pr-darts.
     prdarts_form: str = option("reference", "pr-darts: reference (top-k, hinged groups) or paper (all gates)",
@@ -152,10 +153,29 @@ class SearchConfig(CommonConfig):
                                    "init_channels must be a multiple of K", low=1)  # fmt: skip
     pcdarts_warmup_epochs: int | None = option(None, "pc-darts: first epochs that train the weights alone (default: "
                                                "15 of every 50 epochs, rounded down)", low=0)  # fmt: skip
+    drnas_k: int | None = option(None, "drnas: the ops compute on 1/K of each edge's channels (default 4); "
+                                 "init_channels must be a multiple of K", low=1)  # fmt: skip
+    drnas_prune_to: int | None = option(None, "drnas: ops each edge keeps in the second stage (default 4)", low=1,
+                                        high=7)  # fmt: skip
+    drnas_warmup_epochs: int | None = option(None, "drnas: first epochs of each stage that train the weights alone "
+                                             "(default: 10 of every 25 epochs of the stage, rounded down)",
+                                             low=0)  # fmt: skip
+    drnas_reg: str | None = option(None, "drnas: l2 (the architecture's weight decay is drnas_reg_scale, in place of "
+                                   "arch_weight_decay) or kl (drnas_reg_scale * KL to the uniform Dirichlet in the "
+                                   "architecture loss, no weight decay) (default l2)",
+                                   choices=("l2", "kl"))  # fmt: skip
+    drnas_reg_scale: float | None = option(None, "drnas: scale of the regulariser (default 1e-3)", low=0)
     # Per method, its config fields and the keyword argument of its constructor each one sets.
     METHOD_OPTIONS: typing.ClassVar[dict[str, dict[str, str]]] = {
         "gdas": {"gdas_tau_max": "tau_max", "gdas_tau_min": "tau_min"},
         "pc-darts": {"pcdarts_k": "k", "pcdarts_warmup_epochs": "warmup_epochs"},
+        "drnas": {
+            "drnas_k": "k",
+            "drnas_prune_to": "prune_to",
+            "drnas_warmup_epochs": "warmup_epochs",
+            "drnas_reg": "reg",
+            "drnas_reg_scale": "reg_scale",
+        },
     }
 
     # DARTS's CIFAR-10 settings (for CIFAR-100 and 32-pixel folders too), and settings for the bundled

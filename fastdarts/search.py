@@ -77,6 +77,8 @@ class SearchTask:
     def begin_epoch(self, epoch: int) -> dict:
         self.lr = self.scheduler.get_last_lr()[0]
         self.model.method.set_epoch(epoch, self.config.epochs)
+        with torch.no_grad():
+            self.model.method.prepare_architecture(self.model.arch_parameters_by_cell())
         self.model.train()
         return {"lr": self.lr, **self.model.method.epoch_settings()}
 
@@ -147,7 +149,7 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
         model,
         weight_optimizer,
         arch_learning_rate=config.arch_learning_rate,
-        arch_weight_decay=config.arch_weight_decay,
+        arch_weight_decay=config.arch_weight_decay if method.arch_weight_decay is None else method.arch_weight_decay,
         unrolled=config.unrolled,
         hessian_r=config.hessian_r,
         world=world,

@@ -401,7 +401,10 @@ class SearchNetwork(nn.Module):
     def edge_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The method's deterministic per-edge op distribution (a softmax for DARTS and PR-DARTS):
         (normal, reduce), each `[num_edges, len(method.primitives)]`."""
-        return self.method.edge_weights(self.alpha_normal), self.method.edge_weights(self.alpha_reduce)
+        arch = self.arch_parameters_by_cell()
+        return self.method.cell_edge_weights("normal", arch["normal"]), self.method.cell_edge_weights(
+            "reduce", arch["reduce"]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.method.forward_weights(self.arch_parameters_by_cell())
@@ -428,8 +431,8 @@ class SearchNetwork(nn.Module):
     def genotype(self) -> Genotype:
         concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
         return Genotype(
-            normal=self.method.derive_cell(self.alpha_normal, self.steps),
+            normal=self.method.derive_cell_of("normal", self.alpha_normal, self.steps),
             normal_concat=concat,
-            reduce=self.method.derive_cell(self.alpha_reduce, self.steps),
+            reduce=self.method.derive_cell_of("reduce", self.alpha_reduce, self.steps),
             reduce_concat=concat,
         )

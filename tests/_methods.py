@@ -32,6 +32,16 @@ def hand_cell(cell: SearchCell, s0: torch.Tensor, s1: torch.Tensor, edge_output)
     return torch.cat(states[-cell.multiplier :], dim=1)
 
 
+def assert_same_state(a, b, where="method") -> None:
+    """Two method states (nested mappings of tensors and numbers) hold the same values, bit for bit."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    else:
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b)), where
+
+
 def assert_search_resumes_bit_for_bit(tmp_path, monkeypatch, **settings) -> search.SearchResult:
     """A two-epoch tiny search with `settings`, stopped after one epoch and resumed, ends as the uninterrupted one
     does; its genotype is one `fastdarts.train` accepts. Returns the whole run. (Without the end's pictures, which
@@ -44,10 +54,7 @@ def assert_search_resumes_bit_for_bit(tmp_path, monkeypatch, **settings) -> sear
     assert first.stopped_early
     resumed = search.run(resume=tmp_path / "split", progress=False)
     assert_same_end(whole.run_dir, resumed.run_dir)
-    states = [load_checkpoint(run / "checkpoint.pt")["method"] for run in (whole.run_dir, resumed.run_dir)]
-    assert states[0].keys() == states[1].keys()
-    for key, value in states[0].items():
-        assert torch.equal(torch.as_tensor(value), torch.as_tensor(states[1][key])), key
+    assert_same_state(*(load_checkpoint(run / "checkpoint.pt")["method"] for run in (whole.run_dir, resumed.run_dir)))
     assert resumed.genotype == whole.genotype
     assert TrainConfig(genotype=str(whole.run_dir)).cell() == whole.genotype
     return whole

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import CellWeights, Method, NetworkStyle, edge_entropy
 from .darts import DARTSMethod
+from .drnas import DrNASMethod
 from .gdas import GDASMethod
 from .pcdarts import PCDARTSMethod
 from .prdarts import PRDARTSMethod
@@ -15,6 +16,7 @@ from .prdarts import PRDARTSMethod
 METHODS: dict[str, type[Method]] = {DARTSMethod.name: DARTSMethod, PRDARTSMethod.name: PRDARTSMethod}
 METHODS[GDASMethod.name] = GDASMethod
 METHODS[PCDARTSMethod.name] = PCDARTSMethod
+METHODS[DrNASMethod.name] = DrNASMethod
 
 
 def make_method(name: str, **settings) -> Method:
@@ -26,6 +28,7 @@ def make_method(name: str, **settings) -> Method:
 
 __all__ = [
     "DARTSMethod",
+    "DrNASMethod",
     "GDASMethod",
     "PCDARTSMethod",
     "METHODS",

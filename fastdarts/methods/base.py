@@ -82,6 +82,8 @@ class Method(ABC):
     # Columns of each architecture tensor after the `len(primitives)` op columns, for per-edge parameters of the
     # method's own (PC-DARTS: 1, the edge's logit beta).
     extra_arch_columns: ClassVar[int] = 0
+    # The architecture optimiser's weight decay when the method sets it (DrNAS: its regulariser); None: the run's.
+    arch_weight_decay: float | None = None
 
     def initial_arch(self, num_edges: int) -> Tensor:
         """One cell type's architecture parameters at the start, `[num_edges, len(primitives) + extra_arch_columns]`
@@ -100,6 +102,16 @@ class Method(ABC):
     def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
         """The discrete cell of one cell type's parameters, as (op, input) pairs, two per node."""
 
+    def cell_edge_weights(self, cell: str, alpha: Tensor) -> Tensor:
+        """`edge_weights` of cell type `cell` ("normal" or "reduce"): what the supernet logs and derives the
+        genotype from. A method whose cell types differ by more than their parameters overrides it (DrNAS: the ops
+        each type's edges keep after pruning)."""
+        return self.edge_weights(alpha)
+
+    def derive_cell_of(self, cell: str, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
+        """`derive_cell` of cell type `cell` (see `cell_edge_weights`)."""
+        return self.derive_cell(alpha, steps)
+
     def regulariser(self) -> Tensor | None:
         """The term added to the architecture loss for the last forward pass; None when there is none."""
         return None
@@ -113,13 +125,19 @@ class Method(ABC):
         warm-up that trains the weights alone."""
         return True
 
+    def prepare_architecture(self, arch: Mapping[str, Tensor]) -> None:
+        """Changes the method makes to the architecture parameters themselves before the first step of the epoch
+        in force (after `set_epoch`; DrNAS prunes each edge to its best ops at its second stage). Called again for
+        an epoch resumed midway, so a change already made (and checkpointed) must not be made twice."""
+        return None
+
     def epoch_settings(self) -> dict[str, float]:
         """The per-epoch settings in force (after `set_epoch`), to log with the epoch."""
         return {}
 
     def diagnostics(self, arch: Mapping[str, Tensor]) -> dict[str, float]:
         """Per-epoch figures to log: `entropy_<cell type>` of the edge weights, plus the method's own."""
-        return {f"entropy_{cell}": edge_entropy(self.edge_weights(alpha)) for cell, alpha in arch.items()}
+        return {f"entropy_{cell}": edge_entropy(self.cell_edge_weights(cell, alpha)) for cell, alpha in arch.items()}
 
     def state_dict(self) -> dict:
         """Every piece of mutable state, so a search can resume bit for bit."""
