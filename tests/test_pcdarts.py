@@ -10,7 +10,7 @@ from fastdarts.checkpoint import load_checkpoint
 from fastdarts.config import run_cli
 from fastdarts.methods import PCDARTSMethod, make_method
 from fastdarts.space import edge_index
-from fastdarts.supernet import SearchCell
+from fastdarts.supernet import SearchCell, partial_channel_edge
 
 from ._methods import COMPUTED, assert_search_resumes_bit_for_bit, candidate, hand_cell
 from .conftest import requires_ext
@@ -67,6 +67,20 @@ def test_cell_output_and_gradients_equal_the_transcription(reduction, backend):
     for got, want in zip(fused_grads, hand_grads):
         torch.testing.assert_close(got, want)
     assert fused_grads[0][:, 8].abs().sum() > 0  # beta is learned
+
+
+@pytest.mark.parametrize("groups,c,side", [(4, 2, 8), (2, 3, 5), (6, 1, 3)])
+def test_partial_channel_edge_is_the_concatenation_shuffled(groups, c, side):
+    out = torch.randn(2, c, side, side, dtype=F64, requires_grad=True)
+    bypass = torch.randn(2, c * (groups - 1), side, side, dtype=F64, requires_grad=True)
+    got = partial_channel_edge(out, bypass, groups)
+    want = channel_shuffle(torch.cat([out, bypass], dim=1), groups)
+    assert torch.equal(got, want)
+    upstream = torch.randn_like(want)
+    for g, w in zip(torch.autograd.grad((got * upstream).sum(), [out, bypass]),
+                    torch.autograd.grad((want * upstream).sum(), [out, bypass])):  # fmt: skip
+        assert torch.equal(g, w)
+    assert torch.autograd.gradcheck(lambda o, b: partial_channel_edge(o, b, groups), (out, bypass))
 
 
 def test_an_odd_side_keeps_its_last_row_and_column_in_the_bypass():
