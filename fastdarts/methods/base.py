@@ -5,6 +5,13 @@ order), and turns each cell type's architecture parameters (`[num_edges, len(pri
 "normal" and "reduce", columns in `primitives` order) into the edge weights of one forward pass, and
 may add a regulariser to the architecture loss. The supernet maps the columns onto its mixed ops by
 name; the supernet and the bilevel optimizer use only this interface.
+
+Hooks whose defaults are DARTS's (no-ops), for methods that need more: `extra_arch_columns` (per-edge
+parameters after the op columns), `CellWeights.mask` (ops not computed) and `.edge_scale` (a factor on an
+edge's whole output), `NetworkStyle.partial_channels` (ops on a channel slice), `trains_architecture`
+(a warm-up), `prepare_architecture` (changes to the parameters at an epoch's start, such as pruning),
+`cell_edge_weights`/`derive_cell_of` (a cell type's own state, such as its pruned ops) and
+`arch_weight_decay` (the architecture optimiser's weight decay as the method's regulariser).
 """
 
 from __future__ import annotations
