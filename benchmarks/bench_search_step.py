@@ -38,6 +38,19 @@ def test_search_step(benchmark, provider, order):
     assert any((a != b).any() for a, b in zip(model.arch_parameters(), before))
 
 
+@pytest.mark.parametrize("provider", [p for p in ("reference", "cpp") if p in AVAILABLE])
+@pytest.mark.parametrize("method", ["gdas", "pc-darts", "drnas"])
+def test_method_search_step(benchmark, method, provider):
+    backend, memory_format, _, recompute = PROVIDERS[provider]
+    model, weight_optimizer, (train_batch, val_batch) = make_problem(**CASE, memory_format=memory_format,
+                                                                     recompute=recompute, method=method)  # fmt: skip
+    with ops.use_backend(backend):
+        architect = Architect(model, weight_optimizer)
+        before = [a.detach().clone() for a in model.arch_parameters()]
+        benchmark(search_step, model, weight_optimizer, architect, train_batch, val_batch)
+    assert any((a != b).any() for a, b in zip(model.arch_parameters(), before))
+
+
 @pytest.mark.slow
 def test_the_script_measures_every_case_in_child_processes(capsys):
     main(["--json", "--batch", "2", "--init_channels", "2", "--layers", "3", "--size", "8", "--repeats", "1"])
