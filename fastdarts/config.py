@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import stat
@@ -26,12 +27,16 @@ from .data import DATA_DIRECTORIES, DATASETS, IMAGE_DATASETS, SEARCH_DATASETS
 from .distributed import writer_process
 from .errors import ConfigError, FastDartsError, RunFailed, one_line, path_stat, summary
 from .evalnet import NETWORKS
+from .methods import METHODS
 from .space import OPS, load_genotype
 
 
-def option(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None):
-    """A config field: `low`/`high` bound the value (open bounds exclude the end), `choices` lists it."""
-    meta = dict(help=help, low=low, high=high, low_open=low_open, high_open=high_open, choices=choices)
+def option(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None, method=None,
+           setting=None):  # fmt: skip
+    """A config field: `low`/`high` bound the value (open bounds exclude the end), `choices` lists it. `method`:
+    the search method the field belongs to (an error with another one), `setting` its keyword argument there."""
+    meta = dict(help=help, low=low, high=high, low_open=low_open, high_open=high_open, choices=choices,
+                method=method, setting=setting)  # fmt: skip
     return field(default=default, metadata=meta)
 
 
@@ -121,8 +126,12 @@ class SearchConfig(CommonConfig):
     arch_learning_rate: float | None = option(None, "Adam learning rate of the architecture", low=0, low_open=True)
     arch_weight_decay: float = option(1e-3, "weight decay of the architecture parameters", low=0)
     seed: int = option(2, "random seed", low=0, high=2**32 - 1)  # NumPy's seeds
-    method: str = option("darts", "search method: darts (softmax over ops) or pr-darts (hard-concrete gates)",
-                         choices=("darts", "pr-darts"))  # fmt: skip
+    method: str = option(
+        "darts",
+        "search method: darts (softmax over ops), pr-darts (hard-concrete gates), "
+        "beta-darts, darts-minus, fair-darts, sdarts (METHODS_MORE.md)",
+        choices=tuple(METHODS),
+    )
     # PR-DARTS (METHOD.md section 2); used only with --method pr-darts.
     prdarts_form: str = option("reference", "pr-darts: reference (top-k, hinged groups) or paper (all gates)",
                                choices=("reference", "paper"))  # fmt: skip
@@ -140,6 +149,31 @@ class SearchConfig(CommonConfig):
                               high=1)  # fmt: skip
     gate_a: float = option(-0.1, "pr-darts: lower end of the stretched sigmoid (a < 0)", high=0, high_open=True)
     gate_b: float = option(1.1, "pr-darts: upper end of the stretched sigmoid (b > 1)", low=1, low_open=True)
+    # The published constants of beta-DARTS, DARTS-, Fair DARTS and SDARTS (METHODS_MORE.md 7, 5, 3, 6); each
+    # is an error with another method.
+    beta_decay_start: float = option(0.0, "beta-darts: weight of the beta-decay term at the first epoch", low=0,
+                                     method="beta-darts", setting="lambda_start")  # fmt: skip
+    beta_decay_end: float = option(50.0, "beta-darts: weight of the beta-decay term after the last epoch (epoch e "
+                                   "of E: start + (end - start) e / E)", low=0, method="beta-darts",
+                                   setting="lambda_end")  # fmt: skip
+    auxiliary_skip_beta: float = option(1.0, "darts-minus: weight of the auxiliary skip at the first epoch", low=0,
+                                        method="darts-minus", setting="beta")  # fmt: skip
+    auxiliary_skip_decay: str = option("linear", "darts-minus: decay of the auxiliary skip's weight over the epochs",
+                                       choices=("linear", "cosine", "slow_cosine", "none"), method="darts-minus",
+                                       setting="decay")  # fmt: skip
+    zero_one_weight: float = option(10.0, "fair-darts: weight of the zero-one loss", low=0, method="fair-darts",
+                                    setting="zero_one_weight")  # fmt: skip
+    zero_one_loss: str = option("l2", "fair-darts: zero-one loss -mean((w - 0.5)^2) (l2) or -mean|w - 0.5| (l1)",
+                                choices=("l2", "l1"), method="fair-darts", setting="zero_one_form")  # fmt: skip
+    threshold: float = option(0.85, "fair-darts: the genotype keeps an op whose weight reaches this", low=0, high=1,
+                              low_open=True, high_open=True, method="fair-darts", setting="threshold")  # fmt: skip
+    perturbation: str = option("rs", "sdarts: random (rs) or adversarial (adv, PGD) perturbation of the weight step's "
+                               "edge weights", choices=("rs", "adv"), method="sdarts", setting="variant")  # fmt: skip
+    epsilon_start: float = option(0.03, "sdarts: perturbation radius at the first epoch", low=0, method="sdarts",
+                                  setting="epsilon_start")  # fmt: skip
+    epsilon_end: float = option(0.3, "sdarts: perturbation radius after the last epoch (epoch e of E: start + "
+                                "(end - start) e / E)", low=0, method="sdarts", setting="epsilon_end")  # fmt: skip
+    pgd_steps: int = option(7, "sdarts adv: steps of the PGD attack", low=1, method="sdarts", setting="pgd_steps")
 
     # DARTS's CIFAR-10 settings (for CIFAR-100 and 32-pixel folders too), and settings for the bundled
     # digits that finish a real search in a few minutes on 2 cores: 8x8 images need fewer cells, and
@@ -156,9 +190,21 @@ class SearchConfig(CommonConfig):
         super().check()
         if self.method == "pr-darts" and self.unrolled:
             raise ConfigError("unrolled: pr-darts samples new gates in every forward pass, so it searches first order")
+        for f in dataclasses.fields(self):
+            owner = f.metadata.get("method")
+            if owner is not None and owner != self.method and getattr(self, f.name) != f.default:
+                raise ConfigError(f"{f.name} is an option of --method {owner}, not of {self.method}")
+        if self.pgd_steps != type(self).pgd_steps and self.perturbation != "adv":
+            raise ConfigError("pgd_steps is an option of the adversarial perturbation (--perturbation adv)")
 
     def method_settings(self) -> dict:
         """The keyword arguments of the method object (fastdarts.methods.make_method)."""
+        own = {f.metadata["setting"]: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.metadata.get("method") == self.method}  # fmt: skip
+        if own:
+            if "seed" in inspect.signature(METHODS[self.method]).parameters:  # its own generator: the run's seed
+                own["seed"] = self.seed
+            return own
         if self.method == "darts":
             return {}
         return dict(tau_start=self.tau_start, tau_end=self.tau_end, l1=self.l1, l2=self.l2, l3=self.l3,

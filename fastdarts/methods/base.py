@@ -9,8 +9,10 @@ name; the supernet and the bilevel optimizer use only this interface.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -27,11 +29,15 @@ class NetworkStyle(NamedTuple):
         has no single set of statistics to keep).
     head_bn_relu: a BN and a ReLU between the last cell and the global pooling.
     pool_bn: an affine-free BN after each pooling candidate of the mixed ops.
+    auxiliary_skip: every edge carries an auxiliary skip connection besides its ops (DARTS-), weighted by
+        `Method.auxiliary_skip()`: the identity on stride-1 edges, a FactorizedReduce of its own on stride-2
+        edges.
     """
 
     running_statistics: bool = True
     head_bn_relu: bool = False
     pool_bn: bool = True
+    auxiliary_skip: bool = False
 
 
 class CellWeights(NamedTuple):
@@ -90,6 +96,21 @@ class Method(ABC):
     @abstractmethod
     def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
         """The discrete cell of one cell type's parameters, as (op, input) pairs, two per node."""
+
+    def weight_step(self, model, batch: tuple[Tensor, Tensor], loss_fn) -> AbstractContextManager:
+        """A context around the forward pass of each weight step (the weights' SGD step on the training `batch`
+        of `model`, the SearchNetwork, with `loss_fn`): what the method changes in that forward alone. DARTS:
+        nothing; SDARTS: the edge weights, perturbed."""
+        return contextlib.nullcontext()
+
+    def auxiliary_skip(self) -> float | None:
+        """The weight of every edge's auxiliary skip in the next forward passes (a constant: no gradient), for a
+        method whose network_style has one (its forward weights then have no mask); None for none."""
+        return None
+
+    def cell_concat(self, cell: Sequence[Edge], steps: int, multiplier: int) -> list[int]:
+        """The nodes whose outputs the derived `cell` concatenates: the last `multiplier` (DARTS)."""
+        return list(range(2 + steps - multiplier, steps + 2))
 
     def regulariser(self) -> Tensor | None:
         """The term added to the architecture loss for the last forward pass; None when there is none."""
