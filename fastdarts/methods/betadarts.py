@@ -3,7 +3,8 @@
 The regulariser is `lambda_e * mean over the edges of both cell types of logsumexp_k alpha[e, k]` (raw
 alphas), whose gradient on edge e is `lambda_e / |E| * softmax(alpha_e)`: a decay of each op's parameter in
 proportion to its weight. lambda grows linearly with the epoch: `lambda_e = start + (end - start) * e / epochs`,
-the published code's `50 * e / 100` with end 50 over its 100 epochs.
+the published code's `50 * e / 100` with end 50 over its 100 epochs. (The published second-order step leaves
+the term out; with `--unrolled` fastdarts keeps it in the architecture objective, as in the first-order step.)
 """
 
 from __future__ import annotations
