@@ -57,10 +57,14 @@ class RunOptions:
     def check(self) -> None:
         """Checks across fields, after each field's own range check."""
 
-    def resolved(self):
-        """A copy with the data set's preset filled into every field left at None, validated."""
+    def preset(self) -> dict[str, typing.Any]:
+        """The values of the fields left at None: the data set's preset."""
         dataset = getattr(self, "dataset", None)
-        preset = self.PRESETS.get(dataset, {}) if isinstance(dataset, str) else {}  # validate() names a wrong type
+        return self.PRESETS.get(dataset, {}) if isinstance(dataset, str) else {}  # validate() names a wrong type
+
+    def resolved(self):
+        """A copy with the preset filled into every field left at None, validated."""
+        preset = self.preset()
         filled = {k: v for k, v in preset.items() if getattr(self, k) is None}
         config = dataclasses.replace(self, **filled)
         validate(config)
@@ -112,7 +116,7 @@ class SearchConfig(CommonConfig):
 
     dataset: str = option("digits", "data set: digits (bundled), cifar10, cifar100 or folder (images, a sub-folder "
                           "per class); all but digits need --data", choices=SEARCH_DATASETS)  # fmt: skip
-    learning_rate: float = option(0.025, "initial weight learning rate", low=0, low_open=True)
+    learning_rate: float | None = option(None, "initial weight learning rate", low=0, low_open=True)
     learning_rate_min: float = option(0.001, "final weight learning rate of the cosine schedule", low=0)
     weight_decay: float = option(3e-4, "weight decay of the weights", low=0)
     train_portion: float = option(0.5, "fraction of the training set that trains the weights (a folder with val/ "
@@ -125,11 +129,14 @@ class SearchConfig(CommonConfig):
                               low=0, low_open=True)  # fmt: skip
     arch_learning_rate: float | None = option(None, "Adam learning rate of the architecture", low=0, low_open=True)
     arch_weight_decay: float = option(1e-3, "weight decay of the architecture parameters", low=0)
+    arch_beta1: float | None = option(None, "Adam beta1 of the architecture (beta2 is 0.999)", low=0, high=1,
+                                      high_open=True)  # fmt: skip
     seed: int = option(2, "random seed", low=0, high=2**32 - 1)  # NumPy's seeds
     method: str = option(
         "darts",
         "search method: darts (softmax over ops), pr-darts (hard-concrete gates), "
-        "beta-darts, darts-minus, fair-darts, sdarts (METHODS_MORE.md)",
+        "beta-darts, darts-minus, fair-darts, sdarts (METHODS_MORE.md; on cifar10, cifar100 and folder data, "
+        "fair-darts starts from its published batch size, learning rates and arch_beta1)",
         choices=tuple(METHODS),
     )
     # PR-DARTS (METHOD.md section 2); used only with --method pr-darts.
@@ -178,13 +185,25 @@ class SearchConfig(CommonConfig):
     # DARTS's CIFAR-10 settings (for CIFAR-100 and 32-pixel folders too), and settings for the bundled
     # digits that finish a real search in a few minutes on 2 cores: 8x8 images need fewer cells, and
     # the architecture takes a larger step because a digits epoch has 15 steps where CIFAR-10 has 391.
-    _DARTS = dict(batch_size=64, epochs=50, init_channels=16, layers=8, arch_learning_rate=3e-4)
+    _DARTS = dict(batch_size=64, epochs=50, init_channels=16, layers=8, learning_rate=0.025, arch_learning_rate=3e-4,
+                  arch_beta1=0.5)  # fmt: skip
     PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
         "cifar10": _DARTS,
         "cifar100": _DARTS,
         "folder": {**_DARTS, "image_size": 32},
-        "digits": dict(batch_size=64, epochs=15, init_channels=8, layers=5, arch_learning_rate=3e-3),
+        "digits": dict(_DARTS, epochs=15, init_channels=8, layers=5, arch_learning_rate=3e-3),
     }
+    # A method's published search settings where they differ from DARTS's (METHODS_MORE.md), over the preset of
+    # the data sets that take DARTS's CIFAR-10 setting; the digits preset is fastdarts's own, for every method.
+    METHOD_PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
+        "fair-darts": dict(batch_size=128, learning_rate=0.005, arch_learning_rate=3e-3, arch_beta1=0.9),
+    }
+
+    def preset(self) -> dict[str, typing.Any]:
+        preset = super().preset()
+        if self.dataset == "digits" or not isinstance(self.method, str):  # validate() names a wrong type
+            return preset
+        return {**preset, **self.METHOD_PRESETS.get(self.method, {})}
 
     def check(self) -> None:
         super().check()

@@ -118,3 +118,14 @@ def test_each_method_takes_its_own_options_and_refuses_another_method_s():
     assert SearchConfig(method="darts-minus").resolved().method_settings() == dict(beta=1.0, decay="linear")
     with pytest.raises(ConfigError, match="auxiliary_skip_decay is an option of --method darts-minus, not of fair"):
         SearchConfig(method="fair-darts", auxiliary_skip_decay="cosine").resolved()
+
+
+def test_a_method_starts_from_its_published_settings_on_the_cifar_setting_data_sets():
+    fair = SearchConfig(dataset="cifar10", data="/cifar", method="fair-darts").resolved()
+    assert (fair.batch_size, fair.learning_rate, fair.arch_learning_rate, fair.arch_beta1) == (128, 0.005, 3e-3, 0.9)
+    darts = SearchConfig(dataset="cifar10", data="/cifar").resolved()
+    assert (darts.batch_size, darts.learning_rate, darts.arch_learning_rate, darts.arch_beta1) == (64, 0.025, 3e-4, 0.5)
+    given = SearchConfig(dataset="cifar10", data="/cifar", method="fair-darts", learning_rate=0.01).resolved()
+    assert given.learning_rate == 0.01 and given.arch_beta1 == 0.9
+    digits = SearchConfig(method="fair-darts").resolved()  # the digits preset is the same for every method
+    assert (digits.batch_size, digits.learning_rate, digits.arch_learning_rate) == (64, 0.025, 3e-3)
