@@ -38,17 +38,26 @@ def test_search_step(benchmark, provider, order):
     assert any((a != b).any() for a, b in zip(model.arch_parameters(), before))
 
 
+# The methods of METHODS_MORE.md (name, settings): each step on the eager reference and fused.
+METHODS = {"beta-darts": {}, "darts-minus": {}, "fair-darts": {}, "sdarts": {}, "sdarts-adv": {"variant": "adv"},
+           "gdas": {}, "pc-darts": {}, "drnas": {}}  # fmt: skip
+
+
 @pytest.mark.parametrize("provider", [p for p in ("reference", "cpp") if p in AVAILABLE])
-@pytest.mark.parametrize("method", ["gdas", "pc-darts", "drnas"])
-def test_method_search_step(benchmark, method, provider):
+@pytest.mark.parametrize("method", METHODS)
+def test_search_step_of_each_method(benchmark, provider, method):
     backend, memory_format, _, recompute = PROVIDERS[provider]
-    model, weight_optimizer, (train_batch, val_batch) = make_problem(**CASE, memory_format=memory_format,
-                                                                     recompute=recompute, method=method)  # fmt: skip
+    model, weight_optimizer, (train_batch, val_batch) = make_problem(
+        **CASE, memory_format=memory_format, recompute=recompute, method=method.removesuffix("-adv"),
+        method_settings=METHODS[method],
+    )  # fmt: skip
     with ops.use_backend(backend):
         architect = Architect(model, weight_optimizer)
-        before = [a.detach().clone() for a in model.arch_parameters()]
+        before = [p.detach().clone() for p in (*model.arch_parameters(), *model.weight_parameters())]
         benchmark(search_step, model, weight_optimizer, architect, train_batch, val_batch)
-    assert any((a != b).any() for a, b in zip(model.arch_parameters(), before))
+    after = [*model.arch_parameters(), *model.weight_parameters()]
+    assert any((a != b).any() for a, b in zip(after[:2], before[:2]))  # the architecture moved
+    assert any((a != b).any() for a, b in zip(after[2:], before[2:]))  # and the weights
 
 
 @pytest.mark.slow

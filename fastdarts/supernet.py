@@ -33,6 +33,7 @@ _COMPUTED = tuple(name for name in PRIMITIVES if name != "none")
 assert _COMPUTED == ops.MIXED_OP_CANDIDATES, "PRIMITIVES and the mixed op's candidates must agree"
 _COMPUTED_COLUMNS = tuple(PRIMITIVES.index(name) for name in _COMPUTED)
 _CANDIDATE_OF_COLUMN = {column: i for i, column in enumerate(_COMPUTED_COLUMNS)}
+_SKIP_ONE_HOT = torch.nn.functional.one_hot(torch.tensor(PRIMITIVES.index("skip_connect")), len(PRIMITIVES))
 
 Columns = Sequence[int]  # PRIMITIVES columns of the ops to compute on one edge (`none` never listed)
 
@@ -88,9 +89,13 @@ class MixedOp(nn.Module):
     returns, as nn.BatchNorm2d would.
     """
 
-    def __init__(self, C: int, stride: int, pool_bn: bool = True, recompute: bool = True, partial_channels: int = 1):
+    def __init__(self, C: int, stride: int, pool_bn: bool = True, recompute: bool = True,
+                 auxiliary_skip: bool = False, partial_channels: int = 1):  # fmt: skip
         super().__init__()
         self.stride, self.pool_bn, self.recompute = stride, pool_bn, recompute
+        # NetworkStyle.auxiliary_skip: on a stride-2 edge a FactorizedReduce of its own, outside the fused op (on a
+        # stride-1 edge the identity is skip_connect's own op: the cell adds its weight to that op's).
+        self.auxiliary = FactorizedReduce(C, C, affine=False) if auxiliary_skip and stride == 2 else None
         if C % partial_channels:
             raise ValueError(f"MixedOp: {C} channels do not split into {partial_channels} partial-channel groups")
         self.partial_channels = partial_channels
@@ -234,11 +239,12 @@ class SearchCell(nn.Module):
     """A DAG of `steps` nodes over two inputs; each node sums the mixed ops from all its predecessors."""
 
     def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, pool_bn=True,
-                 recompute=True, partial_channels=1):  # fmt: skip
+                 recompute=True, auxiliary_skip=False, partial_channels=1):  # fmt: skip
         super().__init__()
         self.reduction = reduction
         self.steps = steps
         self.multiplier = multiplier
+        self.auxiliary_skip = auxiliary_skip
         if reduction_prev:
             self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
         else:
@@ -246,7 +252,7 @@ class SearchCell(nn.Module):
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
         # Edges node-major, input-minor: node 0 <- (0, 1), node 1 <- (0, 1, 2), ...
         self.edges = nn.ModuleList(
-            MixedOp(C, 2 if reduction and j < 2 else 1, pool_bn, recompute, partial_channels)
+            MixedOp(C, 2 if reduction and j < 2 else 1, pool_bn, recompute, auxiliary_skip, partial_channels)
             for i in range(steps)
             for j in range(2 + i)
         )
@@ -257,9 +263,11 @@ class SearchCell(nn.Module):
         s1: torch.Tensor,
         weights: torch.Tensor,
         columns: Sequence[Columns] | None = None,
+        auxiliary_skip: float | None = None,
         edge_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all);
+        `auxiliary_skip`, the weight of every edge's auxiliary skip (a cell built with them; columns None);
         `edge_scale` `[num_edges]`, a factor on each edge's whole output (None: 1).
 
         The edges leaving a state run as one group (`edges_leaving`): those of s0 and s1 first, then each node's
@@ -267,8 +275,10 @@ class SearchCell(nn.Module):
         """
         incoming: list[list[torch.Tensor]] = [[] for _ in range(self.steps)]  # per node, its edges' outputs so far
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        self._leave(0, states[0], weights, columns, edge_scale, incoming)
-        self._leave(1, states[1], weights, columns, edge_scale, incoming)
+        if auxiliary_skip is not None and (columns is not None or not self.auxiliary_skip):
+            raise ValueError("SearchCell: an auxiliary skip needs a cell built with one, and every op computed")
+        self._leave(0, states[0], weights, columns, incoming, auxiliary_skip, edge_scale)
+        self._leave(1, states[1], weights, columns, incoming, auxiliary_skip, edge_scale)
         for i in range(self.steps):
             node = None
             for out in incoming[i]:
@@ -277,7 +287,7 @@ class SearchCell(nn.Module):
                 node = self.edges[self._edge_index(i, 0)].zeros(states[0])
             states.append(node)
             if i + 1 < self.steps:
-                self._leave(2 + i, node, weights, columns, edge_scale, incoming)
+                self._leave(2 + i, node, weights, columns, incoming, auxiliary_skip, edge_scale)
         return torch.cat(states[-self.multiplier :], dim=1)
 
     @staticmethod
@@ -286,8 +296,13 @@ class SearchCell(nn.Module):
         before it."""
         return node * (node + 3) // 2 + state
 
-    def _leave(self, state: int, h: torch.Tensor, weights: torch.Tensor, columns, edge_scale, incoming) -> None:
-        """Runs the edges from state `state` (value h) to every later node, appending their outputs to `incoming`."""
+    def _leave(self, state: int, h: torch.Tensor, weights: torch.Tensor, columns, incoming,
+               auxiliary_skip: float | None = None, edge_scale: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Runs the edges from state `state` (value h) to every later node, appending their outputs to `incoming`.
+
+        An auxiliary skip of weight b adds b * h on stride-1 edges, as b more weight on skip_connect (the same op,
+        computed once in the fused op), and b * FactorizedReduce(h) on stride-2 edges (the edge's own module).
+        `edge_scale` multiplies each edge's whole output."""
         nodes, indices = [], []
         for node in range(max(0, state - 1), self.steps):
             index = self._edge_index(node, state)
@@ -297,7 +312,13 @@ class SearchCell(nn.Module):
         if not indices:
             return
         edge_columns = [_COMPUTED_COLUMNS if columns is None else columns[i] for i in indices]
-        outs = edges_leaving(h, [self.edges[i] for i in indices], weights[indices], edge_columns)
+        edges, rows = [self.edges[i] for i in indices], weights[indices]
+        stride = edges[0].stride  # the same for every edge leaving a state
+        if auxiliary_skip is not None and stride == 1:
+            rows = rows + auxiliary_skip * _SKIP_ONE_HOT.to(rows)
+        outs = edges_leaving(h, edges, rows, edge_columns)
+        if auxiliary_skip is not None and stride == 2:
+            outs = [out + auxiliary_skip * edge.auxiliary(h) for out, edge in zip(outs, edges)]
         for node, index, out in zip(nodes, indices, outs):
             incoming[node].append(out if edge_scale is None else out * edge_scale[index])
 
@@ -360,7 +381,7 @@ class SearchNetwork(nn.Module):
             if reduction:
                 C_curr *= 2
             cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, style.pool_bn,
-                              recompute, style.partial_channels)  # fmt: skip
+                              recompute, style.auxiliary_skip, style.partial_channels)  # fmt: skip
             if not style.running_statistics:
                 drop_running_statistics(cell)
             cells.append(cell)
@@ -415,13 +436,14 @@ class SearchNetwork(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.method.forward_weights(self.arch_parameters_by_cell())
         weights = {kind: self.op_columns(w) for kind, w in weights.items()}
+        auxiliary_skip = self.method.auxiliary_skip()
         columns = {kind: selected_columns(w.mask) for kind, w in weights.items()}
         # channels_last by default: the layout the fused kernels compute in, and the faster one for eager PyTorch on
         # the CPU too (the fused op returns channels_last whatever it is given).
         s0 = s1 = self.stem(x).contiguous(memory_format=self.memory_format)
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
-            s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind], weights[kind].edge_scale)
+            s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind], auxiliary_skip, weights[kind].edge_scale)
         if self.head is not None:
             s1 = self.head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1))
@@ -435,10 +457,11 @@ class SearchNetwork(nn.Module):
         return self.method.diagnostics(self.arch_parameters_by_cell())
 
     def genotype(self) -> Genotype:
-        concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
+        normal = self.method.derive_cell_of("normal", self.alpha_normal, self.steps)
+        reduce = self.method.derive_cell_of("reduce", self.alpha_reduce, self.steps)
         return Genotype(
-            normal=self.method.derive_cell_of("normal", self.alpha_normal, self.steps),
-            normal_concat=concat,
-            reduce=self.method.derive_cell_of("reduce", self.alpha_reduce, self.steps),
-            reduce_concat=concat,
+            normal=normal,
+            normal_concat=self.method.cell_concat(normal, self.steps, self.multiplier),
+            reduce=reduce,
+            reduce_concat=self.method.cell_concat(reduce, self.steps, self.multiplier),
         )

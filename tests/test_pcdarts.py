@@ -57,7 +57,7 @@ def test_cell_output_and_gradients_equal_the_transcription(reduction, backend):
     alpha = torch.randn(14, 9, dtype=F64, requires_grad=True)
     weights = PCDARTSMethod().forward_weights({"normal": alpha})["normal"]
     with ops.use_backend(backend):
-        fused = cell(s0, s1, weights.weights, None, weights.edge_scale)
+        fused = cell(s0, s1, weights.weights, edge_scale=weights.edge_scale)
     hand = hand_cell(cell, s0, s1, pc_edge(*transcribed_weights(alpha)))
     torch.testing.assert_close(fused, hand)
     upstream = torch.randn_like(hand)

@@ -7,16 +7,19 @@ takes the object.
 from __future__ import annotations
 
 from .base import CellWeights, Method, NetworkStyle, edge_entropy
+from .betadarts import BetaDARTSMethod
 from .darts import DARTSMethod
+from .dartsminus import DARTSMinusMethod
 from .drnas import DrNASMethod
+from .fairdarts import FairDARTSMethod
 from .gdas import GDASMethod
 from .pcdarts import PCDARTSMethod
 from .prdarts import PRDARTSMethod
+from .sdarts import SDARTSMethod
 
 METHODS: dict[str, type[Method]] = {DARTSMethod.name: DARTSMethod, PRDARTSMethod.name: PRDARTSMethod}
-METHODS[GDASMethod.name] = GDASMethod
-METHODS[PCDARTSMethod.name] = PCDARTSMethod
-METHODS[DrNASMethod.name] = DrNASMethod
+METHODS.update({m.name: m for m in (BetaDARTSMethod, DARTSMinusMethod, FairDARTSMethod, SDARTSMethod)})
+METHODS.update({m.name: m for m in (GDASMethod, PCDARTSMethod, DrNASMethod)})
 
 
 def make_method(name: str, **settings) -> Method:
@@ -27,10 +30,14 @@ def make_method(name: str, **settings) -> Method:
 
 
 __all__ = [
+    "BetaDARTSMethod",
     "DARTSMethod",
+    "DARTSMinusMethod",
     "DrNASMethod",
+    "FairDARTSMethod",
     "GDASMethod",
     "PCDARTSMethod",
+    "SDARTSMethod",
     "METHODS",
     "PRDARTSMethod",
     "CellWeights",

@@ -10,14 +10,17 @@ Hooks whose defaults are DARTS's (no-ops), for methods that need more: `extra_ar
 parameters after the op columns), `CellWeights.mask` (ops not computed) and `.edge_scale` (a factor on an
 edge's whole output), `NetworkStyle.partial_channels` (ops on a channel slice), `trains_architecture`
 (a warm-up), `prepare_architecture` (changes to the parameters at an epoch's start, such as pruning),
-`cell_edge_weights`/`derive_cell_of` (a cell type's own state, such as its pruned ops) and
-`arch_weight_decay` (the architecture optimiser's weight decay as the method's regulariser).
+`cell_edge_weights`/`derive_cell_of` (a cell type's own state, such as its pruned ops),
+`arch_weight_decay` (the architecture optimiser's weight decay as the method's regulariser), `weight_step`
+(a change to the weight step's forward pass), `auxiliary_skip` and `cell_concat`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -36,12 +39,16 @@ class NetworkStyle(NamedTuple):
     pool_bn: an affine-free BN after each pooling candidate of the mixed ops.
     partial_channels: K; above 1, each edge's ops compute on the first C/K channels of its input, the others
         bypass them and the two parts are shuffled together (PC-DARTS; `supernet.partial_channel_edge`).
+    auxiliary_skip: every edge carries an auxiliary skip connection besides its ops (DARTS-), weighted by
+        `Method.auxiliary_skip()`: the identity on stride-1 edges, a FactorizedReduce of its own on stride-2
+        edges.
     """
 
     running_statistics: bool = True
     head_bn_relu: bool = False
     pool_bn: bool = True
     partial_channels: int = 1
+    auxiliary_skip: bool = False
 
 
 class CellWeights(NamedTuple):
@@ -118,6 +125,21 @@ class Method(ABC):
     def derive_cell_of(self, cell: str, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
         """`derive_cell` of cell type `cell` (see `cell_edge_weights`)."""
         return self.derive_cell(alpha, steps)
+
+    def weight_step(self, model, batch: tuple[Tensor, Tensor], loss_fn) -> AbstractContextManager:
+        """A context around the forward pass of each weight step (the weights' SGD step on the training `batch`
+        of `model`, the SearchNetwork, with `loss_fn`): what the method changes in that forward alone. DARTS:
+        nothing; SDARTS: the edge weights, perturbed."""
+        return contextlib.nullcontext()
+
+    def auxiliary_skip(self) -> float | None:
+        """The weight of every edge's auxiliary skip in the next forward passes (a constant: no gradient), for a
+        method whose network_style has one (its forward weights then have no mask); None for none."""
+        return None
+
+    def cell_concat(self, cell: Sequence[Edge], steps: int, multiplier: int) -> list[int]:
+        """The nodes whose outputs the derived `cell` concatenates: the last `multiplier` (DARTS)."""
+        return list(range(2 + steps - multiplier, steps + 2))
 
     def regulariser(self) -> Tensor | None:
         """The term added to the architecture loss for the last forward pass; None when there is none."""
