@@ -7,7 +7,7 @@ import torch
 
 from fastdarts import search
 from fastdarts.checkpoint import load_checkpoint
-from fastdarts.config import TrainConfig
+from fastdarts.config import SearchConfig, TrainConfig
 from fastdarts.supernet import SearchCell
 
 from .test_runs import SEARCH, assert_same_end
@@ -58,3 +58,10 @@ def assert_search_resumes_bit_for_bit(tmp_path, monkeypatch, **settings) -> sear
     assert resumed.genotype == whole.genotype
     assert TrainConfig(genotype=str(whole.run_dir)).cell() == whole.genotype
     return whole
+
+
+def published_settings(method: str) -> dict:
+    """The search settings a method starts from on CIFAR-10 (fields a preset fills)."""
+    config = SearchConfig(dataset="cifar10", data="/cifar", method=method).resolved()
+    names = ("batch_size", "epochs", "init_channels", "layers", "learning_rate", "arch_learning_rate", "arch_beta1")
+    return {name: getattr(config, name) for name in names}

@@ -14,7 +14,7 @@ from fastdarts.methods import DrNASMethod, make_method
 from fastdarts.space import edge_index
 from fastdarts.supernet import OpColumns, SearchCell, selected_columns
 
-from ._methods import assert_search_resumes_bit_for_bit, candidate, hand_cell
+from ._methods import assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
 from .test_pcdarts import channel_shuffle
 
 F64 = torch.float64
@@ -218,3 +218,15 @@ def test_bad_drnas_options_give_one_line_and_status_2(args, message, capsys):
     assert run_cli(search.main, args) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_drnas_starts_from_its_published_cifar10_settings():
+    assert published_settings("drnas") == dict(
+        batch_size=64,
+        epochs=50,
+        init_channels=36,
+        layers=20,
+        learning_rate=0.1,
+        arch_learning_rate=6e-4,
+        arch_beta1=0.5,
+    )

@@ -13,7 +13,7 @@ from fastdarts.methods import GDASMethod, make_method
 from fastdarts.space import edge_index
 from fastdarts.supernet import OpColumns, SearchCell, selected_columns
 
-from ._methods import assert_search_resumes_bit_for_bit, candidate, hand_cell
+from ._methods import assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
 
 F64 = torch.float64
 GDAS_ORDER = ["none", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
@@ -155,3 +155,15 @@ def test_bad_gdas_options_give_one_line_and_status_2(args, message, capsys):
     assert run_cli(search.main, args) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_gdas_starts_from_its_published_cifar10_settings():
+    assert published_settings("gdas") == dict(
+        batch_size=256,
+        epochs=250,
+        init_channels=16,
+        layers=8,
+        learning_rate=0.025,
+        arch_learning_rate=3e-4,
+        arch_beta1=0.5,
+    )

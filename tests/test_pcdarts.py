@@ -12,7 +12,7 @@ from fastdarts.methods import PCDARTSMethod, make_method
 from fastdarts.space import edge_index
 from fastdarts.supernet import SearchCell, partial_channel_edge
 
-from ._methods import COMPUTED, assert_search_resumes_bit_for_bit, candidate, hand_cell
+from ._methods import COMPUTED, assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
 from .conftest import requires_ext
 
 F64 = torch.float64
@@ -165,3 +165,15 @@ def test_bad_pcdarts_options_give_one_line_and_status_2(args, message, capsys):
     assert run_cli(search.main, args) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_pcdarts_starts_from_its_published_cifar10_settings():
+    assert published_settings("pc-darts") == dict(
+        batch_size=256,
+        epochs=50,
+        init_channels=16,
+        layers=8,
+        learning_rate=0.1,
+        arch_learning_rate=6e-4,
+        arch_beta1=0.5,
+    )
