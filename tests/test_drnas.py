@@ -14,7 +14,16 @@ from fastdarts.methods import DrNASMethod, make_method
 from fastdarts.space import edge_index
 from fastdarts.supernet import OpColumns, SearchCell, selected_columns
 
-from ._methods import assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
+from .method_checks import (
+    architect_grads,
+    assert_search_resumes_bit_for_bit,
+    candidate,
+    cross_entropy_grads,
+    hand_cell,
+    published_settings,
+    tiny_batch,
+    tiny_network,
+)
 from .test_pcdarts import channel_shuffle
 
 F64 = torch.float64
@@ -230,3 +239,17 @@ def test_drnas_starts_from_its_published_cifar10_settings():
         arch_learning_rate=6e-4,
         arch_beta1=0.5,
     )
+
+
+def test_architecture_gradient_is_the_cross_entropy_s_plus_the_kl_term_s():
+    net = tiny_network(DrNASMethod(k=2, reg="kl", reg_scale=0.1, seed=3))  # C=2: the ops compute on 1 channel
+    batch = tiny_batch()
+    state = net.method.state_dict()
+    grads, objective = architect_grads(net, batch)
+    net.method.load_state_dict(state)  # the same Dirichlet draws
+    ce_grads, ce = cross_entropy_grads(net, batch)
+    alphas = dict(zip(("normal", "reduce"), net.arch_parameters()))
+    kl = 0.1 * sum(transcribed_kl(F.elu(a) + 1).sum() for a in alphas.values())
+    assert objective.item() == pytest.approx((ce + kl).item(), rel=1e-6)
+    for cell, g in zip(alphas, torch.autograd.grad(kl, list(alphas.values()))):
+        torch.testing.assert_close(grads[cell], ce_grads[cell] + g)

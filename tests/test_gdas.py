@@ -13,7 +13,7 @@ from fastdarts.methods import GDASMethod, make_method
 from fastdarts.space import edge_index
 from fastdarts.supernet import OpColumns, SearchCell, selected_columns
 
-from ._methods import assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
+from .method_checks import assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
 
 F64 = torch.float64
 GDAS_ORDER = ["none", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",

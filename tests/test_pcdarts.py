@@ -12,8 +12,8 @@ from fastdarts.methods import PCDARTSMethod, make_method
 from fastdarts.space import edge_index
 from fastdarts.supernet import SearchCell, partial_channel_edge
 
-from ._methods import COMPUTED, assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
 from .conftest import requires_ext
+from .method_checks import COMPUTED, assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
 
 F64 = torch.float64
 OFFSETS = (0, 2, 5, 9)  # the first row of each node's inputs
