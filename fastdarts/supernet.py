@@ -186,7 +186,8 @@ def edges_leaving(
 ) -> list[torch.Tensor]:
     """The outputs of `edges`, mixed ops that all read x, from one `ops.mixed_ops` call (which shares its passes
     over x between them); `weights` [E, len(PRIMITIVES)], `columns` per edge (each non-empty). Updates the edges'
-    running statistics in training, as nn.BatchNorm2d would."""
+    running statistics in training, as nn.BatchNorm2d would. Edges with partial channels compute on the first C/K
+    channels of x, the rest bypassing them (`split_partial_channels`, `partial_channel_edge`)."""
     groups = edges[0].partial_channels
     if groups == 1:
         return _fused_edges(x, edges, weights, columns)
