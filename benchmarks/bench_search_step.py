@@ -38,6 +38,28 @@ def test_search_step(benchmark, provider, order):
     assert any((a != b).any() for a, b in zip(model.arch_parameters(), before))
 
 
+# The methods of METHODS_MORE.md (name, settings): each step on the eager reference and fused.
+METHODS = {"beta-darts": {}, "darts-minus": {}, "fair-darts": {}, "sdarts": {}, "sdarts-adv": {"variant": "adv"},
+           "gdas": {}, "pc-darts": {}, "drnas": {}}  # fmt: skip
+
+
+@pytest.mark.parametrize("provider", [p for p in ("reference", "cpp") if p in AVAILABLE])
+@pytest.mark.parametrize("method", METHODS)
+def test_search_step_of_each_method(benchmark, provider, method):
+    backend, memory_format, _, recompute = PROVIDERS[provider]
+    model, weight_optimizer, (train_batch, val_batch) = make_problem(
+        **CASE, memory_format=memory_format, recompute=recompute, method=method.removesuffix("-adv"),
+        method_settings=METHODS[method],
+    )  # fmt: skip
+    with ops.use_backend(backend):
+        architect = Architect(model, weight_optimizer)
+        before = [p.detach().clone() for p in (*model.arch_parameters(), *model.weight_parameters())]
+        benchmark(search_step, model, weight_optimizer, architect, train_batch, val_batch)
+    after = [*model.arch_parameters(), *model.weight_parameters()]
+    assert any((a != b).any() for a, b in zip(after[:2], before[:2]))  # the architecture moved
+    assert any((a != b).any() for a, b in zip(after[2:], before[2:]))  # and the weights
+
+
 @pytest.mark.slow
 def test_the_script_measures_every_case_in_child_processes(capsys):
     main(["--json", "--batch", "2", "--init_channels", "2", "--layers", "3", "--size", "8", "--repeats", "1"])

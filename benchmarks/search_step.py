@@ -1,7 +1,12 @@
-"""Time one DARTS search step per provider and count the bytes saved for backward.
+"""Time one search step per provider and count the bytes saved for backward.
 
     python benchmarks/search_step.py --json [--batch 64] [--repeats 3] [--providers reference,cpp]
-                                     [--peak_gbps G --peak_gflops F]
+                                     [--method M [--method_settings JSON]] [--peak_gbps G --peak_gflops F]
+
+The step is that of `--method` (default darts; any name of fastdarts.methods.METHODS, built with the keyword
+arguments of `--method_settings`, such as '{"variant": "adv"}' for sdarts), in the method's order (weights
+first for PR-DARTS), on the eager reference and on the fused kernels alike; a method that samples its edge
+weights in every forward pass has no second-order step.
 
 A first-order step is an architecture step on one batch plus a weight step on another; a
 second-order step replaces the architecture step by the unrolled one (METHOD.md 1.3). The
@@ -37,6 +42,7 @@ import torch.nn.functional as F
 
 from fastdarts import SearchNetwork, ops
 from fastdarts.bilevel import Architect, frozen, weight_step
+from fastdarts.methods import METHODS, make_method
 
 if __package__:
     from . import _device, _report
@@ -68,19 +74,24 @@ def default_providers(device: torch.device) -> list[str]:
 
 def make_problem(
     batch: int, C: int, layers: int, size: int, seed: int = 0, memory_format=torch.channels_last, device="cpu",
-    recompute: bool = True,
+    recompute: bool = True, method: str = "darts", method_settings: dict | None = None,
 ):  # fmt: skip
     torch.manual_seed(seed)  # the model and the data are drawn on the CPU, so every device gets the same numbers
+    method = make_method(method, **(method_settings or {}))
     model = SearchNetwork(C=C, num_classes=10, layers=layers, in_channels=3, memory_format=memory_format,
-                          recompute=recompute).to(device)  # fmt: skip
+                          recompute=recompute, method=method).to(device)  # fmt: skip
     weight_optimizer = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     batches = [(torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))) for _ in range(2)]
     return model, weight_optimizer, [(x.to(device), y.to(device)) for x, y in batches]
 
 
 def search_step(model, weight_optimizer, architect, train_batch, val_batch, lr=0.025):
-    architect.step(train_batch, val_batch, lr)
-    weight_step(model, weight_optimizer, train_batch, grad_clip=5.0)
+    if model.method.weight_step_first:
+        weight_step(model, weight_optimizer, train_batch, grad_clip=5.0)
+        architect.step(train_batch, val_batch, lr)
+    else:
+        architect.step(train_batch, val_batch, lr)
+        weight_step(model, weight_optimizer, train_batch, grad_clip=5.0)
 
 
 def saved_bytes_of_forward(model, x, y, frozen_params=()) -> int:
@@ -112,13 +123,15 @@ def saved_bytes_of_step(model, x, y) -> dict[str, int]:
 
 
 def run_case(
-    provider: str, order: str, batch: int, C: int, layers: int, size: int, repeats: int, device="cpu", peaks=None
-) -> dict:
+    provider: str, order: str, batch: int, C: int, layers: int, size: int, repeats: int, device="cpu", peaks=None,
+    method: str = "darts", method_settings: dict | None = None,
+) -> dict:  # fmt: skip
     """One (provider, order) case in this process, on `device` (CUDA: also FLOPs and peak device memory)."""
     device = torch.device(device)
     backend, memory_format, compiled, recompute = PROVIDERS[provider]
     model, weight_optimizer, batches = make_problem(
-        batch, C, layers, size, memory_format=memory_format, device=device, recompute=recompute
+        batch, C, layers, size, memory_format=memory_format, device=device, recompute=recompute, method=method,
+        method_settings=method_settings,
     )  # fmt: skip
     train_batch, val_batch = batches
     with ops.use_backend(backend):
@@ -150,12 +163,23 @@ def main(argv=None) -> int:
         help=f"comma-separated, from {', '.join(PROVIDERS)} (default: reference-contiguous, reference and the "
         "device's fused kernels: cpp on the CPU, triton on CUDA)",
     )  # fmt: skip
-    parser.add_argument("--orders", default="first,second", help="first, second or both")
+    parser.add_argument("--orders", default=None, help="first, second or both (default: both; first alone for a "
+                        "method that samples its edge weights)")  # fmt: skip
+    parser.add_argument("--method", default="darts", choices=tuple(METHODS), help="the search method (default darts)")
+    parser.add_argument("--method_settings", type=json.loads, default={}, metavar="JSON",
+                        help="the method's keyword arguments, a JSON object (default: its own defaults)")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--in_process", action="store_true", help="run the cases in this process (no children)")
     parser.add_argument("--one_case", help=argparse.SUPPRESS)  # PROVIDER:ORDER, used by the parent
     args, device, peaks = _report.parse_device_args(parser, argv)
     shape = dict(batch=args.batch, C=args.init_channels, layers=args.layers, size=args.size, repeats=args.repeats)
+    if not isinstance(args.method_settings, dict):
+        parser.error(f"--method_settings must be a JSON object, got {args.method_settings!r}")
+    try:
+        sampling = make_method(args.method, **args.method_settings).samples_each_forward
+    except (TypeError, ValueError) as e:
+        parser.error(f"--method_settings: {e}")
+    shape.update(method=args.method, method_settings=args.method_settings)
     if args.one_case:
         provider, order = args.one_case.split(":")
         print(json.dumps(run_case(provider, order, **shape, device=device, peaks=peaks)))
@@ -165,7 +189,9 @@ def main(argv=None) -> int:
     for provider in providers:
         if PROVIDERS[provider][0] not in ops.available_backends(device=device):
             parser.error(f"--providers: {provider} does not run on {device.type} tensors in this process")
-    orders = _report.choices(parser, "orders", args.orders, ORDERS)
+    orders = _report.choices(parser, "orders", args.orders, ORDERS, ORDERS[:1] if sampling else ORDERS)
+    if sampling and "second" in orders:
+        parser.error(f"--orders: {args.method} samples its edge weights in every forward pass: first order only")
     notes = _report.triton_notes(providers, device)
     results: dict[str, dict] = {p: {} for p in providers}
     for order in orders:  # alternate providers inside each order, so drifting load hits them alike

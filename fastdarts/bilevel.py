@@ -52,9 +52,10 @@ def frozen(params: Iterable[torch.Tensor]) -> Iterator[None]:
 def weight_step(model, optimizer: torch.optim.Optimizer, batch: Batch, grad_clip: float | None,
                 loss_fn=F.cross_entropy, *, forward=None, world: World = SINGLE, share: float = 1.0):  # fmt: skip
     """One SGD step of the weights on `batch` (architecture fixed); returns the loss and the logits.
-    `forward`: what runs the model (its DistributedDataParallel wrapper over several processes)."""
+    `forward`: what runs the model (its DistributedDataParallel wrapper over several processes). The forward
+    runs inside the method's `weight_step` context (SDARTS perturbs the edge weights there)."""
     optimizer.zero_grad(set_to_none=True)
-    with frozen(model.arch_parameters()):
+    with frozen(model.arch_parameters()), model.method.weight_step(model, batch, loss_fn):
         logits = (forward or model)(batch[0])
         loss = loss_fn(logits, batch[1])
     sgd_step(optimizer, model.weight_parameters(), loss, grad_clip, world=world, share=share)

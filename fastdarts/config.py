@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import stat
@@ -26,12 +27,16 @@ from .data import DATA_DIRECTORIES, DATASETS, IMAGE_DATASETS, SEARCH_DATASETS
 from .distributed import DEVICES, writer_process
 from .errors import ConfigError, FastDartsError, RunFailed, one_line, path_stat, summary
 from .evalnet import NETWORKS
+from .methods import METHODS
 from .space import OPS, load_genotype
 
 
-def option(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None):
-    """A config field: `low`/`high` bound the value (open bounds exclude the end), `choices` lists it."""
-    meta = dict(help=help, low=low, high=high, low_open=low_open, high_open=high_open, choices=choices)
+def option(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None, method=None,
+           setting=None):  # fmt: skip
+    """A config field: `low`/`high` bound the value (open bounds exclude the end), `choices` lists it. `method`:
+    the search method the field belongs to (an error with another one), `setting` its keyword argument there."""
+    meta = dict(help=help, low=low, high=high, low_open=low_open, high_open=high_open, choices=choices,
+                method=method, setting=setting)  # fmt: skip
     return field(default=default, metadata=meta)
 
 
@@ -52,10 +57,14 @@ class RunOptions:
     def check(self) -> None:
         """Checks across fields, after each field's own range check."""
 
-    def resolved(self):
-        """A copy with the data set's preset filled into every field left at None, validated."""
+    def preset(self) -> dict[str, typing.Any]:
+        """The values of the fields left at None: the data set's preset."""
         dataset = getattr(self, "dataset", None)
-        preset = self.PRESETS.get(dataset, {}) if isinstance(dataset, str) else {}  # validate() names a wrong type
+        return self.PRESETS.get(dataset, {}) if isinstance(dataset, str) else {}  # validate() names a wrong type
+
+    def resolved(self):
+        """A copy with the preset filled into every field left at None, validated."""
+        preset = self.preset()
         filled = {k: v for k, v in preset.items() if getattr(self, k) is None}
         config = dataclasses.replace(self, **filled)
         validate(config)
@@ -109,7 +118,7 @@ class SearchConfig(CommonConfig):
 
     dataset: str = option("digits", "data set: digits (bundled), cifar10, cifar100 or folder (images, a sub-folder "
                           "per class); all but digits need --data", choices=SEARCH_DATASETS)  # fmt: skip
-    learning_rate: float = option(0.025, "initial weight learning rate", low=0, low_open=True)
+    learning_rate: float | None = option(None, "initial weight learning rate", low=0, low_open=True)
     learning_rate_min: float = option(0.001, "final weight learning rate of the cosine schedule", low=0)
     weight_decay: float = option(3e-4, "weight decay of the weights", low=0)
     train_portion: float = option(0.5, "fraction of the training set that trains the weights (a folder with val/ "
@@ -122,9 +131,18 @@ class SearchConfig(CommonConfig):
                               low=0, low_open=True)  # fmt: skip
     arch_learning_rate: float | None = option(None, "Adam learning rate of the architecture", low=0, low_open=True)
     arch_weight_decay: float = option(1e-3, "weight decay of the architecture parameters", low=0)
+    arch_beta1: float | None = option(None, "Adam beta1 of the architecture (beta2 is 0.999)", low=0, high=1,
+                                      high_open=True)  # fmt: skip
     seed: int = option(2, "random seed", low=0, high=2**32 - 1)  # NumPy's seeds
-    method: str = option("darts", "search method: darts (softmax over ops) or pr-darts (hard-concrete gates)",
-                         choices=("darts", "pr-darts"))  # fmt: skip
+    method: str = option(
+        "darts",
+        "search method: darts (softmax over ops), pr-darts (hard-concrete gates), "
+        "beta-darts, darts-minus, fair-darts, sdarts, gdas (one Gumbel-sampled op per edge), pc-darts (partial "
+        "channels, edge normalisation), drnas (Dirichlet-sampled weights, pruned halfway) (METHODS_MORE.md; on "
+        "cifar10, cifar100 and folder data, a method starts from its published batch size, learning rates and "
+        "arch_beta1 where they differ from DARTS's: METHOD_PRESETS)",
+        choices=tuple(METHODS),
+    )
     # PR-DARTS (METHOD.md section 2); used only with --method pr-darts.
     prdarts_form: str = option("reference", "pr-darts: reference (top-k, hinged groups) or paper (all gates)",
                                choices=("reference", "paper"))  # fmt: skip
@@ -142,25 +160,108 @@ class SearchConfig(CommonConfig):
                               high=1)  # fmt: skip
     gate_a: float = option(-0.1, "pr-darts: lower end of the stretched sigmoid (a < 0)", high=0, high_open=True)
     gate_b: float = option(1.1, "pr-darts: upper end of the stretched sigmoid (b > 1)", low=1, low_open=True)
+    # The published constants of beta-DARTS, DARTS-, Fair DARTS and SDARTS (METHODS_MORE.md 7, 5, 3, 6); each
+    # is an error with another method.
+    beta_decay_start: float = option(0.0, "beta-darts: weight of the beta-decay term at the first epoch", low=0,
+                                     method="beta-darts", setting="lambda_start")  # fmt: skip
+    beta_decay_end: float = option(50.0, "beta-darts: weight of the beta-decay term after the last epoch (epoch e "
+                                   "of E: start + (end - start) e / E)", low=0, method="beta-darts",
+                                   setting="lambda_end")  # fmt: skip
+    auxiliary_skip_beta: float = option(1.0, "darts-minus: weight of the auxiliary skip at the first epoch", low=0,
+                                        method="darts-minus", setting="beta")  # fmt: skip
+    auxiliary_skip_decay: str = option("linear", "darts-minus: decay of the auxiliary skip's weight over the epochs",
+                                       choices=("linear", "cosine", "slow_cosine", "none"), method="darts-minus",
+                                       setting="decay")  # fmt: skip
+    zero_one_weight: float = option(10.0, "fair-darts: weight of the zero-one loss", low=0, method="fair-darts",
+                                    setting="zero_one_weight")  # fmt: skip
+    zero_one_loss: str = option("l2", "fair-darts: zero-one loss -mean((w - 0.5)^2) (l2) or -mean|w - 0.5| (l1)",
+                                choices=("l2", "l1"), method="fair-darts", setting="zero_one_form")  # fmt: skip
+    threshold: float = option(0.85, "fair-darts: the genotype keeps an op whose weight reaches this", low=0, high=1,
+                              low_open=True, high_open=True, method="fair-darts", setting="threshold")  # fmt: skip
+    perturbation: str = option("rs", "sdarts: random (rs) or adversarial (adv, PGD) perturbation of the weight step's "
+                               "edge weights", choices=("rs", "adv"), method="sdarts", setting="variant")  # fmt: skip
+    epsilon_start: float = option(0.03, "sdarts: perturbation radius at the first epoch", low=0, method="sdarts",
+                                  setting="epsilon_start")  # fmt: skip
+    epsilon_end: float = option(0.3, "sdarts: perturbation radius after the last epoch (epoch e of E: start + "
+                                "(end - start) e / E)", low=0, method="sdarts", setting="epsilon_end")  # fmt: skip
+    pgd_steps: int = option(7, "sdarts adv: steps of the PGD attack", low=1, method="sdarts", setting="pgd_steps")
+    gdas_tau_max: float = option(10.0, "gdas: Gumbel-softmax temperature at the first epoch", low=0, low_open=True,
+                                 method="gdas", setting="tau_max")  # fmt: skip
+    gdas_tau_min: float = option(0.1, "gdas: temperature at the last epoch", low=0, low_open=True, method="gdas",
+                                 setting="tau_min")  # fmt: skip
+    pcdarts_k: int = option(4, "pc-darts: the ops compute on 1/K of each edge's channels (init_channels must be a "
+                            "multiple of K)", low=1, method="pc-darts", setting="k")  # fmt: skip
+    pcdarts_warmup_epochs: int | None = option(None, "pc-darts: first epochs that train the weights alone (default: "
+                                               "15 of every 50 epochs, rounded down)", low=0, method="pc-darts",
+                                               setting="warmup_epochs")  # fmt: skip
+    drnas_k: int = option(4, "drnas: the ops compute on 1/K of each edge's channels (init_channels must be a "
+                          "multiple of K)", low=1, method="drnas", setting="k")  # fmt: skip
+    drnas_prune_to: int = option(4, "drnas: ops each edge keeps in the second stage", low=1, high=7, method="drnas",
+                                 setting="prune_to")  # fmt: skip
+    drnas_warmup_epochs: int | None = option(None, "drnas: first epochs of each stage that train the weights alone "
+                                             "(default: 10 of every 25 epochs of the stage, rounded down)", low=0,
+                                             method="drnas", setting="warmup_epochs")  # fmt: skip
+    drnas_reg: str = option("l2", "drnas: l2 (the architecture's weight decay is drnas_reg_scale, in place of "
+                            "arch_weight_decay) or kl (drnas_reg_scale * KL to the uniform Dirichlet in the "
+                            "architecture loss, no weight decay)", choices=("l2", "kl"), method="drnas",
+                            setting="reg")  # fmt: skip
+    drnas_reg_scale: float = option(1e-3, "drnas: scale of the regulariser", low=0, method="drnas",
+                                    setting="reg_scale")  # fmt: skip
 
     # DARTS's CIFAR-10 settings (for CIFAR-100 and 32-pixel folders too), and settings for the bundled
     # digits that finish a real search in a few minutes on 2 cores: 8x8 images need fewer cells, and
     # the architecture takes a larger step because a digits epoch has 15 steps where CIFAR-10 has 391.
-    _DARTS = dict(batch_size=64, epochs=50, init_channels=16, layers=8, arch_learning_rate=3e-4)
+    _DARTS = dict(batch_size=64, epochs=50, init_channels=16, layers=8, learning_rate=0.025, arch_learning_rate=3e-4,
+                  arch_beta1=0.5)  # fmt: skip
     PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
         "cifar10": _DARTS,
         "cifar100": _DARTS,
         "folder": {**_DARTS, "image_size": 32},
-        "digits": dict(batch_size=64, epochs=15, init_channels=8, layers=5, arch_learning_rate=3e-3),
+        "digits": dict(_DARTS, epochs=15, init_channels=8, layers=5, arch_learning_rate=3e-3),
     }
+    # A method's published search settings where they differ from DARTS's (METHODS_MORE.md), over the preset of
+    # the data sets that take DARTS's CIFAR-10 setting; the digits preset is fastdarts's own, for every method.
+    METHOD_PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
+        "fair-darts": dict(batch_size=128, learning_rate=0.005, arch_learning_rate=3e-3, arch_beta1=0.9),
+        "gdas": dict(batch_size=256, epochs=250),
+        "pc-darts": dict(batch_size=256, learning_rate=0.1, arch_learning_rate=6e-4),
+        "drnas": dict(init_channels=36, layers=20, learning_rate=0.1, arch_learning_rate=6e-4),
+    }
+
+    def preset(self) -> dict[str, typing.Any]:
+        preset = super().preset()
+        if self.dataset == "digits" or not isinstance(self.method, str):  # validate() names a wrong type
+            return preset
+        return {**preset, **self.METHOD_PRESETS.get(self.method, {})}
 
     def check(self) -> None:
         super().check()
-        if self.method == "pr-darts" and self.unrolled:
-            raise ConfigError("unrolled: pr-darts samples new gates in every forward pass, so it searches first order")
+        if self.unrolled and METHODS[self.method].samples_each_forward:
+            raise ConfigError(f"unrolled: {self.method} samples new edge weights in every forward pass, so it searches "
+                              "first order")  # fmt: skip
+        for f in dataclasses.fields(self):
+            owner = f.metadata.get("method")
+            if owner is not None and owner != self.method and getattr(self, f.name) != f.default:
+                raise ConfigError(f"{f.name} is an option of --method {owner}, not of {self.method}")
+        if self.pgd_steps != type(self).pgd_steps and self.perturbation != "adv":
+            raise ConfigError("pgd_steps is an option of the adversarial perturbation (--perturbation adv)")
+        try:  # settings each valid alone may still not go together (a final temperature above the first)
+            method = METHODS[self.method](**self.method_settings())
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        groups = method.network_style.partial_channels
+        if self.init_channels is not None and self.init_channels % groups:
+            raise ConfigError(f"init_channels ({self.init_channels}) must be a multiple of {groups}: {self.method}'s "
+                              f"edges compute on 1/{groups} of their channels")  # fmt: skip
 
     def method_settings(self) -> dict:
         """The keyword arguments of the method object (fastdarts.methods.make_method)."""
+        own = {f.metadata["setting"]: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.metadata.get("method") == self.method}  # fmt: skip
+        if own:
+            if "seed" in inspect.signature(METHODS[self.method]).parameters:  # its own generator: the run's seed
+                own["seed"] = self.seed
+            return own
         if self.method == "darts":
             return {}
         return dict(tau_start=self.tau_start, tau_end=self.tau_end, l1=self.l1, l2=self.l2, l3=self.l3,

@@ -67,7 +67,7 @@ def plot_run(metrics_path: Path, out_dir: Path) -> list[Path]:
             if e >= num_edges:
                 ax.axis("off")
                 continue
-            for j, op in enumerate(PRIMITIVES):
+            for j, op in enumerate(rows[0].get("ops", PRIMITIVES)):  # runs before "ops" was logged: PRIMITIVES
                 ax.plot(epochs, [r[key][e][j] for r in rows], label=op)
             ax.set_title(names[e], fontsize=9)
             ax.grid(alpha=0.3)

@@ -78,6 +78,8 @@ class SearchTask:
     def begin_epoch(self, epoch: int) -> dict:
         self.lr = self.scheduler.get_last_lr()[0]
         self.model.method.set_epoch(epoch, self.config.epochs)
+        with torch.no_grad():
+            self.model.method.prepare_architecture(self.model.arch_parameters_by_cell())
         self.model.train()
         return {"lr": self.lr, **self.model.method.epoch_settings()}
 
@@ -89,11 +91,15 @@ class SearchTask:
             return weight_step(self.model, self.weight_optimizer, train_batch, self.config.grad_clip,
                                forward=self.forward, world=self.world, share=train_share)  # fmt: skip
 
+        def architecture():
+            if self.model.method.trains_architecture():  # not during a method's warm-up
+                self.architect.step(train_batch, val_batch, self.lr, train_share, val_share)
+
         if self.model.method.weight_step_first:  # PR-DARTS: the weights, then the gates
             loss, logits = weights()
-            self.architect.step(train_batch, val_batch, self.lr, train_share, val_share)
+            architecture()
         else:
-            self.architect.step(train_batch, val_batch, self.lr, train_share, val_share)
+            architecture()
             loss, logits = weights()
         return loss, int((logits.argmax(1) == train_batch[1]).sum())
 
@@ -107,7 +113,8 @@ class SearchTask:
             f"epoch {r['epoch']}: lr {r['lr']:.4g} train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
             f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} | normal skips {r['normal_skip_connects']} | "
             f"entropy {r['entropy_normal']:.4f}/{r['entropy_reduce']:.4f}"
-            + (f" | tau {r['tau']:.3f} P(skip gate on) {r['p_nonzero_skip_normal']:.3f}" if "tau" in r else "")
+            + (f" | tau {r['tau']:.3f}" if "tau" in r else "")
+            + (f" P(skip gate on) {r['p_nonzero_skip_normal']:.3f}" if "p_nonzero_skip_normal" in r else "")
             + f" | {r['seconds']:.1f}s ({r['data_seconds']:.1f}s waiting for data)"
             + (f" | {r['skipped_steps']} steps skipped (non-finite)" if r["skipped_steps"] else "")
             + f"\n  {r['genotype']}"
@@ -145,7 +152,8 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
         model,
         weight_optimizer,
         arch_learning_rate=config.arch_learning_rate,
-        arch_weight_decay=config.arch_weight_decay,
+        arch_betas=(config.arch_beta1, 0.999),
+        arch_weight_decay=config.arch_weight_decay if method.arch_weight_decay is None else method.arch_weight_decay,
         unrolled=config.unrolled,
         hessian_r=config.hessian_r,
         world=world,
@@ -185,6 +193,7 @@ def architecture_record(model: SearchNetwork) -> dict:
         "reduce_skip_connects": sum(op == "skip_connect" for op, _ in genotype.reduce),
         **model.diagnostics(),
         "genotype": str(genotype),
+        "ops": list(model.method.primitives),  # the columns of the weights below
         "weights_normal": weights_normal.detach().tolist(),
         "weights_reduce": weights_reduce.detach().tolist(),
     }

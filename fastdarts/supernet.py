@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .methods import DARTSMethod, Method
+from .methods import CellWeights, DARTSMethod, Method
 from .ops.reference import check_flag
 from .space import (
     OPS,
@@ -32,8 +33,41 @@ _COMPUTED = tuple(name for name in PRIMITIVES if name != "none")
 assert _COMPUTED == ops.MIXED_OP_CANDIDATES, "PRIMITIVES and the mixed op's candidates must agree"
 _COMPUTED_COLUMNS = tuple(PRIMITIVES.index(name) for name in _COMPUTED)
 _CANDIDATE_OF_COLUMN = {column: i for i, column in enumerate(_COMPUTED_COLUMNS)}
+_SKIP_ONE_HOT = torch.nn.functional.one_hot(torch.tensor(PRIMITIVES.index("skip_connect")), len(PRIMITIVES))
 
 Columns = Sequence[int]  # PRIMITIVES columns of the ops to compute on one edge (`none` never listed)
+
+
+class OpColumns:
+    """Maps a method's op columns (its `primitives`, any subset of PRIMITIVES in any order) onto the supernet's
+    PRIMITIVES columns by name. Ops the method leaves out get weight 0 and are never computed."""
+
+    def __init__(self, primitives: Sequence[str]):
+        primitives = tuple(primitives)
+        unknown = [name for name in primitives if name not in PRIMITIVES]
+        if unknown or len(set(primitives)) != len(primitives) or not set(primitives) & set(_COMPUTED):
+            raise ValueError(f"a method's ops must be distinct names of {', '.join(PRIMITIVES)}, at least one of "
+                             f"them not `none`; got {list(primitives)}")  # fmt: skip
+        self.primitives = primitives
+        self.identity = primitives == PRIMITIVES
+        # The method column of each PRIMITIVES column; len(primitives) (a zero column appended) where it has none.
+        self.index = [primitives.index(name) if name in primitives else len(primitives) for name in PRIMITIVES]
+        self.complete = set(_COMPUTED) <= set(primitives)
+
+    def __call__(self, weights: CellWeights) -> CellWeights:
+        """`weights` over the method's columns as weights over PRIMITIVES; when the method leaves out a computed
+        op, the mask marks only the method's ops."""
+        if self.identity:
+            return weights
+        mask = weights.mask
+        if mask is None and not self.complete:
+            mask = torch.ones_like(weights.weights)
+        return weights._replace(
+            weights=self._spread(weights.weights), mask=None if mask is None else self._spread(mask)
+        )
+
+    def _spread(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, t.new_zeros(t.shape[0], 1)], dim=1)[:, self.index]
 
 
 def selected_columns(mask: torch.Tensor | None) -> list[Columns] | None:
@@ -46,14 +80,26 @@ def selected_columns(mask: torch.Tensor | None) -> list[Columns] | None:
 class MixedOp(nn.Module):
     """One edge: every candidate op of the search space on the same input, computed by `ops.mixed_op`.
 
+    With `partial_channels` K > 1 (PC-DARTS) the ops compute on the first C/K channels of the input only; the other
+    channels bypass them (through a 2x2 max pool on a stride-2 edge), and the two parts, concatenated, are shuffled
+    into K groups (`partial_channel_edge`).
+
     The candidate modules hold the parameters and BN buffers (so checkpoints keep DARTS's layout); the forward
     hands them to the fused op as one node and updates the BNs' running statistics from the batch statistics it
     returns, as nn.BatchNorm2d would.
     """
 
-    def __init__(self, C: int, stride: int, pool_bn: bool = True, recompute: bool = True):
+    def __init__(self, C: int, stride: int, pool_bn: bool = True, recompute: bool = True,
+                 auxiliary_skip: bool = False, partial_channels: int = 1):  # fmt: skip
         super().__init__()
         self.stride, self.pool_bn, self.recompute = stride, pool_bn, recompute
+        # NetworkStyle.auxiliary_skip: on a stride-2 edge a FactorizedReduce of its own, outside the fused op (on a
+        # stride-1 edge the identity is skip_connect's own op: the cell adds its weight to that op's).
+        self.auxiliary = FactorizedReduce(C, C, affine=False) if auxiliary_skip and stride == 2 else None
+        if C % partial_channels:
+            raise ValueError(f"MixedOp: {C} channels do not split into {partial_channels} partial-channel groups")
+        self.partial_channels = partial_channels
+        C = C // partial_channels  # the channels the ops compute on
         candidates = []
         for name in _COMPUTED:
             op = OPS[name](C, stride, False)
@@ -140,7 +186,16 @@ def edges_leaving(
 ) -> list[torch.Tensor]:
     """The outputs of `edges`, mixed ops that all read x, from one `ops.mixed_ops` call (which shares its passes
     over x between them); `weights` [E, len(PRIMITIVES)], `columns` per edge (each non-empty). Updates the edges'
-    running statistics in training, as nn.BatchNorm2d would."""
+    running statistics in training, as nn.BatchNorm2d would. Edges with partial channels compute on the first C/K
+    channels of x, the rest bypassing them (`split_partial_channels`, `partial_channel_edge`)."""
+    groups = edges[0].partial_channels
+    if groups == 1:
+        return _fused_edges(x, edges, weights, columns)
+    processed, bypass = split_partial_channels(x, groups, edges[0].stride)
+    return [partial_channel_edge(out, bypass, groups) for out in _fused_edges(processed, edges, weights, columns)]
+
+
+def _fused_edges(x, edges, weights, columns):
     first = edges[0]
     candidates = [[_CANDIDATE_OF_COLUMN[c] for c in cols] for cols in columns]
     batch_statistics = first.batch_statistics()
@@ -158,15 +213,39 @@ def edges_leaving(
     return outs
 
 
+def split_partial_channels(x: torch.Tensor, groups: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PC-DARTS's split of an edge's input: the first C/groups channels (what the ops compute on) and the rest,
+    through a 2x2 max pool (stride 2, no padding) on a stride-2 edge (the bypass). The pool rounds an odd side up,
+    as the ops' output does (PC-DARTS's searches have even sides only, where this is the same pool)."""
+    C = x.shape[1] // groups
+    processed, bypass = x[:, :C], x[:, C:]
+    if stride == 2:
+        bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
+    return processed, bypass
+
+
+def partial_channel_edge(out: torch.Tensor, bypass: torch.Tensor, groups: int) -> torch.Tensor:
+    """The edge's output from the ops' output [N, C/groups, H, W] and the bypass [N, C - C/groups, H, W]: their
+    concatenation shuffled into `groups` groups (channel c*groups + g of the result is channel g*C/groups + c of the
+    concatenation), written straight into place (channels_last): one copy instead of a concatenation and a shuffle."""
+    n, c, h, w = out.shape
+    result = torch.empty((n, c * groups, h, w), dtype=out.dtype, device=out.device, memory_format=torch.channels_last)
+    by_group = result.unflatten(1, (c, groups))
+    by_group[:, :, 0] = out
+    by_group[:, :, 1:] = bypass.unflatten(1, (groups - 1, c)).transpose(1, 2)
+    return result
+
+
 class SearchCell(nn.Module):
     """A DAG of `steps` nodes over two inputs; each node sums the mixed ops from all its predecessors."""
 
     def __init__(self, steps, multiplier, C_prev_prev, C_prev, C, reduction, reduction_prev, pool_bn=True,
-                 recompute=True):  # fmt: skip
+                 recompute=True, auxiliary_skip=False, partial_channels=1):  # fmt: skip
         super().__init__()
         self.reduction = reduction
         self.steps = steps
         self.multiplier = multiplier
+        self.auxiliary_skip = auxiliary_skip
         if reduction_prev:
             self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
         else:
@@ -174,21 +253,33 @@ class SearchCell(nn.Module):
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
         # Edges node-major, input-minor: node 0 <- (0, 1), node 1 <- (0, 1, 2), ...
         self.edges = nn.ModuleList(
-            MixedOp(C, 2 if reduction and j < 2 else 1, pool_bn, recompute) for i in range(steps) for j in range(2 + i)
+            MixedOp(C, 2 if reduction and j < 2 else 1, pool_bn, recompute, auxiliary_skip, partial_channels)
+            for i in range(steps)
+            for j in range(2 + i)
         )
 
     def forward(
-        self, s0: torch.Tensor, s1: torch.Tensor, weights: torch.Tensor, columns: Sequence[Columns] | None = None
+        self,
+        s0: torch.Tensor,
+        s1: torch.Tensor,
+        weights: torch.Tensor,
+        columns: Sequence[Columns] | None = None,
+        auxiliary_skip: float | None = None,
+        edge_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all).
+        """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all);
+        `auxiliary_skip`, the weight of every edge's auxiliary skip (a cell built with them; columns None);
+        `edge_scale` `[num_edges]`, a factor on each edge's whole output (None: 1).
 
         The edges leaving a state run as one group (`edges_leaving`): those of s0 and s1 first, then each node's
         as soon as it is complete. Each node sums its inputs' outputs in input order, as DARTS's cell does.
         """
         incoming: list[list[torch.Tensor]] = [[] for _ in range(self.steps)]  # per node, its edges' outputs so far
         states = [self.preprocess0(s0), self.preprocess1(s1)]
-        self._leave(0, states[0], weights, columns, incoming)
-        self._leave(1, states[1], weights, columns, incoming)
+        if auxiliary_skip is not None and (columns is not None or not self.auxiliary_skip):
+            raise ValueError("SearchCell: an auxiliary skip needs a cell built with one, and every op computed")
+        self._leave(0, states[0], weights, columns, incoming, auxiliary_skip, edge_scale)
+        self._leave(1, states[1], weights, columns, incoming, auxiliary_skip, edge_scale)
         for i in range(self.steps):
             node = None
             for out in incoming[i]:
@@ -197,7 +288,7 @@ class SearchCell(nn.Module):
                 node = self.edges[self._edge_index(i, 0)].zeros(states[0])
             states.append(node)
             if i + 1 < self.steps:
-                self._leave(2 + i, node, weights, columns, incoming)
+                self._leave(2 + i, node, weights, columns, incoming, auxiliary_skip, edge_scale)
         return torch.cat(states[-self.multiplier :], dim=1)
 
     @staticmethod
@@ -206,8 +297,13 @@ class SearchCell(nn.Module):
         before it."""
         return node * (node + 3) // 2 + state
 
-    def _leave(self, state: int, h: torch.Tensor, weights: torch.Tensor, columns, incoming) -> None:
-        """Runs the edges from state `state` (value h) to every later node, appending their outputs to `incoming`."""
+    def _leave(self, state: int, h: torch.Tensor, weights: torch.Tensor, columns, incoming,
+               auxiliary_skip: float | None = None, edge_scale: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Runs the edges from state `state` (value h) to every later node, appending their outputs to `incoming`.
+
+        An auxiliary skip of weight b adds b * h on stride-1 edges, as b more weight on skip_connect (the same op,
+        computed once in the fused op), and b * FactorizedReduce(h) on stride-2 edges (the edge's own module).
+        `edge_scale` multiplies each edge's whole output."""
         nodes, indices = [], []
         for node in range(max(0, state - 1), self.steps):
             index = self._edge_index(node, state)
@@ -217,18 +313,25 @@ class SearchCell(nn.Module):
         if not indices:
             return
         edge_columns = [_COMPUTED_COLUMNS if columns is None else columns[i] for i in indices]
-        outs = edges_leaving(h, [self.edges[i] for i in indices], weights[indices], edge_columns)
-        for node, out in zip(nodes, outs):
-            incoming[node].append(out)
+        edges, rows = [self.edges[i] for i in indices], weights[indices]
+        stride = edges[0].stride  # the same for every edge leaving a state
+        if auxiliary_skip is not None and stride == 1:
+            rows = rows + auxiliary_skip * _SKIP_ONE_HOT.to(rows)
+        outs = edges_leaving(h, edges, rows, edge_columns)
+        if auxiliary_skip is not None and stride == 2:
+            outs = [out + auxiliary_skip * edge.auxiliary(h) for out, edge in zip(outs, edges)]
+        for node, index, out in zip(nodes, indices, outs):
+            incoming[node].append(out if edge_scale is None else out * edge_scale[index])
 
 
 class SearchNetwork(nn.Module):
     """The supernet: stem, `layers` search cells (reductions at layers//3 and 2*layers//3), classifier.
 
     All normal cells share `alpha_normal`, all reduction cells `alpha_reduce`, each
-    `[num_edges, len(PRIMITIVES)]` in PRIMITIVES column order and DARTS edge order (for PR-DARTS
-    they hold the gate logits beta). `method` (default `DARTSMethod`) turns them into the edge
-    weights of each forward pass, and gives the regulariser and the genotype rule. Each edge is one
+    `[num_edges, len(method.primitives)]` in the method's column order and DARTS edge order (for PR-DARTS
+    they hold the gate logits beta); `OpColumns` maps the columns onto the mixed ops by name. `method`
+    (default `DARTSMethod`) turns them into the edge weights of each forward pass, and gives the
+    regulariser and the genotype rule. Each edge is one
     `ops.mixed_op` call; `memory_format` (default channels_last, the kernels' layout) is the layout
     of the activations. `recompute` (default True) makes each fused mixed op keep only its input for
     backward and recompute the edge there; False keeps the edge's intermediates instead (faster, several
@@ -279,7 +382,7 @@ class SearchNetwork(nn.Module):
             if reduction:
                 C_curr *= 2
             cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, style.pool_bn,
-                              recompute)  # fmt: skip
+                              recompute, style.auxiliary_skip, style.partial_channels)  # fmt: skip
             if not style.running_statistics:
                 drop_running_statistics(cell)
             cells.append(cell)
@@ -291,9 +394,14 @@ class SearchNetwork(nn.Module):
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(C_prev, num_classes)
 
+        self.op_columns = OpColumns(self.method.primitives)
         num_edges = cell_edge_count(steps)
-        self.alpha_normal = nn.Parameter(1e-3 * torch.randn(num_edges, len(PRIMITIVES)))
-        self.alpha_reduce = nn.Parameter(1e-3 * torch.randn(num_edges, len(PRIMITIVES)))
+        self.alpha_normal = nn.Parameter(self.method.initial_arch(num_edges))
+        self.alpha_reduce = nn.Parameter(self.method.initial_arch(num_edges))
+        columns = len(self.method.primitives) + self.method.extra_arch_columns
+        if self.alpha_normal.shape != (num_edges, columns):
+            raise ValueError(f"SearchNetwork: {self.method.name}'s initial_arch must be [{num_edges}, {columns}], "
+                             f"got {list(self.alpha_normal.shape)}")  # fmt: skip
 
     @property
     def reduction_indices(self) -> tuple[int, int]:
@@ -320,18 +428,23 @@ class SearchNetwork(nn.Module):
 
     def edge_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The method's deterministic per-edge op distribution (a softmax for DARTS and PR-DARTS):
-        (normal, reduce), each `[num_edges, len(PRIMITIVES)]`."""
-        return self.method.edge_weights(self.alpha_normal), self.method.edge_weights(self.alpha_reduce)
+        (normal, reduce), each `[num_edges, len(method.primitives)]`."""
+        arch = self.arch_parameters_by_cell()
+        return self.method.cell_edge_weights("normal", arch["normal"]), self.method.cell_edge_weights(
+            "reduce", arch["reduce"]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.method.forward_weights(self.arch_parameters_by_cell())
+        weights = {kind: self.op_columns(w) for kind, w in weights.items()}
+        auxiliary_skip = self.method.auxiliary_skip()
         columns = {kind: selected_columns(w.mask) for kind, w in weights.items()}
         # channels_last by default: the layout the fused kernels compute in, and the faster one for eager PyTorch on
         # the CPU too (the fused op returns channels_last whatever it is given).
         s0 = s1 = self.stem(x).contiguous(memory_format=self.memory_format)
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
-            s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind])
+            s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind], auxiliary_skip, weights[kind].edge_scale)
         if self.head is not None:
             s1 = self.head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1))
@@ -345,10 +458,11 @@ class SearchNetwork(nn.Module):
         return self.method.diagnostics(self.arch_parameters_by_cell())
 
     def genotype(self) -> Genotype:
-        concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
+        normal = self.method.derive_cell_of("normal", self.alpha_normal, self.steps)
+        reduce = self.method.derive_cell_of("reduce", self.alpha_reduce, self.steps)
         return Genotype(
-            normal=self.method.derive_cell(self.alpha_normal, self.steps),
-            normal_concat=concat,
-            reduce=self.method.derive_cell(self.alpha_reduce, self.steps),
-            reduce_concat=concat,
+            normal=normal,
+            normal_concat=self.method.cell_concat(normal, self.steps, self.multiplier),
+            reduce=reduce,
+            reduce_concat=self.method.cell_concat(reduce, self.steps, self.multiplier),
         )

@@ -14,8 +14,10 @@ import torch
 
 from fastdarts import search, train
 from fastdarts.checkpoint import load_checkpoint
+from fastdarts.config import TrainConfig, parse_command_line
 from fastdarts.data import ImageData
 from fastdarts.errors import CheckpointWriteError, ConfigError, FastDartsError, TrainingDiverged
+from fastdarts.space import Genotype
 
 # Tiny runs: a search epoch has 6 steps (718 images, batch 128), a train epoch 12 (1437, batch 128).
 SEARCH = dict(epochs=2, layers=3, init_channels=2, batch_size=128, progress=False)
@@ -72,6 +74,33 @@ def flags(settings):
             continue
         out += [f"--{key}", str(value)]
     return out
+
+
+# The methods of METHODS_MORE.md 3, 5, 6 and 7, on 2 steps an epoch; each keeps its state in the checkpoint
+# (SDARTS's adversarial variant draws from the same generator as its random one, and more).
+MORE_METHODS = {
+    "beta-darts": {"method": "beta-darts"},
+    "darts-minus": {"method": "darts-minus"},
+    "fair-darts": {"method": "fair-darts"},
+    "sdarts-adv": {"method": "sdarts", "perturbation": "adv", "pgd_steps": 2},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MORE_METHODS)
+def test_each_method_searches_from_the_command_line_and_resumes_bit_identical(tmp_path, name, one_thread):
+    settings = {**SEARCH, "train_portion": 0.1, **MORE_METHODS[name]}
+    whole = subprocess.run(cli("search", *flags(settings), "--no_progress", "--out", str(tmp_path / "whole")),
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr
+    genotype = Genotype.from_json((tmp_path / "whole" / "genotype.json").read_text())
+    train_config = parse_command_line(TrainConfig, ["--genotype", str(tmp_path / "whole")], "p", "d").config
+    assert train_config.resolved().cell() == genotype
+    first = search.run(**settings, stop_after=1, out=str(tmp_path / "split"))
+    assert first.stopped_early
+    resumed = search.run(resume=tmp_path / "split", progress=False)
+    assert_same_end(tmp_path / "whole", resumed.run_dir)
+    assert resumed.genotype == genotype
 
 
 @pytest.mark.slow

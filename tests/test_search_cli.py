@@ -75,6 +75,9 @@ def test_config_file_and_flag_precedence(tmp_path):
             "device cuda: no GPU is visible",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
         ),
+        (["--zero_one_weight", "5"], "zero_one_weight is an option of --method fair-darts, not of darts"),
+        (["--method", "sdarts", "--pgd_steps", "3"], "pgd_steps is an option of the adversarial perturbation"),
+        (["--method", "fair-darts", "--threshold", "1"], "threshold must be < 1"),
     ],
 )
 def test_bad_input_gives_one_line_and_status_2(tmp_path, args, message):
@@ -110,3 +113,26 @@ def test_search_runs_on_a_cifar10_directory(tmp_path):
     result = run_cli("--dataset", "cifar10", "--data", str(root), *TINY, "--batch_size", "8", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert (out / "genotype.txt").exists()
+
+
+def test_each_method_takes_its_own_options_and_refuses_another_method_s():
+    from fastdarts.errors import ConfigError
+
+    sdarts = SearchConfig(method="sdarts", perturbation="adv", pgd_steps=3).resolved()
+    assert sdarts.method_settings() == dict(variant="adv", epsilon_start=0.03, epsilon_end=0.3, pgd_steps=3, seed=2)
+    beta = SearchConfig(method="beta-darts", beta_decay_end=20.0).resolved()
+    assert beta.method_settings() == dict(lambda_start=0.0, lambda_end=20.0)
+    assert SearchConfig(method="darts-minus").resolved().method_settings() == dict(beta=1.0, decay="linear")
+    with pytest.raises(ConfigError, match="auxiliary_skip_decay is an option of --method darts-minus, not of fair"):
+        SearchConfig(method="fair-darts", auxiliary_skip_decay="cosine").resolved()
+
+
+def test_a_method_starts_from_its_published_settings_on_the_cifar_setting_data_sets():
+    fair = SearchConfig(dataset="cifar10", data="/cifar", method="fair-darts").resolved()
+    assert (fair.batch_size, fair.learning_rate, fair.arch_learning_rate, fair.arch_beta1) == (128, 0.005, 3e-3, 0.9)
+    darts = SearchConfig(dataset="cifar10", data="/cifar").resolved()
+    assert (darts.batch_size, darts.learning_rate, darts.arch_learning_rate, darts.arch_beta1) == (64, 0.025, 3e-4, 0.5)
+    given = SearchConfig(dataset="cifar10", data="/cifar", method="fair-darts", learning_rate=0.01).resolved()
+    assert given.learning_rate == 0.01 and given.arch_beta1 == 0.9
+    digits = SearchConfig(method="fair-darts").resolved()  # the digits preset is the same for every method
+    assert (digits.batch_size, digits.learning_rate, digits.arch_learning_rate) == (64, 0.025, 3e-3)

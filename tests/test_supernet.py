@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from fastdarts import PRIMITIVES, SearchNetwork, ops
+from fastdarts.methods import DARTSMethod
 from fastdarts.space import DARTS_V2
 from fastdarts.supernet import MixedOp, selected_columns
 
@@ -163,3 +164,50 @@ def test_a_cell_runs_the_edges_of_each_state_as_one_group():
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
     for name, r in want_state.items():
         torch.testing.assert_close(got_state[name], r, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+class _PermutedOps(DARTSMethod):
+    """DARTS over its ops in another column order, `none` left out (as a 7-op method declares them)."""
+
+    name = "permuted-ops"
+    primitives = ("dil_conv_5x5", "skip_connect", "max_pool_3x3", "sep_conv_3x3", "avg_pool_3x3", "dil_conv_3x3",
+                  "sep_conv_5x5")  # fmt: skip
+
+
+class _FewOps(DARTSMethod):
+    name = "few-ops"
+    primitives = ("sep_conv_3x3", "none", "skip_connect")
+
+
+@pytest.mark.parametrize("method", [_PermutedOps, _FewOps])
+def test_a_method_declares_its_ops_by_name_and_the_supernet_maps_them(method):
+    """A network over the method's columns computes what DARTS's computes with the same weight on each op by
+    name and 0 on the ops the method leaves out; the genotype and the alpha gradient follow the names."""
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3, steps=2, multiplier=2, method=method())
+    assert net.alpha_normal.shape == (5, len(method.primitives))
+    reference = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3, steps=2, multiplier=2)
+    reference.load_state_dict({k: v for k, v in net.state_dict().items() if "alpha" not in k}, strict=False)
+    columns = [PRIMITIVES.index(name) for name in method.primitives]
+    with torch.no_grad():
+        for ours, theirs in zip(net.arch_parameters(), reference.arch_parameters()):
+            ours.copy_(torch.randn_like(ours))
+            theirs.fill_(-torch.inf)  # softmax weight 0 on the ops the method leaves out
+            theirs[:, columns] = ours
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 7])
+    losses = [torch.nn.functional.cross_entropy(n(x), y) for n in (net, reference)]
+    torch.testing.assert_close(losses[0], losses[1])
+    for ours, theirs in zip(net.arch_parameters(), reference.arch_parameters()):
+        (g_ours,) = torch.autograd.grad(losses[0], ours, retain_graph=True)
+        (g_theirs,) = torch.autograd.grad(losses[1], theirs, retain_graph=True)
+        torch.testing.assert_close(g_ours, g_theirs[:, columns])
+    assert net.genotype() == reference.genotype()
+    assert all(op in method.primitives for op, _ in net.genotype().normal)
+
+
+@pytest.mark.parametrize("primitives", [("sep_conv_3x3", "conv_7x1_1x7"), ("none",), ("skip_connect", "skip_connect")])
+def test_a_method_with_ops_the_supernet_cannot_map_is_refused(primitives):
+    method = DARTSMethod()
+    method.primitives = primitives
+    with pytest.raises(ValueError, match="a method's ops must be distinct names of none, max_pool_3x3"):
+        SearchNetwork(C=4, layers=3, method=method)

@@ -1,19 +1,32 @@
 """What every architecture-search method provides to the supernet and the search loop.
 
-A method turns each cell type's architecture parameters (`[num_edges, len(PRIMITIVES)]`, keyed
-"normal" and "reduce") into the edge weights of one forward pass, and may add a regulariser to the
-architecture loss. The supernet and the bilevel optimizer use only this interface.
+A method declares its candidate ops by name (`primitives`, a subset of space.PRIMITIVES in any
+order), and turns each cell type's architecture parameters (`[num_edges, len(primitives)]`, keyed
+"normal" and "reduce", columns in `primitives` order) into the edge weights of one forward pass, and
+may add a regulariser to the architecture loss. The supernet maps the columns onto its mixed ops by
+name; the supernet and the bilevel optimizer use only this interface.
+
+Hooks whose defaults are DARTS's (no-ops), for methods that need more: `extra_arch_columns` (per-edge
+parameters after the op columns), `CellWeights.mask` (ops not computed) and `.edge_scale` (a factor on an
+edge's whole output), `NetworkStyle.partial_channels` (ops on a channel slice), `trains_architecture`
+(a warm-up), `prepare_architecture` (changes to the parameters at an epoch's start, such as pruning),
+`cell_edge_weights`/`derive_cell_of` (a cell type's own state, such as its pruned ops),
+`arch_weight_decay` (the architecture optimiser's weight decay as the method's regulariser), `weight_step`
+(a change to the weight step's forward pass), `auxiliary_skip` and `cell_concat`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import ClassVar, NamedTuple
 
+import torch
 from torch import Tensor
 
-from ..space import Edge
+from ..space import PRIMITIVES, Edge
 
 
 class NetworkStyle(NamedTuple):
@@ -24,23 +37,33 @@ class NetworkStyle(NamedTuple):
         has no single set of statistics to keep).
     head_bn_relu: a BN and a ReLU between the last cell and the global pooling.
     pool_bn: an affine-free BN after each pooling candidate of the mixed ops.
+    partial_channels: K; above 1, each edge's ops compute on the first C/K channels of its input, the others
+        bypass them and the two parts are shuffled together (PC-DARTS; `supernet.partial_channel_edge`).
+    auxiliary_skip: every edge carries an auxiliary skip connection besides its ops (DARTS-), weighted by
+        `Method.auxiliary_skip()`: the identity on stride-1 edges, a FactorizedReduce of its own on stride-2
+        edges.
     """
 
     running_statistics: bool = True
     head_bn_relu: bool = False
     pool_bn: bool = True
+    partial_channels: int = 1
+    auxiliary_skip: bool = False
 
 
 class CellWeights(NamedTuple):
     """One cell type's edge weights for one forward pass.
 
-    weights: `[num_edges, len(PRIMITIVES)]`, the weight of every op on every edge.
+    weights: `[num_edges, len(primitives)]`, the weight of every op of the method on every edge.
     mask: None to compute every op, or 0/1 of the same shape: only the ops marked 1 are computed
         (the others' weights are 0).
+    edge_scale: None, or `[num_edges]`: a factor on each edge's whole output (PC-DARTS's edge normalisation,
+        which also scales the channels that bypass the ops).
     """
 
     weights: Tensor
     mask: Tensor | None = None
+    edge_scale: Tensor | None = None
 
 
 def edge_entropy(weights: Tensor) -> float:
@@ -67,6 +90,19 @@ class Method(ABC):
     samples_each_forward: ClassVar[bool] = False
     # The search network the method's published code trains (an instance attribute may override it).
     network_style: NetworkStyle = NetworkStyle()
+    # The candidate ops by name, in the column order of the architecture parameters (an instance attribute
+    # may override it): a subset of space.PRIMITIVES in any order; the supernet never computes the others.
+    primitives: tuple[str, ...] = PRIMITIVES
+    # Columns of each architecture tensor after the `len(primitives)` op columns, for per-edge parameters of the
+    # method's own (PC-DARTS: 1, the edge's logit beta).
+    extra_arch_columns: ClassVar[int] = 0
+    # The architecture optimiser's weight decay when the method sets it (DrNAS: its regulariser); None: the run's.
+    arch_weight_decay: float | None = None
+
+    def initial_arch(self, num_edges: int) -> Tensor:
+        """One cell type's architecture parameters at the start, `[num_edges, len(primitives) + extra_arch_columns]`
+        (DARTS: 1e-3 N(0, 1), drawn from torch's global generator)."""
+        return 1e-3 * torch.randn(num_edges, len(self.primitives) + self.extra_arch_columns)
 
     @abstractmethod
     def forward_weights(self, arch: Mapping[str, Tensor]) -> dict[str, CellWeights]:
@@ -80,6 +116,31 @@ class Method(ABC):
     def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
         """The discrete cell of one cell type's parameters, as (op, input) pairs, two per node."""
 
+    def cell_edge_weights(self, cell: str, alpha: Tensor) -> Tensor:
+        """`edge_weights` of cell type `cell` ("normal" or "reduce"): what the supernet logs and derives the
+        genotype from. A method whose cell types differ by more than their parameters overrides it (DrNAS: the ops
+        each type's edges keep after pruning)."""
+        return self.edge_weights(alpha)
+
+    def derive_cell_of(self, cell: str, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
+        """`derive_cell` of cell type `cell` (see `cell_edge_weights`)."""
+        return self.derive_cell(alpha, steps)
+
+    def weight_step(self, model, batch: tuple[Tensor, Tensor], loss_fn) -> AbstractContextManager:
+        """A context around the forward pass of each weight step (the weights' SGD step on the training `batch`
+        of `model`, the SearchNetwork, with `loss_fn`): what the method changes in that forward alone. DARTS:
+        nothing; SDARTS: the edge weights, perturbed."""
+        return contextlib.nullcontext()
+
+    def auxiliary_skip(self) -> float | None:
+        """The weight of every edge's auxiliary skip in the next forward passes (a constant: no gradient), for a
+        method whose network_style has one (its forward weights then have no mask); None for none."""
+        return None
+
+    def cell_concat(self, cell: Sequence[Edge], steps: int, multiplier: int) -> list[int]:
+        """The nodes whose outputs the derived `cell` concatenates: the last `multiplier` (DARTS)."""
+        return list(range(2 + steps - multiplier, steps + 2))
+
     def regulariser(self) -> Tensor | None:
         """The term added to the architecture loss for the last forward pass; None when there is none."""
         return None
@@ -88,13 +149,24 @@ class Method(ABC):
         """Per-epoch settings (for example a temperature) for 0-based `epoch` of `epochs`."""
         check_epoch(epoch, epochs)
 
+    def trains_architecture(self) -> bool:
+        """Whether the steps of the epoch in force (after `set_epoch`) update the architecture; False during a
+        warm-up that trains the weights alone."""
+        return True
+
+    def prepare_architecture(self, arch: Mapping[str, Tensor]) -> None:
+        """Changes the method makes to the architecture parameters themselves before the first step of the epoch
+        in force (after `set_epoch`; DrNAS prunes each edge to its best ops at its second stage). Called again for
+        an epoch resumed midway, so a change already made (and checkpointed) must not be made twice."""
+        return None
+
     def epoch_settings(self) -> dict[str, float]:
         """The per-epoch settings in force (after `set_epoch`), to log with the epoch."""
         return {}
 
     def diagnostics(self, arch: Mapping[str, Tensor]) -> dict[str, float]:
         """Per-epoch figures to log: `entropy_<cell type>` of the edge weights, plus the method's own."""
-        return {f"entropy_{cell}": edge_entropy(self.edge_weights(alpha)) for cell, alpha in arch.items()}
+        return {f"entropy_{cell}": edge_entropy(self.cell_edge_weights(cell, alpha)) for cell, alpha in arch.items()}
 
     def state_dict(self) -> dict:
         """Every piece of mutable state, so a search can resume bit for bit."""
@@ -108,3 +180,13 @@ def check_state_keys(method: Method, state: Mapping, expected: set[str]) -> None
     if not isinstance(state, Mapping) or set(state) != expected:
         got = sorted(state) if isinstance(state, Mapping) else type(state).__name__
         raise ValueError(f"{method.name} state must have the keys {sorted(expected)}, got {got}")
+
+
+def load_generator_state(method: Method, state: object) -> None:
+    """Restore `method.generator` from a checkpoint's `Generator.get_state()`, or a ValueError naming the problem."""
+    if not (isinstance(state, Tensor) and state.dtype == torch.uint8):
+        raise ValueError(f"{method.name}: the generator state must be a uint8 tensor from Generator.get_state()")
+    try:
+        method.generator.set_state(state)
+    except RuntimeError as e:
+        raise ValueError(f"{method.name}: the generator state does not fit a CPU generator ({e})") from None

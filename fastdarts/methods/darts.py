@@ -22,4 +22,4 @@ class DARTSMethod(Method):
         return alpha.softmax(dim=-1)
 
     def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
-        return derive_cell(self.edge_weights(alpha), steps)
+        return derive_cell(self.edge_weights(alpha), steps, self.primitives)

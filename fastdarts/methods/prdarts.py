@@ -15,7 +15,7 @@ from torch import Tensor
 from .. import ops
 from ..ops.reference import check_explore_p, check_gate_settings, gate_p_nonzero
 from ..space import PRIMITIVES, Edge, cell_steps, deepest_chain, derive_cell_top_ops
-from .base import CellWeights, Method, NetworkStyle, check_epoch, check_state_keys
+from .base import CellWeights, Method, NetworkStyle, check_epoch, check_state_keys, load_generator_state
 
 SKIP = ("skip_connect",)
 CONV = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -181,7 +181,7 @@ class PRDARTSMethod(Method):
         return alpha.softmax(dim=-1)
 
     def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
-        return derive_cell_top_ops(self.edge_weights(alpha), steps)
+        return derive_cell_top_ops(self.edge_weights(alpha), steps, self.primitives)
 
     def diagnostics(self, arch: Mapping[str, Tensor]) -> dict[str, float]:
         """The entropies, and `p_nonzero_<group>_<cell type>`: the mean P(g != 0) over every gate of a group."""
@@ -199,11 +199,5 @@ class PRDARTSMethod(Method):
     def load_state_dict(self, state: Mapping) -> None:
         check_state_keys(self, state, {"tau", "generator"})
         _check_number("tau", state["tau"], positive=True)
-        generator_state = state["generator"]
-        if not (isinstance(generator_state, Tensor) and generator_state.dtype == torch.uint8):
-            raise ValueError("PRDARTSMethod: the generator state must be a uint8 tensor from Generator.get_state()")
-        try:
-            self.generator.set_state(generator_state)
-        except RuntimeError as e:
-            raise ValueError(f"PRDARTSMethod: the generator state does not fit a CPU generator ({e})") from None
+        load_generator_state(self, state["generator"])
         self.tau = state["tau"]

@@ -1,0 +1,102 @@
+"""GDAS (Dong & Yang, CVPR 2019; METHODS_MORE.md section 2): one op per edge, drawn by a hard Gumbel-softmax with a
+straight-through gradient; the temperature falls linearly from tau_max to tau_min over the epochs.
+
+Each forward pass draws, per cell type, `g = -log(E)` with `E ~ Exp(1)` for every (edge, op), and takes
+`p = softmax((log_softmax(alpha) + g) / tau)`, `idx = argmax p`, `h = onehot(idx) - p.detach() + p`. The edge
+computes only op idx, times `h[idx]` (1.0 in value): the architecture gradient flows through `p[idx]` alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from ..space import Edge, derive_cell_top_ops
+from .base import CellWeights, Method, check_epoch, check_state_keys, load_generator_state
+
+# GDAS's own op order (its DARTS_SPACE), the column order of its architecture parameters: the Gumbel noise is drawn
+# in this order, so the same generator state gives the same sample as the published code.
+GDAS_ORDER = ("none", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+              "avg_pool_3x3", "max_pool_3x3")  # fmt: skip
+
+
+def hard_gumbel_softmax(alpha: Tensor, gumbel: Tensor, tau: float) -> tuple[Tensor, Tensor]:
+    """`(h, onehot)` for logits `alpha` and Gumbel noise of the same shape: `h = onehot - p.detach() + p` with
+    `p = softmax((log_softmax(alpha) + gumbel) / tau)` and `onehot` the argmax of p along the last dimension."""
+    p = ((alpha.log_softmax(dim=-1) + gumbel) / tau).softmax(dim=-1)
+    onehot = torch.zeros_like(p).scatter_(-1, p.argmax(dim=-1, keepdim=True), 1.0)
+    return onehot - p.detach() + p, onehot
+
+
+def _check_positive(name: str, value: object) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and value > 0):
+        raise ValueError(f"GDASMethod: {name} must be a finite number > 0, got {value!r}")
+
+
+class GDASMethod(Method):
+    """One Gumbel-sampled op per edge, shared by every cell of a type and every image of the batch.
+
+    The weights train first in each step, then the architecture (each forward pass draws its own sample, from this
+    object's generator, seeded with `seed`). The architecture columns are in GDAS's op order. The genotype keeps,
+    for each node, the two (op, input) pairs of highest softmax(alpha) over all its inputs (`none` excluded); both
+    may read the same input.
+    """
+
+    name = "gdas"
+    weight_step_first = True
+    samples_each_forward = True
+    primitives = GDAS_ORDER
+
+    def __init__(self, *, tau_max: float = 10.0, tau_min: float = 0.1, seed: int = 0):
+        _check_positive("tau_max", tau_max)
+        _check_positive("tau_min", tau_min)
+        if tau_min > tau_max:
+            raise ValueError(f"GDASMethod: tau_min ({tau_min}) must not exceed tau_max ({tau_max})")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"GDASMethod: seed must be an integer, got {seed!r}")
+        self.tau_max, self.tau_min, self.tau = tau_max, tau_min, tau_max
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def gumbel_noise(self, alpha: Tensor) -> Tensor:
+        """`-log(E)`, `E ~ Exp(1)`, shaped like `alpha` (drawn on the CPU, where the generator is)."""
+        exponential = torch.empty(alpha.shape, dtype=alpha.dtype).exponential_(generator=self.generator)
+        return -exponential.log().to(alpha.device)
+
+    def forward_weights(self, arch: Mapping[str, Tensor]) -> dict[str, CellWeights]:
+        weights = {}
+        for cell, alpha in arch.items():
+            while True:  # as the published code, draw again on an infinite noise or a non-finite softmax
+                gumbel = self.gumbel_noise(alpha)
+                h, onehot = hard_gumbel_softmax(alpha, gumbel, self.tau)
+                if bool(torch.isfinite(gumbel).all()) and bool(torch.isfinite(h.detach()).all()):
+                    break
+            weights[cell] = CellWeights(h, onehot)
+        return weights
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        """tau falls linearly from tau_max at the first epoch to tau_min at the last."""
+        check_epoch(epoch, epochs)
+        fraction = epoch / (epochs - 1) if epochs > 1 else 0.0
+        self.tau = self.tau_max - (self.tau_max - self.tau_min) * fraction
+
+    def epoch_settings(self) -> dict[str, float]:
+        return {"tau": self.tau}
+
+    def edge_weights(self, alpha: Tensor) -> Tensor:
+        return alpha.softmax(dim=-1)
+
+    def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
+        return derive_cell_top_ops(self.edge_weights(alpha), steps, self.primitives)
+
+    def state_dict(self) -> dict:
+        return {"tau": self.tau, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        check_state_keys(self, state, {"tau", "generator"})
+        _check_positive("tau", state["tau"])
+        load_generator_state(self, state["generator"])
+        self.tau = state["tau"]

@@ -1,0 +1,169 @@
+"""GDAS (METHODS_MORE.md section 2) against a direct transcription of its formulas."""
+
+import io
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdarts import SearchNetwork, search
+from fastdarts.config import run_cli
+from fastdarts.methods import GDASMethod, make_method
+from fastdarts.space import edge_index
+from fastdarts.supernet import OpColumns, SearchCell, selected_columns
+
+from .method_checks import assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
+
+F64 = torch.float64
+GDAS_ORDER = ["none", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+              "avg_pool_3x3", "max_pool_3x3"]  # fmt: skip
+
+
+def transcribed_sample(alpha, seed, tau):
+    """The published sampling (columns in GDAS's op order): Exp(1) draws, g = -log E, p = softmax((log_softmax(alpha)
+    + g) / tau), h = onehot(argmax p) - p.detach() + p; returned with the argmax."""
+    generator = torch.Generator().manual_seed(seed)
+    exponential = torch.empty(alpha.shape, dtype=alpha.dtype).exponential_(generator=generator)
+    gumbel = -exponential.log()
+    p = F.softmax((F.log_softmax(alpha, dim=1) + gumbel) / tau, dim=1)
+    index = p.max(-1, keepdim=True)[1]
+    one_h = torch.zeros_like(p).scatter_(-1, index, 1.0)
+    return one_h - p.detach() + p, index.squeeze(1)
+
+
+def test_sample_and_its_gradient_equal_the_transcription():
+    alpha = torch.randn(14, 8, dtype=F64, requires_grad=True)
+    method = GDASMethod(seed=5)
+    method.set_epoch(3, 10)  # tau = 10 - 9.9 * 3 / 9
+    assert method.tau == pytest.approx(6.7)
+    got = method.forward_weights({"normal": alpha})["normal"]
+    want, index = transcribed_sample(alpha, 5, 10 - 9.9 * 3 / 9)
+    torch.testing.assert_close(got.weights, want, rtol=0, atol=1e-15)
+    assert torch.equal(got.mask, F.one_hot(index, 8).to(F64))
+    upstream = torch.randn(14, 8, dtype=F64)
+    (got_grad,) = torch.autograd.grad((got.weights * upstream).sum(), alpha)
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), alpha)
+    torch.testing.assert_close(got_grad, want_grad)
+
+
+def edge_of_one_op(sample):
+    """The published edge: `op_idx(x) * h[idx]`, only the sampled op computed (`none`: zeros)."""
+    h, index = sample
+
+    def edge_output(edge, row, x):
+        name = GDAS_ORDER[index[row]]
+        if name == "none":
+            return edge.zeros(x)
+        return candidate(edge, name, x) * h[row, index[row]]
+
+    return edge_output
+
+
+@pytest.mark.parametrize("reduction", [False, True], ids=["normal", "reduce"])
+def test_cell_output_and_architecture_gradient_equal_the_transcription(reduction):
+    cell = SearchCell(4, 4, 6, 6, 4, reduction, False).to(F64)
+    s0, s1 = (torch.randn(2, 6, 7, 7, dtype=F64) for _ in range(2))
+    alpha = torch.randn(14, 8, dtype=F64, requires_grad=True)
+    with torch.no_grad():
+        alpha[3, GDAS_ORDER.index("none")] = 10.0  # edge 3 samples `none`: it adds zeros
+    method = GDASMethod(seed=1)
+    weights = method.forward_weights({"normal": alpha})["normal"]
+    assert weights.mask[3, GDAS_ORDER.index("none")] == 1
+    weights = OpColumns(GDAS_ORDER)(weights)  # as the supernet maps the method's columns onto its mixed ops
+    fused = cell(s0, s1, weights.weights, selected_columns(weights.mask))
+    hand = hand_cell(cell, s0, s1, edge_of_one_op(transcribed_sample(alpha, 1, method.tau)))
+    torch.testing.assert_close(fused, hand)
+    upstream = torch.randn_like(hand)
+    (fused_grad,) = torch.autograd.grad((fused * upstream).sum(), alpha)
+    (hand_grad,) = torch.autograd.grad((hand * upstream).sum(), alpha)
+    torch.testing.assert_close(fused_grad, hand_grad)
+    assert fused_grad.abs().sum() > 0
+
+
+def transcribed_genotype(alpha, steps=4):
+    """For each node, every (op != none, input) pair weighted by softmax(alpha), sorted descending, the top 2."""
+    weights = alpha.softmax(-1)
+    gene = []
+    for i in range(steps):
+        pairs = [(weights[edge_index(i, j), GDAS_ORDER.index(op)].item(), op, j)
+                 for j in range(2 + i) for op in GDAS_ORDER if op != "none"]  # fmt: skip
+        gene += [(op, j) for _, op, j in sorted(pairs, key=lambda pair: -pair[0])[:2]]
+    return tuple(gene)
+
+
+def test_genotype_rule_equals_the_transcription():
+    net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=1, method=GDASMethod())
+    assert GDASMethod.primitives == tuple(GDAS_ORDER)
+    with torch.no_grad():
+        for alpha in net.arch_parameters():
+            alpha.normal_(std=0.3)
+        net.alpha_normal[edge_index(2, 3)] = torch.linspace(0, 8, 8)  # node 2's two best pairs read input 3
+    genotype = net.genotype()
+    assert genotype.normal == transcribed_genotype(net.alpha_normal)
+    assert genotype.reduce == transcribed_genotype(net.alpha_reduce)
+    assert genotype.normal[4:6] == (("max_pool_3x3", 3), ("avg_pool_3x3", 3))
+
+
+def test_temperature_schedule_state_and_settings():
+    method = GDASMethod()
+    taus = []
+    for epoch in range(5):
+        method.set_epoch(epoch, 5)
+        taus.append(method.tau)
+    assert taus == pytest.approx([10 - 9.9 * e / 4 for e in range(5)], abs=1e-12) and taus[-1] == pytest.approx(0.1)
+    assert method.epoch_settings() == {"tau": method.tau}
+    alpha = {"normal": torch.randn(14, 8), "reduce": torch.randn(14, 8)}
+    method.forward_weights(alpha)
+    buffer = io.BytesIO()
+    torch.save(method.state_dict(), buffer)
+    expected = method.forward_weights(alpha)
+    restored = GDASMethod(seed=9)
+    buffer.seek(0)
+    restored.load_state_dict(torch.load(buffer))
+    got = restored.forward_weights(alpha)
+    assert restored.tau == method.tau
+    for cell in alpha:
+        assert torch.equal(got[cell].weights, expected[cell].weights)
+    assert GDASMethod.weight_step_first and GDASMethod.samples_each_forward
+    with pytest.raises(ValueError, match=r"gdas state must have the keys \['generator', 'tau'\]"):
+        restored.load_state_dict({"tau": 1.0})
+    with pytest.raises(ValueError, match="gdas: the generator state does not fit"):
+        restored.load_state_dict({"tau": 1.0, "generator": torch.zeros(3, dtype=torch.uint8)})
+    for settings, message in ((dict(tau_max=0.0), "tau_max must be a finite number > 0"),
+                              (dict(tau_min=20.0), r"tau_min \(20.0\) must not exceed tau_max \(10.0\)"),
+                              (dict(seed=0.5), "seed must be an integer")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            make_method("gdas", **settings)
+
+
+@pytest.mark.slow
+def test_gdas_search_resumes_bit_for_bit_and_writes_a_trainable_genotype(tmp_path, monkeypatch):
+    whole = assert_search_resumes_bit_for_bit(tmp_path, monkeypatch, method="gdas")
+    assert [row["tau"] for row in whole.history] == [10.0, pytest.approx(0.1)]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--method", "darts", "--gdas_tau_max", "3"], "gdas_tau_max is an option of --method gdas, not of darts"),
+        (["--method", "gdas", "--gdas_tau_min", "11"], r"tau_min \(11.0\) must not exceed tau_max \(10.0\)"),
+        (["--method", "gdas", "--unrolled"], "gdas samples new edge weights in every forward pass"),
+    ],
+)
+def test_bad_gdas_options_give_one_line_and_status_2(args, message, capsys):
+    assert run_cli(search.main, args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+
+
+def test_gdas_starts_from_its_published_cifar10_settings():
+    assert published_settings("gdas") == dict(
+        batch_size=256,
+        epochs=250,
+        init_channels=16,
+        layers=8,
+        learning_rate=0.025,
+        arch_learning_rate=3e-4,
+        arch_beta1=0.5,
+    )
