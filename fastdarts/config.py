@@ -24,7 +24,7 @@ from torch.distributed import DistError
 
 from .checkpoint import RunInterrupted
 from .data import DATA_DIRECTORIES, DATASETS, IMAGE_DATASETS, SEARCH_DATASETS
-from .distributed import writer_process
+from .distributed import DEVICES, writer_process
 from .errors import ConfigError, FastDartsError, RunFailed, one_line, path_stat, summary
 from .evalnet import NETWORKS
 from .methods import METHODS
@@ -93,6 +93,8 @@ class CommonConfig(RunOptions):
     init_channels: int | None = option(None, "channels of the first cell (C)", low=1)
     layers: int | None = option(None, "number of cells (reductions at layers//3 and 2*layers//3)", low=3)
     grad_clip: float = option(5.0, "gradient-norm clip of the weights", low=0, low_open=True)
+    device: str = option("cpu", "where the network computes: cpu, or cuda (one GPU per process: under torchrun, the "
+                         "GPU of the process's LOCAL_RANK)", choices=DEVICES)  # fmt: skip
 
     def check(self) -> None:
         # learning_rate and learning_rate_min are each config's own: their defaults and help differ.
@@ -402,6 +404,9 @@ class StudyConfig(CommonConfig):
 
     def check(self) -> None:
         super().check()
+        if self.device != "cpu":  # its probes (fastdarts.probes) compute on the CPU
+            raise ConfigError(f"the convergence study runs on the CPU (--jobs processes); device {self.device} is "
+                              "for search and train")  # fmt: skip
         buildable_genotype(self.genotype)  # a cell that cannot be read or built fails before anything is written
         widths = number_list(self.widths, "widths")
         if any(w < 0 or w * 2 != int(w * 2) for w in widths):

@@ -104,6 +104,12 @@ def step_seed(seed: int, epoch: int, step: int, draw: int) -> int:
     return int(np.random.SeedSequence([seed % 2**64, epoch, step, draw]).generate_state(1)[0])
 
 
+def to_device(batch: tuple[torch.Tensor, torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's images and labels on the device the run computes on (made on the CPU, as every batch is)."""
+    x, y = batch
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
 class Images:
     """What every data set offers a run; subclasses say how to get the pixels of a batch."""
 

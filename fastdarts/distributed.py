@@ -17,6 +17,8 @@ One run, N processes, one global batch per step (`--batch_size` is the global ba
   (DataParallel) does. So N processes at global batch B compute what one process computes when it splits
   every batch into N parts for batch norm (tests/test_distributed.py checks exactly that). The running
   statistics, used for evaluation, are averaged over the processes after every step.
+- On GPUs (`--device cuda`) each process computes on the GPU of its LOCAL_RANK and the process group runs
+  NCCL for CUDA tensors and gloo for CPU ones; without a GPU it is gloo alone.
 - Process 0 alone writes the run directory (logs, plots, checkpoints) and prints; a checkpoint holds no trace
   of the number of processes, so `--resume` continues with any number.
 - Every decision that ends a run is taken together: a NaN or infinite loss or gradient is one of the all-reduced
@@ -90,8 +92,10 @@ class World:
         they are the same in every process, and a run resumed from a checkpoint goes on with what the
         uninterrupted run holds."""
         buffers = [b for b in model.buffers() if b.is_floating_point()]
+        device = buffers[0].device if buffers else torch.device("cpu")
         # In float64: the sums of a long epoch stay exact, as Python's floats keep them in one process.
-        flat = torch.cat([torch.tensor(values, dtype=torch.float64), *(b.reshape(-1).double() for b in buffers)])
+        values_t = torch.tensor(values, dtype=torch.float64, device=device)
+        flat = torch.cat([values_t, *(b.reshape(-1).double() for b in buffers)])
         dist.all_reduce(flat)
         with torch.no_grad():
             offset = len(values)
@@ -171,6 +175,30 @@ def mark_shared(error: BaseException) -> BaseException:
     return error
 
 
+# The values of --device.
+DEVICES = ("cpu", "cuda")
+
+
+def run_device(name: str) -> torch.device:
+    """The device a run computes on for `--device name`: the CPU, or this process's GPU (under torchrun the one
+    of its LOCAL_RANK, as `torchrun --nproc_per_node=<GPUs per machine>` expects; alone the first visible one).
+    Raises ConfigError when no such GPU is visible to this process."""
+    if name not in DEVICES:
+        raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {name!r}")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise mark_shared(ConfigError(f"device cuda: no GPU is visible to this process (torch {torch.__version__}, "
+                                      f"{built})"))  # fmt: skip
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= torch.cuda.device_count():
+        raise mark_shared(ConfigError(f"device cuda: this process's LOCAL_RANK is {index} but only "
+                                      f"{torch.cuda.device_count()} GPUs are visible; start at most that many "
+                                      "processes per machine"))  # fmt: skip
+    return torch.device("cuda", index)
+
+
 SINGLE = World()
 _world: World | None = None
 _started_here = False
@@ -183,19 +211,30 @@ def launched() -> bool:
 
 def world() -> World:
     """This process's World: the process group already started, or one started from torchrun's environment
-    (gloo: the runs compute on the CPU), or SINGLE when the process was not launched by torchrun."""
+    (process_group_backend), or SINGLE when the process was not launched by torchrun."""
     global _world, _started_here
     if _world is not None:
         return _world
     if dist.is_available() and dist.is_initialized():
         _world = World(dist.get_rank(), dist.get_world_size())
     elif dist.is_available() and launched() and int(os.environ["WORLD_SIZE"]) > 1:
-        dist.init_process_group("gloo")
+        dist.init_process_group(process_group_backend())
         _started_here = True
         _world = World(dist.get_rank(), dist.get_world_size())
     else:
         _world = SINGLE
     return _world
+
+
+def process_group_backend() -> str:
+    """gloo for CPU tensors, and NCCL for CUDA tensors when this process sees a GPU (on its LOCAL_RANK's, which
+    it then makes current: NCCL works on the current device)."""
+    if not (torch.cuda.is_available() and dist.is_nccl_available()):
+        return "gloo"
+    index = int(os.environ.get("LOCAL_RANK", "0"))
+    if index < torch.cuda.device_count():
+        torch.cuda.set_device(index)
+    return "cpu:gloo,cuda:nccl"
 
 
 def writer_process() -> bool:

@@ -16,11 +16,12 @@ from .space import OPS, DilConv, FactorizedReduce, Genotype, Identity, ReLUConvB
 def drop_path(x: torch.Tensor, drop_prob: float, part: tuple[int, slice] | None = None) -> torch.Tensor:
     """Zero whole samples with probability `drop_prob`, scaling the kept ones by 1/keep. `part` (n, where):
     `x` is the part `where` of a batch of n images, and the masks are drawn for all n (so every process of a
-    run draws the same numbers, and each image gets the mask it has in the whole batch)."""
+    run draws the same numbers, and each image gets the mask it has in the whole batch). The masks come from torch's
+    CPU stream whatever the device of `x`, so a run on a GPU draws the masks it draws on the CPU."""
     keep = 1.0 - drop_prob
     n, where = part if part is not None else (x.shape[0], slice(None))
-    mask = torch.empty(n, 1, 1, 1, dtype=x.dtype, device=x.device).bernoulli_(keep)[where]
-    return x / keep * mask
+    mask = torch.empty(n, 1, 1, 1, dtype=x.dtype).bernoulli_(keep)[where]
+    return x / keep * mask.to(x.device, non_blocking=True)
 
 
 class EvalCell(nn.Module):

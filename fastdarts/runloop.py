@@ -42,15 +42,16 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import parse_command_line
-from .data import BatchJob, Images, fit_last_batch
+from .data import BatchJob, Images, fit_last_batch, to_device
 from .distributed import SINGLE, World, mark_shared
 from .errors import ConfigError, FastDartsError, TrainingDiverged, path_stat, summary
 from .memory import keep_freed_memory
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-# Settings a resumed run may change: they do not alter what the run computes.
-RESUME_OVERRIDES = ("progress", "stop_after")
+# Settings a resumed run may change: they do not alter what the run computes (on another device, the same
+# computation rounds differently: a run resumed there is no longer bit for bit the uninterrupted one).
+RESUME_OVERRIDES = ("progress", "stop_after", "device")
 # The signals that stop a run after its current step (checkpoint.StopSignals).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -85,17 +86,20 @@ class Task(Protocol):
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: Images, indices: torch.Tensor, batch_size: int,
              world: World = SINGLE) -> tuple[float, float]:  # fmt: skip
-    """Loss and accuracy on `indices` without augmentation, in eval mode (running BN statistics).
+    """Loss and accuracy on `indices` without augmentation, in eval mode (running BN statistics), on the model's
+    device.
     A model that returns `(logits, auxiliary logits)` is scored on its logits. Over several processes each
     scores its part of every batch, and the sums are added up."""
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     loss_sum, correct = 0.0, 0
     batches = indices.split(batch_size)
     if not world.alone:
         batches = fit_last_batch(list(batches), world.size)
     with contextlib.closing(data.iterate(BatchJob(b, part=world.part) for b in batches)) as batches:
-        for x, y in batches:
+        for batch in batches:
+            x, y = to_device(batch, device)
             logits = model(x)
             if isinstance(logits, tuple):
                 logits = logits[0]
@@ -112,10 +116,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def kernels_in_use() -> str:
-    """ops.describe_kernels(), with a FASTDARTS_CPU_ISA that cannot run here as a ConfigError."""
+def kernels_in_use(device: str = "cpu") -> str:
+    """ops.describe_kernels(device), with a FASTDARTS_CPU_ISA that cannot run here as a ConfigError."""
     try:
-        return ops.describe_kernels()
+        return ops.describe_kernels(device)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -260,7 +264,9 @@ class Run:
         alone), and after `stop_after` epochs (a normal return; `stopped_early` is then True).
         """
         config, position, world = self.config, self.position, self.world
-        self.say(f"{self.kind} in {self.dir}; {kernels_in_use()}; {world.describe_batch(config.batch_size)}")
+        device = distributed.run_device(config.device)
+        self.say(f"{self.kind} in {self.dir} on {device}; {kernels_in_use(device.type)}; "
+                 f"{world.describe_batch(config.batch_size)}")  # fmt: skip
         bar = None  # sized when the first epoch's batches are known
         self.stopped_early = False
         # The bar is closed before any exception's message is printed, so that message stays last.

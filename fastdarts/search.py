@@ -22,7 +22,7 @@ from .analyze import write_cell_diagrams
 from .bilevel import Architect, weight_step
 from .checkpoint import atomic_write_text
 from .config import SearchConfig, run_cli
-from .data import BatchJob, Images, load_dataset, random_batch, shuffled_batches, split_indices, step_seed
+from .data import BatchJob, Images, load_dataset, random_batch, shuffled_batches, split_indices, step_seed, to_device
 from .distributed import SINGLE, World
 from .methods import make_method
 from .plots import plot_run
@@ -52,6 +52,7 @@ class SearchTask:
         self.model, self.weight_optimizer, self.scheduler = model, weight_optimizer, scheduler
         self.architect = architect
         self.world, self.forward = world, forward  # forward: the model's DDP wrapper over several processes
+        self.device = next(model.parameters()).device
 
     def batches(self, generator):
         return shuffled_batches(self.train_idx, self.config.batch_size, generator, self.world.size)
@@ -82,6 +83,7 @@ class SearchTask:
 
     def step(self, inputs):
         train_batch, val_batch, (train_share, val_share) = inputs
+        train_batch, val_batch = to_device(train_batch, self.device), to_device(val_batch, self.device)
 
         def weights():
             return weight_step(self.model, self.weight_optimizer, train_batch, self.config.grad_clip,
@@ -115,12 +117,13 @@ class SearchTask:
 def run(config: SearchConfig | None = None, *, resume: str | Path | None = None, **overrides) -> SearchResult:
     """Run a search; `overrides` set config fields by name (`run(epochs=1, layers=3)`).
 
-    `resume` continues the run saved in that directory with its own configuration (only `progress`
-    and `stop_after` may be given) and ends exactly as the uninterrupted run would have.
+    `resume` continues the run saved in that directory with its own configuration (only `progress`,
+    `stop_after` and `device` may be given) and ends exactly as the uninterrupted run would have (on the same device).
     """
     world = distributed.world()
     config, checkpoint = world.from_writer(start_config, SearchConfig, "search", config, resume, **overrides)
     world.check_batch_size(config.batch_size)
+    device = distributed.run_device(config.device)
     seed_everything(config.seed)
     train = load_dataset(config.dataset, config.data, "train", **config.data_options())
     val = load_dataset(config.dataset, config.data, "valid", **config.data_options())
@@ -133,7 +136,7 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
 
     method = make_method(config.method, **config.method_settings())
     model = SearchNetwork(config.init_channels, train.num_classes, config.layers, train.in_channels, method=method,
-                          recompute=config.recompute)  # fmt: skip
+                          recompute=config.recompute).to(device)  # fmt: skip
     weight_optimizer = torch.optim.SGD(
         model.weight_parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
     )

@@ -22,7 +22,7 @@ from . import distributed
 from .bilevel import sgd_step
 from .checkpoint import atomic_write_text
 from .config import TrainConfig, run_cli
-from .data import BatchJob, Images, load_dataset, part_slice, shuffled_batches, step_seed
+from .data import BatchJob, Images, load_dataset, part_slice, shuffled_batches, step_seed, to_device
 from .distributed import SINGLE, World
 from .evalnet import NETWORKS, EvalNetwork, count_multiply_adds, count_parameters
 from .plots import plot_run
@@ -59,6 +59,7 @@ class TrainTask:
         self.config, self.train, self.test, self.model = config, train, test, model
         self.optimizer, self.scheduler, self.observe = optimizer, scheduler, observe
         self.world, self.forward = world, forward or model  # forward: the model's DDP wrapper over several processes
+        self.device = next(model.parameters()).device
 
     def batches(self, generator):
         return shuffled_batches(torch.arange(len(self.train)), self.config.batch_size, generator, self.world.size)
@@ -82,7 +83,8 @@ class TrainTask:
         return {"lr": self.scheduler.get_last_lr()[0], "drop_path_prob": self.model.drop_path_prob}
 
     def step(self, inputs):
-        (x, y), n = inputs
+        batch, n = inputs
+        x, y = to_device(batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         if not self.world.alone:  # drop-path masks drawn for the global batch, as one process would
             self.model.drop_path_part = (n, part_slice(n, self.world.part))
@@ -120,13 +122,14 @@ def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, 
     """Train a genotype; `overrides` set config fields by name (`run(genotype="DARTS_V1", epochs=5)`).
     `observe(model, epochs_done)` adds measurements to every epoch's row (fastdarts.convergence).
 
-    `resume` continues the run saved in that directory with its own configuration (only `progress`
-    and `stop_after` may be given) and ends exactly as the uninterrupted run would have.
+    `resume` continues the run saved in that directory with its own configuration (only `progress`,
+    `stop_after` and `device` may be given) and ends exactly as the uninterrupted run would have (on the same device).
     """
     world = distributed.world()
     config, checkpoint = world.from_writer(start_config, TrainConfig, "train", config, resume, **overrides)
     world.check_batch_size(config.batch_size)
     genotype = config.cell()
+    device = distributed.run_device(config.device)
     seed_everything(config.seed)
     train = load_dataset(config.dataset, config.data, "train", **config.data_options())
     test = load_dataset(config.dataset, config.data, "test", **config.data_options())
@@ -136,6 +139,7 @@ def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, 
     parameters = count_parameters(model)
     image = (train.in_channels, train.image_size, train.image_size)
     multiply_adds = count_multiply_adds(model, image)
+    model.to(device)
     optimizer = torch.optim.SGD(
         model.parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
     )

@@ -245,7 +245,7 @@ def test_resume_refuses_other_settings_another_kind_and_a_finished_run(tmp_path)
         search.run(resume=tmp_path / "done")
     with pytest.raises(ConfigError, match="holds a search run, not a train run"):
         train.run(resume=tmp_path / "done")
-    with pytest.raises(ConfigError, match=r"only progress, stop_after may be given \(got learning_rate\)"):
+    with pytest.raises(ConfigError, match=r"only progress, stop_after, device may be given \(got learning_rate\)"):
         search.run(resume=tmp_path / "done", learning_rate=0.1)
 
 
@@ -310,13 +310,27 @@ def test_train_cli_writes_its_outputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_method_comparison_prints_both_methods(tmp_path, capsys):
+def test_method_comparison_gives_each_method_the_epochs_of_its_budget(tmp_path, capsys):
     from benchmarks.compare_methods import main
 
-    tiny = ["--epochs", "1", "--layers", "3", "--init_channels", "2", "--batch_size", "128", "--no_progress"]
-    assert main(["--seeds", "0,1", "--out", str(tmp_path), *tiny]) == 0
-    table = capsys.readouterr().out.split("search on the bundled digits")[-1]
-    assert re.search(r"darts \| 0\.\d{4} ± 0\.\d{4} \|", table) and re.search(r"pr-darts \| 0\.\d{4} ±", table)
+    tiny = ["--layers", "3", "--init_channels", "4", "--batch_size", "128", "--no_progress"]
+    assert main(["--budget", "0.001", "--seeds", "0,1", "--methods", "darts,pr-darts", "--out", str(tmp_path),
+                 *tiny]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert re.search(r"== darts: \d+\.\d s for the calibration epoch -> 1 epochs per run", printed)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(summary["summary"]) == ["darts", "pr-darts"] and summary["seeds"] == [0, 1]
     for method in ("darts", "pr-darts"):
+        runs = summary["runs"][method]
+        assert [run["epochs"] for run in runs] == [1, 1]
+        assert all(0 <= run["val_acc"] <= 1 and 0 <= run["normal_width"] <= 4 for run in runs)
         assert (tmp_path / method / "seed-1" / "genotype.txt").exists()
-        assert json.loads((tmp_path / method / "seeds.json").read_text())["seeds"] == [0, 1]
+    assert re.search(r"\| pr-darts \| 0\.\d{4} ± 0\.\d{4} \|", (tmp_path / "summary.md").read_text())
+    assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_method_comparison_refuses_the_flags_it_sets(tmp_path):
+    from benchmarks.compare_methods import main
+
+    with pytest.raises(ConfigError, match="--method, --epochs"):
+        main(["--out", str(tmp_path), "--epochs", "3"])
