@@ -35,20 +35,26 @@ def cell_edges(genotype: Genotype, cell: str) -> tuple[tuple[tuple[str, int], ..
 
 
 def cell_width(edges) -> Fraction:
-    """Sum over intermediate nodes of the fraction of their inputs (with repetition) that are cell inputs, in c."""
+    """Sum over intermediate nodes of the fraction of their inputs (with repetition) that are cell inputs, in c.
+    A `none` edge (no op: Fair DARTS's edges below its threshold) is no input."""
     width = Fraction(0)
     for node in range(len(edges) // 2):
-        inputs = [index for _, index in edges[2 * node : 2 * node + 2]]
-        width += Fraction(sum(index < 2 for index in inputs), len(inputs))
+        inputs = [index for op, index in edges[2 * node : 2 * node + 2] if op != "none"]
+        if inputs:
+            width += Fraction(sum(index < 2 for index in inputs), len(inputs))
     return width
 
 
 def cell_depth(edges, concat) -> int:
-    """Edges on the longest path from a cell input to the output node (the edge into the output included)."""
-    depth = [0, 0]  # the two cell inputs
+    """Edges on the longest path from a cell input to the output node (the edge into the output included), over
+    the edges that have an op (not `none`); 0 when no node of the concat is reached."""
+    depth: list[int | None] = [0, 0]  # the two cell inputs; None: a node no path reaches
     for node in range(len(edges) // 2):
-        depth.append(1 + max(depth[index] for _, index in edges[2 * node : 2 * node + 2]))
-    return 1 + max(depth[i] for i in concat)
+        reached = [depth[index] for op, index in edges[2 * node : 2 * node + 2] if op != "none"]
+        reached = [d for d in reached if d is not None]
+        depth.append(1 + max(reached) if reached else None)
+    ends = [depth[i] for i in concat if depth[i] is not None]
+    return 1 + max(ends) if ends else 0
 
 
 def describe_cell(genotype: Genotype, cell: str) -> dict:

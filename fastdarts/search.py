@@ -115,6 +115,7 @@ class SearchTask:
             f"entropy {r['entropy_normal']:.4f}/{r['entropy_reduce']:.4f}"
             + (f" | tau {r['tau']:.3f}" if "tau" in r else "")
             + (f" P(skip gate on) {r['p_nonzero_skip_normal']:.3f}" if "p_nonzero_skip_normal" in r else "")
+            + "".join(f" | {k} {r[k]:.4g}" for k in self.model.method.epoch_settings() if k != "tau")
             + f" | {r['seconds']:.1f}s ({r['data_seconds']:.1f}s waiting for data)"
             + (f" | {r['skipped_steps']} steps skipped (non-finite)" if r["skipped_steps"] else "")
             + f"\n  {r['genotype']}"

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fastdarts.analyze import describe_cell
 from fastdarts.config import TrainConfig
 from fastdarts.evalnet import NetworkCIFAR
 from fastdarts.methods import FairDARTSMethod
@@ -75,6 +76,10 @@ def test_genotype_keeps_only_ops_above_the_threshold_and_drops_empty_nodes_from_
                                    ("max_pool_3x3", 2), ("max_pool_3x3", 3))  # fmt: skip
     assert genotype.normal_concat == (2, 3, 4)  # node 5 has no op
     assert genotype.reduce_concat == (2, 3, 4, 5)  # no node has one: all stay, as zeros
+    # Width and depth count the edges that have an op.
+    assert describe_cell(genotype, "normal")["width_c"] == 1 + 0.5 + 0
+    assert describe_cell(genotype, "normal")["depth"] == 4  # input 0 -> node 2 -> node 3 -> node 4 -> the output
+    assert describe_cell(genotype, "reduce")["depth"] == 0
     # fastdarts.train accepts it and builds its network.
     assert TrainConfig(genotype=str(genotype)).resolved().cell() == genotype
     out = NetworkCIFAR(genotype, C=4, num_classes=5, layers=3, in_channels=3)(torch.randn(2, 3, 8, 8))

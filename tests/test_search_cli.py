@@ -69,15 +69,15 @@ def test_config_file_and_flag_precedence(tmp_path):
         (["--dataset", "imagenet"], "invalid choice"),
         (["--epochs", "many"], "invalid int value"),
         (["--config", "/nonexistent.yaml"], "does not exist"),
+        (["--zero_one_weight", "5"], "zero_one_weight is an option of --method fair-darts, not of darts"),
+        (["--method", "sdarts", "--pgd_steps", "3"], "pgd_steps is an option of the adversarial perturbation"),
+        (["--method", "fair-darts", "--threshold", "1"], "threshold must be < 1"),
         (["--device", "tpu"], "invalid choice"),
         pytest.param(
             ["--device", "cuda"],
             "device cuda: no GPU is visible",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU"),
         ),
-        (["--zero_one_weight", "5"], "zero_one_weight is an option of --method fair-darts, not of darts"),
-        (["--method", "sdarts", "--pgd_steps", "3"], "pgd_steps is an option of the adversarial perturbation"),
-        (["--method", "fair-darts", "--threshold", "1"], "threshold must be < 1"),
     ],
 )
 def test_bad_input_gives_one_line_and_status_2(tmp_path, args, message):

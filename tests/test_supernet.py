@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fastdarts import PRIMITIVES, SearchNetwork, ops
-from fastdarts.methods import DARTSMethod
+from fastdarts.methods import CellWeights, DARTSMethod
 from fastdarts.space import DARTS_V2
 from fastdarts.supernet import MixedOp, selected_columns
 
@@ -211,3 +211,45 @@ def test_a_method_with_ops_the_supernet_cannot_map_is_refused(primitives):
     method.primitives = primitives
     with pytest.raises(ValueError, match="a method's ops must be distinct names of none, max_pool_3x3"):
         SearchNetwork(C=4, layers=3, method=method)
+
+
+class _GivenWeights(DARTSMethod):
+    """Edge weights and masks given from outside, over `primitives`."""
+
+    name = "given-weights"
+
+    def __init__(self, primitives, weights, masks):
+        self.primitives, self.weights, self.masks = tuple(primitives), weights, masks
+
+    def forward_weights(self, arch):
+        return {cell: CellWeights(self.weights[cell], self.masks[cell]) for cell in arch}
+
+
+def test_a_mask_over_the_method_s_columns_selects_the_same_ops_by_name():
+    """A 7-op method that computes 2 ops per edge (a mask in its own column order) computes what a network over
+    PRIMITIVES computes with the same weights and mask moved to the same names."""
+    seven = _PermutedOps.primitives
+    columns = [PRIMITIVES.index(name) for name in seven]
+    weights, masks, spread_weights, spread_masks = {}, {}, {}, {}
+    for cell in ("normal", "reduce"):
+        w = torch.rand(5, 7, requires_grad=True)
+        mask = torch.zeros(5, 7)
+        mask[torch.arange(5).unsqueeze(1), torch.rand(5, 7).argsort(1)[:, :2]] = 1.0
+        weights[cell], masks[cell] = w, mask
+        spread_weights[cell] = torch.zeros(5, 8).index_copy(1, torch.tensor(columns), w * mask)
+        spread_masks[cell] = torch.zeros(5, 8).index_copy(1, torch.tensor(columns), mask)
+    torch.manual_seed(0)
+    ours = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3, steps=2, multiplier=2,
+                         method=_GivenWeights(seven, {c: w * masks[c] for c, w in weights.items()}, masks))  # fmt: skip
+    torch.manual_seed(0)
+    theirs = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3, steps=2, multiplier=2,
+                           method=_GivenWeights(PRIMITIVES, spread_weights, spread_masks))  # fmt: skip
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "alpha" not in k}, strict=False)
+    x = torch.randn(2, 3, 8, 8)
+    out_ours, out_theirs = ours(x), theirs(x)
+    torch.testing.assert_close(out_ours, out_theirs)
+    grad = torch.randn_like(out_ours)
+    g_ours = torch.autograd.grad(out_ours, list(weights.values()), grad, retain_graph=True)
+    g_theirs = torch.autograd.grad(out_theirs, list(weights.values()), grad)
+    for a, b in zip(g_ours, g_theirs):
+        torch.testing.assert_close(a, b)

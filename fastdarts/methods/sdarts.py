@@ -40,9 +40,13 @@ def project(weights: Tensor) -> Tensor:
 
 
 def uniform_noise(weights: Mapping[str, Tensor], eps: float, generator: torch.Generator) -> dict[str, Tensor]:
-    """`clip(w + U(-eps, eps))` for each cell type, drawn in the mapping's order."""
-    return {cell: project(w + torch.empty_like(w).uniform_(-eps, eps, generator=generator))
-            for cell, w in weights.items()}  # fmt: skip
+    """`clip(w + U(-eps, eps))` for each cell type, drawn in the mapping's order (on the CPU, as the generator:
+    the same draws wherever the network computes)."""
+    noise = {
+        cell: torch.empty(w.shape, dtype=w.dtype).uniform_(-eps, eps, generator=generator)
+        for cell, w in weights.items()
+    }
+    return {cell: project(w + noise[cell].to(w.device)) for cell, w in weights.items()}
 
 
 class SDARTSMethod(DARTSMethod):
