@@ -1,0 +1,210 @@
+"""The recurrent search and evaluation models (RNN.md 1): DARTS's cell unrolled over a sequence between a
+tied embedding and decoder.
+
+Node 0 is a highway of x_t and h_{t-1}; node n (1..8) mixes every earlier node j through one matrix
+W_n: `[c_j | h_j] = (s_j * m_h) @ W_n` and `x_n = sum_j sum_{k != none} p_jk (s_j + sigmoid(c_j) (f_k(h_j) - s_j))`.
+In search one BatchNorm (no affine, one set of running statistics) normalises node 0 and every x_n; the
+cell's output is the mean of nodes 1..8. Every dropout mask is drawn once per forward call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..methods import Method, make_method
+from .genotype import PRIMITIVES, STEPS, RecurrentGenotype, derive_recurrent, row
+
+INIT_RANGE = 0.04  # U(-0.04, 0.04) for every matrix and the embedding (model.py:11,123)
+ACTIVATION_FUNCTIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "identity": lambda h: h}
+
+
+def mixed_node_reference(states: Tensor, ch: Tensor, p: Tensor) -> Tensor:
+    """One searched node's input before BN: `sum_j [P_j (1 - sigma(c_j)) s_j + sigma(c_j) g_j]`, where
+    `g_j = sum_k p_jk f_k(h_j)` over the non-none ops and `P_j` their total weight (RNN.md 4.1).
+
+    states: `[n, B, H]`, the predecessors' (unmasked) states; ch: `[n, B, 2H]`, `[c_j | h_j]`;
+    p: `[n, len(PRIMITIVES)]`, the op weights of each predecessor (column 0, none, adds nothing).
+    """
+    c, h = ch.chunk(2, dim=-1)
+    gate = torch.sigmoid(c)
+    w = p[:, 1:, None, None]
+    g = w[:, 0] * torch.tanh(h) + w[:, 1] * torch.relu(h) + w[:, 2] * torch.sigmoid(h) + w[:, 3] * h
+    total = w.sum(dim=1)
+    return (total * (1 - gate) * states + gate * g).sum(dim=0)
+
+
+def bernoulli_mask(like: Tensor, shape: tuple[int, ...], drop: float) -> Tensor:
+    """An inverted dropout mask: 0 with probability `drop`, else 1 / (1 - drop)."""
+    keep = 1.0 - drop
+    return like.new_empty(shape).bernoulli_(keep) / keep
+
+
+def locked_dropout(x: Tensor, drop: float, training: bool) -> Tensor:
+    """One mask `(1, B, D)` for every time step of `x` `(T, B, D)`."""
+    if not training or drop == 0:
+        return x
+    return x * bernoulli_mask(x, (1, *x.shape[1:]), drop)
+
+
+def uniform_matrix(rows: int, cols: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(rows, cols).uniform_(-INIT_RANGE, INIT_RANGE))
+
+
+class RecurrentCell(nn.Module):
+    """What the search and evaluation cells share: node 0, the masks, the loop over time."""
+
+    def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float, steps: int):
+        super().__init__()
+        self.nhid, self.dropouth, self.dropoutx = nhid, dropouth, dropoutx
+        self.W0 = uniform_matrix(ninp + nhid, 2 * nhid)
+        self.Ws = nn.ParameterList([uniform_matrix(nhid, 2 * nhid) for _ in range(steps)])
+
+    def forward(self, inputs: Tensor, hidden: Tensor, probabilities: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """inputs `(T, B, ninp)`, hidden `(1, B, H)` -> the outputs `(T, B, H)` and the last one `(1, B, H)`."""
+        batch = inputs.shape[1]
+        x_mask = h_mask = None
+        if self.training:  # one mask per forward call, shared by every time step (and every node for m_h)
+            x_mask = bernoulli_mask(inputs, (batch, inputs.shape[2]), self.dropoutx)
+            h_mask = bernoulli_mask(inputs, (batch, self.nhid), self.dropouth)
+        h = hidden[0]
+        outputs = []
+        for x in inputs:
+            h = self.step(x, h, x_mask, h_mask, probabilities)
+            outputs.append(h)
+        return torch.stack(outputs), h.unsqueeze(0)
+
+    def node0(self, x: Tensor, h_prev: Tensor, x_mask: Tensor | None, h_mask: Tensor | None) -> Tensor:
+        xh = torch.cat([x, h_prev] if x_mask is None else [x * x_mask, h_prev * h_mask], dim=-1)
+        c0, h0 = (xh @ self.W0).chunk(2, dim=-1)
+        return h_prev + torch.sigmoid(c0) * (torch.tanh(h0) - h_prev)  # the residual uses the unmasked h_{t-1}
+
+
+class SearchCell(RecurrentCell):
+    """Every node mixes every earlier node with the op weights of its rows of alpha (RNN.md 1.4)."""
+
+    def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float, steps: int = STEPS):
+        super().__init__(ninp, nhid, dropouth, dropoutx, steps)
+        self.steps = steps
+        self.bn = nn.BatchNorm1d(nhid, affine=False)  # one module: all nodes share its running statistics
+
+    def step(self, x, h_prev, x_mask, h_mask, probabilities):
+        states = [self.bn(self.node0(x, h_prev, x_mask, h_mask))]
+        for n, W in enumerate(self.Ws, start=1):
+            s = torch.stack(states)
+            ch = (s if h_mask is None else s * h_mask) @ W
+            states.append(self.bn(mixed_node_reference(s, ch, probabilities[row(n, 0) : row(n, n)])))
+        return torch.stack(states[1:]).mean(dim=0)
+
+
+class GenotypeCell(RecurrentCell):
+    """A fixed cell: node n applies its op to its one predecessor; no BN (RNN.md 1.7)."""
+
+    def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float, genotype: RecurrentGenotype):
+        super().__init__(ninp, nhid, dropouth, dropoutx, len(genotype.recurrent))
+        self.genotype = genotype
+
+    def step(self, x, h_prev, x_mask, h_mask, probabilities=None):
+        states = [self.node0(x, h_prev, x_mask, h_mask)]
+        for (op, pred), W in zip(self.genotype.recurrent, self.Ws):
+            s = states[pred]
+            c, h = ((s if h_mask is None else s * h_mask) @ W).chunk(2, dim=-1)
+            states.append(s + torch.sigmoid(c) * (ACTIVATION_FUNCTIONS[op](h) - s))
+        return torch.stack([states[i] for i in self.genotype.concat]).mean(dim=0)
+
+
+class RecurrentLM(nn.Module):
+    """Embedding, one recurrent cell, decoder tied to the embedding (RNN.md 1.5)."""
+
+    def __init__(self, ntoken: int, ninp: int, nhid: int, cell: RecurrentCell, *, dropout: float = 0.75,
+                 dropouti: float = 0.2, dropoute: float = 0.0):  # fmt: skip
+        super().__init__()
+        if ninp != nhid:
+            raise ValueError(f"the tied decoder needs emsize == nhid, got {ninp} and {nhid}")
+        self.ntoken, self.nhid = ntoken, nhid
+        self.dropout, self.dropouti, self.dropoute = dropout, dropouti, dropoute
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.cell = cell
+        self.decoder = nn.Linear(ninp, ntoken)
+        self.decoder.weight = self.encoder.weight
+        with torch.no_grad():
+            self.encoder.weight.uniform_(-INIT_RANGE, INIT_RANGE)
+            self.decoder.bias.zero_()
+
+    def init_hidden(self, batch_size: int) -> Tensor:
+        return self.encoder.weight.new_zeros(1, batch_size, self.nhid)
+
+    def forward(self, tokens: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """tokens `(T, B)` -> the logits `(T*B, V)`, the new hidden state and the cell's raw outputs `(T, B, H)`."""
+        weight = self.encoder.weight
+        if self.training and self.dropoute:  # word-type dropout: whole rows of the embedding
+            weight = weight * bernoulli_mask(weight, (weight.shape[0], 1), self.dropoute)
+        embedded = locked_dropout(F.embedding(tokens, weight), self.dropouti, self.training)
+        raw, hidden = self.cell(embedded, hidden, self.cell_probabilities())
+        logits = self.decoder(locked_dropout(raw, self.dropout, self.training))
+        return logits.view(-1, self.ntoken), hidden, raw
+
+    def cell_probabilities(self) -> Tensor | None:
+        return None
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
+    def parameter_count(self) -> int:
+        """As DARTS counts it: every weight once (the tied matrix once), no architecture parameter."""
+        return sum(p.numel() for p in self.weight_parameters())
+
+
+class RecurrentSearchModel(RecurrentLM):
+    """The search model: the searched cell, and alpha `[36, 5]` (1e-3 N(0, 1)), turned into op weights by a
+    method (fastdarts.methods; DARTS: the softmax of each row)."""
+
+    def __init__(self, ntoken: int, ninp: int = 300, nhid: int = 300, *, dropout: float = 0.75,
+                 dropouth: float = 0.25, dropoutx: float = 0.75, dropouti: float = 0.2, dropoute: float = 0.0,
+                 method: Method | None = None, steps: int = STEPS):  # fmt: skip
+        super().__init__(ntoken, ninp, nhid, SearchCell(ninp, nhid, dropouth, dropoutx, steps), dropout=dropout,
+                         dropouti=dropouti, dropoute=dropoute)  # fmt: skip
+        self.method = method if method is not None else make_method("darts")
+        self.steps = steps
+        self.alpha = nn.Parameter(1e-3 * torch.randn(steps * (steps + 1) // 2, len(PRIMITIVES)))
+
+    def arch(self) -> Mapping[str, Tensor]:
+        return {"recurrent": self.alpha}
+
+    def cell_probabilities(self) -> Tensor:
+        weights = self.method.forward_weights(self.arch())["recurrent"]
+        if weights.mask is not None:
+            raise ValueError(f"the recurrent cell computes every op; method {self.method.name} samples a subset")
+        return weights.weights
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        return [self.alpha]
+
+    def named_weight_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p is not self.alpha]
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_weight_parameters()]
+
+    def regulariser(self) -> Tensor | None:
+        return self.method.regulariser()
+
+    def edge_weights(self) -> Tensor:
+        return self.method.edge_weights(self.alpha)
+
+    def genotype(self) -> RecurrentGenotype:
+        return derive_recurrent(self.edge_weights(), self.steps)
+
+
+class RecurrentEvalModel(RecurrentLM):
+    """The evaluation model of a found cell (DARTS's train.py defaults: 850 units, dropoute 0.1)."""
+
+    def __init__(self, ntoken: int, genotype: RecurrentGenotype, ninp: int = 850, nhid: int = 850, *,
+                 dropout: float = 0.75, dropouth: float = 0.25, dropoutx: float = 0.75, dropouti: float = 0.2,
+                 dropoute: float = 0.1):  # fmt: skip
+        super().__init__(ntoken, ninp, nhid, GenotypeCell(ninp, nhid, dropouth, dropoutx, genotype), dropout=dropout,
+                         dropouti=dropouti, dropoute=dropoute)  # fmt: skip
+        self.genotype = genotype
