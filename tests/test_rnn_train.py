@@ -51,7 +51,6 @@ def test_switch_to_asgd_follows_darts_rule_and_scores_the_averaged_weights():
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_train_run_resumes_bit_exact_and_reports_test_perplexity(tmp_path):
     data = small_corpus(tmp_path / "data", lines=(80, 30, 30))
     settings = dict(data=str(data), emsize=8, nhid=8, batch_size=8, epochs=3, nonmono=1, progress=False)
