@@ -12,6 +12,7 @@ import torch
 
 from fastdarts.checkpoint import RunInterrupted
 from fastdarts.errors import ConfigError, DataError, GenotypeError
+from fastdarts.ops.reference import rnn_mixed_node as mixed_node_reference
 from fastdarts.rnn import search as rnn_search
 from fastdarts.rnn.data import BUNDLED, batchify, get_batch, load_corpus
 from fastdarts.rnn.genotype import (
@@ -24,7 +25,7 @@ from fastdarts.rnn.genotype import (
     row,
 )
 from fastdarts.rnn.loop import epoch_batches, rows_of
-from fastdarts.rnn.model import RecurrentEvalModel, RecurrentSearchModel, SearchCell, mixed_node_reference
+from fastdarts.rnn.model import RecurrentEvalModel, RecurrentSearchModel, SearchCell
 
 from .test_runs import assert_same_end
 

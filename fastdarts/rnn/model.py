@@ -2,7 +2,8 @@
 tied embedding and decoder.
 
 Node 0 is a highway of x_t and h_{t-1}; node n (1..8) mixes every earlier node j through one matrix
-W_n: `[c_j | h_j] = (s_j * m_h) @ W_n` and `x_n = sum_j sum_{k != none} p_jk (s_j + sigmoid(c_j) (f_k(h_j) - s_j))`.
+W_n: `[c_j | h_j] = (s_j * m_h) @ W_n` (one matmul for all j) and `x_n = sum_j sum_{k != none} p_jk (s_j +
+sigmoid(c_j) (f_k(h_j) - s_j))` (fastdarts.ops.rnn_mixed_node, fused on the CPU).
 In search one BatchNorm (no affine, one set of running statistics) normalises node 0 and every x_n; the
 cell's output is the mean of nodes 1..8. Every dropout mask is drawn once per forward call.
 """
@@ -15,26 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from ..methods import Method, make_method
 from .genotype import PRIMITIVES, STEPS, RecurrentGenotype, derive_recurrent, row
 
 INIT_RANGE = 0.04  # U(-0.04, 0.04) for every matrix and the embedding (model.py:11,123)
 ACTIVATION_FUNCTIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "identity": lambda h: h}
-
-
-def mixed_node_reference(states: Tensor, ch: Tensor, p: Tensor) -> Tensor:
-    """One searched node's input before BN: `sum_j [P_j (1 - sigma(c_j)) s_j + sigma(c_j) g_j]`, where
-    `g_j = sum_k p_jk f_k(h_j)` over the non-none ops and `P_j` their total weight (RNN.md 4.1).
-
-    states: `[n, B, H]`, the predecessors' (unmasked) states; ch: `[n, B, 2H]`, `[c_j | h_j]`;
-    p: `[n, len(PRIMITIVES)]`, the op weights of each predecessor (column 0, none, adds nothing).
-    """
-    c, h = ch.chunk(2, dim=-1)
-    gate = torch.sigmoid(c)
-    w = p[:, 1:, None, None]
-    g = w[:, 0] * torch.tanh(h) + w[:, 1] * torch.relu(h) + w[:, 2] * torch.sigmoid(h) + w[:, 3] * h
-    total = w.sum(dim=1)
-    return (total * (1 - gate) * states + gate * g).sum(dim=0)
 
 
 def bernoulli_mask(like: Tensor, shape: tuple[int, ...], drop: float) -> Tensor:
@@ -96,7 +83,7 @@ class SearchCell(RecurrentCell):
         for n, W in enumerate(self.Ws, start=1):
             s = torch.stack(states)
             ch = (s if h_mask is None else s * h_mask) @ W
-            states.append(self.bn(mixed_node_reference(s, ch, probabilities[row(n, 0) : row(n, n)])))
+            states.append(self.bn(ops.rnn_mixed_node(s, ch, probabilities[row(n, 0) : row(n, n)])))
         return torch.stack(states[1:]).mean(dim=0)
 
 
