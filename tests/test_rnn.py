@@ -10,9 +10,12 @@ import sys
 import pytest
 import torch
 
+from fastdarts import ops
+from fastdarts.bilevel import frozen
 from fastdarts.checkpoint import RunInterrupted
 from fastdarts.errors import ConfigError, DataError, GenotypeError
 from fastdarts.ops.reference import rnn_mixed_node as mixed_node_reference
+from fastdarts.rnn import decoder
 from fastdarts.rnn import search as rnn_search
 from fastdarts.rnn.data import BUNDLED, batchify, get_batch, load_corpus
 from fastdarts.rnn.genotype import (
@@ -27,6 +30,7 @@ from fastdarts.rnn.genotype import (
 from fastdarts.rnn.loop import epoch_batches, rows_of
 from fastdarts.rnn.model import RecurrentEvalModel, RecurrentSearchModel, SearchCell
 
+from .conftest import requires_ext
 from .test_runs import assert_same_end
 
 # DARTS's rnn/genotypes.py, verbatim.
@@ -151,7 +155,7 @@ def test_search_model_shapes_and_the_shared_batch_norm():
     torch.manual_seed(0)
     model = RecurrentSearchModel(50, 8, 8)
     steps, batch = 6, 4
-    logits, hidden, raw = model(torch.randint(0, 50, (steps, batch)), model.init_hidden(batch))
+    logits, _, _, hidden, raw = model(torch.randint(0, 50, (steps, batch)), model.init_hidden(batch))
     assert logits.shape == (steps * batch, 50) and hidden.shape == (1, batch, 8) and raw.shape == (steps, batch, 8)
     assert torch.equal(hidden[0], raw[-1])
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
@@ -329,3 +333,50 @@ def test_uniform_model_perplexity_is_about_the_vocabulary():
     model = RecurrentEvalModel(100, DARTS_V2, 8, 8)
     loss = evaluate(model, batchify(torch.randint(0, 100, (400,)), 4), 35)
     assert abs(math.exp(loss) - 100) < 5  # weights of U(-0.04, 0.04): nearly uniform predictions
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused node and the fused decoder loss against DARTS's eager computation
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("training", [True, False])
+def test_fused_search_model_equals_darts_eager_model(backend, training):
+    torch.manual_seed(3)
+    fused = RecurrentSearchModel(40, 6, 6, dropoute=0.1).double().train(training)
+    eager = RecurrentSearchModel(40, 6, 6, dropoute=0.1, fused=False).double().train(training)
+    eager.load_state_dict(fused.state_dict())
+    x, y = torch.randint(0, 40, (5, 3)), torch.randint(0, 40, (15,))
+    results = []
+    for model in (fused, eager):
+        torch.manual_seed(4)  # the same dropout masks
+        with ops.use_backend(backend):
+            out = model(x, model.init_hidden(3), y)
+            loss = out.loss + out.raw.square().mean()
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+        results.append((out.loss, out.hidden, grads, model.cell.bn.running_mean.clone(), model.cell.bn.running_var))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    # an alpha-only pass (frozen weights, as in the architecture step) gives the same alpha gradient
+    grads = []
+    for model in (fused, eager):
+        torch.manual_seed(4)
+        with frozen(model.weight_parameters()), ops.use_backend(backend):
+            grads.append(torch.autograd.grad(model(x, model.init_hidden(3), y).loss, [model.alpha])[0])
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_decoder_loss_equals_cross_entropy_of_the_logits(monkeypatch):
+    monkeypatch.setattr(decoder, "ROWS_PER_BLOCK", 7)  # several blocks and a short last one
+    x = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 11, (30,))
+    loss, correct = decoder.linear_cross_entropy(x, weight, bias, targets)
+    logits = torch.nn.functional.linear(x, weight, bias)
+    expected = torch.nn.functional.cross_entropy(logits, targets)
+    torch.testing.assert_close(loss, expected)
+    assert int(correct) == int((logits.argmax(1) == targets).sum())
+    for a, b in zip(torch.autograd.grad(loss, (x, weight, bias)), torch.autograd.grad(expected, (x, weight, bias))):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda *a: decoder.linear_cross_entropy(*a, targets)[0], (x, weight, bias))

@@ -34,7 +34,7 @@ def test_switch_to_asgd_follows_darts_rule_and_scores_the_averaged_weights():
     x = torch.randint(0, 20, (6, 2))
     for _ in range(3):  # some ASGD steps
         optimizer.current.zero_grad()
-        logits, _, _ = model(x, model.init_hidden(2))
+        logits = model(x, model.init_hidden(2)).logits
         logits.logsumexp(-1).mean().backward()
         optimizer.current.step()
     raw = {k: v.clone() for k, v in model.state_dict().items()}

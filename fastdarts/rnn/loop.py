@@ -8,7 +8,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..bilevel import sgd_step
 from ..config import RunOptions, option, validate
@@ -134,8 +133,9 @@ def evaluate(model, data: torch.Tensor, bptt: int) -> float:
     total, count = 0.0, 0
     for i in range(0, len(data) - 1, bptt):
         x, y = get_batch(data, i, bptt)
-        logits, hidden, _ = model(x, hidden)
-        total += F.cross_entropy(logits, y, reduction="sum").item()
+        out = model(x, hidden, y)
+        hidden = out.hidden
+        total += out.loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)
     return total / count
@@ -160,10 +160,9 @@ def lm_weight_step(model, optimizer, x, y, hidden, lr: float, config) -> tuple[t
     base_lr, group["lr"] = group["lr"], lr
     try:
         optimizer.zero_grad(set_to_none=True)
-        logits, hidden, raw = model(x, hidden)
-        loss = F.cross_entropy(logits, y)
-        sgd_step(optimizer, model.weight_parameters(), loss + temporal_activation_regularisation(raw, config.beta),
-                 config.clip)  # fmt: skip
+        out = model(x, hidden, y)
+        tar = temporal_activation_regularisation(out.raw, config.beta)
+        sgd_step(optimizer, model.weight_parameters(), out.loss + tar, config.clip)
     finally:
         group["lr"] = base_lr
-    return loss.detach(), int((logits.argmax(1) == y).sum()), hidden.detach()
+    return out.loss.detach(), int(out.correct), out.hidden.detach()

@@ -3,7 +3,7 @@ tied embedding and decoder.
 
 Node 0 is a highway of x_t and h_{t-1}; node n (1..8) mixes every earlier node j through one matrix
 W_n: `[c_j | h_j] = (s_j * m_h) @ W_n` (one matmul for all j) and `x_n = sum_j sum_{k != none} p_jk (s_j +
-sigmoid(c_j) (f_k(h_j) - s_j))` (fastdarts.ops.rnn_mixed_node, fused on the CPU).
+sigmoid(c_j) (f_k(h_j) - s_j))` (fused: fastdarts.rnn.node; or DARTS's eager computation, `fused=False`).
 In search one BatchNorm (no affine, one set of running statistics) normalises node 0 and every x_n; the
 cell's output is the mean of nodes 1..8. Every dropout mask is drawn once per forward call.
 """
@@ -11,14 +11,16 @@ cell's output is the mean of nodes 1..8. Every dropout mask is drawn once per fo
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
 from ..methods import Method, make_method
+from .decoder import linear_cross_entropy
 from .genotype import PRIMITIVES, STEPS, RecurrentGenotype, derive_recurrent, row
+from .node import FusedNode
 
 INIT_RANGE = 0.04  # U(-0.04, 0.04) for every matrix and the embedding (model.py:11,123)
 ACTIVATION_FUNCTIONS = {"tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "identity": lambda h: h}
@@ -73,18 +75,32 @@ class RecurrentCell(nn.Module):
 class SearchCell(RecurrentCell):
     """Every node mixes every earlier node with the op weights of its rows of alpha (RNN.md 1.4)."""
 
-    def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float, steps: int = STEPS):
+    def __init__(self, ninp: int, nhid: int, dropouth: float, dropoutx: float, steps: int = STEPS,
+                 fused: bool = True):  # fmt: skip
         super().__init__(ninp, nhid, dropouth, dropoutx, steps)
-        self.steps = steps
+        self.steps, self.fused = steps, fused
         self.bn = nn.BatchNorm1d(nhid, affine=False)  # one module: all nodes share its running statistics
 
     def step(self, x, h_prev, x_mask, h_mask, probabilities):
         states = [self.bn(self.node0(x, h_prev, x_mask, h_mask))]
         for n, W in enumerate(self.Ws, start=1):
-            s = torch.stack(states)
-            ch = (s if h_mask is None else s * h_mask) @ W
-            states.append(self.bn(ops.rnn_mixed_node(s, ch, probabilities[row(n, 0) : row(n, n)])))
+            p = probabilities[row(n, 0) : row(n, n)]
+            node = FusedNode.apply(p, W, h_mask, *states) if self.fused else eager_node(states, W, h_mask, p)
+            states.append(self.bn(node))
         return torch.stack(states[1:]).mean(dim=0)
+
+
+def eager_node(states: list[Tensor], W: Tensor, h_mask: Tensor | None, p: Tensor) -> Tensor:
+    """DARTS's own computation of a node (rnn/model_search.py:23-38): every op's highway update as a tensor of its
+    own, then their weighted sum. The eager baseline of the fused node."""
+    s = torch.stack(states)
+    c, h = ((s if h_mask is None else s * h_mask) @ W).chunk(2, dim=-1)
+    c = torch.sigmoid(c)
+    x = torch.zeros_like(states[0])
+    for k, name in enumerate(PRIMITIVES):
+        if name != "none":
+            x = x + torch.sum(p[:, k, None, None] * (s + c * (ACTIVATION_FUNCTIONS[name](h) - s)), dim=0)
+    return x
 
 
 class GenotypeCell(RecurrentCell):
@@ -101,6 +117,14 @@ class GenotypeCell(RecurrentCell):
             c, h = ((s if h_mask is None else s * h_mask) @ W).chunk(2, dim=-1)
             states.append(s + torch.sigmoid(c) * (ACTIVATION_FUNCTIONS[op](h) - s))
         return torch.stack([states[i] for i in self.genotype.concat]).mean(dim=0)
+
+
+class LMOutput(NamedTuple):
+    logits: Tensor | None
+    loss: Tensor | None
+    correct: Tensor | None
+    hidden: Tensor
+    raw: Tensor
 
 
 class RecurrentLM(nn.Module):
@@ -124,15 +148,20 @@ class RecurrentLM(nn.Module):
     def init_hidden(self, batch_size: int) -> Tensor:
         return self.encoder.weight.new_zeros(1, batch_size, self.nhid)
 
-    def forward(self, tokens: Tensor, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """tokens `(T, B)` -> the logits `(T*B, V)`, the new hidden state and the cell's raw outputs `(T, B, H)`."""
+    def forward(self, tokens: Tensor, hidden: Tensor, targets: Tensor | None = None) -> LMOutput:
+        """tokens `(T, B)`: the logits `(T*B, V)`, or with `targets` `(T*B,)` the mean loss and the correct
+        predictions instead (fastdarts.rnn.decoder: no logits kept for backward); the new hidden state; the cell's
+        raw outputs `(T, B, H)`."""
         weight = self.encoder.weight
         if self.training and self.dropoute:  # word-type dropout: whole rows of the embedding
             weight = weight * bernoulli_mask(weight, (weight.shape[0], 1), self.dropoute)
         embedded = locked_dropout(F.embedding(tokens, weight), self.dropouti, self.training)
         raw, hidden = self.cell(embedded, hidden, self.cell_probabilities())
-        logits = self.decoder(locked_dropout(raw, self.dropout, self.training))
-        return logits.view(-1, self.ntoken), hidden, raw
+        features = locked_dropout(raw, self.dropout, self.training).view(-1, raw.shape[-1])
+        if targets is None:
+            return LMOutput(self.decoder(features), None, None, hidden, raw)
+        loss, correct = linear_cross_entropy(features, self.decoder.weight, self.decoder.bias, targets)
+        return LMOutput(None, loss, correct, hidden, raw)
 
     def cell_probabilities(self) -> Tensor | None:
         return None
@@ -147,12 +176,14 @@ class RecurrentLM(nn.Module):
 
 class RecurrentSearchModel(RecurrentLM):
     """The search model: the searched cell, and alpha `[36, 5]` (1e-3 N(0, 1)), turned into op weights by a
-    method (fastdarts.methods; DARTS: the softmax of each row)."""
+    method (fastdarts.methods; DARTS: the softmax of each row). `fused`: the nodes run fastdarts.rnn.node (else
+    DARTS's eager computation)."""
 
     def __init__(self, ntoken: int, ninp: int = 300, nhid: int = 300, *, dropout: float = 0.75,
                  dropouth: float = 0.25, dropoutx: float = 0.75, dropouti: float = 0.2, dropoute: float = 0.0,
-                 method: Method | None = None, steps: int = STEPS):  # fmt: skip
-        super().__init__(ntoken, ninp, nhid, SearchCell(ninp, nhid, dropouth, dropoutx, steps), dropout=dropout,
+                 method: Method | None = None, steps: int = STEPS, fused: bool = True):  # fmt: skip
+        cell = SearchCell(ninp, nhid, dropouth, dropoutx, steps, fused)
+        super().__init__(ntoken, ninp, nhid, cell, dropout=dropout,
                          dropouti=dropouti, dropoute=dropoute)  # fmt: skip
         self.method = method if method is not None else make_method("darts")
         self.steps = steps

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..bilevel import check_finite, frozen
@@ -70,9 +69,9 @@ class RecurrentArchitect:
         self.optimizer = torch.optim.Adam(model.arch_parameters(), lr=config.arch_lr, weight_decay=config.arch_wdecay)
 
     def loss(self, x, y, hidden, params=None) -> tuple[torch.Tensor, torch.Tensor]:
-        args = (x, hidden)
-        logits, hidden, _ = self.model(*args) if params is None else functional_call(self.model, params, args)
-        return F.cross_entropy(logits, y), hidden
+        args = (x, hidden, y)
+        out = self.model(*args) if params is None else functional_call(self.model, params, args)
+        return out.loss, out.hidden
 
     def objective(self, x, y, hidden, params=None) -> tuple[torch.Tensor, torch.Tensor]:
         loss, hidden = self.loss(x, y, hidden, params)
