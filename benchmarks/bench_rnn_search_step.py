@@ -42,9 +42,9 @@ def test_fused_node_saves_several_times_fewer_bytes():
 
 @pytest.mark.slow
 def test_the_script_reports_every_case(capsys):
-    main(["--json", "--batch", "4", "--nhid", "8", "--bptt", "4", "--ntoken", "30", "--repeats", "1"])
+    main(["--json", "--batch", "4", "--nhid", "8", "--bptt", "4", "--ntoken", "30", "--repeats", "1", "--orders",
+          "second"])  # fmt: skip
     report = json.loads(capsys.readouterr().out)
     for provider in PROVIDERS:
-        for order in ("first", "second"):
-            case = report["providers"][provider][order]
-            assert case["median_seconds"] > 0 and case["saved_bytes"] > 0 and case["peak_rss_bytes"] > 0
+        case = report["providers"][provider]["second"]
+        assert case["median_seconds"] > 0 and case["saved_bytes"] > 0 and case["peak_rss_bytes"] > 0

@@ -54,6 +54,9 @@ class RecurrentSearchConfig(LanguageModelConfig):
     arch_lr: float = option(3e-3, "Adam learning rate of alpha", low=0, low_open=True)
     arch_wdecay: float = option(1e-3, "weight decay (L2, in Adam) of alpha", low=0)
     unrolled: bool = option(False, "second-order (unrolled) alpha gradient")
+    eager_node: bool = option(False, "compute each node as DARTS's code does (every op's update a tensor of its "
+                              "own) instead of the fused node: the same values, 5x the memory kept for "
+                              "backward")  # fmt: skip
     hessian_r: float = option(0.01, "second order: the finite-difference step of the Hessian-vector product",
                               low=0, low_open=True)  # fmt: skip
 
@@ -195,7 +198,7 @@ class RecurrentSearchResult:
 def build(config: RecurrentSearchConfig, ntoken: int) -> RecurrentSearchModel:
     return RecurrentSearchModel(ntoken, config.emsize, config.nhid, dropout=config.dropout, dropouth=config.dropouth,
                                 dropoutx=config.dropoutx, dropouti=config.dropouti, dropoute=config.dropoute,
-                                method=make_method(config.method))  # fmt: skip
+                                method=make_method(config.method), fused=not config.eager_node)  # fmt: skip
 
 
 def run(config: RecurrentSearchConfig | None = None, *, resume: str | Path | None = None,
