@@ -13,6 +13,7 @@ import torch
 from fastdarts import ops
 from fastdarts.bilevel import frozen
 from fastdarts.checkpoint import RunInterrupted
+from fastdarts.config import requested_space
 from fastdarts.errors import ConfigError, DataError, GenotypeError
 from fastdarts.ops.reference import rnn_mixed_node as mixed_node_reference
 from fastdarts.rnn import decoder
@@ -380,3 +381,14 @@ def test_decoder_loss_equals_cross_entropy_of_the_logits(monkeypatch):
     for a, b in zip(torch.autograd.grad(loss, (x, weight, bias)), torch.autograd.grad(expected, (x, weight, bias))):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(lambda *a: decoder.linear_cross_entropy(*a, targets)[0], (x, weight, bias))
+
+
+def test_the_space_is_read_from_the_command_line_or_the_resumed_run(tmp_path):
+    assert requested_space(["--space=rnn", "--epochs", "1"]) == ("rnn", ["--epochs", "1"])
+    assert requested_space(["--epochs", "1", "--space", "cnn"]) == ("cnn", ["--epochs", "1"])
+    assert requested_space(["--epochs", "1"]) == ("cnn", ["--epochs", "1"])
+    (tmp_path / "config.json").write_text(json.dumps({"space": "rnn"}))
+    assert requested_space(["--resume", str(tmp_path)])[0] == "rnn"
+    assert requested_space(["--resume", str(tmp_path / "nowhere")])[0] == "cnn"  # the resume names the problem
+    with pytest.raises(ConfigError, match="space must be one of cnn, rnn, got ''"):
+        requested_space(["--space"])
