@@ -10,9 +10,10 @@
 //   grad_p_jk = sum_{b,f} dx ((1 - sigma) s_j + sigma f_k(h_j)) for k >= 1, grad_p_j0 = 0
 //
 // No per-op tensor is ever written: the activations are recomputed from c and h in the backward, so autograd keeps
-// only the inputs (states, the pre-activations ch, p). The loops are plain scalar code (the activations go through
-// libm), compiled once for the baseline tier and run as such on every tier. grad_p is summed per fixed block of
-// rows in double, the blocks combined in order: identical bit for bit whatever the thread count.
+// only the inputs (states, the pre-activations ch, p). The loops over a row are plain loops with the activations
+// written out in float (exp_fast), which vectorise; they are compiled once per instruction-set tier
+// (include/fastdarts/cpu_isa.h). grad_p is summed per fixed block of rows in double, the blocks combined in order:
+// identical bit for bit whatever the thread count.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -21,10 +22,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
 #include "fastdarts/checks.h"
+#include "fastdarts/cpu_isa.h"
 
 namespace fastdarts {
 namespace {
@@ -45,79 +50,139 @@ void check_rnn_mixed_node(const char* op, const at::Tensor& states, const at::Te
   check_dtype_and_device(op, ArgName{"p"}, p, "states", states);
 }
 
-template <typename T>
-inline T sigmoid(T v) {
-  return T(1) / (T(1) + std::exp(-v));
+// exp(x) in float without libm, so that the loops below vectorise: Cephes's expf (x = n ln 2 + r, a degree-6
+// polynomial for e^r, 2^n put in the exponent bits), within 2 ulp of std::exp on [-87.3, 88.7]; x is clamped there
+// (exp of the lower end is the smallest normal float). Double keeps std::exp, for gradcheck.
+FASTDARTS_ALWAYS_INLINE float exp_fast(float x) {
+  x = x < -87.33654f ? -87.33654f : (x > 88.72283f ? 88.72283f : x);
+  const float t = x * 1.44269504088896341f;
+  const float nf = (t + 12582912.0f) - 12582912.0f;  // round to nearest, branch-free: 1.5 * 2^23 shifts the fraction out
+  const int32_t n = static_cast<int32_t>(nf);
+  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  // 2^n in two steps, 2^(n/2) twice: n reaches 128 at the upper end, one past the largest exponent.
+  const int32_t half = n >> 1;
+  const int32_t low_bits = (half + 127) << 23, high_bits = (n - half + 127) << 23;
+  float low, high;
+  std::memcpy(&low, &low_bits, sizeof(float));
+  std::memcpy(&high, &high_bits, sizeof(float));
+  return y * low * high;
 }
+
+template <typename T>
+FASTDARTS_ALWAYS_INLINE T sigmoid_of(T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return 1.0f / (1.0f + exp_fast(-v));
+  } else {
+    return T(1) / (T(1) + std::exp(-v));
+  }
+}
+
+template <typename T>
+FASTDARTS_ALWAYS_INLINE T tanh_of(T v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return 2.0f * sigmoid_of(2.0f * v) - 1.0f;  // absolute error ~1e-7 near 0, where tanh(v) ~ v
+  } else {
+    return std::tanh(v);
+  }
+}
+
+// Rows [begin, end) of the batch: x[b] = sum_j (the formula at the top), one pass over each row per state.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void forward_rows(const T* s, const T* ch, const T* p, T* x, int64_t n, int64_t B, int64_t H,
+                                          int64_t begin, int64_t end) {
+  for (int64_t b = begin; b < end; ++b) {
+    T* __restrict__ out = x + b * H;
+    for (int64_t f = 0; f < H; ++f) {
+      out[f] = T(0);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const T* __restrict__ sj = s + (j * B + b) * H;
+      const T* __restrict__ c = ch + (j * B + b) * 2 * H;
+      const T* __restrict__ h = c + H;
+      const T p1 = p[j * kOps + 1], p2 = p[j * kOps + 2], p3 = p[j * kOps + 3], p4 = p[j * kOps + 4];
+      const T total = p1 + p2 + p3 + p4;
+#pragma omp simd
+      for (int64_t f = 0; f < H; ++f) {
+        const T gate = sigmoid_of(c[f]);
+        const T hv = h[f];
+        const T g = p1 * tanh_of(hv) + p2 * (hv < T(0) ? T(0) : hv) + p3 * sigmoid_of(hv) + p4 * hv;
+        out[f] += total * (T(1) - gate) * sj[f] + gate * g;
+      }
+    }
+  }
+}
+FASTDARTS_CPU_ISA_COPIES(forward_rows)
+
+// Rows [begin, end) of the batch (one block): the three gradients, and the block's sums of grad_p in `acc`
+// (n x 4: tanh, relu, sigmoid, identity).
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void backward_rows(const T* dx, const T* s, const T* ch, const T* p, T* ds, T* dch, int64_t n,
+                                           int64_t B, int64_t H, int64_t begin, int64_t end, double* acc) {
+  for (int64_t b = begin; b < end; ++b) {
+    const T* __restrict__ d = dx + b * H;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t at = (j * B + b) * H;
+      const T* __restrict__ sj = s + at;
+      const T* __restrict__ c = ch + 2 * at;
+      const T* __restrict__ h = c + H;
+      T* __restrict__ dsj = ds + at;
+      T* __restrict__ dc = dch + 2 * at;
+      T* __restrict__ dh = dc + H;
+      const T p1 = p[j * kOps + 1], p2 = p[j * kOps + 2], p3 = p[j * kOps + 3], p4 = p[j * kOps + 4];
+      const T total = p1 + p2 + p3 + p4;
+      double sum_tanh = 0.0, sum_relu = 0.0, sum_sigmoid = 0.0, sum_identity = 0.0;
+#pragma omp simd reduction(+ : sum_tanh, sum_relu, sum_sigmoid, sum_identity)
+      for (int64_t f = 0; f < H; ++f) {
+        const T gate = sigmoid_of(c[f]);
+        const T hv = h[f];
+        const T t = tanh_of(hv), r = hv < T(0) ? T(0) : hv, q = sigmoid_of(hv);
+        const T g = p1 * t + p2 * r + p3 * q + p4 * hv;
+        const T keep = d[f] * (T(1) - gate) * sj[f];  // the residual term of every op
+        const T dg = d[f] * gate;
+        dsj[f] = d[f] * total * (T(1) - gate);
+        dc[f] = d[f] * (g - total * sj[f]) * gate * (T(1) - gate);
+        dh[f] = dg * (p1 * (T(1) - t * t) + (hv > T(0) ? p2 : T(0)) + p3 * q * (T(1) - q) + p4);
+        sum_tanh += static_cast<double>(keep + dg * t);
+        sum_relu += static_cast<double>(keep + dg * r);
+        sum_sigmoid += static_cast<double>(keep + dg * q);
+        sum_identity += static_cast<double>(keep + dg * hv);
+      }
+      double* a = acc + j * (kOps - 1);
+      a[0] += sum_tanh;
+      a[1] += sum_relu;
+      a[2] += sum_sigmoid;
+      a[3] += sum_identity;
+    }
+  }
+}
+FASTDARTS_CPU_ISA_COPIES(backward_rows)
 
 template <typename scalar_t>
 void forward_kernel(const scalar_t* s, const scalar_t* ch, const scalar_t* p, scalar_t* x, int64_t n, int64_t B,
                     int64_t H) {
+  const CpuIsa isa = cpu_isa();
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      scalar_t* __restrict__ out = x + b * H;
-      for (int64_t f = 0; f < H; ++f) {
-        out[f] = scalar_t(0);
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const scalar_t* __restrict__ sj = s + (j * B + b) * H;
-        const scalar_t* __restrict__ c = ch + (j * B + b) * 2 * H;
-        const scalar_t* __restrict__ h = c + H;
-        const scalar_t p1 = p[j * kOps + 1], p2 = p[j * kOps + 2], p3 = p[j * kOps + 3], p4 = p[j * kOps + 4];
-        const scalar_t total = p1 + p2 + p3 + p4;
-        for (int64_t f = 0; f < H; ++f) {
-          const scalar_t gate = sigmoid(c[f]);
-          const scalar_t hv = h[f];
-          const scalar_t g = p1 * std::tanh(hv) + p2 * (hv < 0 ? scalar_t(0) : hv) + p3 * sigmoid(hv) + p4 * hv;
-          out[f] += total * (scalar_t(1) - gate) * sj[f] + gate * g;
-        }
-      }
-    }
+    FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_rows, scalar_t, s, ch, p, x, n, B, H, begin, end);
   });
 }
 
 template <typename scalar_t>
 void backward_kernel(const scalar_t* dx, const scalar_t* s, const scalar_t* ch, const scalar_t* p, scalar_t* ds,
                      scalar_t* dch, scalar_t* dp, int64_t n, int64_t B, int64_t H) {
+  const CpuIsa isa = cpu_isa();
   const int64_t blocks = (B + kRowsPerBlock - 1) / kRowsPerBlock;
   std::vector<double> partial(blocks * n * (kOps - 1), 0.0);  // partial[(block * n + j) * 4 + k - 1]
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
-      for (int64_t b = blk * kRowsPerBlock; b < std::min(B, (blk + 1) * kRowsPerBlock); ++b) {
-        const scalar_t* __restrict__ d = dx + b * H;
-        for (int64_t j = 0; j < n; ++j) {
-          const int64_t row = (j * B + b) * H;
-          const scalar_t* __restrict__ sj = s + row;
-          const scalar_t* __restrict__ c = ch + 2 * row;
-          const scalar_t* __restrict__ h = c + H;
-          scalar_t* __restrict__ dsj = ds + row;
-          scalar_t* __restrict__ dc = dch + 2 * row;
-          scalar_t* __restrict__ dh = dc + H;
-          const scalar_t p1 = p[j * kOps + 1], p2 = p[j * kOps + 2], p3 = p[j * kOps + 3], p4 = p[j * kOps + 4];
-          const scalar_t total = p1 + p2 + p3 + p4;
-          double sum_tanh = 0.0, sum_relu = 0.0, sum_sigmoid = 0.0, sum_identity = 0.0;
-          for (int64_t f = 0; f < H; ++f) {
-            const scalar_t gate = sigmoid(c[f]);
-            const scalar_t hv = h[f];
-            const scalar_t t = std::tanh(hv), r = hv < 0 ? scalar_t(0) : hv, q = sigmoid(hv);
-            const scalar_t g = p1 * t + p2 * r + p3 * q + p4 * hv;
-            const scalar_t keep = d[f] * (scalar_t(1) - gate) * sj[f];  // the residual term of every op
-            const scalar_t dg = d[f] * gate;
-            dsj[f] = d[f] * total * (scalar_t(1) - gate);
-            dc[f] = d[f] * (g - total * sj[f]) * gate * (scalar_t(1) - gate);
-            dh[f] = dg * (p1 * (scalar_t(1) - t * t) + (hv > 0 ? p2 : scalar_t(0)) + p3 * q * (scalar_t(1) - q) + p4);
-            sum_tanh += static_cast<double>(keep + dg * t);
-            sum_relu += static_cast<double>(keep + dg * r);
-            sum_sigmoid += static_cast<double>(keep + dg * q);
-            sum_identity += static_cast<double>(keep + dg * hv);
-          }
-          double* acc = partial.data() + (blk * n + j) * (kOps - 1);
-          acc[0] += sum_tanh;
-          acc[1] += sum_relu;
-          acc[2] += sum_sigmoid;
-          acc[3] += sum_identity;
-        }
-      }
+      FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_rows, scalar_t, dx, s, ch, p, ds, dch, n, B, H, blk * kRowsPerBlock,
+                                 std::min(B, (blk + 1) * kRowsPerBlock), partial.data() + blk * n * (kOps - 1));
     }
   });
   for (int64_t j = 0; j < n; ++j) {

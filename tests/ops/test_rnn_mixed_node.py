@@ -118,3 +118,19 @@ def test_bad_arguments_raise_one_line_errors(backend, change, error, message):
     with pytest.raises(error, match=message) as raised:
         ops.rnn_mixed_node(*args, backend=backend)
     assert "\n" not in str(raised.value).strip()
+
+
+@requires_ext
+def test_cpp_activations_hold_over_the_whole_float_range(cpu_isa):
+    # The float kernel computes exp without libm (clamped to float's range): large, tiny and exactly-zero inputs.
+    states, ch, p = make_inputs(2, 3, 40, requires_grad=False)
+    ch[0, :, :] = torch.linspace(-120, 120, 80)
+    ch[1, :, :] = torch.linspace(-1e-3, 1e-3, 80)
+    ch[1, 0, 40:] = 0.0
+    inputs = [t.requires_grad_() for t in (states, ch, p)]
+    expected = ops.rnn_mixed_node(*inputs, backend="reference")
+    got = ops.rnn_mixed_node(*inputs, backend="cpp")
+    torch.testing.assert_close(got, expected)
+    grad = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
+        torch.testing.assert_close(a, b)
