@@ -381,6 +381,7 @@ def test_decoder_loss_equals_cross_entropy_of_the_logits(monkeypatch):
     for a, b in zip(torch.autograd.grad(loss, (x, weight, bias)), torch.autograd.grad(expected, (x, weight, bias))):
         torch.testing.assert_close(a, b)
     assert torch.autograd.gradcheck(lambda *a: decoder.linear_cross_entropy(*a, targets)[0], (x, weight, bias))
+    assert torch.autograd.gradgradcheck(lambda *a: decoder.linear_cross_entropy(*a, targets)[0], (x, weight, bias))
 
 
 def test_the_space_is_read_from_the_command_line_or_the_resumed_run(tmp_path):
@@ -392,3 +393,23 @@ def test_the_space_is_read_from_the_command_line_or_the_resumed_run(tmp_path):
     assert requested_space(["--resume", str(tmp_path / "nowhere")])[0] == "cnn"  # the resume names the problem
     with pytest.raises(ConfigError, match="space must be one of cnn, rnn, got ''"):
         requested_space(["--space"])
+
+
+@pytest.mark.parametrize("masks", ["shared", "fresh"])
+def test_hessian_vector_product_with_shared_masks_is_the_exact_one(masks):
+    torch.manual_seed(5)
+    model = RecurrentSearchModel(20, 5, 5, fused=False).double()
+    config = rnn_search.RecurrentSearchConfig(emsize=5, nhid=5, hvp_masks=masks, hessian_r=1e-4)
+    architect = rnn_search.RecurrentArchitect(model, config)
+    x, y, hidden = torch.randint(0, 20, (4, 3)), torch.randint(0, 20, (12,)), model.init_hidden(3)
+    names, weights = zip(*model.named_weight_parameters())
+    v = [torch.randn_like(w) for w in weights]
+    state = torch.get_rng_state()
+    got = architect.hessian_vector_product((x, y), hidden, names, weights, v)
+    # exact: the derivative of grad_alpha L_train along v, with the masks of the first pass
+    torch.set_rng_state(state)
+    loss = model(x, hidden, y).loss
+    grad_w = torch.autograd.grad(loss, weights, create_graph=True)
+    exact = torch.autograd.grad(sum((g * t).sum() for g, t in zip(grad_w, v)), [model.alpha])
+    close = all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(got, exact))
+    assert close == (masks == "shared")  # fresh masks: the difference of two dropout draws, not a derivative

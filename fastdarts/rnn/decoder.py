@@ -1,13 +1,14 @@
 """The decoder and its loss in one: `cross_entropy(x @ W.T + b, targets)` without keeping the logits.
 
 Autograd of the plain composition keeps the `(T*B, V)` logits, or their log-softmax: 342 MiB at DARTS's search size
-(35 x 256 x 10,000 floats), a quarter of what the fused search cell keeps (RNN.md 4.4). This function keeps x, one
-log-sum-exp per row and the targets, and remakes the logits block by block of rows in the backward.
+(35 x 256 x 10,000 floats), a quarter of what the fused search cell keeps (RNN.md 4.4). This function keeps x and
+the targets, and remakes the logits block by block of rows in the backward.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 ROWS_PER_BLOCK = 1024  # logits of a block: 1024 x V floats, 39 MiB at V = 10,000
@@ -27,31 +28,30 @@ class LinearCrossEntropy(torch.autograd.Function):
             picked.append(z.gather(1, t[:, None])[:, 0])
             correct += (z.argmax(dim=1) == t).sum()
         lse = torch.cat(lse)
-        ctx.save_for_backward(x, weight, bias, targets, lse)
+        ctx.save_for_backward(x, weight, bias, targets)
         ctx.mark_non_differentiable(correct)
         return (lse - torch.cat(picked)).mean(), correct
 
     @staticmethod
     def backward(ctx, grad: Tensor, _grad_correct):
-        x, weight, bias, targets, lse = ctx.saved_tensors
+        # Out of place throughout, so that the backward is itself differentiable (create_graph=True).
+        x, weight, bias, targets = ctx.saved_tensors
         needs_x, needs_weight, needs_bias, _ = ctx.needs_input_grad
-        grad_x = torch.empty_like(x) if needs_x else None
-        grad_weight = torch.zeros_like(weight) if needs_weight else None
-        grad_bias = torch.zeros_like(bias) if needs_bias else None
+        grad_x, grad_weight, grad_bias = [], 0, 0
         scale = grad / len(x)
         for start in range(0, len(x), ROWS_PER_BLOCK):
             rows = slice(start, start + ROWS_PER_BLOCK)
             z = torch.addmm(bias, x[rows], weight.T)
-            dz = torch.exp(z - lse[rows, None])  # softmax
-            dz[torch.arange(len(dz)), targets[rows]] -= 1
-            dz *= scale
+            softmax = torch.softmax(z, dim=1)  # recomputed, so that a second derivative sees it depend on x
+            dz = (softmax - F.one_hot(targets[rows], z.shape[1]).to(z.dtype)) * scale
             if needs_x:
-                grad_x[rows] = dz @ weight
+                grad_x.append(dz @ weight)
             if needs_weight:
-                grad_weight.addmm_(dz.T, x[rows])
+                grad_weight = grad_weight + dz.T @ x[rows]
             if needs_bias:
-                grad_bias += dz.sum(dim=0)
-        return grad_x, grad_weight, grad_bias, None
+                grad_bias = grad_bias + dz.sum(dim=0)
+        return (torch.cat(grad_x) if needs_x else None, grad_weight if needs_weight else None,
+                grad_bias if needs_bias else None, None)  # fmt: skip
 
 
 def linear_cross_entropy(x: Tensor, weight: Tensor, bias: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:

@@ -60,6 +60,10 @@ class RecurrentSearchConfig(LanguageModelConfig):
     hessian_r: float = option(0.01, "second order: the finite-difference step of the Hessian-vector product",
                               low=0, low_open=True)  # fmt: skip
 
+    hvp_masks: str = option("fresh", "second order: the dropout masks of the two Hessian-vector product passes: "
+                            "fresh (DARTS: each pass draws its own, so the difference is mostly mask noise) or "
+                            "shared (both passes draw the same)", choices=("fresh", "shared"))  # fmt: skip
+
     BUNDLED_BATCH, PTB_BATCH = 32, 256
 
 
@@ -123,11 +127,15 @@ class RecurrentArchitect:
 
     def hessian_vector_product(self, train, hidden, names, weights, v) -> list[torch.Tensor]:
         """`(grad_alpha L_train(w + eps v) - grad_alpha L_train(w - eps v)) / (2 eps)`, `eps = r / ||v||`; both
-        passes draw their own dropout masks and update the BN running statistics, as DARTS's do."""
+        passes update the BN running statistics, as DARTS's do, and draw their own dropout masks (`hvp_masks`
+        fresh, DARTS's) or the same ones (shared: the random state restored before the second pass)."""
         arch = self.model.arch_parameters()
         eps = self.config.hessian_r / torch.nn.utils.get_total_norm(v)
         grads = []
+        masks = torch.get_rng_state()
         for sign in (1.0, -1.0):
+            if sign < 0 and self.config.hvp_masks == "shared":
+                torch.set_rng_state(masks)
             with torch.no_grad():
                 perturbed = {n: w + sign * eps * t for n, w, t in zip(names, weights, v)}
             loss, _ = self.loss(*train, hidden, perturbed)
