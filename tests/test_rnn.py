@@ -413,3 +413,10 @@ def test_hessian_vector_product_with_shared_masks_is_the_exact_one(masks):
     exact = torch.autograd.grad(sum((g * t).sum() for g, t in zip(grad_w, v)), [model.alpha])
     close = all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(got, exact))
     assert close == (masks == "shared")  # fresh masks: the difference of two dropout draws, not a derivative
+
+
+def test_a_corpus_too_small_for_the_batch_is_named(tmp_path):
+    data = small_corpus(tmp_path / "data", lines=(60, 5, 30))
+    with pytest.raises(DataError, match=r"the valid split \(\d+ tokens\) makes fewer than 2 rows at batch size 256"):
+        rnn_search.run(data=str(data), batch_size=256, out=str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()  # refused before anything is written

@@ -12,8 +12,8 @@ import torch
 from ..bilevel import sgd_step
 from ..config import RunOptions, option, validate
 from ..distributed import world
-from ..errors import ConfigError
-from .data import Corpus, batchify, get_batch, load_corpus
+from ..errors import ConfigError, DataError
+from .data import Corpus, get_batch, load_corpus
 
 
 @dataclass
@@ -54,16 +54,18 @@ class LanguageModelConfig(RunOptions):
             raise ConfigError("the recurrent search and training run in one process (not under torchrun)")
 
 
-def check_streams(corpus: Corpus, config) -> None:
-    """Each stream must make at least two rows at its batch size (a DataError names the one that does not)."""
-    batchify(corpus.train, config.batch_size)
-    batchify(corpus.valid, config.eval_batch_size)
-    batchify(corpus.test, config.test_batch_size)
-
-
-def load(config) -> Corpus:
+def load(config, search: bool = False) -> Corpus:
+    """The corpus of `config`, checked to make at least two rows of every stream the run batches (the search also
+    batches the validation split at `batch_size`, for its alpha steps)."""
     corpus = load_corpus(config.data)
-    check_streams(corpus, config)
+    streams = [("train", corpus.train, config.batch_size), ("valid", corpus.valid, config.eval_batch_size),
+               ("test", corpus.test, config.test_batch_size)]  # fmt: skip
+    if search:
+        streams.append(("valid", corpus.valid, config.batch_size))
+    for split, tokens, batch_size in streams:
+        if len(tokens) // batch_size < 2:
+            raise DataError(f"{corpus.source}: the {split} split ({len(tokens)} tokens) makes fewer than 2 rows at "
+                            f"batch size {batch_size}")  # fmt: skip
     return corpus
 
 

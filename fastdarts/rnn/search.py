@@ -214,7 +214,7 @@ def run(config: RecurrentSearchConfig | None = None, *, resume: str | Path | Non
     """Run a recurrent search; `overrides` set config fields by name; `resume` continues a saved run exactly."""
     config, checkpoint = start_config(RecurrentSearchConfig, "search", config, resume, **overrides)
     seed_everything(config.seed)
-    corpus = load(config)
+    corpus = load(config, search=True)
     run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "search")
     model = build(config, len(corpus.dictionary))
     optimizer = torch.optim.SGD(model.weight_parameters(), config.lr, weight_decay=config.wdecay)
