@@ -21,7 +21,7 @@ from . import distributed
 from .analyze import write_cell_diagrams
 from .bilevel import Architect, weight_step
 from .checkpoint import atomic_write_text
-from .config import SearchConfig, requested_space, run_cli
+from .config import SearchConfig, run_cli
 from .data import BatchJob, Images, load_dataset, random_batch, shuffled_batches, split_indices, step_seed
 from .distributed import SINGLE, World
 from .methods import make_method
@@ -192,6 +192,8 @@ SUMMARY_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "normal_skip_c
 
 
 def main(argv=None) -> int:
+    from .config import requested_space
+
     space, argv = requested_space(sys.argv[1:] if argv is None else list(argv))
     if space == "rnn":
         from .rnn.search import main as recurrent_main

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import distributed
 from .bilevel import sgd_step
 from .checkpoint import atomic_write_text
-from .config import TrainConfig, requested_space, run_cli
+from .config import TrainConfig, run_cli
 from .data import BatchJob, Images, load_dataset, part_slice, shuffled_batches, step_seed
 from .distributed import SINGLE, World
 from .evalnet import NETWORKS, EvalNetwork, count_multiply_adds, count_parameters
@@ -174,6 +174,8 @@ SUMMARY_KEYS = ("test_acc", "test_loss", "train_acc", "train_loss")
 
 
 def main(argv=None) -> int:
+    from .config import requested_space
+
     space, argv = requested_space(sys.argv[1:] if argv is None else list(argv))
     if space == "rnn":
         from .rnn.train import main as recurrent_main
