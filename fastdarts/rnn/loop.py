@@ -37,6 +37,8 @@ class LanguageModelConfig(RunOptions):
     beta: float = option(1e-3, "temporal activation regularisation (slowness) of the cell's outputs", low=0)
     eval_batch_size: int = option(10, "batch size of the validation perplexity", low=1)
     test_batch_size: int = option(1, "batch size of the test perplexity", low=1)
+    device: str = option("cpu", "where the network computes: cpu (the recurrent runs have no GPU path yet)",
+                         choices=("cpu",))  # fmt: skip
 
     def resolved(self):
         # The bundled corpus is 1/18 of PTB: at DARTS's batch 256 its validation stream would be shorter than bptt.
