@@ -134,3 +134,18 @@ def test_cpp_activations_hold_over_the_whole_float_range(cpu_isa):
     grad = torch.randn_like(got)
     for a, b in zip(torch.autograd.grad(got, inputs, grad), torch.autograd.grad(expected, inputs, grad)):
         torch.testing.assert_close(a, b)
+
+
+@requires_ext
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    states, ch, p = make_inputs(3, 4, 5)
+
+    def node(states, ch, p):
+        return ops.rnn_mixed_node(states, ch, p.softmax(-1)).square().sum()
+
+    expected = node(states, ch, p)
+    got = torch.compile(node, fullgraph=True, backend="aot_eager")(states, ch, p)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(torch.autograd.grad(got, (states, ch, p)), torch.autograd.grad(expected, (states, ch, p))):
+        torch.testing.assert_close(a, b)
