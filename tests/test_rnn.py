@@ -420,3 +420,11 @@ def test_a_corpus_too_small_for_the_batch_is_named(tmp_path):
     with pytest.raises(DataError, match=r"the valid split \(\d+ tokens\) makes fewer than 2 rows at batch size 256"):
         rnn_search.run(data=str(data), batch_size=256, out=str(tmp_path / "r"))
     assert not (tmp_path / "r").exists()  # refused before anything is written
+
+
+@pytest.mark.skipif("FASTDARTS_PTB" not in os.environ, reason="set FASTDARTS_PTB to a Penn Treebank directory")
+def test_penn_treebank_has_its_published_sizes():
+    corpus = load_corpus(os.environ["FASTDARTS_PTB"])  # data/penn or simple-examples/data
+    assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == (929_589, 73_760, 82_430)
+    assert len(corpus.dictionary) == 10_000
+    assert RecurrentEvalModel(len(corpus.dictionary), DARTS_V2).parameter_count() == 22_960_000
