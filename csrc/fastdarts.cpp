@@ -118,4 +118,11 @@ TORCH_LIBRARY(fastdarts, m) {
   // grad_x of both pools, the max's argmax recomputed from x (ATen's: the first maximum in scan order, or a NaN);
   // a None gradient contributes nothing.
   m.def("pool_bn_stats_backward(Tensor? grad_max, Tensor? grad_avg, Tensor x, int stride) -> Tensor");
+  // DARTS's recurrent mixed op for one node after its matmul (fastdarts.ops.rnn_mixed_node): x [B, H] =
+  // sum_j P_j (1 - sigmoid(c_j)) s_j + sigmoid(c_j) g_j with g_j = sum_k p[j, k] f_k(h_j) over tanh, relu, sigmoid,
+  // identity and P_j their total. states: [n, B, H]; ch: [n, B, 2H], c_j = ch[j, :, :H], h_j = ch[j, :, H:];
+  // p: [n, 5], columns none, tanh, relu, sigmoid, identity (none adds nothing).
+  m.def("rnn_mixed_node(Tensor states, Tensor ch, Tensor p) -> Tensor");
+  // grad_states, grad_ch, grad_p (column 0 zero), the activations recomputed from ch.
+  m.def("rnn_mixed_node_backward(Tensor grad, Tensor states, Tensor ch, Tensor p) -> (Tensor, Tensor, Tensor)");
 }

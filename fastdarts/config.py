@@ -631,6 +631,29 @@ def parse_command_line(cls, argv, prog: str, description: str) -> CommandLine:
     return CommandLine(cls(**values), args, resume, seeds)
 
 
+SPACES = ("cnn", "rnn")
+
+
+def requested_space(argv: list[str]) -> tuple[str, list[str]]:
+    """The search space a command line asks for (`--space cnn|rnn`, or the saved run's for `--resume DIR`; default
+    cnn), and the command line without `--space`, which each space's parser implies."""
+    space, rest, args = None, [], iter(argv)
+    for arg in args:
+        if arg == "--space" or arg.startswith("--space="):
+            space = arg.partition("=")[2] if "=" in arg else next(args, "")
+            if space not in SPACES:
+                raise ConfigError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
+            continue
+        rest.append(arg)
+    if space is None and "--resume" in argv[:-1]:
+        saved = Path(argv[argv.index("--resume") + 1]) / "config.json"
+        try:
+            space = json.loads(saved.read_text()).get("space")
+        except (OSError, ValueError, AttributeError):
+            space = None  # not a run directory of this version: the resume itself names the problem
+    return space or "cnn", rest
+
+
 def run_cli(main, argv=None) -> int:
     """Run an entry point: bad input is one line on stderr and exit status 2, a run that failed
     (diverged, could not save) one line and status 1, a run stopped by a signal says how to resume

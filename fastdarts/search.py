@@ -205,6 +205,13 @@ SUMMARY_KEYS = ("val_acc", "val_loss", "train_acc", "train_loss", "normal_skip_c
 
 
 def main(argv=None) -> int:
+    from .config import requested_space
+
+    space, argv = requested_space(sys.argv[1:] if argv is None else list(argv))
+    if space == "rnn":
+        from .rnn.search import main as recurrent_main
+
+        return recurrent_main(argv)
     return entry_point(SearchConfig, run, argv, "python -m fastdarts.search", "DARTS architecture search.",
                        SUMMARY_KEYS)  # fmt: skip
 

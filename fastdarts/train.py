@@ -178,6 +178,13 @@ SUMMARY_KEYS = ("test_acc", "test_loss", "train_acc", "train_loss")
 
 
 def main(argv=None) -> int:
+    from .config import requested_space
+
+    space, argv = requested_space(sys.argv[1:] if argv is None else list(argv))
+    if space == "rnn":
+        from .rnn.train import main as recurrent_main
+
+        return recurrent_main(argv)
     return entry_point(TrainConfig, run, argv, "python -m fastdarts.train", "Train a found cell from scratch.",
                        SUMMARY_KEYS)  # fmt: skip
 

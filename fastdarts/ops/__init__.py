@@ -37,6 +37,7 @@ __all__ = [
     "pool_bn_stats",
     "relu_dwconv",
     "relu_dwconv_pointwise",
+    "rnn_mixed_node",
     "sample_gates",
     "supported_cpu_isas",
     "use_backend",
@@ -72,6 +73,25 @@ def weighted_sum(xs: Sequence[Tensor], w: Tensor, *, backend: str | None = None)
     TypeError for mismatched dtypes (and, on "cpp" and "triton", dtypes other than float32/float64).
     """
     return dispatch("weighted_sum", w.device, backend)(xs, w)
+
+
+def rnn_mixed_node(states: Tensor, ch: Tensor, p: Tensor, *, backend: str | None = None) -> Tensor:
+    """DARTS's recurrent mixed op for one node (RNN.md 1.4), after the node's one matmul for every candidate.
+
+    `x = sum_j sum_{k != none} p[j, k] (s_j + sigmoid(c_j) (f_k(h_j) - s_j))` over f = tanh, relu, sigmoid,
+    identity: every activation, the highway update and the weighted sum in one pass, forward and backward, with
+    nothing saved but the inputs (the backward recomputes the activations from c and h).
+
+    Args:
+        states: `[n, B, H]`, the node's predecessors' states (unmasked: the highway's residual).
+        ch: `[n, B, 2H]`, `[c_j | h_j]`: each masked state times the node's matrix.
+        p: `[n, 5]`, the weights of none, tanh, relu, sigmoid, identity for each predecessor.
+        backend: "reference", "cpp" or "triton" (default: by device, see the module docstring).
+
+    Returns:
+        x: `[B, H]`, the node's value before the search cell's BN.
+    """
+    return dispatch("rnn_mixed_node", states.device, backend)(states, ch, p)
 
 
 def bn_weighted_sum(

@@ -263,3 +263,27 @@ def register_bn_weighted_sum_autograd(namespace: str, gradients: Callable[..., t
         f"{namespace}::bn_weighted_sum_backward is not differentiable: for second derivatives of bn_weighted_sum "
         "use backend='reference'",
     )
+
+
+def register_rnn_mixed_node_autograd(namespace: str) -> None:
+    """Autograd of `namespace::rnn_mixed_node`: autograd saves the inputs alone (states, ch, p), the backward kernel
+    recomputes every activation from ch. First order only: the recurrent search's second order is a finite
+    difference of first-order gradients (RNN.md 2.3)."""
+    backward_op = getattr(torch.ops, namespace).rnn_mixed_node_backward.default
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad):
+        states, ch, p = ctx.saved_tensors
+        if not any(ctx.needs_input_grad):
+            return None, None, None
+        grads = backward_op(grad, states, ch, p)
+        return tuple(g if needed else None for g, needed in zip(grads, ctx.needs_input_grad))
+
+    torch.library.register_autograd(f"{namespace}::rnn_mixed_node", _backward, setup_context=_setup_context)
+    refuse_differentiation(
+        f"{namespace}::rnn_mixed_node_backward",
+        f"{namespace}::rnn_mixed_node_backward is not differentiable: for second derivatives of rnn_mixed_node use "
+        "backend='reference'",
+    )

@@ -20,6 +20,7 @@ from ._autograd import (
     refuse_differentiation,
     register_bn_weighted_sum_autograd,
     register_pool_bn_stats_autograd,
+    register_rnn_mixed_node_autograd,
     register_sample_gates_autograd,
     register_weighted_sum_autograd,
     torch_check,
@@ -35,6 +36,7 @@ from .reference import (
     check_pool_bn_stats_arguments,
     check_relu_dwconv_arguments,
     check_relu_dwconv_pointwise_arguments,
+    check_rnn_mixed_node_arguments,
     check_same_tensors,
     check_sized_list,
     check_weights,
@@ -364,3 +366,26 @@ def _bn_weighted_sum_backward_fake(grad, ts, w, mean, invstd, batch_statistics, 
 
 
 register_bn_weighted_sum_autograd("fastdarts")
+
+
+def rnn_mixed_node(states: Tensor, ch: Tensor, p: Tensor) -> Tensor:
+    """DARTS's recurrent mixed op for one node by the C++ kernel (CPU, float32/float64)."""
+    return torch.ops.fastdarts.rnn_mixed_node.default(states, ch, p)
+
+
+@torch.library.register_fake("fastdarts::rnn_mixed_node")
+def _rnn_mixed_node_fake(states, ch, p):
+    check_rnn_mixed_node_arguments("rnn_mixed_node", states, ch, p, torch_check)
+    check_supported_dtype("rnn_mixed_node", states)
+    return states.new_empty(states.shape[1:])
+
+
+@torch.library.register_fake("fastdarts::rnn_mixed_node_backward")
+def _rnn_mixed_node_backward_fake(grad, states, ch, p):
+    check_rnn_mixed_node_arguments("rnn_mixed_node_backward", states, ch, p, torch_check)
+    check_supported_dtype("rnn_mixed_node_backward", states)
+    check_like("rnn_mixed_node_backward", "grad", grad, "states[0]", states[0], torch_check)
+    return torch.empty_like(states), torch.empty_like(ch), torch.empty_like(p)
+
+
+register_rnn_mixed_node_autograd("fastdarts")

@@ -1179,3 +1179,7 @@ mixed_ops, mixed_op = define_mixed_ops(
     ),
     device_types=None,  # CUDA, and CPU tensors under TRITON_INTERPRET=1
 )
+
+
+# The recurrent mixed op, in a module of its own; imported last: it uses the launch helpers above.
+from ._triton_rnn import rnn_mixed_node  # noqa: E402, F401

@@ -725,3 +725,51 @@ def pool_bn_stats(x: Tensor, stride: int) -> tuple[Tensor, Tensor, Tensor, Tenso
     pools = torch.stack([max_out.detach(), avg_out.detach()])  # [2, N, C, H_out, W_out]
     var, mean = torch.var_mean(pools, dim=(1, 3, 4), correction=0)
     return max_out, avg_out, mean, var
+
+
+RNN_OPS = 5  # none, tanh, relu, sigmoid, identity: the columns of rnn_mixed_node's p
+
+
+def check_rnn_mixed_node_arguments(op: str, states: Tensor, ch: Tensor, p: Tensor, require: Require) -> None:
+    require(
+        states.dim() == 3 and states.shape[0] >= 1,
+        ValueError,
+        lambda: f"{op}: states must have shape [n, B, H] with n >= 1, got {list(states.shape)}",
+    )
+    n, batch, hidden = states.shape
+    require(
+        list(ch.shape) == [n, batch, 2 * hidden],
+        ValueError,
+        lambda: f"{op}: ch must have shape {[n, batch, 2 * hidden]} (c and h of each state), got {list(ch.shape)}",
+    )
+    check_dtype_and_device(op, "ch", ch, "states", states, require)
+    require(
+        list(p.shape) == [n, RNN_OPS],
+        ValueError,
+        lambda: (
+            f"{op}: p must have shape {[n, RNN_OPS]} (none, tanh, relu, sigmoid, identity per state), got "
+            f"{list(p.shape)}"
+        ),
+    )
+    check_dtype_and_device(op, "p", p, "states", states, require)
+
+
+def rnn_mixed_node(states: Tensor, ch: Tensor, p: Tensor) -> Tensor:
+    """DARTS's recurrent mixed op for one node, after the node's one matmul (RNN.md 1.4, 4.1).
+
+    `x = sum_j sum_{k != none} p[j, k] (s_j + sigmoid(c_j) (f_k(h_j) - s_j))
+       = sum_j P_j (1 - sigmoid(c_j)) s_j + sigmoid(c_j) g_j`, with `g_j = sum_k p[j, k] f_k(h_j)` over
+    f = tanh, relu, sigmoid, identity and `P_j` their total weight.
+
+    states: `[n, B, H]`, the predecessors' states s_j (unmasked); ch: `[n, B, 2H]`, `[c_j | h_j]` = the masked
+    state times the node's matrix; p: `[n, 5]`, columns none, tanh, relu, sigmoid, identity (none adds nothing).
+    Returns x: `[B, H]`. Gradients (dx the output's): `ds_j = dx P_j (1 - sigma)`, `dc_j = dx (g_j - P_j s_j)
+    sigma (1 - sigma)`, `dh_j = dx sigma sum_k p[j, k] f_k'(h_j)` (relu' = 0 at 0), `dp[j, k] = sum dx ((1 - sigma) s_j
+    + sigma f_k(h_j))`, `dp[j, none] = 0`.
+    """
+    check_rnn_mixed_node_arguments("rnn_mixed_node", states, ch, p, raise_unless)
+    c, h = ch.chunk(2, dim=-1)
+    gate = torch.sigmoid(c)
+    w = p[:, 1:, None, None]
+    g = w[:, 0] * torch.tanh(h) + w[:, 1] * torch.relu(h) + w[:, 2] * torch.sigmoid(h) + w[:, 3] * h
+    return (w.sum(dim=1) * (1 - gate) * states + gate * g).sum(dim=0)
