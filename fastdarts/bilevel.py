@@ -184,7 +184,9 @@ class Architect:
         """`grad_alpha L_val(w, alpha)`; autograd neither computes nor keeps anything for weight gradients."""
         with frozen(self.model.weight_parameters()):
             loss = self.objective(val_batch, share=share)
-            grads = torch.autograd.grad(loss, self.model.arch_parameters())
+            # A sampled cell may take a cell type off every path to the loss (GDAS: normal cells whose sampled
+            # ops all ignore the previous cell, a reduction cell): that type's architecture gets a zero gradient.
+            grads = torch.autograd.grad(loss, self.model.arch_parameters(), materialize_grads=True)
         return list(grads), loss.detach()
 
     def second_order_grads(self, train_batch: Batch, val_batch: Batch, lr: float, train_share: float = 1.0,

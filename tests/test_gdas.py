@@ -167,3 +167,36 @@ def test_gdas_starts_from_its_published_cifar10_settings():
         arch_learning_rate=3e-4,
         arch_beta1=0.5,
     )
+
+
+def test_an_architecture_step_whose_sample_leaves_the_reduction_cells_unused_gives_them_a_zero_gradient():
+    """Normal cells whose sampled ops all read s0 ignore the reduction cell before them: no path from alpha_reduce
+    to the loss. The step must go on (as the published code's backward does), alpha_reduce's gradient zero."""
+    from fastdarts.bilevel import Architect
+    from fastdarts.methods.base import CellWeights
+
+    torch.manual_seed(0)
+    method = make_method("gdas", seed=0)
+    model = SearchNetwork(4, 10, 5, 1, method=method)
+    sep3 = method.primitives.index("sep_conv_3x3")
+    # Every node's edges from s1 and from the other nodes are `none`; the edges from s0 compute sep_conv_3x3.
+    from_s0 = [sep3 if state == 0 else 0 for node in range(4) for state in range(2 + node)]
+    sampled = {"normal": from_s0, "reduce": [sep3] * 14}
+
+    def forward_weights(arch):
+        out = {}
+        for cell, alpha in arch.items():
+            p = alpha.softmax(-1)
+            onehot = F.one_hot(torch.tensor(sampled[cell]), len(method.primitives)).to(p)
+            out[cell] = CellWeights(onehot - p.detach() + p, onehot)
+        return out
+
+    method.forward_weights = forward_weights
+    weights = torch.optim.SGD(model.weight_parameters(), 0.01)
+    architect = Architect(model, weights, arch_learning_rate=3e-4, arch_weight_decay=0.0)
+    batch = (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    grads, _ = architect.first_order_grads(batch)
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[1], torch.zeros_like(grads[1]))
+    before = model.alpha_reduce.detach().clone()
+    architect.step(batch, batch, 0.01)
+    assert torch.equal(model.alpha_reduce.detach(), before)  # Adam on a zero gradient, no weight decay: no move
