@@ -88,7 +88,7 @@ MORE_METHODS = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MORE_METHODS)
-def test_each_method_searches_from_the_command_line_and_resumes_bit_identical(tmp_path, name, one_thread):
+def test_each_method_searches_from_the_command_line_and_resumes_bit_identical(tmp_path, name):
     settings = {**SEARCH, "train_portion": 0.1, **MORE_METHODS[name]}
     whole = subprocess.run(cli("search", *flags(settings), "--no_progress", "--out", str(tmp_path / "whole")),
                            capture_output=True, text=True, timeout=600)  # fmt: skip
