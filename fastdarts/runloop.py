@@ -264,7 +264,7 @@ class Run:
         alone), and after `stop_after` epochs (a normal return; `stopped_early` is then True).
         """
         config, position, world = self.config, self.position, self.world
-        device = distributed.run_device(config.device)
+        device = next(self.stateful["model"].parameters()).device  # where the run placed its model
         self.say(f"{self.kind} in {self.dir} on {device}; {kernels_in_use(device.type)}; "
                  f"{world.describe_batch(config.batch_size)}")  # fmt: skip
         bar = None  # sized when the first epoch's batches are known
