@@ -4,13 +4,15 @@
                                          [--out runs/compare] [search flags...]
 
 A sampling method's epoch costs less than DARTS's, so equal epochs would not compare like with like: each
-method gets `--budget` seconds of search epochs per run. One calibration epoch per method (seed 0, in
-`<out>/<method>/calibration`, not counted) measures its seconds per epoch; every run of the method then
-searches `floor(budget / that)` epochs (at least 1), its own schedules (temperatures, warm-ups, stages) spread
-over them as over any number of epochs. Per method: the supernet's final validation accuracy, the derived
-normal cell's skip connections, width (in c, as Shu et al. count it) and depth, seconds per epoch, epochs and
-total seconds, as mean ± sample standard deviation; printed, and written to `<out>/summary.md`,
-`<out>/summary.json` and `<out>/compare.png`. Each run keeps its directory (`<out>/<method>/seed-<s>`).
+method gets `--budget` seconds of search epochs per run. A calibration run of 3 epochs per method (seed 0, in
+`<out>/<method>/calibration`, not counted) measures its seconds per epoch as the median of the 3 (the first
+epoch also pays for start-up allocations, and a 3-epoch run spreads the method's stages over its epochs);
+every run of the method then searches `floor(budget / that)` epochs (at least 1), its own schedules
+(temperatures, warm-ups, stages) spread over them as over any number of epochs. Per method: the supernet's
+final validation accuracy, the derived normal cell's skip connections, width (in c, as Shu et al. count it)
+and depth, seconds per epoch, epochs and total seconds, as mean ± sample standard deviation; printed, and
+written to `<out>/summary.md`, `<out>/summary.json` and `<out>/compare.png`. Each run keeps its directory
+(`<out>/<method>/seed-<s>`).
 """
 
 from __future__ import annotations
@@ -68,10 +70,13 @@ def final_metrics(config: SearchConfig) -> dict:
     }
 
 
+CALIBRATION_EPOCHS = 3
+
+
 def epochs_in_budget(config: SearchConfig, budget: float, out: Path) -> tuple[int, float]:
-    """(epochs that fit `budget` seconds, the calibration epoch's seconds) for `config`'s method."""
-    calibration = dataclasses.replace(config, epochs=1, seed=0, out=str(out))
-    seconds = search.run(calibration).history[0]["seconds"]
+    """(epochs that fit `budget` seconds, the calibration's median seconds per epoch) for `config`'s method."""
+    calibration = dataclasses.replace(config, epochs=CALIBRATION_EPOCHS, seed=0, out=str(out))
+    seconds = statistics.median(row["seconds"] for row in search.run(calibration).history)
     return max(1, math.floor(budget / seconds)), seconds
 
 
@@ -140,7 +145,8 @@ def main(argv=None) -> int:
     for method in args.methods:
         cli = parse_command_line(SearchConfig, [*search_flags, "--method", method], "compare_methods.py", "")
         epochs, calibration = epochs_in_budget(cli.config, args.budget, out / method / "calibration")
-        print(f"== {method}: {calibration:.1f} s for the calibration epoch -> {epochs} epochs per run")
+        print(f"== {method}: {calibration:.1f} s per calibration epoch (median of {CALIBRATION_EPOCHS}) "
+              f"-> {epochs} epochs per run")
         runs[method] = [final_metrics(dataclasses.replace(cli.config, epochs=epochs, seed=seed,
                                                           out=str(out / method / f"seed-{seed}")))
                         for seed in args.seeds]  # fmt: skip

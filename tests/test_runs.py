@@ -317,7 +317,8 @@ def test_method_comparison_gives_each_method_the_epochs_of_its_budget(tmp_path, 
     assert main(["--budget", "0.001", "--seeds", "0,1", "--methods", "darts,pr-darts", "--out", str(tmp_path),
                  *tiny]) == 0  # fmt: skip
     printed = capsys.readouterr().out
-    assert re.search(r"== darts: \d+\.\d s for the calibration epoch -> 1 epochs per run", printed)
+    assert re.search(r"== darts: \d+\.\d s per calibration epoch \(median of 3\) -> 1 epochs per run", printed)
+    assert len(rows(tmp_path / "darts" / "calibration")) == 3
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(summary["summary"]) == ["darts", "pr-darts"] and summary["seeds"] == [0, 1]
     for method in ("darts", "pr-darts"):
