@@ -77,10 +77,13 @@ def test_cell_output_and_architecture_gradient_equal_the_transcription(reduction
     hand = hand_cell(cell, s0, s1, edge_of_one_op(transcribed_sample(alpha, 1, method.tau)))
     torch.testing.assert_close(fused, hand)
     upstream = torch.randn_like(hand)
-    (fused_grad,) = torch.autograd.grad((fused * upstream).sum(), alpha)
-    (hand_grad,) = torch.autograd.grad((hand * upstream).sum(), alpha)
-    torch.testing.assert_close(fused_grad, hand_grad)
-    assert fused_grad.abs().sum() > 0
+    # The architecture gradient, and the weights' (what a weight step trains: the sampled ops' alone).
+    params = [alpha, *cell.parameters()]
+    fused_grads = torch.autograd.grad((fused * upstream).sum(), params, materialize_grads=True)
+    hand_grads = torch.autograd.grad((hand * upstream).sum(), params, materialize_grads=True)
+    for fused_grad, hand_grad in zip(fused_grads, hand_grads):
+        torch.testing.assert_close(fused_grad, hand_grad)
+    assert fused_grads[0].abs().sum() > 0 and sum(bool(g.abs().sum() > 0) for g in fused_grads[1:]) > 10
 
 
 def transcribed_genotype(alpha, steps=4):
