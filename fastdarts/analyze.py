@@ -120,7 +120,8 @@ def random_wiring_variant(genotype: Genotype, rng: random.Random) -> Genotype:
 def shu_wiring_variant(genotype: Genotype, seed: int) -> Genotype:
     """Shu et al.'s `random_conn(arch, num_ops, seed)` (genotypes.py of shuyao95/Understanding-NAS): NumPy's legacy
     stream seeded with `seed` redraws each edge's input uniformly among the nodes before it, the normal and the
-    reduction cell's edge k drawn in turn. Seeds 1..10 on DARTS_V2 give their DARTS_CONN1..10."""
+    reduction cell's edge k drawn in turn (a fixed reduction cell is kept, and draws nothing). Seeds 1..10 on DARTS_V2
+    give their DARTS_CONN1..10."""
     rng = np.random.RandomState(seed)
     cells = searched_cells(genotype)
     inputs: dict[str, list[int]] = {cell: [] for cell in cells}
