@@ -30,6 +30,16 @@ PARAMETER_FREE = {"none", "max_pool_3x3", "avg_pool_3x3", "skip_connect"}
 CELLS = ("normal", "reduce")
 
 
+def searched_cells(genotype: Genotype) -> tuple[str, ...]:
+    """The cell types of `genotype` made of searched edges: both, or the normal one beside a fixed reduction cell."""
+    return ("normal",) if genotype.fixed_reduction else CELLS
+
+
+def fixed_fields(genotype: Genotype) -> dict:
+    """The genotype fields of its fixed reduction cell, which a variant keeps as they are; none when searched."""
+    return {"reduce": genotype.reduce, "reduce_concat": []} if genotype.fixed_reduction else {}
+
+
 def cell_edges(genotype: Genotype, cell: str) -> tuple[tuple[tuple[str, int], ...], tuple[int, ...]]:
     return getattr(genotype, cell), getattr(genotype, f"{cell}_concat")
 
@@ -87,7 +97,8 @@ def describe_network(genotype: Genotype, C=36, layers=20, num_classes=10, image_
 def describe(genotype: Genotype, **network) -> dict:
     return {
         "genotype": str(genotype),
-        **{cell: describe_cell(genotype, cell) for cell in CELLS},
+        **{cell: describe_cell(genotype, cell) for cell in searched_cells(genotype)},
+        **({"reduce": {"fixed": genotype.fixed_reduction}} if genotype.fixed_reduction else {}),
         "network": describe_network(genotype, **network),
     }
 
@@ -98,8 +109,8 @@ def describe(genotype: Genotype, **network) -> dict:
 
 def random_wiring_variant(genotype: Genotype, rng: random.Random) -> Genotype:
     """Same ops and concat lists; each edge's input redrawn uniformly among the nodes before it."""
-    fields = {}
-    for cell in CELLS:
+    fields = fixed_fields(genotype)
+    for cell in searched_cells(genotype):
         edges, concat = cell_edges(genotype, cell)
         fields[cell] = [(op, rng.randrange(2 + k // 2)) for k, (op, _) in enumerate(edges)]
         fields[f"{cell}_concat"] = list(concat)
@@ -109,14 +120,16 @@ def random_wiring_variant(genotype: Genotype, rng: random.Random) -> Genotype:
 def shu_wiring_variant(genotype: Genotype, seed: int) -> Genotype:
     """Shu et al.'s `random_conn(arch, num_ops, seed)` (genotypes.py of shuyao95/Understanding-NAS): NumPy's legacy
     stream seeded with `seed` redraws each edge's input uniformly among the nodes before it, the normal and the
-    reduction cell's edge k drawn in turn. Seeds 1..10 on DARTS_V2 give their DARTS_CONN1..10."""
+    reduction cell's edge k drawn in turn (a fixed reduction cell is kept, and draws nothing). Seeds 1..10 on DARTS_V2
+    give their DARTS_CONN1..10."""
     rng = np.random.RandomState(seed)
-    inputs: dict[str, list[int]] = {cell: [] for cell in CELLS}
+    cells = searched_cells(genotype)
+    inputs: dict[str, list[int]] = {cell: [] for cell in cells}
     for k in range(len(genotype.normal)):
-        for cell in CELLS:
+        for cell in cells:
             inputs[cell].append(int(rng.choice(2 + k // 2, 1)[0]))
-    fields = {}
-    for cell in CELLS:
+    fields = fixed_fields(genotype)
+    for cell in cells:
         edges, concat = cell_edges(genotype, cell)
         fields[cell] = [(op, index) for (op, _), index in zip(edges, inputs[cell])]
         fields[f"{cell}_concat"] = list(concat)
@@ -126,8 +139,8 @@ def shu_wiring_variant(genotype: Genotype, seed: int) -> Genotype:
 def random_op_variant(genotype: Genotype, rng: random.Random) -> Genotype:
     """Same wiring and concat lists; each edge's op redrawn uniformly among the non-`none` primitives."""
     choices = [p for p in PRIMITIVES if p != "none"]
-    fields = {}
-    for cell in CELLS:
+    fields = fixed_fields(genotype)
+    for cell in searched_cells(genotype):
         edges, concat = cell_edges(genotype, cell)
         fields[cell] = [(rng.choice(choices), index) for _, index in edges]
         fields[f"{cell}_concat"] = list(concat)
@@ -200,7 +213,7 @@ def write_cell_diagrams(genotype: Genotype, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     dot = shutil.which("dot")
-    for cell in CELLS:
+    for cell in searched_cells(genotype):
         path = out_dir / f"{cell}.dot"
         path.write_text(cell_to_dot(genotype, cell))
         written.append(path)
@@ -291,6 +304,9 @@ def print_report(report: dict) -> None:
         print(f"source: {report['source']}")
     for cell in CELLS:
         r = report[cell]
+        if "fixed" in r:
+            print(f"{cell:>6}: the fixed reduction cell {r['fixed']}")
+            continue
         print(
             f"{cell:>6}: width {r['width_c']:g}c, depth {r['depth']}, {r['nodes']} nodes, concat {r['concat']}, "
             f"{r['skip_connects']} skip connections, {r['parameter_free_ops']} parameter-free ops"

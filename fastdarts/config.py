@@ -26,7 +26,7 @@ from .checkpoint import RunInterrupted
 from .data import DATA_DIRECTORIES, DATASETS, IMAGE_DATASETS, SEARCH_DATASETS
 from .distributed import DEVICES, writer_process
 from .errors import ConfigError, FastDartsError, RunFailed, one_line, path_stat, summary
-from .evalnet import NETWORKS
+from .evalnet import FIXED_REDUCTION_CELL_MODULES, NETWORKS
 from .methods import METHODS
 from .space import OPS, load_genotype
 
@@ -189,6 +189,9 @@ class SearchConfig(CommonConfig):
                                  method="gdas", setting="tau_max")  # fmt: skip
     gdas_tau_min: float = option(0.1, "gdas: temperature at the last epoch", low=0, low_open=True, method="gdas",
                                  setting="tau_min")  # fmt: skip
+    gdas_fixed_reduction: bool = option(False, "gdas: search the normal cell alone; the reduction cells are GDAS's "
+                                        "hand-designed one (FRC), in the search and in the genotype",
+                                        method="gdas", setting="fixed_reduction")  # fmt: skip
     pcdarts_k: int = option(4, "pc-darts: the ops compute on 1/K of each edge's channels (init_channels must be a "
                             "multiple of K)", low=1, method="pc-darts", setting="k")  # fmt: skip
     pcdarts_warmup_epochs: int | None = option(None, "pc-darts: first epochs that train the weights alone (default: "
@@ -253,6 +256,7 @@ class SearchConfig(CommonConfig):
         if self.init_channels is not None and self.init_channels % groups:
             raise ConfigError(f"init_channels ({self.init_channels}) must be a multiple of {groups}: {self.method}'s "
                               f"edges compute on 1/{groups} of their channels")  # fmt: skip
+        check_fixed_reduction(method.network_style.fixed_reduction, self.init_channels)
 
     def method_settings(self) -> dict:
         """The keyword arguments of the method object (fastdarts.methods.make_method)."""
@@ -313,17 +317,31 @@ class TrainConfig(CommonConfig):
 
     def check(self) -> None:
         super().check()
-        self.cell()  # a genotype that cannot be read or built fails here, before anything is written
+        genotype = self.cell()  # a genotype that cannot be read or built fails here, before anything is written
+        check_fixed_reduction(genotype.fixed_reduction, self.init_channels)
 
     def cell(self):
         """The genotype to train, checked to use only ops fastdarts can build."""
         return buildable_genotype(self.genotype)
 
 
+def check_fixed_reduction(name: str | None, init_channels: int | None) -> None:
+    """A ConfigError when the fixed reduction cell `name` (None: none) cannot have the 2 * init_channels channels of
+    the first reduction layer."""
+    if name is None or init_channels is None:
+        return
+    groups = FIXED_REDUCTION_CELL_MODULES[name].groups
+    if (2 * init_channels) % groups:
+        raise ConfigError(
+            f"init_channels ({init_channels}) must be a multiple of {groups // 2}: the fixed reduction cell {name} has "
+            f"{2 * init_channels} channels at the first reduction, in {groups} groups"
+        )
+
+
 def buildable_genotype(source: str):
     """The genotype `source` names (space.load_genotype), checked to use only ops fastdarts can build."""
     genotype = load_genotype(source)
-    unknown = sorted({op for op, _ in (*genotype.normal, *genotype.reduce)} - set(OPS))
+    unknown = sorted({op for op, _ in (*genotype.normal, *genotype.cell_edges("reduce"))} - set(OPS))
     if unknown:
         raise ConfigError(f"genotype uses op(s) fastdarts cannot build: {', '.join(unknown)}")
     return genotype

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .space import OPS, DilConv, FactorizedReduce, Genotype, Identity, ReLUConvBN, Zero
+from .space import FIXED_REDUCTION_CELLS, OPS, DilConv, FactorizedReduce, Genotype, Identity, ReLUConvBN, Zero
 
 
 def drop_path(x: torch.Tensor, drop_prob: float, part: tuple[int, slice] | None = None) -> torch.Tensor:
@@ -64,6 +64,65 @@ class EvalCell(nn.Module):
                 node = node + h
             states.append(node)
         return torch.cat([states[i] for i in self.concat], dim=1)
+
+
+class GDASReductionCell(nn.Module):
+    """GDAS's hand-designed reduction cell (METHODS_MORE.md 2, FRC; AutoDL's GDAS_Reduction_Cell): after the usual
+    preprocessing, `cat(X0, X1, X2, X3)` with X0 and X1 each [ReLU, 1x3 conv stride (1, 2), 3x1 conv stride (2, 1)
+    (both in 8 groups), BN, ReLU, 1x1 conv, BN] of s0 and of s1 (own weights), X2 and X3 a 3x3 stride-2 max pool and
+    a BN of s0 and of s1; drop path on each of the four, as the published cell. `affine` False in the search network
+    (whose BNs are all affine-free); the convs have no bias, as everywhere in fastdarts (the published search network
+    gives them one)."""
+
+    multiplier = 4
+    reduction = True
+    groups = 8  # of the 1x3 and 3x1 convs: the cell's channels must be a multiple of it
+
+    def __init__(self, C_prev_prev: int, C_prev: int, C: int, reduction_prev: bool, affine: bool = True):
+        super().__init__()
+        if C % self.groups:
+            raise ValueError(f"the GDAS reduction cell's convs have {self.groups} groups: its {C} channels must be a "
+                             f"multiple of {self.groups}")  # fmt: skip
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine)
+        self.convs = nn.ModuleList(
+            nn.Sequential(
+                nn.ReLU(inplace=False),
+                nn.Conv2d(C, C, (1, 3), stride=(1, 2), padding=(0, 1), groups=8, bias=False),
+                nn.Conv2d(C, C, (3, 1), stride=(2, 1), padding=(1, 0), groups=8, bias=False),
+                nn.BatchNorm2d(C, affine=affine),
+                nn.ReLU(inplace=False),
+                nn.Conv2d(C, C, 1, bias=False),
+                nn.BatchNorm2d(C, affine=affine),
+            )
+            for _ in range(2)
+        )
+        self.pools = nn.ModuleList(
+            nn.Sequential(nn.MaxPool2d(3, stride=2, padding=1), nn.BatchNorm2d(C, affine=affine)) for _ in range(2)
+        )
+
+    def forward(self, s0: torch.Tensor, s1: torch.Tensor, drop_prob: float = 0.0,
+                part: tuple[int, slice] | None = None) -> torch.Tensor:  # fmt: skip
+        s0, s1 = self.preprocess0(s0), self.preprocess1(s1)
+        outs = [self.convs[0](s0), self.convs[1](s1), self.pools[0](s0), self.pools[1](s1)]
+        if self.training and drop_prob > 0:
+            outs = [drop_path(out, drop_prob, part) for out in outs]
+        return torch.cat(outs, dim=1)
+
+
+# The module of each name of space.FIXED_REDUCTION_CELLS.
+FIXED_REDUCTION_CELL_MODULES = {"gdas_reduction": GDASReductionCell}
+assert tuple(FIXED_REDUCTION_CELL_MODULES) == FIXED_REDUCTION_CELLS
+
+
+def make_cell(genotype: Genotype, C_prev_prev, C_prev, C, reduction, reduction_prev, uncounted=None) -> nn.Module:
+    """The evaluation network's cell of one layer: an EvalCell, or the genotype's fixed reduction cell."""
+    if reduction and genotype.fixed_reduction:
+        return FIXED_REDUCTION_CELL_MODULES[genotype.fixed_reduction](C_prev_prev, C_prev, C, reduction_prev)
+    return EvalCell(genotype, C_prev_prev, C_prev, C, reduction, reduction_prev, uncounted)
 
 
 class AuxiliaryHead(nn.Module):
@@ -127,7 +186,7 @@ class EvalNetwork(nn.Module):
             reduction = i in (layers // 3, 2 * layers // 3)
             if reduction:
                 C_curr *= 2
-            cell = EvalCell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, uncounted)
+            cell = make_cell(genotype, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, uncounted)
             cells.append(cell)
             reduction_prev = reduction
             C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr

@@ -112,7 +112,8 @@ class SearchTask:
         return (
             f"epoch {r['epoch']}: lr {r['lr']:.4g} train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f} | "
             f"val loss {r['val_loss']:.4f} acc {r['val_acc']:.4f} | normal skips {r['normal_skip_connects']} | "
-            f"entropy {r['entropy_normal']:.4f}/{r['entropy_reduce']:.4f}"
+            f"entropy {r['entropy_normal']:.4f}"
+            + (f"/{r['entropy_reduce']:.4f}" if "entropy_reduce" in r else "")
             + (f" | tau {r['tau']:.3f}" if "tau" in r else "")
             + (f" P(skip gate on) {r['p_nonzero_skip_normal']:.3f}" if "p_nonzero_skip_normal" in r else "")
             + "".join(f" | {k} {r[k]:.4g}" for k in self.model.method.epoch_settings() if k != "tau")
@@ -191,12 +192,12 @@ def architecture_record(model: SearchNetwork) -> dict:
     weights_normal, weights_reduce = model.edge_weights()
     return {
         "normal_skip_connects": sum(op == "skip_connect" for op, _ in genotype.normal),
-        "reduce_skip_connects": sum(op == "skip_connect" for op, _ in genotype.reduce),
+        "reduce_skip_connects": sum(op == "skip_connect" for op, _ in genotype.cell_edges("reduce")),
         **model.diagnostics(),
         "genotype": str(genotype),
         "ops": list(model.method.primitives),  # the columns of the weights below
         "weights_normal": weights_normal.detach().tolist(),
-        "weights_reduce": weights_reduce.detach().tolist(),
+        **({} if weights_reduce is None else {"weights_reduce": weights_reduce.detach().tolist()}),
     }
 
 

@@ -144,27 +144,59 @@ OPS: dict[str, Callable[[int, int, bool], nn.Module]] = {
 
 Edge = tuple[str, int]  # (op name, input index): 0 = c_{k-2}, 1 = c_{k-1}, 2.. = intermediate nodes
 
+# Hand-designed reduction cells a genotype may name in place of a searched one (its `reduce`, with an empty
+# `reduce_concat`): GDAS's fixed reduction cell (METHODS_MORE.md 2, FRC; evalnet.GDASReductionCell).
+FIXED_REDUCTION_CELLS: tuple[str, ...] = ("gdas_reduction",)
+
 
 @dataclass(frozen=True)
 class Genotype:
-    """A discrete cell pair in DARTS's format: two (op, input) edges per intermediate node, nodes in order."""
+    """A discrete cell pair in DARTS's format: two (op, input) edges per intermediate node, nodes in order.
+
+    `reduce` may instead name a hand-designed reduction cell of FIXED_REDUCTION_CELLS (GDAS's FRC searches the
+    normal cell alone), with `reduce_concat` empty: `Genotype(normal=[...], normal_concat=[...],
+    reduce='gdas_reduction', reduce_concat=[])`, in JSON `"reduce": "gdas_reduction", "reduce_concat": []`.
+    """
 
     normal: tuple[Edge, ...]
     normal_concat: tuple[int, ...]
-    reduce: tuple[Edge, ...]
+    reduce: tuple[Edge, ...] | str
     reduce_concat: tuple[int, ...]
 
     def __post_init__(self):
-        for cell in ("normal", "reduce"):
+        cells = ("normal", "reduce")
+        if isinstance(self.reduce, str):
+            cells = ("normal",)
+            if self.reduce not in FIXED_REDUCTION_CELLS:
+                raise GenotypeError(f"reduce: {shorten(repr(self.reduce))} is not a fixed reduction cell "
+                                    f"({', '.join(FIXED_REDUCTION_CELLS)}); a searched one is a list of (op, input) "
+                                    "edges")  # fmt: skip
+            if len(self.reduce_concat):
+                raise GenotypeError(f"reduce_concat must be [] with the fixed reduction cell {self.reduce!r}, which "
+                                    "has an output of its own")  # fmt: skip
+            object.__setattr__(self, "reduce_concat", ())
+        for cell in cells:
             edges = tuple(_as_edge(e, cell) for e in getattr(self, cell))
             concat = tuple(_as_int(c, f"{cell}_concat") for c in getattr(self, f"{cell}_concat"))
             object.__setattr__(self, cell, edges)
             object.__setattr__(self, f"{cell}_concat", concat)
             _check_cell(cell, edges, concat)
 
+    @property
+    def fixed_reduction(self) -> str | None:
+        """The name of the hand-designed reduction cell the genotype uses; None when its reduction cell is searched."""
+        return self.reduce if isinstance(self.reduce, str) else None
+
+    def cell_edges(self, cell: str) -> tuple[Edge, ...]:
+        """The (op, input) edges of cell type `cell` ("normal" or "reduce"); none for a fixed reduction cell."""
+        edges = getattr(self, cell)
+        return () if isinstance(edges, str) else edges
+
     # DARTS string format ------------------------------------------------------------------------
     def __str__(self) -> str:
         def edges(es):
+            if isinstance(es, str):
+                return repr(es)
             return "[" + ", ".join(f"({op!r}, {i})" for op, i in es) + "]"
 
         return (
@@ -212,7 +244,7 @@ class Genotype:
         return {
             "normal": [list(e) for e in self.normal],
             "normal_concat": list(self.normal_concat),
-            "reduce": [list(e) for e in self.reduce],
+            "reduce": self.reduce if self.fixed_reduction else [list(e) for e in self.reduce],
             "reduce_concat": list(self.reduce_concat),
         }
 
@@ -230,9 +262,11 @@ class Genotype:
         if unknown:
             raise GenotypeError(f"genotype has unknown field(s): {', '.join(sorted(map(str, unknown)))}")
         for name in expected:
+            if name == "reduce" and isinstance(fields[name], str):  # a fixed reduction cell, by name
+                continue
             if not isinstance(fields[name], (list, tuple, range)):
                 raise GenotypeError(f"genotype field {name!r} must be a list, got {type(fields[name]).__name__}")
-        return cls(**{k: tuple(v) for k, v in fields.items()})
+        return cls(**{k: v if isinstance(v, str) else tuple(v) for k, v in fields.items()})
 
     @classmethod
     def from_json(cls, text: str) -> Genotype:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .evalnet import FIXED_REDUCTION_CELL_MODULES
 from .methods import CellWeights, DARTSMethod, Method
 from .ops.reference import check_flag
 from .space import (
@@ -329,7 +330,9 @@ class SearchNetwork(nn.Module):
 
     All normal cells share `alpha_normal`, all reduction cells `alpha_reduce`, each
     `[num_edges, len(method.primitives)]` in the method's column order and DARTS edge order (for PR-DARTS
-    they hold the gate logits beta); `OpColumns` maps the columns onto the mixed ops by name. `method`
+    they hold the gate logits beta); `OpColumns` maps the columns onto the mixed ops by name. A method whose
+    network_style names a fixed reduction cell (GDAS's FRC) has that cell, affine-free, at the reduction layers
+    and no `alpha_reduce` (None). `method`
     (default `DARTSMethod`) turns them into the edge weights of each forward pass, and gives the
     regulariser and the genotype rule. Each edge is one
     `ops.mixed_op` call; `memory_format` (default channels_last, the kernels' layout) is the layout
@@ -381,13 +384,17 @@ class SearchNetwork(nn.Module):
             reduction = i in self.reduction_indices
             if reduction:
                 C_curr *= 2
-            cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev, style.pool_bn,
-                              recompute, style.auxiliary_skip, style.partial_channels)  # fmt: skip
+            if reduction and style.fixed_reduction:
+                cell = FIXED_REDUCTION_CELL_MODULES[style.fixed_reduction](C_prev_prev, C_prev, C_curr, reduction_prev,
+                                                                           affine=False)  # fmt: skip
+            else:
+                cell = SearchCell(steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev,
+                                  style.pool_bn, recompute, style.auxiliary_skip, style.partial_channels)  # fmt: skip
             if not style.running_statistics:
                 drop_running_statistics(cell)
             cells.append(cell)
             reduction_prev = reduction
-            C_prev_prev, C_prev = C_prev, multiplier * C_curr
+            C_prev_prev, C_prev = C_prev, cell.multiplier * C_curr
         self.cells = nn.ModuleList(cells)
         # A BN and ReLU before the pooling when the method's network has them (PR-DARTS's); else nothing.
         self.head = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU()) if style.head_bn_relu else None
@@ -397,7 +404,10 @@ class SearchNetwork(nn.Module):
         self.op_columns = OpColumns(self.method.primitives)
         num_edges = cell_edge_count(steps)
         self.alpha_normal = nn.Parameter(self.method.initial_arch(num_edges))
-        self.alpha_reduce = nn.Parameter(self.method.initial_arch(num_edges))
+        if style.fixed_reduction:
+            self.register_parameter("alpha_reduce", None)
+        else:
+            self.alpha_reduce = nn.Parameter(self.method.initial_arch(num_edges))
         columns = len(self.method.primitives) + self.method.extra_arch_columns
         if self.alpha_normal.shape != (num_edges, columns):
             raise ValueError(f"SearchNetwork: {self.method.name}'s initial_arch must be [{num_edges}, {columns}], "
@@ -408,9 +418,12 @@ class SearchNetwork(nn.Module):
         return self.layers // 3, 2 * self.layers // 3
 
     def arch_parameters(self) -> list[nn.Parameter]:
-        return [self.alpha_normal, self.alpha_reduce]
+        return list(self.arch_parameters_by_cell().values())
 
     def arch_parameters_by_cell(self) -> dict[str, nn.Parameter]:
+        """The architecture parameters of each searched cell type (not of a fixed reduction cell)."""
+        if self.alpha_reduce is None:
+            return {"normal": self.alpha_normal}
         return {"normal": self.alpha_normal, "reduce": self.alpha_reduce}
 
     def weight_parameters(self) -> list[nn.Parameter]:
@@ -426,13 +439,12 @@ class SearchNetwork(nn.Module):
         """Whether every forward pass draws new random edge weights (the method's gates)."""
         return self.method.samples_each_forward
 
-    def edge_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def edge_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The method's deterministic per-edge op distribution (a softmax for DARTS and PR-DARTS):
-        (normal, reduce), each `[num_edges, len(method.primitives)]`."""
+        (normal, reduce), each `[num_edges, len(method.primitives)]`; reduce None for a fixed reduction cell."""
         arch = self.arch_parameters_by_cell()
-        return self.method.cell_edge_weights("normal", arch["normal"]), self.method.cell_edge_weights(
-            "reduce", arch["reduce"]
-        )
+        weights = {cell: self.method.cell_edge_weights(cell, alpha) for cell, alpha in arch.items()}
+        return weights["normal"], weights.get("reduce")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self.method.forward_weights(self.arch_parameters_by_cell())
@@ -444,6 +456,9 @@ class SearchNetwork(nn.Module):
         s0 = s1 = self.stem(x).contiguous(memory_format=self.memory_format)
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
+            if kind not in weights:  # a fixed reduction cell
+                s0, s1 = s1, cell(s0, s1)
+                continue
             s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind], auxiliary_skip, weights[kind].edge_scale)
         if self.head is not None:
             s1 = self.head(s1)
@@ -459,10 +474,14 @@ class SearchNetwork(nn.Module):
 
     def genotype(self) -> Genotype:
         normal = self.method.derive_cell_of("normal", self.alpha_normal, self.steps)
+        normal_concat = self.method.cell_concat(normal, self.steps, self.multiplier)
+        fixed = self.method.network_style.fixed_reduction
+        if fixed:
+            return Genotype(normal=normal, normal_concat=normal_concat, reduce=fixed, reduce_concat=[])
         reduce = self.method.derive_cell_of("reduce", self.alpha_reduce, self.steps)
         return Genotype(
             normal=normal,
-            normal_concat=self.method.cell_concat(normal, self.steps, self.multiplier),
+            normal_concat=normal_concat,
             reduce=reduce,
             reduce_concat=self.method.cell_concat(reduce, self.steps, self.multiplier),
         )

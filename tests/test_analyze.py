@@ -116,6 +116,20 @@ def test_diagrams_render_with_or_without_dot(tmp_path):
     assert (tmp_path / "reduce.svg").read_text().lstrip().startswith("<?xml")
 
 
+def test_a_fixed_reduction_cell_is_reported_kept_by_variants_and_not_drawn(tmp_path, capsys):
+    g = Genotype(normal=DARTS_V2.normal, normal_concat=[2, 3, 4, 5], reduce="gdas_reduction", reduce_concat=[])
+    report = analyze.describe(g, C=8, layers=5, image_size=8, in_channels=1)
+    assert report["reduce"] == {"fixed": "gdas_reduction"} and report["normal"]["width_c"] == 3.5
+    assert report["network"]["parameters"] > 0 and not report["network"]["uncounted_ops"]
+    analyze.print_report(report)
+    assert "reduce: the fixed reduction cell gdas_reduction" in capsys.readouterr().out
+    for kind in ("wiring", "ops"):
+        drawn = variants(g, 3, seed=0, kind=kind)
+        assert all(v.reduce == "gdas_reduction" and v.normal != g.normal for v in drawn)
+    assert analyze.shu_wiring_variant(g, 1).reduce == "gdas_reduction"
+    assert {p.stem for p in write_cell_diagrams(g, tmp_path)} == {"normal"}
+
+
 def test_darts_v2_evaluation_network_parameter_count():
     n = describe_network(DARTS_V2)
     assert 3.3e6 <= n["parameters"] <= 3.4e6

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fastdarts import SearchNetwork, search
-from fastdarts.config import run_cli
+from fastdarts.config import TrainConfig, run_cli
+from fastdarts.errors import ConfigError
+from fastdarts.evalnet import GDASReductionCell, NetworkCIFAR
 from fastdarts.methods import GDASMethod, make_method
 from fastdarts.space import edge_index
 from fastdarts.supernet import OpColumns, SearchCell, selected_columns
@@ -75,10 +77,13 @@ def test_cell_output_and_architecture_gradient_equal_the_transcription(reduction
     hand = hand_cell(cell, s0, s1, edge_of_one_op(transcribed_sample(alpha, 1, method.tau)))
     torch.testing.assert_close(fused, hand)
     upstream = torch.randn_like(hand)
-    (fused_grad,) = torch.autograd.grad((fused * upstream).sum(), alpha)
-    (hand_grad,) = torch.autograd.grad((hand * upstream).sum(), alpha)
-    torch.testing.assert_close(fused_grad, hand_grad)
-    assert fused_grad.abs().sum() > 0
+    # The architecture gradient, and the weights' (what a weight step trains: the sampled ops' alone).
+    params = [alpha, *cell.parameters()]
+    fused_grads = torch.autograd.grad((fused * upstream).sum(), params, materialize_grads=True)
+    hand_grads = torch.autograd.grad((hand * upstream).sum(), params, materialize_grads=True)
+    for fused_grad, hand_grad in zip(fused_grads, hand_grads):
+        torch.testing.assert_close(fused_grad, hand_grad)
+    assert fused_grads[0].abs().sum() > 0 and sum(bool(g.abs().sum() > 0) for g in fused_grads[1:]) > 10
 
 
 def transcribed_genotype(alpha, steps=4):
@@ -149,6 +154,8 @@ def test_gdas_search_resumes_bit_for_bit_and_writes_a_trainable_genotype(tmp_pat
         (["--method", "darts", "--gdas_tau_max", "3"], "gdas_tau_max is an option of --method gdas, not of darts"),
         (["--method", "gdas", "--gdas_tau_min", "11"], r"tau_min \(11.0\) must not exceed tau_max \(10.0\)"),
         (["--method", "gdas", "--unrolled"], "gdas samples new edge weights in every forward pass"),
+        (["--method", "darts", "--gdas_fixed_reduction"], "gdas_fixed_reduction is an option of --method gdas"),
+        (["--method", "gdas", "--gdas_fixed_reduction", "--init_channels", "6"], r"init_channels \(6\) must be a mul"),
     ],
 )
 def test_bad_gdas_options_give_one_line_and_status_2(args, message, capsys):
@@ -200,3 +207,74 @@ def test_an_architecture_step_whose_sample_leaves_the_reduction_cells_unused_giv
     before = model.alpha_reduce.detach().clone()
     architect.step(batch, batch, 0.01)
     assert torch.equal(model.alpha_reduce.detach(), before)  # Adam on a zero gradient, no weight decay: no move
+
+
+def transcribed_reduction_cell(cell, s0, s1):
+    """The published GDAS_Reduction_Cell's forward in training mode, written with functional ops on `cell`'s own
+    weights: two [ReLU, 1x3 conv stride (1, 2) pad (0, 1), 3x1 conv stride (2, 1) pad (1, 0), both in 8 groups, BN,
+    ReLU, 1x1 conv, BN] of s0 and s1, two [3x3 stride-2 max pool, BN] of s0 and s1, concatenated."""
+
+    def bn(x, module):
+        return F.batch_norm(x, None, None, module.weight, module.bias, training=True)
+
+    def convs(branch, x):
+        _, conv13, conv31, bn1, _, conv11, bn2 = branch
+        x = F.conv2d(F.relu(x), conv13.weight, stride=(1, 2), padding=(0, 1), groups=8)
+        x = bn(F.conv2d(x, conv31.weight, stride=(2, 1), padding=(1, 0), groups=8), bn1)
+        return bn(F.conv2d(F.relu(x), conv11.weight), bn2)
+
+    def pool(branch, x):
+        return bn(F.max_pool2d(x, 3, stride=2, padding=1), branch[1])
+
+    s0, s1 = cell.preprocess0(s0), cell.preprocess1(s1)
+    return torch.cat([convs(cell.convs[0], s0), convs(cell.convs[1], s1), pool(cell.pools[0], s0),
+                      pool(cell.pools[1], s1)], dim=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("affine", [True, False], ids=["evaluation", "search"])
+def test_the_fixed_reduction_cell_equals_the_transcription(affine):
+    torch.manual_seed(0)
+    cell = GDASReductionCell(12, 20, 16, reduction_prev=False, affine=affine).double()
+    if affine:
+        for m in cell.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                torch.nn.init.normal_(m.weight)
+                torch.nn.init.normal_(m.bias)
+    s0, s1 = torch.randn(3, 12, 7, 6, dtype=F64), torch.randn(3, 20, 7, 6, dtype=F64)  # odd sides
+    out = cell(s0, s1)
+    assert out.shape == (3, 64, 4, 3)
+    torch.testing.assert_close(out, transcribed_reduction_cell(cell, s0, s1))
+    assert all(m.affine == affine for m in cell.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with pytest.raises(ValueError, match="must be a multiple of 8"):
+        GDASReductionCell(12, 12, 12, reduction_prev=False)
+
+
+def test_the_fixed_reduction_variant_searches_the_normal_cell_alone_and_trains_its_genotype():
+    torch.manual_seed(0)
+    method = make_method("gdas", seed=0, fixed_reduction=True)
+    net = SearchNetwork(C=4, num_classes=10, layers=5, in_channels=1, method=method)
+    kinds = [type(cell).__name__ for cell in net.cells]
+    assert kinds == ["SearchCell", "GDASReductionCell", "SearchCell", "GDASReductionCell", "SearchCell"]
+    assert net.alpha_reduce is None and net.arch_parameters() == [net.alpha_normal]
+    assert set(net.arch_parameters_by_cell()) == {"normal"} and net.edge_weights()[1] is None
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    reduction_weights = list(net.cells[1].parameters())
+    grads = torch.autograd.grad(F.cross_entropy(net(x), y), [net.alpha_normal, *reduction_weights])
+    assert all(g.abs().sum() > 0 for g in grads)
+    genotype = net.genotype()
+    assert genotype.reduce == "gdas_reduction" and genotype.reduce_concat == ()
+    assert genotype.normal == transcribed_genotype(net.alpha_normal)
+    evaluation = NetworkCIFAR(genotype, C=4, num_classes=10, layers=5, in_channels=1)
+    assert [type(cell).__name__ for cell in evaluation.cells][1::2] == ["GDASReductionCell"] * 2
+    assert evaluation(x)[0].shape == (6, 10)
+    assert TrainConfig(genotype=str(genotype), init_channels=4).resolved().cell() == genotype
+    with pytest.raises(ConfigError, match=r"init_channels \(6\) must be a multiple of 4"):
+        TrainConfig(genotype=str(genotype), init_channels=6).resolved()
+
+
+@pytest.mark.slow
+def test_a_fixed_reduction_search_resumes_bit_for_bit_and_writes_a_trainable_genotype(tmp_path, monkeypatch):
+    whole = assert_search_resumes_bit_for_bit(tmp_path, monkeypatch, method="gdas", gdas_fixed_reduction=True,
+                                              init_channels=4)  # fmt: skip
+    assert whole.genotype.fixed_reduction == "gdas_reduction"
+    assert "weights_reduce" not in whole.history[-1] and "entropy_reduce" not in whole.history[-1]

@@ -76,6 +76,15 @@ def test_json_round_trip():
         assert Genotype.from_json(g.to_json()) == g
 
 
+def test_a_named_fixed_reduction_cell_round_trips_as_text_and_json():
+    g = Genotype(normal=DARTS_V2.normal, normal_concat=[2, 3, 4, 5], reduce="gdas_reduction", reduce_concat=[])
+    assert str(g).endswith("normal_concat=[2, 3, 4, 5], reduce='gdas_reduction', reduce_concat=[])")
+    assert Genotype.parse(str(g)) == g and Genotype.from_json(g.to_json()) == g
+    assert json.loads(g.to_json())["reduce"] == "gdas_reduction"
+    assert g.fixed_reduction == "gdas_reduction" and g.cell_edges("reduce") == () and g.reduce_concat == ()
+    assert DARTS_V2.fixed_reduction is None and DARTS_V2.cell_edges("reduce") == DARTS_V2.reduce
+
+
 @pytest.mark.parametrize(
     "text,message",
     [
@@ -96,6 +105,12 @@ def test_json_round_trip():
         ("Genotype(normal=[(1, 0), ('b', 1)], normal_concat=[2], reduce=[('a', 0), ('b', 1)], "
          "reduce_concat=[2])", "pair (op name, input index)"),
         ("Genotype(normal=os.system('x'), normal_concat=[2], reduce=[], reduce_concat=[2])", "range(...)"),
+        ("Genotype(normal=[('a', 0), ('b', 1)], normal_concat=[2], reduce='gdas', reduce_concat=[])",
+         "reduce: 'gdas' is not a fixed reduction cell (gdas_reduction)"),
+        ("Genotype(normal=[('a', 0), ('b', 1)], normal_concat=[2], reduce='gdas_reduction', reduce_concat=[2])",
+         "reduce_concat must be .. with the fixed reduction cell 'gdas_reduction'"),
+        ("Genotype(normal='gdas_reduction', normal_concat=[2], reduce='gdas_reduction', reduce_concat=[])",
+         "genotype field 'normal' must be a list"),
     ],
 )  # fmt: skip
 def test_malformed_genotype_strings_give_one_line_errors(text, message):

@@ -42,6 +42,9 @@ class NetworkStyle(NamedTuple):
     auxiliary_skip: every edge carries an auxiliary skip connection besides its ops (DARTS-), weighted by
         `Method.auxiliary_skip()`: the identity on stride-1 edges, a FactorizedReduce of its own on stride-2
         edges.
+    fixed_reduction: None, or a name of space.FIXED_REDUCTION_CELLS: the reduction cells are that hand-designed
+        cell, in the search network and in the genotype, and only the normal cell is searched (no `alpha_reduce`;
+        GDAS's FRC).
     """
 
     running_statistics: bool = True
@@ -49,6 +52,7 @@ class NetworkStyle(NamedTuple):
     pool_bn: bool = True
     partial_channels: int = 1
     auxiliary_skip: bool = False
+    fixed_reduction: str | None = None
 
 
 class CellWeights(NamedTuple):

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..space import Edge, derive_cell_top_ops
-from .base import CellWeights, Method, check_epoch, check_state_keys, load_generator_state
+from .base import CellWeights, Method, NetworkStyle, check_epoch, check_state_keys, load_generator_state
 
 # GDAS's own op order (its DARTS_SPACE), the column order of its architecture parameters: the Gumbel noise is drawn
 # in this order, so the same generator state gives the same sample as the published code.
@@ -44,6 +44,10 @@ class GDASMethod(Method):
     object's generator, seeded with `seed`). The architecture columns are in GDAS's op order. The genotype keeps,
     for each node, the two (op, input) pairs of highest softmax(alpha) over all its inputs (`none` excluded); both
     may read the same input.
+
+    `fixed_reduction`: GDAS's FRC variant: the reduction cells are the hand-designed GDAS reduction cell
+    (evalnet.GDASReductionCell), in the search network and in the genotype (`reduce='gdas_reduction'`), and only the
+    normal cell is searched.
     """
 
     name = "gdas"
@@ -51,14 +55,18 @@ class GDASMethod(Method):
     samples_each_forward = True
     primitives = GDAS_ORDER
 
-    def __init__(self, *, tau_max: float = 10.0, tau_min: float = 0.1, seed: int = 0):
+    def __init__(self, *, tau_max: float = 10.0, tau_min: float = 0.1, seed: int = 0, fixed_reduction: bool = False):
         _check_positive("tau_max", tau_max)
         _check_positive("tau_min", tau_min)
         if tau_min > tau_max:
             raise ValueError(f"GDASMethod: tau_min ({tau_min}) must not exceed tau_max ({tau_max})")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"GDASMethod: seed must be an integer, got {seed!r}")
+        if not isinstance(fixed_reduction, bool):
+            raise ValueError(f"GDASMethod: fixed_reduction must be True or False, got {fixed_reduction!r}")
         self.tau_max, self.tau_min, self.tau = tau_max, tau_min, tau_max
+        if fixed_reduction:
+            self.network_style = NetworkStyle(fixed_reduction="gdas_reduction")
         self.generator = torch.Generator().manual_seed(seed)
 
     def gumbel_noise(self, alpha: Tensor) -> Tensor:
