@@ -183,6 +183,9 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
     write_cell_diagrams(genotype, run_dir)
     plot_run(run_dir / "metrics.jsonl", run_dir)
     print(f"genotype: {genotype}\nrun directory: {run_dir}")
+    for cell in genotype.cells_without_ops():
+        print(f"warning: the {cell} cell has no op but 'none' (it outputs zeros): its architecture has not decided "
+              f"yet; search longer{method.undecided_hint()}", file=sys.stderr)  # fmt: skip
     return SearchResult(genotype, history, run_dir)
 
 

@@ -192,6 +192,12 @@ class Genotype:
         edges = getattr(self, cell)
         return () if isinstance(edges, str) else edges
 
+    def cells_without_ops(self) -> list[str]:
+        """The searched cell types whose every edge is `none`: such a cell outputs zeros whatever its input (Fair
+        DARTS's threshold rule gives one when no weight has reached the threshold yet)."""
+        cells = ("normal",) if self.fixed_reduction else ("normal", "reduce")
+        return [cell for cell in cells if all(op == "none" for op, _ in getattr(self, cell))]
+
     # DARTS string format ------------------------------------------------------------------------
     def __str__(self) -> str:
         def edges(es):

@@ -214,3 +214,11 @@ def test_dil_conv_with_other_padding_keeps_the_plain_modules():
     op = DilConv(4, 4, 3, 1, 0, 1)
     assert not op.fused
     assert op(torch.randn(1, 4, 7, 7)).shape == (1, 4, 5, 5)
+
+
+def test_cells_without_ops_names_the_searched_cells_whose_every_edge_is_none():
+    empty = [("none", 0), ("none", 1)] * 4
+    assert DARTS_V2.cells_without_ops() == []
+    assert Genotype(empty, [2, 3, 4, 5], DARTS_V2.reduce, [2, 3, 4, 5]).cells_without_ops() == ["normal"]
+    assert Genotype(empty, [2, 3, 4, 5], empty, [2, 3, 4, 5]).cells_without_ops() == ["normal", "reduce"]
+    assert Genotype(empty, [2, 3, 4, 5], "gdas_reduction", []).cells_without_ops() == ["normal"]

@@ -164,6 +164,11 @@ class Method(ABC):
         an epoch resumed midway, so a change already made (and checkpointed) must not be made twice."""
         return None
 
+    def undecided_hint(self) -> str:
+        """What else, beside searching longer, lets a cell whose every edge came out `none` get an op (appended to
+        the search's warning)."""
+        return ""
+
     def epoch_settings(self) -> dict[str, float]:
         """The per-epoch settings in force (after `set_epoch`), to log with the epoch."""
         return {}

@@ -85,6 +85,9 @@ class FairDARTSMethod(Method):
     def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
         return derive_cell_threshold(self.edge_weights(alpha), steps, self.primitives, self.threshold)
 
+    def undecided_hint(self) -> str:
+        return f", or lower --threshold (now {self.threshold:g}): no op weight has reached it"
+
     def cell_concat(self, cell: Sequence[Edge], steps: int, multiplier: int) -> list[int]:
         """The last `multiplier` nodes that have an op (all of them when none has)."""
         concat = super().cell_concat(cell, steps, multiplier)
