@@ -511,55 +511,63 @@ def _bypass_by_group(bypass: Tensor, partial_channels: int) -> Tensor:
     return bypass.unflatten(1, (partial_channels - 1, bypass.shape[1] // (partial_channels - 1))).transpose(1, 2)
 
 
-def _shuffled_outputs(outs: Sequence[Tensor], bypass: Tensor, partial_channels: int, bypass_w: Tensor | None):
-    """Each edge's full-width output: its ops' output and the bypass (times bypass_w[e]) written straight into their
-    shuffled places, one pass each."""
+def _shuffled_bypass(x: Tensor, partial_channels: int, stride: int) -> Tensor:
+    """The bypass in its places of a full-width edge output (channels_last): zeros at the ops' channels. Every edge
+    of the group shares it: its output is a multiple of it with the ops' output written over the zeros."""
+    bypass, _ = _bypass(x, partial_channels, stride)
+    n, _, h, w = bypass.shape
+    shuffled = _empty_like_shape(x, (n, x.shape[1], h, w))
+    ops_part, bypass_part = _by_group(shuffled, partial_channels)
+    ops_part.zero_()
+    bypass_part.copy_(_bypass_by_group(bypass, partial_channels))
+    return shuffled
+
+
+def _shuffled_outputs(outs: Sequence[Tensor], shuffled_bypass: Tensor, partial_channels: int,
+                      bypass_w: Tensor | None) -> list[Tensor]:  # fmt: skip
+    """Each edge's full-width output: the shuffled bypass (times bypass_w[e]) in one contiguous pass, then its ops'
+    output written into channels c*K."""
     results = []
     for e, out in enumerate(outs):
-        n, c, h, w = out.shape
-        result = torch.empty((n, c * partial_channels, h, w), dtype=out.dtype, device=out.device,
-                             memory_format=_CHANNELS_LAST)  # fmt: skip
-        ops_part, bypass_part = _by_group(result, partial_channels)
-        ops_part.copy_(out)
-        source = _bypass_by_group(bypass, partial_channels)
-        if bypass_w is None:
-            bypass_part.copy_(source)
-        else:
-            torch.mul(source, bypass_w[e], out=bypass_part)
+        result = shuffled_bypass.clone() if bypass_w is None else torch.mul(shuffled_bypass, bypass_w[e])
+        _by_group(result, partial_channels)[0].copy_(out)
         results.append(result)
     return results
 
 
-def _bypass_backward(grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad):
-    """(dL/d(x's bypass channels) or None, dL/dbypass_w [E] or None) from the edges' full-width output gradients."""
+def _flat(t: Tensor) -> Tensor:
+    """A channels_last tensor's elements in memory order (a view)."""
+    return t.permute(0, 2, 3, 1).reshape(-1)
+
+
+def _bypass_backward(kernels, grads, x, partial_channels, stride, bypass_w, grad_x_bypass, bypass_w_grad):
+    """Writes dL/d(x's bypass channels) into grad_x_bypass (unless None) and returns dL/dbypass_w [E] (None unless
+    bypass_w_grad), from the edges' full-width output gradients `grads` (channels_last; None: not in the loss)."""
+    used = [e for e, g in enumerate(grads) if g is not None]
+    grad_bypass_w = None
+    if bypass_w_grad:  # <grad_e, the shuffled bypass>: a dot product over whole tensors (zeros at the ops' channels)
+        shuffled = _flat(_shuffled_bypass(x, partial_channels, stride))
+        grad_bypass_w = x.new_zeros(len(grads))
+        for e in used:
+            grad_bypass_w[e] = torch.dot(_flat(grads[e]), shuffled)
+    if grad_x_bypass is None:
+        return grad_bypass_w
+    if not used:
+        grad_x_bypass.zero_()
+        return grad_bypass_w
+    # sum_e bypass_w[e] dL/d(output e) over whole tensors in one pass of the fused sum; its bypass channels only used
+    w = x.new_ones(len(used)) if bypass_w is None else bypass_w[used]
+    total = _by_group(kernels.weighted_sum([grads[e] for e in used], w), partial_channels)[1]
+    if stride == 1:
+        _bypass_by_group(grad_x_bypass, partial_channels).copy_(total)
+        return grad_bypass_w
     bypass, indices = _bypass(x, partial_channels, stride)
-    source = _bypass_by_group(bypass, partial_channels)
-    grad_bypass_w = x.new_zeros(len(grads)) if bypass_w_grad else None
-    total = None  # sum_e bypass_w[e] * dL/d(edge e's bypass part), laid out as the bypass
-    for e, grad in enumerate(grads):
-        if grad is None:
-            continue
-        part = _by_group(grad, partial_channels)[1]
-        if bypass_w_grad:
-            grad_bypass_w[e] = (part * source).sum()
-        if not x_grad:
-            continue
-        if total is None:  # the first term written in place, the others added to it
-            total = torch.empty_like(bypass, memory_format=_CHANNELS_LAST)
-            by_group = _bypass_by_group(total, partial_channels)
-            if bypass_w is None:
-                by_group.copy_(part)
-            else:
-                torch.mul(part, bypass_w[e], out=by_group)
-        elif bypass_w is None:
-            by_group.add_(part)
-        else:
-            by_group.addcmul_(part, bypass_w[e])
-    if total is not None and stride == 2:
-        total = torch.ops.aten.max_pool2d_with_indices_backward.default(
-            total, x[:, x.shape[1] // partial_channels :], [2, 2], [2, 2], [0, 0], [1, 1], True, indices
-        )  # fmt: skip
-    return total, grad_bypass_w
+    pooled_grad = torch.empty_like(bypass, memory_format=_CHANNELS_LAST)
+    _bypass_by_group(pooled_grad, partial_channels).copy_(total)
+    grad_x_bypass.copy_(torch.ops.aten.max_pool2d_with_indices_backward.default(
+        pooled_grad, x[:, x.shape[1] // partial_channels :], [2, 2], [2, 2], [0, 0], [1, 1], True, indices
+    ))  # fmt: skip
+    return grad_bypass_w
 
 
 def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | None) -> tuple[Callable, Callable]:
@@ -603,7 +611,7 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
         mean, var = group.statistics()
         outs = group.outs()
         if partial_channels > 1:
-            outs = _shuffled_outputs(outs, _bypass(x, partial_channels, stride)[0], partial_channels, bypass_w)
+            outs = _shuffled_outputs(outs, _shuffled_bypass(x, partial_channels, stride), partial_channels, bypass_w)
         return outs, mean, var, ([] if recompute else group.saved())
 
     @mixed_ops.register_fake
@@ -649,9 +657,9 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
         candidates not computed). With partial channels the ops read their part of each output gradient strided."""
         x = _prepare(x)
         full, x = x, _prepare(_processed(x, partial_channels))
-        bypass_grads = grads
         if partial_channels > 1:
-            grads = [None if g is None else _by_group(g, partial_channels)[0] for g in grads]
+            bypass_grads = [None if g is None else _prepare(g) for g in grads]
+            grads = [None if g is None else _by_group(g, partial_channels)[0] for g in bypass_grads]
         E = w.shape[0]
         weights_per_edge, candidates_per_edge = _split(weights, [len(weights) // E] * E), _split(candidates, counts)
         if saved:
@@ -667,17 +675,15 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
         grad_x, grad_w, grad_weights = group.backward(grads, x_grad, w_grad, weights_grad)
         grad_bypass_w = None
         if partial_channels > 1:
-            grad_bypass, grad_bypass_w = _bypass_backward(
-                bypass_grads, full, partial_channels, stride, bypass_w, x_grad, bypass_w_grad
-            )  # fmt: skip
-            if x_grad:  # the ops' and the bypass's gradients into their channels of dL/dx
+            grad_full = None
+            if x_grad:  # the ops' and the bypass's gradients written into their channels of dL/dx
                 grad_full = torch.empty_like(full, memory_format=_CHANNELS_LAST)
                 grad_full[:, : x.shape[1]] = grad_x
-                if grad_bypass is None:
-                    grad_full[:, x.shape[1] :] = 0
-                else:
-                    grad_full[:, x.shape[1] :] = grad_bypass
-                grad_x = grad_full
+            grad_bypass_w = _bypass_backward(
+                kernels, bypass_grads, full, partial_channels, stride, bypass_w,
+                None if grad_full is None else grad_full[:, x.shape[1] :], bypass_w_grad,
+            )  # fmt: skip
+            grad_x = grad_full
         return [g for g in (grad_x, grad_w, grad_bypass_w) if g is not None] + (grad_weights or [])
 
     @mixed_ops_backward.register_fake
