@@ -1,9 +1,9 @@
 """`ops.mixed_ops` with partial channels (PC-DARTS, DrNAS) and an edge scale: the fused group against the reference
 composition (split, mixed op on the first C/K channels, bypass, shuffle, scale) in outputs, statistics and every
 gradient (x, w, the scale, the conv weights), odd sides, both strides, K in {2, 4}, with and without a scale and
-recomputation, an output left out of the loss; float64 gradcheck; opcheck of the forward and backward ops; that
-autograd keeps only x (no slice, bypass or output) and that K = 1 is the plain group; its errors. The Triton group runs
-the same check in test_triton_mixed_op.py."""
+recomputation, an output left out of the loss; float64 gradcheck; opcheck of the forward and backward ops;
+torch.compile with fullgraph; that autograd keeps only x (no slice, bypass or output) and that K = 1 is the plain
+group; its errors. The Triton group runs the same check in test_triton_mixed_op.py."""
 
 import pytest
 import torch
@@ -165,3 +165,21 @@ def test_bad_partial_channel_arguments(backend, change, message):
     arguments = dict(x=x, w=w, weights=weights, stride=1, candidates=GROUP_CANDIDATES[:2], partial_channels=2) | change
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         ops.mixed_ops(**arguments, backend=backend)
+
+
+@requires_ext
+def test_compile_fullgraph_matches_eager():
+    # The fakes give the full-width outputs and the C/K-channel statistics, so the group traces as one node.
+    x, w, weights, _, _, scale = make_partial_group(2, 2, 8, 7, 2, 2)
+
+    def edges(x, w, scale):
+        outs, _, _ = ops.mixed_ops(x, w, weights, 2, [[0, 2, 3], [1, 5]], partial_channels=2, scale=scale,
+                                   backend="cpp")  # fmt: skip
+        return outs[0] + outs[1]
+
+    want = edges(x, w, scale)
+    got = torch.compile(edges, fullgraph=True, backend="aot_eager")(x, w, scale)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, r in zip(torch.autograd.grad(got.square().sum(), [x, w, scale]),
+                    torch.autograd.grad(want.square().sum(), [x, w, scale])):  # fmt: skip
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
