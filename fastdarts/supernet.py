@@ -10,13 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
 from .evalnet import FIXED_REDUCTION_CELL_MODULES
 from .methods import CellWeights, DARTSMethod, Method
-from .ops.reference import check_flag
+from .ops.reference import check_flag, partial_channel_edge, split_partial_channels  # noqa: F401 (re-exported)
 from .space import (
     OPS,
     PRIMITIVES,
@@ -83,7 +82,7 @@ class MixedOp(nn.Module):
 
     With `partial_channels` K > 1 (PC-DARTS) the ops compute on the first C/K channels of the input only; the other
     channels bypass them (through a 2x2 max pool on a stride-2 edge), and the two parts, concatenated, are shuffled
-    into K groups (`partial_channel_edge`).
+    into K groups (`partial_channel_edge`), all inside the fused op.
 
     The candidate modules hold the parameters and BN buffers (so checkpoints keep DARTS's layout); the forward
     hands them to the fused op as one node and updates the BNs' running statistics from the batch statistics it
@@ -183,20 +182,17 @@ def update_running_statistics(
 
 
 def edges_leaving(
-    x: torch.Tensor, edges: Sequence[MixedOp], weights: torch.Tensor, columns: Sequence[Columns]
+    x: torch.Tensor,
+    edges: Sequence[MixedOp],
+    weights: torch.Tensor,
+    columns: Sequence[Columns],
+    edge_scale: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """The outputs of `edges`, mixed ops that all read x, from one `ops.mixed_ops` call (which shares its passes
-    over x between them); `weights` [E, len(PRIMITIVES)], `columns` per edge (each non-empty). Updates the edges'
-    running statistics in training, as nn.BatchNorm2d would. Edges with partial channels compute on the first C/K
-    channels of x, the rest bypassing them (`split_partial_channels`, `partial_channel_edge`)."""
-    groups = edges[0].partial_channels
-    if groups == 1:
-        return _fused_edges(x, edges, weights, columns)
-    processed, bypass = split_partial_channels(x, groups, edges[0].stride)
-    return [partial_channel_edge(out, bypass, groups) for out in _fused_edges(processed, edges, weights, columns)]
-
-
-def _fused_edges(x, edges, weights, columns):
+    over x between them); `weights` [E, len(PRIMITIVES)], `columns` per edge (each non-empty), `edge_scale` [E] a
+    factor on each edge's whole output (None: 1). Updates the edges' running statistics in training, as
+    nn.BatchNorm2d would. Edges with partial channels compute on the first C/K channels of x, the rest bypassing
+    them (`ops.mixed_ops`'s partial_channels, inside the fused op)."""
     first = edges[0]
     candidates = [[_CANDIDATE_OF_COLUMN[c] for c in cols] for cols in columns]
     batch_statistics = first.batch_statistics()
@@ -207,34 +203,12 @@ def _fused_edges(x, edges, weights, columns):
     bn = first.bns[0]
     outs, mean, var = ops.mixed_ops(
         x, weights[:, list(_COMPUTED_COLUMNS)], [edge.conv_weights() for edge in edges], first.stride, candidates,
-        *(running or (None, None)), batch_statistics, bn.eps, first.pool_bn, first.recompute,
+        *(running or (None, None)), batch_statistics, bn.eps, first.pool_bn, first.recompute, first.partial_channels,
+        edge_scale,
     )  # fmt: skip
     if first.training and bn.track_running_stats:
         update_running_statistics(edges, candidates, mean, var, outs[0].numel() // outs[0].shape[1])
     return outs
-
-
-def split_partial_channels(x: torch.Tensor, groups: int, stride: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """PC-DARTS's split of an edge's input: the first C/groups channels (what the ops compute on) and the rest,
-    through a 2x2 max pool (stride 2, no padding) on a stride-2 edge (the bypass). The pool rounds an odd side up,
-    as the ops' output does (PC-DARTS's searches have even sides only, where this is the same pool)."""
-    C = x.shape[1] // groups
-    processed, bypass = x[:, :C], x[:, C:]
-    if stride == 2:
-        bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
-    return processed, bypass
-
-
-def partial_channel_edge(out: torch.Tensor, bypass: torch.Tensor, groups: int) -> torch.Tensor:
-    """The edge's output from the ops' output [N, C/groups, H, W] and the bypass [N, C - C/groups, H, W]: their
-    concatenation shuffled into `groups` groups (channel c*groups + g of the result is channel g*C/groups + c of the
-    concatenation), written straight into place (channels_last): one copy instead of a concatenation and a shuffle."""
-    n, c, h, w = out.shape
-    result = torch.empty((n, c * groups, h, w), dtype=out.dtype, device=out.device, memory_format=torch.channels_last)
-    by_group = result.unflatten(1, (c, groups))
-    by_group[:, :, 0] = out
-    by_group[:, :, 1:] = bypass.unflatten(1, (groups - 1, c)).transpose(1, 2)
-    return result
 
 
 class SearchCell(nn.Module):
@@ -318,11 +292,14 @@ class SearchCell(nn.Module):
         stride = edges[0].stride  # the same for every edge leaving a state
         if auxiliary_skip is not None and stride == 1:
             rows = rows + auxiliary_skip * _SKIP_ONE_HOT.to(rows)
-        outs = edges_leaving(h, edges, rows, edge_columns)
+        # The scale goes into the fused op (folded into its weights) unless a stride-2 auxiliary skip, added after
+        # the op, must be scaled with the edge.
+        scale_inside = edge_scale is not None and not (auxiliary_skip is not None and stride == 2)
+        outs = edges_leaving(h, edges, rows, edge_columns, edge_scale[indices] if scale_inside else None)
         if auxiliary_skip is not None and stride == 2:
             outs = [out + auxiliary_skip * edge.auxiliary(h) for out, edge in zip(outs, edges)]
         for node, index, out in zip(nodes, indices, outs):
-            incoming[node].append(out if edge_scale is None else out * edge_scale[index])
+            incoming[node].append(out if edge_scale is None or scale_inside else out * edge_scale[index])
 
 
 class SearchNetwork(nn.Module):

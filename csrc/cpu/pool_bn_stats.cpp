@@ -24,8 +24,9 @@
 // How. Work is split by output rows (forward) or images (backward, whose windows overlap so that two outputs of
 // one image add into the same grad_x values); for each output the 2x2 to 3x3 window is walked in scan order.
 // With channels contiguous in x and in every output (channels_last), the loops run over whole vectors of the
-// tier's width (cpu_isa.h) up to a multiple of 64 bytes of channels (kVecLanes) and the rest one at a time; with
-// any other layout every channel runs one at a time (correct, not fast). The statistics are sums of (v - shift)
+// tier's width (cpu_isa.h) up to a multiple of 64 bytes of channels (kVecLanes), then in 16-byte vectors (kNarrow:
+// PC-DARTS's edges have 4 or 8 channels, which would otherwise all run one at a time), and the rest one at a time;
+// each channel's arithmetic is the same in every lane width, so the results are too. With any other layout every channel runs one at a time (correct, not fast). The statistics are sums of (v - shift)
 // and (v - shift)^2 in double, with shift = x[0, c, 0, 0], a value in the data's range, so that the variance does
 // not cancel catastrophically. They are summed in locals over an output row, then added to the running thread's
 // own slot (at::get_thread_num()), and the slots are added up at the end.
@@ -77,6 +78,10 @@ FASTDARTS_ALWAYS_INLINE Span window_span(int64_t out, int64_t stride, int64_t si
 // loads and stores through pointers (by reference: see cpu_isa.h on -Wpsabi).
 template <typename T, bool kVector, CpuIsa kIsa>
 struct Lane;
+
+// The channels of one 16-byte vector, the baseline tier's, which every tier's loops can use for a short tail.
+template <typename T>
+constexpr int64_t kNarrow = kLanes<T, CpuIsa::kBaseline>;
 
 template <typename T, CpuIsa kIsa>
 struct Lane<T, false, kIsa> {
@@ -225,7 +230,8 @@ struct ForwardArgs {
   T* max_out;
   T* avg_out;
   Strides os;                // both outputs have these strides
-  int64_t vector_channels;   // channels [0, vector_channels) run in whole vectors, the rest one at a time
+  int64_t vector_channels;   // channels [0, vector_channels) run in whole vectors,
+  int64_t narrow_channels;   // [vector_channels, narrow_channels) in 16-byte ones (kNarrow), the rest one at a time
   const double* shift;       // [C]
   double* partials;          // [threads][4][C]: sums of d and d^2 for max_out, then for avg_out
 };
@@ -274,7 +280,10 @@ FASTDARTS_ALWAYS_INLINE void forward_rows(const ForwardArgs<T>& f, int64_t begin
     for (int64_t c0 = 0; c0 < f.vector_channels; c0 += V) {
       forward_row<Lane<T, true, kIsa>>(f, n, ho, c0, partial);
     }
-    for (int64_t c = f.vector_channels; c < f.C; ++c) {
+    for (int64_t c0 = f.vector_channels; c0 < f.narrow_channels; c0 += kNarrow<T>) {
+      forward_row<Lane<T, true, CpuIsa::kBaseline>>(f, n, ho, c0, partial);
+    }
+    for (int64_t c = f.narrow_channels; c < f.C; ++c) {
       forward_row<Lane<T, false, kIsa>>(f, n, ho, c, partial);
     }
   }
@@ -293,7 +302,7 @@ struct BackwardArgs {
   Strides gas;
   T* grad_x;
   Strides gxs;
-  int64_t vector_channels;
+  int64_t vector_channels, narrow_channels;  // as in ForwardArgs
 };
 
 // Adds the gradient of output row (n, ho), channels [c0, c0 + L::kWidth), into grad_x.
@@ -362,7 +371,10 @@ FASTDARTS_ALWAYS_INLINE void backward_images(const BackwardArgs<T>& b, int64_t b
       for (int64_t c0 = 0; c0 < b.vector_channels; c0 += V) {
         backward_row<Lane<T, true, kIsa>, kMax, kAvg>(b, n, ho, c0);
       }
-      for (int64_t c = b.vector_channels; c < b.C; ++c) {
+      for (int64_t c0 = b.vector_channels; c0 < b.narrow_channels; c0 += kNarrow<T>) {
+        backward_row<Lane<T, true, CpuIsa::kBaseline>, kMax, kAvg>(b, n, ho, c0);
+      }
+      for (int64_t c = b.narrow_channels; c < b.C; ++c) {
         backward_row<Lane<T, false, kIsa>, kMax, kAvg>(b, n, ho, c);
       }
     }
@@ -452,6 +464,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bn_stats_cpu(con
                                   avg_out.data_ptr<scalar_t>(),
                                   strides_of(max_out),
                                   vectors ? C / kVecLanes<scalar_t> * kVecLanes<scalar_t> : 0,
+                                  vectors ? C / kNarrow<scalar_t> * kNarrow<scalar_t> : 0,
                                   shift.data(),
                                   partials.data()};
     const int64_t num_rows = x.size(0) * f.Ho;
@@ -528,7 +541,8 @@ at::Tensor pool_bn_stats_backward_cpu(const std::optional<at::Tensor>& grad_max,
                                    ga.defined() ? strides_of(ga) : Strides{},
                                    grad_x.data_ptr<scalar_t>(),
                                    strides_of(grad_x),
-                                   vectors ? x.size(1) / kVecLanes<scalar_t> * kVecLanes<scalar_t> : 0};
+                                   vectors ? x.size(1) / kVecLanes<scalar_t> * kVecLanes<scalar_t> : 0,
+                                   vectors ? x.size(1) / kNarrow<scalar_t> * kNarrow<scalar_t> : 0};
     // Whole images per task (their windows overlap only within an image); one image is already a few
     // microseconds of work at the smallest DARTS shapes.
     at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {

@@ -38,7 +38,7 @@ class NetworkStyle(NamedTuple):
     head_bn_relu: a BN and a ReLU between the last cell and the global pooling.
     pool_bn: an affine-free BN after each pooling candidate of the mixed ops.
     partial_channels: K; above 1, each edge's ops compute on the first C/K channels of its input, the others
-        bypass them and the two parts are shuffled together (PC-DARTS; `supernet.partial_channel_edge`).
+        bypass them and the two parts are shuffled together (PC-DARTS; `ops.mixed_ops`).
     auxiliary_skip: every edge carries an auxiliary skip connection besides its ops (DARTS-), weighted by
         `Method.auxiliary_skip()`: the identity on stride-1 edges, a FactorizedReduce of its own on stride-2
         edges.

@@ -319,6 +319,8 @@ def mixed_ops(
     eps: float = 1e-5,
     pool_bn: bool = True,
     recompute: bool = True,
+    partial_channels: int = 1,
+    scale: Tensor | None = None,
     *,
     backend: str | None = None,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -334,15 +336,23 @@ def mixed_ops(
         w: [E, 7], row e the weights of edge e's candidates.
         weights: E lists, each edge's conv weights as `mixed_op` takes them.
         candidates: E lists, each edge's candidates as `mixed_op` takes them (an empty one gives zeros).
-        bn_mean, bn_var: [E, B, C], each edge's running statistics (evaluation only).
+        bn_mean, bn_var: [E, B, C/K], each edge's running statistics (evaluation only).
+        partial_channels: K, PC-DARTS's partial channels: the ops compute on the first C/K channels of x (their
+            conv weights and statistics are those of C/K channels) and the other channels bypass them (through a 2x2
+            max pool, stride 2, rounding up, on a stride-2 edge); the two parts, concatenated, are shuffled into K
+            groups, the ops' output at channels c*K (reference.split_partial_channels, partial_channel_edge).
+            The fused backends read the slice and write the shuffled output inside the op, keeping only x for
+            backward. 1 (default): every channel, DARTS's edge.
+        scale: None, or [E]: a factor on each edge's whole output (PC-DARTS's edge normalisation), differentiable;
+            the fused backends fold it into w and the bypass rather than multiplying the outputs.
 
-    Returns (outs, mean [E, B, C], var [E, B, C]): edge e's output and statistics at index e. Differentiable and
-    checked as `mixed_op` is.
+    Returns (outs, mean [E, B, C/K], var [E, B, C/K]): edge e's output [N, C, H_out, W_out] and statistics at
+    index e. Differentiable and checked as `mixed_op` is.
     """
     check_flag("mixed_ops", "pool_bn", pool_bn)
     check_flag("mixed_ops", "recompute", recompute)
     return dispatch("mixed_ops", x.device, backend)(
-        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute
+        x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute, partial_channels, scale
     )  # fmt: skip
 
 

@@ -32,6 +32,7 @@ from .reference import (
     MIXED_OP_CANDIDATES,
     check_mixed_op_arguments,
     check_mixed_ops_edges,
+    check_partial_channels,
     factorized_reduce,
     factorized_reduce_halves,
     mixed_op_layout,
@@ -479,6 +480,96 @@ def _check_group(op, x, w, weights, stride, candidates, counts, bn_mean, bn_var,
         check_mixed_op_arguments(f"{op} (edge {e})", x, w[e], ws, stride, ks, *stats, training, pool_bn)
 
 
+def _empty_like_shape(x: Tensor, shape: Sequence[int]) -> Tensor:
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_CHANNELS_LAST)
+
+
+def _processed(x: Tensor, partial_channels: int) -> Tensor:
+    """The channels the ops compute on: the first C/K (a view)."""
+    return x if partial_channels == 1 else x[:, : x.shape[1] // partial_channels]
+
+
+def _bypass(x: Tensor, partial_channels: int, stride: int) -> tuple[Tensor, Tensor | None]:
+    """(the bypass, the pool's argmax or None): x's last C - C/K channels, through a 2x2 max pool (stride 2, rounding
+    up) on a stride-2 edge, as reference.split_partial_channels. ATen's pool, inside the op: autograd keeps nothing."""
+    bypass = x[:, x.shape[1] // partial_channels :]
+    if stride == 1:
+        return bypass, None
+    return torch.ops.aten.max_pool2d_with_indices.default(bypass, [2, 2], [2, 2], [0, 0], [1, 1], True)
+
+
+def _by_group(t: Tensor, partial_channels: int) -> tuple[Tensor, Tensor]:
+    """(the ops' channels [N, C/K, H, W], the bypass channels [N, C/K, K - 1, H, W]) of a full-width edge output or
+    its gradient, as strided views: channel c*K + g holds the ops' channel c for g = 0, else bypass channel
+    (g - 1) * C/K + c (reference.partial_channel_edge)."""
+    by_group = t.unflatten(1, (t.shape[1] // partial_channels, partial_channels))
+    return by_group[:, :, 0], by_group[:, :, 1:]
+
+
+def _bypass_by_group(bypass: Tensor, partial_channels: int) -> Tensor:
+    """The bypass [N, C - C/K, H, W] as _by_group's bypass channels [N, C/K, K - 1, H, W] (a view)."""
+    return bypass.unflatten(1, (partial_channels - 1, bypass.shape[1] // (partial_channels - 1))).transpose(1, 2)
+
+
+def _shuffled_bypass(x: Tensor, partial_channels: int, stride: int) -> Tensor:
+    """The bypass in its places of a full-width edge output (channels_last): zeros at the ops' channels. Every edge
+    of the group shares it: its output is a multiple of it with the ops' output written over the zeros."""
+    bypass, _ = _bypass(x, partial_channels, stride)
+    n, _, h, w = bypass.shape
+    shuffled = _empty_like_shape(x, (n, x.shape[1], h, w))
+    ops_part, bypass_part = _by_group(shuffled, partial_channels)
+    ops_part.zero_()
+    bypass_part.copy_(_bypass_by_group(bypass, partial_channels))
+    return shuffled
+
+
+def _shuffled_outputs(outs: Sequence[Tensor], shuffled_bypass: Tensor, partial_channels: int,
+                      bypass_w: Tensor | None) -> list[Tensor]:  # fmt: skip
+    """Each edge's full-width output: the shuffled bypass (times bypass_w[e]) in one contiguous pass, then its ops'
+    output written into channels c*K."""
+    results = []
+    for e, out in enumerate(outs):
+        result = shuffled_bypass.clone() if bypass_w is None else torch.mul(shuffled_bypass, bypass_w[e])
+        _by_group(result, partial_channels)[0].copy_(out)
+        results.append(result)
+    return results
+
+
+def _flat(t: Tensor) -> Tensor:
+    """A channels_last tensor's elements in memory order (a view)."""
+    return t.permute(0, 2, 3, 1).reshape(-1)
+
+
+def _bypass_backward(kernels, grads, x, partial_channels, stride, bypass_w, grad_x_bypass, bypass_w_grad):
+    """Writes dL/d(x's bypass channels) into grad_x_bypass (unless None) and returns dL/dbypass_w [E] (None unless
+    bypass_w_grad), from the edges' full-width output gradients `grads` (channels_last; None: not in the loss)."""
+    used = [e for e, g in enumerate(grads) if g is not None]
+    grad_bypass_w = None
+    if bypass_w_grad:  # <grad_e, the shuffled bypass>: a dot product over whole tensors (zeros at the ops' channels)
+        shuffled = _flat(_shuffled_bypass(x, partial_channels, stride))
+        grad_bypass_w = x.new_zeros(len(grads))
+        for e in used:
+            grad_bypass_w[e] = torch.dot(_flat(grads[e]), shuffled)
+    if grad_x_bypass is None:
+        return grad_bypass_w
+    if not used:
+        grad_x_bypass.zero_()
+        return grad_bypass_w
+    # sum_e bypass_w[e] dL/d(output e) over whole tensors in one pass of the fused sum; its bypass channels only used
+    w = x.new_ones(len(used)) if bypass_w is None else bypass_w[used]
+    total = _by_group(kernels.weighted_sum([grads[e] for e in used], w), partial_channels)[1]
+    if stride == 1:
+        _bypass_by_group(grad_x_bypass, partial_channels).copy_(total)
+        return grad_bypass_w
+    bypass, indices = _bypass(x, partial_channels, stride)
+    pooled_grad = torch.empty_like(bypass, memory_format=_CHANNELS_LAST)
+    _bypass_by_group(pooled_grad, partial_channels).copy_(total)
+    grad_x_bypass.copy_(torch.ops.aten.max_pool2d_with_indices_backward.default(
+        pooled_grad, x[:, x.shape[1] // partial_channels :], [2, 2], [2, 2], [0, 0], [1, 1], True, indices
+    ))  # fmt: skip
+    return grad_bypass_w
+
+
 def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | None) -> tuple[Callable, Callable]:
     """Registers `namespace::mixed_ops` (the mixed ops of E edges leaving one state, _EdgeGroup) and its backward,
     with their fakes and autograd, and returns the dispatch table's entries for "mixed_ops" and "mixed_op" (the
@@ -499,32 +590,44 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
         eps: float,
         pool_bn: bool,
         recompute: bool,
+        partial_channels: int = 1,
+        bypass_w: Tensor | None = None,
     ) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
         """reference.mixed_ops on the building blocks of `kernels` (float32/float64) for the E = w.shape[0] edges
         leaving x: weights flat (each edge's in turn), candidates flat (counts[e] for edge e). Returns the E outputs,
-        the statistics [E, B, C] and, with recompute False, the intermediates the backward then reads instead of
-        recomputing them (_saved_names, edge after edge)."""
-        _check_group("mixed_ops", x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn)
+        the statistics [E, B, C/K] and, with recompute False, the intermediates the backward then reads instead of
+        recomputing them (_saved_names, edge after edge).
+
+        With partial_channels K > 1 the ops run on x's first C/K channels (one copy of those, not kept) and each
+        output is written full width, the bypass (times bypass_w[e], or 1 when None) in the other channels."""
+        processed = _processed(x, partial_channels)
+        _check_group("mixed_ops", processed, w, weights, stride, candidates, counts, bn_mean, bn_var, training,
+                     pool_bn)  # fmt: skip
         check_supported_dtype("mixed_ops", x, raise_unless)
         E = w.shape[0]
         weights_per_edge, candidates_per_edge = _split(weights, [len(weights) // E] * E), _split(candidates, counts)
-        group = _EdgeGroup(kernels, _prepare(x), w, weights_per_edge, stride, candidates_per_edge, bn_mean, bn_var,
-                           training, eps, pool_bn, keep=not recompute)  # fmt: skip
+        group = _EdgeGroup(kernels, _prepare(processed), w, weights_per_edge, stride, candidates_per_edge, bn_mean,
+                           bn_var, training, eps, pool_bn, keep=not recompute)  # fmt: skip
         mean, var = group.statistics()
-        return group.outs(), mean, var, ([] if recompute else group.saved())
+        outs = group.outs()
+        if partial_channels > 1:
+            outs = _shuffled_outputs(outs, _shuffled_bypass(x, partial_channels, stride), partial_channels, bypass_w)
+        return outs, mean, var, ([] if recompute else group.saved())
 
     @mixed_ops.register_fake
     def _mixed_ops_fake(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn,
-                        recompute):  # fmt: skip
+                        recompute, partial_channels=1, bypass_w=None):  # fmt: skip
         E, B = w.shape[0], sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
-        shape = mixed_op_output_shape(x, stride)
-        outs = [x.new_empty(shape).contiguous(memory_format=_CHANNELS_LAST) for _ in range(E)]
+        outs = [_empty_like_shape(x, mixed_op_output_shape(x, stride)) for _ in range(E)]
+        processed = _processed(x, partial_channels)
         saved = []
         if not recompute:
             pools = {k for k in candidates if k in (_MAX_POOL, _AVG_POOL)}
             names = [name for ks in _split(candidates, counts) for name in _saved_names(ks, stride)]
-            saved = [torch.empty_like(outs[0]) for _ in range(len(pools) + len(names))]
-        return outs, x.new_empty(E, B, x.shape[1]), x.new_empty(E, B, x.shape[1]), saved
+            shape = mixed_op_output_shape(processed, stride)
+            saved = [_empty_like_shape(x, shape) for _ in range(len(pools) + len(names))]
+        C = processed.shape[1]
+        return outs, x.new_empty(E, B, C), x.new_empty(E, B, C), saved
 
     @torch.library.custom_op(f"{namespace}::mixed_ops_backward", mutates_args=(), device_types=device_types)
     def mixed_ops_backward(
@@ -544,11 +647,19 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
         x_grad: bool,
         w_grad: bool,
         weights_grad: bool,
+        partial_channels: int = 1,
+        bypass_w: Tensor | None = None,
+        bypass_w_grad: bool = False,
     ) -> list[Tensor]:
         """Recomputes the group from x and its statistics (or restores it from `saved`, the forward's intermediates
-        when it did not recompute), then returns, in this order, dL/dx if x_grad, dL/dw [E, K] if w_grad, and every
-        dL/dweights[i] if weights_grad (zeros for the convs of candidates not computed)."""
+        when it did not recompute), then returns, in this order, dL/dx if x_grad, dL/dw [E, K] if w_grad,
+        dL/dbypass_w [E] if bypass_w_grad, and every dL/dweights[i] if weights_grad (zeros for the convs of
+        candidates not computed). With partial channels the ops read their part of each output gradient strided."""
         x = _prepare(x)
+        full, x = x, _prepare(_processed(x, partial_channels))
+        if partial_channels > 1:
+            bypass_grads = [None if g is None else _prepare(g) for g in grads]
+            grads = [None if g is None else _by_group(g, partial_channels)[0] for g in bypass_grads]
         E = w.shape[0]
         weights_per_edge, candidates_per_edge = _split(weights, [len(weights) // E] * E), _split(candidates, counts)
         if saved:
@@ -562,14 +673,27 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
             for edge in group.edges:
                 edge.training = training
         grad_x, grad_w, grad_weights = group.backward(grads, x_grad, w_grad, weights_grad)
-        return [g for g in (grad_x, grad_w) if g is not None] + (grad_weights or [])
+        grad_bypass_w = None
+        if partial_channels > 1:
+            grad_full = None
+            if x_grad:  # the ops' and the bypass's gradients written into their channels of dL/dx
+                grad_full = torch.empty_like(full, memory_format=_CHANNELS_LAST)
+                grad_full[:, : x.shape[1]] = grad_x
+            grad_bypass_w = _bypass_backward(
+                kernels, bypass_grads, full, partial_channels, stride, bypass_w,
+                None if grad_full is None else grad_full[:, x.shape[1] :], bypass_w_grad,
+            )  # fmt: skip
+            grad_x = grad_full
+        return [g for g in (grad_x, grad_w, grad_bypass_w) if g is not None] + (grad_weights or [])
 
     @mixed_ops_backward.register_fake
     def _mixed_ops_backward_fake(grads, x, w, weights, stride, candidates, counts, mean, var, training, eps, pool_bn,
-                                 saved, x_grad, w_grad, weights_grad):  # fmt: skip
+                                 saved, x_grad, w_grad, weights_grad, partial_channels=1, bypass_w=None,
+                                 bypass_w_grad=False):  # fmt: skip
         grad_x = [torch.empty_like(x, memory_format=_CHANNELS_LAST)] if x_grad else []
         grad_w = [w.new_empty(w.shape)] if w_grad else []
-        return grad_x + grad_w + ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
+        grad_bypass_w = [w.new_empty(w.shape[0])] if bypass_w_grad else []
+        return grad_x + grad_w + grad_bypass_w + ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
 
     refuse_differentiation(
         mixed_ops_backward,
@@ -578,29 +702,38 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
     )
 
     def _setup_context(ctx, inputs, output):
-        x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, recompute = inputs
+        (x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, recompute,
+         partial_channels, bypass_w) = inputs  # fmt: skip
         _, mean, var, saved = output
         ctx.mark_non_differentiable(mean, var, *saved)
         ctx.stride, ctx.candidates, ctx.counts = stride, list(candidates), list(counts)
         ctx.training, ctx.eps, ctx.pool_bn = training, eps, pool_bn
+        ctx.partial_channels, ctx.has_bypass_w = partial_channels, bypass_w is not None
         ctx.num_weights = len(weights)
-        ctx.save_for_backward(x, w, mean, var, *weights, *saved)
+        ctx.save_for_backward(x, w, mean, var, *([bypass_w] if ctx.has_bypass_w else []), *weights, *saved)
 
     def _backward(ctx, grads, _grad_mean, _grad_var, _grad_saved):
         x, w, mean, var, *rest = ctx.saved_tensors
+        bypass_w = rest.pop(0) if ctx.has_bypass_w else None
         weights, saved = rest[: ctx.num_weights], rest[ctx.num_weights :]
         needs = needs_input_grad(ctx)  # x, w, then the conv weights
         x_grad, w_grad, weights_grad = needs[0], needs[1], any(needs[2 : 2 + ctx.num_weights])
+        bypass_w_grad = ctx.has_bypass_w and ctx.needs_input_grad[13]
         result = iter(mixed_ops_backward(
             grads, x, w, weights, ctx.stride, ctx.candidates, ctx.counts, mean, var, ctx.training, ctx.eps,
-            ctx.pool_bn, saved, x_grad, w_grad, weights_grad,
+            ctx.pool_bn, saved, x_grad, w_grad, weights_grad, partial_channels=ctx.partial_channels, bypass_w=bypass_w,
+            bypass_w_grad=bypass_w_grad,
         ))  # fmt: skip
         grad_x = next(result) if x_grad else None
         grad_w = next(result) if w_grad else None
+        grad_bypass_w = next(result) if bypass_w_grad else None
         grad_weights = list(result) if weights_grad else [None] * ctx.num_weights
         # torch.library takes an empty int list for an empty Tensor list, whose gradient must be [] (not None).
         grad_candidates = None if ctx.candidates else []
-        return grad_x, grad_w, grad_weights, None, grad_candidates, None, None, None, None, None, None, None
+        grads = (grad_x, grad_w, grad_weights, None, grad_candidates, None, None, None, None, None, None, None, None,
+                 grad_bypass_w)  # fmt: skip
+        # The arguments as the caller passed them: partial_channels and bypass_w may be left to their defaults.
+        return grads[: len(ctx.needs_input_grad)]
 
     mixed_ops.register_autograd(_backward, setup_context=_setup_context)
 
@@ -616,12 +749,21 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
         eps: float = 1e-5,
         pool_bn: bool = True,
         recompute: bool = True,
+        partial_channels: int = 1,
+        scale: Tensor | None = None,
     ) -> tuple[list[Tensor], Tensor, Tensor]:
-        """The dispatch table's "mixed_ops" entry: reference.mixed_ops's signature."""
+        """The dispatch table's "mixed_ops" entry: reference.mixed_ops's signature. `scale` folds into w (the ops'
+        part is linear in it) and the bypass's weight, so no output is multiplied (and kept by autograd for it)."""
         check_mixed_ops_edges("mixed_ops", w, weights, candidates)
+        check_partial_channels("mixed_ops", x, w.shape[0], partial_channels, scale)
+        bypass_w = None
+        if scale is not None:
+            w = w * scale[:, None]
+            bypass_w = scale if partial_channels > 1 else None
         outs, mean, var, _ = mixed_ops(
             x, w, [t for ws in weights for t in ws], stride, [k for ks in candidates for k in ks],
-            [len(ks) for ks in candidates], bn_mean, bn_var, training, eps, pool_bn, recompute,
+            [len(ks) for ks in candidates], bn_mean, bn_var, training, eps, pool_bn, recompute, partial_channels,
+            bypass_w,
         )  # fmt: skip
         return outs, mean, var
 

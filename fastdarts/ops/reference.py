@@ -672,6 +672,41 @@ def check_mixed_ops_edges(op: str, w: Tensor, weights: Sequence, candidates: Seq
     )
 
 
+def check_partial_channels(op: str, x: Tensor, E: int, partial_channels: int, scale: Tensor | None,
+                           require: Require = raise_unless) -> None:  # fmt: skip
+    """mixed_ops's partial channels (an integer K >= 1 dividing C) and edge scale ([E] or None)."""
+    C = x.shape[1] if x.dim() == 4 else 0
+    require(
+        not isinstance(partial_channels, bool) and isinstance(partial_channels, int) and partial_channels >= 1
+        and C % partial_channels == 0,
+        ValueError,
+        lambda: f"{op}: partial_channels must be an integer >= 1 dividing the {C} channels, got {partial_channels!r}",
+    )  # fmt: skip
+    require(
+        scale is None or (scale.dim() == 1 and scale.shape[0] == E),
+        ValueError,
+        lambda: f"{op}: scale must be None or have shape [{E}], got {list(scale.shape)}",
+    )
+
+
+def split_partial_channels(x: Tensor, partial_channels: int, stride: int) -> tuple[Tensor, Tensor]:
+    """PC-DARTS's split of an edge's input: the first C/K channels (what the ops compute on) and the rest, through a
+    2x2 max pool (stride 2, no padding) on a stride-2 edge (the bypass). The pool rounds an odd side up, as the ops'
+    output does (PC-DARTS's searches have even sides only, where this is the same pool)."""
+    C = x.shape[1] // partial_channels
+    processed, bypass = x[:, :C], x[:, C:]
+    if stride == 2:
+        bypass = F.max_pool2d(bypass, 2, 2, ceil_mode=True)
+    return processed, bypass
+
+
+def partial_channel_edge(out: Tensor, bypass: Tensor, partial_channels: int) -> Tensor:
+    """An edge's output from the ops' output [N, C/K, H, W] and the bypass [N, C - C/K, H, W]: their concatenation
+    shuffled into K groups (channel c*K + g of the result is channel g*C/K + c of the concatenation)."""
+    n, c, h, w = out.shape
+    return torch.cat([out, bypass], dim=1).unflatten(1, (partial_channels, c)).transpose(1, 2).reshape(n, -1, h, w)
+
+
 def mixed_ops(
     x: Tensor,
     w: Tensor,
@@ -684,15 +719,30 @@ def mixed_ops(
     eps: float = 1e-5,
     pool_bn: bool = True,
     recompute: bool = True,
+    partial_channels: int = 1,
+    scale: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """The mixed ops of the E = w.shape[0] edges leaving one state x: mixed_op per edge e with w[e], weights[e],
-    candidates[e] and (in evaluation) bn_mean[e], bn_var[e]. Returns (outs, mean [E, B, C], var [E, B, C])."""
+    candidates[e] and (in evaluation) bn_mean[e], bn_var[e]. Returns (outs, mean [E, B, C/K], var [E, B, C/K]).
+
+    With partial_channels K > 1 (PC-DARTS) the ops compute on the first C/K channels of x and the other channels
+    bypass them (split_partial_channels), the two parts shuffled into K groups (partial_channel_edge); `scale`
+    [E] multiplies each edge's whole output (PC-DARTS's edge normalisation)."""
     check_mixed_ops_edges("mixed_ops", w, weights, candidates)
     E = w.shape[0]
+    check_partial_channels("mixed_ops", x, E, partial_channels, scale)
+    processed, bypass = x, None
+    if partial_channels > 1:
+        processed, bypass = split_partial_channels(x, partial_channels, stride)
     results = []
     for e in range(E):
         stats = [None if t is None else t[e] for t in (bn_mean, bn_var)]
-        results.append(mixed_op(x, w[e], weights[e], stride, candidates[e], *stats, training, eps, pool_bn, recompute))
+        out, mean, var = mixed_op(
+            processed, w[e], weights[e], stride, candidates[e], *stats, training, eps, pool_bn, recompute
+        )  # fmt: skip
+        if bypass is not None:
+            out = partial_channel_edge(out, bypass, partial_channels)
+        results.append((out if scale is None else out * scale[e], mean, var))
     outs, means, variances = zip(*results)
     return list(outs), torch.stack(means), torch.stack(variances)
 

@@ -30,6 +30,7 @@ from .test_mixed_op import (
     make_inputs,
 )
 from .test_mixed_ops import check_group
+from .test_partial_channels import check_partial_group
 
 
 def test_dispatch():
@@ -152,3 +153,9 @@ def test_runs_without_the_cpp_extension():
 def test_group_of_edges_equals_reference(stride):
     # Three edges leaving one state: a pool, the skip and a dil conv; the other pool; nothing.
     check_group("triton", (1, 2, 5), stride, True, candidates=[[0, 2, 5], [1], []])
+
+
+@pytest.mark.parametrize("stride,K", [(1, 2), (2, 4)], ids=["stride1-K2", "stride2-K4"])
+def test_partial_channel_group_equals_reference(stride, K):
+    # The slice, the bypass and the shuffle are ATen ops inside the group op, around the Triton kernels.
+    check_partial_group("triton", (1, 2 * K, 5), stride, K, candidates=[[0, 2, 5], [1]])
