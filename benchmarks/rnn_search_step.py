@@ -38,7 +38,8 @@ ORDERS = ("first", "second")
 
 def make_problem(provider: str, order: str, batch: int, nhid: int, bptt: int, ntoken: int):
     torch.manual_seed(0)
-    config = RecurrentSearchConfig(emsize=nhid, nhid=nhid, batch_size=batch, bptt=bptt, unrolled=order == "second")
+    config = RecurrentSearchConfig(emsize=nhid, nhid=nhid, batch_size=batch, bptt=bptt, lr=RecurrentSearchConfig.PTB_LR,
+                                   unrolled=order == "second")  # fmt: skip
     model = RecurrentSearchModel(ntoken, nhid, nhid, fused=PROVIDERS[provider])
     optimizer = torch.optim.SGD(model.weight_parameters(), config.lr, weight_decay=config.wdecay)
     architect = RecurrentArchitect(model, config)

@@ -18,6 +18,7 @@ from fastdarts.errors import ConfigError, DataError, GenotypeError
 from fastdarts.ops.reference import rnn_mixed_node as mixed_node_reference
 from fastdarts.rnn import decoder
 from fastdarts.rnn import search as rnn_search
+from fastdarts.rnn import train as rnn_train
 from fastdarts.rnn.data import BUNDLED, batchify, get_batch, load_corpus
 from fastdarts.rnn.genotype import (
     DARTS_V1,
@@ -314,6 +315,17 @@ def test_config_errors(tmp_path):
         rnn_search.RecurrentSearchConfig(emsize=16, nhid=8).resolved()
     with pytest.raises(DataError, match="does not exist"):
         rnn_search.run(data=str(tmp_path / "nowhere"), out=str(tmp_path / "r"))
+
+
+def test_the_bundled_corpus_searches_at_lr_5_and_ptb_at_darts_lr_20(tmp_path):
+    # At 20 with batch 32 the bundled corpus's training-mode loss climbs above a uniform prediction's (README).
+    bundled, penn = rnn_search.RecurrentSearchConfig().resolved(), rnn_search.RecurrentSearchConfig(data=str(tmp_path))
+    assert (bundled.lr, bundled.batch_size) == (5.0, 32)
+    assert (penn.resolved().lr, penn.resolved().batch_size) == (20.0, 256)
+    assert rnn_search.RecurrentSearchConfig(lr=7.0).resolved().lr == 7.0
+    assert rnn_train.RecurrentTrainConfig().resolved().lr == 20.0  # the evaluation training keeps DARTS's lr
+    with pytest.raises(ConfigError, match="lr"):
+        rnn_search.RecurrentSearchConfig(lr=0.0).resolved()
 
 
 @pytest.mark.parametrize("args,message", [

@@ -3,14 +3,13 @@ stream, the hidden states carried from step to step, the perplexity evaluation, 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from ..bilevel import sgd_step
-from ..config import RunOptions, option, validate
+from ..config import RunOptions, option
 from ..distributed import world
 from ..errors import ConfigError, DataError
 from .data import Corpus, get_batch, load_corpus
@@ -25,8 +24,8 @@ class LanguageModelConfig(RunOptions):
     data: str | None = option(None, "directory with train.txt, valid.txt, test.txt (DARTS's data/penn) or "
                               "ptb.train.txt, ptb.valid.txt, ptb.test.txt (default: the bundled pydoc "
                               "corpus)")  # fmt: skip
-    lr: float = option(20.0, "SGD learning rate of the weights (scaled by seq_len / bptt each step)", low=0,
-                       low_open=True)  # fmt: skip
+    lr: float | None = option(None, "SGD learning rate of the weights, scaled by seq_len / bptt each step "
+                              "(default: DARTS's 20)", low=0, low_open=True)  # fmt: skip
     clip: float = option(0.25, "gradient-norm clip of the weights", low=0, low_open=True)
     bptt: int = option(35, "sequence length", low=2)
     dropout: float = option(0.75, "locked dropout on the cell's outputs", low=0, high=1, high_open=True)
@@ -40,13 +39,13 @@ class LanguageModelConfig(RunOptions):
     device: str = option("cpu", "where the network computes: cpu (the recurrent runs have no GPU path yet)",
                          choices=("cpu",))  # fmt: skip
 
-    def resolved(self):
+    BUNDLED_LR, PTB_LR = 20.0, 20.0
+
+    def preset(self) -> dict:
         # The bundled corpus is 1/18 of PTB: at DARTS's batch 256 its validation stream would be shorter than bptt.
-        config = self if self.batch_size is not None else dataclasses.replace(
-            self, batch_size=self.BUNDLED_BATCH if self.data is None else self.PTB_BATCH
-        )  # fmt: skip
-        validate(config)
-        return config
+        if self.data is None:
+            return {"batch_size": self.BUNDLED_BATCH, "lr": self.BUNDLED_LR}
+        return {"batch_size": self.PTB_BATCH, "lr": self.PTB_LR}
 
     def check(self) -> None:
         if self.emsize != self.nhid:

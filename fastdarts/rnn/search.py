@@ -45,6 +45,9 @@ class RecurrentSearchConfig(LanguageModelConfig):
 
     emsize: int = option(300, "embedding size (equal to nhid: the decoder is tied)", low=1)
     nhid: int = option(300, "hidden units of the cell", low=1)
+    lr: float | None = option(None, "SGD learning rate of the weights, scaled by seq_len / bptt each step "
+                              "(default: 5 on the bundled corpus, DARTS's 20 with --data)", low=0,
+                              low_open=True)  # fmt: skip
     batch_size: int | None = option(None, "batch size (default: 32 on the bundled corpus, 256 with --data)", low=1)
     epochs: int = option(50, "number of epochs", low=1)
     dropoute: float = option(0.0, "word-type dropout of the embedding's rows", low=0, high=1, high_open=True)
@@ -65,6 +68,9 @@ class RecurrentSearchConfig(LanguageModelConfig):
                             "shared (both passes draw the same)", choices=("fresh", "shared"))  # fmt: skip
 
     BUNDLED_BATCH, PTB_BATCH = 32, 256
+    # At 20 on the bundled corpus the training-mode loss rises above a uniform prediction's (DARTS's own code does
+    # the same; README, "The recurrent cell search"); at 5 it falls.
+    BUNDLED_LR, PTB_LR = 5.0, 20.0
 
 
 class RecurrentArchitect:
