@@ -18,6 +18,7 @@ edge's whole output), `NetworkStyle.partial_channels` (ops on a channel slice), 
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -26,7 +27,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from ..space import PRIMITIVES, Edge
+from ..space import PRIMITIVES, Edge, derive_cell_top_ops
 
 
 class NetworkStyle(NamedTuple):
@@ -183,6 +184,48 @@ class Method(ABC):
 
     def load_state_dict(self, state: Mapping) -> None:
         check_state_keys(self, state, set())
+
+
+class AnnealedSamplingMethod(Method):
+    """A method that samples the edge weights of every forward pass from its own generator at a temperature tau,
+    which falls linearly over the epochs (GDAS, PR-DARTS): the weights train first in each step; softmax(alpha)
+    ranks the ops, and the genotype keeps each node's top (op, input) pairs. A subclass calls `start_sampling`."""
+
+    weight_step_first = True
+    samples_each_forward = True
+
+    def start_sampling(self, tau_first: float, tau_last: float, seed: int) -> None:
+        """tau_first at the first epoch, tau_last at the last (both checked > 0 by the subclass); the generator
+        seeded with `seed`."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{type(self).__name__}: seed must be an integer, got {seed!r}")
+        self.tau_first, self.tau_last, self.tau = tau_first, tau_last, tau_first
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def set_epoch(self, epoch: int, epochs: int) -> None:
+        check_epoch(epoch, epochs)
+        fraction = epoch / (epochs - 1) if epochs > 1 else 0.0
+        self.tau = self.tau_first + (self.tau_last - self.tau_first) * fraction
+
+    def epoch_settings(self) -> dict[str, float]:
+        return {"tau": self.tau}
+
+    def edge_weights(self, alpha: Tensor) -> Tensor:
+        return alpha.softmax(dim=-1)
+
+    def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
+        return derive_cell_top_ops(self.edge_weights(alpha), steps, self.primitives)
+
+    def state_dict(self) -> dict:
+        return {"tau": self.tau, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        check_state_keys(self, state, {"tau", "generator"})
+        tau = state["tau"]
+        if not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and math.isfinite(tau) and tau > 0):
+            raise ValueError(f"{self.name}: the saved tau must be a finite number > 0, got {tau!r}")
+        load_generator_state(self, state["generator"])
+        self.tau = tau
 
 
 def check_state_keys(method: Method, state: Mapping, expected: set[str]) -> None:

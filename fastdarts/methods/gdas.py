@@ -14,8 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from ..space import Edge, derive_cell_top_ops
-from .base import CellWeights, Method, NetworkStyle, check_epoch, check_state_keys, load_generator_state
+from .base import AnnealedSamplingMethod, CellWeights, NetworkStyle
 
 # GDAS's own op order (its DARTS_SPACE), the column order of its architecture parameters: the Gumbel noise is drawn
 # in this order, so the same generator state gives the same sample as the published code.
@@ -37,7 +36,7 @@ def _check_positive(name: str, value: object) -> None:
         raise ValueError(f"GDASMethod: {name} must be a finite number > 0, got {value!r}")
 
 
-class GDASMethod(Method):
+class GDASMethod(AnnealedSamplingMethod):
     """One Gumbel-sampled op per edge, shared by every cell of a type and every image of the batch.
 
     The weights train first in each step, then the architecture (each forward pass draws its own sample, from this
@@ -51,8 +50,6 @@ class GDASMethod(Method):
     """
 
     name = "gdas"
-    weight_step_first = True
-    samples_each_forward = True
     primitives = GDAS_ORDER
 
     def __init__(self, *, tau_max: float = 10.0, tau_min: float = 0.1, seed: int = 0, fixed_reduction: bool = False):
@@ -60,14 +57,11 @@ class GDASMethod(Method):
         _check_positive("tau_min", tau_min)
         if tau_min > tau_max:
             raise ValueError(f"GDASMethod: tau_min ({tau_min}) must not exceed tau_max ({tau_max})")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"GDASMethod: seed must be an integer, got {seed!r}")
         if not isinstance(fixed_reduction, bool):
             raise ValueError(f"GDASMethod: fixed_reduction must be True or False, got {fixed_reduction!r}")
-        self.tau_max, self.tau_min, self.tau = tau_max, tau_min, tau_max
+        self.start_sampling(tau_max, tau_min, seed)  # tau_max at the first epoch, tau_min at the last
         if fixed_reduction:
             self.network_style = NetworkStyle(fixed_reduction="gdas_reduction")
-        self.generator = torch.Generator().manual_seed(seed)
 
     def gumbel_noise(self, alpha: Tensor) -> Tensor:
         """`-log(E)`, `E ~ Exp(1)`, shaped like `alpha` (drawn on the CPU, where the generator is)."""
@@ -84,27 +78,3 @@ class GDASMethod(Method):
                     break
             weights[cell] = CellWeights(h, onehot)
         return weights
-
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        """tau falls linearly from tau_max at the first epoch to tau_min at the last."""
-        check_epoch(epoch, epochs)
-        fraction = epoch / (epochs - 1) if epochs > 1 else 0.0
-        self.tau = self.tau_max - (self.tau_max - self.tau_min) * fraction
-
-    def epoch_settings(self) -> dict[str, float]:
-        return {"tau": self.tau}
-
-    def edge_weights(self, alpha: Tensor) -> Tensor:
-        return alpha.softmax(dim=-1)
-
-    def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
-        return derive_cell_top_ops(self.edge_weights(alpha), steps, self.primitives)
-
-    def state_dict(self) -> dict:
-        return {"tau": self.tau, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        check_state_keys(self, state, {"tau", "generator"})
-        _check_positive("tau", state["tau"])
-        load_generator_state(self, state["generator"])
-        self.tau = state["tau"]

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from .. import ops
 from ..ops.reference import check_explore_p, check_gate_settings, gate_p_nonzero
-from ..space import PRIMITIVES, Edge, cell_steps, deepest_chain, derive_cell_top_ops
-from .base import CellWeights, Method, NetworkStyle, check_epoch, check_state_keys, load_generator_state
+from ..space import PRIMITIVES, cell_steps, deepest_chain
+from .base import AnnealedSamplingMethod, CellWeights, NetworkStyle
 
 SKIP = ("skip_connect",)
 CONV = ("sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5")
@@ -83,7 +83,7 @@ def _check_number(name: str, value: object, *, positive: bool) -> None:
         raise ValueError(f"PRDARTSMethod: {name} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
 
 
-class PRDARTSMethod(Method):
+class PRDARTSMethod(AnnealedSamplingMethod):
     """Independent hard-concrete gates over the betas, top-k ops per edge, regularised groups and paths.
 
     form "reference": the published code's behaviour (METHOD 2.2-2.3): exploration, top-k
@@ -96,8 +96,6 @@ class PRDARTSMethod(Method):
     """
 
     name = "pr-darts"
-    weight_step_first = True
-    samples_each_forward = True
 
     def __init__(
         self,
@@ -128,14 +126,10 @@ class PRDARTSMethod(Method):
             raise ValueError(f"PRDARTSMethod: form must be one of {', '.join(FORMS)}, got {form!r}")
         if network not in NETWORKS:
             raise ValueError(f"PRDARTSMethod: network must be one of {', '.join(NETWORKS)}, got {network!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"PRDARTSMethod: seed must be an integer, got {seed!r}")
-        self.tau_start, self.tau_end = tau_start, tau_end
+        self.start_sampling(tau_start, tau_end, seed)  # tau_start at the first epoch, tau_end at the last
         self.l1, self.l2, self.l3, self.hinge = l1, l2, l3, hinge
         self.k, self.explore_p, self.a, self.b, self.form = k, explore_p, a, b, form
-        self.tau = tau_start
         self.network_style = NETWORKS[network]
-        self.generator = torch.Generator().manual_seed(seed)
         # Per cell type, P(g != 0) and the mask of the last forward pass: what R is computed from.
         self._last: dict[str, tuple[Tensor, Tensor]] = {}
 
@@ -167,22 +161,7 @@ class PRDARTSMethod(Method):
             return regulariser(ps, all_gates, ((SKIP, self.l1), (REST, self.l2)), self.l3, hinge=None)
         return regulariser(ps, masks, ((SKIP, self.l1), (NONSKIP, self.l2), (POOL, self.l2)), self.l3, self.hinge)
 
-    # Schedule, genotype, diagnostics ------------------------------------------------------------
-    def set_epoch(self, epoch: int, epochs: int) -> None:
-        """tau falls linearly from tau_start at the first epoch to tau_end at the last."""
-        check_epoch(epoch, epochs)
-        fraction = epoch / (epochs - 1) if epochs > 1 else 0.0
-        self.tau = self.tau_start + (self.tau_end - self.tau_start) * fraction
-
-    def epoch_settings(self) -> dict[str, float]:
-        return {"tau": self.tau}
-
-    def edge_weights(self, alpha: Tensor) -> Tensor:
-        return alpha.softmax(dim=-1)
-
-    def derive_cell(self, alpha: Tensor, steps: int) -> tuple[Edge, ...]:
-        return derive_cell_top_ops(self.edge_weights(alpha), steps, self.primitives)
-
+    # Diagnostics ----------------------------------------------------------------------------------
     def diagnostics(self, arch: Mapping[str, Tensor]) -> dict[str, float]:
         """The entropies, and `p_nonzero_<group>_<cell type>`: the mean P(g != 0) over every gate of a group."""
         figures = super().diagnostics(arch)
@@ -191,13 +170,3 @@ class PRDARTSMethod(Method):
             for group, names in DIAGNOSTIC_GROUPS.items():
                 figures[f"p_nonzero_{group}_{cell}"] = float(p[:, columns(names)].mean())
         return figures
-
-    # Checkpointing ------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"tau": self.tau, "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        check_state_keys(self, state, {"tau", "generator"})
-        _check_number("tau", state["tau"], positive=True)
-        load_generator_state(self, state["generator"])
-        self.tau = state["tau"]
