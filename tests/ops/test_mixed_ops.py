@@ -28,26 +28,24 @@ def make_group(E, N, C, S, stride, dtype=torch.float32, pool_bn=True):
     return x, w, weights, torch.stack([edge[3] for edge in edges]), torch.stack([edge[4] for edge in edges])
 
 
-def run_group(backend, x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn, recompute, used):
-    """(outs, mean, var, gradients of x, w and every weight) for a loss over the outputs whose index is in `used`."""
+def run_group(backend, x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn, recompute, used,
+              partial_channels=1, scale=None):  # fmt: skip
+    """(outs, mean, var, gradients of x, w, the scale if any and every weight) for a loss over the outputs whose
+    index is in `used`."""
     outs, mean, var = ops.mixed_ops(x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn=pool_bn,
-                                    recompute=recompute, backend=backend)  # fmt: skip
+                                    recompute=recompute, partial_channels=partial_channels, scale=scale,
+                                    backend=backend)  # fmt: skip
     generator = torch.Generator().manual_seed(7)
     grads_out = [torch.randn(out.shape, dtype=out.dtype, generator=generator) for out in outs]
     loss = sum((outs[e] * grads_out[e]).sum() for e in used)
-    inputs = [x, w, *(t for ws in weights for t in ws)]
+    inputs = [x, w, *([] if scale is None else [scale]), *(t for ws in weights for t in ws)]
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     # A conv that was not computed has no gradient in the reference and a zero one in the fused op.
     return outs, mean, var, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 
-def check_group(backend, shape, stride, training, pool_bn=True, recompute=True, candidates=GROUP_CANDIDATES,
-                used=None, dtype=torch.float32):  # fmt: skip
-    x, w, weights, bn_mean, bn_var = make_group(len(candidates), *shape, stride, dtype, pool_bn)
-    used = range(len(candidates)) if used is None else used
-    args = (x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn, recompute, used)
-    want, got = run_group("reference", *args), run_group(backend, *args)
-    tol = TOLERANCES[dtype]
+def assert_group_close(got, want, tol):
+    """`run_group`'s results of a backend against the reference's: outputs (channels_last), statistics, gradients."""
     for g, r in zip(got[0], want[0]):
         torch.testing.assert_close(g, r, **tol["out"])
         assert g.is_contiguous(memory_format=torch.channels_last)
@@ -55,6 +53,14 @@ def check_group(backend, shape, stride, training, pool_bn=True, recompute=True, 
     torch.testing.assert_close(got[2], want[2], **tol["out"])
     for i, (g, r) in enumerate(zip(got[3], want[3])):
         torch.testing.assert_close(g, r, **tol["grad"], msg=lambda m, i=i: f"gradient {i}: {m}")
+
+
+def check_group(backend, shape, stride, training, pool_bn=True, recompute=True, candidates=GROUP_CANDIDATES,
+                used=None, dtype=torch.float32):  # fmt: skip
+    x, w, weights, bn_mean, bn_var = make_group(len(candidates), *shape, stride, dtype, pool_bn)
+    used = range(len(candidates)) if used is None else used
+    args = (x, w, weights, stride, candidates, bn_mean, bn_var, training, pool_bn, recompute, used)
+    assert_group_close(run_group(backend, *args), run_group("reference", *args), TOLERANCES[dtype])
 
 
 SHAPES = [(3, 4, 7), (1, 6, 8), (2, 16, 9)]
