@@ -2,11 +2,14 @@
 sampled op of each edge alone, PC-DARTS and DrNAS its ops on 1/K of the channels. Counted on the reference backend,
 whose convolutions torch.utils.flop_counter sees (the fused kernels compute the same convolutions)."""
 
+import re
+
 import pytest
 import torch
 
 from benchmarks._device import count_flops
 from fastdarts import PRIMITIVES, ops
+from fastdarts.errors import ConfigError
 from fastdarts.methods import GDASMethod
 from fastdarts.supernet import OpColumns, SearchCell, selected_columns
 
@@ -48,3 +51,15 @@ def test_gdas_computes_the_sampled_op_of_each_edge_alone():
     expected = sum(cost[c] for cols in columns for c in cols)
     assert edge_flops(cell, sample.weights, columns) == pytest.approx(expected, rel=1e-6)
     assert expected < max(cost.values()) * 14 < edge_flops(cell, weights)
+
+
+def test_step_flops_script_counts_each_method_against_darts(capsys):
+    from benchmarks.step_flops import main
+
+    assert main(["--methods", "darts,pc-darts,gdas", "--batch", "2", "--size", "8", "--samples", "2"]) == 0
+    shares = dict(re.findall(r"^([\w-]+): .*, (\d\.\d{3}) of DARTS's$", capsys.readouterr().out, re.M))
+    assert shares["darts"] == "1.000" and 0 < float(shares["pc-darts"]) < 0.5 and 0 < float(shares["gdas"]) < 0.5
+    assert main(["--space", "rnn", "--batch", "2", "--nhid", "8", "--bptt", "3", "--ntoken", "20"]) == 0
+    assert re.search(r"alpha step [\d.]+ GFLOP, weight step [\d.]+ GFLOP", capsys.readouterr().out)
+    with pytest.raises(ConfigError, match="--methods must start with darts"):
+        main(["--methods", "gdas"])
