@@ -429,8 +429,9 @@ class SearchNetwork(nn.Module):
         auxiliary_skip = self.method.auxiliary_skip()
         columns = {kind: selected_columns(w.mask) for kind, w in weights.items()}
         # channels_last by default: the layout the fused kernels compute in, and the faster one for eager PyTorch on
-        # the CPU too (the fused op returns channels_last whatever it is given).
-        s0 = s1 = self.stem(x).contiguous(memory_format=self.memory_format)
+        # the CPU too (the fused op returns channels_last whatever it is given). The stem runs in it as well: its BN
+        # backward would otherwise mix the layouts of its input and of the gradient coming back.
+        s0 = s1 = self.stem(x.contiguous(memory_format=self.memory_format)).contiguous(memory_format=self.memory_format)
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
             if kind not in weights:  # a fixed reduction cell

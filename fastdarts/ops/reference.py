@@ -544,13 +544,46 @@ def check_mixed_op_arguments(
             check_dtype_and_device(op, name, stats, "x", x, require)
 
 
+def _is_channels_last(t: Tensor) -> bool:
+    """Laid out channels_last, and not also contiguous (as a tensor with one channel or 1x1 pixels is)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def factorized_reduce_halves(r: Tensor) -> Tensor:
     """[N, 2C, Ho, Wo]: r at the even pixels (what FactorizedReduce's first stride-2 1x1 conv reads) and at the odd
     ones (what its second reads, of r shifted by one pixel), the odd half zero-padded at the end when a side is odd."""
+    return _FactorizedReduceHalves.apply(r)
+
+
+def _halves(r: Tensor) -> Tensor:
     even = r[:, :, ::2, ::2]
     odd = r[:, :, 1::2, 1::2]
     odd = F.pad(odd, (0, even.shape[-1] - odd.shape[-1], 0, even.shape[-2] - odd.shape[-2]))
     return torch.cat([even, odd], dim=1)
+
+
+class _FactorizedReduceHalves(torch.autograd.Function):
+    """factorized_reduce_halves with a gradient laid out like r. Autograd's own backward of the strided slices
+    writes into a zero tensor in the contiguous format whatever r's layout, and a channels_last network then pays
+    ReLU backwards and sums that mix the two layouts (ten times slower than either alone)."""
+
+    @staticmethod
+    def forward(r: Tensor) -> Tensor:
+        return _halves(r)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        (r,) = inputs
+        ctx.r_shape = r.shape
+        ctx.r_format = torch.channels_last if _is_channels_last(r) else torch.contiguous_format
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        _, C, H, W = ctx.r_shape
+        grad_r = torch.empty(ctx.r_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.r_format).zero_()
+        grad_r[:, :, ::2, ::2] = grad[:, :C]
+        grad_r[:, :, 1::2, 1::2] = grad[:, C:, : H // 2, : W // 2]
+        return grad_r
 
 
 def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor) -> Tensor:
@@ -564,8 +597,7 @@ def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor) -> Tensor:
     halves = factorized_reduce_halves(x.relu())
     matrix = torch.block_diag(conv_1.flatten(1), conv_2.flatten(1))  # [C_out, 2 C_in]
     out = (halves.permute(0, 2, 3, 1) @ matrix.t()).permute(0, 3, 1, 2)  # a channels_last [N, C_out, Ho, Wo]
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return out.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
 
 
 def mixed_op(

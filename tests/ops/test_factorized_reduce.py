@@ -101,6 +101,25 @@ def test_fused_edge_matches_float64_definition(shape, layout):
     assert check(fused_edge, shape, LAYOUTS[layout], True) < 1e-5
 
 
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape", CASES, ids=CASE_IDS)
+def test_input_gradient_keeps_the_input_layout(shape, layout):
+    """A channels_last network must not get a contiguous gradient back (its ReLU backward would mix layouts)."""
+    x, convs, grad_out = make_inputs(shape, LAYOUTS[layout])
+    grad_out = grad_out.contiguous(memory_format=LAYOUTS[layout])
+    _, grad_x, *_ = reference_function(x, convs, grad_out)
+    assert grad_x.is_contiguous(memory_format=LAYOUTS[layout])
+    r = x.detach().relu().requires_grad_()
+    halves = reference.factorized_reduce_halves(r)
+    (grad_r,) = torch.autograd.grad(halves, r, torch.ones_like(halves))
+    assert grad_r.is_contiguous(memory_format=LAYOUTS[layout])
+    # every pixel of r reaches exactly one half, except the last row and column of an odd side, which reach none
+    expected = torch.zeros_like(r)
+    expected[:, :, ::2, ::2] = 1
+    expected[:, :, 1::2, 1::2] = 1
+    torch.testing.assert_close(grad_r, expected, rtol=0, atol=0)
+
+
 def avx2_cpu() -> bool:
     """An x86-64 CPU with AVX2, by ATen's own detection (the same CPUID oneDNN reads)."""
     return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
