@@ -48,6 +48,15 @@
 // four DARTS kernels: the forward reads x (4 MiB) and writes the 4 outputs (16 MiB) where relu_dwconv, four 1x1
 // convs and four statistics passes move 68 MiB; the backward reads x and 4 output gradients and writes grad_x
 // (24 MiB) where recomputing z, four 1x1 conv backwards and relu_dwconv_backward move about 90 MiB.
+//
+// Packed columns. A tile column of C < 16 channels padded to a 64-byte vector would spend 16 / C lanes of every
+// multiply-add on padding (PC-DARTS's edges compute on C/4 channels: 4 of 16 lanes at C = 16). At stride 1, with
+// C dividing 16 and Wo C a multiple of 16, the tiles instead hold columns of exactly C values, so that one vector
+// spans G = 16 / C neighbouring columns: a tap of kernel i shifts the tile by whole columns (C values), the tap
+// vectors repeat each channel's weight G times, and each 1x1 conv becomes the block-diagonal Cp x Cp matrix of G
+// copies of P_i (the same multiply-adds per position as before). Sums over positions (the moments, grad_w, the
+// 1x1 gradient) come out per lane and are folded over the G lanes of each channel at the end. (Float64 vectors
+// hold 8 lanes: the same with 8 in place of 16.)
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -111,8 +120,14 @@ struct Geometry {
   int64_t N, C, H, W, Ho, Wo, s;
   int64_t P;     // the largest padding: the width of the input tile's zero border
   int64_t Pg;    // ceil(P / s): the gradient tile's border, in output positions
-  int64_t Cp;    // C rounded up to whole vectors: the tiles' column stride
-  int64_t Wo_r;  // Wo rounded up to whole column blocks
+  int64_t Cp;    // C rounded up to whole vectors: the lanes of one step of the loops
+  // Narrow channels packed (see "Packed columns" above): G > 1 columns share one vector of Cp lanes.
+  int64_t G;           // columns per vector: Cp / C when packed, else 1
+  int64_t col;         // values per column in the tiles: C when packed, else Cp
+  int64_t Wo_r;        // Wo rounded up to whole column blocks of the loops (kCols vectors)
+  int64_t loop_cols;   // the loops' steps per row: Wo_r / G
+  int64_t loop_C;      // the 1x1 loops' input channels: C, or Cp for the block-diagonal matrix when packed
+  int64_t valid_cols;  // the loops' steps that hold real output columns (moments, the 1x1 gradient): Wo / G
   int64_t chunk_rows, chunks_per_image, num_chunks;  // a chunk: chunk_rows output rows of one image
   int64_t grain;                                     // at::parallel_for's grain, in chunks
   // relu(x) for input rows from ho0 s - P and columns from -P (ho0: the chunk's first output row): the forward
@@ -135,7 +150,8 @@ struct Geometry {
   // Every tap belongs to exactly one phase.
   std::vector<int64_t> phase_begin, phase_offsets, phase_taps;
 
-  Geometry(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, int64_t stride, int64_t lanes)
+  Geometry(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, int64_t stride, int64_t lanes,
+           bool with_pointwise)
       : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), s(stride) {
     Ho = (H - 1) / s + 1;
     Wo = (W - 1) / s + 1;
@@ -146,16 +162,32 @@ struct Geometry {
     }
     Pg = (P + s - 1) / s;
     Cp = round_up(C, lanes);
-    Wo_r = round_up(Wo, kCols);
-    chunk_rows = std::min(Ho, std::max<int64_t>(1, kChunkValues / (Wo_r * Cp)));
+    // Packed when it takes fewer vector multiply-adds per row: the rows round up to whole blocks of kCols G
+    // columns, and the 1x1 convs contract over Cp inputs instead of C.
+    int64_t taps_per_position = 0;
+    for (const at::Tensor& w : weights) {
+      taps_per_position += w.size(2) * w.size(3);
+    }
+    const int64_t G_packed = C < Cp && Cp % C == 0 ? Cp / C : 1;
+    const int64_t packed_cost =
+        round_up(Wo, kCols * G_packed) / G_packed * (taps_per_position + (with_pointwise ? K * Cp : 0));
+    const int64_t unpacked_cost = round_up(Wo, kCols) * (taps_per_position + (with_pointwise ? K * C : 0));
+    const bool packed = s == 1 && G_packed > 1 && (Wo * C) % Cp == 0 && packed_cost < unpacked_cost;
+    G = packed ? G_packed : 1;
+    col = packed ? C : Cp;
+    Wo_r = round_up(Wo, kCols * G);
+    loop_cols = Wo_r / G;
+    loop_C = packed ? Cp : C;
+    valid_cols = Wo / G;
+    chunk_rows = std::min(Ho, std::max<int64_t>(1, kChunkValues / (Wo_r * col)));
     chunks_per_image = (Ho + chunk_rows - 1) / chunk_rows;
     num_chunks = N * chunks_per_image;
     input.rows = chunk_rows * s + 2 * P;
     input.cols = Wo_r * s + 2 * P;
-    input.row_stride = input.cols * Cp;
+    input.row_stride = input.cols * col;
     grad.rows = chunk_rows + 2 * Pg;
     grad.cols = Wo_r + 2 * Pg;
-    grad.row_stride = grad.cols * Cp;
+    grad.row_stride = grad.cols * col;
     gx_cols = Wo_r * s;
     tap_begin.push_back(0);
     for (int64_t i = 0; i < K; ++i) {
@@ -166,7 +198,7 @@ struct Geometry {
       const int64_t o = P - d * (k - 1) / 2;
       for (int64_t a = 0; a < k; ++a) {
         for (int64_t b = 0; b < k; ++b) {
-          offsets.push_back((o + d * a) * input.row_stride + (o + d * b) * Cp);
+          offsets.push_back((o + d * a) * input.row_stride + (o + d * b) * col);
         }
       }
       tap_begin.push_back(static_cast<int64_t>(offsets.size()));
@@ -185,7 +217,7 @@ struct Geometry {
               const int64_t dy = py + p - d * a;  // s times the row offset, when a multiple of s
               const int64_t dx = px + p - d * b;
               if (dy % s == 0 && dx % s == 0) {  // exact division, also for negative numbers
-                phase_offsets.push_back((dy / s + Pg) * grad.row_stride + (dx / s + Pg) * Cp);
+                phase_offsets.push_back((dy / s + Pg) * grad.row_stride + (dx / s + Pg) * col);
                 phase_taps.push_back(tap_begin[i] + a * k + b);
               }
             }
@@ -194,16 +226,25 @@ struct Geometry {
         }
       }
     }
-    grain = std::max<int64_t>(1, kTaskMacs / std::max<int64_t>(1, chunk_rows * Wo_r * Cp * num_taps));
+    grain = std::max<int64_t>(1, kTaskMacs / std::max<int64_t>(1, chunk_rows * loop_cols * Cp * num_taps));
   }
 
   int64_t taps(int64_t i) const {
     return tap_begin[i + 1] - tap_begin[i];
   }
+
+  // Channel c of per-lane sums `lanes` (one vector): lane c, plus lanes c + C, c + 2C, ... when packed.
+  double lane_sum(const double* lanes, int64_t c) const {
+    double sum = 0.0;
+    for (int64_t l = c; l < G * C; l += C) {
+      sum += lanes[l];
+    }
+    return sum;
+  }
 };
 
 // The weights as one vector of channels per tap: taps[t][c] = w_i[c, 0, a, b] for tap t = (a, b) of kernel i;
-// zero for the padding channels.
+// zero for the padding channels; packed, lane l holds channel l mod C (the vector spans G columns).
 template <typename T>
 std::vector<T> tap_vectors(at::TensorList weights, const Geometry& g) {
   std::vector<T> taps(g.num_taps * g.Cp, T(0));
@@ -212,8 +253,8 @@ std::vector<T> tap_vectors(at::TensorList weights, const Geometry& g) {
     const T* src = w.const_data_ptr<T>();
     const int64_t k = w.size(2);
     for (int64_t t = 0; t < k * k; ++t) {
-      for (int64_t c = 0; c < g.C; ++c) {
-        taps[(g.tap_begin[i] + t) * g.Cp + c] = src[c * k * k + t];
+      for (int64_t l = 0; l < g.G * g.C; ++l) {
+        taps[(g.tap_begin[i] + t) * g.Cp + l] = src[l % g.C * k * k + t];
       }
     }
   }
@@ -337,19 +378,19 @@ FASTDARTS_ALWAYS_INLINE void mask_rows(T* g, int64_t g_row, const T* relu_x, int
 }
 
 // Zeroes what a pack into rows [r0, r1) and columns [c0, c1) of a tile leaves unwritten: only the border when
-// the pack fills every channel (C == Cp), the whole tile otherwise.
+// the pack fills every value of a column (C == col), the whole tile otherwise.
 template <typename T>
 FASTDARTS_ALWAYS_INLINE void clear_around(const Geometry& g, const TileShape& shape, T* tile, int64_t r0, int64_t r1,
                                           int64_t c0, int64_t c1) {
-  if (r0 >= r1 || g.C != g.Cp) {
+  if (r0 >= r1 || g.C != g.col) {
     std::fill(tile, tile + shape.size(), T(0));
     return;
   }
   std::fill(tile, tile + r0 * shape.row_stride, T(0));
   for (int64_t r = r0; r < r1; ++r) {
     T* row = tile + r * shape.row_stride;
-    std::fill(row, row + c0 * g.Cp, T(0));
-    std::fill(row + c1 * g.Cp, row + shape.row_stride, T(0));
+    std::fill(row, row + c0 * g.col, T(0));
+    std::fill(row + c1 * g.col, row + shape.row_stride, T(0));
   }
   std::fill(tile + r1 * shape.row_stride, tile + shape.size(), T(0));
 }
@@ -366,11 +407,11 @@ FASTDARTS_ALWAYS_INLINE void load_input_tile(const Geometry& g, const T* x, cons
     return;
   }
   const T* src = x + n * xs.n + y_lo * xs.h;
-  T* dst = tile + (y_lo - y_origin) * g.input.row_stride + g.P * g.Cp;
+  T* dst = tile + (y_lo - y_origin) * g.input.row_stride + g.P * g.col;
   if (relu) {
-    pack<T, true>(src, xs, y_hi - y_lo, g.W, g.C, dst, g.input.row_stride, g.Cp);
+    pack<T, true>(src, xs, y_hi - y_lo, g.W, g.C, dst, g.input.row_stride, g.col);
   } else {
-    pack<T, false>(src, xs, y_hi - y_lo, g.W, g.C, dst, g.input.row_stride, g.Cp);
+    pack<T, false>(src, xs, y_hi - y_lo, g.W, g.C, dst, g.input.row_stride, g.col);
   }
 }
 
@@ -386,7 +427,20 @@ FASTDARTS_ALWAYS_INLINE void load_grad_tile(const Geometry& g, const T* grad, co
     return;
   }
   pack<T, false>(grad + n * gs.n + ho_lo * gs.h, gs, ho_hi - ho_lo, g.Wo, g.C,
-                 tile + (ho_lo - ho_origin) * g.grad.row_stride + g.Pg * g.Cp, g.grad.row_stride, g.Cp);
+                 tile + (ho_lo - ho_origin) * g.grad.row_stride + g.Pg * g.col, g.grad.row_stride, g.col);
+}
+
+// One output row of kernel i (forward, z's recomputation) or of its transposed correlation (grad_x at stride 1)
+// into (onto, when accumulate) a tile row: packed, every loop step is one vector of G columns whose taps sit at
+// offsets of whole columns (C values), so the generic conv_row runs it; unpacked, depthwise_row.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void kernel_row(const Geometry& g, int64_t i, const T* in, const int64_t* offsets,
+                                        const T* taps, T* out, bool accumulate) {
+  if (g.G > 1) {
+    conv_row<T, kIsa>(in, g.Cp, offsets, taps, g.taps(i), out, g.Cp, g.loop_cols, g.Cp, accumulate);
+  } else {
+    depthwise_row<T, kIsa>(in, g.kernel_size[i], g.dilation[i], g.s, offsets, taps, out, g.Wo_r, g.Cp, accumulate);
+  }
 }
 
 template <typename T>
@@ -425,15 +479,14 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
       const T* in = tile + (ho - ho0) * g.s * g.input.row_stride;
       for (int64_t i = 0; i < K; ++i) {
         const int64_t t0 = g.tap_begin[i];
-        depthwise_row<T, kIsa>(in, g.kernel_size[i], g.dilation[i], g.s, g.offsets.data() + t0, f.taps + t0 * g.Cp,
-                               row, g.Wo_r, g.Cp, false);
+        kernel_row<T, kIsa>(g, i, in, g.offsets.data() + t0, f.taps + t0 * g.Cp, row, false);
         const T* result = row;
         if (f.pointwise != nullptr) {
-          pointwise_row<T, kIsa>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.Wo_r, g.C, g.Cp);
-          add_row_moments<T, kIsa>(pointwise_row_out, g.Wo, g.Cp, moments + i * 2 * g.Cp);
+          pointwise_row<T, kIsa>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.loop_cols, g.loop_C, g.Cp);
+          add_row_moments<T, kIsa>(pointwise_row_out, g.valid_cols, g.Cp, moments + i * 2 * g.Cp);
           result = pointwise_row_out;
         }
-        unpack(result, 0, g.Cp, 1, g.Wo, g.C, f.outs[i] + n * f.os.n + ho * f.os.h, f.os);
+        unpack(result, 0, g.col, 1, g.Wo, g.C, f.outs[i] + n * f.os.n + ho * f.os.h, f.os);
       }
     }
   }
@@ -478,14 +531,15 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_tile(const BackwardArgs<T>& b, int64
   clear_around(g, g.grad, grad_tile, ho_lo - ho_origin, ho_hi - ho_origin, g.Pg, g.Pg + g.Wo_r);
   const Strides& gs = b.gs[i];
   for (int64_t ho = ho_lo; ho < ho_hi; ++ho) {
-    pack<T, false>(b.grads[i] + n * gs.n + ho * gs.h, gs, 1, g.Wo, g.C, dt_row, 0, g.Cp);
+    pack<T, false>(b.grads[i] + n * gs.n + ho * gs.h, gs, 1, g.Wo, g.C, dt_row, 0, g.col);
     pointwise_row<T, kIsa>(dt_row, b.pointwise_transposed + i * g.Cp * g.Cp,
-                            grad_tile + (ho - ho_origin) * g.grad.row_stride + g.Pg * g.Cp, g.Wo_r, g.C, g.Cp);
+                            grad_tile + (ho - ho_origin) * g.grad.row_stride + g.Pg * g.col, g.loop_cols, g.loop_C,
+                            g.Cp);
     if (pointwise_partial != nullptr && ho >= ho0 && ho < ho1) {
       const int64_t t0 = g.tap_begin[i];
-      depthwise_row<T, kIsa>(input_tile + (ho - ho0) * g.s * g.input.row_stride, g.kernel_size[i], g.dilation[i],
-                             g.s, g.offsets.data() + t0, b.taps + t0 * g.Cp, z_row, g.Wo_r, g.Cp, false);
-      pointwise_grad_row<T, kIsa>(dt_row, z_row, pointwise_partial + i * g.Cp * g.Cp, g.Wo, g.C, g.Cp);
+      kernel_row<T, kIsa>(g, i, input_tile + (ho - ho0) * g.s * g.input.row_stride, g.offsets.data() + t0,
+                          b.taps + t0 * g.Cp, z_row, false);
+      pointwise_grad_row<T, kIsa>(dt_row, z_row, pointwise_partial + i * g.Cp * g.Cp, g.valid_cols, g.loop_C, g.Cp);
     }
   }
 }
@@ -500,7 +554,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
   const int64_t K = static_cast<int64_t>(b.grads.size());
   const bool want_input_tile =
       b.partials != nullptr || b.pointwise_partials != nullptr || (b.grad_x != nullptr && b.relu);
-  const int64_t grad_x_row = g.gx_cols * g.Cp;
+  const int64_t grad_x_row = g.gx_cols * g.col;
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     const int64_t n = chunk / g.chunks_per_image;
     const int64_t ho0 = chunk % g.chunks_per_image * g.chunk_rows;
@@ -529,9 +583,9 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
       if (partial != nullptr) {
         const int64_t t0 = g.tap_begin[i];
         for (int64_t ho = ho0; ho < ho1; ++ho) {
-          grad_weight_row<T, kIsa>(grad_tile + (ho - ho0 + g.Pg) * g.grad.row_stride + g.Pg * g.Cp,
+          grad_weight_row<T, kIsa>(grad_tile + (ho - ho0 + g.Pg) * g.grad.row_stride + g.Pg * g.col,
                                     input_tile + (ho - ho0) * g.s * g.input.row_stride, g.s * g.Cp,
-                                    g.offsets.data() + t0, g.taps(i), partial + t0 * g.Cp, g.Wo_r, g.Cp);
+                                    g.offsets.data() + t0, g.taps(i), partial + t0 * g.Cp, g.loop_cols, g.Cp);
         }
       }
       if (b.grad_x != nullptr) {
@@ -544,8 +598,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
             const int64_t list = (py * g.s + px) * K + i;
             const int64_t t0 = g.phase_begin[list];
             if (g.s == 1) {  // one phase: every tap, the kernel flipped, a correlation of the gradient tile
-              depthwise_row<T, kIsa>(in, g.kernel_size[i], g.dilation[i], 1, g.phase_offsets.data() + t0,
-                                     b.phase_taps + t0 * g.Cp, out, g.Wo_r, g.Cp, i > 0);
+              kernel_row<T, kIsa>(g, i, in, g.phase_offsets.data() + t0, b.phase_taps + t0 * g.Cp, out, i > 0);
             } else {
               conv_row<T, kIsa>(in, g.Cp, g.phase_offsets.data() + t0, b.phase_taps + t0 * g.Cp,
                                 g.phase_begin[list + 1] - t0, out + px * g.Cp, g.s * g.Cp, g.Wo_r, g.Cp, i > 0);
@@ -556,10 +609,10 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
     }
     if (b.grad_x != nullptr) {
       if (b.relu) {  // input row y0 is input tile row P
-        mask_rows(grad_x_rows, grad_x_row, input_tile + g.P * g.input.row_stride + g.P * g.Cp, g.input.row_stride,
-                  y1 - y0, g.W * g.Cp);
+        mask_rows(grad_x_rows, grad_x_row, input_tile + g.P * g.input.row_stride + g.P * g.col, g.input.row_stride,
+                  y1 - y0, g.W * g.col);
       }
-      unpack(grad_x_rows, grad_x_row, g.Cp, y1 - y0, g.W, g.C, b.grad_x + n * b.gxs.n + y0 * b.gxs.h, b.gxs);
+      unpack(grad_x_rows, grad_x_row, g.col, y1 - y0, g.W, g.C, b.grad_x + n * b.gxs.n + y0 * b.gxs.h, b.gxs);
     }
   }
   store_fence();
@@ -602,11 +655,13 @@ std::vector<T> pointwise_matrices(at::TensorList pointwise, const Geometry& g, b
   for (size_t i = 0; i < pointwise.size(); ++i) {
     const at::Tensor p = pointwise[i].contiguous();
     const T* src = p.const_data_ptr<T>();
-    for (int64_t out = 0; out < g.C; ++out) {
-      for (int64_t in = 0; in < g.C; ++in) {
-        const int64_t j = transposed ? out : in;
-        const int64_t c = transposed ? in : out;
-        m[(i * g.Cp + j) * g.Cp + c] = src[out * g.C + in];
+    for (int64_t block = 0; block < g.G * g.C; block += g.C) {  // one diagonal block per column of a vector
+      for (int64_t out = 0; out < g.C; ++out) {
+        for (int64_t in = 0; in < g.C; ++in) {
+          const int64_t j = block + (transposed ? out : in);
+          const int64_t c = block + (transposed ? in : out);
+          m[(i * g.Cp + j) * g.Cp + c] = src[out * g.C + in];
+        }
       }
     }
   }
@@ -646,7 +701,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Te
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_dwconv_cpu", [&] {
     const CpuIsa isa = cpu_isa();  // once per call, before the threads start
-    const Geometry g(x, weights, dilations, stride, kVecLanes<scalar_t>);
+    const Geometry g(x, weights, dilations, stride, kVecLanes<scalar_t>, with_pointwise);
     const std::vector<scalar_t> taps = tap_vectors<scalar_t>(weights, g);
     std::vector<scalar_t> matrices;
     std::vector<double> moments;  // [num_chunks][K][2][Cp]
@@ -663,10 +718,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Te
     if (x.numel() > 0) {
       at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
         at::Tensor tile = scratch(g.input.size(), x);
-        at::Tensor rows = scratch((with_pointwise ? 2 : 1) * g.Wo_r * g.Cp, x);
+        at::Tensor rows = scratch((with_pointwise ? 2 : 1) * g.Wo_r * g.col, x);
         scalar_t* row = rows.data_ptr<scalar_t>();
         FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_chunks, scalar_t, f, begin, end, tile.data_ptr<scalar_t>(), row,
-                                   row + g.Wo_r * g.Cp);
+                                   row + g.Wo_r * g.col);
       });
     }
     if (with_pointwise) {
@@ -677,8 +732,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Te
       scalar_t* v = var.data_ptr<scalar_t>();
       for (int64_t i = 0; i < K; ++i) {
         for (int64_t c = 0; c < g.C; ++c) {
-          const double mu = total[i * 2 * g.Cp + c] / count;
-          const double second = total[i * 2 * g.Cp + g.Cp + c] / count;
+          const double mu = g.lane_sum(total.data() + i * 2 * g.Cp, c) / count;
+          const double second = g.lane_sum(total.data() + i * 2 * g.Cp + g.Cp, c) / count;
           m[i * g.C + c] = static_cast<scalar_t>(mu);
           v[i * g.C + c] = static_cast<scalar_t>(std::max(second - mu * mu, 0.0));
         }
@@ -717,7 +772,7 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_dwconv_backward_cpu", [&] {
     const CpuIsa isa = cpu_isa();  // once per call, before the threads start
-    const Geometry g(x, weights, dilations, stride, kVecLanes<scalar_t>);
+    const Geometry g(x, weights, dilations, stride, kVecLanes<scalar_t>, with_pointwise);
     const std::vector<scalar_t> taps = tap_vectors<scalar_t>(weights, g);
     std::vector<scalar_t> phase_taps;
     if (input_grad) {
@@ -759,13 +814,13 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
         const bool want_input_tile = weight_grad || relu;
         at::Tensor input_tile = scratch(want_input_tile ? g.input.size() : 0, x);
         at::Tensor grad_tile = scratch(g.grad.size(), x);
-        at::Tensor grad_x_rows = scratch(input_grad ? g.chunk_rows * g.s * g.gx_cols * g.Cp : 0, x);
+        at::Tensor grad_x_rows = scratch(input_grad ? g.chunk_rows * g.s * g.gx_cols * g.col : 0, x);
         // dt_row must be zero wherever the pack of one dt row does not write (pointwise_grad_tile).
-        at::Tensor rows = at::zeros({with_pointwise ? 2 * g.Wo_r * g.Cp : 0}, input_tile.options());
+        at::Tensor rows = at::zeros({with_pointwise ? 2 * g.Wo_r * g.col : 0}, input_tile.options());
         scalar_t* dt_row = rows.data_ptr<scalar_t>();
         FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_chunks, scalar_t, b, begin, end, input_tile.data_ptr<scalar_t>(),
                                    grad_tile.data_ptr<scalar_t>(), grad_x_rows.data_ptr<scalar_t>(), dt_row,
-                                   with_pointwise ? dt_row + g.Wo_r * g.Cp : nullptr);
+                                   with_pointwise ? dt_row + g.Wo_r * g.col : nullptr);
       });
     }
     if (weight_grad) {
@@ -775,7 +830,7 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
         const int64_t k = weights[i].size(2);
         for (int64_t c = 0; c < g.C; ++c) {
           for (int64_t t = 0; t < k * k; ++t) {
-            gw[c * k * k + t] = static_cast<scalar_t>(total[(g.tap_begin[i] + t) * g.Cp + c]);
+            gw[c * k * k + t] = static_cast<scalar_t>(g.lane_sum(total.data() + (g.tap_begin[i] + t) * g.Cp, c));
           }
         }
       }
@@ -786,7 +841,11 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
           scalar_t* gp = grad_pointwise[i].data_ptr<scalar_t>();  // contiguous [C, C, 1, 1]: [out][in]
           for (int64_t out = 0; out < g.C; ++out) {
             for (int64_t in = 0; in < g.C; ++in) {
-              gp[out * g.C + in] = static_cast<scalar_t>(sums[(i * g.Cp + out) * g.Cp + in]);
+              double sum = 0.0;  // over the diagonal blocks, one per column of a packed vector
+              for (int64_t block = 0; block < g.G * g.C; block += g.C) {
+                sum += sums[(i * g.Cp + block + out) * g.Cp + block + in];
+              }
+              gp[out * g.C + in] = static_cast<scalar_t>(sum);
             }
           }
         }

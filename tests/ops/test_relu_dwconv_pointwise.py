@@ -14,6 +14,9 @@ from .test_relu_dwconv import DARTS, TOLERANCES, assert_all_close, make_inputs
 KERNELS = {"one": [(3, 1)], "darts": DARTS}
 # Batch 1 and 3; C 4, 5 (not a whole vector) and 16; odd and even sizes.
 SHAPES = [(1, 4, 7, 7), (3, 5, 9, 9), (3, 16, 8, 8), (2, 16, 9, 7), (3, 4, 9, 9)]
+# Narrow channels that the CPU kernels pack several columns to a vector: C divides 16 and Wo C is a multiple of 16,
+# at widths where packing saves work (8 and 16 columns to a vector in float32, a tail of padding columns at 36).
+SHAPES += [(3, 8, 5, 10), (1, 4, 5, 36), (2, 2, 3, 64)]
 SHAPE_IDS = ["x".join(map(str, shape)) for shape in SHAPES]
 # The batch statistics: sums over up to 3 * 81 values of the outputs.
 STAT_TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
