@@ -197,8 +197,14 @@ class SearchConfig(CommonConfig):
     pcdarts_warmup_epochs: int | None = option(None, "pc-darts: first epochs that train the weights alone (default: "
                                                "15 of every 50 epochs, rounded down)", low=0, method="pc-darts",
                                                setting="warmup_epochs")  # fmt: skip
-    drnas_k: int = option(4, "drnas: the ops compute on 1/K of each edge's channels (init_channels must be a "
-                          "multiple of K)", low=1, method="drnas", setting="k")  # fmt: skip
+    drnas_k: int = option(4, "drnas: the ops compute on 1/K of each edge's channels (in the second stage when "
+                          "drnas_k_first differs; init_channels must be a multiple of K)", low=1, method="drnas",
+                          setting="k")  # fmt: skip
+    drnas_k_first: int | None = option(None, "drnas: the first stage's K; above drnas_k, the second stage widens the "
+                                       "ops from 1/drnas_k_first to 1/drnas_k of the channels (Net2Wider) and "
+                                       "restarts the weights' SGD at learning_rate (default: drnas_k, no widening; "
+                                       "the published 6 on cifar10, cifar100 and folder data)", low=1,
+                                       method="drnas", setting="k_first")  # fmt: skip
     drnas_prune_to: int = option(4, "drnas: ops each edge keeps in the second stage", low=1, high=7, method="drnas",
                                  setting="prune_to")  # fmt: skip
     drnas_warmup_epochs: int | None = option(None, "drnas: first epochs of each stage that train the weights alone "
@@ -228,7 +234,12 @@ class SearchConfig(CommonConfig):
         "fair-darts": dict(batch_size=128, learning_rate=0.005, arch_learning_rate=3e-3, arch_beta1=0.9),
         "gdas": dict(batch_size=256, epochs=250),
         "pc-darts": dict(batch_size=256, learning_rate=0.1, arch_learning_rate=6e-4),
-        "drnas": dict(init_channels=36, layers=20, learning_rate=0.1, arch_learning_rate=6e-4),
+        "drnas": dict(init_channels=36, layers=20, learning_rate=0.1, arch_learning_rate=6e-4, drnas_k_first=6),
+    }
+    # The options whose value K has a method's edges compute on 1/K of their channels, in some stage of its search.
+    PARTIAL_CHANNEL_OPTIONS: typing.ClassVar[dict[str, tuple[str, ...]]] = {
+        "pc-darts": ("pcdarts_k",),
+        "drnas": ("drnas_k_first", "drnas_k"),
     }
 
     def preset(self) -> dict[str, typing.Any]:
@@ -248,14 +259,23 @@ class SearchConfig(CommonConfig):
                 raise ConfigError(f"{f.name} is an option of --method {owner}, not of {self.method}")
         if self.pgd_steps != type(self).pgd_steps and self.perturbation != "adv":
             raise ConfigError("pgd_steps is an option of the adversarial perturbation (--perturbation adv)")
+        if self.method == "drnas" and self.drnas_k_first is not None and self.drnas_k_first != self.drnas_k:
+            if self.drnas_k_first < self.drnas_k:
+                raise ConfigError(f"drnas_k_first ({self.drnas_k_first}) must be at least drnas_k ({self.drnas_k}): "
+                                  "the second stage widens the ops to 1/drnas_k of the channels, never narrows "
+                                  "them")  # fmt: skip
+            if self.epochs is not None and self.epochs < 2:
+                raise ConfigError(f"drnas_k_first ({self.drnas_k_first}) above drnas_k ({self.drnas_k}) widens the "
+                                  "network at the second stage, epoch epochs // 2: it needs epochs >= 2")  # fmt: skip
         try:  # settings each valid alone may still not go together (a final temperature above the first)
             method = METHODS[self.method](**self.method_settings())
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        groups = method.network_style.partial_channels
-        if self.init_channels is not None and self.init_channels % groups:
-            raise ConfigError(f"init_channels ({self.init_channels}) must be a multiple of {groups}: {self.method}'s "
-                              f"edges compute on 1/{groups} of their channels")  # fmt: skip
+        for name in self.PARTIAL_CHANNEL_OPTIONS.get(self.method, ()):
+            groups = getattr(self, name)
+            if groups is not None and self.init_channels is not None and self.init_channels % groups:
+                raise ConfigError(f"init_channels ({self.init_channels}) must be a multiple of {groups} ({name}): "
+                                  f"{self.method}'s edges compute on 1/{groups} of their channels")  # fmt: skip
         check_fixed_reduction(method.network_style.fixed_reduction, self.init_channels)
 
     def method_settings(self) -> dict:

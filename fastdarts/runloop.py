@@ -181,6 +181,12 @@ def make_run_dir(out: str | None, kind: str) -> Path:
     raise ConfigError("could not create a new run directory under runs/")
 
 
+def checkpoint_misfit(run_dir: Path, error: Exception) -> FastDartsError:
+    """The one-line error of a checkpoint in `run_dir` whose state does not load (`error`): another network's, or
+    another version's."""
+    return mark_shared(FastDartsError(f"{Path(run_dir) / CHECKPOINT} does not fit this run ({summary(error)})"))
+
+
 class Run:
     """A run directory and the state that continues it.
 
@@ -211,7 +217,7 @@ class Run:
             set_rng_state(checkpoint["rng"], generator)
             metrics = "".join(json.dumps(r) + "\n" for r in self.history)
         except Exception as e:  # the checkpoint of another network or version: name it, in one line
-            raise mark_shared(FastDartsError(f"{self.dir / CHECKPOINT} does not fit this run ({summary(e)})")) from None
+            raise checkpoint_misfit(self.dir, e) from None
         if world.writes:
             atomic_write_text(self.dir / METRICS, metrics)
 

@@ -23,12 +23,13 @@ from .bilevel import Architect, weight_step
 from .checkpoint import atomic_write_text
 from .config import SearchConfig, run_cli
 from .data import BatchJob, Images, load_dataset, random_batch, shuffled_batches, split_indices, step_seed, to_device
-from .distributed import SINGLE, World
+from .distributed import SINGLE, World, mark_shared
+from .errors import ConfigError
 from .methods import make_method
 from .plots import plot_run
-from .runloop import Run, entry_point, evaluate, make_run_dir, seed_everything, start_config
+from .runloop import Run, checkpoint_misfit, entry_point, evaluate, make_run_dir, seed_everything, start_config
 from .space import Genotype
-from .supernet import SearchNetwork
+from .supernet import SearchNetwork, Widening, widen_partial_channels, widened
 
 
 @dataclass
@@ -76,10 +77,14 @@ class SearchTask:
             val.close()
 
     def begin_epoch(self, epoch: int) -> dict:
-        self.lr = self.scheduler.get_last_lr()[0]
-        self.model.method.set_epoch(epoch, self.config.epochs)
+        method = self.model.method
+        method.set_epoch(epoch, self.config.epochs)
         with torch.no_grad():
-            self.model.method.prepare_architecture(self.model.arch_parameters_by_cell())
+            method.prepare_architecture(self.model.arch_parameters_by_cell())
+        k = method.network_style.partial_channels
+        if k != self.model.partial_channels:  # DrNAS's second stage (a resumed one was built wide: nothing to do)
+            restart_weight_optimizer(self.weight_optimizer, widen_partial_channels(self.model, k, method.generator))
+        self.lr = self.weight_optimizer.param_groups[0]["lr"]  # the scheduler's, or the restart's
         self.model.train()
         return {"lr": self.lr, **self.model.method.epoch_settings()}
 
@@ -132,6 +137,11 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
     world = distributed.world()
     config, checkpoint = world.from_writer(start_config, SearchConfig, "search", config, resume, **overrides)
     world.check_batch_size(config.batch_size)
+    method = make_method(config.method, **config.method_settings())
+    if method.widens_network and not world.alone:
+        raise mark_shared(ConfigError(f"{method.name} widens its network during the search (drnas_k_first above "
+                                      "drnas_k), which fastdarts does in one process only: run it without torchrun, "
+                                      "or with one partial-channel factor"))  # fmt: skip
     device = distributed.run_device(config.device)
     seed_everything(config.seed)
     train = load_dataset(config.dataset, config.data, "train", **config.data_options())
@@ -143,7 +153,12 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
         train_idx, val_idx = torch.arange(len(train)), torch.arange(len(val))
     run_dir = Path(resume) if resume is not None else world.from_writer(make_run_dir, config.out, "search")
 
-    method = make_method(config.method, **config.method_settings())
+    if checkpoint is not None and method.widens_network:
+        # The network is built as wide as the method's state says it had become; Run then loads that state again.
+        try:
+            method.load_state_dict(checkpoint["method"])
+        except Exception as e:
+            raise checkpoint_misfit(run_dir, e) from None
     model = SearchNetwork(config.init_channels, train.num_classes, config.layers, train.in_channels, method=method,
                           recompute=config.recompute).to(device)  # fmt: skip
     weight_optimizer = torch.optim.SGD(
@@ -187,6 +202,23 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
         print(f"warning: the {cell} cell has no op but 'none' (it outputs zeros): its architecture has not decided "
               f"yet; search longer{method.undecided_hint()}", file=sys.stderr)  # fmt: skip
     return SearchResult(genotype, history, run_dir)
+
+
+def restart_weight_optimizer(optimizer: torch.optim.SGD, widenings: dict[torch.nn.Parameter, Widening]) -> None:
+    """The weights' SGD after `widen_partial_channels` (`widenings`: how each parameter grew), as DrNAS restarts it:
+    its momentum buffers widened as their parameters were, and every group's learning rate back at its initial one.
+
+    The published code builds a new SGD with the same settings, copies the momentum buffers into it and loads the
+    cosine scheduler's state into a new scheduler; carrying on with the same SGD and scheduler computes the same (SGD
+    keeps no state but the momentum buffers). The chainable cosine step then goes on from the initial rate lr_0: at
+    the epochs e >= s of the second stage, lr_e = eta_min + (lr_0 - eta_min)(1 + cos(pi e/T)) / (1 + cos(pi s/T))
+    (the published 50 epochs, s = 25, eta_min 0: 0.1 (1 + cos(pi e/50)), twice the cosine; METHODS_MORE.md 4c)."""
+    for p, steps in widenings.items():
+        buffer = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buffer is not None:
+            optimizer.state[p]["momentum_buffer"] = widened(buffer, steps)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"]
 
 
 def architecture_record(model: SearchNetwork) -> dict:

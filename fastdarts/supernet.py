@@ -19,9 +19,12 @@ from .ops.reference import check_flag, partial_channel_edge, split_partial_chann
 from .space import (
     OPS,
     PRIMITIVES,
+    DilConv,
     FactorizedReduce,
     Genotype,
+    Identity,
     ReLUConvBN,
+    SepConv,
     Zero,
     cell_edge_count,
     drop_running_statistics,
@@ -99,7 +102,7 @@ class MixedOp(nn.Module):
         if C % partial_channels:
             raise ValueError(f"MixedOp: {C} channels do not split into {partial_channels} partial-channel groups")
         self.partial_channels = partial_channels
-        C = C // partial_channels  # the channels the ops compute on
+        C = self.width = C // partial_channels  # the channels the ops compute on
         candidates = []
         for name in _COMPUTED:
             op = OPS[name](C, stride, False)
@@ -356,6 +359,7 @@ class SearchNetwork(nn.Module):
         C_prev_prev, C_prev, C_curr = C_curr, C_curr, C
         reduction_prev = False
         style = self.method.network_style
+        self.partial_channels = style.partial_channels  # K of every mixed op (widen_partial_channels changes it)
         cells = []
         for i in range(layers):
             reduction = i in self.reduction_indices
@@ -463,3 +467,106 @@ class SearchNetwork(nn.Module):
             reduce=reduce,
             reduce_concat=self.method.cell_concat(reduce, self.steps, self.multiplier),
         )
+
+
+# How a tensor grows along its channel dimensions: steps (dim, source), each `t = t.index_select(dim, source)`, where
+# source[j] is the old channel that new channel j holds (the old channels first, in order, then the copies).
+Widening = tuple[tuple[int, torch.Tensor], ...]
+
+
+def widened(t: torch.Tensor, steps: Widening) -> torch.Tensor:
+    """`t` grown by `steps` (a parameter's, to grow its momentum buffer the same way)."""
+    for dim, source in steps:
+        t = t.index_select(dim, source.to(t.device))
+    return t
+
+
+@torch.no_grad()
+def widen_partial_channels(model: SearchNetwork, k: int, generator: torch.Generator) -> dict[nn.Parameter, Widening]:
+    """Widen the partial-channel mixed ops of `model` from C/K to C/k of their channels (K `model.partial_channels`,
+    k < K), as DrNAS's `model.wider(k)` does at its second stage, by its Net2Wider rule; returns how each widened
+    parameter grew (the same Parameter objects, given new data), for the weights' optimizer (`widened`).
+
+    Every op on an edge's processed channels takes more input channels (those the bypass no longer gets) and gives
+    as many more outputs. Each new channel of a depthwise conv, a pointwise conv's output, a FactorizedReduce conv's
+    input or output and a pool's BN is a copy of an old one drawn uniformly from `generator`, one draw per tensor in
+    the published order (per edge the ops in PRIMITIVES order; a SepConv's blocks in turn); the pointwise conv after
+    a depthwise one copies its input columns by the depthwise conv's draw, not divided by how often a channel is
+    copied (the published code does not), and each BN (its running statistics, and its weight and bias if affine)
+    follows the draw of the conv before it. The new input channels carry other data than the channels they copy, so
+    the network's function changes, as in the published search. One deliberate difference: a FactorizedReduce's BN
+    follows the copies of each of its two convs (the published code appends them after both halves, which mixes up
+    its running statistics). Pruned ops are widened too: the published code widens every op.
+    """
+    K = model.partial_channels
+    if not (isinstance(k, int) and 1 <= k < K):
+        raise ValueError(f"widen_partial_channels: k must be an integer in 1..{K - 1} (the network's K is {K}), "
+                         f"got {k!r}")  # fmt: skip
+    steps: dict[nn.Parameter, Widening] = {}
+
+    def copies(old: int, new: int) -> torch.Tensor:
+        return torch.cat([torch.arange(old), torch.randint(old, (new - old,), generator=generator)])
+
+    def grow(module: nn.Module, name: str, grown: Widening) -> None:
+        tensor = getattr(module, name)
+        if tensor is None:  # an affine-free BN's weight, a BN without running statistics
+            return
+        if isinstance(tensor, nn.Parameter):
+            tensor.data = widened(tensor.data, grown)
+            tensor.grad = None
+            steps[tensor] = grown
+        else:
+            setattr(module, name, widened(tensor, grown))
+
+    def grow_bn(bn: nn.BatchNorm2d, source: torch.Tensor) -> None:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            grow(bn, name, ((0, source),))
+        bn.num_features = len(source)
+
+    def grow_conv(conv: nn.Conv2d, in_source: torch.Tensor | None, out_source: torch.Tensor) -> None:
+        grown = ((0, out_source),) if in_source is None else ((1, in_source), (0, out_source))
+        grow(conv, "weight", grown)
+        conv.out_channels = len(out_source)
+        if in_source is None:  # depthwise: a group per channel
+            conv.in_channels = conv.groups = len(out_source)
+        else:
+            conv.in_channels = len(in_source)
+
+    def widen_op(op: nn.Module, old: int, new: int) -> None:
+        if isinstance(op, SepConv):
+            for block in op:
+                widen_op(block, old, new)
+        elif isinstance(op, DilConv):
+            _, depthwise, pointwise, bn = op
+            source = copies(old, new)
+            grow_conv(depthwise, None, source)
+            out = copies(old, new)
+            grow_conv(pointwise, source, out)
+            grow_bn(bn, out)
+        elif isinstance(op, FactorizedReduce):
+            if new % 2:
+                raise ValueError(f"widen_partial_channels: a FactorizedReduce needs an even number of channels, "
+                                 f"got {new}")  # fmt: skip
+            halves = []
+            for conv in (op.conv_1, op.conv_2):
+                inputs = copies(old, new)
+                halves.append(copies(old // 2, new // 2))
+                grow_conv(conv, inputs, halves[-1])
+            grow_bn(op.bn, torch.cat([halves[0], old // 2 + halves[1]]))
+        elif isinstance(op, nn.Sequential):  # a pool and its BN
+            for m in op:
+                if isinstance(m, nn.BatchNorm2d):
+                    grow_bn(m, copies(old, new))
+        elif not isinstance(op, (nn.MaxPool2d, nn.AvgPool2d, Identity)):
+            raise TypeError(f"widen_partial_channels: no widening rule for a {type(op).__name__}")
+
+    for edge in (m for m in model.modules() if isinstance(m, MixedOp)):
+        channels = edge.width * K
+        if channels % k:
+            raise ValueError(f"widen_partial_channels: {channels} channels do not split into {k} partial-channel "
+                             f"groups")  # fmt: skip
+        for op in edge.candidates:
+            widen_op(op, edge.width, channels // k)
+        edge.width, edge.partial_channels = channels // k, k
+    model.partial_channels = k
+    return steps

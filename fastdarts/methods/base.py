@@ -11,7 +11,8 @@ parameters after the op columns), `CellWeights.mask` (ops not computed) and `.ed
 edge's whole output), `NetworkStyle.partial_channels` (ops on a channel slice), `trains_architecture`
 (a warm-up), `prepare_architecture` (changes to the parameters at an epoch's start, such as pruning),
 `cell_edge_weights`/`derive_cell_of` (a cell type's own state, such as its pruned ops),
-`arch_weight_decay` (the architecture optimiser's weight decay as the method's regulariser), `weight_step`
+`arch_weight_decay` (the architecture optimiser's weight decay as the method's regulariser), `widens_network`
+(a network whose partial channels widen during the search, with the weights' SGD restarted), `weight_step`
 (a change to the weight step's forward pass), `auxiliary_skip` and `cell_concat`.
 """
 
@@ -93,8 +94,14 @@ class Method(ABC):
     # True when every forward pass draws new random edge weights (then the finite-difference
     # second-order step, which compares several forward passes, does not apply).
     samples_each_forward: ClassVar[bool] = False
-    # The search network the method's published code trains (an instance attribute may override it).
+    # The search network the method's published code trains (an instance attribute or a property may override it).
     network_style: NetworkStyle = NetworkStyle()
+    # True when network_style.partial_channels falls during the search (DrNAS's second stage, after the pruning of
+    # `prepare_architecture`): at each epoch's start the search widens the network's mixed ops to it
+    # (supernet.widen_partial_channels, drawing from the method's `generator`) and restarts the weights' SGD and its
+    # cosine schedule at the initial learning rate. Its state must then say which width it has reached, so a resumed
+    # search builds the network as wide.
+    widens_network: bool = False
     # The candidate ops by name, in the column order of the architecture parameters (an instance attribute
     # may override it): a subset of space.PRIMITIVES in any order; the supernet never computes the others.
     primitives: tuple[str, ...] = PRIMITIVES

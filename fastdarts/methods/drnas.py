@@ -4,10 +4,12 @@ two-stage progressive search that prunes each edge to its best ops halfway.
 Each forward pass draws, for every edge, `w ~ Dirichlet(elu(alpha) + 1)` (reparameterised: the architecture
 gradient flows through the sample), one draw per edge shared by every cell of a type and the whole batch. The
 7 ops exclude `none`. At the start of the second stage each edge keeps its `prune_to` largest alphas (the others
-are set to 0) and computes only those, its sample renormalised over them. The architecture is frozen for the
-first epochs of each stage (10 of 25 in the published run). Regulariser: "l2", a weight decay `reg_scale` on
-alpha in the architecture's Adam (pulling the concentration towards 1, the uniform Dirichlet), or "kl",
-`reg_scale * sum_edges KL(Dir(elu(alpha) + 1) || Dir(1))` added to the architecture loss.
+are set to 0) and computes only those, its sample renormalised over them; with a first-stage partial-channel factor
+`k_first` above `k` (the published 6 and 4), the search then widens the ops from C/k_first to C/k channels and
+restarts the weights' SGD and cosine schedule (`network_style`, `supernet.widen_partial_channels`). The
+architecture is frozen for the first epochs of each stage (10 of 25 in the published run). Regulariser: "l2", a
+weight decay `reg_scale` on alpha in the architecture's Adam (pulling the concentration towards 1, the uniform
+Dirichlet), or "kl", `reg_scale * sum_edges KL(Dir(elu(alpha) + 1) || Dir(1))` added to the architecture loss.
 """
 
 from __future__ import annotations
@@ -66,20 +68,24 @@ def _check_int(name: str, value: object, low: int) -> None:
 class DrNASMethod(Method):
     """Dirichlet-sampled op weights over 7 ops (no `none`), partial channels, two stages with pruning.
 
-    k: the ops compute on 1/k of each edge's channels (the published run: 6 in the first stage, then 4 with the
-    network widened; here one k for both stages). prune_to: ops each edge keeps in the second stage, which starts
-    at epoch `epochs // 2`. warmup_epochs: first epochs of each stage that train the weights alone (None: 10 of
-    every 25 epochs of the stage, rounded down). The genotype is DARTS's rule on softmax(alpha), renormalised over
-    the kept ops.
+    k: the ops compute on 1/k of each edge's channels in the second stage, which starts at epoch `epochs // 2`.
+    k_first: the factor of the first stage (None: k). Above k (the published run: 6, then 4), the second stage
+    widens the network: at its first epoch, after the pruning, the search widens the ops to C/k channels
+    (`supernet.widen_partial_channels`, drawing from this method's generator) and restarts the weights' SGD at the
+    initial learning rate, its momentum buffers widened alike. prune_to: ops each edge keeps in the second stage.
+    warmup_epochs: first epochs of each stage that train the weights alone (None: 10 of every 25 epochs of the
+    stage, rounded down). The genotype is DARTS's rule on softmax(alpha), renormalised over the kept ops.
     """
 
     name = "drnas"
     samples_each_forward = True
     primitives = tuple(name for name in PRIMITIVES if name != "none")
 
-    def __init__(self, *, k: int = 4, prune_to: int = 4, warmup_epochs: int | None = None, reg: str = "l2",
-                 reg_scale: float = 1e-3, seed: int = 0):  # fmt: skip
+    def __init__(self, *, k: int = 4, k_first: int | None = None, prune_to: int = 4, warmup_epochs: int | None = None,
+                 reg: str = "l2", reg_scale: float = 1e-3, seed: int = 0):  # fmt: skip
         _check_int("k", k, 1)
+        if k_first is not None:
+            _check_int("k_first", k_first, k)  # the second stage widens the ops, never narrows them
         _check_int("prune_to", prune_to, 1)
         if prune_to > len(self.primitives):
             raise ValueError(f"DrNASMethod: prune_to ({prune_to}) cannot exceed the {len(self.primitives)} ops")
@@ -93,7 +99,8 @@ class DrNASMethod(Method):
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"DrNASMethod: seed must be an integer, got {seed!r}")
         self.k, self.prune_to, self.warmup_epochs, self.reg, self.reg_scale = k, prune_to, warmup_epochs, reg, reg_scale
-        self.network_style = NetworkStyle(partial_channels=k)
+        self.k_first = k if k_first is None else k_first
+        self.widens_network = self.k_first != k
         # "l2" is the architecture optimiser's weight decay; "kl" a term of the loss, with no weight decay.
         self.arch_weight_decay = reg_scale if reg == "l2" else 0.0
         self.generator = torch.Generator().manual_seed(seed)
@@ -125,9 +132,18 @@ class DrNASMethod(Method):
         return self.reg_scale * sum(kl)
 
     # Schedule --------------------------------------------------------------------------------------------------
+    @property
+    def network_style(self) -> NetworkStyle:
+        """Partial channels 1/k_first in the first stage, 1/k from the pruning on: the masks (in the checkpoint) say
+        which, so a search resumed in its second stage builds its network as wide as it had become."""
+        return NetworkStyle(partial_channels=self.k if self.masks else self.k_first)
+
     def set_epoch(self, epoch: int, epochs: int) -> None:
         check_epoch(epoch, epochs)
         first_stage = epochs // 2
+        if self.widens_network and first_stage == 0:
+            raise ValueError(f"DrNASMethod: k_first ({self.k_first}) above k ({self.k}) widens the network after a "
+                             f"first stage of epochs // 2 epochs: it needs epochs >= 2, got {epochs}")  # fmt: skip
         self.stage = 1 if epoch < first_stage else 2
         start, length = (0, first_stage) if self.stage == 1 else (first_stage, epochs - first_stage)
         warmup = length * WARMUP_SHARE[0] // WARMUP_SHARE[1] if self.warmup_epochs is None else self.warmup_epochs
