@@ -109,8 +109,9 @@ class FactorizedReduce(nn.Module):
         self.conv_2 = nn.Conv2d(C_in, C_out // 2, 1, stride=2, bias=False)
         self.bn = nn.BatchNorm2d(C_out, affine=affine)
 
-    def forward(self, x):
-        return self.bn(ops.reference.factorized_reduce(x, self.conv_1.weight, self.conv_2.weight))
+    def forward(self, x, relu: bool = True):
+        """relu=False: x is already the ReLU's output."""
+        return self.bn(ops.reference.factorized_reduce(x, self.conv_1.weight, self.conv_2.weight, relu))
 
 
 def drop_running_statistics(module: nn.Module) -> None:

@@ -214,6 +214,16 @@ def edges_leaving(
     return outs
 
 
+def _preprocess(module: ReLUConvBN | FactorizedReduce, s: torch.Tensor, relu_applied: bool) -> torch.Tensor:
+    """A cell's preprocessing of input s, or of s = relu(input) when relu_applied (the module's ReLU skipped)."""
+    if not relu_applied:
+        return module(s)
+    if isinstance(module, FactorizedReduce):
+        return module(s, relu=False)
+    _, conv, bn = module
+    return bn(conv(s))
+
+
 class SearchCell(nn.Module):
     """A DAG of `steps` nodes over two inputs; each node sums the mixed ops from all its predecessors."""
 
@@ -244,16 +254,19 @@ class SearchCell(nn.Module):
         columns: Sequence[Columns] | None = None,
         auxiliary_skip: float | None = None,
         edge_scale: torch.Tensor | None = None,
+        inputs_relu: bool = False,
     ) -> torch.Tensor:
         """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all);
         `auxiliary_skip`, the weight of every edge's auxiliary skip (a cell built with them; columns None);
-        `edge_scale` `[num_edges]`, a factor on each edge's whole output (None: 1).
+        `edge_scale` `[num_edges]`, a factor on each edge's whole output (None: 1); `inputs_relu`, s0 and s1 are
+        already the ReLUs the preprocessing starts with (SearchNetwork computes each state's once for the two cells
+        that read it).
 
         The edges leaving a state run as one group (`edges_leaving`): those of s0 and s1 first, then each node's
         as soon as it is complete. Each node sums its inputs' outputs in input order, as DARTS's cell does.
         """
         incoming: list[list[torch.Tensor]] = [[] for _ in range(self.steps)]  # per node, its edges' outputs so far
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        states = [_preprocess(self.preprocess0, s0, inputs_relu), _preprocess(self.preprocess1, s1, inputs_relu)]
         if auxiliary_skip is not None and (columns is not None or not self.auxiliary_skip):
             raise ValueError("SearchCell: an auxiliary skip needs a cell built with one, and every op computed")
         self._leave(0, states[0], weights, columns, incoming, auxiliary_skip, edge_scale)
@@ -436,12 +449,19 @@ class SearchNetwork(nn.Module):
         # the CPU too (the fused op returns channels_last whatever it is given). The stem runs in it as well: its BN
         # backward would otherwise mix the layouts of its input and of the gradient coming back.
         s0 = s1 = self.stem(x.contiguous(memory_format=self.memory_format)).contiguous(memory_format=self.memory_format)
+        # Each state feeds the preprocessing of the next two cells, which both start with a ReLU: it runs once, and
+        # its backward once on the sum of both cells' gradients.
+        r0 = r1 = None  # relu(s0), relu(s1), once a searched cell has needed them
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
             if kind not in weights:  # a fixed reduction cell
-                s0, s1 = s1, cell(s0, s1)
+                s0, s1, r0, r1 = s1, cell(s0, s1), r1, None
                 continue
-            s0, s1 = s1, cell(s0, s1, weights[kind].weights, columns[kind], auxiliary_skip, weights[kind].edge_scale)
+            r1 = s1.relu() if r1 is None else r1
+            r0 = (r1 if s0 is s1 else s0.relu()) if r0 is None else r0
+            out = cell(r0, r1, weights[kind].weights, columns[kind], auxiliary_skip, weights[kind].edge_scale,
+                       inputs_relu=True)  # fmt: skip
+            s0, s1, r0, r1 = s1, out, r1, None
         if self.head is not None:
             s1 = self.head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1))

@@ -586,15 +586,16 @@ class _FactorizedReduceHalves(torch.autograd.Function):
         return grad_r
 
 
-def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor) -> Tensor:
+def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = True) -> Tensor:
     """The skip candidate of a stride-2 edge before its BN: ReLU, two 1x1 stride-2 convs, on x and on x shifted by
-    one pixel (padded back to x's size when a side is odd, so both halves align), concatenated.
+    one pixel (padded back to x's size when a side is odd, so both halves align), concatenated. relu=False: x is
+    already the ReLU's output.
 
     Computed as the subsampled halves times one block-diagonal matrix, never as a strided 1x1 convolution: oneDNN's
     AVX2 1x1 convolution backward-weights (jit_1x1:avx2) with stride 2 on a channels_last input of fewer than 8
     channels returns wrong, run-to-run different weight gradients or never returns (oneDNN issue 6035, open in
     PyTorch 2.13). A matrix product runs on the BLAS, in the forward and in autograd's backward alike."""
-    halves = factorized_reduce_halves(x.relu())
+    halves = factorized_reduce_halves(x.relu() if relu else x)
     matrix = torch.block_diag(conv_1.flatten(1), conv_2.flatten(1))  # [C_out, 2 C_in]
     out = (halves.permute(0, 2, 3, 1) @ matrix.t()).permute(0, 3, 1, 2)  # a channels_last [N, C_out, Ho, Wo]
     return out.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
