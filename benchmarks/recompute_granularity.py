@@ -34,7 +34,8 @@ def checkpoint_cells(model) -> None:
     """Run each search cell under non-reentrant activation checkpointing."""
     for cell in model.cells:
         forward = cell.forward
-        cell.forward = lambda *args, forward=forward: checkpoint(forward, *args, use_reentrant=False)
+        cell.forward = lambda *args, forward=forward, **kwargs: checkpoint(forward, *args, use_reentrant=False,
+                                                                          **kwargs)  # fmt: skip
 
 
 def run(granularity: str, batch: int, C: int, layers: int, size: int, repeats: int) -> dict:
