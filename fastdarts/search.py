@@ -10,6 +10,7 @@ continue exactly (`--resume RUN_DIR`, see `fastdarts.runloop`); the end writes `
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from dataclasses import dataclass
@@ -23,8 +24,7 @@ from .bilevel import Architect, weight_step
 from .checkpoint import atomic_write_text
 from .config import SearchConfig, run_cli
 from .data import BatchJob, Images, load_dataset, random_batch, shuffled_batches, split_indices, step_seed, to_device
-from .distributed import SINGLE, World, mark_shared
-from .errors import ConfigError
+from .distributed import SINGLE, World
 from .methods import make_method
 from .plots import plot_run
 from .runloop import Run, checkpoint_misfit, entry_point, evaluate, make_run_dir, seed_everything, start_config
@@ -84,6 +84,13 @@ class SearchTask:
         k = method.network_style.partial_channels
         if k != self.model.partial_channels:  # DrNAS's second stage (a resumed one was built wide: nothing to do)
             restart_weight_optimizer(self.weight_optimizer, widen_partial_channels(self.model, k, method.generator))
+            if not self.world.alone:
+                # Every process widened alike (the method's generator is seeded alike). DDP's buckets and hooks
+                # hold the old sizes: the old wrapper goes (collected now, its hooks with it) and a new one wraps
+                # the widened parameters.
+                self.forward = None
+                gc.collect()
+                self.forward = data_parallel(self.world, self.model)
         self.lr = self.weight_optimizer.param_groups[0]["lr"]  # the scheduler's, or the restart's
         self.model.train()
         return {"lr": self.lr, **self.model.method.epoch_settings()}
@@ -138,10 +145,6 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
     config, checkpoint = world.from_writer(start_config, SearchConfig, "search", config, resume, **overrides)
     world.check_batch_size(config.batch_size)
     method = make_method(config.method, **config.method_settings())
-    if method.widens_network and not world.alone:
-        raise mark_shared(ConfigError(f"{method.name} widens its network during the search (drnas_k_first above "
-                                      "drnas_k), which fastdarts does in one process only: run it without torchrun, "
-                                      "or with one partial-channel factor"))  # fmt: skip
     device = distributed.run_device(config.device)
     seed_everything(config.seed)
     train = load_dataset(config.dataset, config.data, "train", **config.data_options())
@@ -175,15 +178,12 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
         hessian_r=config.hessian_r,
         world=world,
     )
-    # PR-DARTS computes only the sampled ops of each edge: the others' weights get no gradient in a step.
-    forward = world.data_parallel(model, ignore=model.arch_parameters(),
-                                  find_unused_parameters=model.samples_each_forward)  # fmt: skip
     generator = torch.Generator().manual_seed(config.seed)
     stateful = {"model": model, "weight_optimizer": weight_optimizer, "arch_optimizer": architect.optimizer,
                 "scheduler": scheduler, "method": method}  # fmt: skip
     search_run = Run("search", config, run_dir, stateful, generator, checkpoint, world)
     task = SearchTask(config, train, train_idx, val, val_idx, model, weight_optimizer, scheduler, architect, world,
-                      forward)  # fmt: skip
+                      data_parallel(world, model))  # fmt: skip
     history = search_run.loop(task)
     genotype = model.genotype()
     if search_run.stopped_early:
@@ -202,6 +202,12 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
         print(f"warning: the {cell} cell has no op but 'none' (it outputs zeros): its architecture has not decided "
               f"yet; search longer{method.undecided_hint()}", file=sys.stderr)  # fmt: skip
     return SearchResult(genotype, history, run_dir)
+
+
+def data_parallel(world: World, model: SearchNetwork) -> torch.nn.Module:
+    """The model's weights in DistributedDataParallel over the processes of `world` (the model itself alone)."""
+    # PR-DARTS computes only the sampled ops of each edge: the others' weights get no gradient in a step.
+    return world.data_parallel(model, ignore=model.arch_parameters(), find_unused_parameters=model.samples_each_forward)
 
 
 def restart_weight_optimizer(optimizer: torch.optim.SGD, widenings: dict[torch.nn.Parameter, Widening]) -> None:

@@ -30,10 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SEARCH = ["--epochs", "1", "--layers", "3", "--init_channels", "2", "--batch_size", "128"]
 # Training takes 2 epochs: drop path starts at 0 in the first.
 TRAIN = ["--epochs", "2", "--layers", "3", "--init_channels", "4", "--batch_size", "128"]
+DRNAS_WIDENING = ["--epochs", "2", "--layers", "3", "--init_channels", "4", "--batch_size", "128", "--method", "drnas",
+                  "--drnas_k", "2", "--drnas_k_first", "4"]  # fmt: skip
 KINDS = {
     "search": ("search", SEARCH),
     "search-unrolled": ("search", [*SEARCH, "--unrolled"]),
     "search-prdarts": ("search", [*SEARCH, "--method", "pr-darts"]),
+    # DrNAS widens its ops from 1/4 to 1/2 of the channels at epoch 1: the weights' DDP wrapper is rebuilt.
+    "search-drnas-widening": ("search", DRNAS_WIDENING),
     "train": ("train", TRAIN),
 }
 MODULES = {"search": search, "train": train}

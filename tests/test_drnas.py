@@ -12,8 +12,6 @@ from torch.distributions import Dirichlet
 from fastdarts import search
 from fastdarts.checkpoint import load_checkpoint
 from fastdarts.config import SearchConfig, TrainConfig, run_cli
-from fastdarts.distributed import World
-from fastdarts.errors import ConfigError
 from fastdarts.methods import DrNASMethod, make_method
 from fastdarts.space import edge_index
 from fastdarts.supernet import (
@@ -451,13 +449,6 @@ def test_one_factor_never_widens():
         DrNASMethod(k=4, k_first=2)
     with pytest.raises(ValueError, match="it needs epochs >= 2, got 1"):
         DrNASMethod(k=4, k_first=6).set_epoch(0, 1)
-
-
-def test_widening_refuses_several_processes(monkeypatch):
-    monkeypatch.setattr(search.distributed, "world", lambda: World(0, 2))
-    monkeypatch.setattr(World, "from_writer", lambda self, fn, *args, **kwargs: fn(*args, **kwargs))
-    with pytest.raises(ConfigError, match="drnas widens its network during the search .* in one process only"):
-        search.run(method="drnas", drnas_k_first=8, init_channels=8, epochs=2, layers=3, progress=False)
 
 
 @pytest.mark.slow
