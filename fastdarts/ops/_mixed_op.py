@@ -35,6 +35,7 @@ from .reference import (
     check_partial_channels,
     factorized_reduce,
     factorized_reduce_halves,
+    factorized_reduce_halves_backward,
     mixed_op_layout,
     mixed_op_output_shape,
     raise_unless,
@@ -83,7 +84,7 @@ def _factorized_reduce_backward(
     """(dL/drelu(x), [dL/dconv_1, dL/dconv_2]) of reference.factorized_reduce for its output gradient dt: the same
     subsampled halves and block-diagonal matrix, two matrix products on the BLAS (no strided 1x1 oneDNN conv, see
     reference.factorized_reduce)."""
-    N, C, H, W = x.shape
+    N, C = x.shape[:2]
     half = conv_1.shape[0]
     dt_rows = dt.permute(0, 2, 3, 1).reshape(-1, 2 * half)  # [N Ho Wo, C_out]
     grads = []
@@ -96,10 +97,7 @@ def _factorized_reduce_backward(
         return None, grads
     matrix = torch.block_diag(conv_1.flatten(1), conv_2.flatten(1))
     d_halves = (dt_rows @ matrix).reshape(N, dt.shape[2], dt.shape[3], 2 * C).permute(0, 3, 1, 2)
-    grad_r = torch.zeros_like(x)
-    grad_r[:, :, ::2, ::2] = d_halves[:, :C]
-    grad_r[:, :, 1::2, 1::2] = d_halves[:, C:, : H // 2, : W // 2]
-    return grad_r, grads
+    return factorized_reduce_halves_backward(d_halves, x.shape, _CHANNELS_LAST), grads
 
 
 def composed_relu_dwconv_pointwise(

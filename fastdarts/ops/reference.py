@@ -579,11 +579,16 @@ class _FactorizedReduceHalves(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        _, C, H, W = ctx.r_shape
-        grad_r = torch.empty(ctx.r_shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.r_format).zero_()
-        grad_r[:, :, ::2, ::2] = grad[:, :C]
-        grad_r[:, :, 1::2, 1::2] = grad[:, C:, : H // 2, : W // 2]
-        return grad_r
+        return factorized_reduce_halves_backward(grad, ctx.r_shape, ctx.r_format)
+
+
+def factorized_reduce_halves_backward(grad: Tensor, r_shape: torch.Size, r_format: torch.memory_format) -> Tensor:
+    """dL/dr of factorized_reduce_halves(r) for dL/dhalves = grad, in r's layout `r_format`."""
+    _, C, H, W = r_shape
+    grad_r = torch.empty(r_shape, dtype=grad.dtype, device=grad.device, memory_format=r_format).zero_()
+    grad_r[:, :, ::2, ::2] = grad[:, :C]
+    grad_r[:, :, 1::2, 1::2] = grad[:, C:, : H // 2, : W // 2]
+    return grad_r
 
 
 def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = True) -> Tensor:
