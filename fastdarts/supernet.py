@@ -457,8 +457,10 @@ class SearchNetwork(nn.Module):
             if kind not in weights:  # a fixed reduction cell
                 s0, s1, r0, r1 = s1, cell(s0, s1), r1, None
                 continue
-            r1 = s1.relu() if r1 is None else r1
-            r0 = (r1 if s0 is s1 else s0.relu()) if r0 is None else r0
+            if r1 is None:
+                r1 = s1.relu()
+            if r0 is None:
+                r0 = r1 if s0 is s1 else s0.relu()
             out = cell(r0, r1, weights[kind].weights, columns[kind], auxiliary_skip, weights[kind].edge_scale,
                        inputs_relu=True)  # fmt: skip
             s0, s1, r0, r1 = s1, out, r1, None

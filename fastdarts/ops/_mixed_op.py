@@ -194,6 +194,7 @@ class _Edge:
             self.mean, self.var = bn_mean.clone(), bn_var.clone()
         self.pools = pools
         self.final_statistics: tuple[Tensor, Tensor] | None = None
+        self.middle_statistics: dict[int, tuple[Tensor, Tensor]] = {}
         if saved is not None:
             self.kept = dict(zip(_saved_names(self.candidates, stride), saved))
             self.kept.update({f"t{k}": t for k, t in (saved_pools or {}).items()})
@@ -236,8 +237,10 @@ class _Edge:
         return self.kernels.bn_weighted_sum([t], self._one, *self._middle_statistics(row))
 
     def _middle_statistics(self, row: int) -> tuple[Tensor, Tensor]:
-        """([1, C] mean, [1, C] invstd) of BN row `row`."""
-        return self.mean[row : row + 1], (self.var[row : row + 1] + self.eps).rsqrt()
+        """([1, C] mean, [1, C] invstd) of BN row `row` (recorded by then), made once for the BN and its backward."""
+        if row not in self.middle_statistics:
+            self.middle_statistics[row] = self.mean[row : row + 1], (self.var[row : row + 1] + self.eps).rsqrt()
+        return self.middle_statistics[row]
 
     def _candidate(self, k: int) -> Tensor:
         x, stride, row, ws = self.x, self.stride, self.rows[k], self.weights[k]
