@@ -95,14 +95,19 @@ TORCH_LIBRARY(fastdarts, m) {
   // pointwise_weights[i]) with pointwise_weights[i]: [C, C, 1, 1], laid out like x; mean, var: [K, C], the
   // per-channel mean and biased variance of each out[i] over (N, H_out, W_out) (no gradient: a following BN's
   // batch statistics). The depthwise outputs are never written: a DARTS sep or dil conv up to its BN.
+  // With input_mean and input_invstd ([1, C] each) the convs read x normalised first, (x - input_mean) input_invstd
+  // (a sep conv's middle BN, applied as the input is read instead of written out by itself).
   m.def(
       "relu_dwconv_pointwise(Tensor x, Tensor[] weights, Tensor[] pointwise_weights, int[] dilations, int stride, "
-      "bool relu) -> (Tensor[] outs, Tensor mean, Tensor var)");
+      "bool relu, Tensor? input_mean=None, Tensor? input_invstd=None) -> (Tensor[] outs, Tensor mean, Tensor var)");
   // One pass over x and the K output gradients, the depthwise outputs recomputed in tiles: grad_x (masked by x > 0
   // when relu) if input_grad, else None; the depthwise and the 1x1 weights' gradients if weight_grad, else empty.
+  // With input_mean and input_invstd, grad_x is the gradient with respect to the normalised x (masked by where it
+  // is > 0): the normalisation's own backward, which depends on how its statistics were made, follows it.
   m.def(
       "relu_dwconv_pointwise_backward(Tensor[] grads, Tensor x, Tensor[] weights, Tensor[] pointwise_weights, "
-      "int[] dilations, int stride, bool relu, bool input_grad, bool weight_grad) -> (Tensor?, Tensor[], Tensor[])");
+      "int[] dilations, int stride, bool relu, bool input_grad, bool weight_grad, Tensor? input_mean=None, "
+      "Tensor? input_invstd=None) -> (Tensor?, Tensor[], Tensor[])");
   // PR-DARTS's hard-concrete gates and top-k mask from given noise: reference.gates_from_noise, with the same
   // arguments. beta, u: [E, K]; explore: bool [E, K] and perm: int64 [K] when k is set, ignored (may be None)
   // when it is not. Outputs [E, K]: gates (exactly the 0/1 mask with k, g without), mask, p_nonzero = P(g != 0),

@@ -85,8 +85,9 @@ def sgd_step(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor, grad_
     check_finite(grad_norm, "the weight gradient")
     optimizer.step()
     # A finite but huge gradient can still overflow a weight. The max-norm is finite exactly when
-    # every weight is (NaN propagates through it), and costs one pass over the weights.
-    if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=float("inf")))):
+    # every weight is (NaN propagates through it), and costs one pass over the weights. foreach: left
+    # to itself, torch takes nn.Parameters one norm call at a time.
+    if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=float("inf"), foreach=True))):
         raise NonFiniteWeights("a weight became non-finite in the update")
 
 

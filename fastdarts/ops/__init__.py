@@ -226,6 +226,8 @@ def relu_dwconv_pointwise(
     dilations: Sequence[int],
     stride: int,
     relu: bool = True,
+    input_mean: Tensor | None = None,
+    input_invstd: Tensor | None = None,
     *,
     backend: str | None = None,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
@@ -238,6 +240,9 @@ def relu_dwconv_pointwise(
     Args:
         x, weights, dilations, stride, relu: as for `relu_dwconv`.
         pointwise_weights: K 1x1 kernels [C, C, 1, 1], one per depthwise kernel; the dtype and device of `x`.
+        input_mean, input_invstd: [1, C] each, or both None: the convs read `(x - input_mean) * input_invstd` in
+            place of `x` (a sep conv's middle BN, which the "cpp" kernel applies as it reads x, never writing the
+            normalised tensor).
         backend: as for `relu_dwconv`.
 
     Returns:
@@ -245,14 +250,18 @@ def relu_dwconv_pointwise(
         mean and biased variance of out[i] over (N, H_out, W_out), the batch statistics a BN after it normalises with
         (no gradient flows through them).
 
-    Differentiable in `x` and every weight. The "cpp" kernel never writes the depthwise outputs: it runs each one
-    into its 1x1 conv tile by tile with the statistics in the same pass, and its backward recomputes them in tiles,
-    so autograd keeps only `x` and the weights; it is differentiable once (the reference any number of times).
+    Differentiable in `x`, every weight, `input_mean` and `input_invstd`. The "cpp" kernel never writes the
+    depthwise outputs: it runs each one into its 1x1 conv tile by tile with the statistics in the same pass, and its
+    backward recomputes them in tiles, so autograd keeps only `x` and the weights (and the normalisation); it is
+    differentiable once (the reference any number of times).
     "triton" composes its relu_dwconv with ATen's 1x1 convs. Raises ValueError and TypeError as `relu_dwconv`
-    does, and ValueError for a pointwise weight not of shape [C, C, 1, 1] or not one per depthwise kernel.
+    does, and ValueError for a pointwise weight not of shape [C, C, 1, 1] or not one per depthwise kernel, or for
+    only one of input_mean and input_invstd, or either not of shape [1, C].
     """
     check_conv_settings("relu_dwconv_pointwise", dilations, stride, relu)
-    return dispatch("relu_dwconv_pointwise", x.device, backend)(x, weights, pointwise_weights, dilations, stride, relu)
+    return dispatch("relu_dwconv_pointwise", x.device, backend)(
+        x, weights, pointwise_weights, dilations, stride, relu, input_mean, input_invstd
+    )
 
 
 def mixed_op(

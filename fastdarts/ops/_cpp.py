@@ -221,11 +221,13 @@ def relu_dwconv_pointwise(
     dilations: Sequence[int],
     stride: int,
     relu: bool = True,
+    input_mean: Tensor | None = None,
+    input_invstd: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """relu_dwconv, each output straight through its 1x1 conv, and the results' batch statistics, by the C++ kernel
-    (CPU, float32/float64)."""
+    (CPU, float32/float64), on x normalised by input_mean and input_invstd when given."""
     outs, mean, var = torch.ops.fastdarts.relu_dwconv_pointwise.default(
-        x, list(weights), list(pointwise_weights), list(dilations), stride, relu
+        x, list(weights), list(pointwise_weights), list(dilations), stride, relu, input_mean, input_invstd
     )
     return list(outs), mean, var
 
@@ -235,9 +237,11 @@ def relu_dwconv_pointwise(
 
 
 @torch.library.register_fake("fastdarts::relu_dwconv_pointwise")
-def _relu_dwconv_pointwise_fake(x, weights, pointwise_weights, dilations, stride, relu):
+def _relu_dwconv_pointwise_fake(x, weights, pointwise_weights, dilations, stride, relu, input_mean=None,
+                                input_invstd=None):  # fmt: skip
     op = "relu_dwconv_pointwise"
-    check_relu_dwconv_pointwise_arguments(op, x, weights, pointwise_weights, dilations, stride, torch_check)
+    check_relu_dwconv_pointwise_arguments(op, x, weights, pointwise_weights, dilations, stride, torch_check,
+                                          input_mean, input_invstd)  # fmt: skip
     check_supported_dtype(op, x)
     memory_format = suggest_memory_format(x)
     shape = relu_dwconv_output_shape(x, stride)
@@ -246,11 +250,11 @@ def _relu_dwconv_pointwise_fake(x, weights, pointwise_weights, dilations, stride
 
 
 @torch.library.register_fake("fastdarts::relu_dwconv_pointwise_backward")
-def _relu_dwconv_pointwise_backward_fake(
-    grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad
-):
+def _relu_dwconv_pointwise_backward_fake(grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad,
+                                         weight_grad, input_mean=None, input_invstd=None):  # fmt: skip
     op = "relu_dwconv_pointwise_backward"
-    check_relu_dwconv_pointwise_arguments(op, x, weights, pointwise_weights, dilations, stride, torch_check)
+    check_relu_dwconv_pointwise_arguments(op, x, weights, pointwise_weights, dilations, stride, torch_check,
+                                          input_mean, input_invstd)  # fmt: skip
     check_supported_dtype(op, x)
     check_sized_list(op, "grads", grads, len(weights), "weight", relu_dwconv_output_shape(x, stride), "x", x,
                      torch_check)  # fmt: skip
@@ -261,25 +265,44 @@ def _relu_dwconv_pointwise_backward_fake(
 
 
 def _relu_dwconv_pointwise_setup_context(ctx, inputs, output):
-    x, weights, pointwise_weights, dilations, stride, relu = inputs
+    x, weights, pointwise_weights, dilations, stride, relu, *normalisation = inputs
     _, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.num_weights = len(weights)
     ctx.dilations, ctx.stride, ctx.relu = list(dilations), stride, relu
-    ctx.save_for_backward(x, *weights, *pointwise_weights)
+    input_mean, input_invstd = (normalisation + [None, None])[:2]
+    ctx.normalised = input_mean is not None
+    ctx.save_for_backward(x, *weights, *pointwise_weights, *([input_mean, input_invstd] if ctx.normalised else []))
 
 
 def _relu_dwconv_pointwise_backward(ctx, grads, _grad_mean, _grad_var):
     K = ctx.num_weights
-    needs = needs_input_grad(ctx)  # x, the K depthwise weights, the K 1x1 weights
+    needs = needs_input_grad(ctx)  # x, the K depthwise weights, the K 1x1 weights (, input_mean, input_invstd)
     x_needs_grad, weights_need_grad = needs[0], needs[1 : 2 * K + 1]
+    normalisation_needs_grad = ctx.normalised and any(ctx.needs_input_grad[6:8])
     x, *rest = ctx.saved_tensors
-    grad_x, grad_weights, grad_pointwise = torch.ops.fastdarts.relu_dwconv_pointwise_backward.default(
-        list(grads), x, rest[:K], rest[K:], ctx.dilations, ctx.stride, ctx.relu, x_needs_grad, any(weights_need_grad)
-    )
+    input_mean, input_invstd = rest[2 * K :] if ctx.normalised else (None, None)
+    # The kernel's input gradient is that of the normalised x, u = (x - mean) invstd: dL/dx = invstd dL/du, and
+    # mean and invstd get theirs from dL/du by the same chain rule.
+    grad_u, grad_weights, grad_pointwise = torch.ops.fastdarts.relu_dwconv_pointwise_backward.default(
+        list(grads), x, rest[:K], rest[K : 2 * K], ctx.dilations, ctx.stride, ctx.relu,
+        x_needs_grad or normalisation_needs_grad, any(weights_need_grad), input_mean, input_invstd,
+    )  # fmt: skip
     both = [*grad_weights, *grad_pointwise] or [None] * (2 * K)
     both = [g if need else None for g, need in zip(both, weights_need_grad)]
-    return grad_x, both[:K], both[K:], None, None, None
+    grad_x = grad_mean = grad_invstd = None
+    if not ctx.normalised:
+        grad_x = grad_u
+    elif grad_u is not None:
+        C = x.shape[1]
+        invstd = input_invstd.reshape(1, C, 1, 1)
+        grad_x = grad_u * invstd if x_needs_grad else None
+        if ctx.needs_input_grad[6]:
+            grad_mean = -(grad_u * invstd).sum((0, 2, 3)).reshape(1, C)
+        if ctx.needs_input_grad[7]:
+            grad_invstd = (grad_u * (x - input_mean.reshape(1, C, 1, 1))).sum((0, 2, 3)).reshape(1, C)
+    # The arguments as the caller passed them: input_mean and input_invstd may be left to their defaults.
+    return (grad_x, both[:K], both[K:], None, None, None, grad_mean, grad_invstd)[: len(ctx.needs_input_grad)]
 
 
 torch.library.register_autograd(

@@ -7,9 +7,9 @@ fastdarts_triton::mixed_ops on the Triton kernels (_triton.py).
 Forward: relu(x) is read once by the relu_dwconv_pointwise kernel for the first stage of every conv of every edge
 of the group, each depthwise conv going straight into its 1x1 conv tile by tile (the depthwise outputs are never
 written) with the BN statistics of the result in the same pass; a sep conv's second stage is the same kernel on its
-middle BN's output (ATen's channels_last batch norm); x is read once more by the pool_bn_stats kernel for both pools
-and their BN statistics, which every edge of the group shares; per edge, the candidates' last BNs and the edge
-weights fold into one bn_weighted_sum. Only the edges' sums leave the op.
+first stage's output, which it normalises with the middle BN's statistics as it reads it; x is read once more by
+the pool_bn_stats kernel for both pools and their BN statistics, which every edge of the group shares; per edge, the
+candidates' last BNs and the edge weights fold into one bn_weighted_sum. Only the edges' sums leave the op.
 
 Memory: autograd keeps x (which the cell holds anyway), the weights and the BN statistics ([E, B, C]). The
 backward recomputes the group's intermediates, uses them, and drops them: they live for one forward or backward
@@ -19,6 +19,7 @@ conv-weight gradients in a first-order architecture step, no `w` gradient in a w
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ from .reference import (
     factorized_reduce_halves_backward,
     mixed_op_layout,
     mixed_op_output_shape,
+    normalised,
     raise_unless,
 )
 
@@ -104,10 +106,12 @@ def composed_relu_dwconv_pointwise(
     relu_dwconv: Callable[..., list[Tensor]], relu_dwconv_backward: Callable[..., tuple]
 ):
     """relu_dwconv_pointwise and its backward composed of a backend's relu_dwconv kernels and ATen's 1x1 convs and BN
-    statistics (for a backend without the fused kernel): the same results, with the depthwise outputs written and
-    read back (and recomputed by the backward)."""
+    statistics (for a backend without the fused kernel): the same results, with the depthwise outputs (and a
+    normalised input) written and read back (and recomputed by the backward)."""
 
-    def forward(x, weights, pointwise_weights, dilations, stride, relu):
+    def forward(x, weights, pointwise_weights, dilations, stride, relu, input_mean=None, input_invstd=None):
+        if input_mean is not None:
+            x = normalised(x, input_mean, input_invstd)
         zs = relu_dwconv(x, weights, dilations, stride, relu)
         ts = [_pointwise(z, p) for z, p in zip(zs, pointwise_weights)]
         # ATen's statistics pass: mean and biased variance (torch.var_mean over (0, 2, 3) is far slower on
@@ -115,7 +119,11 @@ def composed_relu_dwconv_pointwise(
         moments = [torch.ops.aten.batch_norm_update_stats.default(t.detach(), None, None, 0.0) for t in ts]
         return ts, torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments])
 
-    def backward(grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad):
+    def backward(grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad,
+                 input_mean=None, input_invstd=None):  # fmt: skip
+        """As the C++ op's: with input_mean and input_invstd, the gradient with respect to the normalised x."""
+        if input_mean is not None:
+            x = normalised(x, input_mean, input_invstd)
         zs = relu_dwconv(x, weights, dilations, stride, relu)
         dzs, grad_pointwise = [], []
         for dt, z, p in zip(grads, zs, pointwise_weights):
@@ -130,15 +138,15 @@ def composed_relu_dwconv_pointwise(
 
 def _saved_names(candidates: Sequence[int], stride: int) -> list[str]:
     """What an edge's backward reads besides x and the pools (which its group keeps once for all its edges), in a
-    fixed order: each candidate's tensor before its last BN ("t"), and a sep conv's first pointwise output ("t_1")
-    and its middle BN's output ("u"), the input of its second stage."""
+    fixed order: each candidate's tensor before its last BN ("t"), and a sep conv's first pointwise output ("t_1"),
+    which its second stage reads through the middle BN."""
     names = []
     for k in candidates:
         if k == _SKIP and stride == 1 or k in (_MAX_POOL, _AVG_POOL):
             continue  # the skip's tensor is x
         names.append(f"t{k}")
         if k in (_SEP3, _SEP5):
-            names += [f"t{k}_1", f"u{k}"]
+            names.append(f"t{k}_1")
     return names
 
 
@@ -174,25 +182,25 @@ class _Edge:
     included) and dL/dw in one pass.
     """
 
-    def __init__(self, kernels, x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, keep,
+    def __init__(self, kernels, x, w, weights, stride, candidates, mean, var, one, training, eps, pool_bn, keep,
                  first_stage=None, pools=None, saved=None, saved_pools=None):  # fmt: skip
-        """`first_stage` (per conv candidate: its first 1x1 conv's output, batch mean and variance) and `pools`
-        (pool_bn_stats's outputs, or None when no pool is computed) come from the edge's group, which computes them
-        for every edge leaving x at once. With `saved` (the tensors of _saved_names, from a forward with keep),
-        nothing is computed: the edge is restored for its backward, with the pools' outputs from `saved_pools` ({k:
-        output}); bn_mean and bn_var are then the statistics the forward used."""
-        self.kernels, self.w = kernels, w
-        self._one = x.new_ones(1)  # the weight of a sep conv's middle BN, applied as a bn_weighted_sum of one tensor
+        """`mean` and `var` ([B, C]) are the edge's rows of its group's BN statistics: a forward in training records
+        its batch statistics in them, otherwise they are the statistics to normalise with (the running ones, or in a
+        backward those the forward used). `one` is a tensor holding 1 (the weight of a sep conv's middle BN in the
+        backward, a bn_weighted_sum_backward of one tensor). `first_stage` (per conv candidate: its first 1x1 conv's
+        output, batch mean and variance) and `pools` (pool_bn_stats's outputs, or None when no pool is computed) come
+        from the group, which computes them for every edge leaving x at once. With `saved` (the tensors of
+        _saved_names, from a forward with keep), nothing is computed: the edge is restored for its backward, with the
+        pools' outputs from `saved_pools` ({k: output}). The group sets `final_statistics` once every row is
+        recorded."""
+        self.kernels, self.w, self._one = kernels, w, one
         self.x, self.stride, self.candidates = x, stride, list(candidates)
+        self.candidate_index = index_tensor(tuple(self.candidates), x.device)
         self.training, self.eps, self.pool_bn, self.keep = training, eps, pool_bn, keep
-        C = x.shape[1]
         self.weights, self.rows = candidate_weights(weights, stride), candidate_rows(stride, pool_bn)
-        B = sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
-        if training and saved is None:
-            self.mean, self.var = x.new_zeros(B, C), x.new_ones(B, C)
-        else:
-            self.mean, self.var = bn_mean.clone(), bn_var.clone()
+        self.mean, self.var = mean, var
         self.pools = pools
+        # ([K, C] mean, [K, C] invstd) of the candidates' last BNs, zeros and ones for a tensor added as it is
         self.final_statistics: tuple[Tensor, Tensor] | None = None
         self.middle_statistics: dict[int, tuple[Tensor, Tensor]] = {}
         if saved is not None:
@@ -228,14 +236,6 @@ class _Edge:
             self.mean[row], self.var[row] = mean, var
         return t
 
-    def _middle_bn(self, t: Tensor, row: int, mean: Tensor, var: Tensor) -> Tensor:
-        """A sep conv's first BN, applied (its ReLU and depthwise conv follow), with t's batch statistics `mean` and
-        `var` in training and the recorded ones otherwise: the backend's bn_weighted_sum of t alone, which runs
-        narrow channels_last tensors several times faster than ATen's batch norm (benchmarks/RESULTS.md)."""
-        if self.training:
-            self.mean[row], self.var[row] = mean, var
-        return self.kernels.bn_weighted_sum([t], self._one, *self._middle_statistics(row))
-
     def _middle_statistics(self, row: int) -> tuple[Tensor, Tensor]:
         """([1, C] mean, [1, C] invstd) of BN row `row` (recorded by then), made once for the BN and its backward."""
         if row not in self.middle_statistics:
@@ -254,35 +254,31 @@ class _Edge:
         t1, mean, var = self.first_stage[k]
         if k in (_DIL3, _DIL5):
             return self._final(t1, k, mean, var)
-        u = self._middle_bn(t1, row, mean, var)
-        self._keep(**{f"t{k}_1": t1, f"u{k}": u})
-        (t2,), mean, var = self.kernels.relu_dwconv_pointwise(u, [ws[2]], [ws[3]], [1], 1, True)
+        # A sep conv's middle BN (t1's batch statistics in training, the recorded ones otherwise) is applied by the
+        # second stage's kernel as it reads t1: the normalised tensor is never written.
+        if self.training:
+            self.mean[row], self.var[row] = mean, var
+        self._keep(**{f"t{k}_1": t1})
+        (t2,), mean, var = self.kernels.relu_dwconv_pointwise(
+            t1, [ws[2]], [ws[3]], [1], 1, True, *self._middle_statistics(row)
+        )  # fmt: skip
         return self._final(t2, k, mean[0], var[0])
 
     def saved(self) -> list[Tensor]:
         """The tensors of _saved_names (after a forward with keep)."""
         return [self.kept[name] for name in _saved_names(self.candidates, self.stride)]
 
-    def _final_statistics(self) -> tuple[Tensor, Tensor]:
-        """([K, C] mean, [K, C] invstd) of the candidates' last BNs; zeros and ones for a tensor added as it is.
-        Computed once, after the forward has recorded every row."""
-        if self.final_statistics is None:
-            self.final_statistics = self._gather_final_statistics()
-        return self.final_statistics
-
-    def _gather_final_statistics(self) -> tuple[Tensor, Tensor]:
-        # Row B, appended, is the "added as it is" row: a few whole-tensor ops instead of a few per candidate.
-        B, C = self.mean.shape
-        rows = [B if row is None else row for _, row in self.finals]
-        mean = torch.cat([self.mean, self.x.new_zeros(1, C)])[rows]
-        invstd = torch.cat([(self.var + self.eps).rsqrt(), self.x.new_ones(1, C)])[rows]
-        return mean, invstd
+    def final_rows(self) -> tuple[int, ...]:
+        """Per candidate, its last BN's row in the edge's statistics; B (one past the last) for a tensor added as it
+        is."""
+        B = self.mean.shape[0]
+        return tuple(B if row is None else row for _, row in self.finals)
 
     def out(self) -> Tensor:
         if not self.finals:
             return self.x.new_zeros(mixed_op_output_shape(self.x, self.stride)).contiguous(memory_format=_CHANNELS_LAST)
         ts = [t.contiguous(memory_format=_CHANNELS_LAST) for t, _ in self.finals]
-        return self.kernels.bn_weighted_sum(ts, self.w[self.candidates], *self._final_statistics())
+        return self.kernels.bn_weighted_sum(ts, self.w.index_select(0, self.candidate_index), *self.final_statistics)
 
     # The backward ---------------------------------------------------------------------------------------------
 
@@ -304,11 +300,12 @@ class _Edge:
         ts = [t.contiguous(memory_format=_CHANNELS_LAST) for t, _ in self.finals]
         batch_statistics = [self.training and row is not None for _, row in self.finals]
         # Every candidate's dL/dt (w[k] included) and dL/dw[k], in one pass over grad and the ts.
+        w_candidates = w.index_select(0, self.candidate_index)
         dts, dw = self.kernels.bn_weighted_sum_backward(
-            grad, ts, w[self.candidates], *self._final_statistics(), batch_statistics, need_dt, w_grad
+            grad, ts, w_candidates, *self.final_statistics, batch_statistics, need_dt, w_grad
         )
         if w_grad:
-            group.grad_w[e, self.candidates] = dw
+            group.grad_w[e].index_copy_(0, self.candidate_index, dw)
         for k, dt in zip(self.candidates, dts):
             if k == _SKIP and self.stride == 1:
                 if x_grad:
@@ -323,11 +320,12 @@ class _Edge:
                 if weights_grad:
                     group.set_weight_grads(k, range(len(grads)), grads)
             else:  # the convolutions: back to the first stage, whose backward is one kernel for the whole group
-                if k in (_SEP3, _SEP5):  # the second stage, then the middle BN
+                if k in (_SEP3, _SEP5):  # the second stage (dL/du of the middle BN's output u), then the middle BN
                     ws = self.weights[k]
                     du, second, second_pointwise = self.kernels.relu_dwconv_pointwise_backward(
-                        [dt], self.kept[f"u{k}"], [ws[2]], [ws[3]], [1], 1, True, True, weights_grad
-                    )
+                        [dt], self.kept[f"t{k}_1"], [ws[2]], [ws[3]], [1], 1, True, True, weights_grad,
+                        *self._middle_statistics(self.rows[k]),
+                    )  # fmt: skip
                     if weights_grad:
                         group.set_weight_grads(k, (2, 3), (second[0], second_pointwise[0]))
                     dt = self._middle_bn_backward(du, k)
@@ -344,7 +342,7 @@ class _GroupGradients:
         self.grad_weights: list[Tensor | None] | None = [None] * len(weights) if weights_grad else None
         self.per_edge, self.starts = len(weights) // w.shape[0], _weight_starts(stride)
         self.terms: list[Tensor] = []
-        self.pool_grads: dict[int, Tensor] = {}
+        self.pool_grads: dict[int, list[Tensor]] = {}  # per pool, what each edge's output of it receives
         self.first_stage: list[tuple[Tensor, int, int]] = []  # (dL/dt_1, edge, candidate) per conv
         self.edge = 0  # the edge handing back its gradients now
 
@@ -355,8 +353,23 @@ class _GroupGradients:
             self.grad_weights[base + i] = g
 
     def add_pool_grad(self, k: int, dt: Tensor) -> None:
-        # The pools of every edge of the group are the same tensor: their gradients add before one pool backward.
-        self.pool_grads[k] = dt if k not in self.pool_grads else self.pool_grads[k] + dt
+        self.pool_grads.setdefault(k, []).append(dt)
+
+    def pool_grad(self, k: int, weighted_sum: Callable[..., Tensor]) -> Tensor | None:
+        """dL/d(pool k's output): the pools of every edge of the group are the same tensor, so their gradients add
+        up, in one pass of the fused sum."""
+        grads = self.pool_grads.get(k)
+        if grads is None or len(grads) == 1:
+            return None if grads is None else grads[0]
+        return weighted_sum(grads, grads[0].new_ones(len(grads)))
+
+
+@functools.cache
+def index_tensor(indices: Sequence[int], device: torch.device) -> Tensor:
+    """`indices` (a tuple) as an index tensor on `device`, made once: indexing with a Python list builds one on
+    every call. Made outside inference mode, so that any later use may keep it for a backward."""
+    with torch.inference_mode(False):
+        return torch.tensor(indices, dtype=torch.long, device=device)
 
 
 def _split(flat: Sequence, counts: Sequence[int]) -> list[list]:
@@ -378,15 +391,21 @@ class _EdgeGroup:
                  saved=None):  # fmt: skip
         """weights and candidates: per edge; bn_mean and bn_var: [E, B, C] or None; saved: what saved() gave, or
         None."""
-        self.kernels, self.x, self.w, self.stride = kernels, x, w, stride
+        self.kernels, self.x, self.w, self.stride, self.eps = kernels, x, w, stride, eps
         self.weights = [t for ws in weights for t in ws]
-        E = w.shape[0]
-        stats = [(None, None)] * E if bn_mean is None else list(zip(bn_mean.unbind(0), bn_var.unbind(0)))
+        E, C = w.shape[0], x.shape[1]
+        # The BN statistics [E, B, C] of all the edges, which each edge reads and records as its rows.
+        if training and saved is None:
+            B = sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
+            self.mean, self.var = x.new_zeros(E, B, C), x.new_ones(E, B, C)
+        else:
+            self.mean, self.var = bn_mean.clone(), bn_var.clone()
+        one = x.new_ones(1)
 
         def edge(e: int, **parts) -> _Edge:
             """Edge e, restored (saved parts) or built on the parts the group computed for all its edges."""
-            return _Edge(kernels, x, w[e], weights[e], stride, candidates[e], *stats[e], training, eps, pool_bn, keep,
-                         **parts)  # fmt: skip
+            return _Edge(kernels, x, w[e], weights[e], stride, candidates[e], self.mean[e], self.var[e], one, training,
+                         eps, pool_bn, keep, **parts)  # fmt: skip
 
         # The pool candidates some edge computes: their outputs are kept once for the group (without recompute).
         self.pool_candidates = sorted({k for ks in candidates for k in ks if k in (_MAX_POOL, _AVG_POOL)})
@@ -395,6 +414,7 @@ class _EdgeGroup:
             sizes = [len(_saved_names(ks, stride)) for ks in candidates]
             per_edge_saved = _split(saved[len(saved_pools) :], sizes)
             self.edges = [edge(e, saved=per_edge_saved[e], saved_pools=saved_pools) for e in range(E)]
+            self._set_final_statistics()
             return
         convs = [(e, k) for e in range(E) for k in candidates[e] if k in _FIRST_STAGE_DILATION]
         per_edge = [candidate_weights(ws, stride) for ws in weights]
@@ -409,12 +429,23 @@ class _EdgeGroup:
         # Both pools and their statistics, once for the group.
         self.pools = pools = kernels.pool_bn_stats(x, stride) if self.pool_candidates else None
         self.edges = [edge(e, first_stage=first_stage[e], pools=pools) for e in range(E)]
+        self._set_final_statistics()
+
+    def _set_final_statistics(self) -> None:
+        """Every edge's final_statistics, once the forward has recorded every row: the rows of the statistics, with
+        row B appended (mean 0, invstd 1) for the tensors added as they are; a few ops for the whole group."""
+        E, _, C = self.mean.shape
+        mean = torch.cat([self.mean, self.x.new_zeros(E, 1, C)], dim=1)
+        invstd = torch.cat([(self.var + self.eps).rsqrt(), self.x.new_ones(E, 1, C)], dim=1)
+        for e, edge in enumerate(self.edges):
+            rows = index_tensor(edge.final_rows(), self.x.device)
+            edge.final_statistics = mean[e].index_select(0, rows), invstd[e].index_select(0, rows)
 
     def outs(self) -> list[Tensor]:
         return [edge.out() for edge in self.edges]
 
     def statistics(self) -> tuple[Tensor, Tensor]:
-        return torch.stack([edge.mean for edge in self.edges]), torch.stack([edge.var for edge in self.edges])
+        return self.mean, self.var
 
     def saved(self) -> list[Tensor]:
         """What the backward reads instead of recomputing it (after a forward with keep): the pool outputs some edge
@@ -431,7 +462,9 @@ class _EdgeGroup:
                 edge.backward(_prepare(grad), x_grad, w_grad, weights_grad, group)
         if group.pool_grads:  # both pools' gradients in one pass over x, which recomputes the argmax
             group.terms.append(self.kernels.pool_bn_stats_backward(
-                group.pool_grads.get(_MAX_POOL), group.pool_grads.get(_AVG_POOL), x, self.stride
+                group.pool_grad(_MAX_POOL, self.kernels.weighted_sum),
+                group.pool_grad(_AVG_POOL, self.kernels.weighted_sum),
+                x, self.stride,
             ))  # fmt: skip
         if group.first_stage:
             dts, es, ks = zip(*group.first_stage)

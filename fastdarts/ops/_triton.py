@@ -1158,11 +1158,16 @@ def relu_dwconv_pointwise(
     dilations: Sequence[int],
     stride: int,
     relu: bool = True,
+    input_mean: Tensor | None = None,
+    input_invstd: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """The Triton relu_dwconv, each output through ATen's 1x1 conv, and ATen's batch statistics of the results
-    (differentiable through the Triton relu_dwconv's autograd and ATen's)."""
-    check_relu_dwconv_pointwise_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, dilations, stride)
-    return _relu_dwconv_pointwise(x, list(weights), list(pointwise_weights), list(dilations), stride, relu)
+    (differentiable through the Triton relu_dwconv's autograd and ATen's); x normalised by ATen first when
+    input_mean and input_invstd are given."""
+    check_relu_dwconv_pointwise_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, dilations, stride,
+                                          raise_unless, input_mean, input_invstd)  # fmt: skip
+    return _relu_dwconv_pointwise(x, list(weights), list(pointwise_weights), list(dilations), stride, relu, input_mean,
+                                  input_invstd)  # fmt: skip
 
 
 mixed_ops, mixed_op = define_mixed_ops(

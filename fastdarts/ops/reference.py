@@ -399,6 +399,12 @@ def relu_dwconv(
     ]
 
 
+def normalised(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+    """(x - mean) invstd per channel, for mean and invstd [1, C]."""
+    C = x.shape[1]
+    return (x - mean.reshape(1, C, 1, 1)) * invstd.reshape(1, C, 1, 1)
+
+
 def check_relu_dwconv_pointwise_arguments(
     op: str,
     x: Tensor,
@@ -407,6 +413,8 @@ def check_relu_dwconv_pointwise_arguments(
     dilations: Sequence[int],
     stride: int,
     require: Require = raise_unless,
+    input_mean: Tensor | None = None,
+    input_invstd: Tensor | None = None,
 ) -> None:
     """The arguments of relu_dwconv_pointwise (and of its backward), checked in the order of the C++ kernel."""
     check_images(op, "x", x, require)
@@ -415,6 +423,17 @@ def check_relu_dwconv_pointwise_arguments(
     check_sized_list(op, "pointwise_weights", pointwise_weights, len(weights), "weight", [C, C, 1, 1], "x", x, require)
     check_positive_per_item(op, "dilations", dilations, len(weights), "weight", require)
     check_positive(op, "stride", stride, require)
+    require(
+        (input_mean is None) == (input_invstd is None),
+        ValueError,
+        lambda: (
+            f"{op}: input_mean and input_invstd must be given together, got only "
+            f"{'input_mean' if input_invstd is None else 'input_invstd'}"
+        ),
+    )
+    if input_mean is not None:
+        check_channel_rows(op, "input_mean", input_mean, 1, x, require)
+        check_channel_rows(op, "input_invstd", input_invstd, 1, x, require)
 
 
 def relu_dwconv_pointwise(
@@ -424,6 +443,8 @@ def relu_dwconv_pointwise(
     dilations: Sequence[int],
     stride: int,
     relu: bool = True,
+    input_mean: Tensor | None = None,
+    input_invstd: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """`out[i] = conv2d(relu_dwconv(x, weights, dilations, stride, relu)[i], pointwise_weights[i])`, and the batch
     statistics of each out[i]: a DARTS sep or dil conv up to its BN (the whole dil conv's, a sep conv's first or
@@ -431,10 +452,14 @@ def relu_dwconv_pointwise(
 
     pointwise_weights[i]: [C, C, 1, 1]. Returns (out, mean, var): out[i] like relu_dwconv's; mean and var [K, C],
     the per-channel mean and biased variance of out[i] over (N, H_out, W_out), without gradient (the statistics a
-    following BN normalises with; its backward accounts for them).
+    following BN normalises with; its backward accounts for them). With input_mean and input_invstd ([1, C] each)
+    the convs read (x - input_mean) input_invstd in place of x: a sep conv's second half after its middle BN.
     """
     check_conv_settings("relu_dwconv_pointwise", dilations, stride, relu)
-    check_relu_dwconv_pointwise_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, dilations, stride)
+    check_relu_dwconv_pointwise_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, dilations, stride,
+                                          raise_unless, input_mean, input_invstd)  # fmt: skip
+    if input_mean is not None:
+        x = normalised(x, input_mean, input_invstd)
     zs = relu_dwconv(x, weights, dilations, stride, relu)
     outs = [F.conv2d(z, p) for z, p in zip(zs, pointwise_weights)]
     moments = [torch.var_mean(t.detach(), dim=(0, 2, 3), correction=0) for t in outs]

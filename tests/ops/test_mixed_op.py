@@ -168,9 +168,10 @@ def test_opcheck(stride, training, pool_bn, recompute):
             torch.stack([bn_var, bn_var2]), training, 1e-5, pool_bn, recompute)  # fmt: skip
     opcheck(torch.ops.fastdarts.mixed_ops.default, args)
     outs, mean, var, saved = torch.ops.fastdarts.mixed_ops.default(*args)
-    # Edge 0: max pool's output; the skip's FactorizedReduce output (stride 2 only); sep3's t, t_1, u; dil5's t (no
-    # depthwise output: the backward recomputes those in tiles). Edge 1: avg pool's output; sep5's t, t_1, u.
-    assert len(saved) == (0 if recompute else 5 + (stride == 2) + 4)
+    # Edge 0: max pool's output; the skip's FactorizedReduce output (stride 2 only); sep3's t and t_1; dil5's t (no
+    # depthwise output: the backward recomputes those in tiles; no middle BN output: the second stage normalises t_1
+    # as it reads it). Edge 1: avg pool's output; sep5's t and t_1.
+    assert len(saved) == (0 if recompute else 4 + (stride == 2) + 3)
     grads = [torch.randn_like(out) for out in outs]
     backward_args = (grads, x.detach(), args[1].detach(), [t.detach() for t in args[2]], stride, candidates, counts,
                      mean, var, training, 1e-5, pool_bn, [t.detach() for t in saved], True, True, True)  # fmt: skip
@@ -247,15 +248,15 @@ def saved_storages(forward, x, w, weights) -> tuple[dict[int, int], set[int]]:
 
 
 @requires_ext
-def test_without_recomputation_saves_the_ten_intermediates():
+def test_without_recomputation_saves_the_eight_intermediates():
     x, w, weights, _, _ = make_inputs(4, 16, 16, 1)
     storages, inputs = saved_storages(
         lambda: ops.mixed_op(x, w, weights, 1, recompute=False, backend="cpp"), x, w, weights
     )  # fmt: skip
     activations = [size for ptr, size in storages.items() if ptr not in inputs and size == x.numel() * 4]
-    # both pools' outputs; per sep conv t, t_1 and u; per dil conv t (never a depthwise output: the backward
-    # recomputes those in tiles)
-    assert len(activations) == 10
+    # both pools' outputs; per sep conv t and t_1; per dil conv t (never a depthwise output: the backward recomputes
+    # those in tiles; never a middle BN's output: the second stage normalises t_1 as it reads it)
+    assert len(activations) == 8
 
 
 def check_saves_only_the_input_the_weights_and_the_statistics(backend, x, w, weights):

@@ -117,6 +117,77 @@ def test_saves_only_x_and_the_weights():
     assert storages == {t.untyped_storage().data_ptr() for t in (x, *weights, *pointwise)}
 
 
+def make_normalisation(C, dtype=torch.float32, requires_grad=True):
+    """A middle BN's [1, C] mean and invstd, away from 0 and 1 so that a wrong formula shows."""
+    mean = (0.3 * torch.randn(1, C, dtype=dtype)).requires_grad_(requires_grad)
+    invstd = (0.5 + torch.rand(1, C, dtype=dtype)).requires_grad_(requires_grad)
+    return mean, invstd
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+@pytest.mark.parametrize("shape", [(3, 5, 9, 9), (2, 16, 9, 7), (1, 4, 5, 36)], ids=["C5", "C16", "C4_packed"])
+def test_cpp_matches_reference_on_a_normalised_input(shape, stride, layout, dtype, cpu_isa):
+    """input_mean and input_invstd (a sep conv's middle BN read by its second stage): the outputs, statistics and
+    every gradient, those of the normalisation's mean and invstd included."""
+    x, weights, dilations = make_inputs(shape, KERNELS["darts"], dtype, layout)
+    pointwise = make_pointwise(shape[1], len(weights), dtype)
+    mean, invstd = make_normalisation(shape[1], dtype)
+    results = {}
+    for backend in ("reference", "cpp"):
+        outs, m, v = ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, stride, True, mean, invstd,
+                                               backend=backend)  # fmt: skip
+        torch.manual_seed(1)
+        loss = sum((out * torch.randn_like(out)).sum() for out in outs)
+        results[backend] = outs, m, v, torch.autograd.grad(loss, [x, *weights, *pointwise, mean, invstd])
+    (outs, m, v, got), (expected, em, ev, want) = results["cpp"], results["reference"]
+    tol = TOLERANCES[dtype]
+    assert_all_close(outs, expected, tol["out"])
+    torch.testing.assert_close(m, em, **STAT_TOLERANCES[dtype])
+    torch.testing.assert_close(v, ev, **STAT_TOLERANCES[dtype])
+    assert_all_close(got, want, tol["grad"])
+
+
+@requires_ext
+def test_a_normalised_input_is_the_input_normalised_first(cpu_isa):
+    """The kernel normalises as it reads x exactly as ATen's (x - mean) * invstd: the same bits as the kernel on the
+    normalised tensor, forward and backward (whose input gradient is then the normalised input's)."""
+    x, weights, dilations = make_inputs((2, 8, 11, 9), KERNELS["darts"], layout="channels_last", x_grad=False,
+                                        w_grad=False)  # fmt: skip
+    pointwise = make_pointwise(8, 4, requires_grad=False)
+    mean, invstd = make_normalisation(8, requires_grad=False)
+    u = (x - mean.reshape(1, 8, 1, 1)) * invstd.reshape(1, 8, 1, 1)
+    fused = torch.ops.fastdarts.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, True, mean, invstd)
+    plain = torch.ops.fastdarts.relu_dwconv_pointwise(u, weights, pointwise, dilations, 1, True)
+    assert all(torch.equal(a, b) for a, b in zip([*fused[0], *fused[1:]], [*plain[0], *plain[1:]]))
+    grads = [torch.randn_like(out) for out in plain[0]]
+    fused = torch.ops.fastdarts.relu_dwconv_pointwise_backward(grads, x, weights, pointwise, dilations, 1, True, True,
+                                                               True, mean, invstd)  # fmt: skip
+    plain = torch.ops.fastdarts.relu_dwconv_pointwise_backward(grads, u, weights, pointwise, dilations, 1, True, True,
+                                                               True)  # fmt: skip
+    assert torch.equal(fused[0], plain[0])
+    assert all(torch.equal(a, b) for a, b in zip([*fused[1], *fused[2]], [*plain[1], *plain[2]]))
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_gradcheck_float64_on_a_normalised_input(backend, stride):
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    mean, invstd = make_normalisation(3, torch.float64)
+    # the normalised input away from ReLU's kink, where finite differences would straddle it
+    x = (x + 0.2 * (x - mean.detach().reshape(1, 3, 1, 1)).sign()).requires_grad_()
+    weights = [torch.randn(3, 1, k, k, dtype=torch.float64, requires_grad=True) for k in (3, 5)]
+    pointwise = make_pointwise(3, 2, torch.float64)
+
+    def f(x, mean, invstd, *params):
+        return tuple(ops.relu_dwconv_pointwise(x, params[:2], params[2:], [2, 1], stride, True, mean, invstd,
+                                               backend=backend)[0])  # fmt: skip
+
+    assert torch.autograd.gradcheck(f, (x, mean, invstd, *weights, *pointwise))
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_gradcheck_float64(backend, stride):
@@ -174,6 +245,11 @@ def forward_samples():
     )
     x, weights, dilations = make_inputs((3, 4, 8, 8), [(5, 2)])
     samples.append(("K1_no_relu", (x, weights, make_pointwise(4, 1), dilations, 1, False)))
+    for needs in ("all", "normalisation", "none"):
+        x, weights, dilations = make_inputs((2, 4, 8, 8), [(3, 1)], x_grad=needs == "all", w_grad=needs == "all")
+        pointwise = make_pointwise(4, 1, requires_grad=False)
+        normalisation = make_normalisation(4, requires_grad=needs != "none")
+        samples.append((f"normalised_needs_grad={needs}", (x, weights, pointwise, dilations, 1, True, *normalisation)))
     return samples
 
 
@@ -187,6 +263,8 @@ def backward_samples():
             (f"input_grad={input_grad}-weight_grad={weight_grad}",
              (grads, x, weights, pointwise, dilations, 2, True, input_grad, weight_grad))
         )  # fmt: skip
+    normalisation = make_normalisation(5, requires_grad=False)
+    samples.append(("normalised", (grads, x, weights, pointwise, dilations, 2, True, True, True, *normalisation)))
     return samples
 
 
@@ -211,6 +289,10 @@ def with_pointwise(i, weight):
     x, weights, pointwise, dilations = good()
     pointwise[i] = weight
     return x, weights, pointwise, dilations
+
+
+def with_normalisation(mean, invstd):
+    return (*good(), mean, invstd)
 
 
 BAD_INPUTS = [
@@ -245,15 +327,27 @@ BAD_INPUTS = [
         ValueError,
         r"dilations must have one entry per weight \(K = 4\), got 3",
     ),
+    (
+        "input_mean_alone",
+        lambda: with_normalisation(torch.zeros(1, 4), None),
+        ValueError,
+        r"input_mean and input_invstd must be given together, got only input_mean",
+    ),
+    (
+        "input_invstd_shape",
+        lambda: with_normalisation(torch.zeros(1, 4), torch.ones(4)),
+        ValueError,
+        r"input_invstd must have shape \[K, C\] = \[1, 4\]",
+    ),
 ]
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
 @pytest.mark.parametrize("make,error,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
 def test_bad_inputs_raise_clear_errors(backend, make, error, message):
-    x, weights, pointwise, dilations = make()
+    x, weights, pointwise, dilations, *normalisation = make()
     with pytest.raises(error, match=message):
-        ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, backend=backend)
+        ops.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, True, *normalisation, backend=backend)
 
 
 def first_stage(x, weights, pointwise):
