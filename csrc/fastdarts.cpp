@@ -102,12 +102,14 @@ TORCH_LIBRARY(fastdarts, m) {
       "bool relu, Tensor? input_mean=None, Tensor? input_invstd=None) -> (Tensor[] outs, Tensor mean, Tensor var)");
   // One pass over x and the K output gradients, the depthwise outputs recomputed in tiles: grad_x (masked by x > 0
   // when relu) if input_grad, else None; the depthwise and the 1x1 weights' gradients if weight_grad, else empty.
-  // With input_mean and input_invstd, grad_x is the gradient with respect to the normalised x (masked by where it
-  // is > 0): the normalisation's own backward, which depends on how its statistics were made, follows it.
+  // With input_mean and input_invstd, grad_x is the gradient with respect to the normalised x u (masked by where it
+  // is > 0): the normalisation's own backward, which depends on how its statistics were made, follows it, and
+  // input_sums [2, C] (with input_grad, else None) gives it the per-channel sums over (N, H, W) of grad_x and of
+  // grad_x u, made while both are in cache.
   m.def(
       "relu_dwconv_pointwise_backward(Tensor[] grads, Tensor x, Tensor[] weights, Tensor[] pointwise_weights, "
       "int[] dilations, int stride, bool relu, bool input_grad, bool weight_grad, Tensor? input_mean=None, "
-      "Tensor? input_invstd=None) -> (Tensor?, Tensor[], Tensor[])");
+      "Tensor? input_invstd=None) -> (Tensor?, Tensor[], Tensor[], Tensor? input_sums)");
   // PR-DARTS's hard-concrete gates and top-k mask from given noise: reference.gates_from_noise, with the same
   // arguments. beta, u: [E, K]; explore: bool [E, K] and perm: int64 [K] when k is set, ignored (may be None)
   // when it is not. Outputs [E, K]: gates (exactly the 0/1 mask with k, g without), mask, p_nonzero = P(g != 0),

@@ -89,6 +89,7 @@ namespace {
 
 using tiles::kCols;
 using tiles::add_row_moments;
+using tiles::add_row_products;
 using tiles::conv_row;
 using tiles::depthwise_row;
 using tiles::grad_weight_row;
@@ -545,6 +546,9 @@ struct BackwardArgs {
   const T* pointwise_transposed = nullptr;
   const T* taps = nullptr;
   T* pointwise_partials = nullptr;
+  // With a normalised input and grad_x: the chunk's slot [num_chunks][2][Cp] of per-lane sums of dL/du and of
+  // dL/du u over its rows (u the normalised input), for the normalisation's backward; nullptr otherwise.
+  double* input_sums = nullptr;
 };
 
 // The gradient tile of image n for kernel i of relu_dwconv_pointwise_backward (BackwardArgs), for output rows
@@ -583,8 +587,8 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
                                              T* grad_tile, T* grad_x_rows, T* dt_row, T* z_row) {
   const Geometry& g = b.g;
   const int64_t K = static_cast<int64_t>(b.grads.size());
-  const bool want_input_tile =
-      b.partials != nullptr || b.pointwise_partials != nullptr || (b.grad_x != nullptr && b.map.relu);
+  const bool want_input_tile = b.partials != nullptr || b.pointwise_partials != nullptr ||
+                               (b.grad_x != nullptr && (b.map.relu || b.input_sums != nullptr));
   const int64_t grad_x_row = g.gx_cols * g.col;
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     const int64_t n = chunk / g.chunks_per_image;
@@ -639,9 +643,17 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
       }
     }
     if (b.grad_x != nullptr) {
-      if (b.map.relu) {  // input row y0 is input tile row P (r: the mask of the normalised x when normalised)
-        mask_rows(grad_x_rows, grad_x_row, input_tile + g.P * g.input.row_stride + g.P * g.col, g.input.row_stride,
-                  y1 - y0, g.W * g.col);
+      const T* r_rows = input_tile + g.P * g.input.row_stride + g.P * g.col;  // input row y0 is input tile row P
+      if (b.map.relu) {  // (r: the mask of the normalised x when normalised)
+        mask_rows(grad_x_rows, grad_x_row, r_rows, g.input.row_stride, y1 - y0, g.W * g.col);
+      }
+      if (b.input_sums != nullptr) {  // dL/du u = dL/du r: with the ReLU, dL/du is 0 wherever u <= 0
+        double* sums = b.input_sums + chunk * 2 * g.Cp;
+        std::fill(sums, sums + 2 * g.Cp, 0.0);
+        for (int64_t y = y0; y < y1; ++y) {
+          add_row_products<T, kIsa>(grad_x_rows + (y - y0) * grad_x_row, r_rows + (y - y0) * g.input.row_stride,
+                                    g.W * g.col / g.Cp, g.Cp, sums);
+        }
       }
       unpack(grad_x_rows, grad_x_row, g.col, y1 - y0, g.W, g.C, b.grad_x + n * b.gxs.n + y0 * b.gxs.h, b.gxs);
     }
@@ -805,8 +817,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(
 }
 
 // The backward of both ops: grad_x if input_grad, the depthwise and (with pointwise weights) the 1x1 weights'
-// gradients if weight_grad.
-std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> backward(
+// gradients if weight_grad, and with a normalised input and input_grad the [2, C] sums over (N, H, W) of grad_x
+// and of grad_x times the normalised input.
+std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::optional<at::Tensor>>
+backward(
     const char* op, at::TensorList grads, const at::Tensor& x, at::TensorList weights, at::TensorList pointwise,
     bool with_pointwise, at::IntArrayRef dilations, int64_t stride, bool relu, bool input_grad, bool weight_grad,
     const std::optional<at::Tensor>& input_mean = std::nullopt,
@@ -816,9 +830,12 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
   const int64_t K = static_cast<int64_t>(weights.size());
   check_sized_list(op, "grads", grads, K, "weight", output_sizes(x, stride), "x", x);
 
-  std::optional<at::Tensor> grad_x;
+  std::optional<at::Tensor> grad_x, input_sums;
   if (input_grad) {
     grad_x = at::empty_like(x);
+    if (input_mean.has_value()) {
+      input_sums = at::zeros({2, x.size(1)}, x.options());  // zeros: the sums of an empty batch
+    }
   }
   std::vector<at::Tensor> grad_weights, grad_pointwise;
   if (weight_grad) {
@@ -832,7 +849,7 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
     }
   }
   if (!input_grad && !weight_grad) {
-    return {grad_x, grad_weights, grad_pointwise};
+    return {grad_x, grad_weights, grad_pointwise, input_sums};
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "relu_dwconv_backward_cpu", [&] {
     const CpuIsa isa = cpu_isa();  // once per call, before the threads start
@@ -847,6 +864,7 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
       transposed = pointwise_matrices<scalar_t>(pointwise, g, true);
     }
     at::Tensor partials, pointwise_partials;  // each chunk zeroes its own slots
+    std::vector<double> sum_slots(input_sums.has_value() ? g.num_chunks * 2 * g.Cp : 0);  // [num_chunks][2][Cp]
     if (weight_grad) {
       partials = scratch(g.num_chunks * g.num_taps * g.Cp, x);
       if (with_pointwise) {
@@ -873,10 +891,13 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
       b.taps = taps.data();
       b.pointwise_partials = weight_grad ? pointwise_partials.data_ptr<scalar_t>() : nullptr;
     }
+    if (input_sums.has_value()) {
+      b.input_sums = sum_slots.data();
+    }
     if (x.numel() > 0) {
       at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
-        // grad_w and the 1x1 gradient read r; grad_x's mask reads relu(x)
-        const bool want_input_tile = weight_grad || relu;
+        // grad_w and the 1x1 gradient read r; grad_x's mask reads relu(x), the normalisation's sums u
+        const bool want_input_tile = weight_grad || relu || b.input_sums != nullptr;
         at::Tensor input_tile = scratch(want_input_tile ? g.input.size() : 0, x);
         at::Tensor grad_tile = scratch(g.grad.size(), x);
         at::Tensor grad_x_rows = scratch(input_grad ? g.chunk_rows * g.s * g.gx_cols * g.col : 0, x);
@@ -887,6 +908,14 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
                                    grad_tile.data_ptr<scalar_t>(), grad_x_rows.data_ptr<scalar_t>(), dt_row,
                                    with_pointwise ? dt_row + g.Wo_r * g.col : nullptr);
       });
+    }
+    if (input_sums.has_value() && x.numel() > 0) {
+      const std::vector<double> total = add_slots(sum_slots.data(), g.num_chunks, 2 * g.Cp);
+      scalar_t* sums = input_sums->data_ptr<scalar_t>();
+      for (int64_t c = 0; c < g.C; ++c) {
+        sums[c] = static_cast<scalar_t>(g.lane_sum(total.data(), c));
+        sums[g.C + c] = static_cast<scalar_t>(g.lane_sum(total.data() + g.Cp, c));
+      }
     }
     if (weight_grad) {
       const std::vector<double> total = add_slots(partials.const_data_ptr<scalar_t>(), g.num_chunks, g.num_taps * g.Cp);
@@ -917,7 +946,7 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::T
       }
     }
   });
-  return {grad_x, grad_weights, grad_pointwise};
+  return {grad_x, grad_weights, grad_pointwise, input_sums};
 }
 
 std::vector<at::Tensor> relu_dwconv_cpu(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
@@ -929,7 +958,7 @@ std::vector<at::Tensor> relu_dwconv_cpu(const at::Tensor& x, at::TensorList weig
 std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>> relu_dwconv_backward_cpu(
     at::TensorList grads, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
     bool relu, bool input_grad, bool weight_grad) {
-  auto [grad_x, grad_weights, unused] =
+  auto [grad_x, grad_weights, unused, no_sums] =
       backward("relu_dwconv_backward", grads, x, weights, {}, false, dilations, stride, relu, input_grad, weight_grad);
   return {grad_x, grad_weights};
 }
@@ -943,7 +972,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relu_dwconv_pointwis
   return forward(x, weights, pointwise_weights, true, dilations, stride, relu, input_mean, input_invstd);
 }
 
-std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::optional<at::Tensor>>
 relu_dwconv_pointwise_backward_cpu(at::TensorList grads, const at::Tensor& x, at::TensorList weights,
                                    at::TensorList pointwise_weights, at::IntArrayRef dilations, int64_t stride,
                                    bool relu, bool input_grad, bool weight_grad,

@@ -261,7 +261,8 @@ def _relu_dwconv_pointwise_backward_fake(grads, x, weights, pointwise_weights, d
     grad_x = torch.empty_like(x) if input_grad else None
     grad_weights = [w.new_empty(w.shape) for w in weights] if weight_grad else []
     grad_pointwise = [p.new_empty(p.shape) for p in pointwise_weights] if weight_grad else []
-    return grad_x, grad_weights, grad_pointwise
+    input_sums = x.new_empty(2, x.shape[1]) if input_grad and input_mean is not None else None
+    return grad_x, grad_weights, grad_pointwise, input_sums
 
 
 def _relu_dwconv_pointwise_setup_context(ctx, inputs, output):
@@ -284,7 +285,7 @@ def _relu_dwconv_pointwise_backward(ctx, grads, _grad_mean, _grad_var):
     input_mean, input_invstd = rest[2 * K :] if ctx.normalised else (None, None)
     # The kernel's input gradient is that of the normalised x, u = (x - mean) invstd: dL/dx = invstd dL/du, and
     # mean and invstd get theirs from dL/du by the same chain rule.
-    grad_u, grad_weights, grad_pointwise = torch.ops.fastdarts.relu_dwconv_pointwise_backward.default(
+    grad_u, grad_weights, grad_pointwise, _ = torch.ops.fastdarts.relu_dwconv_pointwise_backward.default(
         list(grads), x, rest[:K], rest[K : 2 * K], ctx.dilations, ctx.stride, ctx.relu,
         x_needs_grad or normalisation_needs_grad, any(weights_need_grad), input_mean, input_invstd,
     )  # fmt: skip

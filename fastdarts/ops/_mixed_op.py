@@ -49,10 +49,11 @@ class EdgeKernels:
     """The building blocks of an edge on one backend, each with the signature of the C++ op of its name."""
 
     backend: str  # the backend's name in the dispatch table, for messages
-    # (x, weights, pointwise_weights, dilations, stride, relu) -> (outs, mean [K, C], var [K, C])
+    # (x, weights, pointwise_weights, dilations, stride, relu[, input_mean, input_invstd])
+    #   -> (outs, mean [K, C], var [K, C])
     relu_dwconv_pointwise: Callable[..., tuple]
-    # (grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad)
-    #   -> (grad_x or None, grad_weights or [], grad_pointwise_weights or [])
+    # (grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad[, input_mean,
+    #  input_invstd]) -> (grad_x or None, grad_weights or [], grad_pointwise_weights or [], input_sums or None)
     relu_dwconv_pointwise_backward: Callable[..., tuple]
     pool_bn_stats: Callable[..., tuple]  # (x, stride) -> (max_out, avg_out, mean, var)
     pool_bn_stats_backward: Callable[..., Tensor]  # (grad_max or None, grad_avg or None, x, stride) -> grad_x
@@ -121,7 +122,8 @@ def composed_relu_dwconv_pointwise(
 
     def backward(grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad,
                  input_mean=None, input_invstd=None):  # fmt: skip
-        """As the C++ op's: with input_mean and input_invstd, the gradient with respect to the normalised x."""
+        """As the C++ op's: with input_mean and input_invstd, the gradient with respect to the normalised x u, and
+        the sums of it and of it times u."""
         if input_mean is not None:
             x = normalised(x, input_mean, input_invstd)
         zs = relu_dwconv(x, weights, dilations, stride, relu)
@@ -131,7 +133,10 @@ def composed_relu_dwconv_pointwise(
             dzs.append(dz)
             grad_pointwise.append(dp)
         grad_x, grad_weights = relu_dwconv_backward(dzs, x, weights, dilations, stride, relu, input_grad, weight_grad)
-        return grad_x, grad_weights, (grad_pointwise if weight_grad else [])
+        input_sums = None
+        if input_grad and input_mean is not None:
+            input_sums = torch.stack([grad_x.sum((0, 2, 3)), (grad_x * x).sum((0, 2, 3))])
+        return grad_x, grad_weights, (grad_pointwise if weight_grad else []), input_sums
 
     return forward, backward
 
@@ -282,13 +287,22 @@ class _Edge:
 
     # The backward ---------------------------------------------------------------------------------------------
 
-    def _middle_bn_backward(self, grad: Tensor, k: int) -> Tensor:
-        """dL/dt_1 of a sep conv's first BN, u = BN(t_1), for dL/du = grad."""
+    def _middle_bn_backward(self, grad: Tensor, sums: Tensor, k: int) -> Tensor:
+        """dL/dt_1 of a sep conv's first BN, u = BN(t_1), for dL/du = grad, whose sums over (N, H, W) of grad and of
+        grad u the second stage's backward gave (`sums` [2, C]).
+
+        With batch statistics, dL/dt_1 = invstd (grad - mean(grad) - u mean(grad u)) = (grad - mean(grad)) invstd +
+        (t_1 - mean) (-invstd^2 mean(grad u)): one pass of bn_weighted_sum over grad and t_1, with those per-channel
+        means and factors, where bn_weighted_sum_backward would first pass over both for the sums."""
         t, row = self.kept[f"t{k}_1"], self.rows[k]
-        (dt,), _ = self.kernels.bn_weighted_sum_backward(
-            grad, [t], self._one, *self._middle_statistics(row), [self.training], True, False
-        )
-        return dt
+        mean, invstd = self._middle_statistics(row)
+        if not self.training:  # fixed statistics: dL/dt_1 = invstd grad
+            (dt,), _ = self.kernels.bn_weighted_sum_backward(grad, [t], self._one, mean, invstd, [False], True, False)
+            return dt
+        means = sums / (grad.numel() // grad.shape[1])  # [mean(grad), mean(grad u)]
+        centres = torch.cat([means[:1], mean])
+        factors = torch.cat([invstd, -invstd.square() * means[1:]])
+        return self.kernels.bn_weighted_sum([grad, t], self._one.expand(2), centres, factors)
 
     def backward(self, grad: Tensor, x_grad: bool, w_grad: bool, weights_grad: bool, group: _GroupGradients) -> None:
         """Adds to `group` this edge's dL/dw row, its weight gradients and, for dL/dx, its terms: the skip's, what
@@ -322,13 +336,13 @@ class _Edge:
             else:  # the convolutions: back to the first stage, whose backward is one kernel for the whole group
                 if k in (_SEP3, _SEP5):  # the second stage (dL/du of the middle BN's output u), then the middle BN
                     ws = self.weights[k]
-                    du, second, second_pointwise = self.kernels.relu_dwconv_pointwise_backward(
+                    du, second, second_pointwise, du_sums = self.kernels.relu_dwconv_pointwise_backward(
                         [dt], self.kept[f"t{k}_1"], [ws[2]], [ws[3]], [1], 1, True, True, weights_grad,
                         *self._middle_statistics(self.rows[k]),
                     )  # fmt: skip
                     if weights_grad:
                         group.set_weight_grads(k, (2, 3), (second[0], second_pointwise[0]))
-                    dt = self._middle_bn_backward(du, k)
+                    dt = self._middle_bn_backward(du, du_sums, k)
                 group.first_stage.append((dt, group.edge, k))
 
 
@@ -468,7 +482,7 @@ class _EdgeGroup:
             ))  # fmt: skip
         if group.first_stage:
             dts, es, ks = zip(*group.first_stage)
-            dx, firsts, first_pointwise = self.kernels.relu_dwconv_pointwise_backward(
+            dx, firsts, first_pointwise, _ = self.kernels.relu_dwconv_pointwise_backward(
                 list(dts), x, [self.edges[e].weights[k][0] for e, k in zip(es, ks)],
                 [self.edges[e].weights[k][1] for e, k in zip(es, ks)], [_FIRST_STAGE_DILATION[k] for k in ks],
                 self.stride, True, x_grad, weights_grad,

@@ -151,14 +151,15 @@ def test_cpp_matches_reference_on_a_normalised_input(shape, stride, layout, dtyp
 
 
 @requires_ext
-def test_a_normalised_input_is_the_input_normalised_first(cpu_isa):
+@pytest.mark.parametrize("shape", [(2, 8, 11, 9), (3, 8, 5, 10), (1, 4, 5, 36)], ids=["C8", "C8_packed", "C4_packed"])
+def test_a_normalised_input_is_the_input_normalised_first(shape, cpu_isa):
     """The kernel normalises as it reads x exactly as ATen's (x - mean) * invstd: the same bits as the kernel on the
     normalised tensor, forward and backward (whose input gradient is then the normalised input's)."""
-    x, weights, dilations = make_inputs((2, 8, 11, 9), KERNELS["darts"], layout="channels_last", x_grad=False,
-                                        w_grad=False)  # fmt: skip
-    pointwise = make_pointwise(8, 4, requires_grad=False)
-    mean, invstd = make_normalisation(8, requires_grad=False)
-    u = (x - mean.reshape(1, 8, 1, 1)) * invstd.reshape(1, 8, 1, 1)
+    x, weights, dilations = make_inputs(shape, KERNELS["darts"], layout="channels_last", x_grad=False, w_grad=False)
+    C = shape[1]
+    pointwise = make_pointwise(C, 4, requires_grad=False)
+    mean, invstd = make_normalisation(C, requires_grad=False)
+    u = (x - mean.reshape(1, C, 1, 1)) * invstd.reshape(1, C, 1, 1)
     fused = torch.ops.fastdarts.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, True, mean, invstd)
     plain = torch.ops.fastdarts.relu_dwconv_pointwise(u, weights, pointwise, dilations, 1, True)
     assert all(torch.equal(a, b) for a, b in zip([*fused[0], *fused[1:]], [*plain[0], *plain[1:]]))
@@ -169,6 +170,10 @@ def test_a_normalised_input_is_the_input_normalised_first(cpu_isa):
                                                                True)  # fmt: skip
     assert torch.equal(fused[0], plain[0])
     assert all(torch.equal(a, b) for a, b in zip([*fused[1], *fused[2]], [*plain[1], *plain[2]]))
+    # The sums the normalisation's backward needs, made in the same pass: of dL/du and of dL/du u.
+    assert plain[3] is None
+    expected = torch.stack([fused[0].sum((0, 2, 3)), (fused[0] * u).sum((0, 2, 3))])
+    torch.testing.assert_close(fused[3], expected, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])

@@ -253,5 +253,28 @@ FASTDARTS_ALWAYS_INLINE void add_row_moments(const T* row, int64_t cols, int64_t
   }
 }
 
+// Adds one row's per-lane sum of a and sum of a b (cols vectors of Cp lanes each, a and b laid out alike) to
+// sums[c] and sums[Cp + c]: the row in T, the running totals in double.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void add_row_products(const T* a, const T* b, int64_t cols, int64_t Cp, double* sums) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+    Vec<T, kIsa> sum{};
+    Vec<T, kIsa> products{};
+    for (int64_t w = 0; w < cols; ++w) {
+      Vec<T, kIsa> va;
+      Vec<T, kIsa> vb;
+      vec_load(va, a + w * Cp + c0);
+      vec_load(vb, b + w * Cp + c0);
+      sum += va;
+      products += va * vb;
+    }
+    for (int64_t l = 0; l < V; ++l) {
+      sums[c0 + l] += static_cast<double>(sum[l]);
+      sums[Cp + c0 + l] += static_cast<double>(products[l]);
+    }
+  }
+}
+
 }  // namespace tiles
 }  // namespace fastdarts
