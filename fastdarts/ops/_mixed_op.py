@@ -191,13 +191,12 @@ class _Edge:
                  first_stage=None, pools=None, saved=None, saved_pools=None):  # fmt: skip
         """`mean` and `var` ([B, C]) are the edge's rows of its group's BN statistics: a forward in training records
         its batch statistics in them, otherwise they are the statistics to normalise with (the running ones, or in a
-        backward those the forward used). `one` is a tensor holding 1 (the weight of a sep conv's middle BN in the
-        backward, a bn_weighted_sum_backward of one tensor). `first_stage` (per conv candidate: its first 1x1 conv's
-        output, batch mean and variance) and `pools` (pool_bn_stats's outputs, or None when no pool is computed) come
-        from the group, which computes them for every edge leaving x at once. With `saved` (the tensors of
-        _saved_names, from a forward with keep), nothing is computed: the edge is restored for its backward, with the
-        pools' outputs from `saved_pools` ({k: output}). The group sets `final_statistics` once every row is
-        recorded."""
+        backward those the forward used). `one` is a tensor holding 1 (the weights of the sums in a sep conv's
+        middle BN backward). `first_stage` (per conv candidate: its first 1x1 conv's output, batch mean and
+        variance) and `pools` (pool_bn_stats's outputs, or None when no pool is computed) come from the group, which
+        computes them for every edge leaving x at once. With `saved` (the tensors of _saved_names, from a forward
+        with keep), nothing is computed: the edge is restored for its backward, with the pools' outputs from
+        `saved_pools` ({k: output}). The group sets `final_statistics` once every row is recorded."""
         self.kernels, self.w, self._one = kernels, w, one
         self.x, self.stride, self.candidates = x, stride, list(candidates)
         self.candidate_index = index_tensor(tuple(self.candidates), x.device)
