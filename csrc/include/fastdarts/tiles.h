@@ -232,27 +232,6 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_row(const T* grad, const T* z, T* pa
   }
 }
 
-// Adds one row's per-channel sum and sum of squares (positions w < cols) to moments[c] and moments[Cp + c]: the
-// row in T (cols values per channel), the running totals in double.
-template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void add_row_moments(const T* row, int64_t cols, int64_t Cp, double* moments) {
-  constexpr int64_t V = kLanes<T, kIsa>;
-  for (int64_t c0 = 0; c0 < Cp; c0 += V) {
-    Vec<T, kIsa> sum{};
-    Vec<T, kIsa> squares{};
-    for (int64_t w = 0; w < cols; ++w) {
-      Vec<T, kIsa> v;
-      vec_load(v, row + w * Cp + c0);
-      sum += v;
-      squares += v * v;
-    }
-    for (int64_t l = 0; l < V; ++l) {
-      moments[c0 + l] += static_cast<double>(sum[l]);
-      moments[Cp + c0 + l] += static_cast<double>(squares[l]);
-    }
-  }
-}
-
 // Adds one row's per-lane sum of a and sum of a b (cols vectors of Cp lanes each, a and b laid out alike) to
 // sums[c] and sums[Cp + c]: the row in T, the running totals in double.
 template <typename T, CpuIsa kIsa>
@@ -274,6 +253,13 @@ FASTDARTS_ALWAYS_INLINE void add_row_products(const T* a, const T* b, int64_t co
       sums[Cp + c0 + l] += static_cast<double>(products[l]);
     }
   }
+}
+
+// Adds one row's per-channel sum and sum of squares (positions w < cols) to moments[c] and moments[Cp + c]: the
+// row in T (cols values per channel), the running totals in double.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void add_row_moments(const T* row, int64_t cols, int64_t Cp, double* moments) {
+  add_row_products<T, kIsa>(row, row, cols, Cp, moments);
 }
 
 }  // namespace tiles
