@@ -151,8 +151,9 @@ def test_cpp_matches_reference_on_a_normalised_input(shape, stride, layout, dtyp
 
 
 @requires_ext
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 @pytest.mark.parametrize("shape", [(2, 8, 11, 9), (3, 8, 5, 10), (1, 4, 5, 36)], ids=["C8", "C8_packed", "C4_packed"])
-def test_a_normalised_input_is_the_input_normalised_first(shape, cpu_isa):
+def test_a_normalised_input_is_the_input_normalised_first(shape, stride, cpu_isa):
     """The kernel normalises as it reads x exactly as ATen's (x - mean) * invstd: the same bits as the kernel on the
     normalised tensor, forward and backward (whose input gradient is then the normalised input's)."""
     x, weights, dilations = make_inputs(shape, KERNELS["darts"], layout="channels_last", x_grad=False, w_grad=False)
@@ -160,14 +161,13 @@ def test_a_normalised_input_is_the_input_normalised_first(shape, cpu_isa):
     pointwise = make_pointwise(C, 4, requires_grad=False)
     mean, invstd = make_normalisation(C, requires_grad=False)
     u = (x - mean.reshape(1, C, 1, 1)) * invstd.reshape(1, C, 1, 1)
-    fused = torch.ops.fastdarts.relu_dwconv_pointwise(x, weights, pointwise, dilations, 1, True, mean, invstd)
-    plain = torch.ops.fastdarts.relu_dwconv_pointwise(u, weights, pointwise, dilations, 1, True)
+    fused = torch.ops.fastdarts.relu_dwconv_pointwise(x, weights, pointwise, dilations, stride, True, mean, invstd)
+    plain = torch.ops.fastdarts.relu_dwconv_pointwise(u, weights, pointwise, dilations, stride, True)
     assert all(torch.equal(a, b) for a, b in zip([*fused[0], *fused[1:]], [*plain[0], *plain[1:]]))
     grads = [torch.randn_like(out) for out in plain[0]]
-    fused = torch.ops.fastdarts.relu_dwconv_pointwise_backward(grads, x, weights, pointwise, dilations, 1, True, True,
-                                                               True, mean, invstd)  # fmt: skip
-    plain = torch.ops.fastdarts.relu_dwconv_pointwise_backward(grads, u, weights, pointwise, dilations, 1, True, True,
-                                                               True)  # fmt: skip
+    backward = torch.ops.fastdarts.relu_dwconv_pointwise_backward
+    fused = backward(grads, x, weights, pointwise, dilations, stride, True, True, True, mean, invstd)
+    plain = backward(grads, u, weights, pointwise, dilations, stride, True, True, True)
     assert torch.equal(fused[0], plain[0])
     assert all(torch.equal(a, b) for a, b in zip([*fused[1], *fused[2]], [*plain[1], *plain[2]]))
     # The sums the normalisation's backward needs, made in the same pass: of dL/du and of dL/du u.
