@@ -284,8 +284,9 @@ def _relu_dwconv_pointwise_backward(ctx, grads, _grad_mean, _grad_var):
     x, *rest = ctx.saved_tensors
     input_mean, input_invstd = rest[2 * K :] if ctx.normalised else (None, None)
     # The kernel's input gradient is that of the normalised x, u = (x - mean) invstd: dL/dx = invstd dL/du, and
-    # mean and invstd get theirs from dL/du by the same chain rule.
-    grad_u, grad_weights, grad_pointwise, _ = torch.ops.fastdarts.relu_dwconv_pointwise_backward.default(
+    # mean and invstd get theirs from dL/du by the same chain rule (dL/dmean = -invstd sum dL/du, from the kernel's
+    # sums; dL/dinvstd = sum dL/du (x - mean), not sum(dL/du u) / invstd, which an invstd of 0 would break).
+    grad_u, grad_weights, grad_pointwise, sums = torch.ops.fastdarts.relu_dwconv_pointwise_backward.default(
         list(grads), x, rest[:K], rest[K : 2 * K], ctx.dilations, ctx.stride, ctx.relu,
         x_needs_grad or normalisation_needs_grad, any(weights_need_grad), input_mean, input_invstd,
     )  # fmt: skip
@@ -299,7 +300,7 @@ def _relu_dwconv_pointwise_backward(ctx, grads, _grad_mean, _grad_var):
         invstd = input_invstd.reshape(1, C, 1, 1)
         grad_x = grad_u * invstd if x_needs_grad else None
         if ctx.needs_input_grad[6]:
-            grad_mean = -(grad_u * invstd).sum((0, 2, 3)).reshape(1, C)
+            grad_mean = -input_invstd * sums[:1]
         if ctx.needs_input_grad[7]:
             grad_invstd = (grad_u * (x - input_mean.reshape(1, C, 1, 1))).sum((0, 2, 3)).reshape(1, C)
     # The arguments as the caller passed them: input_mean and input_invstd may be left to their defaults.
