@@ -125,6 +125,23 @@ TORCH_LIBRARY(fastdarts, m) {
   // grad_x of both pools, the max's argmax recomputed from x (ATen's: the first maximum in scan order, or a NaN);
   // a None gradient contributes nothing.
   m.def("pool_bn_stats_backward(Tensor? grad_max, Tensor? grad_avg, Tensor x, int stride) -> Tensor");
+  // The E = w.shape[0] DARTS edges leaving x, computed from the kernels above with no Python between them: the
+  // arguments and results of fastdarts/ops/_mixed_op.py's group (the ops' part of mixed_ops, without partial
+  // channels), which fastdarts.ops.mixed_ops wraps. weights: each edge's in turn (mixed_op_layout order), candidates:
+  // counts[e] for edge e. Returns each edge's output, the statistics [E, B, C] (recorded in training, else copies of
+  // bn_mean and bn_var, which evaluation needs) and, with keep, the tensors edge_group_backward then reads instead
+  // of recomputing them.
+  m.def(
+      "edge_group(Tensor x, Tensor w, Tensor[] weights, int stride, int[] candidates, int[] counts, Tensor? bn_mean, "
+      "Tensor? bn_var, bool training, float eps, bool pool_bn, bool keep) -> (Tensor[] outs, Tensor mean, "
+      "Tensor var, Tensor[] saved)");
+  // Its backward from the statistics the forward gave (and its saved tensors, or a recomputation when empty):
+  // grad_x if x_grad, grad_w [E, K] if w_grad, every conv weight's gradient if weights_grad (zeros for candidates
+  // not computed, [] otherwise). grads[e] None: edge e's output took no part in the loss.
+  m.def(
+      "edge_group_backward(Tensor?[] grads, Tensor x, Tensor w, Tensor[] weights, int stride, int[] candidates, "
+      "int[] counts, Tensor mean, Tensor var, bool training, float eps, bool pool_bn, Tensor[] saved, bool x_grad, "
+      "bool w_grad, bool weights_grad) -> (Tensor? grad_x, Tensor? grad_w, Tensor[] grad_weights)");
   // DARTS's recurrent mixed op for one node after its matmul (fastdarts.ops.rnn_mixed_node): x [B, H] =
   // sum_j P_j (1 - sigmoid(c_j)) s_j + sigmoid(c_j) g_j with g_j = sum_k p[j, k] f_k(h_j) over tanh, relu, sigmoid,
   // identity and P_j their total. states: [n, B, H]; ch: [n, B, 2H], c_j = ch[j, :, :H], h_j = ch[j, :, H:];

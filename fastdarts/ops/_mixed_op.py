@@ -617,11 +617,67 @@ def _bypass_backward(kernels, grads, x, partial_channels, stride, bypass_w, grad
     return grad_bypass_w
 
 
-def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | None) -> tuple[Callable, Callable]:
-    """Registers `namespace::mixed_ops` (the mixed ops of E edges leaving one state, _EdgeGroup) and its backward,
-    with their fakes and autograd, and returns the dispatch table's entries for "mixed_ops" and "mixed_op" (the
-    group of one edge)."""
+def edge_group_fake(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, keep):
+    """The outputs' metadata of a group's forward (edge_group's signature): the E outputs, the statistics [E, B, C]
+    and, with keep, the pools some edge uses and each edge's _saved_names."""
+    E, B = w.shape[0], sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
+    shape = mixed_op_output_shape(x, stride)
+    saved = []
+    if keep:
+        pools = {k for k in candidates if k in (_MAX_POOL, _AVG_POOL)}
+        names = [name for ks in _split(candidates, counts) for name in _saved_names(ks, stride)]
+        saved = [_empty_like_shape(x, shape) for _ in range(len(pools) + len(names))]
+    C = x.shape[1]
+    return [_empty_like_shape(x, shape) for _ in range(E)], x.new_empty(E, B, C), x.new_empty(E, B, C), saved
+
+
+def edge_group_backward_fake(grads, x, w, weights, stride, candidates, counts, mean, var, training, eps, pool_bn,
+                             saved, x_grad, w_grad, weights_grad):  # fmt: skip
+    """The outputs' metadata of a group's backward (edge_group_backward's signature)."""
+    grad_x = torch.empty_like(x, memory_format=_CHANNELS_LAST) if x_grad else None
+    grad_w = w.new_empty(w.shape) if w_grad else None
+    return grad_x, grad_w, ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
+
+
+def edge_group(kernels: EdgeKernels) -> tuple[Callable, Callable]:
+    """(forward, backward) of the group of edges on `kernels`, with the signatures of the C++ ops fastdarts::edge_group
+    and edge_group_backward (which run the same passes with no Python between the kernels)."""
+
+    def forward(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, keep):
+        E = w.shape[0]
+        group = _EdgeGroup(kernels, x, w, _split(weights, [len(weights) // E] * E), stride, _split(candidates, counts),
+                           bn_mean, bn_var, training, eps, pool_bn, keep=keep)  # fmt: skip
+        mean, var = group.statistics()
+        return group.outs(), mean, var, (group.saved() if keep else [])
+
+    def backward(grads, x, w, weights, stride, candidates, counts, mean, var, training, eps, pool_bn, saved, x_grad,
+                 w_grad, weights_grad):  # fmt: skip
+        E = w.shape[0]
+        weights_per_edge, candidates_per_edge = _split(weights, [len(weights) // E] * E), _split(candidates, counts)
+        if saved:
+            group = _EdgeGroup(kernels, x, w, weights_per_edge, stride, candidates_per_edge, mean, var, training, eps,
+                               pool_bn, keep=True, saved=saved)  # fmt: skip
+        else:
+            # mean and var are the statistics the forward normalised with: recomputing in "evaluation" with them as
+            # the running statistics reproduces the forward exactly; the backward still treats them as batch ones.
+            group = _EdgeGroup(kernels, x, w, weights_per_edge, stride, candidates_per_edge, mean, var, False, eps,
+                               pool_bn, keep=True)  # fmt: skip
+            for edge in group.edges:
+                edge.training = training
+        grad_x, grad_w, grad_weights = group.backward(grads, x_grad, w_grad, weights_grad)
+        return grad_x, grad_w, grad_weights or []
+
+    return forward, backward
+
+
+def define_mixed_ops(
+    namespace: str, kernels: EdgeKernels, device_types: str | None, group: tuple[Callable, Callable] | None = None
+) -> tuple[Callable, Callable]:
+    """Registers `namespace::mixed_ops` (the mixed ops of E edges leaving one state: `group`, a (forward, backward)
+    pair as edge_group's, by default edge_group(kernels)) and its backward, with their fakes and autograd, and returns
+    the dispatch table's entries for "mixed_ops" and "mixed_op" (the group of one edge)."""
     backend = kernels.backend
+    group_forward, group_backward = group or edge_group(kernels)
 
     @torch.library.custom_op(f"{namespace}::mixed_ops", mutates_args=(), device_types=device_types)
     def mixed_ops(
@@ -651,30 +707,19 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
         _check_group("mixed_ops", processed, w, weights, stride, candidates, counts, bn_mean, bn_var, training,
                      pool_bn)  # fmt: skip
         check_supported_dtype("mixed_ops", x, raise_unless)
-        E = w.shape[0]
-        weights_per_edge, candidates_per_edge = _split(weights, [len(weights) // E] * E), _split(candidates, counts)
-        group = _EdgeGroup(kernels, _prepare(processed), w, weights_per_edge, stride, candidates_per_edge, bn_mean,
-                           bn_var, training, eps, pool_bn, keep=not recompute)  # fmt: skip
-        mean, var = group.statistics()
-        outs = group.outs()
+        outs, mean, var, saved = group_forward(_prepare(processed), w, weights, stride, candidates, counts, bn_mean,
+                                               bn_var, training, eps, pool_bn, not recompute)  # fmt: skip
         if partial_channels > 1:
             outs = _shuffled_outputs(outs, _shuffled_bypass(x, partial_channels, stride), partial_channels, bypass_w)
-        return outs, mean, var, ([] if recompute else group.saved())
+        return outs, mean, var, saved
 
     @mixed_ops.register_fake
     def _mixed_ops_fake(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn,
                         recompute, partial_channels=1, bypass_w=None):  # fmt: skip
-        E, B = w.shape[0], sum(bns for _, bns in mixed_op_layout(stride, pool_bn))
-        outs = [_empty_like_shape(x, mixed_op_output_shape(x, stride)) for _ in range(E)]
-        processed = _processed(x, partial_channels)
-        saved = []
-        if not recompute:
-            pools = {k for k in candidates if k in (_MAX_POOL, _AVG_POOL)}
-            names = [name for ks in _split(candidates, counts) for name in _saved_names(ks, stride)]
-            shape = mixed_op_output_shape(processed, stride)
-            saved = [_empty_like_shape(x, shape) for _ in range(len(pools) + len(names))]
-        C = processed.shape[1]
-        return outs, x.new_empty(E, B, C), x.new_empty(E, B, C), saved
+        _, mean, var, saved = edge_group_fake(_processed(x, partial_channels), w, weights, stride, candidates, counts,
+                                              bn_mean, bn_var, training, eps, pool_bn, not recompute)  # fmt: skip
+        outs = [_empty_like_shape(x, mixed_op_output_shape(x, stride)) for _ in range(w.shape[0])]
+        return outs, mean, var, saved
 
     @torch.library.custom_op(f"{namespace}::mixed_ops_backward", mutates_args=(), device_types=device_types)
     def mixed_ops_backward(
@@ -707,19 +752,10 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
         if partial_channels > 1:
             bypass_grads = [None if g is None else _prepare(g) for g in grads]
             grads = [None if g is None else _by_group(g, partial_channels)[0] for g in bypass_grads]
-        E = w.shape[0]
-        weights_per_edge, candidates_per_edge = _split(weights, [len(weights) // E] * E), _split(candidates, counts)
-        if saved:
-            group = _EdgeGroup(kernels, x, w, weights_per_edge, stride, candidates_per_edge, mean, var, training, eps,
-                               pool_bn, keep=True, saved=saved)  # fmt: skip
-        else:
-            # mean and var are the statistics the forward normalised with: recomputing in "evaluation" with them as
-            # the running statistics reproduces the forward exactly; the backward still treats them as batch ones.
-            group = _EdgeGroup(kernels, x, w, weights_per_edge, stride, candidates_per_edge, mean, var, False, eps,
-                               pool_bn, keep=True)  # fmt: skip
-            for edge in group.edges:
-                edge.training = training
-        grad_x, grad_w, grad_weights = group.backward(grads, x_grad, w_grad, weights_grad)
+        grad_x, grad_w, grad_weights = group_backward(
+            grads, x, w, weights, stride, candidates, counts, mean, var, training, eps, pool_bn, saved, x_grad, w_grad,
+            weights_grad,
+        )  # fmt: skip
         grad_bypass_w = None
         if partial_channels > 1:
             grad_full = None
@@ -731,16 +767,18 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
                 None if grad_full is None else grad_full[:, x.shape[1] :], bypass_w_grad,
             )  # fmt: skip
             grad_x = grad_full
-        return [g for g in (grad_x, grad_w, grad_bypass_w) if g is not None] + (grad_weights or [])
+        return [g for g in (grad_x, grad_w, grad_bypass_w) if g is not None] + grad_weights
 
     @mixed_ops_backward.register_fake
     def _mixed_ops_backward_fake(grads, x, w, weights, stride, candidates, counts, mean, var, training, eps, pool_bn,
                                  saved, x_grad, w_grad, weights_grad, partial_channels=1, bypass_w=None,
                                  bypass_w_grad=False):  # fmt: skip
-        grad_x = [torch.empty_like(x, memory_format=_CHANNELS_LAST)] if x_grad else []
-        grad_w = [w.new_empty(w.shape)] if w_grad else []
+        grad_x, grad_w, grad_weights = edge_group_backward_fake(
+            grads, x, w, weights, stride, candidates, counts, mean, var, training, eps, pool_bn, saved, x_grad, w_grad,
+            weights_grad,
+        )  # fmt: skip
         grad_bypass_w = [w.new_empty(w.shape[0])] if bypass_w_grad else []
-        return grad_x + grad_w + grad_bypass_w + ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
+        return [g for g in (grad_x, grad_w) if g is not None] + grad_bypass_w + grad_weights
 
     refuse_differentiation(
         mixed_ops_backward,
@@ -841,17 +879,26 @@ def define_mixed_ops(namespace: str, kernels: EdgeKernels, device_types: str | N
 
 if EXTENSION_LOADED:  # the C++ kernels exist only then
     _cpp_ops = torch.ops.fastdarts
-    cpp_mixed_ops, cpp_mixed_op = define_mixed_ops(
-        "fastdarts",
-        EdgeKernels(
-            backend="cpp",
-            relu_dwconv_pointwise=_cpp_ops.relu_dwconv_pointwise.default,
-            relu_dwconv_pointwise_backward=_cpp_ops.relu_dwconv_pointwise_backward.default,
-            pool_bn_stats=_cpp_ops.pool_bn_stats.default,
-            pool_bn_stats_backward=_cpp_ops.pool_bn_stats_backward.default,
-            weighted_sum=_cpp_ops.weighted_sum.default,
-            bn_weighted_sum=_cpp_ops.bn_weighted_sum.default,
-            bn_weighted_sum_backward=_cpp_ops.bn_weighted_sum_backward.default,
-        ),
-        device_types="cpu",
+    torch.library.register_fake("fastdarts::edge_group")(edge_group_fake)
+    torch.library.register_fake("fastdarts::edge_group_backward")(edge_group_backward_fake)
+    for _name in ("edge_group", "edge_group_backward"):
+        refuse_differentiation(
+            f"fastdarts::{_name}",
+            f"fastdarts::{_name} is the inside of fastdarts.ops.mixed_ops, which is differentiable: call that",
+        )
+    # The C++ kernels as building blocks: what the C++ group ops call, and what tests run edge_group on to compare.
+    cpp_kernels = EdgeKernels(
+        backend="cpp",
+        relu_dwconv_pointwise=_cpp_ops.relu_dwconv_pointwise.default,
+        relu_dwconv_pointwise_backward=_cpp_ops.relu_dwconv_pointwise_backward.default,
+        pool_bn_stats=_cpp_ops.pool_bn_stats.default,
+        pool_bn_stats_backward=_cpp_ops.pool_bn_stats_backward.default,
+        weighted_sum=_cpp_ops.weighted_sum.default,
+        bn_weighted_sum=_cpp_ops.bn_weighted_sum.default,
+        bn_weighted_sum_backward=_cpp_ops.bn_weighted_sum_backward.default,
     )
+    # The group itself in C++ (csrc/cpu/edge_group.cpp): the same passes as edge_group(cpp_kernels), bit for bit.
+    cpp_mixed_ops, cpp_mixed_op = define_mixed_ops(
+        "fastdarts", cpp_kernels, device_types="cpu",
+        group=(_cpp_ops.edge_group.default, _cpp_ops.edge_group_backward.default),
+    )  # fmt: skip

@@ -1,0 +1,628 @@
+// CPU implementation of edge_group and edge_group_backward (schemas in ../fastdarts.cpp): the DARTS edges leaving
+// one state, driven from C++ over the other kernels of this library. The passes are those of
+// fastdarts/ops/_mixed_op.py (_EdgeGroup, the same steps written once for every backend over its kernels), in the
+// same order and with the same calls, so that both give the same results bit for bit; here no Python runs
+// between the kernels: at the digits' sizes (8x8 images) that Python cost as much as the kernels themselves.
+//
+// Per edge: every candidate ends in a tensor its last BN normalises ("final"; x itself for the stride-1 skip, and
+// the pools' outputs when they have no BN), and one bn_weighted_sum folds those BNs and the edge weights into the
+// edge's output. The group runs what its edges share once: the first stage of every conv of every edge
+// (relu_dwconv_pointwise on x), both pools and their statistics (pool_bn_stats), and in the backward the pools'
+// backward, the first stage's backward and the sum that makes dL/dx.
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace fastdarts {
+namespace {
+
+// The candidates, in MIXED_OP_CANDIDATES order.
+enum Candidate : int64_t { kMaxPool = 0, kAvgPool, kSkip, kSep3, kSep5, kDil3, kDil5, kNumCandidates };
+
+constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
+
+bool is_pool(int64_t k) {
+  return k == kMaxPool || k == kAvgPool;
+}
+bool is_conv(int64_t k) {
+  return k >= kSep3;
+}
+bool is_sep(int64_t k) {
+  return k == kSep3 || k == kSep5;
+}
+// The dilation of a conv candidate's first depthwise conv.
+int64_t first_stage_dilation(int64_t k) {
+  return k == kDil3 || k == kDil5 ? 2 : 1;
+}
+
+// reference.mixed_op_layout: per candidate, where its conv weights start in an edge's weights, and its first BN's
+// row in the edge's statistics.
+struct Layout {
+  Layout(int64_t stride, bool pool_bn) {
+    const std::array<int64_t, kNumCandidates> num_weights{0, 0, stride == 1 ? 0 : 2, 4, 4, 2, 2};
+    const std::array<int64_t, kNumCandidates> num_bns{pool_bn, pool_bn, stride == 1 ? 0 : 1, 2, 2, 1, 1};
+    for (int64_t k = 0; k < kNumCandidates; ++k) {
+      weight_start[k] = weights_per_edge;
+      row[k] = rows;
+      weights_per_edge += num_weights[k];
+      rows += num_bns[k];
+    }
+  }
+  std::array<int64_t, kNumCandidates> weight_start{}, row{};
+  int64_t weights_per_edge = 0, rows = 0;  // rows: B
+};
+
+// The other kernels, called through the dispatcher.
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using Tensors = std::vector<at::Tensor>;
+using OptionalTensor = std::optional<at::Tensor>;
+
+std::tuple<Tensors, at::Tensor, at::Tensor> relu_dwconv_pointwise(const at::Tensor& x, at::TensorList weights,
+                                                                  at::TensorList pointwise,
+                                                                  at::IntArrayRef dilations, int64_t stride,
+                                                                  const OptionalTensor& mean = std::nullopt,
+                                                                  const OptionalTensor& invstd = std::nullopt) {
+  static const auto op =
+      handle<std::tuple<Tensors, at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList,
+                                                         at::IntArrayRef, int64_t, bool, const OptionalTensor&,
+                                                         const OptionalTensor&)>("fastdarts::relu_dwconv_pointwise");
+  return op.call(x, weights, pointwise, dilations, stride, true, mean, invstd);
+}
+
+std::tuple<OptionalTensor, Tensors, Tensors, OptionalTensor> relu_dwconv_pointwise_backward(
+    at::TensorList grads, const at::Tensor& x, at::TensorList weights, at::TensorList pointwise,
+    at::IntArrayRef dilations, int64_t stride, bool input_grad, bool weight_grad,
+    const OptionalTensor& mean = std::nullopt, const OptionalTensor& invstd = std::nullopt) {
+  static const auto op = handle<std::tuple<OptionalTensor, Tensors, Tensors, OptionalTensor>(
+      at::TensorList, const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, int64_t, bool, bool, bool,
+      const OptionalTensor&, const OptionalTensor&)>("fastdarts::relu_dwconv_pointwise_backward");
+  return op.call(grads, x, weights, pointwise, dilations, stride, true, input_grad, weight_grad, mean, invstd);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bn_stats(const at::Tensor& x, int64_t stride) {
+  static const auto op = handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>(
+      "fastdarts::pool_bn_stats");
+  return op.call(x, stride);
+}
+
+at::Tensor pool_bn_stats_backward(const OptionalTensor& grad_max, const OptionalTensor& grad_avg, const at::Tensor& x,
+                                  int64_t stride) {
+  static const auto op =
+      handle<at::Tensor(const OptionalTensor&, const OptionalTensor&, const at::Tensor&, int64_t)>(
+          "fastdarts::pool_bn_stats_backward");
+  return op.call(grad_max, grad_avg, x, stride);
+}
+
+at::Tensor weighted_sum(at::TensorList xs, const at::Tensor& w) {
+  static const auto op = handle<at::Tensor(at::TensorList, const at::Tensor&)>("fastdarts::weighted_sum");
+  return op.call(xs, w);
+}
+
+at::Tensor bn_weighted_sum(at::TensorList ts, const at::Tensor& w, const at::Tensor& mean,
+                           const at::Tensor& invstd) {
+  static const auto op =
+      handle<at::Tensor(at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+          "fastdarts::bn_weighted_sum");
+  return op.call(ts, w, mean, invstd);
+}
+
+std::tuple<Tensors, OptionalTensor> bn_weighted_sum_backward(const at::Tensor& grad, at::TensorList ts,
+                                                             const at::Tensor& w, const at::Tensor& mean,
+                                                             const at::Tensor& invstd,
+                                                             const c10::List<bool>& batch_statistics,
+                                                             bool input_grad, bool w_grad) {
+  static const auto op = handle<std::tuple<Tensors, OptionalTensor>(
+      const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const c10::List<bool>&, bool, bool)>("fastdarts::bn_weighted_sum_backward");
+  return op.call(grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad);
+}
+
+// reference.factorized_reduce_halves of r: r at the even pixels and at the odd ones, the odd half zero-padded at
+// the end when a side is odd, concatenated along the channels.
+at::Tensor factorized_reduce_halves(const at::Tensor& r) {
+  const at::Tensor even = r.slice(2, 0, std::nullopt, 2).slice(3, 0, std::nullopt, 2);
+  at::Tensor odd = r.slice(2, 1, std::nullopt, 2).slice(3, 1, std::nullopt, 2);
+  odd = at::constant_pad_nd(odd, {0, even.size(3) - odd.size(3), 0, even.size(2) - odd.size(2)});
+  return at::cat({even, odd}, 1);
+}
+
+// reference.factorized_reduce(x, conv_1, conv_2) on a channels_last x: the halves of relu(x) times one
+// block-diagonal matrix.
+at::Tensor factorized_reduce(const at::Tensor& x, const at::Tensor& conv_1, const at::Tensor& conv_2) {
+  const at::Tensor halves = factorized_reduce_halves(x.relu());
+  const at::Tensor matrix = at::block_diag({conv_1.flatten(1), conv_2.flatten(1)});
+  return at::matmul(halves.permute({0, 2, 3, 1}), matrix.t()).permute({0, 3, 1, 2}).contiguous(kChannelsLast);
+}
+
+// _mixed_op._factorized_reduce_backward: (dL/drelu(x) or None, [dL/dconv_1, dL/dconv_2] or []) for the output
+// gradient dt.
+std::tuple<OptionalTensor, Tensors> factorized_reduce_backward(const at::Tensor& dt, const at::Tensor& x,
+                                                               const at::Tensor& conv_1, const at::Tensor& conv_2,
+                                                               bool input_grad, bool weight_grad) {
+  const int64_t N = x.size(0), C = x.size(1), half = conv_1.size(0);
+  const at::Tensor dt_rows = dt.permute({0, 2, 3, 1}).reshape({-1, 2 * half});
+  Tensors grads;
+  if (weight_grad) {
+    const at::Tensor halves = factorized_reduce_halves(x.relu()).permute({0, 2, 3, 1}).reshape({-1, 2 * C});
+    grads.push_back(at::matmul(dt_rows.slice(1, 0, half).t(), halves.slice(1, 0, C)).reshape(conv_1.sizes()));
+    grads.push_back(at::matmul(dt_rows.slice(1, half).t(), halves.slice(1, C)).reshape(conv_2.sizes()));
+  }
+  if (!input_grad) {
+    return {std::nullopt, std::move(grads)};
+  }
+  const at::Tensor matrix = at::block_diag({conv_1.flatten(1), conv_2.flatten(1)});
+  const at::Tensor d_halves =
+      at::matmul(dt_rows, matrix).reshape({N, dt.size(2), dt.size(3), 2 * C}).permute({0, 3, 1, 2});
+  // reference.factorized_reduce_halves_backward
+  const int64_t H = x.size(2), W = x.size(3);
+  at::Tensor grad_r = at::empty(x.sizes(), x.options().memory_format(kChannelsLast)).zero_();
+  grad_r.slice(2, 0, std::nullopt, 2).slice(3, 0, std::nullopt, 2).copy_(d_halves.slice(1, 0, C));
+  grad_r.slice(2, 1, std::nullopt, 2).slice(3, 1, std::nullopt, 2).copy_(
+      d_halves.slice(1, C).slice(2, 0, H / 2).slice(3, 0, W / 2));
+  return {grad_r, std::move(grads)};
+}
+
+at::Tensor index_tensor(const std::vector<int64_t>& indices) {
+  return at::tensor(indices, at::kLong);
+}
+
+// One edge: its candidates, conv weights and statistics rows ([B, C] views of the group's), and the tensors its
+// backward reads.
+struct Edge {
+  int64_t index = 0;  // e: the edge's row of w
+  std::vector<int64_t> candidates;
+  std::vector<at::Tensor> weights;  // the edge's slice of the group's weights (Layout order)
+  at::Tensor mean, var;             // [B, C]
+  at::Tensor candidate_index;       // candidates as an index tensor
+  std::map<int64_t, at::Tensor> t, t_1;  // per candidate: its final tensor; a sep conv's first stage output
+  std::map<int64_t, std::pair<at::Tensor, at::Tensor>> middle;  // a sep conv's middle BN: [1, C] mean, invstd
+  std::vector<at::Tensor> finals;                               // per candidate, the tensor its last BN reads
+  std::vector<int64_t> final_rows;  // per candidate, its last BN's row; B for a tensor added as it is
+  at::Tensor final_mean, final_invstd;  // [K, C]
+
+  const at::Tensor& weight(const Layout& layout, int64_t k, int64_t i) const {
+    return weights[layout.weight_start[k] + i];
+  }
+  // The edge's weights of its candidates, w[e, candidates].
+  at::Tensor candidate_w(const at::Tensor& w) const {
+    return w.select(0, index).index_select(0, candidate_index);
+  }
+};
+
+// The edges leaving x, built (forward, or the backward's recomputation) or restored from what a forward kept.
+struct Group {
+  at::Tensor x, w;
+  int64_t stride;
+  double eps;
+  bool pool_bn;
+  Layout layout;
+  std::vector<Edge> edges;
+  at::Tensor mean, var;  // [E, B, C]
+  std::vector<int64_t> pool_candidates;  // the pools some edge computes, ascending
+  std::map<int64_t, at::Tensor> pools;   // their outputs
+  at::Tensor one;                        // [1]: 1, the weights of the middle BN backward's two sums
+
+  // `record`: a forward in training, which records its batch statistics; otherwise mean and var are the statistics
+  // to normalise with. `saved`: the forward's saved() (then nothing is computed).
+  Group(const at::Tensor& x_in, const at::Tensor& w_in, at::TensorList weights, int64_t stride_in,
+        at::IntArrayRef candidates, at::IntArrayRef counts, const OptionalTensor& bn_mean,
+        const OptionalTensor& bn_var, bool record, double eps_in, bool pool_bn_in, at::TensorList saved)
+      : x(x_in.contiguous(kChannelsLast)), w(w_in), stride(stride_in), eps(eps_in), pool_bn(pool_bn_in),
+        layout(stride_in, pool_bn_in) {
+    const int64_t E = w.size(0), C = x.size(1), B = layout.rows;
+    if (record) {
+      mean = at::zeros({E, B, C}, x.options());
+      var = at::ones({E, B, C}, x.options());
+    } else {
+      mean = bn_mean->clone();
+      var = bn_var->clone();
+    }
+    one = at::ones({1}, x.options());
+    edges.resize(E);
+    int64_t at_candidate = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      Edge& edge = edges[e];
+      edge.index = e;
+      edge.candidates.assign(candidates.begin() + at_candidate, candidates.begin() + at_candidate + counts[e]);
+      at_candidate += counts[e];
+      edge.weights.assign(weights.begin() + e * layout.weights_per_edge,
+                          weights.begin() + (e + 1) * layout.weights_per_edge);
+      edge.mean = mean.select(0, e);
+      edge.var = var.select(0, e);
+      edge.candidate_index = index_tensor(edge.candidates);
+      for (int64_t k : edge.candidates) {
+        if (is_pool(k) && std::find(pool_candidates.begin(), pool_candidates.end(), k) == pool_candidates.end()) {
+          pool_candidates.push_back(k);
+        }
+      }
+    }
+    std::sort(pool_candidates.begin(), pool_candidates.end());
+    if (!saved.empty()) {
+      restore(saved);
+    } else {
+      compute(record);
+    }
+    set_finals();
+  }
+
+  // The names of an edge's saved tensors, in order (_mixed_op._saved_names): per conv candidate (and the stride-2
+  // skip) its final tensor, and a sep conv's first stage output after it.
+  template <typename F>
+  void for_each_saved(const Edge& edge, F&& f) const {
+    for (int64_t k : edge.candidates) {
+      if ((k == kSkip && stride == 1) || is_pool(k)) {
+        continue;
+      }
+      f(k, false);
+      if (is_sep(k)) {
+        f(k, true);
+      }
+    }
+  }
+
+  void restore(at::TensorList saved) {
+    size_t at_saved = 0;
+    for (int64_t k : pool_candidates) {
+      pools[k] = saved[at_saved++];
+    }
+    for (Edge& edge : edges) {
+      for_each_saved(edge, [&](int64_t k, bool first) {
+        (first ? edge.t_1 : edge.t)[k] = saved[at_saved++];
+      });
+    }
+    TORCH_CHECK_VALUE(at_saved == saved.size(), "edge_group_backward: saved holds ", saved.size(),
+                      " tensors, the group's edges keep ", at_saved);
+  }
+
+  Tensors saved() const {
+    Tensors out;
+    for (int64_t k : pool_candidates) {
+      out.push_back(pools.at(k));
+    }
+    for (const Edge& edge : edges) {
+      for_each_saved(edge, [&](int64_t k, bool first) { out.push_back((first ? edge.t_1 : edge.t).at(k)); });
+    }
+    return out;
+  }
+
+  // The middle BN's [1, C] mean and invstd of sep conv k (its first BN row, recorded by then).
+  const std::pair<at::Tensor, at::Tensor>& middle(Edge& edge, int64_t k) {
+    auto it = edge.middle.find(k);
+    if (it == edge.middle.end()) {
+      const int64_t row = layout.row[k];
+      it = edge.middle.emplace(k, std::make_pair(edge.mean.narrow(0, row, 1),
+                                                 (edge.var.narrow(0, row, 1) + eps).rsqrt())).first;
+    }
+    return it->second;
+  }
+
+  void compute(bool record) {
+    // relu(x) into every conv's first stage, from one read of x.
+    std::vector<std::pair<Edge*, int64_t>> convs;
+    Tensors depthwise, pointwise;
+    std::vector<int64_t> dilations;
+    for (Edge& edge : edges) {
+      for (int64_t k : edge.candidates) {
+        if (is_conv(k)) {
+          convs.emplace_back(&edge, k);
+          depthwise.push_back(edge.weight(layout, k, 0));
+          pointwise.push_back(edge.weight(layout, k, 1));
+          dilations.push_back(first_stage_dilation(k));
+        }
+      }
+    }
+    Tensors first;
+    at::Tensor first_mean, first_var;
+    if (!convs.empty()) {
+      std::tie(first, first_mean, first_var) = relu_dwconv_pointwise(x, depthwise, pointwise, dilations, stride);
+    }
+    // Both pools and their statistics, once for the group.
+    at::Tensor pool_mean, pool_var;
+    if (!pool_candidates.empty()) {
+      at::Tensor max_out, avg_out;
+      std::tie(max_out, avg_out, pool_mean, pool_var) = pool_bn_stats(x, stride);
+      pools[kMaxPool] = max_out;
+      pools[kAvgPool] = avg_out;
+    }
+    auto set_row = [&](Edge& edge, int64_t row, const at::Tensor& m, const at::Tensor& v) {
+      edge.mean.select(0, row).copy_(m);
+      edge.var.select(0, row).copy_(v);
+    };
+    size_t i = 0;
+    std::map<std::pair<Edge*, int64_t>, size_t> first_of;
+    for (const auto& conv : convs) {
+      first_of[conv] = i++;
+    }
+    for (Edge& edge : edges) {
+      for (int64_t k : edge.candidates) {
+        const int64_t row = layout.row[k];
+        if (is_pool(k)) {
+          if (pool_bn && record) {
+            set_row(edge, row, pool_mean.select(0, k), pool_var.select(0, k));
+          }
+        } else if (k == kSkip) {
+          if (stride != 1) {
+            const at::Tensor t = factorized_reduce(x, edge.weight(layout, k, 0), edge.weight(layout, k, 1));
+            if (record) {
+              const auto [m, v] = at::batch_norm_update_stats(t, std::nullopt, std::nullopt, 0.0);
+              set_row(edge, row, m, v);
+            }
+            edge.t[k] = t;
+          }
+        } else {
+          const size_t f = first_of.at({&edge, k});
+          const at::Tensor& t1 = first[f];
+          if (record) {
+            set_row(edge, row, first_mean.select(0, f), first_var.select(0, f));
+          }
+          if (!is_sep(k)) {
+            edge.t[k] = t1;
+            continue;
+          }
+          // The second stage normalises t1 with the middle BN's statistics as it reads it.
+          edge.t_1[k] = t1;
+          const auto& [mid_mean, mid_invstd] = middle(edge, k);
+          auto [t2, m2, v2] = relu_dwconv_pointwise(t1, {edge.weight(layout, k, 2)}, {edge.weight(layout, k, 3)},
+                                                    {1}, 1, mid_mean, mid_invstd);
+          if (record) {
+            set_row(edge, row + 1, m2.select(0, 0), v2.select(0, 0));
+          }
+          edge.t[k] = t2[0];
+        }
+      }
+    }
+  }
+
+  // Every edge's final tensors and their last BNs' statistics, once every row is recorded: the rows of the
+  // statistics, with row B (mean 0, invstd 1) for the tensors added as they are.
+  void set_finals() {
+    const int64_t E = mean.size(0), B = mean.size(1), C = mean.size(2);
+    const at::Tensor all_mean = at::cat({mean, at::zeros({E, 1, C}, mean.options())}, 1);
+    const at::Tensor all_invstd = at::cat({(var + eps).rsqrt(), at::ones({E, 1, C}, var.options())}, 1);
+    for (int64_t e = 0; e < E; ++e) {
+      Edge& edge = edges[e];
+      for (int64_t k : edge.candidates) {
+        if (k == kSkip && stride == 1) {
+          edge.finals.push_back(x);
+          edge.final_rows.push_back(B);
+        } else if (is_pool(k)) {
+          edge.finals.push_back(pools.at(k));
+          edge.final_rows.push_back(pool_bn ? layout.row[k] : B);
+        } else {
+          edge.finals.push_back(edge.t.at(k).contiguous(kChannelsLast));
+          edge.final_rows.push_back(is_sep(k) ? layout.row[k] + 1 : layout.row[k]);
+        }
+      }
+      const at::Tensor rows = index_tensor(edge.final_rows);
+      edge.final_mean = all_mean.select(0, e).index_select(0, rows);
+      edge.final_invstd = all_invstd.select(0, e).index_select(0, rows);
+    }
+  }
+
+  Tensors outs() const {
+    Tensors out;
+    for (const Edge& edge : edges) {
+      if (edge.candidates.empty()) {
+        std::vector<int64_t> shape{x.size(0), x.size(1), (x.size(2) - 1) / stride + 1, (x.size(3) - 1) / stride + 1};
+        out.push_back(at::empty(shape, x.options().memory_format(kChannelsLast)).zero_());
+        continue;
+      }
+      out.push_back(bn_weighted_sum(edge.finals, edge.candidate_w(w), edge.final_mean, edge.final_invstd));
+    }
+    return out;
+  }
+
+
+  // dL/dt_1 of sep conv k's middle BN, u = BN(t_1), for dL/du = grad and the sums over (N, H, W) of grad and of
+  // grad u that the second stage's backward gave (_mixed_op._Edge._middle_bn_backward): with batch statistics,
+  // (grad - mean(grad)) invstd + (t_1 - mean) (-invstd^2 mean(grad u)), one pass of bn_weighted_sum.
+  at::Tensor middle_bn_backward(Edge& edge, int64_t k, const at::Tensor& grad, const OptionalTensor& sums,
+                                bool training) {
+    const at::Tensor& t = edge.t_1.at(k);
+    const auto& [m, invstd] = middle(edge, k);
+    if (!training) {  // fixed statistics: dL/dt_1 = invstd grad
+      return std::get<0>(bn_weighted_sum_backward(grad, {t}, one, m, invstd, c10::List<bool>({false}), true,
+                                                  false))[0];
+    }
+    const at::Tensor means = *sums / (grad.numel() / grad.size(1));  // [mean(grad), mean(grad u)]
+    const at::Tensor centres = at::cat(Tensors{means.slice(0, 0, 1), m});
+    const at::Tensor factors = at::cat(Tensors{invstd, -invstd.square() * means.slice(0, 1)});
+    return bn_weighted_sum({grad, t}, one.expand({2}), centres, factors);
+  }
+
+  // (dL/dx or None, dL/dw [E, K] or None, dL/dweights in the flat order of the weights, or []): every edge's
+  // candidates through one bn_weighted_sum_backward, a sep conv's second stage and middle BN, then what the edges
+  // share once: the pools' backward, the first stage's backward and the sum that makes dL/dx.
+  std::tuple<OptionalTensor, OptionalTensor, Tensors> backward(const c10::List<OptionalTensor>& grads, bool training,
+                                                               bool x_grad, bool w_grad, bool weights_grad) {
+    const int64_t B = layout.rows;
+    const bool need_dt = x_grad || weights_grad;
+    OptionalTensor grad_w;
+    if (w_grad) {
+      grad_w = at::zeros(w.sizes(), w.options());
+    }
+    std::vector<OptionalTensor> grad_weights(weights_grad ? edges.size() * layout.weights_per_edge : 0);
+    auto set_weight_grad = [&](const Edge& edge, int64_t k, int64_t i, const at::Tensor& g) {
+      grad_weights[edge.index * layout.weights_per_edge + layout.weight_start[k] + i] = g;
+    };
+    Tensors terms;                             // of dL/dx
+    std::map<int64_t, Tensors> pool_grads;     // per pool, what each edge's output of it receives
+    Tensors first_grads, first_depthwise, first_pointwise;  // per conv: dL/dt_1 and its first stage's weights
+    std::vector<int64_t> first_dilations;
+    std::vector<std::pair<const Edge*, int64_t>> first_convs;
+    for (Edge& edge : edges) {
+      const OptionalTensor grad = grads.get(edge.index);
+      if (!grad.has_value() || edge.candidates.empty()) {  // None: the edge's output took no part in the loss
+        continue;
+      }
+      c10::List<bool> batch_statistics;
+      for (int64_t row : edge.final_rows) {
+        batch_statistics.push_back(training && row != B);
+      }
+      // Every candidate's dL/dt (w[k] included) and dL/dw[k], in one pass over grad and the finals.
+      auto [dts, dw] = bn_weighted_sum_backward(grad->contiguous(kChannelsLast), edge.finals, edge.candidate_w(w),
+                                                edge.final_mean, edge.final_invstd, batch_statistics, need_dt,
+                                                w_grad);
+      if (w_grad) {
+        grad_w->select(0, edge.index).index_copy_(0, edge.candidate_index, *dw);
+      }
+      for (size_t i = 0; i < dts.size(); ++i) {
+        const int64_t k = edge.candidates[i];
+        at::Tensor dt = dts[i];
+        if (k == kSkip && stride == 1) {
+          if (x_grad) {
+            terms.push_back(dt);
+          }
+        } else if (is_pool(k)) {
+          if (x_grad) {
+            pool_grads[k].push_back(dt);
+          }
+        } else if (k == kSkip) {  // FactorizedReduce (stride-2 edges only)
+          auto [grad_r, grads_fr] = factorized_reduce_backward(dt, x, edge.weight(layout, k, 0),
+                                                               edge.weight(layout, k, 1), x_grad, weights_grad);
+          if (x_grad) {
+            terms.push_back(at::threshold_backward(*grad_r, x, 0));  // ReLU's mask
+          }
+          for (size_t j = 0; j < grads_fr.size(); ++j) {
+            set_weight_grad(edge, k, static_cast<int64_t>(j), grads_fr[j]);
+          }
+        } else {  // the convolutions: back to the first stage, whose backward is one kernel for the whole group
+          if (is_sep(k)) {  // the second stage (dL/du of the middle BN's output u), then the middle BN
+            const auto& [mid_mean, mid_invstd] = middle(edge, k);
+            auto [du, second, second_pointwise, du_sums] = relu_dwconv_pointwise_backward(
+                {dt}, edge.t_1.at(k), {edge.weight(layout, k, 2)}, {edge.weight(layout, k, 3)}, {1}, 1, true,
+                weights_grad, mid_mean, mid_invstd);
+            if (weights_grad) {
+              set_weight_grad(edge, k, 2, second[0]);
+              set_weight_grad(edge, k, 3, second_pointwise[0]);
+            }
+            dt = middle_bn_backward(edge, k, *du, du_sums, training);
+          }
+          first_grads.push_back(dt);
+          first_depthwise.push_back(edge.weight(layout, k, 0));
+          first_pointwise.push_back(edge.weight(layout, k, 1));
+          first_dilations.push_back(first_stage_dilation(k));
+          first_convs.emplace_back(&edge, k);
+        }
+      }
+    }
+    if (!pool_grads.empty()) {  // both pools' gradients in one pass over x, which recomputes the argmax
+      auto pool_grad = [&](int64_t k) -> OptionalTensor {
+        const auto it = pool_grads.find(k);
+        if (it == pool_grads.end()) {
+          return std::nullopt;
+        }
+        const Tensors& g = it->second;  // the pools of every edge are the same tensor: their gradients add up
+        return g.size() == 1 ? g[0] : weighted_sum(g, at::ones({static_cast<int64_t>(g.size())}, g[0].options()));
+      };
+      terms.push_back(pool_bn_stats_backward(pool_grad(kMaxPool), pool_grad(kAvgPool), x, stride));
+    }
+    if (!first_grads.empty()) {
+      auto [dx, firsts, firsts_pointwise, sums] = relu_dwconv_pointwise_backward(
+          first_grads, x, first_depthwise, first_pointwise, first_dilations, stride, x_grad, weights_grad);
+      if (weights_grad) {
+        for (size_t i = 0; i < first_convs.size(); ++i) {
+          set_weight_grad(*first_convs[i].first, first_convs[i].second, 0, firsts[i]);
+          set_weight_grad(*first_convs[i].first, first_convs[i].second, 1, firsts_pointwise[i]);
+        }
+      }
+      if (x_grad) {
+        terms.push_back(*dx);
+      }
+    }
+    OptionalTensor grad_x;
+    if (x_grad) {
+      if (terms.empty()) {
+        grad_x = at::zeros_like(x);
+      } else {
+        for (at::Tensor& t : terms) {
+          t = t.contiguous(kChannelsLast);
+        }
+        grad_x = weighted_sum(terms, at::ones({static_cast<int64_t>(terms.size())}, w.options()));
+      }
+    }
+    Tensors all_weight_grads;
+    for (size_t i = 0; i < grad_weights.size(); ++i) {
+      const Edge& edge = edges[i / layout.weights_per_edge];
+      const at::Tensor& weight = edge.weights[i % layout.weights_per_edge];
+      all_weight_grads.push_back(grad_weights[i].has_value() ? *grad_weights[i] : at::zeros_like(weight));
+    }
+    return {grad_x, grad_w, std::move(all_weight_grads)};
+  }
+};
+
+// The structure of the group's arguments; the values (shapes, dtypes) the kernels check as they run.
+void check_group(const char* op, const at::Tensor& x, const at::Tensor& w, at::TensorList weights, int64_t stride,
+                 at::IntArrayRef candidates, at::IntArrayRef counts, bool pool_bn) {
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be [N, C, H, W], got ", x.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) >= 1, op, ": w must be [E, K] with E >= 1, got ", w.sizes());
+  TORCH_CHECK_VALUE(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
+  const int64_t E = w.size(0);
+  const Layout layout(stride, pool_bn);
+  int64_t total = 0;
+  for (int64_t n : counts) {
+    TORCH_CHECK_VALUE(n >= 0, op, ": candidate counts must be >= 0, got ", counts);
+    total += n;
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(counts.size()) == E && total == static_cast<int64_t>(candidates.size()),
+                    op, ": ", E, " edges need one candidate count each, got counts ", counts, " for ",
+                    candidates.size(), " candidates");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == E * layout.weights_per_edge, op, ": ", E,
+                    " edges at stride ", stride, " take ", E * layout.weights_per_edge, " conv weights, got ",
+                    weights.size());
+  for (int64_t k : candidates) {
+    TORCH_CHECK_VALUE(k >= 0 && k < kNumCandidates, op, ": candidates must be in [0, ", int64_t{kNumCandidates},
+                      "), got ", k);
+  }
+}
+
+std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_group_cpu(
+    const at::Tensor& x, const at::Tensor& w, at::TensorList weights, int64_t stride, at::IntArrayRef candidates,
+    at::IntArrayRef counts, const OptionalTensor& bn_mean, const OptionalTensor& bn_var, bool training, double eps,
+    bool pool_bn, bool keep) {
+  check_group("edge_group", x, w, weights, stride, candidates, counts, pool_bn);
+  TORCH_CHECK_VALUE(training || (bn_mean.has_value() && bn_var.has_value()),
+                    "edge_group: evaluation (training false) needs bn_mean and bn_var");
+  at::AutoDispatchBelowADInplaceOrView guard;  // the kernels below run as parts of this op, not on their own
+  Group group(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, {});
+  Tensors outs = group.outs();
+  return {std::move(outs), group.mean, group.var, keep ? group.saved() : Tensors{}};
+}
+
+std::tuple<OptionalTensor, OptionalTensor, Tensors> edge_group_backward_cpu(
+    const c10::List<OptionalTensor>& grads, const at::Tensor& x, const at::Tensor& w, at::TensorList weights,
+    int64_t stride, at::IntArrayRef candidates, at::IntArrayRef counts, const at::Tensor& mean,
+    const at::Tensor& var, bool training, double eps, bool pool_bn, at::TensorList saved, bool x_grad, bool w_grad,
+    bool weights_grad) {
+  check_group("edge_group_backward", x, w, weights, stride, candidates, counts, pool_bn);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == w.size(0), "edge_group_backward: ", w.size(0),
+                    " edges need one output gradient (or None) each, got ", grads.size());
+  at::AutoDispatchBelowADInplaceOrView guard;
+  // Without saved tensors the group is recomputed in "evaluation" with the statistics the forward normalised
+  // with, which reproduces the forward exactly; the backward still treats them as batch statistics in training.
+  Group group(x, w, weights, stride, candidates, counts, mean, var, false, eps, pool_bn, saved);
+  return group.backward(grads, training, x_grad, w_grad, weights_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
+  m.impl("edge_group", &edge_group_cpu);
+  m.impl("edge_group_backward", &edge_group_backward_cpu);
+}
+
+}  // namespace fastdarts
