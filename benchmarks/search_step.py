@@ -80,7 +80,7 @@ def make_problem(
     method = make_method(method, **(method_settings or {}))
     model = SearchNetwork(C=C, num_classes=10, layers=layers, in_channels=3, memory_format=memory_format,
                           recompute=recompute, method=method).to(device)  # fmt: skip
-    weight_optimizer = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
+    weight_optimizer = torch.optim.SGD(model.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4, foreach=True)
     batches = [(torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))) for _ in range(2)]
     return model, weight_optimizer, [(x.to(device), y.to(device)) for x, y in batches]
 

@@ -81,12 +81,14 @@ def sgd_step(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor, grad_
         # DDP averages the gradients over the processes: each loss weighted by size * share makes that average
         # the gradient of the global batch's mean loss, also when the parts are uneven.
         (loss * (share * world.size)).backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        params, grad_clip if grad_clip is not None else float("inf"), foreach=True
+    )
     check_finite(grad_norm, "the weight gradient")
     optimizer.step()
     # A finite but huge gradient can still overflow a weight. The max-norm is finite exactly when
-    # every weight is (NaN propagates through it), and costs one pass over the weights. foreach: left
-    # to itself, torch takes nn.Parameters one norm call at a time.
+    # every weight is (NaN propagates through it), and costs one pass over the weights. foreach (here and
+    # in the clipping): left to itself, torch takes CPU tensors one norm call at a time.
     if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=float("inf"), foreach=True))):
         raise NonFiniteWeights("a weight became non-finite in the update")
 

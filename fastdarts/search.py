@@ -164,9 +164,11 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
             raise checkpoint_misfit(run_dir, e) from None
     model = SearchNetwork(config.init_channels, train.num_classes, config.layers, train.in_channels, method=method,
                           recompute=config.recompute).to(device)  # fmt: skip
+    # foreach: one call per update for the supernet's ~1,400 tensors (torch takes CPU tensors one at a time otherwise)
     weight_optimizer = torch.optim.SGD(
-        model.weight_parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+        model.weight_parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay,
+        foreach=True,
+    )  # fmt: skip
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(weight_optimizer, config.epochs, config.learning_rate_min)
     architect = Architect(
         model,

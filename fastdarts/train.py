@@ -141,8 +141,9 @@ def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, 
     multiply_adds = count_multiply_adds(model, image)
     model.to(device)
     optimizer = torch.optim.SGD(
-        model.parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay
-    )
+        model.parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay,
+        foreach=True,
+    )  # fmt: skip
     if config.schedule == "step":
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, config.decay_period, config.gamma)
     else:
