@@ -58,17 +58,20 @@ namespace {
 constexpr int64_t kGroupValues = 64;
 // A unit, the grain of the deterministic reduction: 16 KiB of grad in float32, as in weighted_sum_backward.
 constexpr int64_t kUnitValues = 4096;
-// at::internal::GRAIN_SIZE: below this many values a second thread costs more than it saves.
+// at::internal::GRAIN_SIZE: below this many values read or written a second thread costs more than it saves (a
+// pixel's channel touches one value of each tensor: K + 1 in the forward, up to K + 1 per backward pass; at the
+// digits' 8x8 images, K = 7, a backward took 121 us on one thread).
 constexpr int64_t kGrain = 32768;
 
 // How the channels_last values [M pixels][C] are cut into units and groups, from the shape alone.
 struct Geometry {
-  Geometry(int64_t C, int64_t pixels) : C(C), pixels(pixels) {
+  // tensors: how many tensors the loops read or write per value of one.
+  Geometry(int64_t C, int64_t pixels, int64_t tensors) : C(C), pixels(pixels) {
     group_pixels = std::max<int64_t>(1, kGroupValues / C);
     group = group_pixels * C;
     unit_pixels = group_pixels * std::max<int64_t>(1, kUnitValues / group);
     num_units = (pixels + unit_pixels - 1) / unit_pixels;
-    grain = std::max<int64_t>(1, kGrain / (unit_pixels * C));
+    grain = std::max<int64_t>(1, kGrain / (unit_pixels * C * tensors));
   }
   // The values [begin, end) of unit u.
   int64_t begin(int64_t u) const {
@@ -324,7 +327,7 @@ at::Tensor bn_weighted_sum_cpu(at::TensorList ts, const at::Tensor& w, const at:
       coef[k * C + c] *= wv[k];
     }
   }
-  const Geometry g(C, ts[0].numel() / C);
+  const Geometry g(C, ts[0].numel() / C, K + 1);
   AT_DISPATCH_FLOATING_TYPES(ts[0].scalar_type(), "bn_weighted_sum_cpu", [&] {
     const CpuIsa isa = cpu_isa();  // once per call, before the threads start
     const std::vector<scalar_t> mean_p = patterns<scalar_t>(mv, K, g);
@@ -377,7 +380,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
   const std::vector<double> wv = values_of(w);
   const std::vector<double> mv = values_of(mean);
   const std::vector<double> sv = values_of(invstd);
-  const Geometry g(C, pixels);
+  const Geometry g(C, pixels, K + 1);
   const at::Tensor grad_cl = channels_last(grad);
   const std::vector<at::Tensor> inputs = channels_last_all(ts);
   std::vector<double> sums(g.num_units * (K + 1) * C, 0.0);

@@ -99,9 +99,11 @@ using tiles::pointwise_row;
 // A chunk holds about this many output values (positions x padded channels), never less than one row: at
 // C = 16 and 32x32 that is one image, whose input tile (40 x 40 x 16 floats, 100 KiB) stays in L2.
 constexpr int64_t kChunkValues = 16384;
-// A thread gets chunks worth at least this many multiply-adds (about 10 us of work): below that, waking a
-// second thread costs more than it saves.
-constexpr int64_t kTaskMacs = int64_t{1} << 20;
+// A thread gets chunks worth at least this many depthwise multiply-adds: below that, waking a second thread costs
+// more than it saves. Small images run far below the FMA rate (the rows are short, the 1x1 convs not counted): at
+// the digits' 8x8, a sep conv's second stage over 64 images took 78 us on one thread and 49 us on two (1 << 20 had
+// kept it on one).
+constexpr int64_t kTaskMacs = int64_t{1} << 16;
 
 int64_t round_up(int64_t n, int64_t multiple) {
   return (n + multiple - 1) / multiple * multiple;

@@ -28,8 +28,14 @@ constexpr int64_t kBlock = 1024;
 // are combined in chunk order, so grad_w is identical bit for bit however the threads are scheduled.
 // A chunk of grad (16 KiB in float32) stays in L1 while it is read once per k.
 constexpr int64_t kChunk = 4096;
-// at::internal::GRAIN_SIZE: below this many elements a second thread costs more than it saves.
+// at::internal::GRAIN_SIZE: below this many values read or written a second thread costs more than it saves. An
+// element of the output touches K + 1 values (K + 1 + K in the backward).
 constexpr int64_t kGrain = 32768;
+
+// The grain in elements (or chunks of `per` elements) when each element touches `values` values.
+int64_t grain(int64_t values, int64_t per = 1) {
+  return std::max<int64_t>(1, kGrain / (values * per));
+}
 
 // `t` with exactly the strides of `like` (same sizes; `like` is fresh from at::empty_like, so dense
 // and non-overlapping): `t` itself when the strides agree, else a copy.
@@ -61,7 +67,7 @@ template <typename scalar_t>
 void weighted_sum_kernel(const std::vector<const scalar_t*>& xs, const std::vector<scalar_t>& w, scalar_t* out,
                          int64_t n) {
   const int64_t K = static_cast<int64_t>(xs.size());
-  at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, grain(K + 1), [&](int64_t begin, int64_t end) {
     for (int64_t lo = begin; lo < end; lo += kBlock) {
       const int64_t len = std::min(kBlock, end - lo);
       scalar_t* __restrict__ o = out + lo;
@@ -88,7 +94,7 @@ void weighted_sum_backward_kernel(const scalar_t* grad, const std::vector<const 
   const int64_t K = static_cast<int64_t>(xs.size());
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(num_chunks * K);  // partial[c * K + k]: chunk c's share of grad_w[k]
-  at::parallel_for(0, num_chunks, kGrain / kChunk, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_chunks, grain(2 * K + 1, kChunk), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t lo = c * kChunk;
       const int64_t len = std::min(kChunk, n - lo);
