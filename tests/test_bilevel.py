@@ -73,3 +73,10 @@ def test_second_order_matches_the_exact_hypergradient(backend):
     # The implicit term matters here, so agreeing with the exact value is not an accident.
     assert (flat(first_order) - flat(exact)).norm() / flat(exact).norm() > 1e-2
     assert all(torch.equal(w, b) for w, b in zip(net.weight_parameters(), weights_before))
+
+
+def test_architect_refuses_a_weight_optimizer_of_the_architecture():
+    net = SearchNetwork(C=4, num_classes=3, layers=3, in_channels=3)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="the weight optimizer updates architecture parameters"):
+        Architect(net, optimizer)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._autograd import check_supported_dtype, needs_input_grad, refuse_differentiation
+from ._autograd import check_supported_dtype, refuse_differentiation
 from ._extension import EXTENSION_LOADED
 from .reference import (
     MIXED_OP_CANDIDATES,
@@ -801,8 +801,8 @@ def define_mixed_ops(
         x, w, mean, var, *rest = ctx.saved_tensors
         bypass_w = rest.pop(0) if ctx.has_bypass_w else None
         weights, saved = rest[: ctx.num_weights], rest[ctx.num_weights :]
-        needs = needs_input_grad(ctx)  # x, w, then the conv weights
-        x_grad, w_grad, weights_grad = needs[0], needs[1], any(needs[2 : 2 + ctx.num_weights])
+        needs = ctx.needs_input_grad  # per argument, the conv weights' a list (no flattening: it costs a pytree walk)
+        x_grad, w_grad, weights_grad = needs[0], needs[1], any(needs[2])
         bypass_w_grad = ctx.has_bypass_w and ctx.needs_input_grad[13]
         result = iter(mixed_ops_backward(
             grads, x, w, weights, ctx.stride, ctx.candidates, ctx.counts, mean, var, ctx.training, ctx.eps,
