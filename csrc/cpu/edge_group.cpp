@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/record_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -22,6 +23,8 @@
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "fastdarts/relu_dwconv.h"
 
 namespace fastdarts {
 namespace {
@@ -71,11 +74,17 @@ c10::TypedOperatorHandle<Signature> handle(const char* name) {
 using Tensors = std::vector<at::Tensor>;
 using OptionalTensor = std::optional<at::Tensor>;
 
-std::tuple<Tensors, at::Tensor, at::Tensor> relu_dwconv_pointwise(const at::Tensor& x, at::TensorList weights,
-                                                                  at::TensorList pointwise,
+// The outputs, and their BN statistics when `statistics` (else undefined): a recomputation, or a forward in
+// evaluation, normalises with statistics it has, and the kernel then skips their epilogue.
+std::tuple<Tensors, at::Tensor, at::Tensor> relu_dwconv_pointwise(bool statistics, const at::Tensor& x,
+                                                                  at::TensorList weights, at::TensorList pointwise,
                                                                   at::IntArrayRef dilations, int64_t stride,
                                                                   const OptionalTensor& mean = std::nullopt,
                                                                   const OptionalTensor& invstd = std::nullopt) {
+  if (!statistics) {
+    RECORD_FUNCTION("fastdarts::relu_dwconv_pointwise", std::vector<c10::IValue>());  // as the op, for profiles
+    return {relu_dwconv_pointwise_outputs(x, weights, pointwise, dilations, stride, true, mean, invstd), {}, {}};
+  }
   static const auto op =
       handle<std::tuple<Tensors, at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList,
                                                          at::IntArrayRef, int64_t, bool, const OptionalTensor&,
@@ -328,7 +337,8 @@ struct Group {
     Tensors first;
     at::Tensor first_mean, first_var;
     if (!convs.empty()) {
-      std::tie(first, first_mean, first_var) = relu_dwconv_pointwise(x, depthwise, pointwise, dilations, stride);
+      std::tie(first, first_mean, first_var) =
+          relu_dwconv_pointwise(record, x, depthwise, pointwise, dilations, stride);
     }
     // Both pools and their statistics, once for the group.
     at::Tensor pool_mean, pool_var;
@@ -376,8 +386,8 @@ struct Group {
           // The second stage normalises t1 with the middle BN's statistics as it reads it.
           edge.t_1[k] = t1;
           const auto& [mid_mean, mid_invstd] = middle(edge, k);
-          auto [t2, m2, v2] = relu_dwconv_pointwise(t1, {edge.weight(layout, k, 2)}, {edge.weight(layout, k, 3)},
-                                                    {1}, 1, mid_mean, mid_invstd);
+          auto [t2, m2, v2] = relu_dwconv_pointwise(record, t1, {edge.weight(layout, k, 2)},
+                                                    {edge.weight(layout, k, 3)}, {1}, 1, mid_mean, mid_invstd);
           if (record) {
             set_row(edge, row + 1, m2.select(0, 0), v2.select(0, 0));
           }

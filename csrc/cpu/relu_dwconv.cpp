@@ -82,6 +82,7 @@
 
 #include "fastdarts/checks.h"
 #include "fastdarts/cpu_isa.h"
+#include "fastdarts/relu_dwconv.h"
 #include "fastdarts/tiles.h"
 
 namespace fastdarts {
@@ -487,8 +488,8 @@ struct ForwardArgs {
   std::vector<T*> outs;    // K outputs, all with strides `os`
   Strides os;
   // relu_dwconv_pointwise: each depthwise output row goes through kernel i's 1x1 conv (pointwise_matrices, not
-  // transposed) before it is written, and its moments go to the chunk's slot [num_chunks][K][2][Cp] of `moments`.
-  // nullptr for relu_dwconv.
+  // transposed) before it is written, and its moments go to the chunk's slot [num_chunks][K][2][Cp] of `moments`
+  // (nullptr: no statistics wanted). nullptr for relu_dwconv.
   const T* pointwise = nullptr;
   double* moments = nullptr;
 };
@@ -517,7 +518,9 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
         const T* result = row;
         if (f.pointwise != nullptr) {
           pointwise_row<T, kIsa>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.loop_cols, g.loop_C, g.Cp);
-          add_row_moments<T, kIsa>(pointwise_row_out, g.valid_cols, g.Cp, moments + i * 2 * g.Cp);
+          if (moments != nullptr) {
+            add_row_moments<T, kIsa>(pointwise_row_out, g.valid_cols, g.Cp, moments + i * 2 * g.Cp);
+          }
           result = pointwise_row_out;
         }
         unpack(result, 0, g.col, 1, g.Wo, g.C, f.outs[i] + n * f.os.n + ho * f.os.h, f.os);
@@ -756,11 +759,13 @@ std::vector<double> add_slots(const S* slots, int64_t num_chunks, int64_t size) 
 }
 
 // The forward of both ops: the K outputs, laid out like x (channels_last in, channels_last out), and with
-// pointwise weights the [K, C] mean and biased variance of each output over (N, Ho, Wo) (undefined without).
+// pointwise weights and `statistics` the [K, C] mean and biased variance of each output over (N, Ho, Wo)
+// (undefined otherwise).
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, at::TensorList weights, at::TensorList pointwise, bool with_pointwise,
     at::IntArrayRef dilations, int64_t stride, bool relu, const std::optional<at::Tensor>& input_mean = std::nullopt,
-    const std::optional<at::Tensor>& input_invstd = std::nullopt) {
+    const std::optional<at::Tensor>& input_invstd = std::nullopt, bool statistics = true) {
+  statistics = statistics && with_pointwise;
   const at::TensorOptions options = x.options().memory_format(x.suggest_memory_format());
   std::vector<at::Tensor> outs;
   for (size_t i = 0; i < weights.size(); ++i) {
@@ -768,7 +773,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(
   }
   const int64_t K = static_cast<int64_t>(weights.size());
   at::Tensor mean, var;
-  if (with_pointwise) {
+  if (statistics) {
     mean = at::empty({K, x.size(1)}, x.options());
     var = at::empty({K, x.size(1)}, x.options());
   }
@@ -786,8 +791,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(
     }
     if (with_pointwise) {
       matrices = pointwise_matrices<scalar_t>(pointwise, g, false);
-      moments.resize(g.num_chunks * K * 2 * g.Cp);
       f.pointwise = matrices.data();
+    }
+    if (statistics) {
+      moments.resize(g.num_chunks * K * 2 * g.Cp);
       f.moments = moments.data();
     }
     if (x.numel() > 0) {
@@ -799,7 +806,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(
                                    row + g.Wo_r * g.col);
       });
     }
-    if (with_pointwise) {
+    if (statistics) {
       // Biased variance from the sums in double; N = 0 gives NaN, as torch.var_mean of an empty tensor does.
       const std::vector<double> total = add_slots(moments.data(), g.num_chunks, K * 2 * g.Cp);
       const double count = static_cast<double>(g.N * g.Ho * g.Wo);
@@ -985,6 +992,17 @@ relu_dwconv_pointwise_backward_cpu(at::TensorList grads, const at::Tensor& x, at
 }
 
 }  // namespace
+
+std::vector<at::Tensor> relu_dwconv_pointwise_outputs(const at::Tensor& x, at::TensorList weights,
+                                                      at::TensorList pointwise_weights, at::IntArrayRef dilations,
+                                                      int64_t stride, bool relu,
+                                                      const std::optional<at::Tensor>& input_mean,
+                                                      const std::optional<at::Tensor>& input_invstd) {
+  check_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, true, dilations, stride);
+  check_normalisation("relu_dwconv_pointwise", x, input_mean, input_invstd);
+  return std::get<0>(
+      forward(x, weights, pointwise_weights, true, dilations, stride, relu, input_mean, input_invstd, false));
+}
 
 TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
   m.impl("relu_dwconv", &relu_dwconv_cpu);
