@@ -2,7 +2,9 @@
 built from one backend's kernels and ATen GEMMs. An edge is written once (`_Edge`) over a set of building blocks
 (`EdgeKernels`), and a group (`_EdgeGroup`) runs the passes its edges share; `define_mixed_ops` registers the group
 op and its backward for one backend: fastdarts::mixed_ops on the C++ kernels (below, when fastdarts._C loaded) and
-fastdarts_triton::mixed_ops on the Triton kernels (_triton.py).
+fastdarts_triton::mixed_ops on the Triton kernels (_triton.py). On the C++ backend the group itself runs in C++
+(fastdarts::edge_group, csrc/cpu/edge_group.cpp: the same passes, bit for bit, without Python between the kernels);
+the Python group here is its specification and what the Triton backend runs.
 
 Forward: relu(x) is read once by the relu_dwconv_pointwise kernel for the first stage of every conv of every edge
 of the group, each depthwise conv going straight into its 1x1 conv tile by tile (the depthwise outputs are never
