@@ -20,7 +20,6 @@
 #include <cstdint>
 #include <map>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -594,9 +593,16 @@ void check_group(const char* op, const at::Tensor& x, const at::Tensor& w, at::T
   TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == E * layout.weights_per_edge, op, ": ", E,
                     " edges at stride ", stride, " take ", E * layout.weights_per_edge, " conv weights, got ",
                     weights.size());
-  for (int64_t k : candidates) {
-    TORCH_CHECK_VALUE(k >= 0 && k < kNumCandidates, op, ": candidates must be in [0, ", int64_t{kNumCandidates},
-                      "), got ", k);
+  int64_t at = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t i = at; i < at + counts[e]; ++i) {
+      const int64_t k = candidates[i];
+      TORCH_CHECK_VALUE(k >= 0 && k < kNumCandidates, op, ": candidates must be in [0, ", int64_t{kNumCandidates},
+                        "), got ", k);
+      TORCH_CHECK_VALUE(i == at || candidates[i - 1] < k, op, ": edge ", e,
+                        "'s candidates must be increasing, got ", candidates.slice(at, counts[e]));
+    }
+    at += counts[e];
   }
 }
 

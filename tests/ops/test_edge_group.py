@@ -93,10 +93,11 @@ def test_refuses_differentiation():
         (3, 3, "stride must be 1 or 2"),
         (5, [7, 3, 0], "4 edges need one candidate count each"),
         (4, [0, 1, 2, 3, 4, 5, 9] + [0, 3, 6] + [1, 2, 5], r"candidates must be in \[0, 7\), got 9"),
+        (4, [0, 1, 2, 3, 4, 5, 6] + [0, 6, 3] + [1, 2, 5], "edge 1's candidates must be increasing, got \\[0, 6, 3\\]"),
         (2, [], "4 edges at stride 1 take 48 conv weights, got 0"),
         (6, None, "evaluation .* needs bn_mean and bn_var"),
     ],
-    ids=["w-not-2d", "stride", "counts", "candidate", "weights", "eval-without-statistics"],
+    ids=["w-not-2d", "stride", "counts", "candidate", "unsorted", "weights", "eval-without-statistics"],
 )
 def test_bad_arguments(position, value, message):
     args = list(group_arguments(1, position != 6, True, False))
