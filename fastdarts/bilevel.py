@@ -37,7 +37,7 @@ def check_finite(value: torch.Tensor, what: str) -> None:
 
 def optimized_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters `optimizer` updates (the weights, for the weight optimizer): read off the optimizer, where
-    the supernet's weight_parameters() walks its ~1,400 modules, milliseconds a call."""
+    the supernet's weight_parameters() walks all its modules for its ~1,400 tensors, milliseconds a call."""
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
