@@ -267,8 +267,8 @@ struct Group {
     set_finals();
   }
 
-  // The names of an edge's saved tensors, in order (_mixed_op._saved_names): per conv candidate (and the stride-2
-  // skip) its final tensor, and a sep conv's first stage output after it.
+  // Calls f(k, first_stage) for an edge's saved tensors, in order (_mixed_op._saved_names): per conv candidate (and
+  // the stride-2 skip) its final tensor (first_stage false), and a sep conv's first stage output after it.
   template <typename F>
   void for_each_saved(const Edge& edge, F&& f) const {
     for (int64_t k : edge.candidates) {
@@ -283,17 +283,21 @@ struct Group {
   }
 
   void restore(at::TensorList saved) {
+    size_t wanted = pool_candidates.size();
+    for (const Edge& edge : edges) {
+      for_each_saved(edge, [&](int64_t, bool) { ++wanted; });
+    }
+    TORCH_CHECK_VALUE(wanted == saved.size(), "edge_group_backward: saved holds ", saved.size(),
+                      " tensors, the group's edges keep ", wanted);
     size_t at_saved = 0;
     for (int64_t k : pool_candidates) {
       pools[k] = saved[at_saved++];
     }
     for (Edge& edge : edges) {
-      for_each_saved(edge, [&](int64_t k, bool first) {
-        (first ? edge.t_1 : edge.t)[k] = saved[at_saved++];
+      for_each_saved(edge, [&](int64_t k, bool first_stage) {
+        (first_stage ? edge.t_1 : edge.t)[k] = saved[at_saved++];
       });
     }
-    TORCH_CHECK_VALUE(at_saved == saved.size(), "edge_group_backward: saved holds ", saved.size(),
-                      " tensors, the group's edges keep ", at_saved);
   }
 
   Tensors saved() const {
@@ -302,7 +306,9 @@ struct Group {
       out.push_back(pools.at(k));
     }
     for (const Edge& edge : edges) {
-      for_each_saved(edge, [&](int64_t k, bool first) { out.push_back((first ? edge.t_1 : edge.t).at(k)); });
+      for_each_saved(edge, [&](int64_t k, bool first_stage) {
+        out.push_back((first_stage ? edge.t_1 : edge.t).at(k));
+      });
     }
     return out;
   }

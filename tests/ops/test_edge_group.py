@@ -114,3 +114,14 @@ def test_backward_needs_a_gradient_per_edge():
         torch.ops.fastdarts.edge_group_backward(
             [None], x, w, weights, stride, candidates, counts, mean, var, True, 1e-5, True, [], True, True, True
         )
+
+
+def test_backward_needs_what_the_forward_kept():
+    args = group_arguments(1, True, True, True)
+    _, mean, var, saved = torch.ops.fastdarts.edge_group(*args)
+    x, w, weights, stride, candidates, counts = args[:6]
+    with pytest.raises(ValueError, match=f"saved holds 1 tensors, the group's edges keep {len(saved)}"):
+        torch.ops.fastdarts.edge_group_backward(
+            [None] * 4, x, w, weights, stride, candidates, counts, mean, var, True, 1e-5, True, saved[:1], True, True,
+            True,
+        )  # fmt: skip
