@@ -972,13 +972,21 @@ std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>> relu_dwconv_backw
   return {grad_x, grad_weights};
 }
 
+// relu_dwconv_pointwise's checks, then its forward, with or without the outputs' statistics.
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> pointwise_forward(
+    const at::Tensor& x, at::TensorList weights, at::TensorList pointwise_weights, at::IntArrayRef dilations,
+    int64_t stride, bool relu, const std::optional<at::Tensor>& input_mean,
+    const std::optional<at::Tensor>& input_invstd, bool statistics) {
+  check_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, true, dilations, stride);
+  check_normalisation("relu_dwconv_pointwise", x, input_mean, input_invstd);
+  return forward(x, weights, pointwise_weights, true, dilations, stride, relu, input_mean, input_invstd, statistics);
+}
+
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relu_dwconv_pointwise_cpu(
     const at::Tensor& x, at::TensorList weights, at::TensorList pointwise_weights, at::IntArrayRef dilations,
     int64_t stride, bool relu, const std::optional<at::Tensor>& input_mean,
     const std::optional<at::Tensor>& input_invstd) {
-  check_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, true, dilations, stride);
-  check_normalisation("relu_dwconv_pointwise", x, input_mean, input_invstd);
-  return forward(x, weights, pointwise_weights, true, dilations, stride, relu, input_mean, input_invstd);
+  return pointwise_forward(x, weights, pointwise_weights, dilations, stride, relu, input_mean, input_invstd, true);
 }
 
 std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>, std::optional<at::Tensor>>
@@ -998,10 +1006,8 @@ std::vector<at::Tensor> relu_dwconv_pointwise_outputs(const at::Tensor& x, at::T
                                                       int64_t stride, bool relu,
                                                       const std::optional<at::Tensor>& input_mean,
                                                       const std::optional<at::Tensor>& input_invstd) {
-  check_arguments("relu_dwconv_pointwise", x, weights, pointwise_weights, true, dilations, stride);
-  check_normalisation("relu_dwconv_pointwise", x, input_mean, input_invstd);
   return std::get<0>(
-      forward(x, weights, pointwise_weights, true, dilations, stride, relu, input_mean, input_invstd, false));
+      pointwise_forward(x, weights, pointwise_weights, dilations, stride, relu, input_mean, input_invstd, false));
 }
 
 TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
