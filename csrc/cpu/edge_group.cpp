@@ -580,6 +580,14 @@ struct Group {
   }
 };
 
+// [E, B, C] statistics of the group's edges (bn_mean, bn_var, or the forward's mean and var).
+void check_statistics(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x, const at::Tensor& w,
+                      int64_t stride, bool pool_bn) {
+  const std::vector<int64_t> shape{w.size(0), Layout(stride, pool_bn).rows, x.size(1)};
+  TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), op, ": ", name, " must have shape ", at::IntArrayRef(shape),
+                    " ([E, B, C]), got ", t.sizes());
+}
+
 // The structure of the group's arguments; the values (shapes, dtypes) the kernels check as they run.
 void check_group(const char* op, const at::Tensor& x, const at::Tensor& w, at::TensorList weights, int64_t stride,
                  at::IntArrayRef candidates, at::IntArrayRef counts, bool pool_bn) {
@@ -619,6 +627,10 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_group_cpu(
   check_group("edge_group", x, w, weights, stride, candidates, counts, pool_bn);
   TORCH_CHECK_VALUE(training || (bn_mean.has_value() && bn_var.has_value()),
                     "edge_group: evaluation (training false) needs bn_mean and bn_var");
+  if (!training) {
+    check_statistics("edge_group", "bn_mean", *bn_mean, x, w, stride, pool_bn);
+    check_statistics("edge_group", "bn_var", *bn_var, x, w, stride, pool_bn);
+  }
   at::AutoDispatchBelowADInplaceOrView guard;  // the kernels below run as parts of this op, not on their own
   Group group(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, {});
   Tensors outs = group.outs();
@@ -633,6 +645,8 @@ std::tuple<OptionalTensor, OptionalTensor, Tensors> edge_group_backward_cpu(
   check_group("edge_group_backward", x, w, weights, stride, candidates, counts, pool_bn);
   TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == w.size(0), "edge_group_backward: ", w.size(0),
                     " edges need one output gradient (or None) each, got ", grads.size());
+  check_statistics("edge_group_backward", "mean", mean, x, w, stride, pool_bn);
+  check_statistics("edge_group_backward", "var", var, x, w, stride, pool_bn);
   at::AutoDispatchBelowADInplaceOrView guard;
   // Without saved tensors the group is recomputed in "evaluation" with the statistics the forward normalised
   // with, which reproduces the forward exactly; the backward still treats them as batch statistics in training.

@@ -125,3 +125,10 @@ def test_backward_needs_what_the_forward_kept():
             [None] * 4, x, w, weights, stride, candidates, counts, mean, var, True, 1e-5, True, saved[:1], True, True,
             True,
         )  # fmt: skip
+
+
+def test_statistics_of_the_wrong_shape():
+    args = list(group_arguments(1, False, True, False))
+    args[6] = args[6][:, :3]
+    with pytest.raises(ValueError, match=r"bn_mean must have shape \[4, 8, 4\] \(\[E, B, C\]\), got \[4, 3, 4\]"):
+        torch.ops.fastdarts.edge_group(*args)
