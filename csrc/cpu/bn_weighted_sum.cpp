@@ -23,7 +23,8 @@
 // whole pixels), split among the threads; a unit is walked in groups of R pixels (R C about kGroupValues values).
 // Each per-channel quantity is expanded once per call into a pattern of one group's length (pattern[r C + c] =
 // value[c]), so that every inner loop is a plain elementwise loop over a group, which vectorises whatever C is.
-// forward:  out's group stays in L1 while the K inputs are added into it.
+// forward:  out's unit stays in L1 while the K inputs are added into it, one input at a time: two streams from
+//           memory at a time (an input in, out's unit written back) rather than K + 1.
 // backward: pass 1 reads grad once (a group of it stays in L1 while the K inputs' are read) and accumulates, per
 //           value of a group, sum g and sum g (t_k - mean) in double (each product rounded once to the inputs'
 //           precision); a unit's group-wide sums are folded into per-channel sums in its own slot, and the slots
@@ -31,7 +32,12 @@
 //           before the product keeps the sums free of cancellation. Pass 1 also writes the fixed rows' gradients
 //           (they need no sums). Pass 2 writes the batch-statistics rows':
 //             grad_t_k = a g + b (t_k - mean) + e,  a = w invstd,  b = -a invstd^2 S_k / M,  e = -a S / M,
-//           with S = sum g and S_k = sum g (t_k - mean) per channel; grad_w[k] = sum_c invstd S_k.
+//           with S = sum g and S_k = sum g (t_k - mean) per channel; grad_w[k] = sum_c invstd S_k. Pass 2, like
+//           the forward, walks a unit one row at a time while grad's unit stays in L1. (Pass 1 walked that way ran
+//           slower: each value's double sum then waits on its own previous update.)
+// Where C is a multiple of the vectors' lanes or divides them, the patterns repeat every few whole vectors
+// (register_period): the forward and pass 2 then hold one row's patterns in registers instead of reading them
+// for every group.
 // The loops are compiled once per instruction-set tier (cpu_isa.h): the conversions and double sums
 // of pass 1 keep up with memory only at 8 doubles per instruction.
 
@@ -95,6 +101,15 @@ std::vector<P> patterns(const std::vector<double>& values, int64_t rows, const G
   return out;
 }
 
+// The period, in values, of a per-channel pattern that whole vectors of tier kIsa repeat: C when it is a multiple of
+// the vector's lanes, the lanes when C divides them, else 0 (no such period: the loops read the group's patterns).
+// It divides a group (kGroupValues is a multiple of every tier's lanes), so a unit starts at phase 0.
+template <typename T, CpuIsa kIsa>
+int64_t register_period(int64_t C) {
+  constexpr int64_t L = kLanes<T, kIsa>;
+  return C % L == 0 ? C : L % C == 0 ? L : 0;
+}
+
 // The values of w [K] or of a statistic [K, C] in double, row-major whatever the strides. Read in place: a
 // conversion through ATen costs microseconds, as much as the whole kernel at the supernet's small sizes.
 std::vector<double> values_of(const at::Tensor& t) {
@@ -149,24 +164,75 @@ struct ForwardArgs {
   T* out;
 };
 
+// The forward over one unit's values [lo, stop) for input k, kNV > 0: out = (t - mean) coef for k = 0, else
+// out += (t - mean) coef, with both patterns in kNV registers each (see normalised_grad_row).
+template <typename T, CpuIsa kIsa, int64_t kNV>
+FASTDARTS_ALWAYS_INLINE void forward_row(const ForwardArgs<T>& f, int64_t k, int64_t lo, int64_t stop) {
+  using V = Vec<T, kIsa>;
+  constexpr int64_t L = kLanes<T, kIsa>;
+  constexpr int64_t P = kNV * L;
+  const int64_t G = f.g.group;
+  V m[kNV], c[kNV];
+  for (int64_t v = 0; v < kNV; ++v) {
+    vec_load(m[v], f.mean + k * G + v * L);
+    vec_load(c[v], f.coef + k * G + v * L);
+  }
+  const T* __restrict__ t = f.ts[k];
+  T* __restrict__ o = f.out;
+  int64_t i = lo;
+  for (; i + P <= stop; i += P) {
+    for (int64_t v = 0; v < kNV; ++v) {
+      V tv;
+      vec_load(tv, t + i + v * L);
+      if (k == 0) {
+        const V out = (tv - m[v]) * c[v];
+        vec_store(o + i + v * L, out);
+      } else {
+        V out;
+        vec_load(out, o + i + v * L);
+        out += (tv - m[v]) * c[v];
+        vec_store(o + i + v * L, out);
+      }
+    }
+  }
+  for (; i < stop; ++i) {  // the tensor's last values, short of a period
+    const int64_t j = (i - lo) % G;
+    const T term = (t[i] - f.mean[k * G + j]) * f.coef[k * G + j];
+    o[i] = k > 0 ? o[i] + term : term;
+  }
+}
+
+// One unit at a time and one input at a time within it: the unit of out stays in L1 while the K inputs stream in.
 template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
 FASTDARTS_ALWAYS_INLINE void forward_units(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
   const int64_t K = static_cast<int64_t>(f.ts.size());
   const int64_t G = f.g.group;
-  for (int64_t lo = f.g.begin(begin); lo < f.g.end(end - 1); lo += G) {
-    const int64_t len = std::min(G, f.g.end(end - 1) - lo);
-    T* __restrict__ o = f.out + lo;
+  const int64_t nv = register_period<T, kIsa>(f.g.C) / kLanes<T, kIsa>;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t first = f.g.begin(u), stop = f.g.end(u);
     for (int64_t k = 0; k < K; ++k) {
-      const T* __restrict__ t = f.ts[k] + lo;
-      const T* __restrict__ m = f.mean + k * G;
-      const T* __restrict__ c = f.coef + k * G;
-      if (k == 0) {
-        for (int64_t j = 0; j < len; ++j) {
-          o[j] = (t[j] - m[j]) * c[j];
-        }
+      if (nv == 1) {
+        forward_row<T, kIsa, 1>(f, k, first, stop);
+      } else if (nv == 2) {
+        forward_row<T, kIsa, 2>(f, k, first, stop);
+      } else if (nv == 4) {
+        forward_row<T, kIsa, 4>(f, k, first, stop);
       } else {
-        for (int64_t j = 0; j < len; ++j) {
-          o[j] += (t[j] - m[j]) * c[j];
+        const T* __restrict__ m = f.mean + k * G;
+        const T* __restrict__ c = f.coef + k * G;
+        for (int64_t lo = first; lo < stop; lo += G) {
+          const int64_t len = std::min(G, stop - lo);
+          const T* __restrict__ t = f.ts[k] + lo;
+          T* __restrict__ o = f.out + lo;
+          if (k == 0) {
+            for (int64_t j = 0; j < len; ++j) {
+              o[j] = (t[j] - m[j]) * c[j];
+            }
+          } else {
+            for (int64_t j = 0; j < len; ++j) {
+              o[j] += (t[j] - m[j]) * c[j];
+            }
+          }
         }
       }
     }
@@ -193,6 +259,9 @@ struct BackwardArgs {
   const T* e = nullptr;
 };
 
+// Pass 1, one unit at a time and one row at a time within it, as pass 2 (normalised_grad_units): a unit of grad
+// stays in L1 while each row streams its t in. Each value of a group keeps its own double sum, added in group order
+// whatever the row order.
 template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
 FASTDARTS_ALWAYS_INLINE void reduce_units(const BackwardArgs<T>& p, int64_t begin, int64_t end, double* acc) {
   const int64_t K = static_cast<int64_t>(p.ts.size());
@@ -248,26 +317,82 @@ FASTDARTS_ALWAYS_INLINE void reduce_units(const BackwardArgs<T>& p, int64_t begi
 
 FASTDARTS_CPU_ISA_COPIES(reduce_units)
 
+// Pass 2 over one unit's values [lo, stop) for row k, kNV > 0: its four patterns held in kNV registers each (a
+// period of kNV vectors, see register_period), so that a value costs a load of g (in L1, read once per row) and of
+// t, and a store.
+template <typename T, CpuIsa kIsa, int64_t kNV>
+FASTDARTS_ALWAYS_INLINE void normalised_grad_row(const BackwardArgs<T>& p, int64_t k, int64_t lo, int64_t stop) {
+  using V = Vec<T, kIsa>;
+  constexpr int64_t L = kLanes<T, kIsa>;
+  constexpr int64_t P = kNV * L;
+  const int64_t G = p.g.group;
+  V m[kNV], a[kNV], b[kNV], e[kNV];
+  for (int64_t v = 0; v < kNV; ++v) {
+    vec_load(m[v], p.mean + k * G + v * L);
+    vec_load(a[v], p.a + k * G + v * L);
+    vec_load(b[v], p.b + k * G + v * L);
+    vec_load(e[v], p.e + k * G + v * L);
+  }
+  const T* __restrict__ g = p.grad;
+  const T* __restrict__ t = p.ts[k];
+  T* __restrict__ gt = p.grad_ts[k];
+  int64_t i = lo;
+  for (; i + P <= stop; i += P) {
+    for (int64_t v = 0; v < kNV; ++v) {
+      V gv, tv;
+      vec_load(gv, g + i + v * L);
+      vec_load(tv, t + i + v * L);
+      const V out = a[v] * gv + b[v] * (tv - m[v]) + e[v];
+      vec_store(gt + i + v * L, out);
+    }
+  }
+  for (; i < stop; ++i) {  // the tensor's last values, short of a period
+    const int64_t j = (i - lo) % G;
+    gt[i] = p.a[k * G + j] * g[i] + p.b[k * G + j] * (t[i] - p.mean[k * G + j]) + p.e[k * G + j];
+  }
+}
+
+// Pass 2, one unit at a time and one row at a time within it: a unit of grad stays in L1 while the rows stream
+// their t in and their gradient out, two streams at a time rather than 2 K + 1.
 template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
 FASTDARTS_ALWAYS_INLINE void normalised_grad_units(const BackwardArgs<T>& p, int64_t begin, int64_t end) {
   const int64_t K = static_cast<int64_t>(p.ts.size());
   const int64_t G = p.g.group;
-  const int64_t stop = p.g.end(end - 1);
-  for (int64_t lo = p.g.begin(begin); lo < stop; lo += G) {
-    const int64_t len = std::min(G, stop - lo);
-    const T* __restrict__ g = p.grad + lo;
+  const int64_t nv = register_period<T, kIsa>(p.g.C) / kLanes<T, kIsa>;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t first = p.g.begin(u), stop = p.g.end(u);
     for (int64_t k = 0; k < K; ++k) {
       if (p.fixed[k]) {
         continue;
       }
-      const T* __restrict__ t = p.ts[k] + lo;
-      T* __restrict__ gt = p.grad_ts[k] + lo;
+      switch (nv) {
+        case 1:
+          normalised_grad_row<T, kIsa, 1>(p, k, first, stop);
+          continue;
+        case 2:
+          normalised_grad_row<T, kIsa, 2>(p, k, first, stop);
+          continue;
+        case 4:
+          if (kIsa == CpuIsa::kAvx512) {  // 16 of the 32 registers; the other tiers have 16 in all
+            normalised_grad_row<T, kIsa, 4>(p, k, first, stop);
+            continue;
+          }
+          break;
+        default:
+          break;
+      }
       const T* __restrict__ m = p.mean + k * G;
       const T* __restrict__ a = p.a + k * G;
       const T* __restrict__ b = p.b + k * G;
       const T* __restrict__ e = p.e + k * G;
-      for (int64_t j = 0; j < len; ++j) {
-        gt[j] = a[j] * g[j] + b[j] * (t[j] - m[j]) + e[j];
+      for (int64_t lo = first; lo < stop; lo += G) {
+        const int64_t len = std::min(G, stop - lo);
+        const T* __restrict__ g = p.grad + lo;
+        const T* __restrict__ t = p.ts[k] + lo;
+        T* __restrict__ gt = p.grad_ts[k] + lo;
+        for (int64_t j = 0; j < len; ++j) {
+          gt[j] = a[j] * g[j] + b[j] * (t[j] - m[j]) + e[j];
+        }
       }
     }
   }

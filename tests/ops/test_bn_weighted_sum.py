@@ -9,8 +9,9 @@ from ..conftest import requires_ext
 from ._helpers import backend_ops, memory_format_of
 
 EPS = 1e-5
-# (N, C, H, W): batch 1 and 3, C 4 and 16, odd spatial sizes.
-SHAPES = [(1, 4, 7, 7), (3, 16, 9, 9), (3, 4, 9, 9), (1, 16, 7, 7)]
+# (N, C, H, W): batch 1 and 3, odd spatial sizes; C 4 and 16, and C 3, 32 and 64, whose per-channel patterns the
+# kernel holds in 1, 2 or 4 registers a tier or reads from memory (no whole-vector period).
+SHAPES = [(1, 4, 7, 7), (3, 16, 9, 9), (3, 4, 9, 9), (1, 16, 7, 7), (2, 3, 5, 5), (1, 32, 5, 3), (2, 64, 3, 5)]
 LAYOUTS = ["channels_last", "contiguous"]
 CASES = [(shape, layout) for shape in SHAPES for layout in LAYOUTS]
 CASE_IDS = [f"{'x'.join(map(str, shape))}-{layout}" for shape, layout in CASES]
@@ -112,8 +113,9 @@ def test_backward_op_matches_autograd_through_batch_statistics(K, flags, shape, 
 
 @requires_ext
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_backward_op_float64_matches_native_batch_norm_backward(layout, cpu_isa):
-    ts, w, mean, invstd = make_inputs(3, (2, 5, 7, 9), torch.float64, layout, requires_grad=False)
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (2, 16, 5, 3), (1, 4, 3, 5)])  # C 16 and 4: patterns in registers
+def test_backward_op_float64_matches_native_batch_norm_backward(shape, layout, cpu_isa):
+    ts, w, mean, invstd = make_inputs(3, shape, torch.float64, layout, requires_grad=False)
     flags = [True, False, True]
     for k in (0, 2):
         _, mean[k], invstd[k] = torch.native_batch_norm(ts[k], None, None, None, None, True, 0.0, EPS)
