@@ -23,8 +23,8 @@
 // whole pixels), split among the threads; a unit is walked in groups of R pixels (R C about kGroupValues values).
 // Each per-channel quantity is expanded once per call into a pattern of one group's length (pattern[r C + c] =
 // value[c]), so that every inner loop is a plain elementwise loop over a group, which vectorises whatever C is.
-// forward:  out's unit stays in L1 while the K inputs are added into it, one input at a time: two streams from
-//           memory at a time (an input in, out's unit written back) rather than K + 1.
+// forward:  out's group stays in L1 while the K inputs are added into it. (Walking a unit one input at a time, as
+//           pass 2 below does, measured no faster inside a search step.)
 // backward: pass 1 reads grad once (a group of it stays in L1 while the K inputs' are read) and accumulates, per
 //           value of a group, sum g and sum g (t_k - mean) in double (each product rounded once to the inputs'
 //           precision); a unit's group-wide sums are folded into per-channel sums in its own slot, and the slots
@@ -32,12 +32,11 @@
 //           before the product keeps the sums free of cancellation. Pass 1 also writes the fixed rows' gradients
 //           (they need no sums). Pass 2 writes the batch-statistics rows':
 //             grad_t_k = a g + b (t_k - mean) + e,  a = w invstd,  b = -a invstd^2 S_k / M,  e = -a S / M,
-//           with S = sum g and S_k = sum g (t_k - mean) per channel; grad_w[k] = sum_c invstd S_k. Pass 2, like
-//           the forward, walks a unit one row at a time while grad's unit stays in L1. (Pass 1 walked that way ran
+//           with S = sum g and S_k = sum g (t_k - mean) per channel; grad_w[k] = sum_c invstd S_k. Pass 2
+//           walks a unit one row at a time while grad's unit stays in L1. (Pass 1 walked that way ran
 //           slower: each value's double sum then waits on its own previous update.)
 // Where C is a multiple of the vectors' lanes or divides them, the patterns repeat every few whole vectors
-// (register_period): the forward and pass 2 then hold one row's patterns in registers instead of reading them
-// for every group.
+// (register_period): pass 2 then holds one row's patterns in registers instead of reading them for every group.
 // The loops are compiled once per instruction-set tier (cpu_isa.h): the conversions and double sums
 // of pass 1 keep up with memory only at 8 doubles per instruction.
 
@@ -164,75 +163,24 @@ struct ForwardArgs {
   T* out;
 };
 
-// The forward over one unit's values [lo, stop) for input k, kNV > 0: out = (t - mean) coef for k = 0, else
-// out += (t - mean) coef, with both patterns in kNV registers each (see normalised_grad_row).
-template <typename T, CpuIsa kIsa, int64_t kNV>
-FASTDARTS_ALWAYS_INLINE void forward_row(const ForwardArgs<T>& f, int64_t k, int64_t lo, int64_t stop) {
-  using V = Vec<T, kIsa>;
-  constexpr int64_t L = kLanes<T, kIsa>;
-  constexpr int64_t P = kNV * L;
-  const int64_t G = f.g.group;
-  V m[kNV], c[kNV];
-  for (int64_t v = 0; v < kNV; ++v) {
-    vec_load(m[v], f.mean + k * G + v * L);
-    vec_load(c[v], f.coef + k * G + v * L);
-  }
-  const T* __restrict__ t = f.ts[k];
-  T* __restrict__ o = f.out;
-  int64_t i = lo;
-  for (; i + P <= stop; i += P) {
-    for (int64_t v = 0; v < kNV; ++v) {
-      V tv;
-      vec_load(tv, t + i + v * L);
-      if (k == 0) {
-        const V out = (tv - m[v]) * c[v];
-        vec_store(o + i + v * L, out);
-      } else {
-        V out;
-        vec_load(out, o + i + v * L);
-        out += (tv - m[v]) * c[v];
-        vec_store(o + i + v * L, out);
-      }
-    }
-  }
-  for (; i < stop; ++i) {  // the tensor's last values, short of a period
-    const int64_t j = (i - lo) % G;
-    const T term = (t[i] - f.mean[k * G + j]) * f.coef[k * G + j];
-    o[i] = k > 0 ? o[i] + term : term;
-  }
-}
-
-// One unit at a time and one input at a time within it: the unit of out stays in L1 while the K inputs stream in.
 template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
 FASTDARTS_ALWAYS_INLINE void forward_units(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
   const int64_t K = static_cast<int64_t>(f.ts.size());
   const int64_t G = f.g.group;
-  const int64_t nv = register_period<T, kIsa>(f.g.C) / kLanes<T, kIsa>;
-  for (int64_t u = begin; u < end; ++u) {
-    const int64_t first = f.g.begin(u), stop = f.g.end(u);
+  for (int64_t lo = f.g.begin(begin); lo < f.g.end(end - 1); lo += G) {
+    const int64_t len = std::min(G, f.g.end(end - 1) - lo);
+    T* __restrict__ o = f.out + lo;
     for (int64_t k = 0; k < K; ++k) {
-      if (nv == 1) {
-        forward_row<T, kIsa, 1>(f, k, first, stop);
-      } else if (nv == 2) {
-        forward_row<T, kIsa, 2>(f, k, first, stop);
-      } else if (nv == 4) {
-        forward_row<T, kIsa, 4>(f, k, first, stop);
+      const T* __restrict__ t = f.ts[k] + lo;
+      const T* __restrict__ m = f.mean + k * G;
+      const T* __restrict__ c = f.coef + k * G;
+      if (k == 0) {
+        for (int64_t j = 0; j < len; ++j) {
+          o[j] = (t[j] - m[j]) * c[j];
+        }
       } else {
-        const T* __restrict__ m = f.mean + k * G;
-        const T* __restrict__ c = f.coef + k * G;
-        for (int64_t lo = first; lo < stop; lo += G) {
-          const int64_t len = std::min(G, stop - lo);
-          const T* __restrict__ t = f.ts[k] + lo;
-          T* __restrict__ o = f.out + lo;
-          if (k == 0) {
-            for (int64_t j = 0; j < len; ++j) {
-              o[j] = (t[j] - m[j]) * c[j];
-            }
-          } else {
-            for (int64_t j = 0; j < len; ++j) {
-              o[j] += (t[j] - m[j]) * c[j];
-            }
-          }
+        for (int64_t j = 0; j < len; ++j) {
+          o[j] += (t[j] - m[j]) * c[j];
         }
       }
     }
