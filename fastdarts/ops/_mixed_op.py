@@ -788,24 +788,21 @@ def define_mixed_ops(
         "more); for higher derivatives run the network under fastdarts.ops.use_backend('reference')",
     )
 
-    def _setup_context(ctx, inputs, output):
-        (x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, recompute,
-         partial_channels, bypass_w) = inputs  # fmt: skip
-        _, mean, var, saved = output
-        ctx.mark_non_differentiable(mean, var, *saved)
+    def _save(ctx, x, w, weights, stride, candidates, counts, training, eps, pool_bn, partial_channels, bypass_w, mean,
+              var, saved) -> None:  # fmt: skip
+        """What the backward reads: the group's arguments and the forward's statistics and intermediates."""
         ctx.stride, ctx.candidates, ctx.counts = stride, list(candidates), list(counts)
         ctx.training, ctx.eps, ctx.pool_bn = training, eps, pool_bn
         ctx.partial_channels, ctx.has_bypass_w = partial_channels, bypass_w is not None
         ctx.num_weights = len(weights)
         ctx.save_for_backward(x, w, mean, var, *([bypass_w] if ctx.has_bypass_w else []), *weights, *saved)
 
-    def _backward(ctx, grads, _grad_mean, _grad_var, _grad_saved):
+    def _input_grads(ctx, grads, x_grad: bool, w_grad: bool, weights_grad: bool, bypass_w_grad: bool):
+        """(dL/dx, dL/dw, dL/dbypass_w, [dL/dweights[i]]) from the outputs' gradients (None: not in the loss), each
+        None unless asked for (the list then all None), by one call of mixed_ops_backward."""
         x, w, mean, var, *rest = ctx.saved_tensors
         bypass_w = rest.pop(0) if ctx.has_bypass_w else None
         weights, saved = rest[: ctx.num_weights], rest[ctx.num_weights :]
-        needs = ctx.needs_input_grad  # per argument, the conv weights' a list (no flattening: it costs a pytree walk)
-        x_grad, w_grad, weights_grad = needs[0], needs[1], any(needs[2])
-        bypass_w_grad = ctx.has_bypass_w and ctx.needs_input_grad[13]
         result = iter(mixed_ops_backward(
             grads, x, w, weights, ctx.stride, ctx.candidates, ctx.counts, mean, var, ctx.training, ctx.eps,
             ctx.pool_bn, saved, x_grad, w_grad, weights_grad, partial_channels=ctx.partial_channels, bypass_w=bypass_w,
@@ -815,6 +812,21 @@ def define_mixed_ops(
         grad_w = next(result) if w_grad else None
         grad_bypass_w = next(result) if bypass_w_grad else None
         grad_weights = list(result) if weights_grad else [None] * ctx.num_weights
+        return grad_x, grad_w, grad_bypass_w, grad_weights
+
+    def _setup_context(ctx, inputs, output):
+        (x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, recompute,
+         partial_channels, bypass_w) = inputs  # fmt: skip
+        _, mean, var, saved = output
+        ctx.mark_non_differentiable(mean, var, *saved)
+        _save(ctx, x, w, weights, stride, candidates, counts, training, eps, pool_bn, partial_channels, bypass_w, mean,
+              var, saved)  # fmt: skip
+
+    def _backward(ctx, grads, _grad_mean, _grad_var, _grad_saved):
+        needs = ctx.needs_input_grad  # per argument, the conv weights' a list (no flattening: it costs a pytree walk)
+        grad_x, grad_w, grad_bypass_w, grad_weights = _input_grads(
+            ctx, grads, needs[0], needs[1], any(needs[2]), ctx.has_bypass_w and needs[13]
+        )  # fmt: skip
         # torch.library takes an empty int list for an empty Tensor list, whose gradient must be [] (not None).
         grad_candidates = None if ctx.candidates else []
         grads = (grad_x, grad_w, grad_weights, None, grad_candidates, None, None, None, None, None, None, None, None,
@@ -823,6 +835,33 @@ def define_mixed_ops(
         return grads[: len(ctx.needs_input_grad)]
 
     mixed_ops.register_autograd(_backward, setup_context=_setup_context)
+
+    class MixedOpsNode(torch.autograd.Function):
+        """mixed_ops with the registered autograd's passes, its arguments flat: what the network calls. The
+        registered autograd of an op with a list of weights walks pytrees of its ~100 arguments and results several
+        times a call, about 0.4 ms of Python for a group's forward and backward: at the digits' sizes as much as
+        its kernels."""
+
+        @staticmethod
+        def forward(ctx, x, w, bypass_w, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn,
+                    recompute, partial_channels, *weights):  # fmt: skip
+            outs, mean, var, saved = mixed_ops(
+                x, w, list(weights), stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, recompute,
+                partial_channels, bypass_w,
+            )  # fmt: skip
+            ctx.mark_non_differentiable(mean, var)
+            ctx.set_materialize_grads(False)  # an output not in the loss gets None, which the backward skips
+            _save(ctx, x, w, weights, stride, candidates, counts, training, eps, pool_bn, partial_channels, bypass_w,
+                  mean, var, saved)  # fmt: skip
+            return (*outs, mean, var)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            needs = ctx.needs_input_grad
+            grad_x, grad_w, grad_bypass_w, grad_weights = _input_grads(
+                ctx, list(grads[:-2]), needs[0], needs[1], any(needs[13:]), needs[2]
+            )  # fmt: skip
+            return (grad_x, grad_w, grad_bypass_w) + (None,) * 10 + tuple(grad_weights)
 
     def fused_mixed_ops(
         x: Tensor,
@@ -847,10 +886,9 @@ def define_mixed_ops(
         if scale is not None:
             w = w * scale[:, None]
             bypass_w = scale if partial_channels > 1 else None
-        outs, mean, var, _ = mixed_ops(
-            x, w, [t for ws in weights for t in ws], stride, [k for ks in candidates for k in ks],
-            [len(ks) for ks in candidates], bn_mean, bn_var, training, eps, pool_bn, recompute, partial_channels,
-            bypass_w,
+        *outs, mean, var = MixedOpsNode.apply(
+            x, w, bypass_w, stride, [k for ks in candidates for k in ks], [len(ks) for ks in candidates], bn_mean,
+            bn_var, training, eps, pool_bn, recompute, partial_channels, *(t for ws in weights for t in ws),
         )  # fmt: skip
         return outs, mean, var
 
