@@ -57,9 +57,9 @@
 namespace fastdarts {
 namespace {
 
-// A group. The loops walk all K inputs over one group before the next, so what a group touches (the group of grad
-// or out and of each input, K patterns, K + 1 rows of double sums) must stay well inside L1: groups of 256 values
-// and more ran markedly slower.
+// A group. The forward and pass 1 walk all K inputs over one group before the next, so what a group touches (the
+// group of grad or out and of each input, K patterns, K + 1 rows of double sums) must stay well inside L1: groups of
+// 256 values and more ran markedly slower.
 constexpr int64_t kGroupValues = 64;
 // A unit, the grain of the deterministic reduction: 16 KiB of grad in float32, as in weighted_sum_backward.
 constexpr int64_t kUnitValues = 4096;
@@ -207,9 +207,6 @@ struct BackwardArgs {
   const T* e = nullptr;
 };
 
-// Pass 1, one unit at a time and one row at a time within it, as pass 2 (normalised_grad_units): a unit of grad
-// stays in L1 while each row streams its t in. Each value of a group keeps its own double sum, added in group order
-// whatever the row order.
 template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
 FASTDARTS_ALWAYS_INLINE void reduce_units(const BackwardArgs<T>& p, int64_t begin, int64_t end, double* acc) {
   const int64_t K = static_cast<int64_t>(p.ts.size());
