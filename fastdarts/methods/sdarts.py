@@ -95,29 +95,32 @@ class SDARTSMethod(DARTSMethod):
         training = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                before = self.loss_at(model, clean, x, y, loss_fn)
-            step = 2 * self.epsilon / self.pgd_steps
-            weights = start
-            for _ in range(self.pgd_steps):
-                weights = {cell: w.detach().requires_grad_() for cell, w in weights.items()}
-                grads = torch.autograd.grad(self.loss_at(model, weights, x, y, loss_fn), list(weights.values()))
+            # The network's weights take no gradient in the attack's forward passes: frozen once for all of them
+            # (weight_parameters() walks the supernet's modules, milliseconds a call).
+            with frozen(model.weight_parameters()):
                 with torch.no_grad():
-                    stepped = {cell: w + step * g.sign() for (cell, w), g in zip(weights.items(), grads)}
-                    box = {cell: (w - clean[cell]).clamp(-self.epsilon, self.epsilon) for cell, w in stepped.items()}
-                    weights = {cell: project(clean[cell] + delta) for cell, delta in box.items()}
-            with torch.no_grad():
-                after = self.loss_at(model, weights, x, y, loss_fn)
+                    before = self.loss_at(model, clean, x, y, loss_fn)
+                eps = self.epsilon
+                step = 2 * eps / self.pgd_steps
+                weights = start
+                for _ in range(self.pgd_steps):
+                    weights = {cell: w.detach().requires_grad_() for cell, w in weights.items()}
+                    grads = torch.autograd.grad(self.loss_at(model, weights, x, y, loss_fn), list(weights.values()))
+                    with torch.no_grad():
+                        stepped = {cell: w + step * g.sign() for (cell, w), g in zip(weights.items(), grads)}
+                        box = {cell: (w - clean[cell]).clamp(-eps, eps) for cell, w in stepped.items()}
+                        weights = {cell: project(clean[cell] + delta) for cell, delta in box.items()}
+                with torch.no_grad():
+                    after = self.loss_at(model, weights, x, y, loss_fn)
         finally:
             model.train(training)
         return clean if before > after else weights
 
     def loss_at(self, model, weights: dict[str, Tensor], x: Tensor, y: Tensor, loss_fn) -> Tensor:
-        """The loss of the batch with `weights` as the edge weights (the weights' own gradient not computed)."""
+        """The loss of the batch with `weights` as the edge weights."""
         self._perturbed = weights
         try:
-            with frozen(model.weight_parameters()):
-                return loss_fn(model(x), y)
+            return loss_fn(model(x), y)
         finally:
             self._perturbed = None
 
