@@ -42,6 +42,7 @@ import torch.nn.functional as F
 
 from fastdarts import SearchNetwork, ops
 from fastdarts.bilevel import Architect, frozen, weight_step
+from fastdarts.memory import objects_so_far_frozen
 from fastdarts.methods import METHODS, make_method
 
 if __package__:
@@ -144,7 +145,8 @@ def run_case(
         flops = _device.count_flops(step) if device.type == "cuda" else None  # eager, before any compile
         if compiled:  # after counting: the compiled graph's saved tensors are inductor's business
             model.compile()
-        result.update(_device.measure(step, _device.timer_for(device, repeats, CUDA_REP_MS)[0], device))
+        with objects_so_far_frozen():  # as a search's loop runs its steps, for every provider alike
+            result.update(_device.measure(step, _device.timer_for(device, repeats, CUDA_REP_MS)[0], device))
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if flops is not None:
         result.update(_device.throughput(result["median_seconds"], peaks or {}, flops))

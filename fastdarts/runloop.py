@@ -45,7 +45,7 @@ from .config import parse_command_line
 from .data import BatchJob, Images, fit_last_batch, to_device
 from .distributed import SINGLE, World, mark_shared
 from .errors import ConfigError, FastDartsError, TrainingDiverged, path_stat, summary
-from .memory import keep_freed_memory
+from .memory import keep_freed_memory, objects_so_far_frozen
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -276,7 +276,7 @@ class Run:
         bar = None  # sized when the first epoch's batches are known
         self.stopped_early = False
         # The bar is closed before any exception's message is printed, so that message stays last.
-        with StopSignals() as stop, contextlib.ExitStack() as closing:
+        with StopSignals() as stop, contextlib.ExitStack() as closing, objects_so_far_frozen():
             while position["epoch"] < config.epochs:
                 if config.stop_after is not None and position["epoch"] >= config.stop_after:
                     self.save()

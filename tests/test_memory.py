@@ -1,4 +1,5 @@
-"""fastdarts.memory.keep_freed_memory: fewer page faults for a step's allocations, and the user's settings win."""
+"""fastdarts.memory: keep_freed_memory (fewer page faults for a step's allocations, and the user's settings win) and
+objects_so_far_frozen (the objects of before a run left out of full garbage collections during it)."""
 
 import ctypes
 import os
@@ -71,3 +72,44 @@ def test_unrelated_tunables_do_not_stop_it(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.cpu.hwcaps=-AVX512F")
     assert memory.keep_freed_memory() is True
+
+
+def test_objects_so_far_frozen_leaves_them_out_of_collections_during_the_block():
+    # Run in a child: freezing is process-wide, and pytest's own objects must not be frozen under other tests.
+    script = textwrap.dedent(
+        """
+        import gc
+        from fastdarts.memory import objects_so_far_frozen
+        class Cycle:
+            pass
+        old = Cycle(); old.me = old  # garbage in a reference cycle, made before the block
+        ref = __import__("weakref").ref(old)
+        del old
+        with objects_so_far_frozen():
+            frozen = gc.get_freeze_count()
+            gc.collect()
+            kept = ref() is not None  # frozen: a full collection leaves it alone
+            new = Cycle(); new.me = new
+            new_ref = __import__("weakref").ref(new)
+            del new
+            gc.collect()
+            new_collected = new_ref() is None  # made in the block: collected as usual
+        gc.collect()
+        print(frozen > 0, kept, new_collected, gc.get_freeze_count(), ref() is None)
+        try:
+            with objects_so_far_frozen():
+                raise KeyError
+        except KeyError:
+            pass
+        after_error = gc.get_freeze_count()
+        gc.freeze()
+        before = gc.get_freeze_count()
+        with objects_so_far_frozen():  # the program froze objects itself: left as it is
+            during = gc.get_freeze_count()
+        print(after_error, before == during == gc.get_freeze_count())
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    first, second = done.stdout.splitlines()
+    assert first == "True True True 0 True"  # frozen during, unfrozen after, the old cycle collected then
+    assert second == "0 True"  # unfrozen after an exception too; a program's own freezing left alone
