@@ -11,6 +11,9 @@ on its next step anyway.
 The command-line runs and the benchmarks call keep_freed_memory() first; a program that imports fastdarts
 decides for itself. Where the user already tuned the allocator (glibc's MALLOC_* variables or GLIBC_TUNABLES, or
 a preloaded jemalloc or tcmalloc), or where the C library is not glibc, it changes nothing.
+
+objects_so_far_frozen does the same for Python's own heap: a run's loop (fastdarts.runloop) leaves the objects that
+outlive its steps out of the garbage collector's full collections while it runs.
 """
 
 from __future__ import annotations
