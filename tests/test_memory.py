@@ -78,19 +78,19 @@ def test_objects_so_far_frozen_leaves_them_out_of_collections_during_the_block()
     # Run in a child: freezing is process-wide, and pytest's own objects must not be frozen under other tests.
     script = textwrap.dedent(
         """
-        import gc
+        import gc, weakref
         from fastdarts.memory import objects_so_far_frozen
         class Cycle:
             pass
         old = Cycle(); old.me = old  # garbage in a reference cycle, made before the block
-        ref = __import__("weakref").ref(old)
+        ref = weakref.ref(old)
         del old
         with objects_so_far_frozen():
             frozen = gc.get_freeze_count()
             gc.collect()
             kept = ref() is not None  # frozen: a full collection leaves it alone
             new = Cycle(); new.me = new
-            new_ref = __import__("weakref").ref(new)
+            new_ref = weakref.ref(new)
             del new
             gc.collect()
             new_collected = new_ref() is None  # made in the block: collected as usual
