@@ -63,7 +63,8 @@ def keep_freed_memory() -> bool:
 def objects_so_far_frozen() -> Iterator[None]:
     """Leave the objects that exist on entry (torch's and the other libraries' modules, the network, the optimizer:
     about 400,000 in a search process) out of the garbage collector's full collections during the block. Each full
-    collection walked them all, 100-200 ms, every few search steps at batch 64 and a few times a digits search.
+    collection walked them all, 100-200 ms, about once in 20 search steps at batch 64 and a few times a digits
+    search.
     Undone on exit, so that a process running several searches still collects the cycles among one's objects once
     it is over; nothing is done when the program has frozen objects itself."""
     if gc.get_freeze_count() > 0:

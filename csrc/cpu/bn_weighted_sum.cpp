@@ -262,11 +262,13 @@ FASTDARTS_ALWAYS_INLINE void reduce_units(const BackwardArgs<T>& p, int64_t begi
 
 FASTDARTS_CPU_ISA_COPIES(reduce_units)
 
-// Pass 2 over one unit's values [lo, stop) for row k, kNV > 0: its four patterns held in kNV registers each (a
-// period of kNV vectors, see register_period), so that a value costs a load of g (in L1, read once per row) and of
-// t, and a store.
+// Pass 2 over the whole groups of one unit's values [lo, stop) for row k, kNV > 0: its four patterns held in kNV
+// registers each (a period of kNV vectors, see register_period), so that a value costs a load of g (in L1, read
+// once per row) and of t, and a store. Returns where it stopped: the start of the unit's last, partial group, if
+// any (only the tensor's last unit has one).
 template <typename T, CpuIsa kIsa, int64_t kNV>
-FASTDARTS_ALWAYS_INLINE void normalised_grad_row(const BackwardArgs<T>& p, int64_t k, int64_t lo, int64_t stop) {
+FASTDARTS_ALWAYS_INLINE int64_t normalised_grad_groups(const BackwardArgs<T>& p, int64_t k, int64_t lo,
+                                                       int64_t stop) {
   using V = Vec<T, kIsa>;
   constexpr int64_t L = kLanes<T, kIsa>;
   constexpr int64_t P = kNV * L;
@@ -281,8 +283,8 @@ FASTDARTS_ALWAYS_INLINE void normalised_grad_row(const BackwardArgs<T>& p, int64
   const T* __restrict__ g = p.grad;
   const T* __restrict__ t = p.ts[k];
   T* __restrict__ gt = p.grad_ts[k];
-  int64_t i = lo;
-  for (; i + P <= stop; i += P) {
+  const int64_t whole = lo + (stop - lo) / G * G;  // a group is a whole number of periods
+  for (int64_t i = lo; i < whole; i += P) {
     for (int64_t v = 0; v < kNV; ++v) {
       V gv, tv;
       vec_load(gv, g + i + v * L);
@@ -291,14 +293,12 @@ FASTDARTS_ALWAYS_INLINE void normalised_grad_row(const BackwardArgs<T>& p, int64
       vec_store(gt + i + v * L, out);
     }
   }
-  for (; i < stop; ++i) {  // the tensor's last values, short of a period
-    const int64_t j = (i - lo) % G;
-    gt[i] = p.a[k * G + j] * g[i] + p.b[k * G + j] * (t[i] - p.mean[k * G + j]) + p.e[k * G + j];
-  }
+  return whole;
 }
 
 // Pass 2, one unit at a time and one row at a time within it: a unit of grad stays in L1 while the rows stream
-// their t in and their gradient out, two streams at a time rather than 2 K + 1.
+// their t in and their gradient out, two streams at a time rather than 2 K + 1. The group loop reads the patterns
+// from memory: for every group where no register period exists, else for the last, partial group.
 template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
 FASTDARTS_ALWAYS_INLINE void normalised_grad_units(const BackwardArgs<T>& p, int64_t begin, int64_t end) {
   const int64_t K = static_cast<int64_t>(p.ts.size());
@@ -310,27 +310,19 @@ FASTDARTS_ALWAYS_INLINE void normalised_grad_units(const BackwardArgs<T>& p, int
       if (p.fixed[k]) {
         continue;
       }
-      switch (nv) {
-        case 1:
-          normalised_grad_row<T, kIsa, 1>(p, k, first, stop);
-          continue;
-        case 2:
-          normalised_grad_row<T, kIsa, 2>(p, k, first, stop);
-          continue;
-        case 4:
-          if (kIsa == CpuIsa::kAvx512) {  // 16 of the 32 registers; the other tiers have 16 in all
-            normalised_grad_row<T, kIsa, 4>(p, k, first, stop);
-            continue;
-          }
-          break;
-        default:
-          break;
+      int64_t rest = first;  // where the group loop starts
+      if (nv == 1) {
+        rest = normalised_grad_groups<T, kIsa, 1>(p, k, first, stop);
+      } else if (nv == 2) {
+        rest = normalised_grad_groups<T, kIsa, 2>(p, k, first, stop);
+      } else if (nv == 4 && kIsa == CpuIsa::kAvx512) {  // 16 of the 32 registers; the other tiers have 16 in all
+        rest = normalised_grad_groups<T, kIsa, 4>(p, k, first, stop);
       }
       const T* __restrict__ m = p.mean + k * G;
       const T* __restrict__ a = p.a + k * G;
       const T* __restrict__ b = p.b + k * G;
       const T* __restrict__ e = p.e + k * G;
-      for (int64_t lo = first; lo < stop; lo += G) {
+      for (int64_t lo = rest; lo < stop; lo += G) {
         const int64_t len = std::min(G, stop - lo);
         const T* __restrict__ g = p.grad + lo;
         const T* __restrict__ t = p.ts[k] + lo;
