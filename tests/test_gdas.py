@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdarts import SearchNetwork, search
+from fastdarts import SearchNetwork, ops, search
+from fastdarts.bilevel import weight_step
 from fastdarts.config import TrainConfig, run_cli
 from fastdarts.errors import ConfigError
 from fastdarts.evalnet import GDASReductionCell, NetworkCIFAR
@@ -15,6 +16,7 @@ from fastdarts.methods import GDASMethod, make_method
 from fastdarts.space import edge_index
 from fastdarts.supernet import OpColumns, SearchCell, selected_columns
 
+from .conftest import requires_ext
 from .method_checks import assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
 
 F64 = torch.float64
@@ -278,3 +280,24 @@ def test_a_fixed_reduction_search_resumes_bit_for_bit_and_writes_a_trainable_gen
                                               init_channels=4)  # fmt: skip
     assert whole.genotype.fixed_reduction == "gdas_reduction"
     assert "weights_reduce" not in whole.history[-1] and "entropy_reduce" not in whole.history[-1]
+
+
+@requires_ext
+def test_weight_steps_leave_the_unsampled_ops_alone_on_every_backend():
+    """SGD with momentum and weight decay moves only the convs a step computed: the fused backend gives the others
+    no gradient, as the reference does, so three steps end at the same weights on both."""
+    batches = [(torch.randn(4, 1, 8, 8, dtype=F64), torch.randint(0, 10, (4,))) for _ in range(3)]
+    initial = SearchNetwork(4, 10, 3, 1, method=make_method("gdas", seed=0)).to(F64).state_dict()
+    ends = {}
+    for backend in ("reference", "cpp"):
+        model = SearchNetwork(4, 10, 3, 1, method=make_method("gdas", seed=0)).to(F64)
+        model.load_state_dict(initial)
+        optimizer = torch.optim.SGD(model.weight_parameters(), 0.1, momentum=0.9, weight_decay=3e-4)
+        with ops.use_backend(backend):
+            for batch in batches:
+                weight_step(model, optimizer, batch, grad_clip=5.0)
+        ends[backend] = model.state_dict()
+    unmoved = [name for name, t in ends["cpp"].items() if name.endswith("weight") and torch.equal(t, initial[name])]
+    assert any(".edges." in name for name in unmoved)  # GDAS samples one op per edge: most convs never run
+    for name, want in ends["reference"].items():
+        torch.testing.assert_close(ends["cpp"][name], want, msg=name)

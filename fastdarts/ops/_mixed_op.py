@@ -172,6 +172,19 @@ def candidate_weights(weights: Sequence[Tensor], stride: int) -> dict[int, list[
     return {k: list(weights[start : start + n]) for k, (start, (n, _)) in enumerate(zip(starts, layout))}
 
 
+def uncomputed_weights(stride: int, candidates: Sequence[int], counts: Sequence[int]) -> set[int]:
+    """Positions, in a group's flat weights, of the convs of the candidates its edges do not compute. Their
+    gradient is None, as under the reference backend, whose graph never reaches them: a zero gradient would let an
+    optimizer apply momentum and weight decay to weights the step did not use."""
+    layout, starts = mixed_op_layout(stride), _weight_starts(stride)
+    per_edge = sum(n for n, _ in layout)
+    computed = set()
+    for e, edge_candidates in enumerate(_split(candidates, counts)):
+        for k in edge_candidates:
+            computed.update(range(e * per_edge + starts[k], e * per_edge + starts[k] + layout[k][0]))
+    return set(range(per_edge * len(counts))) - computed
+
+
 def candidate_rows(stride: int, pool_bn: bool) -> dict[int, int]:
     """Per candidate, its first BN's row in the edge's statistics."""
     rows, at = {}, 0
@@ -799,7 +812,8 @@ def define_mixed_ops(
 
     def _input_grads(ctx, grads, x_grad: bool, w_grad: bool, weights_grad: bool, bypass_w_grad: bool):
         """(dL/dx, dL/dw, dL/dbypass_w, [dL/dweights[i]]) from the outputs' gradients (None: not in the loss), each
-        None unless asked for (the list then all None), by one call of mixed_ops_backward."""
+        None unless asked for (the list then all None), by one call of mixed_ops_backward; None too for the weights
+        of candidates not computed."""
         x, w, mean, var, *rest = ctx.saved_tensors
         bypass_w = rest.pop(0) if ctx.has_bypass_w else None
         weights, saved = rest[: ctx.num_weights], rest[ctx.num_weights :]
@@ -812,6 +826,8 @@ def define_mixed_ops(
         grad_w = next(result) if w_grad else None
         grad_bypass_w = next(result) if bypass_w_grad else None
         grad_weights = list(result) if weights_grad else [None] * ctx.num_weights
+        for i in uncomputed_weights(ctx.stride, ctx.candidates, ctx.counts) if weights_grad else ():
+            grad_weights[i] = None
         return grad_x, grad_w, grad_bypass_w, grad_weights
 
     def _setup_context(ctx, inputs, output):
