@@ -157,6 +157,90 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t
   }
 }
 
+// Gradient columns per block of grad_weight_row_unrolled: the block's gradient vectors, the sums in flight and
+// an input vector must fit the tier's registers (k = 5: 4 + 10 + 1 of 16 on AVX2 and the baseline, 8 + 10 + 1 of
+// 32 on AVX-512). Both divide kCols, so a row of whole kCols blocks is whole blocks.
+template <CpuIsa kIsa>
+constexpr int64_t kGradCols = kIsa == CpuIsa::kAvx512 ? 8 : 4;
+
+// grad_weight_row for one k x k kernel with dilation kD at stride kS, written out at compile time (offsets as for
+// conv_row_unrolled): the sums of kA kernel rows' taps stay in registers over the whole row while its blocks of
+// kGradCols gradient vectors pass, each input column of a block loaded once and multiplied into every tap it
+// meets (tap b of output j reads column j kS + kD b). At k = 5, stride 1, a kernel row of a block of 8 columns
+// loads 8 gradient and 12 input vectors for 40 FMAs, where grad_weight_row loads 45 vectors and stores 5. About 10
+// chains of FMAs must be in flight to hide their latency: a 3x3 kernel keeps its 9 taps' sums at once (kA = 3,
+// each block's gradient loaded once for all its rows); a 5x5 one keeps a row's 5 sums twice over, for even and
+// odd j (kSets = 2).
+template <typename T, CpuIsa kIsa, int kK, int kD, int kS>
+FASTDARTS_ALWAYS_INLINE void grad_weight_row_unrolled(const T* grad, const T* in, const int64_t* offsets, T* partial,
+                                                      int64_t cols, int64_t Cp) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  constexpr int64_t kBlock = kGradCols<kIsa>;
+  constexpr int kA = kK <= 3 ? kK : 1;
+  constexpr int kSets = kK <= 3 ? 1 : 2;
+  constexpr int kInputs = (kBlock - 1) * kS + kD * (kK - 1) + 1;
+  for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+    for (int a0 = 0; a0 < kK; a0 += kA) {
+      Vec<T, kIsa> sums[kSets][kA][kK];
+#pragma GCC unroll 32
+      for (int e = 0; e < kSets * kA * kK; ++e) {
+        sums[e / (kA * kK)][e / kK % kA][e % kK] = Vec<T, kIsa>{};
+      }
+      for (int64_t w0 = 0; w0 < cols; w0 += kBlock) {
+        Vec<T, kIsa> g[kBlock];
+#pragma GCC unroll 8
+        for (int64_t j = 0; j < kBlock; ++j) {
+          vec_load(g[j], grad + (w0 + j) * Cp + c0);
+        }
+#pragma GCC unroll 8
+        for (int a = 0; a < kA; ++a) {
+          const T* base = in + offsets[(a0 + a) * kK] + c0 + w0 * kS * Cp;
+#pragma GCC unroll 32
+          for (int x = 0; x < kInputs; ++x) {
+            Vec<T, kIsa> v;
+            vec_load(v, base + x * Cp);
+#pragma GCC unroll 8
+            for (int b = 0; b < kK; ++b) {
+              const int shifted = x - kD * b;  // kS j for the output j whose tap b reads this column
+              if (shifted >= 0 && shifted % kS == 0 && shifted / kS < kBlock) {
+                sums[shifted / kS % kSets][a][b] += g[shifted / kS] * v;
+              }
+            }
+          }
+        }
+      }
+#pragma GCC unroll 32
+      for (int e = 0; e < kA * kK; ++e) {
+        T* p = partial + ((a0 + e / kK) * kK + e % kK) * Cp + c0;
+        Vec<T, kIsa> total;
+        vec_load(total, p);
+        for (int set = 0; set < kSets; ++set) {
+          total += sums[set][e / kK][e % kK];
+        }
+        vec_store(p, total);
+      }
+    }
+  }
+}
+
+// One row's share of one k x k depthwise kernel's weight gradient with dilation d at stride s (grad_weight_row's
+// formula, taps t = a k + b): the unrolled loop for DARTS's kernels, grad_weight_row for any other.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void depthwise_grad_weight_row(const T* grad, const T* in, int64_t k, int64_t d, int64_t s,
+                                                       const int64_t* offsets, T* partial, int64_t cols, int64_t Cp) {
+  switch ((k * 10 + d) * 10 + s) {
+    case 311: return grad_weight_row_unrolled<T, kIsa, 3, 1, 1>(grad, in, offsets, partial, cols, Cp);
+    case 511: return grad_weight_row_unrolled<T, kIsa, 5, 1, 1>(grad, in, offsets, partial, cols, Cp);
+    case 321: return grad_weight_row_unrolled<T, kIsa, 3, 2, 1>(grad, in, offsets, partial, cols, Cp);
+    case 521: return grad_weight_row_unrolled<T, kIsa, 5, 2, 1>(grad, in, offsets, partial, cols, Cp);
+    case 312: return grad_weight_row_unrolled<T, kIsa, 3, 1, 2>(grad, in, offsets, partial, cols, Cp);
+    case 512: return grad_weight_row_unrolled<T, kIsa, 5, 1, 2>(grad, in, offsets, partial, cols, Cp);
+    case 322: return grad_weight_row_unrolled<T, kIsa, 3, 2, 2>(grad, in, offsets, partial, cols, Cp);
+    case 522: return grad_weight_row_unrolled<T, kIsa, 5, 2, 2>(grad, in, offsets, partial, cols, Cp);
+    default: return grad_weight_row<T, kIsa>(grad, in, s * Cp, offsets, k * k, partial, cols, Cp);
+  }
+}
+
 // The register block of the 1x1 conv's loops (pointwise_row, pointwise_grad_row): kPointwiseRows positions (or
 // output rows of the weight gradient) x kPointwiseVecs vectors of channels. With one vector per position, each
 // multiply-add needs a broadcast load besides its vector: 9 loads for 8 FMAs, more than the 2 loads a cycle that
