@@ -16,6 +16,8 @@ KERNELS = {"one": [(3, 1)], "darts": DARTS}
 SHAPES = [(N, C, S, S) for N, C, S in itertools.product([1, 3], [4, 5, 16], [7, 9, 8])]
 # Narrow channels that the CPU kernels pack several columns to a vector (see test_relu_dwconv_pointwise.py).
 SHAPES += [(1, 4, 5, 36), (2, 8, 3, 10)]
+# Rows of 24 output columns (stride 1 at 23, stride 2 at 45): a wide block of the AVX-512 loops and a narrow one.
+SHAPES += [(1, 5, 4, 23), (1, 3, 3, 45)]
 SHAPE_IDS = ["x".join(map(str, shape)) for shape in SHAPES]
 # Outputs: 1e-4 relative in float32 (the kernel's sums of up to 25 products run in a different order than
 # oneDNN's). Gradients: 1e-3 relative; grad_w sums up to 3 * 81 * 25 products.

@@ -17,6 +17,8 @@ SHAPES = [(1, 4, 7, 7), (3, 5, 9, 9), (3, 16, 8, 8), (2, 16, 9, 7), (3, 4, 9, 9)
 # Narrow channels that the CPU kernels pack several columns to a vector: C divides 16 and Wo C is a multiple of 16,
 # at widths where packing saves work (8 and 16 columns to a vector in float32, a tail of padding columns at 36).
 SHAPES += [(3, 8, 5, 10), (1, 4, 5, 36), (2, 2, 3, 64)]
+# Rows of 24 output columns (stride 1 at 23, stride 2 at 45): a wide block of the AVX-512 loops and a narrow one.
+SHAPES += [(1, 5, 4, 23), (1, 3, 3, 45)]
 SHAPE_IDS = ["x".join(map(str, shape)) for shape in SHAPES]
 # The batch statistics: sums over up to 3 * 81 values of the outputs.
 STAT_TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-12)}
