@@ -92,7 +92,7 @@ FASTDARTS_ALWAYS_INLINE void conv_row_unrolled(const T* in, const int64_t* offse
 #pragma GCC unroll 64  // every input column of the widest case ((16 - 1) 2 + 2 (5 - 1) + 1 = 39)
         for (int x = 0; x < kInputs; ++x) {
           Vec<T, kIsa> v;
-          vec_load(v, row + x * Cp);
+          vec_load_once(v, row + x * Cp);
 #pragma GCC unroll 8
           for (int b = 0; b < kK; ++b) {
             const int shifted = x - kD * b;  // kS j for the output j that tap b of this column feeds
@@ -211,7 +211,7 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row_unrolled(const T* grad, const T* in
 #pragma GCC unroll 32
           for (int x = 0; x < kInputs; ++x) {
             Vec<T, kIsa> v;
-            vec_load(v, base + x * Cp);
+            vec_load_once(v, base + x * Cp);
 #pragma GCC unroll 8
             for (int b = 0; b < kK; ++b) {
               const int shifted = x - kD * b;  // kS j for the output j whose tap b reads this column
