@@ -28,6 +28,7 @@ FASTDARTS_ALWAYS_INLINE void conv_row(const T* in, int64_t step, const int64_t* 
     for (int64_t c0 = 0; c0 < Cp; c0 += V) {
       T* o = out + w0 * out_step + c0;
       Vec<T, kIsa> acc[kCols];
+#pragma GCC unroll 16
       for (int64_t j = 0; j < kCols; ++j) {
         if (accumulate) {
           vec_load(acc[j], o + j * out_step);
@@ -40,12 +41,14 @@ FASTDARTS_ALWAYS_INLINE void conv_row(const T* in, int64_t step, const int64_t* 
         Vec<T, kIsa> wt;
         vec_load(wt, taps + t * Cp + c0);
         const T* src = base + offsets[t];
+#pragma GCC unroll 16
         for (int64_t j = 0; j < kCols; ++j) {
           Vec<T, kIsa> v;
           vec_load(v, src + j * step);
           acc[j] += wt * v;
         }
       }
+#pragma GCC unroll 16
       for (int64_t j = 0; j < kCols; ++j) {
         vec_store(o + j * out_step, acc[j]);
       }
@@ -74,6 +77,7 @@ FASTDARTS_ALWAYS_INLINE void conv_row_unrolled(const T* in, const int64_t* offse
   for (int64_t w0 = 0; w0 < whole; w0 += kBlock) {
     for (int64_t c0 = 0; c0 < Cp; c0 += V) {
       Vec<T, kIsa> acc[kBlock];
+#pragma GCC unroll 16  // every accumulator named at compile time, so that none goes through the stack
       for (int64_t j = 0; j < kBlock; ++j) {
         if (accumulate) {
           vec_load(acc[j], out + (w0 + j) * Cp + c0);
@@ -102,6 +106,7 @@ FASTDARTS_ALWAYS_INLINE void conv_row_unrolled(const T* in, const int64_t* offse
           }
         }
       }
+#pragma GCC unroll 16
       for (int64_t j = 0; j < kBlock; ++j) {
         vec_store(out + (w0 + j) * Cp + c0, acc[j]);
       }
@@ -145,6 +150,7 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t
   for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
     for (int64_t c0 = 0; c0 < Cp; c0 += V) {
       Vec<T, kIsa> g[kCols];
+#pragma GCC unroll 16
       for (int64_t j = 0; j < kCols; ++j) {
         vec_load(g[j], grad + (w0 + j) * Cp + c0);
       }
@@ -154,6 +160,7 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t
         Vec<T, kIsa> even;
         Vec<T, kIsa> odd{};
         vec_load(even, partial + t * Cp + c0);
+#pragma GCC unroll 16
         for (int64_t j = 0; j < kCols; ++j) {
           Vec<T, kIsa> v;
           vec_load(v, src + j * step);
@@ -274,7 +281,9 @@ FASTDARTS_ALWAYS_INLINE void outer_product_block(const T* a, int64_t a_k, int64_
   constexpr int64_t R = kPointwiseRows<kIsa>;
   constexpr int64_t B = kPointwiseVecs<kIsa>;
   Vec<T, kIsa> acc[R][B];
+#pragma GCC unroll 16
   for (int64_t q = 0; q < R; ++q) {
+#pragma GCC unroll 16
     for (int64_t v = 0; v < B; ++v) {
       if (accumulate) {
         vec_load(acc[q][v], block + q * Cp + v * V);
@@ -285,17 +294,22 @@ FASTDARTS_ALWAYS_INLINE void outer_product_block(const T* a, int64_t a_k, int64_
   }
   for (int64_t k = 0; k < K; ++k) {
     Vec<T, kIsa> bk[B];
+#pragma GCC unroll 16
     for (int64_t v = 0; v < B; ++v) {
       vec_load(bk[v], b + k * b_k + v * V);
     }
+#pragma GCC unroll 16
     for (int64_t q = 0; q < R; ++q) {
       const T x = a[k * a_k + q * a_q];
+#pragma GCC unroll 16
       for (int64_t v = 0; v < B; ++v) {
         acc[q][v] += x * bk[v];
       }
     }
   }
+#pragma GCC unroll 16
   for (int64_t q = 0; q < R; ++q) {
+#pragma GCC unroll 16
     for (int64_t v = 0; v < B; ++v) {
       vec_store(block + q * Cp + v * V, acc[q][v]);
     }
