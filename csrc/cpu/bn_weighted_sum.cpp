@@ -273,7 +273,8 @@ FASTDARTS_ALWAYS_INLINE int64_t normalised_grad_groups(const BackwardArgs<T>& p,
   constexpr int64_t L = kLanes<T, kIsa>;
   constexpr int64_t P = kNV * L;
   const int64_t G = p.g.group;
-  V m[kNV], a[kNV], b[kNV], e[kNV];
+  V m[kNV], a[kNV], b[kNV], e[kNV];  // every loop over them unrolled: otherwise GCC keeps them on the stack (AVX2)
+#pragma GCC unroll 4
   for (int64_t v = 0; v < kNV; ++v) {
     vec_load(m[v], p.mean + k * G + v * L);
     vec_load(a[v], p.a + k * G + v * L);
@@ -285,6 +286,7 @@ FASTDARTS_ALWAYS_INLINE int64_t normalised_grad_groups(const BackwardArgs<T>& p,
   T* __restrict__ gt = p.grad_ts[k];
   const int64_t whole = lo + (stop - lo) / G * G;  // a group is a whole number of periods
   for (int64_t i = lo; i < whole; i += P) {
+#pragma GCC unroll 4
     for (int64_t v = 0; v < kNV; ++v) {
       V gv, tv;
       vec_load(gv, g + i + v * L);
