@@ -92,7 +92,6 @@ using tiles::kCols;
 using tiles::add_row_moments;
 using tiles::add_row_products;
 using tiles::conv_row;
-using tiles::depthwise_grad_weight_row;
 using tiles::depthwise_row;
 using tiles::grad_weight_row;
 using tiles::pointwise_grad_row;
@@ -479,20 +478,6 @@ FASTDARTS_ALWAYS_INLINE void kernel_row(const Geometry& g, int64_t i, const T* i
   }
 }
 
-// One output row's share of kernel i's weight gradient (grad_weight_row's formula) from a gradient tile row and the
-// input tile rows it reads: packed, the generic grad_weight_row (taps at whole columns, as in kernel_row); unpacked,
-// depthwise_grad_weight_row.
-template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void kernel_grad_weight_row(const Geometry& g, int64_t i, const T* grad, const T* in,
-                                                    const int64_t* offsets, T* partial) {
-  if (g.G > 1) {
-    grad_weight_row<T, kIsa>(grad, in, g.s * g.Cp, offsets, g.taps(i), partial, g.loop_cols, g.Cp);
-  } else {
-    depthwise_grad_weight_row<T, kIsa>(grad, in, g.kernel_size[i], g.dilation[i], g.s, offsets, partial, g.Wo_r,
-                                       g.Cp);
-  }
-}
-
 template <typename T>
 struct ForwardArgs {
   const Geometry& g;
@@ -638,9 +623,9 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
       if (partial != nullptr) {
         const int64_t t0 = g.tap_begin[i];
         for (int64_t ho = ho0; ho < ho1; ++ho) {
-          kernel_grad_weight_row<T, kIsa>(g, i, grad_tile + (ho - ho0 + g.Pg) * g.grad.row_stride + g.Pg * g.col,
-                                          input_tile + (ho - ho0) * g.s * g.input.row_stride, g.offsets.data() + t0,
-                                          partial + t0 * g.Cp);
+          grad_weight_row<T, kIsa>(grad_tile + (ho - ho0 + g.Pg) * g.grad.row_stride + g.Pg * g.col,
+                                    input_tile + (ho - ho0) * g.s * g.input.row_stride, g.s * g.Cp,
+                                    g.offsets.data() + t0, g.taps(i), partial + t0 * g.Cp, g.loop_cols, g.Cp);
         }
       }
       if (b.grad_x != nullptr) {
