@@ -89,7 +89,6 @@ namespace fastdarts {
 namespace {
 
 using tiles::kCols;
-using tiles::add_row_moments;
 using tiles::add_row_products;
 using tiles::conv_row;
 using tiles::depthwise_row;
@@ -331,33 +330,57 @@ FASTDARTS_ALWAYS_INLINE void store_fence() {
 #endif
 }
 
-// dst[r * s.h + w * s.w + c * s.c] = src[r * src_row + w * Cp + c] for r < rows, w < cols, c < C, in the loop order
-// of the destination.
-template <typename T>
-FASTDARTS_ALWAYS_INLINE void unpack(const T* src, int64_t src_row, int64_t Cp, int64_t rows, int64_t cols, int64_t C,
-                                    T* dst, const Strides& s) {
+// Non-temporal copies of a channels_last row block in vectors of kBytes (16, 32 or 64): when C values and the
+// column stride fill whole vectors and dst is aligned to them. False (nothing written) otherwise.
+template <int64_t kBytes, typename T>
+FASTDARTS_ALWAYS_INLINE bool unpack_streamed(const T* src, int64_t src_row, int64_t Cp, int64_t rows, int64_t cols,
+                                             int64_t C, T* dst, const Strides& s) {
 #if defined(__x86_64__)
-  // Channels_last with whole 16-byte groups of channels: non-temporal stores, which write the output lines without
-  // first reading them into the cache (a plain store reads each line it writes). store_fence orders them.
-  if (s.c == 1 && (C * sizeof(T)) % 16 == 0 && (s.w * sizeof(T)) % 16 == 0 &&
-      reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
-    constexpr int64_t kGroup = 16 / sizeof(T);
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t w = 0; w < cols; ++w) {
-        const T* from = src + r * src_row + w * Cp;
-        T* to = dst + r * s.h + w * s.w;
-        for (int64_t c = 0; c < C; c += kGroup) {
-          if constexpr (sizeof(T) == 4) {
-            _mm_stream_ps(reinterpret_cast<float*>(to + c), _mm_load_ps(reinterpret_cast<const float*>(from + c)));
-          } else {
-            _mm_stream_pd(reinterpret_cast<double*>(to + c), _mm_load_pd(reinterpret_cast<const double*>(from + c)));
-          }
-        }
+  if (s.c != 1 || (C * sizeof(T)) % kBytes != 0 || (s.w * sizeof(T)) % kBytes != 0 ||
+      (s.h * sizeof(T)) % kBytes != 0 || reinterpret_cast<uintptr_t>(dst) % kBytes != 0) {
+    return false;
+  }
+  using V = typename VecOf<T, kBytes>::type;
+  constexpr int64_t kGroup = kBytes / static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t w = 0; w < cols; ++w) {
+      const T* from = src + r * src_row + w * Cp;
+      T* to = dst + r * s.h + w * s.w;
+      for (int64_t c = 0; c < C; c += kGroup) {
+        V v;
+        vec_load(v, from + c);
+        vec_stream(to + c, v);
       }
     }
+  }
+  return true;
+#else
+  return false;
+#endif
+}
+
+// dst[r * s.h + w * s.w + c * s.c] = src[r * src_row + w * Cp + c] for r < rows, w < cols, c < C, in the loop order
+// of the destination.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void unpack(const T* src, int64_t src_row, int64_t Cp, int64_t rows, int64_t cols, int64_t C,
+                                    T* dst, const Strides& s) {
+  // Channels_last with whole vectors of channels: non-temporal stores, which write the output lines without first
+  // reading them into the cache (a plain store reads each line it writes); store_fence orders them. The tier's
+  // widest vector that fits: a 64-byte store fills a line at once, where 16-byte ones (4 a line) fill the store
+  // queue four times as fast.
+  if constexpr (kVecBytes<kIsa> >= 64) {
+    if (unpack_streamed<64>(src, src_row, Cp, rows, cols, C, dst, s)) {
+      return;
+    }
+  }
+  if constexpr (kVecBytes<kIsa> >= 32) {
+    if (unpack_streamed<32>(src, src_row, Cp, rows, cols, C, dst, s)) {
+      return;
+    }
+  }
+  if (unpack_streamed<16>(src, src_row, Cp, rows, cols, C, dst, s)) {
     return;
   }
-#endif
   if (s.c == 1) {
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t w = 0; w < cols; ++w) {
@@ -494,11 +517,11 @@ struct ForwardArgs {
   double* moments = nullptr;
 };
 
-// Chunks [begin, end) of the forward, with scratch space for one input tile and two output rows (the second is
-// the 1x1 conv's output, when there is one).
+// Chunks [begin, end) of the forward, with scratch space for one input tile, two output rows (the second is the
+// 1x1 conv's output, when there is one) and a row's sums ([2][Cp], with statistics).
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t begin, int64_t end, T* tile, T* row,
-                                            T* pointwise_row_out) {
+                                            T* pointwise_row_out, T* row_sums) {
   const Geometry& g = f.g;
   const int64_t K = static_cast<int64_t>(f.outs.size());
   for (int64_t chunk = begin; chunk < end; ++chunk) {
@@ -517,13 +540,21 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
         kernel_row<T, kIsa>(g, i, in, g.offsets.data() + t0, f.taps + t0 * g.Cp, row, false);
         const T* result = row;
         if (f.pointwise != nullptr) {
-          pointwise_row<T, kIsa>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.loop_cols, g.loop_C, g.Cp);
-          if (moments != nullptr) {
-            add_row_moments<T, kIsa>(pointwise_row_out, g.valid_cols, g.Cp, moments + i * 2 * g.Cp);
+          if (moments == nullptr) {
+            pointwise_row<T, kIsa>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.loop_cols, g.loop_C,
+                                   g.Cp);
+          } else {  // the row's moments in T as its blocks leave the registers, then into the chunk's (double)
+            std::fill(row_sums, row_sums + 2 * g.Cp, T(0));
+            pointwise_row<T, kIsa>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.loop_cols, g.loop_C,
+                                   g.Cp, row_sums, g.valid_cols);
+            double* row_moments = moments + i * 2 * g.Cp;
+            for (int64_t c = 0; c < 2 * g.Cp; ++c) {
+              row_moments[c] += static_cast<double>(row_sums[c]);
+            }
           }
           result = pointwise_row_out;
         }
-        unpack(result, 0, g.col, 1, g.Wo, g.C, f.outs[i] + n * f.os.n + ho * f.os.h, f.os);
+        unpack<T, kIsa>(result, 0, g.col, 1, g.Wo, g.C, f.outs[i] + n * f.os.n + ho * f.os.h, f.os);
       }
     }
   }
@@ -660,7 +691,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
                                     g.W * g.col / g.Cp, g.Cp, sums);
         }
       }
-      unpack(grad_x_rows, grad_x_row, g.col, y1 - y0, g.W, g.C, b.grad_x + n * b.gxs.n + y0 * b.gxs.h, b.gxs);
+      unpack<T, kIsa>(grad_x_rows, grad_x_row, g.col, y1 - y0, g.W, g.C, b.grad_x + n * b.gxs.n + y0 * b.gxs.h, b.gxs);
     }
   }
   store_fence();
@@ -800,10 +831,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(
     if (x.numel() > 0) {
       at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
         at::Tensor tile = scratch(g.input.size(), x);
-        at::Tensor rows = scratch((with_pointwise ? 2 : 1) * g.Wo_r * g.col, x);
+        at::Tensor rows = scratch((with_pointwise ? 2 : 1) * g.Wo_r * g.col + 2 * g.Cp, x);
         scalar_t* row = rows.data_ptr<scalar_t>();
+        const int64_t row_values = g.Wo_r * g.col;
         FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_chunks, scalar_t, f, begin, end, tile.data_ptr<scalar_t>(), row,
-                                   row + g.Wo_r * g.col);
+                                   row + row_values, row + (with_pointwise ? 2 : 1) * row_values);
       });
     }
     if (statistics) {

@@ -189,10 +189,12 @@ constexpr int64_t kPointwiseVecs = kIsa == CpuIsa::kAvx512 ? 1 : 2;
 
 // The register block of both 1x1 loops: acc[q][v] (+)= sum_{k < K} a[k a_k + q a_q] b[k b_k + v V] for q <
 // kPointwiseRows and v < kPointwiseVecs (V lanes a vector), starting from zero, or from the block at `block` (row
-// stride Cp) when accumulate, and written back there.
+// stride Cp) when accumulate, and written back there. With `sums` (the forward's statistics), the per-lane sum and
+// sum of squares of rows q < valid_rows are added to sums[v V + l] and sums[Cp + v V + l] while still in registers.
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void outer_product_block(const T* a, int64_t a_k, int64_t a_q, const T* b, int64_t b_k,
-                                                 int64_t K, T* block, int64_t Cp, bool accumulate) {
+                                                 int64_t K, T* block, int64_t Cp, bool accumulate,
+                                                 T* sums = nullptr, int64_t valid_rows = 0) {
   constexpr int64_t V = kLanes<T, kIsa>;
   constexpr int64_t R = kPointwiseRows<kIsa>;
   constexpr int64_t B = kPointwiseVecs<kIsa>;
@@ -230,17 +232,50 @@ FASTDARTS_ALWAYS_INLINE void outer_product_block(const T* a, int64_t a_k, int64_
       vec_store(block + q * Cp + v * V, acc[q][v]);
     }
   }
+  if (sums != nullptr) {
+#pragma GCC unroll 16
+    for (int64_t v = 0; v < B; ++v) {
+      Vec<T, kIsa> sum[R];
+      Vec<T, kIsa> squares[R];
+#pragma GCC unroll 16
+      for (int64_t q = 0; q < R; ++q) {
+        const bool valid = q < valid_rows;
+        sum[q] = valid ? acc[q][v] : Vec<T, kIsa>{};
+        squares[q] = sum[q] * sum[q];
+      }
+      // A tree over the rows: a chain of adds would wait out the add's latency at every row.
+#pragma GCC unroll 16
+      for (int64_t step = 1; step < R; step *= 2) {
+#pragma GCC unroll 16
+        for (int64_t q = 0; q + step < R; q += 2 * step) {
+          sum[q] += sum[q + step];
+          squares[q] += squares[q + step];
+        }
+      }
+      Vec<T, kIsa> total;
+      vec_load(total, sums + v * V);
+      total += sum[0];
+      vec_store(sums + v * V, total);
+      vec_load(total, sums + Cp + v * V);
+      total += squares[0];
+      vec_store(sums + Cp + v * V, total);
+    }
+  }
 }
 
 // One row of a 1x1 conv: out[w * Cp + c] = sum_{j < C} in[w * Cp + j] * m[j * Cp + c] for w < cols (a multiple of
 // kCols) and c < Cp, with m [C][Cp] (the weights, input channel major): blocks of kPointwiseRows positions x
 // kPointwiseVecs vectors of output channels, each input value broadcast against the block's part of a row of m.
 // in and out do not overlap.
+// With `sums` [2][Cp] (T), the per-lane sum and sum of squares of out's positions w < valid_cols are added to
+// sums[c] and sums[Cp + c] as each block is computed, in place of a pass over the row that reloads it.
 template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void pointwise_row(const T* in, const T* m, T* out, int64_t cols, int64_t C, int64_t Cp) {
+FASTDARTS_ALWAYS_INLINE void pointwise_row(const T* in, const T* m, T* out, int64_t cols, int64_t C, int64_t Cp,
+                                           T* sums = nullptr, int64_t valid_cols = 0) {
   for (int64_t w0 = 0; w0 < cols; w0 += kPointwiseRows<kIsa>) {
     for (int64_t c0 = 0; c0 < Cp; c0 += kPointwiseVecs<kIsa> * kLanes<T, kIsa>) {
-      outer_product_block<T, kIsa>(in + w0 * Cp, 1, Cp, m + c0, Cp, C, out + w0 * Cp + c0, Cp, false);
+      outer_product_block<T, kIsa>(in + w0 * Cp, 1, Cp, m + c0, Cp, C, out + w0 * Cp + c0, Cp, false,
+                                   sums == nullptr ? nullptr : sums + c0, valid_cols - w0);
     }
   }
 }
@@ -280,13 +315,6 @@ FASTDARTS_ALWAYS_INLINE void add_row_products(const T* a, const T* b, int64_t co
       sums[Cp + c0 + l] += static_cast<double>(products[l]);
     }
   }
-}
-
-// Adds one row's per-channel sum and sum of squares (positions w < cols) to moments[c] and moments[Cp + c]: the
-// row in T (cols values per channel), the running totals in double.
-template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void add_row_moments(const T* row, int64_t cols, int64_t Cp, double* moments) {
-  add_row_products<T, kIsa>(row, row, cols, Cp, moments);
 }
 
 }  // namespace tiles
