@@ -70,10 +70,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__x86_64__)
-#include <emmintrin.h>  // SSE2's non-temporal stores, on every x86-64 CPU
-#endif
-
 #include <algorithm>
 #include <cstdint>
 #include <optional>
@@ -336,13 +332,6 @@ FASTDARTS_ALWAYS_INLINE void prefetch_row(const T* src, const Strides& s, int64_
   for (const char* p = begin; p < end; p += 64) {
     __builtin_prefetch(p, 0, 3);
   }
-}
-
-// Makes this thread's non-temporal stores (unpack's) globally visible before its chunks count as done.
-FASTDARTS_ALWAYS_INLINE void store_fence() {
-#if defined(__x86_64__)
-  _mm_sfence();
-#endif
 }
 
 // Non-temporal copies of a channels_last row block in vectors of kBytes (16, 32 or 64): when C values and the

@@ -129,19 +129,30 @@ FASTDARTS_ALWAYS_INLINE void vec_load_once(V& v, const T* p) {
 #endif
 }
 
-#if defined(__x86_64__)
 // A non-temporal store of one vector of the tier (p aligned to its size): writes the line without first reading it
-// into the cache. In asm because GCC has no builtin for it, and the intrinsics of a wider tier cannot inline into
-// these tier-neutral helpers (the register the "v" constraint gives is the vector's own width).
+// into the cache (a plain store reads each line it writes). In asm because GCC has no builtin for it, and the
+// intrinsics of a wider tier cannot inline into these tier-neutral helpers (the "v" constraint gives a register of
+// the vector's own width). A plain store elsewhere than x86-64. Writers end with store_fence before their results
+// are read by another thread.
 template <typename V>
 FASTDARTS_ALWAYS_INLINE void vec_stream(void* p, const V& v) {
+#if defined(__x86_64__)
   static_assert(sizeof(V) == 16 || sizeof(V) == 32 || sizeof(V) == 64, "a vector of 16, 32 or 64 bytes");
   if constexpr (sizeof(V) == 16) {
     asm volatile("movntps %1, %0" : "=m"(*static_cast<V*>(p)) : "x"(v));
   } else {
     asm volatile("vmovntps %1, %0" : "=m"(*static_cast<V*>(p)) : "v"(v));
   }
-}
+#else
+  std::memcpy(p, &v, sizeof(V));
 #endif
+}
+
+// Makes this thread's non-temporal stores (vec_stream's) globally visible before its work counts as done.
+FASTDARTS_ALWAYS_INLINE void store_fence() {
+#if defined(__x86_64__)
+  asm volatile("sfence" ::: "memory");
+#endif
+}
 
 }  // namespace fastdarts
