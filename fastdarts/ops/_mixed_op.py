@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import reference
 from ._autograd import check_supported_dtype, refuse_differentiation
 from ._extension import EXTENSION_LOADED
 from .reference import (
@@ -172,14 +173,18 @@ def candidate_weights(weights: Sequence[Tensor], stride: int) -> dict[int, list[
     return {k: list(weights[start : start + n]) for k, (start, (n, _)) in enumerate(zip(starts, layout))}
 
 
-def uncomputed_weights(stride: int, candidates: Sequence[int], counts: Sequence[int]) -> set[int]:
-    """Positions, in a group's flat weights, of the convs of the candidates its edges do not compute. Their
-    gradient is None, as under the reference backend, whose graph never reaches them: a zero gradient would let an
-    optimizer apply momentum and weight decay to weights the step did not use."""
+def uncomputed_weights(stride: int, candidates: Sequence[int], counts: Sequence[int],
+                       in_loss: Sequence[bool]) -> set[int]:  # fmt: skip
+    """Positions, in a group's flat weights, of the convs of the candidates its edges do not compute, and of every
+    conv of an edge whose output is not in the loss (`in_loss`, per edge). Their gradient is None, as under the
+    reference backend, whose graph never reaches them: a zero gradient would let an optimizer apply momentum and
+    weight decay to weights the step did not use."""
     layout, starts = mixed_op_layout(stride), _weight_starts(stride)
     per_edge = sum(n for n, _ in layout)
     computed = set()
     for e, edge_candidates in enumerate(_split(candidates, counts)):
+        if not in_loss[e]:
+            continue
         for k in edge_candidates:
             computed.update(range(e * per_edge + starts[k], e * per_edge + starts[k] + layout[k][0]))
     return set(range(per_edge * len(counts))) - computed
@@ -813,7 +818,7 @@ def define_mixed_ops(
     def _input_grads(ctx, grads, x_grad: bool, w_grad: bool, weights_grad: bool, bypass_w_grad: bool):
         """(dL/dx, dL/dw, dL/dbypass_w, [dL/dweights[i]]) from the outputs' gradients (None: not in the loss), each
         None unless asked for (the list then all None), by one call of mixed_ops_backward; None too for the weights
-        of candidates not computed."""
+        of candidates not computed, and of edges not in the loss."""
         x, w, mean, var, *rest = ctx.saved_tensors
         bypass_w = rest.pop(0) if ctx.has_bypass_w else None
         weights, saved = rest[: ctx.num_weights], rest[ctx.num_weights :]
@@ -826,7 +831,8 @@ def define_mixed_ops(
         grad_w = next(result) if w_grad else None
         grad_bypass_w = next(result) if bypass_w_grad else None
         grad_weights = list(result) if weights_grad else [None] * ctx.num_weights
-        for i in uncomputed_weights(ctx.stride, ctx.candidates, ctx.counts) if weights_grad else ():
+        in_loss = [g is not None for g in grads]
+        for i in uncomputed_weights(ctx.stride, ctx.candidates, ctx.counts, in_loss) if weights_grad else ():
             grad_weights[i] = None
         return grad_x, grad_w, grad_bypass_w, grad_weights
 
@@ -897,6 +903,12 @@ def define_mixed_ops(
         part is linear in it) and the bypass's weight, so no output is multiplied (and kept by autograd for it)."""
         check_mixed_ops_edges("mixed_ops", w, weights, candidates)
         check_partial_channels("mixed_ops", x, w.shape[0], partial_channels, scale)
+        if partial_channels == 1 and not any(candidates):
+            # Nothing computed: the reference's zeros, which no input reaches (their gradients are None, where an
+            # autograd node would hand back zeros for x and w), laid out as the fused ops lay out their outputs.
+            outs, mean, var = reference.mixed_ops(x, w, weights, stride, candidates, bn_mean, bn_var, training, eps,
+                                                  pool_bn, recompute, partial_channels, scale)  # fmt: skip
+            return [out.contiguous(memory_format=_CHANNELS_LAST) for out in outs], mean, var
         bypass_w = None
         if scale is not None:
             w = w * scale[:, None]

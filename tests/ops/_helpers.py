@@ -25,3 +25,16 @@ class RecordCalls(TorchDispatchMode):
 def backend_ops(backend: str):
     """The namespace of a backend's registered ops: torch.ops.fastdarts ("cpp") or torch.ops.fastdarts_triton."""
     return torch.ops.fastdarts_triton if backend == "triton" else torch.ops.fastdarts
+
+
+def assert_gradients_close(got, want, tol):
+    """A backend's gradients against the reference's, in order: None on both (a conv that was not computed, an input
+    that took no part) or close."""
+    assert len(got) == len(want)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert (g is None) == (r is None), (
+            f"gradient {i}: {'None' if g is None else 'a tensor'} where the reference gives "
+            f"{'None' if r is None else 'a tensor'}"
+        )
+        if g is not None:
+            torch.testing.assert_close(g, r, **tol, msg=lambda m, i=i: f"gradient {i}: {m}")

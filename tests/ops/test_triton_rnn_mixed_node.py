@@ -1,30 +1,17 @@
 """The Triton rnn_mixed_node against the reference, on CPU tensors under Triton's interpreter (tiny shapes)."""
 
-import os
+import pytest
+import torch
+from torch.library import opcheck
 
-_INTERPRET_BEFORE = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"
+# test_triton first: it sets TRITON_INTERPRET while fastdarts (and triton) import, when this module runs alone. Its
+# autouse fixture `interpret` and its skip `pytestmark` apply here too.
+from .test_triton import interpret, pytestmark  # noqa: F401
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from torch.library import opcheck  # noqa: E402
+# isort: split
+from fastdarts import ops
 
-from fastdarts import ops  # noqa: E402
-from fastdarts.ops import _registry  # noqa: E402
-
-from .test_rnn_mixed_node import BAD, make_inputs  # noqa: E402
-
-if _INTERPRET_BEFORE is None:
-    del os.environ["TRITON_INTERPRET"]
-else:
-    os.environ["TRITON_INTERPRET"] = _INTERPRET_BEFORE
-
-pytestmark = pytest.mark.skipif(not _registry.TRITON_LOADED, reason=f"triton did not import: {_registry.TRITON_ERROR}")
-
-
-@pytest.fixture(autouse=True)
-def interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+from .test_rnn_mixed_node import BAD, make_inputs
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 7), (8, 3, 11), (2, 40, 30)])  # the last spans two blocks
