@@ -38,11 +38,13 @@
 //
 // relu_dwconv_pointwise: t_i = P_i z_i per position, P_i [C, C] a 1x1 conv, z_i the depthwise output above. Each
 // output row of z_i, still in cache, goes through P_i (pointwise_row in tiles.h: a block of positions x output
-// channels in registers, each z value broadcast against a row of P_i) and the row's per-channel sum and sum of
-// squares are added to the chunk's slot (in double) before the row is written: z_i never reaches memory, and the
-// BN after the 1x1 conv gets its batch statistics without a pass of its own. The backward writes dz_i = dt_i P_i
-// into the gradient tile row by row (the same transposed pointwise_row, the tile's border rows included) in place
-// of copying grad_i there; grad_x and grad_w then run as above. dP_i = sum over positions of dt_i z_i^T needs z_i:
+// channels in registers, each z value broadcast against a row of P_i); each block's per-channel sum and sum of
+// squares are taken while it is still in registers, summed over the row and added to the chunk's slot (in double)
+// before the row is written: z_i never reaches memory, and the BN after the 1x1 conv gets its batch statistics
+// without a pass of its own. The backward writes dz_i = dt_i P_i into the gradient tile row by row (the same
+// transposed pointwise_row, the tile's border rows included, each dt_i row prefetched two rows ahead: read one at a
+// time between long stretches of arithmetic, the rows otherwise wait on memory) in place of copying grad_i there;
+// grad_x and grad_w then run as above. dP_i = sum over positions of dt_i z_i^T needs z_i:
 // while the chunk's own rows pass, each z_i row is recomputed from the input tile (the forward's conv_row) and
 // multiplied out with its dt_i row (pointwise_grad_row, into the chunk's slot). At (64, 16, 32, 32), stride 1, the
 // four DARTS kernels: the forward reads x (4 MiB) and writes the 4 outputs (16 MiB) where relu_dwconv, four 1x1
