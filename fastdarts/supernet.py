@@ -15,7 +15,7 @@ from torch import nn
 from . import ops
 from .evalnet import FIXED_REDUCTION_CELL_MODULES
 from .methods import CellWeights, DARTSMethod, Method
-from .ops.reference import check_flag, partial_channel_edge, split_partial_channels  # noqa: F401 (re-exported)
+from .ops.reference import check_flag
 from .space import (
     OPS,
     PRIMITIVES,

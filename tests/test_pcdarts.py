@@ -9,8 +9,9 @@ from fastdarts import PRIMITIVES, SearchNetwork, ops, search
 from fastdarts.checkpoint import load_checkpoint
 from fastdarts.config import run_cli
 from fastdarts.methods import PCDARTSMethod, make_method
+from fastdarts.ops.reference import partial_channel_edge
 from fastdarts.space import edge_index
-from fastdarts.supernet import SearchCell, partial_channel_edge
+from fastdarts.supernet import SearchCell
 
 from .conftest import requires_ext
 from .method_checks import COMPUTED, assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
