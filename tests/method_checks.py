@@ -3,13 +3,15 @@ Architect computes, a direct transcription of DARTS's genotype rule (METHODS_MOR
 cell's forward written out edge by edge with eager modules, and a tiny search stopped, resumed and compared with
 the same search run whole."""
 
+import re
+
 import torch
 import torch.nn.functional as F
 
 from fastdarts import SearchNetwork, search
 from fastdarts.bilevel import Architect
 from fastdarts.checkpoint import load_checkpoint
-from fastdarts.config import SearchConfig, TrainConfig
+from fastdarts.config import SearchConfig, TrainConfig, run_cli
 from fastdarts.supernet import SearchCell
 
 from .test_runs import SEARCH, assert_same_end
@@ -109,3 +111,11 @@ def published_settings(method: str) -> dict:
     config = SearchConfig(dataset="cifar10", data="/cifar", method=method).resolved()
     names = ("batch_size", "epochs", "init_channels", "layers", "learning_rate", "arch_learning_rate", "arch_beta1")
     return {name: getattr(config, name) for name in names}
+
+
+def assert_search_refuses(args, message: str, capsys) -> None:
+    """`python -m fastdarts.search ARGS` exits with status 2 and one line of stderr that matches `message` (a
+    regular expression)."""
+    assert run_cli(search.main, args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err

@@ -2,7 +2,6 @@
 
 import io
 import math
-import re
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from torch.distributions import Dirichlet
 
 from fastdarts import search
 from fastdarts.checkpoint import load_checkpoint
-from fastdarts.config import SearchConfig, TrainConfig, run_cli
+from fastdarts.config import SearchConfig, TrainConfig
 from fastdarts.methods import DrNASMethod, make_method
 from fastdarts.space import edge_index
 from fastdarts.supernet import (
@@ -27,6 +26,7 @@ from fastdarts.supernet import (
 from .method_checks import (
     architect_grads,
     assert_same_state,
+    assert_search_refuses,
     assert_search_resumes_bit_for_bit,
     candidate,
     cross_entropy_grads,
@@ -240,9 +240,7 @@ def test_drnas_search_prunes_at_the_second_stage_and_resumes_bit_for_bit(tmp_pat
     ],
 )
 def test_bad_drnas_options_give_one_line_and_status_2(args, message, capsys):
-    assert run_cli(search.main, args) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert_search_refuses(args, message, capsys)
 
 
 def test_drnas_starts_from_its_published_cifar10_settings():

@@ -1,15 +1,14 @@
 """GDAS (METHODS_MORE.md section 2) against a direct transcription of its formulas."""
 
 import io
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdarts import SearchNetwork, ops, search
+from fastdarts import SearchNetwork, ops
 from fastdarts.bilevel import weight_step
-from fastdarts.config import TrainConfig, run_cli
+from fastdarts.config import TrainConfig
 from fastdarts.errors import ConfigError
 from fastdarts.evalnet import GDASReductionCell, NetworkCIFAR
 from fastdarts.methods import GDASMethod, make_method
@@ -17,7 +16,13 @@ from fastdarts.space import edge_index
 from fastdarts.supernet import OpColumns, SearchCell, selected_columns
 
 from .conftest import requires_ext
-from .method_checks import assert_search_resumes_bit_for_bit, candidate, hand_cell, published_settings
+from .method_checks import (
+    assert_search_refuses,
+    assert_search_resumes_bit_for_bit,
+    candidate,
+    hand_cell,
+    published_settings,
+)
 
 F64 = torch.float64
 GDAS_ORDER = ["none", "skip_connect", "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
@@ -161,9 +166,7 @@ def test_gdas_search_resumes_bit_for_bit_and_writes_a_trainable_genotype(tmp_pat
     ],
 )
 def test_bad_gdas_options_give_one_line_and_status_2(args, message, capsys):
-    assert run_cli(search.main, args) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert_search_refuses(args, message, capsys)
 
 
 def test_gdas_starts_from_its_published_cifar10_settings():
