@@ -7,8 +7,8 @@
 // Per edge: every candidate ends in a tensor its last BN normalises ("final"; x itself for the stride-1 skip, and
 // the pools' outputs when they have no BN), and one bn_weighted_sum folds those BNs and the edge weights into the
 // edge's output. The group runs what its edges share once: the first stage of every conv of every edge
-// (relu_dwconv_pointwise on x), both pools and their statistics (pool_bn_stats), and in the backward the pools'
-// backward, the first stage's backward and the sum that makes dL/dx.
+// (relu_dwconv_pointwise on x), the FactorizedReduce of every stride-2 skip (factorized_reduce_bn_stats), both pools
+// and their statistics (pool_bn_stats), and in the backward those kernels' backwards and the sum that makes dL/dx.
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -139,49 +139,23 @@ std::tuple<Tensors, OptionalTensor> bn_weighted_sum_backward(const at::Tensor& g
   return op.call(grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad);
 }
 
-// reference.factorized_reduce_halves of r: r at the even pixels and at the odd ones, the odd half zero-padded at
-// the end when a side is odd, concatenated along the channels.
-at::Tensor factorized_reduce_halves(const at::Tensor& r) {
-  const at::Tensor even = r.slice(2, 0, std::nullopt, 2).slice(3, 0, std::nullopt, 2);
-  at::Tensor odd = r.slice(2, 1, std::nullopt, 2).slice(3, 1, std::nullopt, 2);
-  odd = at::constant_pad_nd(odd, {0, even.size(3) - odd.size(3), 0, even.size(2) - odd.size(2)});
-  return at::cat({even, odd}, 1);
+std::tuple<Tensors, at::Tensor, at::Tensor> factorized_reduce_bn_stats(const at::Tensor& x, at::TensorList conv_1s,
+                                                                       at::TensorList conv_2s) {
+  static const auto op = handle<std::tuple<Tensors, at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList,
+                                                                            at::TensorList, bool)>(
+      "fastdarts::factorized_reduce_bn_stats");
+  return op.call(x, conv_1s, conv_2s, true);
 }
 
-// reference.factorized_reduce(x, conv_1, conv_2) on a channels_last x: the halves of relu(x) times one
-// block-diagonal matrix.
-at::Tensor factorized_reduce(const at::Tensor& x, const at::Tensor& conv_1, const at::Tensor& conv_2) {
-  const at::Tensor halves = factorized_reduce_halves(x.relu());
-  const at::Tensor matrix = at::block_diag({conv_1.flatten(1), conv_2.flatten(1)});
-  return at::matmul(halves.permute({0, 2, 3, 1}), matrix.t()).permute({0, 3, 1, 2}).contiguous(kChannelsLast);
-}
-
-// _mixed_op._factorized_reduce_backward: (dL/drelu(x) or None, [dL/dconv_1, dL/dconv_2] or []) for the output
-// gradient dt.
-std::tuple<OptionalTensor, Tensors> factorized_reduce_backward(const at::Tensor& dt, const at::Tensor& x,
-                                                               const at::Tensor& conv_1, const at::Tensor& conv_2,
-                                                               bool input_grad, bool weight_grad) {
-  const int64_t N = x.size(0), C = x.size(1), half = conv_1.size(0);
-  const at::Tensor dt_rows = dt.permute({0, 2, 3, 1}).reshape({-1, 2 * half});
-  Tensors grads;
-  if (weight_grad) {
-    const at::Tensor halves = factorized_reduce_halves(x.relu()).permute({0, 2, 3, 1}).reshape({-1, 2 * C});
-    grads.push_back(at::matmul(dt_rows.slice(1, 0, half).t(), halves.slice(1, 0, C)).reshape(conv_1.sizes()));
-    grads.push_back(at::matmul(dt_rows.slice(1, half).t(), halves.slice(1, C)).reshape(conv_2.sizes()));
-  }
-  if (!input_grad) {
-    return {std::nullopt, std::move(grads)};
-  }
-  const at::Tensor matrix = at::block_diag({conv_1.flatten(1), conv_2.flatten(1)});
-  const at::Tensor d_halves =
-      at::matmul(dt_rows, matrix).reshape({N, dt.size(2), dt.size(3), 2 * C}).permute({0, 3, 1, 2});
-  // reference.factorized_reduce_halves_backward
-  const int64_t H = x.size(2), W = x.size(3);
-  at::Tensor grad_r = at::empty(x.sizes(), x.options().memory_format(kChannelsLast)).zero_();
-  grad_r.slice(2, 0, std::nullopt, 2).slice(3, 0, std::nullopt, 2).copy_(d_halves.slice(1, 0, C));
-  grad_r.slice(2, 1, std::nullopt, 2).slice(3, 1, std::nullopt, 2).copy_(
-      d_halves.slice(1, C).slice(2, 0, H / 2).slice(3, 0, W / 2));
-  return {grad_r, std::move(grads)};
+std::tuple<OptionalTensor, Tensors, Tensors> factorized_reduce_bn_stats_backward(at::TensorList grads,
+                                                                                 const at::Tensor& x,
+                                                                                 at::TensorList conv_1s,
+                                                                                 at::TensorList conv_2s,
+                                                                                 bool input_grad, bool weight_grad) {
+  static const auto op = handle<std::tuple<OptionalTensor, Tensors, Tensors>(
+      at::TensorList, const at::Tensor&, at::TensorList, at::TensorList, bool, bool, bool)>(
+      "fastdarts::factorized_reduce_bn_stats_backward");
+  return op.call(grads, x, conv_1s, conv_2s, true, input_grad, weight_grad);
 }
 
 at::Tensor index_tensor(const std::vector<int64_t>& indices) {
@@ -345,6 +319,21 @@ struct Group {
       std::tie(first, first_mean, first_var) =
           relu_dwconv_pointwise(record, x, depthwise, pointwise, dilations, stride);
     }
+    // The stride-2 skips (FactorizedReduce) of every edge, from one read of x.
+    std::map<const Edge*, size_t> reduce_of;
+    Tensors conv_1s, conv_2s;
+    for (const Edge& edge : edges) {
+      if (stride != 1 && std::count(edge.candidates.begin(), edge.candidates.end(), kSkip) > 0) {
+        reduce_of[&edge] = conv_1s.size();
+        conv_1s.push_back(edge.weight(layout, kSkip, 0));
+        conv_2s.push_back(edge.weight(layout, kSkip, 1));
+      }
+    }
+    Tensors reduced;
+    at::Tensor reduced_mean, reduced_var;
+    if (!conv_1s.empty()) {
+      std::tie(reduced, reduced_mean, reduced_var) = factorized_reduce_bn_stats(x, conv_1s, conv_2s);
+    }
     // Both pools and their statistics, once for the group.
     at::Tensor pool_mean, pool_var;
     if (!pool_candidates.empty()) {
@@ -371,12 +360,11 @@ struct Group {
           }
         } else if (k == kSkip) {
           if (stride != 1) {
-            const at::Tensor t = factorized_reduce(x, edge.weight(layout, k, 0), edge.weight(layout, k, 1));
+            const size_t f = reduce_of.at(&edge);
             if (record) {
-              const auto [m, v] = at::batch_norm_update_stats(t, std::nullopt, std::nullopt, 0.0);
-              set_row(edge, row, m, v);
+              set_row(edge, row, reduced_mean.select(0, f), reduced_var.select(0, f));
             }
-            edge.t[k] = t;
+            edge.t[k] = reduced[f];
           }
         } else {
           const size_t f = first_of.at({&edge, k});
@@ -479,6 +467,8 @@ struct Group {
     Tensors first_grads, first_depthwise, first_pointwise;  // per conv: dL/dt_1 and its first stage's weights
     std::vector<int64_t> first_dilations;
     std::vector<std::pair<const Edge*, int64_t>> first_convs;
+    Tensors reduce_grads, reduce_conv_1s, reduce_conv_2s;  // per stride-2 skip: dL/dt and its FactorizedReduce
+    std::vector<const Edge*> reduce_edges;
     for (Edge& edge : edges) {
       const OptionalTensor grad = grads.get(edge.index);
       if (!grad.has_value() || edge.candidates.empty()) {  // None: the edge's output took no part in the loss
@@ -506,15 +496,11 @@ struct Group {
           if (x_grad) {
             pool_grads[k].push_back(dt);
           }
-        } else if (k == kSkip) {  // FactorizedReduce (stride-2 edges only)
-          auto [grad_r, grads_fr] = factorized_reduce_backward(dt, x, edge.weight(layout, k, 0),
-                                                               edge.weight(layout, k, 1), x_grad, weights_grad);
-          if (x_grad) {
-            terms.push_back(at::threshold_backward(*grad_r, x, 0));  // ReLU's mask
-          }
-          for (size_t j = 0; j < grads_fr.size(); ++j) {
-            set_weight_grad(edge, k, static_cast<int64_t>(j), grads_fr[j]);
-          }
+        } else if (k == kSkip) {  // FactorizedReduce (stride-2 edges only): one kernel for the whole group
+          reduce_grads.push_back(dt);
+          reduce_conv_1s.push_back(edge.weight(layout, k, 0));
+          reduce_conv_2s.push_back(edge.weight(layout, k, 1));
+          reduce_edges.push_back(&edge);
         } else {  // the convolutions: back to the first stage, whose backward is one kernel for the whole group
           if (is_sep(k)) {  // the second stage (dL/du of the middle BN's output u), then the middle BN
             const auto& [mid_mean, mid_invstd] = middle(edge, k);
@@ -533,6 +519,17 @@ struct Group {
           first_dilations.push_back(first_stage_dilation(k));
           first_convs.emplace_back(&edge, k);
         }
+      }
+    }
+    if (!reduce_grads.empty()) {
+      auto [dx, grad_1s, grad_2s] = factorized_reduce_bn_stats_backward(reduce_grads, x, reduce_conv_1s,
+                                                                        reduce_conv_2s, x_grad, weights_grad);
+      for (size_t i = 0; i < grad_1s.size(); ++i) {
+        set_weight_grad(*reduce_edges[i], kSkip, 0, grad_1s[i]);
+        set_weight_grad(*reduce_edges[i], kSkip, 1, grad_2s[i]);
+      }
+      if (x_grad) {
+        terms.push_back(*dx);
       }
     }
     if (!pool_grads.empty()) {  // both pools' gradients in one pass over x, which recomputes the argmax

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "fastdarts/checks.h"
+#include "fastdarts/cpu_common.h"
 #include "fastdarts/cpu_isa.h"
 
 namespace fastdarts {
@@ -53,14 +54,6 @@ namespace {
 
 // Output values per forward task: below about this much work a second thread costs more than it saves.
 constexpr int64_t kTaskValues = 32768;
-
-struct Strides {
-  int64_t n, c, h, w;
-};
-
-Strides strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
 
 // The window of output row ho (or column wo): the first input row and how many rows lie inside [0, size).
 struct Span {

@@ -79,6 +79,7 @@
 #include <vector>
 
 #include "fastdarts/checks.h"
+#include "fastdarts/cpu_common.h"
 #include "fastdarts/cpu_isa.h"
 #include "fastdarts/relu_dwconv.h"
 #include "fastdarts/tiles.h"
@@ -102,18 +103,6 @@ constexpr int64_t kChunkValues = 16384;
 // the digits' 8x8, a sep conv's second stage over 64 images took 78 us on one thread and 49 us on two (1 << 20 had
 // kept it on one).
 constexpr int64_t kTaskMacs = int64_t{1} << 16;
-
-int64_t round_up(int64_t n, int64_t multiple) {
-  return (n + multiple - 1) / multiple * multiple;
-}
-
-struct Strides {
-  int64_t n, c, h, w;
-};
-
-Strides strides_of(const at::Tensor& t) {
-  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
-}
 
 // A tile: rows x cols positions of Cp values each, channels innermost.
 struct TileShape {
@@ -713,12 +702,6 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
 
 FASTDARTS_CPU_ISA_COPIES(backward_chunks)
 
-// Scratch space from the ATen allocator, which aligns to 64 bytes: every vector a loop loads from a tile is
-// then aligned, since tiles are made of whole vectors.
-at::Tensor scratch(int64_t numel, const at::Tensor& like) {
-  return at::empty({numel}, like.options().memory_format(at::MemoryFormat::Contiguous));
-}
-
 std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t stride) {
   return {x.size(0), x.size(1), (x.size(2) - 1) / stride + 1, (x.size(3) - 1) / stride + 1};
 }
@@ -787,20 +770,6 @@ std::vector<T> pointwise_matrices(at::TensorList pointwise, const Geometry& g, b
     }
   }
   return m;
-}
-
-// Adds per-chunk slots [num_chunks][size] in chunk order, in double, whatever thread filled each: the result is
-// the same bit for bit whatever the number of threads.
-template <typename S>
-std::vector<double> add_slots(const S* slots, int64_t num_chunks, int64_t size) {
-  std::vector<double> total(size, 0.0);
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    const S* slot = slots + chunk * size;
-    for (int64_t e = 0; e < size; ++e) {
-      total[e] += static_cast<double>(slot[e]);
-    }
-  }
-  return total;
 }
 
 // The forward of both ops: the K outputs, laid out like x (channels_last in, channels_last out), and with

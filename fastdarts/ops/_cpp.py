@@ -29,6 +29,7 @@ from .reference import (
     check_beta,
     check_bn_weighted_sum_arguments,
     check_explore_p,
+    check_factorized_reduce_bn_stats_arguments,
     check_gate_noise,
     check_gate_settings,
     check_like,
@@ -41,6 +42,7 @@ from .reference import (
     check_sized_list,
     check_weights,
     draw_gate_noise,
+    factorized_reduce_output_shape,
     pool_bn_stats_output_shape,
     raise_unless,
     relu_dwconv_output_shape,
@@ -318,6 +320,69 @@ refuse_differentiation(
     "fastdarts::relu_dwconv_pointwise_backward",
     "fastdarts.ops.relu_dwconv_pointwise: the 'cpp' backend is differentiable once; for higher derivatives use the "
     "'reference' backend",
+)
+
+
+# factorized_reduce_bn_stats: a building block of the mixed ops (the stride-2 skips of a group's edges), called as
+# torch.ops.fastdarts.factorized_reduce_bn_stats. Autograd saves x and the weights; the backward kernel recomputes
+# relu(x).
+
+
+@torch.library.register_fake("fastdarts::factorized_reduce_bn_stats")
+def _factorized_reduce_bn_stats_fake(x, conv_1s, conv_2s, relu):
+    op = "factorized_reduce_bn_stats"
+    check_factorized_reduce_bn_stats_arguments(op, x, conv_1s, conv_2s, torch_check)
+    check_supported_dtype(op, x)
+    memory_format = suggest_memory_format(x)
+    shape = factorized_reduce_output_shape(x, conv_1s[0])
+    outs = [torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format) for _ in conv_1s]
+    return outs, x.new_empty(len(conv_1s), shape[1]), x.new_empty(len(conv_1s), shape[1])
+
+
+@torch.library.register_fake("fastdarts::factorized_reduce_bn_stats_backward")
+def _factorized_reduce_bn_stats_backward_fake(grads, x, conv_1s, conv_2s, relu, input_grad, weight_grad):
+    op = "factorized_reduce_bn_stats_backward"
+    check_factorized_reduce_bn_stats_arguments(op, x, conv_1s, conv_2s, torch_check)
+    check_supported_dtype(op, x)
+    shape = factorized_reduce_output_shape(x, conv_1s[0])
+    check_sized_list(op, "grads", grads, len(conv_1s), "output", shape, "x", x, torch_check)
+    grad_x = torch.empty_like(x) if input_grad else None
+    grad_1s = [w.new_empty(w.shape) for w in conv_1s] if weight_grad else []
+    grad_2s = [w.new_empty(w.shape) for w in conv_2s] if weight_grad else []
+    return grad_x, grad_1s, grad_2s
+
+
+def _factorized_reduce_bn_stats_setup_context(ctx, inputs, output):
+    x, conv_1s, conv_2s, relu = inputs
+    _, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.num_outputs, ctx.relu = len(conv_1s), relu
+    ctx.save_for_backward(x, *conv_1s, *conv_2s)
+
+
+def _factorized_reduce_bn_stats_backward(ctx, grads, _grad_mean, _grad_var):
+    E = ctx.num_outputs
+    needs = needs_input_grad(ctx)  # x, the E conv_1s, the E conv_2s
+    x, *weights = ctx.saved_tensors
+    grad_x, grad_1s, grad_2s = torch.ops.fastdarts.factorized_reduce_bn_stats_backward.default(
+        list(grads), x, weights[:E], weights[E:], ctx.relu, needs[0], any(needs[1:])
+    )
+    both = [*grad_1s, *grad_2s] or [None] * (2 * E)
+    both = [g if need else None for g, need in zip(both, needs[1:])]
+    return grad_x, both[:E], both[E:], None
+
+
+torch.library.register_autograd(
+    "fastdarts::factorized_reduce_bn_stats",
+    _factorized_reduce_bn_stats_backward,
+    setup_context=_factorized_reduce_bn_stats_setup_context,
+)
+
+
+refuse_differentiation(
+    "fastdarts::factorized_reduce_bn_stats_backward",
+    "fastdarts.ops.factorized_reduce_bn_stats: the 'cpp' backend is differentiable once; for higher derivatives use "
+    "the 'reference' backend",
 )
 
 

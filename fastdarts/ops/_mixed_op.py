@@ -10,7 +10,8 @@ Forward: relu(x) is read once by the relu_dwconv_pointwise kernel for the first 
 of the group, each depthwise conv going straight into its 1x1 conv tile by tile (the depthwise outputs are never
 written) with the BN statistics of the result in the same pass; a sep conv's second stage is the same kernel on its
 first stage's output, which it normalises with the middle BN's statistics as it reads it; x is read once more by
-the pool_bn_stats kernel for both pools and their BN statistics, which every edge of the group shares; per edge, the
+the pool_bn_stats kernel for both pools and their BN statistics, which every edge of the group shares, and on a
+stride-2 group once more by factorized_reduce_bn_stats for every edge's skip (FactorizedReduce); per edge, the
 candidates' last BNs and the edge weights fold into one bn_weighted_sum. Only the edges' sums leave the op.
 
 Memory: autograd keeps x (which the cell holds anyway), the weights and the BN statistics ([E, B, C]). The
@@ -37,7 +38,6 @@ from .reference import (
     check_mixed_op_arguments,
     check_mixed_ops_edges,
     check_partial_channels,
-    factorized_reduce,
     factorized_reduce_halves,
     factorized_reduce_halves_backward,
     mixed_op_layout,
@@ -61,6 +61,11 @@ class EdgeKernels:
     pool_bn_stats: Callable[..., tuple]  # (x, stride) -> (max_out, avg_out, mean, var)
     pool_bn_stats_backward: Callable[..., Tensor]  # (grad_max or None, grad_avg or None, x, stride) -> grad_x
     weighted_sum: Callable[..., Tensor]  # (xs, w)
+    # (x, conv_1s, conv_2s, relu) -> (outs, mean [E, C], var [E, C])
+    factorized_reduce_bn_stats: Callable[..., tuple]
+    # (grads, x, conv_1s, conv_2s, relu, input_grad, weight_grad) -> (grad_x or None, grad_conv_1s or [],
+    #  grad_conv_2s or [])
+    factorized_reduce_bn_stats_backward: Callable[..., tuple]
     bn_weighted_sum: Callable[..., Tensor]  # (ts, w, mean, invstd)
     # (grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad) -> (grad_ts or [], grad_w or None)
     bn_weighted_sum_backward: Callable[..., tuple]
@@ -84,26 +89,31 @@ def _pointwise_backward(dt: Tensor, z: Tensor, weight: Tensor, weight_grad: bool
     return dz, dweight
 
 
-def _factorized_reduce_backward(
-    dt: Tensor, x: Tensor, conv_1: Tensor, conv_2: Tensor, input_grad: bool, weight_grad: bool
-) -> tuple[Tensor | None, list[Tensor]]:
-    """(dL/drelu(x), [dL/dconv_1, dL/dconv_2]) of reference.factorized_reduce for its output gradient dt: the same
-    subsampled halves and block-diagonal matrix, two matrix products on the BLAS (no strided 1x1 oneDNN conv, see
-    reference.factorized_reduce)."""
+def composed_factorized_reduce_bn_stats_backward(
+    grads: Sequence[Tensor], x: Tensor, conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor], relu: bool,
+    input_grad: bool, weight_grad: bool,
+) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:  # fmt: skip
+    """factorized_reduce_bn_stats_backward's results for a backend without its kernel: per output, the same
+    subsampled halves and block-diagonal matrix as reference.factorized_reduce, in two matrix products on the BLAS
+    (no strided 1x1 oneDNN conv, see there), then the ReLU's mask and the sum over the outputs."""
     N, C = x.shape[:2]
-    half = conv_1.shape[0]
-    dt_rows = dt.permute(0, 2, 3, 1).reshape(-1, 2 * half)  # [N Ho Wo, C_out]
-    grads = []
-    if weight_grad:
-        halves = factorized_reduce_halves(x.relu()).permute(0, 2, 3, 1).reshape(-1, 2 * C)  # [N Ho Wo, 2 C]
-        # the diagonal blocks of the matrix's gradient dt_rows^T halves
-        grads = [(dt_rows[:, :half].t() @ halves[:, :C]).reshape(conv_1.shape),
-                 (dt_rows[:, half:].t() @ halves[:, C:]).reshape(conv_2.shape)]  # fmt: skip
-    if not input_grad:
-        return None, grads
-    matrix = torch.block_diag(conv_1.flatten(1), conv_2.flatten(1))
-    d_halves = (dt_rows @ matrix).reshape(N, dt.shape[2], dt.shape[3], 2 * C).permute(0, 3, 1, 2)
-    return factorized_reduce_halves_backward(d_halves, x.shape, _CHANNELS_LAST), grads
+    half = conv_1s[0].shape[0]
+    r = x.relu() if relu else x
+    halves = factorized_reduce_halves(r).permute(0, 2, 3, 1).reshape(-1, 2 * C) if weight_grad else None
+    grad_1s, grad_2s, grad_x = [], [], None
+    for dt, conv_1, conv_2 in zip(grads, conv_1s, conv_2s):
+        dt_rows = dt.permute(0, 2, 3, 1).reshape(-1, 2 * half)  # [N Ho Wo, C_out]
+        if weight_grad:  # the diagonal blocks of the matrix's gradient dt_rows^T halves
+            grad_1s.append((dt_rows[:, :half].t() @ halves[:, :C]).reshape(conv_1.shape))
+            grad_2s.append((dt_rows[:, half:].t() @ halves[:, C:]).reshape(conv_2.shape))
+        if input_grad:
+            matrix = torch.block_diag(conv_1.flatten(1), conv_2.flatten(1))
+            d_halves = (dt_rows @ matrix).reshape(N, dt.shape[2], dt.shape[3], 2 * C).permute(0, 3, 1, 2)
+            grad_r = factorized_reduce_halves_backward(d_halves, x.shape, _CHANNELS_LAST)
+            grad_x = grad_r if grad_x is None else grad_x + grad_r
+    if grad_x is not None and relu:
+        grad_x = torch.ops.aten.threshold_backward.default(grad_x, x, 0)
+    return grad_x, grad_1s, grad_2s
 
 
 def composed_relu_dwconv_pointwise(
@@ -213,8 +223,8 @@ class _Edge:
         its batch statistics in them, otherwise they are the statistics to normalise with (the running ones, or in a
         backward those the forward used). `one` is a tensor holding 1 (the weights of the sums in a sep conv's
         middle BN backward). `first_stage` (per conv candidate: its first 1x1 conv's output, batch mean and
-        variance) and `pools` (pool_bn_stats's outputs, or None when no pool is computed) come from the group, which
-        computes them for every edge leaving x at once. With `saved` (the tensors of _saved_names, from a forward
+        variance; for the stride-2 skip, its FactorizedReduce's) and `pools` (pool_bn_stats's outputs, or None when
+        no pool is computed) come from the group, which computes them for every edge leaving x at once. With `saved` (the tensors of _saved_names, from a forward
         with keep), nothing is computed: the edge is restored for its backward, with the pools' outputs from
         `saved_pools` ({k: output}). The group sets `final_statistics` once every row is recorded."""
         self.kernels, self.w, self._one = kernels, w, one
@@ -273,10 +283,10 @@ class _Edge:
             if self.pool_bn and self.training:  # the kernel's statistics spare a pass over the output
                 self.mean[row], self.var[row] = self.pools[2][k], self.pools[3][k]
             return pooled
-        if k == _SKIP:
-            return x if stride == 1 else self._final(factorized_reduce(x, *ws), k)
-        t1, mean, var = self.first_stage[k]
-        if k in (_DIL3, _DIL5):
+        if k == _SKIP and stride == 1:
+            return x
+        t1, mean, var = self.first_stage[k]  # for the stride-2 skip, its FactorizedReduce
+        if k in (_SKIP, _DIL3, _DIL5):
             return self._final(t1, k, mean, var)
         # A sep conv's middle BN (t1's batch statistics in training, the recorded ones otherwise) is applied by the
         # second stage's kernel as it reads t1: the normalised tensor is never written.
@@ -346,12 +356,8 @@ class _Edge:
             elif k in (_MAX_POOL, _AVG_POOL):
                 if x_grad:
                     group.add_pool_grad(k, dt)
-            elif k == _SKIP:  # FactorizedReduce (stride-2 edges only)
-                grad_r, grads = _factorized_reduce_backward(dt, self.x, *self.weights[k], x_grad, weights_grad)
-                if x_grad:
-                    group.terms.append(torch.ops.aten.threshold_backward.default(grad_r, self.x, 0))  # ReLU's mask
-                if weights_grad:
-                    group.set_weight_grads(k, range(len(grads)), grads)
+            elif k == _SKIP:  # FactorizedReduce (stride-2 edges only): one kernel for the whole group
+                group.reduces.append((dt, group.edge))
             else:  # the convolutions: back to the first stage, whose backward is one kernel for the whole group
                 if k in (_SEP3, _SEP5):  # the second stage (dL/du of the middle BN's output u), then the middle BN
                     ws = self.weights[k]
@@ -377,6 +383,7 @@ class _GroupGradients:
         self.terms: list[Tensor] = []
         self.pool_grads: dict[int, list[Tensor]] = {}  # per pool, what each edge's output of it receives
         self.first_stage: list[tuple[Tensor, int, int]] = []  # (dL/dt_1, edge, candidate) per conv
+        self.reduces: list[tuple[Tensor, int]] = []  # (dL/dt, edge) per stride-2 skip (FactorizedReduce)
         self.edge = 0  # the edge handing back its gradients now
 
     def set_weight_grads(self, k: int, at: Sequence[int], grads: Sequence[Tensor], edge: int | None = None) -> None:
@@ -459,6 +466,13 @@ class _EdgeGroup:
             )  # fmt: skip
             for i, ((e, k), t) in enumerate(zip(convs, ts)):
                 first_stage[e][k] = (t, mean[i], var[i])
+        reduces = [e for e in range(E) if _SKIP in candidates[e]] if stride != 1 else []
+        if reduces:  # the stride-2 skips' FactorizedReduce, from one read of x
+            ts, mean, var = kernels.factorized_reduce_bn_stats(
+                x, [per_edge[e][_SKIP][0] for e in reduces], [per_edge[e][_SKIP][1] for e in reduces], True
+            )
+            for i, (e, t) in enumerate(zip(reduces, ts)):
+                first_stage[e][_SKIP] = (t, mean[i], var[i])
         # Both pools and their statistics, once for the group.
         self.pools = pools = kernels.pool_bn_stats(x, stride) if self.pool_candidates else None
         self.edges = [edge(e, first_stage=first_stage[e], pools=pools) for e in range(E)]
@@ -493,6 +507,16 @@ class _EdgeGroup:
             if grad is not None:  # None: the edge's output took no part in the loss
                 group.edge = e
                 edge.backward(_prepare(grad), x_grad, w_grad, weights_grad, group)
+        if group.reduces:
+            dts, es = zip(*group.reduces)
+            dx, grad_1s, grad_2s = self.kernels.factorized_reduce_bn_stats_backward(
+                list(dts), x, [self.edges[e].weights[_SKIP][0] for e in es],
+                [self.edges[e].weights[_SKIP][1] for e in es], True, x_grad, weights_grad,
+            )  # fmt: skip
+            for e, g1, g2 in zip(es, grad_1s, grad_2s):
+                group.set_weight_grads(_SKIP, (0, 1), (g1, g2), edge=e)
+            if x_grad:
+                group.terms.append(dx)
         if group.pool_grads:  # both pools' gradients in one pass over x, which recomputes the argmax
             group.terms.append(self.kernels.pool_bn_stats_backward(
                 group.pool_grad(_MAX_POOL, self.kernels.weighted_sum),
@@ -960,6 +984,8 @@ if EXTENSION_LOADED:  # the C++ kernels exist only then
         relu_dwconv_pointwise_backward=_cpp_ops.relu_dwconv_pointwise_backward.default,
         pool_bn_stats=_cpp_ops.pool_bn_stats.default,
         pool_bn_stats_backward=_cpp_ops.pool_bn_stats_backward.default,
+        factorized_reduce_bn_stats=_cpp_ops.factorized_reduce_bn_stats.default,
+        factorized_reduce_bn_stats_backward=_cpp_ops.factorized_reduce_bn_stats_backward.default,
         weighted_sum=_cpp_ops.weighted_sum.default,
         bn_weighted_sum=_cpp_ops.bn_weighted_sum.default,
         bn_weighted_sum_backward=_cpp_ops.bn_weighted_sum_backward.default,

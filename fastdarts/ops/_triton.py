@@ -61,7 +61,12 @@ from ._autograd import (
     register_weighted_sum_autograd,
     torch_check,
 )
-from ._mixed_op import EdgeKernels, composed_relu_dwconv_pointwise, define_mixed_ops
+from ._mixed_op import (
+    EdgeKernels,
+    composed_factorized_reduce_bn_stats_backward,
+    composed_relu_dwconv_pointwise,
+    define_mixed_ops,
+)
 from .reference import (
     check_beta,
     check_bn_weighted_sum_arguments,
@@ -77,6 +82,7 @@ from .reference import (
     check_sized_list,
     check_weights,
     draw_gate_noise,
+    factorized_reduce_bn_stats,
     pool_bn_stats_output_shape,
     raise_unless,
     relu_dwconv_output_shape,
@@ -1178,6 +1184,9 @@ mixed_ops, mixed_op = define_mixed_ops(
         relu_dwconv_pointwise_backward=_relu_dwconv_pointwise_gradients,
         pool_bn_stats=torch.ops.fastdarts_triton.pool_bn_stats.default,
         pool_bn_stats_backward=torch.ops.fastdarts_triton.pool_bn_stats_backward.default,
+        # no Triton kernel yet: the reference's matrix products
+        factorized_reduce_bn_stats=factorized_reduce_bn_stats,
+        factorized_reduce_bn_stats_backward=composed_factorized_reduce_bn_stats_backward,
         weighted_sum=torch.ops.fastdarts_triton.weighted_sum.default,
         bn_weighted_sum=torch.ops.fastdarts_triton.bn_weighted_sum.default,
         bn_weighted_sum_backward=_bn_weighted_sum_gradients,

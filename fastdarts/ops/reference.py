@@ -631,6 +631,39 @@ def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = Tr
     return out.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
 
 
+def check_factorized_reduce_bn_stats_arguments(
+    op: str, x: Tensor, conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor], require: Require = raise_unless
+) -> None:
+    """x an image batch; conv_1s a non-empty list of [h, C, 1, 1] weights, conv_2s as many of the same shape."""
+    check_images(op, "x", x, require)
+    require(len(conv_1s) >= 1, ValueError, lambda: f"{op}: conv_1s must be a non-empty list of tensors")
+    shape = list(conv_1s[0].shape)
+    require(
+        len(shape) == 4 and shape[0] >= 1 and shape[1:] == [x.shape[1], 1, 1],
+        ValueError,
+        lambda: f"{op}: conv_1s[0] must have shape [h, C, 1, 1] with h >= 1 and C = {x.shape[1]}, got shape {shape}",
+    )
+    check_sized_list(op, "conv_1s", conv_1s, len(conv_1s), "output", shape, "x", x, require)
+    check_sized_list(op, "conv_2s", conv_2s, len(conv_1s), "output", shape, "x", x, require)
+
+
+def factorized_reduce_output_shape(x: Tensor, conv_1: Tensor) -> list[int]:
+    return [x.shape[0], 2 * conv_1.shape[0], (x.shape[2] + 1) // 2, (x.shape[3] + 1) // 2]
+
+
+def factorized_reduce_bn_stats(
+    x: Tensor, conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor], relu: bool = True
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """factorized_reduce(x, conv_1s[e], conv_2s[e], relu) for every e, and the per-channel mean and biased variance
+    of each output over (N, H_out, W_out) ([E, C_out] each, no gradient): the stride-2 skips of the edges leaving x
+    before their BNs."""
+    check_factorized_reduce_bn_stats_arguments("factorized_reduce_bn_stats", x, conv_1s, conv_2s)
+    outs = [factorized_reduce(x, conv_1, conv_2, relu) for conv_1, conv_2 in zip(conv_1s, conv_2s)]
+    with torch.no_grad():
+        var_means = [torch.var_mean(out, dim=(0, 2, 3), unbiased=False) for out in outs]
+    return outs, torch.stack([mean for _, mean in var_means]), torch.stack([var for var, _ in var_means])
+
+
 def mixed_op(
     x: Tensor,
     w: Tensor,

@@ -1,0 +1,466 @@
+// CPU kernels of factorized_reduce_bn_stats and its backward (schemas in ../fastdarts.cpp): DARTS's
+// FactorizedReduce before its BN, for E pairs of weights at once (the skip candidates of every stride-2 edge leaving
+// one state), with the BN statistics of each output.
+//
+//   shapes:   x [N, C, H, W]; conv_1s[e], conv_2s[e] [h, C, 1, 1]; outs[e] [N, 2h, Ho, Wo], Ho = (H + 1) / 2,
+//             Wo = (W + 1) / 2; mean, var [E, 2h]
+//   forward:  r = relu(x) (x when relu is false); outs[e][:, :h] = conv_1s[e] r at the even pixels (2i, 2j),
+//             outs[e][:, h:] = conv_2s[e] r at the odd pixels (2i + 1, 2j + 1), 0 where those fall outside x;
+//             mean, var: the per-channel mean and biased variance of each output over (N, Ho, Wo), in double
+//   backward: grad_x = [x > 0] (sum_e conv_1s[e]^T g_e[:, :h] at the even pixels, conv_2s[e]^T g_e[:, h:] at the
+//             odd ones, 0 elsewhere); grad_conv_1s[e] = sum over positions of g_e[:, :h] r_even^T, and so for
+//             conv_2s with the odd pixels.
+//
+// Floors, float32, one reduction cell's group of 4 edges at (64, 32, 32, 32) (C = 32, h = 16): the forward reads x
+// (8 MiB: the even and odd pixels lie on every row, so every line of x is fetched) and writes 4 outputs of 2 MiB,
+// 16.8 MB, 0.28 ms at 60 GB/s; its products are 2 x 16384 positions x 32 x 64 multiply-adds, 134 MFLOP, 0.3 ms at
+// the 2 cores' AVX-512 FMA rate. The backward reads x and the 4 output gradients and writes grad_x: 25 MB, 0.42 ms,
+// and twice the forward's products. The ATen composition it replaces (ReLU, strided slices, padding, concatenation,
+// a matrix product and a copy back to channels_last per edge; in the backward a zero fill, two strided copies and
+// a ReLU backward per edge, and a sum over the edges) took 7.7 ms forward and 27.6 ms backward for this group.
+//
+// How. Work is split into fixed chunks of output rows (n, i), so that the sums come out the same whatever the number
+// of threads. For each row, the ReLU of x at the row's even pixels and at its odd pixels is packed into a tile (one
+// position a row: the even pixel's C channels, then the odd one's, each padded to a whole vector), and the two
+// halves of every edge's output are two matrix products with the tile (tiles.h's register blocks): the first halves
+// of all E edges side by side from the even channels, the second halves from the odd ones, so no multiply-add
+// touches the zeros of FactorizedReduce's block-diagonal matrix. The statistics are summed from the register blocks.
+// The backward packs the E output gradients of a row into one tile in the same column order; their products with
+// the transposed matrices give the gradient at the row's even and odd pixels, which is masked and written out for
+// the two input rows 2i and 2i + 1 (zeros between), and the products of the gradient tile with the input tile give
+// the weights' gradients, summed per chunk.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "fastdarts/checks.h"
+#include "fastdarts/cpu_common.h"
+#include "fastdarts/cpu_isa.h"
+#include "fastdarts/tiles.h"
+
+namespace fastdarts {
+namespace {
+
+using tiles::kPointwiseRows;
+using tiles::kPointwiseVecs;
+using tiles::outer_product_block;
+
+// About this many output positions a chunk: a few chunks a thread at the search's sizes.
+constexpr int64_t kChunkPositions = 1024;
+
+struct Geometry {
+  int64_t N, C, H, W, Ho, Wo;
+  int64_t E, h;    // E outputs of 2h channels: h from conv_1s (even pixels), h from conv_2s (odd pixels)
+  int64_t Cq;      // C padded to whole vectors: the input tile holds the even pixel in [0, Cq), the odd in [Cq, 2Cq)
+  int64_t Nh;      // E h padded to whole vectors: output columns [0, Nh) are every edge's first half, [Nh, 2Nh) the
+                   // second halves (edge e's at e h in each)
+  int64_t Wo_r;    // Wo rounded up to whole register blocks of positions
+  int64_t rows;    // N Ho output rows
+  int64_t num_chunks;
+
+  Geometry(const at::Tensor& x, int64_t E, int64_t h)
+      : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), Ho((x.size(2) + 1) / 2), Wo((x.size(3) + 1) / 2),
+        E(E), h(h) {
+    const int64_t lanes = kVecLanes<float>;  // 16: a whole vector of every tier (and two of float64's 8 lanes)
+    Cq = round_up(C, lanes);
+    Nh = round_up(E * h, lanes);
+    Wo_r = round_up(Wo, 8);  // kPointwiseRows of every tier divides 8
+    rows = N * Ho;
+    num_chunks = std::max<int64_t>(1, std::min<int64_t>(rows, rows * Wo / kChunkPositions));
+  }
+  int64_t Kp() const {
+    return 2 * Cq;
+  }
+  int64_t Np() const {
+    return 2 * Nh;
+  }
+  int64_t chunk_begin(int64_t chunk) const {
+    return chunk * rows / num_chunks;
+  }
+};
+
+// The weights as the two halves' matrices, one after the other: forward m[(half Cq + k) Nh + e h + c] =
+// W_half,e[c, k] (input channel k, output column e h + c), transposed m[(half Nh + e h + c) Cq + k], zeros elsewhere.
+template <typename T>
+std::vector<T> weight_matrices(at::TensorList conv_1s, at::TensorList conv_2s, const Geometry& g, bool transposed) {
+  std::vector<T> m(2 * g.Cq * g.Nh, T(0));
+  for (int64_t half = 0; half < 2; ++half) {
+    for (int64_t e = 0; e < g.E; ++e) {
+      const at::Tensor w = (half == 0 ? conv_1s : conv_2s)[e].contiguous();
+      const T* src = w.const_data_ptr<T>();
+      for (int64_t c = 0; c < g.h; ++c) {
+        for (int64_t k = 0; k < g.C; ++k) {
+          const int64_t col = e * g.h + c;
+          const int64_t at = transposed ? (half * g.Nh + col) * g.Cq + k : (half * g.Cq + k) * g.Nh + col;
+          m[at] = src[c * g.C + k];
+        }
+      }
+    }
+  }
+  return m;
+}
+
+// Each output column's value at the first position (0, 0, 0), 0 for an empty batch: the shift of the statistics'
+// sums, a value in the data's range so that a variance small against the mean does not cancel in the sum of squares.
+template <typename T>
+std::vector<T> first_outputs(const at::Tensor& x, const std::vector<T>& m, bool relu, const Geometry& g) {
+  std::vector<T> shift(g.Np(), T(0));
+  if (g.N == 0) {
+    return shift;
+  }
+  const at::Tensor r = (relu ? x.select(0, 0).relu() : x.select(0, 0)).to(at::kDouble);  // [C, H, W]
+  const at::Tensor even = r.select(1, 0).select(1, 0).contiguous();
+  const at::Tensor odd = g.H > 1 && g.W > 1 ? r.select(1, 1).select(1, 1).contiguous() : at::zeros_like(even);
+  for (int64_t half = 0; half < 2; ++half) {
+    const double* p = (half == 0 ? even : odd).const_data_ptr<double>();
+    for (int64_t col = 0; col < g.Nh; ++col) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < g.C; ++k) {
+        sum += p[k] * static_cast<double>(m[(half * g.Cq + k) * g.Nh + col]);
+      }
+      shift[half * g.Nh + col] = static_cast<T>(sum);
+    }
+  }
+  return shift;
+}
+
+template <typename T>
+struct Args {
+  Geometry g;
+  const T* x;
+  Strides xs;
+  bool relu;
+  const T* matrices;         // weight_matrices, transposed in the backward
+  std::vector<T*> outs;      // forward
+  Strides os;
+  double* moments;           // forward: [num_chunks][2][Np] sums and sums of squares, of out - shift
+  const T* shift;            // forward: [Np], each column's first output value
+  std::vector<const T*> grads;  // backward
+  std::vector<Strides> gs;
+  T* grad_x;                 // backward, or nullptr
+  Strides gxs;
+  T* partials;               // backward: [num_chunks][2][Nh][Cq] weight gradients, or nullptr
+};
+
+template <typename T>
+FASTDARTS_ALWAYS_INLINE T relu_of(T v, bool relu) {
+  return relu ? std::max(v, T(0)) : v;  // std::max keeps a NaN, as torch.relu does
+}
+
+// Packs relu(x) at output row (n, i)'s even pixels into tile[j Kp + k] and at its odd pixels into tile[j Kp + Cq + k]
+// (zeros where the odd pixel falls outside x). The padding columns and rows stay as they are (zeros).
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void pack_pixels(const Args<T>& a, int64_t n, int64_t i, T* tile) {
+  const Geometry& g = a.g;
+  const int64_t Kp = g.Kp();
+  for (int64_t half = 0; half < 2; ++half) {
+    const int64_t y = 2 * i + half;
+    for (int64_t j = 0; j < g.Wo; ++j) {
+      T* dst = tile + j * Kp + half * g.Cq;
+      const int64_t xw = 2 * j + half;
+      if (y >= g.H || xw >= g.W) {
+        std::fill(dst, dst + g.C, T(0));
+        continue;
+      }
+      const T* src = a.x + n * a.xs.n + y * a.xs.h + xw * a.xs.w;
+      if (a.xs.c == 1) {
+        for (int64_t k = 0; k < g.C; ++k) {
+          dst[k] = relu_of(src[k], a.relu);
+        }
+      } else {
+        for (int64_t k = 0; k < g.C; ++k) {
+          dst[k] = relu_of(src[k * a.xs.c], a.relu);
+        }
+      }
+    }
+  }
+}
+
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void forward_chunks(const Args<T>& a, int64_t begin, int64_t end, T* tile, T* block,
+                                            T* row_sums) {
+  const Geometry& g = a.g;
+  const int64_t Kp = g.Kp(), Np = g.Np();
+  constexpr int64_t R = kPointwiseRows<kIsa>;
+  constexpr int64_t step = kPointwiseVecs<kIsa> * kLanes<T, kIsa>;
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    double* moments = a.moments + chunk * 2 * Np;
+    std::fill(moments, moments + 2 * Np, 0.0);
+    for (int64_t row = g.chunk_begin(chunk); row < g.chunk_begin(chunk + 1); ++row) {
+      const int64_t n = row / g.Ho, i = row % g.Ho;
+      pack_pixels(a, n, i, tile);
+      std::fill(row_sums, row_sums + 2 * Np, T(0));
+      for (int64_t half = 0; half < 2; ++half) {
+        const T* m = a.matrices + half * g.Cq * g.Nh;
+        for (int64_t w0 = 0; w0 < g.Wo; w0 += R) {
+          for (int64_t c0 = 0; c0 < g.Nh; c0 += step) {
+            const int64_t col = half * g.Nh + c0;
+            outer_product_block<T, kIsa>(tile + w0 * Kp + half * g.Cq, 1, Kp, m + c0, g.Nh, g.C,
+                                         block + w0 * Np + col, Np, false, row_sums + col, g.Wo - w0,
+                                         a.shift + col);
+          }
+        }
+      }
+      for (int64_t c = 0; c < 2 * Np; ++c) {
+        moments[c] += static_cast<double>(row_sums[c]);
+      }
+      for (int64_t e = 0; e < g.E; ++e) {
+        for (int64_t j = 0; j < g.Wo; ++j) {
+          T* dst = a.outs[e] + n * a.os.n + i * a.os.h + j * a.os.w;
+          for (int64_t half = 0; half < 2; ++half) {
+            const T* src = block + j * Np + half * g.Nh + e * g.h;
+            if (a.os.c == 1) {
+              std::memcpy(dst + half * g.h, src, g.h * sizeof(T));
+            } else {
+              for (int64_t c = 0; c < g.h; ++c) {
+                dst[(half * g.h + c) * a.os.c] = src[c];
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+FASTDARTS_CPU_ISA_COPIES(forward_chunks)
+
+// Writes input row y of grad_x: at the pixels of parity `half` (w = 2j + half) the gradient in d[j Kp + half Cq + k]
+// masked by x > 0 (with the ReLU), zeros at the others.
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void write_grad_row(const Args<T>& a, int64_t n, int64_t y, int64_t half, const T* d) {
+  const Geometry& g = a.g;
+  const bool dense = a.gxs.c == 1 && a.xs.c == 1;
+  for (int64_t w = 0; w < g.W; ++w) {
+    T* dst = a.grad_x + n * a.gxs.n + y * a.gxs.h + w * a.gxs.w;
+    const T* src = a.x + n * a.xs.n + y * a.xs.h + w * a.xs.w;
+    const T* grad = d + (w >> 1) * g.Kp() + half * g.Cq;
+    if ((w & 1) != half) {
+      for (int64_t k = 0; k < g.C; ++k) {
+        dst[k * a.gxs.c] = T(0);
+      }
+    } else if (dense && a.relu) {
+      for (int64_t k = 0; k < g.C; ++k) {
+        dst[k] = src[k] > T(0) ? grad[k] : T(0);
+      }
+    } else if (dense) {
+      std::memcpy(dst, grad, g.C * sizeof(T));
+    } else {
+      for (int64_t k = 0; k < g.C; ++k) {
+        dst[k * a.gxs.c] = !a.relu || src[k * a.xs.c] > T(0) ? grad[k] : T(0);
+      }
+    }
+  }
+}
+
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, int64_t end, T* tile, T* grad_tile,
+                                             T* d_pixels) {
+  const Geometry& g = a.g;
+  const int64_t Kp = g.Kp(), Np = g.Np();
+  constexpr int64_t R = kPointwiseRows<kIsa>;
+  constexpr int64_t step = kPointwiseVecs<kIsa> * kLanes<T, kIsa>;
+  for (int64_t chunk = begin; chunk < end; ++chunk) {
+    T* partial = a.partials == nullptr ? nullptr : a.partials + chunk * 2 * g.Nh * g.Cq;
+    if (partial != nullptr) {
+      std::fill(partial, partial + 2 * g.Nh * g.Cq, T(0));
+    }
+    for (int64_t row = g.chunk_begin(chunk); row < g.chunk_begin(chunk + 1); ++row) {
+      const int64_t n = row / g.Ho, i = row % g.Ho;
+      for (int64_t e = 0; e < g.E; ++e) {  // the output gradients in the forward's column order
+        for (int64_t j = 0; j < g.Wo; ++j) {
+          const T* src = a.grads[e] + n * a.gs[e].n + i * a.gs[e].h + j * a.gs[e].w;
+          for (int64_t half = 0; half < 2; ++half) {
+            T* dst = grad_tile + j * Np + half * g.Nh + e * g.h;
+            if (a.gs[e].c == 1) {
+              std::memcpy(dst, src + half * g.h, g.h * sizeof(T));
+            } else {
+              for (int64_t c = 0; c < g.h; ++c) {
+                dst[c] = src[(half * g.h + c) * a.gs[e].c];
+              }
+            }
+          }
+        }
+      }
+      if (a.grad_x != nullptr) {
+        for (int64_t half = 0; half < 2; ++half) {
+          const T* m = a.matrices + half * g.Nh * g.Cq;
+          for (int64_t w0 = 0; w0 < g.Wo; w0 += R) {
+            for (int64_t c0 = 0; c0 < g.Cq; c0 += step) {
+              outer_product_block<T, kIsa>(grad_tile + w0 * Np + half * g.Nh, 1, Np, m + c0, g.Cq, g.E * g.h,
+                                           d_pixels + w0 * Kp + half * g.Cq + c0, Kp, false);
+            }
+          }
+        }
+        write_grad_row(a, n, 2 * i, 0, d_pixels);
+        if (2 * i + 1 < g.H) {
+          write_grad_row(a, n, 2 * i + 1, 1, d_pixels);
+        }
+      }
+      if (partial != nullptr) {
+        pack_pixels(a, n, i, tile);
+        for (int64_t half = 0; half < 2; ++half) {
+          T* p = partial + half * g.Nh * g.Cq;
+          for (int64_t o0 = 0; o0 < g.Nh; o0 += R) {
+            for (int64_t c0 = 0; c0 < g.Cq; c0 += step) {
+              outer_product_block<T, kIsa>(grad_tile + half * g.Nh + o0, Np, 1, tile + half * g.Cq + c0, Kp, g.Wo,
+                                           p + o0 * g.Cq + c0, g.Cq, true);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+FASTDARTS_CPU_ISA_COPIES(backward_chunks)
+
+std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t h) {
+  return {x.size(0), 2 * h, (x.size(2) + 1) / 2, (x.size(3) + 1) / 2};
+}
+
+// The checks of both ops: x an image batch, conv_1s a non-empty list of [h, C, 1, 1] weights, conv_2s as many of
+// the same shape.
+void check_arguments(const char* op, const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s) {
+  check_images(op, "x", x);
+  check_supported_dtype(op, x);
+  TORCH_CHECK_VALUE(!conv_1s.empty(), op, ": conv_1s must be a non-empty list of tensors");
+  const at::Tensor& first = conv_1s[0];
+  TORCH_CHECK_VALUE(first.dim() == 4 && first.size(0) >= 1 && first.size(1) == x.size(1) && first.size(2) == 1 &&
+                        first.size(3) == 1,
+                    op, ": conv_1s[0] must have shape [h, C, 1, 1] with h >= 1 and C = ", x.size(1), ", got shape ",
+                    first.sizes());
+  const int64_t E = static_cast<int64_t>(conv_1s.size());
+  check_sized_list(op, "conv_1s", conv_1s, E, "output", first.sizes(), "x", x);
+  check_sized_list(op, "conv_2s", conv_2s, E, "output", first.sizes(), "x", x);
+  TORCH_INTERNAL_ASSERT(x.device().is_cpu());
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> factorized_reduce_bn_stats_cpu(
+    const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s, bool relu) {
+  check_arguments("factorized_reduce_bn_stats", x, conv_1s, conv_2s);
+  const int64_t E = static_cast<int64_t>(conv_1s.size()), h = conv_1s[0].size(0);
+  const at::TensorOptions options = x.options().memory_format(x.suggest_memory_format());
+  std::vector<at::Tensor> outs;
+  for (int64_t e = 0; e < E; ++e) {
+    outs.push_back(at::empty(output_sizes(x, h), options));
+  }
+  at::Tensor mean = at::empty({E, 2 * h}, x.options());
+  at::Tensor var = at::empty({E, 2 * h}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "factorized_reduce_bn_stats_cpu", [&] {
+    const CpuIsa isa = cpu_isa();  // once per call, before the threads start
+    const Geometry g(x, E, h);
+    const std::vector<scalar_t> matrices = weight_matrices<scalar_t>(conv_1s, conv_2s, g, false);
+    std::vector<double> moments(g.num_chunks * 2 * g.Np());
+    const std::vector<scalar_t> shift = first_outputs(x, matrices, relu, g);
+    Args<scalar_t> a{g, x.const_data_ptr<scalar_t>(), strides_of(x), relu, matrices.data(), {}, strides_of(outs[0]),
+                     moments.data(), shift.data()};
+    for (at::Tensor& out : outs) {
+      a.outs.push_back(out.data_ptr<scalar_t>());
+    }
+    if (g.rows > 0) {
+      at::parallel_for(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
+        // zeros: the tile's padding columns and rows are never written, and the products read them
+        at::Tensor buffers = at::zeros({g.Wo_r * (g.Kp() + g.Np()) + 2 * g.Np()}, x.options());
+        scalar_t* tile = buffers.data_ptr<scalar_t>();
+        FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_chunks, scalar_t, a, begin, end, tile, tile + g.Wo_r * g.Kp(),
+                                   tile + g.Wo_r * (g.Kp() + g.Np()));
+      });
+    }
+    // Biased variance from the sums in double; N = 0 gives NaN, as torch.var_mean of an empty tensor does.
+    const std::vector<double> total = add_slots(moments.data(), g.num_chunks, 2 * g.Np());
+    const double count = static_cast<double>(g.rows * g.Wo);
+    scalar_t* m = mean.data_ptr<scalar_t>();
+    scalar_t* v = var.data_ptr<scalar_t>();
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t c = 0; c < 2 * h; ++c) {
+        const int64_t col = (c < h ? 0 : g.Nh) + e * h + c % h;
+        const double centred = total[col] / count;  // the mean of out - shift
+        m[e * 2 * h + c] = static_cast<scalar_t>(shift[col] + centred);
+        v[e * 2 * h + c] = static_cast<scalar_t>(std::max(total[g.Np() + col] / count - centred * centred, 0.0));
+      }
+    }
+  });
+  return {outs, mean, var};
+}
+
+std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+factorized_reduce_bn_stats_backward_cpu(at::TensorList grads, const at::Tensor& x, at::TensorList conv_1s,
+                                        at::TensorList conv_2s, bool relu, bool input_grad, bool weight_grad) {
+  const char* op = "factorized_reduce_bn_stats_backward";
+  check_arguments(op, x, conv_1s, conv_2s);
+  const int64_t E = static_cast<int64_t>(conv_1s.size()), h = conv_1s[0].size(0);
+  check_sized_list(op, "grads", grads, E, "output", output_sizes(x, h), "x", x);
+  std::optional<at::Tensor> grad_x;
+  if (input_grad) {
+    grad_x = at::empty_like(x);
+  }
+  std::vector<at::Tensor> grad_1s, grad_2s;
+  if (weight_grad) {
+    for (int64_t e = 0; e < E; ++e) {
+      grad_1s.push_back(at::empty(conv_1s[e].sizes(), conv_1s[e].options()));
+      grad_2s.push_back(at::empty(conv_2s[e].sizes(), conv_2s[e].options()));
+    }
+  }
+  if (!input_grad && !weight_grad) {
+    return {grad_x, grad_1s, grad_2s};
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "factorized_reduce_bn_stats_backward_cpu", [&] {
+    const CpuIsa isa = cpu_isa();
+    const Geometry g(x, E, h);
+    const std::vector<scalar_t> transposed = weight_matrices<scalar_t>(conv_1s, conv_2s, g, true);
+    // each chunk zeroes its own slots; an empty batch leaves them unwritten, so zeros for it
+    at::Tensor partials = weight_grad ? at::zeros({g.num_chunks * 2 * g.Nh * g.Cq}, x.options()) : at::Tensor();
+    Args<scalar_t> a{g, x.const_data_ptr<scalar_t>(), strides_of(x), relu, transposed.data(), {}, {}, nullptr};
+    for (const at::Tensor& grad : grads) {
+      a.grads.push_back(grad.const_data_ptr<scalar_t>());
+      a.gs.push_back(strides_of(grad));
+    }
+    if (input_grad) {
+      a.grad_x = grad_x->data_ptr<scalar_t>();
+      a.gxs = strides_of(*grad_x);
+    }
+    a.partials = weight_grad ? partials.data_ptr<scalar_t>() : nullptr;
+    if (g.rows > 0) {
+      at::parallel_for(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
+        at::Tensor buffers = at::zeros({g.Wo_r * (2 * g.Kp() + g.Np())}, x.options());
+        scalar_t* tile = buffers.data_ptr<scalar_t>();
+        FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_chunks, scalar_t, a, begin, end, tile, tile + g.Wo_r * g.Kp(),
+                                   tile + g.Wo_r * (g.Kp() + g.Np()));
+      });
+    }
+    if (weight_grad) {
+      const std::vector<double> total =
+          add_slots(partials.const_data_ptr<scalar_t>(), g.num_chunks, 2 * g.Nh * g.Cq);
+      for (int64_t half = 0; half < 2; ++half) {
+        for (int64_t e = 0; e < E; ++e) {
+          scalar_t* dst = (half == 0 ? grad_1s : grad_2s)[e].data_ptr<scalar_t>();  // contiguous [h, C, 1, 1]
+          for (int64_t c = 0; c < h; ++c) {
+            for (int64_t k = 0; k < g.C; ++k) {
+              dst[c * g.C + k] = static_cast<scalar_t>(total[(half * g.Nh + e * h + c) * g.Cq + k]);
+            }
+          }
+        }
+      }
+    }
+  });
+  return {grad_x, grad_1s, grad_2s};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
+  m.impl("factorized_reduce_bn_stats", &factorized_reduce_bn_stats_cpu);
+  m.impl("factorized_reduce_bn_stats_backward", &factorized_reduce_bn_stats_backward_cpu);
+}
+
+}  // namespace fastdarts
