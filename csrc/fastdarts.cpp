@@ -139,6 +139,16 @@ TORCH_LIBRARY(fastdarts, m) {
   m.def(
       "factorized_reduce_bn_stats_backward(Tensor[] grads, Tensor x, Tensor[] conv_1s, Tensor[] conv_2s, bool relu, "
       "bool input_grad, bool weight_grad) -> (Tensor?, Tensor[], Tensor[])");
+  // A ReLU and 1x1 conv before a BN, for E = len(weights) weights from one read of x [N, C, H, W]: outs[e] =
+  // conv2d(r, weights[e]), r = relu(x) (x when relu is false); weights[e]: [C_out, C, 1, 1]; outs[e]: [N, C_out, H,
+  // W], laid out like x; mean, var [E, C_out]: each output's per-channel mean and biased variance over (N, H, W) (no
+  // gradient). A cell's preprocessing up to its BN.
+  m.def("relu_pointwise_bn_stats(Tensor x, Tensor[] weights, bool relu) -> (Tensor[] outs, Tensor mean, Tensor var)");
+  // One pass over x and the E output gradients: grad_x (the sum over the outputs, masked by x > 0 when relu) if
+  // input_grad, else None; the weights' gradients if weight_grad, else empty.
+  m.def(
+      "relu_pointwise_bn_stats_backward(Tensor[] grads, Tensor x, Tensor[] weights, bool relu, bool input_grad, "
+      "bool weight_grad) -> (Tensor?, Tensor[])");
   // The E = w.shape[0] DARTS edges leaving x, computed from the kernels above with no Python between them: the
   // arguments and results of fastdarts/ops/_mixed_op.py's group (the ops' part of mixed_ops, without partial
   // channels), which fastdarts.ops.mixed_ops wraps. weights: each edge's in turn (mixed_op_layout order), candidates:

@@ -214,14 +214,27 @@ def edges_leaving(
     return outs
 
 
+def _batch_norm_arguments(bn: nn.BatchNorm2d) -> tuple:
+    """(running_mean, running_var, training, momentum, eps) as nn.BatchNorm2d.forward passes them to F.batch_norm,
+    after counting the batch as it does."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # a cumulative average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    training = bn.training or bn.running_mean is None
+    keep_running = not bn.training or bn.track_running_stats
+    return bn.running_mean if keep_running else None, bn.running_var if keep_running else None, training, momentum, \
+        bn.eps  # fmt: skip
+
+
 def _preprocess(module: ReLUConvBN | FactorizedReduce, s: torch.Tensor, relu_applied: bool) -> torch.Tensor:
-    """A cell's preprocessing of input s, or of s = relu(input) when relu_applied (the module's ReLU skipped)."""
-    if not relu_applied:
-        return module(s)
+    """A cell's preprocessing of input s, or of s = relu(input) when relu_applied (the module's ReLU skipped).
+    ReLUConvBN runs as one fused op (ops.relu_conv_bn) on its module's parameters and buffers."""
     if isinstance(module, FactorizedReduce):
-        return module(s, relu=False)
+        return module(s, relu=not relu_applied)
     _, conv, bn = module
-    return bn(conv(s))
+    return ops.relu_conv_bn(s, conv.weight, *_batch_norm_arguments(bn), relu=not relu_applied)
 
 
 class SearchCell(nn.Module):
@@ -449,20 +462,25 @@ class SearchNetwork(nn.Module):
         # the CPU too (the fused op returns channels_last whatever it is given). The stem runs in it as well: its BN
         # backward would otherwise mix the layouts of its input and of the gradient coming back.
         s0 = s1 = self.stem(x.contiguous(memory_format=self.memory_format)).contiguous(memory_format=self.memory_format)
-        # Each state feeds the preprocessing of the next two cells, which both start with a ReLU: it runs once, and
-        # its backward once on the sum of both cells' gradients.
+        # Each state feeds the preprocessing of the next two cells, which both start with a ReLU. The C++ kernels
+        # apply it as they read the state, and mask the gradient in the same pass; elsewhere it runs once, and its
+        # backward once on the sum of both cells' gradients.
+        shared_relu = ops.select("relu_conv_bn", s0.device) != "cpp"
         r0 = r1 = None  # relu(s0), relu(s1), once a searched cell has needed them
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
             if kind not in weights:  # a fixed reduction cell
                 s0, s1, r0, r1 = s1, cell(s0, s1), r1, None
                 continue
-            if r1 is None:
-                r1 = s1.relu()
-            if r0 is None:
-                r0 = r1 if s0 is s1 else s0.relu()
-            out = cell(r0, r1, weights[kind].weights, columns[kind], auxiliary_skip, weights[kind].edge_scale,
-                       inputs_relu=True)  # fmt: skip
+            inputs = s0, s1
+            if shared_relu:
+                if r1 is None:
+                    r1 = s1.relu()
+                if r0 is None:
+                    r0 = r1 if s0 is s1 else s0.relu()
+                inputs = r0, r1
+            out = cell(*inputs, weights[kind].weights, columns[kind], auxiliary_skip, weights[kind].edge_scale,
+                       inputs_relu=shared_relu)  # fmt: skip
             s0, s1, r0, r1 = s1, out, r1, None
         if self.head is not None:
             s1 = self.head(s1)

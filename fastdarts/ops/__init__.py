@@ -35,6 +35,7 @@ __all__ = [
     "mixed_op_layout",
     "mixed_op_weight_shapes",
     "pool_bn_stats",
+    "relu_conv_bn",
     "relu_dwconv",
     "relu_dwconv_pointwise",
     "rnn_mixed_node",
@@ -119,6 +120,41 @@ def bn_weighted_sum(
     (and, on "cpp" and "triton", dtypes other than float32/float64).
     """
     return dispatch("bn_weighted_sum", w.device, backend)(ts, w, mean, invstd)
+
+
+def relu_conv_bn(
+    x: Tensor,
+    weight: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """A DARTS cell's preprocessing of one input: ReLU, a 1x1 conv without bias, an affine-free BN
+    (space.ReLUConvBN(C_in, C_out, 1, 1, 0, affine=False)), with F.batch_norm's arguments and semantics.
+
+    Args:
+        x: [N, C_in, H, W], float32 or float64, any memory layout (channels_last is the fast one).
+        weight: [C_out, C_in, 1, 1].
+        running_mean, running_var: [C_out] or None. In training they are updated in place by `momentum` (the
+            variance unbiased), when given; in evaluation they normalise.
+        training: normalise with the batch's statistics (else the running ones).
+        momentum, eps: as F.batch_norm's.
+        relu: False when x is already the ReLU's output.
+        backend: "reference", "cpp" or "triton" for this call, as for the other ops.
+
+    Returns [N, C_out, H, W], laid out like `x`. Differentiable once in `x` and `weight` on "cpp", which reads x once
+    for the ReLU, the conv and the statistics, and in the backward masks grad_x in the conv's pass; "triton" runs the
+    reference (cuDNN's conv on CUDA). Raises ValueError for shapes that do not fit or, in evaluation, missing running
+    statistics.
+    """
+    return dispatch("relu_conv_bn", x.device, backend)(
+        x, weight, running_mean, running_var, training, momentum, eps, relu
+    )
 
 
 def sample_gates(

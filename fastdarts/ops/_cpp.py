@@ -35,8 +35,10 @@ from .reference import (
     check_like,
     check_one_per_item,
     check_pool_bn_stats_arguments,
+    check_relu_conv_bn_arguments,
     check_relu_dwconv_arguments,
     check_relu_dwconv_pointwise_arguments,
+    check_relu_pointwise_bn_stats_arguments,
     check_rnn_mixed_node_arguments,
     check_same_tensors,
     check_sized_list,
@@ -323,9 +325,8 @@ refuse_differentiation(
 )
 
 
-# factorized_reduce_bn_stats: a building block of the mixed ops (the stride-2 skips of a group's edges), called as
-# torch.ops.fastdarts.factorized_reduce_bn_stats. Autograd saves x and the weights; the backward kernel recomputes
-# relu(x).
+# factorized_reduce_bn_stats and relu_pointwise_bn_stats: building blocks of the mixed ops (the stride-2 skips of a
+# group's edges) and of relu_conv_bn (a cell's preprocessing), called as torch.ops.fastdarts.<op>.
 
 
 @torch.library.register_fake("fastdarts::factorized_reduce_bn_stats")
@@ -352,38 +353,106 @@ def _factorized_reduce_bn_stats_backward_fake(grads, x, conv_1s, conv_2s, relu, 
     return grad_x, grad_1s, grad_2s
 
 
-def _factorized_reduce_bn_stats_setup_context(ctx, inputs, output):
-    x, conv_1s, conv_2s, relu = inputs
-    _, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.num_outputs, ctx.relu = len(conv_1s), relu
-    ctx.save_for_backward(x, *conv_1s, *conv_2s)
+@torch.library.register_fake("fastdarts::relu_pointwise_bn_stats")
+def _relu_pointwise_bn_stats_fake(x, weights, relu):
+    op = "relu_pointwise_bn_stats"
+    check_relu_pointwise_bn_stats_arguments(op, x, weights, torch_check)
+    check_supported_dtype(op, x)
+    shape = [x.shape[0], weights[0].shape[0], *x.shape[2:]]
+    memory_format = suggest_memory_format(x)
+    outs = [torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format) for _ in weights]
+    return outs, x.new_empty(len(weights), shape[1]), x.new_empty(len(weights), shape[1])
 
 
-def _factorized_reduce_bn_stats_backward(ctx, grads, _grad_mean, _grad_var):
-    E = ctx.num_outputs
-    needs = needs_input_grad(ctx)  # x, the E conv_1s, the E conv_2s
-    x, *weights = ctx.saved_tensors
-    grad_x, grad_1s, grad_2s = torch.ops.fastdarts.factorized_reduce_bn_stats_backward.default(
-        list(grads), x, weights[:E], weights[E:], ctx.relu, needs[0], any(needs[1:])
+@torch.library.register_fake("fastdarts::relu_pointwise_bn_stats_backward")
+def _relu_pointwise_bn_stats_backward_fake(grads, x, weights, relu, input_grad, weight_grad):
+    op = "relu_pointwise_bn_stats_backward"
+    check_relu_pointwise_bn_stats_arguments(op, x, weights, torch_check)
+    check_supported_dtype(op, x)
+    shape = [x.shape[0], weights[0].shape[0], *x.shape[2:]]
+    check_sized_list(op, "grads", grads, len(weights), "output", shape, "x", x, torch_check)
+    grad_x = torch.empty_like(x) if input_grad else None
+    return grad_x, [w.new_empty(w.shape) for w in weights] if weight_grad else []
+
+
+def _register_pointwise_bn_stats_autograd(name: str, parts: int) -> None:
+    """Autograd of fastdarts::`name` (x, `parts` lists of E weights, relu) -> (outs, mean, var) through its backward op
+    (grads, x, the weight lists, relu, input_grad, weight_grad) -> (grad_x, one gradient list per part). Saves x and
+    the weights; the backward kernel recomputes relu(x)."""
+    backward_op = getattr(torch.ops.fastdarts, f"{name}_backward").default
+
+    def setup_context(ctx, inputs, output):
+        x, *weights, relu = inputs
+        _, mean, var = output
+        ctx.mark_non_differentiable(mean, var)
+        ctx.num_outputs, ctx.relu = len(weights[0]), relu
+        ctx.save_for_backward(x, *(w for ws in weights for w in ws))
+
+    def backward(ctx, grads, _grad_mean, _grad_var):
+        E = ctx.num_outputs
+        needs = needs_input_grad(ctx)  # x, then every part's E weights
+        x, *flat = ctx.saved_tensors
+        weights = [flat[p * E : (p + 1) * E] for p in range(parts)]
+        grad_x, *grad_parts = backward_op(list(grads), x, *weights, ctx.relu, needs[0], any(needs[1:]))
+        flat_grads = [g for gs in grad_parts for g in gs] or [None] * (parts * E)
+        flat_grads = [g if need else None for g, need in zip(flat_grads, needs[1:])]
+        return grad_x, *(flat_grads[p * E : (p + 1) * E] for p in range(parts)), None
+
+    torch.library.register_autograd(f"fastdarts::{name}", backward, setup_context=setup_context)
+    refuse_differentiation(
+        f"fastdarts::{name}_backward",
+        f"fastdarts::{name}: the 'cpp' backend is differentiable once; for higher derivatives use the 'reference' "
+        "backend",
     )
-    both = [*grad_1s, *grad_2s] or [None] * (2 * E)
-    both = [g if need else None for g, need in zip(both, needs[1:])]
-    return grad_x, both[:E], both[E:], None
 
 
-torch.library.register_autograd(
-    "fastdarts::factorized_reduce_bn_stats",
-    _factorized_reduce_bn_stats_backward,
-    setup_context=_factorized_reduce_bn_stats_setup_context,
-)
+_register_pointwise_bn_stats_autograd("factorized_reduce_bn_stats", 2)
+_register_pointwise_bn_stats_autograd("relu_pointwise_bn_stats", 1)
 
 
-refuse_differentiation(
-    "fastdarts::factorized_reduce_bn_stats_backward",
-    "fastdarts.ops.factorized_reduce_bn_stats: the 'cpp' backend is differentiable once; for higher derivatives use "
-    "the 'reference' backend",
-)
+class _ReluConvBN(torch.autograd.Function):
+    """reference.relu_conv_bn on the kernels: the ReLU, the 1x1 conv and its output's statistics in one pass over x
+    (relu_pointwise_bn_stats), the BN as a one-term bn_weighted_sum; the backward is bn_weighted_sum_backward
+    (through the batch statistics in training) and the conv's backward, which masks grad_x by x > 0 in the same pass.
+    Saves x, the weight, the conv's output and the statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, running_mean, running_var, training, momentum, eps, relu):
+        (t,), mean, var = torch.ops.fastdarts.relu_pointwise_bn_stats.default(x, [weight], relu)
+        if training:
+            if running_mean is not None:  # as F.batch_norm: the running variance is the unbiased one
+                count = t.numel() // t.shape[1]
+                running_mean.lerp_(mean[0], momentum)
+                running_var.lerp_(var[0] * (count / max(count - 1, 1)), momentum)
+        else:
+            mean, var = running_mean[None], running_var[None]
+        invstd = (var + eps).rsqrt()
+        one = x.new_ones(1)
+        out = torch.ops.fastdarts.bn_weighted_sum.default([t], one, mean, invstd)
+        ctx.save_for_backward(x, weight, t, mean, invstd, one)
+        ctx.training, ctx.relu = training, relu
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, t, mean, invstd, one = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=suggest_memory_format(t))
+        (dt,), _ = torch.ops.fastdarts.bn_weighted_sum_backward.default(
+            grad, [t], one, mean, invstd, [ctx.training], True, False
+        )
+        grad_x, grad_weights = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default(
+            [dt], x, [weight], ctx.relu, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        return grad_x, grad_weights[0] if grad_weights else None, None, None, None, None, None, None
+
+
+def relu_conv_bn(
+    x: Tensor, weight: Tensor, running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+    momentum: float, eps: float, relu: bool = True,
+) -> Tensor:  # fmt: skip
+    """reference.relu_conv_bn by the C++ kernels (CPU, float32/float64)."""
+    check_relu_conv_bn_arguments("relu_conv_bn", x, weight, running_mean, running_var, training)
+    return _ReluConvBN.apply(x, weight, running_mean, running_var, training, momentum, eps, relu)
 
 
 # sample_gates, pool_bn_stats and bn_weighted_sum: their autograd formulas are _autograd.py's, shared with the Triton

@@ -224,9 +224,10 @@ class _Edge:
         backward those the forward used). `one` is a tensor holding 1 (the weights of the sums in a sep conv's
         middle BN backward). `first_stage` (per conv candidate: its first 1x1 conv's output, batch mean and
         variance; for the stride-2 skip, its FactorizedReduce's) and `pools` (pool_bn_stats's outputs, or None when
-        no pool is computed) come from the group, which computes them for every edge leaving x at once. With `saved` (the tensors of _saved_names, from a forward
-        with keep), nothing is computed: the edge is restored for its backward, with the pools' outputs from
-        `saved_pools` ({k: output}). The group sets `final_statistics` once every row is recorded."""
+        no pool is computed) come from the group, which computes them for every edge leaving x at once. With
+        `saved` (the tensors of _saved_names, from a forward with keep), nothing is computed: the edge is restored
+        for its backward, with the pools' outputs from `saved_pools` ({k: output}). The group sets
+        `final_statistics` once every row is recorded."""
         self.kernels, self.w, self._one = kernels, w, one
         self.x, self.stride, self.candidates = x, stride, list(candidates)
         self.candidate_index = index_tensor(tuple(self.candidates), x.device)

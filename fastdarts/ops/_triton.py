@@ -87,6 +87,7 @@ from .reference import (
     raise_unless,
     relu_dwconv_output_shape,
 )
+from .reference import relu_conv_bn as reference_relu_conv_bn
 
 # The combine function of tl.sum, for tl.reduce: tl.sum itself is a @triton.jit function, compiled or interpreted
 # as TRITON_INTERPRET was when triton was imported, while the interpreter runs a reduction with this function by
@@ -1196,4 +1197,7 @@ mixed_ops, mixed_op = define_mixed_ops(
 
 
 # The recurrent mixed op, in a module of its own; imported last: it uses the launch helpers above.
+# A cell's preprocessing: no Triton kernel; on CUDA the reference's ReLU, cuDNN's 1x1 conv and its BN.
+relu_conv_bn = reference_relu_conv_bn
+
 from ._triton_rnn import rnn_mixed_node  # noqa: E402, F401

@@ -631,20 +631,76 @@ def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = Tr
     return out.contiguous(memory_format=torch.channels_last if _is_channels_last(x) else torch.contiguous_format)
 
 
+def check_pointwise_weights(op: str, name: str, weights: Sequence[Tensor], x: Tensor, require: Require) -> None:
+    """A non-empty list of 1x1 weights for the C channels of x, all of the first's shape [C_out, C, 1, 1]."""
+    require(len(weights) >= 1, ValueError, lambda: f"{op}: {name} must be a non-empty list of tensors")
+    shape = list(weights[0].shape)
+    require(
+        len(shape) == 4 and shape[0] >= 1 and shape[1:] == [x.shape[1], 1, 1],
+        ValueError,
+        lambda: (
+            f"{op}: {name}[0] must have shape [C_out, C, 1, 1] with C_out >= 1 and C = {x.shape[1]}, got shape {shape}"
+        ),
+    )
+    check_sized_list(op, name, weights, len(weights), "output", shape, "x", x, require)
+
+
 def check_factorized_reduce_bn_stats_arguments(
     op: str, x: Tensor, conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor], require: Require = raise_unless
 ) -> None:
     """x an image batch; conv_1s a non-empty list of [h, C, 1, 1] weights, conv_2s as many of the same shape."""
     check_images(op, "x", x, require)
-    require(len(conv_1s) >= 1, ValueError, lambda: f"{op}: conv_1s must be a non-empty list of tensors")
-    shape = list(conv_1s[0].shape)
+    check_pointwise_weights(op, "conv_1s", conv_1s, x, require)
+    check_sized_list(op, "conv_2s", conv_2s, len(conv_1s), "output", list(conv_1s[0].shape), "x", x, require)
+
+
+def check_relu_pointwise_bn_stats_arguments(
+    op: str, x: Tensor, weights: Sequence[Tensor], require: Require = raise_unless
+) -> None:
+    check_images(op, "x", x, require)
+    check_pointwise_weights(op, "weights", weights, x, require)
+
+
+def relu_pointwise_bn_stats(
+    x: Tensor, weights: Sequence[Tensor], relu: bool = True
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """conv2d(relu(x), weights[e]) (x itself when relu is false) for every e, and the per-channel mean and biased
+    variance of each output over (N, H, W) ([E, C_out] each, no gradient): a cell's preprocessing before its BN."""
+    check_relu_pointwise_bn_stats_arguments("relu_pointwise_bn_stats", x, weights)
+    r = x.relu() if relu else x
+    outs = [F.conv2d(r, weight) for weight in weights]
+    return outs, *_batch_statistics(outs)
+
+
+def check_relu_conv_bn_arguments(
+    op: str, x: Tensor, weight: Tensor, running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+    require: Require = raise_unless,
+) -> None:  # fmt: skip
+    check_relu_pointwise_bn_stats_arguments(op, x, [weight], require)
     require(
-        len(shape) == 4 and shape[0] >= 1 and shape[1:] == [x.shape[1], 1, 1],
+        training or (running_mean is not None and running_var is not None),
         ValueError,
-        lambda: f"{op}: conv_1s[0] must have shape [h, C, 1, 1] with h >= 1 and C = {x.shape[1]}, got shape {shape}",
+        lambda: f"{op}: in evaluation the running statistics are needed (or training=True for the batch's)",
     )
-    check_sized_list(op, "conv_1s", conv_1s, len(conv_1s), "output", shape, "x", x, require)
-    check_sized_list(op, "conv_2s", conv_2s, len(conv_1s), "output", shape, "x", x, require)
+
+
+def relu_conv_bn(
+    x: Tensor, weight: Tensor, running_mean: Tensor | None, running_var: Tensor | None, training: bool,
+    momentum: float, eps: float, relu: bool = True,
+) -> Tensor:  # fmt: skip
+    """ReLU (none when relu is false), a 1x1 conv without bias and an affine-free BN: a cell's preprocessing
+    (space.ReLUConvBN with affine=False). The BN is F.batch_norm's: the batch's statistics in training (updating
+    running_mean and running_var in place by `momentum` when they are given), else the running ones."""
+    check_relu_conv_bn_arguments("relu_conv_bn", x, weight, running_mean, running_var, training)
+    r = x.relu() if relu else x
+    return F.batch_norm(F.conv2d(r, weight), running_mean, running_var, None, None, training, momentum, eps)
+
+
+def _batch_statistics(outs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """[E, C] per-channel means and biased variances of the E outputs, without gradient."""
+    with torch.no_grad():
+        var_means = [torch.var_mean(out, dim=(0, 2, 3), unbiased=False) for out in outs]
+    return torch.stack([mean for _, mean in var_means]), torch.stack([var for var, _ in var_means])
 
 
 def factorized_reduce_output_shape(x: Tensor, conv_1: Tensor) -> list[int]:
@@ -659,9 +715,7 @@ def factorized_reduce_bn_stats(
     before their BNs."""
     check_factorized_reduce_bn_stats_arguments("factorized_reduce_bn_stats", x, conv_1s, conv_2s)
     outs = [factorized_reduce(x, conv_1, conv_2, relu) for conv_1, conv_2 in zip(conv_1s, conv_2s)]
-    with torch.no_grad():
-        var_means = [torch.var_mean(out, dim=(0, 2, 3), unbiased=False) for out in outs]
-    return outs, torch.stack([mean for _, mean in var_means]), torch.stack([var for var, _ in var_means])
+    return outs, *_batch_statistics(outs)
 
 
 def mixed_op(

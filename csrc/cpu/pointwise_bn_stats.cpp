@@ -1,6 +1,11 @@
-// CPU kernels of factorized_reduce_bn_stats and its backward (schemas in ../fastdarts.cpp): DARTS's
-// FactorizedReduce before its BN, for E pairs of weights at once (the skip candidates of every stride-2 edge leaving
-// one state), with the BN statistics of each output.
+// CPU kernels of factorized_reduce_bn_stats, relu_pointwise_bn_stats and their backwards (schemas in
+// ../fastdarts.cpp): DARTS's FactorizedReduce before its BN, for E pairs of weights at once (the skip candidates of
+// every stride-2 edge leaving one state), and a ReLU and 1x1 conv before a BN (a cell's preprocessing), each with
+// the BN statistics of its outputs. Both are the same loops over s "parts" of the input pixels: FactorizedReduce
+// reads s = 2 parts (the even and the odd pixels, for the two halves of its output channels), the 1x1 conv one
+// (every pixel, for all its output channels).
+//
+// factorized_reduce_bn_stats:
 //
 //   shapes:   x [N, C, H, W]; conv_1s[e], conv_2s[e] [h, C, 1, 1]; outs[e] [N, 2h, Ho, Wo], Ho = (H + 1) / 2,
 //             Wo = (W + 1) / 2; mean, var [E, 2h]
@@ -18,6 +23,10 @@
 // and twice the forward's products. The ATen composition it replaces (ReLU, strided slices, padding, concatenation,
 // a matrix product and a copy back to channels_last per edge; in the backward a zero fill, two strided copies and
 // a ReLU backward per edge, and a sum over the edges) took 7.7 ms forward and 27.6 ms backward for this group.
+//
+// relu_pointwise_bn_stats: outs[e] = weights[e] r, weights[e] [C_out, C, 1, 1], outs[e] [N, C_out, H, W]; its
+// backward grad_x = [x > 0] sum_e weights[e]^T g_e and grad_weights[e] = sum over pixels of g_e r^T. The same floors
+// as a 1x1 conv's, with the ReLU, its mask and the statistics in the same pass.
 //
 // How. Work is split into fixed chunks of output rows (n, i), so that the sums come out the same whatever the number
 // of threads. For each row, the ReLU of x at the row's even pixels and at its odd pixels is packed into a tile (one
@@ -58,18 +67,20 @@ using tiles::outer_product_block;
 constexpr int64_t kChunkPositions = 1024;
 
 struct Geometry {
-  int64_t N, C, H, W, Ho, Wo;
-  int64_t E, h;    // E outputs of 2h channels: h from conv_1s (even pixels), h from conv_2s (odd pixels)
-  int64_t Cq;      // C padded to whole vectors: the input tile holds the even pixel in [0, Cq), the odd in [Cq, 2Cq)
-  int64_t Nh;      // E h padded to whole vectors: output columns [0, Nh) are every edge's first half, [Nh, 2Nh) the
-                   // second halves (edge e's at e h in each)
+  int64_t N, C, H, W;
+  int64_t s;       // parts: output pixel (i, j) reads input pixels (s i + p, s j + p) for p < s
+  int64_t Ho, Wo;
+  int64_t E, h;    // E outputs of s h channels: part p gives channels [p h, (p + 1) h)
+  int64_t Cq;      // C padded to whole vectors: the input tile holds part p's pixel in [p Cq, p Cq + C)
+  int64_t Nh;      // E h padded to whole vectors: output columns [p Nh, (p + 1) Nh) are every edge's channels of
+                   // part p (edge e's at p Nh + e h)
   int64_t Wo_r;    // Wo rounded up to whole register blocks of positions
   int64_t rows;    // N Ho output rows
   int64_t num_chunks;
 
-  Geometry(const at::Tensor& x, int64_t E, int64_t h)
-      : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), Ho((x.size(2) + 1) / 2), Wo((x.size(3) + 1) / 2),
-        E(E), h(h) {
+  Geometry(const at::Tensor& x, int64_t s, int64_t E, int64_t h)
+      : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), s(s), Ho((x.size(2) + s - 1) / s),
+        Wo((x.size(3) + s - 1) / s), E(E), h(h) {
     const int64_t lanes = kVecLanes<float>;  // 16: a whole vector of every tier (and two of float64's 8 lanes)
     Cq = round_up(C, lanes);
     Nh = round_up(E * h, lanes);
@@ -78,24 +89,25 @@ struct Geometry {
     num_chunks = std::max<int64_t>(1, std::min<int64_t>(rows, rows * Wo / kChunkPositions));
   }
   int64_t Kp() const {
-    return 2 * Cq;
+    return s * Cq;
   }
   int64_t Np() const {
-    return 2 * Nh;
+    return s * Nh;
   }
   int64_t chunk_begin(int64_t chunk) const {
     return chunk * rows / num_chunks;
   }
 };
 
-// The weights as the two halves' matrices, one after the other: forward m[(half Cq + k) Nh + e h + c] =
-// W_half,e[c, k] (input channel k, output column e h + c), transposed m[(half Nh + e h + c) Cq + k], zeros elsewhere.
+// The weights of each part (parts[p][e]: [h, C, 1, 1]) as the parts' matrices, one after the other: forward
+// m[(p Cq + k) Nh + e h + c] = parts[p][e][c, k] (input channel k, output column e h + c), transposed
+// m[(p Nh + e h + c) Cq + k], zeros elsewhere.
 template <typename T>
-std::vector<T> weight_matrices(at::TensorList conv_1s, at::TensorList conv_2s, const Geometry& g, bool transposed) {
-  std::vector<T> m(2 * g.Cq * g.Nh, T(0));
-  for (int64_t half = 0; half < 2; ++half) {
+std::vector<T> weight_matrices(const std::vector<at::TensorList>& parts, const Geometry& g, bool transposed) {
+  std::vector<T> m(g.s * g.Cq * g.Nh, T(0));
+  for (int64_t half = 0; half < g.s; ++half) {
     for (int64_t e = 0; e < g.E; ++e) {
-      const at::Tensor w = (half == 0 ? conv_1s : conv_2s)[e].contiguous();
+      const at::Tensor w = parts[half][e].contiguous();
       const T* src = w.const_data_ptr<T>();
       for (int64_t c = 0; c < g.h; ++c) {
         for (int64_t k = 0; k < g.C; ++k) {
@@ -118,10 +130,10 @@ std::vector<T> first_outputs(const at::Tensor& x, const std::vector<T>& m, bool 
     return shift;
   }
   const at::Tensor r = (relu ? x.select(0, 0).relu() : x.select(0, 0)).to(at::kDouble);  // [C, H, W]
-  const at::Tensor even = r.select(1, 0).select(1, 0).contiguous();
-  const at::Tensor odd = g.H > 1 && g.W > 1 ? r.select(1, 1).select(1, 1).contiguous() : at::zeros_like(even);
-  for (int64_t half = 0; half < 2; ++half) {
-    const double* p = (half == 0 ? even : odd).const_data_ptr<double>();
+  for (int64_t half = 0; half < g.s; ++half) {
+    const bool inside = half < g.H && half < g.W;  // part p's first pixel, (p, p)
+    const at::Tensor pixel = inside ? r.select(1, half).select(1, half).contiguous() : at::zeros({g.C}, r.options());
+    const double* p = pixel.const_data_ptr<double>();
     for (int64_t col = 0; col < g.Nh; ++col) {
       double sum = 0.0;
       for (int64_t k = 0; k < g.C; ++k) {
@@ -148,7 +160,7 @@ struct Args {
   std::vector<Strides> gs;
   T* grad_x;                 // backward, or nullptr
   Strides gxs;
-  T* partials;               // backward: [num_chunks][2][Nh][Cq] weight gradients, or nullptr
+  T* partials;               // backward: [num_chunks][s][Nh][Cq] weight gradients, or nullptr
 };
 
 template <typename T>
@@ -156,17 +168,17 @@ FASTDARTS_ALWAYS_INLINE T relu_of(T v, bool relu) {
   return relu ? std::max(v, T(0)) : v;  // std::max keeps a NaN, as torch.relu does
 }
 
-// Packs relu(x) at output row (n, i)'s even pixels into tile[j Kp + k] and at its odd pixels into tile[j Kp + Cq + k]
-// (zeros where the odd pixel falls outside x). The padding columns and rows stay as they are (zeros).
+// Packs relu(x) at output row (n, i)'s pixels of part p into tile[j Kp + p Cq + k] (zeros where a pixel falls outside
+// x). The padding columns and rows stay as they are (zeros).
 template <typename T>
 FASTDARTS_ALWAYS_INLINE void pack_pixels(const Args<T>& a, int64_t n, int64_t i, T* tile) {
   const Geometry& g = a.g;
   const int64_t Kp = g.Kp();
-  for (int64_t half = 0; half < 2; ++half) {
-    const int64_t y = 2 * i + half;
+  for (int64_t half = 0; half < g.s; ++half) {
+    const int64_t y = g.s * i + half;
     for (int64_t j = 0; j < g.Wo; ++j) {
       T* dst = tile + j * Kp + half * g.Cq;
-      const int64_t xw = 2 * j + half;
+      const int64_t xw = g.s * j + half;
       if (y >= g.H || xw >= g.W) {
         std::fill(dst, dst + g.C, T(0));
         continue;
@@ -199,7 +211,7 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const Args<T>& a, int64_t begin, int
       const int64_t n = row / g.Ho, i = row % g.Ho;
       pack_pixels(a, n, i, tile);
       std::fill(row_sums, row_sums + 2 * Np, T(0));
-      for (int64_t half = 0; half < 2; ++half) {
+      for (int64_t half = 0; half < g.s; ++half) {
         const T* m = a.matrices + half * g.Cq * g.Nh;
         for (int64_t w0 = 0; w0 < g.Wo; w0 += R) {
           for (int64_t c0 = 0; c0 < g.Nh; c0 += step) {
@@ -216,7 +228,7 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const Args<T>& a, int64_t begin, int
       for (int64_t e = 0; e < g.E; ++e) {
         for (int64_t j = 0; j < g.Wo; ++j) {
           T* dst = a.outs[e] + n * a.os.n + i * a.os.h + j * a.os.w;
-          for (int64_t half = 0; half < 2; ++half) {
+          for (int64_t half = 0; half < g.s; ++half) {
             const T* src = block + j * Np + half * g.Nh + e * g.h;
             if (a.os.c == 1) {
               std::memcpy(dst + half * g.h, src, g.h * sizeof(T));
@@ -234,7 +246,7 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const Args<T>& a, int64_t begin, int
 
 FASTDARTS_CPU_ISA_COPIES(forward_chunks)
 
-// Writes input row y of grad_x: at the pixels of parity `half` (w = 2j + half) the gradient in d[j Kp + half Cq + k]
+// Writes input row y of grad_x: at the pixels of part `half` (w = s j + half) the gradient in d[j Kp + half Cq + k]
 // masked by x > 0 (with the ReLU), zeros at the others.
 template <typename T>
 FASTDARTS_ALWAYS_INLINE void write_grad_row(const Args<T>& a, int64_t n, int64_t y, int64_t half, const T* d) {
@@ -243,8 +255,8 @@ FASTDARTS_ALWAYS_INLINE void write_grad_row(const Args<T>& a, int64_t n, int64_t
   for (int64_t w = 0; w < g.W; ++w) {
     T* dst = a.grad_x + n * a.gxs.n + y * a.gxs.h + w * a.gxs.w;
     const T* src = a.x + n * a.xs.n + y * a.xs.h + w * a.xs.w;
-    const T* grad = d + (w >> 1) * g.Kp() + half * g.Cq;
-    if ((w & 1) != half) {
+    const T* grad = d + (w / g.s) * g.Kp() + half * g.Cq;
+    if (w % g.s != half) {
       for (int64_t k = 0; k < g.C; ++k) {
         dst[k * a.gxs.c] = T(0);
       }
@@ -270,16 +282,16 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
   constexpr int64_t R = kPointwiseRows<kIsa>;
   constexpr int64_t step = kPointwiseVecs<kIsa> * kLanes<T, kIsa>;
   for (int64_t chunk = begin; chunk < end; ++chunk) {
-    T* partial = a.partials == nullptr ? nullptr : a.partials + chunk * 2 * g.Nh * g.Cq;
+    T* partial = a.partials == nullptr ? nullptr : a.partials + chunk * g.s * g.Nh * g.Cq;
     if (partial != nullptr) {
-      std::fill(partial, partial + 2 * g.Nh * g.Cq, T(0));
+      std::fill(partial, partial + g.s * g.Nh * g.Cq, T(0));
     }
     for (int64_t row = g.chunk_begin(chunk); row < g.chunk_begin(chunk + 1); ++row) {
       const int64_t n = row / g.Ho, i = row % g.Ho;
       for (int64_t e = 0; e < g.E; ++e) {  // the output gradients in the forward's column order
         for (int64_t j = 0; j < g.Wo; ++j) {
           const T* src = a.grads[e] + n * a.gs[e].n + i * a.gs[e].h + j * a.gs[e].w;
-          for (int64_t half = 0; half < 2; ++half) {
+          for (int64_t half = 0; half < g.s; ++half) {
             T* dst = grad_tile + j * Np + half * g.Nh + e * g.h;
             if (a.gs[e].c == 1) {
               std::memcpy(dst, src + half * g.h, g.h * sizeof(T));
@@ -292,7 +304,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
         }
       }
       if (a.grad_x != nullptr) {
-        for (int64_t half = 0; half < 2; ++half) {
+        for (int64_t half = 0; half < g.s; ++half) {
           const T* m = a.matrices + half * g.Nh * g.Cq;
           for (int64_t w0 = 0; w0 < g.Wo; w0 += R) {
             for (int64_t c0 = 0; c0 < g.Cq; c0 += step) {
@@ -301,14 +313,13 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
             }
           }
         }
-        write_grad_row(a, n, 2 * i, 0, d_pixels);
-        if (2 * i + 1 < g.H) {
-          write_grad_row(a, n, 2 * i + 1, 1, d_pixels);
+        for (int64_t half = 0; half < g.s && g.s * i + half < g.H; ++half) {
+          write_grad_row(a, n, g.s * i + half, half, d_pixels);
         }
       }
       if (partial != nullptr) {
         pack_pixels(a, n, i, tile);
-        for (int64_t half = 0; half < 2; ++half) {
+        for (int64_t half = 0; half < g.s; ++half) {
           T* p = partial + half * g.Nh * g.Cq;
           for (int64_t o0 = 0; o0 < g.Nh; o0 += R) {
             for (int64_t c0 = 0; c0 < g.Cq; c0 += step) {
@@ -324,42 +335,44 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
 
 FASTDARTS_CPU_ISA_COPIES(backward_chunks)
 
-std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t h) {
-  return {x.size(0), 2 * h, (x.size(2) + 1) / 2, (x.size(3) + 1) / 2};
+std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t s, int64_t h) {
+  return {x.size(0), s * h, (x.size(2) + s - 1) / s, (x.size(3) + s - 1) / s};
 }
 
-// The checks of both ops: x an image batch, conv_1s a non-empty list of [h, C, 1, 1] weights, conv_2s as many of
-// the same shape.
-void check_arguments(const char* op, const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s) {
-  check_images(op, "x", x);
-  check_supported_dtype(op, x);
-  TORCH_CHECK_VALUE(!conv_1s.empty(), op, ": conv_1s must be a non-empty list of tensors");
-  const at::Tensor& first = conv_1s[0];
+// A non-empty list of 1x1 weights for the C channels of x, all of the first's shape [C_out, C, 1, 1], C_out >= 1.
+void check_weights_list(const char* op, const char* name, at::TensorList weights, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(!weights.empty(), op, ": ", name, " must be a non-empty list of tensors");
+  const at::Tensor& first = weights[0];
   TORCH_CHECK_VALUE(first.dim() == 4 && first.size(0) >= 1 && first.size(1) == x.size(1) && first.size(2) == 1 &&
                         first.size(3) == 1,
-                    op, ": conv_1s[0] must have shape [h, C, 1, 1] with h >= 1 and C = ", x.size(1), ", got shape ",
-                    first.sizes());
-  const int64_t E = static_cast<int64_t>(conv_1s.size());
-  check_sized_list(op, "conv_1s", conv_1s, E, "output", first.sizes(), "x", x);
-  check_sized_list(op, "conv_2s", conv_2s, E, "output", first.sizes(), "x", x);
+                    op, ": ", name, "[0] must have shape [C_out, C, 1, 1] with C_out >= 1 and C = ", x.size(1),
+                    ", got shape ", first.sizes());
+  check_sized_list(op, name, weights, static_cast<int64_t>(weights.size()), "output", first.sizes(), "x", x);
+}
+
+void check_input(const char* op, const at::Tensor& x) {
+  check_images(op, "x", x);
+  check_supported_dtype(op, x);
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> factorized_reduce_bn_stats_cpu(
-    const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s, bool relu) {
-  check_arguments("factorized_reduce_bn_stats", x, conv_1s, conv_2s);
-  const int64_t E = static_cast<int64_t>(conv_1s.size()), h = conv_1s[0].size(0);
+// Both ops' forward: parts[p][e] the weights of part p of output e (s = parts.size()).
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Tensor& x,
+                                                                    const std::vector<at::TensorList>& parts,
+                                                                    bool relu) {
+  const int64_t s = static_cast<int64_t>(parts.size());
+  const int64_t E = static_cast<int64_t>(parts[0].size()), h = parts[0][0].size(0), C_out = s * h;
   const at::TensorOptions options = x.options().memory_format(x.suggest_memory_format());
   std::vector<at::Tensor> outs;
   for (int64_t e = 0; e < E; ++e) {
-    outs.push_back(at::empty(output_sizes(x, h), options));
+    outs.push_back(at::empty(output_sizes(x, s, h), options));
   }
-  at::Tensor mean = at::empty({E, 2 * h}, x.options());
-  at::Tensor var = at::empty({E, 2 * h}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "factorized_reduce_bn_stats_cpu", [&] {
+  at::Tensor mean = at::empty({E, C_out}, x.options());
+  at::Tensor var = at::empty({E, C_out}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_bn_stats_cpu", [&] {
     const CpuIsa isa = cpu_isa();  // once per call, before the threads start
-    const Geometry g(x, E, h);
-    const std::vector<scalar_t> matrices = weight_matrices<scalar_t>(conv_1s, conv_2s, g, false);
+    const Geometry g(x, s, E, h);
+    const std::vector<scalar_t> matrices = weight_matrices<scalar_t>(parts, g, false);
     std::vector<double> moments(g.num_chunks * 2 * g.Np());
     const std::vector<scalar_t> shift = first_outputs(x, matrices, relu, g);
     Args<scalar_t> a{g, x.const_data_ptr<scalar_t>(), strides_of(x), relu, matrices.data(), {}, strides_of(outs[0]),
@@ -382,44 +395,46 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> factorized_reduce_bn
     scalar_t* m = mean.data_ptr<scalar_t>();
     scalar_t* v = var.data_ptr<scalar_t>();
     for (int64_t e = 0; e < E; ++e) {
-      for (int64_t c = 0; c < 2 * h; ++c) {
-        const int64_t col = (c < h ? 0 : g.Nh) + e * h + c % h;
+      for (int64_t c = 0; c < C_out; ++c) {
+        const int64_t col = c / h * g.Nh + e * h + c % h;
         const double centred = total[col] / count;  // the mean of out - shift
-        m[e * 2 * h + c] = static_cast<scalar_t>(shift[col] + centred);
-        v[e * 2 * h + c] = static_cast<scalar_t>(std::max(total[g.Np() + col] / count - centred * centred, 0.0));
+        m[e * C_out + c] = static_cast<scalar_t>(shift[col] + centred);
+        v[e * C_out + c] = static_cast<scalar_t>(std::max(total[g.Np() + col] / count - centred * centred, 0.0));
       }
     }
   });
   return {outs, mean, var};
 }
 
-std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-factorized_reduce_bn_stats_backward_cpu(at::TensorList grads, const at::Tensor& x, at::TensorList conv_1s,
-                                        at::TensorList conv_2s, bool relu, bool input_grad, bool weight_grad) {
-  const char* op = "factorized_reduce_bn_stats_backward";
-  check_arguments(op, x, conv_1s, conv_2s);
-  const int64_t E = static_cast<int64_t>(conv_1s.size()), h = conv_1s[0].size(0);
-  check_sized_list(op, "grads", grads, E, "output", output_sizes(x, h), "x", x);
+// Both ops' backward: grad_x if input_grad, and if weight_grad the gradients of every part's weights (per part, per
+// output).
+std::tuple<std::optional<at::Tensor>, std::vector<std::vector<at::Tensor>>> backward(
+    const char* op, at::TensorList grads, const at::Tensor& x, const std::vector<at::TensorList>& parts, bool relu,
+    bool input_grad, bool weight_grad) {
+  const int64_t s = static_cast<int64_t>(parts.size());
+  const int64_t E = static_cast<int64_t>(parts[0].size()), h = parts[0][0].size(0);
+  check_sized_list(op, "grads", grads, E, "output", output_sizes(x, s, h), "x", x);
   std::optional<at::Tensor> grad_x;
   if (input_grad) {
     grad_x = at::empty_like(x);
   }
-  std::vector<at::Tensor> grad_1s, grad_2s;
+  std::vector<std::vector<at::Tensor>> grad_parts(s);
   if (weight_grad) {
-    for (int64_t e = 0; e < E; ++e) {
-      grad_1s.push_back(at::empty(conv_1s[e].sizes(), conv_1s[e].options()));
-      grad_2s.push_back(at::empty(conv_2s[e].sizes(), conv_2s[e].options()));
+    for (int64_t p = 0; p < s; ++p) {
+      for (int64_t e = 0; e < E; ++e) {
+        grad_parts[p].push_back(at::empty(parts[p][e].sizes(), parts[p][e].options()));
+      }
     }
   }
   if (!input_grad && !weight_grad) {
-    return {grad_x, grad_1s, grad_2s};
+    return {grad_x, grad_parts};
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "factorized_reduce_bn_stats_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_bn_stats_backward_cpu", [&] {
     const CpuIsa isa = cpu_isa();
-    const Geometry g(x, E, h);
-    const std::vector<scalar_t> transposed = weight_matrices<scalar_t>(conv_1s, conv_2s, g, true);
+    const Geometry g(x, s, E, h);
+    const std::vector<scalar_t> transposed = weight_matrices<scalar_t>(parts, g, true);
     // each chunk zeroes its own slots; an empty batch leaves them unwritten, so zeros for it
-    at::Tensor partials = weight_grad ? at::zeros({g.num_chunks * 2 * g.Nh * g.Cq}, x.options()) : at::Tensor();
+    at::Tensor partials = weight_grad ? at::zeros({g.num_chunks * s * g.Nh * g.Cq}, x.options()) : at::Tensor();
     Args<scalar_t> a{g, x.const_data_ptr<scalar_t>(), strides_of(x), relu, transposed.data(), {}, {}, nullptr};
     for (const at::Tensor& grad : grads) {
       a.grads.push_back(grad.const_data_ptr<scalar_t>());
@@ -439,21 +454,60 @@ factorized_reduce_bn_stats_backward_cpu(at::TensorList grads, const at::Tensor& 
       });
     }
     if (weight_grad) {
-      const std::vector<double> total =
-          add_slots(partials.const_data_ptr<scalar_t>(), g.num_chunks, 2 * g.Nh * g.Cq);
-      for (int64_t half = 0; half < 2; ++half) {
+      const std::vector<double> total = add_slots(partials.const_data_ptr<scalar_t>(), g.num_chunks, s * g.Nh * g.Cq);
+      for (int64_t p = 0; p < s; ++p) {
         for (int64_t e = 0; e < E; ++e) {
-          scalar_t* dst = (half == 0 ? grad_1s : grad_2s)[e].data_ptr<scalar_t>();  // contiguous [h, C, 1, 1]
+          scalar_t* dst = grad_parts[p][e].data_ptr<scalar_t>();  // contiguous [h, C, 1, 1]
           for (int64_t c = 0; c < h; ++c) {
             for (int64_t k = 0; k < g.C; ++k) {
-              dst[c * g.C + k] = static_cast<scalar_t>(total[(half * g.Nh + e * h + c) * g.Cq + k]);
+              dst[c * g.C + k] = static_cast<scalar_t>(total[(p * g.Nh + e * h + c) * g.Cq + k]);
             }
           }
         }
       }
     }
   });
-  return {grad_x, grad_1s, grad_2s};
+  return {grad_x, grad_parts};
+}
+
+void check_factorized_reduce(const char* op, const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s) {
+  check_input(op, x);
+  check_weights_list(op, "conv_1s", conv_1s, x);
+  check_sized_list(op, "conv_2s", conv_2s, static_cast<int64_t>(conv_1s.size()), "output", conv_1s[0].sizes(), "x",
+                   x);
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> factorized_reduce_bn_stats_cpu(
+    const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s, bool relu) {
+  check_factorized_reduce("factorized_reduce_bn_stats", x, conv_1s, conv_2s);
+  return forward(x, {conv_1s, conv_2s}, relu);
+}
+
+std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+factorized_reduce_bn_stats_backward_cpu(at::TensorList grads, const at::Tensor& x, at::TensorList conv_1s,
+                                        at::TensorList conv_2s, bool relu, bool input_grad, bool weight_grad) {
+  const char* op = "factorized_reduce_bn_stats_backward";
+  check_factorized_reduce(op, x, conv_1s, conv_2s);
+  auto [grad_x, grad_parts] = backward(op, grads, x, {conv_1s, conv_2s}, relu, input_grad, weight_grad);
+  return {grad_x, grad_parts[0], grad_parts[1]};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relu_pointwise_bn_stats_cpu(const at::Tensor& x,
+                                                                                        at::TensorList weights,
+                                                                                        bool relu) {
+  const char* op = "relu_pointwise_bn_stats";
+  check_input(op, x);
+  check_weights_list(op, "weights", weights, x);
+  return forward(x, {weights}, relu);
+}
+
+std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>> relu_pointwise_bn_stats_backward_cpu(
+    at::TensorList grads, const at::Tensor& x, at::TensorList weights, bool relu, bool input_grad, bool weight_grad) {
+  const char* op = "relu_pointwise_bn_stats_backward";
+  check_input(op, x);
+  check_weights_list(op, "weights", weights, x);
+  auto [grad_x, grad_parts] = backward(op, grads, x, {weights}, relu, input_grad, weight_grad);
+  return {grad_x, grad_parts[0]};
 }
 
 }  // namespace
@@ -461,6 +515,8 @@ factorized_reduce_bn_stats_backward_cpu(at::TensorList grads, const at::Tensor& 
 TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
   m.impl("factorized_reduce_bn_stats", &factorized_reduce_bn_stats_cpu);
   m.impl("factorized_reduce_bn_stats_backward", &factorized_reduce_bn_stats_backward_cpu);
+  m.impl("relu_pointwise_bn_stats", &relu_pointwise_bn_stats_cpu);
+  m.impl("relu_pointwise_bn_stats_backward", &relu_pointwise_bn_stats_backward_cpu);
 }
 
 }  // namespace fastdarts

@@ -1,0 +1,301 @@
+"""The kernels of factorized_reduce_bn_stats (FactorizedReduce before its BN, for several weight pairs from one read
+of x) and relu_pointwise_bn_stats (a ReLU and 1x1 conv before a BN), each with its outputs' batch statistics, and
+their backwards, against the reference: outputs, statistics and every gradient, on every CPU tier, both layouts, odd
+sizes, with and without the ReLU; gradcheck in float64, opcheck, the gradient flags, one-line errors, and sums that
+do not depend on the thread count. Then ops.relu_conv_bn (a cell's preprocessing) against nn modules."""
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from fastdarts import ops
+from fastdarts.ops import reference
+from fastdarts.space import ReLUConvBN, drop_running_statistics
+from fastdarts.supernet import _batch_norm_arguments
+
+from ..conftest import requires_ext
+from ._helpers import assert_gradients_close, memory_format_of
+
+# (N, C, H, W, E, h): odd and even sides, a 1x1 image, channel counts below, at and past a vector, E = 1..4; h is
+# each weight's number of output channels.
+CASES = [(3, 4, 8, 8, 1, 2), (2, 6, 7, 9, 3, 3), (2, 32, 5, 4, 4, 16), (1, 5, 1, 1, 2, 5), (2, 17, 9, 3, 2, 1),
+         (2, 16, 6, 6, 4, 8)]  # fmt: skip
+CASE_IDS = ["N{}C{}H{}W{}E{}h{}".format(*case) for case in CASES]
+TOLERANCES = {
+    torch.float32: dict(out=dict(rtol=1e-5, atol=1e-5), grad=dict(rtol=1e-4, atol=1e-4)),
+    torch.float64: dict(out=dict(rtol=1e-10, atol=1e-12), grad=dict(rtol=1e-10, atol=1e-10)),
+}
+
+
+class FactorizedReduce:
+    """factorized_reduce_bn_stats: E pairs of weights, (conv_1s, conv_2s)."""
+
+    parts = 2
+    op = torch.ops.fastdarts.factorized_reduce_bn_stats.default
+    backward = torch.ops.fastdarts.factorized_reduce_bn_stats_backward.default
+    reference = staticmethod(reference.factorized_reduce_bn_stats)
+
+
+class ReluPointwise:
+    """relu_pointwise_bn_stats: E weights."""
+
+    parts = 1
+    op = torch.ops.fastdarts.relu_pointwise_bn_stats.default
+    backward = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default
+    reference = staticmethod(reference.relu_pointwise_bn_stats)
+
+
+KERNELS = [FactorizedReduce, ReluPointwise]
+KERNEL_IDS = ["factorized_reduce", "relu_pointwise"]
+
+
+def make_inputs(kernel, case, dtype=torch.float32, layout="channels_last", requires_grad=True):
+    """(x, weights): weights one list per part."""
+    N, C, H, W, E, h = case
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(N, C, H, W, dtype=dtype, generator=generator).contiguous(memory_format=memory_format_of(layout))
+    weights = [[torch.randn(h, C, 1, 1, dtype=dtype, generator=generator).requires_grad_(requires_grad)
+                for _ in range(E)] for _ in range(kernel.parts)]  # fmt: skip
+    return x.requires_grad_(requires_grad), weights
+
+
+def forward(kernel, x, weights, relu=True):
+    outs, mean, var = kernel.op(x, *weights, relu)
+    return list(outs), mean, var
+
+
+def backward(kernel, grads, x, weights, relu, input_grad, weight_grad):
+    """(grad_x, [per part, the weights' gradients])."""
+    grad_x, *grad_parts = kernel.backward(grads, x, *weights, relu, input_grad, weight_grad)
+    return grad_x, grad_parts
+
+
+@requires_ext
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_matches_reference(kernel, case, dtype, layout, relu, cpu_isa):
+    tol = TOLERANCES[dtype]
+    x, weights = make_inputs(kernel, case, dtype, layout)
+    outs, mean, var = forward(kernel, x, weights, relu)
+    want_outs, want_mean, want_var = kernel.reference(x, *weights, relu)
+    for got, want in zip(outs, want_outs, strict=True):
+        torch.testing.assert_close(got, want, **tol["out"])
+        assert got.is_contiguous(memory_format=memory_format_of(layout))
+    torch.testing.assert_close(mean, want_mean, **tol["out"])
+    torch.testing.assert_close(var, want_var, **tol["out"])
+    assert not mean.requires_grad and not var.requires_grad
+    inputs = [x, *itertools.chain(*weights)]
+    grads = [torch.randn_like(out) for out in want_outs]
+    assert_gradients_close(torch.autograd.grad(outs, inputs, grads), torch.autograd.grad(want_outs, inputs, grads),
+                           tol["grad"])  # fmt: skip
+
+
+@requires_ext
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_gradcheck_float64(kernel, relu):
+    x, weights = make_inputs(kernel, (2, 3, 5, 4, 2, 2), torch.float64)
+    flat = list(itertools.chain(*weights))
+
+    def outputs(x, *flat):
+        parts = [list(flat[p * 2 : (p + 1) * 2]) for p in range(kernel.parts)]
+        return tuple(forward(kernel, x, parts, relu)[0])
+
+    assert torch.autograd.gradcheck(outputs, (x, *flat))
+
+
+@requires_ext
+@pytest.mark.parametrize("input_grad, weight_grad", list(itertools.product([True, False], repeat=2)))
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_backward_computes_only_what_is_asked(kernel, input_grad, weight_grad):
+    x, weights = make_inputs(kernel, (2, 6, 7, 9, 3, 3), requires_grad=False)
+    grads = [torch.randn_like(out) for out in forward(kernel, x, weights)[0]]
+    grad_x, grad_parts = backward(kernel, grads, x, weights, True, input_grad, weight_grad)
+    full_x, full_parts = backward(kernel, grads, x, weights, True, True, True)
+    assert (grad_x is None) == (not input_grad)
+    assert [len(g) for g in grad_parts] == [3 if weight_grad else 0] * kernel.parts
+    if input_grad:
+        assert torch.equal(grad_x, full_x)
+    for got, want in zip(itertools.chain(*grad_parts), itertools.chain(*full_parts)):
+        assert torch.equal(got, want)
+
+
+@requires_ext
+def test_factorized_reduce_gradient_reaches_only_the_sampled_pixels_where_x_is_positive():
+    x, weights = make_inputs(FactorizedReduce, (2, 4, 7, 7, 1, 2), requires_grad=False)
+    grads = [torch.randn_like(out) for out in forward(FactorizedReduce, x, weights)[0]]
+    grad_x, _ = backward(FactorizedReduce, grads, x, weights, True, True, False)
+    sampled = torch.zeros(7, 7, dtype=torch.bool)
+    sampled[::2, ::2] = sampled[1::2, 1::2] = True
+    assert torch.all(grad_x[:, :, ~sampled] == 0) and torch.all(grad_x[x <= 0] == 0)
+    assert torch.count_nonzero(grad_x) > 0
+
+
+@requires_ext
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_statistics_are_accumulated_in_double(kernel):
+    # Far from zero, float32 sums of squares would lose the variance; the kernel's must agree with float64
+    # statistics of its own float32 outputs.
+    x, weights = make_inputs(kernel, (4, 8, 16, 16, 2, 4), requires_grad=False)
+    outs, mean, var = forward(kernel, x.abs() + 1e3, weights)
+    for e, out in enumerate(outs):
+        want_var, want_mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
+        torch.testing.assert_close(mean[e], want_mean.float(), rtol=1e-6, atol=0)
+        torch.testing.assert_close(var[e], want_var.float(), rtol=1e-5, atol=0)
+
+
+@requires_ext
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_results_do_not_depend_on_the_thread_count(kernel):
+    x, weights = make_inputs(kernel, (8, 16, 32, 32, 4, 8), requires_grad=False)
+    grads = [torch.randn_like(out) for out in forward(kernel, x, weights)[0]]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs, mean, var = forward(kernel, x, weights)
+            grad_x, grad_parts = backward(kernel, grads, x, weights, True, True, True)
+            results.append([*outs, mean, var, grad_x, *itertools.chain(*grad_parts)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@requires_ext
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_empty_batch(kernel):
+    x, weights = make_inputs(kernel, (0, 4, 6, 6, 2, 2), requires_grad=False)
+    outs, mean, var = forward(kernel, x, weights)
+    side = 6 // kernel.parts
+    assert [list(out.shape) for out in outs] == [[0, 2 * kernel.parts, side, side]] * 2
+    assert mean.isnan().all() and var.isnan().all()  # as torch.var_mean of an empty tensor
+    grad_x, grad_parts = backward(kernel, outs, x, weights, True, True, True)
+    assert grad_x.shape == x.shape
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in itertools.chain(*grad_parts))
+
+
+def opcheck_samples():
+    samples = []
+    for kernel, name in zip(KERNELS, KERNEL_IDS):
+        for needs in (True, False):
+            x, weights = make_inputs(kernel, (2, 5, 7, 6, 2, 3), requires_grad=needs)
+            samples.append((f"{name}_needs_grad={needs}", kernel, x, weights, True))
+        x, weights = make_inputs(kernel, (1, 16, 9, 9, 1, 8), torch.float64, "contiguous")
+        samples.append((f"{name}_contiguous_f64_no_relu", kernel, x, weights, False))
+    return samples
+
+
+@requires_ext
+@pytest.mark.parametrize("sample", [s[1:] for s in opcheck_samples()], ids=[s[0] for s in opcheck_samples()])
+def test_opcheck(sample):
+    kernel, x, weights, relu = sample
+    opcheck(kernel.op, (x, *weights, relu))
+    x, weights = x.detach(), [[w.detach() for w in ws] for ws in weights]
+    grads = [torch.randn_like(out) for out in forward(kernel, x, weights, relu)[0]]
+    for flags in ((True, True), (True, False), (False, True)):
+        opcheck(kernel.backward, (grads, x, *weights, relu, *flags))
+
+
+def bad_calls():
+    x, (conv_1s, conv_2s) = make_inputs(FactorizedReduce, (2, 4, 6, 6, 2, 2), requires_grad=False)
+    fr, pw = "factorized_reduce_bn_stats", "relu_pointwise_bn_stats"
+    return [
+        ("empty", FactorizedReduce, (x, [], []), f"{fr}: conv_1s must be a non-empty list of tensors"),
+        ("channels", FactorizedReduce, (x, [torch.ones(2, 3, 1, 1)] * 2, conv_2s),
+         rf"{fr}: conv_1s\[0\] must have shape \[C_out, C, 1, 1\] with C_out >= 1 and C = 4, got shape \[2, 3, 1, 1\]"),
+        ("count", FactorizedReduce, (x, conv_1s, conv_2s[:1]),
+         rf"{fr}: conv_2s must have one tensor per output \(K = 2\), got 1"),
+        ("shape", FactorizedReduce, (x, conv_1s, [conv_2s[0], torch.ones(1, 4, 1, 1)]),
+         rf"{fr}: conv_2s\[1\] must have shape \[2, 4, 1, 1\], got \[1, 4, 1, 1\]"),
+        ("image", FactorizedReduce, (x[0], conv_1s, conv_2s), rf"{fr}: x must be a 4-D \[N, C, H, W\] tensor"),
+        ("pointwise_empty", ReluPointwise, (x, []), f"{pw}: weights must be a non-empty list of tensors"),
+        ("pointwise_shape", ReluPointwise, (x, [torch.ones(3, 4, 1, 1), torch.ones(2, 4, 1, 1)]),
+         rf"{pw}: weights\[1\] must have shape \[3, 4, 1, 1\], got \[2, 4, 1, 1\]"),
+    ]  # fmt: skip
+
+
+@requires_ext
+@pytest.mark.parametrize("kernel, args, message", [c[1:] for c in bad_calls()], ids=[c[0] for c in bad_calls()])
+def test_bad_arguments_raise_one_line(kernel, args, message):
+    for call in (kernel.reference, kernel.op):
+        with pytest.raises(ValueError, match=f"^{message}") as error:
+            call(*args, True)
+        assert "\n" not in str(error.value).strip()
+
+
+# ops.relu_conv_bn: a cell's preprocessing, against the nn modules it replaces --------------------------------------
+
+
+def preprocessing(training, track_running_stats=True, dtype=torch.float32):
+    module = ReLUConvBN(12, 8, 1, 1, 0, affine=False).to(dtype)
+    if not track_running_stats:
+        drop_running_statistics(module)
+    module.train(training)
+    return module
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval_batch_statistics"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_relu_conv_bn_matches_the_modules(backend, relu, mode, dtype):
+    tol = TOLERANCES[dtype]["grad"]
+    module = preprocessing(mode == "train", mode != "eval_batch_statistics", dtype)
+    if mode == "eval":  # running statistics of some earlier batches
+        module[2].running_mean.uniform_(-1, 1)
+        module[2].running_var.uniform_(0.5, 2)
+    fused = copy.deepcopy(module)
+    x = torch.randn(3, 12, 7, 5, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for _ in range(2):  # twice: the running statistics move, and the batch count
+        want = module(x) if relu else module[2](module[1](x))
+        _, conv, bn = fused
+        got = ops.relu_conv_bn(x, conv.weight, *_batch_norm_arguments(bn), relu=relu, backend=backend)
+        torch.testing.assert_close(got, want, **tol)
+        for name, buffer in module[2].named_buffers():
+            torch.testing.assert_close(getattr(bn, name), buffer, **tol, msg=name)
+        grad = torch.randn_like(want)
+        assert_gradients_close(torch.autograd.grad(got, [x, conv.weight], grad),
+                               torch.autograd.grad(want, [x, module[1].weight], grad), tol)  # fmt: skip
+
+
+@requires_ext
+def test_relu_conv_bn_gradcheck_float64():
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(3, 5, 1, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, weight: ops.relu_conv_bn(x, weight, None, None, True, 0.1, 1e-5, backend="cpp"), (x, weight)
+    )
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+def test_relu_conv_bn_in_evaluation_needs_running_statistics(backend):
+    x, weight = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 1, 1)
+    with pytest.raises(ValueError, match=r"^relu_conv_bn: in evaluation the running statistics are needed"):
+        ops.relu_conv_bn(x, weight, None, None, False, 0.1, 1e-5, backend=backend)
+
+
+@requires_ext
+def test_relu_conv_bn_compiles_fullgraph():
+    torch._dynamo.reset()
+    x = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weight = torch.randn(4, 6, 1, 1, requires_grad=True)
+    running = [torch.zeros(4), torch.ones(4)], [torch.zeros(4), torch.ones(4)]
+
+    def preprocess(x, weight, running_mean, running_var):
+        return ops.relu_conv_bn(x, weight, running_mean, running_var, True, 0.1, 1e-5, backend="cpp").square().sum()
+
+    got = torch.compile(preprocess, fullgraph=True, backend="aot_eager")(x, weight, *running[0])
+    want = preprocess(x, weight, *running[1])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(running[0], running[1]):  # the running statistics moved the same way
+        torch.testing.assert_close(a, b)
+    assert_gradients_close(torch.autograd.grad(got, [x, weight]), torch.autograd.grad(want, [x, weight]),
+                           TOLERANCES[torch.float32]["grad"])  # fmt: skip
