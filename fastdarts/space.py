@@ -98,8 +98,8 @@ class Zero(nn.Module):
 
 
 class FactorizedReduce(nn.Module):
-    """ReLU, two 1x1 stride-2 convs (on x and on x shifted by one pixel), concatenated, BN. The convs run as
-    ops.reference.factorized_reduce computes them (subsampling, then one matrix product)."""
+    """ReLU, two 1x1 stride-2 convs (on x and on x shifted by one pixel), concatenated, BN. The ReLU and the convs run
+    as one op, ops.factorized_reduce (never as strided 1x1 convolutions: see reference.factorized_reduce)."""
 
     def __init__(self, C_in: int, C_out: int, affine: bool = True):
         super().__init__()
@@ -111,7 +111,7 @@ class FactorizedReduce(nn.Module):
 
     def forward(self, x, relu: bool = True):
         """relu=False: x is already the ReLU's output."""
-        return self.bn(ops.reference.factorized_reduce(x, self.conv_1.weight, self.conv_2.weight, relu))
+        return self.bn(ops.factorized_reduce(x, self.conv_1.weight, self.conv_2.weight, relu))
 
 
 def drop_running_statistics(module: nn.Module) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "bn_weighted_sum",
     "cpu_isa",
     "describe_kernels",
+    "factorized_reduce",
     "mixed_op",
     "mixed_ops",
     "mixed_op_layout",
@@ -120,6 +121,24 @@ def bn_weighted_sum(
     (and, on "cpp" and "triton", dtypes other than float32/float64).
     """
     return dispatch("bn_weighted_sum", w.device, backend)(ts, w, mean, invstd)
+
+
+def factorized_reduce(
+    x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = True, *, backend: str | None = None
+) -> Tensor:
+    """DARTS's FactorizedReduce before its BN: ReLU (none when `relu` is false), then two stride-2 1x1 convs, one on
+    x and one on x shifted by a pixel (padded back to x's size when a side is odd), concatenated along the channels.
+
+    Args:
+        x: [N, C_in, H, W], float32 or float64, any memory layout (channels_last is the fast one).
+        conv_1, conv_2: [C_out / 2, C_in, 1, 1] each.
+        backend: "reference", "cpp" or "triton" for this call, as for the other ops.
+
+    Returns [N, C_out, (H + 1) // 2, (W + 1) // 2], laid out like `x`. Differentiable in all three; once on "cpp",
+    which reads x once (the ReLU included) and saves only x and the weights for backward; "triton" runs the
+    reference (a matrix product on cuBLAS). Raises ValueError for shapes that do not fit (on "cpp").
+    """
+    return dispatch("factorized_reduce", x.device, backend)(x, conv_1, conv_2, relu)
 
 
 def relu_conv_bn(

@@ -410,6 +410,13 @@ _register_pointwise_bn_stats_autograd("factorized_reduce_bn_stats", 2)
 _register_pointwise_bn_stats_autograd("relu_pointwise_bn_stats", 1)
 
 
+def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = True) -> Tensor:
+    """reference.factorized_reduce by the factorized_reduce_bn_stats kernel (CPU, float32/float64); its statistics,
+    a few sums per output value, go unused."""
+    (out,), _, _ = torch.ops.fastdarts.factorized_reduce_bn_stats.default(x, [conv_1], [conv_2], relu)
+    return out
+
+
 class _ReluConvBN(torch.autograd.Function):
     """reference.relu_conv_bn on the kernels: the ReLU, the 1x1 conv and its output's statistics in one pass over x
     (relu_pointwise_bn_stats), the BN as a one-term bn_weighted_sum; the backward is bn_weighted_sum_backward

@@ -73,6 +73,10 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         "reference": reference.bn_weighted_sum,
         **({"cpp": _cpp.bn_weighted_sum} if EXTENSION_LOADED else {}),
     },
+    "factorized_reduce": {
+        "reference": reference.factorized_reduce,
+        **({"cpp": _cpp.factorized_reduce} if EXTENSION_LOADED else {}),
+    },
     "relu_conv_bn": {
         "reference": reference.relu_conv_bn,
         **({"cpp": _cpp.relu_conv_bn} if EXTENSION_LOADED else {}),

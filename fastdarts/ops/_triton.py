@@ -87,6 +87,7 @@ from .reference import (
     raise_unless,
     relu_dwconv_output_shape,
 )
+from .reference import factorized_reduce as reference_factorized_reduce
 from .reference import relu_conv_bn as reference_relu_conv_bn
 
 # The combine function of tl.sum, for tl.reduce: tl.sum itself is a @triton.jit function, compiled or interpreted
@@ -1197,7 +1198,9 @@ mixed_ops, mixed_op = define_mixed_ops(
 
 
 # The recurrent mixed op, in a module of its own; imported last: it uses the launch helpers above.
-# A cell's preprocessing: no Triton kernel; on CUDA the reference's ReLU, cuDNN's 1x1 conv and its BN.
+# A cell's preprocessing and FactorizedReduce: no Triton kernels; on CUDA the reference's ReLU, cuDNN's 1x1 conv and
+# BN, and cuBLAS's matrix product.
 relu_conv_bn = reference_relu_conv_bn
+factorized_reduce = reference_factorized_reduce
 
 from ._triton_rnn import rnn_mixed_node  # noqa: E402, F401

@@ -1,7 +1,7 @@
 """FactorizedReduce (the skip candidate of a stride-2 edge, and a cell's preprocessing after a reduction) against
 its definition as two stride-2 1x1 convs, evaluated in float64 (ATen's own convolution, not oneDNN's): float32
-outputs and gradients of the reference function, the search space's module and the fused edge, for small channel
-counts. oneDNN's AVX2 1x1 backward-weights with stride 2 on a channels_last input of fewer than 8 channels is
+outputs and gradients of the reference function, the search space's module, the "cpp" op and the fused edge, for small
+channel counts. oneDNN's AVX2 1x1 backward-weights with stride 2 on a channels_last input of fewer than 8 channels is
 broken (oneDNN issue 6035); fastdarts must never reach it, so the same checks also run in a fresh process with
 oneDNN limited to AVX2, which reproduces the bug on any AVX2 or AVX-512 CPU."""
 
@@ -60,6 +60,11 @@ def space_module(x, convs, grad_out):
     return [out, *torch.autograd.grad(out, [x, module.conv_1.weight, module.conv_2.weight], grad_out)]
 
 
+def cpp_op(x, convs, grad_out):
+    out = ops.factorized_reduce(x, *convs, backend="cpp")
+    return [out, *torch.autograd.grad(out, [x, *convs], grad_out)]
+
+
 def fused_edge(x, convs, grad_out):
     """The "cpp" edge with only the skip candidate: its output is BN(FactorizedReduce(x)) times w[SKIP]."""
     C = x.shape[1]
@@ -97,8 +102,9 @@ def test_float32_matches_float64_definition(compute, shape, layout):
 @requires_ext
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("shape", CASES, ids=CASE_IDS)
-def test_fused_edge_matches_float64_definition(shape, layout):
-    assert check(fused_edge, shape, LAYOUTS[layout], True) < 1e-5
+@pytest.mark.parametrize("compute, with_bn", [(cpp_op, False), (fused_edge, True)], ids=["cpp_op", "fused_edge"])
+def test_kernels_match_float64_definition(compute, with_bn, shape, layout):
+    assert check(compute, shape, LAYOUTS[layout], with_bn) < 1e-5
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
