@@ -230,10 +230,13 @@ def _batch_norm_arguments(bn: nn.BatchNorm2d) -> tuple:
 
 def _preprocess(module: ReLUConvBN | FactorizedReduce, s: torch.Tensor, relu_applied: bool) -> torch.Tensor:
     """A cell's preprocessing of input s, or of s = relu(input) when relu_applied (the module's ReLU skipped).
-    ReLUConvBN runs as one fused op (ops.relu_conv_bn) on its module's parameters and buffers."""
+    ReLUConvBN runs as one fused op (ops.relu_conv_bn) on its module's parameters and buffers: a search cell's BNs
+    are affine-free."""
     if isinstance(module, FactorizedReduce):
         return module(s, relu=not relu_applied)
     _, conv, bn = module
+    if bn.affine:
+        raise ValueError("a search cell's preprocessing must be affine-free (ReLUConvBN(..., affine=False))")
     return ops.relu_conv_bn(s, conv.weight, *_batch_norm_arguments(bn), relu=not relu_applied)
 
 

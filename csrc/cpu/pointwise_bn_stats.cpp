@@ -28,16 +28,17 @@
 // backward grad_x = [x > 0] sum_e weights[e]^T g_e and grad_weights[e] = sum over pixels of g_e r^T. The same floors
 // as a 1x1 conv's, with the ReLU, its mask and the statistics in the same pass.
 //
-// How. Work is split into fixed chunks of output rows (n, i), so that the sums come out the same whatever the number
-// of threads. For each row, the ReLU of x at the row's even pixels and at its odd pixels is packed into a tile (one
-// position a row: the even pixel's C channels, then the odd one's, each padded to a whole vector), and the two
+// How (told for FactorizedReduce; the 1x1 conv is the same with one part). Work is split into fixed chunks of output
+// rows (n, i), so that the sums come out the same whatever the number of threads, and a chunk into tiles of a few
+// whole rows. For each tile, the ReLU of x at its rows' even pixels and at their odd pixels is packed (one output
+// position a tile row: the even pixel's C channels, then the odd one's, each padded to a whole vector), and the two
 // halves of every edge's output are two matrix products with the tile (tiles.h's register blocks): the first halves
 // of all E edges side by side from the even channels, the second halves from the odd ones, so no multiply-add
-// touches the zeros of FactorizedReduce's block-diagonal matrix. The statistics are summed from the register blocks.
-// The backward packs the E output gradients of a row into one tile in the same column order; their products with
-// the transposed matrices give the gradient at the row's even and odd pixels, which is masked and written out for
-// the two input rows 2i and 2i + 1 (zeros between), and the products of the gradient tile with the input tile give
-// the weights' gradients, summed per chunk.
+// touches the zeros of FactorizedReduce's block-diagonal matrix. The statistics are summed from the register blocks,
+// around each column's first value. The backward packs the E output gradients of the tile's rows into one tile in the
+// same column order; their products with the transposed matrices give the gradient at the even and odd pixels, which
+// is masked and written out for each output row's input rows 2i and 2i + 1 (zeros between), and the products of the
+// gradient tile with the input tile give the weights' gradients, summed per chunk.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -65,6 +66,10 @@ using tiles::outer_product_block;
 
 // About this many output positions a chunk: a few chunks a thread at the search's sizes.
 constexpr int64_t kChunkPositions = 1024;
+// Output rows go through the products in tiles of about this many positions (whole rows): at 8x8 a tile of one row
+// gave the weight gradient's register blocks 8 multiply-adds between loading and storing them (a tile of 4 rows:
+// backward 8-25 % faster at 16x16 and 8x8). Tiles of 64 positions made the 32x32 forward 15-40 % slower.
+constexpr int64_t kTilePositions = 32;
 
 struct Geometry {
   int64_t N, C, H, W;
@@ -74,7 +79,8 @@ struct Geometry {
   int64_t Cq;      // C padded to whole vectors: the input tile holds part p's pixel in [p Cq, p Cq + C)
   int64_t Nh;      // E h padded to whole vectors: output columns [p Nh, (p + 1) Nh) are every edge's channels of
                    // part p (edge e's at p Nh + e h)
-  int64_t Wo_r;    // Wo rounded up to whole register blocks of positions
+  int64_t tile_rows;  // output rows a tile holds, one after the other
+  int64_t P_r;        // a tile's positions, tile_rows Wo, rounded up to whole register blocks
   int64_t rows;    // N Ho output rows
   int64_t num_chunks;
 
@@ -84,7 +90,8 @@ struct Geometry {
     const int64_t lanes = kVecLanes<float>;  // 16: a whole vector of every tier (and two of float64's 8 lanes)
     Cq = round_up(C, lanes);
     Nh = round_up(E * h, lanes);
-    Wo_r = round_up(Wo, 8);  // kPointwiseRows of every tier divides 8
+    tile_rows = std::max<int64_t>(1, kTilePositions / std::max<int64_t>(Wo, 1));
+    P_r = round_up(tile_rows * Wo, 8);  // kPointwiseRows of every tier divides 8
     rows = N * Ho;
     num_chunks = std::max<int64_t>(1, std::min<int64_t>(rows, rows * Wo / kChunkPositions));
   }
@@ -105,14 +112,14 @@ struct Geometry {
 template <typename T>
 std::vector<T> weight_matrices(const std::vector<at::TensorList>& parts, const Geometry& g, bool transposed) {
   std::vector<T> m(g.s * g.Cq * g.Nh, T(0));
-  for (int64_t half = 0; half < g.s; ++half) {
+  for (int64_t part = 0; part < g.s; ++part) {
     for (int64_t e = 0; e < g.E; ++e) {
-      const at::Tensor w = parts[half][e].contiguous();
+      const at::Tensor w = parts[part][e].contiguous();
       const T* src = w.const_data_ptr<T>();
       for (int64_t c = 0; c < g.h; ++c) {
         for (int64_t k = 0; k < g.C; ++k) {
           const int64_t col = e * g.h + c;
-          const int64_t at = transposed ? (half * g.Nh + col) * g.Cq + k : (half * g.Cq + k) * g.Nh + col;
+          const int64_t at = transposed ? (part * g.Nh + col) * g.Cq + k : (part * g.Cq + k) * g.Nh + col;
           m[at] = src[c * g.C + k];
         }
       }
@@ -129,17 +136,22 @@ std::vector<T> first_outputs(const at::Tensor& x, const std::vector<T>& m, bool 
   if (g.N == 0) {
     return shift;
   }
-  const at::Tensor r = (relu ? x.select(0, 0).relu() : x.select(0, 0)).to(at::kDouble);  // [C, H, W]
-  for (int64_t half = 0; half < g.s; ++half) {
-    const bool inside = half < g.H && half < g.W;  // part p's first pixel, (p, p)
-    const at::Tensor pixel = inside ? r.select(1, half).select(1, half).contiguous() : at::zeros({g.C}, r.options());
+  for (int64_t part = 0; part < g.s; ++part) {
+    // the part's first pixel, (part, part), or zeros outside x
+    at::Tensor pixel = at::zeros({g.C}, x.options().dtype(at::kDouble));
+    if (part < g.H && part < g.W) {
+      pixel = x.select(0, 0).select(1, part).select(1, part).to(at::kDouble).contiguous();
+      if (relu) {
+        pixel = pixel.relu();
+      }
+    }
     const double* p = pixel.const_data_ptr<double>();
     for (int64_t col = 0; col < g.Nh; ++col) {
       double sum = 0.0;
       for (int64_t k = 0; k < g.C; ++k) {
-        sum += p[k] * static_cast<double>(m[(half * g.Cq + k) * g.Nh + col]);
+        sum += p[k] * static_cast<double>(m[(part * g.Cq + k) * g.Nh + col]);
       }
-      shift[half * g.Nh + col] = static_cast<T>(sum);
+      shift[part * g.Nh + col] = static_cast<T>(sum);
     }
   }
   return shift;
@@ -168,29 +180,32 @@ FASTDARTS_ALWAYS_INLINE T relu_of(T v, bool relu) {
   return relu ? std::max(v, T(0)) : v;  // std::max keeps a NaN, as torch.relu does
 }
 
-// Packs relu(x) at output row (n, i)'s pixels of part p into tile[j Kp + p Cq + k] (zeros where a pixel falls outside
-// x). The padding columns and rows stay as they are (zeros).
+// Packs relu(x) at the pixels of part p of output rows row0 .. row0 + rows - 1 into tile[(r Wo + j) Kp + p Cq + k]
+// (zeros where a pixel falls outside x). The padding columns stay as they are (zeros).
 template <typename T>
-FASTDARTS_ALWAYS_INLINE void pack_pixels(const Args<T>& a, int64_t n, int64_t i, T* tile) {
+FASTDARTS_ALWAYS_INLINE void pack_pixels(const Args<T>& a, int64_t row0, int64_t rows, T* tile) {
   const Geometry& g = a.g;
   const int64_t Kp = g.Kp();
-  for (int64_t half = 0; half < g.s; ++half) {
-    const int64_t y = g.s * i + half;
-    for (int64_t j = 0; j < g.Wo; ++j) {
-      T* dst = tile + j * Kp + half * g.Cq;
-      const int64_t xw = g.s * j + half;
-      if (y >= g.H || xw >= g.W) {
-        std::fill(dst, dst + g.C, T(0));
-        continue;
-      }
-      const T* src = a.x + n * a.xs.n + y * a.xs.h + xw * a.xs.w;
-      if (a.xs.c == 1) {
-        for (int64_t k = 0; k < g.C; ++k) {
-          dst[k] = relu_of(src[k], a.relu);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t n = (row0 + r) / g.Ho, i = (row0 + r) % g.Ho;
+    for (int64_t part = 0; part < g.s; ++part) {
+      const int64_t y = g.s * i + part;
+      for (int64_t j = 0; j < g.Wo; ++j) {
+        T* dst = tile + (r * g.Wo + j) * Kp + part * g.Cq;
+        const int64_t xw = g.s * j + part;
+        if (y >= g.H || xw >= g.W) {
+          std::fill(dst, dst + g.C, T(0));
+          continue;
         }
-      } else {
-        for (int64_t k = 0; k < g.C; ++k) {
-          dst[k] = relu_of(src[k * a.xs.c], a.relu);
+        const T* src = a.x + n * a.xs.n + y * a.xs.h + xw * a.xs.w;
+        if (a.xs.c == 1) {
+          for (int64_t k = 0; k < g.C; ++k) {
+            dst[k] = relu_of(src[k], a.relu);
+          }
+        } else {
+          for (int64_t k = 0; k < g.C; ++k) {
+            dst[k] = relu_of(src[k * a.xs.c], a.relu);
+          }
         }
       }
     }
@@ -207,34 +222,35 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const Args<T>& a, int64_t begin, int
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     double* moments = a.moments + chunk * 2 * Np;
     std::fill(moments, moments + 2 * Np, 0.0);
-    for (int64_t row = g.chunk_begin(chunk); row < g.chunk_begin(chunk + 1); ++row) {
-      const int64_t n = row / g.Ho, i = row % g.Ho;
-      pack_pixels(a, n, i, tile);
+    const int64_t chunk_end = g.chunk_begin(chunk + 1);
+    for (int64_t row0 = g.chunk_begin(chunk); row0 < chunk_end; row0 += g.tile_rows) {
+      const int64_t rows = std::min(g.tile_rows, chunk_end - row0), P = rows * g.Wo;
+      pack_pixels(a, row0, rows, tile);
       std::fill(row_sums, row_sums + 2 * Np, T(0));
-      for (int64_t half = 0; half < g.s; ++half) {
-        const T* m = a.matrices + half * g.Cq * g.Nh;
-        for (int64_t w0 = 0; w0 < g.Wo; w0 += R) {
+      for (int64_t part = 0; part < g.s; ++part) {
+        const T* m = a.matrices + part * g.Cq * g.Nh;
+        for (int64_t w0 = 0; w0 < P; w0 += R) {
           for (int64_t c0 = 0; c0 < g.Nh; c0 += step) {
-            const int64_t col = half * g.Nh + c0;
-            outer_product_block<T, kIsa>(tile + w0 * Kp + half * g.Cq, 1, Kp, m + c0, g.Nh, g.C,
-                                         block + w0 * Np + col, Np, false, row_sums + col, g.Wo - w0,
-                                         a.shift + col);
+            const int64_t col = part * g.Nh + c0;
+            outer_product_block<T, kIsa>(tile + w0 * Kp + part * g.Cq, 1, Kp, m + c0, g.Nh, g.C,
+                                         block + w0 * Np + col, Np, false, row_sums + col, P - w0, a.shift + col);
           }
         }
       }
       for (int64_t c = 0; c < 2 * Np; ++c) {
         moments[c] += static_cast<double>(row_sums[c]);
       }
-      for (int64_t e = 0; e < g.E; ++e) {
-        for (int64_t j = 0; j < g.Wo; ++j) {
+      for (int64_t q = 0; q < P; ++q) {
+        const int64_t n = (row0 + q / g.Wo) / g.Ho, i = (row0 + q / g.Wo) % g.Ho, j = q % g.Wo;
+        for (int64_t e = 0; e < g.E; ++e) {
           T* dst = a.outs[e] + n * a.os.n + i * a.os.h + j * a.os.w;
-          for (int64_t half = 0; half < g.s; ++half) {
-            const T* src = block + j * Np + half * g.Nh + e * g.h;
+          for (int64_t part = 0; part < g.s; ++part) {
+            const T* src = block + q * Np + part * g.Nh + e * g.h;
             if (a.os.c == 1) {
-              std::memcpy(dst + half * g.h, src, g.h * sizeof(T));
+              std::memcpy(dst + part * g.h, src, g.h * sizeof(T));
             } else {
               for (int64_t c = 0; c < g.h; ++c) {
-                dst[(half * g.h + c) * a.os.c] = src[c];
+                dst[(part * g.h + c) * a.os.c] = src[c];
               }
             }
           }
@@ -246,17 +262,17 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const Args<T>& a, int64_t begin, int
 
 FASTDARTS_CPU_ISA_COPIES(forward_chunks)
 
-// Writes input row y of grad_x: at the pixels of part `half` (w = s j + half) the gradient in d[j Kp + half Cq + k]
+// Writes input row y of grad_x: at the pixels of `part` (w = s j + part) the gradient in d[j Kp + part Cq + k]
 // masked by x > 0 (with the ReLU), zeros at the others.
 template <typename T>
-FASTDARTS_ALWAYS_INLINE void write_grad_row(const Args<T>& a, int64_t n, int64_t y, int64_t half, const T* d) {
+FASTDARTS_ALWAYS_INLINE void write_grad_row(const Args<T>& a, int64_t n, int64_t y, int64_t part, const T* d) {
   const Geometry& g = a.g;
   const bool dense = a.gxs.c == 1 && a.xs.c == 1;
   for (int64_t w = 0; w < g.W; ++w) {
     T* dst = a.grad_x + n * a.gxs.n + y * a.gxs.h + w * a.gxs.w;
     const T* src = a.x + n * a.xs.n + y * a.xs.h + w * a.xs.w;
-    const T* grad = d + (w / g.s) * g.Kp() + half * g.Cq;
-    if (w % g.s != half) {
+    const T* grad = d + (w / g.s) * g.Kp() + part * g.Cq;
+    if (w % g.s != part) {
       for (int64_t k = 0; k < g.C; ++k) {
         dst[k * a.gxs.c] = T(0);
       }
@@ -286,44 +302,49 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
     if (partial != nullptr) {
       std::fill(partial, partial + g.s * g.Nh * g.Cq, T(0));
     }
-    for (int64_t row = g.chunk_begin(chunk); row < g.chunk_begin(chunk + 1); ++row) {
-      const int64_t n = row / g.Ho, i = row % g.Ho;
-      for (int64_t e = 0; e < g.E; ++e) {  // the output gradients in the forward's column order
-        for (int64_t j = 0; j < g.Wo; ++j) {
+    const int64_t chunk_end = g.chunk_begin(chunk + 1);
+    for (int64_t row0 = g.chunk_begin(chunk); row0 < chunk_end; row0 += g.tile_rows) {
+      const int64_t rows = std::min(g.tile_rows, chunk_end - row0), P = rows * g.Wo;
+      for (int64_t q = 0; q < P; ++q) {  // the output gradients in the forward's column order
+        const int64_t n = (row0 + q / g.Wo) / g.Ho, i = (row0 + q / g.Wo) % g.Ho, j = q % g.Wo;
+        for (int64_t e = 0; e < g.E; ++e) {
           const T* src = a.grads[e] + n * a.gs[e].n + i * a.gs[e].h + j * a.gs[e].w;
-          for (int64_t half = 0; half < g.s; ++half) {
-            T* dst = grad_tile + j * Np + half * g.Nh + e * g.h;
+          for (int64_t part = 0; part < g.s; ++part) {
+            T* dst = grad_tile + q * Np + part * g.Nh + e * g.h;
             if (a.gs[e].c == 1) {
-              std::memcpy(dst, src + half * g.h, g.h * sizeof(T));
+              std::memcpy(dst, src + part * g.h, g.h * sizeof(T));
             } else {
               for (int64_t c = 0; c < g.h; ++c) {
-                dst[c] = src[(half * g.h + c) * a.gs[e].c];
+                dst[c] = src[(part * g.h + c) * a.gs[e].c];
               }
             }
           }
         }
       }
       if (a.grad_x != nullptr) {
-        for (int64_t half = 0; half < g.s; ++half) {
-          const T* m = a.matrices + half * g.Nh * g.Cq;
-          for (int64_t w0 = 0; w0 < g.Wo; w0 += R) {
+        for (int64_t part = 0; part < g.s; ++part) {
+          const T* m = a.matrices + part * g.Nh * g.Cq;
+          for (int64_t w0 = 0; w0 < P; w0 += R) {
             for (int64_t c0 = 0; c0 < g.Cq; c0 += step) {
-              outer_product_block<T, kIsa>(grad_tile + w0 * Np + half * g.Nh, 1, Np, m + c0, g.Cq, g.E * g.h,
-                                           d_pixels + w0 * Kp + half * g.Cq + c0, Kp, false);
+              outer_product_block<T, kIsa>(grad_tile + w0 * Np + part * g.Nh, 1, Np, m + c0, g.Cq, g.E * g.h,
+                                           d_pixels + w0 * Kp + part * g.Cq + c0, Kp, false);
             }
           }
         }
-        for (int64_t half = 0; half < g.s && g.s * i + half < g.H; ++half) {
-          write_grad_row(a, n, g.s * i + half, half, d_pixels);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t n = (row0 + r) / g.Ho, i = (row0 + r) % g.Ho;
+          for (int64_t part = 0; part < g.s && g.s * i + part < g.H; ++part) {
+            write_grad_row(a, n, g.s * i + part, part, d_pixels + r * g.Wo * Kp);
+          }
         }
       }
       if (partial != nullptr) {
-        pack_pixels(a, n, i, tile);
-        for (int64_t half = 0; half < g.s; ++half) {
-          T* p = partial + half * g.Nh * g.Cq;
+        pack_pixels(a, row0, rows, tile);
+        for (int64_t part = 0; part < g.s; ++part) {
+          T* p = partial + part * g.Nh * g.Cq;
           for (int64_t o0 = 0; o0 < g.Nh; o0 += R) {
             for (int64_t c0 = 0; c0 < g.Cq; c0 += step) {
-              outer_product_block<T, kIsa>(grad_tile + half * g.Nh + o0, Np, 1, tile + half * g.Cq + c0, Kp, g.Wo,
+              outer_product_block<T, kIsa>(grad_tile + part * g.Nh + o0, Np, 1, tile + part * g.Cq + c0, Kp, P,
                                            p + o0 * g.Cq + c0, g.Cq, true);
             }
           }
@@ -383,10 +404,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Te
     if (g.rows > 0) {
       at::parallel_for(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
         // zeros: the tile's padding columns and rows are never written, and the products read them
-        at::Tensor buffers = at::zeros({g.Wo_r * (g.Kp() + g.Np()) + 2 * g.Np()}, x.options());
+        at::Tensor buffers = at::zeros({g.P_r * (g.Kp() + g.Np()) + 2 * g.Np()}, x.options());
         scalar_t* tile = buffers.data_ptr<scalar_t>();
-        FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_chunks, scalar_t, a, begin, end, tile, tile + g.Wo_r * g.Kp(),
-                                   tile + g.Wo_r * (g.Kp() + g.Np()));
+        FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_chunks, scalar_t, a, begin, end, tile, tile + g.P_r * g.Kp(),
+                                   tile + g.P_r * (g.Kp() + g.Np()));
       });
     }
     // Biased variance from the sums in double; N = 0 gives NaN, as torch.var_mean of an empty tensor does.
@@ -447,10 +468,10 @@ std::tuple<std::optional<at::Tensor>, std::vector<std::vector<at::Tensor>>> back
     a.partials = weight_grad ? partials.data_ptr<scalar_t>() : nullptr;
     if (g.rows > 0) {
       at::parallel_for(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
-        at::Tensor buffers = at::zeros({g.Wo_r * (2 * g.Kp() + g.Np())}, x.options());
+        at::Tensor buffers = at::zeros({g.P_r * (2 * g.Kp() + g.Np())}, x.options());
         scalar_t* tile = buffers.data_ptr<scalar_t>();
-        FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_chunks, scalar_t, a, begin, end, tile, tile + g.Wo_r * g.Kp(),
-                                   tile + g.Wo_r * (g.Kp() + g.Np()));
+        FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_chunks, scalar_t, a, begin, end, tile, tile + g.P_r * g.Kp(),
+                                   tile + g.P_r * (g.Kp() + g.Np()));
       });
     }
     if (weight_grad) {

@@ -1197,10 +1197,11 @@ mixed_ops, mixed_op = define_mixed_ops(
 )
 
 
-# The recurrent mixed op, in a module of its own; imported last: it uses the launch helpers above.
 # A cell's preprocessing and FactorizedReduce: no Triton kernels; on CUDA the reference's ReLU, cuDNN's 1x1 conv and
 # BN, and cuBLAS's matrix product.
 relu_conv_bn = reference_relu_conv_bn
 factorized_reduce = reference_factorized_reduce
 
+
+# The recurrent mixed op, in a module of its own; imported last: it uses the launch helpers above.
 from ._triton_rnn import rnn_mixed_node  # noqa: E402, F401
