@@ -70,6 +70,8 @@ constexpr int64_t kChunkPositions = 1024;
 // gave the weight gradient's register blocks 8 multiply-adds between loading and storing them (a tile of 4 rows:
 // backward 8-25 % faster at 16x16 and 8x8). Tiles of 64 positions made the 32x32 forward 15-40 % slower.
 constexpr int64_t kTilePositions = 32;
+// grad_x of at least this many bytes is written with non-temporal stores.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
 struct Geometry {
   int64_t N, C, H, W;
@@ -263,11 +265,37 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const Args<T>& a, int64_t begin, int
 FASTDARTS_CPU_ISA_COPIES(forward_chunks)
 
 // Writes input row y of grad_x: at the pixels of `part` (w = s j + part) the gradient in d[j Kp + part Cq + k]
-// masked by x > 0 (with the ReLU), zeros at the others.
-template <typename T>
-FASTDARTS_ALWAYS_INLINE void write_grad_row(const Args<T>& a, int64_t n, int64_t y, int64_t part, const T* d) {
+// masked by x > 0 (with the ReLU), zeros at the others. With `stream` (a channels_last grad_x whose rows are whole,
+// aligned vectors) in non-temporal stores of the tier's vectors: grad_x is written once and read by the next op,
+// which a plain store would first read into the cache.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void write_grad_row(const Args<T>& a, int64_t n, int64_t y, int64_t part, const T* d,
+                                            bool stream) {
   const Geometry& g = a.g;
   const bool dense = a.gxs.c == 1 && a.xs.c == 1;
+  if (stream) {
+    constexpr int64_t V = kLanes<T, kIsa>;
+    const Vec<T, kIsa> zero{};
+    T* dst = a.grad_x + n * a.gxs.n + y * a.gxs.h;
+    const T* src = a.x + n * a.xs.n + y * a.xs.h;
+    for (int64_t w = 0; w < g.W; ++w) {
+      const T* grad = d + (w / g.s) * g.Kp() + part * g.Cq;
+      const bool sampled = w % g.s == part;
+      for (int64_t k = 0; k < g.C; k += V) {
+        Vec<T, kIsa> v = zero;
+        if (sampled) {
+          vec_load(v, grad + k);
+          if (a.relu) {
+            Vec<T, kIsa> xv;
+            vec_load(xv, src + w * a.xs.w + k);
+            v = xv > zero ? v : zero;
+          }
+        }
+        vec_stream(dst + w * g.C + k, v);
+      }
+    }
+    return;
+  }
   for (int64_t w = 0; w < g.W; ++w) {
     T* dst = a.grad_x + n * a.gxs.n + y * a.gxs.h + w * a.gxs.w;
     const T* src = a.x + n * a.xs.n + y * a.xs.h + w * a.xs.w;
@@ -297,6 +325,12 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
   const int64_t Kp = g.Kp(), Np = g.Np();
   constexpr int64_t R = kPointwiseRows<kIsa>;
   constexpr int64_t step = kPointwiseVecs<kIsa> * kLanes<T, kIsa>;
+  // Stream grad_x when it outgrows the cache that would keep it for the next op, in whole aligned vectors.
+  constexpr int64_t kVec = kVecBytes<kIsa> / static_cast<int64_t>(sizeof(T));
+  const bool stream = a.grad_x != nullptr && a.gxs.c == 1 && a.xs.c == 1 && a.gxs.w == g.C && g.C % kVec == 0 &&
+                      (a.gxs.h * static_cast<int64_t>(sizeof(T))) % kVecBytes<kIsa> == 0 &&
+                      reinterpret_cast<uintptr_t>(a.grad_x) % kVecBytes<kIsa> == 0 &&
+                      g.N * g.C * g.H * g.W * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     T* partial = a.partials == nullptr ? nullptr : a.partials + chunk * g.s * g.Nh * g.Cq;
     if (partial != nullptr) {
@@ -334,7 +368,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t n = (row0 + r) / g.Ho, i = (row0 + r) % g.Ho;
           for (int64_t part = 0; part < g.s && g.s * i + part < g.H; ++part) {
-            write_grad_row(a, n, g.s * i + part, part, d_pixels + r * g.Wo * Kp);
+            write_grad_row<T, kIsa>(a, n, g.s * i + part, part, d_pixels + r * g.Wo * Kp, stream);
           }
         }
       }
@@ -352,6 +386,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
       }
     }
   }
+  store_fence();
 }
 
 FASTDARTS_CPU_ISA_COPIES(backward_chunks)

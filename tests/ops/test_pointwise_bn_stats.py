@@ -138,6 +138,21 @@ def test_factorized_reduce_gradient_reaches_only_the_sampled_pixels_where_x_is_p
 
 
 @requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_large_input_gradient_matches_reference(kernel, dtype, cpu_isa):
+    # An input gradient of 8 MiB or more is written with non-temporal stores (whole aligned vectors), a path of its own.
+    x, weights = make_inputs(kernel, (8, 64, 64, 256 // dtype.itemsize, 1, 16), dtype)
+    assert x.numel() * x.element_size() >= 8 << 20
+    outs, _, _ = forward(kernel, x, weights)
+    want_outs, _, _ = kernel.reference(x, *weights)
+    grads = [torch.randn_like(out) for out in want_outs]
+    (got,) = torch.autograd.grad(outs, [x], grads)
+    (want,) = torch.autograd.grad(want_outs, [x], grads)
+    torch.testing.assert_close(got, want, **TOLERANCES[dtype]["grad"])
+
+
+@requires_ext
 @pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
 def test_statistics_are_accumulated_in_double(kernel):
     # Far from zero, float32 sums of squares would lose the variance; the kernel's must agree with float64
