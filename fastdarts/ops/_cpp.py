@@ -29,6 +29,7 @@ from .reference import (
     check_beta,
     check_bn_weighted_sum_arguments,
     check_explore_p,
+    check_factorized_reduce_arguments,
     check_factorized_reduce_bn_stats_arguments,
     check_gate_noise,
     check_gate_settings,
@@ -413,6 +414,7 @@ _register_pointwise_bn_stats_autograd("relu_pointwise_bn_stats", 1)
 def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = True) -> Tensor:
     """reference.factorized_reduce by the factorized_reduce_bn_stats kernel (CPU, float32/float64); its statistics,
     a few sums per output value, go unused."""
+    check_factorized_reduce_arguments("factorized_reduce", x, conv_1, conv_2)
     (out,), _, _ = torch.ops.fastdarts.factorized_reduce_bn_stats.default(x, [conv_1], [conv_2], relu)
     return out
 

@@ -856,9 +856,10 @@ def define_mixed_ops(
         grad_w = next(result) if w_grad else None
         grad_bypass_w = next(result) if bypass_w_grad else None
         grad_weights = list(result) if weights_grad else [None] * ctx.num_weights
-        in_loss = [g is not None for g in grads]
-        for i in uncomputed_weights(ctx.stride, ctx.candidates, ctx.counts, in_loss) if weights_grad else ():
-            grad_weights[i] = None
+        if weights_grad:
+            in_loss = [g is not None for g in grads]
+            for i in uncomputed_weights(ctx.stride, ctx.candidates, ctx.counts, in_loss):
+                grad_weights[i] = None
         return grad_x, grad_w, grad_bypass_w, grad_weights
 
     def _setup_context(ctx, inputs, output):

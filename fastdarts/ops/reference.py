@@ -616,6 +616,26 @@ def factorized_reduce_halves_backward(grad: Tensor, r_shape: torch.Size, r_forma
     return grad_r
 
 
+def check_factorized_reduce_arguments(
+    op: str, x: Tensor, conv_1: Tensor, conv_2: Tensor, require: Require = raise_unless
+) -> None:
+    """x an image batch; conv_1 a [h, C, 1, 1] weight, conv_2 one of the same shape."""
+    check_images(op, "x", x, require)
+    shape = list(conv_1.shape)
+    require(
+        len(shape) == 4 and shape[0] >= 1 and shape[1:] == [x.shape[1], 1, 1],
+        ValueError,
+        lambda: f"{op}: conv_1 must have shape [C_out / 2, C, 1, 1] with C = {x.shape[1]}, got shape {shape}",
+    )
+    require(
+        list(conv_2.shape) == shape,
+        ValueError,
+        lambda: f"{op}: conv_2 must have conv_1's shape {shape}, got {list(conv_2.shape)}",
+    )
+    check_dtype_and_device(op, "conv_1", conv_1, "x", x, require)
+    check_dtype_and_device(op, "conv_2", conv_2, "x", x, require)
+
+
 def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = True) -> Tensor:
     """The skip candidate of a stride-2 edge before its BN: ReLU, two 1x1 stride-2 convs, on x and on x shifted by
     one pixel (padded back to x's size when a side is odd, so both halves align), concatenated. relu=False: x is
@@ -625,6 +645,7 @@ def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = Tr
     AVX2 1x1 convolution backward-weights (jit_1x1:avx2) with stride 2 on a channels_last input of fewer than 8
     channels returns wrong, run-to-run different weight gradients or never returns (oneDNN issue 6035, open in
     PyTorch 2.13). A matrix product runs on the BLAS, in the forward and in autograd's backward alike."""
+    check_factorized_reduce_arguments("factorized_reduce", x, conv_1, conv_2)
     halves = factorized_reduce_halves(x.relu() if relu else x)
     matrix = torch.block_diag(conv_1.flatten(1), conv_2.flatten(1))  # [C_out, 2 C_in]
     out = (halves.permute(0, 2, 3, 1) @ matrix.t()).permute(0, 3, 1, 2)  # a channels_last [N, C_out, Ho, Wo]
@@ -676,12 +697,33 @@ def check_relu_conv_bn_arguments(
     op: str, x: Tensor, weight: Tensor, running_mean: Tensor | None, running_var: Tensor | None, training: bool,
     require: Require = raise_unless,
 ) -> None:  # fmt: skip
-    check_relu_pointwise_bn_stats_arguments(op, x, [weight], require)
+    check_images(op, "x", x, require)
+    shape = list(weight.shape)
     require(
-        training or (running_mean is not None and running_var is not None),
+        len(shape) == 4 and shape[0] >= 1 and shape[1:] == [x.shape[1], 1, 1],
+        ValueError,
+        lambda: f"{op}: weight must have shape [C_out, C, 1, 1] with C = {x.shape[1]}, got shape {shape}",
+    )
+    check_dtype_and_device(op, "weight", weight, "x", x, require)
+    require(
+        (running_mean is None) == (running_var is None),
+        ValueError,
+        lambda: f"{op}: running_mean and running_var must be given together",
+    )
+    require(
+        training or running_mean is not None,
         ValueError,
         lambda: f"{op}: in evaluation the running statistics are needed (or training=True for the batch's)",
     )
+    C_out = weight.shape[0]
+    for name, stats in (("running_mean", running_mean), ("running_var", running_var)):
+        if stats is not None:
+            require(
+                list(stats.shape) == [C_out],
+                ValueError,
+                lambda name=name, stats=stats: f"{op}: {name} must have shape [{C_out}], got {list(stats.shape)}",
+            )
+            check_dtype_and_device(op, name, stats, "x", x, require)
 
 
 def relu_conv_bn(

@@ -290,11 +290,36 @@ def test_relu_conv_bn_gradcheck_float64():
     )
 
 
+def bad_public_calls():
+    x, weight, ones = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 1, 1), torch.ones(2)
+    fr, pre = "factorized_reduce", "relu_conv_bn"
+    return [
+        ("fr_channels", ops.factorized_reduce, (x, torch.ones(2, 3, 1, 1), torch.ones(2, 3, 1, 1)),
+         rf"{fr}: conv_1 must have shape \[C_out / 2, C, 1, 1\] with C = 4, got shape \[2, 3, 1, 1\]"),
+        ("fr_kernel", ops.factorized_reduce, (x, torch.ones(2, 4, 3, 3), torch.ones(2, 4, 3, 3)),
+         rf"{fr}: conv_1 must have shape \[C_out / 2, C, 1, 1\]"),
+        ("fr_pair", ops.factorized_reduce, (x, weight, torch.ones(3, 4, 1, 1)),
+         rf"{fr}: conv_2 must have conv_1's shape \[2, 4, 1, 1\], got \[3, 4, 1, 1\]"),
+        ("fr_image", ops.factorized_reduce, (x[0], weight, weight), rf"{fr}: x must be a 4-D"),
+        ("pre_eval", ops.relu_conv_bn, (x, weight, None, None, False, 0.1, 1e-5),
+         rf"{pre}: in evaluation the running statistics are needed"),
+        ("pre_one_statistic", ops.relu_conv_bn, (x, weight, None, ones, True, 0.1, 1e-5),
+         rf"{pre}: running_mean and running_var must be given together"),
+        ("pre_statistics_shape", ops.relu_conv_bn, (x, weight, torch.zeros(3), ones, True, 0.1, 1e-5),
+         rf"{pre}: running_mean must have shape \[2\], got \[3\]"),
+        ("pre_weight", ops.relu_conv_bn, (x, torch.ones(2, 3, 1, 1), None, None, True, 0.1, 1e-5),
+         rf"{pre}: weight must have shape \[C_out, C, 1, 1\] with C = 4, got shape \[2, 3, 1, 1\]"),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
-def test_relu_conv_bn_in_evaluation_needs_running_statistics(backend):
-    x, weight = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 1, 1)
-    with pytest.raises(ValueError, match=r"^relu_conv_bn: in evaluation the running statistics are needed"):
-        ops.relu_conv_bn(x, weight, None, None, False, 0.1, 1e-5, backend=backend)
+@pytest.mark.parametrize(
+    "op, args, message", [c[1:] for c in bad_public_calls()], ids=[c[0] for c in bad_public_calls()]
+)
+def test_public_ops_refuse_bad_arguments_in_one_line(op, args, message, backend):
+    with pytest.raises(ValueError, match=f"^{message}") as error:
+        op(*args, backend=backend)
+    assert "\n" not in str(error.value).strip()
 
 
 @requires_ext
