@@ -91,7 +91,8 @@ class CommonConfig(RunOptions):
     momentum: float = option(0.9, "SGD momentum of the weights", low=0, high=1, high_open=True)
     epochs: int | None = option(None, "number of epochs", low=1)
     init_channels: int | None = option(None, "channels of the first cell (C)", low=1)
-    layers: int | None = option(None, "number of cells (reductions at layers//3 and 2*layers//3)", low=3)
+    # The cap keeps a network's Python objects (about 1.6 MB a search cell) and its build time bounded.
+    layers: int | None = option(None, "number of cells (reductions at layers//3 and 2*layers//3)", low=3, high=1000)
     grad_clip: float = option(5.0, "gradient-norm clip of the weights", low=0, low_open=True)
     device: str = option("cpu", "where the network computes: cpu, or cuda (one GPU per process: under torchrun, the "
                          "GPU of the process's LOCAL_RANK)", choices=DEVICES)  # fmt: skip

@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import random
 import signal
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -179,6 +180,25 @@ def make_run_dir(out: str | None, kind: str) -> Path:
         except FileExistsError:
             continue
     raise ConfigError("could not create a new run directory under runs/")
+
+
+def check_network_fits(build: Callable[[], torch.nn.Module], config) -> None:
+    """A ConfigError when the network `build()` makes could not train in this machine's memory: its weights, their
+    gradients and SGD's momentum alone would fill it. Built on the meta device, which allocates nothing and draws
+    no random numbers, so too large an init_channels is refused in one line instead of by the kernel's
+    out-of-memory kill."""
+    with torch.device("meta"):
+        network = build()
+    tensors = [*network.parameters(), *network.buffers()]
+    needed = 3 * sum(t.numel() * t.element_size() for t in tensors)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > memory:
+        weights = sum(p.numel() for p in network.parameters())
+        raise ConfigError(
+            f"init_channels {config.init_channels} and layers {config.layers} make a network of {weights:,} weights, "
+            f"which with their gradients and momentum need {needed / 2**30:,.1f} GiB; this machine has "
+            f"{memory / 2**30:.1f} GiB"
+        )
 
 
 def checkpoint_misfit(run_dir: Path, error: Exception) -> FastDartsError:

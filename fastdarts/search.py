@@ -10,6 +10,7 @@ continue exactly (`--resume RUN_DIR`, see `fastdarts.runloop`); the end writes `
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import sys
@@ -27,7 +28,16 @@ from .data import BatchJob, Images, load_dataset, random_batch, shuffled_batches
 from .distributed import SINGLE, World
 from .methods import make_method
 from .plots import plot_run
-from .runloop import Run, checkpoint_misfit, entry_point, evaluate, make_run_dir, seed_everything, start_config
+from .runloop import (
+    Run,
+    check_network_fits,
+    checkpoint_misfit,
+    entry_point,
+    evaluate,
+    make_run_dir,
+    seed_everything,
+    start_config,
+)
 from .space import Genotype
 from .supernet import SearchNetwork, Widening, widen_partial_channels, widened
 
@@ -154,6 +164,9 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
         val = train
     else:
         train_idx, val_idx = torch.arange(len(train)), torch.arange(len(val))
+    network = functools.partial(SearchNetwork, config.init_channels, train.num_classes, config.layers,
+                                train.in_channels, method=method, recompute=config.recompute)  # fmt: skip
+    check_network_fits(network, config)
     run_dir = Path(resume) if resume is not None else world.from_writer(make_run_dir, config.out, "search")
 
     if checkpoint is not None and method.widens_network:
@@ -162,8 +175,7 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
             method.load_state_dict(checkpoint["method"])
         except Exception as e:
             raise checkpoint_misfit(run_dir, e) from None
-    model = SearchNetwork(config.init_channels, train.num_classes, config.layers, train.in_channels, method=method,
-                          recompute=config.recompute).to(device)  # fmt: skip
+    model = network().to(device)
     # foreach: one call per update for the supernet's ~1,400 tensors (torch takes CPU tensors one at a time otherwise)
     weight_optimizer = torch.optim.SGD(
         model.weight_parameters(), config.learning_rate, momentum=config.momentum, weight_decay=config.weight_decay,

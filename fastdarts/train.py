@@ -9,6 +9,7 @@ Checkpoints, `--resume`, signals and divergence work as for the search (`fastdar
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from .data import BatchJob, Images, load_dataset, part_slice, shuffled_batches, 
 from .distributed import SINGLE, World
 from .evalnet import NETWORKS, EvalNetwork, count_multiply_adds, count_parameters
 from .plots import plot_run
-from .runloop import Run, entry_point, evaluate, make_run_dir, seed_everything, start_config
+from .runloop import Run, check_network_fits, entry_point, evaluate, make_run_dir, seed_everything, start_config
 from .space import Genotype
 
 
@@ -133,6 +134,7 @@ def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, 
     seed_everything(config.seed)
     train = load_dataset(config.dataset, config.data, "train", **config.data_options())
     test = load_dataset(config.dataset, config.data, "test", **config.data_options())
+    check_network_fits(functools.partial(build_network, config, genotype, train), config)
     run_dir = Path(resume) if resume is not None else world.from_writer(make_run_dir, config.out, "train")
 
     model = build_network(config, genotype, train)

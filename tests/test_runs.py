@@ -1,7 +1,9 @@
 """Long runs (search and train): exact resume, signals, divergence, failed writes, --seeds."""
 
+import functools
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -9,15 +11,19 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from fastdarts import search, train
 from fastdarts.checkpoint import load_checkpoint
-from fastdarts.config import TrainConfig, parse_command_line
+from fastdarts.config import SearchConfig, TrainConfig, parse_command_line
 from fastdarts.data import ImageData
 from fastdarts.errors import CheckpointWriteError, ConfigError, FastDartsError, TrainingDiverged
+from fastdarts.methods import make_method
+from fastdarts.runloop import check_network_fits
 from fastdarts.space import Genotype
+from fastdarts.supernet import SearchNetwork
 
 # Tiny runs: a search epoch has 6 steps (718 images, batch 128), a train epoch 12 (1437, batch 128).
 SEARCH = dict(epochs=2, layers=3, init_channels=2, batch_size=128, progress=False)
@@ -243,6 +249,28 @@ def test_resume_errors(tmp_path):
         train.run(resume=tmp_path / "torn")
 
 
+def test_network_size_check_leaves_every_random_stream_as_it_was():
+    # It builds the network once more (on the meta device) before the run's own build draws its weights.
+    network = functools.partial(SearchNetwork, 4, 10, 3, 1, method=make_method("darts"))
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    check_network_fits(network, SearchConfig())
+    after = torch.get_rng_state(), random.getstate(), np.random.get_state()[1]
+    assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
+
+
+def test_resume_refuses_a_network_too_large_for_memory(tmp_path):
+    # Found by the fuzzing: a damaged checkpoint's init_channels of 65536 built a network of terabytes, and the
+    # kernel killed the process before anything could refuse it.
+    train.run(**TRAIN, stop_after=1, out=str(tmp_path / "run"))
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=False)
+    state["config"]["init_channels"] = 65536
+    torch.save(state, path)
+    with pytest.raises(ConfigError, match=r"init_channels 65536 and layers 3 make a network of [\d,]+ weights, which "
+                       r"with their gradients and momentum need [\d,.]+ GiB; this machine has [\d.]+ GiB"):  # fmt: skip
+        train.run(resume=tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_resume_refuses_other_settings_another_kind_and_a_finished_run(tmp_path):
     search.run(**{**SEARCH, "epochs": 1}, out=str(tmp_path / "done"))
@@ -266,6 +294,8 @@ def run_train_cli(*args):
         (["--batch_size", "0"], "batch_size must be >= 1"),
         (["--init_channels", "-4"], "init_channels must be >= 1"),
         (["--layers", "2"], "layers must be >= 3"),
+        (["--layers", "1001"], "layers must be <= 1000"),
+        (["--init_channels", "30000"], "with their gradients and momentum need"),
         (["--drop_path_prob", "1"], "drop_path_prob must be < 1"),
         (["--epochs", "0"], "epochs must be >= 1"),
         (["--dataset", "cifar10", "--data", "/nonexistent/cifar"], "does not exist"),

@@ -65,6 +65,8 @@ def test_config_file_and_flag_precedence(tmp_path):
         (["--batch_size", "0"], "batch_size must be >= 1"),
         (["--learning_rate", "-1"], "learning_rate must be > 0"),
         (["--layers", "2"], "layers must be >= 3"),
+        (["--layers", "1001"], "layers must be <= 1000"),
+        (["--init_channels", "30000"], "with their gradients and momentum need"),
         (["--dataset", "cifar10"], "needs data"),
         (["--dataset", "imagenet"], "invalid choice"),
         (["--epochs", "many"], "invalid int value"),
