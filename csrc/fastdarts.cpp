@@ -139,6 +139,20 @@ TORCH_LIBRARY(fastdarts, m) {
   m.def(
       "factorized_reduce_bn_stats_backward(Tensor[] grads, Tensor x, Tensor[] conv_1s, Tensor[] conv_2s, bool relu, "
       "bool input_grad, bool weight_grad) -> (Tensor?, Tensor[], Tensor[])");
+  // PC-DARTS's partial channels around the ops of E = len(outs) edges leaving x [N, C, H, W], K = partial_channels
+  // groups of m = C / K channels: each edge's full-width output [N, C, Ho, Wo], laid out channels_last, with
+  // outs[e] ([N, m, Ho, Wo]) in channels c K and the bypass (x's other channels, 2x2-max-pooled rounding up when
+  // stride is 2), times bypass_w[e] when given, in channels c K + g (reference.partial_channel_edge).
+  m.def(
+      "partial_channel_outputs(Tensor[] outs, Tensor x, int partial_channels, int stride, Tensor? bypass_w) -> "
+      "Tensor[]");
+  // From the E edges' output gradients (None: not in the loss): the ops' gradients (one per given gradient, in
+  // order), dL/dx of the bypass if x_grad (zero in the ops' m channels; the pool's argmax recomputed from x) and
+  // dL/dbypass_w [E] if bypass_w_grad, else None.
+  m.def(
+      "partial_channel_outputs_backward(Tensor?[] grads, Tensor x, int partial_channels, int stride, "
+      "Tensor? bypass_w, bool x_grad, bool bypass_w_grad) -> (Tensor[] ops_grads, Tensor? grad_x, "
+      "Tensor? grad_bypass_w)");
   // A ReLU and 1x1 conv before a BN, for E = len(weights) weights from one read of x [N, C, H, W]: outs[e] =
   // conv2d(r, weights[e]), r = relu(x) (x when relu is false); weights[e]: [C_out, C, 1, 1]; outs[e]: [N, C_out, H,
   // W], laid out like x; mean, var [E, C_out]: each output's per-channel mean and biased variance over (N, H, W) (no

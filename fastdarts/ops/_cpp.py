@@ -33,6 +33,7 @@ from .reference import (
     check_factorized_reduce_bn_stats_arguments,
     check_gate_noise,
     check_gate_settings,
+    check_images,
     check_like,
     check_one_per_item,
     check_pool_bn_stats_arguments,
@@ -374,6 +375,58 @@ def _relu_pointwise_bn_stats_backward_fake(grads, x, weights, relu, input_grad, 
     check_sized_list(op, "grads", grads, len(weights), "output", shape, "x", x, torch_check)
     grad_x = torch.empty_like(x) if input_grad else None
     return grad_x, [w.new_empty(w.shape) for w in weights] if weight_grad else []
+
+
+# partial_channel_outputs and its backward: building blocks of the mixed ops with partial channels (PC-DARTS, DrNAS),
+# inside fastdarts::mixed_ops, which is differentiable.
+
+
+def _check_partial_channel_outputs(op, x, partial_channels, stride, bypass_w, E) -> list[int]:
+    """The arguments the kernel checks first, and the edges' output shape [N, C, H_out, W_out]."""
+    check_images(op, "x", x, torch_check)
+    check_supported_dtype(op, x)
+    torch_check(stride in (1, 2), ValueError, lambda: f"{op}: stride must be 1 or 2, got {stride}")
+    torch_check(
+        partial_channels >= 2 and x.shape[1] % partial_channels == 0,
+        ValueError,
+        lambda: (
+            f"{op}: partial_channels must be an integer >= 2 dividing the {x.shape[1]} channels, got {partial_channels}"
+        ),
+    )
+    if bypass_w is not None:
+        check_weights(op, "bypass_w", bypass_w, E, x, torch_check)
+    n, c, h, w = x.shape
+    return [n, c, (h + stride - 1) // stride, (w + stride - 1) // stride]
+
+
+@torch.library.register_fake("fastdarts::partial_channel_outputs")
+def _partial_channel_outputs_fake(outs, x, partial_channels, stride, bypass_w):
+    op = "partial_channel_outputs"
+    shape = _check_partial_channel_outputs(op, x, partial_channels, stride, bypass_w, len(outs))
+    check_sized_list(op, "outs", outs, len(outs), "edge", [shape[0], shape[1] // partial_channels, *shape[2:]], "x",
+                     x, torch_check)  # fmt: skip
+    return [torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last) for _ in outs]
+
+
+@torch.library.register_fake("fastdarts::partial_channel_outputs_backward")
+def _partial_channel_outputs_backward_fake(grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad):
+    op = "partial_channel_outputs_backward"
+    shape = _check_partial_channel_outputs(op, x, partial_channels, stride, bypass_w, len(grads))
+    ops_shape = [shape[0], shape[1] // partial_channels, *shape[2:]]
+    ops_grads = [
+        torch.empty(ops_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        for g in grads
+        if g is not None
+    ]
+    grad_x = torch.empty_like(x, memory_format=torch.channels_last) if x_grad else None
+    return ops_grads, grad_x, x.new_empty(len(grads)) if bypass_w_grad else None
+
+
+for _name in ("partial_channel_outputs", "partial_channel_outputs_backward"):
+    refuse_differentiation(
+        f"fastdarts::{_name}",
+        f"fastdarts::{_name} is a part of fastdarts.ops.mixed_ops, which is differentiable: call that",
+    )
 
 
 def _register_pointwise_bn_stats_autograd(name: str, parts: int) -> None:

@@ -69,6 +69,11 @@ class EdgeKernels:
     bn_weighted_sum: Callable[..., Tensor]  # (ts, w, mean, invstd)
     # (grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad) -> (grad_ts or [], grad_w or None)
     bn_weighted_sum_backward: Callable[..., tuple]
+    # (outs, x, partial_channels, stride, bypass_w) -> the edges' full-width outputs
+    partial_channel_outputs: Callable[..., list]
+    # (grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad) -> (the ops' gradients, one per given
+    #  gradient; dL/dx of the bypass or None; dL/dbypass_w or None)
+    partial_channel_outputs_backward: Callable[..., tuple]
 
 
 _CHANNELS_LAST = torch.channels_last
@@ -615,10 +620,11 @@ def _shuffled_bypass(x: Tensor, partial_channels: int, stride: int) -> Tensor:
     return shuffled
 
 
-def _shuffled_outputs(outs: Sequence[Tensor], shuffled_bypass: Tensor, partial_channels: int,
-                      bypass_w: Tensor | None) -> list[Tensor]:  # fmt: skip
-    """Each edge's full-width output: the shuffled bypass (times bypass_w[e]) in one contiguous pass, then its ops'
-    output written into channels c*K."""
+def composed_partial_channel_outputs(outs: Sequence[Tensor], x: Tensor, partial_channels: int, stride: int,
+                                     bypass_w: Tensor | None) -> list[Tensor]:  # fmt: skip
+    """partial_channel_outputs in ATen ops, for a backend without its kernel: each edge's full-width output, the
+    shuffled bypass (times bypass_w[e]) in one contiguous pass, then its ops' output written into channels c*K."""
+    shuffled_bypass = _shuffled_bypass(x, partial_channels, stride)
     results = []
     for e, out in enumerate(outs):
         result = shuffled_bypass.clone() if bypass_w is None else torch.mul(shuffled_bypass, bypass_w[e])
@@ -632,34 +638,39 @@ def _flat(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(-1)
 
 
-def _bypass_backward(kernels, grads, x, partial_channels, stride, bypass_w, grad_x_bypass, bypass_w_grad):
-    """Writes dL/d(x's bypass channels) into grad_x_bypass (unless None) and returns dL/dbypass_w [E] (None unless
-    bypass_w_grad), from the edges' full-width output gradients `grads` (channels_last; None: not in the loss)."""
+def composed_partial_channel_outputs_backward(
+    grads: Sequence[Tensor | None], x: Tensor, partial_channels: int, stride: int, bypass_w: Tensor | None,
+    x_grad: bool, bypass_w_grad: bool,
+) -> tuple[list[Tensor], Tensor | None, Tensor | None]:  # fmt: skip
+    """partial_channel_outputs_backward in ATen ops, for a backend without its kernel, from the edges' full-width
+    output gradients (channels_last; None: not in the loss)."""
     used = [e for e, g in enumerate(grads) if g is not None]
+    ops_grads = [_by_group(grads[e], partial_channels)[0].contiguous(memory_format=_CHANNELS_LAST) for e in used]
     grad_bypass_w = None
     if bypass_w_grad:  # <grad_e, the shuffled bypass>: a dot product over whole tensors (zeros at the ops' channels)
         shuffled = _flat(_shuffled_bypass(x, partial_channels, stride))
         grad_bypass_w = x.new_zeros(len(grads))
         for e in used:
             grad_bypass_w[e] = torch.dot(_flat(grads[e]), shuffled)
-    if grad_x_bypass is None:
-        return grad_bypass_w
+    if not x_grad:
+        return ops_grads, None, grad_bypass_w
+    grad_x = torch.zeros_like(x, memory_format=_CHANNELS_LAST)
     if not used:
-        grad_x_bypass.zero_()
-        return grad_bypass_w
-    # sum_e bypass_w[e] dL/d(output e) over whole tensors in one pass of the fused sum; its bypass channels only used
-    w = x.new_ones(len(used)) if bypass_w is None else bypass_w[used]
-    total = _by_group(kernels.weighted_sum([grads[e] for e in used], w), partial_channels)[1]
+        return ops_grads, grad_x, grad_bypass_w
+    # sum_e bypass_w[e] dL/d(output e) over whole tensors; its bypass channels only used
+    total = sum(grads[e] if bypass_w is None else grads[e] * bypass_w[e] for e in used)
+    total = _by_group(total, partial_channels)[1]
+    grad_x_bypass = grad_x[:, x.shape[1] // partial_channels :]
     if stride == 1:
         _bypass_by_group(grad_x_bypass, partial_channels).copy_(total)
-        return grad_bypass_w
+        return ops_grads, grad_x, grad_bypass_w
     bypass, indices = _bypass(x, partial_channels, stride)
     pooled_grad = torch.empty_like(bypass, memory_format=_CHANNELS_LAST)
     _bypass_by_group(pooled_grad, partial_channels).copy_(total)
     grad_x_bypass.copy_(torch.ops.aten.max_pool2d_with_indices_backward.default(
         pooled_grad, x[:, x.shape[1] // partial_channels :], [2, 2], [2, 2], [0, 0], [1, 1], True, indices
     ))  # fmt: skip
-    return grad_bypass_w
+    return ops_grads, grad_x, grad_bypass_w
 
 
 def edge_group_fake(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, keep):
@@ -755,7 +766,7 @@ def define_mixed_ops(
         outs, mean, var, saved = group_forward(_prepare(processed), w, weights, stride, candidates, counts, bn_mean,
                                                bn_var, training, eps, pool_bn, not recompute)  # fmt: skip
         if partial_channels > 1:
-            outs = _shuffled_outputs(outs, _shuffled_bypass(x, partial_channels, stride), partial_channels, bypass_w)
+            outs = kernels.partial_channel_outputs(outs, x, partial_channels, stride, bypass_w)
         return outs, mean, var, saved
 
     @mixed_ops.register_fake
@@ -794,23 +805,20 @@ def define_mixed_ops(
         candidates not computed). With partial channels the ops read their part of each output gradient strided."""
         x = _prepare(x)
         full, x = x, _prepare(_processed(x, partial_channels))
-        if partial_channels > 1:
-            bypass_grads = [None if g is None else _prepare(g) for g in grads]
-            grads = [None if g is None else _by_group(g, partial_channels)[0] for g in bypass_grads]
+        grad_full = grad_bypass_w = None
+        if partial_channels > 1:  # the ops' part of each gradient; the bypass's gradients, written into dL/dx
+            ops_grads, grad_full, grad_bypass_w = kernels.partial_channel_outputs_backward(
+                [None if g is None else _prepare(g) for g in grads], full, partial_channels, stride, bypass_w,
+                x_grad, bypass_w_grad,
+            )  # fmt: skip
+            ops_grads = iter(ops_grads)
+            grads = [None if g is None else next(ops_grads) for g in grads]
         grad_x, grad_w, grad_weights = group_backward(
             grads, x, w, weights, stride, candidates, counts, mean, var, training, eps, pool_bn, saved, x_grad, w_grad,
             weights_grad,
         )  # fmt: skip
-        grad_bypass_w = None
-        if partial_channels > 1:
-            grad_full = None
-            if x_grad:  # the ops' and the bypass's gradients written into their channels of dL/dx
-                grad_full = torch.empty_like(full, memory_format=_CHANNELS_LAST)
-                grad_full[:, : x.shape[1]] = grad_x
-            grad_bypass_w = _bypass_backward(
-                kernels, bypass_grads, full, partial_channels, stride, bypass_w,
-                None if grad_full is None else grad_full[:, x.shape[1] :], bypass_w_grad,
-            )  # fmt: skip
+        if grad_full is not None:  # the ops' gradient in their channels
+            grad_full[:, : x.shape[1]] = grad_x
             grad_x = grad_full
         return [g for g in (grad_x, grad_w, grad_bypass_w) if g is not None] + grad_weights
 
@@ -991,6 +999,8 @@ if EXTENSION_LOADED:  # the C++ kernels exist only then
         weighted_sum=_cpp_ops.weighted_sum.default,
         bn_weighted_sum=_cpp_ops.bn_weighted_sum.default,
         bn_weighted_sum_backward=_cpp_ops.bn_weighted_sum_backward.default,
+        partial_channel_outputs=_cpp_ops.partial_channel_outputs.default,
+        partial_channel_outputs_backward=_cpp_ops.partial_channel_outputs_backward.default,
     )
     # The group itself in C++ (csrc/cpu/edge_group.cpp): the same passes as edge_group(cpp_kernels), bit for bit.
     cpp_mixed_ops, cpp_mixed_op = define_mixed_ops(

@@ -64,6 +64,8 @@ from ._autograd import (
 from ._mixed_op import (
     EdgeKernels,
     composed_factorized_reduce_bn_stats_backward,
+    composed_partial_channel_outputs,
+    composed_partial_channel_outputs_backward,
     composed_relu_dwconv_pointwise,
     define_mixed_ops,
 )
@@ -1192,6 +1194,8 @@ mixed_ops, mixed_op = define_mixed_ops(
         weighted_sum=torch.ops.fastdarts_triton.weighted_sum.default,
         bn_weighted_sum=torch.ops.fastdarts_triton.bn_weighted_sum.default,
         bn_weighted_sum_backward=_bn_weighted_sum_gradients,
+        partial_channel_outputs=composed_partial_channel_outputs,  # no Triton kernel yet: ATen's copies
+        partial_channel_outputs_backward=composed_partial_channel_outputs_backward,
     ),
     device_types=None,  # CUDA, and CPU tensors under TRITON_INTERPRET=1
 )

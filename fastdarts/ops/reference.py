@@ -899,6 +899,16 @@ def partial_channel_edge(out: Tensor, bypass: Tensor, partial_channels: int) -> 
     return torch.cat([out, bypass], dim=1).unflatten(1, (partial_channels, c)).transpose(1, 2).reshape(n, -1, h, w)
 
 
+def partial_channel_outputs(outs: Sequence[Tensor], x: Tensor, partial_channels: int, stride: int,
+                            bypass_w: Tensor | None = None) -> list[Tensor]:  # fmt: skip
+    """Each edge's full-width output from its ops' output outs[e] [N, C/K, H_out, W_out]: partial_channel_edge with
+    x's bypass (split_partial_channels), times bypass_w[e] when given. The fused mixed ops write their partial
+    channels' outputs so, with the edge scale folded into w for the ops' part and into bypass_w for the bypass."""
+    _, bypass = split_partial_channels(x, partial_channels, stride)
+    scaled = [bypass if bypass_w is None else bypass * bypass_w[e] for e in range(len(outs))]
+    return [partial_channel_edge(out, b, partial_channels) for out, b in zip(outs, scaled)]
+
+
 def mixed_ops(
     x: Tensor,
     w: Tensor,

@@ -1,0 +1,425 @@
+// CPU kernels of partial_channel_outputs and partial_channel_outputs_backward (schemas in ../fastdarts.cpp):
+// PC-DARTS's partial channels around the ops of the E edges leaving one state x [N, C, H, W], K groups of
+// m = C / K channels.
+//
+//   bypass:   b = x's channels m .. C-1 (stride 1), or their 2x2 max pool, stride 2, rounding an odd side up
+//             (ATen's max_pool2d: the first maximum in scan order, or a NaN; stride 2), [N, C - m, Ho, Wo]
+//   forward:  out_e [N, C, Ho, Wo]: channel c K is outs[e]'s channel c, channel c K + g (g = 1 .. K-1) is
+//             bypass_w[e] b[(g - 1) m + c] (b itself without bypass_w): reference.partial_channel_edge
+//   backward: ops_grads[e] = grad_e's channels c K; the bypass's gradient sum_e bypass_w[e] grad_e[c K + g] goes
+//             to x's channel m + (g - 1) m + c (stride 1) or to that channel at its window's argmax (stride 2);
+//             grad_x's first m channels are zero (the ops' own backward gives them); grad_bypass_w[e] = the sum
+//             over every value of grad_e[c K + g] b[(g - 1) m + c].
+//
+// Why a kernel: in ATen the same took a zero fill and strided copies to place the shuffled bypass, a multiply and
+// a strided copy per edge, and in the backward a strided copy of each gradient's ops channels, a weighted sum and
+// another strided copy: about 100 ms of PC-DARTS's 0.85 s search step at batch 64. Here every tensor is read or
+// written once, an output row at a time (channels_last): the row's bypass is first split by group into contiguous
+// rows in L1 (bypass_row), then each edge's output row interleaves its ops' row with them (interleave, with K
+// fixed at compile time for 2, 4 and 8 so that the K streams become vector shuffles); the backward undoes it
+// (deinterleave). The sums of grad_bypass_w are taken per image and added in image order, in double: the same bits
+// whatever the number of threads.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "fastdarts/checks.h"
+#include "fastdarts/cpu_common.h"
+#include "fastdarts/cpu_isa.h"
+
+namespace fastdarts {
+namespace {
+
+constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
+// Pixels per task: below about this many values a second thread costs more than it saves.
+constexpr int64_t kGrainValues = 32768;
+
+struct Shape {
+  int64_t N, C, H, W, Ho, Wo, K, m, stride;
+  int64_t bypass() const {  // the bypass's channels
+    return C - m;
+  }
+};
+
+Shape shape_of(const at::Tensor& x, int64_t partial_channels, int64_t stride) {
+  Shape s{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, partial_channels, x.size(1) / partial_channels, stride};
+  s.Ho = (s.H + stride - 1) / stride;
+  s.Wo = (s.W + stride - 1) / stride;
+  return s;
+}
+
+void check_arguments(const char* op, const at::Tensor& x, int64_t partial_channels, int64_t stride,
+                     const std::optional<at::Tensor>& bypass_w, int64_t E) {
+  check_images(op, "x", x);
+  check_supported_dtype(op, x);
+  TORCH_CHECK_VALUE(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
+  TORCH_CHECK_VALUE(partial_channels >= 2 && x.size(1) % partial_channels == 0, op,
+                    ": partial_channels must be an integer >= 2 dividing the ", x.size(1), " channels, got ",
+                    partial_channels);
+  if (bypass_w.has_value()) {
+    check_weights(op, "bypass_w", *bypass_w, E, x);
+  }
+}
+
+// An edge's output gradient, when given: [N, C, Ho, Wo] with the dtype and device of x (check_sized_list's rule, for
+// a list with None in it).
+void check_gradient(const char* op, int64_t e, const at::Tensor& grad, const at::Tensor& x, const Shape& s) {
+  const ArgName item("grads", e);
+  TORCH_CHECK_VALUE(grad.sizes() == at::IntArrayRef({s.N, s.C, s.Ho, s.Wo}), op, ": ", item, " must have shape ",
+                    at::IntArrayRef({s.N, s.C, s.Ho, s.Wo}), ", got ", grad.sizes());
+  check_dtype_and_device(op, item, grad, "x", x);
+}
+
+template <typename scalar_t>
+std::vector<scalar_t> values_of(const std::optional<at::Tensor>& w, int64_t E) {
+  if (!w.has_value()) {
+    return std::vector<scalar_t>(E, scalar_t(1));
+  }
+  const at::Tensor c = w->contiguous();
+  return std::vector<scalar_t>(c.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>() + E);
+}
+
+// out[c] = in[c] (in[c] = 0 when in is null) for c < m, for the few channels of one pixel's group: in 16-byte vectors
+// rather than the library call GCC makes of a copy loop, which costs more than the copy at 4 or 8 values.
+template <typename scalar_t>
+void copy_short(scalar_t* __restrict__ out, const scalar_t* __restrict__ in, int64_t m) {
+  using V16 = typename VecOf<scalar_t, 16>::type;
+  constexpr int64_t kLanes16 = 16 / sizeof(scalar_t);
+  int64_t c = 0;
+  for (; c + kLanes16 <= m; c += kLanes16) {
+    V16 v{};
+    if (in != nullptr) {
+      vec_load(v, in + c);
+    }
+    vec_store(out + c, v);
+  }
+  for (; c < m; ++c) {
+    out[c] = in == nullptr ? scalar_t(0) : in[c];
+  }
+}
+
+// One output row (n, ho) of the bypass, split by group: rows[g - 1][wo m + c] = b[(g - 1) m + c] at (n, ho, wo), for
+// g = 1 .. K-1, so that every group's values lie contiguous as the interleaving loops read them. At stride 2 each
+// is the maximum of its 2x2 window, and taps[...] (when given) the window's tap it came from (0..3 in scan order,
+// held as scalar_t so that the selects vectorise with the values').
+template <bool kTaps, typename scalar_t>
+void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar_t* rows, scalar_t* taps) {
+  const int64_t m = s.m, row = s.Wo * m;
+  for (int64_t wo = 0; wo < s.Wo; ++wo) {
+    for (int64_t g = 1; g < s.K; ++g) {
+      scalar_t* __restrict__ out = rows + (g - 1) * row + wo * m;
+      if (s.stride == 1) {
+        copy_short(out, x + ((n * s.H + ho) * s.W + wo) * s.C + g * m, m);
+        continue;
+      }
+      scalar_t* __restrict__ tap = kTaps ? taps + (g - 1) * row + wo * m : nullptr;
+      std::fill(out, out + m, -std::numeric_limits<scalar_t>::infinity());
+      if constexpr (kTaps) {
+        std::fill(tap, tap + m, scalar_t(0));
+      }
+      for (int64_t dh = 0; dh < 2 && 2 * ho + dh < s.H; ++dh) {
+        for (int64_t dw = 0; dw < 2 && 2 * wo + dw < s.W; ++dw) {
+          const scalar_t* __restrict__ v = x + ((n * s.H + 2 * ho + dh) * s.W + 2 * wo + dw) * s.C + g * m;
+          const auto t = static_cast<scalar_t>(2 * dh + dw);
+          // ATen's max_pool2d: the value wins when it is greater or a NaN. In 16-byte vectors, whose selects have
+          // no branch (GCC's scalar loop branched on every value, and random data mispredicted half of them).
+          using V16 = typename VecOf<scalar_t, 16>::type;
+          constexpr int64_t kLanes16 = 16 / sizeof(scalar_t);
+          int64_t c = 0;
+          for (; c + kLanes16 <= m; c += kLanes16) {
+            V16 vv, vo;
+            vec_load(vv, v + c);
+            vec_load(vo, out + c);
+            const auto wins = (vv > vo) | (vv != vv);
+            vec_store(out + c, V16(wins ? vv : vo));
+            if constexpr (kTaps) {
+              V16 vt;
+              vec_load(vt, tap + c);
+              vec_store(tap + c, V16(wins ? V16{} + t : vt));
+            }
+          }
+          for (; c < m; ++c) {
+            const bool wins = v[c] > out[c] || std::isnan(v[c]);
+            out[c] = wins ? v[c] : out[c];
+            if constexpr (kTaps) {
+              tap[c] = wins ? t : tap[c];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// out[c] = total[c] where tap[c] is t, else 0: the pool's gradient at one pixel of its windows. In 16-byte vectors,
+// whose selects have no branch.
+template <typename scalar_t>
+void routed_to_tap(scalar_t* __restrict__ out, const scalar_t* __restrict__ total, const scalar_t* __restrict__ tap,
+                   scalar_t t, int64_t m) {
+  using V16 = typename VecOf<scalar_t, 16>::type;
+  constexpr int64_t kLanes16 = 16 / sizeof(scalar_t);
+  int64_t c = 0;
+  for (; c + kLanes16 <= m; c += kLanes16) {
+    V16 vt, vg;
+    vec_load(vt, tap + c);
+    vec_load(vg, total + c);
+    vec_store(out + c, V16(vt == t ? vg : V16{}));
+  }
+  for (; c < m; ++c) {
+    out[c] = tap[c] == t ? total[c] : scalar_t(0);
+  }
+}
+
+// out[i K] = ops[i] and out[i K + g] = w rows[g - 1][i] for i < count: one row of an edge's output. With K fixed at
+// compile time (kK > 0) the compiler turns the K interleaved streams into vector shuffles; kK = 0 reads K at run
+// time.
+template <int kK, typename scalar_t>
+void interleave(scalar_t* __restrict__ out, const scalar_t* __restrict__ ops, const scalar_t* __restrict__ rows,
+                int64_t row, scalar_t w, int64_t count, int64_t K) {
+  if constexpr (kK > 0) {
+    K = kK;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    out[i * K] = ops[i];
+    for (int64_t g = 1; g < K; ++g) {
+      out[i * K + g] = w * rows[(g - 1) * row + i];
+    }
+  }
+}
+
+// The reverse for one row of an edge's output gradient: ops_grad[i] = grad[i K]; totals[g - 1][i] = w grad[i K + g]
+// (first edge) or plus it (later edges: the edges' sum in edge order, as weighted_sum adds); and, when dot is given,
+// the dot product of the row with `shuffled`, the bypass in its places of an output row (zeros in the ops' channels).
+template <int kK, typename scalar_t>
+void deinterleave(const scalar_t* __restrict__ grad, scalar_t* __restrict__ ops_grad, scalar_t* __restrict__ totals,
+                  bool first, const scalar_t* __restrict__ shuffled, double* dot, int64_t row, scalar_t w,
+                  int64_t count, int64_t K) {
+  if constexpr (kK > 0) {
+    K = kK;
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    ops_grad[i] = grad[i * K];
+  }
+  // One group at a time: each loop reads grad at a fixed stride, which vectorises; the row stays in L1.
+  for (int64_t g = 1; totals != nullptr && g < K; ++g) {
+    const scalar_t* __restrict__ in = grad + g;
+    scalar_t* __restrict__ t = totals + (g - 1) * row;
+    if (first) {
+      for (int64_t i = 0; i < count; ++i) {
+        t[i] = w * in[i * K];
+      }
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        t[i] += w * in[i * K];
+      }
+    }
+  }
+  if (dot != nullptr) {
+    double sum = 0.0;
+    // The reduction needs the pragma to vectorise; its order is fixed at compile time, so still deterministic.
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < count * K; ++j) {
+      sum += static_cast<double>(grad[j]) * static_cast<double>(shuffled[j]);
+    }
+    *dot += sum;
+  }
+}
+
+// Calls f(std::integral_constant<int, kK>{}) with kK = K for the group counts that get their own loops, else 0.
+template <typename F>
+void with_groups(int64_t K, F&& f) {
+  switch (K) {
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 8:
+      return f(std::integral_constant<int, 8>{});
+    default:
+      return f(std::integral_constant<int, 0>{});
+  }
+}
+
+template <typename scalar_t>
+void forward_kernel(const scalar_t* x, const std::vector<const scalar_t*>& outs, const std::vector<scalar_t>& bw,
+                    const std::vector<scalar_t*>& results, const Shape& s) {
+  const int64_t E = static_cast<int64_t>(outs.size());
+  const int64_t row = s.Wo * s.m;  // values per row of each group
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, s.Wo * s.C * (E + 1)));
+  with_groups(s.K, [&](auto groups) {
+    constexpr int kK = decltype(groups)::value;
+    at::parallel_for(0, s.N * s.Ho, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> rows((s.K - 1) * row);
+      for (int64_t r = begin; r < end; ++r) {
+        bypass_row<false>(x, s, r / s.Ho, r % s.Ho, rows.data(), static_cast<scalar_t*>(nullptr));
+        for (int64_t e = 0; e < E; ++e) {
+          interleave<kK>(results[e] + r * s.Wo * s.C, outs[e] + r * row, rows.data(), row, bw[e], row, s.K);
+        }
+      }
+    });
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const scalar_t* x, const std::vector<const scalar_t*>& grads, const std::vector<scalar_t>& bw,
+                     const std::vector<scalar_t*>& ops_grads, scalar_t* grad_x, double* dots, const Shape& s) {
+  const int64_t E = static_cast<int64_t>(grads.size());
+  const int64_t m = s.m, row = s.Wo * m;
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, s.Ho * s.Wo * s.C * (E + 1)));
+  with_groups(s.K, [&](auto groups) {
+    constexpr int kK = decltype(groups)::value;
+    at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> rows((s.K - 1) * row), totals((s.K - 1) * row, scalar_t(0));
+      std::vector<scalar_t> taps((s.K - 1) * row), zeros(dots == nullptr ? 0 : row), shuffled(zeros.size() * s.K);
+      for (int64_t n = begin; n < end; ++n) {
+        double* dot = dots == nullptr ? nullptr : dots + n * E;
+        if (dot != nullptr) {
+          std::fill(dot, dot + E, 0.0);
+        }
+        for (int64_t ho = 0; ho < s.Ho; ++ho) {
+          const int64_t r = n * s.Ho + ho;
+          if (grad_x != nullptr && s.stride == 2) {  // the pool's argmax too
+            bypass_row<true>(x, s, n, ho, rows.data(), taps.data());
+          } else if (dot != nullptr) {
+            bypass_row<false>(x, s, n, ho, rows.data(), taps.data());
+          }
+          if (dot != nullptr) {  // once per row for every edge's dot product
+            interleave<kK>(shuffled.data(), zeros.data(), rows.data(), row, scalar_t(1), row, s.K);
+          }
+          for (int64_t e = 0; e < E; ++e) {
+            deinterleave<kK>(grads[e] + r * s.Wo * s.C, ops_grads[e] + r * row,
+                             grad_x == nullptr ? nullptr : totals.data(), e == 0, shuffled.data(),
+                             dot == nullptr ? nullptr : dot + e, row, bw[e], row, s.K);
+          }
+          if (grad_x == nullptr) {
+            continue;
+          }
+          // dL/dx: zero in the ops' channels; the bypass's gradient in its channel, at stride 2 at its window's
+          // argmax (the windows do not overlap, so each pixel of x is written here once).
+          for (int64_t wo = 0; wo < s.Wo; ++wo) {
+            for (int64_t dh = 0; dh < s.stride && s.stride * ho + dh < s.H; ++dh) {
+              for (int64_t dw = 0; dw < s.stride && s.stride * wo + dw < s.W; ++dw) {
+                scalar_t* gx = grad_x + ((n * s.H + s.stride * ho + dh) * s.W + s.stride * wo + dw) * s.C;
+                const auto t = static_cast<scalar_t>(2 * dh + dw);
+                copy_short(gx, static_cast<const scalar_t*>(nullptr), m);
+                for (int64_t g = 1; g < s.K; ++g) {
+                  const scalar_t* __restrict__ total = totals.data() + (g - 1) * row + wo * m;
+                  const scalar_t* __restrict__ tap = taps.data() + (g - 1) * row + wo * m;
+                  scalar_t* __restrict__ out = gx + g * m;
+                  if (E == 0 || s.stride == 1) {
+                    copy_short(out, E == 0 ? nullptr : total, m);
+                  } else {
+                    routed_to_tap(out, total, tap, t, m);
+                  }
+                }
+              }
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+std::vector<at::Tensor> partial_channel_outputs_cpu(at::TensorList outs, const at::Tensor& x, int64_t partial_channels,
+                                                    int64_t stride, const std::optional<at::Tensor>& bypass_w) {
+  const char* op = "partial_channel_outputs";
+  const int64_t E = static_cast<int64_t>(outs.size());
+  TORCH_CHECK_VALUE(E >= 1, op, ": outs must be a non-empty list of tensors");
+  check_arguments(op, x, partial_channels, stride, bypass_w, E);
+  const Shape s = shape_of(x, partial_channels, stride);
+  check_sized_list(op, "outs", outs, E, "edge", {s.N, s.m, s.Ho, s.Wo}, "x", x);
+  std::vector<at::Tensor> inputs, results;
+  for (int64_t e = 0; e < E; ++e) {
+    inputs.push_back(outs[e].contiguous(kChannelsLast));
+    results.push_back(at::empty({s.N, s.C, s.Ho, s.Wo}, x.options().memory_format(kChannelsLast)));
+  }
+  const at::Tensor xc = x.contiguous(kChannelsLast);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "partial_channels_cpu", [&] {
+    std::vector<const scalar_t*> out_data;
+    std::vector<scalar_t*> result_data;
+    for (int64_t e = 0; e < E; ++e) {
+      out_data.push_back(inputs[e].const_data_ptr<scalar_t>());
+      result_data.push_back(results[e].data_ptr<scalar_t>());
+    }
+    forward_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), out_data, values_of<scalar_t>(bypass_w, E), result_data,
+                             s);
+  });
+  return results;
+}
+
+std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
+partial_channel_outputs_backward_cpu(const c10::List<std::optional<at::Tensor>>& grads, const at::Tensor& x,
+                                     int64_t partial_channels, int64_t stride,
+                                     const std::optional<at::Tensor>& bypass_w, bool x_grad, bool bypass_w_grad) {
+  const char* op = "partial_channel_outputs_backward";
+  const int64_t E = static_cast<int64_t>(grads.size());
+  TORCH_CHECK_VALUE(E >= 1, op, ": grads must be a non-empty list");
+  check_arguments(op, x, partial_channels, stride, bypass_w, E);
+  const Shape s = shape_of(x, partial_channels, stride);
+  std::vector<int64_t> given;  // the edges whose output is in the loss
+  std::vector<at::Tensor> inputs, ops_grads;
+  for (int64_t e = 0; e < E; ++e) {
+    const std::optional<at::Tensor> g = grads.get(e);
+    if (!g.has_value()) {
+      continue;
+    }
+    check_gradient(op, e, *g, x, s);
+    given.push_back(e);
+    inputs.push_back(g->contiguous(kChannelsLast));
+    ops_grads.push_back(at::empty({s.N, s.m, s.Ho, s.Wo}, x.options().memory_format(kChannelsLast)));
+  }
+  const at::Tensor xc = x.contiguous(kChannelsLast);
+  std::optional<at::Tensor> grad_x, grad_bypass_w;
+  if (x_grad) {
+    grad_x = at::empty_like(xc, kChannelsLast);
+  }
+  const int64_t G = static_cast<int64_t>(given.size());
+  at::Tensor dots;  // [N, G] per image, in double
+  if (bypass_w_grad) {
+    dots = at::empty({s.N, G}, x.options().dtype(at::kDouble));
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "partial_channels_cpu", [&] {
+    const std::vector<scalar_t> all_w = values_of<scalar_t>(bypass_w, E);
+    std::vector<scalar_t> w;
+    std::vector<const scalar_t*> grad_data;
+    std::vector<scalar_t*> ops_grad_data;
+    for (int64_t i = 0; i < G; ++i) {
+      w.push_back(all_w[given[i]]);
+      grad_data.push_back(inputs[i].const_data_ptr<scalar_t>());
+      ops_grad_data.push_back(ops_grads[i].data_ptr<scalar_t>());
+    }
+    backward_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), grad_data, w, ops_grad_data,
+                              grad_x.has_value() ? grad_x->data_ptr<scalar_t>() : nullptr,
+                              bypass_w_grad ? dots.data_ptr<double>() : nullptr, s);
+    if (bypass_w_grad) {
+      const std::vector<double> totals = add_slots(dots.const_data_ptr<double>(), s.N, G);
+      grad_bypass_w = at::zeros({E}, x.options());
+      scalar_t* out = grad_bypass_w->data_ptr<scalar_t>();
+      for (int64_t i = 0; i < G; ++i) {
+        out[given[i]] = static_cast<scalar_t>(totals[i]);
+      }
+    }
+  });
+  return {std::move(ops_grads), grad_x, grad_bypass_w};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
+  m.impl("partial_channel_outputs", &partial_channel_outputs_cpu);
+  m.impl("partial_channel_outputs_backward", &partial_channel_outputs_backward_cpu);
+}
+
+}  // namespace fastdarts
