@@ -896,7 +896,12 @@ def partial_channel_edge(out: Tensor, bypass: Tensor, partial_channels: int) -> 
     """An edge's output from the ops' output [N, C/K, H, W] and the bypass [N, C - C/K, H, W]: their concatenation
     shuffled into K groups (channel c*K + g of the result is channel g*C/K + c of the concatenation)."""
     n, c, h, w = out.shape
-    return torch.cat([out, bypass], dim=1).unflatten(1, (partial_channels, c)).transpose(1, 2).reshape(n, -1, h, w)
+    return (
+        torch.cat([out, bypass], dim=1)
+        .unflatten(1, (partial_channels, c))
+        .transpose(1, 2)
+        .reshape(n, partial_channels * c, h, w)
+    )
 
 
 def partial_channel_outputs(outs: Sequence[Tensor], x: Tensor, partial_channels: int, stride: int,

@@ -15,8 +15,8 @@ from ..conftest import requires_ext
 pytestmark = requires_ext
 
 CL = torch.channels_last
-# (N, C, H, W) and K: odd sides, one to four ops channels, a channel count K does not divide by 4.
-CASES = [((2, 8, 7, 5), 2), ((1, 16, 6, 6), 4), ((3, 9, 5, 4), 3), ((2, 4, 1, 3), 4)]
+# (N, C, H, W) and K: odd sides, one to four ops channels, a channel count K does not divide by 4, an empty batch.
+CASES = [((2, 8, 7, 5), 2), ((1, 16, 6, 6), 4), ((3, 9, 5, 4), 3), ((2, 4, 1, 3), 4), ((0, 8, 3, 3), 2)]
 
 
 def make_inputs(shape, K, stride, E, dtype=torch.float64, with_w=True, seed=0):
