@@ -182,11 +182,11 @@ def make_run_dir(out: str | None, kind: str) -> Path:
     raise ConfigError("could not create a new run directory under runs/")
 
 
-def check_network_fits(build: Callable[[], torch.nn.Module], config) -> None:
+def check_network_fits(build: Callable[[], torch.nn.Module], sizes: str) -> None:
     """A ConfigError when the network `build()` makes could not train in this machine's memory: its weights, their
     gradients and SGD's momentum alone would fill it. Built on the meta device, which allocates nothing and draws
-    no random numbers, so too large an init_channels is refused in one line instead of by the kernel's
-    out-of-memory kill."""
+    no random numbers, so too large a width is refused in one line instead of by the kernel's out-of-memory kill.
+    `sizes` names the settings that size the network ("init_channels 16 and layers 8"), for the message."""
     with torch.device("meta"):
         network = build()
     tensors = [*network.parameters(), *network.buffers()]
@@ -195,7 +195,7 @@ def check_network_fits(build: Callable[[], torch.nn.Module], config) -> None:
     if needed > memory:
         weights = sum(p.numel() for p in network.parameters())
         raise ConfigError(
-            f"init_channels {config.init_channels} and layers {config.layers} make a network of {weights:,} weights, "
+            f"{sizes} make a network of {weights:,} weights, "
             f"which with their gradients and momentum need {needed / 2**30:,.1f} GiB; this machine has "
             f"{memory / 2**30:.1f} GiB"
         )

@@ -315,6 +315,10 @@ def test_config_errors(tmp_path):
         rnn_search.RecurrentSearchConfig(emsize=16, nhid=8).resolved()
     with pytest.raises(DataError, match="does not exist"):
         rnn_search.run(data=str(tmp_path / "nowhere"), out=str(tmp_path / "r"))
+    for run in (rnn_search.run, rnn_train.run):  # refused before anything is built or written
+        with pytest.raises(ConfigError, match=r"nhid 200000 and emsize 200000 make a network of [\d,]+ weights"):
+            run(emsize=200000, nhid=200000, out=str(tmp_path / "big"))
+        assert not (tmp_path / "big").exists()
 
 
 def test_the_bundled_corpus_searches_at_lr_5_and_ptb_at_darts_lr_20(tmp_path):

@@ -17,7 +17,7 @@ import torch
 
 from fastdarts import search, train
 from fastdarts.checkpoint import load_checkpoint
-from fastdarts.config import SearchConfig, TrainConfig, parse_command_line
+from fastdarts.config import TrainConfig, parse_command_line
 from fastdarts.data import ImageData
 from fastdarts.errors import CheckpointWriteError, ConfigError, FastDartsError, TrainingDiverged
 from fastdarts.methods import make_method
@@ -253,7 +253,7 @@ def test_network_size_check_leaves_every_random_stream_as_it_was():
     # It builds the network once more (on the meta device) before the run's own build draws its weights.
     network = functools.partial(SearchNetwork, 4, 10, 3, 1, method=make_method("darts"))
     before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
-    check_network_fits(network, SearchConfig())
+    check_network_fits(network, "init_channels 4 and layers 3")
     after = torch.get_rng_state(), random.getstate(), np.random.get_state()[1]
     assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
 

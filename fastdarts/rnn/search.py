@@ -10,6 +10,7 @@ search's (fastdarts.runloop); the end writes `genotype.json` and `genotype.txt` 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from ..bilevel import check_finite, frozen
 from ..checkpoint import atomic_write_text
 from ..config import option
 from ..methods import make_method
-from ..runloop import Run, entry_point, make_run_dir, seed_everything, start_config
+from ..runloop import Run, check_network_fits, entry_point, make_run_dir, seed_everything, start_config
 from .data import batchify, get_batch
 from .genotype import RecurrentGenotype
 from .loop import (
@@ -221,6 +222,9 @@ def run(config: RecurrentSearchConfig | None = None, *, resume: str | Path | Non
     config, checkpoint = start_config(RecurrentSearchConfig, "search", config, resume, **overrides)
     seed_everything(config.seed)
     corpus = load(config, search=True)
+    check_network_fits(
+        functools.partial(build, config, len(corpus.dictionary)), f"nhid {config.nhid} and emsize {config.emsize}"
+    )
     run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "search")
     model = build(config, len(corpus.dictionary))
     optimizer = torch.optim.SGD(model.weight_parameters(), config.lr, weight_decay=config.wdecay)

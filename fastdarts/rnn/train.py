@@ -8,6 +8,7 @@ the best weights on the test stream (batch `test_batch_size`) and writes `result
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from ..checkpoint import atomic_write_text
 from ..config import option
-from ..runloop import Run, entry_point, make_run_dir, seed_everything, start_config
+from ..runloop import Run, check_network_fits, entry_point, make_run_dir, seed_everything, start_config
 from .data import batchify
 from .genotype import RecurrentGenotype, load_recurrent_genotype
 from .loop import (
@@ -182,6 +183,9 @@ def run(config: RecurrentTrainConfig | None = None, *, resume: str | Path | None
     config, checkpoint = start_config(RecurrentTrainConfig, "train", config, resume, **overrides)
     seed_everything(config.seed)
     corpus = load(config)
+    check_network_fits(
+        functools.partial(build, config, len(corpus.dictionary)), f"nhid {config.nhid} and emsize {config.emsize}"
+    )
     run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "train")
     genotype = config.cell()
     model = build(config, len(corpus.dictionary))
