@@ -802,7 +802,8 @@ def define_mixed_ops(
         """Recomputes the group from x and its statistics (or restores it from `saved`, the forward's intermediates
         when it did not recompute), then returns, in this order, dL/dx if x_grad, dL/dw [E, K] if w_grad,
         dL/dbypass_w [E] if bypass_w_grad, and every dL/dweights[i] if weights_grad (zeros for the convs of
-        candidates not computed). With partial channels the ops read their part of each output gradient strided."""
+        candidates not computed). With partial channels, partial_channel_outputs_backward splits each output gradient
+        into the ops' part, which the group reads, and the bypass's, which goes straight into dL/dx."""
         x = _prepare(x)
         full, x = x, _prepare(_processed(x, partial_channels))
         grad_full = grad_bypass_w = None
