@@ -20,9 +20,10 @@ from fastdarts.checkpoint import load_checkpoint
 from fastdarts.config import TrainConfig, parse_command_line
 from fastdarts.data import ImageData
 from fastdarts.errors import CheckpointWriteError, ConfigError, FastDartsError, TrainingDiverged
+from fastdarts.evalnet import NETWORKS
 from fastdarts.methods import make_method
 from fastdarts.runloop import check_network_fits
-from fastdarts.space import Genotype
+from fastdarts.space import BUILTIN_GENOTYPES, Genotype
 from fastdarts.supernet import SearchNetwork
 
 # Tiny runs: a search epoch has 6 steps (718 images, batch 128), a train epoch 12 (1437, batch 128).
@@ -249,9 +250,13 @@ def test_resume_errors(tmp_path):
         train.run(resume=tmp_path / "torn")
 
 
-def test_network_size_check_leaves_every_random_stream_as_it_was():
+@pytest.mark.parametrize("kind", ["search", "train"])
+def test_network_size_check_leaves_every_random_stream_as_it_was(kind):
     # It builds the network once more (on the meta device) before the run's own build draws its weights.
-    network = functools.partial(SearchNetwork, 4, 10, 3, 1, method=make_method("darts"))
+    if kind == "search":
+        network = functools.partial(SearchNetwork, 4, 10, 3, 1, method=make_method("drnas"))
+    else:
+        network = functools.partial(NETWORKS["cifar"], BUILTIN_GENOTYPES["DARTS_V2"], 4, 10, 3, True, 1)
     before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
     check_network_fits(network, "init_channels 4 and layers 3")
     after = torch.get_rng_state(), random.getstate(), np.random.get_state()[1]
