@@ -45,6 +45,13 @@ constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
 // Pixels per task: below about this many values a second thread costs more than it saves.
 constexpr int64_t kGrainValues = 32768;
 
+// 16-byte vectors (4 floats, 2 doubles), which every CPU of the baseline has: a group's m channels are few, and the
+// kernel is bound by memory, not by the vectors' width.
+template <typename T>
+using V16Of = typename VecOf<T, 16>::type;
+template <typename T>
+constexpr int64_t kLanes16Of = 16 / static_cast<int64_t>(sizeof(T));
+
 struct Shape {
   int64_t N, C, H, W, Ho, Wo, K, m, stride;
   int64_t bypass() const {  // the bypass's channels
@@ -94,11 +101,9 @@ std::vector<scalar_t> values_of(const std::optional<at::Tensor>& w, int64_t E) {
 // rather than the library call GCC makes of a copy loop, which costs more than the copy at 4 or 8 values.
 template <typename scalar_t>
 void copy_short(scalar_t* __restrict__ out, const scalar_t* __restrict__ in, int64_t m) {
-  using V16 = typename VecOf<scalar_t, 16>::type;
-  constexpr int64_t kLanes16 = 16 / sizeof(scalar_t);
   int64_t c = 0;
-  for (; c + kLanes16 <= m; c += kLanes16) {
-    V16 v{};
+  for (; c + kLanes16Of<scalar_t> <= m; c += kLanes16Of<scalar_t>) {
+    V16Of<scalar_t> v{};
     if (in != nullptr) {
       vec_load(v, in + c);
     }
@@ -134,10 +139,9 @@ void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar
           const auto t = static_cast<scalar_t>(2 * dh + dw);
           // ATen's max_pool2d: the value wins when it is greater or a NaN. In 16-byte vectors, whose selects have
           // no branch (GCC's scalar loop branched on every value, and random data mispredicted half of them).
-          using V16 = typename VecOf<scalar_t, 16>::type;
-          constexpr int64_t kLanes16 = 16 / sizeof(scalar_t);
+          using V16 = V16Of<scalar_t>;
           int64_t c = 0;
-          for (; c + kLanes16 <= m; c += kLanes16) {
+          for (; c + kLanes16Of<scalar_t> <= m; c += kLanes16Of<scalar_t>) {
             V16 vv, vo;
             vec_load(vv, v + c);
             vec_load(vo, out + c);
@@ -167,10 +171,9 @@ void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar
 template <typename scalar_t>
 void routed_to_tap(scalar_t* __restrict__ out, const scalar_t* __restrict__ total, const scalar_t* __restrict__ tap,
                    scalar_t t, int64_t m) {
-  using V16 = typename VecOf<scalar_t, 16>::type;
-  constexpr int64_t kLanes16 = 16 / sizeof(scalar_t);
+  using V16 = V16Of<scalar_t>;
   int64_t c = 0;
-  for (; c + kLanes16 <= m; c += kLanes16) {
+  for (; c + kLanes16Of<scalar_t> <= m; c += kLanes16Of<scalar_t>) {
     V16 vt, vg;
     vec_load(vt, tap + c);
     vec_load(vg, total + c);
