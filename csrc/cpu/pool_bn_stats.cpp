@@ -229,10 +229,11 @@ struct ForwardArgs {
   double* partials;          // [threads][4][C]: sums of d and d^2 for max_out, then for avg_out
 };
 
-// Output row (n, ho) of the channels [c0, c0 + L::kWidth): both pools, and their moments added to `partial`.
+// Output columns [wo_begin, wo_end) of row (n, ho), channels [c0, c0 + L::kWidth): both pools, and their moments
+// added to `partial`.
 template <typename L, typename T>
 FASTDARTS_ALWAYS_INLINE void forward_row(const ForwardArgs<T>& f, int64_t n, int64_t ho, int64_t c0,
-                                         double* partial) {
+                                         int64_t wo_begin, int64_t wo_end, double* partial) {
   using V = typename L::V;
   using D = typename L::D;
   const Span rows = window_span(ho, f.s, f.H);
@@ -243,7 +244,7 @@ FASTDARTS_ALWAYS_INLINE void forward_row(const ForwardArgs<T>& f, int64_t n, int
   D shift;
   L::load_wide(shift, f.shift + c0);
   D s1_max{}, s2_max{}, s1_avg{}, s2_avg{};
-  for (int64_t wo = 0; wo < f.Wo; ++wo) {
+  for (int64_t wo = wo_begin; wo < wo_end; ++wo) {
     const Span cols = window_span(wo, f.s, f.W);
     V max, sum;
     pool_window<L>(in + cols.first * f.xs.w, f.xs.h, f.xs.w, rows.count, cols.count, max, sum);
@@ -263,22 +264,98 @@ FASTDARTS_ALWAYS_INLINE void forward_row(const ForwardArgs<T>& f, int64_t n, int
   }
 }
 
+// Packed pixels. With fewer channels than a vector of the tier has lanes (PC-DARTS's 4 and 8), a vector per pixel
+// would leave most lanes idle. At stride 1, in channels_last with C dividing the lanes, one vector instead holds
+// G = lanes / C neighbouring pixels: their windows' taps are the same vector loads shifted by whole pixels (C
+// values), so the loops of one pixel serve G of them. The interior columns 1 .. Wo-2 have full 3-wide windows and
+// run so in whole vectors; the border columns and the rest run a pixel at a time. Each pixel's arithmetic, and in
+// the backward the order in which the windows add into grad_x, is the one of a pixel at a time: the same bits.
+// Only the statistics' double sums are added in another order.
+
+// The number of pixels a vector of tier kIsa holds, or 0 when the pixels of f (ForwardArgs or BackwardArgs) are
+// not packed.
+template <typename T, CpuIsa kIsa, typename Args>
+FASTDARTS_ALWAYS_INLINE int64_t packed_pixels(const Args& a, std::initializer_list<Strides> dense) {
+  constexpr int64_t kWidth = kLanes<T, kIsa>;
+  if (a.s != 1 || a.C >= kWidth || kWidth % a.C != 0) {
+    return 0;
+  }
+  for (const Strides& t : dense) {  // channels, then pixels, contiguous
+    if (t.c != 1 || t.w != a.C) {
+      return 0;
+    }
+  }
+  return kWidth / a.C;
+}
+
+// Output row (n, ho), columns from 1 in whole vectors of G pixels (see "Packed pixels"); returns the first column
+// not done.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE int64_t forward_packed(const ForwardArgs<T>& f, int64_t n, int64_t ho, int64_t G,
+                                               double* partial) {
+  using L = Lane<T, true, kIsa>;
+  using V = typename L::V;
+  using D = typename L::D;
+  const int64_t vectors = (f.Wo - 2) / G;
+  if (vectors <= 0) {
+    return 1;
+  }
+  const Span rows = window_span(ho, 1, f.H);
+  const T* in = f.x + n * f.xs.n + rows.first * f.xs.h;
+  T* max_row = f.max_out + n * f.os.n + ho * f.os.h;
+  T* avg_row = f.avg_out + n * f.os.n + ho * f.os.h;
+  double lanes[L::kWidth];
+  for (int64_t l = 0; l < L::kWidth; ++l) {
+    lanes[l] = f.shift[l % f.C];
+  }
+  D shift;
+  L::load_wide(shift, lanes);
+  D s1_max{}, s2_max{}, s1_avg{}, s2_avg{};
+  for (int64_t k = 0; k < vectors; ++k) {
+    const int64_t wo = 1 + k * G;
+    V max, sum;
+    pool_window<L>(in + (wo - 1) * f.C, f.xs.h, f.C, rows.count, 3, max, sum);
+    const V avg = sum / static_cast<T>(rows.count * 3);
+    L::store(max_row + wo * f.C, max);
+    L::store(avg_row + wo * f.C, avg);
+    add_moments<L>(s1_max, s2_max, max, shift);
+    add_moments<L>(s1_avg, s2_avg, avg, shift);
+  }
+  const D sums[4] = {s1_max, s2_max, s1_avg, s2_avg};
+  for (int64_t k = 0; k < 4; ++k) {  // each lane's sums to its channel
+    L::store_wide(lanes, sums[k]);
+    for (int64_t l = 0; l < L::kWidth; ++l) {
+      partial[k * f.C + l % f.C] += lanes[l];
+    }
+  }
+  return 1 + vectors * G;
+}
+
 // Output rows [begin, end) (row = n Ho + ho) of every channel.
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void forward_rows(const ForwardArgs<T>& f, int64_t begin, int64_t end, double* partial) {
   constexpr int64_t V = kLanes<T, kIsa>;
+  const int64_t G = packed_pixels<T, kIsa>(f, {f.xs, f.os});
   for (int64_t row = begin; row < end; ++row) {
     const int64_t n = row / f.Ho;
     const int64_t ho = row % f.Ho;
-    for (int64_t c0 = 0; c0 < f.vector_channels; c0 += V) {
-      forward_row<Lane<T, true, kIsa>>(f, n, ho, c0, partial);
+    auto pixels = [&](int64_t wo_begin, int64_t wo_end) {  // columns [wo_begin, wo_end), a pixel at a time
+      for (int64_t c0 = 0; c0 < f.vector_channels; c0 += V) {
+        forward_row<Lane<T, true, kIsa>>(f, n, ho, c0, wo_begin, wo_end, partial);
+      }
+      for (int64_t c0 = f.vector_channels; c0 < f.narrow_channels; c0 += kNarrow<T>) {
+        forward_row<Lane<T, true, CpuIsa::kBaseline>>(f, n, ho, c0, wo_begin, wo_end, partial);
+      }
+      for (int64_t c = f.narrow_channels; c < f.C; ++c) {
+        forward_row<Lane<T, false, kIsa>>(f, n, ho, c, wo_begin, wo_end, partial);
+      }
+    };
+    if (G == 0) {
+      pixels(0, f.Wo);
+      continue;
     }
-    for (int64_t c0 = f.vector_channels; c0 < f.narrow_channels; c0 += kNarrow<T>) {
-      forward_row<Lane<T, true, CpuIsa::kBaseline>>(f, n, ho, c0, partial);
-    }
-    for (int64_t c = f.narrow_channels; c < f.C; ++c) {
-      forward_row<Lane<T, false, kIsa>>(f, n, ho, c, partial);
-    }
+    pixels(0, std::min<int64_t>(1, f.Wo));
+    pixels(forward_packed<T, kIsa>(f, n, ho, G, partial), f.Wo);
   }
 }
 
@@ -298,15 +375,16 @@ struct BackwardArgs {
   int64_t vector_channels, narrow_channels;  // as in ForwardArgs
 };
 
-// Adds the gradient of output row (n, ho), channels [c0, c0 + L::kWidth), into grad_x.
+// Adds the gradient of output columns [wo_begin, wo_end) of row (n, ho), channels [c0, c0 + L::kWidth), into grad_x.
 template <typename L, bool kMax, bool kAvg, typename T>
-FASTDARTS_ALWAYS_INLINE void backward_row(const BackwardArgs<T>& b, int64_t n, int64_t ho, int64_t c0) {
+FASTDARTS_ALWAYS_INLINE void backward_row(const BackwardArgs<T>& b, int64_t n, int64_t ho, int64_t c0,
+                                          int64_t wo_begin, int64_t wo_end) {
   using V = typename L::V;
   using I = typename L::I;
   const Span rows = window_span(ho, b.s, b.H);
   const T* in = b.x + n * b.xs.n + c0 * b.xs.c + rows.first * b.xs.h;
   T* out = b.grad_x + n * b.gxs.n + c0 * b.gxs.c + rows.first * b.gxs.h;
-  for (int64_t wo = 0; wo < b.Wo; ++wo) {
+  for (int64_t wo = wo_begin; wo < wo_end; ++wo) {
     const Span cols = window_span(wo, b.s, b.W);
     I index{};
     V g_max{}, g_avg{};
@@ -337,12 +415,59 @@ FASTDARTS_ALWAYS_INLINE void backward_row(const BackwardArgs<T>& b, int64_t n, i
   }
 }
 
+// Adds the gradient of output row (n, ho), columns from 1 in whole vectors of G pixels (see "Packed pixels"), into
+// grad_x; returns the first column not done. The taps run from the right (q = 2, 1, 0): each pixel of grad_x then
+// receives its windows' gradients in the order of their output columns, as a pixel at a time gives them.
+template <typename T, CpuIsa kIsa, bool kMax, bool kAvg>
+FASTDARTS_ALWAYS_INLINE int64_t backward_packed(const BackwardArgs<T>& b, int64_t n, int64_t ho, int64_t G) {
+  using L = Lane<T, true, kIsa>;
+  using V = typename L::V;
+  using I = typename L::I;
+  const int64_t vectors = (b.Wo - 2) / G;
+  if (vectors <= 0) {
+    return 1;
+  }
+  const Span rows = window_span(ho, 1, b.H);
+  const T* in = b.x + n * b.xs.n + rows.first * b.xs.h;
+  T* out = b.grad_x + n * b.gxs.n + rows.first * b.gxs.h;
+  for (int64_t k = 0; k < vectors; ++k) {
+    const int64_t wo = 1 + k * G;
+    I index{};
+    V g_max{}, g_avg{};
+    if (kMax) {
+      argmax_window<L>(in + (wo - 1) * b.C, b.xs.h, b.C, rows.count, 3, index);
+      L::load(g_max, b.grad_max + n * b.gms.n + ho * b.gms.h + wo * b.C);
+    }
+    if (kAvg) {
+      L::load(g_avg, b.grad_avg + n * b.gas.n + ho * b.gas.h + wo * b.C);
+      g_avg = g_avg / static_cast<T>(rows.count * 3);
+    }
+    T* window = out + (wo - 1) * b.C;
+    for (int64_t r = 0; r < rows.count; ++r) {
+      for (int64_t q = 2; q >= 0; --q) {
+        T* p = window + r * b.gxs.h + q * b.C;
+        V v;
+        L::load(v, p);
+        if (kMax) {
+          v += index == I{} + static_cast<typename L::IElem>(r * 3 + q) ? g_max : V{};
+        }
+        if (kAvg) {
+          v += g_avg;
+        }
+        L::store(p, v);
+      }
+    }
+  }
+  return 1 + vectors * G;
+}
+
 // Images [begin, end): grad_x zeroed, then every output's gradient added in. Windows of different images never
 // overlap, so each task writes only its own images.
 template <typename T, CpuIsa kIsa, bool kMax, bool kAvg>
 FASTDARTS_ALWAYS_INLINE void backward_images(const BackwardArgs<T>& b, int64_t begin, int64_t end) {
   constexpr int64_t V = kLanes<T, kIsa>;
   const Strides& s = b.gxs;
+  const int64_t G = packed_pixels<T, kIsa>(b, {b.xs, b.gxs, kMax ? b.gms : b.xs, kAvg ? b.gas : b.xs});
   for (int64_t n = begin; n < end; ++n) {
     T* image = b.grad_x + n * s.n;
     if (s.c == 1 || b.C == 1) {
@@ -361,15 +486,23 @@ FASTDARTS_ALWAYS_INLINE void backward_images(const BackwardArgs<T>& b, int64_t b
       }
     }
     for (int64_t ho = 0; ho < b.Ho; ++ho) {
-      for (int64_t c0 = 0; c0 < b.vector_channels; c0 += V) {
-        backward_row<Lane<T, true, kIsa>, kMax, kAvg>(b, n, ho, c0);
+      auto pixels = [&](int64_t wo_begin, int64_t wo_end) {  // columns [wo_begin, wo_end), a pixel at a time
+        for (int64_t c0 = 0; c0 < b.vector_channels; c0 += V) {
+          backward_row<Lane<T, true, kIsa>, kMax, kAvg>(b, n, ho, c0, wo_begin, wo_end);
+        }
+        for (int64_t c0 = b.vector_channels; c0 < b.narrow_channels; c0 += kNarrow<T>) {
+          backward_row<Lane<T, true, CpuIsa::kBaseline>, kMax, kAvg>(b, n, ho, c0, wo_begin, wo_end);
+        }
+        for (int64_t c = b.narrow_channels; c < b.C; ++c) {
+          backward_row<Lane<T, false, kIsa>, kMax, kAvg>(b, n, ho, c, wo_begin, wo_end);
+        }
+      };
+      if (G == 0) {
+        pixels(0, b.Wo);
+        continue;
       }
-      for (int64_t c0 = b.vector_channels; c0 < b.narrow_channels; c0 += kNarrow<T>) {
-        backward_row<Lane<T, true, CpuIsa::kBaseline>, kMax, kAvg>(b, n, ho, c0);
-      }
-      for (int64_t c = b.narrow_channels; c < b.C; ++c) {
-        backward_row<Lane<T, false, kIsa>, kMax, kAvg>(b, n, ho, c);
-      }
+      pixels(0, std::min<int64_t>(1, b.Wo));
+      pixels(backward_packed<T, kIsa, kMax, kAvg>(b, n, ho, G), b.Wo);
     }
   }
 }

@@ -70,8 +70,9 @@ def test_cpp_matches_reference(shape, stride, layout, cpu_isa):
 @pytest.mark.parametrize("C", [4, 8, 13, 20, 36])
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 def test_short_channel_tails_equal_one_channel_at_a_time(stride, C, dtype, cpu_isa):
-    # Channels past the last 64 bytes run in 16-byte vectors (PC-DARTS's 4 and 8 channels), with each channel's
-    # arithmetic as one at a time, which a contiguous x takes: the same bits, forward and backward.
+    # Channels past the last 64 bytes run in 16-byte vectors, and at stride 1 a vector holds several pixels of 4 or 8
+    # channels (PC-DARTS's), with each channel's arithmetic as one at a time, which a contiguous x takes: the same
+    # bits, forward and backward. Only the statistics' double sums may be added in another order.
     x = make_x((2, C, 7, 9), dtype)
     results = []
     for layout in ("channels_last", "contiguous"):
@@ -81,8 +82,11 @@ def test_short_channel_tails_equal_one_channel_at_a_time(stride, C, dtype, cpu_i
         grads = [torch.randn(outs[0].shape, dtype=dtype, generator=generator) for _ in range(2)]
         (grad_x,) = torch.autograd.grad(outs[:2], xl, grads)
         results.append([t.detach() for t in outs] + [grad_x])
-    for got, want in zip(*results):
-        assert torch.equal(got, want)
+    for i, (got, want) in enumerate(zip(*results)):
+        if i in (2, 3):  # mean, var
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        else:
+            assert torch.equal(got, want)
 
 
 @requires_ext
@@ -174,8 +178,9 @@ def check_ties_route_the_gradient_like_aten(backend, case, stride, shape, layout
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("case", ["zeros", "constant", "minus_inf", "few_values"])
-def test_ties_route_the_gradient_like_aten(case, stride, layout, cpu_isa):
-    check_ties_route_the_gradient_like_aten("cpp", case, stride, (2, 18, 7, 8), layout)
+@pytest.mark.parametrize("C", [18, 4])  # 4: several pixels to a vector at stride 1
+def test_ties_route_the_gradient_like_aten(C, case, stride, layout, cpu_isa):
+    check_ties_route_the_gradient_like_aten("cpp", case, stride, (2, C, 7, 11), layout)
 
 
 @requires_ext
@@ -195,6 +200,22 @@ def test_nan_propagates_like_aten(stride, layout, cpu_isa):
     assert max_out.isnan().sum() > 0 and torch.equal(max_out.isnan(), avg_out.isnan())
     nan_channels = torch.tensor([c in (3, 16, 17, 18, 19) for c in range(20)])
     assert torch.equal(mean.isnan(), nan_channels.expand(2, 20)) and torch.equal(var.isnan(), mean.isnan())
+    grad_out = torch.randint(1, 5, expected[0].shape).float()
+    (got,) = torch.autograd.grad(max_out, x, grad_out)
+    (want,) = torch.autograd.grad(expected[0], x, grad_out)
+    assert torch.equal(got, want)
+
+
+@requires_ext
+def test_nan_propagates_like_aten_with_several_pixels_to_a_vector(cpu_isa):
+    x = torch.randn(2, 4, 6, 11)
+    x[0, 1, 3, 4] = float("nan")
+    x[1, 2, 2, 5] = x[1, 2, 3, 6] = float("nan")  # two NaNs in one window: ATen's index follows the last one
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    max_out, avg_out, _, _ = ops.pool_bn_stats(x, 1, backend="cpp")
+    expected = aten_pools(x, 1)
+    torch.testing.assert_close(max_out, expected[0], equal_nan=True)
+    torch.testing.assert_close(avg_out, expected[1], equal_nan=True, **TOLERANCES[torch.float32]["out"])
     grad_out = torch.randint(1, 5, expected[0].shape).float()
     (got,) = torch.autograd.grad(max_out, x, grad_out)
     (want,) = torch.autograd.grad(expected[0], x, grad_out)
