@@ -25,7 +25,8 @@
 // one image add into the same grad_x values); for each output the 2x2 to 3x3 window is walked in scan order.
 // With channels contiguous in x and in every output (channels_last), the loops run over whole vectors of the
 // tier's width (cpu_isa.h) up to a multiple of 64 bytes of channels (kVecLanes), then in 16-byte vectors (kNarrow:
-// PC-DARTS's edges have 4 or 8 channels, which would otherwise all run one at a time), and the rest one at a time;
+// PC-DARTS's edges have 4 or 8 channels, which would otherwise all run one at a time), and the rest one at a time
+// (at stride 1 with fewer channels than a vector's lanes, a vector holds several pixels: "Packed pixels" below);
 // each channel's arithmetic is the same in every lane width, so the results are too. With any other layout every channel runs one at a time (correct, not fast). The statistics are sums of (v - shift)
 // and (v - shift)^2 in double, with shift = x[0, c, 0, 0], a value in the data's range, so that the variance does
 // not cancel catastrophically. They are summed in locals over an output row, then added to the running thread's
