@@ -42,7 +42,7 @@ namespace fastdarts {
 namespace {
 
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
-// Pixels per task: below about this many values a second thread costs more than it saves.
+// Values per task: below about this many a second thread costs more than it saves.
 constexpr int64_t kGrainValues = 32768;
 
 // 16-byte vectors (4 floats, 2 doubles), which every CPU of the baseline has: a group's m channels are few, and the
