@@ -29,8 +29,9 @@
 // (at stride 1 with fewer channels than a vector's lanes, a vector holds several pixels: "Packed pixels" below);
 // each channel's arithmetic is the same in every lane width, so the results are too. With any other layout every channel runs one at a time (correct, not fast). The statistics are sums of (v - shift)
 // and (v - shift)^2 in double, with shift = x[0, c, 0, 0], a value in the data's range, so that the variance does
-// not cancel catastrophically. They are summed in locals over an output row, then added to the running thread's
-// own slot (at::get_thread_num()), and the slots are added up at the end.
+// not cancel catastrophically. They are summed in locals over an output row, then added to the slot of its chunk of
+// rows (chunks fixed by the shapes alone), and the slots are added up in chunk order at the end: the same bits
+// whatever the number of threads.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -227,7 +228,6 @@ struct ForwardArgs {
   int64_t vector_channels;   // channels [0, vector_channels) run in whole vectors,
   int64_t narrow_channels;   // [vector_channels, narrow_channels) in 16-byte ones (kNarrow), the rest one at a time
   const double* shift;       // [C]
-  double* partials;          // [threads][4][C]: sums of d and d^2 for max_out, then for avg_out
 };
 
 // Output columns [wo_begin, wo_end) of row (n, ho), channels [c0, c0 + L::kWidth): both pools, and their moments
@@ -589,8 +589,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bn_stats_cpu(con
     for (int64_t c = 0; c < C; ++c) {
       shift[c] = static_cast<double>(xp[c * xs.c]);
     }
-    const int64_t threads = at::get_num_threads();
-    std::vector<double> partials(threads * 4 * C, 0.0);
     const bool vectors = channels_contiguous({&x, &max_out});
     const ForwardArgs<scalar_t> f{C,
                                   x.size(2),
@@ -605,29 +603,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bn_stats_cpu(con
                                   strides_of(max_out),
                                   vectors ? C / kVecLanes<scalar_t> * kVecLanes<scalar_t> : 0,
                                   vectors ? C / kNarrow<scalar_t> * kNarrow<scalar_t> : 0,
-                                  shift.data(),
-                                  partials.data()};
+                                  shift.data()};
+    // Chunks of rows fixed by the shapes, each with its own slot [4][C] of sums (of d and d^2 for max_out, then for
+    // avg_out), added up in chunk order: the statistics do not depend on how the threads split the chunks.
     const int64_t num_rows = x.size(0) * f.Ho;
-    const int64_t grain = std::max<int64_t>(1, kTaskValues / (f.Wo * C));
-    at::parallel_for(0, num_rows, grain, [&](int64_t begin, int64_t end) {
-      // Each thread adds into its own slot of partials, so no two threads write one value.
-      const int64_t thread = at::get_thread_num();
-      TORCH_INTERNAL_ASSERT(thread < threads);
-      double* partial = partials.data() + thread * 4 * C;
-      FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_rows, scalar_t, f, begin, end, partial);
+    const int64_t chunk_rows = std::max<int64_t>(1, kTaskValues / (f.Wo * C));
+    const int64_t num_chunks = (num_rows + chunk_rows - 1) / chunk_rows;
+    std::vector<double> slots(num_chunks * 4 * C, 0.0);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        const int64_t first = chunk * chunk_rows;
+        FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_rows, scalar_t, f, first, std::min(first + chunk_rows, num_rows),
+                                   slots.data() + chunk * 4 * C);
+      }
     });
-    // The thread slots combined, then mean = shift + E[d] and var = E[d^2] - E[d]^2 with d = v - shift.
+    const std::vector<double> sums = add_slots(slots.data(), num_chunks, 4 * C);
+    // mean = shift + E[d] and var = E[d^2] - E[d]^2 with d = v - shift.
     const double count = static_cast<double>(num_rows * f.Wo);
     scalar_t* mp = mean.data_ptr<scalar_t>();
     scalar_t* vp = var.data_ptr<scalar_t>();
     for (int64_t k = 0; k < 2; ++k) {
       for (int64_t c = 0; c < C; ++c) {
-        double s1 = 0.0;
-        double s2 = 0.0;
-        for (int64_t t = 0; t < threads; ++t) {
-          s1 += partials[(t * 4 + 2 * k) * C + c];
-          s2 += partials[(t * 4 + 2 * k + 1) * C + c];
-        }
+        const double s1 = sums[(2 * k) * C + c];
+        const double s2 = sums[(2 * k + 1) * C + c];
         const double m = s1 / count;
         const double v = s2 / count - m * m;
         mp[k * C + c] = static_cast<scalar_t>(shift[c] + m);
