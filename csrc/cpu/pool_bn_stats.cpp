@@ -488,8 +488,8 @@ template <typename T, CpuIsa kIsa, bool kMax, bool kAvg>
 FASTDARTS_ALWAYS_INLINE void backward_images(const BackwardArgs<T>& b, int64_t begin, int64_t end) {
   const Strides& s = b.gxs;
   // Packed only on AVX-512, where it measured faster (64 images of 4 channels at 32x32: 0.66 -> 0.43 ms). On AVX2 it
-  // measured slower (0.57 -> 0.66 ms): each tap's read-modify-write overlaps the previous tap's store by all but a
-  // pixel, which a vector of two pixels pays for without gaining much.
+  // measured slower (0.57 -> 0.66 ms); a likely cause, not measured: each tap's read-modify-write of grad_x overlaps
+  // the previous tap's store without matching it, which a vector of two pixels pays for without gaining much.
   const int64_t G = kIsa != CpuIsa::kAvx512
                         ? 0
                         : packed_pixels<T, kIsa>(b, {b.xs, b.gxs, kMax ? b.gms : b.xs, kAvg ? b.gas : b.xs});
