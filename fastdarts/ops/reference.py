@@ -621,19 +621,26 @@ def check_factorized_reduce_arguments(
 ) -> None:
     """x an image batch; conv_1 a [h, C, 1, 1] weight, conv_2 one of the same shape."""
     check_images(op, "x", x, require)
-    shape = list(conv_1.shape)
-    require(
-        len(shape) == 4 and shape[0] >= 1 and shape[1:] == [x.shape[1], 1, 1],
-        ValueError,
-        lambda: f"{op}: conv_1 must have shape [C_out / 2, C, 1, 1] with C = {x.shape[1]}, got shape {shape}",
-    )
+    shape = check_pointwise_weight(op, "conv_1", conv_1, "C_out / 2", x, require)
     require(
         list(conv_2.shape) == shape,
         ValueError,
         lambda: f"{op}: conv_2 must have conv_1's shape {shape}, got {list(conv_2.shape)}",
     )
-    check_dtype_and_device(op, "conv_1", conv_1, "x", x, require)
     check_dtype_and_device(op, "conv_2", conv_2, "x", x, require)
+
+
+def check_pointwise_weight(op: str, name: str, weight: Tensor, rows: str, x: Tensor, require: Require) -> list[int]:
+    """`weight` a 1x1 conv weight [rows, C, 1, 1] (rows >= 1) for the C channels of x, with x's dtype and device;
+    returns its shape. `rows` names the output channels in the message ("C_out")."""
+    shape = list(weight.shape)
+    require(
+        len(shape) == 4 and shape[0] >= 1 and shape[1:] == [x.shape[1], 1, 1],
+        ValueError,
+        lambda: f"{op}: {name} must have shape [{rows}, C, 1, 1] with C = {x.shape[1]}, got shape {shape}",
+    )
+    check_dtype_and_device(op, name, weight, "x", x, require)
+    return shape
 
 
 def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = True) -> Tensor:
@@ -698,13 +705,7 @@ def check_relu_conv_bn_arguments(
     require: Require = raise_unless,
 ) -> None:  # fmt: skip
     check_images(op, "x", x, require)
-    shape = list(weight.shape)
-    require(
-        len(shape) == 4 and shape[0] >= 1 and shape[1:] == [x.shape[1], 1, 1],
-        ValueError,
-        lambda: f"{op}: weight must have shape [C_out, C, 1, 1] with C = {x.shape[1]}, got shape {shape}",
-    )
-    check_dtype_and_device(op, "weight", weight, "x", x, require)
+    check_pointwise_weight(op, "weight", weight, "C_out", x, require)
     require(
         (running_mean is None) == (running_var is None),
         ValueError,
