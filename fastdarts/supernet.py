@@ -214,6 +214,22 @@ def edges_leaving(
     return outs
 
 
+class _ConcatChannels(torch.autograd.Function):
+    """torch.cat(states, dim=1), whose backward hands each state its gradient in the state's own layout. torch.cat's
+    gives channel slices of the output's gradient, which no layout makes contiguous: every kernel that read one
+    copied it, once per edge group (five times for a cell's last node)."""
+
+    @staticmethod
+    def forward(ctx, *states: torch.Tensor) -> torch.Tensor:
+        ctx.layouts = [torch.empty_like(s, device="meta") for s in states]
+        return torch.cat(states, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = grad.split([like.shape[1] for like in ctx.layouts], dim=1)
+        return tuple(torch.empty_like(like, device=grad.device).copy_(part) for part, like in zip(parts, ctx.layouts))
+
+
 def _batch_norm_arguments(bn: nn.BatchNorm2d) -> tuple:
     """(running_mean, running_var, training, momentum, eps) as nn.BatchNorm2d.forward passes them to F.batch_norm,
     after counting the batch as it does."""
@@ -296,7 +312,7 @@ class SearchCell(nn.Module):
             states.append(node)
             if i + 1 < self.steps:
                 self._leave(2 + i, node, weights, columns, incoming, auxiliary_skip, edge_scale)
-        return torch.cat(states[-self.multiplier :], dim=1)
+        return _ConcatChannels.apply(*states[-self.multiplier :])
 
     @staticmethod
     def _edge_index(node: int, state: int) -> int:

@@ -4,7 +4,7 @@ import torch
 from fastdarts import PRIMITIVES, SearchNetwork, ops
 from fastdarts.methods import CellWeights, DARTSMethod
 from fastdarts.space import DARTS_V2
-from fastdarts.supernet import MixedOp, selected_columns
+from fastdarts.supernet import MixedOp, _ConcatChannels, selected_columns
 
 from .conftest import requires_ext
 
@@ -253,3 +253,21 @@ def test_a_mask_over_the_method_s_columns_selects_the_same_ops_by_name():
     g_theirs = torch.autograd.grad(out_theirs, list(weights.values()), grad)
     for a, b in zip(g_ours, g_theirs):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format], ids=["channels-last", "contiguous"])
+def test_a_cell_s_concatenation_hands_each_state_a_gradient_in_its_own_layout(layout):
+    """The cell's output is torch.cat of its nodes; each node's gradient comes back dense in the node's layout (not
+    as a channel slice of the output's), with torch.cat's values."""
+    torch.manual_seed(0)
+    states = [torch.randn(2, c, 5, 3, dtype=torch.float64).contiguous(memory_format=layout).requires_grad_()
+              for c in (3, 1, 4)]  # fmt: skip
+    out = _ConcatChannels.apply(*states)
+    torch.testing.assert_close(out, torch.cat(states, dim=1), rtol=0, atol=0)
+    grad = torch.randn(out.shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    got = torch.autograd.grad(out, states, grad)
+    want = torch.autograd.grad(torch.cat(states, dim=1), states, grad)
+    for g, w, state in zip(got, want, states):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+        assert g.stride() == state.stride()
+    assert torch.autograd.gradcheck(lambda *s: _ConcatChannels.apply(*s), states)
