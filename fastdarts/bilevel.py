@@ -92,11 +92,21 @@ def sgd_step(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor, grad_
     )
     check_finite(grad_norm, "the weight gradient")
     optimizer.step()
-    # A finite but huge gradient can still overflow a weight. The max-norm is finite exactly when
-    # every weight is (NaN propagates through it), and costs one pass over the weights. foreach (here and
-    # in the clipping): left to itself, torch takes CPU tensors one norm call at a time.
-    if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params, norm_type=float("inf"), foreach=True))):
+    if not weights_finite(params):
         raise NonFiniteWeights("a weight became non-finite in the update")
+
+
+def weights_finite(params: list[torch.Tensor]) -> bool:
+    """Whether every value of `params` is finite: a finite but huge gradient can still overflow a weight.
+
+    The 2-norm is finite when every weight is (NaN and infinity propagate through it); only when it is not, the
+    max-norm, which is finite exactly when every weight is, tells a non-finite weight from squares past the float
+    range. On the CPU torch's foreach 2-norm of the supernet's ~1,400 tensors takes about a third of the max-norm's
+    time (2.6 against 7.7 ms); left to itself, torch takes CPU tensors one norm call at a time."""
+    norm = torch.nn.utils.get_total_norm
+    if bool(torch.isfinite(norm(params, norm_type=2.0, foreach=True))):
+        return True
+    return bool(torch.isfinite(norm(params, norm_type=float("inf"), foreach=True)))
 
 
 class Architect:

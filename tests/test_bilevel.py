@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fastdarts import SearchNetwork, ops
-from fastdarts.bilevel import Architect
+from fastdarts.bilevel import Architect, weights_finite
 
 from .conftest import requires_ext
 
@@ -80,3 +80,16 @@ def test_architect_refuses_a_weight_optimizer_of_the_architecture():
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="the weight optimizer updates architecture parameters"):
         Architect(net, optimizer)
+
+
+@pytest.mark.parametrize(
+    "bad, finite",
+    [(None, True), (3e30, True), (float("nan"), False), (float("inf"), False), (-float("inf"), False)],
+    ids=["plain", "squares-overflow", "nan", "inf", "minus-inf"],
+)
+def test_weights_finite_tells_a_non_finite_weight_from_a_huge_one(bad, finite):
+    """The 2-norm it tries first overflows at 3e30 although every weight is finite: the max-norm then decides."""
+    weights = [torch.randn(5, 3), torch.randn(7), torch.randn(2, 2, 1, 1)]
+    if bad is not None:
+        weights[1][4] = bad
+    assert weights_finite(weights) is finite
