@@ -559,8 +559,39 @@ def _prepare(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=_CHANNELS_LAST)
 
 
+@functools.cache
+def _edge_weight_shapes(C: int, stride: int) -> tuple[torch.Size, ...]:
+    return tuple(torch.Size(shape) for shape in reference.mixed_op_weight_shapes(C, stride))
+
+
+def _group_plainly_valid(x, w, weights, stride, candidates, counts, training) -> bool:
+    """Whether every check of _check_group passes, decided by a few comparisons over the whole group: a search step
+    makes about 80 such calls, each with valid arguments. False leaves naming the problem to the full checks (as
+    does evaluation, whose statistics the full checks read)."""
+    if x.dim() != 4 or min(x.shape[1:]) < 1 or stride not in (1, 2) or (stride == 2 and x.shape[1] % 2) or not training:
+        return False
+    K, E = len(MIXED_OP_CANDIDATES), len(counts)
+    shapes = _edge_weight_shapes(x.shape[1], stride)
+    if E < 1 or w.shape != (E, K) or sum(counts) != len(candidates) or len(weights) != E * len(shapes):
+        return False
+    dtype, device = x.dtype, x.device
+    if w.dtype != dtype or w.device != device:
+        return False
+    if any(t.shape != shape or t.dtype != dtype or t.device != device for t, shape in zip(weights, shapes * E)):
+        return False
+    at = 0
+    for n in counts:
+        ks = candidates[at : at + n]
+        at += n
+        if any(not 0 <= k < K for k in ks) or any(a >= b for a, b in zip(ks, ks[1:])):
+            return False
+    return True
+
+
 def _check_group(op, x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn) -> None:
     """reference.check_mixed_op_arguments for every edge of a group (flat weights and candidates)."""
+    if _group_plainly_valid(x, w, weights, stride, candidates, counts, training):
+        return
     E = w.shape[0] if w.dim() == 2 else -1
     raise_unless(E >= 1, ValueError, lambda: f"{op}: w must have shape [E, K] with E >= 1, got {list(w.shape)}")
     raise_unless(

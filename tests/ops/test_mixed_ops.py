@@ -159,3 +159,26 @@ def test_bad_arguments(backend, change, message):
     arguments = dict(x=x, w=w, weights=weights, stride=1, candidates=[ALL, ALL]) | change
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
         ops.mixed_ops(**arguments, backend=backend)
+
+
+def _later_edge_defects():
+    def weight_shape(weights):
+        weights[2][4] = torch.randn(4, 1, 3, 3)  # sep_conv_5x5's first depthwise kernel, 3x3
+
+    def weight_dtype(weights):
+        weights[2][7] = weights[2][7].double()
+
+    return [(weight_shape, ValueError, "weights[4] must have shape [4, 1, 5, 5]"),
+            (weight_dtype, TypeError, "weights[7] must have the dtype of x")]  # fmt: skip
+
+
+@requires_ext
+@pytest.mark.parametrize("defect,error,message", _later_edge_defects(), ids=["weight-shape", "weight-dtype"])
+def test_a_defect_on_a_later_edge_is_named_with_its_edge(defect, error, message):
+    """The group's arguments are checked as a whole first; one wrong weight of the third edge still fails, naming
+    the edge and the weight."""
+    x, w, weights, _, _ = make_group(3, 1, 4, 5, 1)
+    weights = [list(ws) for ws in weights]
+    defect(weights)
+    with pytest.raises(error, match=r"\(edge 2\): " + message.replace("[", r"\[").replace("]", r"\]")):
+        ops.mixed_ops(x, w, weights, 1, [ALL, ALL, ALL], backend="cpp")
