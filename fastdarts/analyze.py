@@ -20,6 +20,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .config import OneLineParser, run_cli
 from .errors import FastDartsError, path_stat
@@ -27,6 +28,9 @@ from .evalnet import NetworkCIFAR, count_multiply_adds, count_parameters
 from .space import BUILTIN_SOURCES, PRIMITIVES, Genotype, locate_genotype
 
 PARAMETER_FREE = {"none", "max_pool_3x3", "avg_pool_3x3", "skip_connect"}
+# The evaluation network analyze counts is built on the meta device, so its size costs no memory; these bounds keep
+# its cells' Python objects (layers) and its tensors' element counts (the other sizes) within reach.
+NETWORK_LIMITS = {"init_channels": 100_000, "layers": 1000, "num_classes": 1_000_000, "image_size": 8192}
 CELLS = ("normal", "reduce")
 
 
@@ -80,9 +84,12 @@ def describe_cell(genotype: Genotype, cell: str) -> dict:
 
 
 def describe_network(genotype: Genotype, C=36, layers=20, num_classes=10, image_size=32, in_channels=3) -> dict:
-    """Parameter count (auxiliary head excluded) and multiply-adds of one image for the evaluation network."""
+    """Parameter count (auxiliary head excluded) and multiply-adds of one image for the evaluation network, built
+    and run on the meta device: shapes only, so that no width or image size fills the memory."""
     uncounted: set[str] = set()
-    net = NetworkCIFAR(genotype, C, num_classes, layers, auxiliary=False, in_channels=in_channels, uncounted=uncounted)
+    with torch.device("meta"):
+        net = NetworkCIFAR(genotype, C, num_classes, layers, auxiliary=False, in_channels=in_channels,
+                           uncounted=uncounted)  # fmt: skip
     return {
         "C": C,
         "layers": layers,
@@ -245,9 +252,12 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", action="store_true", help="write cell diagrams (and a run directory's curves)")
     parser.add_argument("--out", help="where --plot and --variants write (default: the run directory or ./)")
     args = parser.parse_args(argv)
-    for name in ("init_channels", "layers", "num_classes", "image_size"):
-        if getattr(args, name) < (3 if name == "layers" else 1):
-            raise FastDartsError(f"--{name} must be positive (layers at least 3), got {getattr(args, name)}")
+    for name, most in NETWORK_LIMITS.items():
+        value = getattr(args, name)
+        if value < (3 if name == "layers" else 1):
+            raise FastDartsError(f"--{name} must be positive (layers at least 3), got {value}")
+        if value > most:
+            raise FastDartsError(f"--{name} must be at most {most:,}, got {value:,}")
     if args.variants < 0:
         raise FastDartsError(f"--variants must be >= 0, got {args.variants}")
 

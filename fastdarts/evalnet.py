@@ -306,7 +306,8 @@ def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape))
+            first = next(model.parameters(), None)
+            model(torch.zeros(1, *input_shape, device=None if first is None else first.device))
     finally:
         model.train(was_training)
         for h in handles:

@@ -10,6 +10,7 @@ import pytest
 from fastdarts import analyze
 from fastdarts.analyze import cell_depth, cell_to_dot, cell_width, describe_network, variants, write_cell_diagrams
 from fastdarts.config import run_cli
+from fastdarts.evalnet import NetworkCIFAR, count_multiply_adds, count_parameters
 from fastdarts.space import DARTS_V1, DARTS_V2, Genotype
 
 
@@ -135,6 +136,29 @@ def test_darts_v2_evaluation_network_parameter_count():
     assert 3.3e6 <= n["parameters"] <= 3.4e6
     assert n["uncounted_ops"] == []
     assert n["multiply_adds"] > 4e8
+
+
+def test_a_network_too_large_for_memory_is_counted_on_the_meta_device(capsys):
+    """Counting builds the evaluation network on the meta device: at the largest sizes analyze accepts, its weights
+    alone would be terabytes, and the counts still come out (and match a CPU build at a small size)."""
+    small = describe_network(DARTS_V2, C=4, layers=5, image_size=9)
+    net = NetworkCIFAR(DARTS_V2, 4, 10, 5, auxiliary=False)
+    assert small["parameters"] == count_parameters(net)
+    assert small["multiply_adds"] == count_multiply_adds(net, (3, 9, 9))
+    most = analyze.NETWORK_LIMITS
+    sizes = ("init_channels", "num_classes", "image_size")
+    argv = ["DARTS_V2", "--json", *(f"--{name}={most[name]}" for name in sizes)]
+    assert run_cli(analyze.main, argv) == 0
+    network = json.loads(capsys.readouterr().out)["network"]
+    assert network["parameters"] > 1e12 and network["multiply_adds"] > 1e18
+
+
+@pytest.mark.parametrize("name", ["init_channels", "layers", "num_classes", "image_size"])
+def test_sizes_past_the_limits_are_refused_in_one_line(name, capsys):
+    value = analyze.NETWORK_LIMITS[name] + 1
+    assert run_cli(analyze.main, ["DARTS_V2", f"--{name}", str(value)]) == 2
+    err = capsys.readouterr().err
+    assert f"--{name} must be at most" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_unknown_ops_are_reported_as_not_counted():

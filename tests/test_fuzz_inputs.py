@@ -449,7 +449,8 @@ def test_command_line_flags(kind, data):
 
 
 def small_or_not_an_integer(text: str) -> bool:
-    """A flag value that is not an integer argparse reads, or a small one: a large C would build a large network."""
+    """A flag value that is not an integer argparse reads, or a small one: the values go to every flag, and a large
+    --layers or --variants takes long (large sizes have their own tests in test_analyze.py)."""
     try:
         return abs(int(text)) <= 12
     except ValueError:
