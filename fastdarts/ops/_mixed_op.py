@@ -559,38 +559,27 @@ def _prepare(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=_CHANNELS_LAST)
 
 
-@functools.cache
-def _edge_weight_shapes(C: int, stride: int) -> tuple[torch.Size, ...]:
-    return tuple(torch.Size(shape) for shape in reference.mixed_op_weight_shapes(C, stride))
+# The signatures of the groups whose arguments passed _check_group: a search step checks about 80 groups a step, the
+# same ones every step, and the per-edge checks cost about 125 us of Python a group.
+_checked_groups: set[tuple] = set()
 
 
-def _group_plainly_valid(x, w, weights, stride, candidates, counts, training) -> bool:
-    """Whether every check of _check_group passes, decided by a few comparisons over the whole group: a search step
-    makes about 80 such calls, each with valid arguments. False leaves naming the problem to the full checks (as
-    does evaluation, whose statistics the full checks read)."""
-    if x.dim() != 4 or min(x.shape[1:]) < 1 or stride not in (1, 2) or (stride == 2 and x.shape[1] % 2) or not training:
-        return False
-    K, E = len(MIXED_OP_CANDIDATES), len(counts)
-    shapes = _edge_weight_shapes(x.shape[1], stride)
-    if E < 1 or w.shape != (E, K) or sum(counts) != len(candidates) or len(weights) != E * len(shapes):
-        return False
-    dtype, device = x.dtype, x.device
-    if w.dtype != dtype or w.device != device:
-        return False
-    if any(t.shape != shape or t.dtype != dtype or t.device != device for t, shape in zip(weights, shapes * E)):
-        return False
-    at = 0
-    for n in counts:
-        ks = candidates[at : at + n]
-        at += n
-        if any(not 0 <= k < K for k in ks) or any(a >= b for a, b in zip(ks, ks[1:])):
-            return False
-    return True
+def _group_signature(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn) -> tuple:
+    """Everything of a group's arguments that _check_group reads: the tensors' shapes, dtypes and devices, and the
+    rest as they are."""
+
+    def meta(t: Tensor | None) -> tuple | None:
+        return None if t is None else (t.shape, t.dtype, t.device)
+
+    return (meta(x), meta(w), tuple(meta(t) for t in weights), stride, tuple(candidates), tuple(counts), meta(bn_mean),
+            meta(bn_var), training, pool_bn)  # fmt: skip
 
 
 def _check_group(op, x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn) -> None:
-    """reference.check_mixed_op_arguments for every edge of a group (flat weights and candidates)."""
-    if _group_plainly_valid(x, w, weights, stride, candidates, counts, training):
+    """reference.check_mixed_op_arguments for every edge of a group (flat weights and candidates), once per
+    signature of the arguments."""
+    signature = _group_signature(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn)
+    if signature in _checked_groups:
         return
     E = w.shape[0] if w.dim() == 2 else -1
     raise_unless(E >= 1, ValueError, lambda: f"{op}: w must have shape [E, K] with E >= 1, got {list(w.shape)}")
@@ -606,6 +595,9 @@ def _check_group(op, x, w, weights, stride, candidates, counts, bn_mean, bn_var,
     for e, (ws, ks) in enumerate(zip(_split(weights, [n] * E), _split(candidates, counts))):
         stats = [None if t is None else t[e] for t in (bn_mean, bn_var)]
         check_mixed_op_arguments(f"{op} (edge {e})", x, w[e], ws, stride, ks, *stats, training, pool_bn)
+    if len(_checked_groups) >= 4096:  # bounded: a long-running process may see many shapes
+        _checked_groups.clear()
+    _checked_groups.add(signature)
 
 
 def _empty_like_shape(x: Tensor, shape: Sequence[int]) -> Tensor:

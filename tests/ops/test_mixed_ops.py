@@ -175,9 +175,10 @@ def _later_edge_defects():
 @requires_ext
 @pytest.mark.parametrize("defect,error,message", _later_edge_defects(), ids=["weight-shape", "weight-dtype"])
 def test_a_defect_on_a_later_edge_is_named_with_its_edge(defect, error, message):
-    """The group's arguments are checked as a whole first; one wrong weight of the third edge still fails, naming
-    the edge and the weight."""
+    """A group's checks run once per signature of its arguments (shapes, dtypes, devices, the rest): after a valid
+    call of the same shapes, one wrong weight of the third edge still fails, naming the edge and the weight."""
     x, w, weights, _, _ = make_group(3, 1, 4, 5, 1)
+    ops.mixed_ops(x, w, weights, 1, [ALL, ALL, ALL], backend="cpp")
     weights = [list(ws) for ws in weights]
     defect(weights)
     with pytest.raises(error, match=r"\(edge 2\): " + message.replace("[", r"\[").replace("]", r"\]")):
