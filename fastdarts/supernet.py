@@ -244,16 +244,22 @@ def _batch_norm_arguments(bn: nn.BatchNorm2d) -> tuple:
         bn.eps  # fmt: skip
 
 
-def _preprocess(module: ReLUConvBN | FactorizedReduce, s: torch.Tensor, relu_applied: bool) -> torch.Tensor:
-    """A cell's preprocessing of input s, or of s = relu(input) when relu_applied (the module's ReLU skipped).
-    ReLUConvBN runs as one fused op (ops.relu_conv_bn) on its module's parameters and buffers: a search cell's BNs
+def _preprocess(modules: Sequence[ReLUConvBN | FactorizedReduce], s: torch.Tensor,
+                relu_applied: bool) -> list[torch.Tensor]:  # fmt: skip
+    """The preprocessing of input s by each of `modules` (several ReLUConvBN, or one FactorizedReduce), or of
+    s = relu(input) when relu_applied (the modules' ReLU skipped). ReLUConvBNs run as one fused op
+    (ops.relu_conv_bns, one pass over s for all of them) on their modules' parameters and buffers: a search cell's BNs
     are affine-free."""
-    if isinstance(module, FactorizedReduce):
-        return module(s, relu=not relu_applied)
-    _, conv, bn = module
-    if bn.affine:
-        raise ValueError("a search cell's preprocessing must be affine-free (ReLUConvBN(..., affine=False))")
-    return ops.relu_conv_bn(s, conv.weight, *_batch_norm_arguments(bn), relu=not relu_applied)
+    if isinstance(modules[0], FactorizedReduce):
+        (module,) = modules
+        return [module(s, relu=not relu_applied)]
+    weights, batch_norms = [], []
+    for _, conv, bn in modules:
+        if bn.affine:
+            raise ValueError("a search cell's preprocessing must be affine-free (ReLUConvBN(..., affine=False))")
+        weights.append(conv.weight)
+        batch_norms.append(_batch_norm_arguments(bn))
+    return ops.relu_conv_bns(s, weights, batch_norms, relu=not relu_applied)
 
 
 class SearchCell(nn.Module):
@@ -287,18 +293,22 @@ class SearchCell(nn.Module):
         auxiliary_skip: float | None = None,
         edge_scale: torch.Tensor | None = None,
         inputs_relu: bool = False,
+        preprocessed: bool = False,
     ) -> torch.Tensor:
         """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all);
         `auxiliary_skip`, the weight of every edge's auxiliary skip (a cell built with them; columns None);
         `edge_scale` `[num_edges]`, a factor on each edge's whole output (None: 1); `inputs_relu`, s0 and s1 are
-        already the ReLUs the preprocessing starts with (SearchNetwork computes each state's once for the two cells
-        that read it).
+        already the ReLUs the preprocessing starts with; `preprocessed`, s0 and s1 are the preprocessing's outputs
+        (SearchNetwork preprocesses each state once for the two cells that read it).
 
         The edges leaving a state run as one group (`edges_leaving`): those of s0 and s1 first, then each node's
         as soon as it is complete. Each node sums its inputs' outputs in input order, as DARTS's cell does.
         """
         incoming: list[list[torch.Tensor]] = [[] for _ in range(self.steps)]  # per node, its edges' outputs so far
-        states = [_preprocess(self.preprocess0, s0, inputs_relu), _preprocess(self.preprocess1, s1, inputs_relu)]
+        states = [s0, s1]
+        if not preprocessed:
+            states = [_preprocess([self.preprocess0], s0, inputs_relu)[0],
+                      _preprocess([self.preprocess1], s1, inputs_relu)[0]]  # fmt: skip
         if auxiliary_skip is not None and (columns is not None or not self.auxiliary_skip):
             raise ValueError("SearchCell: an auxiliary skip needs a cell built with one, and every op computed")
         self._leave(0, states[0], weights, columns, incoming, auxiliary_skip, edge_scale)
@@ -486,7 +496,8 @@ class SearchNetwork(nn.Module):
         # backward once on the sum of both cells' gradients.
         shared_relu = ops.select("relu_conv_bn", s0.device) != "cpp"
         r0 = r1 = None  # relu(s0), relu(s1), once a searched cell has needed them
-        for cell in self.cells:
+        ready: dict[tuple[int, int], torch.Tensor] = {}  # (cell, input): preprocessed with an earlier one
+        for j, cell in enumerate(self.cells):
             kind = "reduce" if cell.reduction else "normal"
             if kind not in weights:  # a fixed reduction cell
                 s0, s1, r0, r1 = s1, cell(s0, s1), r1, None
@@ -498,12 +509,37 @@ class SearchNetwork(nn.Module):
                 if r0 is None:
                     r0 = r1 if s0 is s1 else s0.relu()
                 inputs = r0, r1
-            out = cell(*inputs, weights[kind].weights, columns[kind], auxiliary_skip, weights[kind].edge_scale,
-                       inputs_relu=shared_relu)  # fmt: skip
+            for slot in (0, 1):
+                if (j, slot) not in ready:
+                    self._preprocess_state(j, slot, inputs, shared_relu, weights, ready)
+            out = cell(ready.pop((j, 0)), ready.pop((j, 1)), weights[kind].weights, columns[kind], auxiliary_skip,
+                       weights[kind].edge_scale, preprocessed=True)  # fmt: skip
             s0, s1, r0, r1 = s1, out, r1, None
         if self.head is not None:
             s1 = self.head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1))
+
+    def _preprocess_state(self, j: int, slot: int, inputs: tuple[torch.Tensor, torch.Tensor], relu_applied: bool,
+                          weights: dict, ready: dict[tuple[int, int], torch.Tensor]) -> None:  # fmt: skip
+        """Preprocesses input `slot` of searched cell j (inputs[slot]) into ready[(j, slot)], and in the same call the
+        other inputs of cells j and j + 1 that read the same state through a ReLUConvBN: cell j + 1's input 0 is
+        cell j's input 1, and the stem is both inputs of cell 0."""
+
+        def module(c: int, s: int) -> ReLUConvBN | FactorizedReduce:
+            return self.cells[c].preprocess0 if s == 0 else self.cells[c].preprocess1
+
+        readers, first = [(j, slot)], module(j, slot)
+        for other in ((j, 1), (j + 1, 0)) if isinstance(first, ReLUConvBN) else ():
+            c, other_slot = other
+            if other == (j, slot) or other in ready or c >= len(self.cells) or inputs[1] is not inputs[slot]:
+                continue
+            searched = ("reduce" if self.cells[c].reduction else "normal") in weights
+            candidate = module(c, other_slot)
+            if searched and isinstance(candidate, ReLUConvBN):
+                readers.append(other)
+        outs = _preprocess([module(c, s) for c, s in readers], inputs[slot], relu_applied)
+        for reader, out in zip(readers, outs):
+            ready[reader] = out
 
     def regulariser(self) -> torch.Tensor | None:
         """The method's term for the architecture loss, for the last forward pass (None for DARTS)."""

@@ -166,6 +166,36 @@ def test_a_cell_runs_the_edges_of_each_state_as_one_group():
         torch.testing.assert_close(got_state[name], r, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@requires_ext
+def test_a_state_is_preprocessed_once_for_the_cells_that_read_it():
+    """The stem feeds both inputs of cell 0 and input 0 of cell 1, each cell's output input 1 of the next cell and
+    input 0 of the one after: one relu_pointwise_bn_stats pass per state and number of output channels (3 cells,
+    reductions at cells 1 and 2, whose input 0 from a reduction is a FactorizedReduce). The outputs, gradients and
+    running statistics are the reference's."""
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3)
+    x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3,))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    results = {}
+    for backend in ("reference", "cpp"):
+        net.load_state_dict(state)
+        with ops.use_backend(backend), torch.profiler.profile() as profile:
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            grads = torch.autograd.grad(loss, list(net.parameters()))
+        results[backend] = loss, grads, {k: v.clone() for k, v in net.state_dict().items()}
+        if backend == "cpp":
+            calls = [event.name for event in profile.events()]
+            # the stem: 4 and 8 output channels; cell 0's output: cell 1's input 1; cell 1's: cell 2's input 1
+            assert calls.count("fastdarts::relu_pointwise_bn_stats") == 4
+            assert calls.count("fastdarts::relu_pointwise_bn_stats_backward") == 4
+    (loss, grads, got_state), (want_loss, want_grads, want_state) = results["cpp"], results["reference"]
+    torch.testing.assert_close(loss, want_loss, rtol=1e-4, atol=1e-6)
+    for g, r in zip(grads, want_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-6)
+    for name, r in want_state.items():
+        torch.testing.assert_close(got_state[name], r, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 class _PermutedOps(DARTSMethod):
     """DARTS over its ops in another column order, `none` left out (as a 7-op method declares them)."""
 

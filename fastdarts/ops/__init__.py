@@ -37,6 +37,7 @@ __all__ = [
     "mixed_op_weight_shapes",
     "pool_bn_stats",
     "relu_conv_bn",
+    "relu_conv_bns",
     "relu_dwconv",
     "relu_dwconv_pointwise",
     "rnn_mixed_node",
@@ -174,6 +175,30 @@ def relu_conv_bn(
     return dispatch("relu_conv_bn", x.device, backend)(
         x, weight, running_mean, running_var, training, momentum, eps, relu
     )
+
+
+def relu_conv_bns(
+    x: Tensor,
+    weights: Sequence[Tensor],
+    batch_norms: Sequence[tuple],
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> list[Tensor]:
+    """`relu_conv_bn` of one x for each of several weights, each with its own BN: the preprocessing of a state in
+    every cell that reads it (a state feeds the next two cells).
+
+    Args:
+        x: as for `relu_conv_bn`.
+        weights: K >= 1 weights [C_out_k, C_in, 1, 1].
+        batch_norms: per weight, its BN as `relu_conv_bn`'s (running_mean, running_var, training, momentum, eps).
+        relu, backend: as for `relu_conv_bn`.
+
+    Returns the K outputs. On "cpp" one pass over x for all K convs and their statistics, and one backward pass
+    over x that gives dL/dx summed over the outputs (instead of one per output, and their sum); elsewhere K
+    `relu_conv_bn`. Raises ValueError as `relu_conv_bn` does, naming the weight, or for a count mismatch.
+    """
+    return dispatch("relu_conv_bns", x.device, backend)(x, weights, batch_norms, relu)
 
 
 def sample_gates(

@@ -38,6 +38,7 @@ from .reference import (
     check_one_per_item,
     check_pool_bn_stats_arguments,
     check_relu_conv_bn_arguments,
+    check_relu_conv_bns_arguments,
     check_relu_dwconv_arguments,
     check_relu_dwconv_pointwise_arguments,
     check_relu_pointwise_bn_stats_arguments,
@@ -471,40 +472,79 @@ def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = Tr
     return out
 
 
-class _ReluConvBN(torch.autograd.Function):
-    """reference.relu_conv_bn on the kernels: the ReLU, the 1x1 conv and its output's statistics in one pass over x
-    (relu_pointwise_bn_stats), the BN as a one-term bn_weighted_sum; the backward is bn_weighted_sum_backward
-    (through the batch statistics in training) and the conv's backward, which masks grad_x by x > 0 in the same pass.
-    Saves x, the weight, the conv's output and the statistics."""
+class _ReluConvBNs(torch.autograd.Function):
+    """reference.relu_conv_bn of one x for K weights on the kernels: the ReLU, the K 1x1 convs and their outputs'
+    statistics in one pass over x (relu_pointwise_bn_stats), each BN as a one-term bn_weighted_sum; the backward is
+    bn_weighted_sum_backward per output (through the batch statistics in training) and one conv backward for all K,
+    which masks grad_x by x > 0 and sums it over the outputs in the same pass. Saves x, the weights, the convs'
+    outputs and the statistics."""
 
     @staticmethod
-    def forward(ctx, x, weight, running_mean, running_var, training, momentum, eps, relu):
-        (t,), mean, var = torch.ops.fastdarts.relu_pointwise_bn_stats.default(x, [weight], relu)
-        if training:
-            if running_mean is not None:  # as F.batch_norm: the running variance is the unbiased one
-                count = t.numel() // t.shape[1]
-                running_mean.lerp_(mean[0], momentum)
-                running_var.lerp_(var[0] * (count / max(count - 1, 1)), momentum)
-        else:
-            mean, var = running_mean[None], running_var[None]
-        invstd = (var + eps).rsqrt()
+    def forward(ctx, x, relu, trainings, momenta, epsilons, *tensors):
+        K = len(trainings)
+        weights, running_means, running_vars = tensors[:K], tensors[K : 2 * K], tensors[2 * K :]
+        ts, means, variances = torch.ops.fastdarts.relu_pointwise_bn_stats.default(x, list(weights), relu)
         one = x.new_ones(1)
-        out = torch.ops.fastdarts.bn_weighted_sum.default([t], one, mean, invstd)
-        ctx.save_for_backward(x, weight, t, mean, invstd, one)
-        ctx.training, ctx.relu = training, relu
-        return out
+        outs, statistics = [], []
+        for k, t in enumerate(ts):
+            mean, var = means[k : k + 1], variances[k : k + 1]
+            if trainings[k]:
+                if running_means[k] is not None:  # as F.batch_norm: the running variance is the unbiased one
+                    count = t.numel() // t.shape[1]
+                    running_means[k].lerp_(mean[0], momenta[k])
+                    running_vars[k].lerp_(var[0] * (count / max(count - 1, 1)), momenta[k])
+            else:
+                mean, var = running_means[k][None], running_vars[k][None]
+            invstd = (var + epsilons[k]).rsqrt()
+            outs.append(torch.ops.fastdarts.bn_weighted_sum.default([t], one, mean, invstd))
+            statistics += [mean, invstd]
+        ctx.save_for_backward(x, one, *weights, *ts, *statistics)
+        ctx.trainings, ctx.relu = trainings, relu
+        ctx.set_materialize_grads(False)  # an output not in the loss gets None, and its weight no gradient
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, grad):
-        x, weight, t, mean, invstd, one = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=suggest_memory_format(t))
-        (dt,), _ = torch.ops.fastdarts.bn_weighted_sum_backward.default(
-            grad, [t], one, mean, invstd, [ctx.training], True, False
-        )
-        grad_x, grad_weights = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default(
-            [dt], x, [weight], ctx.relu, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        )
-        return grad_x, grad_weights[0] if grad_weights else None, None, None, None, None, None, None
+    def backward(ctx, *grads):
+        K = len(ctx.trainings)
+        x, one, *rest = ctx.saved_tensors
+        weights, ts, statistics = rest[:K], rest[K : 2 * K], rest[2 * K :]
+        needs = ctx.needs_input_grad
+        # The outputs in the loss (None: not), each gradient through its BN, then one conv backward for them all.
+        taken = [k for k in range(K) if grads[k] is not None]
+        dts = []
+        for k in taken:
+            grad = grads[k].contiguous(memory_format=suggest_memory_format(ts[k]))
+            (dt,), _ = torch.ops.fastdarts.bn_weighted_sum_backward.default(
+                grad, [ts[k]], one, statistics[2 * k], statistics[2 * k + 1], [ctx.trainings[k]], True, False
+            )
+            dts.append(dt)
+        weight_grads = [None] * K
+        grad_x = None
+        if taken:
+            weights_need = any(needs[5 + k] for k in taken)
+            grad_x, taken_grads = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default(
+                dts, x, [weights[k] for k in taken], ctx.relu, needs[0], weights_need
+            )
+            for k, g in zip(taken, taken_grads):
+                weight_grads[k] = g if needs[5 + k] else None
+        return grad_x, None, None, None, None, *weight_grads, *([None] * (2 * K))
+
+
+def relu_conv_bns(
+    x: Tensor, weights: Sequence[Tensor], batch_norms: Sequence[tuple], relu: bool = True
+) -> list[Tensor]:  # fmt: skip
+    """reference.relu_conv_bns by the C++ kernels (CPU, float32/float64): one kernel pass for the weights of each
+    number of output channels (the kernel's products take one)."""
+    check_relu_conv_bns_arguments("relu_conv_bns", x, weights, batch_norms)
+    outs: list[Tensor | None] = [None] * len(weights)
+    for channels in dict.fromkeys(w.shape[0] for w in weights):
+        ks = [k for k, w in enumerate(weights) if w.shape[0] == channels]
+        running_means, running_vars, trainings, momenta, epsilons = zip(*(batch_norms[k] for k in ks))
+        group = _ReluConvBNs.apply(x, relu, trainings, momenta, epsilons, *(weights[k] for k in ks), *running_means,
+                                   *running_vars)  # fmt: skip
+        for k, out in zip(ks, group):
+            outs[k] = out
+    return outs
 
 
 def relu_conv_bn(
@@ -513,7 +553,7 @@ def relu_conv_bn(
 ) -> Tensor:  # fmt: skip
     """reference.relu_conv_bn by the C++ kernels (CPU, float32/float64)."""
     check_relu_conv_bn_arguments("relu_conv_bn", x, weight, running_mean, running_var, training)
-    return _ReluConvBN.apply(x, weight, running_mean, running_var, training, momentum, eps, relu)
+    return relu_conv_bns(x, [weight], [(running_mean, running_var, training, momentum, eps)], relu)[0]
 
 
 # sample_gates, pool_bn_stats and bn_weighted_sum: their autograd formulas are _autograd.py's, shared with the Triton

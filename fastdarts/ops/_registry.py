@@ -81,6 +81,10 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         "reference": reference.relu_conv_bn,
         **({"cpp": _cpp.relu_conv_bn} if EXTENSION_LOADED else {}),
     },
+    "relu_conv_bns": {
+        "reference": reference.relu_conv_bns,
+        **({"cpp": _cpp.relu_conv_bns} if EXTENSION_LOADED else {}),
+    },
     "rnn_mixed_node": {
         "reference": reference.rnn_mixed_node,
         **({"cpp": _cpp.rnn_mixed_node} if EXTENSION_LOADED else {}),

@@ -91,6 +91,7 @@ from .reference import (
 )
 from .reference import factorized_reduce as reference_factorized_reduce
 from .reference import relu_conv_bn as reference_relu_conv_bn
+from .reference import relu_conv_bns as reference_relu_conv_bns
 
 # The combine function of tl.sum, for tl.reduce: tl.sum itself is a @triton.jit function, compiled or interpreted
 # as TRITON_INTERPRET was when triton was imported, while the interpreter runs a reduction with this function by
@@ -1204,6 +1205,7 @@ mixed_ops, mixed_op = define_mixed_ops(
 # A cell's preprocessing and FactorizedReduce: no Triton kernels; on CUDA the reference's ReLU, cuDNN's 1x1 conv and
 # BN, and cuBLAS's matrix product.
 relu_conv_bn = reference_relu_conv_bn
+relu_conv_bns = reference_relu_conv_bns
 factorized_reduce = reference_factorized_reduce
 
 

@@ -739,6 +739,38 @@ def relu_conv_bn(
     return F.batch_norm(F.conv2d(r, weight), running_mean, running_var, None, None, training, momentum, eps)
 
 
+def check_relu_conv_bns_arguments(
+    op: str, x: Tensor, weights: Sequence[Tensor], batch_norms: Sequence[tuple], require: Require = raise_unless
+) -> None:  # fmt: skip
+    """relu_conv_bns's: one BN (relu_conv_bn's running_mean, running_var, training, momentum, eps) per weight, each
+    with relu_conv_bn's checks."""
+    require(
+        len(weights) >= 1 and len(batch_norms) == len(weights),
+        ValueError,
+        lambda: (
+            f"{op}: one BN per weight and at least one weight are needed, got {len(weights)} weights and "
+            f"{len(batch_norms)} BNs"
+        ),
+    )
+    for k, (weight, bn) in enumerate(zip(weights, batch_norms)):
+        require(
+            len(bn) == 5,
+            ValueError,
+            lambda k=k: f"{op}: batch_norms[{k}] must be (running_mean, running_var, training, momentum, eps)",
+        )
+        check_relu_conv_bn_arguments(f"{op} (weight {k})", x, weight, bn[0], bn[1], bn[2], require)
+
+
+def relu_conv_bns(
+    x: Tensor, weights: Sequence[Tensor], batch_norms: Sequence[tuple], relu: bool = True
+) -> list[Tensor]:  # fmt: skip
+    """relu_conv_bn of one x for each weight, with its own BN (`batch_norms`: per weight, relu_conv_bn's
+    running_mean, running_var, training, momentum and eps): the preprocessing of a state in every cell that reads
+    it."""
+    check_relu_conv_bns_arguments("relu_conv_bns", x, weights, batch_norms)
+    return [relu_conv_bn(x, weight, *bn, relu=relu) for weight, bn in zip(weights, batch_norms)]
+
+
 def _batch_statistics(outs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """[E, C] per-channel means and biased variances of the E outputs, without gradient."""
     with torch.no_grad():

@@ -290,8 +290,54 @@ def test_relu_conv_bn_gradcheck_float64():
     )
 
 
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("in_loss", [(True, True, True), (True, False, True)], ids=["all", "one_left_out"])
+def test_relu_conv_bns_match_the_modules(backend, relu, dtype, in_loss):
+    """One x through three preprocessings (two training, one in evaluation, outputs of 8, 8 and 5 channels), as a
+    state feeds the cells that read it; an output left out of the loss gets no gradient for its weight."""
+    tol = TOLERANCES[dtype]["grad"]
+    modules = [preprocessing(True, dtype=dtype), preprocessing(True, False, dtype), preprocessing(False, dtype=dtype)]
+    modules[2] = ReLUConvBN(12, 5, 1, 1, 0, affine=False).to(dtype).eval()
+    modules[2][2].running_mean.uniform_(-1, 1)
+    modules[2][2].running_var.uniform_(0.5, 2)
+    fused = copy.deepcopy(modules)
+    x = torch.randn(3, 12, 7, 5, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for _ in range(2):  # twice: the running statistics move, and the batch counts
+        wants = [module(x) if relu else module[2](module[1](x)) for module in modules]
+        gots = ops.relu_conv_bns(x, [m[1].weight for m in fused], [_batch_norm_arguments(m[2]) for m in fused],
+                                 relu=relu, backend=backend)  # fmt: skip
+        for got, want in zip(gots, wants):
+            torch.testing.assert_close(got, want, **tol)
+        for module, copied in zip(modules, fused):
+            for name, buffer in module[2].named_buffers():
+                torch.testing.assert_close(getattr(copied[2], name), buffer, **tol, msg=name)
+        grads = [torch.randn_like(want) for want in wants]
+
+        def loss(outs, grads=grads):
+            return sum((out * g).sum() for out, g, taken in zip(outs, grads, in_loss) if taken)
+
+        got_grads = torch.autograd.grad(loss(gots), [x, *(m[1].weight for m in fused)], allow_unused=True)
+        want_grads = torch.autograd.grad(loss(wants), [x, *(m[1].weight for m in modules)], allow_unused=True)
+        assert [g is None for g in got_grads] == [g is None for g in want_grads] == [False, *(not t for t in in_loss)]
+        assert_gradients_close([g for g in got_grads if g is not None], [g for g in want_grads if g is not None], tol)
+
+
+@requires_ext
+def test_relu_conv_bns_gradcheck_float64():
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    weights = [torch.randn(3, 5, 1, 1, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    batch_norms = [(None, None, True, 0.1, 1e-5), (torch.zeros(3, dtype=torch.float64),
+                                                   torch.ones(3, dtype=torch.float64), False, 0.1, 1e-5)]  # fmt: skip
+    assert torch.autograd.gradcheck(
+        lambda x, *weights: ops.relu_conv_bns(x, weights, batch_norms, backend="cpp"), (x, *weights)
+    )
+
+
 def bad_public_calls():
     x, weight, ones = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 1, 1), torch.ones(2)
+    bn = (None, None, True, 0.1, 1e-5)
     fr, pre = "factorized_reduce", "relu_conv_bn"
     return [
         ("fr_channels", ops.factorized_reduce, (x, torch.ones(2, 3, 1, 1), torch.ones(2, 3, 1, 1)),
@@ -309,6 +355,15 @@ def bad_public_calls():
          rf"{pre}: running_mean must have shape \[2\], got \[3\]"),
         ("pre_weight", ops.relu_conv_bn, (x, torch.ones(2, 3, 1, 1), None, None, True, 0.1, 1e-5),
          rf"{pre}: weight must have shape \[C_out, C, 1, 1\] with C = 4, got shape \[2, 3, 1, 1\]"),
+        ("pres_count", ops.relu_conv_bns, (x, [weight, weight], [bn]),
+         rf"{pre}s: one BN per weight and at least one weight are needed, got 2 weights and 1 BNs"),
+        ("pres_none", ops.relu_conv_bns, (x, [], []), rf"{pre}s: one BN per weight and at least one weight"),
+        ("pres_bn", ops.relu_conv_bns, (x, [weight], [bn[:4]]),
+         rf"{pre}s: batch_norms\[0\] must be \(running_mean, running_var, training, momentum, eps\)"),
+        ("pres_weight", ops.relu_conv_bns, (x, [weight, torch.ones(2, 3, 1, 1)], [bn, bn]),
+         rf"{pre}s \(weight 1\): weight must have shape \[C_out, C, 1, 1\] with C = 4"),
+        ("pres_eval", ops.relu_conv_bns, (x, [weight, weight], [bn, (None, None, False, 0.1, 1e-5)]),
+         rf"{pre}s \(weight 1\): in evaluation the running statistics are needed"),
     ]  # fmt: skip
 
 
