@@ -564,22 +564,37 @@ def _prepare(x: Tensor) -> Tensor:
 _checked_groups: set[tuple] = set()
 
 
-def _group_signature(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn) -> tuple:
-    """Everything of a group's arguments that _check_group reads: the tensors' shapes, dtypes and devices, and the
-    rest as they are."""
+def _group_signature(x, w, weights, stride, bn_mean, bn_var, training, pool_bn) -> tuple:
+    """Everything of a group's arguments that _check_group reads but the candidates: the tensors' shapes, dtypes and
+    devices, and the rest as they are. A sampling method (GDAS, PR-DARTS) draws other candidates every step."""
 
     def meta(t: Tensor | None) -> tuple | None:
         return None if t is None else (t.shape, t.dtype, t.device)
 
-    return (meta(x), meta(w), tuple(meta(t) for t in weights), stride, tuple(candidates), tuple(counts), meta(bn_mean),
-            meta(bn_var), training, pool_bn)  # fmt: skip
+    return (meta(x), meta(w), tuple(meta(t) for t in weights), stride, meta(bn_mean), meta(bn_var), training,
+            pool_bn)  # fmt: skip
+
+
+def _candidates_valid(E: int, candidates: Sequence[int], counts: Sequence[int]) -> bool:
+    """Whether every edge's candidates are increasing indices of MIXED_OP_CANDIDATES, counts[e] for edge e."""
+    if len(counts) != E or sum(counts) != len(candidates):
+        return False
+    K, at = len(MIXED_OP_CANDIDATES), 0
+    for n in counts:
+        previous = -1
+        for c in candidates[at : at + n]:
+            if not previous < c < K:
+                return False
+            previous = c
+        at += n
+    return True
 
 
 def _check_group(op, x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn) -> None:
-    """reference.check_mixed_op_arguments for every edge of a group (flat weights and candidates), once per
-    signature of the arguments."""
-    signature = _group_signature(x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn)
-    if signature in _checked_groups:
+    """reference.check_mixed_op_arguments for every edge of a group (flat weights and candidates): in full once per
+    signature of the tensors, else only the candidates (the full checks then name any fault)."""
+    signature = _group_signature(x, w, weights, stride, bn_mean, bn_var, training, pool_bn)
+    if signature in _checked_groups and _candidates_valid(w.shape[0], candidates, counts):
         return
     E = w.shape[0] if w.dim() == 2 else -1
     raise_unless(E >= 1, ValueError, lambda: f"{op}: w must have shape [E, K] with E >= 1, got {list(w.shape)}")

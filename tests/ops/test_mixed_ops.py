@@ -183,3 +183,15 @@ def test_a_defect_on_a_later_edge_is_named_with_its_edge(defect, error, message)
     defect(weights)
     with pytest.raises(error, match=r"\(edge 2\): " + message.replace("[", r"\[").replace("]", r"\]")):
         ops.mixed_ops(x, w, weights, 1, [ALL, ALL, ALL], backend="cpp")
+
+
+@requires_ext
+def test_other_candidates_for_the_same_tensors_are_checked():
+    """The remembered signature leaves the candidates out (a sampling method draws others every step), which are
+    checked on every call: after valid calls, candidates out of order on the second edge fail, naming the edge."""
+    x, w, weights, _, _ = make_group(3, 1, 4, 5, 1)
+    ops.mixed_ops(x, w, weights, 1, [ALL, ALL, ALL], backend="cpp")
+    ops.mixed_ops(x, w, weights, 1, [(1,), (0, 6), (2, 3)], backend="cpp")  # other draws: valid
+    for candidates in ([(1,), (3, 0), (2,)], [(1,), (0, 7), (2,)]):
+        with pytest.raises(ValueError, match=r"\(edge 1\): candidates must be increasing indices in 0\.\.6"):
+            ops.mixed_ops(x, w, weights, 1, candidates, backend="cpp")
