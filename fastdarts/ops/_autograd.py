@@ -5,6 +5,7 @@ op built on them) must load without the C++ extension."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -38,6 +39,13 @@ def check_pool_grad(op: str, name: str, grad: Tensor | None, x: Tensor, stride: 
         lambda: f"{op}: {name} must have shape {shape}, got {list(grad.shape)}",
     )
     check_dtype_and_device(op, name, grad, "x", x, require)
+
+
+def below_autograd() -> contextlib.AbstractContextManager:
+    """For the registered ops an autograd.Function's forward calls (the Function is their autograd): eagerly, a guard
+    that runs them below the Autograd key, as torch.library's own autograd layer runs them, without that layer's
+    Python (about 50 us a call); under torch.compile, whose Dynamo cannot trace the guard, nothing."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch._C._AutoDispatchBelowAutograd()
 
 
 def needs_input_grad(ctx) -> list[bool]:

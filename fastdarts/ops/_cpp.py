@@ -14,6 +14,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from ._autograd import (
+    below_autograd,
     check_pool_grad,
     check_supported_dtype,
     needs_input_grad,
@@ -483,7 +484,8 @@ class _ReluConvBNs(torch.autograd.Function):
     def forward(ctx, x, relu, trainings, momenta, epsilons, *tensors):
         K = len(trainings)
         weights, running_means, running_vars = tensors[:K], tensors[K : 2 * K], tensors[2 * K :]
-        ts, means, variances = torch.ops.fastdarts.relu_pointwise_bn_stats.default(x, list(weights), relu)
+        with below_autograd():
+            ts, means, variances = torch.ops.fastdarts.relu_pointwise_bn_stats.default(x, list(weights), relu)
         one = x.new_ones(1)
         outs, statistics = [], []
         for k, t in enumerate(ts):
@@ -496,7 +498,8 @@ class _ReluConvBNs(torch.autograd.Function):
             else:
                 mean, var = running_means[k][None], running_vars[k][None]
             invstd = (var + epsilons[k]).rsqrt()
-            outs.append(torch.ops.fastdarts.bn_weighted_sum.default([t], one, mean, invstd))
+            with below_autograd():
+                outs.append(torch.ops.fastdarts.bn_weighted_sum.default([t], one, mean, invstd))
             statistics += [mean, invstd]
         ctx.save_for_backward(x, one, *weights, *ts, *statistics)
         ctx.trainings, ctx.relu = trainings, relu

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import reference
-from ._autograd import check_supported_dtype, refuse_differentiation
+from ._autograd import below_autograd, check_supported_dtype, refuse_differentiation
 from ._extension import EXTENSION_LOADED
 from .reference import (
     MIXED_OP_CANDIDATES,
@@ -939,10 +939,11 @@ def define_mixed_ops(
         @staticmethod
         def forward(ctx, x, w, bypass_w, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn,
                     recompute, partial_channels, *weights):  # fmt: skip
-            outs, mean, var, saved = mixed_ops(
-                x, w, list(weights), stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, recompute,
-                partial_channels, bypass_w,
-            )  # fmt: skip
+            with below_autograd():
+                outs, mean, var, saved = mixed_ops(
+                    x, w, list(weights), stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn,
+                    recompute, partial_channels, bypass_w,
+                )  # fmt: skip
             ctx.mark_non_differentiable(mean, var)
             ctx.set_materialize_grads(False)  # an output not in the loss gets None, which the backward skips
             _save(ctx, x, w, weights, stride, candidates, counts, training, eps, pool_bn, partial_channels, bypass_w,
