@@ -42,10 +42,13 @@ def check_pool_grad(op: str, name: str, grad: Tensor | None, x: Tensor, stride: 
 
 
 def below_autograd() -> contextlib.AbstractContextManager:
-    """For the registered ops an autograd.Function's forward calls (the Function is their autograd): eagerly, a guard
-    that runs them below the Autograd key, as torch.library's own autograd layer runs them, without that layer's
-    Python (about 50 us a call); under torch.compile, whose Dynamo cannot trace the guard, nothing."""
-    return contextlib.nullcontext() if torch.compiler.is_compiling() else torch._C._AutoDispatchBelowAutograd()
+    """For the registered ops an autograd.Function calls (it is their autograd): with grad mode off (its forward, a
+    backward without create_graph) and eagerly, a guard that runs them below the Autograd key, as torch.library's own
+    autograd layer runs them, without that layer's Python (about 50 us a call); nothing with grad mode on (a graph
+    to record, or a second derivative to refuse) or under torch.compile, whose Dynamo cannot trace the guard."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
 
 
 def needs_input_grad(ctx) -> list[bool]:

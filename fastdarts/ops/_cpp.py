@@ -517,17 +517,19 @@ class _ReluConvBNs(torch.autograd.Function):
         dts = []
         for k in taken:
             grad = grads[k].contiguous(memory_format=suggest_memory_format(ts[k]))
-            (dt,), _ = torch.ops.fastdarts.bn_weighted_sum_backward.default(
-                grad, [ts[k]], one, statistics[2 * k], statistics[2 * k + 1], [ctx.trainings[k]], True, False
-            )
+            with below_autograd():
+                (dt,), _ = torch.ops.fastdarts.bn_weighted_sum_backward.default(
+                    grad, [ts[k]], one, statistics[2 * k], statistics[2 * k + 1], [ctx.trainings[k]], True, False
+                )
             dts.append(dt)
         weight_grads = [None] * K
         grad_x = None
         if taken:
             weights_need = any(needs[5 + k] for k in taken)
-            grad_x, taken_grads = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default(
-                dts, x, [weights[k] for k in taken], ctx.relu, needs[0], weights_need
-            )
+            with below_autograd():
+                grad_x, taken_grads = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default(
+                    dts, x, [weights[k] for k in taken], ctx.relu, needs[0], weights_need
+                )
             for k, g in zip(taken, taken_grads):
                 weight_grads[k] = g if needs[5 + k] else None
         return grad_x, None, None, None, None, *weight_grads, *([None] * (2 * K))

@@ -894,11 +894,12 @@ def define_mixed_ops(
         x, w, mean, var, *rest = ctx.saved_tensors
         bypass_w = rest.pop(0) if ctx.has_bypass_w else None
         weights, saved = rest[: ctx.num_weights], rest[ctx.num_weights :]
-        result = iter(mixed_ops_backward(
-            grads, x, w, weights, ctx.stride, ctx.candidates, ctx.counts, mean, var, ctx.training, ctx.eps,
-            ctx.pool_bn, saved, x_grad, w_grad, weights_grad, partial_channels=ctx.partial_channels, bypass_w=bypass_w,
-            bypass_w_grad=bypass_w_grad,
-        ))  # fmt: skip
+        with below_autograd():
+            result = iter(mixed_ops_backward(
+                grads, x, w, weights, ctx.stride, ctx.candidates, ctx.counts, mean, var, ctx.training, ctx.eps,
+                ctx.pool_bn, saved, x_grad, w_grad, weights_grad, partial_channels=ctx.partial_channels,
+                bypass_w=bypass_w, bypass_w_grad=bypass_w_grad,
+            ))  # fmt: skip
         grad_x = next(result) if x_grad else None
         grad_w = next(result) if w_grad else None
         grad_bypass_w = next(result) if bypass_w_grad else None
