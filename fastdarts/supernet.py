@@ -536,8 +536,7 @@ class SearchNetwork(nn.Module):
             if other == (j, slot) or other in ready or c >= len(self.cells) or inputs[1] is not inputs[slot]:
                 continue
             searched = ("reduce" if self.cells[c].reduction else "normal") in weights
-            candidate = module(c, other_slot)
-            if searched and isinstance(candidate, ReLUConvBN):
+            if searched and isinstance(module(c, other_slot), ReLUConvBN):
                 readers.append(other)
         outs = _preprocess([module(c, s) for c, s in readers], inputs[slot], relu_applied)
         for reader, out in zip(readers, outs):
