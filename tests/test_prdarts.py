@@ -318,13 +318,15 @@ def test_tiny_prdarts_network_forward_backward_and_search_step(form):
 
 
 def cell_outputs_in_both_modes(net, x):
-    """Each cell's (train-mode, eval-mode) output for its inputs and gates in one forward pass of `x`."""
+    """Each cell's (train-mode, eval-mode) output for its inputs and gates in one forward pass of `x` (its inputs as
+    the network passed them: preprocessed, SearchNetwork preprocessing each state for all the cells that read it)."""
     calls = []
-    hooks = [cell.register_forward_hook(lambda cell, args, out: calls.append((cell, args))) for cell in net.cells]
+    hooks = [cell.register_forward_hook(lambda cell, args, kwargs, out: calls.append((cell, args, kwargs)),
+                                        with_kwargs=True) for cell in net.cells]  # fmt: skip
     net(x)
     for hook in hooks:
         hook.remove()
-    return [tuple(cell.train(mode)(*args) for mode in (True, False)) for cell, args in calls]
+    return [tuple(cell.train(mode)(*args, **kwargs) for mode in (True, False)) for cell, args, kwargs in calls]
 
 
 def test_reference_network_normalises_cells_with_batch_statistics_in_evaluation_too():
