@@ -362,6 +362,11 @@ class SearchCell(nn.Module):
             incoming[node].append(out if edge_scale is None or scale_inside else out * edge_scale[index])
 
 
+def _cell_kind(cell: nn.Module) -> str:
+    """The key of a cell's edge weights: "normal" or "reduce" (absent from them for a fixed reduction cell)."""
+    return "reduce" if cell.reduction else "normal"
+
+
 class SearchNetwork(nn.Module):
     """The supernet: stem, `layers` search cells (reductions at layers//3 and 2*layers//3), classifier.
 
@@ -500,7 +505,7 @@ class SearchNetwork(nn.Module):
         r0 = r1 = None  # relu(s0), relu(s1), once a searched cell has needed them
         ready: dict[tuple[int, int], torch.Tensor] = {}  # (cell, input): preprocessed with an earlier one
         for j, cell in enumerate(self.cells):
-            kind = "reduce" if cell.reduction else "normal"
+            kind = _cell_kind(cell)
             if kind not in weights:  # a fixed reduction cell
                 s0, s1, r0, r1 = s1, cell(s0, s1), r1, None
                 continue
@@ -535,7 +540,7 @@ class SearchNetwork(nn.Module):
             c, other_slot = other
             if other == (j, slot) or other in ready or c >= len(self.cells) or inputs[1] is not inputs[slot]:
                 continue
-            searched = ("reduce" if self.cells[c].reduction else "normal") in weights
+            searched = _cell_kind(self.cells[c]) in weights
             if searched and isinstance(module(c, other_slot), ReLUConvBN):
                 readers.append(other)
         outs = _preprocess([module(c, s) for c, s in readers], inputs[slot], relu_applied)

@@ -538,9 +538,14 @@ class _ReluConvBNs(torch.autograd.Function):
 def relu_conv_bns(
     x: Tensor, weights: Sequence[Tensor], batch_norms: Sequence[tuple], relu: bool = True
 ) -> list[Tensor]:  # fmt: skip
-    """reference.relu_conv_bns by the C++ kernels (CPU, float32/float64): one kernel pass for the weights of each
-    number of output channels (the kernel's products take one)."""
+    """reference.relu_conv_bns by the C++ kernels (CPU, float32/float64)."""
     check_relu_conv_bns_arguments("relu_conv_bns", x, weights, batch_norms)
+    return _relu_conv_bns(x, weights, batch_norms, relu)
+
+
+def _relu_conv_bns(x: Tensor, weights: Sequence[Tensor], batch_norms: Sequence[tuple], relu: bool) -> list[Tensor]:
+    """relu_conv_bns on checked arguments: one kernel pass for the weights of each number of output channels (the
+    kernel's products take one)."""
     outs: list[Tensor | None] = [None] * len(weights)
     for channels in dict.fromkeys(w.shape[0] for w in weights):
         ks = [k for k, w in enumerate(weights) if w.shape[0] == channels]
@@ -558,7 +563,7 @@ def relu_conv_bn(
 ) -> Tensor:  # fmt: skip
     """reference.relu_conv_bn by the C++ kernels (CPU, float32/float64)."""
     check_relu_conv_bn_arguments("relu_conv_bn", x, weight, running_mean, running_var, training)
-    return relu_conv_bns(x, [weight], [(running_mean, running_var, training, momentum, eps)], relu)[0]
+    return _relu_conv_bns(x, [weight], [(running_mean, running_var, training, momentum, eps)], relu)[0]
 
 
 # sample_gates, pool_bn_stats and bn_weighted_sum: their autograd formulas are _autograd.py's, shared with the Triton

@@ -35,6 +35,7 @@ from ._autograd import below_autograd, check_supported_dtype, refuse_differentia
 from ._extension import EXTENSION_LOADED
 from .reference import (
     MIXED_OP_CANDIDATES,
+    candidates_valid,
     check_mixed_op_arguments,
     check_mixed_ops_edges,
     check_partial_channels,
@@ -576,18 +577,10 @@ def _group_signature(x, w, weights, stride, bn_mean, bn_var, training, pool_bn) 
 
 
 def _candidates_valid(E: int, candidates: Sequence[int], counts: Sequence[int]) -> bool:
-    """Whether every edge's candidates are increasing indices of MIXED_OP_CANDIDATES, counts[e] for edge e."""
+    """Whether counts[e] of the flat candidates go to each of the E edges, each edge's valid."""
     if len(counts) != E or sum(counts) != len(candidates):
         return False
-    K, at = len(MIXED_OP_CANDIDATES), 0
-    for n in counts:
-        previous = -1
-        for c in candidates[at : at + n]:
-            if not previous < c < K:
-                return False
-            previous = c
-        at += n
-    return True
+    return all(candidates_valid(ks) for ks in _split(candidates, counts))
 
 
 def _check_group(op, x, w, weights, stride, candidates, counts, bn_mean, bn_var, training, pool_bn) -> None:

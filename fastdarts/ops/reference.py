@@ -509,6 +509,12 @@ def mixed_op_output_shape(x: Tensor, stride: int) -> list[int]:
     return relu_dwconv_output_shape(x, stride)
 
 
+def candidates_valid(candidates: Sequence[int]) -> bool:
+    """Whether an edge's candidates are increasing indices of MIXED_OP_CANDIDATES."""
+    K = len(MIXED_OP_CANDIDATES)
+    return all(0 <= c < K for c in candidates) and all(a < b for a, b in zip(candidates, candidates[1:]))
+
+
 def check_mixed_op_arguments(
     op: str,
     x: Tensor,
@@ -551,7 +557,7 @@ def check_mixed_op_arguments(
         )
         check_dtype_and_device(op, f"weights[{i}]", t, "x", x, require)
     require(
-        all(0 <= c < K for c in candidates) and all(a < b for a, b in zip(candidates, candidates[1:])),
+        candidates_valid(candidates),
         ValueError,
         lambda: f"{op}: candidates must be increasing indices in 0..{K - 1}, got {list(candidates)}",
     )
@@ -735,6 +741,11 @@ def relu_conv_bn(
     (space.ReLUConvBN with affine=False). The BN is F.batch_norm's: the batch's statistics in training (updating
     running_mean and running_var in place by `momentum` when they are given), else the running ones."""
     check_relu_conv_bn_arguments("relu_conv_bn", x, weight, running_mean, running_var, training)
+    return _relu_conv_bn(x, weight, running_mean, running_var, training, momentum, eps, relu)
+
+
+def _relu_conv_bn(x, weight, running_mean, running_var, training, momentum, eps, relu) -> Tensor:
+    """relu_conv_bn on checked arguments."""
     r = x.relu() if relu else x
     return F.batch_norm(F.conv2d(r, weight), running_mean, running_var, None, None, training, momentum, eps)
 
@@ -768,7 +779,7 @@ def relu_conv_bns(
     running_mean, running_var, training, momentum and eps): the preprocessing of a state in every cell that reads
     it."""
     check_relu_conv_bns_arguments("relu_conv_bns", x, weights, batch_norms)
-    return [relu_conv_bn(x, weight, *bn, relu=relu) for weight, bn in zip(weights, batch_norms)]
+    return [_relu_conv_bn(x, weight, *bn, relu) for weight, bn in zip(weights, batch_norms)]
 
 
 def _batch_statistics(outs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
