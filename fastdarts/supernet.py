@@ -223,13 +223,15 @@ class _ConcatChannels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *states: torch.Tensor) -> torch.Tensor:
-        ctx.layouts = [torch.empty_like(s, device="meta") for s in states]
+        # sizes and strides, not meta tensors: creating one goes through Python (about 50 us)
+        ctx.layouts = [(s.shape, s.stride()) for s in states]
         return torch.cat(states, dim=1)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        parts = grad.split([like.shape[1] for like in ctx.layouts], dim=1)
-        return tuple(torch.empty_like(like, device=grad.device).copy_(part) for part, like in zip(parts, ctx.layouts))
+        parts = grad.split([shape[1] for shape, _ in ctx.layouts], dim=1)
+        return tuple(grad.new_empty_strided(shape, stride).copy_(part) for part, (shape, stride) in
+                     zip(parts, ctx.layouts))  # fmt: skip
 
 
 def _batch_norm_arguments(bn: nn.BatchNorm2d) -> tuple:
