@@ -3,8 +3,9 @@
     python benchmarks/recompute_granularity.py edge|cell|none [--batch 64] [--repeats 3]
 
 "edge": every mixed op keeps only its input and recomputes its edge in backward (SearchNetwork's default).
-"cell": every search cell runs under torch.utils.checkpoint, its mixed ops keeping their intermediates, so a
-cell's backward recomputes the whole cell (preprocessing included) and then holds all its edges' intermediates.
+"cell": every search cell's edges and nodes run under torch.utils.checkpoint, its mixed ops keeping their
+intermediates, so a cell's backward recomputes them (not the cell's preprocessing, which the network runs once per
+state for the cells that read it) and then holds all its edges' intermediates.
 "none": the mixed ops keep their intermediates (recompute=False) and nothing is recomputed.
 Times first-order steps (one warm-up, then --repeats) in this process and prints one line: the median, the
 steps, the bytes saved for backward (as benchmarks/search_step.py counts them) and the peak RSS. Run each
@@ -31,11 +32,11 @@ GRANULARITIES = ("edge", "cell", "none")
 
 
 def checkpoint_cells(model) -> None:
-    """Run each search cell under non-reentrant activation checkpointing."""
+    """Run each search cell's edges and nodes (SearchCell.nodes, which the network calls on the preprocessed inputs)
+    under non-reentrant activation checkpointing."""
     for cell in model.cells:
-        forward = cell.forward
-        cell.forward = lambda *args, forward=forward, **kwargs: checkpoint(forward, *args, use_reentrant=False,
-                                                                          **kwargs)  # fmt: skip
+        nodes = cell.nodes
+        cell.nodes = lambda *args, nodes=nodes, **kwargs: checkpoint(nodes, *args, use_reentrant=False, **kwargs)
 
 
 def run(granularity: str, batch: int, C: int, layers: int, size: int, repeats: int) -> dict:

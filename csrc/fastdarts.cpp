@@ -153,16 +153,19 @@ TORCH_LIBRARY(fastdarts, m) {
       "partial_channel_outputs_backward(Tensor?[] grads, Tensor x, int partial_channels, int stride, "
       "Tensor? bypass_w, bool x_grad, bool bypass_w_grad) -> (Tensor[] ops_grads, Tensor? grad_x, "
       "Tensor? grad_bypass_w)");
-  // A ReLU and 1x1 conv before a BN, for E = len(weights) weights from one read of x [N, C, H, W]: outs[e] =
-  // conv2d(r, weights[e]), r = relu(x) (x when relu is false); weights[e]: [C_out, C, 1, 1]; outs[e]: [N, C_out, H,
-  // W], laid out like x; mean, var [E, C_out]: each output's per-channel mean and biased variance over (N, H, W) (no
-  // gradient). A cell's preprocessing up to its BN.
-  m.def("relu_pointwise_bn_stats(Tensor x, Tensor[] weights, bool relu) -> (Tensor[] outs, Tensor mean, Tensor var)");
-  // One pass over x and the E output gradients: grad_x (the sum over the outputs, masked by x > 0 when relu) if
-  // input_grad, else None; the weights' gradients if weight_grad, else empty.
+  // A ReLU and 1x1 conv before a BN, for E = len(weights) weights from one read of x = cat(xs, 1) [N, C, H, W] (xs:
+  // one or more [N, C_i, H, W], read where they are): outs[e] = conv2d(r, weights[e]), r = relu(x) (x when relu is
+  // false); weights[e]: [C_out, C, 1, 1]; outs[e]: [N, C_out, H, W], laid out like xs[0]; mean, var [E, C_out]: each
+  // output's per-channel mean and biased variance over (N, H, W) (no gradient). A cell's preprocessing up to its BN,
+  // xs the nodes of the cell before.
   m.def(
-      "relu_pointwise_bn_stats_backward(Tensor[] grads, Tensor x, Tensor[] weights, bool relu, bool input_grad, "
-      "bool weight_grad) -> (Tensor?, Tensor[])");
+      "relu_pointwise_bn_stats(Tensor[] xs, Tensor[] weights, bool relu) -> (Tensor[] outs, Tensor mean, "
+      "Tensor var)");
+  // One pass over x and the E output gradients: grad_xs, the gradient of each of xs (the sum over the outputs, masked
+  // by x > 0 when relu), if input_grad, else empty; the weights' gradients if weight_grad, else empty.
+  m.def(
+      "relu_pointwise_bn_stats_backward(Tensor[] grads, Tensor[] xs, Tensor[] weights, bool relu, bool input_grad, "
+      "bool weight_grad) -> (Tensor[], Tensor[])");
   // The E = w.shape[0] DARTS edges leaving x, computed from the kernels above with no Python between them: the
   // arguments and results of fastdarts/ops/_mixed_op.py's group (the ops' part of mixed_ops, without partial
   // channels), which fastdarts.ops.mixed_ops wraps. weights: each edge's in turn (mixed_op_layout order), candidates:

@@ -234,6 +234,15 @@ class _ConcatChannels(torch.autograd.Function):
                      zip(parts, ctx.layouts))  # fmt: skip
 
 
+# A state of the network: a tensor, or a cell's output as its nodes, whose concatenation along the channels it is.
+State = torch.Tensor | list[torch.Tensor]
+
+
+def _joined(state: State) -> torch.Tensor:
+    """A state as one tensor: a cell's output nodes concatenated."""
+    return state if isinstance(state, torch.Tensor) else _ConcatChannels.apply(*state)
+
+
 def _batch_norm_arguments(bn: nn.BatchNorm2d) -> tuple:
     """(running_mean, running_var, training, momentum, eps) as nn.BatchNorm2d.forward passes them to F.batch_norm,
     after counting the batch as it does."""
@@ -248,15 +257,15 @@ def _batch_norm_arguments(bn: nn.BatchNorm2d) -> tuple:
         bn.eps  # fmt: skip
 
 
-def _preprocess(modules: Sequence[ReLUConvBN | FactorizedReduce], s: torch.Tensor,
+def _preprocess(modules: Sequence[ReLUConvBN | FactorizedReduce], s: State,
                 relu_applied: bool) -> list[torch.Tensor]:  # fmt: skip
     """The preprocessing of input s by each of `modules` (several ReLUConvBN, or one FactorizedReduce), or of
     s = relu(input) when relu_applied (the modules' ReLU skipped). ReLUConvBNs run as one fused op
-    (ops.relu_conv_bns, one pass over s for all of them) on their modules' parameters and buffers: a search cell's BNs
-    are affine-free."""
+    (ops.relu_conv_bns, one pass over s, or over its nodes where they are, for all of them) on their modules'
+    parameters and buffers: a search cell's BNs are affine-free."""
     if isinstance(modules[0], FactorizedReduce):
         (module,) = modules
-        return [module(s, relu=not relu_applied)]
+        return [module(_joined(s), relu=not relu_applied)]
     weights, batch_norms = [], []
     for _, conv, bn in modules:
         if bn.affine:
@@ -296,23 +305,33 @@ class SearchCell(nn.Module):
         columns: Sequence[Columns] | None = None,
         auxiliary_skip: float | None = None,
         edge_scale: torch.Tensor | None = None,
-        inputs_relu: bool = False,
-        preprocessed: bool = False,
     ) -> torch.Tensor:
-        """`weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None: all);
-        `auxiliary_skip`, the weight of every edge's auxiliary skip (a cell built with them; columns None);
-        `edge_scale` `[num_edges]`, a factor on each edge's whole output (None: 1); `inputs_relu`, s0 and s1 are
-        already the ReLUs the preprocessing starts with; `preprocessed`, s0 and s1 are the preprocessing's outputs
-        (SearchNetwork preprocesses each state once for the two cells that read it).
+        """The cell's output for inputs s0 and s1: its preprocessing, then `nodes`, concatenated along the channels.
+        The arguments are those of `nodes`."""
+        s0 = _preprocess([self.preprocess0], s0, relu_applied=False)[0]
+        s1 = _preprocess([self.preprocess1], s1, relu_applied=False)[0]
+        return _ConcatChannels.apply(*self.nodes(s0, s1, weights, columns, auxiliary_skip, edge_scale))
+
+    def nodes(
+        self,
+        s0: torch.Tensor,
+        s1: torch.Tensor,
+        weights: torch.Tensor,
+        columns: Sequence[Columns] | None = None,
+        auxiliary_skip: float | None = None,
+        edge_scale: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The cell's last `multiplier` nodes, whose concatenation is its output, for inputs s0 and s1 already
+        preprocessed (SearchNetwork preprocesses each state once for the cells that read it, and reads the nodes
+        where they are). `weights` `[num_edges, len(PRIMITIVES)]`; `columns`, per edge, the ops to compute (None:
+        all); `auxiliary_skip`, the weight of every edge's auxiliary skip (a cell built with them; columns None);
+        `edge_scale` `[num_edges]`, a factor on each edge's whole output (None: 1).
 
         The edges leaving a state run as one group (`edges_leaving`): those of s0 and s1 first, then each node's
         as soon as it is complete. Each node sums its inputs' outputs in input order, as DARTS's cell does.
         """
         incoming: list[list[torch.Tensor]] = [[] for _ in range(self.steps)]  # per node, its edges' outputs so far
         states = [s0, s1]
-        if not preprocessed:
-            states = [_preprocess([self.preprocess0], s0, inputs_relu)[0],
-                      _preprocess([self.preprocess1], s1, inputs_relu)[0]]  # fmt: skip
         if auxiliary_skip is not None and (columns is not None or not self.auxiliary_skip):
             raise ValueError("SearchCell: an auxiliary skip needs a cell built with one, and every op computed")
         self._leave(0, states[0], weights, columns, incoming, auxiliary_skip, edge_scale)
@@ -326,7 +345,7 @@ class SearchCell(nn.Module):
             states.append(node)
             if i + 1 < self.steps:
                 self._leave(2 + i, node, weights, columns, incoming, auxiliary_skip, edge_scale)
-        return _ConcatChannels.apply(*states[-self.multiplier :])
+        return states[-self.multiplier :]
 
     @staticmethod
     def _edge_index(node: int, state: int) -> int:
@@ -502,13 +521,16 @@ class SearchNetwork(nn.Module):
         s0 = s1 = self.stem(x.contiguous(memory_format=self.memory_format)).contiguous(memory_format=self.memory_format)
         # Each state feeds the preprocessing of the next two cells, which both start with a ReLU. The C++ kernels
         # apply it as they read the state, and mask the gradient in the same pass; elsewhere it runs once, and its
-        # backward once on the sum of both cells' gradients.
+        # backward once on the sum of both cells' gradients. The C++ kernels also read a cell's output as its nodes
+        # where they are (a list): only the readers without that (a FactorizedReduce, a fixed reduction cell, the
+        # classifier) concatenate them.
         shared_relu = ops.select("relu_conv_bn", s0.device) != "cpp"
         r0 = r1 = None  # relu(s0), relu(s1), once a searched cell has needed them
         ready: dict[tuple[int, int], torch.Tensor] = {}  # (cell, input): preprocessed with an earlier one
         for j, cell in enumerate(self.cells):
             kind = _cell_kind(cell)
-            if kind not in weights:  # a fixed reduction cell
+            if kind not in weights:  # a fixed reduction cell, which reads its inputs whole
+                s0, s1 = _joined(s0), _joined(s1)  # s1 joined once, for the next cell as well
                 s0, s1, r0, r1 = s1, cell(s0, s1), r1, None
                 continue
             inputs = s0, s1
@@ -521,14 +543,15 @@ class SearchNetwork(nn.Module):
             for slot in (0, 1):
                 if (j, slot) not in ready:
                     self._preprocess_state(j, slot, inputs, shared_relu, weights, ready)
-            out = cell(ready.pop((j, 0)), ready.pop((j, 1)), weights[kind].weights, columns[kind], auxiliary_skip,
-                       weights[kind].edge_scale, preprocessed=True)  # fmt: skip
-            s0, s1, r0, r1 = s1, out, r1, None
+            nodes = cell.nodes(ready.pop((j, 0)), ready.pop((j, 1)), weights[kind].weights, columns[kind],
+                               auxiliary_skip, weights[kind].edge_scale)  # fmt: skip
+            s0, s1, r0, r1 = s1, _ConcatChannels.apply(*nodes) if shared_relu else nodes, r1, None
+        s1 = _joined(s1)
         if self.head is not None:
             s1 = self.head(s1)
         return self.classifier(self.global_pooling(s1).flatten(1))
 
-    def _preprocess_state(self, j: int, slot: int, inputs: tuple[torch.Tensor, torch.Tensor], relu_applied: bool,
+    def _preprocess_state(self, j: int, slot: int, inputs: tuple[State, State], relu_applied: bool,
                           weights: dict, ready: dict[tuple[int, int], torch.Tensor]) -> None:  # fmt: skip
         """Preprocesses input `slot` of searched cell j (inputs[slot]) into ready[(j, slot)], and in the same call the
         other inputs of cells j and j + 1 that read the same state through a ReLUConvBN: cell j + 1's input 0 is

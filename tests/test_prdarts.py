@@ -319,14 +319,25 @@ def test_tiny_prdarts_network_forward_backward_and_search_step(form):
 
 def cell_outputs_in_both_modes(net, x):
     """Each cell's (train-mode, eval-mode) output for its inputs and gates in one forward pass of `x` (its inputs as
-    the network passed them: preprocessed, SearchNetwork preprocessing each state for all the cells that read it)."""
+    the network passed them to SearchCell.nodes: preprocessed, SearchNetwork preprocessing each state for all the
+    cells that read it)."""
     calls = []
-    hooks = [cell.register_forward_hook(lambda cell, args, kwargs, out: calls.append((cell, args, kwargs)),
-                                        with_kwargs=True) for cell in net.cells]  # fmt: skip
-    net(x)
-    for hook in hooks:
-        hook.remove()
-    return [tuple(cell.train(mode)(*args, **kwargs) for mode in (True, False)) for cell, args, kwargs in calls]
+    for cell in net.cells:
+        nodes = cell.nodes
+
+        def recorded(*args, cell=cell, nodes=nodes, **kwargs):
+            calls.append((cell, args, kwargs))
+            return nodes(*args, **kwargs)
+
+        cell.nodes = recorded
+    try:
+        net(x)
+    finally:
+        for cell in net.cells:
+            del cell.nodes
+    assert len(calls) == len(net.cells)
+    return [tuple(torch.cat(cell.train(mode).nodes(*args, **kwargs), 1) for mode in (True, False))
+            for cell, args, kwargs in calls]  # fmt: skip
 
 
 def test_reference_network_normalises_cells_with_batch_statistics_in_evaluation_too():

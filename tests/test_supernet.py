@@ -1,7 +1,9 @@
+from unittest import mock
+
 import pytest
 import torch
 
-from fastdarts import PRIMITIVES, SearchNetwork, ops
+from fastdarts import PRIMITIVES, SearchNetwork, ops, supernet
 from fastdarts.methods import CellWeights, DARTSMethod
 from fastdarts.space import DARTS_V2
 from fastdarts.supernet import MixedOp, _ConcatChannels, selected_columns
@@ -170,19 +172,30 @@ def test_a_cell_runs_the_edges_of_each_state_as_one_group():
 def test_a_state_is_preprocessed_once_for_the_cells_that_read_it():
     """The stem feeds both inputs of cell 0 and input 0 of cell 1, each cell's output input 1 of the next cell and
     input 0 of the one after: one relu_pointwise_bn_stats pass per state and number of output channels (3 cells,
-    reductions at cells 1 and 2, whose input 0 from a reduction is a FactorizedReduce). The outputs, gradients and
-    running statistics are the reference's."""
+    reductions at cells 1 and 2, whose input 0 from a reduction is a FactorizedReduce). On the C++ kernels a cell's
+    output is concatenated only for a reader that needs it whole: cell 0's for cell 2's FactorizedReduce, cell 2's for
+    the classifier (not cell 1's). The outputs, gradients and running statistics are the reference's."""
     torch.manual_seed(0)
     net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3)
     x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3,))
     state = {k: v.clone() for k, v in net.state_dict().items()}
     results = {}
+    concatenations = []
+    concatenate = supernet._ConcatChannels.apply
+
+    def counted(*states):
+        concatenations.append(len(states))
+        return concatenate(*states)
+
     for backend in ("reference", "cpp"):
         net.load_state_dict(state)
-        with ops.use_backend(backend), torch.profiler.profile() as profile:
+        concatenations.clear()
+        with ops.use_backend(backend), torch.profiler.profile() as profile, \
+                mock.patch.object(supernet._ConcatChannels, "apply", counted):  # fmt: skip
             loss = torch.nn.functional.cross_entropy(net(x), y)
             grads = torch.autograd.grad(loss, list(net.parameters()))
         results[backend] = loss, grads, {k: v.clone() for k, v in net.state_dict().items()}
+        assert concatenations == [4] * (3 if backend == "reference" else 2)
         if backend == "cpp":
             calls = [event.name for event in profile.events()]
             # the stem: 4 and 8 output channels; cell 0's output: cell 1's input 1; cell 1's: cell 2's input 1

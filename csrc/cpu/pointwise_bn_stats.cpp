@@ -26,7 +26,9 @@
 //
 // relu_pointwise_bn_stats: outs[e] = weights[e] r, weights[e] [C_out, C, 1, 1], outs[e] [N, C_out, H, W]; its
 // backward grad_x = [x > 0] sum_e weights[e]^T g_e and grad_weights[e] = sum over pixels of g_e r^T. The same floors
-// as a 1x1 conv's, with the ReLU, its mask and the statistics in the same pass.
+// as a 1x1 conv's, with the ReLU, its mask and the statistics in the same pass. Its x comes as a list of tensors,
+// x = cat(xs, 1), and its gradient as one per input: a cell's output is its nodes side by side, which the kernel reads
+// where they are (no concatenated copy is made, in the forward or in the backward).
 //
 // How (told for FactorizedReduce; the 1x1 conv is the same with one part). Work is split into fixed chunks of output
 // rows (n, i), so that the sums come out the same whatever the number of threads, and a chunk into tiles of a few
@@ -86,9 +88,10 @@ struct Geometry {
   int64_t rows;    // N Ho output rows
   int64_t num_chunks;
 
-  Geometry(const at::Tensor& x, int64_t s, int64_t E, int64_t h)
-      : N(x.size(0)), C(x.size(1)), H(x.size(2)), W(x.size(3)), s(s), Ho((x.size(2) + s - 1) / s),
-        Wo((x.size(3) + s - 1) / s), E(E), h(h) {
+  // x = cat(xs, 1)
+  Geometry(at::TensorList xs, int64_t s, int64_t E, int64_t h)
+      : N(xs[0].size(0)), C(total_channels(xs)), H(xs[0].size(2)), W(xs[0].size(3)), s(s),
+        Ho((xs[0].size(2) + s - 1) / s), Wo((xs[0].size(3) + s - 1) / s), E(E), h(h) {
     const int64_t lanes = kVecLanes<float>;  // 16: a whole vector of every tier (and two of float64's 8 lanes)
     Cq = round_up(C, lanes);
     Nh = round_up(E * h, lanes);
@@ -105,6 +108,13 @@ struct Geometry {
   }
   int64_t chunk_begin(int64_t chunk) const {
     return chunk * rows / num_chunks;
+  }
+  static int64_t total_channels(at::TensorList xs) {
+    int64_t C = 0;
+    for (const at::Tensor& x : xs) {
+      C += x.size(1);
+    }
+    return C;
   }
 };
 
@@ -133,16 +143,20 @@ std::vector<T> weight_matrices(const std::vector<at::TensorList>& parts, const G
 // Each output column's value at the first position (0, 0, 0), 0 for an empty batch: the shift of the statistics'
 // sums, a value in the data's range so that a variance small against the mean does not cancel in the sum of squares.
 template <typename T>
-std::vector<T> first_outputs(const at::Tensor& x, const std::vector<T>& m, bool relu, const Geometry& g) {
+std::vector<T> first_outputs(at::TensorList xs, const std::vector<T>& m, bool relu, const Geometry& g) {
   std::vector<T> shift(g.Np(), T(0));
   if (g.N == 0) {
     return shift;
   }
   for (int64_t part = 0; part < g.s; ++part) {
     // the part's first pixel, (part, part), or zeros outside x
-    at::Tensor pixel = at::zeros({g.C}, x.options().dtype(at::kDouble));
+    at::Tensor pixel = at::zeros({g.C}, xs[0].options().dtype(at::kDouble));
     if (part < g.H && part < g.W) {
-      pixel = x.select(0, 0).select(1, part).select(1, part).to(at::kDouble).contiguous();
+      std::vector<at::Tensor> pixels;
+      for (const at::Tensor& x : xs) {
+        pixels.push_back(x.select(0, 0).select(1, part).select(1, part));
+      }
+      pixel = at::cat(pixels).to(at::kDouble).contiguous();
       if (relu) {
         pixel = pixel.relu();
       }
@@ -159,11 +173,20 @@ std::vector<T> first_outputs(const at::Tensor& x, const std::vector<T>& m, bool 
   return shift;
 }
 
+// Input i of x = cat(inputs, 1): its channels [c0, c0 + C) of x; in the backward its gradient.
+template <typename T>
+struct Input {
+  const T* x;
+  Strides xs;
+  int64_t c0, C;
+  T* grad_x;  // backward, or nullptr
+  Strides gxs;
+};
+
 template <typename T>
 struct Args {
   Geometry g;
-  const T* x;
-  Strides xs;
+  std::vector<Input<T>> inputs;
   bool relu;
   const T* matrices;         // weight_matrices, transposed in the backward
   std::vector<T*> outs;      // forward
@@ -172,8 +195,7 @@ struct Args {
   const T* shift;            // forward: [Np], each column's first output value
   std::vector<const T*> grads;  // backward
   std::vector<Strides> gs;
-  T* grad_x;                 // backward, or nullptr
-  Strides gxs;
+  bool input_grad;           // backward: each input's grad_x is written
   T* partials;               // backward: [num_chunks][s][Nh][Cq] weight gradients, or nullptr
 };
 
@@ -192,21 +214,26 @@ FASTDARTS_ALWAYS_INLINE void pack_pixels(const Args<T>& a, int64_t row0, int64_t
     const int64_t n = (row0 + r) / g.Ho, i = (row0 + r) % g.Ho;
     for (int64_t part = 0; part < g.s; ++part) {
       const int64_t y = g.s * i + part;
-      for (int64_t j = 0; j < g.Wo; ++j) {
-        T* dst = tile + (r * g.Wo + j) * Kp + part * g.Cq;
-        const int64_t xw = g.s * j + part;
-        if (y >= g.H || xw >= g.W) {
-          std::fill(dst, dst + g.C, T(0));
-          continue;
-        }
-        const T* src = a.x + n * a.xs.n + y * a.xs.h + xw * a.xs.w;
-        if (a.xs.c == 1) {
-          for (int64_t k = 0; k < g.C; ++k) {
-            dst[k] = relu_of(src[k], a.relu);
+      T* row = tile + r * g.Wo * Kp + part * g.Cq;
+      // one input at a time along the row: a stream of whole rows of each, not short pieces of all of them
+      for (const Input<T>& in : a.inputs) {
+        const T* src_row = in.x + n * in.xs.n + y * in.xs.h;
+        for (int64_t j = 0; j < g.Wo; ++j) {
+          T* d = row + j * Kp + in.c0;
+          const int64_t xw = g.s * j + part;
+          if (y >= g.H || xw >= g.W) {
+            std::fill(d, d + in.C, T(0));
+            continue;
           }
-        } else {
-          for (int64_t k = 0; k < g.C; ++k) {
-            dst[k] = relu_of(src[k * a.xs.c], a.relu);
+          const T* src = src_row + xw * in.xs.w;
+          if (in.xs.c == 1) {
+            for (int64_t k = 0; k < in.C; ++k) {
+              d[k] = relu_of(src[k], a.relu);
+            }
+          } else {
+            for (int64_t k = 0; k < in.C; ++k) {
+              d[k] = relu_of(src[k * in.xs.c], a.relu);
+            }
           }
         }
       }
@@ -264,55 +291,55 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const Args<T>& a, int64_t begin, int
 
 FASTDARTS_CPU_ISA_COPIES(forward_chunks)
 
-// Writes input row y of grad_x: at the pixels of `part` (w = s j + part) the gradient in d[j Kp + part Cq + k]
-// masked by x > 0 (with the ReLU), zeros at the others. With `stream` (a channels_last grad_x whose rows are whole,
-// aligned vectors) in non-temporal stores of the tier's vectors: grad_x is written once and read by the next op,
-// which a plain store would first read into the cache.
+// Writes row y of input `in`'s grad_x: at the pixels of `part` (w = s j + part) the gradient in
+// d[j Kp + part Cq + in.c0 + k] masked by x > 0 (with the ReLU), zeros at the others. With `stream` (a channels_last
+// grad_x whose rows are whole, aligned vectors) in non-temporal stores of the tier's vectors: grad_x is written once
+// and read by the next op, which a plain store would first read into the cache.
 template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void write_grad_row(const Args<T>& a, int64_t n, int64_t y, int64_t part, const T* d,
-                                            bool stream) {
+FASTDARTS_ALWAYS_INLINE void write_grad_row(const Args<T>& a, const Input<T>& in, int64_t n, int64_t y, int64_t part,
+                                            const T* d, bool stream) {
   const Geometry& g = a.g;
-  const bool dense = a.gxs.c == 1 && a.xs.c == 1;
+  const bool dense = in.gxs.c == 1 && in.xs.c == 1;
   if (stream) {
     constexpr int64_t V = kLanes<T, kIsa>;
     const Vec<T, kIsa> zero{};
-    T* dst = a.grad_x + n * a.gxs.n + y * a.gxs.h;
-    const T* src = a.x + n * a.xs.n + y * a.xs.h;
+    T* dst = in.grad_x + n * in.gxs.n + y * in.gxs.h;
+    const T* src = in.x + n * in.xs.n + y * in.xs.h;
     for (int64_t w = 0; w < g.W; ++w) {
-      const T* grad = d + (w / g.s) * g.Kp() + part * g.Cq;
+      const T* grad = d + (w / g.s) * g.Kp() + part * g.Cq + in.c0;
       const bool sampled = w % g.s == part;
-      for (int64_t k = 0; k < g.C; k += V) {
+      for (int64_t k = 0; k < in.C; k += V) {
         Vec<T, kIsa> v = zero;
         if (sampled) {
           vec_load(v, grad + k);
           if (a.relu) {
             Vec<T, kIsa> xv;
-            vec_load(xv, src + w * a.xs.w + k);
+            vec_load(xv, src + w * in.xs.w + k);
             v = xv > zero ? v : zero;
           }
         }
-        vec_stream(dst + w * g.C + k, v);
+        vec_stream(dst + w * in.C + k, v);
       }
     }
     return;
   }
   for (int64_t w = 0; w < g.W; ++w) {
-    T* dst = a.grad_x + n * a.gxs.n + y * a.gxs.h + w * a.gxs.w;
-    const T* src = a.x + n * a.xs.n + y * a.xs.h + w * a.xs.w;
-    const T* grad = d + (w / g.s) * g.Kp() + part * g.Cq;
+    T* dst = in.grad_x + n * in.gxs.n + y * in.gxs.h + w * in.gxs.w;
+    const T* src = in.x + n * in.xs.n + y * in.xs.h + w * in.xs.w;
+    const T* grad = d + (w / g.s) * g.Kp() + part * g.Cq + in.c0;
     if (w % g.s != part) {
-      for (int64_t k = 0; k < g.C; ++k) {
-        dst[k * a.gxs.c] = T(0);
+      for (int64_t k = 0; k < in.C; ++k) {
+        dst[k * in.gxs.c] = T(0);
       }
     } else if (dense && a.relu) {
-      for (int64_t k = 0; k < g.C; ++k) {
+      for (int64_t k = 0; k < in.C; ++k) {
         dst[k] = src[k] > T(0) ? grad[k] : T(0);
       }
     } else if (dense) {
-      std::memcpy(dst, grad, g.C * sizeof(T));
+      std::memcpy(dst, grad, in.C * sizeof(T));
     } else {
-      for (int64_t k = 0; k < g.C; ++k) {
-        dst[k * a.gxs.c] = !a.relu || src[k * a.xs.c] > T(0) ? grad[k] : T(0);
+      for (int64_t k = 0; k < in.C; ++k) {
+        dst[k * in.gxs.c] = !a.relu || src[k * in.xs.c] > T(0) ? grad[k] : T(0);
       }
     }
   }
@@ -325,12 +352,16 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
   const int64_t Kp = g.Kp(), Np = g.Np();
   constexpr int64_t R = kPointwiseRows<kIsa>;
   constexpr int64_t step = kPointwiseVecs<kIsa> * kLanes<T, kIsa>;
-  // Stream grad_x when it outgrows the cache that would keep it for the next op, in whole aligned vectors.
+  // Stream grad_x when it outgrows the cache that would keep it for the next op, each input's in whole aligned
+  // vectors.
   constexpr int64_t kVec = kVecBytes<kIsa> / static_cast<int64_t>(sizeof(T));
-  const bool stream = a.grad_x != nullptr && a.gxs.c == 1 && a.xs.c == 1 && a.gxs.w == g.C && g.C % kVec == 0 &&
-                      (a.gxs.h * static_cast<int64_t>(sizeof(T))) % kVecBytes<kIsa> == 0 &&
-                      reinterpret_cast<uintptr_t>(a.grad_x) % kVecBytes<kIsa> == 0 &&
-                      g.N * g.C * g.H * g.W * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  const bool large = g.N * g.C * g.H * g.W * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  std::vector<char> stream;
+  for (const Input<T>& in : a.inputs) {
+    stream.push_back(a.input_grad && large && in.gxs.c == 1 && in.xs.c == 1 && in.gxs.w == in.C &&
+                     in.C % kVec == 0 && (in.gxs.h * static_cast<int64_t>(sizeof(T))) % kVecBytes<kIsa> == 0 &&
+                     reinterpret_cast<uintptr_t>(in.grad_x) % kVecBytes<kIsa> == 0);
+  }
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     T* partial = a.partials == nullptr ? nullptr : a.partials + chunk * g.s * g.Nh * g.Cq;
     if (partial != nullptr) {
@@ -355,7 +386,7 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
           }
         }
       }
-      if (a.grad_x != nullptr) {
+      if (a.input_grad) {
         for (int64_t part = 0; part < g.s; ++part) {
           const T* m = a.matrices + part * g.Nh * g.Cq;
           for (int64_t w0 = 0; w0 < P; w0 += R) {
@@ -368,7 +399,10 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t n = (row0 + r) / g.Ho, i = (row0 + r) % g.Ho;
           for (int64_t part = 0; part < g.s && g.s * i + part < g.H; ++part) {
-            write_grad_row<T, kIsa>(a, n, g.s * i + part, part, d_pixels + r * g.Wo * Kp, stream);
+            for (size_t input = 0; input < a.inputs.size(); ++input) {
+              write_grad_row<T, kIsa>(a, a.inputs[input], n, g.s * i + part, part, d_pixels + r * g.Wo * Kp,
+                                      stream[input] != 0);
+            }
           }
         }
       }
@@ -395,15 +429,16 @@ std::vector<int64_t> output_sizes(const at::Tensor& x, int64_t s, int64_t h) {
   return {x.size(0), s * h, (x.size(2) + s - 1) / s, (x.size(3) + s - 1) / s};
 }
 
-// A non-empty list of 1x1 weights for the C channels of x, all of the first's shape [C_out, C, 1, 1], C_out >= 1.
-void check_weights_list(const char* op, const char* name, at::TensorList weights, const at::Tensor& x) {
+// A non-empty list of 1x1 weights for the C channels of x (`like` its first input), all of the first's shape
+// [C_out, C, 1, 1], C_out >= 1.
+void check_weights_list(const char* op, const char* name, at::TensorList weights, int64_t C, const at::Tensor& like) {
   TORCH_CHECK_VALUE(!weights.empty(), op, ": ", name, " must be a non-empty list of tensors");
   const at::Tensor& first = weights[0];
-  TORCH_CHECK_VALUE(first.dim() == 4 && first.size(0) >= 1 && first.size(1) == x.size(1) && first.size(2) == 1 &&
+  TORCH_CHECK_VALUE(first.dim() == 4 && first.size(0) >= 1 && first.size(1) == C && first.size(2) == 1 &&
                         first.size(3) == 1,
-                    op, ": ", name, "[0] must have shape [C_out, C, 1, 1] with C_out >= 1 and C = ", x.size(1),
+                    op, ": ", name, "[0] must have shape [C_out, C, 1, 1] with C_out >= 1 and C = ", C,
                     ", got shape ", first.sizes());
-  check_sized_list(op, name, weights, static_cast<int64_t>(weights.size()), "output", first.sizes(), "x", x);
+  check_sized_list(op, name, weights, static_cast<int64_t>(weights.size()), "output", first.sizes(), "x", like);
 }
 
 void check_input(const char* op, const at::Tensor& x) {
@@ -412,34 +447,67 @@ void check_input(const char* op, const at::Tensor& x) {
   TORCH_INTERNAL_ASSERT(x.device().is_cpu());
 }
 
-// Both ops' forward: parts[p][e] the weights of part p of output e (s = parts.size()).
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Tensor& x,
+// x = cat(xs, 1): a non-empty list of image batches of one N, H, W, dtype and device. Returns x's channel count.
+int64_t check_inputs(const char* op, at::TensorList xs) {
+  TORCH_CHECK_VALUE(!xs.empty(), op, ": xs must be a non-empty list of tensors");
+  int64_t C = 0;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const ArgName item("xs", static_cast<int64_t>(i));
+    check_images(op, item, xs[i]);
+    if (i > 0) {
+      TORCH_CHECK_VALUE(xs[i].size(0) == xs[0].size(0) && xs[i].size(2) == xs[0].size(2) &&
+                            xs[i].size(3) == xs[0].size(3),
+                        op, ": ", item, " must have the N, H, W of xs[0] ", xs[0].sizes(), ", got shape ",
+                        xs[i].sizes());
+      check_dtype_and_device(op, item, xs[i], "xs[0]", xs[0]);
+    }
+    C += xs[i].size(1);
+  }
+  check_supported_dtype(op, xs[0]);
+  TORCH_INTERNAL_ASSERT(xs[0].device().is_cpu());
+  return C;
+}
+
+template <typename T>
+std::vector<Input<T>> inputs_of(at::TensorList xs) {
+  std::vector<Input<T>> inputs;
+  int64_t c0 = 0;
+  for (const at::Tensor& x : xs) {
+    inputs.push_back({x.const_data_ptr<T>(), strides_of(x), c0, x.size(1), nullptr, {}});
+    c0 += x.size(1);
+  }
+  return inputs;
+}
+
+// Both ops' forward on x = cat(xs, 1): parts[p][e] the weights of part p of output e (s = parts.size()).
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(at::TensorList xs,
                                                                     const std::vector<at::TensorList>& parts,
                                                                     bool relu) {
+  const at::Tensor& x0 = xs[0];
   const int64_t s = static_cast<int64_t>(parts.size());
   const int64_t E = static_cast<int64_t>(parts[0].size()), h = parts[0][0].size(0), C_out = s * h;
-  const at::TensorOptions options = x.options().memory_format(x.suggest_memory_format());
+  const at::TensorOptions options = x0.options().memory_format(x0.suggest_memory_format());
   std::vector<at::Tensor> outs;
   for (int64_t e = 0; e < E; ++e) {
-    outs.push_back(at::empty(output_sizes(x, s, h), options));
+    outs.push_back(at::empty(output_sizes(x0, s, h), options));
   }
-  at::Tensor mean = at::empty({E, C_out}, x.options());
-  at::Tensor var = at::empty({E, C_out}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_bn_stats_cpu", [&] {
+  at::Tensor mean = at::empty({E, C_out}, x0.options());
+  at::Tensor var = at::empty({E, C_out}, x0.options());
+  AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "pointwise_bn_stats_cpu", [&] {
     const CpuIsa isa = cpu_isa();  // once per call, before the threads start
-    const Geometry g(x, s, E, h);
+    const Geometry g(xs, s, E, h);
     const std::vector<scalar_t> matrices = weight_matrices<scalar_t>(parts, g, false);
     std::vector<double> moments(g.num_chunks * 2 * g.Np());
-    const std::vector<scalar_t> shift = first_outputs(x, matrices, relu, g);
-    Args<scalar_t> a{g, x.const_data_ptr<scalar_t>(), strides_of(x), relu, matrices.data(), {}, strides_of(outs[0]),
-                     moments.data(), shift.data()};
+    const std::vector<scalar_t> shift = first_outputs(xs, matrices, relu, g);
+    Args<scalar_t> a{g, inputs_of<scalar_t>(xs), relu, matrices.data(), {}, strides_of(outs[0]), moments.data(),
+                     shift.data()};
     for (at::Tensor& out : outs) {
       a.outs.push_back(out.data_ptr<scalar_t>());
     }
     if (g.rows > 0) {
       at::parallel_for(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
         // zeros: the tile's padding columns and rows are never written, and the products read them
-        at::Tensor buffers = at::zeros({g.P_r * (g.Kp() + g.Np()) + 2 * g.Np()}, x.options());
+        at::Tensor buffers = at::zeros({g.P_r * (g.Kp() + g.Np()) + 2 * g.Np()}, x0.options());
         scalar_t* tile = buffers.data_ptr<scalar_t>();
         FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_chunks, scalar_t, a, begin, end, tile, tile + g.P_r * g.Kp(),
                                    tile + g.P_r * (g.Kp() + g.Np()));
@@ -462,17 +530,20 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(const at::Te
   return {outs, mean, var};
 }
 
-// Both ops' backward: grad_x if input_grad, and if weight_grad the gradients of every part's weights (per part, per
-// output).
-std::tuple<std::optional<at::Tensor>, std::vector<std::vector<at::Tensor>>> backward(
-    const char* op, at::TensorList grads, const at::Tensor& x, const std::vector<at::TensorList>& parts, bool relu,
+// Both ops' backward on x = cat(xs, 1): each input's grad_x if input_grad (else none), and if weight_grad the
+// gradients of every part's weights (per part, per output).
+std::tuple<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>> backward(
+    const char* op, at::TensorList grads, at::TensorList xs, const std::vector<at::TensorList>& parts, bool relu,
     bool input_grad, bool weight_grad) {
+  const at::Tensor& x0 = xs[0];
   const int64_t s = static_cast<int64_t>(parts.size());
   const int64_t E = static_cast<int64_t>(parts[0].size()), h = parts[0][0].size(0);
-  check_sized_list(op, "grads", grads, E, "output", output_sizes(x, s, h), "x", x);
-  std::optional<at::Tensor> grad_x;
+  check_sized_list(op, "grads", grads, E, "output", output_sizes(x0, s, h), "x", x0);
+  std::vector<at::Tensor> grad_xs;
   if (input_grad) {
-    grad_x = at::empty_like(x);
+    for (const at::Tensor& x : xs) {
+      grad_xs.push_back(at::empty_like(x));
+    }
   }
   std::vector<std::vector<at::Tensor>> grad_parts(s);
   if (weight_grad) {
@@ -483,27 +554,28 @@ std::tuple<std::optional<at::Tensor>, std::vector<std::vector<at::Tensor>>> back
     }
   }
   if (!input_grad && !weight_grad) {
-    return {grad_x, grad_parts};
+    return {grad_xs, grad_parts};
   }
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pointwise_bn_stats_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(x0.scalar_type(), "pointwise_bn_stats_backward_cpu", [&] {
     const CpuIsa isa = cpu_isa();
-    const Geometry g(x, s, E, h);
+    const Geometry g(xs, s, E, h);
     const std::vector<scalar_t> transposed = weight_matrices<scalar_t>(parts, g, true);
     // each chunk zeroes its own slots; an empty batch leaves them unwritten, so zeros for it
-    at::Tensor partials = weight_grad ? at::zeros({g.num_chunks * s * g.Nh * g.Cq}, x.options()) : at::Tensor();
-    Args<scalar_t> a{g, x.const_data_ptr<scalar_t>(), strides_of(x), relu, transposed.data(), {}, {}, nullptr};
+    at::Tensor partials = weight_grad ? at::zeros({g.num_chunks * s * g.Nh * g.Cq}, x0.options()) : at::Tensor();
+    Args<scalar_t> a{g, inputs_of<scalar_t>(xs), relu, transposed.data(), {}, {}, nullptr};
     for (const at::Tensor& grad : grads) {
       a.grads.push_back(grad.const_data_ptr<scalar_t>());
       a.gs.push_back(strides_of(grad));
     }
-    if (input_grad) {
-      a.grad_x = grad_x->data_ptr<scalar_t>();
-      a.gxs = strides_of(*grad_x);
+    a.input_grad = input_grad;
+    for (size_t i = 0; i < grad_xs.size(); ++i) {
+      a.inputs[i].grad_x = grad_xs[i].data_ptr<scalar_t>();
+      a.inputs[i].gxs = strides_of(grad_xs[i]);
     }
     a.partials = weight_grad ? partials.data_ptr<scalar_t>() : nullptr;
     if (g.rows > 0) {
       at::parallel_for(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
-        at::Tensor buffers = at::zeros({g.P_r * (2 * g.Kp() + g.Np())}, x.options());
+        at::Tensor buffers = at::zeros({g.P_r * (2 * g.Kp() + g.Np())}, x0.options());
         scalar_t* tile = buffers.data_ptr<scalar_t>();
         FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_chunks, scalar_t, a, begin, end, tile, tile + g.P_r * g.Kp(),
                                    tile + g.P_r * (g.Kp() + g.Np()));
@@ -523,12 +595,12 @@ std::tuple<std::optional<at::Tensor>, std::vector<std::vector<at::Tensor>>> back
       }
     }
   });
-  return {grad_x, grad_parts};
+  return {grad_xs, grad_parts};
 }
 
 void check_factorized_reduce(const char* op, const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s) {
   check_input(op, x);
-  check_weights_list(op, "conv_1s", conv_1s, x);
+  check_weights_list(op, "conv_1s", conv_1s, x.size(1), x);
   check_sized_list(op, "conv_2s", conv_2s, static_cast<int64_t>(conv_1s.size()), "output", conv_1s[0].sizes(), "x",
                    x);
 }
@@ -536,7 +608,7 @@ void check_factorized_reduce(const char* op, const at::Tensor& x, at::TensorList
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> factorized_reduce_bn_stats_cpu(
     const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s, bool relu) {
   check_factorized_reduce("factorized_reduce_bn_stats", x, conv_1s, conv_2s);
-  return forward(x, {conv_1s, conv_2s}, relu);
+  return forward({x}, {conv_1s, conv_2s}, relu);
 }
 
 std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
@@ -544,26 +616,28 @@ factorized_reduce_bn_stats_backward_cpu(at::TensorList grads, const at::Tensor& 
                                         at::TensorList conv_2s, bool relu, bool input_grad, bool weight_grad) {
   const char* op = "factorized_reduce_bn_stats_backward";
   check_factorized_reduce(op, x, conv_1s, conv_2s);
-  auto [grad_x, grad_parts] = backward(op, grads, x, {conv_1s, conv_2s}, relu, input_grad, weight_grad);
+  auto [grad_xs, grad_parts] = backward(op, grads, {x}, {conv_1s, conv_2s}, relu, input_grad, weight_grad);
+  std::optional<at::Tensor> grad_x;
+  if (input_grad) {
+    grad_x = grad_xs[0];
+  }
   return {grad_x, grad_parts[0], grad_parts[1]};
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relu_pointwise_bn_stats_cpu(const at::Tensor& x,
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relu_pointwise_bn_stats_cpu(at::TensorList xs,
                                                                                         at::TensorList weights,
                                                                                         bool relu) {
   const char* op = "relu_pointwise_bn_stats";
-  check_input(op, x);
-  check_weights_list(op, "weights", weights, x);
-  return forward(x, {weights}, relu);
+  check_weights_list(op, "weights", weights, check_inputs(op, xs), xs[0]);
+  return forward(xs, {weights}, relu);
 }
 
-std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>> relu_pointwise_bn_stats_backward_cpu(
-    at::TensorList grads, const at::Tensor& x, at::TensorList weights, bool relu, bool input_grad, bool weight_grad) {
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> relu_pointwise_bn_stats_backward_cpu(
+    at::TensorList grads, at::TensorList xs, at::TensorList weights, bool relu, bool input_grad, bool weight_grad) {
   const char* op = "relu_pointwise_bn_stats_backward";
-  check_input(op, x);
-  check_weights_list(op, "weights", weights, x);
-  auto [grad_x, grad_parts] = backward(op, grads, x, {weights}, relu, input_grad, weight_grad);
-  return {grad_x, grad_parts[0]};
+  check_weights_list(op, "weights", weights, check_inputs(op, xs), xs[0]);
+  auto [grad_xs, grad_parts] = backward(op, grads, xs, {weights}, relu, input_grad, weight_grad);
+  return {grad_xs, grad_parts[0]};
 }
 
 }  // namespace

@@ -18,7 +18,14 @@ from torch import Tensor
 
 from ._extension import CPU_ISAS, EXTENSION_ERROR, EXTENSION_LOADED, cpu_isa, supported_cpu_isas, use_cpu_isa
 from ._registry import BACKENDS, available_backends, dispatch, select, use_backend
-from .reference import MIXED_OP_CANDIDATES, check_conv_settings, check_flag, mixed_op_layout, mixed_op_weight_shapes
+from .reference import (
+    MIXED_OP_CANDIDATES,
+    channel_parts,
+    check_conv_settings,
+    check_flag,
+    mixed_op_layout,
+    mixed_op_weight_shapes,
+)
 
 __all__ = [
     "BACKENDS",
@@ -178,7 +185,7 @@ def relu_conv_bn(
 
 
 def relu_conv_bns(
-    x: Tensor,
+    x: Tensor | Sequence[Tensor],
     weights: Sequence[Tensor],
     batch_norms: Sequence[tuple],
     relu: bool = True,
@@ -189,16 +196,21 @@ def relu_conv_bns(
     every cell that reads it (a state feeds the next two cells).
 
     Args:
-        x: as for `relu_conv_bn`.
+        x: as for `relu_conv_bn`; or its channel parts, a non-empty list of [N, C_i, H, W] tensors of one N, H, W,
+            dtype and device, x = torch.cat(x, 1) (a cell's output nodes).
         weights: K >= 1 weights [C_out_k, C_in, 1, 1].
         batch_norms: per weight, its BN as `relu_conv_bn`'s (running_mean, running_var, training, momentum, eps).
         relu, backend: as for `relu_conv_bn`.
 
     Returns the K outputs. On "cpp" one pass over x for all K convs and their statistics, and one backward pass
-    over x that gives dL/dx summed over the outputs (instead of one per output, and their sum); elsewhere K
-    `relu_conv_bn`. Raises ValueError as `relu_conv_bn` does, naming the weight, or for a count mismatch.
+    over x that gives dL/dx summed over the outputs (instead of one per output, and their sum); x's parts are read,
+    and their gradients written, where they are, with no concatenated copy. Elsewhere K `relu_conv_bn` of the
+    concatenation. Raises ValueError as `relu_conv_bn` does, naming the weight or the part, or for a count mismatch.
     """
-    return dispatch("relu_conv_bns", x.device, backend)(x, weights, batch_norms, relu)
+    parts = channel_parts(x)
+    if not parts:
+        raise ValueError("relu_conv_bns: x must be a tensor or a non-empty list of tensors")
+    return dispatch("relu_conv_bns", parts[0].device, backend)(x, weights, batch_norms, relu)
 
 
 def sample_gates(

@@ -27,6 +27,7 @@ from ._autograd import (
     torch_check,
 )
 from .reference import (
+    channel_parts,
     check_beta,
     check_bn_weighted_sum_arguments,
     check_explore_p,
@@ -358,9 +359,10 @@ def _factorized_reduce_bn_stats_backward_fake(grads, x, conv_1s, conv_2s, relu, 
 
 
 @torch.library.register_fake("fastdarts::relu_pointwise_bn_stats")
-def _relu_pointwise_bn_stats_fake(x, weights, relu):
+def _relu_pointwise_bn_stats_fake(xs, weights, relu):
     op = "relu_pointwise_bn_stats"
-    check_relu_pointwise_bn_stats_arguments(op, x, weights, torch_check)
+    check_relu_pointwise_bn_stats_arguments(op, xs, weights, torch_check)
+    x = xs[0]
     check_supported_dtype(op, x)
     shape = [x.shape[0], weights[0].shape[0], *x.shape[2:]]
     memory_format = suggest_memory_format(x)
@@ -369,14 +371,15 @@ def _relu_pointwise_bn_stats_fake(x, weights, relu):
 
 
 @torch.library.register_fake("fastdarts::relu_pointwise_bn_stats_backward")
-def _relu_pointwise_bn_stats_backward_fake(grads, x, weights, relu, input_grad, weight_grad):
+def _relu_pointwise_bn_stats_backward_fake(grads, xs, weights, relu, input_grad, weight_grad):
     op = "relu_pointwise_bn_stats_backward"
-    check_relu_pointwise_bn_stats_arguments(op, x, weights, torch_check)
+    check_relu_pointwise_bn_stats_arguments(op, xs, weights, torch_check)
+    x = xs[0]
     check_supported_dtype(op, x)
     shape = [x.shape[0], weights[0].shape[0], *x.shape[2:]]
     check_sized_list(op, "grads", grads, len(weights), "output", shape, "x", x, torch_check)
-    grad_x = torch.empty_like(x) if input_grad else None
-    return grad_x, [w.new_empty(w.shape) for w in weights] if weight_grad else []
+    grad_xs = [torch.empty_like(part) for part in xs] if input_grad else []
+    return grad_xs, [w.new_empty(w.shape) for w in weights] if weight_grad else []
 
 
 # partial_channel_outputs and its backward: building blocks of the mixed ops with partial channels (PC-DARTS, DrNAS),
@@ -432,25 +435,32 @@ for _name in ("partial_channel_outputs", "partial_channel_outputs_backward"):
 
 def _register_pointwise_bn_stats_autograd(name: str, parts: int) -> None:
     """Autograd of fastdarts::`name` (x, `parts` lists of E weights, relu) -> (outs, mean, var) through its backward op
-    (grads, x, the weight lists, relu, input_grad, weight_grad) -> (grad_x, one gradient list per part). Saves x and
-    the weights; the backward kernel recomputes relu(x)."""
+    (grads, x, the weight lists, relu, input_grad, weight_grad) -> (grad_x, one gradient list per part); x is a
+    tensor, or a list of tensors (x's channel parts, with a list of gradients). Saves x and the weights; the backward
+    kernel recomputes relu(x)."""
     backward_op = getattr(torch.ops.fastdarts, f"{name}_backward").default
 
     def setup_context(ctx, inputs, output):
         x, *weights, relu = inputs
         _, mean, var = output
         ctx.mark_non_differentiable(mean, var)
+        ctx.x_parts = None if isinstance(x, Tensor) else len(x)
         ctx.num_outputs, ctx.relu = len(weights[0]), relu
-        ctx.save_for_backward(x, *(w for ws in weights for w in ws))
+        ctx.save_for_backward(*channel_parts(x), *(w for ws in weights for w in ws))
 
     def backward(ctx, grads, _grad_mean, _grad_var):
-        E = ctx.num_outputs
-        needs = needs_input_grad(ctx)  # x, then every part's E weights
-        x, *flat = ctx.saved_tensors
+        E, x_parts = ctx.num_outputs, ctx.x_parts
+        P = 1 if x_parts is None else x_parts
+        needs = needs_input_grad(ctx)  # x (each of its parts), then every part's E weights
+        x_needs, weight_needs = needs[:P], needs[P:]
+        saved = ctx.saved_tensors
+        x, flat = (saved[0] if x_parts is None else list(saved[:P])), saved[P:]
         weights = [flat[p * E : (p + 1) * E] for p in range(parts)]
-        grad_x, *grad_parts = backward_op(list(grads), x, *weights, ctx.relu, needs[0], any(needs[1:]))
+        grad_x, *grad_parts = backward_op(list(grads), x, *weights, ctx.relu, any(x_needs), any(weight_needs))
+        if x_parts is not None:
+            grad_x = [g if need else None for g, need in zip(grad_x, x_needs)] if any(x_needs) else [None] * P
         flat_grads = [g for gs in grad_parts for g in gs] or [None] * (parts * E)
-        flat_grads = [g if need else None for g, need in zip(flat_grads, needs[1:])]
+        flat_grads = [g if need else None for g, need in zip(flat_grads, weight_needs)]
         return grad_x, *(flat_grads[p * E : (p + 1) * E] for p in range(parts)), None
 
     torch.library.register_autograd(f"fastdarts::{name}", backward, setup_context=setup_context)
@@ -474,19 +484,20 @@ def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = Tr
 
 
 class _ReluConvBNs(torch.autograd.Function):
-    """reference.relu_conv_bn of one x for K weights on the kernels: the ReLU, the K 1x1 convs and their outputs'
-    statistics in one pass over x (relu_pointwise_bn_stats), each BN as a one-term bn_weighted_sum; the backward is
-    bn_weighted_sum_backward per output (through the batch statistics in training) and one conv backward for all K,
-    which masks grad_x by x > 0 and sums it over the outputs in the same pass. Saves x, the weights, the convs'
-    outputs and the statistics."""
+    """reference.relu_conv_bn of one x = torch.cat(xs, 1) for K weights on the kernels: the ReLU, the K 1x1 convs and
+    their outputs' statistics in one pass over xs where they are (relu_pointwise_bn_stats), each BN as a one-term
+    bn_weighted_sum; the backward is bn_weighted_sum_backward per output (through the batch statistics in training)
+    and one conv backward for all K, which masks the gradient by x > 0, sums it over the outputs and writes it to
+    each of xs in the same pass. Saves xs, the weights, the convs' outputs and the statistics."""
 
     @staticmethod
-    def forward(ctx, x, relu, trainings, momenta, epsilons, *tensors):
+    def forward(ctx, num_parts, relu, trainings, momenta, epsilons, *tensors):
         K = len(trainings)
+        xs, tensors = list(tensors[:num_parts]), tensors[num_parts:]
         weights, running_means, running_vars = tensors[:K], tensors[K : 2 * K], tensors[2 * K :]
         with below_autograd():
-            ts, means, variances = torch.ops.fastdarts.relu_pointwise_bn_stats.default(x, list(weights), relu)
-        one = x.new_ones(1)
+            ts, means, variances = torch.ops.fastdarts.relu_pointwise_bn_stats.default(xs, list(weights), relu)
+        one = xs[0].new_ones(1)
         outs, statistics = [], []
         for k, t in enumerate(ts):
             mean, var = means[k : k + 1], variances[k : k + 1]
@@ -501,17 +512,18 @@ class _ReluConvBNs(torch.autograd.Function):
             with below_autograd():
                 outs.append(torch.ops.fastdarts.bn_weighted_sum.default([t], one, mean, invstd))
             statistics += [mean, invstd]
-        ctx.save_for_backward(x, one, *weights, *ts, *statistics)
-        ctx.trainings, ctx.relu = trainings, relu
+        ctx.save_for_backward(*xs, one, *weights, *ts, *statistics)
+        ctx.trainings, ctx.relu, ctx.num_parts = trainings, relu, num_parts
         ctx.set_materialize_grads(False)  # an output not in the loss gets None, and its weight no gradient
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        K = len(ctx.trainings)
-        x, one, *rest = ctx.saved_tensors
+        K, P = len(ctx.trainings), ctx.num_parts
+        saved = ctx.saved_tensors
+        xs, one, rest = list(saved[:P]), saved[P], saved[P + 1 :]
         weights, ts, statistics = rest[:K], rest[K : 2 * K], rest[2 * K :]
-        needs = ctx.needs_input_grad
+        needs = ctx.needs_input_grad[5:]  # the parts of x, the weights, the running statistics
         # The outputs in the loss (None: not), each gradient through its BN, then one conv backward for them all.
         taken = [k for k in range(K) if grads[k] is not None]
         dts = []
@@ -523,35 +535,38 @@ class _ReluConvBNs(torch.autograd.Function):
                 )
             dts.append(dt)
         weight_grads = [None] * K
-        grad_x = None
+        grad_xs = [None] * P
         if taken:
-            weights_need = any(needs[5 + k] for k in taken)
+            x_needs, weight_needs = needs[:P], needs[P : P + K]
             with below_autograd():
-                grad_x, taken_grads = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default(
-                    dts, x, [weights[k] for k in taken], ctx.relu, needs[0], weights_need
+                grad_xs, taken_grads = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default(
+                    dts, xs, [weights[k] for k in taken], ctx.relu, any(x_needs), any(weight_needs[k] for k in taken)
                 )
+            grad_xs = [g if need else None for g, need in zip(grad_xs, x_needs)] if any(x_needs) else [None] * P
             for k, g in zip(taken, taken_grads):
-                weight_grads[k] = g if needs[5 + k] else None
-        return grad_x, None, None, None, None, *weight_grads, *([None] * (2 * K))
+                weight_grads[k] = g if weight_needs[k] else None
+        return None, None, None, None, None, *grad_xs, *weight_grads, *([None] * (2 * K))
 
 
 def relu_conv_bns(
-    x: Tensor, weights: Sequence[Tensor], batch_norms: Sequence[tuple], relu: bool = True
+    x: Tensor | Sequence[Tensor], weights: Sequence[Tensor], batch_norms: Sequence[tuple], relu: bool = True
 ) -> list[Tensor]:  # fmt: skip
-    """reference.relu_conv_bns by the C++ kernels (CPU, float32/float64)."""
+    """reference.relu_conv_bns by the C++ kernels (CPU, float32/float64); x's channel parts, when given, are read
+    where they are."""
     check_relu_conv_bns_arguments("relu_conv_bns", x, weights, batch_norms)
-    return _relu_conv_bns(x, weights, batch_norms, relu)
+    return _relu_conv_bns(channel_parts(x), weights, batch_norms, relu)
 
 
-def _relu_conv_bns(x: Tensor, weights: Sequence[Tensor], batch_norms: Sequence[tuple], relu: bool) -> list[Tensor]:
-    """relu_conv_bns on checked arguments: one kernel pass for the weights of each number of output channels (the
-    kernel's products take one)."""
+def _relu_conv_bns(xs: list[Tensor], weights: Sequence[Tensor], batch_norms: Sequence[tuple],
+                   relu: bool) -> list[Tensor]:  # fmt: skip
+    """relu_conv_bns on checked arguments, x = torch.cat(xs, 1): one kernel pass for the weights of each number of
+    output channels (the kernel's products take one)."""
     outs: list[Tensor | None] = [None] * len(weights)
     for channels in dict.fromkeys(w.shape[0] for w in weights):
         ks = [k for k, w in enumerate(weights) if w.shape[0] == channels]
         running_means, running_vars, trainings, momenta, epsilons = zip(*(batch_norms[k] for k in ks))
-        group = _ReluConvBNs.apply(x, relu, trainings, momenta, epsilons, *(weights[k] for k in ks), *running_means,
-                                   *running_vars)  # fmt: skip
+        group = _ReluConvBNs.apply(len(xs), relu, trainings, momenta, epsilons, *xs, *(weights[k] for k in ks),
+                                   *running_means, *running_vars)  # fmt: skip
         for k, out in zip(ks, group):
             outs[k] = out
     return outs
@@ -563,7 +578,7 @@ def relu_conv_bn(
 ) -> Tensor:  # fmt: skip
     """reference.relu_conv_bn by the C++ kernels (CPU, float32/float64)."""
     check_relu_conv_bn_arguments("relu_conv_bn", x, weight, running_mean, running_var, training)
-    return _relu_conv_bns(x, [weight], [(running_mean, running_var, training, momentum, eps)], relu)[0]
+    return _relu_conv_bns([x], [weight], [(running_mean, running_var, training, momentum, eps)], relu)[0]
 
 
 # sample_gates, pool_bn_stats and bn_weighted_sum: their autograd formulas are _autograd.py's, shared with the Triton

@@ -688,19 +688,53 @@ def check_factorized_reduce_bn_stats_arguments(
     check_sized_list(op, "conv_2s", conv_2s, len(conv_1s), "output", list(conv_1s[0].shape), "x", x, require)
 
 
+def check_channel_parts(op: str, name: str, parts: Sequence[Tensor], require: Require = raise_unless) -> Tensor:
+    """`parts` the channel parts of an image batch x = torch.cat(parts, 1): a non-empty list of image batches of one
+    N, H, W, dtype and device. Returns a stand-in of x's shape, dtype and device (an expanded scalar, not x) for the
+    checks that compare other arguments with x."""
+    require(len(parts) >= 1, ValueError, lambda: f"{op}: {name} must be a non-empty list of tensors")
+    first = parts[0]
+    for i, part in enumerate(parts):
+        check_images(op, f"{name}[{i}]", part, require)
+        require(
+            part.shape[0] == first.shape[0] and part.shape[2:] == first.shape[2:],
+            ValueError,
+            lambda i=i, part=part: (
+                f"{op}: {name}[{i}] must have the N, H, W of {name}[0] {list(first.shape)}, "
+                f"got shape {list(part.shape)}"
+            ),
+        )
+        check_dtype_and_device(op, f"{name}[{i}]", part, f"{name}[0]", first, require)
+    channels = sum(part.shape[1] for part in parts)
+    return first.new_empty(()).expand(first.shape[0], channels, *first.shape[2:])
+
+
+def channel_parts(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
+    """x as a list of its channel parts: [x] for a tensor, else the parts as given."""
+    return [x] if isinstance(x, Tensor) else list(x)
+
+
+def joined_channels(parts: Sequence[Tensor]) -> Tensor:
+    """torch.cat(parts, 1), without a copy for a single part."""
+    return parts[0] if len(parts) == 1 else torch.cat(list(parts), 1)
+
+
 def check_relu_pointwise_bn_stats_arguments(
-    op: str, x: Tensor, weights: Sequence[Tensor], require: Require = raise_unless
+    op: str, xs: Sequence[Tensor], weights: Sequence[Tensor], require: Require = raise_unless
 ) -> None:
-    check_images(op, "x", x, require)
-    check_pointwise_weights(op, "weights", weights, x, require)
+    """xs the channel parts of x (check_channel_parts); weights a non-empty list of [C_out, C, 1, 1] weights for
+    x's C channels."""
+    check_pointwise_weights(op, "weights", weights, check_channel_parts(op, "xs", xs, require), require)
 
 
 def relu_pointwise_bn_stats(
-    x: Tensor, weights: Sequence[Tensor], relu: bool = True
+    xs: Sequence[Tensor], weights: Sequence[Tensor], relu: bool = True
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    """conv2d(relu(x), weights[e]) (x itself when relu is false) for every e, and the per-channel mean and biased
-    variance of each output over (N, H, W) ([E, C_out] each, no gradient): a cell's preprocessing before its BN."""
-    check_relu_pointwise_bn_stats_arguments("relu_pointwise_bn_stats", x, weights)
+    """conv2d(relu(x), weights[e]) (x itself when relu is false) for every e, x = torch.cat(xs, 1), and the
+    per-channel mean and biased variance of each output over (N, H, W) ([E, C_out] each, no gradient): a cell's
+    preprocessing before its BN, xs the nodes of the cell before."""
+    check_relu_pointwise_bn_stats_arguments("relu_pointwise_bn_stats", xs, weights)
+    x = joined_channels(xs)
     r = x.relu() if relu else x
     outs = [F.conv2d(r, weight) for weight in weights]
     return outs, *_batch_statistics(outs)
@@ -751,10 +785,13 @@ def _relu_conv_bn(x, weight, running_mean, running_var, training, momentum, eps,
 
 
 def check_relu_conv_bns_arguments(
-    op: str, x: Tensor, weights: Sequence[Tensor], batch_norms: Sequence[tuple], require: Require = raise_unless
+    op: str, x: Tensor | Sequence[Tensor], weights: Sequence[Tensor], batch_norms: Sequence[tuple],
+    require: Require = raise_unless,
 ) -> None:  # fmt: skip
-    """relu_conv_bns's: one BN (relu_conv_bn's running_mean, running_var, training, momentum, eps) per weight, each
-    with relu_conv_bn's checks."""
+    """relu_conv_bns's: x a tensor or its channel parts (check_channel_parts); one BN (relu_conv_bn's running_mean,
+    running_var, training, momentum, eps) per weight, each with relu_conv_bn's checks."""
+    if not isinstance(x, Tensor):
+        x = check_channel_parts(op, "x", x, require)
     require(
         len(weights) >= 1 and len(batch_norms) == len(weights),
         ValueError,
@@ -773,12 +810,13 @@ def check_relu_conv_bns_arguments(
 
 
 def relu_conv_bns(
-    x: Tensor, weights: Sequence[Tensor], batch_norms: Sequence[tuple], relu: bool = True
+    x: Tensor | Sequence[Tensor], weights: Sequence[Tensor], batch_norms: Sequence[tuple], relu: bool = True
 ) -> list[Tensor]:  # fmt: skip
     """relu_conv_bn of one x for each weight, with its own BN (`batch_norms`: per weight, relu_conv_bn's
     running_mean, running_var, training, momentum and eps): the preprocessing of a state in every cell that reads
-    it."""
+    it. x may be given as its channel parts, x = torch.cat(x, 1) (a cell's output nodes)."""
     check_relu_conv_bns_arguments("relu_conv_bns", x, weights, batch_norms)
+    x = joined_channels(channel_parts(x))
     return [_relu_conv_bn(x, weight, *bn, relu) for weight, bn in zip(weights, batch_norms)]
 
 

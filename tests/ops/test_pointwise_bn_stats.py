@@ -1,8 +1,9 @@
 """The kernels of factorized_reduce_bn_stats (FactorizedReduce before its BN, for several weight pairs from one read
 of x) and relu_pointwise_bn_stats (a ReLU and 1x1 conv before a BN), each with its outputs' batch statistics, and
 their backwards, against the reference: outputs, statistics and every gradient, on every CPU tier, both layouts, odd
-sizes, with and without the ReLU; gradcheck in float64, opcheck, the gradient flags, one-line errors, and sums that
-do not depend on the thread count. Then ops.relu_conv_bn (a cell's preprocessing) against nn modules."""
+sizes, with and without the ReLU, relu_pointwise_bn_stats's x whole and in channel parts; gradcheck in float64,
+opcheck, the gradient flags, one-line errors, and sums that do not depend on the thread count. Then ops.relu_conv_bn
+(a cell's preprocessing) against nn modules."""
 
 import copy
 import itertools
@@ -31,35 +32,60 @@ TOLERANCES = {
 
 
 class FactorizedReduce:
-    """factorized_reduce_bn_stats: E pairs of weights, (conv_1s, conv_2s)."""
+    """factorized_reduce_bn_stats: E pairs of weights, (conv_1s, conv_2s); x one tensor."""
 
     parts = 2
     op = torch.ops.fastdarts.factorized_reduce_bn_stats.default
     backward = torch.ops.fastdarts.factorized_reduce_bn_stats_backward.default
     reference = staticmethod(reference.factorized_reduce_bn_stats)
 
+    @staticmethod
+    def channel_split(C):  # x given whole
+        return None
+
 
 class ReluPointwise:
-    """relu_pointwise_bn_stats: E weights."""
+    """relu_pointwise_bn_stats: E weights; x a list of one tensor."""
 
     parts = 1
     op = torch.ops.fastdarts.relu_pointwise_bn_stats.default
     backward = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default
     reference = staticmethod(reference.relu_pointwise_bn_stats)
 
+    @staticmethod
+    def channel_split(C):
+        return [C]
 
-KERNELS = [FactorizedReduce, ReluPointwise]
-KERNEL_IDS = ["factorized_reduce", "relu_pointwise"]
+
+class ReluPointwiseParts(ReluPointwise):
+    """relu_pointwise_bn_stats with x in up to three channel parts of unequal sizes, each a tensor of its own."""
+
+    @staticmethod
+    def channel_split(C):
+        return [c for c in (C // 4, C // 2, C - C // 4 - C // 2) if c > 0]
+
+
+KERNELS = [FactorizedReduce, ReluPointwise, ReluPointwiseParts]
+KERNEL_IDS = ["factorized_reduce", "relu_pointwise", "relu_pointwise_parts"]
 
 
 def make_inputs(kernel, case, dtype=torch.float32, layout="channels_last", requires_grad=True):
-    """(x, weights): weights one list per part."""
+    """(x, weights): x a tensor, or a list of its channel parts (kernel.channel_split); weights one list per part."""
     N, C, H, W, E, h = case
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(N, C, H, W, dtype=dtype, generator=generator).contiguous(memory_format=memory_format_of(layout))
     weights = [[torch.randn(h, C, 1, 1, dtype=dtype, generator=generator).requires_grad_(requires_grad)
                 for _ in range(E)] for _ in range(kernel.parts)]  # fmt: skip
-    return x.requires_grad_(requires_grad), weights
+    split = kernel.channel_split(C)
+    if split is None:
+        return x.requires_grad_(requires_grad), weights
+    parts = [part.contiguous(memory_format=memory_format_of(layout)) for part in x.split(split, dim=1)]
+    return [part.requires_grad_(requires_grad) for part in parts], weights
+
+
+def parts_of(x):
+    """The tensors of x: itself, or its channel parts."""
+    return [x] if isinstance(x, torch.Tensor) else list(x)
 
 
 def forward(kernel, x, weights, relu=True):
@@ -68,9 +94,11 @@ def forward(kernel, x, weights, relu=True):
 
 
 def backward(kernel, grads, x, weights, relu, input_grad, weight_grad):
-    """(grad_x, [per part, the weights' gradients])."""
+    """(the gradient of each of x's tensors, or None; [per part, the weights' gradients])."""
     grad_x, *grad_parts = kernel.backward(grads, x, *weights, relu, input_grad, weight_grad)
-    return grad_x, grad_parts
+    if isinstance(x, torch.Tensor):
+        return (None if grad_x is None else [grad_x]), grad_parts
+    return (list(grad_x) if input_grad else None), grad_parts
 
 
 @requires_ext
@@ -90,7 +118,7 @@ def test_matches_reference(kernel, case, dtype, layout, relu, cpu_isa):
     torch.testing.assert_close(mean, want_mean, **tol["out"])
     torch.testing.assert_close(var, want_var, **tol["out"])
     assert not mean.requires_grad and not var.requires_grad
-    inputs = [x, *itertools.chain(*weights)]
+    inputs = [*parts_of(x), *itertools.chain(*weights)]
     grads = [torch.randn_like(out) for out in want_outs]
     assert_gradients_close(torch.autograd.grad(outs, inputs, grads), torch.autograd.grad(want_outs, inputs, grads),
                            tol["grad"])  # fmt: skip
@@ -103,11 +131,15 @@ def test_gradcheck_float64(kernel, relu):
     x, weights = make_inputs(kernel, (2, 3, 5, 4, 2, 2), torch.float64)
     flat = list(itertools.chain(*weights))
 
-    def outputs(x, *flat):
-        parts = [list(flat[p * 2 : (p + 1) * 2]) for p in range(kernel.parts)]
-        return tuple(forward(kernel, x, parts, relu)[0])
+    xs = parts_of(x)
 
-    assert torch.autograd.gradcheck(outputs, (x, *flat))
+    def outputs(*tensors):
+        x_arg = tensors[0] if isinstance(x, torch.Tensor) else list(tensors[: len(xs)])
+        flat = tensors[len(xs) :]
+        parts = [list(flat[p * 2 : (p + 1) * 2]) for p in range(kernel.parts)]
+        return tuple(forward(kernel, x_arg, parts, relu)[0])
+
+    assert torch.autograd.gradcheck(outputs, (*xs, *flat))
 
 
 @requires_ext
@@ -121,7 +153,8 @@ def test_backward_computes_only_what_is_asked(kernel, input_grad, weight_grad):
     assert (grad_x is None) == (not input_grad)
     assert [len(g) for g in grad_parts] == [3 if weight_grad else 0] * kernel.parts
     if input_grad:
-        assert torch.equal(grad_x, full_x)
+        assert len(grad_x) == len(full_x) == len(parts_of(x))
+        assert all(torch.equal(got, want) for got, want in zip(grad_x, full_x))
     for got, want in zip(itertools.chain(*grad_parts), itertools.chain(*full_parts)):
         assert torch.equal(got, want)
 
@@ -130,7 +163,7 @@ def test_backward_computes_only_what_is_asked(kernel, input_grad, weight_grad):
 def test_factorized_reduce_gradient_reaches_only_the_sampled_pixels_where_x_is_positive():
     x, weights = make_inputs(FactorizedReduce, (2, 4, 7, 7, 1, 2), requires_grad=False)
     grads = [torch.randn_like(out) for out in forward(FactorizedReduce, x, weights)[0]]
-    grad_x, _ = backward(FactorizedReduce, grads, x, weights, True, True, False)
+    (grad_x,), _ = backward(FactorizedReduce, grads, x, weights, True, True, False)
     sampled = torch.zeros(7, 7, dtype=torch.bool)
     sampled[::2, ::2] = sampled[1::2, 1::2] = True
     assert torch.all(grad_x[:, :, ~sampled] == 0) and torch.all(grad_x[x <= 0] == 0)
@@ -143,13 +176,13 @@ def test_factorized_reduce_gradient_reaches_only_the_sampled_pixels_where_x_is_p
 def test_large_input_gradient_matches_reference(kernel, dtype, cpu_isa):
     # An input gradient of 8 MiB or more is written with non-temporal stores (whole aligned vectors), a path of its own.
     x, weights = make_inputs(kernel, (8, 64, 64, 256 // dtype.itemsize, 1, 16), dtype)
-    assert x.numel() * x.element_size() >= 8 << 20
+    assert sum(part.numel() for part in parts_of(x)) * dtype.itemsize >= 8 << 20
     outs, _, _ = forward(kernel, x, weights)
     want_outs, _, _ = kernel.reference(x, *weights)
     grads = [torch.randn_like(out) for out in want_outs]
-    (got,) = torch.autograd.grad(outs, [x], grads)
-    (want,) = torch.autograd.grad(want_outs, [x], grads)
-    torch.testing.assert_close(got, want, **TOLERANCES[dtype]["grad"])
+    got = torch.autograd.grad(outs, parts_of(x), grads)
+    want = torch.autograd.grad(want_outs, parts_of(x), grads)
+    assert_gradients_close(got, want, TOLERANCES[dtype]["grad"])
 
 
 @requires_ext
@@ -158,7 +191,8 @@ def test_statistics_are_accumulated_in_double(kernel):
     # Far from zero, float32 sums of squares would lose the variance; the kernel's must agree with float64
     # statistics of its own float32 outputs.
     x, weights = make_inputs(kernel, (4, 8, 16, 16, 2, 4), requires_grad=False)
-    outs, mean, var = forward(kernel, x.abs() + 1e3, weights)
+    far = [part.abs() + 1e3 for part in parts_of(x)]
+    outs, mean, var = forward(kernel, far[0] if isinstance(x, torch.Tensor) else far, weights)
     for e, out in enumerate(outs):
         want_var, want_mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
         torch.testing.assert_close(mean[e], want_mean.float(), rtol=1e-6, atol=0)
@@ -177,7 +211,7 @@ def test_results_do_not_depend_on_the_thread_count(kernel):
             torch.set_num_threads(n)
             outs, mean, var = forward(kernel, x, weights)
             grad_x, grad_parts = backward(kernel, grads, x, weights, True, True, True)
-            results.append([*outs, mean, var, grad_x, *itertools.chain(*grad_parts)])
+            results.append([*outs, mean, var, *grad_x, *itertools.chain(*grad_parts)])
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*results, strict=True):
@@ -193,7 +227,7 @@ def test_empty_batch(kernel):
     assert [list(out.shape) for out in outs] == [[0, 2 * kernel.parts, side, side]] * 2
     assert mean.isnan().all() and var.isnan().all()  # as torch.var_mean of an empty tensor
     grad_x, grad_parts = backward(kernel, outs, x, weights, True, True, True)
-    assert grad_x.shape == x.shape
+    assert [g.shape for g in grad_x] == [part.shape for part in parts_of(x)]
     assert all(torch.equal(g, torch.zeros_like(g)) for g in itertools.chain(*grad_parts))
 
 
@@ -213,7 +247,8 @@ def opcheck_samples():
 def test_opcheck(sample):
     kernel, x, weights, relu = sample
     opcheck(kernel.op, (x, *weights, relu))
-    x, weights = x.detach(), [[w.detach() for w in ws] for ws in weights]
+    x = x.detach() if isinstance(x, torch.Tensor) else [part.detach() for part in x]
+    weights = [[w.detach() for w in ws] for ws in weights]
     grads = [torch.randn_like(out) for out in forward(kernel, x, weights, relu)[0]]
     for flags in ((True, True), (True, False), (False, True)):
         opcheck(kernel.backward, (grads, x, *weights, relu, *flags))
@@ -231,9 +266,16 @@ def bad_calls():
         ("shape", FactorizedReduce, (x, conv_1s, [conv_2s[0], torch.ones(1, 4, 1, 1)]),
          rf"{fr}: conv_2s\[1\] must have shape \[2, 4, 1, 1\], got \[1, 4, 1, 1\]"),
         ("image", FactorizedReduce, (x[0], conv_1s, conv_2s), rf"{fr}: x must be a 4-D \[N, C, H, W\] tensor"),
-        ("pointwise_empty", ReluPointwise, (x, []), f"{pw}: weights must be a non-empty list of tensors"),
-        ("pointwise_shape", ReluPointwise, (x, [torch.ones(3, 4, 1, 1), torch.ones(2, 4, 1, 1)]),
+        ("pointwise_empty", ReluPointwise, ([x], []), f"{pw}: weights must be a non-empty list of tensors"),
+        ("pointwise_shape", ReluPointwise, ([x], [torch.ones(3, 4, 1, 1), torch.ones(2, 4, 1, 1)]),
          rf"{pw}: weights\[1\] must have shape \[3, 4, 1, 1\], got \[2, 4, 1, 1\]"),
+        ("pointwise_no_x", ReluPointwise, ([], [conv_1s[0]]), f"{pw}: xs must be a non-empty list of tensors"),
+        ("pointwise_part_image", ReluPointwise, ([x, x[0]], [torch.ones(2, 8, 1, 1)]),
+         rf"{pw}: xs\[1\] must be a 4-D \[N, C, H, W\] tensor"),
+        ("pointwise_part_size", ReluPointwise, ([x, x[:, :, :5]], [torch.ones(2, 8, 1, 1)]),
+         rf"{pw}: xs\[1\] must have the N, H, W of xs\[0\] \[2, 4, 6, 6\], got shape \[2, 4, 5, 6\]"),
+        ("pointwise_parts_channels", ReluPointwise, ([x, x[:, :3]], [torch.ones(2, 8, 1, 1)]),
+         rf"{pw}: weights\[0\] must have shape \[C_out, C, 1, 1\] with C_out >= 1 and C = 7, got shape \[2, 8, 1, 1\]"),
     ]  # fmt: skip
 
 
@@ -294,9 +336,11 @@ def test_relu_conv_bn_gradcheck_float64():
 @pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("in_loss", [(True, True, True), (True, False, True)], ids=["all", "one_left_out"])
-def test_relu_conv_bns_match_the_modules(backend, relu, dtype, in_loss):
+@pytest.mark.parametrize("split", [None, [5, 7], [4, 4, 4]], ids=["whole", "two_parts", "three_parts"])
+def test_relu_conv_bns_match_the_modules(backend, relu, dtype, in_loss, split):
     """One x through three preprocessings (two training, one in evaluation, outputs of 8, 8 and 5 channels), as a
-    state feeds the cells that read it; an output left out of the loss gets no gradient for its weight."""
+    state feeds the cells that read it; an output left out of the loss gets no gradient for its weight. x whole, or
+    as its channel parts (tensors of their own), as a cell's output nodes."""
     tol = TOLERANCES[dtype]["grad"]
     modules = [preprocessing(True, dtype=dtype), preprocessing(True, False, dtype), preprocessing(False, dtype=dtype)]
     modules[2] = ReLUConvBN(12, 5, 1, 1, 0, affine=False).to(dtype).eval()
@@ -306,7 +350,9 @@ def test_relu_conv_bns_match_the_modules(backend, relu, dtype, in_loss):
     x = torch.randn(3, 12, 7, 5, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
     for _ in range(2):  # twice: the running statistics move, and the batch counts
         wants = [module(x) if relu else module[2](module[1](x)) for module in modules]
-        gots = ops.relu_conv_bns(x, [m[1].weight for m in fused], [_batch_norm_arguments(m[2]) for m in fused],
+        # parts made from x by differentiable copies, so that the gradient of x is the parts' gradients joined
+        x_arg = x if split is None else [p.contiguous(memory_format=torch.channels_last) for p in x.split(split, 1)]
+        gots = ops.relu_conv_bns(x_arg, [m[1].weight for m in fused], [_batch_norm_arguments(m[2]) for m in fused],
                                  relu=relu, backend=backend)  # fmt: skip
         for got, want in zip(gots, wants):
             torch.testing.assert_close(got, want, **tol)
@@ -327,11 +373,16 @@ def test_relu_conv_bns_match_the_modules(backend, relu, dtype, in_loss):
 @requires_ext
 def test_relu_conv_bns_gradcheck_float64():
     x = torch.randn(2, 5, 4, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last).requires_grad_()
+    parts = [torch.randn(2, c, 4, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+             .requires_grad_() for c in (2, 3)]  # fmt: skip
     weights = [torch.randn(3, 5, 1, 1, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     batch_norms = [(None, None, True, 0.1, 1e-5), (torch.zeros(3, dtype=torch.float64),
                                                    torch.ones(3, dtype=torch.float64), False, 0.1, 1e-5)]  # fmt: skip
     assert torch.autograd.gradcheck(
         lambda x, *weights: ops.relu_conv_bns(x, weights, batch_norms, backend="cpp"), (x, *weights)
+    )
+    assert torch.autograd.gradcheck(
+        lambda a, b, *weights: ops.relu_conv_bns([a, b], weights, batch_norms, backend="cpp"), (*parts, *weights)
     )
 
 
@@ -364,6 +415,11 @@ def bad_public_calls():
          rf"{pre}s \(weight 1\): weight must have shape \[C_out, C, 1, 1\] with C = 4"),
         ("pres_eval", ops.relu_conv_bns, (x, [weight, weight], [bn, (None, None, False, 0.1, 1e-5)]),
          rf"{pre}s \(weight 1\): in evaluation the running statistics are needed"),
+        ("pres_no_x", ops.relu_conv_bns, ([], [weight], [bn]), rf"{pre}s: x must be a tensor or a non-empty list"),
+        ("pres_part_size", ops.relu_conv_bns, ([x, x[:, :, :5]], [weight], [bn]),
+         rf"{pre}s: x\[1\] must have the N, H, W of x\[0\] \[2, 4, 6, 6\], got shape \[2, 4, 5, 6\]"),
+        ("pres_parts_channels", ops.relu_conv_bns, ([x, x[:, :1]], [weight], [bn]),
+         rf"{pre}s \(weight 0\): weight must have shape \[C_out, C, 1, 1\] with C = 5, got shape \[2, 4, 1, 1\]"),
     ]  # fmt: skip
 
 

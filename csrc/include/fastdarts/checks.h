@@ -96,7 +96,7 @@ inline void check_channel_rows(const char* op, const char* name, const at::Tenso
 }
 
 // A batch of images: a 4-D [N, C, H, W] tensor with C, H and W at least 1 (N may be 0).
-inline void check_images(const char* op, const char* name, const at::Tensor& x) {
+inline void check_images(const char* op, const ArgName& name, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() == 4 && x.size(1) >= 1 && x.size(2) >= 1 && x.size(3) >= 1, op, ": ", name,
                     " must be a 4-D [N, C, H, W] tensor with C, H, W >= 1, got shape ", x.sizes());
 }
