@@ -92,7 +92,8 @@ def sgd_step(optimizer: torch.optim.Optimizer, params, loss: torch.Tensor, grad_
     )
     check_finite(grad_norm, "the weight gradient")
     optimizer.step()
-    if not weights_finite(params):
+    # SGD moves only the weights that have a gradient (a sampling method's step leaves most without one)
+    if not weights_finite([p for p in params if p.grad is not None]):
         raise NonFiniteWeights("a weight became non-finite in the update")
 
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fastdarts import SearchNetwork, ops
-from fastdarts.bilevel import Architect, weights_finite
+from fastdarts.bilevel import Architect, NonFiniteWeights, sgd_step, weights_finite
 
 from .conftest import requires_ext
 
@@ -93,3 +93,14 @@ def test_weights_finite_tells_a_non_finite_weight_from_a_huge_one(bad, finite):
     if bad is not None:
         weights[1][4] = bad
     assert weights_finite(weights) is finite
+
+
+def test_a_weight_step_that_makes_a_weight_infinite_raises_before_the_next_step():
+    """The check after the update reads the weights that have a gradient, the ones SGD moves; a weight without one
+    (an op no edge computed) is left as it was."""
+    layer, unused = torch.nn.Linear(3, 2), torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([*layer.parameters(), unused], lr=1e38)
+    x, y = torch.full((4, 3), 1e3), torch.tensor([0, 1, 0, 1])
+    with pytest.raises(NonFiniteWeights, match="^a weight became non-finite in the update$"):
+        sgd_step(opt, [*layer.parameters(), unused], F.cross_entropy(layer(x), y), grad_clip=None)
+    assert not torch.isfinite(layer.weight).all() and unused.grad is None and torch.equal(unused, torch.ones(2))
