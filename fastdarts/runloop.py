@@ -182,11 +182,11 @@ def make_run_dir(out: str | None, kind: str) -> Path:
     raise ConfigError("could not create a new run directory under runs/")
 
 
-def check_network_fits(build: Callable[[], torch.nn.Module], sizes: str) -> None:
+def check_network_fits(build: Callable[[], torch.nn.Module], config, *sizes: str) -> None:
     """A ConfigError when the network `build()` makes could not train in this machine's memory: its weights, their
     gradients and SGD's momentum alone would fill it. Built on the meta device, which allocates nothing and draws
     no random numbers, so too large a width is refused in one line instead of by the kernel's out-of-memory kill.
-    `sizes` names the settings that size the network ("init_channels 16 and layers 8"), for the message."""
+    `sizes` names the fields of `config` that size the network ("init_channels", "layers"), for the message."""
     with torch.device("meta"):
         network = build()
     tensors = [*network.parameters(), *network.buffers()]
@@ -194,8 +194,9 @@ def check_network_fits(build: Callable[[], torch.nn.Module], sizes: str) -> None
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > memory:
         weights = sum(p.numel() for p in network.parameters())
+        settings = " and ".join(f"{name} {getattr(config, name)}" for name in sizes)
         raise ConfigError(
-            f"{sizes} make a network of {weights:,} weights, "
+            f"{settings} make a network of {weights:,} weights, "
             f"which with their gradients and momentum need {needed / 2**30:,.1f} GiB; this machine has "
             f"{memory / 2**30:.1f} GiB"
         )

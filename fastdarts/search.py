@@ -166,7 +166,7 @@ def run(config: SearchConfig | None = None, *, resume: str | Path | None = None,
         train_idx, val_idx = torch.arange(len(train)), torch.arange(len(val))
     network = functools.partial(SearchNetwork, config.init_channels, train.num_classes, config.layers,
                                 train.in_channels, method=method, recompute=config.recompute)  # fmt: skip
-    check_network_fits(network, f"init_channels {config.init_channels} and layers {config.layers}")
+    check_network_fits(network, config, "init_channels", "layers")
     run_dir = Path(resume) if resume is not None else world.from_writer(make_run_dir, config.out, "search")
 
     if checkpoint is not None and method.widens_network:

@@ -134,8 +134,7 @@ def run(config: TrainConfig | None = None, *, resume: str | Path | None = None, 
     seed_everything(config.seed)
     train = load_dataset(config.dataset, config.data, "train", **config.data_options())
     test = load_dataset(config.dataset, config.data, "test", **config.data_options())
-    sizes = f"init_channels {config.init_channels} and layers {config.layers}"
-    check_network_fits(functools.partial(build_network, config, genotype, train), sizes)
+    check_network_fits(functools.partial(build_network, config, genotype, train), config, "init_channels", "layers")
     run_dir = Path(resume) if resume is not None else world.from_writer(make_run_dir, config.out, "train")
 
     model = build_network(config, genotype, train)

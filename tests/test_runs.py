@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -258,7 +259,7 @@ def test_network_size_check_leaves_every_random_stream_as_it_was(kind):
     else:
         network = functools.partial(NETWORKS["cifar"], BUILTIN_GENOTYPES["DARTS_V2"], 4, 10, 3, True, 1)
     before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
-    check_network_fits(network, "init_channels 4 and layers 3")
+    check_network_fits(network, types.SimpleNamespace(init_channels=4, layers=3), "init_channels", "layers")
     after = torch.get_rng_state(), random.getstate(), np.random.get_state()[1]
     assert torch.equal(before[0], after[0]) and before[1] == after[1] and np.array_equal(before[2], after[2])
 

@@ -222,9 +222,7 @@ def run(config: RecurrentSearchConfig | None = None, *, resume: str | Path | Non
     config, checkpoint = start_config(RecurrentSearchConfig, "search", config, resume, **overrides)
     seed_everything(config.seed)
     corpus = load(config, search=True)
-    check_network_fits(
-        functools.partial(build, config, len(corpus.dictionary)), f"nhid {config.nhid} and emsize {config.emsize}"
-    )
+    check_network_fits(functools.partial(build, config, len(corpus.dictionary)), config, "nhid", "emsize")
     run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "search")
     model = build(config, len(corpus.dictionary))
     optimizer = torch.optim.SGD(model.weight_parameters(), config.lr, weight_decay=config.wdecay)

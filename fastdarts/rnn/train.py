@@ -183,9 +183,7 @@ def run(config: RecurrentTrainConfig | None = None, *, resume: str | Path | None
     config, checkpoint = start_config(RecurrentTrainConfig, "train", config, resume, **overrides)
     seed_everything(config.seed)
     corpus = load(config)
-    check_network_fits(
-        functools.partial(build, config, len(corpus.dictionary)), f"nhid {config.nhid} and emsize {config.emsize}"
-    )
+    check_network_fits(functools.partial(build, config, len(corpus.dictionary)), config, "nhid", "emsize")
     run_dir = Path(resume) if resume is not None else make_run_dir(config.out, "train")
     genotype = config.cell()
     model = build(config, len(corpus.dictionary))
