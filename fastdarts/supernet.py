@@ -223,7 +223,7 @@ class _ConcatChannels(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *states: torch.Tensor) -> torch.Tensor:
-        # sizes and strides, not meta tensors: creating one goes through Python (about 50 us)
+        # sizes and strides, not meta tensors: a CPU tensor made like a meta one goes through Python (about 280 us)
         ctx.layouts = [(s.shape, s.stride()) for s in states]
         return torch.cat(states, dim=1)
 

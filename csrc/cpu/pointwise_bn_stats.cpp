@@ -450,7 +450,6 @@ void check_input(const char* op, const at::Tensor& x) {
 // x = cat(xs, 1): a non-empty list of image batches of one N, H, W, dtype and device. Returns x's channel count.
 int64_t check_inputs(const char* op, at::TensorList xs) {
   TORCH_CHECK_VALUE(!xs.empty(), op, ": xs must be a non-empty list of tensors");
-  int64_t C = 0;
   for (size_t i = 0; i < xs.size(); ++i) {
     const ArgName item("xs", static_cast<int64_t>(i));
     check_images(op, item, xs[i]);
@@ -461,11 +460,10 @@ int64_t check_inputs(const char* op, at::TensorList xs) {
                         xs[i].sizes());
       check_dtype_and_device(op, item, xs[i], "xs[0]", xs[0]);
     }
-    C += xs[i].size(1);
   }
   check_supported_dtype(op, xs[0]);
   TORCH_INTERNAL_ASSERT(xs[0].device().is_cpu());
-  return C;
+  return Geometry::total_channels(xs);
 }
 
 template <typename T>
