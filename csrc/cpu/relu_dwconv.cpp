@@ -56,9 +56,11 @@
 // C dividing 16 and Wo C a multiple of 16, the tiles instead hold columns of exactly C values, so that one vector
 // spans G = 16 / C neighbouring columns: a tap of kernel i shifts the tile by whole columns (C values), the tap
 // vectors repeat each channel's weight G times, and each 1x1 conv becomes the block-diagonal Cp x Cp matrix of G
-// copies of P_i (the same multiply-adds per position as before). Sums over positions (the moments, grad_w, the
-// 1x1 gradient) come out per lane and are folded over the G lanes of each channel at the end. (Float64 vectors
-// hold 8 lanes: the same with 8 in place of 16.)
+// copies of P_i (the same multiply-adds per position as before). Where the tier's registers hold whole columns
+// (C divides their lanes), the 1x1 convs and their weight gradient instead take each input channel of every
+// column by a lane shuffle (tiles.h's pointwise_row_columns): C shuffles and C multiply-adds a vector in place of
+// Cp multiply-adds. Sums over positions (the moments, grad_w, the 1x1 gradient) come out per lane and are folded
+// over the G lanes of each channel at the end. (Float64 vectors hold 8 lanes: the same with 8 in place of 16.)
 //
 // Normalised input. relu_dwconv_pointwise(_backward) with input_mean and input_invstd read u = (x - mean) invstd in
 // place of x: the pack into the input tile normalises each value before the ReLU, so a sep conv's second stage
@@ -160,7 +162,8 @@ struct Geometry {
     Pg = (P + s - 1) / s;
     Cp = round_up(C, lanes);
     // Packed when it takes fewer vector multiply-adds per row: the rows round up to whole blocks of kCols G
-    // columns, and the 1x1 convs contract over Cp inputs instead of C.
+    // columns, and the 1x1 convs contract over Cp inputs instead of C (an upper bound: by lane shuffles they take
+    // C shuffles and C multiply-adds).
     int64_t taps_per_position = 0;
     for (const at::Tensor& w : weights) {
       taps_per_position += w.size(2) * w.size(3);
@@ -496,6 +499,53 @@ FASTDARTS_ALWAYS_INLINE void kernel_row(const Geometry& g, int64_t i, const T* i
   }
 }
 
+// Whether tier isa runs the 1x1 convs of packed columns by lane shuffles (tiles.h's pointwise_row_columns; its
+// registers hold whole columns), each kernel's slot of pointwise_matrices then holding its column patterns, rather
+// than by the block-diagonal Cp x Cp matrix.
+template <typename T>
+bool shuffles_columns(const Geometry& g, CpuIsa isa) {
+  return g.G > 1 && tiles::shuffles_columns<T>(isa, g.C);
+}
+
+// Kernel i's 1x1 conv of one tile row (matrix: its slot of pointwise_matrices), with pointwise_row's moments when
+// `sums` is given.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void pointwise_conv_row(const Geometry& g, const T* in, const T* matrix, T* out,
+                                                T* sums = nullptr) {
+  if (!shuffles_columns<T>(g, kIsa)) {
+    pointwise_row<T, kIsa>(in, matrix, out, g.loop_cols, g.loop_C, g.Cp, sums, g.valid_cols);
+  } else if (g.C == 1) {  // C divides the tier's lanes (shuffles_columns): 1, 2, 4 or 8
+    tiles::pointwise_row_columns<T, kIsa, 1>(in, matrix, out, g.loop_cols, g.Cp, sums, g.valid_cols);
+  } else if (g.C == 2) {
+    tiles::pointwise_row_columns<T, kIsa, 2>(in, matrix, out, g.loop_cols, g.Cp, sums, g.valid_cols);
+  } else if constexpr (kLanes<T, kIsa> >= 4) {
+    if (g.C == 4) {
+      tiles::pointwise_row_columns<T, kIsa, 4>(in, matrix, out, g.loop_cols, g.Cp, sums, g.valid_cols);
+    } else if constexpr (kLanes<T, kIsa> >= 8) {
+      tiles::pointwise_row_columns<T, kIsa, 8>(in, matrix, out, g.loop_cols, g.Cp, sums, g.valid_cols);
+    }
+  }
+}
+
+// One row's share of kernel i's 1x1 weight gradient (partial: its slot, [Cp][Cp], or [C][Cp] of column sums when
+// shuffles_columns), over the row's valid columns.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void pointwise_conv_grad_row(const Geometry& g, const T* grad, const T* z, T* partial) {
+  if (!shuffles_columns<T>(g, kIsa)) {
+    pointwise_grad_row<T, kIsa>(grad, z, partial, g.valid_cols, g.loop_C, g.Cp);
+  } else if (g.C == 1) {
+    tiles::pointwise_grad_row_columns<T, kIsa, 1>(grad, z, partial, g.valid_cols, g.Cp);
+  } else if (g.C == 2) {
+    tiles::pointwise_grad_row_columns<T, kIsa, 2>(grad, z, partial, g.valid_cols, g.Cp);
+  } else if constexpr (kLanes<T, kIsa> >= 4) {
+    if (g.C == 4) {
+      tiles::pointwise_grad_row_columns<T, kIsa, 4>(grad, z, partial, g.valid_cols, g.Cp);
+    } else if constexpr (kLanes<T, kIsa> >= 8) {
+      tiles::pointwise_grad_row_columns<T, kIsa, 8>(grad, z, partial, g.valid_cols, g.Cp);
+    }
+  }
+}
+
 template <typename T>
 struct ForwardArgs {
   const Geometry& g;
@@ -536,12 +586,10 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const ForwardArgs<T>& f, int64_t beg
         const T* result = row;
         if (f.pointwise != nullptr) {
           if (moments == nullptr) {
-            pointwise_row<T, kIsa>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.loop_cols, g.loop_C,
-                                   g.Cp);
+            pointwise_conv_row<T, kIsa>(g, row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out);
           } else {  // the row's moments in T as its blocks leave the registers, then into the chunk's (double)
             std::fill(row_sums, row_sums + 2 * g.Cp, T(0));
-            pointwise_row<T, kIsa>(row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, g.loop_cols, g.loop_C,
-                                   g.Cp, row_sums, g.valid_cols);
+            pointwise_conv_row<T, kIsa>(g, row, f.pointwise + i * g.Cp * g.Cp, pointwise_row_out, row_sums);
             double* row_moments = moments + i * 2 * g.Cp;
             for (int64_t c = 0; c < 2 * g.Cp; ++c) {
               row_moments[c] += static_cast<double>(row_sums[c]);
@@ -606,14 +654,13 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_tile(const BackwardArgs<T>& b, int64
       prefetch_row(b.grads[i + 1] + n * next.n + (ho_lo + ho + kAhead - ho_hi) * next.h, next, g.Wo, g.C);
     }
     pack<T, false>(b.grads[i] + n * gs.n + ho * gs.h, gs, 1, g.Wo, g.C, dt_row, 0, g.col);
-    pointwise_row<T, kIsa>(dt_row, b.pointwise_transposed + i * g.Cp * g.Cp,
-                            grad_tile + (ho - ho_origin) * g.grad.row_stride + g.Pg * g.col, g.loop_cols, g.loop_C,
-                            g.Cp);
+    pointwise_conv_row<T, kIsa>(g, dt_row, b.pointwise_transposed + i * g.Cp * g.Cp,
+                                grad_tile + (ho - ho_origin) * g.grad.row_stride + g.Pg * g.col);
     if (pointwise_partial != nullptr && ho >= ho0 && ho < ho1) {
       const int64_t t0 = g.tap_begin[i];
       kernel_row<T, kIsa>(g, i, input_tile + (ho - ho0) * g.s * g.input.row_stride, g.offsets.data() + t0,
                           b.taps + t0 * g.Cp, z_row, false);
-      pointwise_grad_row<T, kIsa>(dt_row, z_row, pointwise_partial + i * g.Cp * g.Cp, g.valid_cols, g.loop_C, g.Cp);
+      pointwise_conv_grad_row<T, kIsa>(g, dt_row, z_row, pointwise_partial + i * g.Cp * g.Cp);
     }
   }
 }
@@ -752,9 +799,10 @@ InputMap<T> input_map(bool relu, const std::optional<at::Tensor>& mean, const st
 
 // The 1x1 convs' weights [C, C, 1, 1] as Cp x Cp matrices, one after the other, zero past C rows and columns:
 // m[(i Cp + j) Cp + c] = P_i[c, j] for the forward (input channel j, output channel c), P_i[j, c] when transposed
-// (the backward's dz = dt P_i: output channel j, input channel c).
+// (the backward's dz = dt P_i: output channel j, input channel c). When tier isa shuffles_columns, each matrix's
+// slot holds its column patterns (tiles::column_patterns) instead.
 template <typename T>
-std::vector<T> pointwise_matrices(at::TensorList pointwise, const Geometry& g, bool transposed) {
+std::vector<T> pointwise_matrices(at::TensorList pointwise, const Geometry& g, bool transposed, CpuIsa isa) {
   std::vector<T> m(pointwise.size() * g.Cp * g.Cp, T(0));
   for (size_t i = 0; i < pointwise.size(); ++i) {
     const at::Tensor p = pointwise[i].contiguous();
@@ -768,6 +816,13 @@ std::vector<T> pointwise_matrices(at::TensorList pointwise, const Geometry& g, b
         }
       }
     }
+  }
+  if (shuffles_columns<T>(g, isa)) {
+    std::vector<T> patterns(m.size(), T(0));
+    for (size_t i = 0; i < pointwise.size(); ++i) {
+      tiles::column_patterns(m.data() + i * g.Cp * g.Cp, g.C, g.Cp, patterns.data() + i * g.Cp * g.Cp);
+    }
+    return patterns;
   }
   return m;
 }
@@ -804,7 +859,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(
       f.outs.push_back(out.data_ptr<scalar_t>());
     }
     if (with_pointwise) {
-      matrices = pointwise_matrices<scalar_t>(pointwise, g, false);
+      matrices = pointwise_matrices<scalar_t>(pointwise, g, false, isa);
       f.pointwise = matrices.data();
     }
     if (statistics) {
@@ -885,7 +940,7 @@ backward(
     }
     std::vector<scalar_t> transposed;
     if (with_pointwise) {
-      transposed = pointwise_matrices<scalar_t>(pointwise, g, true);
+      transposed = pointwise_matrices<scalar_t>(pointwise, g, true, isa);
     }
     at::Tensor partials, pointwise_partials;  // each chunk zeroes its own slots
     std::vector<double> sum_slots(input_sums.has_value() ? g.num_chunks * 2 * g.Cp : 0);  // [num_chunks][2][Cp]
@@ -957,11 +1012,13 @@ backward(
             add_slots(pointwise_partials.const_data_ptr<scalar_t>(), g.num_chunks, K * g.Cp * g.Cp);
         for (int64_t i = 0; i < K; ++i) {
           scalar_t* gp = grad_pointwise[i].data_ptr<scalar_t>();  // contiguous [C, C, 1, 1]: [out][in]
+          const bool columns = shuffles_columns<scalar_t>(g, isa);
           for (int64_t out = 0; out < g.C; ++out) {
             for (int64_t in = 0; in < g.C; ++in) {
               double sum = 0.0;  // over the diagonal blocks, one per column of a packed vector
               for (int64_t block = 0; block < g.G * g.C; block += g.C) {
-                sum += sums[(i * g.Cp + block + out) * g.Cp + block + in];
+                sum += columns ? sums[(i * g.Cp + in) * g.Cp + block + out]
+                               : sums[(i * g.Cp + block + out) * g.Cp + block + in];
               }
               gp[out * g.C + in] = static_cast<scalar_t>(sum);
             }

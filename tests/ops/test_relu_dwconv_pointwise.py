@@ -15,8 +15,10 @@ KERNELS = {"one": [(3, 1)], "darts": DARTS}
 # Batch 1 and 3; C 4, 5 (not a whole vector) and 16; odd and even sizes.
 SHAPES = [(1, 4, 7, 7), (3, 5, 9, 9), (3, 16, 8, 8), (2, 16, 9, 7), (3, 4, 9, 9)]
 # Narrow channels that the CPU kernels pack several columns to a vector: C divides 16 and Wo C is a multiple of 16,
-# at widths where packing saves work (8 and 16 columns to a vector in float32, a tail of padding columns at 36).
-SHAPES += [(3, 8, 5, 10), (1, 4, 5, 36), (2, 2, 3, 64)]
+# at widths where packing saves work (2 to 16 columns to a vector in float32, a tail of padding columns at 36). The
+# 1x1 convs of C = 1, 2, 4 and 8 run by lane shuffles on the tiers whose registers hold whole columns, and by the
+# block-diagonal matrix on the others (C = 8 in float32 and C = 4 in float64 on the baseline's 16-byte registers).
+SHAPES += [(3, 8, 5, 10), (1, 4, 5, 36), (2, 2, 3, 64), (2, 1, 3, 32)]
 # Rows of 24 output columns (stride 1 at 23, stride 2 at 45): a wide block of the AVX-512 loops and a narrow one.
 SHAPES += [(1, 5, 4, 23), (1, 3, 3, 45)]
 SHAPE_IDS = ["x".join(map(str, shape)) for shape in SHAPES]

@@ -90,8 +90,11 @@ void set_cpu_isa(const std::string& name);
 // The vectors of tier kIsa in GCC/Clang vector-extension form: 64 bytes (one zmm) on avx512, 32 (one ymm) on
 // avx2, 16 (one xmm, or an AArch64 q register) on the baseline. A loop written with the tier's own width keeps
 // its vectors in registers; a wider one (64 bytes under avx2, say) GCC splits through the stack.
+constexpr int64_t vec_bytes(CpuIsa isa) {
+  return isa == CpuIsa::kAvx512 ? 64 : isa == CpuIsa::kAvx2 ? 32 : 16;
+}
 template <CpuIsa kIsa>
-constexpr int64_t kVecBytes = kIsa == CpuIsa::kAvx512 ? 64 : kIsa == CpuIsa::kAvx2 ? 32 : 16;
+constexpr int64_t kVecBytes = vec_bytes(kIsa);
 template <typename T, int64_t kBytes>
 struct VecOf {
   typedef T type __attribute__((vector_size(kBytes)));

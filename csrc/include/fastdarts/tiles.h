@@ -5,7 +5,10 @@
 // instruction-set tier, so that it compiles for the tier of the copy that calls it (cpu_isa.h). Rows are tiles:
 // positions of Cp values each, channels innermost, Cp a multiple of kVecLanes.
 
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 
 #include "fastdarts/cpu_isa.h"
 
@@ -296,6 +299,169 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_row(const T* grad, const T* z, T* pa
   for (int64_t o0 = 0; o0 < C; o0 += kPointwiseRows<kIsa>) {
     for (int64_t c0 = 0; c0 < Cp; c0 += kPointwiseVecs<kIsa> * kLanes<T, kIsa>) {
       outer_product_block<T, kIsa>(grad + o0, Cp, 1, z + c0, Cp, cols, partial + o0 * Cp + c0, Cp, true);
+    }
+  }
+}
+
+// ---- The 1x1 conv of packed columns (relu_dwconv.cpp's "Packed columns"): a vector of Cp lanes holds Cp / kC
+// ---- columns of kC channels, and the 1x1 conv mixes channels within each column only. The loops above multiply by
+// ---- the block-diagonal Cp x Cp matrix, Cp multiply-adds a vector; these take, for each input channel j < kC, every
+// ---- lane's channel j of its own column by a lane shuffle and multiply it by a pattern vector: kC shuffles and kC
+// ---- multiply-adds a vector (4 + 4 against 16 at C = 4 in float32). They need kC <= the tier's lanes, so that a
+// ---- column never straddles two registers (shuffles_columns), and Cp == kVecLanes (packed tiles are one vector).
+
+// Whether the registers of tier isa hold whole packed columns of C channels.
+template <typename T>
+constexpr bool shuffles_columns(CpuIsa isa, int64_t C) {
+  return vec_bytes(isa) / static_cast<int64_t>(sizeof(T)) % C == 0;
+}
+
+// The shuffle mask that gives every lane channel kJ of its own column of kC lanes.
+template <typename T, CpuIsa kIsa>
+using LaneMask = typename VecOf<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>, kVecBytes<kIsa>>::type;
+template <typename T, CpuIsa kIsa, int64_t kC, int64_t kJ, size_t... kL>
+FASTDARTS_ALWAYS_INLINE void column_channel_mask(LaneMask<T, kIsa>& mask, std::index_sequence<kL...>) {
+  mask = LaneMask<T, kIsa>{static_cast<int64_t>(kL - kL % kC + kJ)...};
+}
+template <typename T, CpuIsa kIsa, int64_t kC, int64_t kJ>
+FASTDARTS_ALWAYS_INLINE void column_channel(const Vec<T, kIsa>& v, Vec<T, kIsa>& out) {
+  LaneMask<T, kIsa> mask;
+  column_channel_mask<T, kIsa, kC, kJ>(mask, std::make_index_sequence<kLanes<T, kIsa>>{});
+  out = __builtin_shuffle(v, mask);
+}
+
+// acc[q] += column_channel<j>(v[q]) p[j] for q < kR and kJ <= j < kC (a template per j, not a loop: a constant
+// mask lets the compiler pick the cheapest shuffle, one instruction on x86).
+template <typename T, CpuIsa kIsa, int64_t kC, int64_t kR, int64_t kJ = 0>
+FASTDARTS_ALWAYS_INLINE void add_column_products(const Vec<T, kIsa> (&v)[kR], const Vec<T, kIsa>* p,
+                                                 Vec<T, kIsa> (&acc)[kR]) {
+  if constexpr (kJ < kC) {
+#pragma GCC unroll 8
+    for (int64_t q = 0; q < kR; ++q) {
+      Vec<T, kIsa> channel;
+      column_channel<T, kIsa, kC, kJ>(v[q], channel);
+      acc[q] += channel * p[kJ];
+    }
+    add_column_products<T, kIsa, kC, kR, kJ + 1>(v, p, acc);
+  }
+}
+
+// acc[j] += g column_channel<j>(z) for kJ <= j < kC.
+template <typename T, CpuIsa kIsa, int64_t kC, int64_t kJ = 0>
+FASTDARTS_ALWAYS_INLINE void add_column_gradients(const Vec<T, kIsa>& g, const Vec<T, kIsa>& z, Vec<T, kIsa>* acc) {
+  if constexpr (kJ < kC) {
+    Vec<T, kIsa> channel;
+    column_channel<T, kIsa, kC, kJ>(z, channel);
+    acc[kJ] += g * channel;
+    add_column_gradients<T, kIsa, kC, kJ + 1>(g, z, acc);
+  }
+}
+
+// patterns[j Cp + l] = m[(l - l % kC + j) Cp + l] for j < kC, l < Cp, from a block-diagonal matrix m [Cp][Cp] of
+// pointwise_row: the weight by which lane l's column's channel j enters lane l.
+template <typename T>
+void column_patterns(const T* m, int64_t C, int64_t Cp, T* patterns) {
+  for (int64_t j = 0; j < C; ++j) {
+    for (int64_t l = 0; l < Cp; ++l) {
+      patterns[j * Cp + l] = m[(l - l % C + j) * Cp + l];
+    }
+  }
+}
+
+// pointwise_row on packed columns: out[w * Cp + l] = sum_{j < kC} in[w * Cp + l - l % kC + j] patterns[j * Cp + l]
+// for w < cols (a multiple of kCols) and l < Cp (column_patterns), with `sums` as pointwise_row's.
+template <typename T, CpuIsa kIsa, int64_t kC>
+FASTDARTS_ALWAYS_INLINE void pointwise_row_columns(const T* in, const T* patterns, T* out, int64_t cols,
+                                                   int64_t Cp, T* sums = nullptr, int64_t valid_cols = 0) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  constexpr int64_t U = kVecLanes<T> / V;  // registers a packed vector spans
+  constexpr int64_t R = kIsa == CpuIsa::kAvx512 ? 8 : 4;  // registers a block: kC long chains interleaved
+  static_assert(V % kC == 0 && R % U == 0, "whole columns in a register, whole vectors in a block");
+  Vec<T, kIsa> p[kC];  // the pattern repeats every kC lanes, so each register of a vector takes the first V
+#pragma GCC unroll 8
+  for (int64_t j = 0; j < kC; ++j) {
+    vec_load(p[j], patterns + j * Cp);
+  }
+  Vec<T, kIsa> sum[U] = {};
+  Vec<T, kIsa> squares[U] = {};
+  for (int64_t r0 = 0; r0 < cols * U; r0 += R) {
+    Vec<T, kIsa> v[R];
+    Vec<T, kIsa> acc[R];
+#pragma GCC unroll 8
+    for (int64_t q = 0; q < R; ++q) {
+      vec_load(v[q], in + (r0 + q) * V);
+      acc[q] = Vec<T, kIsa>{};
+    }
+    add_column_products<T, kIsa, kC, R>(v, p, acc);
+#pragma GCC unroll 8
+    for (int64_t q = 0; q < R; ++q) {
+      vec_store(out + (r0 + q) * V, acc[q]);
+    }
+    if (sums != nullptr) {
+#pragma GCC unroll 8
+      for (int64_t q = 0; q < R; ++q) {
+        if ((r0 + q) / U < valid_cols) {
+          sum[q % U] += acc[q];
+          squares[q % U] += acc[q] * acc[q];
+        }
+      }
+    }
+  }
+  if (sums != nullptr) {
+#pragma GCC unroll 8
+    for (int64_t u = 0; u < U; ++u) {
+      Vec<T, kIsa> total;
+      vec_load(total, sums + u * V);
+      total += sum[u];
+      vec_store(sums + u * V, total);
+      vec_load(total, sums + Cp + u * V);
+      total += squares[u];
+      vec_store(sums + Cp + u * V, total);
+    }
+  }
+}
+
+// pointwise_grad_row on packed columns: partial[j * Cp + l] += sum_{w < cols} grad[w * Cp + l] z[w * Cp + l - l % kC
+// + j] for j < kC and l < Cp: lane l of row j holds the products of output channel l % kC with input channel j of
+// lane l's columns, which the caller adds up over the Cp / kC columns of a vector.
+template <typename T, CpuIsa kIsa, int64_t kC>
+FASTDARTS_ALWAYS_INLINE void pointwise_grad_row_columns(const T* grad, const T* z, T* partial, int64_t cols,
+                                                        int64_t Cp) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  constexpr int64_t U = kVecLanes<T> / V;
+  static_assert(V % kC == 0, "whole columns in a register");
+#pragma GCC unroll 4
+  for (int64_t u = 0; u < U; ++u) {
+    // Two sets of sums, even and odd positions: kC chains alone would wait on the multiply-add's latency.
+    Vec<T, kIsa> even[kC];
+    Vec<T, kIsa> odd[kC] = {};
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < kC; ++j) {
+      vec_load(even[j], partial + j * Cp + u * V);
+    }
+    int64_t w = 0;
+    for (; w + 1 < cols; w += 2) {
+      Vec<T, kIsa> g[2];
+      Vec<T, kIsa> zw[2];
+#pragma GCC unroll 2
+      for (int64_t h = 0; h < 2; ++h) {
+        vec_load(g[h], grad + (w + h) * Cp + u * V);
+        vec_load(zw[h], z + (w + h) * Cp + u * V);
+      }
+      add_column_gradients<T, kIsa, kC>(g[0], zw[0], even);
+      add_column_gradients<T, kIsa, kC>(g[1], zw[1], odd);
+    }
+    if (w < cols) {
+      Vec<T, kIsa> g;
+      Vec<T, kIsa> zw;
+      vec_load(g, grad + w * Cp + u * V);
+      vec_load(zw, z + w * Cp + u * V);
+      add_column_gradients<T, kIsa, kC>(g, zw, even);
+    }
+#pragma GCC unroll 8
+    for (int64_t j = 0; j < kC; ++j) {
+      even[j] += odd[j];
+      vec_store(partial + j * Cp + u * V, even[j]);
     }
   }
 }
