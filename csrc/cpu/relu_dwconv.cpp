@@ -1010,9 +1010,9 @@ backward(
       if (with_pointwise) {
         const std::vector<double> sums =
             add_slots(pointwise_partials.const_data_ptr<scalar_t>(), g.num_chunks, K * g.Cp * g.Cp);
+        const bool columns = shuffles_columns<scalar_t>(g, isa);  // the slots' layout
         for (int64_t i = 0; i < K; ++i) {
           scalar_t* gp = grad_pointwise[i].data_ptr<scalar_t>();  // contiguous [C, C, 1, 1]: [out][in]
-          const bool columns = shuffles_columns<scalar_t>(g, isa);
           for (int64_t out = 0; out < g.C; ++out) {
             for (int64_t in = 0; in < g.C; ++in) {
               double sum = 0.0;  // over the diagonal blocks, one per column of a packed vector

@@ -317,11 +317,13 @@ constexpr bool shuffles_columns(CpuIsa isa, int64_t C) {
 }
 
 // The shuffle mask that gives every lane channel kJ of its own column of kC lanes.
+template <typename T>
+using LaneIndex = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
 template <typename T, CpuIsa kIsa>
-using LaneMask = typename VecOf<std::conditional_t<sizeof(T) == 4, int32_t, int64_t>, kVecBytes<kIsa>>::type;
+using LaneMask = typename VecOf<LaneIndex<T>, kVecBytes<kIsa>>::type;
 template <typename T, CpuIsa kIsa, int64_t kC, int64_t kJ, size_t... kL>
 FASTDARTS_ALWAYS_INLINE void column_channel_mask(LaneMask<T, kIsa>& mask, std::index_sequence<kL...>) {
-  mask = LaneMask<T, kIsa>{static_cast<int64_t>(kL - kL % kC + kJ)...};
+  mask = LaneMask<T, kIsa>{static_cast<LaneIndex<T>>(kL - kL % kC + kJ)...};
 }
 template <typename T, CpuIsa kIsa, int64_t kC, int64_t kJ>
 FASTDARTS_ALWAYS_INLINE void column_channel(const Vec<T, kIsa>& v, Vec<T, kIsa>& out) {
