@@ -187,14 +187,19 @@ def check_network_fits(build: Callable[[], torch.nn.Module], config, *sizes: str
     gradients and SGD's momentum alone would fill it. Built on the meta device, which allocates nothing and draws
     no random numbers, so too large a width is refused in one line instead of by the kernel's out-of-memory kill.
     `sizes` names the fields of `config` that size the network ("init_channels", "layers"), for the message."""
+    settings = " and ".join(f"{name} {getattr(config, name)}" for name in sizes)
     with torch.device("meta"):
-        network = build()
+        try:
+            network = build()
+        except RuntimeError as e:  # a weight whose byte count does not fit in 64 bits
+            if "overflow" not in str(e):
+                raise
+            raise ConfigError(f"{settings} make a weight too large to allocate on any machine ({e})") from None
     tensors = [*network.parameters(), *network.buffers()]
     needed = 3 * sum(t.numel() * t.element_size() for t in tensors)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if needed > memory:
         weights = sum(p.numel() for p in network.parameters())
-        settings = " and ".join(f"{name} {getattr(config, name)}" for name in sizes)
         raise ConfigError(
             f"{settings} make a network of {weights:,} weights, "
             f"which with their gradients and momentum need {needed / 2**30:,.1f} GiB; this machine has "

@@ -277,6 +277,21 @@ def test_resume_refuses_a_network_too_large_for_memory(tmp_path):
         train.run(resume=tmp_path / "run")
 
 
+@pytest.mark.parametrize("kind", ["search", "train"])
+def test_a_width_whose_weights_overflow_a_tensors_size_is_one_line(kind):
+    # Found by the fuzzing: `fastdarts.train --init_channels 189812532` (20 layers) made a 1x1 conv whose byte count
+    # overflows 64 bits, and the meta build raised torch's RuntimeError instead of the size check's one line.
+    C = 10**9
+    if kind == "search":
+        network = functools.partial(SearchNetwork, C, 10, 3, 1, method=make_method("darts"))
+    else:
+        network = functools.partial(NETWORKS["cifar"], BUILTIN_GENOTYPES["DARTS_V2"], C, 10, 3, False, 0)
+    config = types.SimpleNamespace(init_channels=C, layers=3)
+    with pytest.raises(ConfigError, match=r"^init_channels 1000000000 and layers 3 make a weight too large to "
+                       r"allocate on any machine \(Storage size calculation overflowed"):  # fmt: skip
+        check_network_fits(network, config, "init_channels", "layers")
+
+
 @pytest.mark.slow
 def test_resume_refuses_other_settings_another_kind_and_a_finished_run(tmp_path):
     search.run(**{**SEARCH, "epochs": 1}, out=str(tmp_path / "done"))
