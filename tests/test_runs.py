@@ -279,8 +279,8 @@ def test_resume_refuses_a_network_too_large_for_memory(tmp_path):
 
 @pytest.mark.parametrize("kind", ["search", "train"])
 def test_a_width_whose_weights_overflow_a_tensors_size_is_one_line(kind):
-    # Found by the fuzzing: `fastdarts.train --init_channels 189812532` (20 layers) made a 1x1 conv whose byte count
-    # overflows 64 bits, and the meta build raised torch's RuntimeError instead of the size check's one line.
+    # Found by the fuzzing: `fastdarts.train --init_channels 189812532` made a 1x1 conv whose byte count overflows
+    # 64 bits, and the meta build raised torch's RuntimeError instead of the size check's one line.
     C = 10**9
     if kind == "search":
         network = functools.partial(SearchNetwork, C, 10, 3, 1, method=make_method("darts"))
