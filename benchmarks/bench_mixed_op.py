@@ -1,8 +1,8 @@
 """pytest-benchmark cases of one DARTS mixed op forward + backward: the eager reference in both memory layouts
 (DESIGN.md 3: quote speedups against the faster one), the fused op, and torch.compile of the reference.
 
-    pytest benchmarks/bench_mixed_op.py --benchmark-enable                          # tiny shapes, timed
-    FASTDARTS_BENCH_FULL=1 pytest benchmarks/bench_mixed_op.py --benchmark-enable   # the shapes of mixed_op.py
+    pytest benchmarks/bench_mixed_op.py -n 0 --benchmark-enable                          # tiny shapes, timed
+    FASTDARTS_BENCH_FULL=1 pytest benchmarks/bench_mixed_op.py -n 0 --benchmark-enable   # the shapes of mixed_op.py
 
 `extra_info` records the bytes autograd saves for backward beyond the op's inputs. The test suite (and CI) runs
 these with timing disabled, which executes each case once. `python benchmarks/mixed_op.py --json` measures the

@@ -1,8 +1,8 @@
 """pytest-benchmark cases of relu_dwconv forward + backward: the eager reference in both memory layouts
 (DESIGN.md 3: quote speedups against the faster one) and the C++ kernel on the CPU, the Triton kernel on CUDA.
 
-    pytest benchmarks/bench_relu_dwconv.py --benchmark-enable                          # tiny shapes, timed
-    FASTDARTS_BENCH_FULL=1 pytest benchmarks/bench_relu_dwconv.py --benchmark-enable   # the DARTS shapes below
+    pytest benchmarks/bench_relu_dwconv.py -n 0 --benchmark-enable                          # tiny shapes, timed
+    FASTDARTS_BENCH_FULL=1 pytest benchmarks/bench_relu_dwconv.py -n 0 --benchmark-enable   # the DARTS shapes below
 
 The op runs the four first-stage depthwise convolutions of a DARTS edge (3x3, 5x5, 3x3 dilation 2, 5x5
 dilation 2) on relu(x): at (N, C, H, W) = (64, 16, 32, 32) stride 1 (a normal cell of the batch-64 search)

@@ -1,6 +1,6 @@
 """pytest cases of one recurrent search step per provider (benchmarks/rnn_search_step.py).
 
-    pytest benchmarks/bench_rnn_search_step.py --benchmark-enable    # tiny case, timed
+    pytest benchmarks/bench_rnn_search_step.py -n 0 --benchmark-enable    # tiny case, timed
 
 The test suite (and CI) runs them with timing disabled, which executes each case once.
 """

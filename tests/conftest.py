@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -6,6 +8,14 @@ from fastdarts import ops
 # Marks tests that need the compiled fastdarts._C (the `ext` marker); they are skipped, not
 # failed, when it is not built. Works as a decorator and in pytest.param(..., marks=requires_ext).
 requires_ext = pytest.mark.ext
+
+
+def pytest_configure(config):
+    # pytest-xdist runs one worker per core (pyproject's `-n auto`): each computes on one thread, as do the
+    # processes its tests start, since workers that each start a pool of every core's threads thrash.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
