@@ -1,6 +1,6 @@
 """pytest-benchmark cases of one search step per provider.
 
-    pytest benchmarks/bench_search_step.py -n 0 --benchmark-enable                          # tiny case, timed
+    pytest benchmarks/bench_search_step.py -n 0 --benchmark-enable                         # tiny case, timed
     FASTDARTS_BENCH_FULL=1 pytest benchmarks/bench_search_step.py -n 0 --benchmark-enable  # batch 64, C=16, 8 cells
 
 The test suite (and CI) runs them with timing disabled, which executes each case once.
