@@ -91,6 +91,11 @@ def statistics_flags(K):
 
 def check_backward_op_matches_autograd_through_batch_statistics(backend, K, flags, shape, layout):
     ts, w, fixed_mean, fixed_invstd = make_inputs(K, shape, layout=layout)
+    check_backward_op_matches_autograd_through_batch_statistics_of(ts, w, fixed_mean, fixed_invstd, flags, backend)
+
+
+def check_backward_op_matches_autograd_through_batch_statistics_of(ts, w, fixed_mean, fixed_invstd, flags, backend):
+    ts, w = [t.detach().requires_grad_() for t in ts], w.detach().requires_grad_()
     mean, invstd = batch_norm_graph(ts, flags, fixed_mean.detach(), fixed_invstd.detach())
     expected = reference.bn_weighted_sum(ts, w, mean, invstd)
     grad_out = torch.randn_like(expected)
@@ -132,6 +137,28 @@ def test_backward_op_float64_matches_native_batch_norm_backward(shape, layout, c
             want_w = (grad * (ts[k] - mean[k].view(1, -1, 1, 1)) * invstd[k].view(1, -1, 1, 1)).sum()
         torch.testing.assert_close(grad_ts[k], want_t, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(grad_w[k], want_w, rtol=1e-10, atol=1e-12)
+
+
+# Outputs of 2 MiB and more are written by non-temporal stores where a group of pixels is 4 or 8 of the tier's
+# vectors (C = 16: 64 values). (4, 16, 96, 97) in float32 is 2.4 MB; one image of it, 0.6 MB, takes the plain stores.
+# (1, 16, 181, 183) in float64 (8.5 MB) has an odd number of pixels, so its last group of 4 pixels is partial.
+LARGE = [((4, 16, 96, 97), torch.float32), ((1, 16, 181, 183), torch.float64)]
+
+
+@requires_ext
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,dtype", LARGE, ids=["float32", "float64"])
+def test_large_outputs_written_by_streaming_stores_match(shape, dtype, cpu_isa):
+    ts, w, fixed_mean, fixed_invstd = make_inputs(7, shape, dtype, requires_grad=False)
+    flags = statistics_flags(7)
+    mean, invstd = batch_norm_graph(ts, flags, fixed_mean, fixed_invstd)
+    out = torch.ops.fastdarts.bn_weighted_sum(ts, w, mean, invstd)
+    # the forward is elementwise: each image alone (plain stores) gives the same bits
+    for n in range(shape[0]):
+        alone = torch.ops.fastdarts.bn_weighted_sum([t[n : n + 1] for t in ts], w, mean, invstd)
+        assert torch.equal(out[n : n + 1], alone)
+    assert_close(out, reference.bn_weighted_sum(ts, w, mean, invstd), 1e-4 if dtype == torch.float32 else 1e-10)
+    check_backward_op_matches_autograd_through_batch_statistics_of(ts, w, fixed_mean, fixed_invstd, flags, "cpp")
 
 
 OTHER_LAYOUTS = ["strided", "permuted", "mixed", "expanded_grad", "empty_batch"]
