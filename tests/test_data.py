@@ -1,3 +1,5 @@
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -56,8 +58,6 @@ def test_cifar10_reader_round_trip(tmp_path):
     # The parent directory works too, and pixels come back exactly.
     again = load_cifar10(tmp_path)
     assert torch.equal(again.images, data.images)
-    import pickle
-
     with open(root / "data_batch_1", "rb") as f:
         raw = pickle.load(f)
     assert torch.equal((data.images[:4] * 255).round().to(torch.uint8).reshape(4, -1), torch.from_numpy(raw["data"]))
@@ -72,6 +72,25 @@ def test_cifar10_errors(tmp_path):
         load_cifar10(root)
     (root / "data_batch_3").write_bytes(b"garbage")
     with pytest.raises(DataError, match="cannot read CIFAR-10 batch"):
+        load_cifar10(root)
+
+
+@pytest.mark.parametrize(
+    "data,labels,message",
+    [
+        (np.full((2, 3072), 0.5, np.float32), [0, 1], "holds data that are not integers"),  # normalised pixels
+        (np.full((2, 3072), 256, np.int64), [0, 1], "must be pixel values in 0..255"),
+        (np.full((2, 3072), -1, np.int16), [0, 1], "must be pixel values in 0..255"),
+        (np.zeros((2, 3072), np.uint8), [0.0, 1.5], "holds labels that are not integers"),
+        (np.zeros((2, 3072), np.uint8), ["a", "b"], "holds labels that are not integers"),
+    ],
+    ids=["float-pixels", "pixel-256", "pixel-negative", "float-labels", "string-labels"],
+)
+def test_cifar10_batch_with_values_a_cast_would_change_is_refused(tmp_path, data, labels, message):
+    root = make_cifar_dir(tmp_path / "c")
+    with open(root / "data_batch_2", "wb") as f:
+        pickle.dump({"data": data, "labels": labels}, f)
+    with pytest.raises(DataError, match=rf"data_batch_2: CIFAR-10 .*{message}"):
         load_cifar10(root)
 
 
