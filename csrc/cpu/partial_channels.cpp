@@ -18,7 +18,8 @@
 // rows in L1 (bypass_row), then each edge's output row interleaves its ops' row with them (interleave, with K
 // fixed at compile time for 2, 4 and 8 so that the K streams become vector shuffles); the backward undoes it
 // (deinterleave). The sums of grad_bypass_w are taken per image and added in image order, in double: the same bits
-// whatever the number of threads.
+// whatever the number of threads (on a given tier: the loops are compiled once per instruction-set tier, and the
+// vectorised sums of a wider tier add in another order).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -31,7 +32,6 @@
 #include <limits>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <vector>
 
 #include "fastdarts/checks.h"
@@ -100,7 +100,7 @@ std::vector<scalar_t> values_of(const std::optional<at::Tensor>& w, int64_t E) {
 // out[c] = in[c] (in[c] = 0 when in is null) for c < m, for the few channels of one pixel's group: in 16-byte vectors
 // rather than the library call GCC makes of a copy loop, which costs more than the copy at 4 or 8 values.
 template <typename scalar_t>
-void copy_short(scalar_t* __restrict__ out, const scalar_t* __restrict__ in, int64_t m) {
+FASTDARTS_ALWAYS_INLINE void copy_short(scalar_t* __restrict__ out, const scalar_t* __restrict__ in, int64_t m) {
   int64_t c = 0;
   for (; c + kLanes16Of<scalar_t> <= m; c += kLanes16Of<scalar_t>) {
     V16Of<scalar_t> v{};
@@ -119,7 +119,7 @@ void copy_short(scalar_t* __restrict__ out, const scalar_t* __restrict__ in, int
 // is the maximum of its 2x2 window, and taps[...] (when given) the window's tap it came from (0..3 in scan order,
 // held as scalar_t so that the selects vectorise with the values').
 template <bool kTaps, typename scalar_t>
-void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar_t* rows, scalar_t* taps) {
+FASTDARTS_ALWAYS_INLINE void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar_t* rows, scalar_t* taps) {
   const int64_t m = s.m, row = s.Wo * m;
   for (int64_t wo = 0; wo < s.Wo; ++wo) {
     for (int64_t g = 1; g < s.K; ++g) {
@@ -169,7 +169,7 @@ void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar
 // out[c] = total[c] where tap[c] is t, else 0: the pool's gradient at one pixel of its windows. In 16-byte vectors,
 // whose selects have no branch.
 template <typename scalar_t>
-void routed_to_tap(scalar_t* __restrict__ out, const scalar_t* __restrict__ total, const scalar_t* __restrict__ tap,
+FASTDARTS_ALWAYS_INLINE void routed_to_tap(scalar_t* __restrict__ out, const scalar_t* __restrict__ total, const scalar_t* __restrict__ tap,
                    scalar_t t, int64_t m) {
   using V16 = V16Of<scalar_t>;
   int64_t c = 0;
@@ -188,7 +188,7 @@ void routed_to_tap(scalar_t* __restrict__ out, const scalar_t* __restrict__ tota
 // compile time (kK > 0) the compiler turns the K interleaved streams into vector shuffles; kK = 0 reads K at run
 // time.
 template <int kK, typename scalar_t>
-void interleave(scalar_t* __restrict__ out, const scalar_t* __restrict__ ops, const scalar_t* __restrict__ rows,
+FASTDARTS_ALWAYS_INLINE void interleave(scalar_t* __restrict__ out, const scalar_t* __restrict__ ops, const scalar_t* __restrict__ rows,
                 int64_t row, scalar_t w, int64_t count, int64_t K) {
   if constexpr (kK > 0) {
     K = kK;
@@ -205,7 +205,7 @@ void interleave(scalar_t* __restrict__ out, const scalar_t* __restrict__ ops, co
 // (first edge) or plus it (later edges: the edges' sum in edge order, as weighted_sum adds); and, when dot is given,
 // the dot product of the row with `shuffled`, the bypass in its places of an output row (zeros in the ops' channels).
 template <int kK, typename scalar_t>
-void deinterleave(const scalar_t* __restrict__ grad, scalar_t* __restrict__ ops_grad, scalar_t* __restrict__ totals,
+FASTDARTS_ALWAYS_INLINE void deinterleave(const scalar_t* __restrict__ grad, scalar_t* __restrict__ ops_grad, scalar_t* __restrict__ totals,
                   bool first, const scalar_t* __restrict__ shuffled, double* dot, int64_t row, scalar_t w,
                   int64_t count, int64_t K) {
   if constexpr (kK > 0) {
@@ -239,99 +239,149 @@ void deinterleave(const scalar_t* __restrict__ grad, scalar_t* __restrict__ ops_
   }
 }
 
-// Calls f(std::integral_constant<int, kK>{}) with kK = K for the group counts that get their own loops, else 0.
-template <typename F>
-void with_groups(int64_t K, F&& f) {
-  switch (K) {
-    case 2:
-      return f(std::integral_constant<int, 2>{});
-    case 4:
-      return f(std::integral_constant<int, 4>{});
-    case 8:
-      return f(std::integral_constant<int, 8>{});
-    default:
-      return f(std::integral_constant<int, 0>{});
+// ---- The loops over rows (forward) and images (backward), compiled once per instruction-set tier (cpu_isa.h) and
+// ---- once per group count K of 2, 4 and 8 (kK; 0: K read at run time). The helpers above are inlined into them.
+
+template <typename scalar_t>
+struct ForwardArgs {
+  const scalar_t* x;
+  std::vector<const scalar_t*> outs;
+  std::vector<scalar_t> bw;
+  std::vector<scalar_t*> results;
+  Shape s;
+};
+
+template <typename scalar_t, CpuIsa kIsa, int kK>
+FASTDARTS_ALWAYS_INLINE void forward_rows_of(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  const Shape& s = a.s;
+  const int64_t E = static_cast<int64_t>(a.outs.size());
+  const int64_t row = s.Wo * s.m;  // values per row of each group
+  std::vector<scalar_t> rows((s.K - 1) * row);
+  for (int64_t r = begin; r < end; ++r) {
+    bypass_row<false>(a.x, s, r / s.Ho, r % s.Ho, rows.data(), static_cast<scalar_t*>(nullptr));
+    for (int64_t e = 0; e < E; ++e) {
+      interleave<kK>(a.results[e] + r * s.Wo * s.C, a.outs[e] + r * row, rows.data(), row, a.bw[e], row, s.K);
+    }
   }
 }
 
-template <typename scalar_t>
-void forward_kernel(const scalar_t* x, const std::vector<const scalar_t*>& outs, const std::vector<scalar_t>& bw,
-                    const std::vector<scalar_t*>& results, const Shape& s) {
-  const int64_t E = static_cast<int64_t>(outs.size());
-  const int64_t row = s.Wo * s.m;  // values per row of each group
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, s.Wo * s.C * (E + 1)));
-  with_groups(s.K, [&](auto groups) {
-    constexpr int kK = decltype(groups)::value;
-    at::parallel_for(0, s.N * s.Ho, grain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> rows((s.K - 1) * row);
-      for (int64_t r = begin; r < end; ++r) {
-        bypass_row<false>(x, s, r / s.Ho, r % s.Ho, rows.data(), static_cast<scalar_t*>(nullptr));
-        for (int64_t e = 0; e < E; ++e) {
-          interleave<kK>(results[e] + r * s.Wo * s.C, outs[e] + r * row, rows.data(), row, bw[e], row, s.K);
-        }
-      }
-    });
-  });
+template <typename scalar_t, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
+FASTDARTS_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  switch (a.s.K) {  // a switch, not a generic lambda: a lambda would be compiled for the baseline in every copy
+    case 2:
+      return forward_rows_of<scalar_t, kIsa, 2>(a, begin, end);
+    case 4:
+      return forward_rows_of<scalar_t, kIsa, 4>(a, begin, end);
+    case 8:
+      return forward_rows_of<scalar_t, kIsa, 8>(a, begin, end);
+    default:
+      return forward_rows_of<scalar_t, kIsa, 0>(a, begin, end);
+  }
 }
 
+FASTDARTS_CPU_ISA_COPIES(forward_rows)
+
 template <typename scalar_t>
-void backward_kernel(const scalar_t* x, const std::vector<const scalar_t*>& grads, const std::vector<scalar_t>& bw,
-                     const std::vector<scalar_t*>& ops_grads, scalar_t* grad_x, double* dots, const Shape& s) {
-  const int64_t E = static_cast<int64_t>(grads.size());
+struct BackwardArgs {
+  const scalar_t* x;
+  std::vector<const scalar_t*> grads;
+  std::vector<scalar_t> bw;
+  std::vector<scalar_t*> ops_grads;
+  scalar_t* grad_x;  // null without x_grad
+  double* dots;      // [N, E], null without bypass_w_grad
+  Shape s;
+};
+
+template <typename scalar_t, CpuIsa kIsa, int kK>
+FASTDARTS_ALWAYS_INLINE void backward_images_of(const BackwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  const Shape& s = a.s;
+  const int64_t E = static_cast<int64_t>(a.grads.size());
   const int64_t m = s.m, row = s.Wo * m;
-  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, s.Ho * s.Wo * s.C * (E + 1)));
-  with_groups(s.K, [&](auto groups) {
-    constexpr int kK = decltype(groups)::value;
-    at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> rows((s.K - 1) * row), totals((s.K - 1) * row, scalar_t(0));
-      std::vector<scalar_t> taps((s.K - 1) * row), zeros(dots == nullptr ? 0 : row), shuffled(zeros.size() * s.K);
-      for (int64_t n = begin; n < end; ++n) {
-        double* dot = dots == nullptr ? nullptr : dots + n * E;
-        if (dot != nullptr) {
-          std::fill(dot, dot + E, 0.0);
-        }
-        for (int64_t ho = 0; ho < s.Ho; ++ho) {
-          const int64_t r = n * s.Ho + ho;
-          if (grad_x != nullptr && s.stride == 2) {  // the pool's argmax too
-            bypass_row<true>(x, s, n, ho, rows.data(), taps.data());
-          } else if (dot != nullptr) {
-            bypass_row<false>(x, s, n, ho, rows.data(), taps.data());
-          }
-          if (dot != nullptr) {  // once per row for every edge's dot product
-            interleave<kK>(shuffled.data(), zeros.data(), rows.data(), row, scalar_t(1), row, s.K);
-          }
-          for (int64_t e = 0; e < E; ++e) {
-            deinterleave<kK>(grads[e] + r * s.Wo * s.C, ops_grads[e] + r * row,
-                             grad_x == nullptr ? nullptr : totals.data(), e == 0, shuffled.data(),
-                             dot == nullptr ? nullptr : dot + e, row, bw[e], row, s.K);
-          }
-          if (grad_x == nullptr) {
-            continue;
-          }
-          // dL/dx: zero in the ops' channels; the bypass's gradient in its channel, at stride 2 at its window's
-          // argmax (the windows do not overlap, so each pixel of x is written here once).
-          for (int64_t wo = 0; wo < s.Wo; ++wo) {
-            for (int64_t dh = 0; dh < s.stride && s.stride * ho + dh < s.H; ++dh) {
-              for (int64_t dw = 0; dw < s.stride && s.stride * wo + dw < s.W; ++dw) {
-                scalar_t* gx = grad_x + ((n * s.H + s.stride * ho + dh) * s.W + s.stride * wo + dw) * s.C;
-                const auto t = static_cast<scalar_t>(2 * dh + dw);
-                copy_short(gx, static_cast<const scalar_t*>(nullptr), m);
-                for (int64_t g = 1; g < s.K; ++g) {
-                  const scalar_t* __restrict__ total = totals.data() + (g - 1) * row + wo * m;
-                  const scalar_t* __restrict__ tap = taps.data() + (g - 1) * row + wo * m;
-                  scalar_t* __restrict__ out = gx + g * m;
-                  if (E == 0 || s.stride == 1) {
-                    copy_short(out, E == 0 ? nullptr : total, m);
-                  } else {
-                    routed_to_tap(out, total, tap, t, m);
-                  }
-                }
+  std::vector<scalar_t> rows((s.K - 1) * row), totals((s.K - 1) * row, scalar_t(0));
+  std::vector<scalar_t> taps((s.K - 1) * row), zeros(a.dots == nullptr ? 0 : row), shuffled(zeros.size() * s.K);
+  for (int64_t n = begin; n < end; ++n) {
+    double* dot = a.dots == nullptr ? nullptr : a.dots + n * E;
+    if (dot != nullptr) {
+      std::fill(dot, dot + E, 0.0);
+    }
+    for (int64_t ho = 0; ho < s.Ho; ++ho) {
+      const int64_t r = n * s.Ho + ho;
+      if (a.grad_x != nullptr && s.stride == 2) {  // the pool's argmax too
+        bypass_row<true>(a.x, s, n, ho, rows.data(), taps.data());
+      } else if (dot != nullptr) {
+        bypass_row<false>(a.x, s, n, ho, rows.data(), taps.data());
+      }
+      if (dot != nullptr) {  // once per row for every edge's dot product
+        interleave<kK>(shuffled.data(), zeros.data(), rows.data(), row, scalar_t(1), row, s.K);
+      }
+      for (int64_t e = 0; e < E; ++e) {
+        deinterleave<kK>(a.grads[e] + r * s.Wo * s.C, a.ops_grads[e] + r * row,
+                         a.grad_x == nullptr ? nullptr : totals.data(), e == 0, shuffled.data(),
+                         dot == nullptr ? nullptr : dot + e, row, a.bw[e], row, s.K);
+      }
+      if (a.grad_x == nullptr) {
+        continue;
+      }
+      // dL/dx: zero in the ops' channels; the bypass's gradient in its channel, at stride 2 at its window's
+      // argmax (the windows do not overlap, so each pixel of x is written here once).
+      for (int64_t wo = 0; wo < s.Wo; ++wo) {
+        for (int64_t dh = 0; dh < s.stride && s.stride * ho + dh < s.H; ++dh) {
+          for (int64_t dw = 0; dw < s.stride && s.stride * wo + dw < s.W; ++dw) {
+            scalar_t* gx = a.grad_x + ((n * s.H + s.stride * ho + dh) * s.W + s.stride * wo + dw) * s.C;
+            const auto t = static_cast<scalar_t>(2 * dh + dw);
+            copy_short(gx, static_cast<const scalar_t*>(nullptr), m);
+            for (int64_t g = 1; g < s.K; ++g) {
+              const scalar_t* __restrict__ total = totals.data() + (g - 1) * row + wo * m;
+              const scalar_t* __restrict__ tap = taps.data() + (g - 1) * row + wo * m;
+              scalar_t* __restrict__ out = gx + g * m;
+              if (E == 0 || s.stride == 1) {
+                copy_short(out, E == 0 ? nullptr : total, m);
+              } else {
+                routed_to_tap(out, total, tap, t, m);
               }
             }
           }
         }
       }
-    });
+    }
+  }
+}
+
+template <typename scalar_t, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
+FASTDARTS_ALWAYS_INLINE void backward_images(const BackwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  switch (a.s.K) {  // as in forward_rows
+    case 2:
+      return backward_images_of<scalar_t, kIsa, 2>(a, begin, end);
+    case 4:
+      return backward_images_of<scalar_t, kIsa, 4>(a, begin, end);
+    case 8:
+      return backward_images_of<scalar_t, kIsa, 8>(a, begin, end);
+    default:
+      return backward_images_of<scalar_t, kIsa, 0>(a, begin, end);
+  }
+}
+
+FASTDARTS_CPU_ISA_COPIES(backward_images)
+
+template <typename scalar_t>
+void forward_kernel(const ForwardArgs<scalar_t>& a) {
+  const Shape& s = a.s;
+  const int64_t E = static_cast<int64_t>(a.outs.size());
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, s.Wo * s.C * (E + 1)));
+  const CpuIsa isa = cpu_isa();  // once per call, before the threads start
+  at::parallel_for(0, s.N * s.Ho, grain, [&](int64_t begin, int64_t end) {
+    FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_rows, scalar_t, a, begin, end);
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const BackwardArgs<scalar_t>& a) {
+  const Shape& s = a.s;
+  const int64_t E = static_cast<int64_t>(a.grads.size());
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, s.Ho * s.Wo * s.C * (E + 1)));
+  const CpuIsa isa = cpu_isa();  // once per call, before the threads start
+  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+    FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_images, scalar_t, a, begin, end);
   });
 }
 
@@ -356,8 +406,7 @@ std::vector<at::Tensor> partial_channel_outputs_cpu(at::TensorList outs, const a
       out_data.push_back(inputs[e].const_data_ptr<scalar_t>());
       result_data.push_back(results[e].data_ptr<scalar_t>());
     }
-    forward_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), out_data, values_of<scalar_t>(bypass_w, E), result_data,
-                             s);
+    forward_kernel<scalar_t>({xc.const_data_ptr<scalar_t>(), out_data, values_of<scalar_t>(bypass_w, E), result_data, s});
   });
   return results;
 }
@@ -403,9 +452,9 @@ partial_channel_outputs_backward_cpu(const c10::List<std::optional<at::Tensor>>&
       grad_data.push_back(inputs[i].const_data_ptr<scalar_t>());
       ops_grad_data.push_back(ops_grads[i].data_ptr<scalar_t>());
     }
-    backward_kernel<scalar_t>(xc.const_data_ptr<scalar_t>(), grad_data, w, ops_grad_data,
-                              grad_x.has_value() ? grad_x->data_ptr<scalar_t>() : nullptr,
-                              bypass_w_grad ? dots.data_ptr<double>() : nullptr, s);
+    backward_kernel<scalar_t>({xc.const_data_ptr<scalar_t>(), grad_data, w, ops_grad_data,
+                               grad_x.has_value() ? grad_x->data_ptr<scalar_t>() : nullptr,
+                               bypass_w_grad ? dots.data_ptr<double>() : nullptr, s});
     if (bypass_w_grad) {
       const std::vector<double> totals = add_slots(dots.const_data_ptr<double>(), s.N, G);
       grad_bypass_w = at::zeros({E}, x.options());

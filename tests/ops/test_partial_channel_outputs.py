@@ -53,7 +53,7 @@ def reference_backward(x, outs, bypass_w, grads, K, stride):
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
 @pytest.mark.parametrize("case", CASES, ids=["x".join(map(str, s)) + f"-K{K}" for s, K in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_forward_and_backward_match_reference(dtype, case, stride, with_w):
+def test_forward_and_backward_match_reference(dtype, case, stride, with_w, cpu_isa):
     shape, K = case
     x, outs, bypass_w, grads = make_inputs(shape, K, stride, 3, dtype, with_w)
     got = torch.ops.fastdarts.partial_channel_outputs(outs, x, K, stride, bypass_w)
@@ -93,7 +93,7 @@ def test_only_what_is_asked_and_no_gradient_given(stride):
     assert torch.equal(grad_x, torch.zeros_like(x)) and torch.equal(grad_w, torch.zeros(2, dtype=x.dtype))
 
 
-def test_stride2_ties_and_nans_route_as_max_pool2d():
+def test_stride2_ties_and_nans_route_as_max_pool2d(cpu_isa):
     # Ties take the first maximum in scan order, a NaN wins (the last NaN of a window), as ATen's max_pool2d.
     x, outs, bypass_w, grads = make_inputs((2, 8, 5, 7), 2, 2, 2)
     x = torch.randint(0, 2, x.shape, generator=torch.Generator().manual_seed(1)).double().contiguous(memory_format=CL)
@@ -108,7 +108,7 @@ def test_stride2_ties_and_nans_route_as_max_pool2d():
     torch.testing.assert_close(grad_x, want_x, rtol=1e-12, atol=1e-12)
 
 
-def test_bypass_w_gradient_does_not_depend_on_the_thread_count():
+def test_bypass_w_gradient_does_not_depend_on_the_thread_count(cpu_isa):
     x, outs, bypass_w, grads = make_inputs((8, 16, 9, 9), 4, 1, 3, torch.float32)
     threads = torch.get_num_threads()
     results = []
