@@ -56,6 +56,7 @@
 #include <vector>
 
 #include "fastdarts/checks.h"
+#include "fastdarts/cpu_common.h"
 #include "fastdarts/cpu_isa.h"
 
 namespace fastdarts {
@@ -496,7 +497,7 @@ at::Tensor bn_weighted_sum_cpu(at::TensorList ts, const at::Tensor& w, const at:
     const ForwardArgs<scalar_t> f{g, data_pointers<scalar_t>(inputs), mean_p.data(), coef_p.data(),
                                   out.work.data_ptr<scalar_t>()};
     const bool stream = streams<scalar_t>(g, isa, {f.out});
-    at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
+    parallel_for_balanced(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
       if (stream) {
         FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_units_streamed, scalar_t, f, begin, end);
       } else {
@@ -574,7 +575,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
     for (Output& o : grad_outs) {
       p.grad_ts.push_back(o.work.data_ptr<scalar_t>());
     }
-    at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
+    parallel_for_balanced(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
       std::vector<double> acc((K + 1) * g.group);
       FASTDARTS_CALL_FOR_CPU_ISA(isa, reduce_units, scalar_t, p, begin, end, acc.data());
     });
@@ -609,7 +610,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
       p.b = b_p.data();
       p.e = e_p.data();
       p.stream = streams<scalar_t>(g, isa, p.grad_ts);
-      at::parallel_for(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
+      parallel_for_balanced(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
         FASTDARTS_CALL_FOR_CPU_ISA(isa, normalised_grad_units, scalar_t, p, begin, end);
       });
     }

@@ -369,7 +369,7 @@ void forward_kernel(const ForwardArgs<scalar_t>& a) {
   const int64_t E = static_cast<int64_t>(a.outs.size());
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, s.Wo * s.C * (E + 1)));
   const CpuIsa isa = cpu_isa();  // once per call, before the threads start
-  at::parallel_for(0, s.N * s.Ho, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(0, s.N * s.Ho, grain, [&](int64_t begin, int64_t end) {
     FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_rows, scalar_t, a, begin, end);
   });
 }
@@ -380,7 +380,7 @@ void backward_kernel(const BackwardArgs<scalar_t>& a) {
   const int64_t E = static_cast<int64_t>(a.grads.size());
   const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, s.Ho * s.Wo * s.C * (E + 1)));
   const CpuIsa isa = cpu_isa();  // once per call, before the threads start
-  at::parallel_for(0, s.N, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(0, s.N, grain, [&](int64_t begin, int64_t end) {
     FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_images, scalar_t, a, begin, end);
   });
 }

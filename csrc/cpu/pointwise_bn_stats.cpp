@@ -503,7 +503,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(at::TensorLi
       a.outs.push_back(out.data_ptr<scalar_t>());
     }
     if (g.rows > 0) {
-      at::parallel_for(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
+      parallel_for_balanced(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
         // zeros: the tile's padding columns and rows are never written, and the products read them
         at::Tensor buffers = at::zeros({g.P_r * (g.Kp() + g.Np()) + 2 * g.Np()}, x0.options());
         scalar_t* tile = buffers.data_ptr<scalar_t>();
@@ -572,7 +572,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>> backwa
     }
     a.partials = weight_grad ? partials.data_ptr<scalar_t>() : nullptr;
     if (g.rows > 0) {
-      at::parallel_for(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
+      parallel_for_balanced(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
         at::Tensor buffers = at::zeros({g.P_r * (2 * g.Kp() + g.Np())}, x0.options());
         scalar_t* tile = buffers.data_ptr<scalar_t>();
         FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_chunks, scalar_t, a, begin, end, tile, tile + g.P_r * g.Kp(),

@@ -610,7 +610,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bn_stats_cpu(con
     const int64_t chunk_rows = std::max<int64_t>(1, kTaskValues / (f.Wo * C));
     const int64_t num_chunks = (num_rows + chunk_rows - 1) / chunk_rows;
     std::vector<double> slots(num_chunks * 4 * C, 0.0);
-    at::parallel_for(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
+    parallel_for_balanced(0, num_chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         const int64_t first = chunk * chunk_rows;
         FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_rows, scalar_t, f, first, std::min(first + chunk_rows, num_rows),
@@ -683,7 +683,7 @@ at::Tensor pool_bn_stats_backward_cpu(const std::optional<at::Tensor>& grad_max,
                                    vectors ? x.size(1) / kNarrow<scalar_t> * kNarrow<scalar_t> : 0};
     // Whole images per task (their windows overlap only within an image); one image is already a few
     // microseconds of work at the smallest DARTS shapes.
-    at::parallel_for(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
+    parallel_for_balanced(0, x.size(0), 1, [&](int64_t begin, int64_t end) {
       FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_images_any, scalar_t, b, begin, end);
     });
   });

@@ -867,7 +867,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(
       f.moments = moments.data();
     }
     if (x.numel() > 0) {
-      at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
+      parallel_for_balanced(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
         at::Tensor tile = scratch(g.input.size(), x);
         at::Tensor rows = scratch((with_pointwise ? 2 : 1) * g.Wo_r * g.col + 2 * g.Cp, x);
         scalar_t* row = rows.data_ptr<scalar_t>();
@@ -974,7 +974,7 @@ backward(
       b.input_sums = sum_slots.data();
     }
     if (x.numel() > 0) {
-      at::parallel_for(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
+      parallel_for_balanced(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
         // grad_w and the 1x1 gradient read r; grad_x's mask reads relu(x), the normalisation's sums u
         const bool want_input_tile = weight_grad || relu || b.input_sums != nullptr;
         at::Tensor input_tile = scratch(want_input_tile ? g.input.size() : 0, x);

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "fastdarts/checks.h"
+#include "fastdarts/cpu_common.h"
 
 namespace fastdarts {
 namespace {
@@ -67,7 +68,7 @@ template <typename scalar_t>
 void weighted_sum_kernel(const std::vector<const scalar_t*>& xs, const std::vector<scalar_t>& w, scalar_t* out,
                          int64_t n) {
   const int64_t K = static_cast<int64_t>(xs.size());
-  at::parallel_for(0, n, grain(K + 1), [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(0, n, grain(K + 1), [&](int64_t begin, int64_t end) {
     for (int64_t lo = begin; lo < end; lo += kBlock) {
       const int64_t len = std::min(kBlock, end - lo);
       scalar_t* __restrict__ o = out + lo;
@@ -94,7 +95,7 @@ void weighted_sum_backward_kernel(const scalar_t* grad, const std::vector<const 
   const int64_t K = static_cast<int64_t>(xs.size());
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
   std::vector<double> partial(num_chunks * K);  // partial[c * K + k]: chunk c's share of grad_w[k]
-  at::parallel_for(0, num_chunks, grain(2 * K + 1, kChunk), [&](int64_t begin, int64_t end) {
+  parallel_for_balanced(0, num_chunks, grain(2 * K + 1, kChunk), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const int64_t lo = c * kChunk;
       const int64_t len = std::min(kChunk, n - lo);
