@@ -119,7 +119,8 @@ FASTDARTS_ALWAYS_INLINE void copy_short(scalar_t* __restrict__ out, const scalar
 // is the maximum of its 2x2 window, and taps[...] (when given) the window's tap it came from (0..3 in scan order,
 // held as scalar_t so that the selects vectorise with the values').
 template <bool kTaps, typename scalar_t>
-FASTDARTS_ALWAYS_INLINE void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar_t* rows, scalar_t* taps) {
+FASTDARTS_ALWAYS_INLINE void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar_t* rows,
+                                        scalar_t* taps) {
   const int64_t m = s.m, row = s.Wo * m;
   for (int64_t wo = 0; wo < s.Wo; ++wo) {
     for (int64_t g = 1; g < s.K; ++g) {
@@ -169,8 +170,8 @@ FASTDARTS_ALWAYS_INLINE void bypass_row(const scalar_t* x, const Shape& s, int64
 // out[c] = total[c] where tap[c] is t, else 0: the pool's gradient at one pixel of its windows. In 16-byte vectors,
 // whose selects have no branch.
 template <typename scalar_t>
-FASTDARTS_ALWAYS_INLINE void routed_to_tap(scalar_t* __restrict__ out, const scalar_t* __restrict__ total, const scalar_t* __restrict__ tap,
-                   scalar_t t, int64_t m) {
+FASTDARTS_ALWAYS_INLINE void routed_to_tap(scalar_t* __restrict__ out, const scalar_t* __restrict__ total,
+                                           const scalar_t* __restrict__ tap, scalar_t t, int64_t m) {
   using V16 = V16Of<scalar_t>;
   int64_t c = 0;
   for (; c + kLanes16Of<scalar_t> <= m; c += kLanes16Of<scalar_t>) {
@@ -188,8 +189,9 @@ FASTDARTS_ALWAYS_INLINE void routed_to_tap(scalar_t* __restrict__ out, const sca
 // compile time (kK > 0) the compiler turns the K interleaved streams into vector shuffles; kK = 0 reads K at run
 // time.
 template <int kK, typename scalar_t>
-FASTDARTS_ALWAYS_INLINE void interleave(scalar_t* __restrict__ out, const scalar_t* __restrict__ ops, const scalar_t* __restrict__ rows,
-                int64_t row, scalar_t w, int64_t count, int64_t K) {
+FASTDARTS_ALWAYS_INLINE void interleave(scalar_t* __restrict__ out, const scalar_t* __restrict__ ops,
+                                        const scalar_t* __restrict__ rows, int64_t row, scalar_t w, int64_t count,
+                                        int64_t K) {
   if constexpr (kK > 0) {
     K = kK;
   }
@@ -205,9 +207,10 @@ FASTDARTS_ALWAYS_INLINE void interleave(scalar_t* __restrict__ out, const scalar
 // (first edge) or plus it (later edges: the edges' sum in edge order, as weighted_sum adds); and, when dot is given,
 // the dot product of the row with `shuffled`, the bypass in its places of an output row (zeros in the ops' channels).
 template <int kK, typename scalar_t>
-FASTDARTS_ALWAYS_INLINE void deinterleave(const scalar_t* __restrict__ grad, scalar_t* __restrict__ ops_grad, scalar_t* __restrict__ totals,
-                  bool first, const scalar_t* __restrict__ shuffled, double* dot, int64_t row, scalar_t w,
-                  int64_t count, int64_t K) {
+FASTDARTS_ALWAYS_INLINE void deinterleave(const scalar_t* __restrict__ grad, scalar_t* __restrict__ ops_grad,
+                                          scalar_t* __restrict__ totals, bool first,
+                                          const scalar_t* __restrict__ shuffled, double* dot, int64_t row,
+                                          scalar_t w, int64_t count, int64_t K) {
   if constexpr (kK > 0) {
     K = kK;
   }
@@ -406,7 +409,8 @@ std::vector<at::Tensor> partial_channel_outputs_cpu(at::TensorList outs, const a
       out_data.push_back(inputs[e].const_data_ptr<scalar_t>());
       result_data.push_back(results[e].data_ptr<scalar_t>());
     }
-    forward_kernel<scalar_t>({xc.const_data_ptr<scalar_t>(), out_data, values_of<scalar_t>(bypass_w, E), result_data, s});
+    forward_kernel<scalar_t>(
+        {xc.const_data_ptr<scalar_t>(), out_data, values_of<scalar_t>(bypass_w, E), result_data, s});
   });
   return results;
 }
