@@ -293,27 +293,24 @@ def _read_cifar_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.n
     labels = _integers(entry[key], "labels", path, layout)
     if data.size and (data.min() < 0 or data.max() > 255):
         raise DataError(f"{path}: {layout.name} data must be pixel values in 0..255")
-    data = data.astype(np.uint8)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.ndim != 1 or len(labels) != len(data):
         raise DataError(f"{path}: {layout.name} batch has data of shape {data.shape} and {labels.size} labels")
     if len(labels) and (labels.min() < 0 or labels.max() >= layout.num_classes):
         raise DataError(f"{path}: {layout.name} labels must lie in 0..{layout.num_classes - 1}")
-    return data.reshape(-1, 3, 32, 32), labels
+    # Both checked above, so the casts keep every value (a real batch's uint8 pixels are not copied).
+    return data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
 def _integers(values, name: str, path: Path, layout: CifarLayout) -> np.ndarray:
-    """`values` as an int64 array, or a DataError: a cast would turn floats (normalised pixels, say) or out-of-range
-    numbers into other values without a word."""
+    """`values` as an array of integers in their own dtype, or a DataError: casting floats (normalised pixels, say)
+    to integers would change them without a word. The caller checks the range before it casts."""
     try:
         array = np.asarray(values)
     except (TypeError, ValueError) as e:
         raise DataError(f"{path}: {layout.name} batch holds {name} that are not numbers ({e})") from None
     if array.size and array.dtype.kind not in "iu":
         raise DataError(f"{path}: {layout.name} batch holds {name} that are not integers ({array.dtype} values)")
-    try:
-        return array.astype(np.int64)
-    except (TypeError, ValueError, OverflowError) as e:  # e.g. uint64 values past int64
-        raise DataError(f"{path}: {layout.name} batch holds {name} that are not numbers ({e})") from None
+    return array
 
 
 def _write_cifar_batch(path: str | Path, images, labels, label_key: str) -> None:
