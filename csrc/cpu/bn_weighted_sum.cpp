@@ -185,27 +185,33 @@ struct ForwardArgs {
   T* out;
 };
 
-template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
-FASTDARTS_ALWAYS_INLINE void forward_units(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
+// The forward of one group, the len values from lo: out's group stays in L1 while the K inputs are added into it.
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void forward_group(const ForwardArgs<T>& f, int64_t lo, int64_t len) {
   const int64_t K = static_cast<int64_t>(f.ts.size());
   const int64_t G = f.g.group;
-  for (int64_t lo = f.g.begin(begin); lo < f.g.end(end - 1); lo += G) {
-    const int64_t len = std::min(G, f.g.end(end - 1) - lo);
-    T* __restrict__ o = f.out + lo;
-    for (int64_t k = 0; k < K; ++k) {
-      const T* __restrict__ t = f.ts[k] + lo;
-      const T* __restrict__ m = f.mean + k * G;
-      const T* __restrict__ c = f.coef + k * G;
-      if (k == 0) {
-        for (int64_t j = 0; j < len; ++j) {
-          o[j] = (t[j] - m[j]) * c[j];
-        }
-      } else {
-        for (int64_t j = 0; j < len; ++j) {
-          o[j] += (t[j] - m[j]) * c[j];
-        }
+  T* __restrict__ o = f.out + lo;
+  for (int64_t k = 0; k < K; ++k) {
+    const T* __restrict__ t = f.ts[k] + lo;
+    const T* __restrict__ m = f.mean + k * G;
+    const T* __restrict__ c = f.coef + k * G;
+    if (k == 0) {
+      for (int64_t j = 0; j < len; ++j) {
+        o[j] = (t[j] - m[j]) * c[j];
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        o[j] += (t[j] - m[j]) * c[j];
       }
     }
+  }
+}
+
+template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
+FASTDARTS_ALWAYS_INLINE void forward_units(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
+  const int64_t stop = f.g.end(end - 1);
+  for (int64_t lo = f.g.begin(begin); lo < stop; lo += f.g.group) {
+    forward_group(f, lo, std::min(f.g.group, stop - lo));
   }
 }
 
@@ -249,7 +255,7 @@ FASTDARTS_ALWAYS_INLINE void forward_groups_streamed(const ForwardArgs<T>& f, in
 }
 
 // forward_units with out streamed (where streams() allows it): whole groups through forward_groups_streamed, the
-// tensor's last, partial group (if any) value by value in the same order.
+// tensor's last, partial group (if any) through forward_group.
 template <typename T, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
 FASTDARTS_ALWAYS_INLINE void forward_units_streamed(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
   const int64_t G = f.g.group;
@@ -262,13 +268,8 @@ FASTDARTS_ALWAYS_INLINE void forward_units_streamed(const ForwardArgs<T>& f, int
       forward_groups_streamed<T, kIsa, 8>(f, lo, whole);
     }
   }
-  const int64_t K = static_cast<int64_t>(f.ts.size());
-  for (int64_t j = whole; j < stop; ++j) {
-    T o = (f.ts[0][j] - f.mean[j - whole]) * f.coef[j - whole];
-    for (int64_t k = 1; k < K; ++k) {
-      o += (f.ts[k][j] - f.mean[k * G + j - whole]) * f.coef[k * G + j - whole];
-    }
-    f.out[j] = o;
+  if (whole < stop) {
+    forward_group(f, whole, stop - whole);
   }
   store_fence();
 }
