@@ -19,11 +19,13 @@
 
 #include "fastdarts/checks.h"
 #include "fastdarts/cpu_common.h"
+#include "fastdarts/cpu_isa.h"
 
 namespace fastdarts {
 namespace {
 
-// Forward block: the output block (4 KiB in float32) stays in L1 while all K inputs are added in.
+// Forward block: the unit of work handed to a thread (4 KiB of output in float32, a whole number of vectors and of
+// 64-byte lines).
 constexpr int64_t kBlock = 1024;
 // Backward chunk. The chunking does not depend on the thread count and the per-chunk dot products
 // are combined in chunk order, so grad_w is identical bit for bit however the threads are scheduled.
@@ -64,26 +66,98 @@ std::vector<scalar_t> weight_values(const at::Tensor& w) {
   return std::vector<scalar_t>(begin, begin + contiguous.numel());
 }
 
+// The forward's output is written by non-temporal stores from this many bytes on, where the tier's vectors cover it
+// (not on the baseline): a plain store reads each line before writing it, one more tensor of traffic on top of the
+// K + 1 a sum of K inputs moves.
+constexpr int64_t kStreamBytes = int64_t{2} << 20;
+
+template <typename T>
+struct ForwardArgs {
+  std::vector<const T*> xs;
+  std::vector<T> w;
+  T* out;
+  int64_t n;
+};
+
+// out[i] for i in [lo, hi): w[0] xs[0][i], then + w[k] xs[k][i] for k = 1, 2, ... in turn (the same order, so the
+// same bits, whether a value goes through the vector or the scalar loop).
+template <typename T>
+FASTDARTS_ALWAYS_INLINE void forward_values(const ForwardArgs<T>& f, int64_t lo, int64_t hi) {
+  const int64_t K = static_cast<int64_t>(f.xs.size());
+  for (int64_t i = lo; i < hi; ++i) {
+    T acc = f.w[0] * f.xs[0][i];
+    for (int64_t k = 1; k < K; ++k) {
+      acc += f.w[k] * f.xs[k][i];
+    }
+    f.out[i] = acc;
+  }
+}
+
+// The forward of blocks [begin, end) (of kBlock values): each run of kNV vectors summed over the K inputs in
+// registers, then stored once (streamed when kStream; then out + begin is a vector boundary).
+template <typename T, CpuIsa kIsa, bool kStream>
+FASTDARTS_ALWAYS_INLINE void forward_blocks(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
+  using V = Vec<T, kIsa>;
+  constexpr int64_t L = kLanes<T, kIsa>;
+  constexpr int64_t kNV = 4;  // 4 independent sums: enough loads in flight to cover the latency
+  const int64_t K = static_cast<int64_t>(f.xs.size());
+  const int64_t lo = begin * kBlock, hi = std::min(end * kBlock, f.n);
+  int64_t i = lo;
+  for (; i + kNV * L <= hi; i += kNV * L) {
+    V acc[kNV];
+    V wv = V{} + f.w[0];
+#pragma GCC unroll 4
+    for (int64_t v = 0; v < kNV; ++v) {
+      vec_load(acc[v], f.xs[0] + i + v * L);
+      acc[v] = wv * acc[v];
+    }
+    for (int64_t k = 1; k < K; ++k) {
+      wv = V{} + f.w[k];
+      const T* x = f.xs[k] + i;
+#pragma GCC unroll 4
+      for (int64_t v = 0; v < kNV; ++v) {
+        V xv;
+        vec_load(xv, x + v * L);
+        acc[v] += wv * xv;
+      }
+    }
+#pragma GCC unroll 4
+    for (int64_t v = 0; v < kNV; ++v) {
+      if constexpr (kStream) {
+        vec_stream(f.out + i + v * L, acc[v]);
+      } else {
+        vec_store(f.out + i + v * L, acc[v]);
+      }
+    }
+  }
+  forward_values(f, i, hi);
+  if constexpr (kStream) {
+    store_fence();
+  }
+}
+
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void forward_plain(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
+  forward_blocks<T, kIsa, false>(f, begin, end);
+}
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void forward_streamed(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
+  forward_blocks<T, kIsa, true>(f, begin, end);
+}
+FASTDARTS_CPU_ISA_COPIES(forward_plain)
+FASTDARTS_CPU_ISA_COPIES(forward_streamed)
+
 template <typename scalar_t>
-void weighted_sum_kernel(const std::vector<const scalar_t*>& xs, const std::vector<scalar_t>& w, scalar_t* out,
-                         int64_t n) {
-  const int64_t K = static_cast<int64_t>(xs.size());
-  parallel_for_balanced(0, n, grain(K + 1), [&](int64_t begin, int64_t end) {
-    for (int64_t lo = begin; lo < end; lo += kBlock) {
-      const int64_t len = std::min(kBlock, end - lo);
-      scalar_t* __restrict__ o = out + lo;
-      const scalar_t* __restrict__ x0 = xs[0] + lo;
-      const scalar_t w0 = w[0];
-      for (int64_t i = 0; i < len; ++i) {
-        o[i] = w0 * x0[i];
-      }
-      for (int64_t k = 1; k < K; ++k) {
-        const scalar_t* __restrict__ x = xs[k] + lo;
-        const scalar_t wk = w[k];
-        for (int64_t i = 0; i < len; ++i) {
-          o[i] += wk * x[i];
-        }
-      }
+void weighted_sum_kernel(const ForwardArgs<scalar_t>& f) {
+  const CpuIsa isa = cpu_isa();  // once per call, before the threads start
+  const bool stream = isa != CpuIsa::kBaseline && f.n * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes &&
+                      reinterpret_cast<uintptr_t>(f.out) % vec_bytes(isa) == 0;
+  const int64_t K = static_cast<int64_t>(f.xs.size());
+  parallel_for_balanced(0, (f.n + kBlock - 1) / kBlock, grain(K + 1, kBlock), [&](int64_t begin, int64_t end) {
+    if (stream) {
+      FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_streamed, scalar_t, f, begin, end);
+    } else {
+      FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_plain, scalar_t, f, begin, end);
     }
   });
 }
@@ -138,8 +212,8 @@ at::Tensor weighted_sum_cpu(at::TensorList xs, const at::Tensor& w) {
     inputs.push_back(with_layout_of(x, out));
   }
   AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "weighted_sum_cpu", [&] {
-    weighted_sum_kernel<scalar_t>(data_pointers<scalar_t>(inputs), weight_values<scalar_t>(w),
-                                  out.data_ptr<scalar_t>(), out.numel());
+    weighted_sum_kernel<scalar_t>({data_pointers<scalar_t>(inputs), weight_values<scalar_t>(w),
+                                   out.data_ptr<scalar_t>(), out.numel()});
   });
   return out;
 }
