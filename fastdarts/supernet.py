@@ -234,6 +234,32 @@ class _ConcatChannels(torch.autograd.Function):
                      zip(parts, ctx.layouts))  # fmt: skip
 
 
+class _NodeSum(torch.autograd.Function):
+    """The sum of a node's incoming edge outputs by one weighted_sum pass with unit weights (the same bits as adding
+    them in turn: each term is added to the running sum once), whose backward hands every term the node's gradient
+    as it is (weighted_sum's own backward would write a scaled copy for each)."""
+
+    @staticmethod
+    def forward(ctx, *outs: torch.Tensor) -> torch.Tensor:
+        ctx.terms = len(outs)
+        return ops.weighted_sum(outs, outs[0].new_ones(len(outs)))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (grad,) * ctx.terms
+
+
+def _node_sum(outs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """sum(outs) in order, as DARTS's cell sums a node's inputs. On the kernels, three or more terms take one pass
+    (a chain of adds reads each partial sum back and writes it again); the reference adds them in turn."""
+    if len(outs) > 2 and ops.select("weighted_sum", outs[0].device) != "reference":
+        return _NodeSum.apply(*outs)
+    node = outs[0]
+    for out in outs[1:]:
+        node = node + out
+    return node
+
+
 # A state of the network: a tensor, or a cell's output as its nodes, whose concatenation along the channels it is.
 State = torch.Tensor | list[torch.Tensor]
 
@@ -337,10 +363,9 @@ class SearchCell(nn.Module):
         self._leave(0, states[0], weights, columns, incoming, auxiliary_skip, edge_scale)
         self._leave(1, states[1], weights, columns, incoming, auxiliary_skip, edge_scale)
         for i in range(self.steps):
-            node = None
-            for out in incoming[i]:
-                node = out if node is None else node + out
-            if node is None:  # every incoming edge selected only `none`
+            if incoming[i]:
+                node = _node_sum(incoming[i])
+            else:  # every incoming edge selected only `none`
                 node = self.edges[self._edge_index(i, 0)].zeros(states[0])
             states.append(node)
             if i + 1 < self.steps:
