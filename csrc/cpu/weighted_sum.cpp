@@ -24,8 +24,7 @@
 namespace fastdarts {
 namespace {
 
-// Forward block: the unit of work handed to a thread (4 KiB of output in float32, a whole number of vectors and of
-// 64-byte lines).
+// Forward block: the unit of work handed to a thread (4 KiB of output in float32, a whole number of vectors).
 constexpr int64_t kBlock = 1024;
 // Backward chunk. The chunking does not depend on the thread count and the per-chunk dot products
 // are combined in chunk order, so grad_w is identical bit for bit however the threads are scheduled.
@@ -66,11 +65,6 @@ std::vector<scalar_t> weight_values(const at::Tensor& w) {
   return std::vector<scalar_t>(begin, begin + contiguous.numel());
 }
 
-// The forward's output is written by non-temporal stores from this many bytes on, where the tier's vectors cover it
-// (not on the baseline): a plain store reads each line before writing it, one more tensor of traffic on top of the
-// K + 1 a sum of K inputs moves.
-constexpr int64_t kStreamBytes = int64_t{2} << 20;
-
 template <typename T>
 struct ForwardArgs {
   std::vector<const T*> xs;
@@ -94,8 +88,10 @@ FASTDARTS_ALWAYS_INLINE void forward_values(const ForwardArgs<T>& f, int64_t lo,
 }
 
 // The forward of blocks [begin, end) (of kBlock values): each run of kNV vectors summed over the K inputs in
-// registers, then stored once (streamed when kStream; then out + begin is a vector boundary).
-template <typename T, CpuIsa kIsa, bool kStream>
+// registers, then stored once. Plain stores, not non-temporal ones: the output is read right away (a node's sum by
+// the edges leaving it, dL/dx by the op before), and from the cache that a non-temporal store would bypass; with
+// streamed stores a sum and a pass reading it took no less time than with plain ones (benchmarks/RESULTS.md).
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void forward_blocks(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
   using V = Vec<T, kIsa>;
   constexpr int64_t L = kLanes<T, kIsa>;
@@ -123,42 +119,20 @@ FASTDARTS_ALWAYS_INLINE void forward_blocks(const ForwardArgs<T>& f, int64_t beg
     }
 #pragma GCC unroll 4
     for (int64_t v = 0; v < kNV; ++v) {
-      if constexpr (kStream) {
-        vec_stream(f.out + i + v * L, acc[v]);
-      } else {
-        vec_store(f.out + i + v * L, acc[v]);
-      }
+      vec_store(f.out + i + v * L, acc[v]);
     }
   }
   forward_values(f, i, hi);
-  if constexpr (kStream) {
-    store_fence();
-  }
 }
 
-template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void forward_plain(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
-  forward_blocks<T, kIsa, false>(f, begin, end);
-}
-template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void forward_streamed(const ForwardArgs<T>& f, int64_t begin, int64_t end) {
-  forward_blocks<T, kIsa, true>(f, begin, end);
-}
-FASTDARTS_CPU_ISA_COPIES(forward_plain)
-FASTDARTS_CPU_ISA_COPIES(forward_streamed)
+FASTDARTS_CPU_ISA_COPIES(forward_blocks)
 
 template <typename scalar_t>
 void weighted_sum_kernel(const ForwardArgs<scalar_t>& f) {
   const CpuIsa isa = cpu_isa();  // once per call, before the threads start
-  const bool stream = isa != CpuIsa::kBaseline && f.n * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamBytes &&
-                      reinterpret_cast<uintptr_t>(f.out) % vec_bytes(isa) == 0;
   const int64_t K = static_cast<int64_t>(f.xs.size());
   parallel_for_balanced(0, (f.n + kBlock - 1) / kBlock, grain(K + 1, kBlock), [&](int64_t begin, int64_t end) {
-    if (stream) {
-      FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_streamed, scalar_t, f, begin, end);
-    } else {
-      FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_plain, scalar_t, f, begin, end);
-    }
+    FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_blocks, scalar_t, f, begin, end);
   });
 }
 

@@ -61,8 +61,8 @@ def test_cpp_matches_reference(K, shape, layout, dtype, cpu_isa):
     torch.testing.assert_close(grad_w.double(), truth, rtol=2e-7 if dtype == torch.float32 else 1e-12, atol=1e-10)
 
 
-# Sums whose output the forward writes by non-temporal stores (2 MiB and more) and smaller ones, with a partial last
-# vector (the 9 x 7 images) and none: the forward's vector loop, its scalar tail and its streamed stores.
+# Small sums and sums of many blocks, with a partial last run of vectors (the 9 x 7 and 96 x 97 images) and none: the
+# forward's vector loop and its scalar tail, on one thread and on several.
 UNIT_WEIGHT_CASES = [((3, 4, 7, 9), torch.float32), ((2, 16, 8, 8), torch.float64), ((4, 16, 96, 97), torch.float32),
                      ((2, 16, 96, 97), torch.float64)]  # fmt: skip
 
@@ -73,14 +73,14 @@ UNIT_WEIGHT_CASES = [((3, 4, 7, 9), torch.float32), ((2, 16, 8, 8), torch.float6
 @pytest.mark.parametrize("K", [2, 5])
 def test_unit_weights_give_the_bits_of_adding_in_turn(K, shape, dtype, cpu_isa):
     # What a supernet node's sum relies on: one pass with weights 1 adds each term to the running sum as adding the
-    # terms in turn does, on every tier, streamed or not.
+    # terms in turn does, on every tier.
     xs = [torch.randn(shape, dtype=dtype).contiguous(memory_format=torch.channels_last) for _ in range(K)]
     expected = xs[0]
     for x in xs[1:]:
         expected = expected + x
     out = ops.weighted_sum(xs, torch.ones(K, dtype=dtype), backend="cpp")
     assert torch.equal(out, expected)
-    # and other weights, streamed or not, match the reference
+    # and other weights match the reference
     w = torch.randn(K, dtype=dtype)
     tol = TOLERANCES[dtype]["out"]
     torch.testing.assert_close(ops.weighted_sum(xs, w, backend="cpp"), reference.weighted_sum(xs, w), **tol)
