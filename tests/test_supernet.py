@@ -209,6 +209,43 @@ def test_a_state_is_preprocessed_once_for_the_cells_that_read_it():
         torch.testing.assert_close(got_state[name], r, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@requires_ext
+def test_a_node_of_three_or_more_edges_is_summed_in_one_pass_with_the_bits_of_the_adds():
+    """On the C++ kernels a cell's nodes 1-3 (3, 4 and 5 incoming edges) are one weighted_sum call each, whose value
+    is, bit for bit, the edges' outputs added in input order, and whose backward hands every edge the node's
+    gradient; node 0's two edges still add. The cell's outputs and gradients are the reference's."""
+    torch.manual_seed(0)
+    cell = supernet.SearchCell(4, 4, 8, 8, 8, reduction=False, reduction_prev=False)
+    s0, s1 = (torch.randn(3, 8, 6, 6).contiguous(memory_format=torch.channels_last) for _ in range(2))
+    weights = torch.randn(14, len(PRIMITIVES)).softmax(-1).requires_grad_()
+    sums = []
+    node_sum = supernet._NodeSum.apply
+
+    def counted(*outs):
+        sums.append(len(outs))
+        return node_sum(*outs)
+
+    results = {}
+    for backend in ("reference", "cpp"):
+        sums.clear()
+        with ops.use_backend(backend), mock.patch.object(supernet._NodeSum, "apply", counted):
+            nodes = cell.nodes(s0, s1, weights)
+            grads = torch.autograd.grad(sum((n * n).sum() for n in nodes), [weights, *cell.edges.parameters()])
+        assert sums == ([] if backend == "reference" else [3, 4, 5])
+        results[backend] = nodes, grads
+    (nodes, grads), (want_nodes, want_grads) = results["cpp"], results["reference"]
+    for got, want in zip(nodes, want_nodes):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4)
+    outs = [torch.randn(2, 4, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(4)]
+    with ops.use_backend("cpp"):
+        node = supernet._node_sum(outs)
+    assert torch.equal(node, ((outs[0] + outs[1]) + outs[2]) + outs[3])
+    grad = torch.randn_like(node)
+    assert all(g.data_ptr() == grad.data_ptr() for g in torch.autograd.grad(node, outs, grad))  # no copies
+
+
 class _PermutedOps(DARTSMethod):
     """DARTS over its ops in another column order, `none` left out (as a 7-op method declares them)."""
 
