@@ -62,7 +62,7 @@ def test_cpp_matches_reference(K, shape, layout, dtype, cpu_isa):
 
 
 # Small sums and sums of many blocks, with a partial last run of vectors (the 9 x 7 and 96 x 97 images) and none: the
-# forward's vector loop and its scalar tail, on one thread and on several.
+# forward's vector loop and its scalar tail.
 UNIT_WEIGHT_CASES = [((3, 4, 7, 9), torch.float32), ((2, 16, 8, 8), torch.float64), ((4, 16, 96, 97), torch.float32),
                      ((2, 16, 96, 97), torch.float64)]  # fmt: skip
 
