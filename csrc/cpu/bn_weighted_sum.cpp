@@ -42,7 +42,8 @@
 // Outputs of 2 MiB and more (out, and pass 2's gradients) are written by non-temporal stores where whole vectors
 // allow it: a plain store first reads the line it writes, a third more traffic for pass 2's one input and one
 // output. On an Intel Xeon, inputs not in any cache, (64, 16, 32, 32): forward 1.8-1.3 ms against 2.3-1.8,
-// backward 5.1-4.1 ms against 6.2-6.0 (benchmarks/RESULTS.md).
+// backward 5.1-4.1 ms against 6.2-6.0; with a pass reading the outputs right after, streamed was still faster in 10
+// of 12 pairs (benchmarks/RESULTS.md; weighted_sum, whose output is read at once too, gained nothing from them).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
