@@ -104,3 +104,29 @@ def test_a_weight_step_that_makes_a_weight_infinite_raises_before_the_next_step(
     with pytest.raises(NonFiniteWeights, match="^a weight became non-finite in the update$"):
         sgd_step(opt, [*layer.parameters(), unused], F.cross_entropy(layer(x), y), grad_clip=None)
     assert not torch.isfinite(layer.weight).all() and unused.grad is None and torch.equal(unused, torch.ones(2))
+
+
+@pytest.mark.parametrize("grad_clip", [None, 1e-3, 1e3], ids=["no-clip", "clipped", "within-bound"])
+def test_the_weight_step_clips_as_clip_grad_norm_does(grad_clip):
+    """sgd_step's weights after the step are those of torch's clip_grad_norm_ and the same SGD step, bit for bit, when
+    the norm is scaled down and when it is within the bound (where sgd_step skips the scaling by 1)."""
+    results = []
+    for clip in ("sgd_step", "torch"):
+        torch.manual_seed(0)
+        layer, unused = torch.nn.Linear(3, 2), torch.nn.Parameter(torch.ones(2))
+        params = [*layer.parameters(), unused]
+        opt = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=3e-4, foreach=True)
+        x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+        loss = F.cross_entropy(layer(x), y)
+        if clip == "sgd_step":
+            sgd_step(opt, params, loss, grad_clip)
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip is not None else float("inf"), foreach=True)
+            opt.step()
+        results.append([p.detach().clone() for p in params] + [p.grad.clone() for p in layer.parameters()])
+    for got, want in zip(*results):
+        assert torch.equal(got, want)
+    if grad_clip == 1e-3:  # the gradient was scaled down to that norm
+        norm = torch.nn.utils.get_total_norm(results[0][3:])
+        torch.testing.assert_close(norm, torch.tensor(1e-3), rtol=1e-4, atol=0)

@@ -117,6 +117,32 @@ def test_mixed_op_updates_running_statistics_like_batch_norm(backend, stride):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=requires_ext)])
+def test_running_statistics_follow_new_buffers_and_a_cumulative_average(backend):
+    """The group's update finds the buffers where they are after `.double()` replaced them (its plan, made in the
+    first forward, keeps where to look, not the tensors), and with momentum None keeps nn.BatchNorm2d's cumulative
+    average."""
+    torch.manual_seed(0)
+    edge = MixedOp(4, 1)
+    modules = MixedOp(4, 1)
+    modules.load_state_dict(edge.state_dict())
+    x = torch.randn(3, 4, 9, 9)
+    w = torch.randn(len(PRIMITIVES)).softmax(-1)
+    for step in range(3):
+        if step == 1:
+            edge.double(), modules.double()
+            x, w = x.double(), w.double()
+            for bn in edge.bns + modules.bns:
+                bn.momentum = None
+        with ops.use_backend(backend):
+            edge(x, w)
+        for op in modules.candidates:
+            op(x)
+    for (name, got), want in zip(edge.state_dict().items(), modules.state_dict().values()):
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
 @requires_ext
 @pytest.mark.slow
 def test_fused_search_step_compiles_with_fullgraph():
