@@ -126,8 +126,9 @@ class SearchConfig(CommonConfig):
                                   "trains them on train/ and the architecture on val/)", low=0, high=1,
                                   low_open=True, high_open=True)  # fmt: skip
     unrolled: bool = option(False, "second-order (unrolled) architecture gradient")
-    recompute: bool = option(True, "recompute each edge's intermediates in backward (keeping them is faster but "
-                             "takes several times the activation memory: benchmarks/RESULTS.md)")  # fmt: skip
+    recompute: bool | None = option(None, "recompute each edge's intermediates in backward (keeping them is faster "
+                                    "but takes more activation memory: benchmarks/RESULTS.md); default: recompute, "
+                                    "but keep for gdas and pc-darts on the CIFAR-setting data sets")  # fmt: skip
     hessian_r: float = option(0.01, "second order: the finite-difference step of the Hessian-vector product (L2 norm)",
                               low=0, low_open=True)  # fmt: skip
     arch_learning_rate: float | None = option(None, "Adam learning rate of the architecture", low=0, low_open=True)
@@ -222,7 +223,7 @@ class SearchConfig(CommonConfig):
     # digits that finish a real search in a few minutes on 2 cores: 8x8 images need fewer cells, and
     # the architecture takes a larger step because a digits epoch has 15 steps where CIFAR-10 has 391.
     _DARTS = dict(batch_size=64, epochs=50, init_channels=16, layers=8, learning_rate=0.025, arch_learning_rate=3e-4,
-                  arch_beta1=0.5)  # fmt: skip
+                  arch_beta1=0.5, recompute=True)  # fmt: skip
     PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
         "cifar10": _DARTS,
         "cifar100": _DARTS,
@@ -231,10 +232,13 @@ class SearchConfig(CommonConfig):
     }
     # A method's published search settings where they differ from DARTS's (METHODS_MORE.md), over the preset of
     # the data sets that take DARTS's CIFAR-10 setting; the digits preset is fastdarts's own, for every method.
+    # GDAS (one op an edge) and PC-DARTS (the ops on a quarter of the channels) keep their edges' intermediates:
+    # at their batch of 256 that saves 1.69 and 2.44 GiB for the backward against 0.86 recomputing (DARTS keeps
+    # 1.81 GiB at batch 64), and their steps ran about 10-25 % faster (benchmarks/RESULTS.md).
     METHOD_PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
         "fair-darts": dict(batch_size=128, learning_rate=0.005, arch_learning_rate=3e-3, arch_beta1=0.9),
-        "gdas": dict(batch_size=256, epochs=250),
-        "pc-darts": dict(batch_size=256, learning_rate=0.1, arch_learning_rate=6e-4),
+        "gdas": dict(batch_size=256, epochs=250, recompute=False),
+        "pc-darts": dict(batch_size=256, learning_rate=0.1, arch_learning_rate=6e-4, recompute=False),
         "drnas": dict(init_channels=36, layers=20, learning_rate=0.1, arch_learning_rate=6e-4, drnas_k_first=6),
     }
     # The options whose value K has a method's edges compute on 1/K of their channels, in some stage of its search.
