@@ -141,13 +141,13 @@ def test_a_method_starts_from_its_published_settings_on_the_cifar_setting_data_s
 
 
 @pytest.mark.parametrize("method", ["darts", "gdas", "pc-darts", "drnas"])
-def test_gdas_and_pc_darts_keep_their_intermediates_on_the_cifar_setting_unless_told(method):
-    """Recomputation is the default but for the methods whose kept intermediates are few (GDAS's one op an edge,
-    PC-DARTS's quarter of the channels) on the CIFAR-setting data sets; on the digits every method recomputes, and
+def test_which_searches_keep_their_intermediates_unless_told(method):
+    """Recomputation is the default on the CIFAR-setting data sets but for the methods whose kept intermediates are
+    few (GDAS's one op an edge, PC-DARTS's quarter of the channels); on the digits every method keeps them, and
     the flag overrides both."""
     keeps = method in ("gdas", "pc-darts")
     assert SearchConfig(dataset="cifar10", data="/cifar", method=method).resolved().recompute is not keeps
-    assert SearchConfig(method=method).resolved().recompute is True
+    assert SearchConfig(method=method).resolved().recompute is False
     for flag in (True, False):
         given = SearchConfig(dataset="cifar10", data="/cifar", method=method, recompute=flag).resolved()
         assert given.recompute is flag
