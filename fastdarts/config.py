@@ -236,7 +236,8 @@ class SearchConfig(CommonConfig):
     # the data sets that take DARTS's CIFAR-10 setting; the digits preset is fastdarts's own, for every method.
     # GDAS (one op an edge) and PC-DARTS (the ops on a quarter of the channels) keep their edges' intermediates:
     # at their batch of 256 that saves 1.69 and 2.44 GiB for the backward against 0.86 recomputing (DARTS keeps
-    # 1.81 GiB at batch 64), and their steps ran about 10-25 % faster (benchmarks/RESULTS.md).
+    # 1.81 GiB at batch 64), and their steps ran faster in most alternating rounds, GDAS's by 5-25 %
+    # (benchmarks/RESULTS.md).
     METHOD_PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
         "fair-darts": dict(batch_size=128, learning_rate=0.005, arch_learning_rate=3e-3, arch_beta1=0.9),
         "gdas": dict(batch_size=256, epochs=250, recompute=False),
