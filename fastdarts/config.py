@@ -128,8 +128,8 @@ class SearchConfig(CommonConfig):
     unrolled: bool = option(False, "second-order (unrolled) architecture gradient")
     recompute: bool | None = option(None, "recompute each edge's intermediates in backward (keeping them is faster "
                                     "but takes more activation memory: benchmarks/RESULTS.md); default: recompute on "
-                                    "the CIFAR-setting data sets except for gdas and pc-darts, keep on the "
-                                    "digits")  # fmt: skip
+                                    "the CIFAR-setting data sets except for pr-darts, gdas and pc-darts, keep on "
+                                    "the digits")  # fmt: skip
     hessian_r: float = option(0.01, "second order: the finite-difference step of the Hessian-vector product (L2 norm)",
                               low=0, low_open=True)  # fmt: skip
     arch_learning_rate: float | None = option(None, "Adam learning rate of the architecture", low=0, low_open=True)
@@ -234,12 +234,14 @@ class SearchConfig(CommonConfig):
     }
     # A method's published search settings where they differ from DARTS's (METHODS_MORE.md), over the preset of
     # the data sets that take DARTS's CIFAR-10 setting; the digits preset is fastdarts's own, for every method.
-    # GDAS (one op an edge) and PC-DARTS (the ops on a quarter of the channels) keep their edges' intermediates:
-    # at their batch of 256 that saves 1.69 and 2.44 GiB for the backward against 0.86 recomputing (DARTS keeps
-    # 1.81 GiB at batch 64), and their steps ran faster in most alternating rounds, GDAS's by 5-25 %
+    # PR-DARTS (the gated ops of each edge), GDAS (one op an edge) and PC-DARTS (the ops on a quarter of the
+    # channels) keep their edges' intermediates: PR-DARTS saves 0.74 GiB for the backward at batch 64, GDAS and
+    # PC-DARTS 1.69 and 2.44 GiB at their batch of 256 (recomputing: 0.23, 0.86 and 0.86; DARTS keeps 1.81 GiB at
+    # batch 64), and their steps ran faster in most alternating rounds, PR-DARTS's by 15-25 %, GDAS's by 5-25 %
     # (benchmarks/RESULTS.md).
     METHOD_PRESETS: typing.ClassVar[dict[str, dict[str, typing.Any]]] = {
         "fair-darts": dict(batch_size=128, learning_rate=0.005, arch_learning_rate=3e-3, arch_beta1=0.9),
+        "pr-darts": dict(recompute=False),
         "gdas": dict(batch_size=256, epochs=250, recompute=False),
         "pc-darts": dict(batch_size=256, learning_rate=0.1, arch_learning_rate=6e-4, recompute=False),
         "drnas": dict(init_channels=36, layers=20, learning_rate=0.1, arch_learning_rate=6e-4, drnas_k_first=6),

@@ -140,12 +140,12 @@ def test_a_method_starts_from_its_published_settings_on_the_cifar_setting_data_s
     assert (digits.batch_size, digits.learning_rate, digits.arch_learning_rate) == (64, 0.025, 3e-3)
 
 
-@pytest.mark.parametrize("method", ["darts", "gdas", "pc-darts", "drnas"])
+@pytest.mark.parametrize("method", ["darts", "pr-darts", "gdas", "pc-darts", "drnas"])
 def test_which_searches_keep_their_intermediates_unless_told(method):
     """Recomputation is the default on the CIFAR-setting data sets but for the methods whose kept intermediates are
-    few (GDAS's one op an edge, PC-DARTS's quarter of the channels); on the digits every method keeps them, and
-    the flag overrides both."""
-    keeps = method in ("gdas", "pc-darts")
+    few (PR-DARTS's gated ops, GDAS's one op an edge, PC-DARTS's quarter of the channels); on the digits every method
+    keeps them, and the flag overrides both."""
+    keeps = method in ("pr-darts", "gdas", "pc-darts")
     assert SearchConfig(dataset="cifar10", data="/cifar", method=method).resolved().recompute is not keeps
     assert SearchConfig(method=method).resolved().recompute is False
     for flag in (True, False):
