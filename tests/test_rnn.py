@@ -431,6 +431,24 @@ def test_hessian_vector_product_with_shared_masks_is_the_exact_one(masks):
     assert close == (masks == "shared")  # fresh masks: the difference of two dropout draws, not a derivative
 
 
+def test_the_second_order_step_clips_v_to_the_clip_norm():
+    """RNN.md: v = grad_w' L_val(w') is clipped to a norm of at most `clip` before the Hessian-vector product."""
+    torch.manual_seed(5)
+    model = RecurrentSearchModel(20, 5, 5, fused=False).double()
+    config = rnn_search.RecurrentSearchConfig(emsize=5, nhid=5, clip=1e-3, unrolled=True)
+    architect = rnn_search.RecurrentArchitect(model, config)
+    batch = torch.randint(0, 20, (4, 3)), torch.randint(0, 20, (12,))
+    seen = []
+
+    def hessian_vector_product(train, hidden, names, weights, v):
+        seen.append(torch.nn.utils.get_total_norm(v))
+        return [torch.zeros_like(a) for a in model.arch_parameters()]
+
+    architect.hessian_vector_product = hessian_vector_product
+    architect.second_order_grads(batch, batch, model.init_hidden(3), model.init_hidden(3), lr=1.0)
+    torch.testing.assert_close(seen[0], torch.tensor(1e-3, dtype=torch.float64), rtol=1e-3, atol=0)
+
+
 def test_a_corpus_too_small_for_the_batch_is_named(tmp_path):
     data = small_corpus(tmp_path / "data", lines=(60, 5, 30))
     with pytest.raises(DataError, match=r"the valid split \(\d+ tokens\) makes fewer than 2 rows at batch size 256"):

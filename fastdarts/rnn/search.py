@@ -127,8 +127,11 @@ class RecurrentArchitect:
         val_loss, hidden_valid = self.objective(*val, hidden_valid, {**dict(zip(names, virtual)), **buffers})
         check_finite(val_loss, "the validation loss")
         grads = torch.autograd.grad(val_loss, [*arch, *virtual], materialize_grads=True)
-        arch_grads, v = grads[: len(arch)], list(grads[len(arch) :])
-        torch.nn.utils.clip_grads_with_norm_(v, clip, torch.nn.utils.get_total_norm(v))
+        arch_grads, v = grads[: len(arch)], grads[len(arch) :]
+        # clip_grad_norm_'s scaling, on the gradient tensors themselves (clip_grads_with_norm_ reads .grad, which
+        # they lack: it would leave v as it is)
+        v_scale = torch.clamp(clip / (torch.nn.utils.get_total_norm(v) + 1e-6), max=1.0)
+        v = [g * v_scale for g in v]
         implicit = self.hessian_vector_product(train, hidden_train, names, weights, v)
         return [g - lr * kappa * h for g, h in zip(arch_grads, implicit)], hidden_valid
 
