@@ -146,12 +146,10 @@ class MixedOp(nn.Module):
 
     def running_statistics_plan(
         self, edges: Sequence[MixedOp], candidates: Sequence[Sequence[int]], B: int, device: torch.device
-    ) -> tuple[list[nn.BatchNorm2d], list[dict], torch.Tensor]:
+    ) -> tuple[list[nn.BatchNorm2d], torch.Tensor]:
         """For update_running_statistics of a group of `edges` led by this one: the BNs their `candidates` compute,
-        edge by edge in statistics row order, the BNs' buffer dicts (where a getattr finds the buffers, without
-        Module.__getattr__'s cost, and where `.to()` or a widening puts new ones) and their rows in the group's
-        [E * B, C] statistics. Made once per group and candidates: rebuilding them walked about 3,600 Python objects
-        a DARTS step."""
+        edge by edge in statistics row order, and their rows in the group's [E * B, C] statistics. Made once per
+        group and candidates: rebuilding them walked about 3,600 Python objects a DARTS step."""
         key = (tuple(map(id, edges)), tuple(map(tuple, candidates)), B, device)
         if key not in self._running_statistics_plans:
             bns, rows = [], []
@@ -160,7 +158,7 @@ class MixedOp(nn.Module):
                     bns += [edge.bns[row] for row in edge.bn_rows[k]]
                     rows += [e * B + row for row in edge.bn_rows[k]]
             index = torch.tensor(rows, dtype=torch.long, device=device)
-            self._running_statistics_plans[key] = bns, [bn._buffers for bn in bns], index
+            self._running_statistics_plans[key] = bns, index
         return self._running_statistics_plans[key]
 
     def batch_statistics(self) -> bool:
@@ -180,9 +178,12 @@ def update_running_statistics(
     `ops.mixed_ops` over n values per channel: an exponential average with the BN's momentum, of the unbiased
     variance. One foreach call per buffer kind for the whole group (a DARTS cell has about 150 such BNs)."""
     E, B, C = mean.shape
-    bns, buffers, rows = edges[0].running_statistics_plan(edges, candidates, B, mean.device)
+    bns, rows = edges[0].running_statistics_plan(edges, candidates, B, mean.device)
     if not bns:
         return
+    # Where a getattr finds the buffers (without Module.__getattr__'s cost), and where `.to()` or a widening puts
+    # new ones: read at each call.
+    buffers = [bn._buffers for bn in bns]
     unbiased = var * (n / max(n - 1, 1))
     means = mean.reshape(E * B, C).index_select(0, rows).unbind(0)
     variances = unbiased.reshape(E * B, C).index_select(0, rows).unbind(0)
