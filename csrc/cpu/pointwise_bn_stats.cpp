@@ -72,7 +72,7 @@ constexpr int64_t kChunkPositions = 1024;
 // gave the weight gradient's register blocks 8 multiply-adds between loading and storing them (a tile of 4 rows:
 // backward 8-25 % faster at 16x16 and 8x8). Tiles of 64 positions made the 32x32 forward 15-40 % slower.
 constexpr int64_t kTilePositions = 32;
-// grad_x of at least this many bytes is written with non-temporal stores.
+// Outputs (the forward's, grad_x) of at least this many bytes are written with non-temporal stores.
 constexpr int64_t kStreamBytes = int64_t{8} << 20;
 
 struct Geometry {
@@ -204,9 +204,30 @@ FASTDARTS_ALWAYS_INLINE T relu_of(T v, bool relu) {
   return relu ? std::max(v, T(0)) : v;  // std::max keeps a NaN, as torch.relu does
 }
 
+// dst[k] = relu(src[k]) (src[k] without the ReLU) for k < n, n a multiple of the tier's vector: whole vectors, where
+// the compiler's loop over a count known only at run time spent more on its bounds than on the copy. With kStream,
+// non-temporal stores (dst aligned to the vector).
+template <typename T, CpuIsa kIsa, bool kStream = false>
+FASTDARTS_ALWAYS_INLINE void copy_vectors(const T* __restrict__ src, T* __restrict__ dst, int64_t n, bool relu) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  const Vec<T, kIsa> zero{};
+  for (int64_t k = 0; k < n; k += V) {
+    Vec<T, kIsa> v;
+    vec_load(v, src + k);
+    if (relu) {
+      v = v < zero ? zero : v;  // a NaN stays NaN, as in torch.relu
+    }
+    if constexpr (kStream) {
+      vec_stream(dst + k, v);
+    } else {
+      vec_store(dst + k, v);
+    }
+  }
+}
+
 // Packs relu(x) at the pixels of part p of output rows row0 .. row0 + rows - 1 into tile[(r Wo + j) Kp + p Cq + k]
 // (zeros where a pixel falls outside x). The padding columns stay as they are (zeros).
-template <typename T>
+template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void pack_pixels(const Args<T>& a, int64_t row0, int64_t rows, T* tile) {
   const Geometry& g = a.g;
   const int64_t Kp = g.Kp();
@@ -226,7 +247,9 @@ FASTDARTS_ALWAYS_INLINE void pack_pixels(const Args<T>& a, int64_t row0, int64_t
             continue;
           }
           const T* src = src_row + xw * in.xs.w;
-          if (in.xs.c == 1) {
+          if (in.xs.c == 1 && in.C % kLanes<T, kIsa> == 0) {
+            copy_vectors<T, kIsa>(src, d, in.C, a.relu);
+          } else if (in.xs.c == 1) {
             for (int64_t k = 0; k < in.C; ++k) {
               d[k] = relu_of(src[k], a.relu);
             }
@@ -241,45 +264,93 @@ FASTDARTS_ALWAYS_INLINE void pack_pixels(const Args<T>& a, int64_t row0, int64_t
   }
 }
 
+// Vectors of columns in a register block of kPointwiseRows rows (tiles.h's outer_product_block) when the product
+// has a multiple of them: two on AVX-512, 16 accumulators of its 32 registers that take 10 loads for 16 FMAs where
+// one vector takes 9 for 8 (tiles.h's kPointwiseVecs: relu_dwconv's 1x1 convs at C = 16 have one vector).
+template <CpuIsa kIsa>
+constexpr int64_t kWideVecs = kIsa == CpuIsa::kAvx512 ? 2 : kPointwiseVecs<kIsa>;
+
+// block[w Np + c] (+)= sum_{k < K} a[k a_k + w a_q] b[k b_k + c] for w < rows (a multiple of kPointwiseRows) and
+// c < cols (a multiple of kB vectors), by register blocks of kB vectors; with `sums`, outer_product_block's
+// statistics of the rows w < valid_rows around `shift`.
+template <typename T, CpuIsa kIsa, int64_t kB>
+FASTDARTS_ALWAYS_INLINE void product_blocks(const T* a, int64_t a_k, int64_t a_q, const T* b, int64_t b_k, int64_t K,
+                                            T* block, int64_t Np, int64_t rows, int64_t cols, bool accumulate,
+                                            T* sums = nullptr, int64_t valid_rows = 0, const T* shift = nullptr) {
+  constexpr int64_t R = kPointwiseRows<kIsa>;
+  constexpr int64_t step = kB * kLanes<T, kIsa>;
+  for (int64_t w0 = 0; w0 < rows; w0 += R) {
+    for (int64_t c0 = 0; c0 < cols; c0 += step) {
+      outer_product_block<T, kIsa, R, kB>(a + w0 * a_q, a_k, a_q, b + c0, b_k, K, block + w0 * Np + c0, Np,
+                                          accumulate, sums == nullptr ? nullptr : sums + c0, valid_rows - w0,
+                                          shift == nullptr ? nullptr : shift + c0);
+    }
+  }
+}
+
+// product_blocks with the widest register block that cols allows.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void products(const T* a, int64_t a_k, int64_t a_q, const T* b, int64_t b_k, int64_t K,
+                                      T* block, int64_t Np, int64_t rows, int64_t cols, bool accumulate,
+                                      T* sums = nullptr, int64_t valid_rows = 0, const T* shift = nullptr) {
+  constexpr int64_t kWide = kWideVecs<kIsa>;
+  if (cols % (kWide * kLanes<T, kIsa>) == 0) {
+    product_blocks<T, kIsa, kWide>(a, a_k, a_q, b, b_k, K, block, Np, rows, cols, accumulate, sums, valid_rows,
+                                   shift);
+  } else {
+    product_blocks<T, kIsa, kPointwiseVecs<kIsa>>(a, a_k, a_q, b, b_k, K, block, Np, rows, cols, accumulate, sums,
+                                                  valid_rows, shift);
+  }
+}
+
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void forward_chunks(const Args<T>& a, int64_t begin, int64_t end, T* tile, T* block,
                                             T* row_sums) {
   const Geometry& g = a.g;
   const int64_t Kp = g.Kp(), Np = g.Np();
-  constexpr int64_t R = kPointwiseRows<kIsa>;
-  constexpr int64_t step = kPointwiseVecs<kIsa> * kLanes<T, kIsa>;
+  // Outputs of whole vectors per position, in non-temporal stores when they outgrow the cache (as grad_x in the
+  // backward): a plain store first reads each line it writes.
+  const bool vectors = a.os.c == 1 && g.h % kLanes<T, kIsa> == 0;
+  bool stream = vectors && g.E * g.N * g.s * g.h * g.Ho * g.Wo * static_cast<int64_t>(sizeof(T)) >= kStreamBytes &&
+                (a.os.w * static_cast<int64_t>(sizeof(T))) % kVecBytes<kIsa> == 0 &&
+                (a.os.h * static_cast<int64_t>(sizeof(T))) % kVecBytes<kIsa> == 0 &&
+                (a.os.n * static_cast<int64_t>(sizeof(T))) % kVecBytes<kIsa> == 0;
+  for (T* out : a.outs) {
+    stream = stream && reinterpret_cast<uintptr_t>(out) % kVecBytes<kIsa> == 0;
+  }
   for (int64_t chunk = begin; chunk < end; ++chunk) {
     double* moments = a.moments + chunk * 2 * Np;
     std::fill(moments, moments + 2 * Np, 0.0);
     const int64_t chunk_end = g.chunk_begin(chunk + 1);
     for (int64_t row0 = g.chunk_begin(chunk); row0 < chunk_end; row0 += g.tile_rows) {
       const int64_t rows = std::min(g.tile_rows, chunk_end - row0), P = rows * g.Wo;
-      pack_pixels(a, row0, rows, tile);
+      pack_pixels<T, kIsa>(a, row0, rows, tile);
       std::fill(row_sums, row_sums + 2 * Np, T(0));
       for (int64_t part = 0; part < g.s; ++part) {
-        const T* m = a.matrices + part * g.Cq * g.Nh;
-        for (int64_t w0 = 0; w0 < P; w0 += R) {
-          for (int64_t c0 = 0; c0 < g.Nh; c0 += step) {
-            const int64_t col = part * g.Nh + c0;
-            outer_product_block<T, kIsa>(tile + w0 * Kp + part * g.Cq, 1, Kp, m + c0, g.Nh, g.C,
-                                         block + w0 * Np + col, Np, false, row_sums + col, P - w0, a.shift + col);
-          }
-        }
+        const int64_t col = part * g.Nh;
+        products<T, kIsa>(tile + part * g.Cq, 1, Kp, a.matrices + part * g.Cq * g.Nh, g.Nh, g.C, block + col, Np,
+                          P, g.Nh, false, row_sums + col, P, a.shift + col);
       }
       for (int64_t c = 0; c < 2 * Np; ++c) {
         moments[c] += static_cast<double>(row_sums[c]);
       }
-      for (int64_t q = 0; q < P; ++q) {
-        const int64_t n = (row0 + q / g.Wo) / g.Ho, i = (row0 + q / g.Wo) % g.Ho, j = q % g.Wo;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t n = (row0 + r) / g.Ho, i = (row0 + r) % g.Ho;
         for (int64_t e = 0; e < g.E; ++e) {
-          T* dst = a.outs[e] + n * a.os.n + i * a.os.h + j * a.os.w;
-          for (int64_t part = 0; part < g.s; ++part) {
-            const T* src = block + q * Np + part * g.Nh + e * g.h;
-            if (a.os.c == 1) {
-              std::memcpy(dst + part * g.h, src, g.h * sizeof(T));
-            } else {
-              for (int64_t c = 0; c < g.h; ++c) {
-                dst[(part * g.h + c) * a.os.c] = src[c];
+          for (int64_t j = 0; j < g.Wo; ++j) {
+            T* dst = a.outs[e] + n * a.os.n + i * a.os.h + j * a.os.w;
+            for (int64_t part = 0; part < g.s; ++part) {
+              const T* src = block + (r * g.Wo + j) * Np + part * g.Nh + e * g.h;
+              if (stream) {
+                copy_vectors<T, kIsa, true>(src, dst + part * g.h, g.h, false);
+              } else if (vectors) {
+                copy_vectors<T, kIsa>(src, dst + part * g.h, g.h, false);
+              } else if (a.os.c == 1) {
+                std::memcpy(dst + part * g.h, src, g.h * sizeof(T));
+              } else {
+                for (int64_t c = 0; c < g.h; ++c) {
+                  dst[(part * g.h + c) * a.os.c] = src[c];
+                }
               }
             }
           }
@@ -287,6 +358,7 @@ FASTDARTS_ALWAYS_INLINE void forward_chunks(const Args<T>& a, int64_t begin, int
       }
     }
   }
+  store_fence();
 }
 
 FASTDARTS_CPU_ISA_COPIES(forward_chunks)
@@ -350,8 +422,6 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
                                              T* d_pixels) {
   const Geometry& g = a.g;
   const int64_t Kp = g.Kp(), Np = g.Np();
-  constexpr int64_t R = kPointwiseRows<kIsa>;
-  constexpr int64_t step = kPointwiseVecs<kIsa> * kLanes<T, kIsa>;
   // Stream grad_x when it outgrows the cache that would keep it for the next op, each input's in whole aligned
   // vectors.
   constexpr int64_t kVec = kVecBytes<kIsa> / static_cast<int64_t>(sizeof(T));
@@ -370,17 +440,23 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
     const int64_t chunk_end = g.chunk_begin(chunk + 1);
     for (int64_t row0 = g.chunk_begin(chunk); row0 < chunk_end; row0 += g.tile_rows) {
       const int64_t rows = std::min(g.tile_rows, chunk_end - row0), P = rows * g.Wo;
-      for (int64_t q = 0; q < P; ++q) {  // the output gradients in the forward's column order
-        const int64_t n = (row0 + q / g.Wo) / g.Ho, i = (row0 + q / g.Wo) % g.Ho, j = q % g.Wo;
+      for (int64_t r = 0; r < rows; ++r) {  // the output gradients in the forward's column order
+        const int64_t n = (row0 + r) / g.Ho, i = (row0 + r) % g.Ho;
         for (int64_t e = 0; e < g.E; ++e) {
-          const T* src = a.grads[e] + n * a.gs[e].n + i * a.gs[e].h + j * a.gs[e].w;
-          for (int64_t part = 0; part < g.s; ++part) {
-            T* dst = grad_tile + q * Np + part * g.Nh + e * g.h;
-            if (a.gs[e].c == 1) {
-              std::memcpy(dst, src + part * g.h, g.h * sizeof(T));
-            } else {
-              for (int64_t c = 0; c < g.h; ++c) {
-                dst[c] = src[(part * g.h + c) * a.gs[e].c];
+          const Strides& gs = a.gs[e];
+          const bool vectors = gs.c == 1 && g.h % kLanes<T, kIsa> == 0;
+          for (int64_t j = 0; j < g.Wo; ++j) {
+            const T* src = a.grads[e] + n * gs.n + i * gs.h + j * gs.w;
+            for (int64_t part = 0; part < g.s; ++part) {
+              T* dst = grad_tile + (r * g.Wo + j) * Np + part * g.Nh + e * g.h;
+              if (vectors) {
+                copy_vectors<T, kIsa>(src + part * g.h, dst, g.h, false);
+              } else if (gs.c == 1) {
+                std::memcpy(dst, src + part * g.h, g.h * sizeof(T));
+              } else {
+                for (int64_t c = 0; c < g.h; ++c) {
+                  dst[c] = src[(part * g.h + c) * gs.c];
+                }
               }
             }
           }
@@ -388,13 +464,8 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
       }
       if (a.input_grad) {
         for (int64_t part = 0; part < g.s; ++part) {
-          const T* m = a.matrices + part * g.Nh * g.Cq;
-          for (int64_t w0 = 0; w0 < P; w0 += R) {
-            for (int64_t c0 = 0; c0 < g.Cq; c0 += step) {
-              outer_product_block<T, kIsa>(grad_tile + w0 * Np + part * g.Nh, 1, Np, m + c0, g.Cq, g.E * g.h,
-                                           d_pixels + w0 * Kp + part * g.Cq + c0, Kp, false);
-            }
-          }
+          products<T, kIsa>(grad_tile + part * g.Nh, 1, Np, a.matrices + part * g.Nh * g.Cq, g.Cq, g.E * g.h,
+                            d_pixels + part * g.Cq, Kp, P, g.Cq, false);
         }
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t n = (row0 + r) / g.Ho, i = (row0 + r) % g.Ho;
@@ -407,15 +478,10 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
         }
       }
       if (partial != nullptr) {
-        pack_pixels(a, row0, rows, tile);
+        pack_pixels<T, kIsa>(a, row0, rows, tile);
         for (int64_t part = 0; part < g.s; ++part) {
-          T* p = partial + part * g.Nh * g.Cq;
-          for (int64_t o0 = 0; o0 < g.Nh; o0 += R) {
-            for (int64_t c0 = 0; c0 < g.Cq; c0 += step) {
-              outer_product_block<T, kIsa>(grad_tile + part * g.Nh + o0, Np, 1, tile + part * g.Cq + c0, Kp, P,
-                                           p + o0 * g.Cq + c0, g.Cq, true);
-            }
-          }
+          products<T, kIsa>(grad_tile + part * g.Nh, Np, 1, tile + part * g.Cq, Kp, P, partial + part * g.Nh * g.Cq,
+                            g.Cq, g.Nh, g.Cq, true);
         }
       }
     }

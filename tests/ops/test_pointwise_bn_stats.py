@@ -171,14 +171,21 @@ def test_factorized_reduce_gradient_reaches_only_the_sampled_pixels_where_x_is_p
 
 
 @requires_ext
+@pytest.mark.parametrize("large", ["input", "outputs"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
-def test_large_input_gradient_matches_reference(kernel, dtype, cpu_isa):
-    # An input gradient of 8 MiB or more is written with non-temporal stores (whole aligned vectors), a path of its own.
-    x, weights = make_inputs(kernel, (8, 64, 64, 256 // dtype.itemsize, 1, 16), dtype)
-    assert sum(part.numel() for part in parts_of(x)) * dtype.itemsize >= 8 << 20
-    outs, _, _ = forward(kernel, x, weights)
-    want_outs, _, _ = kernel.reference(x, *weights)
+def test_large_tensors_match_reference(kernel, dtype, large, cpu_isa):
+    # An input gradient, or outputs, of 8 MiB or more are written with non-temporal stores (whole aligned vectors), a
+    # path of their own.
+    W = 256 // dtype.itemsize
+    case = (8, 64, 64, W, 1, 16) if large == "input" else (8, 16, 64, W, 2, 64)
+    x, weights = make_inputs(kernel, case, dtype)
+    outs, mean, var = forward(kernel, x, weights)
+    tensors = parts_of(x) if large == "input" else outs
+    assert sum(t.numel() for t in tensors) * dtype.itemsize >= 8 << 20
+    want_outs, want_mean, want_var = kernel.reference(x, *weights)
+    for got, want in zip([*outs, mean, var], [*want_outs, want_mean, want_var]):
+        torch.testing.assert_close(got, want, **TOLERANCES[dtype]["out"])
     grads = [torch.randn_like(out) for out in want_outs]
     got = torch.autograd.grad(outs, parts_of(x), grads)
     want = torch.autograd.grad(want_outs, parts_of(x), grads)
