@@ -128,8 +128,8 @@ class SearchConfig(CommonConfig):
     unrolled: bool = option(False, "second-order (unrolled) architecture gradient")
     recompute: bool | None = option(None, "recompute each edge's intermediates in backward (keeping them is faster "
                                     "but takes more activation memory: benchmarks/RESULTS.md); default: recompute on "
-                                    "the CIFAR-setting data sets except for pr-darts, gdas and pc-darts, keep on "
-                                    "the digits")  # fmt: skip
+                                    "the CIFAR-setting data sets except for pr-darts (but its paper form), gdas and "
+                                    "pc-darts, keep on the digits")  # fmt: skip
     hessian_r: float = option(0.01, "second order: the finite-difference step of the Hessian-vector product (L2 norm)",
                               low=0, low_open=True)  # fmt: skip
     arch_learning_rate: float | None = option(None, "Adam learning rate of the architecture", low=0, low_open=True)
@@ -256,7 +256,12 @@ class SearchConfig(CommonConfig):
         preset = super().preset()
         if self.dataset == "digits" or not isinstance(self.method, str):  # validate() names a wrong type
             return preset
-        return {**preset, **self.METHOD_PRESETS.get(self.method, {})}
+        method_preset = self.METHOD_PRESETS.get(self.method, {})
+        if self.method == "pr-darts" and self.prdarts_form == "paper":
+            # The paper's form computes every op of every edge: kept, its intermediates take DARTS's 1.81 GiB at
+            # batch 64, so it recomputes them as DARTS does.
+            method_preset = {k: v for k, v in method_preset.items() if k != "recompute"}
+        return {**preset, **method_preset}
 
     def check(self) -> None:
         super().check()
