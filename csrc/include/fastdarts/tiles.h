@@ -192,9 +192,10 @@ constexpr int64_t kPointwiseVecs = kIsa == CpuIsa::kAvx512 ? 1 : 2;
 
 // The register block of both 1x1 loops: acc[q][v] (+)= sum_{k < K} a[k a_k + q a_q] b[k b_k + v V] for q < kR
 // and v < kB (V lanes a vector; kR x kB defaults to kPointwiseRows x kPointwiseVecs), starting from zero, or from the
-// block at `block` (row stride Cp) when accumulate, and written back there. With `sums` (the forward's statistics), the per-lane sum and
-// sum of squares of rows q < valid_rows are added to sums[v V + l] and sums[Cp + v V + l] while still in registers;
-// with `shift` too, those of acc - shift[v V + l] (a value near the mean, so that the variance does not cancel).
+// block at `block` (row stride Cp) when accumulate, and written back there. With `sums` (the forward's statistics),
+// the per-lane sum and sum of squares of rows q < valid_rows are added to sums[v V + l] and sums[Cp + v V + l] while
+// still in registers; with `shift` too, those of acc - shift[v V + l] (a value near the mean, so that the variance
+// does not cancel).
 template <typename T, CpuIsa kIsa, int64_t kR = kPointwiseRows<kIsa>, int64_t kB = kPointwiseVecs<kIsa>>
 FASTDARTS_ALWAYS_INLINE void outer_product_block(const T* a, int64_t a_k, int64_t a_q, const T* b, int64_t b_k,
                                                  int64_t K, T* block, int64_t Cp, bool accumulate,
