@@ -8,13 +8,14 @@ The test suite (and CI) runs them with timing disabled, which executes each case
 
 import json
 import os
+import statistics
 
 import pytest
 
 from fastdarts import ops
 from fastdarts.bilevel import Architect
 
-from . import recompute_granularity
+from . import method_shares, recompute_granularity
 from ._device import benchmark_device
 from .search_step import PROVIDERS, default_providers, main, make_problem, saved_bytes_of_step, search_step
 
@@ -84,3 +85,23 @@ def test_recompute_granularity_refuses_a_non_positive_count(capsys):
     with pytest.raises(SystemExit):
         recompute_granularity.main(["edge", "--repeats", "0"])
     assert "--repeats: invalid positive_int value: '0'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("cpp" not in ops.available_backends(), reason="the shares time the fused kernels")
+def test_the_method_shares_interleave_the_methods_and_count_their_flops(capsys):
+    method_shares.main(["--json", "--batch", "2", "--size", "8", "--rounds", "2", "--methods", "darts,gdas"])
+    report = json.loads(capsys.readouterr().out)
+    darts, gdas = report["methods"]["darts"], report["methods"]["gdas"]
+    assert darts["recompute"] is True and gdas["recompute"] is False  # their searches' settings on CIFAR-10
+    assert len(darts["all_seconds"]) == len(gdas["all_seconds"]) == 2
+    assert darts["share_of_darts"] == darts["flop_share"] == 1.0
+    rounds = [g / d for g, d in zip(gdas["all_seconds"], darts["all_seconds"])]
+    assert gdas["share_of_darts"] == statistics.median(rounds) and gdas["share_range"] == [min(rounds), max(rounds)]
+    assert 0.1 < gdas["flop_share"] < 0.3  # one op of the eight an edge; the preprocessing and the stem in full
+
+
+def test_the_method_shares_want_darts_first(capsys):
+    with pytest.raises(SystemExit):
+        method_shares.main(["--methods", "gdas,darts"])
+    assert "--methods: darts first, each method once, got 'gdas,darts'" in capsys.readouterr().err
