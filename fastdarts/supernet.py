@@ -36,6 +36,10 @@ _COMPUTED = tuple(name for name in PRIMITIVES if name != "none")
 assert _COMPUTED == ops.MIXED_OP_CANDIDATES, "PRIMITIVES and the mixed op's candidates must agree"
 _COMPUTED_COLUMNS = tuple(PRIMITIVES.index(name) for name in _COMPUTED)
 _CANDIDATE_OF_COLUMN = {column: i for i, column in enumerate(_COMPUTED_COLUMNS)}
+# The running-statistics plans a group keeps (MixedOp.running_statistics_plan), the oldest dropped first: one for a
+# method that computes the same ops every step, but GDAS draws new ones (up to 8^4 combinations for a group of 4
+# edges), and unbounded its plans grew by about 24 a step.
+_PLANS_PER_GROUP = 64
 _SKIP_ONE_HOT = torch.nn.functional.one_hot(torch.tensor(PRIMITIVES.index("skip_connect")), len(PRIMITIVES))
 
 Columns = Sequence[int]  # PRIMITIVES columns of the ops to compute on one edge (`none` never listed)
@@ -151,15 +155,17 @@ class MixedOp(nn.Module):
         edge by edge in statistics row order, and their rows in the group's [E * B, C] statistics. Made once per
         group and candidates: rebuilding them walked about 3,600 Python objects a DARTS step."""
         key = (tuple(map(id, edges)), tuple(map(tuple, candidates)), B, device)
-        if key not in self._running_statistics_plans:
+        plans = self._running_statistics_plans
+        if key not in plans:
             bns, rows = [], []
             for e, (edge, ks) in enumerate(zip(edges, candidates)):
                 for k in ks:
                     bns += [edge.bns[row] for row in edge.bn_rows[k]]
                     rows += [e * B + row for row in edge.bn_rows[k]]
-            index = torch.tensor(rows, dtype=torch.long, device=device)
-            self._running_statistics_plans[key] = bns, index
-        return self._running_statistics_plans[key]
+            if len(plans) >= _PLANS_PER_GROUP:
+                del plans[next(iter(plans))]
+            plans[key] = bns, torch.tensor(rows, dtype=torch.long, device=device)
+        return plans[key]
 
     def batch_statistics(self) -> bool:
         """Whether the BNs normalise with the batch's statistics (else with their running ones)."""

@@ -143,6 +143,22 @@ def test_running_statistics_follow_new_buffers_and_a_cumulative_average(backend)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_a_group_keeps_a_bounded_number_of_running_statistics_plans():
+    """A sampling method computes other candidates every step: the group's plans stay bounded, the oldest dropped
+    first, and a plan made again gives the same BNs and rows."""
+    edges = [MixedOp(4, 1) for _ in range(2)]
+    leader = edges[0]
+    draws = [[[a], [b]] for a in range(7) for b in range(7)] + [[[a, b], [b]] for a in range(7) for b in range(a)]
+    assert len(draws) > supernet._PLANS_PER_GROUP
+    for candidates in draws:
+        leader.running_statistics_plan(edges, candidates, 10, torch.device("cpu"))
+    assert len(leader._running_statistics_plans) == supernet._PLANS_PER_GROUP
+    assert tuple(map(tuple, draws[0])) not in {key[1] for key in leader._running_statistics_plans}
+    bns, rows = leader.running_statistics_plan(edges, draws[0], 10, torch.device("cpu"))
+    assert bns == [edge.bns[row] for edge in edges for row in edge.bn_rows[0]]
+    assert rows.tolist() == [e * 10 + row for e, edge in enumerate(edges) for row in edge.bn_rows[0]]
+
+
 @requires_ext
 @pytest.mark.slow
 def test_fused_search_step_compiles_with_fullgraph():
