@@ -36,9 +36,9 @@ _COMPUTED = tuple(name for name in PRIMITIVES if name != "none")
 assert _COMPUTED == ops.MIXED_OP_CANDIDATES, "PRIMITIVES and the mixed op's candidates must agree"
 _COMPUTED_COLUMNS = tuple(PRIMITIVES.index(name) for name in _COMPUTED)
 _CANDIDATE_OF_COLUMN = {column: i for i, column in enumerate(_COMPUTED_COLUMNS)}
-# The running-statistics plans a group keeps (MixedOp.running_statistics_plan), the oldest dropped first: one for a
-# method that computes the same ops every step, but GDAS draws new ones (up to 8^4 combinations for a group of 4
-# edges), and unbounded its plans grew by about 24 a step.
+# The running-statistics plans a group keeps (MixedOp.running_statistics_plan), the oldest dropped first: a method
+# that computes the same ops every step needs one, but GDAS draws new ones every step (up to 8^4 combinations for a
+# group of 4 edges), which would otherwise keep adding plans for the whole search.
 _PLANS_PER_GROUP = 64
 _SKIP_ONE_HOT = torch.nn.functional.one_hot(torch.tensor(PRIMITIVES.index("skip_connect")), len(PRIMITIVES))
 
