@@ -42,9 +42,10 @@ def preset_recompute(method: str) -> bool:
     return SearchConfig(dataset="cifar10", data=".", method=method).resolved().recompute
 
 
-def time_rounds(methods: list[str], rounds: int, batch: int, size: int, device: torch.device) -> dict[str, dict]:
-    """Per method: its recompute setting and the seconds of its step in each round (after one warm-up step each)."""
-    backend = "triton" if device.type == "cuda" else "cpp"
+def time_rounds(methods: list[str], rounds: int, batch: int, size: int, device: torch.device,
+                backend: str) -> dict[str, dict]:  # fmt: skip
+    """Per method: its recompute setting and the seconds of its step on `backend` in each round (after one warm-up
+    step each)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     steps, results = {}, {}
     for method in methods:
@@ -86,7 +87,7 @@ def main(argv=None) -> int:
     if backend not in ops.available_backends(device=device):
         parser.error(f"the fused kernels ({backend}) do not run on {device.type} tensors in this process")
 
-    results = time_rounds(methods, args.rounds, args.batch, args.size, device)
+    results = time_rounds(methods, args.rounds, args.batch, args.size, device, backend)
     darts_seconds = results["darts"]["all_seconds"]
     darts_flops = None
     for method in methods:

@@ -153,7 +153,8 @@ class MixedOp(nn.Module):
     ) -> tuple[list[nn.BatchNorm2d], torch.Tensor]:
         """For update_running_statistics of a group of `edges` led by this one: the BNs their `candidates` compute,
         edge by edge in statistics row order, and their rows in the group's [E * B, C] statistics. Made once per
-        group and candidates: rebuilding them walked about 3,600 Python objects a DARTS step."""
+        group and candidates (the last _PLANS_PER_GROUP sets of candidates are kept): rebuilding them walked about
+        3,600 Python objects a DARTS step."""
         key = (tuple(map(id, edges)), tuple(map(tuple, candidates)), B, device)
         plans = self._running_statistics_plans
         if key not in plans:
