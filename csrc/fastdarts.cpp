@@ -80,6 +80,13 @@ TORCH_LIBRARY(fastdarts, m) {
   m.def(
       "bn_weighted_sum_backward(Tensor grad, Tensor[] ts, Tensor w, Tensor mean, Tensor invstd, "
       "bool[] batch_statistics, bool input_grad, bool w_grad) -> (Tensor[], Tensor?)");
+  // bn_weighted_sum_backward for a caller that forms some rows' gradients itself as it reads them (the conv
+  // candidates', inside relu_dwconv_pointwise_backward): grad_ts only for the rows with written[k] (in row order),
+  // and for every row the factors [K, 4, C] (a, b, mean, e) of grad_t_k = a grad + b (t_k - mean) + e, with
+  // b = e = 0 on fixed rows; grad_w if w_grad, else None.
+  m.def(
+      "bn_weighted_sum_backward_factors(Tensor grad, Tensor[] ts, Tensor w, Tensor mean, Tensor invstd, "
+      "bool[] batch_statistics, bool[] written, bool w_grad) -> (Tensor[] grad_ts, Tensor factors, Tensor? grad_w)");
   // out[i] = depthwise conv of relu(x) (x when relu is false) with weights[i]: dilation dilations[i], the one stride,
   // "same" padding dilations[i] * (k_i - 1) / 2. x: [N, C, H, W]; weights[i]: [C, 1, k_i, k_i], k_i odd;
   // out[i]: [N, C, (H - 1) / stride + 1, (W - 1) / stride + 1], laid out like x. The first stage of DARTS's sep and
@@ -105,11 +112,15 @@ TORCH_LIBRARY(fastdarts, m) {
   // With input_mean and input_invstd, grad_x is the gradient with respect to the normalised x u (masked by where it
   // is > 0): the normalisation's own backward, which depends on how its statistics were made, follows it, and
   // input_sums [2, C] (with input_grad, else None) gives it the per-channel sums over (N, H, W) of grad_x and of
-  // grad_x u, made while both are in cache.
+  // grad_x u, made while both are in cache. With grad_inputs (one per grad, shaped like it) and grad_factors
+  // [K, 4, C], the gradient of out[i] is a grads[i] + b (grad_inputs[i] - mean) + e with (a, b, mean, e) =
+  // grad_factors[i] per channel: a BN's backward (bn_weighted_sum_backward_factors') formed as each row is read,
+  // never written out.
   m.def(
       "relu_dwconv_pointwise_backward(Tensor[] grads, Tensor x, Tensor[] weights, Tensor[] pointwise_weights, "
       "int[] dilations, int stride, bool relu, bool input_grad, bool weight_grad, Tensor? input_mean=None, "
-      "Tensor? input_invstd=None) -> (Tensor?, Tensor[], Tensor[], Tensor? input_sums)");
+      "Tensor? input_invstd=None, Tensor[]? grad_inputs=None, Tensor? grad_factors=None) -> "
+      "(Tensor?, Tensor[], Tensor[], Tensor? input_sums)");
   // PR-DARTS's hard-concrete gates and top-k mask from given noise: reference.gates_from_noise, with the same
   // arguments. beta, u: [E, K]; explore: bool [E, K] and perm: int64 [K] when k is set, ignored (may be None)
   // when it is not. Outputs [E, K]: gates (exactly the 0/1 mask with k, g without), mask, p_nonzero = P(g != 0),

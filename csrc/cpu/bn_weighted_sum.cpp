@@ -35,6 +35,9 @@
 //           with S = sum g and S_k = sum g (t_k - mean) per channel; grad_w[k] = sum_c invstd S_k. Pass 2
 //           walks a unit one row at a time while grad's unit stays in L1. (Pass 1 walked that way ran
 //           slower: each value's double sum then waits on its own previous update.)
+// bn_weighted_sum_backward_factors is the same backward with pass 2 only for the rows it writes out: it returns the
+// factors (a, b, mean, e) of every row, so that a caller reading grad and t_k anyway (relu_dwconv_pointwise_backward,
+// for a conv candidate) forms grad_t_k itself, and neither writes nor reads it back.
 // Where C is a multiple of the vectors' lanes or divides them, the patterns repeat every few whole vectors
 // (register_period): pass 2 then holds one row's patterns in registers instead of reading them for every group.
 // The loops are compiled once per instruction-set tier (cpu_isa.h): the conversions and double sums
@@ -283,7 +286,7 @@ struct BackwardArgs {
   Geometry g;
   const T* grad = nullptr;
   std::vector<const T*> ts;
-  std::vector<T*> grad_ts;  // empty without input_grad
+  std::vector<T*> grad_ts;  // per row, nullptr where no gradient is written (a row left to its factors)
   // Pass 1: which rows need S_k, whether S is needed, and where unit u's sums go: sums[u][row][c], row K for S.
   std::vector<bool> dot;
   bool sum_grad = false;
@@ -302,7 +305,6 @@ FASTDARTS_ALWAYS_INLINE void reduce_units(const BackwardArgs<T>& p, int64_t begi
   const int64_t K = static_cast<int64_t>(p.ts.size());
   const int64_t C = p.g.C;
   const int64_t G = p.g.group;
-  const bool write = !p.grad_ts.empty();
   for (int64_t u = begin; u < end; ++u) {
     std::fill(acc, acc + (K + 1) * G, 0.0);
     const int64_t stop = p.g.end(u);
@@ -324,7 +326,7 @@ FASTDARTS_ALWAYS_INLINE void reduce_units(const BackwardArgs<T>& p, int64_t begi
             s[j] += static_cast<double>(g[j] * (t[j] - m[j]));
           }
         }
-        if (write && p.fixed[k]) {
+        if (p.fixed[k] && p.grad_ts[k] != nullptr) {
           T* __restrict__ gt = p.grad_ts[k] + lo;
           const T* __restrict__ a = p.a + k * G;
           for (int64_t j = 0; j < len; ++j) {
@@ -403,7 +405,7 @@ FASTDARTS_ALWAYS_INLINE void normalised_grad_units(const BackwardArgs<T>& p, int
   for (int64_t u = begin; u < end; ++u) {
     const int64_t first = p.g.begin(u), stop = p.g.end(u);
     for (int64_t k = 0; k < K; ++k) {
-      if (p.fixed[k]) {
+      if (p.fixed[k] || p.grad_ts[k] == nullptr) {
         continue;
       }
       int64_t rest = first;  // where the group loop starts
@@ -510,40 +512,57 @@ at::Tensor bn_weighted_sum_cpu(at::TensorList ts, const at::Tensor& w, const at:
   return out.finish();
 }
 
-std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_backward_cpu(
-    const at::Tensor& grad, at::TensorList ts, const at::Tensor& w, const at::Tensor& mean, const at::Tensor& invstd,
-    const c10::List<bool>& batch_statistics, bool input_grad, bool w_grad) {
-  const char* op = "bn_weighted_sum_backward";
+// The backward of both ops: per row k, its gradient written where written[k] (empty: no row), and the factors
+// [K, 4, C] (a, b, mean, e) with grad_t_k = a g + b (t_k - mean) + e (b = e = 0 for fixed rows) when `factors`;
+// grad_w when w_grad.
+struct Gradients {
+  std::vector<at::Tensor> grad_ts;  // one per written row, in row order
+  at::Tensor factors;               // undefined unless asked for
+  std::optional<at::Tensor> grad_w;
+};
+
+Gradients backward(const char* op, const at::Tensor& grad, at::TensorList ts, const at::Tensor& w,
+                   const at::Tensor& mean, const at::Tensor& invstd, const c10::List<bool>& batch_statistics,
+                   const std::vector<bool>& written, bool factors, bool w_grad) {
   check_arguments(op, ts, w, mean, invstd);
   check_like(op, "grad", grad, "ts[0]", ts[0]);
   const int64_t K = static_cast<int64_t>(ts.size());
   check_one_per_item(op, "batch_statistics", static_cast<int64_t>(batch_statistics.size()), K, "tensor");
+  if (factors) {  // the factors op names every row
+    check_one_per_item(op, "written", static_cast<int64_t>(written.size()), K, "tensor");
+  }
   const int64_t C = ts[0].size(1);
   const int64_t pixels = ts[0].numel() / C;
 
-  std::vector<Output> grad_outs;
-  if (input_grad) {
-    grad_outs.reserve(ts.size());
-    for (int64_t k = 0; k < K; ++k) {
-      grad_outs.emplace_back(ts[0]);
+  Gradients result;
+  std::vector<std::optional<Output>> grad_outs(K);
+  bool any_written = false;
+  for (int64_t k = 0; k < K; ++k) {
+    if (!written.empty() && written[k]) {
+      grad_outs[k].emplace(ts[0]);
+      any_written = true;
     }
   }
-  std::optional<at::Tensor> grad_w;
   if (w_grad) {
-    grad_w = at::empty({K}, w.options());
+    result.grad_w = at::empty({K}, w.options());
   }
-  if (!input_grad && !w_grad) {
-    return {std::vector<at::Tensor>{}, grad_w};
+  if (factors) {
+    result.factors = at::empty({K, 4, C}, ts[0].options().memory_format(at::MemoryFormat::Contiguous));
   }
-  // The rows whose gradient reads the sums: every row for grad_w, the batch-statistics rows for grad_ts, which
-  // also read sum g (and need pass 2).
+  if (!any_written && !factors && !w_grad) {
+    return result;
+  }
+  // The rows whose gradient reads the sums: every row for grad_w, the batch-statistics rows for their gradients
+  // (written or as factors), which also read sum g (and need pass 2 when written).
   std::vector<bool> dot(K), fixed(K);
-  bool normalised = false;
+  bool sum_grad = false, normalised = false;
   for (int64_t k = 0; k < K; ++k) {
     const bool statistics = batch_statistics.get(k);
+    const bool wanted = grad_outs[k].has_value() || factors;
     fixed[k] = !statistics;
-    dot[k] = w_grad || (input_grad && statistics);
-    normalised = normalised || (input_grad && statistics);
+    dot[k] = w_grad || (wanted && statistics);
+    sum_grad = sum_grad || (wanted && statistics);
+    normalised = normalised || (grad_outs[k].has_value() && statistics);
   }
 
   const std::vector<double> wv = values_of(w);
@@ -569,13 +588,13 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
     p.grad = grad_cl.const_data_ptr<scalar_t>();
     p.ts = data_pointers<scalar_t>(inputs);
     p.dot = dot;
-    p.sum_grad = normalised;
+    p.sum_grad = sum_grad;
     p.sums = sums.data();
     p.fixed = fixed;
     p.mean = mean_p.data();
     p.a = a_p.data();
-    for (Output& o : grad_outs) {
-      p.grad_ts.push_back(o.work.data_ptr<scalar_t>());
+    for (std::optional<Output>& o : grad_outs) {
+      p.grad_ts.push_back(o.has_value() ? o->work.data_ptr<scalar_t>() : nullptr);
     }
     parallel_for_balanced(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
       std::vector<double> acc((K + 1) * g.group);
@@ -589,7 +608,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
       }
     }
     if (w_grad) {
-      scalar_t* gw = grad_w->data_ptr<scalar_t>();
+      scalar_t* gw = result.grad_w->data_ptr<scalar_t>();
       for (int64_t k = 0; k < K; ++k) {
         double share = 0.0;
         for (int64_t c = 0; c < C; ++c) {
@@ -598,31 +617,73 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
         gw[k] = static_cast<scalar_t>(share);
       }
     }
-    if (normalised && pixels > 0) {
+    if (sum_grad && pixels > 0) {
       const double M = static_cast<double>(pixels);
       for (int64_t k = 0; k < K; ++k) {
+        if (fixed[k]) {
+          continue;
+        }
         for (int64_t c = 0; c < C; ++c) {
           const double s = sv[k * C + c];
           b[k * C + c] = -a[k * C + c] * s * s * total[k * C + c] / M;
           e[k * C + c] = -a[k * C + c] * total[K * C + c] / M;
         }
       }
+    }
+    if (factors) {  // rounded as the patterns are, so that a g + b (t - mean) + e is what pass 2 computes
+      scalar_t* f = result.factors.data_ptr<scalar_t>();
+      for (int64_t k = 0; k < K; ++k) {
+        for (int64_t c = 0; c < C; ++c) {
+          f[(k * 4 + 0) * C + c] = static_cast<scalar_t>(a[k * C + c]);
+          f[(k * 4 + 1) * C + c] = static_cast<scalar_t>(b[k * C + c]);
+          f[(k * 4 + 2) * C + c] = static_cast<scalar_t>(mv[k * C + c]);
+          f[(k * 4 + 3) * C + c] = static_cast<scalar_t>(e[k * C + c]);
+        }
+      }
+    }
+    if (normalised && pixels > 0) {
       const std::vector<scalar_t> b_p = patterns<scalar_t>(b, K, g);
       const std::vector<scalar_t> e_p = patterns<scalar_t>(e, K, g);
       p.b = b_p.data();
       p.e = e_p.data();
-      p.stream = streams<scalar_t>(g, isa, p.grad_ts);
+      std::vector<scalar_t*> written_ts;
+      for (scalar_t* out : p.grad_ts) {
+        if (out != nullptr) {
+          written_ts.push_back(out);
+        }
+      }
+      p.stream = streams<scalar_t>(g, isa, written_ts);
       parallel_for_balanced(0, g.num_units, g.grain, [&](int64_t begin, int64_t end) {
         FASTDARTS_CALL_FOR_CPU_ISA(isa, normalised_grad_units, scalar_t, p, begin, end);
       });
     }
   });
-  std::vector<at::Tensor> grad_ts;
-  grad_ts.reserve(grad_outs.size());
-  for (Output& o : grad_outs) {
-    grad_ts.push_back(o.finish());
+  for (std::optional<Output>& o : grad_outs) {
+    if (o.has_value()) {
+      result.grad_ts.push_back(o->finish());
+    }
   }
-  return {std::move(grad_ts), grad_w};
+  return result;
+}
+
+std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_backward_cpu(
+    const at::Tensor& grad, at::TensorList ts, const at::Tensor& w, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::List<bool>& batch_statistics, bool input_grad, bool w_grad) {
+  Gradients r = backward("bn_weighted_sum_backward", grad, ts, w, mean, invstd, batch_statistics,
+                         std::vector<bool>(input_grad ? ts.size() : 0, true), false, w_grad);
+  return {std::move(r.grad_ts), r.grad_w};
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, std::optional<at::Tensor>> bn_weighted_sum_backward_factors_cpu(
+    const at::Tensor& grad, at::TensorList ts, const at::Tensor& w, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::List<bool>& batch_statistics, const c10::List<bool>& written, bool w_grad) {
+  std::vector<bool> rows;
+  for (const bool row : written) {
+    rows.push_back(row);
+  }
+  Gradients r = backward("bn_weighted_sum_backward_factors", grad, ts, w, mean, invstd, batch_statistics, rows, true,
+                         w_grad);
+  return {std::move(r.grad_ts), r.factors, r.grad_w};
 }
 
 }  // namespace
@@ -630,6 +691,7 @@ std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>> bn_weighted_sum_b
 TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
   m.impl("bn_weighted_sum", &bn_weighted_sum_cpu);
   m.impl("bn_weighted_sum_backward", &bn_weighted_sum_backward_cpu);
+  m.impl("bn_weighted_sum_backward_factors", &bn_weighted_sum_backward_factors_cpu);
 }
 
 }  // namespace fastdarts

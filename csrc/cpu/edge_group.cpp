@@ -91,14 +91,19 @@ std::tuple<Tensors, at::Tensor, at::Tensor> relu_dwconv_pointwise(bool statistic
   return op.call(x, weights, pointwise, dilations, stride, true, mean, invstd);
 }
 
+// grads as given, or with grad_inputs and grad_factors formed from them inside the kernel (a BN's backward).
 std::tuple<OptionalTensor, Tensors, Tensors, OptionalTensor> relu_dwconv_pointwise_backward(
     at::TensorList grads, const at::Tensor& x, at::TensorList weights, at::TensorList pointwise,
     at::IntArrayRef dilations, int64_t stride, bool input_grad, bool weight_grad,
-    const OptionalTensor& mean = std::nullopt, const OptionalTensor& invstd = std::nullopt) {
+    const OptionalTensor& mean = std::nullopt, const OptionalTensor& invstd = std::nullopt,
+    const std::optional<at::TensorList>& grad_inputs = std::nullopt,
+    const OptionalTensor& grad_factors = std::nullopt) {
   static const auto op = handle<std::tuple<OptionalTensor, Tensors, Tensors, OptionalTensor>(
       at::TensorList, const at::Tensor&, at::TensorList, at::TensorList, at::IntArrayRef, int64_t, bool, bool, bool,
-      const OptionalTensor&, const OptionalTensor&)>("fastdarts::relu_dwconv_pointwise_backward");
-  return op.call(grads, x, weights, pointwise, dilations, stride, true, input_grad, weight_grad, mean, invstd);
+      const OptionalTensor&, const OptionalTensor&, const std::optional<at::TensorList>&, const OptionalTensor&)>(
+      "fastdarts::relu_dwconv_pointwise_backward");
+  return op.call(grads, x, weights, pointwise, dilations, stride, true, input_grad, weight_grad, mean, invstd,
+                 grad_inputs, grad_factors);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pool_bn_stats(const at::Tensor& x, int64_t stride) {
@@ -137,6 +142,15 @@ std::tuple<Tensors, OptionalTensor> bn_weighted_sum_backward(const at::Tensor& g
       const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&,
       const c10::List<bool>&, bool, bool)>("fastdarts::bn_weighted_sum_backward");
   return op.call(grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad);
+}
+
+std::tuple<Tensors, at::Tensor, OptionalTensor> bn_weighted_sum_backward_factors(
+    const at::Tensor& grad, at::TensorList ts, const at::Tensor& w, const at::Tensor& mean, const at::Tensor& invstd,
+    const c10::List<bool>& batch_statistics, const c10::List<bool>& written, bool w_grad) {
+  static const auto op = handle<std::tuple<Tensors, at::Tensor, OptionalTensor>(
+      const at::Tensor&, at::TensorList, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+      const c10::List<bool>&, const c10::List<bool>&, bool)>("fastdarts::bn_weighted_sum_backward_factors");
+  return op.call(grad, ts, w, mean, invstd, batch_statistics, written, w_grad);
 }
 
 std::tuple<Tensors, at::Tensor, at::Tensor> factorized_reduce_bn_stats(const at::Tensor& x, at::TensorList conv_1s,
@@ -196,7 +210,6 @@ struct Group {
   at::Tensor mean, var;  // [E, B, C]
   std::vector<int64_t> pool_candidates;  // the pools some edge computes, ascending
   std::map<int64_t, at::Tensor> pools;   // their outputs
-  at::Tensor one;                        // [1]: 1, the weights of the middle BN backward's two sums
 
   // `record`: a forward in training, which records its batch statistics; otherwise mean and var are the statistics
   // to normalise with. `saved`: the forward's saved() (then nothing is computed).
@@ -213,7 +226,6 @@ struct Group {
       mean = bn_mean->clone();
       var = bn_var->clone();
     }
-    one = at::ones({1}, x.options());
     edges.resize(E);
     int64_t at_candidate = 0;
     for (int64_t e = 0; e < E; ++e) {
@@ -430,26 +442,26 @@ struct Group {
   }
 
 
-  // dL/dt_1 of sep conv k's middle BN, u = BN(t_1), for dL/du = grad and the sums over (N, H, W) of grad and of
-  // grad u that the second stage's backward gave (_mixed_op._Edge._middle_bn_backward): with batch statistics,
-  // (grad - mean(grad)) invstd + (t_1 - mean) (-invstd^2 mean(grad u)), one pass of bn_weighted_sum.
-  at::Tensor middle_bn_backward(Edge& edge, int64_t k, const at::Tensor& grad, const OptionalTensor& sums,
-                                bool training) {
-    const at::Tensor& t = edge.t_1.at(k);
+  // The factors [1, 4, C] (a, b, mean, e) of dL/dt_1 = a grad + b (t_1 - mean) + e for sep conv k's middle BN,
+  // u = BN(t_1), given dL/du = grad's sums over (N, H, W) of grad and of grad u from the second stage's backward
+  // (_mixed_op._Edge._middle_bn_factors): with batch statistics, dL/dt_1 = invstd (grad - mean(grad) - u mean(grad
+  // u)), so a = invstd, b = -invstd^2 mean(grad u), e = -invstd mean(grad); with fixed ones, invstd grad. The first
+  // stage's backward forms dL/dt_1 from them as it reads grad and t_1.
+  at::Tensor middle_bn_factors(Edge& edge, int64_t k, const at::Tensor& grad, const OptionalTensor& sums,
+                               bool training) {
     const auto& [m, invstd] = middle(edge, k);
-    if (!training) {  // fixed statistics: dL/dt_1 = invstd grad
-      return std::get<0>(bn_weighted_sum_backward(grad, {t}, one, m, invstd, c10::List<bool>({false}), true,
-                                                  false))[0];
+    if (!training) {
+      const at::Tensor zero = at::zeros_like(invstd);
+      return at::stack({invstd, zero, m, zero}, 1);
     }
     const at::Tensor means = *sums / (grad.numel() / grad.size(1));  // [mean(grad), mean(grad u)]
-    const at::Tensor centres = at::cat(Tensors{means.slice(0, 0, 1), m});
-    const at::Tensor factors = at::cat(Tensors{invstd, -invstd.square() * means.slice(0, 1)});
-    return bn_weighted_sum({grad, t}, one.expand({2}), centres, factors);
+    return at::stack({invstd, -invstd.square() * means.slice(0, 1), m, -invstd * means.slice(0, 0, 1)}, 1);
   }
 
   // (dL/dx or None, dL/dw [E, K] or None, dL/dweights in the flat order of the weights, or []): every edge's
-  // candidates through one bn_weighted_sum_backward, a sep conv's second stage and middle BN, then what the edges
-  // share once: the pools' backward, the first stage's backward and the sum that makes dL/dx.
+  // candidates through one bn_weighted_sum_backward_factors, a sep conv's second stage (its dL/dt formed inside)
+  // and middle BN's factors, then what the edges share once: the pools' backward, the first stage's backward (every
+  // conv's dL/dt_1 formed inside) and the sum that makes dL/dx.
   std::tuple<OptionalTensor, OptionalTensor, Tensors> backward(const c10::List<OptionalTensor>& grads, bool training,
                                                                bool x_grad, bool w_grad, bool weights_grad) {
     const int64_t B = layout.rows;
@@ -464,7 +476,8 @@ struct Group {
     };
     Tensors terms;                             // of dL/dx
     std::map<int64_t, Tensors> pool_grads;     // per pool, what each edge's output of it receives
-    Tensors first_grads, first_depthwise, first_pointwise;  // per conv: dL/dt_1 and its first stage's weights
+    // per conv: the gradient, input and factors that form its dL/dt_1, and its first stage's weights
+    Tensors first_grads, first_inputs, first_factor_rows, first_depthwise, first_pointwise;
     std::vector<int64_t> first_dilations;
     std::vector<std::pair<const Edge*, int64_t>> first_convs;
     Tensors reduce_grads, reduce_conv_1s, reduce_conv_2s;  // per stride-2 skip: dL/dt and its FactorizedReduce
@@ -474,46 +487,68 @@ struct Group {
       if (!grad.has_value() || edge.candidates.empty()) {  // None: the edge's output took no part in the loss
         continue;
       }
-      c10::List<bool> batch_statistics;
-      for (int64_t row : edge.final_rows) {
-        batch_statistics.push_back(training && row != B);
+      c10::List<bool> batch_statistics, written;
+      for (size_t i = 0; i < edge.final_rows.size(); ++i) {
+        batch_statistics.push_back(training && edge.final_rows[i] != B);
+        written.push_back(!is_conv(edge.candidates[i]));
       }
-      // Every candidate's dL/dt (w[k] included) and dL/dw[k], in one pass over grad and the finals.
-      auto [dts, dw] = bn_weighted_sum_backward(grad->contiguous(kChannelsLast), edge.finals, edge.candidate_w(w),
-                                                edge.final_mean, edge.final_invstd, batch_statistics, need_dt,
-                                                w_grad);
-      if (w_grad) {
+      // Every candidate's dL/dw[k], and dL/dt (w[k] included) in one pass over grad and the finals: written out
+      // for the pools and skips, as factors for the convs, whose backward forms it as it reads grad and t.
+      const at::Tensor g = grad->contiguous(kChannelsLast);
+      Tensors dts;
+      at::Tensor factors;
+      if (need_dt) {
+        OptionalTensor dw;
+        std::tie(dts, factors, dw) = bn_weighted_sum_backward_factors(
+            g, edge.finals, edge.candidate_w(w), edge.final_mean, edge.final_invstd, batch_statistics, written, w_grad);
+        if (w_grad) {
+          grad_w->select(0, edge.index).index_copy_(0, edge.candidate_index, *dw);
+        }
+      } else if (w_grad) {
+        auto [unused, dw] = bn_weighted_sum_backward(g, edge.finals, edge.candidate_w(w), edge.final_mean,
+                                                     edge.final_invstd, batch_statistics, false, true);
         grad_w->select(0, edge.index).index_copy_(0, edge.candidate_index, *dw);
       }
-      for (size_t i = 0; i < dts.size(); ++i) {
+      if (!need_dt) {
+        continue;
+      }
+      size_t next_written = 0;
+      for (size_t i = 0; i < edge.candidates.size(); ++i) {
         const int64_t k = edge.candidates[i];
-        at::Tensor dt = dts[i];
         if (k == kSkip && stride == 1) {
+          const at::Tensor& dt = dts[next_written++];
           if (x_grad) {
             terms.push_back(dt);
           }
         } else if (is_pool(k)) {
+          const at::Tensor& dt = dts[next_written++];
           if (x_grad) {
             pool_grads[k].push_back(dt);
           }
         } else if (k == kSkip) {  // FactorizedReduce (stride-2 edges only): one kernel for the whole group
-          reduce_grads.push_back(dt);
+          reduce_grads.push_back(dts[next_written++]);
           reduce_conv_1s.push_back(edge.weight(layout, k, 0));
           reduce_conv_2s.push_back(edge.weight(layout, k, 1));
           reduce_edges.push_back(&edge);
         } else {  // the convolutions: back to the first stage, whose backward is one kernel for the whole group
+          at::Tensor first_grad = g, first_input = edge.finals[i];
+          at::Tensor first_factors = factors.narrow(0, static_cast<int64_t>(i), 1);
           if (is_sep(k)) {  // the second stage (dL/du of the middle BN's output u), then the middle BN
             const auto& [mid_mean, mid_invstd] = middle(edge, k);
             auto [du, second, second_pointwise, du_sums] = relu_dwconv_pointwise_backward(
-                {dt}, edge.t_1.at(k), {edge.weight(layout, k, 2)}, {edge.weight(layout, k, 3)}, {1}, 1, true,
-                weights_grad, mid_mean, mid_invstd);
+                {g}, edge.t_1.at(k), {edge.weight(layout, k, 2)}, {edge.weight(layout, k, 3)}, {1}, 1, true,
+                weights_grad, mid_mean, mid_invstd, at::TensorList(first_input), first_factors);
             if (weights_grad) {
               set_weight_grad(edge, k, 2, second[0]);
               set_weight_grad(edge, k, 3, second_pointwise[0]);
             }
-            dt = middle_bn_backward(edge, k, *du, du_sums, training);
+            first_grad = *du;
+            first_input = edge.t_1.at(k);
+            first_factors = middle_bn_factors(edge, k, *du, du_sums, training);
           }
-          first_grads.push_back(dt);
+          first_grads.push_back(first_grad);
+          first_inputs.push_back(first_input);
+          first_factor_rows.push_back(first_factors);
           first_depthwise.push_back(edge.weight(layout, k, 0));
           first_pointwise.push_back(edge.weight(layout, k, 1));
           first_dilations.push_back(first_stage_dilation(k));
@@ -545,7 +580,8 @@ struct Group {
     }
     if (!first_grads.empty()) {
       auto [dx, firsts, firsts_pointwise, sums] = relu_dwconv_pointwise_backward(
-          first_grads, x, first_depthwise, first_pointwise, first_dilations, stride, x_grad, weights_grad);
+          first_grads, x, first_depthwise, first_pointwise, first_dilations, stride, x_grad, weights_grad,
+          std::nullopt, std::nullopt, at::TensorList(first_inputs), at::cat(first_factor_rows));
       if (weights_grad) {
         for (size_t i = 0; i < first_convs.size(); ++i) {
           set_weight_grad(*first_convs[i].first, first_convs[i].second, 0, firsts[i]);

@@ -50,6 +50,11 @@
 // four DARTS kernels: the forward reads x (4 MiB) and writes the 4 outputs (16 MiB) where relu_dwconv, four 1x1
 // convs and four statistics passes move 68 MiB; the backward reads x and 4 output gradients and writes grad_x
 // (24 MiB) where recomputing z, four 1x1 conv backwards and relu_dwconv_backward move about 90 MiB.
+// Formed gradients. With grad_inputs and grad_factors the backward forms each dt_i row as it reads it, a g + b (t -
+// mean) + e per channel from a row of g (a BN's output gradient, which the candidates of an edge share) and of t (its
+// input): the BN's backward, whose per-channel factors bn_weighted_sum_backward_factors made, and dt_i is never
+// written nor read back. In a DARTS step at (64, 16, 32, 32) that spares a write and a read of 4 MiB per conv
+// candidate and per sep conv's middle BN; g's row, read once per candidate, is in L2 after the first.
 //
 // Packed columns. A tile column of C < 16 channels padded to a 64-byte vector would spend 16 / C lanes of every
 // multiply-add on padding (PC-DARTS's edges compute on C/4 channels: 4 of 16 lanes at C = 16). At stride 1, with
@@ -628,7 +633,69 @@ struct BackwardArgs {
   // With a normalised input and grad_x: the chunk's slot [num_chunks][2][Cp] of per-lane sums of dL/du and of
   // dL/du u over its rows (u the normalised input), for the normalisation's backward; nullptr otherwise.
   double* input_sums = nullptr;
+  // With grad_inputs (relu_dwconv_pointwise_backward only): dt_i = a grads[i] + b (grad_inputs[i] - mean) + e per
+  // channel, formed as each row is read (a BN's backward), with grad_factors [K][4][C] holding a, b, mean and e.
+  std::vector<const T*> grad_inputs;
+  std::vector<Strides> gis;
+  const T* grad_factors = nullptr;
 };
+
+// One dt row formed from a row of the BN's output gradient and one of its input (BackwardArgs::grad_inputs):
+// dst[w * dst_col + c] = a[c] grad + b[c] (input - mean[c]) + e[c], f holding a, b, mean and e (C values each).
+// kNV > 0: channels contiguous in both rows and C = kNV vectors of the tier, whose factors stay in registers.
+template <typename T, CpuIsa kIsa, int64_t kNV>
+FASTDARTS_ALWAYS_INLINE void pack_formed(const T* grad, const Strides& gs, const T* input, const Strides& is,
+                                         int64_t cols, int64_t C, const T* f, T* dst, int64_t dst_col) {
+  if constexpr (kNV > 0) {
+    using V = Vec<T, kIsa>;
+    constexpr int64_t L = kLanes<T, kIsa>;
+    V a[kNV], b[kNV], m[kNV], e[kNV];
+#pragma GCC unroll 4
+    for (int64_t v = 0; v < kNV; ++v) {
+      vec_load(a[v], f + v * L);
+      vec_load(b[v], f + C + v * L);
+      vec_load(m[v], f + 2 * C + v * L);
+      vec_load(e[v], f + 3 * C + v * L);
+    }
+    for (int64_t w = 0; w < cols; ++w) {
+#pragma GCC unroll 4
+      for (int64_t v = 0; v < kNV; ++v) {
+        V g, t;
+        vec_load(g, grad + w * gs.w + v * L);
+        vec_load(t, input + w * is.w + v * L);
+        const V out = a[v] * g + b[v] * (t - m[v]) + e[v];
+        vec_store(dst + w * dst_col + v * L, out);
+      }
+    }
+  } else {
+    const T* __restrict__ a = f;
+    const T* __restrict__ b = f + C;
+    const T* __restrict__ m = f + 2 * C;
+    const T* __restrict__ e = f + 3 * C;
+    for (int64_t c = 0; c < C; ++c) {
+      for (int64_t w = 0; w < cols; ++w) {
+        dst[w * dst_col + c] = a[c] * grad[w * gs.w + c * gs.c] + b[c] * (input[w * is.w + c * is.c] - m[c]) + e[c];
+      }
+    }
+  }
+}
+
+// pack_formed by whole vectors where the rows allow it (kNV), else value by value.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void pack_formed_row(const T* grad, const Strides& gs, const T* input, const Strides& is,
+                                             int64_t cols, int64_t C, const T* f, T* dst, int64_t dst_col) {
+  constexpr int64_t L = kLanes<T, kIsa>;
+  const int64_t nv = gs.c == 1 && is.c == 1 && C % L == 0 ? C / L : 0;
+  if (nv == 1) {
+    pack_formed<T, kIsa, 1>(grad, gs, input, is, cols, C, f, dst, dst_col);
+  } else if (nv == 2) {
+    pack_formed<T, kIsa, 2>(grad, gs, input, is, cols, C, f, dst, dst_col);
+  } else if (nv == 4) {
+    pack_formed<T, kIsa, 4>(grad, gs, input, is, cols, C, f, dst, dst_col);
+  } else {
+    pack_formed<T, kIsa, 0>(grad, gs, input, is, cols, C, f, dst, dst_col);
+  }
+}
 
 // The gradient tile of image n for kernel i of relu_dwconv_pointwise_backward (BackwardArgs), for output rows
 // from ho0 - Pg, and the chunk's share of that kernel's 1x1 weight gradient. dt_row and z_row: scratch rows of
@@ -646,14 +713,28 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_tile(const BackwardArgs<T>& b, int64
   const Strides& gs = b.gs[i];
   constexpr int64_t kAhead = 2;  // rows prefetched ahead: the next kernel's first ones once this one's run out
   const bool next_kernel = i + 1 < static_cast<int64_t>(b.grads.size());
+  const bool formed = !b.grad_inputs.empty();
   for (int64_t ho = ho_lo; ho < ho_hi; ++ho) {
     if (ho + kAhead < ho_hi) {
       prefetch_row(b.grads[i] + n * gs.n + (ho + kAhead) * gs.h, gs, g.Wo, g.C);
+      if (formed) {
+        prefetch_row(b.grad_inputs[i] + n * b.gis[i].n + (ho + kAhead) * b.gis[i].h, b.gis[i], g.Wo, g.C);
+      }
     } else if (next_kernel && ho_lo + ho + kAhead - ho_hi < ho_hi) {
+      const int64_t next_ho = ho_lo + ho + kAhead - ho_hi;
       const Strides& next = b.gs[i + 1];
-      prefetch_row(b.grads[i + 1] + n * next.n + (ho_lo + ho + kAhead - ho_hi) * next.h, next, g.Wo, g.C);
+      prefetch_row(b.grads[i + 1] + n * next.n + next_ho * next.h, next, g.Wo, g.C);
+      if (formed) {
+        const Strides& next_input = b.gis[i + 1];
+        prefetch_row(b.grad_inputs[i + 1] + n * next_input.n + next_ho * next_input.h, next_input, g.Wo, g.C);
+      }
     }
-    pack<T, false>(b.grads[i] + n * gs.n + ho * gs.h, gs, 1, g.Wo, g.C, dt_row, 0, g.col);
+    if (formed) {
+      pack_formed_row<T, kIsa>(b.grads[i] + n * gs.n + ho * gs.h, gs, b.grad_inputs[i] + n * b.gis[i].n + ho * b.gis[i].h,
+                  b.gis[i], g.Wo, g.C, b.grad_factors + i * 4 * g.C, dt_row, g.col);
+    } else {
+      pack<T, false>(b.grads[i] + n * gs.n + ho * gs.h, gs, 1, g.Wo, g.C, dt_row, 0, g.col);
+    }
     pointwise_conv_row<T, kIsa>(g, dt_row, b.pointwise_transposed + i * g.Cp * g.Cp,
                                 grad_tile + (ho - ho_origin) * g.grad.row_stride + g.Pg * g.col);
     if (pointwise_partial != nullptr && ho >= ho0 && ho < ho1) {
@@ -903,11 +984,26 @@ backward(
     const char* op, at::TensorList grads, const at::Tensor& x, at::TensorList weights, at::TensorList pointwise,
     bool with_pointwise, at::IntArrayRef dilations, int64_t stride, bool relu, bool input_grad, bool weight_grad,
     const std::optional<at::Tensor>& input_mean = std::nullopt,
-    const std::optional<at::Tensor>& input_invstd = std::nullopt) {
+    const std::optional<at::Tensor>& input_invstd = std::nullopt,
+    const std::optional<at::TensorList>& grad_inputs = std::nullopt,
+    const std::optional<at::Tensor>& grad_factors = std::nullopt) {
   check_arguments(op, x, weights, pointwise, with_pointwise, dilations, stride);
   check_normalisation(op, x, input_mean, input_invstd);
   const int64_t K = static_cast<int64_t>(weights.size());
   check_sized_list(op, "grads", grads, K, "weight", output_sizes(x, stride), "x", x);
+  TORCH_CHECK_VALUE(grad_inputs.has_value() == grad_factors.has_value(), op,
+                    ": grad_inputs and grad_factors must be given together, got only ",
+                    grad_inputs.has_value() ? "grad_inputs" : "grad_factors");
+  at::Tensor factors;
+  if (grad_inputs.has_value()) {
+    check_sized_list(op, "grad_inputs", *grad_inputs, K, "weight", output_sizes(x, stride), "x", x);
+    TORCH_CHECK_VALUE(grad_factors->dim() == 3 && grad_factors->size(0) == K && grad_factors->size(1) == 4 &&
+                          grad_factors->size(2) == x.size(1),
+                      op, ": grad_factors must have shape [", K, ", 4, ", x.size(1), "] (a, b, mean and e per channel ",
+                      "of each of the ", K, " grads), got ", grad_factors->sizes());
+    check_dtype_and_device(op, "grad_factors", *grad_factors, "x", x);
+    factors = grad_factors->contiguous();
+  }
 
   std::optional<at::Tensor> grad_x, input_sums;
   if (input_grad) {
@@ -964,6 +1060,13 @@ backward(
     for (const at::Tensor& grad : grads) {
       b.grads.push_back(grad.const_data_ptr<scalar_t>());
       b.gs.push_back(strides_of(grad));
+    }
+    if (grad_inputs.has_value()) {
+      for (const at::Tensor& input : *grad_inputs) {
+        b.grad_inputs.push_back(input.const_data_ptr<scalar_t>());
+        b.gis.push_back(strides_of(input));
+      }
+      b.grad_factors = factors.const_data_ptr<scalar_t>();
     }
     if (with_pointwise) {
       b.pointwise_transposed = transposed.data();
@@ -1066,9 +1169,11 @@ relu_dwconv_pointwise_backward_cpu(at::TensorList grads, const at::Tensor& x, at
                                    at::TensorList pointwise_weights, at::IntArrayRef dilations, int64_t stride,
                                    bool relu, bool input_grad, bool weight_grad,
                                    const std::optional<at::Tensor>& input_mean,
-                                   const std::optional<at::Tensor>& input_invstd) {
+                                   const std::optional<at::Tensor>& input_invstd,
+                                   const std::optional<at::TensorList>& grad_inputs,
+                                   const std::optional<at::Tensor>& grad_factors) {
   return backward("relu_dwconv_pointwise_backward", grads, x, weights, pointwise_weights, true, dilations, stride,
-                  relu, input_grad, weight_grad, input_mean, input_invstd);
+                  relu, input_grad, weight_grad, input_mean, input_invstd, grad_inputs, grad_factors);
 }
 
 }  // namespace

@@ -33,6 +33,7 @@ from .reference import (
     check_explore_p,
     check_factorized_reduce_arguments,
     check_factorized_reduce_bn_stats_arguments,
+    check_formed_grads,
     check_gate_noise,
     check_gate_settings,
     check_images,
@@ -260,13 +261,15 @@ def _relu_dwconv_pointwise_fake(x, weights, pointwise_weights, dilations, stride
 
 @torch.library.register_fake("fastdarts::relu_dwconv_pointwise_backward")
 def _relu_dwconv_pointwise_backward_fake(grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad,
-                                         weight_grad, input_mean=None, input_invstd=None):  # fmt: skip
+                                         weight_grad, input_mean=None, input_invstd=None, grad_inputs=None,
+                                         grad_factors=None):  # fmt: skip
     op = "relu_dwconv_pointwise_backward"
     check_relu_dwconv_pointwise_arguments(op, x, weights, pointwise_weights, dilations, stride, torch_check,
                                           input_mean, input_invstd)  # fmt: skip
     check_supported_dtype(op, x)
     check_sized_list(op, "grads", grads, len(weights), "weight", relu_dwconv_output_shape(x, stride), "x", x,
                      torch_check)  # fmt: skip
+    check_formed_grads(op, x, len(weights), stride, grad_inputs, grad_factors, torch_check)
     grad_x = torch.empty_like(x) if input_grad else None
     grad_weights = [w.new_empty(w.shape) for w in weights] if weight_grad else []
     grad_pointwise = [p.new_empty(p.shape) for p in pointwise_weights] if weight_grad else []
@@ -650,7 +653,24 @@ def _bn_weighted_sum_backward_fake(grad, ts, w, mean, invstd, batch_statistics, 
     return grad_ts, (w.new_empty(len(ts)) if w_grad else None)
 
 
+@torch.library.register_fake("fastdarts::bn_weighted_sum_backward_factors")
+def _bn_weighted_sum_backward_factors_fake(grad, ts, w, mean, invstd, batch_statistics, written, w_grad):
+    op = "bn_weighted_sum_backward_factors"
+    check_bn_weighted_sum_arguments(op, ts, w, mean, invstd, torch_check)
+    check_supported_dtype(op, ts[0])
+    check_like(op, "grad", grad, "ts[0]", ts[0], torch_check)
+    check_one_per_item(op, "batch_statistics", len(batch_statistics), len(ts), "tensor", torch_check)
+    check_one_per_item(op, "written", len(written), len(ts), "tensor", torch_check)
+    grad_ts = [torch.empty_like(ts[0]) for row in written if row]
+    factors = ts[0].new_empty(len(ts), 4, ts[0].shape[1])
+    return grad_ts, factors, (w.new_empty(len(ts)) if w_grad else None)
+
+
 register_bn_weighted_sum_autograd("fastdarts")
+refuse_differentiation(
+    "fastdarts::bn_weighted_sum_backward_factors",
+    "fastdarts::bn_weighted_sum_backward_factors is not differentiable: it is a step of the mixed ops' backward",
+)
 
 
 def rnn_mixed_node(states: Tensor, ch: Tensor, p: Tensor) -> Tensor:

@@ -14,6 +14,11 @@ the pool_bn_stats kernel for both pools and their BN statistics, which every edg
 stride-2 group once more by factorized_reduce_bn_stats for every edge's skip (FactorizedReduce); per edge, the
 candidates' last BNs and the edge weights fold into one bn_weighted_sum. Only the edges' sums leave the op.
 
+Backward: per edge, one bn_weighted_sum_backward_factors pass gives every candidate's dL/dw and BN backward: written
+out for the pools and skips, and as per-channel factors for the convs, whose relu_dwconv_pointwise_backward forms
+dL/dt from the edge's gradient and t as it reads them (a sep conv's middle BN the same way, from the sums of its
+second stage's backward): the convs' dL/dt are never written.
+
 Memory: autograd keeps x (which the cell holds anyway), the weights and the BN statistics ([E, B, C]). The
 backward recomputes the group's intermediates, uses them, and drops them: they live for one forward or backward
 call, not from the forward to the backward of the whole network. It computes only what is asked for: no
@@ -41,6 +46,7 @@ from .reference import (
     check_partial_channels,
     factorized_reduce_halves,
     factorized_reduce_halves_backward,
+    formed_grads,
     mixed_op_layout,
     mixed_op_output_shape,
     normalised,
@@ -57,7 +63,8 @@ class EdgeKernels:
     #   -> (outs, mean [K, C], var [K, C])
     relu_dwconv_pointwise: Callable[..., tuple]
     # (grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad[, input_mean,
-    #  input_invstd]) -> (grad_x or None, grad_weights or [], grad_pointwise_weights or [], input_sums or None)
+    #  input_invstd[, grad_inputs, grad_factors]]) -> (grad_x or None, grad_weights or [], grad_pointwise_weights or
+    #  [], input_sums or None); with grad_inputs and grad_factors, the output gradients are reference.formed_grads
     relu_dwconv_pointwise_backward: Callable[..., tuple]
     pool_bn_stats: Callable[..., tuple]  # (x, stride) -> (max_out, avg_out, mean, var)
     pool_bn_stats_backward: Callable[..., Tensor]  # (grad_max or None, grad_avg or None, x, stride) -> grad_x
@@ -70,6 +77,9 @@ class EdgeKernels:
     bn_weighted_sum: Callable[..., Tensor]  # (ts, w, mean, invstd)
     # (grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad) -> (grad_ts or [], grad_w or None)
     bn_weighted_sum_backward: Callable[..., tuple]
+    # (grad, ts, w, mean, invstd, batch_statistics, written, w_grad) -> (grad_ts of the written rows, factors
+    #  [K, 4, C], grad_w or None), as the C++ op bn_weighted_sum_backward_factors
+    bn_weighted_sum_backward_factors: Callable[..., tuple]
     # (outs, x, partial_channels, stride, bypass_w) -> the edges' full-width outputs
     partial_channel_outputs: Callable[..., list]
     # (grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad) -> (the ops' gradients, one per given
@@ -140,9 +150,11 @@ def composed_relu_dwconv_pointwise(
         return ts, torch.stack([m for m, _ in moments]), torch.stack([v for _, v in moments])
 
     def backward(grads, x, weights, pointwise_weights, dilations, stride, relu, input_grad, weight_grad,
-                 input_mean=None, input_invstd=None):  # fmt: skip
+                 input_mean=None, input_invstd=None, grad_inputs=None, grad_factors=None):  # fmt: skip
         """As the C++ op's: with input_mean and input_invstd, the gradient with respect to the normalised x u, and
-        the sums of it and of it times u."""
+        the sums of it and of it times u; with grad_inputs and grad_factors, the output gradients formed first."""
+        if grad_inputs is not None:
+            grads = formed_grads(grads, grad_inputs, grad_factors)
         if input_mean is not None:
             x = normalised(x, input_mean, input_invstd)
         zs = relu_dwconv(x, weights, dilations, stride, relu)
@@ -158,6 +170,31 @@ def composed_relu_dwconv_pointwise(
         return grad_x, grad_weights, (grad_pointwise if weight_grad else []), input_sums
 
     return forward, backward
+
+
+def composed_bn_weighted_sum_backward_factors(bn_weighted_sum_backward: Callable[..., tuple]) -> Callable[..., tuple]:
+    """bn_weighted_sum_backward_factors for a backend without its kernel: the backend's bn_weighted_sum_backward for
+    the written rows and grad_w, and the factors from ATen's per-channel sums (the formulas of the C++ kernel's
+    comment, csrc/cpu/bn_weighted_sum.cpp)."""
+
+    def factors_op(grad, ts, w, mean, invstd, batch_statistics, written, w_grad):
+        grad_ts, grad_w = bn_weighted_sum_backward(grad, ts, w, mean, invstd, batch_statistics, any(written), w_grad)
+        grad_ts = [g for g, row in zip(grad_ts, written) if row]
+        C = grad.shape[1]
+        M = grad.numel() // C
+        sum_grad = grad.sum((0, 2, 3))
+        rows = []
+        for k, t in enumerate(ts):
+            a = w[k] * invstd[k]
+            b = e = torch.zeros_like(a)
+            if batch_statistics[k]:
+                sum_k = (grad * (t - mean[k].reshape(1, C, 1, 1))).sum((0, 2, 3))
+                b = -a * invstd[k].square() * sum_k / M
+                e = -a * sum_grad / M
+            rows.append(torch.stack([a, b, mean[k], e]))
+        return grad_ts, torch.stack(rows), grad_w
+
+    return factors_op
 
 
 def _saved_names(candidates: Sequence[int], stride: int) -> list[str]:
@@ -220,21 +257,20 @@ class _Edge:
     Every candidate ends in a tensor its last BN normalises (x itself for the stride-1 skip, and the pools' outputs
     when they have no BN); those BNs are not applied one by one: `bn_weighted_sum` folds them, with the edge weights,
     into the sum, and its backward gives every candidate's dL/dt (w[k] and the path through the batch statistics
-    included) and dL/dw in one pass.
+    included; written out, or as factors that a conv's backward forms it from) and dL/dw in one pass.
     """
 
-    def __init__(self, kernels, x, w, weights, stride, candidates, mean, var, one, training, eps, pool_bn, keep,
+    def __init__(self, kernels, x, w, weights, stride, candidates, mean, var, training, eps, pool_bn, keep,
                  first_stage=None, pools=None, saved=None, saved_pools=None):  # fmt: skip
         """`mean` and `var` ([B, C]) are the edge's rows of its group's BN statistics: a forward in training records
         its batch statistics in them, otherwise they are the statistics to normalise with (the running ones, or in a
-        backward those the forward used). `one` is a tensor holding 1 (the weights of the sums in a sep conv's
-        middle BN backward). `first_stage` (per conv candidate: its first 1x1 conv's output, batch mean and
+        backward those the forward used). `first_stage` (per conv candidate: its first 1x1 conv's output, batch mean and
         variance; for the stride-2 skip, its FactorizedReduce's) and `pools` (pool_bn_stats's outputs, or None when
         no pool is computed) come from the group, which computes them for every edge leaving x at once. With
         `saved` (the tensors of _saved_names, from a forward with keep), nothing is computed: the edge is restored
         for its backward, with the pools' outputs from `saved_pools` ({k: output}). The group sets
         `final_statistics` once every row is recorded."""
-        self.kernels, self.w, self._one = kernels, w, one
+        self.kernels, self.w = kernels, w
         self.x, self.stride, self.candidates = x, stride, list(candidates)
         self.candidate_index = index_tensor(tuple(self.candidates), x.device)
         self.training, self.eps, self.pool_bn, self.keep = training, eps, pool_bn, keep
@@ -323,22 +359,18 @@ class _Edge:
 
     # The backward ---------------------------------------------------------------------------------------------
 
-    def _middle_bn_backward(self, grad: Tensor, sums: Tensor, k: int) -> Tensor:
-        """dL/dt_1 of a sep conv's first BN, u = BN(t_1), for dL/du = grad, whose sums over (N, H, W) of grad and of
-        grad u the second stage's backward gave (`sums` [2, C]).
-
-        With batch statistics, dL/dt_1 = invstd (grad - mean(grad) - u mean(grad u)) = (grad - mean(grad)) invstd +
-        (t_1 - mean) (-invstd^2 mean(grad u)): one pass of bn_weighted_sum over grad and t_1, with those per-channel
-        means and factors, where bn_weighted_sum_backward would first pass over both for the sums."""
-        t, row = self.kept[f"t{k}_1"], self.rows[k]
-        mean, invstd = self._middle_statistics(row)
-        if not self.training:  # fixed statistics: dL/dt_1 = invstd grad
-            (dt,), _ = self.kernels.bn_weighted_sum_backward(grad, [t], self._one, mean, invstd, [False], True, False)
-            return dt
+    def _middle_bn_factors(self, grad: Tensor, sums: Tensor, k: int) -> Tensor:
+        """The factors [1, 4, C] (a, b, mean, e) of dL/dt_1 = a grad + b (t_1 - mean) + e for a sep conv's first BN,
+        u = BN(t_1), given dL/du = grad's sums over (N, H, W) of grad and of grad u from the second stage's backward
+        (`sums` [2, C]): with batch statistics, dL/dt_1 = invstd (grad - mean(grad) - u mean(grad u)), so a = invstd,
+        b = -invstd^2 mean(grad u) and e = -invstd mean(grad); with fixed ones, invstd grad. The first stage's
+        backward forms dL/dt_1 from them as it reads grad and t_1."""
+        mean, invstd = self._middle_statistics(self.rows[k])
+        if not self.training:
+            zero = torch.zeros_like(invstd)
+            return torch.stack([invstd, zero, mean, zero], 1)
         means = sums / (grad.numel() // grad.shape[1])  # [mean(grad), mean(grad u)]
-        centres = torch.cat([means[:1], mean])
-        factors = torch.cat([invstd, -invstd.square() * means[1:]])
-        return self.kernels.bn_weighted_sum([grad, t], self._one.expand(2), centres, factors)
+        return torch.stack([invstd, -invstd.square() * means[1:], mean, -invstd * means[:1]], 1)
 
     def backward(self, grad: Tensor, x_grad: bool, w_grad: bool, weights_grad: bool, group: _GroupGradients) -> None:
         """Adds to `group` this edge's dL/dw row, its weight gradients and, for dL/dx, its terms: the skip's, what
@@ -349,33 +381,47 @@ class _Edge:
         need_dt = x_grad or weights_grad
         ts = [t.contiguous(memory_format=_CHANNELS_LAST) for t, _ in self.finals]
         batch_statistics = [self.training and row is not None for _, row in self.finals]
-        # Every candidate's dL/dt (w[k] included) and dL/dw[k], in one pass over grad and the ts.
         w_candidates = w.index_select(0, self.candidate_index)
-        dts, dw = self.kernels.bn_weighted_sum_backward(
-            grad, ts, w_candidates, *self.final_statistics, batch_statistics, need_dt, w_grad
+        if not need_dt:
+            if w_grad:
+                _, dw = self.kernels.bn_weighted_sum_backward(
+                    grad, ts, w_candidates, *self.final_statistics, batch_statistics, False, True
+                )
+                group.grad_w[e].index_copy_(0, self.candidate_index, dw)
+            return
+        # Every candidate's dL/dw[k], and dL/dt (w[k] included) in one pass over grad and the ts: written out for
+        # the pools and skips, as factors for the convs, whose backward forms it as it reads grad and t.
+        written = [k not in _FIRST_STAGE_DILATION for k in self.candidates]
+        dts, factors, dw = self.kernels.bn_weighted_sum_backward_factors(
+            grad, ts, w_candidates, *self.final_statistics, batch_statistics, written, w_grad
         )
         if w_grad:
             group.grad_w[e].index_copy_(0, self.candidate_index, dw)
-        for k, dt in zip(self.candidates, dts):
+        dts = iter(dts)
+        for i, k in enumerate(self.candidates):
             if k == _SKIP and self.stride == 1:
+                dt = next(dts)
                 if x_grad:
                     group.terms.append(dt)
             elif k in (_MAX_POOL, _AVG_POOL):
+                dt = next(dts)
                 if x_grad:
                     group.add_pool_grad(k, dt)
             elif k == _SKIP:  # FactorizedReduce (stride-2 edges only): one kernel for the whole group
-                group.reduces.append((dt, group.edge))
+                group.reduces.append((next(dts), group.edge))
             else:  # the convolutions: back to the first stage, whose backward is one kernel for the whole group
+                first = (grad, ts[i], factors[i : i + 1])  # what forms its dL/dt_1
                 if k in (_SEP3, _SEP5):  # the second stage (dL/du of the middle BN's output u), then the middle BN
                     ws = self.weights[k]
+                    t_1 = self.kept[f"t{k}_1"]
                     du, second, second_pointwise, du_sums = self.kernels.relu_dwconv_pointwise_backward(
-                        [dt], self.kept[f"t{k}_1"], [ws[2]], [ws[3]], [1], 1, True, True, weights_grad,
-                        *self._middle_statistics(self.rows[k]),
+                        [grad], t_1, [ws[2]], [ws[3]], [1], 1, True, True, weights_grad,
+                        *self._middle_statistics(self.rows[k]), [ts[i]], factors[i : i + 1],
                     )  # fmt: skip
                     if weights_grad:
                         group.set_weight_grads(k, (2, 3), (second[0], second_pointwise[0]))
-                    dt = self._middle_bn_backward(du, du_sums, k)
-                group.first_stage.append((dt, group.edge, k))
+                    first = (du, t_1, self._middle_bn_factors(du, du_sums, k))
+                group.first_stage.append((*first, group.edge, k))
 
 
 class _GroupGradients:
@@ -389,7 +435,8 @@ class _GroupGradients:
         self.per_edge, self.starts = len(weights) // w.shape[0], _weight_starts(stride)
         self.terms: list[Tensor] = []
         self.pool_grads: dict[int, list[Tensor]] = {}  # per pool, what each edge's output of it receives
-        self.first_stage: list[tuple[Tensor, int, int]] = []  # (dL/dt_1, edge, candidate) per conv
+        # per conv: (the gradient, input and factors that form its dL/dt_1, edge, candidate)
+        self.first_stage: list[tuple[Tensor, Tensor, Tensor, int, int]] = []
         self.reduces: list[tuple[Tensor, int]] = []  # (dL/dt, edge) per stride-2 skip (FactorizedReduce)
         self.edge = 0  # the edge handing back its gradients now
 
@@ -447,12 +494,11 @@ class _EdgeGroup:
             self.mean, self.var = x.new_zeros(E, B, C), x.new_ones(E, B, C)
         else:
             self.mean, self.var = bn_mean.clone(), bn_var.clone()
-        one = x.new_ones(1)
 
         def edge(e: int, **parts) -> _Edge:
             """Edge e, restored (saved parts) or built on the parts the group computed for all its edges."""
-            return _Edge(kernels, x, w[e], weights[e], stride, candidates[e], self.mean[e], self.var[e], one, training,
-                         eps, pool_bn, keep, **parts)  # fmt: skip
+            return _Edge(kernels, x, w[e], weights[e], stride, candidates[e], self.mean[e], self.var[e], training, eps,
+                         pool_bn, keep, **parts)  # fmt: skip
 
         # The pool candidates some edge computes: their outputs are kept once for the group (without recompute).
         self.pool_candidates = sorted({k for ks in candidates for k in ks if k in (_MAX_POOL, _AVG_POOL)})
@@ -531,11 +577,11 @@ class _EdgeGroup:
                 x, self.stride,
             ))  # fmt: skip
         if group.first_stage:
-            dts, es, ks = zip(*group.first_stage)
+            grads, inputs, factors, es, ks = zip(*group.first_stage)
             dx, firsts, first_pointwise, _ = self.kernels.relu_dwconv_pointwise_backward(
-                list(dts), x, [self.edges[e].weights[k][0] for e, k in zip(es, ks)],
+                list(grads), x, [self.edges[e].weights[k][0] for e, k in zip(es, ks)],
                 [self.edges[e].weights[k][1] for e, k in zip(es, ks)], [_FIRST_STAGE_DILATION[k] for k in ks],
-                self.stride, True, x_grad, weights_grad,
+                self.stride, True, x_grad, weights_grad, None, None, list(inputs), torch.cat(factors),
             )  # fmt: skip
             if weights_grad:
                 for e, k, g, p in zip(es, ks, firsts, first_pointwise):
@@ -1033,6 +1079,7 @@ if EXTENSION_LOADED:  # the C++ kernels exist only then
         weighted_sum=_cpp_ops.weighted_sum.default,
         bn_weighted_sum=_cpp_ops.bn_weighted_sum.default,
         bn_weighted_sum_backward=_cpp_ops.bn_weighted_sum_backward.default,
+        bn_weighted_sum_backward_factors=_cpp_ops.bn_weighted_sum_backward_factors.default,
         partial_channel_outputs=_cpp_ops.partial_channel_outputs.default,
         partial_channel_outputs_backward=_cpp_ops.partial_channel_outputs_backward.default,
     )

@@ -63,6 +63,7 @@ from ._autograd import (
 )
 from ._mixed_op import (
     EdgeKernels,
+    composed_bn_weighted_sum_backward_factors,
     composed_factorized_reduce_bn_stats_backward,
     composed_partial_channel_outputs,
     composed_partial_channel_outputs_backward,
@@ -1195,6 +1196,7 @@ mixed_ops, mixed_op = define_mixed_ops(
         weighted_sum=torch.ops.fastdarts_triton.weighted_sum.default,
         bn_weighted_sum=torch.ops.fastdarts_triton.bn_weighted_sum.default,
         bn_weighted_sum_backward=_bn_weighted_sum_gradients,
+        bn_weighted_sum_backward_factors=composed_bn_weighted_sum_backward_factors(_bn_weighted_sum_gradients),
         partial_channel_outputs=composed_partial_channel_outputs,  # no Triton kernel yet: ATen's copies
         partial_channel_outputs_backward=composed_partial_channel_outputs_backward,
     ),

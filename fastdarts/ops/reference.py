@@ -405,6 +405,45 @@ def normalised(x: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     return (x - mean.reshape(1, C, 1, 1)) * invstd.reshape(1, C, 1, 1)
 
 
+def formed_grads(grads: Sequence[Tensor], grad_inputs: Sequence[Tensor], grad_factors: Tensor) -> list[Tensor]:
+    """The output gradients that relu_dwconv_pointwise_backward forms from grads, grad_inputs and grad_factors
+    [K, 4, C] (a, b, mean and e per channel): a grads[i] + b (grad_inputs[i] - mean) + e, a BN's backward."""
+    C = grad_factors.shape[2]
+    formed = []
+    for g, t, factors in zip(grads, grad_inputs, grad_factors):
+        a, b, mean, e = (f.reshape(1, C, 1, 1) for f in factors)
+        formed.append(a * g + b * (t - mean) + e)
+    return formed
+
+
+def check_formed_grads(
+    op: str, x: Tensor, K: int, stride: int, grad_inputs: Sequence[Tensor] | None, grad_factors: Tensor | None,
+    require: Require = raise_unless,
+) -> None:  # fmt: skip
+    """relu_dwconv_pointwise_backward's grad_inputs and grad_factors (see formed_grads), in the C++ kernel's order."""
+    require(
+        (grad_inputs is None) == (grad_factors is None),
+        ValueError,
+        lambda: (
+            f"{op}: grad_inputs and grad_factors must be given together, got only "
+            f"{'grad_inputs' if grad_factors is None else 'grad_factors'}"
+        ),
+    )
+    if grad_inputs is None:
+        return
+    check_sized_list(op, "grad_inputs", grad_inputs, K, "weight", relu_dwconv_output_shape(x, stride), "x", x, require)
+    shape = [K, 4, x.shape[1]]
+    require(
+        list(grad_factors.shape) == shape,
+        ValueError,
+        lambda: (
+            f"{op}: grad_factors must have shape {shape} (a, b, mean and e per channel of each of the {K} grads), "
+            f"got {list(grad_factors.shape)}"
+        ),
+    )
+    check_dtype_and_device(op, "grad_factors", grad_factors, "x", x, require)
+
+
 def check_relu_dwconv_pointwise_arguments(
     op: str,
     x: Tensor,

@@ -449,3 +449,82 @@ def test_compile_fullgraph_matches_eager():
     grads = torch.autograd.grad(got, [*ts, alpha])
     for a, b in zip(grads, torch.autograd.grad(expected, [*ts, alpha])):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+# bn_weighted_sum_backward_factors: pass 1 for every row, pass 2 only for the rows written out, and the factors with
+# which relu_dwconv_pointwise_backward forms the others' gradients as it reads them.
+
+
+def factors_arguments(K, shape, dtype=torch.float32, layout="channels_last"):
+    ts, w, mean, invstd = make_inputs(K, shape, dtype, layout, requires_grad=False)
+    return torch.randn_like(ts[0]), ts, w, mean, invstd
+
+
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 9), (2, 16, 5, 3), (3, 4, 8, 8)], ids=["C5", "C16", "C4"])
+@pytest.mark.parametrize("w_grad", [True, False], ids=["w_grad", "no_w_grad"])
+def test_factors_form_the_gradients_of_the_backward_op(shape, w_grad, dtype, cpu_isa):
+    """The written rows' gradients and grad_w are bn_weighted_sum_backward's, bit for bit; every row's factors form
+    its gradient, a g + b (t - mean) + e."""
+    K = 7
+    grad, ts, w, mean, invstd = factors_arguments(K, shape, dtype)
+    flags = statistics_flags(K)
+    written = [k % 3 == 0 for k in range(K)]  # batch-statistics and fixed rows among both kinds
+    want_ts, want_w = torch.ops.fastdarts.bn_weighted_sum_backward(grad, ts, w, mean, invstd, flags, True, w_grad)
+    grad_ts, factors, grad_w = torch.ops.fastdarts.bn_weighted_sum_backward_factors(
+        grad, ts, w, mean, invstd, flags, written, w_grad
+    )
+    assert len(grad_ts) == sum(written)
+    for got, want in zip(grad_ts, [t for t, row in zip(want_ts, written) if row], strict=True):
+        assert torch.equal(got, want) and got.stride() == want.stride()
+    assert (grad_w is None) if not w_grad else torch.equal(grad_w, want_w)
+    assert factors.shape == (K, 4, shape[1])
+    formed = reference.formed_grads([grad] * K, ts, factors)
+    for k in range(K):
+        assert_close(formed[k], want_ts[k], 1e-5 if dtype == torch.float32 else 1e-12)
+        if not flags[k]:  # a fixed row: w invstd g
+            assert torch.equal(factors[k, 1], torch.zeros_like(factors[k, 1]))
+            assert torch.equal(factors[k, 3], torch.zeros_like(factors[k, 3]))
+
+
+@requires_ext
+def test_composed_factors_match_the_kernel():
+    """The factors of a backend without the kernel (ATen's sums, _mixed_op.composed_bn_weighted_sum_backward_factors)
+    are the kernel's."""
+    from fastdarts.ops._mixed_op import composed_bn_weighted_sum_backward_factors
+
+    grad, ts, w, mean, invstd = factors_arguments(4, (2, 6, 5, 7), torch.float64)
+    flags, written = [True, False, True, True], [True, False, False, True]
+    composed = composed_bn_weighted_sum_backward_factors(torch.ops.fastdarts.bn_weighted_sum_backward.default)
+    got = composed(grad, ts, w, mean, invstd, flags, written, True)
+    want = torch.ops.fastdarts.bn_weighted_sum_backward_factors(grad, ts, w, mean, invstd, flags, written, True)
+    for g, r in zip([*got[0], got[1], got[2]], [*want[0], want[1], want[2]], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+@requires_ext
+@pytest.mark.parametrize("w_grad", [True, False], ids=["w_grad", "no_w_grad"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_bn_weighted_sum_backward_factors(layout, w_grad):
+    grad, ts, w, mean, invstd = factors_arguments(3, (2, 4, 5, 3), layout=layout)
+    args = (grad, ts, w, mean, invstd, [True, False, True], [False, True, True], w_grad)
+    opcheck(torch.ops.fastdarts.bn_weighted_sum_backward_factors.default, args)
+
+
+@requires_ext
+def test_factors_op_bad_written_gives_one_line():
+    grad, ts, w, mean, invstd = factors_arguments(2, (2, 3, 4, 4))
+    args = (grad, ts, w, mean, invstd, [True, False], [True], True)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def fake_call(*args):
+        with FakeTensorMode() as mode:
+            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake[1] = [mode.from_tensor(t) for t in args[1]]
+            return torch.ops.fastdarts.bn_weighted_sum_backward_factors(*fake)
+
+    for call in (torch.ops.fastdarts.bn_weighted_sum_backward_factors, fake_call):
+        with pytest.raises(ValueError, match=r"written must have one entry per tensor \(K = 2\), got 1") as raised:
+            call(*args)
+        assert "\n" not in str(raised.value)

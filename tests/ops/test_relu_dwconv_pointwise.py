@@ -6,6 +6,7 @@ import torch
 from torch.library import opcheck
 
 from fastdarts import ops
+from fastdarts.ops import reference
 
 from ..conftest import requires_ext
 from ._helpers import memory_format_of
@@ -241,6 +242,35 @@ def test_results_do_not_depend_on_the_thread_count(cpu_isa):
         assert all(torch.equal(a, b) for a, b in zip(result, results[0]))
 
 
+@requires_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("normalised", [False, True], ids=["plain", "normalised"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+@pytest.mark.parametrize("shape", [(3, 5, 9, 9), (2, 16, 9, 7), (1, 4, 5, 36)], ids=["C5", "C16", "C4_packed"])
+def test_formed_grads_are_the_grads_formed_first(shape, stride, normalised, dtype, cpu_isa):
+    """With grad_inputs and grad_factors the kernel forms each output gradient a g + b (t - mean) + e as it reads g
+    and t (a BN's backward): the same results as the kernel given those gradients formed beforehand."""
+    x, weights, dilations = make_inputs(shape, DARTS, dtype, "channels_last", x_grad=False, w_grad=False)
+    C = shape[1]
+    pointwise = make_pointwise(C, len(weights), dtype, requires_grad=False)
+    normalisation = make_normalisation(C, dtype, requires_grad=False) if normalised else (None, None)
+    out_shape = (shape[0], C, (shape[2] - 1) // stride + 1, (shape[3] - 1) // stride + 1)
+    grad = torch.randn(out_shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    grads = [grad] * len(weights)  # one BN output gradient for every conv, as a mixed op's candidates share theirs
+    inputs = [torch.randn(out_shape, dtype=dtype) for _ in weights]  # contiguous: another layout than grad's
+    factors = torch.randn(len(weights), 4, C, dtype=dtype)
+    backward = torch.ops.fastdarts.relu_dwconv_pointwise_backward
+    got = backward(grads, x, weights, pointwise, dilations, stride, True, True, True, *normalisation, inputs, factors)
+    formed = reference.formed_grads(grads, inputs, factors)
+    want = backward(formed, x, weights, pointwise, dilations, stride, True, True, True, *normalisation)
+    tolerances = TOLERANCES[dtype]["grad"]
+    torch.testing.assert_close(got[0], want[0], **tolerances)
+    for g, w in zip([*got[1], *got[2]], [*want[1], *want[2]], strict=True):
+        torch.testing.assert_close(g, w, **tolerances)
+    if normalised:
+        torch.testing.assert_close(got[3], want[3], **tolerances)
+
+
 def forward_samples():
     """(id, args) for opcheck: operands needing gradients or not, layouts, strides, dtypes."""
     samples = []
@@ -274,6 +304,9 @@ def backward_samples():
         )  # fmt: skip
     normalisation = make_normalisation(5, requires_grad=False)
     samples.append(("normalised", (grads, x, weights, pointwise, dilations, 2, True, True, True, *normalisation)))
+    inputs, factors = [torch.randn(2, 5, 4, 3) for _ in weights], torch.randn(4, 4, 5)
+    formed = (grads, x, weights, pointwise, dilations, 2, True, True, True, None, None, inputs, factors)
+    samples.append(("formed", formed))
     return samples
 
 
@@ -402,3 +435,46 @@ def test_bad_settings_raise_one_line_errors(backend, change, message):
     assert "\n" not in str(error.value)
     with pytest.raises(ValueError, match=message.replace("relu_dwconv_pointwise", "relu_dwconv")):
         ops.relu_dwconv(x, weights, settings["dilations"], settings["stride"], settings["relu"], backend=backend)
+
+
+def formed_arguments(change):
+    """relu_dwconv_pointwise_backward's arguments with formed gradients, valid but for `change`."""
+    x, weights, pointwise, dilations = good()
+    grads = [torch.randn(2, 4, 7, 7) for _ in weights]
+    inputs, factors = [torch.randn(2, 4, 7, 7) for _ in weights], torch.randn(4, 4, 4)
+    if change == "only_inputs":
+        factors = None
+    elif change == "factors_shape":
+        factors = torch.randn(4, 3, 4)
+    elif change == "inputs_shape":
+        inputs[2] = torch.randn(2, 4, 6, 7)
+    return grads, x, weights, pointwise, dilations, 1, True, True, True, None, None, inputs, factors
+
+
+@requires_ext
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ("only_inputs", "grad_inputs and grad_factors must be given together, got only grad_inputs"),
+        ("factors_shape", r"grad_factors must have shape \[4, 4, 4\] \(a, b, mean and e per channel of each of the 4 "
+                          r"grads\), got \[4, 3, 4\]"),
+        ("inputs_shape", r"grad_inputs\[2\] must have shape \[2, 4, 7, 7\], got \[2, 4, 6, 7\]"),
+    ],
+    ids=["only_inputs", "factors_shape", "inputs_shape"],
+)  # fmt: skip
+def test_bad_formed_grads_raise_one_line_errors(change, message):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = formed_arguments(change)
+
+    def fake_call(*args):
+        with FakeTensorMode() as mode:
+            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            fake = [[mode.from_tensor(t) for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+                    else a for a in fake]  # fmt: skip
+            return torch.ops.fastdarts.relu_dwconv_pointwise_backward(*fake)
+
+    for call in (torch.ops.fastdarts.relu_dwconv_pointwise_backward, fake_call):
+        with pytest.raises(ValueError, match=message) as raised:
+            call(*args)
+        assert "\n" not in str(raised.value)
