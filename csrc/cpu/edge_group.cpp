@@ -474,7 +474,8 @@ struct Group {
     auto set_weight_grad = [&](const Edge& edge, int64_t k, int64_t i, const at::Tensor& g) {
       grad_weights[edge.index * layout.weights_per_edge + layout.weight_start[k] + i] = g;
     };
-    Tensors terms;                             // of dL/dx
+    Tensors terms, term_weights;               // of dL/dx: the terms and their weights ([1] each)
+    const at::Tensor unit = at::ones({1}, w.options());
     std::map<int64_t, Tensors> pool_grads;     // per pool, what each edge's output of it receives
     // per conv: the gradient, input and factors that form its dL/dt_1, and its first stage's weights
     Tensors first_grads, first_inputs, first_factor_rows, first_depthwise, first_pointwise;
@@ -490,7 +491,8 @@ struct Group {
       c10::List<bool> batch_statistics, written;
       for (size_t i = 0; i < edge.final_rows.size(); ++i) {
         batch_statistics.push_back(training && edge.final_rows[i] != B);
-        written.push_back(!is_conv(edge.candidates[i]));
+        // the stride-1 skip's dL/dt is w[k] g (a fixed row, invstd 1): g goes into dL/dx's sum with weight w[k]
+        written.push_back(!is_conv(edge.candidates[i]) && !(edge.candidates[i] == kSkip && stride == 1));
       }
       // Every candidate's dL/dw[k], and dL/dt (w[k] included) in one pass over grad and the finals: written out
       // for the pools and skips, as factors for the convs, whose backward forms it as it reads grad and t.
@@ -516,9 +518,9 @@ struct Group {
       for (size_t i = 0; i < edge.candidates.size(); ++i) {
         const int64_t k = edge.candidates[i];
         if (k == kSkip && stride == 1) {
-          const at::Tensor& dt = dts[next_written++];
           if (x_grad) {
-            terms.push_back(dt);
+            terms.push_back(g);
+            term_weights.push_back(edge.candidate_w(w).narrow(0, static_cast<int64_t>(i), 1));
           }
         } else if (is_pool(k)) {
           const at::Tensor& dt = dts[next_written++];
@@ -565,6 +567,7 @@ struct Group {
       }
       if (x_grad) {
         terms.push_back(*dx);
+        term_weights.push_back(unit);
       }
     }
     if (!pool_grads.empty()) {  // both pools' gradients in one pass over x, which recomputes the argmax
@@ -577,6 +580,7 @@ struct Group {
         return g.size() == 1 ? g[0] : weighted_sum(g, at::ones({static_cast<int64_t>(g.size())}, g[0].options()));
       };
       terms.push_back(pool_bn_stats_backward(pool_grad(kMaxPool), pool_grad(kAvgPool), x, stride));
+      term_weights.push_back(unit);
     }
     if (!first_grads.empty()) {
       auto [dx, firsts, firsts_pointwise, sums] = relu_dwconv_pointwise_backward(
@@ -590,6 +594,7 @@ struct Group {
       }
       if (x_grad) {
         terms.push_back(*dx);
+        term_weights.push_back(unit);
       }
     }
     OptionalTensor grad_x;
@@ -600,7 +605,7 @@ struct Group {
         for (at::Tensor& t : terms) {
           t = t.contiguous(kChannelsLast);
         }
-        grad_x = weighted_sum(terms, at::ones({static_cast<int64_t>(terms.size())}, w.options()));
+        grad_x = weighted_sum(terms, at::cat(term_weights).detach());
       }
     }
     Tensors all_weight_grads;

@@ -391,7 +391,8 @@ class _Edge:
             return
         # Every candidate's dL/dw[k], and dL/dt (w[k] included) in one pass over grad and the ts: written out for
         # the pools and skips, as factors for the convs, whose backward forms it as it reads grad and t.
-        written = [k not in _FIRST_STAGE_DILATION for k in self.candidates]
+        # the stride-1 skip's dL/dt is w[k] grad (a fixed row, invstd 1): grad goes into dL/dx's sum with weight w[k]
+        written = [k not in _FIRST_STAGE_DILATION and not (k == _SKIP and self.stride == 1) for k in self.candidates]
         dts, factors, dw = self.kernels.bn_weighted_sum_backward_factors(
             grad, ts, w_candidates, *self.final_statistics, batch_statistics, written, w_grad
         )
@@ -400,9 +401,8 @@ class _Edge:
         dts = iter(dts)
         for i, k in enumerate(self.candidates):
             if k == _SKIP and self.stride == 1:
-                dt = next(dts)
                 if x_grad:
-                    group.terms.append(dt)
+                    group.add_term(grad, w_candidates[i : i + 1])
             elif k in (_MAX_POOL, _AVG_POOL):
                 dt = next(dts)
                 if x_grad:
@@ -434,6 +434,7 @@ class _GroupGradients:
         self.grad_weights: list[Tensor | None] | None = [None] * len(weights) if weights_grad else None
         self.per_edge, self.starts = len(weights) // w.shape[0], _weight_starts(stride)
         self.terms: list[Tensor] = []
+        self.term_weights: list[Tensor] = []  # [1] each
         self.pool_grads: dict[int, list[Tensor]] = {}  # per pool, what each edge's output of it receives
         # per conv: (the gradient, input and factors that form its dL/dt_1, edge, candidate)
         self.first_stage: list[tuple[Tensor, Tensor, Tensor, int, int]] = []
@@ -445,6 +446,11 @@ class _GroupGradients:
         base = (self.edge if edge is None else edge) * self.per_edge + self.starts[k]
         for i, g in zip(at, grads):
             self.grad_weights[base + i] = g
+
+    def add_term(self, term: Tensor, weight: Tensor | None = None) -> None:
+        """A term of dL/dx, with its weight ([1]; None: 1) in their sum."""
+        self.terms.append(term)
+        self.term_weights.append(term.new_ones(1) if weight is None else weight)
 
     def add_pool_grad(self, k: int, dt: Tensor) -> None:
         self.pool_grads.setdefault(k, []).append(dt)
@@ -569,9 +575,9 @@ class _EdgeGroup:
             for e, g1, g2 in zip(es, grad_1s, grad_2s):
                 group.set_weight_grads(_SKIP, (0, 1), (g1, g2), edge=e)
             if x_grad:
-                group.terms.append(dx)
+                group.add_term(dx)
         if group.pool_grads:  # both pools' gradients in one pass over x, which recomputes the argmax
-            group.terms.append(self.kernels.pool_bn_stats_backward(
+            group.add_term(self.kernels.pool_bn_stats_backward(
                 group.pool_grad(_MAX_POOL, self.kernels.weighted_sum),
                 group.pool_grad(_AVG_POOL, self.kernels.weighted_sum),
                 x, self.stride,
@@ -587,12 +593,12 @@ class _EdgeGroup:
                 for e, k, g, p in zip(es, ks, firsts, first_pointwise):
                     group.set_weight_grads(k, (0, 1), (g, p), edge=e)
             if x_grad:
-                group.terms.append(dx)
+                group.add_term(dx)
         grad_x = None
         if x_grad:
             if group.terms:
                 terms = [t.contiguous(memory_format=_CHANNELS_LAST) for t in group.terms]
-                grad_x = self.kernels.weighted_sum(terms, self.w.new_ones(len(terms)))
+                grad_x = self.kernels.weighted_sum(terms, torch.cat(group.term_weights).detach())
             else:
                 grad_x = torch.zeros_like(x)
         grad_weights = None
