@@ -149,7 +149,8 @@ TORCH_LIBRARY(fastdarts, m) {
   // by x > 0 when relu) if input_grad, else None; the gradients of conv_1s and conv_2s if weight_grad, else empty.
   m.def(
       "factorized_reduce_bn_stats_backward(Tensor[] grads, Tensor x, Tensor[] conv_1s, Tensor[] conv_2s, bool relu, "
-      "bool input_grad, bool weight_grad) -> (Tensor?, Tensor[], Tensor[])");
+      "bool input_grad, bool weight_grad, Tensor[]? grad_inputs=None, Tensor? grad_factors=None) -> "
+      "(Tensor?, Tensor[], Tensor[])");
   // PC-DARTS's partial channels around the ops of E = len(outs) edges leaving x [N, C, H, W], K = partial_channels
   // groups of m = C / K channels: each edge's full-width output [N, C, Ho, Wo], laid out channels_last, with
   // outs[e] ([N, m, Ho, Wo]) in channels c K and the bypass (x's other channels, 2x2-max-pooled rounding up when
@@ -173,10 +174,12 @@ TORCH_LIBRARY(fastdarts, m) {
       "relu_pointwise_bn_stats(Tensor[] xs, Tensor[] weights, bool relu) -> (Tensor[] outs, Tensor mean, "
       "Tensor var)");
   // One pass over x and the E output gradients: grad_xs, the gradient of each of xs (the sum over the outputs, masked
-  // by x > 0 when relu), if input_grad, else empty; the weights' gradients if weight_grad, else empty.
+  // by x > 0 when relu), if input_grad, else empty; the weights' gradients if weight_grad, else empty. With
+  // grad_inputs and grad_factors, the output gradients are formed as they are read, as relu_dwconv_pointwise_backward
+  // forms them (both ops).
   m.def(
       "relu_pointwise_bn_stats_backward(Tensor[] grads, Tensor[] xs, Tensor[] weights, bool relu, bool input_grad, "
-      "bool weight_grad) -> (Tensor[], Tensor[])");
+      "bool weight_grad, Tensor[]? grad_inputs=None, Tensor? grad_factors=None) -> (Tensor[], Tensor[])");
   // The E = w.shape[0] DARTS edges leaving x, computed from the kernels above with no Python between them: the
   // arguments and results of fastdarts/ops/_mixed_op.py's group (the ops' part of mixed_ops, without partial
   // channels), which fastdarts.ops.mixed_ops wraps. weights: each edge's in turn (mixed_op_layout order), candidates:

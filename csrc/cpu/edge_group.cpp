@@ -161,15 +161,14 @@ std::tuple<Tensors, at::Tensor, at::Tensor> factorized_reduce_bn_stats(const at:
   return op.call(x, conv_1s, conv_2s, true);
 }
 
-std::tuple<OptionalTensor, Tensors, Tensors> factorized_reduce_bn_stats_backward(at::TensorList grads,
-                                                                                 const at::Tensor& x,
-                                                                                 at::TensorList conv_1s,
-                                                                                 at::TensorList conv_2s,
-                                                                                 bool input_grad, bool weight_grad) {
+// grads formed from grad_inputs and grad_factors inside the kernel (a BN's backward).
+std::tuple<OptionalTensor, Tensors, Tensors> factorized_reduce_bn_stats_backward(
+    at::TensorList grads, const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s, bool input_grad,
+    bool weight_grad, at::TensorList grad_inputs, const at::Tensor& grad_factors) {
   static const auto op = handle<std::tuple<OptionalTensor, Tensors, Tensors>(
-      at::TensorList, const at::Tensor&, at::TensorList, at::TensorList, bool, bool, bool)>(
-      "fastdarts::factorized_reduce_bn_stats_backward");
-  return op.call(grads, x, conv_1s, conv_2s, true, input_grad, weight_grad);
+      at::TensorList, const at::Tensor&, at::TensorList, at::TensorList, bool, bool, bool,
+      const std::optional<at::TensorList>&, const OptionalTensor&)>("fastdarts::factorized_reduce_bn_stats_backward");
+  return op.call(grads, x, conv_1s, conv_2s, true, input_grad, weight_grad, grad_inputs, grad_factors);
 }
 
 at::Tensor index_tensor(const std::vector<int64_t>& indices) {
@@ -481,7 +480,8 @@ struct Group {
     Tensors first_grads, first_inputs, first_factor_rows, first_depthwise, first_pointwise;
     std::vector<int64_t> first_dilations;
     std::vector<std::pair<const Edge*, int64_t>> first_convs;
-    Tensors reduce_grads, reduce_conv_1s, reduce_conv_2s;  // per stride-2 skip: dL/dt and its FactorizedReduce
+    // per stride-2 skip: the gradient, input and factors that form its dL/dt, and its FactorizedReduce's weights
+    Tensors reduce_grads, reduce_inputs, reduce_factor_rows, reduce_conv_1s, reduce_conv_2s;
     std::vector<const Edge*> reduce_edges;
     for (Edge& edge : edges) {
       const OptionalTensor grad = grads.get(edge.index);
@@ -491,8 +491,10 @@ struct Group {
       c10::List<bool> batch_statistics, written;
       for (size_t i = 0; i < edge.final_rows.size(); ++i) {
         batch_statistics.push_back(training && edge.final_rows[i] != B);
-        // the stride-1 skip's dL/dt is w[k] g (a fixed row, invstd 1): g goes into dL/dx's sum with weight w[k]
-        written.push_back(!is_conv(edge.candidates[i]) && !(edge.candidates[i] == kSkip && stride == 1));
+        // the pools' dL/dt are written; the convs' and the stride-2 skip's (FactorizedReduce) are formed by their
+        // backward kernels; the stride-1 skip's is w[k] g (a fixed row, invstd 1): g goes into dL/dx's sum with
+        // weight w[k]
+        written.push_back(is_pool(edge.candidates[i]));
       }
       // Every candidate's dL/dw[k], and dL/dt (w[k] included) in one pass over grad and the finals: written out
       // for the pools and skips, as factors for the convs, whose backward forms it as it reads grad and t.
@@ -528,7 +530,9 @@ struct Group {
             pool_grads[k].push_back(dt);
           }
         } else if (k == kSkip) {  // FactorizedReduce (stride-2 edges only): one kernel for the whole group
-          reduce_grads.push_back(dts[next_written++]);
+          reduce_grads.push_back(g);
+          reduce_inputs.push_back(edge.finals[i]);
+          reduce_factor_rows.push_back(factors.narrow(0, static_cast<int64_t>(i), 1));
           reduce_conv_1s.push_back(edge.weight(layout, k, 0));
           reduce_conv_2s.push_back(edge.weight(layout, k, 1));
           reduce_edges.push_back(&edge);
@@ -559,8 +563,9 @@ struct Group {
       }
     }
     if (!reduce_grads.empty()) {
-      auto [dx, grad_1s, grad_2s] = factorized_reduce_bn_stats_backward(reduce_grads, x, reduce_conv_1s,
-                                                                        reduce_conv_2s, x_grad, weights_grad);
+      auto [dx, grad_1s, grad_2s] =
+          factorized_reduce_bn_stats_backward(reduce_grads, x, reduce_conv_1s, reduce_conv_2s, x_grad, weights_grad,
+                                              reduce_inputs, at::cat(reduce_factor_rows));
       for (size_t i = 0; i < grad_1s.size(); ++i) {
         set_weight_grad(*reduce_edges[i], kSkip, 0, grad_1s[i]);
         set_weight_grad(*reduce_edges[i], kSkip, 1, grad_2s[i]);

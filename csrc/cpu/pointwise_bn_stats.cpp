@@ -45,6 +45,9 @@
 // a memcpy call per position and output, took about a third of the forward's time on inputs in cache), and outputs
 // of 8 MiB or more are written with non-temporal stores: the forward at (64, 64 -> 2 x 16, 32x32) went from 2.4-3.2
 // ms to 2.0-2.2 ms (benchmarks/RESULTS.md), against 1.6-1.7 ms for torch.mm of its GEMM alone.
+// With grad_inputs and grad_factors, the backward forms each output gradient as it packs it, a g + b (t - mean) + e
+// per output channel (its BN's backward, as relu_dwconv.cpp's "Formed gradients"): a cell's preprocessing and a
+// stride-2 skip never write theirs.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -199,6 +202,11 @@ struct Args {
   const T* shift;            // forward: [Np], each column's first output value
   std::vector<const T*> grads;  // backward
   std::vector<Strides> gs;
+  // Backward with formed gradients: output e's gradient is a grads[e] + b (grad_inputs[e] - mean) + e per output
+  // channel, with grad_factors [E][4][s h] holding a, b, mean and e (relu_dwconv.cpp's "Formed gradients").
+  std::vector<const T*> grad_inputs;
+  std::vector<Strides> gis;
+  const T* grad_factors = nullptr;
   bool input_grad;           // backward: each input's grad_x is written
   T* partials;               // backward: [num_chunks][s][Nh][Cq] weight gradients, or nullptr
 };
@@ -421,6 +429,37 @@ FASTDARTS_ALWAYS_INLINE void write_grad_row(const Args<T>& a, const Input<T>& in
   }
 }
 
+// n values of one output position's gradient, formed from the BN's output gradient g and input t (strides gc and tc
+// between channels) with factors f (a, b, mean and e, C_out values each) from output channel ch0 on: dst[c] =
+// a g + b (t - mean) + e. By the tier's vectors when `vectors` (both contiguous, n a multiple of the lanes).
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void form_values(const T* g, int64_t gc, const T* t, int64_t tc, const T* f, int64_t C_out,
+                                         int64_t ch0, int64_t n, T* __restrict__ dst, bool vectors) {
+  const T* a = f + ch0;
+  const T* b = f + C_out + ch0;
+  const T* m = f + 2 * C_out + ch0;
+  const T* e = f + 3 * C_out + ch0;
+  if (vectors) {
+    using V = Vec<T, kIsa>;
+    constexpr int64_t L = kLanes<T, kIsa>;
+    for (int64_t c = 0; c < n; c += L) {
+      V av, bv, mv, ev, gv, tv;
+      vec_load(av, a + c);
+      vec_load(bv, b + c);
+      vec_load(mv, m + c);
+      vec_load(ev, e + c);
+      vec_load(gv, g + c);
+      vec_load(tv, t + c);
+      const V out = av * gv + bv * (tv - mv) + ev;
+      vec_store(dst + c, out);
+    }
+    return;
+  }
+  for (int64_t c = 0; c < n; ++c) {
+    dst[c] = a[c] * g[c * gc] + b[c] * (t[c * tc] - m[c]) + e[c];
+  }
+}
+
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, int64_t end, T* tile, T* grad_tile,
                                              T* d_pixels) {
@@ -449,11 +488,19 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const Args<T>& a, int64_t begin, in
         for (int64_t e = 0; e < g.E; ++e) {
           const Strides& gs = a.gs[e];
           const bool vectors = gs.c == 1 && g.h % kLanes<T, kIsa> == 0;
+          const bool formed = a.grad_factors != nullptr;
+          const bool formed_vectors = formed && vectors && a.gis[e].c == 1;
           for (int64_t j = 0; j < g.Wo; ++j) {
             const T* src = a.grads[e] + n * gs.n + i * gs.h + j * gs.w;
             for (int64_t part = 0; part < g.s; ++part) {
               T* dst = grad_tile + (r * g.Wo + j) * Np + part * g.Nh + e * g.h;
-              if (vectors) {
+              if (formed) {
+                const Strides& is = a.gis[e];
+                form_values<T, kIsa>(src + part * g.h * gs.c, gs.c,
+                                     a.grad_inputs[e] + n * is.n + i * is.h + j * is.w + part * g.h * is.c, is.c,
+                                     a.grad_factors + e * 4 * g.s * g.h, g.s * g.h, part * g.h, g.h, dst,
+                                     formed_vectors);
+              } else if (vectors) {
                 copy_vectors<T, kIsa>(src + part * g.h, dst, g.h, false);
               } else if (gs.c == 1) {
                 std::memcpy(dst, src + part * g.h, g.h * sizeof(T));
@@ -602,11 +649,16 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(at::TensorLi
 // gradients of every part's weights (per part, per output).
 std::tuple<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>> backward(
     const char* op, at::TensorList grads, at::TensorList xs, const std::vector<at::TensorList>& parts, bool relu,
-    bool input_grad, bool weight_grad) {
+    bool input_grad, bool weight_grad, const std::optional<at::TensorList>& grad_inputs,
+    const std::optional<at::Tensor>& grad_factors) {
   const at::Tensor& x0 = xs[0];
   const int64_t s = static_cast<int64_t>(parts.size());
   const int64_t E = static_cast<int64_t>(parts[0].size()), h = parts[0][0].size(0);
   check_sized_list(op, "grads", grads, E, "output", output_sizes(x0, s, h), "x", x0);
+  at::Tensor factors;
+  if (check_formed_grads(op, grad_inputs, grad_factors, E, "output", output_sizes(x0, s, h), "x", x0)) {
+    factors = grad_factors->contiguous();
+  }
   std::vector<at::Tensor> grad_xs;
   if (input_grad) {
     for (const at::Tensor& x : xs) {
@@ -634,6 +686,13 @@ std::tuple<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>> backwa
     for (const at::Tensor& grad : grads) {
       a.grads.push_back(grad.const_data_ptr<scalar_t>());
       a.gs.push_back(strides_of(grad));
+    }
+    if (factors.defined()) {
+      for (const at::Tensor& input : *grad_inputs) {
+        a.grad_inputs.push_back(input.const_data_ptr<scalar_t>());
+        a.gis.push_back(strides_of(input));
+      }
+      a.grad_factors = factors.const_data_ptr<scalar_t>();
     }
     a.input_grad = input_grad;
     for (size_t i = 0; i < grad_xs.size(); ++i) {
@@ -681,10 +740,13 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> factorized_reduce_bn
 
 std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
 factorized_reduce_bn_stats_backward_cpu(at::TensorList grads, const at::Tensor& x, at::TensorList conv_1s,
-                                        at::TensorList conv_2s, bool relu, bool input_grad, bool weight_grad) {
+                                        at::TensorList conv_2s, bool relu, bool input_grad, bool weight_grad,
+                                        const std::optional<at::TensorList>& grad_inputs,
+                                        const std::optional<at::Tensor>& grad_factors) {
   const char* op = "factorized_reduce_bn_stats_backward";
   check_factorized_reduce(op, x, conv_1s, conv_2s);
-  auto [grad_xs, grad_parts] = backward(op, grads, {x}, {conv_1s, conv_2s}, relu, input_grad, weight_grad);
+  auto [grad_xs, grad_parts] = backward(op, grads, {x}, {conv_1s, conv_2s}, relu, input_grad, weight_grad,
+                                        grad_inputs, grad_factors);
   std::optional<at::Tensor> grad_x;
   if (input_grad) {
     grad_x = grad_xs[0];
@@ -701,10 +763,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relu_pointwise_bn_st
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> relu_pointwise_bn_stats_backward_cpu(
-    at::TensorList grads, at::TensorList xs, at::TensorList weights, bool relu, bool input_grad, bool weight_grad) {
+    at::TensorList grads, at::TensorList xs, at::TensorList weights, bool relu, bool input_grad, bool weight_grad,
+    const std::optional<at::TensorList>& grad_inputs, const std::optional<at::Tensor>& grad_factors) {
   const char* op = "relu_pointwise_bn_stats_backward";
   check_weights_list(op, "weights", weights, check_inputs(op, xs), xs[0]);
-  auto [grad_xs, grad_parts] = backward(op, grads, xs, {weights}, relu, input_grad, weight_grad);
+  auto [grad_xs, grad_parts] =
+      backward(op, grads, xs, {weights}, relu, input_grad, weight_grad, grad_inputs, grad_factors);
   return {grad_xs, grad_parts[0]};
 }
 

@@ -991,17 +991,8 @@ backward(
   check_normalisation(op, x, input_mean, input_invstd);
   const int64_t K = static_cast<int64_t>(weights.size());
   check_sized_list(op, "grads", grads, K, "weight", output_sizes(x, stride), "x", x);
-  TORCH_CHECK_VALUE(grad_inputs.has_value() == grad_factors.has_value(), op,
-                    ": grad_inputs and grad_factors must be given together, got only ",
-                    grad_inputs.has_value() ? "grad_inputs" : "grad_factors");
   at::Tensor factors;
-  if (grad_inputs.has_value()) {
-    check_sized_list(op, "grad_inputs", *grad_inputs, K, "weight", output_sizes(x, stride), "x", x);
-    TORCH_CHECK_VALUE(grad_factors->dim() == 3 && grad_factors->size(0) == K && grad_factors->size(1) == 4 &&
-                          grad_factors->size(2) == x.size(1),
-                      op, ": grad_factors must have shape [", K, ", 4, ", x.size(1), "] (a, b, mean and e per channel ",
-                      "of each of the ", K, " grads), got ", grad_factors->sizes());
-    check_dtype_and_device(op, "grad_factors", *grad_factors, "x", x);
+  if (check_formed_grads(op, grad_inputs, grad_factors, K, "weight", output_sizes(x, stride), "x", x)) {
     factors = grad_factors->contiguous();
   }
 

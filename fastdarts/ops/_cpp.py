@@ -269,7 +269,8 @@ def _relu_dwconv_pointwise_backward_fake(grads, x, weights, pointwise_weights, d
     check_supported_dtype(op, x)
     check_sized_list(op, "grads", grads, len(weights), "weight", relu_dwconv_output_shape(x, stride), "x", x,
                      torch_check)  # fmt: skip
-    check_formed_grads(op, x, len(weights), stride, grad_inputs, grad_factors, torch_check)
+    check_formed_grads(op, len(weights), "weight", relu_dwconv_output_shape(x, stride), x, grad_inputs, grad_factors,
+                       torch_check)  # fmt: skip
     grad_x = torch.empty_like(x) if input_grad else None
     grad_weights = [w.new_empty(w.shape) for w in weights] if weight_grad else []
     grad_pointwise = [p.new_empty(p.shape) for p in pointwise_weights] if weight_grad else []
@@ -349,12 +350,14 @@ def _factorized_reduce_bn_stats_fake(x, conv_1s, conv_2s, relu):
 
 
 @torch.library.register_fake("fastdarts::factorized_reduce_bn_stats_backward")
-def _factorized_reduce_bn_stats_backward_fake(grads, x, conv_1s, conv_2s, relu, input_grad, weight_grad):
+def _factorized_reduce_bn_stats_backward_fake(grads, x, conv_1s, conv_2s, relu, input_grad, weight_grad,
+                                              grad_inputs=None, grad_factors=None):  # fmt: skip
     op = "factorized_reduce_bn_stats_backward"
     check_factorized_reduce_bn_stats_arguments(op, x, conv_1s, conv_2s, torch_check)
     check_supported_dtype(op, x)
     shape = factorized_reduce_output_shape(x, conv_1s[0])
     check_sized_list(op, "grads", grads, len(conv_1s), "output", shape, "x", x, torch_check)
+    check_formed_grads(op, len(conv_1s), "output", shape, x, grad_inputs, grad_factors, torch_check)
     grad_x = torch.empty_like(x) if input_grad else None
     grad_1s = [w.new_empty(w.shape) for w in conv_1s] if weight_grad else []
     grad_2s = [w.new_empty(w.shape) for w in conv_2s] if weight_grad else []
@@ -374,13 +377,15 @@ def _relu_pointwise_bn_stats_fake(xs, weights, relu):
 
 
 @torch.library.register_fake("fastdarts::relu_pointwise_bn_stats_backward")
-def _relu_pointwise_bn_stats_backward_fake(grads, xs, weights, relu, input_grad, weight_grad):
+def _relu_pointwise_bn_stats_backward_fake(grads, xs, weights, relu, input_grad, weight_grad, grad_inputs=None,
+                                           grad_factors=None):  # fmt: skip
     op = "relu_pointwise_bn_stats_backward"
     check_relu_pointwise_bn_stats_arguments(op, xs, weights, torch_check)
     x = xs[0]
     check_supported_dtype(op, x)
     shape = [x.shape[0], weights[0].shape[0], *x.shape[2:]]
     check_sized_list(op, "grads", grads, len(weights), "output", shape, "x", x, torch_check)
+    check_formed_grads(op, len(weights), "output", shape, x, grad_inputs, grad_factors, torch_check)
     grad_xs = [torch.empty_like(part) for part in xs] if input_grad else []
     return grad_xs, [w.new_empty(w.shape) for w in weights] if weight_grad else []
 
@@ -489,9 +494,10 @@ def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = Tr
 class _ReluConvBNs(torch.autograd.Function):
     """reference.relu_conv_bn of one x = torch.cat(xs, 1) for K weights on the kernels: the ReLU, the K 1x1 convs and
     their outputs' statistics in one pass over xs where they are (relu_pointwise_bn_stats), each BN as a one-term
-    bn_weighted_sum; the backward is bn_weighted_sum_backward per output (through the batch statistics in training)
-    and one conv backward for all K, which masks the gradient by x > 0, sums it over the outputs and writes it to
-    each of xs in the same pass. Saves xs, the weights, the convs' outputs and the statistics."""
+    bn_weighted_sum; the backward is each BN's backward as factors (bn_weighted_sum_backward_factors, through the
+    batch statistics in training) and one conv backward for all K, which forms each output's gradient from them as
+    it reads it, masks the gradient by x > 0, sums it over the outputs and writes it to each of xs in the same pass.
+    Saves xs, the weights, the convs' outputs and the statistics."""
 
     @staticmethod
     def forward(ctx, num_parts, relu, trainings, momenta, epsilons, *tensors):
@@ -527,26 +533,29 @@ class _ReluConvBNs(torch.autograd.Function):
         xs, one, rest = list(saved[:P]), saved[P], saved[P + 1 :]
         weights, ts, statistics = rest[:K], rest[K : 2 * K], rest[2 * K :]
         needs = ctx.needs_input_grad[5:]  # the parts of x, the weights, the running statistics
-        # The outputs in the loss (None: not), each gradient through its BN, then one conv backward for them all.
+        # The outputs in the loss (None: not), each BN's backward as factors, with which one conv backward for them
+        # all forms the gradients as it reads them.
         taken = [k for k in range(K) if grads[k] is not None]
-        dts = []
+        taken_grads, factors = [], []
         for k in taken:
             grad = grads[k].contiguous(memory_format=suggest_memory_format(ts[k]))
             with below_autograd():
-                (dt,), _ = torch.ops.fastdarts.bn_weighted_sum_backward.default(
-                    grad, [ts[k]], one, statistics[2 * k], statistics[2 * k + 1], [ctx.trainings[k]], True, False
+                _, rows, _ = torch.ops.fastdarts.bn_weighted_sum_backward_factors.default(
+                    grad, [ts[k]], one, statistics[2 * k], statistics[2 * k + 1], [ctx.trainings[k]], [False], False
                 )
-            dts.append(dt)
+            taken_grads.append(grad)
+            factors.append(rows)
         weight_grads = [None] * K
         grad_xs = [None] * P
         if taken:
             x_needs, weight_needs = needs[:P], needs[P : P + K]
             with below_autograd():
-                grad_xs, taken_grads = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default(
-                    dts, xs, [weights[k] for k in taken], ctx.relu, any(x_needs), any(weight_needs[k] for k in taken)
-                )
+                grad_xs, weights_grads = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default(
+                    taken_grads, xs, [weights[k] for k in taken], ctx.relu, any(x_needs),
+                    any(weight_needs[k] for k in taken), [ts[k] for k in taken], torch.cat(factors),
+                )  # fmt: skip
             grad_xs = [g if need else None for g, need in zip(grad_xs, x_needs)] if any(x_needs) else [None] * P
-            for k, g in zip(taken, taken_grads):
+            for k, g in zip(taken, weights_grads):
                 weight_grads[k] = g if weight_needs[k] else None
         return None, None, None, None, None, *grad_xs, *weight_grads, *([None] * (2 * K))
 

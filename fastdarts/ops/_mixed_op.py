@@ -71,8 +71,8 @@ class EdgeKernels:
     weighted_sum: Callable[..., Tensor]  # (xs, w)
     # (x, conv_1s, conv_2s, relu) -> (outs, mean [E, C], var [E, C])
     factorized_reduce_bn_stats: Callable[..., tuple]
-    # (grads, x, conv_1s, conv_2s, relu, input_grad, weight_grad) -> (grad_x or None, grad_conv_1s or [],
-    #  grad_conv_2s or [])
+    # (grads, x, conv_1s, conv_2s, relu, input_grad, weight_grad[, grad_inputs, grad_factors]) -> (grad_x or None,
+    #  grad_conv_1s or [], grad_conv_2s or []); formed gradients as relu_dwconv_pointwise_backward's
     factorized_reduce_bn_stats_backward: Callable[..., tuple]
     bn_weighted_sum: Callable[..., Tensor]  # (ts, w, mean, invstd)
     # (grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad) -> (grad_ts or [], grad_w or None)
@@ -107,11 +107,15 @@ def _pointwise_backward(dt: Tensor, z: Tensor, weight: Tensor, weight_grad: bool
 
 def composed_factorized_reduce_bn_stats_backward(
     grads: Sequence[Tensor], x: Tensor, conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor], relu: bool,
-    input_grad: bool, weight_grad: bool,
+    input_grad: bool, weight_grad: bool, grad_inputs: Sequence[Tensor] | None = None,
+    grad_factors: Tensor | None = None,
 ) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:  # fmt: skip
     """factorized_reduce_bn_stats_backward's results for a backend without its kernel: per output, the same
     subsampled halves and block-diagonal matrix as reference.factorized_reduce, in two matrix products on the BLAS
-    (no strided 1x1 oneDNN conv, see there), then the ReLU's mask and the sum over the outputs."""
+    (no strided 1x1 oneDNN conv, see there), then the ReLU's mask and the sum over the outputs; with grad_inputs
+    and grad_factors, the output gradients formed first (reference.formed_grads)."""
+    if grad_inputs is not None:
+        grads = formed_grads(grads, grad_inputs, grad_factors)
     N, C = x.shape[:2]
     half = conv_1s[0].shape[0]
     r = x.relu() if relu else x
@@ -391,8 +395,10 @@ class _Edge:
             return
         # Every candidate's dL/dw[k], and dL/dt (w[k] included) in one pass over grad and the ts: written out for
         # the pools and skips, as factors for the convs, whose backward forms it as it reads grad and t.
-        # the stride-1 skip's dL/dt is w[k] grad (a fixed row, invstd 1): grad goes into dL/dx's sum with weight w[k]
-        written = [k not in _FIRST_STAGE_DILATION and not (k == _SKIP and self.stride == 1) for k in self.candidates]
+        # the pools' dL/dt are written; the convs' and the stride-2 skip's (FactorizedReduce) are formed by their
+        # backward kernels; the stride-1 skip's is w[k] grad (a fixed row, invstd 1): grad goes into dL/dx's sum with
+        # weight w[k]
+        written = [k in (_MAX_POOL, _AVG_POOL) for k in self.candidates]
         dts, factors, dw = self.kernels.bn_weighted_sum_backward_factors(
             grad, ts, w_candidates, *self.final_statistics, batch_statistics, written, w_grad
         )
@@ -408,7 +414,7 @@ class _Edge:
                 if x_grad:
                     group.add_pool_grad(k, dt)
             elif k == _SKIP:  # FactorizedReduce (stride-2 edges only): one kernel for the whole group
-                group.reduces.append((next(dts), group.edge))
+                group.reduces.append((grad, ts[i], factors[i : i + 1], group.edge))
             else:  # the convolutions: back to the first stage, whose backward is one kernel for the whole group
                 first = (grad, ts[i], factors[i : i + 1])  # what forms its dL/dt_1
                 if k in (_SEP3, _SEP5):  # the second stage (dL/du of the middle BN's output u), then the middle BN
@@ -438,7 +444,8 @@ class _GroupGradients:
         self.pool_grads: dict[int, list[Tensor]] = {}  # per pool, what each edge's output of it receives
         # per conv: (the gradient, input and factors that form its dL/dt_1, edge, candidate)
         self.first_stage: list[tuple[Tensor, Tensor, Tensor, int, int]] = []
-        self.reduces: list[tuple[Tensor, int]] = []  # (dL/dt, edge) per stride-2 skip (FactorizedReduce)
+        # per stride-2 skip (FactorizedReduce): (the gradient, input and factors that form its dL/dt, edge)
+        self.reduces: list[tuple[Tensor, Tensor, Tensor, int]] = []
         self.edge = 0  # the edge handing back its gradients now
 
     def set_weight_grads(self, k: int, at: Sequence[int], grads: Sequence[Tensor], edge: int | None = None) -> None:
@@ -567,10 +574,11 @@ class _EdgeGroup:
                 group.edge = e
                 edge.backward(_prepare(grad), x_grad, w_grad, weights_grad, group)
         if group.reduces:
-            dts, es = zip(*group.reduces)
+            grads, inputs, factors, es = zip(*group.reduces)
             dx, grad_1s, grad_2s = self.kernels.factorized_reduce_bn_stats_backward(
-                list(dts), x, [self.edges[e].weights[_SKIP][0] for e in es],
-                [self.edges[e].weights[_SKIP][1] for e in es], True, x_grad, weights_grad,
+                list(grads), x, [self.edges[e].weights[_SKIP][0] for e in es],
+                [self.edges[e].weights[_SKIP][1] for e in es], True, x_grad, weights_grad, list(inputs),
+                torch.cat(factors),
             )  # fmt: skip
             for e, g1, g2 in zip(es, grad_1s, grad_2s):
                 group.set_weight_grads(_SKIP, (0, 1), (g1, g2), edge=e)

@@ -417,10 +417,11 @@ def formed_grads(grads: Sequence[Tensor], grad_inputs: Sequence[Tensor], grad_fa
 
 
 def check_formed_grads(
-    op: str, x: Tensor, K: int, stride: int, grad_inputs: Sequence[Tensor] | None, grad_factors: Tensor | None,
-    require: Require = raise_unless,
+    op: str, K: int, per: str, sizes: Sequence[int], x: Tensor, grad_inputs: Sequence[Tensor] | None,
+    grad_factors: Tensor | None, require: Require = raise_unless,
 ) -> None:  # fmt: skip
-    """relu_dwconv_pointwise_backward's grad_inputs and grad_factors (see formed_grads), in the C++ kernel's order."""
+    """A backward's grad_inputs (K of shape `sizes`, one per `per`) and grad_factors [K, 4, sizes[1]] (see
+    formed_grads), checked as the C++ kernels check them."""
     require(
         (grad_inputs is None) == (grad_factors is None),
         ValueError,
@@ -431,8 +432,8 @@ def check_formed_grads(
     )
     if grad_inputs is None:
         return
-    check_sized_list(op, "grad_inputs", grad_inputs, K, "weight", relu_dwconv_output_shape(x, stride), "x", x, require)
-    shape = [K, 4, x.shape[1]]
+    check_sized_list(op, "grad_inputs", grad_inputs, K, per, sizes, "x", x, require)
+    shape = [K, 4, sizes[1]]
     require(
         list(grad_factors.shape) == shape,
         ValueError,

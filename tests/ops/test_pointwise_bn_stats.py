@@ -238,6 +238,29 @@ def test_empty_batch(kernel):
     assert all(torch.equal(g, torch.zeros_like(g)) for g in itertools.chain(*grad_parts))
 
 
+@requires_ext
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("kernel", KERNELS, ids=KERNEL_IDS)
+def test_formed_grads_are_the_grads_formed_first(kernel, case, dtype, layout, cpu_isa):
+    """With grad_inputs and grad_factors the backward forms each output gradient a g + b (t - mean) + e as it reads g
+    and t (a BN's backward): the same results as the backward given those gradients formed beforehand."""
+    x, weights = make_inputs(kernel, case, dtype, layout, requires_grad=False)
+    outs = forward(kernel, x, weights)[0]
+    generator = torch.Generator().manual_seed(2)
+    grads = [torch.randn(out.shape, dtype=dtype, generator=generator) for out in outs]
+    layout_of_inputs = memory_format_of(layout)
+    inputs = [torch.randn(out.shape, dtype=dtype, generator=generator).contiguous(memory_format=layout_of_inputs)
+              for out in outs]  # fmt: skip
+    factors = torch.randn(len(outs), 4, outs[0].shape[1], dtype=dtype, generator=generator)
+    got = kernel.backward(grads, x, *weights, True, True, True, inputs, factors)
+    want = kernel.backward(reference.formed_grads(grads, inputs, factors), x, *weights, True, True, True)
+    for g, w in zip(got, want, strict=True):
+        for a, b in zip(parts_of(g), parts_of(w), strict=True):
+            torch.testing.assert_close(a, b, **TOLERANCES[dtype]["grad"])
+
+
 def opcheck_samples():
     samples = []
     for kernel, name in zip(KERNELS, KERNEL_IDS):
@@ -259,6 +282,9 @@ def test_opcheck(sample):
     grads = [torch.randn_like(out) for out in forward(kernel, x, weights, relu)[0]]
     for flags in ((True, True), (True, False), (False, True)):
         opcheck(kernel.backward, (grads, x, *weights, relu, *flags))
+    inputs = [torch.randn_like(grad) for grad in grads]
+    factors = torch.randn(len(grads), 4, grads[0].shape[1], dtype=grads[0].dtype)
+    opcheck(kernel.backward, (grads, x, *weights, relu, True, True, inputs, factors))
 
 
 def bad_calls():

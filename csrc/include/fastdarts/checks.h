@@ -148,6 +148,28 @@ inline void check_sized_list(const char* op, const char* name, at::TensorList te
   }
 }
 
+// A backward's formed output gradients (relu_dwconv_pointwise_backward, relu_pointwise_bn_stats_backward): with
+// grad_inputs, one per output gradient of shape `sizes`, grad_factors [K, 4, C_out] (a, b, mean and e per channel).
+// Returns whether they are given.
+inline bool check_formed_grads(const char* op, const std::optional<at::TensorList>& grad_inputs,
+                               const std::optional<at::Tensor>& grad_factors, int64_t K, const char* per,
+                               at::IntArrayRef sizes, const char* like_name, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(grad_inputs.has_value() == grad_factors.has_value(), op,
+                    ": grad_inputs and grad_factors must be given together, got only ",
+                    grad_inputs.has_value() ? "grad_inputs" : "grad_factors");
+  if (!grad_inputs.has_value()) {
+    return false;
+  }
+  check_sized_list(op, "grad_inputs", *grad_inputs, K, per, sizes, like_name, like);
+  const int64_t C = sizes[1];
+  TORCH_CHECK_VALUE(grad_factors->dim() == 3 && grad_factors->size(0) == K && grad_factors->size(1) == 4 &&
+                        grad_factors->size(2) == C,
+                    op, ": grad_factors must have shape [", K, ", 4, ", C, "] (a, b, mean and e per channel of each ",
+                    "of the ", K, " grads), got ", grad_factors->sizes());
+  check_dtype_and_device(op, "grad_factors", *grad_factors, like_name, like);
+  return true;
+}
+
 // A double written the way Python's repr() writes it (0.0, 0.25, 1e-05, inf), so that a message about a float
 // argument reads exactly like the reference's f"{value!r}".
 struct PyFloat {
