@@ -36,8 +36,9 @@
 //           walks a unit one row at a time while grad's unit stays in L1. (Pass 1 walked that way ran
 //           slower: each value's double sum then waits on its own previous update.)
 // bn_weighted_sum_backward_factors is the same backward with pass 2 only for the rows it writes out: it returns the
-// factors (a, b, mean, e) of every row, so that a caller reading grad and t_k anyway (relu_dwconv_pointwise_backward,
-// for a conv candidate) forms grad_t_k itself, and neither writes nor reads it back.
+// factors (a, b, mean, e) of every row, so that a kernel reading grad and t_k anyway (the backward of a conv
+// candidate, of a stride-2 skip or of a cell's preprocessing) forms grad_t_k itself, and neither writes nor reads it
+// back.
 // Where C is a multiple of the vectors' lanes or divides them, the patterns repeat every few whole vectors
 // (register_period): pass 2 then holds one row's patterns in registers instead of reading them for every group.
 // The loops are compiled once per instruction-set tier (cpu_isa.h): the conversions and double sums

@@ -491,13 +491,12 @@ struct Group {
       c10::List<bool> batch_statistics, written;
       for (size_t i = 0; i < edge.final_rows.size(); ++i) {
         batch_statistics.push_back(training && edge.final_rows[i] != B);
-        // the pools' dL/dt are written; the convs' and the stride-2 skip's (FactorizedReduce) are formed by their
-        // backward kernels; the stride-1 skip's is w[k] g (a fixed row, invstd 1): g goes into dL/dx's sum with
-        // weight w[k]
         written.push_back(is_pool(edge.candidates[i]));
       }
-      // Every candidate's dL/dw[k], and dL/dt (w[k] included) in one pass over grad and the finals: written out
-      // for the pools and skips, as factors for the convs, whose backward forms it as it reads grad and t.
+      // Every candidate's dL/dw[k], and dL/dt (w[k] included) in one pass over grad and the finals, written out
+      // for the pools only: the convs' and the stride-2 skip's backward kernels form theirs from the factors as they
+      // read grad and t; the stride-1 skip's is w[k] g (a fixed row, invstd 1), which dL/dx's sum takes as g with
+      // weight w[k].
       const at::Tensor g = grad->contiguous(kChannelsLast);
       Tensors dts;
       at::Tensor factors;

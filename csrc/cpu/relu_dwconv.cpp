@@ -642,7 +642,8 @@ struct BackwardArgs {
 
 // One dt row formed from a row of the BN's output gradient and one of its input (BackwardArgs::grad_inputs):
 // dst[w * dst_col + c] = a[c] grad + b[c] (input - mean[c]) + e[c], f holding a, b, mean and e (C values each).
-// kNV > 0: channels contiguous in both rows and C = kNV vectors of the tier, whose factors stay in registers.
+// kNV > 0: channels contiguous in both rows, the first kNV vectors of the tier's of them, whose factors stay in
+// registers.
 template <typename T, CpuIsa kIsa, int64_t kNV>
 FASTDARTS_ALWAYS_INLINE void pack_formed(const T* grad, const Strides& gs, const T* input, const Strides& is,
                                          int64_t cols, int64_t C, const T* f, T* dst, int64_t dst_col) {
@@ -680,20 +681,27 @@ FASTDARTS_ALWAYS_INLINE void pack_formed(const T* grad, const Strides& gs, const
   }
 }
 
-// pack_formed by whole vectors where the rows allow it (kNV), else value by value.
+// pack_formed by whole vectors where the rows allow it, up to 4 vectors of channels at a time (16 registers of
+// factors: AVX2 has 16 in all), else value by value.
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void pack_formed_row(const T* grad, const Strides& gs, const T* input, const Strides& is,
                                              int64_t cols, int64_t C, const T* f, T* dst, int64_t dst_col) {
   constexpr int64_t L = kLanes<T, kIsa>;
-  const int64_t nv = gs.c == 1 && is.c == 1 && C % L == 0 ? C / L : 0;
-  if (nv == 1) {
-    pack_formed<T, kIsa, 1>(grad, gs, input, is, cols, C, f, dst, dst_col);
-  } else if (nv == 2) {
-    pack_formed<T, kIsa, 2>(grad, gs, input, is, cols, C, f, dst, dst_col);
-  } else if (nv == 4) {
-    pack_formed<T, kIsa, 4>(grad, gs, input, is, cols, C, f, dst, dst_col);
-  } else {
+  if (gs.c != 1 || is.c != 1 || C % L != 0) {
     pack_formed<T, kIsa, 0>(grad, gs, input, is, cols, C, f, dst, dst_col);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += 4 * L) {
+    const int64_t nv = std::min<int64_t>(4, (C - c0) / L);
+    if (nv == 4) {
+      pack_formed<T, kIsa, 4>(grad + c0, gs, input + c0, is, cols, C, f + c0, dst + c0, dst_col);
+    } else if (nv == 3) {
+      pack_formed<T, kIsa, 3>(grad + c0, gs, input + c0, is, cols, C, f + c0, dst + c0, dst_col);
+    } else if (nv == 2) {
+      pack_formed<T, kIsa, 2>(grad + c0, gs, input + c0, is, cols, C, f + c0, dst + c0, dst_col);
+    } else {
+      pack_formed<T, kIsa, 1>(grad + c0, gs, input + c0, is, cols, C, f + c0, dst + c0, dst_col);
+    }
   }
 }
 

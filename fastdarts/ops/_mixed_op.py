@@ -15,9 +15,10 @@ stride-2 group once more by factorized_reduce_bn_stats for every edge's skip (Fa
 candidates' last BNs and the edge weights fold into one bn_weighted_sum. Only the edges' sums leave the op.
 
 Backward: per edge, one bn_weighted_sum_backward_factors pass gives every candidate's dL/dw and BN backward: written
-out for the pools and skips, and as per-channel factors for the convs, whose relu_dwconv_pointwise_backward forms
-dL/dt from the edge's gradient and t as it reads them (a sep conv's middle BN the same way, from the sums of its
-second stage's backward): the convs' dL/dt are never written.
+out for the pools, and as per-channel factors for the others: the convs' relu_dwconv_pointwise_backward and the
+stride-2 skips' factorized_reduce_bn_stats_backward form dL/dt from the edge's gradient and t as they read them (a
+sep conv's middle BN the same way, from the sums of its second stage's backward), and the stride-1 skip's, w[k]
+times the edge's gradient, goes into the sum that makes dL/dx as that gradient with weight w[k].
 
 Memory: autograd keeps x (which the cell holds anyway), the weights and the BN statistics ([E, B, C]). The
 backward recomputes the group's intermediates, uses them, and drops them: they live for one forward or backward
@@ -261,7 +262,7 @@ class _Edge:
     Every candidate ends in a tensor its last BN normalises (x itself for the stride-1 skip, and the pools' outputs
     when they have no BN); those BNs are not applied one by one: `bn_weighted_sum` folds them, with the edge weights,
     into the sum, and its backward gives every candidate's dL/dt (w[k] and the path through the batch statistics
-    included; written out, or as factors that a conv's backward forms it from) and dL/dw in one pass.
+    included; written out, or as factors that the backward kernels form it from) and dL/dw in one pass.
     """
 
     def __init__(self, kernels, x, w, weights, stride, candidates, mean, var, training, eps, pool_bn, keep,
@@ -393,11 +394,10 @@ class _Edge:
                 )
                 group.grad_w[e].index_copy_(0, self.candidate_index, dw)
             return
-        # Every candidate's dL/dw[k], and dL/dt (w[k] included) in one pass over grad and the ts: written out for
-        # the pools and skips, as factors for the convs, whose backward forms it as it reads grad and t.
-        # the pools' dL/dt are written; the convs' and the stride-2 skip's (FactorizedReduce) are formed by their
-        # backward kernels; the stride-1 skip's is w[k] grad (a fixed row, invstd 1): grad goes into dL/dx's sum with
-        # weight w[k]
+        # Every candidate's dL/dw[k], and dL/dt (w[k] included) in one pass over grad and the ts, written out for the
+        # pools only: the convs' and the stride-2 skip's backward kernels form theirs from the factors as they read
+        # grad and t; the stride-1 skip's is w[k] grad (a fixed row, invstd 1), which dL/dx's sum takes as grad with
+        # weight w[k].
         written = [k in (_MAX_POOL, _AVG_POOL) for k in self.candidates]
         dts, factors, dw = self.kernels.bn_weighted_sum_backward_factors(
             grad, ts, w_candidates, *self.final_statistics, batch_statistics, written, w_grad

@@ -246,7 +246,13 @@ def test_results_do_not_depend_on_the_thread_count(cpu_isa):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("normalised", [False, True], ids=["plain", "normalised"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
-@pytest.mark.parametrize("shape", [(3, 5, 9, 9), (2, 16, 9, 7), (1, 4, 5, 36)], ids=["C5", "C16", "C4_packed"])
+# C 5 (value by value), 16 and 64 (whole vectors, several blocks of them on the narrower tiers), 40 (5 AVX2 vectors: a
+# block of 4 and one of 1), 4 (packed columns).
+@pytest.mark.parametrize(
+    "shape",
+    [(3, 5, 9, 9), (2, 16, 9, 7), (2, 64, 5, 6), (1, 40, 4, 5), (1, 4, 5, 36)],
+    ids=["C5", "C16", "C64", "C40", "C4_packed"],
+)
 def test_formed_grads_are_the_grads_formed_first(shape, stride, normalised, dtype, cpu_isa):
     """With grad_inputs and grad_factors the kernel forms each output gradient a g + b (t - mean) + e as it reads g
     and t (a BN's backward): the same results as the kernel given those gradients formed beforehand."""
