@@ -651,13 +651,17 @@ def _bn_weighted_sum_fake(ts, w, mean, invstd):
     return torch.empty_like(ts[0])
 
 
-@torch.library.register_fake("fastdarts::bn_weighted_sum_backward")
-def _bn_weighted_sum_backward_fake(grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad):
-    op = "bn_weighted_sum_backward"
+def _check_bn_weighted_sum_backward(op, grad, ts, w, mean, invstd, batch_statistics):
+    """The checks both backward ops of bn_weighted_sum make, in the kernel's order."""
     check_bn_weighted_sum_arguments(op, ts, w, mean, invstd, torch_check)
     check_supported_dtype(op, ts[0])
     check_like(op, "grad", grad, "ts[0]", ts[0], torch_check)
     check_one_per_item(op, "batch_statistics", len(batch_statistics), len(ts), "tensor", torch_check)
+
+
+@torch.library.register_fake("fastdarts::bn_weighted_sum_backward")
+def _bn_weighted_sum_backward_fake(grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad):
+    _check_bn_weighted_sum_backward("bn_weighted_sum_backward", grad, ts, w, mean, invstd, batch_statistics)
     grad_ts = [torch.empty_like(ts[0]) for _ in ts] if input_grad else []
     return grad_ts, (w.new_empty(len(ts)) if w_grad else None)
 
@@ -665,10 +669,7 @@ def _bn_weighted_sum_backward_fake(grad, ts, w, mean, invstd, batch_statistics, 
 @torch.library.register_fake("fastdarts::bn_weighted_sum_backward_factors")
 def _bn_weighted_sum_backward_factors_fake(grad, ts, w, mean, invstd, batch_statistics, written, w_grad):
     op = "bn_weighted_sum_backward_factors"
-    check_bn_weighted_sum_arguments(op, ts, w, mean, invstd, torch_check)
-    check_supported_dtype(op, ts[0])
-    check_like(op, "grad", grad, "ts[0]", ts[0], torch_check)
-    check_one_per_item(op, "batch_statistics", len(batch_statistics), len(ts), "tensor", torch_check)
+    _check_bn_weighted_sum_backward(op, grad, ts, w, mean, invstd, batch_statistics)
     check_one_per_item(op, "written", len(written), len(ts), "tensor", torch_check)
     grad_ts = [torch.empty_like(ts[0]) for row in written if row]
     factors = ts[0].new_empty(len(ts), 4, ts[0].shape[1])
