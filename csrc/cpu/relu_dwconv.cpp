@@ -97,6 +97,7 @@ namespace {
 using tiles::kCols;
 using tiles::add_row_products;
 using tiles::conv_row;
+using tiles::depthwise_grad_weight_row;
 using tiles::depthwise_row;
 using tiles::grad_weight_row;
 using tiles::pointwise_grad_row;
@@ -793,9 +794,15 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
       if (partial != nullptr) {
         const int64_t t0 = g.tap_begin[i];
         for (int64_t ho = ho0; ho < ho1; ++ho) {
-          grad_weight_row<T, kIsa>(grad_tile + (ho - ho0 + g.Pg) * g.grad.row_stride + g.Pg * g.col,
-                                    input_tile + (ho - ho0) * g.s * g.input.row_stride, g.s * g.Cp,
-                                    g.offsets.data() + t0, g.taps(i), partial + t0 * g.Cp, g.loop_cols, g.Cp);
+          const T* grad_row = grad_tile + (ho - ho0 + g.Pg) * g.grad.row_stride + g.Pg * g.col;
+          const T* input_row = input_tile + (ho - ho0) * g.s * g.input.row_stride;
+          if (g.G > 1) {
+            grad_weight_row<T, kIsa>(grad_row, input_row, g.s * g.Cp, g.offsets.data() + t0, g.taps(i),
+                                     partial + t0 * g.Cp, g.loop_cols, g.Cp);
+          } else {
+            depthwise_grad_weight_row<T, kIsa>(grad_row, input_row, g.kernel_size[i], g.dilation[i], g.s,
+                                               g.offsets.data() + t0, partial + t0 * g.Cp, g.Wo_r, g.Cp);
+          }
         }
       }
       if (b.grad_x != nullptr) {

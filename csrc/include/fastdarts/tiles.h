@@ -180,6 +180,89 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t
   }
 }
 
+// grad_weight_row for one k x k kernel with dilation kD at stride kS, written out at compile time (as
+// conv_row_unrolled): for each kernel row a, the k partial sums of its taps stay in registers while the input columns
+// that the block of kBlock gradient vectors reaches pass once, each loaded once and multiplied into every tap that
+// reads it: (kBlock - 1) kS + kD (k - 1) + 1 input loads per kernel row for k kBlock FMAs (12 for 40 at k = 5,
+// stride 1), where grad_weight_row loads one input per FMA. offsets as for conv_row_unrolled; cols is a multiple
+// of kBlock.
+template <typename T, CpuIsa kIsa, int kK, int kD, int kS, int64_t kBlock = kConvCols<kIsa>>
+FASTDARTS_ALWAYS_INLINE void grad_weight_row_unrolled(const T* grad, const T* in, const int64_t* offsets, T* partial,
+                                                      int64_t cols, int64_t Cp) {
+  constexpr int64_t V = kLanes<T, kIsa>;
+  constexpr int kInputs = (kBlock - 1) * kS + kD * (kK - 1) + 1;
+  // Two sums per tap (even and odd gradient columns) halve the chain of dependent FMAs where the registers hold them.
+  constexpr int kSplit = kBlock + 2 * kK + 1 <= (kIsa == CpuIsa::kAvx512 ? 32 : 16) ? 2 : 1;
+  const int64_t whole = cols / kBlock * kBlock;
+  if constexpr (kBlock > kCols) {
+    if (whole < cols) {
+      grad_weight_row_unrolled<T, kIsa, kK, kD, kS, kCols>(grad + whole * Cp, in + whole * kS * Cp, offsets, partial,
+                                                           cols - whole, Cp);
+    }
+  }
+  for (int64_t w0 = 0; w0 < whole; w0 += kBlock) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += V) {
+      Vec<T, kIsa> g[kBlock];
+#pragma GCC unroll 16
+      for (int64_t j = 0; j < kBlock; ++j) {
+        vec_load(g[j], grad + (w0 + j) * Cp + c0);
+      }
+      const T* base = in + w0 * kS * Cp + c0;
+      for (int a = 0; a < kK; ++a) {
+        T* sums = partial + a * kK * Cp + c0;
+        Vec<T, kIsa> acc[kSplit][kK];
+#pragma GCC unroll 8
+        for (int b = 0; b < kK; ++b) {
+          vec_load(acc[0][b], sums + b * Cp);
+          if constexpr (kSplit > 1) {
+            acc[1][b] = Vec<T, kIsa>{};
+          }
+        }
+        const T* row = base + offsets[a * kK];
+#pragma GCC unroll 64
+        for (int x = 0; x < kInputs; ++x) {
+          Vec<T, kIsa> v;
+          vec_load_once(v, row + x * Cp);
+#pragma GCC unroll 8
+          for (int b = 0; b < kK; ++b) {
+            const int shifted = x - kD * b;  // kS j for the gradient column j that tap b meets in this column
+            if (shifted >= 0 && shifted % kS == 0 && shifted / kS < kBlock) {
+              const int j = shifted / kS;
+              acc[j % kSplit][b] += g[j] * v;
+            }
+          }
+        }
+#pragma GCC unroll 8
+        for (int b = 0; b < kK; ++b) {
+          if constexpr (kSplit > 1) {
+            acc[0][b] += acc[1][b];
+          }
+          vec_store(sums + b * Cp, acc[0][b]);
+        }
+      }
+    }
+  }
+}
+
+// One row's share of a k x k depthwise kernel's weight gradient (grad_weight_row's sums, the tap offsets as
+// depthwise_row takes them): the unrolled loop for DARTS's kernels, grad_weight_row for any other.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void depthwise_grad_weight_row(const T* grad, const T* in, int64_t k, int64_t d, int64_t s,
+                                                       const int64_t* offsets, T* partial, int64_t cols,
+                                                       int64_t Cp) {
+  switch ((k * 10 + d) * 10 + s) {
+    case 311: return grad_weight_row_unrolled<T, kIsa, 3, 1, 1>(grad, in, offsets, partial, cols, Cp);
+    case 511: return grad_weight_row_unrolled<T, kIsa, 5, 1, 1>(grad, in, offsets, partial, cols, Cp);
+    case 321: return grad_weight_row_unrolled<T, kIsa, 3, 2, 1>(grad, in, offsets, partial, cols, Cp);
+    case 521: return grad_weight_row_unrolled<T, kIsa, 5, 2, 1>(grad, in, offsets, partial, cols, Cp);
+    case 312: return grad_weight_row_unrolled<T, kIsa, 3, 1, 2>(grad, in, offsets, partial, cols, Cp);
+    case 512: return grad_weight_row_unrolled<T, kIsa, 5, 1, 2>(grad, in, offsets, partial, cols, Cp);
+    case 322: return grad_weight_row_unrolled<T, kIsa, 3, 2, 2>(grad, in, offsets, partial, cols, Cp);
+    case 522: return grad_weight_row_unrolled<T, kIsa, 5, 2, 2>(grad, in, offsets, partial, cols, Cp);
+    default: return grad_weight_row<T, kIsa>(grad, in, s * Cp, offsets, k * k, partial, cols, Cp);
+  }
+}
+
 // The register block of the 1x1 conv's loops (pointwise_row, pointwise_grad_row): kPointwiseRows positions (or
 // output rows of the weight gradient) x kPointwiseVecs vectors of channels. With one vector per position, each
 // multiply-add needs a broadcast load besides its vector: 9 loads for 8 FMAs, more than the 2 loads a cycle that
