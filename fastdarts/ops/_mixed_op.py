@@ -177,31 +177,6 @@ def composed_relu_dwconv_pointwise(
     return forward, backward
 
 
-def composed_bn_weighted_sum_backward_factors(bn_weighted_sum_backward: Callable[..., tuple]) -> Callable[..., tuple]:
-    """bn_weighted_sum_backward_factors for a backend without its kernel: the backend's bn_weighted_sum_backward for
-    the written rows and grad_w, and the factors from ATen's per-channel sums (the formulas of the C++ kernel's
-    comment, csrc/cpu/bn_weighted_sum.cpp)."""
-
-    def factors_op(grad, ts, w, mean, invstd, batch_statistics, written, w_grad):
-        grad_ts, grad_w = bn_weighted_sum_backward(grad, ts, w, mean, invstd, batch_statistics, any(written), w_grad)
-        grad_ts = [g for g, row in zip(grad_ts, written) if row]
-        C = grad.shape[1]
-        M = grad.numel() // C
-        sum_grad = grad.sum((0, 2, 3))
-        rows = []
-        for k, t in enumerate(ts):
-            a = w[k] * invstd[k]
-            b = e = torch.zeros_like(a)
-            if batch_statistics[k]:
-                sum_k = (grad * (t - mean[k].reshape(1, C, 1, 1))).sum((0, 2, 3))
-                b = -a * invstd[k].square() * sum_k / M
-                e = -a * sum_grad / M
-            rows.append(torch.stack([a, b, mean[k], e]))
-        return grad_ts, torch.stack(rows), grad_w
-
-    return factors_op
-
-
 def _saved_names(candidates: Sequence[int], stride: int) -> list[str]:
     """What an edge's backward reads besides x and the pools (which its group keeps once for all its edges), in a
     fixed order: each candidate's tensor before its last BN ("t"), and a sep conv's first pointwise output ("t_1"),

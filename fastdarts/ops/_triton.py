@@ -63,7 +63,6 @@ from ._autograd import (
 )
 from ._mixed_op import (
     EdgeKernels,
-    composed_bn_weighted_sum_backward_factors,
     composed_factorized_reduce_bn_stats_backward,
     composed_partial_channel_outputs,
     composed_partial_channel_outputs_backward,
@@ -1071,69 +1070,107 @@ def _bn_weighted_sum_op(ts: list[Tensor], w: Tensor, mean: Tensor, invstd: Tenso
     return out
 
 
-# The C++ op's outputs (Tensor[], Tensor?) as (grad_ts or [], [grad_w] or []): triton_op infers the schema from the
+def _bn_weighted_sum_backward_passes(
+    op: str, grad: Tensor, ts: list[Tensor], w: Tensor, mean: Tensor, invstd: Tensor, batch_statistics: list[bool],
+    written: list[bool], w_grad: bool, want_factors: bool,
+) -> tuple[list[Tensor], Tensor | None, list[Tensor]]:  # fmt: skip
+    """Both backward ops of bn_weighted_sum: (the gradients of the `written` rows, in row order; every row's factors
+    [K, 4, C] (a, b, mean, e) when want_factors, else None; [grad_w] or []). Pass 1 runs over every row whose sum of
+    g (t_k - mean) is needed, pass 2 only over the written batch-statistics rows."""
+    check_bn_weighted_sum_arguments(op, ts, w, mean, invstd, torch_check)
+    check_supported_dtype(op, ts[0])
+    check_like(op, "grad", grad, "ts[0]", ts[0], torch_check)
+    K = len(ts)
+    check_one_per_item(op, "batch_statistics", len(batch_statistics), K, "tensor", torch_check)
+    check_one_per_item(op, "written", len(written), K, "tensor", torch_check)
+    grad_ts = [torch.empty_like(ts[0]) if row else None for row in written]
+    N, C, H, W = ts[0].shape
+    M = N * H * W
+    dtype = ts[0].dtype
+    w64, invstd64 = w.double(), invstd.double()
+    a = w64[:, None] * invstd64  # a fixed row's gradient is a g
+    # The rows whose written gradient goes through their batch statistics (the second pass writes them), the rows
+    # whose sum of g (t_k - mean) is needed (those, every batch-statistics row for the factors, every row for
+    # grad_w), and the rows the first pass writes.
+    normalised = [row and statistics for row, statistics in zip(written, batch_statistics)]
+    factor_rows = [want_factors and statistics for statistics in batch_statistics]
+    dot = [w_grad or n or f for n, f in zip(normalised, factor_rows)]
+    fixed = [row and not statistics for row, statistics in zip(written, batch_statistics)]
+    sums = torch.zeros((K + 1, C), dtype=torch.float64, device=grad.device)  # [sum g (t_k - mean)] + [sum g]
+    if M > 0 and (any(dot) or any(fixed)):
+        like = next((g for g in grad_ts if g is not None), None)
+        like = torch.empty_like(ts[0]) if like is None else like
+        grad, ts = _laid_out_like(grad, like), [_laid_out_like(t, like) for t in ts]
+        outs = [t if g is None else g for g, t in zip(grad_ts, ts)]  # pointers never written where no gradient
+        grid, block_c, sizes = _tile_arguments(like)
+        num_blocks = grid[0]
+        # Per tile and channel, the sums of g (t_k - mean[k]) (rows k < K, those in `dot`) and of g (row K), added up
+        # by PyTorch in a fixed order (deterministic); the sums of rows no launch writes are never used.
+        partials = w.new_empty((K + 1, num_blocks, C), dtype=torch.float64)
+        mean_rows, a_rows = mean.contiguous(), a.to(dtype)
+        for start in range(0, K, MAX_INPUTS_PER_LAUNCH):
+            end = start + MAX_INPUTS_PER_LAUNCH
+            _bn_weighted_sum_reduce_kernel[grid](
+                grad, mean_rows[start:], a_rows[start:], partials[start], partials[K], *_padded(ts[start:end]),
+                *_padded(outs[start:end]), *sizes, num_blocks, K=len(ts[start:end]), DOT=_bits(dot[start:end]),
+                WRITE=_bits(fixed[start:end]), SUM_GRAD=start == 0 and any(normalised + factor_rows),
+                BLOCK_P=TILE_PIXELS, BLOCK_C=block_c,
+            )  # fmt: skip
+        sums = partials.sum(dim=1)
+    rows = [k for k in range(K) if normalised[k] and M > 0]
+    if rows or want_factors:
+        # grad_t_k = a (g - mean_c(g) - xhat mean_c(g xhat)) = a g + b (t_k - mean) + e: the C++ kernel's b and e,
+        # zero for the fixed rows.
+        statistics = torch.tensor(batch_statistics, dtype=torch.bool, device=grad.device)[:, None]
+        b = torch.where(statistics, -a * invstd64.square() * sums[:K] / max(M, 1), 0.0)
+        e = torch.where(statistics, -a * sums[K] / max(M, 1), 0.0)
+    if rows:
+        mean_rows, a_rows, b_rows, e_rows = mean[rows].contiguous(), a[rows].to(dtype), b[rows].to(dtype), \
+            e[rows].to(dtype)  # fmt: skip
+        ts_rows, outs = [ts[k] for k in rows], [grad_ts[k] for k in rows]
+        for start in range(0, len(rows), MAX_INPUTS_PER_LAUNCH):
+            end = start + MAX_INPUTS_PER_LAUNCH
+            _bn_weighted_sum_grad_kernel[grid](
+                grad, mean_rows[start:], a_rows[start:], b_rows[start:], e_rows[start:],
+                *_padded(ts_rows[start:end]), *_padded(outs[start:end]), *sizes, K=len(ts_rows[start:end]),
+                BLOCK_P=TILE_PIXELS, BLOCK_C=block_c,
+            )  # fmt: skip
+    # sum(g xhat_k) = sum over c of invstd[k, c] sum_c(g (t_k - mean[k, c]))
+    grad_w = [(invstd64 * sums[:K]).sum(dim=1).to(w.dtype)] if w_grad else []
+    factors = torch.stack([a, b, mean.double(), e], dim=1).to(dtype) if want_factors else None
+    return [g for g in grad_ts if g is not None], factors, grad_w
+
+
+# The C++ ops' outputs (Tensor[], Tensor?) as (grad_ts or [], [grad_w] or []): triton_op infers the schema from the
 # annotations, which cannot express an optional output.
 @triton_op("fastdarts_triton::bn_weighted_sum_backward", mutates_args=())
 def _bn_weighted_sum_backward_op(
     grad: Tensor, ts: list[Tensor], w: Tensor, mean: Tensor, invstd: Tensor, batch_statistics: list[bool],
     input_grad: bool, w_grad: bool,
 ) -> tuple[list[Tensor], list[Tensor]]:  # fmt: skip
-    op = "bn_weighted_sum_backward"
-    check_bn_weighted_sum_arguments(op, ts, w, mean, invstd, torch_check)
-    check_supported_dtype(op, ts[0])
-    check_like(op, "grad", grad, "ts[0]", ts[0], torch_check)
-    K = len(ts)
-    check_one_per_item(op, "batch_statistics", len(batch_statistics), K, "tensor", torch_check)
-    grad_ts = [torch.empty_like(ts[0]) for _ in ts] if input_grad else []
-    N, C, H, W = ts[0].shape
-    M = N * H * W
-    if M == 0 or not (input_grad or w_grad):  # nothing to read, or nothing to write
-        return grad_ts, [w.new_zeros(K)] if w_grad else []
-    # The rows whose gradient goes through their batch statistics (the second pass writes them), the rows whose sum
-    # of g (t_k - mean) is needed (those, and every row for grad_w), and the rows the first pass writes.
-    normalised = [input_grad and statistics for statistics in batch_statistics]
-    dot = [w_grad or row for row in normalised]
-    fixed = [input_grad and not statistics for statistics in batch_statistics]
-    like = grad_ts[0] if input_grad else torch.empty_like(ts[0])
-    grad, ts = _laid_out_like(grad, like), [_laid_out_like(t, like) for t in ts]
-    outs = grad_ts or ts  # without input_grad, pointers that are never written
-    dtype = ts[0].dtype
-    w64, invstd64 = w.double(), invstd.double()
-    a = w64[:, None] * invstd64  # a fixed row's gradient is a g
-    grid, block_c, sizes = _tile_arguments(like)
-    num_blocks = grid[0]
-    # Per tile and channel, the sums of g (t_k - mean[k]) (rows k < K, those in `dot`) and of g (row K), added up by
-    # PyTorch in a fixed order (deterministic); the sums of rows no launch writes are never used.
-    partials = w.new_empty((K + 1, num_blocks, C), dtype=torch.float64)
-    mean_rows, a_rows = mean.contiguous(), a.to(dtype)
-    for start in range(0, K, MAX_INPUTS_PER_LAUNCH):
-        end = start + MAX_INPUTS_PER_LAUNCH
-        _bn_weighted_sum_reduce_kernel[grid](
-            grad, mean_rows[start:], a_rows[start:], partials[start], partials[K], *_padded(ts[start:end]),
-            *_padded(outs[start:end]), *sizes, num_blocks, K=len(ts[start:end]), DOT=_bits(dot[start:end]),
-            WRITE=_bits(fixed[start:end]), SUM_GRAD=start == 0 and any(normalised), BLOCK_P=TILE_PIXELS,
-            BLOCK_C=block_c,
-        )  # fmt: skip
-    grad_w = []
-    if not (w_grad or any(normalised)):
-        return grad_ts, grad_w
-    sums = partials.sum(dim=1)  # [K + 1, C]
-    if w_grad:  # sum(g xhat_k) = sum over c of invstd[k, c] sum_c(g (t_k - mean[k, c]))
-        grad_w.append((invstd64 * sums[:K]).sum(dim=1).to(w.dtype))
-    rows = [k for k in range(K) if normalised[k]]
-    if rows:
-        # grad_t_k = a (g - mean_c(g) - xhat mean_c(g xhat)) = a g + b (t_k - mean) + e: the C++ kernel's b and e.
-        b = -a[rows] * invstd64[rows].square() * sums[rows] / M
-        e = -a[rows] * sums[K] / M
-        mean_rows, a_rows, b, e = mean[rows].contiguous(), a[rows].to(dtype), b.to(dtype), e.to(dtype)
-        ts_rows, outs = [ts[k] for k in rows], [grad_ts[k] for k in rows]
-        for start in range(0, len(rows), MAX_INPUTS_PER_LAUNCH):
-            end = start + MAX_INPUTS_PER_LAUNCH
-            _bn_weighted_sum_grad_kernel[grid](
-                grad, mean_rows[start:], a_rows[start:], b[start:], e[start:], *_padded(ts_rows[start:end]),
-                *_padded(outs[start:end]), *sizes, K=len(ts_rows[start:end]), BLOCK_P=TILE_PIXELS, BLOCK_C=block_c,
-            )  # fmt: skip
+    grad_ts, _, grad_w = _bn_weighted_sum_backward_passes(
+        "bn_weighted_sum_backward", grad, ts, w, mean, invstd, batch_statistics, [input_grad] * len(ts), w_grad, False
+    )  # fmt: skip
     return grad_ts, grad_w
+
+
+@triton_op("fastdarts_triton::bn_weighted_sum_backward_factors", mutates_args=())
+def _bn_weighted_sum_backward_factors_op(
+    grad: Tensor, ts: list[Tensor], w: Tensor, mean: Tensor, invstd: Tensor, batch_statistics: list[bool],
+    written: list[bool], w_grad: bool,
+) -> tuple[list[Tensor], Tensor, list[Tensor]]:  # fmt: skip
+    return _bn_weighted_sum_backward_passes(
+        "bn_weighted_sum_backward_factors", grad, ts, w, mean, invstd, batch_statistics, written, w_grad, True
+    )
+
+
+def _bn_weighted_sum_backward_factors(grad, ts, w, mean, invstd, batch_statistics, written, w_grad) -> tuple:
+    """bn_weighted_sum_backward_factors with the C++ op's outputs: (written rows' gradients, factors, grad_w or
+    None)."""
+    grad_ts, factors, grad_w = torch.ops.fastdarts_triton.bn_weighted_sum_backward_factors.default(
+        grad, list(ts), w, mean, invstd, list(batch_statistics), list(written), w_grad
+    )
+    return grad_ts, factors, (grad_w[0] if w_grad else None)
 
 
 def _bn_weighted_sum_gradients(grad, ts, w, mean, invstd, batch_statistics, input_grad, w_grad) -> tuple:
@@ -1196,7 +1233,7 @@ mixed_ops, mixed_op = define_mixed_ops(
         weighted_sum=torch.ops.fastdarts_triton.weighted_sum.default,
         bn_weighted_sum=torch.ops.fastdarts_triton.bn_weighted_sum.default,
         bn_weighted_sum_backward=_bn_weighted_sum_gradients,
-        bn_weighted_sum_backward_factors=composed_bn_weighted_sum_backward_factors(_bn_weighted_sum_gradients),
+        bn_weighted_sum_backward_factors=_bn_weighted_sum_backward_factors,
         partial_channel_outputs=composed_partial_channel_outputs,  # no Triton kernel yet: ATen's copies
         partial_channel_outputs_backward=composed_partial_channel_outputs_backward,
     ),

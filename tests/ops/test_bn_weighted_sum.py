@@ -489,21 +489,6 @@ def test_factors_form_the_gradients_of_the_backward_op(shape, w_grad, dtype, cpu
 
 
 @requires_ext
-def test_composed_factors_match_the_kernel():
-    """The factors of a backend without the kernel (ATen's sums, _mixed_op.composed_bn_weighted_sum_backward_factors)
-    are the kernel's."""
-    from fastdarts.ops._mixed_op import composed_bn_weighted_sum_backward_factors
-
-    grad, ts, w, mean, invstd = factors_arguments(4, (2, 6, 5, 7), torch.float64)
-    flags, written = [True, False, True, True], [True, False, False, True]
-    composed = composed_bn_weighted_sum_backward_factors(torch.ops.fastdarts.bn_weighted_sum_backward.default)
-    got = composed(grad, ts, w, mean, invstd, flags, written, True)
-    want = torch.ops.fastdarts.bn_weighted_sum_backward_factors(grad, ts, w, mean, invstd, flags, written, True)
-    for g, r in zip([*got[0], got[1], got[2]], [*want[0], want[1], want[2]], strict=True):
-        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
-
-
-@requires_ext
 @pytest.mark.parametrize("w_grad", [True, False], ids=["w_grad", "no_w_grad"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_opcheck_bn_weighted_sum_backward_factors(layout, w_grad):

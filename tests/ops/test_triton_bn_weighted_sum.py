@@ -33,6 +33,7 @@ from .test_bn_weighted_sum import (
     check_matches_reference,
     check_other_layouts_and_an_empty_batch,
     check_second_derivative_raises_a_clear_error,
+    factors_arguments,
     forward_samples,
     make_inputs,
     opcheck_backward_op_with_inputs_needing_grad,
@@ -124,6 +125,49 @@ def test_agrees_with_the_cpp_op(layout):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("w_grad", [True, False], ids=["w_grad", "no_w_grad"])
+def test_factors_op_forms_the_gradients_of_the_backward_op(w_grad, layout):
+    """bn_weighted_sum_backward_factors: the written rows' gradients and grad_w are the backward op's, bit for bit
+    (the same launches); every row's factors form its gradient. K = 10 over two launches, two tiles of channels."""
+    K, shape = 10, (3, 33, 7, 7)
+    grad, ts, w, mean, invstd = factors_arguments(K, shape, layout=layout)
+    flags = [k != 4 for k in range(K)]
+    written = [k % 3 == 1 for k in range(K)]  # rows 1, 4 (a fixed row), 7
+    want_ts, want_w = torch.ops.fastdarts_triton.bn_weighted_sum_backward(grad, ts, w, mean, invstd, flags, True,
+                                                                          w_grad)  # fmt: skip
+    grad_ts, factors, grad_w = torch.ops.fastdarts_triton.bn_weighted_sum_backward_factors(
+        grad, ts, w, mean, invstd, flags, written, w_grad
+    )
+    assert len(grad_ts) == sum(written)
+    for got, want in zip(grad_ts, [t for t, row in zip(want_ts, written) if row], strict=True):
+        assert torch.equal(got, want) and got.stride() == want.stride()
+    assert grad_w == [] if not w_grad else torch.equal(grad_w[0], want_w[0])
+    assert factors.shape == (K, 4, shape[1]) and factors.dtype == ts[0].dtype
+    for k, formed in enumerate(reference.formed_grads([grad] * K, ts, factors)):
+        assert_close(formed, want_ts[k], 1e-5)
+    assert torch.equal(factors[4, 1], torch.zeros_like(factors[4, 1]))  # the fixed row: w invstd g
+    assert torch.equal(factors[4, 3], torch.zeros_like(factors[4, 3]))
+
+
+@requires_ext
+def test_factors_op_agrees_with_the_cpp_op():
+    grad, ts, w, mean, invstd = factors_arguments(4, (2, 6, 5, 7), torch.float64)
+    flags, written = [True, False, True, True], [True, False, False, True]
+    got = torch.ops.fastdarts_triton.bn_weighted_sum_backward_factors(grad, ts, w, mean, invstd, flags, written, True)
+    want = torch.ops.fastdarts.bn_weighted_sum_backward_factors(grad, ts, w, mean, invstd, flags, written, True)
+    for g, r in zip([*got[0], got[1], got[2][0]], [*want[0], want[1], want[2]], strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-12, atol=1e-12)
+
+
+def test_factors_op_bad_written_gives_one_line():
+    grad, ts, w, mean, invstd = factors_arguments(2, (2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"written must have one entry per tensor \(K = 2\), got 1") as raised:
+        torch.ops.fastdarts_triton.bn_weighted_sum_backward_factors(grad, ts, w, mean, invstd, [True, False], [True],
+                                                                    True)  # fmt: skip
+    assert str(raised.value).startswith("bn_weighted_sum_backward_factors: ") and "\n" not in str(raised.value)
+
+
 def test_gradcheck_float64_through_batch_statistics():
     check_gradcheck_float64_through_batch_statistics("triton", fast_mode=True)
 
@@ -138,7 +182,7 @@ def test_the_mixed_op_folds_its_bns_with_these_kernels():
         out, _, _ = ops.mixed_op(x, w, weights, 1, [0, 1, 2], bn_mean, bn_var, True, backend="triton")
         torch.autograd.grad(out.sum(), [x, w])
     names = {event.name for event in profile.events()}
-    assert {"fastdarts_triton::bn_weighted_sum", "fastdarts_triton::bn_weighted_sum_backward"} <= names
+    assert {"fastdarts_triton::bn_weighted_sum", "fastdarts_triton::bn_weighted_sum_backward_factors"} <= names
 
 
 @pytest.mark.parametrize("make,error,message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
@@ -159,7 +203,12 @@ def test_backward_op_bad_arguments(change, error, message):
 
 def opcheck_samples():
     samples = [(f"bn_weighted_sum-{name}", "bn_weighted_sum", args) for name, args in forward_samples()]
-    return samples + [(f"backward-{name}", "bn_weighted_sum_backward", args) for name, args in backward_samples()]
+    samples += [(f"backward-{name}", "bn_weighted_sum_backward", args) for name, args in backward_samples()]
+    grad, ts, w, mean, invstd = factors_arguments(3, (2, 4, 5, 3))
+    for w_grad in (True, False):
+        args = (grad, ts, w, mean, invstd, [True, False, True], [False, True, True], w_grad)
+        samples.append((f"factors-w_grad{w_grad}", "bn_weighted_sum_backward_factors", args))
+    return samples
 
 
 @pytest.mark.parametrize("op,args", [s[1:] for s in opcheck_samples()], ids=[s[0] for s in opcheck_samples()])
