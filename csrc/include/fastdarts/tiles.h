@@ -142,6 +142,15 @@ FASTDARTS_ALWAYS_INLINE void depthwise_row(const T* in, int64_t k, int64_t d, in
   }
 }
 
+// vs[j] = the vector at p + j * stride, for j < kN: a block of columns' vectors, held in registers by its caller.
+template <typename V, typename T, int64_t kN>
+FASTDARTS_ALWAYS_INLINE void load_columns(V (&vs)[kN], const T* p, int64_t stride) {
+#pragma GCC unroll 16
+  for (int64_t j = 0; j < kN; ++j) {
+    vec_load(vs[j], p + j * stride);
+  }
+}
+
 // One row's share of one kernel's weight gradient:
 //   partial[t * Cp + c] += sum_{w < cols} grad[w * Cp + c] * in[offsets[t] + w * step + c]   (c < Cp).
 // kCols gradient vectors stay in registers while every tap reads its kCols inputs; two interleaved sums per tap
@@ -153,10 +162,7 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t
   for (int64_t w0 = 0; w0 < cols; w0 += kCols) {
     for (int64_t c0 = 0; c0 < Cp; c0 += V) {
       Vec<T, kIsa> g[kCols];
-#pragma GCC unroll 16
-      for (int64_t j = 0; j < kCols; ++j) {
-        vec_load(g[j], grad + (w0 + j) * Cp + c0);
-      }
+      load_columns(g, grad + w0 * Cp + c0, Cp);
       const T* base = in + w0 * step + c0;
       for (int64_t t = 0; t < num_taps; ++t) {
         const T* src = base + offsets[t];
@@ -203,10 +209,7 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row_unrolled(const T* grad, const T* in
   for (int64_t w0 = 0; w0 < whole; w0 += kBlock) {
     for (int64_t c0 = 0; c0 < Cp; c0 += V) {
       Vec<T, kIsa> g[kBlock];
-#pragma GCC unroll 16
-      for (int64_t j = 0; j < kBlock; ++j) {
-        vec_load(g[j], grad + (w0 + j) * Cp + c0);
-      }
+      load_columns(g, grad + w0 * Cp + c0, Cp);
       const T* base = in + w0 * kS * Cp + c0;
       for (int a = 0; a < kK; ++a) {
         T* sums = partial + a * kK * Cp + c0;
