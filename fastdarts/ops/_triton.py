@@ -2,8 +2,8 @@
 Triton backend is first needed.
 
 The ops live in their own namespace, fastdarts_triton, with the schemas of the C++ ops (csrc/fastdarts.cpp; only the
-outputs of relu_dwconv_backward and bn_weighted_sum_backward take another form, see there) and the same autograd
-formulas (saving the same tensors) as _cpp.py, most of them registered by _autograd.py for both namespaces. A
+outputs of relu_dwconv_backward and of bn_weighted_sum's two backwards take another form, see there) and the same
+autograd formulas (saving the same tensors) as _cpp.py, most of them registered by _autograd.py for both namespaces. A
 triton_op's body is its own fake: under FakeTensorMode the launches are skipped and only the metadata of the outputs
 is computed, and torch.compile sees the launches through torch.library.wrap_triton. The mixed ops,
 fastdarts_triton::mixed_ops, are _mixed_op.py's group of edges on these kernels (a torch.library.custom_op, as the
@@ -34,7 +34,8 @@ What the kernels do (one program per block of output elements, no atomics, so re
 - bn_weighted_sum: one program per tile of pixels by channels reads up to 8 inputs and adds them, normalised and
   weighted, into the output. The backward's first pass reads grad once, writes the fixed rows' gradients and the
   tile's float64 per-channel sums of g and g (t_k - mean), which PyTorch adds up; a second pass writes the
-  batch-statistics rows' gradients from those sums.
+  batch-statistics rows' gradients from those sums. bn_weighted_sum_backward_factors runs the same passes for the rows
+  it writes out only, and returns every row's factors (a, b, mean, e) from the sums.
 """
 
 from __future__ import annotations
