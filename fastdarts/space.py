@@ -18,6 +18,7 @@ from torch import nn
 
 from . import ops
 from .errors import GenotypeError, path_stat, shorten
+from .ops.reference import cell_edge_count, edge_index
 
 PRIMITIVES: tuple[str, ...] = (
     "none",
@@ -388,16 +389,6 @@ def _read_genotype_file(path: Path) -> Genotype:
 
 # ----------------------------------------------------------------------------------------------
 # Cell structure and derivation (METHOD 1.4, 2.4)
-
-
-def cell_edge_count(steps: int) -> int:
-    """The edges of a cell with `steps` intermediate nodes: 2 + 3 + ... + (steps + 1)."""
-    return steps * (steps + 3) // 2
-
-
-def edge_index(node: int, inp: int) -> int:
-    """The row of edge `node <- inp` (0-based intermediate node, input index) in node-major order."""
-    return cell_edge_count(node) + inp
 
 
 def cell_steps(num_edges: int) -> int:

@@ -38,6 +38,7 @@ __all__ = [
     "cpu_isa",
     "describe_kernels",
     "factorized_reduce",
+    "mixed_cell",
     "mixed_op",
     "mixed_ops",
     "mixed_op_layout",
@@ -456,6 +457,53 @@ def mixed_ops(
         x, w, weights, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute, partial_channels, scale
     )  # fmt: skip
 
+
+def mixed_cell(
+    s0: Tensor,
+    s1: Tensor,
+    w: Tensor,
+    weights: Sequence[Sequence[Tensor]],
+    steps: int,
+    stride: int,
+    candidates: Sequence[Sequence[int]],
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    training: bool = True,
+    eps: float = 1e-5,
+    pool_bn: bool = True,
+    recompute: bool = True,
+    scale: Tensor | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The nodes of a DARTS search cell from its two preprocessed inputs, in one node: node i sums, in input order,
+    the mixed ops of its edges from s0, s1 and nodes 0..i-1 (METHOD.md 1.1).
+
+    Each state's edges run as one `mixed_ops` group, the nodes are summed once complete, and on "cpp" the whole
+    cell, forward and recomputing backward, runs in C++ (fastdarts::edge_cell) with no Python between its groups.
+
+    Args:
+        s0, s1: the preprocessed inputs, [N, C, H, W] each; stride, training, eps, pool_bn, recompute, backend: as
+            for `mixed_op`, `stride` that of the edges leaving s0 and s1 (2 in a reduction cell), the nodes' edges
+            1.
+        w: [E, 7], E = cell_edge_count(steps) edges in edge_index order (node-major, input-minor).
+        weights: E lists, each edge's conv weights as `mixed_op` takes them at its stride.
+        steps: the cell's intermediate nodes (4 in DARTS).
+        candidates: E lists, each edge's candidates as `mixed_op` takes them; an empty one leaves the edge out (a
+            node no edge computes for is zeros).
+        bn_mean, bn_var: [R, C], the running statistics of the computed edges, group after group (evaluation only;
+            reference.cell_groups gives the groups and their rows).
+        scale: None, or [E]: a factor on each edge's whole output, differentiable.
+
+    Returns (nodes, mean [R, C], var [R, C]): the `steps` nodes [N, C, H_out, W_out] and, in training, the groups'
+    batch statistics as mixed_ops returns them ([E_g, B, C] each, flattened and one after the other). Differentiable
+    in s0, s1, w, scale and every conv weight (once on the fused backends), checked as `mixed_ops` is.
+    """
+    check_flag("mixed_cell", "pool_bn", pool_bn)
+    check_flag("mixed_cell", "recompute", recompute)
+    return dispatch("mixed_cell", s0.device, backend)(
+        s0, s1, w, weights, steps, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute, scale
+    )  # fmt: skip
 
 def pool_bn_stats(x: Tensor, stride: int, *, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """DARTS's two pool candidates and the batch statistics of the affine-free BNs after them, from one read of `x`.

@@ -41,10 +41,14 @@ from ._autograd import below_autograd, check_supported_dtype, refuse_differentia
 from ._extension import EXTENSION_LOADED
 from .reference import (
     MIXED_OP_CANDIDATES,
+    CellGroup,
     candidates_valid,
+    cell_groups,
+    check_mixed_cell_arguments,
     check_mixed_op_arguments,
     check_mixed_ops_edges,
     check_partial_channels,
+    edge_index,
     factorized_reduce_halves,
     factorized_reduce_halves_backward,
     formed_grads,
@@ -792,12 +796,151 @@ def edge_group(kernels: EdgeKernels) -> tuple[Callable, Callable]:
     return forward, backward
 
 
+@dataclass(frozen=True)
+class _CellPlan:
+    """A cell's flat arguments (mixed_cell's weights, candidates and counts) cut into its groups (cell_groups)."""
+
+    groups: list[CellGroup]
+    weights: list[slice]  # per edge, its conv weights in the flat list
+    candidates: list[list[int]]  # per edge
+
+    @staticmethod
+    def of(steps: int, stride: int, num_weights: int, candidates: Sequence[int], counts: Sequence[int],
+           pool_bn: bool) -> _CellPlan:  # fmt: skip
+        edge_strides = [stride if state < 2 else 1 for node in range(steps) for state in range(node + 2)]
+        raise_unless(
+            len(counts) == len(edge_strides) and sum(counts) == len(candidates), ValueError,
+            lambda: f"mixed_cell: {len(edge_strides)} edges need one candidate count each, got counts {list(counts)} "
+            f"for {len(candidates)} candidates",
+        )  # fmt: skip
+        slices, at = [], 0
+        for s in edge_strides:
+            per_edge = sum(n for n, _ in mixed_op_layout(s))
+            slices.append(slice(at, at + per_edge))
+            at += per_edge
+        raise_unless(num_weights == at, ValueError, lambda: f"mixed_cell: the cell's edges take {at} conv weights, "
+                     f"got {num_weights}")  # fmt: skip
+        per_edge_candidates = _split(candidates, counts)
+        return _CellPlan(cell_groups(steps, stride, per_edge_candidates, pool_bn), slices, per_edge_candidates)
+
+    def group_arguments(self, group: CellGroup, w: Tensor, weights: Sequence[Tensor]) -> tuple:
+        """(w, weights, candidates, counts) of a group's edges, as edge_group takes them."""
+        edges = list(group.edges)
+        return (w[edges], [t for e in edges for t in weights[self.weights[e]]],
+                [k for e in edges for k in self.candidates[e]], [len(self.candidates[e]) for e in edges])  # fmt: skip
+
+    def computed_weights(self) -> set[int]:
+        """Positions, in the flat weights, of the convs of the candidates the cell computes: the others' gradients
+        are None (see uncomputed_weights)."""
+        computed = set()
+        for e, ks in enumerate(self.candidates):
+            s = self.weights[e]
+            stride = 1 if s.stop - s.start == sum(n for n, _ in mixed_op_layout(1)) else 2
+            starts, layout = _weight_starts(stride), mixed_op_layout(stride)
+            for k in ks:
+                computed.update(range(s.start + starts[k], s.start + starts[k] + layout[k][0]))
+        return computed
+
+    def saved_counts(self) -> list[int]:
+        """Per group, the tensors its forward keeps (edge_group's saved with keep)."""
+        counts = []
+        for group in self.groups:
+            ks = [k for e in group.edges for k in self.candidates[e]]
+            pools = {k for k in ks if k in (_MAX_POOL, _AVG_POOL)}
+            counts.append(len(pools) + sum(len(_saved_names(self.candidates[e], group.stride)) for e in group.edges))
+        return counts
+
+
+def _node_sum(terms: Sequence[Tensor], weighted_sum: Callable[..., Tensor], zeros_like: Tensor,
+              stride: int) -> Tensor:  # fmt: skip
+    """A node: its incoming edges' outputs summed in turn (three or more in one weighted_sum pass with unit weights,
+    the same bits as adding them in turn); zeros, laid out channels_last, when it has none."""
+    if not terms:
+        return _empty_like_shape(zeros_like, mixed_op_output_shape(zeros_like, stride)).zero_()
+    if len(terms) > 2:
+        return weighted_sum(list(terms), terms[0].new_ones(len(terms)))
+    return terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+
+def edge_cell(group_forward: Callable, group_backward: Callable, weighted_sum: Callable) -> tuple[Callable, Callable]:
+    """(forward, backward) of a cell's edges on a group's (forward, backward) pair, with the signatures of the C++ ops
+    fastdarts::edge_cell and edge_cell_backward (which run the same calls without Python between them): the groups
+    of reference.mixed_cell, each node summed once complete; the backward runs the groups in reverse, a node's
+    gradient complete (what the cell's caller gives it plus what its own edges send back) before its group runs."""
+
+    def forward(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, keep):
+        plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
+        C = s0.shape[1]
+        states, incoming = [s0, s1], [[] for _ in range(steps)]
+        means, variances, saved, at = [], [], [], 0
+        for group in plan.groups + [None]:
+            while len(states) < (steps + 2 if group is None else group.state + 1):
+                states.append(_node_sum(incoming[len(states) - 2], weighted_sum, s0, stride))
+            if group is None:
+                break
+            E = len(group.edges)
+            stats = [None if t is None else t[at : at + group.rows].view(E, -1, C) for t in (bn_mean, bn_var)]
+            at += group.rows
+            group_w, group_weights, group_candidates, group_counts = plan.group_arguments(group, w, weights)
+            outs, mean, var, kept = group_forward(
+                states[group.state], group_w, group_weights, group.stride, group_candidates, group_counts, *stats,
+                training, eps, pool_bn, keep,
+            )  # fmt: skip
+            means.append(mean.view(-1, C))
+            variances.append(var.view(-1, C))
+            saved += kept
+            for node, out in zip(group.nodes, outs):
+                incoming[node].append(out)
+        empty = s0.new_zeros(0, C)
+        return states[2:], torch.cat(means) if means else empty, torch.cat(variances) if variances else empty, saved
+
+    def backward(grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var, training, eps,
+                 pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad):  # fmt: skip
+        plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
+        C = s0.shape[1]
+        states, grad_states = [s0, s1, *nodes], [None, None, *grads]
+        grad_w = torch.zeros_like(w) if w_grad else None
+        grad_weights: list[Tensor | None] = [None] * len(weights)
+        kept = _split(saved, plan.saved_counts()) if saved else [[] for _ in plan.groups]
+        rows_end = sum(group.rows for group in plan.groups)
+        for group, group_saved in zip(reversed(plan.groups), reversed(kept)):
+            rows_end -= group.rows
+            edge_grads = [grad_states[2 + node] for node in group.nodes]
+            if all(g is None for g in edge_grads):
+                continue  # no edge of the group reaches the loss
+            E = len(group.edges)
+            group_w, group_weights, group_candidates, group_counts = plan.group_arguments(group, w, weights)
+            x_grad = group.state >= 2 or (s0_grad, s1_grad)[group.state]
+            stats = [t[rows_end : rows_end + group.rows].view(E, -1, C) for t in (mean, var)]
+            grad_x, group_grad_w, group_grad_weights = group_backward(
+                edge_grads, states[group.state], group_w, group_weights, group.stride, group_candidates, group_counts,
+                *stats, training, eps, pool_bn, group_saved, x_grad, w_grad, weights_grad,
+            )  # fmt: skip
+            if x_grad:
+                previous = grad_states[group.state]
+                grad_states[group.state] = grad_x if previous is None else previous + grad_x
+            if w_grad:
+                grad_w[list(group.edges)] = group_grad_w
+            if weights_grad:
+                grads_of_edges = iter(group_grad_weights)
+                for e in group.edges:
+                    for i in range(plan.weights[e].start, plan.weights[e].stop):
+                        grad_weights[i] = next(grads_of_edges)
+        all_weight_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grad_weights, weights)]
+        return (grad_states[0] if s0_grad else None, grad_states[1] if s1_grad else None, grad_w,
+                all_weight_grads if weights_grad else [])  # fmt: skip
+
+    return forward, backward
+
+
 def define_mixed_ops(
-    namespace: str, kernels: EdgeKernels, device_types: str | None, group: tuple[Callable, Callable] | None = None
-) -> tuple[Callable, Callable]:
+    namespace: str, kernels: EdgeKernels, device_types: str | None, group: tuple[Callable, Callable] | None = None,
+    cell: tuple[Callable, Callable] | None = None,
+) -> tuple[Callable, Callable, Callable]:
     """Registers `namespace::mixed_ops` (the mixed ops of E edges leaving one state: `group`, a (forward, backward)
-    pair as edge_group's, by default edge_group(kernels)) and its backward, with their fakes and autograd, and returns
-    the dispatch table's entries for "mixed_ops" and "mixed_op" (the group of one edge)."""
+    pair as edge_group's, by default edge_group(kernels)) and `namespace::mixed_cell` (a cell's edges and nodes:
+    `cell`, a pair as edge_cell's, by default edge_cell over the group), each with its backward, fakes and autograd,
+    and returns the dispatch table's entries for "mixed_ops", "mixed_op" (the group of one edge) and "mixed_cell"."""
     backend = kernels.backend
     group_forward, group_backward = group or edge_group(kernels)
 
@@ -1044,7 +1187,193 @@ def define_mixed_ops(
         )  # fmt: skip
         return out, mean[0], var[0]
 
-    return fused_mixed_ops, fused_mixed_op
+    cell_forward, cell_backward = cell or edge_cell(group_forward, group_backward, kernels.weighted_sum)
+
+    @torch.library.custom_op(f"{namespace}::mixed_cell", mutates_args=(), device_types=device_types)
+    def mixed_cell(
+        s0: Tensor,
+        s1: Tensor,
+        w: Tensor,
+        weights: list[Tensor],
+        steps: int,
+        stride: int,
+        candidates: list[int],
+        counts: list[int],
+        bn_mean: Tensor | None,
+        bn_var: Tensor | None,
+        training: bool,
+        eps: float,
+        pool_bn: bool,
+        recompute: bool,
+    ) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
+        """reference.mixed_cell on the building blocks of `kernels` for a cell of `steps` nodes (E edges): w [E, K],
+        weights flat (each edge's in turn, at its own stride), candidates flat (counts[e] for edge e, 0 for an edge
+        left out). Returns the nodes, the statistics [R, C] and, with recompute False, the groups' intermediates."""
+        check_supported_dtype("mixed_cell", s0, raise_unless)
+        return cell_forward(_prepare(s0), _prepare(s1), w, weights, steps, stride, candidates, counts, bn_mean,
+                            bn_var, training, eps, pool_bn, not recompute)  # fmt: skip
+
+    @mixed_cell.register_fake
+    def _mixed_cell_fake(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps,
+                         pool_bn, recompute):  # fmt: skip
+        plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
+        nodes = [_empty_like_shape(s0, mixed_op_output_shape(s0, stride)) for _ in range(steps)]
+        states, saved = [s0, s1, *nodes], []
+        for group in plan.groups if not recompute else ():
+            group_w, group_weights, group_candidates, group_counts = plan.group_arguments(group, w, weights)
+            saved += edge_group_fake(states[group.state], group_w, group_weights, group.stride, group_candidates,
+                                     group_counts, None, None, training, eps, pool_bn, True)[3]  # fmt: skip
+        R = sum(group.rows for group in plan.groups)
+        return nodes, s0.new_empty(R, s0.shape[1]), s0.new_empty(R, s0.shape[1]), saved
+
+    @torch.library.custom_op(f"{namespace}::mixed_cell_backward", mutates_args=(), device_types=device_types)
+    def mixed_cell_backward(
+        grads: list[Tensor | None],
+        s0: Tensor,
+        s1: Tensor,
+        nodes: list[Tensor],
+        w: Tensor,
+        weights: list[Tensor],
+        steps: int,
+        stride: int,
+        candidates: list[int],
+        counts: list[int],
+        mean: Tensor,
+        var: Tensor,
+        training: bool,
+        eps: float,
+        pool_bn: bool,
+        saved: list[Tensor],
+        s0_grad: bool,
+        s1_grad: bool,
+        w_grad: bool,
+        weights_grad: bool,
+    ) -> list[Tensor]:
+        """From the nodes' gradients (None: not in the loss), in this order: dL/ds0 if s0_grad, dL/ds1 if s1_grad
+        (zeros when no edge leaving it reached the loss), dL/dw [E, K] if w_grad, and every dL/dweights[i] if
+        weights_grad (zeros for the convs of candidates not computed)."""
+        grad_s0, grad_s1, grad_w, grad_weights = cell_backward(
+            [None if g is None else _prepare(g) for g in grads], _prepare(s0), _prepare(s1), nodes, w, weights, steps,
+            stride, candidates, counts, mean, var, training, eps, pool_bn, saved, s0_grad, s1_grad, w_grad,
+            weights_grad,
+        )  # fmt: skip
+        return [g for g in (grad_s0, grad_s1, grad_w) if g is not None] + grad_weights
+
+    @mixed_cell_backward.register_fake
+    def _mixed_cell_backward_fake(grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var,
+                                  training, eps, pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad):  # fmt: skip
+        grad_states = [torch.empty_like(s, memory_format=_CHANNELS_LAST) for s, asked in ((s0, s0_grad),
+                                                                                           (s1, s1_grad)) if asked]
+        return grad_states + ([w.new_empty(w.shape)] if w_grad else []) + (
+            [t.new_empty(t.shape) for t in weights] if weights_grad else [])  # fmt: skip
+
+    refuse_differentiation(
+        mixed_cell_backward,
+        f"fastdarts.ops.mixed_cell: the {backend!r} backend is differentiable once; for higher derivatives run the "
+        "network under fastdarts.ops.use_backend('reference')",
+    )
+
+    def _save_cell(ctx, s0, s1, nodes, w, weights, steps, stride, candidates, counts, training, eps, pool_bn, mean,
+                   var, saved) -> None:  # fmt: skip
+        """What the cell's backward reads: its arguments, its nodes, and the forward's statistics and
+        intermediates."""
+        ctx.steps, ctx.stride, ctx.candidates, ctx.counts = steps, stride, list(candidates), list(counts)
+        ctx.training, ctx.eps, ctx.pool_bn = training, eps, pool_bn
+        ctx.num_weights, ctx.num_nodes = len(weights), len(nodes)
+        ctx.save_for_backward(s0, s1, w, mean, var, *nodes, *weights, *saved)
+
+    def _cell_input_grads(ctx, grads, s0_grad: bool, s1_grad: bool, w_grad: bool, weights_grad: bool):
+        """(dL/ds0, dL/ds1, dL/dw, [dL/dweights[i]]) from the nodes' gradients, each None unless asked for (the list
+        then all None), by one call of mixed_cell_backward; None too for an input no computed edge leaves and for
+        the convs of candidates not computed."""
+        s0, s1, w, mean, var, *rest = ctx.saved_tensors
+        nodes, weights = rest[: ctx.num_nodes], rest[ctx.num_nodes : ctx.num_nodes + ctx.num_weights]
+        saved = rest[ctx.num_nodes + ctx.num_weights :]
+        leaves = [any(ctx.counts[edge_index(node, state)] for node in range(ctx.steps)) for state in (0, 1)]
+        s0_grad, s1_grad = s0_grad and leaves[0], s1_grad and leaves[1]
+        with below_autograd():
+            result = iter(mixed_cell_backward(
+                grads, s0, s1, nodes, w, weights, ctx.steps, ctx.stride, ctx.candidates, ctx.counts, mean, var,
+                ctx.training, ctx.eps, ctx.pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad,
+            ))  # fmt: skip
+        grad_s0 = next(result) if s0_grad else None
+        grad_s1 = next(result) if s1_grad else None
+        grad_w = next(result) if w_grad else None
+        grad_weights = list(result) if weights_grad else [None] * ctx.num_weights
+        if weights_grad:
+            computed = _CellPlan.of(ctx.steps, ctx.stride, ctx.num_weights, ctx.candidates, ctx.counts,
+                                    ctx.pool_bn).computed_weights()  # fmt: skip
+            grad_weights = [g if i in computed else None for i, g in enumerate(grad_weights)]
+        return grad_s0, grad_s1, grad_w, grad_weights
+
+    def _cell_setup_context(ctx, inputs, output):
+        s0, s1, w, weights, steps, stride, candidates, counts, _, _, training, eps, pool_bn, _ = inputs
+        nodes, mean, var, saved = output
+        ctx.mark_non_differentiable(mean, var, *saved)
+        _save_cell(ctx, s0, s1, nodes, w, weights, steps, stride, candidates, counts, training, eps, pool_bn, mean,
+                   var, saved)  # fmt: skip
+
+    def _cell_backward(ctx, grads, _grad_mean, _grad_var, _grad_saved):
+        needs = ctx.needs_input_grad
+        grad_s0, grad_s1, grad_w, grad_weights = _cell_input_grads(ctx, grads, needs[0], needs[1], needs[2],
+                                                                   any(needs[3]))  # fmt: skip
+        grad_candidates = None if ctx.candidates else []  # an empty int list's gradient must be [] (see _backward)
+        return grad_s0, grad_s1, grad_w, grad_weights, None, None, grad_candidates, None, None, None, None, None, \
+            None, None  # fmt: skip
+
+    mixed_cell.register_autograd(_cell_backward, setup_context=_cell_setup_context)
+
+    class MixedCellNode(torch.autograd.Function):
+        """mixed_cell with the registered autograd's passes, its arguments flat (as MixedOpsNode): what the network
+        calls."""
+
+        @staticmethod
+        def forward(ctx, s0, s1, w, steps, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn,
+                    recompute, *weights):  # fmt: skip
+            with below_autograd():
+                nodes, mean, var, saved = mixed_cell(s0, s1, w, list(weights), steps, stride, candidates, counts,
+                                                     bn_mean, bn_var, training, eps, pool_bn, recompute)  # fmt: skip
+            ctx.mark_non_differentiable(mean, var)
+            ctx.set_materialize_grads(False)
+            _save_cell(ctx, s0, s1, nodes, w, weights, steps, stride, candidates, counts, training, eps, pool_bn,
+                       mean, var, saved)  # fmt: skip
+            return (*nodes, mean, var)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            needs = ctx.needs_input_grad
+            grad_s0, grad_s1, grad_w, grad_weights = _cell_input_grads(ctx, list(grads[:-2]), needs[0], needs[1],
+                                                                       needs[2], any(needs[13:]))  # fmt: skip
+            return (grad_s0, grad_s1, grad_w) + (None,) * 10 + tuple(grad_weights)
+
+    def fused_mixed_cell(
+        s0: Tensor,
+        s1: Tensor,
+        w: Tensor,
+        weights: Sequence[Sequence[Tensor]],
+        steps: int,
+        stride: int,
+        candidates: Sequence[Sequence[int]],
+        bn_mean: Tensor | None = None,
+        bn_var: Tensor | None = None,
+        training: bool = True,
+        eps: float = 1e-5,
+        pool_bn: bool = True,
+        recompute: bool = True,
+        scale: Tensor | None = None,
+    ) -> tuple[list[Tensor], Tensor, Tensor]:
+        """The dispatch table's "mixed_cell" entry: reference.mixed_cell's signature; `scale` folds into w."""
+        check_mixed_cell_arguments("mixed_cell", s0, s1, w, weights, steps, stride, candidates, bn_mean, bn_var,
+                                   training, pool_bn)  # fmt: skip
+        if scale is not None:
+            w = w * scale[:, None]
+        *nodes, mean, var = MixedCellNode.apply(
+            s0, s1, w, steps, stride, [k for ks in candidates for k in ks], [len(ks) for ks in candidates], bn_mean,
+            bn_var, training, eps, pool_bn, recompute, *(t for ws in weights for t in ws),
+        )  # fmt: skip
+        return nodes, mean, var
+
+    return fused_mixed_ops, fused_mixed_op, fused_mixed_cell
 
 
 if EXTENSION_LOADED:  # the C++ kernels exist only then
@@ -1073,7 +1402,7 @@ if EXTENSION_LOADED:  # the C++ kernels exist only then
         partial_channel_outputs_backward=_cpp_ops.partial_channel_outputs_backward.default,
     )
     # The group itself in C++ (csrc/cpu/edge_group.cpp): the same passes as edge_group(cpp_kernels), bit for bit.
-    cpp_mixed_ops, cpp_mixed_op = define_mixed_ops(
+    cpp_mixed_ops, cpp_mixed_op, cpp_mixed_cell = define_mixed_ops(
         "fastdarts", cpp_kernels, device_types="cpu",
         group=(_cpp_ops.edge_group.default, _cpp_ops.edge_group_backward.default),
     )  # fmt: skip

@@ -61,6 +61,10 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         "reference": reference.mixed_ops,
         **({"cpp": _mixed_op.cpp_mixed_ops} if EXTENSION_LOADED else {}),
     },
+    "mixed_cell": {
+        "reference": reference.mixed_cell,
+        **({"cpp": _mixed_op.cpp_mixed_cell} if EXTENSION_LOADED else {}),
+    },
     "sample_gates": {
         "reference": reference.sample_gates,
         **({"cpp": _cpp.sample_gates} if EXTENSION_LOADED else {}),

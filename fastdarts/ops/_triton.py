@@ -1220,7 +1220,7 @@ def relu_dwconv_pointwise(
                                   input_invstd)  # fmt: skip
 
 
-mixed_ops, mixed_op = define_mixed_ops(
+mixed_ops, mixed_op, mixed_cell = define_mixed_ops(
     "fastdarts_triton",
     EdgeKernels(
         backend="triton",

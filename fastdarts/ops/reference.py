@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -1074,6 +1075,137 @@ def mixed_ops(
         results.append((out if scale is None else out * scale[e], mean, var))
     outs, means, variances = zip(*results)
     return list(outs), torch.stack(means), torch.stack(variances)
+
+
+# ----------------------------------------------------------------------------------------------
+# A DARTS cell's edges: every node sums the mixed ops from the cell's two inputs and the nodes before it.
+
+
+def cell_edge_count(steps: int) -> int:
+    """The edges of a cell with `steps` intermediate nodes: 2 + 3 + ... + (steps + 1)."""
+    return steps * (steps + 3) // 2
+
+
+def edge_index(node: int, inp: int) -> int:
+    """The row of edge `node <- inp` (0-based intermediate node, input index: 0 and 1 the cell's inputs, 2 + i node
+    i) in node-major order."""
+    return cell_edge_count(node) + inp
+
+
+@dataclass(frozen=True)
+class CellGroup:
+    """The edges leaving one state of a cell that compute something, run as one mixed_ops group."""
+
+    state: int  # 0, 1: the cell's inputs; 2 + i: node i
+    nodes: tuple[int, ...]  # the node each edge goes to, ascending
+    edges: tuple[int, ...]  # their edge indices
+    stride: int
+    rows: int  # the rows of statistics its edges take: len(edges) * B
+
+
+def cell_groups(steps: int, stride: int, candidates: Sequence[Sequence[int]], pool_bn: bool) -> list[CellGroup]:
+    """The groups of a cell in the order it runs them (input 0, input 1, then each node once it is complete), each
+    state's edges with candidates (an edge with none adds nothing and is left out); the inputs' edges take `stride`,
+    the nodes' 1."""
+    groups = []
+    for state in range(steps + 1):  # the last node feeds no edge
+        nodes = tuple(node for node in range(max(0, state - 1), steps) if candidates[edge_index(node, state)])
+        if nodes:
+            s = stride if state < 2 else 1
+            B = sum(bns for _, bns in mixed_op_layout(s, pool_bn))
+            edges = tuple(edge_index(node, state) for node in nodes)
+            groups.append(CellGroup(state, nodes, edges, s, len(edges) * B))
+    return groups
+
+
+def cell_statistics_rows(steps: int, stride: int, candidates: Sequence[Sequence[int]], pool_bn: bool) -> int:
+    """R, the rows of mixed_cell's statistics [R, C]: its groups' [E, B, C] statistics one after the other."""
+    return sum(group.rows for group in cell_groups(steps, stride, candidates, pool_bn))
+
+
+def check_mixed_cell_arguments(op: str, s0: Tensor, s1: Tensor, w: Tensor, weights: Sequence, steps: int, stride: int,
+                               candidates: Sequence, bn_mean: Tensor | None, bn_var: Tensor | None, training: bool,
+                               pool_bn: bool, require: Require = raise_unless) -> None:  # fmt: skip
+    """mixed_cell's structure: what each group's mixed_ops then checks in detail (shapes of weights, candidates)
+    it cannot see whole."""
+    require(
+        not isinstance(steps, bool) and isinstance(steps, int) and steps >= 1,
+        ValueError, lambda: f"{op}: steps must be an integer >= 1, got {steps!r}",
+    )  # fmt: skip
+    check_images(op, "s0", s0, require)
+    require(s1.shape == s0.shape, ValueError,
+            lambda: f"{op}: s0 and s1 must have the same shape, got {list(s0.shape)} and {list(s1.shape)}")  # fmt: skip
+    check_like(op, "s1", s1, "s0", s0, require)
+    require(stride in (1, 2), ValueError, lambda: f"{op}: stride must be 1 or 2, got {stride}")
+    E = cell_edge_count(steps)
+    require(
+        w.dim() == 2 and w.shape[0] == E, ValueError,
+        lambda: f"{op}: a cell of {steps} nodes has {E} edges: w must have shape [{E}, K], got {list(w.shape)}",
+    )  # fmt: skip
+    require(len(weights) == E and len(candidates) == E, ValueError,
+            lambda: f"{op}: {E} edges need {E} weight lists and {E} candidate lists, got {len(weights)} and "
+                    f"{len(candidates)}")  # fmt: skip
+    if not training:
+        R = cell_statistics_rows(steps, stride, candidates, pool_bn)
+        for name, t in (("bn_mean", bn_mean), ("bn_var", bn_var)):
+            require(
+                t is not None and list(t.shape) == [R, s0.shape[1]], ValueError,
+                lambda name=name, t=t: f"{op}: evaluation needs {name} of shape [{R}, {s0.shape[1]}] (the computed "
+                f"edges' statistics, group after group), got {None if t is None else list(t.shape)}",
+            )  # fmt: skip
+
+
+def mixed_cell(
+    s0: Tensor,
+    s1: Tensor,
+    w: Tensor,
+    weights: Sequence[Sequence[Tensor]],
+    steps: int,
+    stride: int,
+    candidates: Sequence[Sequence[int]],
+    bn_mean: Tensor | None = None,
+    bn_var: Tensor | None = None,
+    training: bool = True,
+    eps: float = 1e-5,
+    pool_bn: bool = True,
+    recompute: bool = True,
+    scale: Tensor | None = None,
+) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The `steps` nodes of a DARTS cell from its preprocessed inputs s0 and s1: node i sums, in input order, the
+    mixed ops of the edges from s0, s1 and nodes 0..i-1 (edge_index order); a node no edge computes for is zeros.
+    Each state's edges run as one mixed_ops group (cell_groups), with w [E, 7], weights and candidates per edge;
+    `scale` [E] multiplies each edge's output. Returns (nodes, mean [R, C], var [R, C]): the groups' statistics
+    one after the other (bn_mean, bn_var in that order in evaluation)."""
+    check_mixed_cell_arguments("mixed_cell", s0, s1, w, weights, steps, stride, candidates, bn_mean, bn_var,
+                               training, pool_bn)  # fmt: skip
+    C = s0.shape[1]
+    states, incoming = [s0, s1], [[] for _ in range(steps)]
+    means, variances, at = [], [], 0
+
+    def complete_nodes(count: int) -> None:
+        while len(states) < count:
+            terms = incoming[len(states) - 2]
+            node = s0.new_zeros(mixed_op_output_shape(s0, stride)) if not terms else terms[0]
+            for term in terms[1:]:
+                node = node + term
+            states.append(node)
+
+    for group in cell_groups(steps, stride, candidates, pool_bn):
+        complete_nodes(group.state + 1)
+        edges = list(group.edges)
+        stats = [None if t is None else t[at : at + group.rows].reshape(len(edges), -1, C) for t in (bn_mean, bn_var)]
+        at += group.rows
+        outs, mean, var = mixed_ops(
+            states[group.state], w[edges], [weights[e] for e in edges], group.stride, [candidates[e] for e in edges],
+            *stats, training, eps, pool_bn, recompute, 1, None if scale is None else scale[edges],
+        )  # fmt: skip
+        means.append(mean.reshape(-1, C))
+        variances.append(var.reshape(-1, C))
+        for node, out in zip(group.nodes, outs):
+            incoming[node].append(out)
+    complete_nodes(steps + 2)
+    empty = s0.new_zeros(0, C)
+    return states[2:], torch.cat(means) if means else empty, torch.cat(variances) if variances else empty.clone()
 
 
 def check_pool_bn_stats_arguments(op: str, x: Tensor, stride: int, require: Require = raise_unless) -> None:
