@@ -696,11 +696,300 @@ std::tuple<OptionalTensor, OptionalTensor, Tensors> edge_group_backward_cpu(
   return group.backward(grads, training, x_grad, w_grad, weights_grad);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// edge_cell and edge_cell_backward: a DARTS cell's edges and nodes, group after group (fastdarts/ops/_mixed_op.py's
+// edge_cell, the same calls in the same order).
+
+// Edge `node <- state` in node-major order (reference.edge_index).
+int64_t edge_index(int64_t node, int64_t state) {
+  return node * (node + 3) / 2 + state;
+}
+
+// The edges leaving one state that compute something (reference.CellGroup).
+struct CellGroup {
+  int64_t state, stride, rows;
+  std::vector<int64_t> nodes, edges;
+};
+
+// A cell's flat arguments cut into its groups (_mixed_op._CellPlan).
+struct CellPlan {
+  std::vector<CellGroup> groups;
+  std::vector<int64_t> weight_start, weight_count, candidate_start;
+  at::IntArrayRef candidates, counts;
+
+  CellPlan(const char* op, int64_t steps, int64_t stride, size_t num_weights, at::IntArrayRef candidates_in,
+           at::IntArrayRef counts_in, bool pool_bn)
+      : candidates(candidates_in), counts(counts_in) {
+    TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
+    TORCH_CHECK_VALUE(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
+    const int64_t E = edge_index(steps, 0);
+    int64_t total = 0, weights_at = 0;
+    for (int64_t node = 0; node < steps; ++node) {
+      for (int64_t state = 0; state < node + 2; ++state) {
+        const int64_t per_edge = Layout(state < 2 ? stride : 1, pool_bn).weights_per_edge;
+        weight_start.push_back(weights_at);
+        weight_count.push_back(per_edge);
+        weights_at += per_edge;
+      }
+    }
+    for (int64_t n : counts) {
+      TORCH_CHECK_VALUE(n >= 0, op, ": candidate counts must be >= 0, got ", counts);
+      candidate_start.push_back(total);
+      total += n;
+    }
+    TORCH_CHECK_VALUE(static_cast<int64_t>(counts.size()) == E && total == static_cast<int64_t>(candidates.size()),
+                      op, ": ", E, " edges need one candidate count each, got counts ", counts, " for ",
+                      candidates.size(), " candidates");
+    TORCH_CHECK_VALUE(static_cast<int64_t>(num_weights) == weights_at, op, ": the cell's edges take ", weights_at,
+                      " conv weights, got ", num_weights);
+    for (int64_t state = 0; state <= steps; ++state) {  // the last node feeds no edge
+      CellGroup group{state, state < 2 ? stride : 1, 0, {}, {}};
+      for (int64_t node = std::max<int64_t>(0, state - 1); node < steps; ++node) {
+        if (counts[edge_index(node, state)] > 0) {
+          group.nodes.push_back(node);
+          group.edges.push_back(edge_index(node, state));
+        }
+      }
+      if (!group.edges.empty()) {
+        group.rows = static_cast<int64_t>(group.edges.size()) * Layout(group.stride, pool_bn).rows;
+        groups.push_back(std::move(group));
+      }
+    }
+  }
+
+  int64_t rows() const {
+    int64_t total = 0;
+    for (const CellGroup& group : groups) {
+      total += group.rows;
+    }
+    return total;
+  }
+
+  // The group's rows of w, weights, candidates and counts, as edge_group takes them.
+  struct Arguments {
+    at::Tensor w;
+    Tensors weights;
+    std::vector<int64_t> candidates, counts;
+  };
+  Arguments arguments(const CellGroup& group, const at::Tensor& w, at::TensorList weights) const {
+    Arguments a;
+    a.w = w.index_select(0, index_tensor(group.edges).to(w.device()));
+    for (int64_t e : group.edges) {
+      a.weights.insert(a.weights.end(), weights.begin() + weight_start[e],
+                       weights.begin() + weight_start[e] + weight_count[e]);
+      a.candidates.insert(a.candidates.end(), candidates.begin() + candidate_start[e],
+                          candidates.begin() + candidate_start[e] + counts[e]);
+      a.counts.push_back(counts[e]);
+    }
+    return a;
+  }
+
+  // The tensors a group's forward keeps (Group::saved): the pools some edge computes, then each edge's.
+  int64_t saved_count(const CellGroup& group) const {
+    std::vector<int64_t> pools;
+    int64_t count = 0;
+    for (int64_t e : group.edges) {
+      for (int64_t i = candidate_start[e]; i < candidate_start[e] + counts[e]; ++i) {
+        const int64_t k = candidates[i];
+        if (is_pool(k)) {
+          if (std::find(pools.begin(), pools.end(), k) == pools.end()) {
+            pools.push_back(k);
+          }
+        } else if (k != kSkip || group.stride == 2) {
+          count += is_sep(k) ? 2 : 1;
+        }
+      }
+    }
+    return count + static_cast<int64_t>(pools.size());
+  }
+};
+
+// A node: its incoming edges' outputs summed in turn (three or more by one weighted_sum pass with unit weights, the
+// same bits); zeros when it has none.
+at::Tensor node_sum(const Tensors& terms, const at::Tensor& s0, int64_t stride) {
+  if (terms.empty()) {
+    return at::zeros({s0.size(0), s0.size(1), (s0.size(2) - 1) / stride + 1, (s0.size(3) - 1) / stride + 1},
+                     s0.options().memory_format(kChannelsLast));
+  }
+  if (terms.size() == 1) {
+    return terms[0];
+  }
+  if (terms.size() == 2) {
+    return terms[0] + terms[1];
+  }
+  return weighted_sum(terms, at::ones({static_cast<int64_t>(terms.size())}, terms[0].options()));
+}
+
+void check_cell_inputs(const char* op, const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& w,
+                       int64_t steps) {
+  TORCH_CHECK_VALUE(s0.dim() == 4, op, ": s0 must be [N, C, H, W], got ", s0.sizes());
+  TORCH_CHECK_VALUE(s1.sizes() == s0.sizes(), op, ": s0 and s1 must have the same shape, got ", s0.sizes(), " and ",
+                    s1.sizes());
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == edge_index(steps, 0), op, ": a cell of ", steps, " nodes has ",
+                    edge_index(steps, 0), " edges: w must have shape [", edge_index(steps, 0), ", K], got ",
+                    w.sizes());
+}
+
+void check_cell_statistics(const char* op, const char* name, const at::Tensor& t, int64_t rows, int64_t C) {
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == rows && t.size(1) == C, op, ": ", name, " must have shape [", rows,
+                    ", ", C, "] (the computed edges' statistics, group after group), got ", t.sizes());
+}
+
+std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
+    const at::Tensor& s0_in, const at::Tensor& s1_in, const at::Tensor& w, at::TensorList weights, int64_t steps,
+    int64_t stride, at::IntArrayRef candidates, at::IntArrayRef counts, const OptionalTensor& bn_mean,
+    const OptionalTensor& bn_var, bool training, double eps, bool pool_bn, bool keep) {
+  const char* op = "edge_cell";
+  check_cell_inputs(op, s0_in, s1_in, w, steps);
+  const CellPlan plan(op, steps, stride, weights.size(), candidates, counts, pool_bn);
+  const int64_t C = s0_in.size(1);
+  TORCH_CHECK_VALUE(training || (bn_mean.has_value() && bn_var.has_value()),
+                    op, ": evaluation (training false) needs bn_mean and bn_var");
+  if (!training) {
+    check_cell_statistics(op, "bn_mean", *bn_mean, plan.rows(), C);
+    check_cell_statistics(op, "bn_var", *bn_var, plan.rows(), C);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  Tensors states{s0_in.contiguous(kChannelsLast), s1_in.contiguous(kChannelsLast)};
+  std::vector<Tensors> incoming(steps);
+  Tensors means, variances, saved;
+  int64_t at_row = 0;
+  auto complete_nodes = [&](size_t count) {
+    while (states.size() < count) {
+      states.push_back(node_sum(incoming[states.size() - 2], states[0], stride));
+    }
+  };
+  for (const CellGroup& group : plan.groups) {
+    complete_nodes(group.state + 1);
+    const int64_t E = static_cast<int64_t>(group.edges.size());
+    OptionalTensor group_mean, group_var;
+    if (!training) {
+      group_mean = bn_mean->narrow(0, at_row, group.rows).view({E, -1, C});
+      group_var = bn_var->narrow(0, at_row, group.rows).view({E, -1, C});
+    }
+    at_row += group.rows;
+    const CellPlan::Arguments a = plan.arguments(group, w, weights);
+    Group g(states[group.state], a.w, a.weights, group.stride, a.candidates, a.counts, group_mean, group_var,
+            training, eps, pool_bn, {});
+    Tensors outs = g.outs();
+    means.push_back(g.mean.view({-1, C}));
+    variances.push_back(g.var.view({-1, C}));
+    if (keep) {
+      Tensors kept = g.saved();
+      saved.insert(saved.end(), kept.begin(), kept.end());
+    }
+    for (size_t i = 0; i < outs.size(); ++i) {
+      incoming[group.nodes[i]].push_back(outs[i]);
+    }
+  }
+  complete_nodes(steps + 2);
+  Tensors nodes(states.begin() + 2, states.end());
+  if (means.empty()) {
+    return {std::move(nodes), at::zeros({0, C}, s0_in.options()), at::zeros({0, C}, s0_in.options()),
+            std::move(saved)};
+  }
+  return {std::move(nodes), at::cat(means), at::cat(variances), std::move(saved)};
+}
+
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, Tensors> edge_cell_backward_cpu(
+    const c10::List<OptionalTensor>& grads, const at::Tensor& s0, const at::Tensor& s1, at::TensorList nodes,
+    const at::Tensor& w, at::TensorList weights, int64_t steps, int64_t stride, at::IntArrayRef candidates,
+    at::IntArrayRef counts, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool pool_bn,
+    at::TensorList saved, bool s0_grad, bool s1_grad, bool w_grad, bool weights_grad) {
+  const char* op = "edge_cell_backward";
+  check_cell_inputs(op, s0, s1, w, steps);
+  const CellPlan plan(op, steps, stride, weights.size(), candidates, counts, pool_bn);
+  const int64_t C = s0.size(1);
+  TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == steps && static_cast<int64_t>(nodes.size()) == steps, op,
+                    ": a cell of ", steps, " nodes needs ", steps, " nodes and ", steps,
+                    " node gradients (or None), got ", nodes.size(), " and ", grads.size());
+  check_cell_statistics(op, "mean", mean, plan.rows(), C);
+  check_cell_statistics(op, "var", var, plan.rows(), C);
+  std::vector<int64_t> saved_start;
+  if (!saved.empty()) {
+    int64_t total = 0;
+    for (const CellGroup& group : plan.groups) {
+      saved_start.push_back(total);
+      total += plan.saved_count(group);
+    }
+    TORCH_CHECK_VALUE(total == static_cast<int64_t>(saved.size()), op, ": saved holds ", saved.size(),
+                      " tensors, the cell's groups keep ", total);
+  }
+  at::AutoDispatchBelowADInplaceOrView guard;
+  Tensors states{s0.contiguous(kChannelsLast), s1.contiguous(kChannelsLast)};
+  std::vector<OptionalTensor> grad_states(2);
+  for (int64_t i = 0; i < steps; ++i) {
+    states.push_back(nodes[i]);
+    grad_states.push_back(grads.get(i));
+  }
+  OptionalTensor grad_w;
+  if (w_grad) {
+    grad_w = at::zeros_like(w);
+  }
+  std::vector<OptionalTensor> grad_weights(weights.size());
+  int64_t rows_end = plan.rows();
+  for (size_t g = plan.groups.size(); g-- > 0;) {
+    const CellGroup& group = plan.groups[g];
+    rows_end -= group.rows;
+    c10::List<OptionalTensor> edge_grads;
+    bool any = false;
+    for (int64_t node : group.nodes) {
+      edge_grads.push_back(grad_states[2 + node]);
+      any = any || grad_states[2 + node].has_value();
+    }
+    if (!any) {
+      continue;  // no edge of the group reaches the loss
+    }
+    const int64_t E = static_cast<int64_t>(group.edges.size());
+    const CellPlan::Arguments a = plan.arguments(group, w, weights);
+    const bool x_grad = group.state >= 2 || (group.state == 0 ? s0_grad : s1_grad);
+    const at::TensorList group_saved =
+        saved.empty() ? at::TensorList{} : saved.slice(saved_start[g], plan.saved_count(group));
+    Group cell_group(states[group.state], a.w, a.weights, group.stride, a.candidates, a.counts,
+                     mean.narrow(0, rows_end, group.rows).view({E, -1, C}),
+                     var.narrow(0, rows_end, group.rows).view({E, -1, C}), false, eps, pool_bn, group_saved);
+    auto [grad_x, group_grad_w, group_grad_weights] =
+        cell_group.backward(edge_grads, training, x_grad, w_grad, weights_grad);
+    if (x_grad) {
+      OptionalTensor& previous = grad_states[group.state];
+      previous = previous.has_value() ? *previous + *grad_x : *grad_x;
+    }
+    if (w_grad) {
+      grad_w->index_copy_(0, index_tensor(group.edges).to(w.device()), *group_grad_w);
+    }
+    if (weights_grad) {
+      size_t i = 0;
+      for (int64_t e : group.edges) {
+        for (int64_t j = plan.weight_start[e]; j < plan.weight_start[e] + plan.weight_count[e]; ++j) {
+          grad_weights[j] = group_grad_weights[i++];
+        }
+      }
+    }
+  }
+  Tensors all_weight_grads;
+  if (weights_grad) {
+    for (size_t i = 0; i < weights.size(); ++i) {
+      all_weight_grads.push_back(grad_weights[i].has_value() ? *grad_weights[i] : at::zeros_like(weights[i]));
+    }
+  }
+  auto input_grad = [&](int64_t state, bool asked) -> OptionalTensor {
+    if (!asked) {
+      return std::nullopt;
+    }
+    return grad_states[state].has_value() ? grad_states[state]
+                                          : OptionalTensor(at::zeros_like(states[state], kChannelsLast));
+  };
+  return {input_grad(0, s0_grad), input_grad(1, s1_grad), grad_w, std::move(all_weight_grads)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
   m.impl("edge_group", &edge_group_cpu);
   m.impl("edge_group_backward", &edge_group_backward_cpu);
+  m.impl("edge_cell", &edge_cell_cpu);
+  m.impl("edge_cell_backward", &edge_cell_backward_cpu);
 }
 
 }  // namespace fastdarts

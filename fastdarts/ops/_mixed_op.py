@@ -765,6 +765,29 @@ def edge_group_backward_fake(grads, x, w, weights, stride, candidates, counts, m
     return grad_x, grad_w, ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
 
 
+def edge_cell_fake(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn,
+                   keep):  # fmt: skip
+    """The outputs' metadata of a cell's forward (edge_cell's signature): its groups' (edge_group_fake)."""
+    plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
+    nodes = [_empty_like_shape(s0, mixed_op_output_shape(s0, stride)) for _ in range(steps)]
+    states, saved = [s0, s1, *nodes], []
+    for group in plan.groups if keep else ():
+        group_w, group_weights, group_candidates, group_counts = plan.group_arguments(group, w, weights)
+        saved += edge_group_fake(states[group.state], group_w, group_weights, group.stride, group_candidates,
+                                 group_counts, None, None, training, eps, pool_bn, True)[3]  # fmt: skip
+    R = sum(group.rows for group in plan.groups)
+    return nodes, s0.new_empty(R, s0.shape[1]), s0.new_empty(R, s0.shape[1]), saved
+
+
+def edge_cell_backward_fake(grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var, training,
+                            eps, pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad):  # fmt: skip
+    """The outputs' metadata of a cell's backward (edge_cell_backward's signature)."""
+    grad_s0, grad_s1 = (torch.empty_like(s, memory_format=_CHANNELS_LAST) if asked else None
+                        for s, asked in ((s0, s0_grad), (s1, s1_grad)))  # fmt: skip
+    grad_w = w.new_empty(w.shape) if w_grad else None
+    return grad_s0, grad_s1, grad_w, ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
+
+
 def edge_group(kernels: EdgeKernels) -> tuple[Callable, Callable]:
     """(forward, backward) of the group of edges on `kernels`, with the signatures of the C++ ops fastdarts::edge_group
     and edge_group_backward (which run the same passes with no Python between the kernels)."""
@@ -927,8 +950,14 @@ def edge_cell(group_forward: Callable, group_backward: Callable, weighted_sum: C
                     for i in range(plan.weights[e].start, plan.weights[e].stop):
                         grad_weights[i] = next(grads_of_edges)
         all_weight_grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grad_weights, weights)]
-        return (grad_states[0] if s0_grad else None, grad_states[1] if s1_grad else None, grad_w,
-                all_weight_grads if weights_grad else [])  # fmt: skip
+
+        def input_grad(state: int, asked: bool) -> Tensor | None:
+            if not asked:
+                return None
+            grad = grad_states[state]
+            return torch.zeros_like(states[state], memory_format=_CHANNELS_LAST) if grad is None else grad
+
+        return input_grad(0, s0_grad), input_grad(1, s1_grad), grad_w, all_weight_grads if weights_grad else []
 
     return forward, backward
 
@@ -1216,15 +1245,8 @@ def define_mixed_ops(
     @mixed_cell.register_fake
     def _mixed_cell_fake(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps,
                          pool_bn, recompute):  # fmt: skip
-        plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
-        nodes = [_empty_like_shape(s0, mixed_op_output_shape(s0, stride)) for _ in range(steps)]
-        states, saved = [s0, s1, *nodes], []
-        for group in plan.groups if not recompute else ():
-            group_w, group_weights, group_candidates, group_counts = plan.group_arguments(group, w, weights)
-            saved += edge_group_fake(states[group.state], group_w, group_weights, group.stride, group_candidates,
-                                     group_counts, None, None, training, eps, pool_bn, True)[3]  # fmt: skip
-        R = sum(group.rows for group in plan.groups)
-        return nodes, s0.new_empty(R, s0.shape[1]), s0.new_empty(R, s0.shape[1]), saved
+        return edge_cell_fake(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps,
+                              pool_bn, not recompute)  # fmt: skip
 
     @torch.library.custom_op(f"{namespace}::mixed_cell_backward", mutates_args=(), device_types=device_types)
     def mixed_cell_backward(
@@ -1262,10 +1284,11 @@ def define_mixed_ops(
     @mixed_cell_backward.register_fake
     def _mixed_cell_backward_fake(grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var,
                                   training, eps, pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad):  # fmt: skip
-        grad_states = [torch.empty_like(s, memory_format=_CHANNELS_LAST) for s, asked in ((s0, s0_grad),
-                                                                                           (s1, s1_grad)) if asked]
-        return grad_states + ([w.new_empty(w.shape)] if w_grad else []) + (
-            [t.new_empty(t.shape) for t in weights] if weights_grad else [])  # fmt: skip
+        *grads, grad_weights = edge_cell_backward_fake(
+            grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var, training, eps, pool_bn,
+            saved, s0_grad, s1_grad, w_grad, weights_grad,
+        )  # fmt: skip
+        return [g for g in grads if g is not None] + grad_weights
 
     refuse_differentiation(
         mixed_cell_backward,
@@ -1380,10 +1403,13 @@ if EXTENSION_LOADED:  # the C++ kernels exist only then
     _cpp_ops = torch.ops.fastdarts
     torch.library.register_fake("fastdarts::edge_group")(edge_group_fake)
     torch.library.register_fake("fastdarts::edge_group_backward")(edge_group_backward_fake)
-    for _name in ("edge_group", "edge_group_backward"):
+    torch.library.register_fake("fastdarts::edge_cell")(edge_cell_fake)
+    torch.library.register_fake("fastdarts::edge_cell_backward")(edge_cell_backward_fake)
+    for _name, _outer in (("edge_group", "mixed_ops"), ("edge_group_backward", "mixed_ops"),
+                          ("edge_cell", "mixed_cell"), ("edge_cell_backward", "mixed_cell")):  # fmt: skip
         refuse_differentiation(
             f"fastdarts::{_name}",
-            f"fastdarts::{_name} is the inside of fastdarts.ops.mixed_ops, which is differentiable: call that",
+            f"fastdarts::{_name} is the inside of fastdarts.ops.{_outer}, which is differentiable: call that",
         )
     # The C++ kernels as building blocks: what the C++ group ops call, and what tests run edge_group on to compare.
     cpp_kernels = EdgeKernels(
@@ -1401,8 +1427,10 @@ if EXTENSION_LOADED:  # the C++ kernels exist only then
         partial_channel_outputs=_cpp_ops.partial_channel_outputs.default,
         partial_channel_outputs_backward=_cpp_ops.partial_channel_outputs_backward.default,
     )
-    # The group itself in C++ (csrc/cpu/edge_group.cpp): the same passes as edge_group(cpp_kernels), bit for bit.
+    # The group and the cell themselves in C++ (csrc/cpu/edge_group.cpp): the same passes as edge_group(cpp_kernels)
+    # and edge_cell over it, bit for bit.
     cpp_mixed_ops, cpp_mixed_op, cpp_mixed_cell = define_mixed_ops(
         "fastdarts", cpp_kernels, device_types="cpu",
         group=(_cpp_ops.edge_group.default, _cpp_ops.edge_group_backward.default),
+        cell=(_cpp_ops.edge_cell.default, _cpp_ops.edge_cell_backward.default),
     )  # fmt: skip
