@@ -15,7 +15,7 @@ from torch import nn
 from . import ops
 from .evalnet import FIXED_REDUCTION_CELL_MODULES
 from .methods import CellWeights, DARTSMethod, Method
-from .ops.reference import check_flag
+from .ops.reference import cell_groups, check_flag
 from .space import (
     OPS,
     PRIMITIVES,
@@ -28,6 +28,7 @@ from .space import (
     Zero,
     cell_edge_count,
     drop_running_statistics,
+    edge_index,
 )
 
 # `none` contributes zeros, so it takes part in the weights but is never computed; every other
@@ -36,7 +37,7 @@ _COMPUTED = tuple(name for name in PRIMITIVES if name != "none")
 assert _COMPUTED == ops.MIXED_OP_CANDIDATES, "PRIMITIVES and the mixed op's candidates must agree"
 _COMPUTED_COLUMNS = tuple(PRIMITIVES.index(name) for name in _COMPUTED)
 _CANDIDATE_OF_COLUMN = {column: i for i, column in enumerate(_COMPUTED_COLUMNS)}
-# The running-statistics plans a group keeps (MixedOp.running_statistics_plan), the oldest dropped first: a method
+# The running-statistics plans a group or a cell keeps (running_statistics_plan), the oldest dropped first: a method
 # that computes the same ops every step needs one, but GDAS draws new ones every step (up to 8^4 combinations for a
 # group of 4 edges), which would otherwise keep adding plans for the whole search.
 _PLANS_PER_GROUP = 64
@@ -124,7 +125,7 @@ class MixedOp(nn.Module):
             count = sum(isinstance(m, nn.BatchNorm2d) for m in op.modules())
             self.bn_rows.append(range(row, row + count))
             row += count
-        self._running_statistics_plans: dict[tuple, tuple] = {}  # running_statistics_plan's, per group
+        self._running_statistics_plans: dict[tuple, tuple] = {}  # for the groups it leads (running_statistics_plan)
 
     def conv_weights(self) -> list[torch.Tensor]:
         """The convs' weights in the order ops.mixed_op takes them (each candidate's in registration order).
@@ -148,26 +149,6 @@ class MixedOp(nn.Module):
             return self.zeros(x)
         return edges_leaving(x, [self], weights.unsqueeze(0), [columns])[0]
 
-    def running_statistics_plan(
-        self, edges: Sequence[MixedOp], candidates: Sequence[Sequence[int]], B: int, device: torch.device
-    ) -> tuple[list[nn.BatchNorm2d], torch.Tensor]:
-        """For update_running_statistics of a group of `edges` led by this one: the BNs their `candidates` compute,
-        edge by edge in statistics row order, and their rows in the group's [E * B, C] statistics. Made once per
-        group and candidates (the last _PLANS_PER_GROUP sets of candidates are kept): rebuilding them walked about
-        3,600 Python objects a DARTS step."""
-        key = (tuple(map(id, edges)), tuple(map(tuple, candidates)), B, device)
-        plans = self._running_statistics_plans
-        if key not in plans:
-            bns, rows = [], []
-            for e, (edge, ks) in enumerate(zip(edges, candidates)):
-                for k in ks:
-                    bns += [edge.bns[row] for row in edge.bn_rows[k]]
-                    rows += [e * B + row for row in edge.bn_rows[k]]
-            if len(plans) >= _PLANS_PER_GROUP:
-                del plans[next(iter(plans))]
-            plans[key] = bns, torch.tensor(rows, dtype=torch.long, device=device)
-        return plans[key]
-
     def batch_statistics(self) -> bool:
         """Whether the BNs normalise with the batch's statistics (else with their running ones)."""
         return self.training or not self.bns[0].track_running_stats
@@ -177,23 +158,47 @@ class MixedOp(nn.Module):
         return torch.stack([b.running_mean for b in self.bns]), torch.stack([b.running_var for b in self.bns])
 
 
+def running_statistics_plan(
+    plans: dict[tuple, tuple],
+    groups: Sequence[tuple[Sequence[MixedOp], Sequence[Sequence[int]]]],
+    device: torch.device,
+) -> tuple[list[nn.BatchNorm2d], torch.Tensor]:
+    """For update_running_statistics of `groups` of edges run together (a group leaving one state, or a cell's
+    groups), each (edges, their candidates): the BNs the candidates compute, and their rows in the statistics [R, C]
+    the groups' [E, B, C] make one after the other. Kept in `plans` (the caller's, its last _PLANS_PER_GROUP sets of
+    candidates): rebuilding them walked about 3,600 Python objects a DARTS step."""
+    key = (tuple((tuple(map(id, edges)), tuple(map(tuple, candidates))) for edges, candidates in groups), device)
+    if key not in plans:
+        bns, rows, at = [], [], 0
+        for edges, candidates in groups:
+            B = len(edges[0].bns)
+            for e, (edge, ks) in enumerate(zip(edges, candidates)):
+                for k in ks:
+                    bns += [edge.bns[row] for row in edge.bn_rows[k]]
+                    rows += [at + e * B + row for row in edge.bn_rows[k]]
+            at += len(edges) * B
+        if len(plans) >= _PLANS_PER_GROUP:
+            del plans[next(iter(plans))]
+        plans[key] = bns, torch.tensor(rows, dtype=torch.long, device=device)
+    return plans[key]
+
+
 @torch.no_grad()
 def update_running_statistics(
-    edges: Sequence[MixedOp], candidates: Sequence[Sequence[int]], mean: torch.Tensor, var: torch.Tensor, n: int
+    bns: Sequence[nn.BatchNorm2d], rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, n: int
 ) -> None:
-    """nn.BatchNorm2d's update of every BN the group's `candidates` computed, from the statistics [E, B, C] of
-    `ops.mixed_ops` over n values per channel: an exponential average with the BN's momentum, of the unbiased
-    variance. One foreach call per buffer kind for the whole group (a DARTS cell has about 150 such BNs)."""
-    E, B, C = mean.shape
-    bns, rows = edges[0].running_statistics_plan(edges, candidates, B, mean.device)
+    """nn.BatchNorm2d's update of `bns` from rows `rows` of the statistics [R, C] of `ops.mixed_ops` or
+    `ops.mixed_cell` over n values per channel (running_statistics_plan): an exponential average with the BN's
+    momentum, of the unbiased variance. One foreach call per buffer kind for all of them (a DARTS cell has about 150
+    such BNs)."""
     if not bns:
         return
     # Where a getattr finds the buffers (without Module.__getattr__'s cost), and where `.to()` or a widening puts
     # new ones: read at each call.
     buffers = [bn._buffers for bn in bns]
     unbiased = var * (n / max(n - 1, 1))
-    means = mean.reshape(E * B, C).index_select(0, rows).unbind(0)
-    variances = unbiased.reshape(E * B, C).index_select(0, rows).unbind(0)
+    means = mean.index_select(0, rows).unbind(0)
+    variances = unbiased.index_select(0, rows).unbind(0)
     torch._foreach_add_([b["num_batches_tracked"] for b in buffers], 1)
     momenta = {bn.momentum for bn in bns}
     if len(momenta) == 1 and None not in momenta:
@@ -234,7 +239,9 @@ def edges_leaving(
         edge_scale,
     )  # fmt: skip
     if first.training and bn.track_running_stats:
-        update_running_statistics(edges, candidates, mean, var, outs[0].numel() // outs[0].shape[1])
+        bns, rows = running_statistics_plan(first._running_statistics_plans, [(edges, candidates)], mean.device)
+        update_running_statistics(bns, rows, mean.flatten(0, 1), var.flatten(0, 1),
+                                  outs[0].numel() // outs[0].shape[1])  # fmt: skip
     return outs
 
 
@@ -344,6 +351,7 @@ class SearchCell(nn.Module):
             for i in range(steps)
             for j in range(2 + i)
         )
+        self._running_statistics_plans: dict[tuple, tuple] = {}  # for its whole-cell calls (running_statistics_plan)
 
     def forward(
         self,
@@ -375,30 +383,59 @@ class SearchCell(nn.Module):
         all); `auxiliary_skip`, the weight of every edge's auxiliary skip (a cell built with them; columns None);
         `edge_scale` `[num_edges]`, a factor on each edge's whole output (None: 1).
 
-        The edges leaving a state run as one group (`edges_leaving`): those of s0 and s1 first, then each node's
-        as soon as it is complete. Each node sums its inputs' outputs in input order, as DARTS's cell does.
+        The whole cell is one `ops.mixed_cell` call (`_mixed_cell`), except with partial channels or a stride-2
+        auxiliary skip (a FactorizedReduce of the edge's own, outside the fused op), where the edges leaving a state
+        run as one group (`_nodes_by_group`). Either way the edges leaving s0 and s1 run first, then each node's as
+        soon as it is complete, and each node sums its inputs' outputs in input order, as DARTS's cell does.
         """
-        incoming: list[list[torch.Tensor]] = [[] for _ in range(self.steps)]  # per node, its edges' outputs so far
-        states = [s0, s1]
         if auxiliary_skip is not None and (columns is not None or not self.auxiliary_skip):
             raise ValueError("SearchCell: an auxiliary skip needs a cell built with one, and every op computed")
+        if self.edges[0].partial_channels == 1 and not (auxiliary_skip is not None and self.reduction):
+            return self._mixed_cell(s0, s1, weights, columns, auxiliary_skip, edge_scale)[-self.multiplier :]
+        return self._nodes_by_group(s0, s1, weights, columns, auxiliary_skip, edge_scale)[-self.multiplier :]
+
+    def _nodes_by_group(self, s0, s1, weights, columns, auxiliary_skip, edge_scale) -> list[torch.Tensor]:
+        """Every node of the cell, the edges leaving each state as one `edges_leaving` call (the arguments are those
+        of `nodes`)."""
+        incoming: list[list[torch.Tensor]] = [[] for _ in range(self.steps)]  # per node, its edges' outputs so far
+        states = [s0, s1]
         self._leave(0, states[0], weights, columns, incoming, auxiliary_skip, edge_scale)
         self._leave(1, states[1], weights, columns, incoming, auxiliary_skip, edge_scale)
         for i in range(self.steps):
             if incoming[i]:
                 node = _node_sum(incoming[i])
             else:  # every incoming edge selected only `none`
-                node = self.edges[self._edge_index(i, 0)].zeros(states[0])
+                node = self.edges[edge_index(i, 0)].zeros(states[0])
             states.append(node)
             if i + 1 < self.steps:
                 self._leave(2 + i, node, weights, columns, incoming, auxiliary_skip, edge_scale)
-        return states[-self.multiplier :]
+        return states[2:]
 
-    @staticmethod
-    def _edge_index(node: int, state: int) -> int:
-        """Edges are node-major, input-minor: node i's edges start after the 2 + 3 + ... + (i + 1) of the nodes
-        before it."""
-        return node * (node + 3) // 2 + state
+    def _mixed_cell(self, s0, s1, weights, columns, auxiliary_skip, edge_scale) -> list[torch.Tensor]:
+        """Every node of the cell from one `ops.mixed_cell` call (the whole cell one autograd node on the fused
+        backends), and the running statistics of every BN it computed updated in one call: the arguments are those
+        of `nodes`, for a cell without partial channels whose auxiliary skip, if any, is skip_connect's weight."""
+        first, bn = self.edges[0], self.edges[0].bns[0]
+        candidates = [[_CANDIDATE_OF_COLUMN[c] for c in (_COMPUTED_COLUMNS if columns is None else cols)]
+                      for cols in (columns or [None] * len(self.edges))]  # fmt: skip
+        if auxiliary_skip is not None:  # a normal cell: every edge is stride 1
+            weights = weights + auxiliary_skip * _SKIP_ONE_HOT.to(weights)
+        stride = 2 if self.reduction else 1
+        # The cell's groups as running_statistics_plan takes them: (edges, their candidates)
+        groups = [([self.edges[e] for e in group.edges], [candidates[e] for e in group.edges])
+                  for group in cell_groups(self.steps, stride, candidates, first.pool_bn)]  # fmt: skip
+        running = (None, None)
+        if not first.batch_statistics():
+            means, variances = zip(*(edge.running_statistics() for edges, _ in groups for edge in edges))
+            running = torch.cat(means), torch.cat(variances)
+        nodes, mean, var = ops.mixed_cell(
+            s0, s1, weights[:, list(_COMPUTED_COLUMNS)], [edge.conv_weights() for edge in self.edges], self.steps,
+            stride, candidates, *running, first.batch_statistics(), bn.eps, first.pool_bn, first.recompute, edge_scale,
+        )  # fmt: skip
+        if first.training and bn.track_running_stats and groups:
+            bns, rows = running_statistics_plan(self._running_statistics_plans, groups, mean.device)
+            update_running_statistics(bns, rows, mean, var, nodes[0].numel() // nodes[0].shape[1])
+        return nodes
 
     def _leave(self, state: int, h: torch.Tensor, weights: torch.Tensor, columns, incoming,
                auxiliary_skip: float | None = None, edge_scale: torch.Tensor | None = None) -> None:  # fmt: skip
@@ -409,7 +446,7 @@ class SearchCell(nn.Module):
         `edge_scale` multiplies each edge's whole output."""
         nodes, indices = [], []
         for node in range(max(0, state - 1), self.steps):
-            index = self._edge_index(node, state)
+            index = edge_index(node, state)
             if columns is None or columns[index]:  # an edge of only `none` adds zeros: skipped
                 nodes.append(node)
                 indices.append(index)

@@ -147,16 +147,34 @@ def test_a_group_keeps_a_bounded_number_of_running_statistics_plans():
     """A sampling method computes other candidates every step: the group's plans stay bounded, the oldest dropped
     first, and a plan made again gives the same BNs and rows."""
     edges = [MixedOp(4, 1) for _ in range(2)]
-    leader = edges[0]
+    plans = edges[0]._running_statistics_plans
     draws = [[[a], [b]] for a in range(7) for b in range(7)] + [[[a, b], [b]] for a in range(7) for b in range(a)]
     assert len(draws) > supernet._PLANS_PER_GROUP
     for candidates in draws:
-        leader.running_statistics_plan(edges, candidates, 10, torch.device("cpu"))
-    assert len(leader._running_statistics_plans) == supernet._PLANS_PER_GROUP
-    assert tuple(map(tuple, draws[0])) not in {key[1] for key in leader._running_statistics_plans}
-    bns, rows = leader.running_statistics_plan(edges, draws[0], 10, torch.device("cpu"))
+        supernet.running_statistics_plan(plans, [(edges, candidates)], torch.device("cpu"))
+    assert len(plans) == supernet._PLANS_PER_GROUP
+    assert tuple(map(tuple, draws[0])) not in {key[0][0][1] for key in plans}
+    bns, rows = supernet.running_statistics_plan(plans, [(edges, draws[0])], torch.device("cpu"))
+    B = len(edges[0].bns)
     assert bns == [edge.bns[row] for edge in edges for row in edge.bn_rows[0]]
-    assert rows.tolist() == [e * 10 + row for e, edge in enumerate(edges) for row in edge.bn_rows[0]]
+    assert rows.tolist() == [e * B + row for e, edge in enumerate(edges) for row in edge.bn_rows[0]]
+
+
+def test_a_cells_running_statistics_plan_follows_its_groups():
+    """A cell's plan: each group's rows after the rows of the groups before it, B per edge of its own stride."""
+    reduce_edges, normal_edges = [MixedOp(4, 2) for _ in range(2)], [MixedOp(4, 1) for _ in range(3)]
+    candidates_2, candidates_1 = [[2], [3]], [[4], [], [0, 2]]
+    bns, rows = supernet.running_statistics_plan(
+        {}, [(reduce_edges, candidates_2), (normal_edges, candidates_1)], torch.device("cpu")
+    )
+    B2, B1 = len(reduce_edges[0].bns), len(normal_edges[0].bns)
+    assert B2 == B1 + 1  # the stride-2 skip's BN
+    want = []
+    for offset, B, edges, candidates in ((0, B2, reduce_edges, candidates_2), (2 * B2, B1, normal_edges, candidates_1)):
+        for e, (edge, ks) in enumerate(zip(edges, candidates)):
+            want += [(edge.bns[row], offset + e * B + row) for k in ks for row in edge.bn_rows[k]]
+    assert bns == [bn for bn, _ in want]
+    assert rows.tolist() == [row for _, row in want]
 
 
 @requires_ext
@@ -182,9 +200,10 @@ def test_fused_search_step_compiles_with_fullgraph():
 
 
 @requires_ext
-def test_a_cell_runs_the_edges_of_each_state_as_one_group():
-    """Per cell one ops.mixed_ops call per state that feeds a node (s0, s1 and the first three nodes), fewer when
-    every edge leaving a state selects only `none`; the outputs and running statistics are the reference's."""
+def test_a_cell_runs_as_one_op_over_the_edges_of_each_state():
+    """A cell is one ops.mixed_cell call, whose groups are the states that feed a node (s0, s1 and the first three
+    nodes), fewer when every edge leaving a state selects only `none`; the outputs and running statistics are the
+    reference's."""
     torch.manual_seed(0)
     net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3)
     cell = net.cells[0]
@@ -200,9 +219,16 @@ def test_a_cell_runs_the_edges_of_each_state_as_one_group():
         with ops.use_backend(backend), torch.profiler.profile() as profile:
             outs = [cell(s, s, weights), cell(s, s, weights, selected_columns(mask))]
         results[backend] = outs, {k: v.clone() for k, v in net.state_dict().items()}
-        groups = sum(event.name == "fastdarts::mixed_ops" for event in profile.events())
-        # All five states, then s0, s1 and node 0 (nodes 1 and 2 feed only `none` edges).
-        assert groups == (5 + 3 if backend == "cpp" else 0)
+        names = [event.name for event in profile.events()]
+        assert (names.count("fastdarts::mixed_cell"), names.count("fastdarts::mixed_ops")) == (
+            (2, 0) if backend == "cpp" else (0, 0)
+        )
+    candidates = [[k for k in range(7) if mask[e, 1 + k]] for e in range(14)]
+    # All five states, then s0, s1 and node 0 (nodes 1 and 2 feed only `none` edges).
+    assert [group.state for group in ops.reference.cell_groups(4, 1, list(map(list, [range(7)] * 14)), True)] == [
+        0, 1, 2, 3, 4
+    ]  # fmt: skip
+    assert [group.state for group in ops.reference.cell_groups(4, 1, candidates, True)] == [0, 1, 2]
     (got, got_state), (want, want_state) = results["cpp"], results["reference"]
     for g, r in zip(got, want):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
@@ -253,9 +279,10 @@ def test_a_state_is_preprocessed_once_for_the_cells_that_read_it():
 
 @requires_ext
 def test_a_node_of_three_or_more_edges_is_summed_in_one_pass_with_the_bits_of_the_adds():
-    """On the C++ kernels a cell's nodes 1-3 (3, 4 and 5 incoming edges) are one weighted_sum call each, whose value
-    is, bit for bit, the edges' outputs added in input order, and whose backward hands every edge the node's
-    gradient; node 0's two edges still add. The cell's outputs and gradients are the reference's."""
+    """On the C++ kernels, a cell run group by group (as with partial channels) sums its nodes 1-3 (3, 4 and 5
+    incoming edges) by one weighted_sum call each, whose value is, bit for bit, the edges' outputs added in input
+    order, and whose backward hands every edge the node's gradient; node 0's two edges still add. The cell's outputs
+    and gradients are the reference's."""
     torch.manual_seed(0)
     cell = supernet.SearchCell(4, 4, 8, 8, 8, reduction=False, reduction_prev=False)
     s0, s1 = (torch.randn(3, 8, 6, 6).contiguous(memory_format=torch.channels_last) for _ in range(2))
@@ -271,7 +298,7 @@ def test_a_node_of_three_or_more_edges_is_summed_in_one_pass_with_the_bits_of_th
     for backend in ("reference", "cpp"):
         sums.clear()
         with ops.use_backend(backend), mock.patch.object(supernet._NodeSum, "apply", counted):
-            nodes = cell.nodes(s0, s1, weights)
+            nodes = cell._nodes_by_group(s0, s1, weights, None, None, None)
             grads = torch.autograd.grad(sum((n * n).sum() for n in nodes), [weights, *cell.edges.parameters()])
         assert sums == ([] if backend == "reference" else [3, 4, 5])
         results[backend] = nodes, grads
@@ -286,6 +313,50 @@ def test_a_node_of_three_or_more_edges_is_summed_in_one_pass_with_the_bits_of_th
     assert torch.equal(node, ((outs[0] + outs[1]) + outs[2]) + outs[3])
     grad = torch.randn_like(node)
     assert all(g.data_ptr() == grad.data_ptr() for g in torch.autograd.grad(node, outs, grad))  # no copies
+
+
+@requires_ext
+@pytest.mark.parametrize("reduction", [False, True], ids=["normal", "reduction"])
+@pytest.mark.parametrize("setting", ["every-op", "subsets", "auxiliary-skip", "edge-scale", "keeping", "evaluation"])
+def test_a_whole_cell_gives_the_bits_of_its_groups_run_one_by_one(reduction, setting):
+    """On the C++ kernels the cell as one ops.mixed_cell call (edge_cell in C++) gives the nodes, every gradient and
+    the running statistics of its groups run one by one (_nodes_by_group), bit for bit."""
+    if setting == "auxiliary-skip" and reduction:
+        pytest.skip("a reduction cell's auxiliary skip runs group by group")
+    torch.manual_seed(0)
+    cell = supernet.SearchCell(4, 4, 8, 8, 8, reduction=reduction, reduction_prev=False,
+                               recompute=setting != "keeping", auxiliary_skip=setting == "auxiliary-skip")  # fmt: skip
+    s0, s1 = (torch.randn(3, 8, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(2))
+    weights = torch.randn(14, len(PRIMITIVES)).softmax(-1).requires_grad_()
+    columns = auxiliary_skip = edge_scale = None
+    if setting == "subsets":  # edges 4 and 12 left out, every node still fed
+        mask = torch.rand(14, len(PRIMITIVES)) < 0.4
+        mask[:, 0], mask[[4, 12]] = False, False
+        columns = selected_columns(mask)
+    auxiliary_skip = 0.3 if setting == "auxiliary-skip" else None
+    if setting == "edge-scale":
+        edge_scale = torch.rand(14).requires_grad_()
+    if setting == "evaluation":
+        cell._nodes_by_group(s0, s1, weights, None, None, None)  # running statistics of a batch
+        cell.eval()
+    state = {k: v.clone() for k, v in cell.state_dict().items()}
+    inputs = [s0, s1, weights, *([edge_scale] if edge_scale is not None else []), *cell.parameters()]
+    results = []
+    for path in (cell._mixed_cell, cell._nodes_by_group):
+        cell.load_state_dict(state)
+        nodes = path(s0, s1, weights, columns, auxiliary_skip, edge_scale)
+        loss = sum((node * torch.linspace(-1, 1, node.numel()).view(node.shape)).sum() for node in nodes)
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        results.append((nodes, grads, {k: v.clone() for k, v in cell.state_dict().items()}))
+    (nodes, grads, got_state), (want_nodes, want_grads, want_state) = results
+    assert any(not torch.equal(got_state[name], state[name]) for name in state) == (setting != "evaluation")
+    for got, want in zip(nodes, want_nodes):
+        assert torch.equal(got, want)
+    for i, (got, want) in enumerate(zip(grads, want_grads)):
+        assert (got is None) == (want is None), i
+        assert got is None or torch.equal(got, want), i
+    for name, want in want_state.items():
+        assert torch.equal(got_state[name], want), name
 
 
 class _PermutedOps(DARTSMethod):

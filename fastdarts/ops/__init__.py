@@ -505,6 +505,7 @@ def mixed_cell(
         s0, s1, w, weights, steps, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute, scale
     )  # fmt: skip
 
+
 def pool_bn_stats(x: Tensor, stride: int, *, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """DARTS's two pool candidates and the batch statistics of the affine-free BNs after them, from one read of `x`.
 

@@ -963,7 +963,10 @@ def edge_cell(group_forward: Callable, group_backward: Callable, weighted_sum: C
 
 
 def define_mixed_ops(
-    namespace: str, kernels: EdgeKernels, device_types: str | None, group: tuple[Callable, Callable] | None = None,
+    namespace: str,
+    kernels: EdgeKernels,
+    device_types: str | None,
+    group: tuple[Callable, Callable] | None = None,
     cell: tuple[Callable, Callable] | None = None,
 ) -> tuple[Callable, Callable, Callable]:
     """Registers `namespace::mixed_ops` (the mixed ops of E edges leaving one state: `group`, a (forward, backward)
