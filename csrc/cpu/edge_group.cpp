@@ -721,7 +721,6 @@ struct CellPlan {
   CellPlan(const char* op, int64_t steps, int64_t stride, size_t num_weights, at::IntArrayRef candidates_in,
            at::IntArrayRef counts_in, bool pool_bn)
       : candidates(candidates_in), counts(counts_in) {
-    TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
     TORCH_CHECK_VALUE(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
     const int64_t E = edge_index(steps, 0);
     int64_t total = 0, weights_at = 0;
@@ -809,8 +808,9 @@ struct CellPlan {
 // same bits); zeros when it has none.
 at::Tensor node_sum(const Tensors& terms, const at::Tensor& s0, int64_t stride) {
   if (terms.empty()) {
-    return at::zeros({s0.size(0), s0.size(1), (s0.size(2) - 1) / stride + 1, (s0.size(3) - 1) / stride + 1},
-                     s0.options().memory_format(kChannelsLast));
+    return at::empty({s0.size(0), s0.size(1), (s0.size(2) - 1) / stride + 1, (s0.size(3) - 1) / stride + 1},
+                     s0.options(), kChannelsLast)
+        .zero_();
   }
   if (terms.size() == 1) {
     return terms[0];
@@ -823,6 +823,7 @@ at::Tensor node_sum(const Tensors& terms, const at::Tensor& s0, int64_t stride) 
 
 void check_cell_inputs(const char* op, const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& w,
                        int64_t steps) {
+  TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
   TORCH_CHECK_VALUE(s0.dim() == 4, op, ": s0 must be [N, C, H, W], got ", s0.sizes());
   TORCH_CHECK_VALUE(s1.sizes() == s0.sizes(), op, ": s0 and s1 must have the same shape, got ", s0.sizes(), " and ",
                     s1.sizes());
@@ -870,6 +871,7 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
     }
     at_row += group.rows;
     const CellPlan::Arguments a = plan.arguments(group, w, weights);
+    check_group(op, states[group.state], a.w, a.weights, group.stride, a.candidates, a.counts, pool_bn);
     Group g(states[group.state], a.w, a.weights, group.stride, a.candidates, a.counts, group_mean, group_var,
             training, eps, pool_bn, {});
     Tensors outs = g.outs();
@@ -943,6 +945,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, Tensors> edge_cell_ba
     }
     const int64_t E = static_cast<int64_t>(group.edges.size());
     const CellPlan::Arguments a = plan.arguments(group, w, weights);
+    check_group(op, states[group.state], a.w, a.weights, group.stride, a.candidates, a.counts, pool_bn);
     const bool x_grad = group.state >= 2 || (group.state == 0 ? s0_grad : s1_grad);
     const at::TensorList group_saved =
         saved.empty() ? at::TensorList{} : saved.slice(saved_start[g], plan.saved_count(group));

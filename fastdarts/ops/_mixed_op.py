@@ -647,6 +647,32 @@ def _check_group(op, x, w, weights, stride, candidates, counts, bn_mean, bn_var,
     _checked_groups.add(signature)
 
 
+_checked_cells: set[tuple] = set()
+
+
+def _check_cell(op, s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training,
+                pool_bn) -> None:  # fmt: skip
+    """reference.check_mixed_cell_arguments, and check_mixed_op_arguments for every edge (the statistics' shape is
+    the cell's check): in full once per signature of the tensors, else only the candidates (as _check_group)."""
+    signature = (_group_signature(s0, w, weights, stride, bn_mean, bn_var, training, pool_bn), steps,
+                 (s1.shape, s1.dtype, s1.device))  # fmt: skip
+    E = len(counts)
+    if signature in _checked_cells and E == w.shape[0] and _candidates_valid(E, candidates, counts):
+        return
+    plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
+    check_mixed_cell_arguments(op, s0, s1, w, [weights[s] for s in plan.weights], steps, stride, plan.candidates,
+                               bn_mean, bn_var, training, pool_bn)  # fmt: skip
+    node = s0.new_empty(mixed_op_output_shape(s0, stride))
+    for e, (node_index, state) in enumerate((i, j) for i in range(steps) for j in range(i + 2)):
+        x, edge_stride = ((s0, s1)[state], stride) if state < 2 else (node, 1)
+        check_mixed_op_arguments(f"{op} (edge {e}: node {node_index} <- state {state})", x, w[e],
+                                 weights[plan.weights[e]], edge_stride, plan.candidates[e], None, None, True,
+                                 pool_bn)  # fmt: skip
+    if len(_checked_cells) >= 4096:
+        _checked_cells.clear()
+    _checked_cells.add(signature)
+
+
 def _empty_like_shape(x: Tensor, shape: Sequence[int]) -> Tensor:
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_CHANNELS_LAST)
 
@@ -1241,6 +1267,8 @@ def define_mixed_ops(
         """reference.mixed_cell on the building blocks of `kernels` for a cell of `steps` nodes (E edges): w [E, K],
         weights flat (each edge's in turn, at its own stride), candidates flat (counts[e] for edge e, 0 for an edge
         left out). Returns the nodes, the statistics [R, C] and, with recompute False, the groups' intermediates."""
+        _check_cell("mixed_cell", s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training,
+                    pool_bn)  # fmt: skip
         check_supported_dtype("mixed_cell", s0, raise_unless)
         return cell_forward(_prepare(s0), _prepare(s1), w, weights, steps, stride, candidates, counts, bn_mean,
                             bn_var, training, eps, pool_bn, not recompute)  # fmt: skip
