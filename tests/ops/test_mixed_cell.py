@@ -70,8 +70,9 @@ def run_cell(backend, steps, stride, candidates, s0, s1, w, weights, bn_mean, bn
     return nodes, mean, var, list(torch.autograd.grad(loss, inputs, allow_unused=True))
 
 
-def check_cell(backend, steps, shape, stride, kind, training=True, recompute=True, scale=False, dtype=torch.float64):
-    candidates = cell_candidates(steps, kind)
+def check_cell(backend, steps, shape, stride, kind, training=True, recompute=True, scale=False, dtype=torch.float64,
+               candidates=None):  # fmt: skip
+    candidates = cell_candidates(steps, kind) if candidates is None else candidates
     args = (steps, stride, candidates, *make_cell(steps, *shape, stride, candidates, dtype, training, scale))
     got, want = run_cell(backend, *args, training, recompute), run_cell("reference", *args, training, recompute)
     tol = TOLERANCES[dtype]

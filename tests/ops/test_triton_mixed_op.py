@@ -29,6 +29,7 @@ from .test_mixed_op import (
     check_saves_only_the_input_the_weights_and_the_statistics,
     make_inputs,
 )
+from .test_mixed_cell import check_cell
 from .test_mixed_ops import check_group
 from .test_partial_channels import check_partial_group
 
@@ -159,3 +160,11 @@ def test_group_of_edges_equals_reference(stride):
 def test_partial_channel_group_equals_reference(stride, K):
     # The slice, the bypass and the shuffle are ATen ops inside the group op, around the Triton kernels.
     check_partial_group("triton", (1, 2 * K, 5), stride, K, candidates=[[0, 2, 5], [1]])
+
+
+@pytest.mark.parametrize("stride", [1, 2], ids=["normal", "reduction"])
+def test_cell_equals_reference(stride):
+    # A cell of two nodes: node 0 <- s0 (a pool, the skip), s1 (a dil conv); node 1 <- s0 (nothing), s1 (the other
+    # pool), node 0 (the skip).
+    candidates = [[0, 2], [5], [], [1], [2]]
+    check_cell("triton", 2, (1, 2, 5), stride, "subsets", dtype=torch.float32, candidates=candidates)
