@@ -201,21 +201,24 @@ TORCH_LIBRARY(fastdarts, m) {
   // other with no Python between them (fastdarts/ops/_mixed_op.py's edge_cell, which fastdarts.ops.mixed_cell wraps):
   // node i sums its incoming edges' outputs in input order, once complete. w: [E, K] for the E = steps (steps + 3) / 2
   // edges (node-major, input-minor); weights: each edge's in turn, at its stride (`stride` for the inputs' edges, 1
-  // for the nodes'); candidates: counts[e] for edge e, 0 leaving it out. Returns the nodes, the groups' statistics
-  // one after the other as [R, C] (bn_mean and bn_var, in evaluation, the same), and with keep the groups' saved.
+  // for the nodes'); candidates: counts[e] for edge e, 0 leaving it out; with partial_channels K > 1 each group runs
+  // on its state's first C/K channels and partial_channel_outputs writes its outputs (bypass_w [E] or None). Returns
+  // the nodes, the groups' statistics one after the other as [R, C/K] (bn_mean and bn_var, in evaluation, the same),
+  // and with keep the groups' saved.
   m.def(
       "edge_cell(Tensor s0, Tensor s1, Tensor w, Tensor[] weights, int steps, int stride, int[] candidates, "
-      "int[] counts, Tensor? bn_mean, Tensor? bn_var, bool training, float eps, bool pool_bn, bool keep) -> "
-      "(Tensor[] nodes, Tensor mean, Tensor var, Tensor[] saved)");
+      "int[] counts, Tensor? bn_mean, Tensor? bn_var, bool training, float eps, bool pool_bn, bool keep, "
+      "int partial_channels=1, Tensor? bypass_w=None) -> (Tensor[] nodes, Tensor mean, Tensor var, Tensor[] saved)");
   // Its backward, the groups in reverse, each node's gradient (grads[i], None when not in the loss, plus what its
   // edges send back) complete before its group runs: grad_s0 if s0_grad and grad_s1 if s1_grad (zeros when no edge
-  // leaving it reaches the loss), grad_w [E, K] if w_grad, every conv weight's gradient if weights_grad (zeros for
-  // candidates not computed, [] otherwise).
+  // leaving it reaches the loss), grad_w [E, K] if w_grad, grad_bypass_w [E] if bypass_w_grad, every conv weight's
+  // gradient if weights_grad (zeros for candidates not computed, [] otherwise).
   m.def(
       "edge_cell_backward(Tensor?[] grads, Tensor s0, Tensor s1, Tensor[] nodes, Tensor w, Tensor[] weights, "
       "int steps, int stride, int[] candidates, int[] counts, Tensor mean, Tensor var, bool training, float eps, "
-      "bool pool_bn, Tensor[] saved, bool s0_grad, bool s1_grad, bool w_grad, bool weights_grad) -> "
-      "(Tensor? grad_s0, Tensor? grad_s1, Tensor? grad_w, Tensor[] grad_weights)");
+      "bool pool_bn, Tensor[] saved, bool s0_grad, bool s1_grad, bool w_grad, bool weights_grad, "
+      "int partial_channels=1, Tensor? bypass_w=None, bool bypass_w_grad=False) -> (Tensor? grad_s0, "
+      "Tensor? grad_s1, Tensor? grad_w, Tensor? grad_bypass_w, Tensor[] grad_weights)");
   // DARTS's recurrent mixed op for one node after its matmul (fastdarts.ops.rnn_mixed_node): x [B, H] =
   // sum_j P_j (1 - sigmoid(c_j)) s_j + sigmoid(c_j) g_j with g_j = sum_k p[j, k] f_k(h_j) over tanh, relu, sigmoid,
   // identity and P_j their total. states: [n, B, H]; ch: [n, B, 2H], c_j = ch[j, :, :H], h_j = ch[j, :, H:];

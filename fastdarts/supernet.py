@@ -383,14 +383,14 @@ class SearchCell(nn.Module):
         all); `auxiliary_skip`, the weight of every edge's auxiliary skip (a cell built with them; columns None);
         `edge_scale` `[num_edges]`, a factor on each edge's whole output (None: 1).
 
-        The whole cell is one `ops.mixed_cell` call (`_mixed_cell`), except with partial channels or a stride-2
-        auxiliary skip (a FactorizedReduce of the edge's own, outside the fused op), where the edges leaving a state
-        run as one group (`_nodes_by_group`). Either way the edges leaving s0 and s1 run first, then each node's as
-        soon as it is complete, and each node sums its inputs' outputs in input order, as DARTS's cell does.
+        The whole cell is one `ops.mixed_cell` call (`_mixed_cell`), except with a stride-2 auxiliary skip (a
+        FactorizedReduce of the edge's own, outside the fused op), where the edges leaving a state run as one group
+        (`_nodes_by_group`). Either way the edges leaving s0 and s1 run first, then each node's as soon as it is
+        complete, and each node sums its inputs' outputs in input order, as DARTS's cell does.
         """
         if auxiliary_skip is not None and (columns is not None or not self.auxiliary_skip):
             raise ValueError("SearchCell: an auxiliary skip needs a cell built with one, and every op computed")
-        if self.edges[0].partial_channels == 1 and not (auxiliary_skip is not None and self.reduction):
+        if not (auxiliary_skip is not None and self.reduction):
             return self._mixed_cell(s0, s1, weights, columns, auxiliary_skip, edge_scale)[-self.multiplier :]
         return self._nodes_by_group(s0, s1, weights, columns, auxiliary_skip, edge_scale)[-self.multiplier :]
 
@@ -414,7 +414,7 @@ class SearchCell(nn.Module):
     def _mixed_cell(self, s0, s1, weights, columns, auxiliary_skip, edge_scale) -> list[torch.Tensor]:
         """Every node of the cell from one `ops.mixed_cell` call (the whole cell one autograd node on the fused
         backends), and the running statistics of every BN it computed updated in one call: the arguments are those
-        of `nodes`, for a cell without partial channels whose auxiliary skip, if any, is skip_connect's weight."""
+        of `nodes`, for a cell whose auxiliary skip, if any, is skip_connect's weight."""
         first, bn = self.edges[0], self.edges[0].bns[0]
         candidates = [[_CANDIDATE_OF_COLUMN[c] for c in (_COMPUTED_COLUMNS if columns is None else cols)]
                       for cols in (columns or [None] * len(self.edges))]  # fmt: skip
@@ -430,7 +430,8 @@ class SearchCell(nn.Module):
             running = torch.cat(means), torch.cat(variances)
         nodes, mean, var = ops.mixed_cell(
             s0, s1, weights[:, list(_COMPUTED_COLUMNS)], [edge.conv_weights() for edge in self.edges], self.steps,
-            stride, candidates, *running, first.batch_statistics(), bn.eps, first.pool_bn, first.recompute, edge_scale,
+            stride, candidates, *running, first.batch_statistics(), bn.eps, first.pool_bn, first.recompute,
+            first.partial_channels, edge_scale,
         )  # fmt: skip
         if first.training and bn.track_running_stats and groups:
             bns, rows = running_statistics_plan(self._running_statistics_plans, groups, mean.device)

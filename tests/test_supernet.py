@@ -317,7 +317,9 @@ def test_a_node_of_three_or_more_edges_is_summed_in_one_pass_with_the_bits_of_th
 
 @requires_ext
 @pytest.mark.parametrize("reduction", [False, True], ids=["normal", "reduction"])
-@pytest.mark.parametrize("setting", ["every-op", "subsets", "auxiliary-skip", "edge-scale", "keeping", "evaluation"])
+@pytest.mark.parametrize(
+    "setting", ["every-op", "subsets", "auxiliary-skip", "edge-scale", "keeping", "evaluation", "partial-channels"]
+)
 def test_a_whole_cell_gives_the_bits_of_its_groups_run_one_by_one(reduction, setting):
     """On the C++ kernels the cell as one ops.mixed_cell call (edge_cell in C++) gives the nodes, every gradient and
     the running statistics of its groups run one by one (_nodes_by_group), bit for bit."""
@@ -325,7 +327,8 @@ def test_a_whole_cell_gives_the_bits_of_its_groups_run_one_by_one(reduction, set
         pytest.skip("a reduction cell's auxiliary skip runs group by group")
     torch.manual_seed(0)
     cell = supernet.SearchCell(4, 4, 8, 8, 8, reduction=reduction, reduction_prev=False,
-                               recompute=setting != "keeping", auxiliary_skip=setting == "auxiliary-skip")  # fmt: skip
+                               recompute=setting != "keeping", auxiliary_skip=setting == "auxiliary-skip",
+                               partial_channels=2 if setting == "partial-channels" else 1)  # fmt: skip
     s0, s1 = (torch.randn(3, 8, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_() for _ in range(2))
     weights = torch.randn(14, len(PRIMITIVES)).softmax(-1).requires_grad_()
     columns = auxiliary_skip = edge_scale = None
@@ -334,7 +337,7 @@ def test_a_whole_cell_gives_the_bits_of_its_groups_run_one_by_one(reduction, set
         mask[:, 0], mask[[4, 12]] = False, False
         columns = selected_columns(mask)
     auxiliary_skip = 0.3 if setting == "auxiliary-skip" else None
-    if setting == "edge-scale":
+    if setting in ("edge-scale", "partial-channels"):  # PC-DARTS's edge normalisation
         edge_scale = torch.rand(14).requires_grad_()
     if setting == "evaluation":
         cell._nodes_by_group(s0, s1, weights, None, None, None)  # running statistics of a batch

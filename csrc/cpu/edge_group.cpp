@@ -171,6 +171,22 @@ std::tuple<OptionalTensor, Tensors, Tensors> factorized_reduce_bn_stats_backward
   return op.call(grads, x, conv_1s, conv_2s, true, input_grad, weight_grad, grad_inputs, grad_factors);
 }
 
+Tensors partial_channel_outputs(at::TensorList outs, const at::Tensor& x, int64_t partial_channels, int64_t stride,
+                                const OptionalTensor& bypass_w) {
+  static const auto op = handle<Tensors(at::TensorList, const at::Tensor&, int64_t, int64_t, const OptionalTensor&)>(
+      "fastdarts::partial_channel_outputs");
+  return op.call(outs, x, partial_channels, stride, bypass_w);
+}
+
+std::tuple<Tensors, OptionalTensor, OptionalTensor> partial_channel_outputs_backward(
+    const c10::List<OptionalTensor>& grads, const at::Tensor& x, int64_t partial_channels, int64_t stride,
+    const OptionalTensor& bypass_w, bool x_grad, bool bypass_w_grad) {
+  static const auto op = handle<std::tuple<Tensors, OptionalTensor, OptionalTensor>(
+      const c10::List<OptionalTensor>&, const at::Tensor&, int64_t, int64_t, const OptionalTensor&, bool, bool)>(
+      "fastdarts::partial_channel_outputs_backward");
+  return op.call(grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad);
+}
+
 at::Tensor index_tensor(const std::vector<int64_t>& indices) {
   return at::tensor(indices, at::kLong);
 }
@@ -821,9 +837,25 @@ at::Tensor node_sum(const Tensors& terms, const at::Tensor& s0, int64_t stride) 
   return weighted_sum(terms, at::ones({static_cast<int64_t>(terms.size())}, terms[0].options()));
 }
 
+// The channels a partial-channel cell's ops compute on: a state's first C/K (K = partial_channels).
+at::Tensor processed(const at::Tensor& x, int64_t partial_channels) {
+  return partial_channels == 1 ? x : x.narrow(1, 0, x.size(1) / partial_channels).contiguous(kChannelsLast);
+}
+
+// The rows of `t` ([E]) of a group's edges, or none.
+OptionalTensor edge_rows(const OptionalTensor& t, const std::vector<int64_t>& edges) {
+  if (!t.has_value()) {
+    return std::nullopt;
+  }
+  return t->index_select(0, index_tensor(edges).to(t->device()));
+}
+
 void check_cell_inputs(const char* op, const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& w,
-                       int64_t steps) {
+                       int64_t steps, int64_t partial_channels) {
   TORCH_CHECK_VALUE(steps >= 1, op, ": steps must be >= 1, got ", steps);
+  TORCH_CHECK_VALUE(partial_channels >= 1 && (s0.dim() < 2 || s0.size(1) % partial_channels == 0), op,
+                    ": partial_channels must be >= 1 and divide the channels, got ", partial_channels, " for ",
+                    s0.sizes());
   TORCH_CHECK_VALUE(s0.dim() == 4, op, ": s0 must be [N, C, H, W], got ", s0.sizes());
   TORCH_CHECK_VALUE(s1.sizes() == s0.sizes(), op, ": s0 and s1 must have the same shape, got ", s0.sizes(), " and ",
                     s1.sizes());
@@ -840,11 +872,12 @@ void check_cell_statistics(const char* op, const char* name, const at::Tensor& t
 std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
     const at::Tensor& s0_in, const at::Tensor& s1_in, const at::Tensor& w, at::TensorList weights, int64_t steps,
     int64_t stride, at::IntArrayRef candidates, at::IntArrayRef counts, const OptionalTensor& bn_mean,
-    const OptionalTensor& bn_var, bool training, double eps, bool pool_bn, bool keep) {
+    const OptionalTensor& bn_var, bool training, double eps, bool pool_bn, bool keep, int64_t partial_channels,
+    const OptionalTensor& bypass_w) {
   const char* op = "edge_cell";
-  check_cell_inputs(op, s0_in, s1_in, w, steps);
+  check_cell_inputs(op, s0_in, s1_in, w, steps, partial_channels);
   const CellPlan plan(op, steps, stride, weights.size(), candidates, counts, pool_bn);
-  const int64_t C = s0_in.size(1);
+  const int64_t C = s0_in.size(1) / partial_channels;
   TORCH_CHECK_VALUE(training || (bn_mean.has_value() && bn_var.has_value()),
                     op, ": evaluation (training false) needs bn_mean and bn_var");
   if (!training) {
@@ -871,10 +904,15 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
     }
     at_row += group.rows;
     const CellPlan::Arguments a = plan.arguments(group, w, weights);
-    check_group(op, states[group.state], a.w, a.weights, group.stride, a.candidates, a.counts, pool_bn);
-    Group g(states[group.state], a.w, a.weights, group.stride, a.candidates, a.counts, group_mean, group_var,
-            training, eps, pool_bn, {});
+    const at::Tensor x = processed(states[group.state], partial_channels);
+    check_group(op, x, a.w, a.weights, group.stride, a.candidates, a.counts, pool_bn);
+    Group g(x, a.w, a.weights, group.stride, a.candidates, a.counts, group_mean, group_var, training, eps, pool_bn,
+            {});
     Tensors outs = g.outs();
+    if (partial_channels > 1) {
+      outs = partial_channel_outputs(outs, states[group.state], partial_channels, group.stride,
+                                     edge_rows(bypass_w, group.edges));
+    }
     means.push_back(g.mean.view({-1, C}));
     variances.push_back(g.var.view({-1, C}));
     if (keep) {
@@ -894,15 +932,17 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
   return {std::move(nodes), at::cat(means), at::cat(variances), std::move(saved)};
 }
 
-std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, Tensors> edge_cell_backward_cpu(
+std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor, Tensors> edge_cell_backward_cpu(
     const c10::List<OptionalTensor>& grads, const at::Tensor& s0, const at::Tensor& s1, at::TensorList nodes,
     const at::Tensor& w, at::TensorList weights, int64_t steps, int64_t stride, at::IntArrayRef candidates,
     at::IntArrayRef counts, const at::Tensor& mean, const at::Tensor& var, bool training, double eps, bool pool_bn,
-    at::TensorList saved, bool s0_grad, bool s1_grad, bool w_grad, bool weights_grad) {
+    at::TensorList saved, bool s0_grad, bool s1_grad, bool w_grad, bool weights_grad, int64_t partial_channels,
+    const OptionalTensor& bypass_w, bool bypass_w_grad) {
   const char* op = "edge_cell_backward";
-  check_cell_inputs(op, s0, s1, w, steps);
+  check_cell_inputs(op, s0, s1, w, steps, partial_channels);
+  TORCH_CHECK_VALUE(!bypass_w_grad || bypass_w.has_value(), op, ": bypass_w_grad needs bypass_w");
   const CellPlan plan(op, steps, stride, weights.size(), candidates, counts, pool_bn);
-  const int64_t C = s0.size(1);
+  const int64_t C = s0.size(1) / partial_channels;
   TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == steps && static_cast<int64_t>(nodes.size()) == steps, op,
                     ": a cell of ", steps, " nodes needs ", steps, " nodes and ", steps,
                     " node gradients (or None), got ", nodes.size(), " and ", grads.size());
@@ -925,9 +965,12 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, Tensors> edge_cell_ba
     states.push_back(nodes[i]);
     grad_states.push_back(grads.get(i));
   }
-  OptionalTensor grad_w;
+  OptionalTensor grad_w, grad_bypass_w;
   if (w_grad) {
     grad_w = at::zeros_like(w);
+  }
+  if (bypass_w_grad) {
+    grad_bypass_w = at::zeros_like(*bypass_w);
   }
   std::vector<OptionalTensor> grad_weights(weights.size());
   int64_t rows_end = plan.rows();
@@ -945,16 +988,37 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, Tensors> edge_cell_ba
     }
     const int64_t E = static_cast<int64_t>(group.edges.size());
     const CellPlan::Arguments a = plan.arguments(group, w, weights);
-    check_group(op, states[group.state], a.w, a.weights, group.stride, a.candidates, a.counts, pool_bn);
+    const at::Tensor x = processed(states[group.state], partial_channels);
+    check_group(op, x, a.w, a.weights, group.stride, a.candidates, a.counts, pool_bn);
     const bool x_grad = group.state >= 2 || (group.state == 0 ? s0_grad : s1_grad);
+    OptionalTensor grad_full;
+    if (partial_channels > 1) {  // the ops' part of each gradient; the bypass's, straight into dL/dx
+      auto [ops_grads, bypass_grad_x, group_grad_bypass_w] =
+          partial_channel_outputs_backward(edge_grads, states[group.state], partial_channels, group.stride,
+                                           edge_rows(bypass_w, group.edges), x_grad, bypass_w_grad);
+      size_t next = 0;
+      for (size_t i = 0; i < edge_grads.size(); ++i) {
+        if (edge_grads.get(i).has_value()) {
+          edge_grads.set(i, ops_grads[next++]);
+        }
+      }
+      grad_full = bypass_grad_x;
+      if (bypass_w_grad) {
+        grad_bypass_w->index_copy_(0, index_tensor(group.edges).to(w.device()), *group_grad_bypass_w);
+      }
+    }
     const at::TensorList group_saved =
         saved.empty() ? at::TensorList{} : saved.slice(saved_start[g], plan.saved_count(group));
-    Group cell_group(states[group.state], a.w, a.weights, group.stride, a.candidates, a.counts,
+    Group cell_group(x, a.w, a.weights, group.stride, a.candidates, a.counts,
                      mean.narrow(0, rows_end, group.rows).view({E, -1, C}),
                      var.narrow(0, rows_end, group.rows).view({E, -1, C}), false, eps, pool_bn, group_saved);
     auto [grad_x, group_grad_w, group_grad_weights] =
         cell_group.backward(edge_grads, training, x_grad, w_grad, weights_grad);
     if (x_grad) {
+      if (grad_full.has_value()) {  // the ops' gradient in their channels
+        grad_full->narrow(1, 0, C).copy_(*grad_x);
+        grad_x = grad_full;
+      }
       OptionalTensor& previous = grad_states[group.state];
       previous = previous.has_value() ? *previous + *grad_x : *grad_x;
     }
@@ -983,7 +1047,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, Tensors> edge_cell_ba
     return grad_states[state].has_value() ? grad_states[state]
                                           : OptionalTensor(at::zeros_like(states[state], kChannelsLast));
   };
-  return {input_grad(0, s0_grad), input_grad(1, s1_grad), grad_w, std::move(all_weight_grads)};
+  return {input_grad(0, s0_grad), input_grad(1, s1_grad), grad_w, grad_bypass_w, std::move(all_weight_grads)};
 }
 
 }  // namespace

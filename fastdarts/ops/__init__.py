@@ -472,6 +472,7 @@ def mixed_cell(
     eps: float = 1e-5,
     pool_bn: bool = True,
     recompute: bool = True,
+    partial_channels: int = 1,
     scale: Tensor | None = None,
     *,
     backend: str | None = None,
@@ -491,18 +492,20 @@ def mixed_cell(
         steps: the cell's intermediate nodes (4 in DARTS).
         candidates: E lists, each edge's candidates as `mixed_op` takes them; an empty one leaves the edge out (a
             node no edge computes for is zeros).
-        bn_mean, bn_var: [R, C], the running statistics of the computed edges, group after group (evaluation only;
-            reference.cell_groups gives the groups and their rows).
-        scale: None, or [E]: a factor on each edge's whole output, differentiable.
+        bn_mean, bn_var: [R, C/K], the running statistics of the computed edges, group after group (evaluation
+            only; reference.cell_groups gives the groups and their rows).
+        partial_channels, scale: as for `mixed_ops`, for every edge of the cell.
 
-    Returns (nodes, mean [R, C], var [R, C]): the `steps` nodes [N, C, H_out, W_out] and, in training, the groups'
-    batch statistics as mixed_ops returns them ([E_g, B, C] each, flattened and one after the other). Differentiable
-    in s0, s1, w, scale and every conv weight (once on the fused backends), checked as `mixed_ops` is.
+    Returns (nodes, mean [R, C/K], var [R, C/K]): the `steps` nodes [N, C, H_out, W_out] and, in training, the
+    groups' batch statistics as mixed_ops returns them ([E_g, B, C/K] each, flattened and one after the other).
+    Differentiable in s0, s1, w, scale and every conv weight (once on the fused backends), checked as `mixed_ops`
+    is.
     """
     check_flag("mixed_cell", "pool_bn", pool_bn)
     check_flag("mixed_cell", "recompute", recompute)
     return dispatch("mixed_cell", s0.device, backend)(
-        s0, s1, w, weights, steps, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute, scale
+        s0, s1, w, weights, steps, stride, candidates, bn_mean, bn_var, training, eps, pool_bn, recompute,
+        partial_channels, scale,
     )  # fmt: skip
 
 

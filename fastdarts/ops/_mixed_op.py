@@ -650,21 +650,22 @@ def _check_group(op, x, w, weights, stride, candidates, counts, bn_mean, bn_var,
 _checked_cells: set[tuple] = set()
 
 
-def _check_cell(op, s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training,
-                pool_bn) -> None:  # fmt: skip
+def _check_cell(op, s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, pool_bn,
+                partial_channels) -> None:  # fmt: skip
     """reference.check_mixed_cell_arguments, and check_mixed_op_arguments for every edge (the statistics' shape is
     the cell's check): in full once per signature of the tensors, else only the candidates (as _check_group)."""
     signature = (_group_signature(s0, w, weights, stride, bn_mean, bn_var, training, pool_bn), steps,
-                 (s1.shape, s1.dtype, s1.device))  # fmt: skip
+                 (s1.shape, s1.dtype, s1.device), partial_channels)  # fmt: skip
     E = len(counts)
     if signature in _checked_cells and E == w.shape[0] and _candidates_valid(E, candidates, counts):
         return
     plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
     check_mixed_cell_arguments(op, s0, s1, w, [weights[s] for s in plan.weights], steps, stride, plan.candidates,
-                               bn_mean, bn_var, training, pool_bn)  # fmt: skip
+                               bn_mean, bn_var, training, pool_bn, partial_channels)  # fmt: skip
     node = s0.new_empty(mixed_op_output_shape(s0, stride))
     for e, (node_index, state) in enumerate((i, j) for i in range(steps) for j in range(i + 2)):
         x, edge_stride = ((s0, s1)[state], stride) if state < 2 else (node, 1)
+        x = _processed(x, partial_channels)
         check_mixed_op_arguments(f"{op} (edge {e}: node {node_index} <- state {state})", x, w[e],
                                  weights[plan.weights[e]], edge_stride, plan.candidates[e], None, None, True,
                                  pool_bn)  # fmt: skip
@@ -792,26 +793,29 @@ def edge_group_backward_fake(grads, x, w, weights, stride, candidates, counts, m
 
 
 def edge_cell_fake(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn,
-                   keep):  # fmt: skip
+                   keep, partial_channels=1, bypass_w=None):  # fmt: skip
     """The outputs' metadata of a cell's forward (edge_cell's signature): its groups' (edge_group_fake)."""
     plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
     nodes = [_empty_like_shape(s0, mixed_op_output_shape(s0, stride)) for _ in range(steps)]
     states, saved = [s0, s1, *nodes], []
     for group in plan.groups if keep else ():
         group_w, group_weights, group_candidates, group_counts = plan.group_arguments(group, w, weights)
-        saved += edge_group_fake(states[group.state], group_w, group_weights, group.stride, group_candidates,
-                                 group_counts, None, None, training, eps, pool_bn, True)[3]  # fmt: skip
-    R = sum(group.rows for group in plan.groups)
-    return nodes, s0.new_empty(R, s0.shape[1]), s0.new_empty(R, s0.shape[1]), saved
+        saved += edge_group_fake(_processed(states[group.state], partial_channels), group_w, group_weights,
+                                 group.stride, group_candidates, group_counts, None, None, training, eps, pool_bn,
+                                 True)[3]  # fmt: skip
+    R, C = sum(group.rows for group in plan.groups), s0.shape[1] // partial_channels
+    return nodes, s0.new_empty(R, C), s0.new_empty(R, C), saved
 
 
 def edge_cell_backward_fake(grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var, training,
-                            eps, pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad):  # fmt: skip
+                            eps, pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad, partial_channels=1,
+                            bypass_w=None, bypass_w_grad=False):  # fmt: skip
     """The outputs' metadata of a cell's backward (edge_cell_backward's signature)."""
     grad_s0, grad_s1 = (torch.empty_like(s, memory_format=_CHANNELS_LAST) if asked else None
                         for s, asked in ((s0, s0_grad), (s1, s1_grad)))  # fmt: skip
     grad_w = w.new_empty(w.shape) if w_grad else None
-    return grad_s0, grad_s1, grad_w, ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
+    grad_bypass_w = w.new_empty(w.shape[0]) if bypass_w_grad else None
+    return grad_s0, grad_s1, grad_w, grad_bypass_w, ([t.new_empty(t.shape) for t in weights] if weights_grad else [])
 
 
 def edge_group(kernels: EdgeKernels) -> tuple[Callable, Callable]:
@@ -911,30 +915,37 @@ def _node_sum(terms: Sequence[Tensor], weighted_sum: Callable[..., Tensor], zero
     return terms[0] if len(terms) == 1 else terms[0] + terms[1]
 
 
-def edge_cell(group_forward: Callable, group_backward: Callable, weighted_sum: Callable) -> tuple[Callable, Callable]:
-    """(forward, backward) of a cell's edges on a group's (forward, backward) pair, with the signatures of the C++ ops
-    fastdarts::edge_cell and edge_cell_backward (which run the same calls without Python between them): the groups
-    of reference.mixed_cell, each node summed once complete; the backward runs the groups in reverse, a node's
-    gradient complete (what the cell's caller gives it plus what its own edges send back) before its group runs."""
+def edge_cell(group_forward: Callable, group_backward: Callable, kernels: EdgeKernels) -> tuple[Callable, Callable]:
+    """(forward, backward) of a cell's edges on a group's (forward, backward) pair and the node sums and partial
+    channels of `kernels`, with the signatures of the C++ ops fastdarts::edge_cell and edge_cell_backward (which run
+    the same calls without Python between them): the groups of reference.mixed_cell, each node summed once
+    complete; with partial channels each group computes on its state's first C/K channels and writes its outputs
+    full width (as mixed_ops does). The backward runs the groups in reverse, a node's gradient complete (what the
+    cell's caller gives it plus what its own edges send back) before its group runs."""
 
-    def forward(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, keep):
+    def forward(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, keep,
+                partial_channels=1, bypass_w=None):  # fmt: skip
         plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
-        C = s0.shape[1]
+        C = s0.shape[1] // partial_channels
         states, incoming = [s0, s1], [[] for _ in range(steps)]
         means, variances, saved, at = [], [], [], 0
         for group in plan.groups + [None]:
             while len(states) < (steps + 2 if group is None else group.state + 1):
-                states.append(_node_sum(incoming[len(states) - 2], weighted_sum, s0, stride))
+                states.append(_node_sum(incoming[len(states) - 2], kernels.weighted_sum, s0, stride))
             if group is None:
                 break
             E = len(group.edges)
             stats = [None if t is None else t[at : at + group.rows].view(E, -1, C) for t in (bn_mean, bn_var)]
             at += group.rows
             group_w, group_weights, group_candidates, group_counts = plan.group_arguments(group, w, weights)
+            x = states[group.state]
             outs, mean, var, kept = group_forward(
-                states[group.state], group_w, group_weights, group.stride, group_candidates, group_counts, *stats,
-                training, eps, pool_bn, keep,
+                _prepare(_processed(x, partial_channels)), group_w, group_weights, group.stride, group_candidates,
+                group_counts, *stats, training, eps, pool_bn, keep,
             )  # fmt: skip
+            if partial_channels > 1:
+                group_bypass_w = None if bypass_w is None else bypass_w[list(group.edges)]
+                outs = kernels.partial_channel_outputs(outs, x, partial_channels, group.stride, group_bypass_w)
             means.append(mean.view(-1, C))
             variances.append(var.view(-1, C))
             saved += kept
@@ -944,11 +955,13 @@ def edge_cell(group_forward: Callable, group_backward: Callable, weighted_sum: C
         return states[2:], torch.cat(means) if means else empty, torch.cat(variances) if variances else empty, saved
 
     def backward(grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var, training, eps,
-                 pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad):  # fmt: skip
+                 pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad, partial_channels=1, bypass_w=None,
+                 bypass_w_grad=False):  # fmt: skip
         plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
-        C = s0.shape[1]
+        C = s0.shape[1] // partial_channels
         states, grad_states = [s0, s1, *nodes], [None, None, *grads]
         grad_w = torch.zeros_like(w) if w_grad else None
+        grad_bypass_w = torch.zeros_like(bypass_w) if bypass_w_grad else None
         grad_weights: list[Tensor | None] = [None] * len(weights)
         kept = _split(saved, plan.saved_counts()) if saved else [[] for _ in plan.groups]
         rows_end = sum(group.rows for group in plan.groups)
@@ -961,11 +974,25 @@ def edge_cell(group_forward: Callable, group_backward: Callable, weighted_sum: C
             group_w, group_weights, group_candidates, group_counts = plan.group_arguments(group, w, weights)
             x_grad = group.state >= 2 or (s0_grad, s1_grad)[group.state]
             stats = [t[rows_end : rows_end + group.rows].view(E, -1, C) for t in (mean, var)]
+            x = states[group.state]
+            if partial_channels > 1:  # the ops' part of each gradient; the bypass's, straight into dL/dx
+                group_bypass_w = None if bypass_w is None else bypass_w[list(group.edges)]
+                ops_grads, grad_full, group_grad_bypass_w = kernels.partial_channel_outputs_backward(
+                    edge_grads, x, partial_channels, group.stride, group_bypass_w, x_grad, bypass_w_grad
+                )  # fmt: skip
+                ops_grads = iter(ops_grads)
+                edge_grads = [None if g is None else next(ops_grads) for g in edge_grads]
+                if bypass_w_grad:
+                    grad_bypass_w[list(group.edges)] = group_grad_bypass_w
             grad_x, group_grad_w, group_grad_weights = group_backward(
-                edge_grads, states[group.state], group_w, group_weights, group.stride, group_candidates, group_counts,
-                *stats, training, eps, pool_bn, group_saved, x_grad, w_grad, weights_grad,
+                edge_grads, _prepare(_processed(x, partial_channels)), group_w, group_weights, group.stride,
+                group_candidates, group_counts, *stats, training, eps, pool_bn, group_saved, x_grad, w_grad,
+                weights_grad,
             )  # fmt: skip
             if x_grad:
+                if partial_channels > 1:  # the ops' gradient in their channels
+                    grad_full[:, :C] = grad_x
+                    grad_x = grad_full
                 previous = grad_states[group.state]
                 grad_states[group.state] = grad_x if previous is None else previous + grad_x
             if w_grad:
@@ -983,7 +1010,8 @@ def edge_cell(group_forward: Callable, group_backward: Callable, weighted_sum: C
             grad = grad_states[state]
             return torch.zeros_like(states[state], memory_format=_CHANNELS_LAST) if grad is None else grad
 
-        return input_grad(0, s0_grad), input_grad(1, s1_grad), grad_w, all_weight_grads if weights_grad else []
+        return (input_grad(0, s0_grad), input_grad(1, s1_grad), grad_w, grad_bypass_w,
+                all_weight_grads if weights_grad else [])  # fmt: skip
 
     return forward, backward
 
@@ -1245,7 +1273,7 @@ def define_mixed_ops(
         )  # fmt: skip
         return out, mean[0], var[0]
 
-    cell_forward, cell_backward = cell or edge_cell(group_forward, group_backward, kernels.weighted_sum)
+    cell_forward, cell_backward = cell or edge_cell(group_forward, group_backward, kernels)
 
     @torch.library.custom_op(f"{namespace}::mixed_cell", mutates_args=(), device_types=device_types)
     def mixed_cell(
@@ -1263,21 +1291,24 @@ def define_mixed_ops(
         eps: float,
         pool_bn: bool,
         recompute: bool,
+        partial_channels: int = 1,
+        bypass_w: Tensor | None = None,
     ) -> tuple[list[Tensor], Tensor, Tensor, list[Tensor]]:
         """reference.mixed_cell on the building blocks of `kernels` for a cell of `steps` nodes (E edges): w [E, K],
         weights flat (each edge's in turn, at its own stride), candidates flat (counts[e] for edge e, 0 for an edge
-        left out). Returns the nodes, the statistics [R, C] and, with recompute False, the groups' intermediates."""
+        left out), bypass_w [E] the partial channels' bypass weights (None: 1). Returns the nodes, the statistics
+        [R, C/K] and, with recompute False, the groups' intermediates."""
         _check_cell("mixed_cell", s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training,
-                    pool_bn)  # fmt: skip
+                    pool_bn, partial_channels)  # fmt: skip
         check_supported_dtype("mixed_cell", s0, raise_unless)
         return cell_forward(_prepare(s0), _prepare(s1), w, weights, steps, stride, candidates, counts, bn_mean,
-                            bn_var, training, eps, pool_bn, not recompute)  # fmt: skip
+                            bn_var, training, eps, pool_bn, not recompute, partial_channels, bypass_w)  # fmt: skip
 
     @mixed_cell.register_fake
     def _mixed_cell_fake(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps,
-                         pool_bn, recompute):  # fmt: skip
+                         pool_bn, recompute, partial_channels=1, bypass_w=None):  # fmt: skip
         return edge_cell_fake(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps,
-                              pool_bn, not recompute)  # fmt: skip
+                              pool_bn, not recompute, partial_channels, bypass_w)  # fmt: skip
 
     @torch.library.custom_op(f"{namespace}::mixed_cell_backward", mutates_args=(), device_types=device_types)
     def mixed_cell_backward(
@@ -1301,23 +1332,27 @@ def define_mixed_ops(
         s1_grad: bool,
         w_grad: bool,
         weights_grad: bool,
+        partial_channels: int = 1,
+        bypass_w: Tensor | None = None,
+        bypass_w_grad: bool = False,
     ) -> list[Tensor]:
         """From the nodes' gradients (None: not in the loss), in this order: dL/ds0 if s0_grad, dL/ds1 if s1_grad
-        (zeros when no edge leaving it reached the loss), dL/dw [E, K] if w_grad, and every dL/dweights[i] if
-        weights_grad (zeros for the convs of candidates not computed)."""
-        grad_s0, grad_s1, grad_w, grad_weights = cell_backward(
+        (zeros when no edge leaving it reached the loss), dL/dw [E, K] if w_grad, dL/dbypass_w [E] if bypass_w_grad,
+        and every dL/dweights[i] if weights_grad (zeros for the convs of candidates not computed)."""
+        *grads, grad_weights = cell_backward(
             [None if g is None else _prepare(g) for g in grads], _prepare(s0), _prepare(s1), nodes, w, weights, steps,
             stride, candidates, counts, mean, var, training, eps, pool_bn, saved, s0_grad, s1_grad, w_grad,
-            weights_grad,
+            weights_grad, partial_channels, bypass_w, bypass_w_grad,
         )  # fmt: skip
-        return [g for g in (grad_s0, grad_s1, grad_w) if g is not None] + grad_weights
+        return [g for g in grads if g is not None] + grad_weights
 
     @mixed_cell_backward.register_fake
     def _mixed_cell_backward_fake(grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var,
-                                  training, eps, pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad):  # fmt: skip
+                                  training, eps, pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad,
+                                  partial_channels=1, bypass_w=None, bypass_w_grad=False):  # fmt: skip
         *grads, grad_weights = edge_cell_backward_fake(
             grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var, training, eps, pool_bn,
-            saved, s0_grad, s1_grad, w_grad, weights_grad,
+            saved, s0_grad, s1_grad, w_grad, weights_grad, partial_channels, bypass_w, bypass_w_grad,
         )  # fmt: skip
         return [g for g in grads if g is not None] + grad_weights
 
@@ -1327,20 +1362,24 @@ def define_mixed_ops(
         "network under fastdarts.ops.use_backend('reference')",
     )
 
-    def _save_cell(ctx, s0, s1, nodes, w, weights, steps, stride, candidates, counts, training, eps, pool_bn, mean,
-                   var, saved) -> None:  # fmt: skip
+    def _save_cell(ctx, s0, s1, nodes, w, weights, steps, stride, candidates, counts, training, eps, pool_bn,
+                   partial_channels, bypass_w, mean, var, saved) -> None:  # fmt: skip
         """What the cell's backward reads: its arguments, its nodes, and the forward's statistics and
         intermediates."""
         ctx.steps, ctx.stride, ctx.candidates, ctx.counts = steps, stride, list(candidates), list(counts)
         ctx.training, ctx.eps, ctx.pool_bn = training, eps, pool_bn
+        ctx.partial_channels, ctx.has_bypass_w = partial_channels, bypass_w is not None
         ctx.num_weights, ctx.num_nodes = len(weights), len(nodes)
-        ctx.save_for_backward(s0, s1, w, mean, var, *nodes, *weights, *saved)
+        ctx.save_for_backward(s0, s1, w, mean, var, *([bypass_w] if ctx.has_bypass_w else []), *nodes, *weights,
+                              *saved)  # fmt: skip
 
-    def _cell_input_grads(ctx, grads, s0_grad: bool, s1_grad: bool, w_grad: bool, weights_grad: bool):
-        """(dL/ds0, dL/ds1, dL/dw, [dL/dweights[i]]) from the nodes' gradients, each None unless asked for (the list
-        then all None), by one call of mixed_cell_backward; None too for an input no computed edge leaves and for
-        the convs of candidates not computed."""
+    def _cell_input_grads(ctx, grads, s0_grad: bool, s1_grad: bool, w_grad: bool, weights_grad: bool,
+                          bypass_w_grad: bool):  # fmt: skip
+        """(dL/ds0, dL/ds1, dL/dw, dL/dbypass_w, [dL/dweights[i]]) from the nodes' gradients, each None unless asked
+        for (the list then all None), by one call of mixed_cell_backward; None too for an input no computed edge
+        leaves and for the convs of candidates not computed."""
         s0, s1, w, mean, var, *rest = ctx.saved_tensors
+        bypass_w = rest.pop(0) if ctx.has_bypass_w else None
         nodes, weights = rest[: ctx.num_nodes], rest[ctx.num_nodes : ctx.num_nodes + ctx.num_weights]
         saved = rest[ctx.num_nodes + ctx.num_weights :]
         leaves = [any(ctx.counts[edge_index(node, state)] for node in range(ctx.steps)) for state in (0, 1)]
@@ -1349,31 +1388,36 @@ def define_mixed_ops(
             result = iter(mixed_cell_backward(
                 grads, s0, s1, nodes, w, weights, ctx.steps, ctx.stride, ctx.candidates, ctx.counts, mean, var,
                 ctx.training, ctx.eps, ctx.pool_bn, saved, s0_grad, s1_grad, w_grad, weights_grad,
+                ctx.partial_channels, bypass_w, bypass_w_grad,
             ))  # fmt: skip
         grad_s0 = next(result) if s0_grad else None
         grad_s1 = next(result) if s1_grad else None
         grad_w = next(result) if w_grad else None
+        grad_bypass_w = next(result) if bypass_w_grad else None
         grad_weights = list(result) if weights_grad else [None] * ctx.num_weights
         if weights_grad:
             computed = _CellPlan.of(ctx.steps, ctx.stride, ctx.num_weights, ctx.candidates, ctx.counts,
                                     ctx.pool_bn).computed_weights()  # fmt: skip
             grad_weights = [g if i in computed else None for i, g in enumerate(grad_weights)]
-        return grad_s0, grad_s1, grad_w, grad_weights
+        return grad_s0, grad_s1, grad_w, grad_bypass_w, grad_weights
 
     def _cell_setup_context(ctx, inputs, output):
-        s0, s1, w, weights, steps, stride, candidates, counts, _, _, training, eps, pool_bn, _ = inputs
+        (s0, s1, w, weights, steps, stride, candidates, counts, _, _, training, eps, pool_bn, _, partial_channels,
+         bypass_w) = inputs  # fmt: skip
         nodes, mean, var, saved = output
         ctx.mark_non_differentiable(mean, var, *saved)
-        _save_cell(ctx, s0, s1, nodes, w, weights, steps, stride, candidates, counts, training, eps, pool_bn, mean,
-                   var, saved)  # fmt: skip
+        _save_cell(ctx, s0, s1, nodes, w, weights, steps, stride, candidates, counts, training, eps, pool_bn,
+                   partial_channels, bypass_w, mean, var, saved)  # fmt: skip
 
     def _cell_backward(ctx, grads, _grad_mean, _grad_var, _grad_saved):
         needs = ctx.needs_input_grad
-        grad_s0, grad_s1, grad_w, grad_weights = _cell_input_grads(ctx, grads, needs[0], needs[1], needs[2],
-                                                                   any(needs[3]))  # fmt: skip
+        grad_s0, grad_s1, grad_w, grad_bypass_w, grad_weights = _cell_input_grads(
+            ctx, grads, needs[0], needs[1], needs[2], any(needs[3]), ctx.has_bypass_w and needs[15]
+        )  # fmt: skip
         grad_candidates = None if ctx.candidates else []  # an empty int list's gradient must be [] (see _backward)
-        return grad_s0, grad_s1, grad_w, grad_weights, None, None, grad_candidates, None, None, None, None, None, \
-            None, None  # fmt: skip
+        grads = (grad_s0, grad_s1, grad_w, grad_weights, None, None, grad_candidates, None, None, None, None, None,
+                 None, None, None, grad_bypass_w)  # fmt: skip
+        return grads[: len(ctx.needs_input_grad)]  # partial_channels and bypass_w may be left to their defaults
 
     mixed_cell.register_autograd(_cell_backward, setup_context=_cell_setup_context)
 
@@ -1382,23 +1426,26 @@ def define_mixed_ops(
         calls."""
 
         @staticmethod
-        def forward(ctx, s0, s1, w, steps, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn,
-                    recompute, *weights):  # fmt: skip
+        def forward(ctx, s0, s1, w, bypass_w, steps, stride, candidates, counts, bn_mean, bn_var, training, eps,
+                    pool_bn, recompute, partial_channels, *weights):  # fmt: skip
             with below_autograd():
-                nodes, mean, var, saved = mixed_cell(s0, s1, w, list(weights), steps, stride, candidates, counts,
-                                                     bn_mean, bn_var, training, eps, pool_bn, recompute)  # fmt: skip
+                nodes, mean, var, saved = mixed_cell(
+                    s0, s1, w, list(weights), steps, stride, candidates, counts, bn_mean, bn_var, training, eps,
+                    pool_bn, recompute, partial_channels, bypass_w,
+                )  # fmt: skip
             ctx.mark_non_differentiable(mean, var)
             ctx.set_materialize_grads(False)
             _save_cell(ctx, s0, s1, nodes, w, weights, steps, stride, candidates, counts, training, eps, pool_bn,
-                       mean, var, saved)  # fmt: skip
+                       partial_channels, bypass_w, mean, var, saved)  # fmt: skip
             return (*nodes, mean, var)
 
         @staticmethod
         def backward(ctx, *grads):
             needs = ctx.needs_input_grad
-            grad_s0, grad_s1, grad_w, grad_weights = _cell_input_grads(ctx, list(grads[:-2]), needs[0], needs[1],
-                                                                       needs[2], any(needs[13:]))  # fmt: skip
-            return (grad_s0, grad_s1, grad_w) + (None,) * 10 + tuple(grad_weights)
+            grad_s0, grad_s1, grad_w, grad_bypass_w, grad_weights = _cell_input_grads(
+                ctx, list(grads[:-2]), needs[0], needs[1], needs[2], any(needs[15:]), needs[3]
+            )  # fmt: skip
+            return (grad_s0, grad_s1, grad_w, grad_bypass_w) + (None,) * 11 + tuple(grad_weights)
 
     def fused_mixed_cell(
         s0: Tensor,
@@ -1414,16 +1461,20 @@ def define_mixed_ops(
         eps: float = 1e-5,
         pool_bn: bool = True,
         recompute: bool = True,
+        partial_channels: int = 1,
         scale: Tensor | None = None,
     ) -> tuple[list[Tensor], Tensor, Tensor]:
-        """The dispatch table's "mixed_cell" entry: reference.mixed_cell's signature; `scale` folds into w."""
+        """The dispatch table's "mixed_cell" entry: reference.mixed_cell's signature. `scale` folds into w and the
+        bypass's weight (as fused_mixed_ops does)."""
         check_mixed_cell_arguments("mixed_cell", s0, s1, w, weights, steps, stride, candidates, bn_mean, bn_var,
-                                   training, pool_bn)  # fmt: skip
+                                   training, pool_bn, partial_channels, scale)  # fmt: skip
+        bypass_w = None
         if scale is not None:
             w = w * scale[:, None]
+            bypass_w = scale if partial_channels > 1 else None
         *nodes, mean, var = MixedCellNode.apply(
-            s0, s1, w, steps, stride, [k for ks in candidates for k in ks], [len(ks) for ks in candidates], bn_mean,
-            bn_var, training, eps, pool_bn, recompute, *(t for ws in weights for t in ws),
+            s0, s1, w, bypass_w, steps, stride, [k for ks in candidates for k in ks], [len(ks) for ks in candidates],
+            bn_mean, bn_var, training, eps, pool_bn, recompute, partial_channels, *(t for ws in weights for t in ws),
         )  # fmt: skip
         return nodes, mean, var
 

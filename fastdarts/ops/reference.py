@@ -1125,7 +1125,8 @@ def cell_statistics_rows(steps: int, stride: int, candidates: Sequence[Sequence[
 
 def check_mixed_cell_arguments(op: str, s0: Tensor, s1: Tensor, w: Tensor, weights: Sequence, steps: int, stride: int,
                                candidates: Sequence, bn_mean: Tensor | None, bn_var: Tensor | None, training: bool,
-                               pool_bn: bool, require: Require = raise_unless) -> None:  # fmt: skip
+                               pool_bn: bool, partial_channels: int = 1, scale: Tensor | None = None,
+                               require: Require = raise_unless) -> None:  # fmt: skip
     """mixed_cell's structure: what each group's mixed_ops then checks in detail (shapes of weights, candidates)
     it cannot see whole."""
     require(
@@ -1145,13 +1146,14 @@ def check_mixed_cell_arguments(op: str, s0: Tensor, s1: Tensor, w: Tensor, weigh
     require(len(weights) == E and len(candidates) == E, ValueError,
             lambda: f"{op}: {E} edges need {E} weight lists and {E} candidate lists, got {len(weights)} and "
                     f"{len(candidates)}")  # fmt: skip
+    check_partial_channels(op, s0, E, partial_channels, scale, require)
     if not training:
-        R = cell_statistics_rows(steps, stride, candidates, pool_bn)
+        R, C = cell_statistics_rows(steps, stride, candidates, pool_bn), s0.shape[1] // partial_channels
         for name, t in (("bn_mean", bn_mean), ("bn_var", bn_var)):
             require(
-                t is not None and list(t.shape) == [R, s0.shape[1]], ValueError,
-                lambda name=name, t=t: f"{op}: evaluation needs {name} of shape [{R}, {s0.shape[1]}] (the computed "
-                f"edges' statistics, group after group), got {None if t is None else list(t.shape)}",
+                t is not None and list(t.shape) == [R, C], ValueError,
+                lambda name=name, t=t: f"{op}: evaluation needs {name} of shape [{R}, {C}] (the computed edges' "
+                f"statistics, group after group), got {None if t is None else list(t.shape)}",
             )  # fmt: skip
 
 
@@ -1169,16 +1171,17 @@ def mixed_cell(
     eps: float = 1e-5,
     pool_bn: bool = True,
     recompute: bool = True,
+    partial_channels: int = 1,
     scale: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """The `steps` nodes of a DARTS cell from its preprocessed inputs s0 and s1: node i sums, in input order, the
     mixed ops of the edges from s0, s1 and nodes 0..i-1 (edge_index order); a node no edge computes for is zeros.
-    Each state's edges run as one mixed_ops group (cell_groups), with w [E, 7], weights and candidates per edge;
-    `scale` [E] multiplies each edge's output. Returns (nodes, mean [R, C], var [R, C]): the groups' statistics
-    one after the other (bn_mean, bn_var in that order in evaluation)."""
+    Each state's edges run as one mixed_ops group (cell_groups), with w [E, 7], weights and candidates per edge,
+    and `partial_channels` and `scale` [E] as mixed_ops takes them. Returns (nodes, mean [R, C/K], var [R, C/K]):
+    the groups' statistics one after the other (bn_mean, bn_var in that order in evaluation)."""
     check_mixed_cell_arguments("mixed_cell", s0, s1, w, weights, steps, stride, candidates, bn_mean, bn_var,
-                               training, pool_bn)  # fmt: skip
-    C = s0.shape[1]
+                               training, pool_bn, partial_channels, scale)  # fmt: skip
+    C = s0.shape[1] // partial_channels
     states, incoming = [s0, s1], [[] for _ in range(steps)]
     means, variances, at = [], [], 0
 
@@ -1197,7 +1200,7 @@ def mixed_cell(
         at += group.rows
         outs, mean, var = mixed_ops(
             states[group.state], w[edges], [weights[e] for e in edges], group.stride, [candidates[e] for e in edges],
-            *stats, training, eps, pool_bn, recompute, 1, None if scale is None else scale[edges],
+            *stats, training, eps, pool_bn, recompute, partial_channels, None if scale is None else scale[edges],
         )  # fmt: skip
         means.append(mean.reshape(-1, C))
         variances.append(var.reshape(-1, C))

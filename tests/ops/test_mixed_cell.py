@@ -38,7 +38,8 @@ def cell_candidates(steps, kind, seed=0):
     return candidates
 
 
-def make_cell(steps, N, C, S, stride, candidates, dtype=torch.float64, training=True, scale=False, pool_bn=True):
+def make_cell(steps, N, C, S, stride, candidates, dtype=torch.float64, training=True, scale=False, pool_bn=True,
+              partial_channels=1):  # fmt: skip
     generator = torch.Generator().manual_seed(1)
 
     def randn(*shape, scale=1.0):
@@ -47,23 +48,24 @@ def make_cell(steps, N, C, S, stride, candidates, dtype=torch.float64, training=
     s0, s1 = randn(N, C, S, S), randn(N, C, S, S)
     E = cell_edge_count(steps)
     w = torch.randn(E, 7, dtype=dtype, generator=generator).softmax(-1).requires_grad_()
-    weights = [[randn(*shape, scale=0.3) for shape in mixed_op_weight_shapes(C, stride if state < 2 else 1)]
+    width = C // partial_channels  # the channels the ops compute on
+    weights = [[randn(*shape, scale=0.3) for shape in mixed_op_weight_shapes(width, stride if state < 2 else 1)]
                for node in range(steps) for state in range(node + 2)]  # fmt: skip
     bn_mean = bn_var = None
     if not training:
         R = cell_statistics_rows(steps, stride, candidates, pool_bn)
-        bn_mean = torch.randn(R, C, dtype=dtype, generator=generator) * 0.1
-        bn_var = torch.rand(R, C, dtype=dtype, generator=generator) + 0.5
+        bn_mean = torch.randn(R, width, dtype=dtype, generator=generator) * 0.1
+        bn_var = torch.rand(R, width, dtype=dtype, generator=generator) + 0.5
     edge_scale = torch.rand(E, dtype=dtype, generator=generator).requires_grad_() if scale else None
     return s0, s1, w, weights, bn_mean, bn_var, edge_scale
 
 
 def run_cell(backend, steps, stride, candidates, s0, s1, w, weights, bn_mean, bn_var, edge_scale, training=True,
-             recompute=True, pool_bn=True):  # fmt: skip
+             recompute=True, pool_bn=True, partial_channels=1):  # fmt: skip
     """(nodes, mean, var, gradients of s0, s1, w, the scale if any and every weight) for a loss over every node."""
     nodes, mean, var = ops.mixed_cell(s0, s1, w, weights, steps, stride, candidates, bn_mean, bn_var, training,
-                                      pool_bn=pool_bn, recompute=recompute, scale=edge_scale,
-                                      backend=backend)  # fmt: skip
+                                      pool_bn=pool_bn, recompute=recompute, partial_channels=partial_channels,
+                                      scale=edge_scale, backend=backend)  # fmt: skip
     generator = torch.Generator().manual_seed(7)
     loss = sum((node * torch.randn(node.shape, dtype=node.dtype, generator=generator)).sum() for node in nodes)
     inputs = [s0, s1, w, *([] if edge_scale is None else [edge_scale]), *(t for ws in weights for t in ws)]
@@ -71,10 +73,12 @@ def run_cell(backend, steps, stride, candidates, s0, s1, w, weights, bn_mean, bn
 
 
 def check_cell(backend, steps, shape, stride, kind, training=True, recompute=True, scale=False, dtype=torch.float64,
-               candidates=None):  # fmt: skip
+               candidates=None, partial_channels=1):  # fmt: skip
     candidates = cell_candidates(steps, kind) if candidates is None else candidates
-    args = (steps, stride, candidates, *make_cell(steps, *shape, stride, candidates, dtype, training, scale))
-    got, want = run_cell(backend, *args, training, recompute), run_cell("reference", *args, training, recompute)
+    cell = make_cell(steps, *shape, stride, candidates, dtype, training, scale, partial_channels=partial_channels)
+    args = (steps, stride, candidates, *cell)
+    got, want = (run_cell(backend, *args, training, recompute, partial_channels=partial_channels)
+                 for backend in (backend, "reference"))  # fmt: skip
     tol = TOLERANCES[dtype]
     for g, r in zip(got[0], want[0]):
         torch.testing.assert_close(g, r, **tol["out"])
@@ -111,6 +115,14 @@ def test_cell_with_an_edge_scale(dtype):
 
 
 @requires_ext
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
+@pytest.mark.parametrize("stride,K", [(1, 2), (2, 2), (2, 4)], ids=["normal-K2", "reduction-K2", "reduction-K4"])
+def test_cell_with_partial_channels(stride, K, recompute):
+    """PC-DARTS's cell: every edge on its state's first C/K channels, the rest bypassing it, with the edge scale."""
+    check_cell("cpp", 3, (2, 8, 7), stride, "subsets", recompute=recompute, scale=True, partial_channels=K)
+
+
+@requires_ext
 @pytest.mark.parametrize("stride", [1, 2], ids=["normal", "reduction"])
 def test_gradcheck_float64(stride):
     candidates = [[0, 3], [1, 2, 5], [2, 4]]  # a one-node cell: two edges from the inputs, none from nodes
@@ -124,29 +136,33 @@ def test_gradcheck_float64(stride):
     assert torch.autograd.gradcheck(nodes, (s0, s1, w, scale, *flat), eps=1e-6, atol=1e-5)
 
 
-def edge_cell_arguments(steps, stride, kind, training, keep, dtype=torch.float32):
+def edge_cell_arguments(steps, stride, kind, training, keep, dtype=torch.float32, partial_channels=1):
     candidates = cell_candidates(steps, kind, seed=3)
-    s0, s1, w, weights, bn_mean, bn_var, _ = make_cell(steps, 2, 4, 7, stride, candidates, dtype, training)
+    s0, s1, w, weights, bn_mean, bn_var, scale = make_cell(steps, 2, 4 * partial_channels, 7, stride, candidates,
+                                                           dtype, training, scale=partial_channels > 1,
+                                                           partial_channels=partial_channels)  # fmt: skip
     s0, s1 = (s.detach().contiguous(memory_format=torch.channels_last) for s in (s0, s1))
+    partial = (partial_channels, scale.detach()) if partial_channels > 1 else ()
     return (s0, s1, w.detach(), [t.detach() for ws in weights for t in ws], steps, stride,
             [k for ks in candidates for k in ks], [len(ks) for ks in candidates], bn_mean, bn_var, training, 1e-5,
-            True, keep)  # fmt: skip
+            True, keep, *partial)  # fmt: skip
 
 
 def python_cell():
-    from fastdarts.ops._mixed_op import edge_cell
+    from fastdarts.ops._mixed_op import cpp_kernels, edge_cell
 
-    cpp = torch.ops.fastdarts
-    return edge_cell(cpp.edge_group.default, cpp.edge_group_backward.default, cpp.weighted_sum.default)
+    return edge_cell(torch.ops.fastdarts.edge_group.default, torch.ops.fastdarts.edge_group_backward.default,
+                     cpp_kernels)  # fmt: skip
 
 
 @requires_ext
-@pytest.mark.parametrize("kind", ["every-op", "subsets", "empty-node", "unused-input"])
+@pytest.mark.parametrize("kind", ["every-op", "subsets", "empty-node", "unused-input", "partial-channels"])
 @pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["normal", "reduction"])
 def test_edge_cell_equals_the_python_cell(stride, training, keep, kind):
-    args = edge_cell_arguments(4, stride, kind, training, keep)
+    K = 2 if kind == "partial-channels" else 1
+    args = edge_cell_arguments(4, stride, "subsets" if K > 1 else kind, training, keep, partial_channels=K)
     forward, backward = python_cell()
     want = forward(*args)
     assert_identical(list(torch.ops.fastdarts.edge_cell(*args)), list(want), "forward")
@@ -156,9 +172,10 @@ def test_edge_cell_equals_the_python_cell(stride, training, keep, kind):
              for node in nodes]  # fmt: skip
     grads[1] = None  # a node left out of the loss: its gradient is only what its own edges send back
     s0, s1, w, weights, steps, stride, candidates, counts = args[:8]
+    partial = (K, args[15], True) if K > 1 else ()  # partial channels, bypass_w and its gradient
     for flags in [(True, True, True, True), (False, False, True, False), (True, True, False, True)]:
         backward_args = (grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var, training,
-                         1e-5, True, saved, *flags)  # fmt: skip
+                         1e-5, True, saved, *flags, *partial)  # fmt: skip
         assert_identical(
             list(torch.ops.fastdarts.edge_cell_backward(*backward_args)),
             list(backward(*backward_args)),
@@ -167,19 +184,23 @@ def test_edge_cell_equals_the_python_cell(stride, training, keep, kind):
 
 
 @requires_ext
+@pytest.mark.parametrize("K", [1, 2], ids=["all-channels", "partial-channels"])
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "keep"])
 @pytest.mark.parametrize("stride", [1, 2], ids=["normal", "reduction"])
-def test_opcheck(stride, recompute):
-    args = list(edge_cell_arguments(2, stride, "subsets", True, not recompute))
-    args[-1] = recompute
+def test_opcheck(stride, recompute, K):
+    args = list(edge_cell_arguments(2, stride, "subsets", True, not recompute, partial_channels=K))
+    edge_cell_args = tuple(args)
+    args[13] = recompute
     opcheck(torch.ops.fastdarts.mixed_cell.default, tuple(args))
     nodes, mean, var, saved = torch.ops.fastdarts.mixed_cell.default(*args)
     s0, s1, w, weights, steps, stride, candidates, counts = args[:8]
     grads = [torch.randn_like(node) for node in nodes]
+    partial = (K, args[15], True) if K > 1 else ()
     backward_args = (grads, s0, s1, nodes, w, weights, steps, stride, candidates, counts, mean, var, True, 1e-5, True,
-                     saved, True, True, True, True)  # fmt: skip
+                     saved, True, True, True, True, *partial)  # fmt: skip
     opcheck(torch.ops.fastdarts.mixed_cell_backward.default, backward_args)
-    opcheck(torch.ops.fastdarts.edge_cell.default, tuple(args[:-1]) + (not recompute,))
+    opcheck(torch.ops.fastdarts.edge_cell.default, edge_cell_args)
+    opcheck(torch.ops.fastdarts.edge_cell_backward.default, backward_args)
 
 
 @requires_ext

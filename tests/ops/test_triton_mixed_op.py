@@ -20,6 +20,7 @@ from fastdarts import ops
 from fastdarts.ops import _registry
 
 from ..test_registry import run_python
+from .test_mixed_cell import check_cell
 from .test_mixed_op import (
     ALL,
     assert_agrees_with_reference,
@@ -29,7 +30,6 @@ from .test_mixed_op import (
     check_saves_only_the_input_the_weights_and_the_statistics,
     make_inputs,
 )
-from .test_mixed_cell import check_cell
 from .test_mixed_ops import check_group
 from .test_partial_channels import check_partial_group
 
@@ -168,3 +168,9 @@ def test_cell_equals_reference(stride):
     # pool), node 0 (the skip).
     candidates = [[0, 2], [5], [], [1], [2]]
     check_cell("triton", 2, (1, 2, 5), stride, "subsets", dtype=torch.float32, candidates=candidates)
+
+
+def test_partial_channel_cell_equals_reference():
+    # A one-node cell of partial channels (K = 2) and edge scales, reduction: a pool and the skip; a dil conv.
+    check_cell("triton", 1, (1, 4, 5), 2, "subsets", dtype=torch.float32, candidates=[[0, 2], [5]], scale=True,
+               partial_channels=2)  # fmt: skip
