@@ -416,8 +416,8 @@ class SearchCell(nn.Module):
         backends), and the running statistics of every BN it computed updated in one call: the arguments are those
         of `nodes`, for a cell whose auxiliary skip, if any, is skip_connect's weight."""
         first, bn = self.edges[0], self.edges[0].bns[0]
-        candidates = [[_CANDIDATE_OF_COLUMN[c] for c in (_COMPUTED_COLUMNS if columns is None else cols)]
-                      for cols in (columns or [None] * len(self.edges))]  # fmt: skip
+        edge_columns = [_COMPUTED_COLUMNS] * len(self.edges) if columns is None else columns
+        candidates = [[_CANDIDATE_OF_COLUMN[c] for c in cols] for cols in edge_columns]
         if auxiliary_skip is not None:  # a normal cell: every edge is stride 1
             weights = weights + auxiliary_skip * _SKIP_ONE_HOT.to(weights)
         stride = 2 if self.reduction else 1

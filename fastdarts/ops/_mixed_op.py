@@ -854,6 +854,7 @@ class _CellPlan:
     """A cell's flat arguments (mixed_cell's weights, candidates and counts) cut into its groups (cell_groups)."""
 
     groups: list[CellGroup]
+    strides: list[int]  # per edge
     weights: list[slice]  # per edge, its conv weights in the flat list
     candidates: list[list[int]]  # per edge
 
@@ -874,7 +875,8 @@ class _CellPlan:
         raise_unless(num_weights == at, ValueError, lambda: f"mixed_cell: the cell's edges take {at} conv weights, "
                      f"got {num_weights}")  # fmt: skip
         per_edge_candidates = _split(candidates, counts)
-        return _CellPlan(cell_groups(steps, stride, per_edge_candidates, pool_bn), slices, per_edge_candidates)
+        return _CellPlan(cell_groups(steps, stride, per_edge_candidates, pool_bn), edge_strides, slices,
+                         per_edge_candidates)  # fmt: skip
 
     def group_arguments(self, group: CellGroup, w: Tensor, weights: Sequence[Tensor]) -> tuple:
         """(w, weights, candidates, counts) of a group's edges, as edge_group takes them."""
@@ -886,12 +888,10 @@ class _CellPlan:
         """Positions, in the flat weights, of the convs of the candidates the cell computes: the others' gradients
         are None (see uncomputed_weights)."""
         computed = set()
-        for e, ks in enumerate(self.candidates):
-            s = self.weights[e]
-            stride = 1 if s.stop - s.start == sum(n for n, _ in mixed_op_layout(1)) else 2
+        for ks, stride, at in zip(self.candidates, self.strides, self.weights):
             starts, layout = _weight_starts(stride), mixed_op_layout(stride)
             for k in ks:
-                computed.update(range(s.start + starts[k], s.start + starts[k] + layout[k][0]))
+                computed.update(range(at.start + starts[k], at.start + starts[k] + layout[k][0]))
         return computed
 
     def saved_counts(self) -> list[int]:
