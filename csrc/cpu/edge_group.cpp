@@ -712,7 +712,6 @@ std::tuple<OptionalTensor, OptionalTensor, Tensors> edge_group_backward_cpu(
   return group.backward(grads, training, x_grad, w_grad, weights_grad);
 }
 
-
 // ---------------------------------------------------------------------------------------------------------------
 // edge_cell and edge_cell_backward: a DARTS cell's edges and nodes, group after group (fastdarts/ops/_mixed_op.py's
 // edge_cell, the same calls in the same order).
