@@ -780,15 +780,16 @@ struct CellPlan {
     return total;
   }
 
-  // The group's rows of w, weights, candidates and counts, as edge_group takes them.
+  // The group's rows of w, weights, candidates and counts, as edge_group takes them, and its edges' index.
   struct Arguments {
-    at::Tensor w;
+    at::Tensor edges, w;
     Tensors weights;
     std::vector<int64_t> candidates, counts;
   };
   Arguments arguments(const CellGroup& group, const at::Tensor& w, at::TensorList weights) const {
     Arguments a;
-    a.w = w.index_select(0, index_tensor(group.edges).to(w.device()));
+    a.edges = index_tensor(group.edges).to(w.device());
+    a.w = w.index_select(0, a.edges);
     for (int64_t e : group.edges) {
       a.weights.insert(a.weights.end(), weights.begin() + weight_start[e],
                        weights.begin() + weight_start[e] + weight_count[e]);
@@ -842,11 +843,11 @@ at::Tensor processed(const at::Tensor& x, int64_t partial_channels) {
 }
 
 // The rows of `t` ([E]) of a group's edges, or none.
-OptionalTensor edge_rows(const OptionalTensor& t, const std::vector<int64_t>& edges) {
+OptionalTensor edge_rows(const OptionalTensor& t, const at::Tensor& edges) {
   if (!t.has_value()) {
     return std::nullopt;
   }
-  return t->index_select(0, index_tensor(edges).to(t->device()));
+  return t->index_select(0, edges);
 }
 
 void check_cell_inputs(const char* op, const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& w,
@@ -910,7 +911,7 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
     Tensors outs = g.outs();
     if (partial_channels > 1) {
       outs = partial_channel_outputs(outs, states[group.state], partial_channels, group.stride,
-                                     edge_rows(bypass_w, group.edges));
+                                     edge_rows(bypass_w, a.edges));
     }
     means.push_back(g.mean.view({-1, C}));
     variances.push_back(g.var.view({-1, C}));
@@ -994,7 +995,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor, Tenso
     if (partial_channels > 1) {  // the ops' part of each gradient; the bypass's, straight into dL/dx
       auto [ops_grads, bypass_grad_x, group_grad_bypass_w] =
           partial_channel_outputs_backward(edge_grads, states[group.state], partial_channels, group.stride,
-                                           edge_rows(bypass_w, group.edges), x_grad, bypass_w_grad);
+                                           edge_rows(bypass_w, a.edges), x_grad, bypass_w_grad);
       size_t next = 0;
       for (size_t i = 0; i < edge_grads.size(); ++i) {
         if (edge_grads.get(i).has_value()) {
@@ -1003,7 +1004,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor, Tenso
       }
       grad_full = bypass_grad_x;
       if (bypass_w_grad) {
-        grad_bypass_w->index_copy_(0, index_tensor(group.edges).to(w.device()), *group_grad_bypass_w);
+        grad_bypass_w->index_copy_(0, a.edges, *group_grad_bypass_w);
       }
     }
     const at::TensorList group_saved =
@@ -1022,7 +1023,7 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor, Tenso
       previous = previous.has_value() ? *previous + *grad_x : *grad_x;
     }
     if (w_grad) {
-      grad_w->index_copy_(0, index_tensor(group.edges).to(w.device()), *group_grad_w);
+      grad_w->index_copy_(0, a.edges, *group_grad_w);
     }
     if (weights_grad) {
       size_t i = 0;

@@ -4,7 +4,9 @@ built from one backend's kernels and ATen GEMMs. An edge is written once (`_Edge
 op and its backward for one backend: fastdarts::mixed_ops on the C++ kernels (below, when fastdarts._C loaded) and
 fastdarts_triton::mixed_ops on the Triton kernels (_triton.py). On the C++ backend the group itself runs in C++
 (fastdarts::edge_group, csrc/cpu/edge_group.cpp: the same passes, bit for bit, without Python between the kernels);
-the Python group here is its specification and what the Triton backend runs.
+the Python group here is its specification and what the Triton backend runs. One level up, `namespace::mixed_cell`
+is a whole search cell as one node: its groups one after the other and the node sums (`edge_cell`, run in C++ by
+fastdarts::edge_cell on the C++ backend, again bit for bit).
 
 Forward: relu(x) is read once by the relu_dwconv_pointwise kernel for the first stage of every conv of every edge
 of the group, each depthwise conv going straight into its 1x1 conv tile by tile (the depthwise outputs are never
@@ -216,15 +218,25 @@ def uncomputed_weights(stride: int, candidates: Sequence[int], counts: Sequence[
     conv of an edge whose output is not in the loss (`in_loss`, per edge). Their gradient is None, as under the
     reference backend, whose graph never reaches them: a zero gradient would let an optimizer apply momentum and
     weight decay to weights the step did not use."""
-    layout, starts = mixed_op_layout(stride), _weight_starts(stride)
-    per_edge = sum(n for n, _ in layout)
+    per_edge = sum(n for n, _ in mixed_op_layout(stride))
     computed = set()
     for e, edge_candidates in enumerate(_split(candidates, counts)):
-        if not in_loss[e]:
-            continue
-        for k in edge_candidates:
-            computed.update(range(e * per_edge + starts[k], e * per_edge + starts[k] + layout[k][0]))
+        if in_loss[e]:
+            computed.update(_weight_positions(stride, edge_candidates, e * per_edge))
     return set(range(per_edge * len(counts))) - computed
+
+
+def _weight_positions(stride: int, candidates: Sequence[int], start: int) -> list[int]:
+    """Positions of the conv weights of an edge's `candidates`, its weights starting at `start` in a flat list."""
+    layout, starts = mixed_op_layout(stride), _weight_starts(stride)
+    return [i for k in candidates for i in range(start + starts[k], start + starts[k] + layout[k][0])]
+
+
+def _saved_count(stride: int, candidates: Sequence[Sequence[int]]) -> int:
+    """How many tensors a group of edges with these candidates keeps for its backward (edge_group's saved with
+    keep): each pool some edge computes once, then each edge's _saved_names."""
+    pools = {k for ks in candidates for k in ks if k in (_MAX_POOL, _AVG_POOL)}
+    return len(pools) + sum(len(_saved_names(ks, stride)) for ks in candidates)
 
 
 def candidate_rows(stride: int, pool_bn: bool) -> dict[int, int]:
@@ -777,9 +789,7 @@ def edge_group_fake(x, w, weights, stride, candidates, counts, bn_mean, bn_var, 
     shape = mixed_op_output_shape(x, stride)
     saved = []
     if keep:
-        pools = {k for k in candidates if k in (_MAX_POOL, _AVG_POOL)}
-        names = [name for ks in _split(candidates, counts) for name in _saved_names(ks, stride)]
-        saved = [_empty_like_shape(x, shape) for _ in range(len(pools) + len(names))]
+        saved = [_empty_like_shape(x, shape) for _ in range(_saved_count(stride, _split(candidates, counts)))]
     C = x.shape[1]
     return [_empty_like_shape(x, shape) for _ in range(E)], x.new_empty(E, B, C), x.new_empty(E, B, C), saved
 
@@ -889,19 +899,12 @@ class _CellPlan:
         are None (see uncomputed_weights)."""
         computed = set()
         for ks, stride, at in zip(self.candidates, self.strides, self.weights):
-            starts, layout = _weight_starts(stride), mixed_op_layout(stride)
-            for k in ks:
-                computed.update(range(at.start + starts[k], at.start + starts[k] + layout[k][0]))
+            computed.update(_weight_positions(stride, ks, at.start))
         return computed
 
     def saved_counts(self) -> list[int]:
         """Per group, the tensors its forward keeps (edge_group's saved with keep)."""
-        counts = []
-        for group in self.groups:
-            ks = [k for e in group.edges for k in self.candidates[e]]
-            pools = {k for k in ks if k in (_MAX_POOL, _AVG_POOL)}
-            counts.append(len(pools) + sum(len(_saved_names(self.candidates[e], group.stride)) for e in group.edges))
-        return counts
+        return [_saved_count(group.stride, [self.candidates[e] for e in group.edges]) for group in self.groups]
 
 
 def _node_sum(terms: Sequence[Tensor], weighted_sum: Callable[..., Tensor], zeros_like: Tensor,
