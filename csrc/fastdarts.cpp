@@ -136,21 +136,23 @@ TORCH_LIBRARY(fastdarts, m) {
   // grad_x of both pools, the max's argmax recomputed from x (ATen's: the first maximum in scan order, or a NaN);
   // a None gradient contributes nothing.
   m.def("pool_bn_stats_backward(Tensor? grad_max, Tensor? grad_avg, Tensor x, int stride) -> Tensor");
-  // DARTS's FactorizedReduce before its BN, for E = len(conv_1s) pairs of weights from one read of x [N, C, H, W]:
+  // DARTS's FactorizedReduce before its BN, for E = len(conv_1s) pairs of weights from one read of x = cat(xs, 1)
+  // [N, C, H, W] (xs: one or more [N, C_i, H, W], read where they are, as relu_pointwise_bn_stats reads them):
   // outs[e] = cat(conv_1s[e] r at the even pixels (2i, 2j), conv_2s[e] r at the odd ones (2i + 1, 2j + 1), zero where
   // those fall outside x) along the channels, r = relu(x) (x when relu is false); conv_1s[e], conv_2s[e]:
   // [h, C, 1, 1]; outs[e]: [N, 2h, (H + 1) / 2, (W + 1) / 2], laid out like x; mean, var [E, 2h]: the per-channel
   // mean and biased variance of each over (N, H_out, W_out) (no gradient: its BN's batch statistics). The skip
-  // candidates of all the stride-2 edges leaving one state.
+  // candidates of all the stride-2 edges leaving one state, and a cell's preprocessing after a reduction cell.
   m.def(
-      "factorized_reduce_bn_stats(Tensor x, Tensor[] conv_1s, Tensor[] conv_2s, bool relu) -> (Tensor[] outs, "
+      "factorized_reduce_bn_stats(Tensor[] xs, Tensor[] conv_1s, Tensor[] conv_2s, bool relu) -> (Tensor[] outs, "
       "Tensor mean, Tensor var)");
-  // One pass over x (r recomputed, never saved) and the E output gradients: grad_x (the sum over the outputs, masked
-  // by x > 0 when relu) if input_grad, else None; the gradients of conv_1s and conv_2s if weight_grad, else empty.
+  // One pass over x (r recomputed, never saved) and the E output gradients: grad_xs, the gradient of each of xs (the
+  // sum over the outputs, masked by x > 0 when relu), if input_grad, else empty; the gradients of conv_1s and conv_2s
+  // if weight_grad, else empty.
   m.def(
-      "factorized_reduce_bn_stats_backward(Tensor[] grads, Tensor x, Tensor[] conv_1s, Tensor[] conv_2s, bool relu, "
-      "bool input_grad, bool weight_grad, Tensor[]? grad_inputs=None, Tensor? grad_factors=None) -> "
-      "(Tensor?, Tensor[], Tensor[])");
+      "factorized_reduce_bn_stats_backward(Tensor[] grads, Tensor[] xs, Tensor[] conv_1s, Tensor[] conv_2s, "
+      "bool relu, bool input_grad, bool weight_grad, Tensor[]? grad_inputs=None, Tensor? grad_factors=None) -> "
+      "(Tensor[], Tensor[], Tensor[])");
   // PC-DARTS's partial channels around the ops of E = len(outs) edges leaving x [N, C, H, W], K = partial_channels
   // groups of m = C / K channels: each edge's full-width output [N, C, Ho, Wo], laid out channels_last, with
   // outs[e] ([N, m, Ho, Wo]) in channels c K and the bypass (x's other channels, 2x2-max-pooled rounding up when

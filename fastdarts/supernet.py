@@ -316,17 +316,18 @@ def _preprocess(modules: Sequence[ReLUConvBN | FactorizedReduce], s: State,
                 relu_applied: bool) -> list[torch.Tensor]:  # fmt: skip
     """The preprocessing of input s by each of `modules` (several ReLUConvBN, or one FactorizedReduce), or of
     s = relu(input) when relu_applied (the modules' ReLU skipped). ReLUConvBNs run as one fused op
-    (ops.relu_conv_bns, one pass over s, or over its nodes where they are, for all of them) on their modules'
-    parameters and buffers: a search cell's BNs are affine-free."""
+    (ops.relu_conv_bns, one pass over s, or over its nodes where they are, for all of them), a FactorizedReduce as
+    ops.factorized_reduce_bn (its nodes read where they are too), on the modules' parameters and buffers: a search
+    cell's BNs are affine-free."""
+    if any((m.bn if isinstance(m, FactorizedReduce) else m[2]).affine for m in modules):
+        raise ValueError(f"a search cell's preprocessing must be affine-free ({type(modules[0]).__name__}(..., "
+                         "affine=False))")  # fmt: skip
     if isinstance(modules[0], FactorizedReduce):
         (module,) = modules
-        return [module(_joined(s), relu=not relu_applied)]
-    weights, batch_norms = [], []
-    for _, conv, bn in modules:
-        if bn.affine:
-            raise ValueError("a search cell's preprocessing must be affine-free (ReLUConvBN(..., affine=False))")
-        weights.append(conv.weight)
-        batch_norms.append(_batch_norm_arguments(bn))
+        return [ops.factorized_reduce_bn(s, module.conv_1.weight, module.conv_2.weight,
+                                         *_batch_norm_arguments(module.bn), relu=not relu_applied)]  # fmt: skip
+    weights = [conv.weight for _, conv, _ in modules]
+    batch_norms = [_batch_norm_arguments(bn) for _, _, bn in modules]
     return ops.relu_conv_bns(s, weights, batch_norms, relu=not relu_applied)
 
 
@@ -607,8 +608,8 @@ class SearchNetwork(nn.Module):
         # Each state feeds the preprocessing of the next two cells, which both start with a ReLU. The C++ kernels
         # apply it as they read the state, and mask the gradient in the same pass; elsewhere it runs once, and its
         # backward once on the sum of both cells' gradients. The C++ kernels also read a cell's output as its nodes
-        # where they are (a list): only the readers without that (a FactorizedReduce, a fixed reduction cell, the
-        # classifier) concatenate them.
+        # where they are (a list): only a fixed reduction cell and a head (BN and ReLU before the classifier)
+        # concatenate them; the global pooling pools each node.
         shared_relu = ops.select("relu_conv_bn", s0.device) != "cpp"
         r0 = r1 = None  # relu(s0), relu(s1), once a searched cell has needed them
         ready: dict[tuple[int, int], torch.Tensor] = {}  # (cell, input): preprocessed with an earlier one
@@ -631,10 +632,10 @@ class SearchNetwork(nn.Module):
             nodes = cell.nodes(ready.pop((j, 0)), ready.pop((j, 1)), weights[kind].weights, columns[kind],
                                auxiliary_skip, weights[kind].edge_scale)  # fmt: skip
             s0, s1, r0, r1 = s1, _ConcatChannels.apply(*nodes) if shared_relu else nodes, r1, None
-        s1 = _joined(s1)
         if self.head is not None:
-            s1 = self.head(s1)
-        return self.classifier(self.global_pooling(s1).flatten(1))
+            s1 = self.head(_joined(s1))
+        nodes = [s1] if isinstance(s1, torch.Tensor) else s1
+        return self.classifier(torch.cat([self.global_pooling(node).flatten(1) for node in nodes], 1))
 
     def _preprocess_state(self, j: int, slot: int, inputs: tuple[State, State], relu_applied: bool,
                           weights: dict, ready: dict[tuple[int, int], torch.Tensor]) -> None:  # fmt: skip

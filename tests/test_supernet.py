@@ -240,9 +240,10 @@ def test_a_cell_runs_as_one_op_over_the_edges_of_each_state():
 def test_a_state_is_preprocessed_once_for_the_cells_that_read_it():
     """The stem feeds both inputs of cell 0 and input 0 of cell 1, each cell's output input 1 of the next cell and
     input 0 of the one after: one relu_pointwise_bn_stats pass per state and number of output channels (3 cells,
-    reductions at cells 1 and 2, whose input 0 from a reduction is a FactorizedReduce). On the C++ kernels a cell's
-    output is concatenated only for a reader that needs it whole: cell 0's for cell 2's FactorizedReduce, cell 2's for
-    the classifier (not cell 1's). The outputs, gradients and running statistics are the reference's."""
+    reductions at cells 1 and 2, whose input 0 from a reduction is a FactorizedReduce). On the C++ kernels no cell's
+    output is concatenated: the preprocessings (cell 2's FactorizedReduce of cell 0's output too) read its nodes
+    where they are, and the classifier's pooling pools each node. The outputs, gradients and running statistics are
+    the reference's."""
     torch.manual_seed(0)
     net = SearchNetwork(C=4, num_classes=10, layers=3, in_channels=3)
     x, y = torch.randn(3, 3, 8, 8), torch.randint(0, 10, (3,))
@@ -263,7 +264,7 @@ def test_a_state_is_preprocessed_once_for_the_cells_that_read_it():
             loss = torch.nn.functional.cross_entropy(net(x), y)
             grads = torch.autograd.grad(loss, list(net.parameters()))
         results[backend] = loss, grads, {k: v.clone() for k, v in net.state_dict().items()}
-        assert concatenations == [4] * (3 if backend == "reference" else 2)
+        assert concatenations == ([4] * 3 if backend == "reference" else [])
         if backend == "cpp":
             calls = [event.name for event in profile.events()]
             # the stem: 4 and 8 output channels; cell 0's output: cell 1's input 1; cell 1's: cell 2's input 1

@@ -155,20 +155,26 @@ std::tuple<Tensors, at::Tensor, OptionalTensor> bn_weighted_sum_backward_factors
 
 std::tuple<Tensors, at::Tensor, at::Tensor> factorized_reduce_bn_stats(const at::Tensor& x, at::TensorList conv_1s,
                                                                        at::TensorList conv_2s) {
-  static const auto op = handle<std::tuple<Tensors, at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList,
+  static const auto op = handle<std::tuple<Tensors, at::Tensor, at::Tensor>(at::TensorList, at::TensorList,
                                                                             at::TensorList, bool)>(
       "fastdarts::factorized_reduce_bn_stats");
-  return op.call(x, conv_1s, conv_2s, true);
+  return op.call({x}, conv_1s, conv_2s, true);
 }
 
 // grads formed from grad_inputs and grad_factors inside the kernel (a BN's backward).
 std::tuple<OptionalTensor, Tensors, Tensors> factorized_reduce_bn_stats_backward(
     at::TensorList grads, const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s, bool input_grad,
     bool weight_grad, at::TensorList grad_inputs, const at::Tensor& grad_factors) {
-  static const auto op = handle<std::tuple<OptionalTensor, Tensors, Tensors>(
-      at::TensorList, const at::Tensor&, at::TensorList, at::TensorList, bool, bool, bool,
+  static const auto op = handle<std::tuple<Tensors, Tensors, Tensors>(
+      at::TensorList, at::TensorList, at::TensorList, at::TensorList, bool, bool, bool,
       const std::optional<at::TensorList>&, const OptionalTensor&)>("fastdarts::factorized_reduce_bn_stats_backward");
-  return op.call(grads, x, conv_1s, conv_2s, true, input_grad, weight_grad, grad_inputs, grad_factors);
+  auto [grad_xs, grad_1s, grad_2s] =
+      op.call(grads, {x}, conv_1s, conv_2s, true, input_grad, weight_grad, grad_inputs, grad_factors);
+  OptionalTensor grad_x;
+  if (input_grad) {
+    grad_x = grad_xs[0];
+  }
+  return {grad_x, grad_1s, grad_2s};
 }
 
 Tensors partial_channel_outputs(at::TensorList outs, const at::Tensor& x, int64_t partial_channels, int64_t stride,

@@ -558,12 +558,6 @@ void check_weights_list(const char* op, const char* name, at::TensorList weights
   check_sized_list(op, name, weights, static_cast<int64_t>(weights.size()), "output", first.sizes(), "x", like);
 }
 
-void check_input(const char* op, const at::Tensor& x) {
-  check_images(op, "x", x);
-  check_supported_dtype(op, x);
-  TORCH_INTERNAL_ASSERT(x.device().is_cpu());
-}
-
 // x = cat(xs, 1): a non-empty list of image batches of one N, H, W, dtype and device. Returns x's channel count.
 int64_t check_inputs(const char* op, at::TensorList xs) {
   TORCH_CHECK_VALUE(!xs.empty(), op, ": xs must be a non-empty list of tensors");
@@ -725,33 +719,28 @@ std::tuple<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>> backwa
   return {grad_xs, grad_parts};
 }
 
-void check_factorized_reduce(const char* op, const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s) {
-  check_input(op, x);
-  check_weights_list(op, "conv_1s", conv_1s, x.size(1), x);
+void check_factorized_reduce(const char* op, at::TensorList xs, at::TensorList conv_1s, at::TensorList conv_2s) {
+  check_weights_list(op, "conv_1s", conv_1s, check_inputs(op, xs), xs[0]);
   check_sized_list(op, "conv_2s", conv_2s, static_cast<int64_t>(conv_1s.size()), "output", conv_1s[0].sizes(), "x",
-                   x);
+                   xs[0]);
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> factorized_reduce_bn_stats_cpu(
-    const at::Tensor& x, at::TensorList conv_1s, at::TensorList conv_2s, bool relu) {
-  check_factorized_reduce("factorized_reduce_bn_stats", x, conv_1s, conv_2s);
-  return forward({x}, {conv_1s, conv_2s}, relu);
+    at::TensorList xs, at::TensorList conv_1s, at::TensorList conv_2s, bool relu) {
+  check_factorized_reduce("factorized_reduce_bn_stats", xs, conv_1s, conv_2s);
+  return forward(xs, {conv_1s, conv_2s}, relu);
 }
 
-std::tuple<std::optional<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-factorized_reduce_bn_stats_backward_cpu(at::TensorList grads, const at::Tensor& x, at::TensorList conv_1s,
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
+factorized_reduce_bn_stats_backward_cpu(at::TensorList grads, at::TensorList xs, at::TensorList conv_1s,
                                         at::TensorList conv_2s, bool relu, bool input_grad, bool weight_grad,
                                         const std::optional<at::TensorList>& grad_inputs,
                                         const std::optional<at::Tensor>& grad_factors) {
   const char* op = "factorized_reduce_bn_stats_backward";
-  check_factorized_reduce(op, x, conv_1s, conv_2s);
-  auto [grad_xs, grad_parts] = backward(op, grads, {x}, {conv_1s, conv_2s}, relu, input_grad, weight_grad,
+  check_factorized_reduce(op, xs, conv_1s, conv_2s);
+  auto [grad_xs, grad_parts] = backward(op, grads, xs, {conv_1s, conv_2s}, relu, input_grad, weight_grad,
                                         grad_inputs, grad_factors);
-  std::optional<at::Tensor> grad_x;
-  if (input_grad) {
-    grad_x = grad_xs[0];
-  }
-  return {grad_x, grad_parts[0], grad_parts[1]};
+  return {grad_xs, grad_parts[0], grad_parts[1]};
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> relu_pointwise_bn_stats_cpu(at::TensorList xs,

@@ -38,6 +38,7 @@ __all__ = [
     "cpu_isa",
     "describe_kernels",
     "factorized_reduce",
+    "factorized_reduce_bn",
     "mixed_cell",
     "mixed_op",
     "mixed_ops",
@@ -148,6 +149,43 @@ def factorized_reduce(
     reference (a matrix product on cuBLAS). Raises ValueError for shapes that do not fit (on "cpp").
     """
     return dispatch("factorized_reduce", x.device, backend)(x, conv_1, conv_2, relu)
+
+
+def factorized_reduce_bn(
+    x: Tensor | Sequence[Tensor],
+    conv_1: Tensor,
+    conv_2: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """A DARTS cell's preprocessing of its input 0 after a reduction cell: `factorized_reduce`, then an affine-free
+    BN (space.FactorizedReduce(C_in, C_out, affine=False)), with F.batch_norm's arguments and semantics.
+
+    Args:
+        x: [N, C_in, H, W], float32 or float64, any memory layout (channels_last is the fast one); or its channel
+            parts, as for `relu_conv_bns` (a cell's output nodes).
+        conv_1, conv_2: [C_out / 2, C_in, 1, 1] each.
+        running_mean, running_var, training, momentum, eps, relu: as for `relu_conv_bn`, over the C_out channels.
+        backend: "reference", "cpp" or "triton" for this call, as for the other ops.
+
+    Returns [N, C_out, (H + 1) // 2, (W + 1) // 2], laid out like `x`. Differentiable once in x (its parts) and the
+    weights on "cpp", which reads x's parts where they are for the ReLU, the convs and the statistics, normalises by
+    one more pass over the output, and in the backward forms the BN's gradient inside the convs' pass, which writes
+    each part's gradient; "triton" and "reference" run factorized_reduce on the concatenation, then F.batch_norm.
+    Raises ValueError as `factorized_reduce` and `relu_conv_bn` do.
+    """
+    parts = channel_parts(x)
+    if not parts:
+        raise ValueError("factorized_reduce_bn: x must be a tensor or a non-empty list of tensors")
+    return dispatch("factorized_reduce_bn", parts[0].device, backend)(
+        x, conv_1, conv_2, running_mean, running_var, training, momentum, eps, relu
+    )
 
 
 def relu_conv_bn(

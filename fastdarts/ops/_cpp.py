@@ -32,6 +32,7 @@ from .reference import (
     check_bn_weighted_sum_arguments,
     check_explore_p,
     check_factorized_reduce_arguments,
+    check_factorized_reduce_bn_arguments,
     check_factorized_reduce_bn_stats_arguments,
     check_formed_grads,
     check_gate_noise,
@@ -339,9 +340,10 @@ refuse_differentiation(
 
 
 @torch.library.register_fake("fastdarts::factorized_reduce_bn_stats")
-def _factorized_reduce_bn_stats_fake(x, conv_1s, conv_2s, relu):
+def _factorized_reduce_bn_stats_fake(xs, conv_1s, conv_2s, relu):
     op = "factorized_reduce_bn_stats"
-    check_factorized_reduce_bn_stats_arguments(op, x, conv_1s, conv_2s, torch_check)
+    check_factorized_reduce_bn_stats_arguments(op, xs, conv_1s, conv_2s, torch_check)
+    x = xs[0]
     check_supported_dtype(op, x)
     memory_format = suggest_memory_format(x)
     shape = factorized_reduce_output_shape(x, conv_1s[0])
@@ -350,18 +352,19 @@ def _factorized_reduce_bn_stats_fake(x, conv_1s, conv_2s, relu):
 
 
 @torch.library.register_fake("fastdarts::factorized_reduce_bn_stats_backward")
-def _factorized_reduce_bn_stats_backward_fake(grads, x, conv_1s, conv_2s, relu, input_grad, weight_grad,
+def _factorized_reduce_bn_stats_backward_fake(grads, xs, conv_1s, conv_2s, relu, input_grad, weight_grad,
                                               grad_inputs=None, grad_factors=None):  # fmt: skip
     op = "factorized_reduce_bn_stats_backward"
-    check_factorized_reduce_bn_stats_arguments(op, x, conv_1s, conv_2s, torch_check)
+    check_factorized_reduce_bn_stats_arguments(op, xs, conv_1s, conv_2s, torch_check)
+    x = xs[0]
     check_supported_dtype(op, x)
     shape = factorized_reduce_output_shape(x, conv_1s[0])
     check_sized_list(op, "grads", grads, len(conv_1s), "output", shape, "x", x, torch_check)
     check_formed_grads(op, len(conv_1s), "output", shape, x, grad_inputs, grad_factors, torch_check)
-    grad_x = torch.empty_like(x) if input_grad else None
+    grad_xs = [torch.empty_like(part) for part in xs] if input_grad else []
     grad_1s = [w.new_empty(w.shape) for w in conv_1s] if weight_grad else []
     grad_2s = [w.new_empty(w.shape) for w in conv_2s] if weight_grad else []
-    return grad_x, grad_1s, grad_2s
+    return grad_xs, grad_1s, grad_2s
 
 
 @torch.library.register_fake("fastdarts::relu_pointwise_bn_stats")
@@ -442,34 +445,30 @@ for _name in ("partial_channel_outputs", "partial_channel_outputs_backward"):
 
 
 def _register_pointwise_bn_stats_autograd(name: str, parts: int) -> None:
-    """Autograd of fastdarts::`name` (x, `parts` lists of E weights, relu) -> (outs, mean, var) through its backward op
-    (grads, x, the weight lists, relu, input_grad, weight_grad) -> (grad_x, one gradient list per part); x is a
-    tensor, or a list of tensors (x's channel parts, with a list of gradients). Saves x and the weights; the backward
-    kernel recomputes relu(x)."""
+    """Autograd of fastdarts::`name` (xs, `parts` lists of E weights, relu) -> (outs, mean, var) through its backward
+    op (grads, xs, the weight lists, relu, input_grad, weight_grad) -> (grad_xs, one gradient list per part), xs the
+    channel parts of x. Saves xs and the weights; the backward kernel recomputes relu(x)."""
     backward_op = getattr(torch.ops.fastdarts, f"{name}_backward").default
 
     def setup_context(ctx, inputs, output):
-        x, *weights, relu = inputs
+        xs, *weights, relu = inputs
         _, mean, var = output
         ctx.mark_non_differentiable(mean, var)
-        ctx.x_parts = None if isinstance(x, Tensor) else len(x)
-        ctx.num_outputs, ctx.relu = len(weights[0]), relu
-        ctx.save_for_backward(*channel_parts(x), *(w for ws in weights for w in ws))
+        ctx.x_parts, ctx.num_outputs, ctx.relu = len(xs), len(weights[0]), relu
+        ctx.save_for_backward(*xs, *(w for ws in weights for w in ws))
 
     def backward(ctx, grads, _grad_mean, _grad_var):
-        E, x_parts = ctx.num_outputs, ctx.x_parts
-        P = 1 if x_parts is None else x_parts
-        needs = needs_input_grad(ctx)  # x (each of its parts), then every part's E weights
+        E, P = ctx.num_outputs, ctx.x_parts
+        needs = needs_input_grad(ctx)  # each part of x, then every part's E weights
         x_needs, weight_needs = needs[:P], needs[P:]
         saved = ctx.saved_tensors
-        x, flat = (saved[0] if x_parts is None else list(saved[:P])), saved[P:]
+        xs, flat = list(saved[:P]), saved[P:]
         weights = [flat[p * E : (p + 1) * E] for p in range(parts)]
-        grad_x, *grad_parts = backward_op(list(grads), x, *weights, ctx.relu, any(x_needs), any(weight_needs))
-        if x_parts is not None:
-            grad_x = [g if need else None for g, need in zip(grad_x, x_needs)] if any(x_needs) else [None] * P
+        grad_xs, *grad_parts = backward_op(list(grads), xs, *weights, ctx.relu, any(x_needs), any(weight_needs))
+        grad_xs = [g if need else None for g, need in zip(grad_xs, x_needs)] if any(x_needs) else [None] * P
         flat_grads = [g for gs in grad_parts for g in gs] or [None] * (parts * E)
         flat_grads = [g if need else None for g, need in zip(flat_grads, weight_needs)]
-        return grad_x, *(flat_grads[p * E : (p + 1) * E] for p in range(parts)), None
+        return grad_xs, *(flat_grads[p * E : (p + 1) * E] for p in range(parts)), None
 
     torch.library.register_autograd(f"fastdarts::{name}", backward, setup_context=setup_context)
     refuse_differentiation(
@@ -487,25 +486,31 @@ def factorized_reduce(x: Tensor, conv_1: Tensor, conv_2: Tensor, relu: bool = Tr
     """reference.factorized_reduce by the factorized_reduce_bn_stats kernel (CPU, float32/float64); its statistics,
     a few sums per output value, go unused."""
     check_factorized_reduce_arguments("factorized_reduce", x, conv_1, conv_2)
-    (out,), _, _ = torch.ops.fastdarts.factorized_reduce_bn_stats.default(x, [conv_1], [conv_2], relu)
+    (out,), _, _ = torch.ops.fastdarts.factorized_reduce_bn_stats.default([x], [conv_1], [conv_2], relu)
     return out
 
 
-class _ReluConvBNs(torch.autograd.Function):
-    """reference.relu_conv_bn of one x = torch.cat(xs, 1) for K weights on the kernels: the ReLU, the K 1x1 convs and
-    their outputs' statistics in one pass over xs where they are (relu_pointwise_bn_stats), each BN as a one-term
-    bn_weighted_sum; the backward is each BN's backward as factors (bn_weighted_sum_backward_factors, through the
-    batch statistics in training) and one conv backward for all K, which forms each output's gradient from them as
-    it reads it, masks the gradient by x > 0, sums it over the outputs and writes it to each of xs in the same pass.
-    Saves xs, the weights, the convs' outputs and the statistics."""
+class _ConvBNs(torch.autograd.Function):
+    """K convs of one x = torch.cat(xs, 1) by a statistics kernel, each followed by an affine-free BN: a cell's
+    preprocessing. `kernel` names the kernel and how many weight lists it takes: ("relu_pointwise_bn_stats", 1), K
+    ReLU-1x1 convs (reference.relu_conv_bns), or ("factorized_reduce_bn_stats", 2), K FactorizedReduces
+    (reference.factorized_reduce_bn). The ReLU, the K convs and their outputs' statistics run in one pass over xs
+    where they are; each BN is a one-term bn_weighted_sum. The backward is each BN's backward as factors
+    (bn_weighted_sum_backward_factors, through the batch statistics in training) and one conv backward for all K,
+    which forms each output's gradient from them as it reads it, masks the gradient by x > 0, sums it over the
+    outputs and writes it to each of xs in the same pass. Saves xs, the weights, the convs' outputs and the
+    statistics."""
 
     @staticmethod
-    def forward(ctx, num_parts, relu, trainings, momenta, epsilons, *tensors):
+    def forward(ctx, kernel, num_parts, relu, trainings, momenta, epsilons, *tensors):
+        name, lists = kernel
         K = len(trainings)
         xs, tensors = list(tensors[:num_parts]), tensors[num_parts:]
-        weights, running_means, running_vars = tensors[:K], tensors[K : 2 * K], tensors[2 * K :]
+        weights, running_means, running_vars = tensors[: lists * K], tensors[lists * K : (lists + 1) * K], \
+            tensors[(lists + 1) * K :]  # fmt: skip
+        weight_lists = [list(weights[i * K : (i + 1) * K]) for i in range(lists)]
         with below_autograd():
-            ts, means, variances = torch.ops.fastdarts.relu_pointwise_bn_stats.default(xs, list(weights), relu)
+            ts, means, variances = getattr(torch.ops.fastdarts, name).default(xs, *weight_lists, relu)
         one = xs[0].new_ones(1)
         outs, statistics = [], []
         for k, t in enumerate(ts):
@@ -522,17 +527,17 @@ class _ReluConvBNs(torch.autograd.Function):
                 outs.append(torch.ops.fastdarts.bn_weighted_sum.default([t], one, mean, invstd))
             statistics += [mean, invstd]
         ctx.save_for_backward(*xs, one, *weights, *ts, *statistics)
-        ctx.trainings, ctx.relu, ctx.num_parts = trainings, relu, num_parts
-        ctx.set_materialize_grads(False)  # an output not in the loss gets None, and its weight no gradient
+        ctx.kernel, ctx.trainings, ctx.relu, ctx.num_parts = kernel, trainings, relu, num_parts
+        ctx.set_materialize_grads(False)  # an output not in the loss gets None, and its weights no gradient
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        K, P = len(ctx.trainings), ctx.num_parts
+        (name, lists), K, P = ctx.kernel, len(ctx.trainings), ctx.num_parts
         saved = ctx.saved_tensors
         xs, one, rest = list(saved[:P]), saved[P], saved[P + 1 :]
-        weights, ts, statistics = rest[:K], rest[K : 2 * K], rest[2 * K :]
-        needs = ctx.needs_input_grad[5:]  # the parts of x, the weights, the running statistics
+        weights, ts, statistics = rest[: lists * K], rest[lists * K : (lists + 1) * K], rest[(lists + 1) * K :]
+        needs = ctx.needs_input_grad[6:]  # the parts of x, the weights, the running statistics
         # The outputs in the loss (None: not), each BN's backward as factors, with which one conv backward for them
         # all forms the gradients as it reads them.
         taken = [k for k in range(K) if grads[k] is not None]
@@ -545,19 +550,26 @@ class _ReluConvBNs(torch.autograd.Function):
                 )
             taken_grads.append(grad)
             factors.append(rows)
-        weight_grads = [None] * K
+        weight_grads = [None] * (lists * K)
         grad_xs = [None] * P
         if taken:
-            x_needs, weight_needs = needs[:P], needs[P : P + K]
+            x_needs, weight_needs = needs[:P], needs[P : P + lists * K]
+            taken_weights = [[weights[i * K + k] for k in taken] for i in range(lists)]
             with below_autograd():
-                grad_xs, weights_grads = torch.ops.fastdarts.relu_pointwise_bn_stats_backward.default(
-                    taken_grads, xs, [weights[k] for k in taken], ctx.relu, any(x_needs),
-                    any(weight_needs[k] for k in taken), [ts[k] for k in taken], torch.cat(factors),
+                grad_xs, *grad_lists = getattr(torch.ops.fastdarts, f"{name}_backward").default(
+                    taken_grads, xs, *taken_weights, ctx.relu, any(x_needs),
+                    any(weight_needs[i * K + k] for i in range(lists) for k in taken),
+                    [ts[k] for k in taken], torch.cat(factors),
                 )  # fmt: skip
             grad_xs = [g if need else None for g, need in zip(grad_xs, x_needs)] if any(x_needs) else [None] * P
-            for k, g in zip(taken, weights_grads):
-                weight_grads[k] = g if weight_needs[k] else None
-        return None, None, None, None, None, *grad_xs, *weight_grads, *([None] * (2 * K))
+            for i, grad_list in enumerate(grad_lists):
+                for k, g in zip(taken, grad_list):
+                    weight_grads[i * K + k] = g if weight_needs[i * K + k] else None
+        return None, None, None, None, None, None, *grad_xs, *weight_grads, *([None] * (2 * K))
+
+
+_RELU_POINTWISE = ("relu_pointwise_bn_stats", 1)
+_FACTORIZED_REDUCE = ("factorized_reduce_bn_stats", 2)
 
 
 def relu_conv_bns(
@@ -577,8 +589,8 @@ def _relu_conv_bns(xs: list[Tensor], weights: Sequence[Tensor], batch_norms: Seq
     for channels in dict.fromkeys(w.shape[0] for w in weights):
         ks = [k for k, w in enumerate(weights) if w.shape[0] == channels]
         running_means, running_vars, trainings, momenta, epsilons = zip(*(batch_norms[k] for k in ks))
-        group = _ReluConvBNs.apply(len(xs), relu, trainings, momenta, epsilons, *xs, *(weights[k] for k in ks),
-                                   *running_means, *running_vars)  # fmt: skip
+        group = _ConvBNs.apply(_RELU_POINTWISE, len(xs), relu, trainings, momenta, epsilons, *xs,
+                               *(weights[k] for k in ks), *running_means, *running_vars)  # fmt: skip
         for k, out in zip(ks, group):
             outs[k] = out
     return outs
@@ -591,6 +603,19 @@ def relu_conv_bn(
     """reference.relu_conv_bn by the C++ kernels (CPU, float32/float64)."""
     check_relu_conv_bn_arguments("relu_conv_bn", x, weight, running_mean, running_var, training)
     return _relu_conv_bns([x], [weight], [(running_mean, running_var, training, momentum, eps)], relu)[0]
+
+
+def factorized_reduce_bn(
+    x: Tensor | Sequence[Tensor], conv_1: Tensor, conv_2: Tensor, running_mean: Tensor | None,
+    running_var: Tensor | None, training: bool, momentum: float, eps: float, relu: bool = True,
+) -> Tensor:  # fmt: skip
+    """reference.factorized_reduce_bn by the C++ kernels (CPU, float32/float64), as relu_conv_bns: x's channel parts,
+    when given, are read where they are."""
+    check_factorized_reduce_bn_arguments("factorized_reduce_bn", x, conv_1, conv_2, running_mean, running_var, training)
+    xs = channel_parts(x)
+    (out,) = _ConvBNs.apply(_FACTORIZED_REDUCE, len(xs), relu, (training,), (momentum,), (eps,), *xs, conv_1, conv_2,
+                            running_mean, running_var)  # fmt: skip
+    return out
 
 
 # sample_gates, pool_bn_stats and bn_weighted_sum: their autograd formulas are _autograd.py's, shared with the Triton

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from . import reference
 from ._autograd import below_autograd, check_supported_dtype, refuse_differentiation
@@ -54,6 +55,7 @@ from .reference import (
     factorized_reduce_halves,
     factorized_reduce_halves_backward,
     formed_grads,
+    joined_channels,
     mixed_op_layout,
     mixed_op_output_shape,
     normalised,
@@ -76,9 +78,9 @@ class EdgeKernels:
     pool_bn_stats: Callable[..., tuple]  # (x, stride) -> (max_out, avg_out, mean, var)
     pool_bn_stats_backward: Callable[..., Tensor]  # (grad_max or None, grad_avg or None, x, stride) -> grad_x
     weighted_sum: Callable[..., Tensor]  # (xs, w)
-    # (x, conv_1s, conv_2s, relu) -> (outs, mean [E, C], var [E, C])
+    # (xs, conv_1s, conv_2s, relu) -> (outs, mean [E, C], var [E, C]), x = torch.cat(xs, 1)
     factorized_reduce_bn_stats: Callable[..., tuple]
-    # (grads, x, conv_1s, conv_2s, relu, input_grad, weight_grad[, grad_inputs, grad_factors]) -> (grad_x or None,
+    # (grads, xs, conv_1s, conv_2s, relu, input_grad, weight_grad[, grad_inputs, grad_factors]) -> (grad_xs or [],
     #  grad_conv_1s or [], grad_conv_2s or []); formed gradients as relu_dwconv_pointwise_backward's
     factorized_reduce_bn_stats_backward: Callable[..., tuple]
     bn_weighted_sum: Callable[..., Tensor]  # (ts, w, mean, invstd)
@@ -113,16 +115,18 @@ def _pointwise_backward(dt: Tensor, z: Tensor, weight: Tensor, weight_grad: bool
 
 
 def composed_factorized_reduce_bn_stats_backward(
-    grads: Sequence[Tensor], x: Tensor, conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor], relu: bool,
+    grads: Sequence[Tensor], xs: Sequence[Tensor], conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor], relu: bool,
     input_grad: bool, weight_grad: bool, grad_inputs: Sequence[Tensor] | None = None,
     grad_factors: Tensor | None = None,
-) -> tuple[Tensor | None, list[Tensor], list[Tensor]]:  # fmt: skip
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:  # fmt: skip
     """factorized_reduce_bn_stats_backward's results for a backend without its kernel: per output, the same
     subsampled halves and block-diagonal matrix as reference.factorized_reduce, in two matrix products on the BLAS
-    (no strided 1x1 oneDNN conv, see there), then the ReLU's mask and the sum over the outputs; with grad_inputs
-    and grad_factors, the output gradients formed first (reference.formed_grads)."""
+    (no strided 1x1 oneDNN conv, see there), then the ReLU's mask and the sum over the outputs, split into the
+    gradients of x = torch.cat(xs, 1)'s parts; with grad_inputs and grad_factors, the output gradients formed first
+    (reference.formed_grads)."""
     if grad_inputs is not None:
         grads = formed_grads(grads, grad_inputs, grad_factors)
+    x = joined_channels(xs)
     N, C = x.shape[:2]
     half = conv_1s[0].shape[0]
     r = x.relu() if relu else x
@@ -138,9 +142,14 @@ def composed_factorized_reduce_bn_stats_backward(
             d_halves = (dt_rows @ matrix).reshape(N, dt.shape[2], dt.shape[3], 2 * C).permute(0, 3, 1, 2)
             grad_r = factorized_reduce_halves_backward(d_halves, x.shape, _CHANNELS_LAST)
             grad_x = grad_r if grad_x is None else grad_x + grad_r
-    if grad_x is not None and relu:
+    if grad_x is None:
+        return [], grad_1s, grad_2s
+    if relu:
         grad_x = torch.ops.aten.threshold_backward.default(grad_x, x, 0)
-    return grad_x, grad_1s, grad_2s
+    if len(xs) == 1:
+        return [grad_x], grad_1s, grad_2s
+    parts = grad_x.split([part.shape[1] for part in xs], dim=1)
+    return [g.contiguous(memory_format=suggest_memory_format(part)) for g, part in zip(parts, xs)], grad_1s, grad_2s
 
 
 def composed_relu_dwconv_pointwise(
@@ -526,7 +535,7 @@ class _EdgeGroup:
         reduces = [e for e in range(E) if _SKIP in candidates[e]] if stride != 1 else []
         if reduces:  # the stride-2 skips' FactorizedReduce, from one read of x
             ts, mean, var = kernels.factorized_reduce_bn_stats(
-                x, [per_edge[e][_SKIP][0] for e in reduces], [per_edge[e][_SKIP][1] for e in reduces], True
+                [x], [per_edge[e][_SKIP][0] for e in reduces], [per_edge[e][_SKIP][1] for e in reduces], True
             )
             for i, (e, t) in enumerate(zip(reduces, ts)):
                 first_stage[e][_SKIP] = (t, mean[i], var[i])
@@ -566,15 +575,15 @@ class _EdgeGroup:
                 edge.backward(_prepare(grad), x_grad, w_grad, weights_grad, group)
         if group.reduces:
             grads, inputs, factors, es = zip(*group.reduces)
-            dx, grad_1s, grad_2s = self.kernels.factorized_reduce_bn_stats_backward(
-                list(grads), x, [self.edges[e].weights[_SKIP][0] for e in es],
+            dxs, grad_1s, grad_2s = self.kernels.factorized_reduce_bn_stats_backward(
+                list(grads), [x], [self.edges[e].weights[_SKIP][0] for e in es],
                 [self.edges[e].weights[_SKIP][1] for e in es], True, x_grad, weights_grad, list(inputs),
                 torch.cat(factors),
             )  # fmt: skip
             for e, g1, g2 in zip(es, grad_1s, grad_2s):
                 group.set_weight_grads(_SKIP, (0, 1), (g1, g2), edge=e)
             if x_grad:
-                group.add_term(dx)
+                group.add_term(dxs[0])
         if group.pool_grads:  # both pools' gradients in one pass over x, which recomputes the argmax
             group.add_term(self.kernels.pool_bn_stats_backward(
                 group.pool_grad(_MAX_POOL, self.kernels.weighted_sum),

@@ -81,6 +81,10 @@ _TABLE: dict[str, dict[str, Callable[..., Any]]] = {
         "reference": reference.factorized_reduce,
         **({"cpp": _cpp.factorized_reduce} if EXTENSION_LOADED else {}),
     },
+    "factorized_reduce_bn": {
+        "reference": reference.factorized_reduce_bn,
+        **({"cpp": _cpp.factorized_reduce_bn} if EXTENSION_LOADED else {}),
+    },
     "relu_conv_bn": {
         "reference": reference.relu_conv_bn,
         **({"cpp": _cpp.relu_conv_bn} if EXTENSION_LOADED else {}),

@@ -91,6 +91,7 @@ from .reference import (
     relu_dwconv_output_shape,
 )
 from .reference import factorized_reduce as reference_factorized_reduce
+from .reference import factorized_reduce_bn as reference_factorized_reduce_bn
 from .reference import relu_conv_bn as reference_relu_conv_bn
 from .reference import relu_conv_bns as reference_relu_conv_bns
 
@@ -1247,6 +1248,7 @@ mixed_ops, mixed_op, mixed_cell = define_mixed_ops(
 relu_conv_bn = reference_relu_conv_bn
 relu_conv_bns = reference_relu_conv_bns
 factorized_reduce = reference_factorized_reduce
+factorized_reduce_bn = reference_factorized_reduce_bn
 
 
 # The recurrent mixed op, in a module of its own; imported last: it uses the launch helpers above.

@@ -721,10 +721,12 @@ def check_pointwise_weights(op: str, name: str, weights: Sequence[Tensor], x: Te
 
 
 def check_factorized_reduce_bn_stats_arguments(
-    op: str, x: Tensor, conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor], require: Require = raise_unless
-) -> None:
-    """x an image batch; conv_1s a non-empty list of [h, C, 1, 1] weights, conv_2s as many of the same shape."""
-    check_images(op, "x", x, require)
+    op: str, xs: Sequence[Tensor], conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor],
+    require: Require = raise_unless,
+) -> None:  # fmt: skip
+    """xs the channel parts of x (check_channel_parts); conv_1s a non-empty list of [h, C, 1, 1] weights for x's C
+    channels, conv_2s as many of the same shape."""
+    x = check_channel_parts(op, "xs", xs, require)
     check_pointwise_weights(op, "conv_1s", conv_1s, x, require)
     check_sized_list(op, "conv_2s", conv_2s, len(conv_1s), "output", list(conv_1s[0].shape), "x", x, require)
 
@@ -787,6 +789,15 @@ def check_relu_conv_bn_arguments(
 ) -> None:  # fmt: skip
     check_images(op, "x", x, require)
     check_pointwise_weight(op, "weight", weight, "C_out", x, require)
+    check_running_statistics(op, weight.shape[0], running_mean, running_var, training, x, require)
+
+
+def check_running_statistics(
+    op: str, C_out: int, running_mean: Tensor | None, running_var: Tensor | None, training: bool, x: Tensor,
+    require: Require = raise_unless,
+) -> None:  # fmt: skip
+    """An affine-free BN's running statistics over C_out channels as F.batch_norm takes them: both or neither, and
+    both in evaluation, each [C_out] with x's dtype and device."""
     require(
         (running_mean is None) == (running_var is None),
         ValueError,
@@ -797,7 +808,6 @@ def check_relu_conv_bn_arguments(
         ValueError,
         lambda: f"{op}: in evaluation the running statistics are needed (or training=True for the batch's)",
     )
-    C_out = weight.shape[0]
     for name, stats in (("running_mean", running_mean), ("running_var", running_var)):
         if stats is not None:
             require(
@@ -861,6 +871,30 @@ def relu_conv_bns(
     return [_relu_conv_bn(x, weight, *bn, relu) for weight, bn in zip(weights, batch_norms)]
 
 
+def check_factorized_reduce_bn_arguments(
+    op: str, x: Tensor | Sequence[Tensor], conv_1: Tensor, conv_2: Tensor, running_mean: Tensor | None,
+    running_var: Tensor | None, training: bool, require: Require = raise_unless,
+) -> None:  # fmt: skip
+    """factorized_reduce_bn's: x a tensor or its channel parts (check_channel_parts), factorized_reduce's weights, and
+    relu_conv_bn's running statistics for the 2 conv_1.shape[0] output channels."""
+    if not isinstance(x, Tensor):
+        x = check_channel_parts(op, "x", x, require)
+    check_factorized_reduce_arguments(op, x, conv_1, conv_2, require)
+    check_running_statistics(op, 2 * conv_1.shape[0], running_mean, running_var, training, x, require)
+
+
+def factorized_reduce_bn(
+    x: Tensor | Sequence[Tensor], conv_1: Tensor, conv_2: Tensor, running_mean: Tensor | None,
+    running_var: Tensor | None, training: bool, momentum: float, eps: float, relu: bool = True,
+) -> Tensor:  # fmt: skip
+    """factorized_reduce, then an affine-free BN with F.batch_norm's arguments and semantics (as relu_conv_bn's): the
+    preprocessing of a cell after a reduction cell (space.FactorizedReduce with affine=False). x may be given as its
+    channel parts, x = torch.cat(x, 1) (a cell's output nodes)."""
+    check_factorized_reduce_bn_arguments("factorized_reduce_bn", x, conv_1, conv_2, running_mean, running_var, training)
+    out = factorized_reduce(joined_channels(channel_parts(x)), conv_1, conv_2, relu)
+    return F.batch_norm(out, running_mean, running_var, None, None, training, momentum, eps)
+
+
 def _batch_statistics(outs: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     """[E, C] per-channel means and biased variances of the E outputs, without gradient."""
     with torch.no_grad():
@@ -873,12 +907,14 @@ def factorized_reduce_output_shape(x: Tensor, conv_1: Tensor) -> list[int]:
 
 
 def factorized_reduce_bn_stats(
-    x: Tensor, conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor], relu: bool = True
+    xs: Sequence[Tensor], conv_1s: Sequence[Tensor], conv_2s: Sequence[Tensor], relu: bool = True
 ) -> tuple[list[Tensor], Tensor, Tensor]:
-    """factorized_reduce(x, conv_1s[e], conv_2s[e], relu) for every e, and the per-channel mean and biased variance
-    of each output over (N, H_out, W_out) ([E, C_out] each, no gradient): the stride-2 skips of the edges leaving x
-    before their BNs."""
-    check_factorized_reduce_bn_stats_arguments("factorized_reduce_bn_stats", x, conv_1s, conv_2s)
+    """factorized_reduce(x, conv_1s[e], conv_2s[e], relu) for every e, x = torch.cat(xs, 1), and the per-channel
+    mean and biased variance of each output over (N, H_out, W_out) ([E, C_out] each, no gradient): the stride-2
+    skips of the edges leaving x before their BNs, or a cell's preprocessing of the nodes of a cell before a
+    reduction."""
+    check_factorized_reduce_bn_stats_arguments("factorized_reduce_bn_stats", xs, conv_1s, conv_2s)
+    x = joined_channels(xs)
     outs = [factorized_reduce(x, conv_1, conv_2, relu) for conv_1, conv_2 in zip(conv_1s, conv_2s)]
     return outs, *_batch_statistics(outs)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from fastdarts import ops
+from fastdarts import ops, space
 from fastdarts.ops import reference
 from fastdarts.space import ReLUConvBN, drop_running_statistics
 from fastdarts.supernet import _batch_norm_arguments
@@ -32,7 +32,7 @@ TOLERANCES = {
 
 
 class FactorizedReduce:
-    """factorized_reduce_bn_stats: E pairs of weights, (conv_1s, conv_2s); x one tensor."""
+    """factorized_reduce_bn_stats: E pairs of weights, (conv_1s, conv_2s); x a list of one tensor."""
 
     parts = 2
     op = torch.ops.fastdarts.factorized_reduce_bn_stats.default
@@ -40,8 +40,16 @@ class FactorizedReduce:
     reference = staticmethod(reference.factorized_reduce_bn_stats)
 
     @staticmethod
-    def channel_split(C):  # x given whole
-        return None
+    def channel_split(C):
+        return [C]
+
+
+class FactorizedReduceParts(FactorizedReduce):
+    """factorized_reduce_bn_stats with x in up to three channel parts of unequal sizes (a cell's output nodes)."""
+
+    @staticmethod
+    def channel_split(C):
+        return [c for c in (C // 2, C // 4, C - C // 4 - C // 2) if c > 0]
 
 
 class ReluPointwise:
@@ -65,40 +73,31 @@ class ReluPointwiseParts(ReluPointwise):
         return [c for c in (C // 4, C // 2, C - C // 4 - C // 2) if c > 0]
 
 
-KERNELS = [FactorizedReduce, ReluPointwise, ReluPointwiseParts]
-KERNEL_IDS = ["factorized_reduce", "relu_pointwise", "relu_pointwise_parts"]
+KERNELS = [FactorizedReduce, FactorizedReduceParts, ReluPointwise, ReluPointwiseParts]
+KERNEL_IDS = ["factorized_reduce", "factorized_reduce_parts", "relu_pointwise", "relu_pointwise_parts"]
 
 
 def make_inputs(kernel, case, dtype=torch.float32, layout="channels_last", requires_grad=True):
-    """(x, weights): x a tensor, or a list of its channel parts (kernel.channel_split); weights one list per part."""
+    """(xs, weights): xs the channel parts of x (kernel.channel_split), each a tensor of its own; weights one list per
+    part."""
     N, C, H, W, E, h = case
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(N, C, H, W, dtype=dtype, generator=generator).contiguous(memory_format=memory_format_of(layout))
     weights = [[torch.randn(h, C, 1, 1, dtype=dtype, generator=generator).requires_grad_(requires_grad)
                 for _ in range(E)] for _ in range(kernel.parts)]  # fmt: skip
-    split = kernel.channel_split(C)
-    if split is None:
-        return x.requires_grad_(requires_grad), weights
-    parts = [part.contiguous(memory_format=memory_format_of(layout)) for part in x.split(split, dim=1)]
+    parts = [part.contiguous(memory_format=memory_format_of(layout)) for part in x.split(kernel.channel_split(C), 1)]
     return [part.requires_grad_(requires_grad) for part in parts], weights
 
 
-def parts_of(x):
-    """The tensors of x: itself, or its channel parts."""
-    return [x] if isinstance(x, torch.Tensor) else list(x)
-
-
-def forward(kernel, x, weights, relu=True):
-    outs, mean, var = kernel.op(x, *weights, relu)
+def forward(kernel, xs, weights, relu=True):
+    outs, mean, var = kernel.op(xs, *weights, relu)
     return list(outs), mean, var
 
 
-def backward(kernel, grads, x, weights, relu, input_grad, weight_grad):
-    """(the gradient of each of x's tensors, or None; [per part, the weights' gradients])."""
-    grad_x, *grad_parts = kernel.backward(grads, x, *weights, relu, input_grad, weight_grad)
-    if isinstance(x, torch.Tensor):
-        return (None if grad_x is None else [grad_x]), grad_parts
-    return (list(grad_x) if input_grad else None), grad_parts
+def backward(kernel, grads, xs, weights, relu, input_grad, weight_grad):
+    """(the gradient of each of xs, or None; [per part, the weights' gradients])."""
+    grad_xs, *grad_parts = kernel.backward(grads, xs, *weights, relu, input_grad, weight_grad)
+    return (list(grad_xs) if input_grad else None), grad_parts
 
 
 @requires_ext
@@ -118,7 +117,7 @@ def test_matches_reference(kernel, case, dtype, layout, relu, cpu_isa):
     torch.testing.assert_close(mean, want_mean, **tol["out"])
     torch.testing.assert_close(var, want_var, **tol["out"])
     assert not mean.requires_grad and not var.requires_grad
-    inputs = [*parts_of(x), *itertools.chain(*weights)]
+    inputs = [*x, *itertools.chain(*weights)]
     grads = [torch.randn_like(out) for out in want_outs]
     assert_gradients_close(torch.autograd.grad(outs, inputs, grads), torch.autograd.grad(want_outs, inputs, grads),
                            tol["grad"])  # fmt: skip
@@ -131,15 +130,12 @@ def test_gradcheck_float64(kernel, relu):
     x, weights = make_inputs(kernel, (2, 3, 5, 4, 2, 2), torch.float64)
     flat = list(itertools.chain(*weights))
 
-    xs = parts_of(x)
-
     def outputs(*tensors):
-        x_arg = tensors[0] if isinstance(x, torch.Tensor) else list(tensors[: len(xs)])
-        flat = tensors[len(xs) :]
+        flat = tensors[len(x) :]
         parts = [list(flat[p * 2 : (p + 1) * 2]) for p in range(kernel.parts)]
-        return tuple(forward(kernel, x_arg, parts, relu)[0])
+        return tuple(forward(kernel, list(tensors[: len(x)]), parts, relu)[0])
 
-    assert torch.autograd.gradcheck(outputs, (*xs, *flat))
+    assert torch.autograd.gradcheck(outputs, (*x, *flat))
 
 
 @requires_ext
@@ -153,7 +149,7 @@ def test_backward_computes_only_what_is_asked(kernel, input_grad, weight_grad):
     assert (grad_x is None) == (not input_grad)
     assert [len(g) for g in grad_parts] == [3 if weight_grad else 0] * kernel.parts
     if input_grad:
-        assert len(grad_x) == len(full_x) == len(parts_of(x))
+        assert len(grad_x) == len(full_x) == len(x)
         assert all(torch.equal(got, want) for got, want in zip(grad_x, full_x))
     for got, want in zip(itertools.chain(*grad_parts), itertools.chain(*full_parts)):
         assert torch.equal(got, want)
@@ -161,9 +157,9 @@ def test_backward_computes_only_what_is_asked(kernel, input_grad, weight_grad):
 
 @requires_ext
 def test_factorized_reduce_gradient_reaches_only_the_sampled_pixels_where_x_is_positive():
-    x, weights = make_inputs(FactorizedReduce, (2, 4, 7, 7, 1, 2), requires_grad=False)
-    grads = [torch.randn_like(out) for out in forward(FactorizedReduce, x, weights)[0]]
-    (grad_x,), _ = backward(FactorizedReduce, grads, x, weights, True, True, False)
+    (x,), weights = make_inputs(FactorizedReduce, (2, 4, 7, 7, 1, 2), requires_grad=False)
+    grads = [torch.randn_like(out) for out in forward(FactorizedReduce, [x], weights)[0]]
+    (grad_x,), _ = backward(FactorizedReduce, grads, [x], weights, True, True, False)
     sampled = torch.zeros(7, 7, dtype=torch.bool)
     sampled[::2, ::2] = sampled[1::2, 1::2] = True
     assert torch.all(grad_x[:, :, ~sampled] == 0) and torch.all(grad_x[x <= 0] == 0)
@@ -181,14 +177,14 @@ def test_large_tensors_match_reference(kernel, dtype, large, cpu_isa):
     case = (8, 64, 64, W, 1, 16) if large == "input" else (8, 16, 64, W, 2, 64)
     x, weights = make_inputs(kernel, case, dtype)
     outs, mean, var = forward(kernel, x, weights)
-    tensors = parts_of(x) if large == "input" else outs
+    tensors = x if large == "input" else outs
     assert sum(t.numel() for t in tensors) * dtype.itemsize >= 8 << 20
     want_outs, want_mean, want_var = kernel.reference(x, *weights)
     for got, want in zip([*outs, mean, var], [*want_outs, want_mean, want_var]):
         torch.testing.assert_close(got, want, **TOLERANCES[dtype]["out"])
     grads = [torch.randn_like(out) for out in want_outs]
-    got = torch.autograd.grad(outs, parts_of(x), grads)
-    want = torch.autograd.grad(want_outs, parts_of(x), grads)
+    got = torch.autograd.grad(outs, x, grads)
+    want = torch.autograd.grad(want_outs, x, grads)
     assert_gradients_close(got, want, TOLERANCES[dtype]["grad"])
 
 
@@ -198,8 +194,7 @@ def test_statistics_are_accumulated_in_double(kernel):
     # Far from zero, float32 sums of squares would lose the variance; the kernel's must agree with float64
     # statistics of its own float32 outputs.
     x, weights = make_inputs(kernel, (4, 8, 16, 16, 2, 4), requires_grad=False)
-    far = [part.abs() + 1e3 for part in parts_of(x)]
-    outs, mean, var = forward(kernel, far[0] if isinstance(x, torch.Tensor) else far, weights)
+    outs, mean, var = forward(kernel, [part.abs() + 1e3 for part in x], weights)
     for e, out in enumerate(outs):
         want_var, want_mean = torch.var_mean(out.double(), dim=(0, 2, 3), correction=0)
         torch.testing.assert_close(mean[e], want_mean.float(), rtol=1e-6, atol=0)
@@ -234,7 +229,7 @@ def test_empty_batch(kernel):
     assert [list(out.shape) for out in outs] == [[0, 2 * kernel.parts, side, side]] * 2
     assert mean.isnan().all() and var.isnan().all()  # as torch.var_mean of an empty tensor
     grad_x, grad_parts = backward(kernel, outs, x, weights, True, True, True)
-    assert [g.shape for g in grad_x] == [part.shape for part in parts_of(x)]
+    assert [g.shape for g in grad_x] == [part.shape for part in x]
     assert all(torch.equal(g, torch.zeros_like(g)) for g in itertools.chain(*grad_parts))
 
 
@@ -257,7 +252,7 @@ def test_formed_grads_are_the_grads_formed_first(kernel, case, dtype, layout, cp
     got = kernel.backward(grads, x, *weights, True, True, True, inputs, factors)
     want = kernel.backward(reference.formed_grads(grads, inputs, factors), x, *weights, True, True, True)
     for g, w in zip(got, want, strict=True):
-        for a, b in zip(parts_of(g), parts_of(w), strict=True):
+        for a, b in zip(g, w, strict=True):
             torch.testing.assert_close(a, b, **TOLERANCES[dtype]["grad"])
 
 
@@ -277,7 +272,7 @@ def opcheck_samples():
 def test_opcheck(sample):
     kernel, x, weights, relu = sample
     opcheck(kernel.op, (x, *weights, relu))
-    x = x.detach() if isinstance(x, torch.Tensor) else [part.detach() for part in x]
+    x = [part.detach() for part in x]
     weights = [[w.detach() for w in ws] for ws in weights]
     grads = [torch.randn_like(out) for out in forward(kernel, x, weights, relu)[0]]
     for flags in ((True, True), (True, False), (False, True)):
@@ -288,17 +283,20 @@ def test_opcheck(sample):
 
 
 def bad_calls():
-    x, (conv_1s, conv_2s) = make_inputs(FactorizedReduce, (2, 4, 6, 6, 2, 2), requires_grad=False)
+    (x,), (conv_1s, conv_2s) = make_inputs(FactorizedReduce, (2, 4, 6, 6, 2, 2), requires_grad=False)
     fr, pw = "factorized_reduce_bn_stats", "relu_pointwise_bn_stats"
     return [
-        ("empty", FactorizedReduce, (x, [], []), f"{fr}: conv_1s must be a non-empty list of tensors"),
-        ("channels", FactorizedReduce, (x, [torch.ones(2, 3, 1, 1)] * 2, conv_2s),
+        ("empty", FactorizedReduce, ([x], [], []), f"{fr}: conv_1s must be a non-empty list of tensors"),
+        ("channels", FactorizedReduce, ([x], [torch.ones(2, 3, 1, 1)] * 2, conv_2s),
          rf"{fr}: conv_1s\[0\] must have shape \[C_out, C, 1, 1\] with C_out >= 1 and C = 4, got shape \[2, 3, 1, 1\]"),
-        ("count", FactorizedReduce, (x, conv_1s, conv_2s[:1]),
+        ("count", FactorizedReduce, ([x], conv_1s, conv_2s[:1]),
          rf"{fr}: conv_2s must have one tensor per output \(K = 2\), got 1"),
-        ("shape", FactorizedReduce, (x, conv_1s, [conv_2s[0], torch.ones(1, 4, 1, 1)]),
+        ("shape", FactorizedReduce, ([x], conv_1s, [conv_2s[0], torch.ones(1, 4, 1, 1)]),
          rf"{fr}: conv_2s\[1\] must have shape \[2, 4, 1, 1\], got \[1, 4, 1, 1\]"),
-        ("image", FactorizedReduce, (x[0], conv_1s, conv_2s), rf"{fr}: x must be a 4-D \[N, C, H, W\] tensor"),
+        ("image", FactorizedReduce, ([x[0]], conv_1s, conv_2s), rf"{fr}: xs\[0\] must be a 4-D \[N, C, H, W\] tensor"),
+        ("no_x", FactorizedReduce, ([], conv_1s, conv_2s), f"{fr}: xs must be a non-empty list of tensors"),
+        ("parts_channels", FactorizedReduce, ([x, x[:, :3]], conv_1s, conv_2s),
+         rf"{fr}: conv_1s\[0\] must have shape \[C_out, C, 1, 1\] with C_out >= 1 and C = 7, got shape \[2, 4, 1, 1\]"),
         ("pointwise_empty", ReluPointwise, ([x], []), f"{pw}: weights must be a non-empty list of tensors"),
         ("pointwise_shape", ReluPointwise, ([x], [torch.ones(3, 4, 1, 1), torch.ones(2, 4, 1, 1)]),
          rf"{pw}: weights\[1\] must have shape \[3, 4, 1, 1\], got \[2, 4, 1, 1\]"),
@@ -419,6 +417,59 @@ def test_relu_conv_bns_gradcheck_float64():
     )
 
 
+# ops.factorized_reduce_bn: the preprocessing of a cell after a reduction, against space.FactorizedReduce ------------
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_ext), "reference"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "no_relu"])
+@pytest.mark.parametrize("mode", ["train", "eval", "eval_batch_statistics"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("split", [None, [5, 7], [4, 3, 5]], ids=["whole", "two_parts", "three_parts"])
+def test_factorized_reduce_bn_matches_the_module(backend, relu, mode, dtype, split):
+    """x whole, or as its channel parts (a cell's output nodes), on odd sides; twice, so that the running statistics
+    and the batch count move."""
+    tol = TOLERANCES[dtype]["grad"]
+    module = space.FactorizedReduce(12, 8, affine=False).to(dtype).train(mode == "train")
+    if mode == "eval_batch_statistics":
+        drop_running_statistics(module)
+    if mode == "eval":  # running statistics of some earlier batches
+        module.bn.running_mean.uniform_(-1, 1)
+        module.bn.running_var.uniform_(0.5, 2)
+    fused = copy.deepcopy(module)
+    x = torch.randn(3, 12, 7, 5, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    for _ in range(2):
+        want = module(x, relu=relu)
+        # parts made from x by differentiable copies, so that the gradient of x is the parts' gradients joined
+        x_arg = x if split is None else [p.contiguous(memory_format=torch.channels_last) for p in x.split(split, 1)]
+        got = ops.factorized_reduce_bn(x_arg, fused.conv_1.weight, fused.conv_2.weight,
+                                       *_batch_norm_arguments(fused.bn), relu=relu, backend=backend)  # fmt: skip
+        torch.testing.assert_close(got, want, **tol)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        for name, buffer in module.bn.named_buffers():
+            torch.testing.assert_close(getattr(fused.bn, name), buffer, **tol, msg=name)
+        grad = torch.randn_like(want)
+        assert_gradients_close(
+            torch.autograd.grad(got, [x, fused.conv_1.weight, fused.conv_2.weight], grad),
+            torch.autograd.grad(want, [x, module.conv_1.weight, module.conv_2.weight], grad),
+            tol,
+        )
+
+
+@requires_ext
+def test_factorized_reduce_bn_gradcheck_float64():
+    parts = [torch.randn(2, c, 5, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+             .requires_grad_() for c in (2, 3)]  # fmt: skip
+    conv_1, conv_2 = (torch.randn(3, 5, 1, 1, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    for running in ((None, None, True), (torch.zeros(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64),
+                                         False)):  # fmt: skip
+        assert torch.autograd.gradcheck(
+            lambda a, b, c1, c2, running=running: ops.factorized_reduce_bn(
+                [a, b], c1, c2, *running, 0.1, 1e-5, backend="cpp"
+            ),
+            (*parts, conv_1, conv_2),
+        )
+
+
 def bad_public_calls():
     x, weight, ones = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 1, 1), torch.ones(2)
     bn = (None, None, True, 0.1, 1e-5)
@@ -453,6 +504,18 @@ def bad_public_calls():
          rf"{pre}s: x\[1\] must have the N, H, W of x\[0\] \[2, 4, 6, 6\], got shape \[2, 4, 5, 6\]"),
         ("pres_parts_channels", ops.relu_conv_bns, ([x, x[:, :1]], [weight], [bn]),
          rf"{pre}s \(weight 0\): weight must have shape \[C_out, C, 1, 1\] with C = 5, got shape \[2, 4, 1, 1\]"),
+        ("frbn_pair", ops.factorized_reduce_bn, (x, weight, torch.ones(3, 4, 1, 1), *bn),
+         rf"{fr}_bn: conv_2 must have conv_1's shape \[2, 4, 1, 1\], got \[3, 4, 1, 1\]"),
+        ("frbn_eval", ops.factorized_reduce_bn, (x, weight, weight, None, None, False, 0.1, 1e-5),
+         rf"{fr}_bn: in evaluation the running statistics are needed"),
+        ("frbn_statistics_shape", ops.factorized_reduce_bn, (x, weight, weight, ones, ones, True, 0.1, 1e-5),
+         rf"{fr}_bn: running_mean must have shape \[4\], got \[2\]"),
+        ("frbn_no_x", ops.factorized_reduce_bn, ([], weight, weight, *bn),
+         rf"{fr}_bn: x must be a tensor or a non-empty list"),
+        ("frbn_part_size", ops.factorized_reduce_bn, ([x, x[:, :, :5]], weight, weight, *bn),
+         rf"{fr}_bn: x\[1\] must have the N, H, W of x\[0\] \[2, 4, 6, 6\], got shape \[2, 4, 5, 6\]"),
+        ("frbn_parts_channels", ops.factorized_reduce_bn, ([x, x[:, :1]], weight, weight, *bn),
+         rf"{fr}_bn: conv_1 must have shape \[C_out / 2, C, 1, 1\] with C = 5, got shape \[2, 4, 1, 1\]"),
     ]  # fmt: skip
 
 
@@ -482,4 +545,26 @@ def test_relu_conv_bn_compiles_fullgraph():
     for a, b in zip(running[0], running[1]):  # the running statistics moved the same way
         torch.testing.assert_close(a, b)
     assert_gradients_close(torch.autograd.grad(got, [x, weight]), torch.autograd.grad(want, [x, weight]),
+                           TOLERANCES[torch.float32]["grad"])  # fmt: skip
+
+
+@requires_ext
+def test_factorized_reduce_bn_compiles_fullgraph():
+    torch._dynamo.reset()
+    parts = [torch.randn(2, c, 5, 7).contiguous(memory_format=torch.channels_last).requires_grad_() for c in (2, 4)]
+    conv_1, conv_2 = (torch.randn(3, 6, 1, 1, requires_grad=True) for _ in range(2))
+    running = [torch.zeros(6), torch.ones(6)], [torch.zeros(6), torch.ones(6)]
+
+    def preprocess(a, b, conv_1, conv_2, running_mean, running_var):
+        out = ops.factorized_reduce_bn([a, b], conv_1, conv_2, running_mean, running_var, True, 0.1, 1e-5,
+                                       backend="cpp")  # fmt: skip
+        return out.square().sum()
+
+    got = torch.compile(preprocess, fullgraph=True, backend="aot_eager")(*parts, conv_1, conv_2, *running[0])
+    want = preprocess(*parts, conv_1, conv_2, *running[1])
+    torch.testing.assert_close(got, want)
+    for a, b in zip(running[0], running[1]):
+        torch.testing.assert_close(a, b)
+    inputs = [*parts, conv_1, conv_2]
+    assert_gradients_close(torch.autograd.grad(got, inputs), torch.autograd.grad(want, inputs),
                            TOLERANCES[torch.float32]["grad"])  # fmt: skip
