@@ -631,7 +631,9 @@ struct Group {
         for (at::Tensor& t : terms) {
           t = t.contiguous(kChannelsLast);
         }
-        grad_x = weighted_sum(terms, at::cat(term_weights).detach());
+        // One term of weight 1 (a kernel's dL/dx, made for this sum alone) is the sum: no pass to copy it.
+        grad_x = terms.size() == 1 && term_weights[0].is_same(unit) ? terms[0]
+                                                                   : weighted_sum(terms, at::cat(term_weights).detach());
       }
     }
     Tensors all_weight_grads;

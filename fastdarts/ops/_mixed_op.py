@@ -440,7 +440,7 @@ class _GroupGradients:
         self.grad_weights: list[Tensor | None] | None = [None] * len(weights) if weights_grad else None
         self.per_edge, self.starts = len(weights) // w.shape[0], _weight_starts(stride)
         self.terms: list[Tensor] = []
-        self.term_weights: list[Tensor] = []  # [1] each
+        self.term_weights: list[Tensor | None] = []  # [1] each, None for 1
         self.pool_grads: dict[int, list[Tensor]] = {}  # per pool, what each edge's output of it receives
         # per conv: (the gradient, input and factors that form its dL/dt_1, edge, candidate)
         self.first_stage: list[tuple[Tensor, Tensor, Tensor, int, int]] = []
@@ -457,7 +457,18 @@ class _GroupGradients:
     def add_term(self, term: Tensor, weight: Tensor | None = None) -> None:
         """A term of dL/dx, with its weight ([1]; None: 1) in their sum."""
         self.terms.append(term)
-        self.term_weights.append(term.new_ones(1) if weight is None else weight)
+        self.term_weights.append(weight)
+
+    def x_grad(self, weighted_sum: Callable[..., Tensor]) -> Tensor | None:
+        """dL/dx, the weighted sum of the terms (None: no terms). One term of weight 1 (a kernel's dL/dx, made for
+        this sum alone) is the sum: no pass to copy it."""
+        if not self.terms:
+            return None
+        terms = [t.contiguous(memory_format=_CHANNELS_LAST) for t in self.terms]
+        if len(terms) == 1 and self.term_weights[0] is None:
+            return terms[0]
+        weights = [terms[0].new_ones(1) if w is None else w for w in self.term_weights]
+        return weighted_sum(terms, torch.cat(weights).detach())
 
     def add_pool_grad(self, k: int, dt: Tensor) -> None:
         self.pool_grads.setdefault(k, []).append(dt)
@@ -604,10 +615,8 @@ class _EdgeGroup:
                 group.add_term(dx)
         grad_x = None
         if x_grad:
-            if group.terms:
-                terms = [t.contiguous(memory_format=_CHANNELS_LAST) for t in group.terms]
-                grad_x = self.kernels.weighted_sum(terms, torch.cat(group.term_weights).detach())
-            else:
+            grad_x = group.x_grad(self.kernels.weighted_sum)
+            if grad_x is None:
                 grad_x = torch.zeros_like(x)
         grad_weights = None
         if weights_grad:
