@@ -151,6 +151,14 @@ def factorized_reduce(
     return dispatch("factorized_reduce", x.device, backend)(x, conv_1, conv_2, relu)
 
 
+def _device_of_parts(op: str, x: Tensor | Sequence[Tensor]) -> torch.device:
+    """The device of x, a tensor or a list of its channel parts (the first part's: the ops check the others)."""
+    parts = channel_parts(x)
+    if not parts:
+        raise ValueError(f"{op}: x must be a tensor or a non-empty list of tensors")
+    return parts[0].device
+
+
 def factorized_reduce_bn(
     x: Tensor | Sequence[Tensor],
     conv_1: Tensor,
@@ -180,10 +188,7 @@ def factorized_reduce_bn(
     each part's gradient; "triton" and "reference" run factorized_reduce on the concatenation, then F.batch_norm.
     Raises ValueError as `factorized_reduce` and `relu_conv_bn` do.
     """
-    parts = channel_parts(x)
-    if not parts:
-        raise ValueError("factorized_reduce_bn: x must be a tensor or a non-empty list of tensors")
-    return dispatch("factorized_reduce_bn", parts[0].device, backend)(
+    return dispatch("factorized_reduce_bn", _device_of_parts("factorized_reduce_bn", x), backend)(
         x, conv_1, conv_2, running_mean, running_var, training, momentum, eps, relu
     )
 
@@ -246,10 +251,7 @@ def relu_conv_bns(
     and their gradients written, where they are, with no concatenated copy. Elsewhere K `relu_conv_bn` of the
     concatenation. Raises ValueError as `relu_conv_bn` does, naming the weight or the part, or for a count mismatch.
     """
-    parts = channel_parts(x)
-    if not parts:
-        raise ValueError("relu_conv_bns: x must be a tensor or a non-empty list of tensors")
-    return dispatch("relu_conv_bns", parts[0].device, backend)(x, weights, batch_norms, relu)
+    return dispatch("relu_conv_bns", _device_of_parts("relu_conv_bns", x), backend)(x, weights, batch_norms, relu)
 
 
 def sample_gates(
