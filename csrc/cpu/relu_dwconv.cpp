@@ -708,12 +708,49 @@ FASTDARTS_ALWAYS_INLINE void pack_formed(const T* grad, const Strides& gs, const
   }
 }
 
+// pack_formed of n values of rows whose columns of C values lie one after the other in grad, input and dst (packed
+// columns, C dividing the tier's lanes L): whole vectors of L / C columns, lane l of each factor vector holding
+// channel l mod C, then value by value.
+template <typename T, CpuIsa kIsa>
+FASTDARTS_ALWAYS_INLINE void pack_formed_columns(const T* grad, const T* input, int64_t n, int64_t C, const T* f,
+                                                 T* dst) {
+  using V = Vec<T, kIsa>;
+  constexpr int64_t L = kLanes<T, kIsa>;
+  T pattern[4][L];
+  for (int64_t k = 0; k < 4; ++k) {
+    for (int64_t l = 0; l < L; ++l) {
+      pattern[k][l] = f[k * C + l % C];
+    }
+  }
+  V a, b, m, e;
+  vec_load(a, pattern[0]);
+  vec_load(b, pattern[1]);
+  vec_load(m, pattern[2]);
+  vec_load(e, pattern[3]);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    V g, t;
+    vec_load(g, grad + i);
+    vec_load(t, input + i);
+    const V out = a * g + b * (t - m) + e;
+    vec_store(dst + i, out);
+  }
+  for (; i < n; ++i) {
+    const int64_t c = i % C;
+    dst[i] = f[c] * grad[i] + f[C + c] * (input[i] - f[2 * C + c]) + f[3 * C + c];
+  }
+}
+
 // pack_formed by whole vectors where the rows allow it, up to 4 vectors of channels at a time (16 registers of
-// factors: AVX2 has 16 in all), else value by value.
+// factors: AVX2 has 16 in all), or of several packed columns, else value by value.
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void pack_formed_row(const T* grad, const Strides& gs, const T* input, const Strides& is,
                                              int64_t cols, int64_t C, const T* f, T* dst, int64_t dst_col) {
   constexpr int64_t L = kLanes<T, kIsa>;
+  if (gs.c == 1 && is.c == 1 && gs.w == C && is.w == C && dst_col == C && L % C == 0) {
+    pack_formed_columns<T, kIsa>(grad, input, cols * C, C, f, dst);
+    return;
+  }
   if (gs.c != 1 || is.c != 1 || C % L != 0) {
     pack_formed<T, kIsa, 0>(grad, gs, input, is, cols, C, f, dst, dst_col);
     return;
