@@ -708,9 +708,9 @@ FASTDARTS_ALWAYS_INLINE void pack_formed(const T* grad, const Strides& gs, const
   }
 }
 
-// pack_formed of n values of rows whose columns of C values lie one after the other in grad, input and dst (packed
-// columns, C dividing the tier's lanes L): whole vectors of L / C columns, lane l of each factor vector holding
-// channel l mod C, then value by value.
+// pack_formed of n values (a multiple of the tier's lanes L) of rows whose columns of C values lie one after the
+// other in grad, input and dst (packed columns, C dividing L): whole vectors of L / C columns, lane l of each factor
+// vector holding channel l mod C.
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void pack_formed_columns(const T* grad, const T* input, int64_t n, int64_t C, const T* f,
                                                  T* dst) {
@@ -727,17 +727,12 @@ FASTDARTS_ALWAYS_INLINE void pack_formed_columns(const T* grad, const T* input, 
   vec_load(b, pattern[1]);
   vec_load(m, pattern[2]);
   vec_load(e, pattern[3]);
-  int64_t i = 0;
-  for (; i + L <= n; i += L) {
+  for (int64_t i = 0; i < n; i += L) {
     V g, t;
     vec_load(g, grad + i);
     vec_load(t, input + i);
     const V out = a * g + b * (t - m) + e;
     vec_store(dst + i, out);
-  }
-  for (; i < n; ++i) {
-    const int64_t c = i % C;
-    dst[i] = f[c] * grad[i] + f[C + c] * (input[i] - f[2 * C + c]) + f[3 * C + c];
   }
 }
 
@@ -748,7 +743,9 @@ FASTDARTS_ALWAYS_INLINE void pack_formed_row(const T* grad, const Strides& gs, c
                                              int64_t cols, int64_t C, const T* f, T* dst, int64_t dst_col) {
   constexpr int64_t L = kLanes<T, kIsa>;
   if (gs.c == 1 && is.c == 1 && gs.w == C && is.w == C && dst_col == C && L % C == 0) {
-    pack_formed_columns<T, kIsa>(grad, input, cols * C, C, f, dst);
+    const int64_t whole = cols - cols % (L / C);  // columns in whole vectors; the rest value by value
+    pack_formed_columns<T, kIsa>(grad, input, whole * C, C, f, dst);
+    pack_formed<T, kIsa, 0>(grad + whole * C, gs, input + whole * C, is, cols - whole, C, f, dst + whole * C, C);
     return;
   }
   if (gs.c != 1 || is.c != 1 || C % L != 0) {
