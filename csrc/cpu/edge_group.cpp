@@ -177,11 +177,12 @@ std::tuple<OptionalTensor, Tensors, Tensors> factorized_reduce_bn_stats_backward
   return {grad_x, grad_1s, grad_2s};
 }
 
-Tensors partial_channel_outputs(at::TensorList outs, const at::Tensor& x, int64_t partial_channels, int64_t stride,
-                                const OptionalTensor& bypass_w) {
-  static const auto op = handle<Tensors(at::TensorList, const at::Tensor&, int64_t, int64_t, const OptionalTensor&)>(
-      "fastdarts::partial_channel_outputs");
-  return op.call(outs, x, partial_channels, stride, bypass_w);
+at::Tensor partial_channel_node(at::TensorList outs, at::TensorList xs, int64_t partial_channels,
+                                at::IntArrayRef strides, const OptionalTensor& bypass_w) {
+  static const auto op =
+      handle<at::Tensor(at::TensorList, at::TensorList, int64_t, at::IntArrayRef, const OptionalTensor&)>(
+          "fastdarts::partial_channel_node");
+  return op.call(outs, xs, partial_channels, strides, bypass_w);
 }
 
 std::tuple<Tensors, OptionalTensor, OptionalTensor> partial_channel_outputs_backward(
@@ -828,34 +829,48 @@ struct CellPlan {
   }
 };
 
-// A node: its incoming edges' outputs summed in turn (three or more by one weighted_sum pass with unit weights, the
-// same bits); zeros when it has none.
-at::Tensor node_sum(const Tensors& terms, const at::Tensor& s0, int64_t stride) {
-  if (terms.empty()) {
-    return at::empty({s0.size(0), s0.size(1), (s0.size(2) - 1) / stride + 1, (s0.size(3) - 1) / stride + 1},
-                     s0.options(), kChannelsLast)
-        .zero_();
-  }
-  if (terms.size() == 1) {
-    return terms[0];
-  }
-  if (terms.size() == 2) {
-    return terms[0] + terms[1];
-  }
-  return weighted_sum(terms, at::ones({static_cast<int64_t>(terms.size())}, terms[0].options()));
-}
-
-// The channels a partial-channel cell's ops compute on: a state's first C/K (K = partial_channels).
-at::Tensor processed(const at::Tensor& x, int64_t partial_channels) {
-  return partial_channels == 1 ? x : x.narrow(1, 0, x.size(1) / partial_channels).contiguous(kChannelsLast);
-}
-
 // The rows of `t` ([E]) of a group's edges, or none.
 OptionalTensor edge_rows(const OptionalTensor& t, const at::Tensor& edges) {
   if (!t.has_value()) {
     return std::nullopt;
   }
   return t->index_select(0, edges);
+}
+
+// What enters a node: its incoming edges' outputs, in edge order; with partial channels each edge's ops' output
+// (C/K channels) with the state and stride its bypass comes from, and the edge's index (for bypass_w).
+struct NodeTerms {
+  Tensors outs, xs;
+  std::vector<int64_t> strides, edges;
+};
+
+// A node: its incoming edges' outputs summed in turn (three or more by one weighted_sum pass with unit weights, the
+// same bits; with partial channels the edges' full-width outputs summed as they are formed, partial_channel_node);
+// zeros when it has none.
+at::Tensor node_sum(const NodeTerms& terms, const at::Tensor& s0, int64_t stride, int64_t partial_channels,
+                    const OptionalTensor& bypass_w) {
+  const Tensors& outs = terms.outs;
+  if (outs.empty()) {
+    return at::empty({s0.size(0), s0.size(1), (s0.size(2) - 1) / stride + 1, (s0.size(3) - 1) / stride + 1},
+                     s0.options(), kChannelsLast)
+        .zero_();
+  }
+  if (partial_channels > 1) {
+    return partial_channel_node(outs, terms.xs, partial_channels, terms.strides,
+                                edge_rows(bypass_w, index_tensor(terms.edges).to(s0.device())));
+  }
+  if (outs.size() == 1) {
+    return outs[0];
+  }
+  if (outs.size() == 2) {
+    return outs[0] + outs[1];
+  }
+  return weighted_sum(outs, at::ones({static_cast<int64_t>(outs.size())}, outs[0].options()));
+}
+
+// The channels a partial-channel cell's ops compute on: a state's first C/K (K = partial_channels).
+at::Tensor processed(const at::Tensor& x, int64_t partial_channels) {
+  return partial_channels == 1 ? x : x.narrow(1, 0, x.size(1) / partial_channels).contiguous(kChannelsLast);
 }
 
 void check_cell_inputs(const char* op, const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& w,
@@ -894,12 +909,12 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   Tensors states{s0_in.contiguous(kChannelsLast), s1_in.contiguous(kChannelsLast)};
-  std::vector<Tensors> incoming(steps);
+  std::vector<NodeTerms> incoming(steps);
   Tensors means, variances, saved;
   int64_t at_row = 0;
   auto complete_nodes = [&](size_t count) {
     while (states.size() < count) {
-      states.push_back(node_sum(incoming[states.size() - 2], states[0], stride));
+      states.push_back(node_sum(incoming[states.size() - 2], states[0], stride, partial_channels, bypass_w));
     }
   };
   for (const CellGroup& group : plan.groups) {
@@ -916,11 +931,7 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
     check_group(op, x, a.w, a.weights, group.stride, a.candidates, a.counts, pool_bn);
     Group g(x, a.w, a.weights, group.stride, a.candidates, a.counts, group_mean, group_var, training, eps, pool_bn,
             {});
-    Tensors outs = g.outs();
-    if (partial_channels > 1) {
-      outs = partial_channel_outputs(outs, states[group.state], partial_channels, group.stride,
-                                     edge_rows(bypass_w, a.edges));
-    }
+    const Tensors outs = g.outs();
     means.push_back(g.mean.view({-1, C}));
     variances.push_back(g.var.view({-1, C}));
     if (keep) {
@@ -928,7 +939,11 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
       saved.insert(saved.end(), kept.begin(), kept.end());
     }
     for (size_t i = 0; i < outs.size(); ++i) {
-      incoming[group.nodes[i]].push_back(outs[i]);
+      NodeTerms& terms = incoming[group.nodes[i]];
+      terms.outs.push_back(outs[i]);
+      terms.xs.push_back(states[group.state]);
+      terms.strides.push_back(group.stride);
+      terms.edges.push_back(group.edges[i]);
     }
   }
   complete_nodes(steps + 2);

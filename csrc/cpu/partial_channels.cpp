@@ -1,6 +1,6 @@
-// CPU kernels of partial_channel_outputs and partial_channel_outputs_backward (schemas in ../fastdarts.cpp):
-// PC-DARTS's partial channels around the ops of the E edges leaving one state x [N, C, H, W], K groups of
-// m = C / K channels.
+// CPU kernels of partial_channel_outputs, partial_channel_outputs_backward and partial_channel_node (schemas in
+// ../fastdarts.cpp): PC-DARTS's partial channels around the ops of the E edges leaving one state x [N, C, H, W], K
+// groups of m = C / K channels.
 //
 //   bypass:   b = x's channels m .. C-1 (stride 1), or their 2x2 max pool, stride 2, rounding an odd side up
 //             (ATen's max_pool2d: the first maximum in scan order, or a NaN; stride 2), [N, C - m, Ho, Wo]
@@ -10,6 +10,8 @@
 //             to x's channel m + (g - 1) m + c (stride 1) or to that channel at its window's argmax (stride 2);
 //             grad_x's first m channels are zero (the ops' own backward gives them); grad_bypass_w[e] = the sum
 //             over every value of grad_e[c K + g] b[(g - 1) m + c].
+//   node:     the sum, in edge order, of the forward's out_e of the E edges entering one node, each from its own
+//             state x_e and stride (a cell's node, without the edges' full-width outputs written and read back).
 //
 // Why a kernel: in ATen the same took a zero fill and strided copies to place the shuffled bypass, a multiply and
 // a strided copy per edge, and in the backward a strided copy of each gradient's ops channels, a weighted sum and
@@ -98,14 +100,15 @@ std::vector<scalar_t> values_of(const std::optional<at::Tensor>& w, int64_t E) {
 }
 
 // out[c] = in[c] (in[c] = 0 when in is null) for c < m, for the few channels of one pixel's group: in 16-byte vectors
-// rather than the library call GCC makes of a copy loop, which costs more than the copy at 4 or 8 values.
+// rather than the library call GCC makes of a copy loop, which costs more than the copy at 4 or 8 values (the
+// vector held in a register, vec_load_once: a plain load and store was still recognised as a copy and made a call).
 template <typename scalar_t>
 FASTDARTS_ALWAYS_INLINE void copy_short(scalar_t* __restrict__ out, const scalar_t* __restrict__ in, int64_t m) {
   int64_t c = 0;
   for (; c + kLanes16Of<scalar_t> <= m; c += kLanes16Of<scalar_t>) {
     V16Of<scalar_t> v{};
     if (in != nullptr) {
-      vec_load(v, in + c);
+      vec_load_once(v, in + c);
     }
     vec_store(out + c, v);
   }
@@ -185,10 +188,11 @@ FASTDARTS_ALWAYS_INLINE void routed_to_tap(scalar_t* __restrict__ out, const sca
   }
 }
 
-// out[i K] = ops[i] and out[i K + g] = w rows[g - 1][i] for i < count: one row of an edge's output. With K fixed at
-// compile time (kK > 0) the compiler turns the K interleaved streams into vector shuffles; kK = 0 reads K at run
-// time.
-template <int kK, typename scalar_t>
+// out[i K] = ops[i] and out[i K + g] = w rows[g - 1][i] for i < count: one row of an edge's output; with kAdd the
+// row is added to out instead (a node's sum: w rows[...] rounded first, then added, as an edge's output written out
+// and then summed). With K fixed at compile time (kK > 0) the compiler turns the K interleaved streams into vector
+// shuffles; kK = 0 reads K at run time.
+template <int kK, bool kAdd = false, typename scalar_t>
 FASTDARTS_ALWAYS_INLINE void interleave(scalar_t* __restrict__ out, const scalar_t* __restrict__ ops,
                                         const scalar_t* __restrict__ rows, int64_t row, scalar_t w, int64_t count,
                                         int64_t K) {
@@ -196,9 +200,18 @@ FASTDARTS_ALWAYS_INLINE void interleave(scalar_t* __restrict__ out, const scalar
     K = kK;
   }
   for (int64_t i = 0; i < count; ++i) {
-    out[i * K] = ops[i];
+    if constexpr (kAdd) {
+      out[i * K] += ops[i];
+    } else {
+      out[i * K] = ops[i];
+    }
     for (int64_t g = 1; g < K; ++g) {
-      out[i * K + g] = w * rows[(g - 1) * row + i];
+      const scalar_t bypass = w * rows[(g - 1) * row + i];
+      if constexpr (kAdd) {
+        out[i * K + g] += bypass;
+      } else {
+        out[i * K + g] = bypass;
+      }
     }
   }
 }
@@ -283,6 +296,61 @@ FASTDARTS_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_
 }
 
 FASTDARTS_CPU_ISA_COPIES(forward_rows)
+
+// A node of a partial-channel cell: the edges' outputs of forward_rows, each from its own state and stride, summed
+// in edge order one output row at a time (the row stays in L1 while every edge adds to it) instead of written out
+// full width and read back by the node's sum.
+template <typename scalar_t>
+struct NodeArgs {
+  std::vector<const scalar_t*> xs, outs;
+  std::vector<scalar_t> bw;
+  std::vector<Shape> shapes;  // edge e's: its state's sizes and its stride; the same K, m, Ho and Wo for all
+  scalar_t* node;
+};
+
+template <typename scalar_t, CpuIsa kIsa, int kK>
+FASTDARTS_ALWAYS_INLINE void node_rows_of(const NodeArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  const Shape& s = a.shapes[0];
+  const int64_t E = static_cast<int64_t>(a.outs.size());
+  const int64_t row = s.Wo * s.m;
+  std::vector<scalar_t> rows((s.K - 1) * row);
+  for (int64_t r = begin; r < end; ++r) {
+    scalar_t* out = a.node + r * s.Wo * s.C;
+    for (int64_t e = 0; e < E; ++e) {
+      bypass_row<false>(a.xs[e], a.shapes[e], r / s.Ho, r % s.Ho, rows.data(), static_cast<scalar_t*>(nullptr));
+      if (e == 0) {
+        interleave<kK, false>(out, a.outs[e] + r * row, rows.data(), row, a.bw[e], row, s.K);
+        continue;
+      }
+      // The products rounded and stored before the adds: an add of w * rows[i] would compile to one fused
+      // multiply-add, whose single rounding gives other bits than an edge's output written out and then summed.
+      const scalar_t w = a.bw[e];
+      if (w != scalar_t(1)) {
+        scalar_t* __restrict__ scaled = rows.data();
+        for (int64_t i = 0; i < (s.K - 1) * row; ++i) {
+          scaled[i] = w * scaled[i];
+        }
+      }
+      interleave<kK, true>(out, a.outs[e] + r * row, rows.data(), row, scalar_t(1), row, s.K);
+    }
+  }
+}
+
+template <typename scalar_t, CpuIsa kIsa>  // kIsa: the tier the copy is compiled for
+FASTDARTS_ALWAYS_INLINE void node_rows(const NodeArgs<scalar_t>& a, int64_t begin, int64_t end) {
+  switch (a.shapes[0].K) {  // as in forward_rows
+    case 2:
+      return node_rows_of<scalar_t, kIsa, 2>(a, begin, end);
+    case 4:
+      return node_rows_of<scalar_t, kIsa, 4>(a, begin, end);
+    case 8:
+      return node_rows_of<scalar_t, kIsa, 8>(a, begin, end);
+    default:
+      return node_rows_of<scalar_t, kIsa, 0>(a, begin, end);
+  }
+}
+
+FASTDARTS_CPU_ISA_COPIES(node_rows)
 
 template <typename scalar_t>
 struct BackwardArgs {
@@ -378,6 +446,17 @@ void forward_kernel(const ForwardArgs<scalar_t>& a) {
 }
 
 template <typename scalar_t>
+void node_kernel(const NodeArgs<scalar_t>& a) {
+  const Shape& s = a.shapes[0];
+  const int64_t E = static_cast<int64_t>(a.outs.size());
+  const int64_t grain = std::max<int64_t>(1, kGrainValues / std::max<int64_t>(1, s.Wo * s.C * (E + 1)));
+  const CpuIsa isa = cpu_isa();  // once per call, before the threads start
+  parallel_for_balanced(0, s.N * s.Ho, grain, [&](int64_t begin, int64_t end) {
+    FASTDARTS_CALL_FOR_CPU_ISA(isa, node_rows, scalar_t, a, begin, end);
+  });
+}
+
+template <typename scalar_t>
 void backward_kernel(const BackwardArgs<scalar_t>& a) {
   const Shape& s = a.s;
   const int64_t E = static_cast<int64_t>(a.grads.size());
@@ -413,6 +492,57 @@ std::vector<at::Tensor> partial_channel_outputs_cpu(at::TensorList outs, const a
         {xc.const_data_ptr<scalar_t>(), out_data, values_of<scalar_t>(bypass_w, E), result_data, s});
   });
   return results;
+}
+
+at::Tensor partial_channel_node_cpu(at::TensorList outs, at::TensorList xs, int64_t partial_channels,
+                                   at::IntArrayRef strides, const std::optional<at::Tensor>& bypass_w) {
+  const char* op = "partial_channel_node";
+  const int64_t E = static_cast<int64_t>(outs.size());
+  TORCH_CHECK_VALUE(E >= 1, op, ": outs must be a non-empty list of tensors");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(xs.size()) == E, op, ": xs must have one tensor per edge (E = ", E,
+                    "), got ", xs.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(strides.size()) == E, op, ": strides must have one entry per edge (E = ", E,
+                    "), got ", strides.size());
+  std::vector<Shape> shapes;
+  std::vector<at::Tensor> states, inputs;
+  for (int64_t e = 0; e < E; ++e) {
+    check_images(op, ArgName("xs", e), xs[e]);
+    if (e == 0) {
+      check_supported_dtype(op, xs[0]);
+      TORCH_CHECK_VALUE(partial_channels >= 2 && xs[0].size(1) % partial_channels == 0, op,
+                        ": partial_channels must be an integer >= 2 dividing the ", xs[0].size(1), " channels, got ",
+                        partial_channels);
+    } else {
+      check_dtype_and_device(op, ArgName("xs", e), xs[e], "xs[0]", xs[0]);
+    }
+    TORCH_CHECK_VALUE(strides[e] == 1 || strides[e] == 2, op, ": strides[", e, "] must be 1 or 2, got ",
+                      strides[e]);
+    shapes.push_back(shape_of(xs[e], partial_channels, strides[e]));
+    const Shape& s = shapes.back();
+    const Shape& first = shapes[0];
+    TORCH_CHECK_VALUE(s.N == first.N && s.C == first.C && s.Ho == first.Ho && s.Wo == first.Wo, op, ": xs[", e, "] ",
+                      xs[e].sizes(), " at stride ", strides[e], " gives an output of [", s.N, ", ", s.C, ", ", s.Ho,
+                      ", ", s.Wo, "], xs[0] one of [", first.N, ", ", first.C, ", ", first.Ho, ", ", first.Wo, "]");
+    states.push_back(xs[e].contiguous(kChannelsLast));
+  }
+  if (bypass_w.has_value()) {
+    check_weights(op, "bypass_w", *bypass_w, E, xs[0]);
+  }
+  const Shape& s = shapes[0];
+  check_sized_list(op, "outs", outs, E, "edge", {s.N, s.m, s.Ho, s.Wo}, "xs[0]", xs[0]);
+  for (int64_t e = 0; e < E; ++e) {
+    inputs.push_back(outs[e].contiguous(kChannelsLast));
+  }
+  at::Tensor node = at::empty({s.N, s.C, s.Ho, s.Wo}, xs[0].options().memory_format(kChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(xs[0].scalar_type(), "partial_channels_cpu", [&] {
+    NodeArgs<scalar_t> a{{}, {}, values_of<scalar_t>(bypass_w, E), shapes, node.data_ptr<scalar_t>()};
+    for (int64_t e = 0; e < E; ++e) {
+      a.xs.push_back(states[e].const_data_ptr<scalar_t>());
+      a.outs.push_back(inputs[e].const_data_ptr<scalar_t>());
+    }
+    node_kernel<scalar_t>(a);
+  });
+  return node;
 }
 
 std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
@@ -476,6 +606,7 @@ partial_channel_outputs_backward_cpu(const c10::List<std::optional<at::Tensor>>&
 TORCH_LIBRARY_IMPL(fastdarts, CPU, m) {
   m.impl("partial_channel_outputs", &partial_channel_outputs_cpu);
   m.impl("partial_channel_outputs_backward", &partial_channel_outputs_backward_cpu);
+  m.impl("partial_channel_node", &partial_channel_node_cpu);
 }
 
 }  // namespace fastdarts

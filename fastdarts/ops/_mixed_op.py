@@ -94,6 +94,8 @@ class EdgeKernels:
     # (grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad) -> (the ops' gradients, one per given
     #  gradient; dL/dx of the bypass or None; dL/dbypass_w or None)
     partial_channel_outputs_backward: Callable[..., tuple]
+    # (outs, xs, partial_channels, strides, bypass_w) -> a node: its edges' full-width outputs summed in edge order
+    partial_channel_node: Callable[..., Tensor]
 
 
 _CHANNELS_LAST = torch.channels_last
@@ -760,6 +762,18 @@ def composed_partial_channel_outputs(outs: Sequence[Tensor], x: Tensor, partial_
     return results
 
 
+def composed_partial_channel_node(outs: Sequence[Tensor], xs: Sequence[Tensor], partial_channels: int,
+                                  strides: Sequence[int], bypass_w: Tensor | None) -> Tensor:  # fmt: skip
+    """partial_channel_node in ATen ops, for a backend without its kernel: each edge's full-width output
+    (composed_partial_channel_outputs), added in edge order."""
+    total = None
+    for e, (out, x, stride) in enumerate(zip(outs, xs, strides, strict=True)):
+        (term,) = composed_partial_channel_outputs([out], x, partial_channels, stride,
+                                                   None if bypass_w is None else bypass_w[e : e + 1])  # fmt: skip
+        total = term if total is None else total + term
+    return total
+
+
 def _flat(t: Tensor) -> Tensor:
     """A channels_last tensor's elements in memory order (a view)."""
     return t.permute(0, 2, 3, 1).reshape(-1)
@@ -940,19 +954,29 @@ def edge_cell(group_forward: Callable, group_backward: Callable, kernels: EdgeKe
     """(forward, backward) of a cell's edges on a group's (forward, backward) pair and the node sums and partial
     channels of `kernels`, with the signatures of the C++ ops fastdarts::edge_cell and edge_cell_backward (which run
     the same calls without Python between them): the groups of reference.mixed_cell, each node summed once
-    complete; with partial channels each group computes on its state's first C/K channels and writes its outputs
-    full width (as mixed_ops does). The backward runs the groups in reverse, a node's gradient complete (what the
-    cell's caller gives it plus what its own edges send back) before its group runs."""
+    complete; with partial channels each group computes on its state's first C/K channels and each node is its
+    edges' full-width outputs (as mixed_ops writes them) summed as they are formed (partial_channel_node). The
+    backward runs the groups in reverse, a node's gradient complete (what the cell's caller gives it plus what its
+    own edges send back) before its group runs."""
 
     def forward(s0, s1, w, weights, steps, stride, candidates, counts, bn_mean, bn_var, training, eps, pool_bn, keep,
                 partial_channels=1, bypass_w=None):  # fmt: skip
         plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
         C = s0.shape[1] // partial_channels
+        # per node its incoming edges' (output, and with partial channels: state, stride, edge), in edge order
         states, incoming = [s0, s1], [[] for _ in range(steps)]
         means, variances, saved, at = [], [], [], 0
+
+        def node(terms):
+            if partial_channels == 1 or not terms:
+                return _node_sum([t[0] for t in terms], kernels.weighted_sum, s0, stride)
+            outs, xs, strides, edges = zip(*terms)
+            return kernels.partial_channel_node(list(outs), list(xs), partial_channels, list(strides),
+                                                None if bypass_w is None else bypass_w[list(edges)])  # fmt: skip
+
         for group in plan.groups + [None]:
             while len(states) < (steps + 2 if group is None else group.state + 1):
-                states.append(_node_sum(incoming[len(states) - 2], kernels.weighted_sum, s0, stride))
+                states.append(node(incoming[len(states) - 2]))
             if group is None:
                 break
             E = len(group.edges)
@@ -964,14 +988,11 @@ def edge_cell(group_forward: Callable, group_backward: Callable, kernels: EdgeKe
                 _prepare(_processed(x, partial_channels)), group_w, group_weights, group.stride, group_candidates,
                 group_counts, *stats, training, eps, pool_bn, keep,
             )  # fmt: skip
-            if partial_channels > 1:
-                group_bypass_w = None if bypass_w is None else bypass_w[list(group.edges)]
-                outs = kernels.partial_channel_outputs(outs, x, partial_channels, group.stride, group_bypass_w)
             means.append(mean.view(-1, C))
             variances.append(var.view(-1, C))
             saved += kept
-            for node, out in zip(group.nodes, outs):
-                incoming[node].append(out)
+            for target, edge, out in zip(group.nodes, group.edges, outs):
+                incoming[target].append((out, x, group.stride, edge))
         empty = s0.new_zeros(0, C)
         return states[2:], torch.cat(means) if means else empty, torch.cat(variances) if variances else empty, saved
 
@@ -1529,6 +1550,7 @@ if EXTENSION_LOADED:  # the C++ kernels exist only then
         bn_weighted_sum_backward_factors=_cpp_ops.bn_weighted_sum_backward_factors.default,
         partial_channel_outputs=_cpp_ops.partial_channel_outputs.default,
         partial_channel_outputs_backward=_cpp_ops.partial_channel_outputs_backward.default,
+        partial_channel_node=_cpp_ops.partial_channel_node.default,
     )
     # The group and the cell themselves in C++ (csrc/cpu/edge_group.cpp): the same passes as edge_group(cpp_kernels)
     # and edge_cell over it, bit for bit.

@@ -65,6 +65,7 @@ from ._autograd import (
 from ._mixed_op import (
     EdgeKernels,
     composed_factorized_reduce_bn_stats_backward,
+    composed_partial_channel_node,
     composed_partial_channel_outputs,
     composed_partial_channel_outputs_backward,
     composed_relu_dwconv_pointwise,
@@ -1238,6 +1239,7 @@ mixed_ops, mixed_op, mixed_cell = define_mixed_ops(
         bn_weighted_sum_backward_factors=_bn_weighted_sum_backward_factors,
         partial_channel_outputs=composed_partial_channel_outputs,  # no Triton kernel yet: ATen's copies
         partial_channel_outputs_backward=composed_partial_channel_outputs_backward,
+        partial_channel_node=composed_partial_channel_node,
     ),
     device_types=None,  # CUDA, and CPU tensors under TRITON_INTERPRET=1
 )

@@ -1073,6 +1073,19 @@ def partial_channel_outputs(outs: Sequence[Tensor], x: Tensor, partial_channels:
     return [partial_channel_edge(out, b, partial_channels) for out, b in zip(outs, scaled)]
 
 
+def partial_channel_node(outs: Sequence[Tensor], xs: Sequence[Tensor], partial_channels: int, strides: Sequence[int],
+                         bypass_w: Tensor | None = None) -> Tensor:  # fmt: skip
+    """A node of a partial-channel cell: the sum, in edge order, of the full-width outputs (partial_channel_outputs)
+    of the edges entering it, edge e's from its ops' output outs[e] and the bypass of its state xs[e] at strides[e],
+    times bypass_w[e] when given."""
+    total = None
+    for e, (out, x, stride) in enumerate(zip(outs, xs, strides, strict=True)):
+        (term,) = partial_channel_outputs([out], x, partial_channels, stride,
+                                          None if bypass_w is None else bypass_w[e : e + 1])  # fmt: skip
+        total = term if total is None else total + term
+    return total
+
+
 def mixed_ops(
     x: Tensor,
     w: Tensor,

@@ -2,7 +2,9 @@
 mixed ops: against reference.partial_channel_outputs and its autograd (every edge's output, the ops' gradients,
 dL/dx of the bypass, dL/dbypass_w), odd sides, both strides, K from 2 to 4, with and without bypass_w, gradients
 left out of the loss; the stride-2 pool's ties and NaNs routed as ATen's max_pool2d routes them; the same bits on
-1 and 2 threads; opcheck; the composition the Triton backend runs; one-line errors."""
+1 and 2 threads; opcheck; the composition the Triton backend runs; one-line errors. fastdarts::partial_channel_node
+(a cell's node from its edges' ops outputs and states) against reference.partial_channel_node, bit for bit, the
+same ways."""
 
 import pytest
 import torch
@@ -181,4 +183,108 @@ def test_bad_arguments_in_one_line(change, message):
                     fake["outs"] = [mode.from_tensor(o) for o in args["outs"]]
                     torch.ops.fastdarts.partial_channel_outputs(fake["outs"], fake["x"], fake["K"], fake["stride"],
                                                                 fake["bypass_w"])  # fmt: skip
+        assert message in str(error.value) and "\n" not in str(error.value).strip(), (op, str(error.value))
+
+
+def make_node_inputs(shape, K, strides, dtype=torch.float64, with_w=True, seed=0):
+    """A node's terms: per edge its ops' output and its state, a stride-2 edge's state twice the node's side (odd
+    sides: the pool rounds up), as a reduction cell's edges from s0 and s1 beside those from its nodes."""
+    generator = torch.Generator().manual_seed(seed)
+    N, C, H, W = shape
+    xs, outs = [], []
+    for stride in strides:
+        side = (H, W) if stride == 1 else (2 * H - 1, 2 * W)
+        xs.append(torch.randn(N, C, *side, dtype=dtype, generator=generator).contiguous(memory_format=CL))
+        outs.append(torch.randn(N, C // K, H, W, dtype=dtype, generator=generator).contiguous(memory_format=CL))
+    bypass_w = torch.rand(len(strides), dtype=dtype, generator=generator) + 0.5 if with_w else None
+    return outs, xs, bypass_w
+
+
+NODE_STRIDES = [[1], [1, 1], [2, 2, 1], [2, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("with_w", [True, False], ids=["bypass_w", "no_bypass_w"])
+@pytest.mark.parametrize("strides", NODE_STRIDES, ids=["-".join(map(str, s)) for s in NODE_STRIDES])
+@pytest.mark.parametrize("case", CASES, ids=["x".join(map(str, s)) + f"-K{K}" for s, K in CASES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_node_matches_reference_bit_for_bit(dtype, case, strides, with_w, cpu_isa):
+    # The edges' full-width outputs summed in edge order: the same bits as writing each out and adding them in turn.
+    shape, K = case
+    outs, xs, bypass_w = make_node_inputs(shape, K, strides, dtype, with_w)
+    got = torch.ops.fastdarts.partial_channel_node(outs, xs, K, strides, bypass_w)
+    want = reference.partial_channel_node(outs, xs, K, strides, bypass_w)
+    assert got.is_contiguous(memory_format=CL)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    composed = _mixed_op.composed_partial_channel_node(outs, xs, K, strides, bypass_w)
+    torch.testing.assert_close(composed, want, rtol=0, atol=0)
+
+
+def test_node_pools_nans_as_max_pool2d(cpu_isa):
+    outs, xs, bypass_w = make_node_inputs((2, 8, 3, 4), 2, [2, 1])
+    xs[0][0, 5, 0, 1] = float("nan")
+    xs[0][1, 6, 2, 2] = xs[0][1, 6, 3, 3] = float("nan")
+    got = torch.ops.fastdarts.partial_channel_node(outs, xs, 2, [2, 1], bypass_w)
+    want = reference.partial_channel_node(outs, xs, 2, [2, 1], bypass_w)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    assert got.isnan().any()
+
+
+def test_node_does_not_depend_on_the_thread_count(cpu_isa):
+    outs, xs, bypass_w = make_node_inputs((8, 16, 9, 9), 4, [2, 2, 1], torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(torch.ops.fastdarts.partial_channel_node(outs, xs, 4, [2, 2, 1], bypass_w))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(*results)
+
+
+def test_node_opcheck():
+    outs, xs, bypass_w = make_node_inputs((2, 8, 3, 3), 4, [2, 1], torch.float32)
+    opcheck(torch.ops.fastdarts.partial_channel_node.default, (outs, xs, 4, [2, 1], bypass_w))
+    opcheck(torch.ops.fastdarts.partial_channel_node.default, (outs[:1], xs[:1], 4, [2], None))
+
+
+def test_node_refuses_differentiation():
+    outs, xs, bypass_w = make_node_inputs((1, 8, 4, 4), 4, [1])
+    with pytest.raises(RuntimeError, match="a part of fastdarts.ops.mixed_ops"):
+        torch.ops.fastdarts.partial_channel_node([outs[0].requires_grad_()], xs, 4, [1], bypass_w).sum().backward()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(outs=[]), "outs must be a non-empty list of tensors"),
+        (dict(xs=[]), "xs must have one tensor per edge (E = 2), got 0"),
+        (dict(strides=[2]), "strides must have one entry per edge (E = 2), got 1"),
+        (dict(strides=[2, 3]), "strides[1] must be 1 or 2, got 3"),
+        (dict(K=3), "partial_channels must be an integer >= 2 dividing the 8 channels, got 3"),
+        (dict(strides=[1, 1]), "xs[1] [1, 8, 4, 4] at stride 1 gives an output of [1, 8, 4, 4], xs[0] one of [1, 8, 7"),
+        (dict(bypass_w=torch.ones(3, dtype=torch.float64)), "bypass_w must have shape [K] with K = 2"),
+        (dict(outs=[torch.zeros(1, 2, 4, 4, dtype=torch.float64)] * 2), "outs[0] must have shape [1, 4, 4, 4]"),
+        (
+            dict(xs=[torch.zeros(1, 8, 7, 8, dtype=torch.float64), torch.zeros(1, 8, 4, 4)]),
+            "xs[1] must have the dtype of xs[0]",
+        ),
+        (dict(xs=[torch.zeros(1, 8, 7), torch.zeros(1, 8, 4, 4)]), "xs[0] must be a 4-D [N, C, H, W] tensor"),
+    ],
+)
+def test_node_bad_arguments_in_one_line(change, message):
+    outs, xs, bypass_w = make_node_inputs((1, 8, 4, 4), 2, [2, 1])
+    args = dict(outs=outs, xs=xs, K=2, strides=[2, 1], bypass_w=bypass_w) | change
+    for op in ("cpp", "fake"):
+        with pytest.raises((ValueError, TypeError)) as error:
+            if op == "cpp":
+                torch.ops.fastdarts.partial_channel_node(args["outs"], args["xs"], args["K"], args["strides"],
+                                                         args["bypass_w"])  # fmt: skip
+            else:
+                with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+                    fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+                    fake["outs"] = [mode.from_tensor(o) for o in args["outs"]]
+                    fake["xs"] = [mode.from_tensor(x) for x in args["xs"]]
+                    torch.ops.fastdarts.partial_channel_node(fake["outs"], fake["xs"], fake["K"], fake["strides"],
+                                                             fake["bypass_w"])  # fmt: skip
         assert message in str(error.value) and "\n" not in str(error.value).strip(), (op, str(error.value))
