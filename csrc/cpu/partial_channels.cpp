@@ -125,13 +125,19 @@ template <bool kTaps, typename scalar_t>
 FASTDARTS_ALWAYS_INLINE void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar_t* rows,
                                         scalar_t* taps) {
   const int64_t m = s.m, row = s.Wo * m;
+  if (s.stride == 1) {  // a group at a time, each pixel's m values one short copy: a tight loop of loads and stores
+    for (int64_t g = 1; g < s.K; ++g) {
+      const scalar_t* in = x + (n * s.H + ho) * s.W * s.C + g * m;
+      scalar_t* out = rows + (g - 1) * row;
+      for (int64_t wo = 0; wo < s.Wo; ++wo, in += s.C, out += m) {
+        copy_short(out, in, m);
+      }
+    }
+    return;
+  }
   for (int64_t wo = 0; wo < s.Wo; ++wo) {
     for (int64_t g = 1; g < s.K; ++g) {
       scalar_t* __restrict__ out = rows + (g - 1) * row + wo * m;
-      if (s.stride == 1) {
-        copy_short(out, x + ((n * s.H + ho) * s.W + wo) * s.C + g * m, m);
-        continue;
-      }
       scalar_t* __restrict__ tap = kTaps ? taps + (g - 1) * row + wo * m : nullptr;
       std::fill(out, out + m, -std::numeric_limits<scalar_t>::infinity());
       if constexpr (kTaps) {
