@@ -162,7 +162,8 @@ TORCH_LIBRARY(fastdarts, m) {
       "Tensor[]");
   // A node of a partial-channel cell: the sum, in edge order, of E = len(outs) edges' outputs as
   // partial_channel_outputs gives them, edge e's from its ops' output outs[e] [N, C/K, Ho, Wo] and the bypass of its
-  // state xs[e] [N, C, H_e, W_e] at strides[e] (times bypass_w[e] when given); [N, C, Ho, Wo], channels_last.
+  // state xs[e] [N, C, H_e, W_e] at strides[e], or xs[e] that bypass alone [N, C - C/K, Ho, Wo] (stride 1), times
+  // bypass_w[e] when given; [N, C, Ho, Wo], channels_last.
   m.def(
       "partial_channel_node(Tensor[] outs, Tensor[] xs, int partial_channels, int[] strides, Tensor? bypass_w) -> "
       "Tensor");

@@ -838,7 +838,8 @@ OptionalTensor edge_rows(const OptionalTensor& t, const at::Tensor& edges) {
 }
 
 // What enters a node: its incoming edges' outputs, in edge order; with partial channels each edge's ops' output
-// (C/K channels) with the state and stride its bypass comes from, and the edge's index (for bypass_w).
+// (C/K channels) with the state and stride its bypass comes from (or that bypass, pooled), and the edge's index (for
+// bypass_w).
 struct NodeTerms {
   Tensors outs, xs;
   std::vector<int64_t> strides, edges;
@@ -938,11 +939,19 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
       Tensors kept = g.saved();
       saved.insert(saved.end(), kept.begin(), kept.end());
     }
+    // With partial channels, what each edge's bypass is read from: the state, or at stride 2 its bypass pooled
+    // once here for every node it feeds (reference.split_partial_channels's pool)
+    at::Tensor bypass = states[group.state];
+    int64_t bypass_stride = group.stride;
+    if (partial_channels > 1 && group.stride == 2) {
+      bypass = at::max_pool2d(bypass.narrow(1, C, bypass.size(1) - C), {2, 2}, {2, 2}, {0, 0}, {1, 1}, true);
+      bypass_stride = 1;
+    }
     for (size_t i = 0; i < outs.size(); ++i) {
       NodeTerms& terms = incoming[group.nodes[i]];
       terms.outs.push_back(outs[i]);
-      terms.xs.push_back(states[group.state]);
-      terms.strides.push_back(group.stride);
+      terms.xs.push_back(bypass);
+      terms.strides.push_back(bypass_stride);
       terms.edges.push_back(group.edges[i]);
     }
   }

@@ -11,7 +11,8 @@
 //             grad_x's first m channels are zero (the ops' own backward gives them); grad_bypass_w[e] = the sum
 //             over every value of grad_e[c K + g] b[(g - 1) m + c].
 //   node:     the sum, in edge order, of the forward's out_e of the E edges entering one node, each from its own
-//             state x_e and stride (a cell's node, without the edges' full-width outputs written and read back).
+//             state x_e and stride, or from its bypass b_e alone (a cell's node, without the edges' full-width
+//             outputs written and read back; a stride-2 state's bypass is pooled once for the 4 nodes it feeds).
 //
 // Why a kernel: in ATen the same took a zero fill and strided copies to place the shuffled bypass, a multiply and
 // a strided copy per edge, and in the backward a strided copy of each gradient's ops channels, a weighted sum and
@@ -54,15 +55,16 @@ using V16Of = typename VecOf<T, 16>::type;
 template <typename T>
 constexpr int64_t kLanes16Of = 16 / static_cast<int64_t>(sizeof(T));
 
+// x_C and x_skip: where the bypass lies in the tensor it is read from, x_C values a pixel with group g = 1 .. K-1
+// at channel x_skip + (g - 1) m: the edge's state (x_C = C, x_skip = m) or, for partial_channel_node, the bypass
+// alone (x_C = C - m, x_skip = 0).
 struct Shape {
-  int64_t N, C, H, W, Ho, Wo, K, m, stride;
-  int64_t bypass() const {  // the bypass's channels
-    return C - m;
-  }
+  int64_t N, C, H, W, Ho, Wo, K, m, stride, x_C, x_skip;
 };
 
 Shape shape_of(const at::Tensor& x, int64_t partial_channels, int64_t stride) {
-  Shape s{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, partial_channels, x.size(1) / partial_channels, stride};
+  const int64_t C = x.size(1), m = C / partial_channels;
+  Shape s{x.size(0), C, x.size(2), x.size(3), 0, 0, partial_channels, m, stride, C, m};
   s.Ho = (s.H + stride - 1) / stride;
   s.Wo = (s.W + stride - 1) / stride;
   return s;
@@ -127,9 +129,9 @@ FASTDARTS_ALWAYS_INLINE void bypass_row(const scalar_t* x, const Shape& s, int64
   const int64_t m = s.m, row = s.Wo * m;
   if (s.stride == 1) {  // a group at a time, each pixel's m values one short copy: a tight loop of loads and stores
     for (int64_t g = 1; g < s.K; ++g) {
-      const scalar_t* in = x + (n * s.H + ho) * s.W * s.C + g * m;
+      const scalar_t* in = x + (n * s.H + ho) * s.W * s.x_C + s.x_skip + (g - 1) * m;
       scalar_t* out = rows + (g - 1) * row;
-      for (int64_t wo = 0; wo < s.Wo; ++wo, in += s.C, out += m) {
+      for (int64_t wo = 0; wo < s.Wo; ++wo, in += s.x_C, out += m) {
         copy_short(out, in, m);
       }
     }
@@ -145,7 +147,8 @@ FASTDARTS_ALWAYS_INLINE void bypass_row(const scalar_t* x, const Shape& s, int64
       }
       for (int64_t dh = 0; dh < 2 && 2 * ho + dh < s.H; ++dh) {
         for (int64_t dw = 0; dw < 2 && 2 * wo + dw < s.W; ++dw) {
-          const scalar_t* __restrict__ v = x + ((n * s.H + 2 * ho + dh) * s.W + 2 * wo + dw) * s.C + g * m;
+          const scalar_t* __restrict__ v =
+              x + ((n * s.H + 2 * ho + dh) * s.W + 2 * wo + dw) * s.x_C + s.x_skip + (g - 1) * m;
           const auto t = static_cast<scalar_t>(2 * dh + dw);
           // ATen's max_pool2d: the value wins when it is greater or a NaN. In 16-byte vectors, whose selects have
           // no branch (GCC's scalar loop branched on every value, and random data mispredicted half of them).
@@ -509,38 +512,45 @@ at::Tensor partial_channel_node_cpu(at::TensorList outs, at::TensorList xs, int6
                     "), got ", xs.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(strides.size()) == E, op, ": strides must have one entry per edge (E = ", E,
                     "), got ", strides.size());
+  TORCH_CHECK_VALUE(partial_channels >= 2, op, ": partial_channels must be an integer >= 2, got ", partial_channels);
+  check_images(op, ArgName("outs", 0), outs[0]);
+  check_supported_dtype(op, outs[0]);
+  const int64_t m = outs[0].size(1), C = partial_channels * m;
   std::vector<Shape> shapes;
   std::vector<at::Tensor> states, inputs;
   for (int64_t e = 0; e < E; ++e) {
-    check_images(op, ArgName("xs", e), xs[e]);
-    if (e == 0) {
-      check_supported_dtype(op, xs[0]);
-      TORCH_CHECK_VALUE(partial_channels >= 2 && xs[0].size(1) % partial_channels == 0, op,
-                        ": partial_channels must be an integer >= 2 dividing the ", xs[0].size(1), " channels, got ",
-                        partial_channels);
-    } else {
-      check_dtype_and_device(op, ArgName("xs", e), xs[e], "xs[0]", xs[0]);
-    }
+    const at::Tensor& x = xs[e];
+    check_images(op, ArgName("xs", e), x);
+    check_dtype_and_device(op, ArgName("xs", e), x, "outs[0]", outs[0]);
     TORCH_CHECK_VALUE(strides[e] == 1 || strides[e] == 2, op, ": strides[", e, "] must be 1 or 2, got ",
                       strides[e]);
-    shapes.push_back(shape_of(xs[e], partial_channels, strides[e]));
-    const Shape& s = shapes.back();
-    const Shape& first = shapes[0];
-    TORCH_CHECK_VALUE(s.N == first.N && s.C == first.C && s.Ho == first.Ho && s.Wo == first.Wo, op, ": xs[", e, "] ",
-                      xs[e].sizes(), " at stride ", strides[e], " gives an output of [", s.N, ", ", s.C, ", ", s.Ho,
-                      ", ", s.Wo, "], xs[0] one of [", first.N, ", ", first.C, ", ", first.Ho, ", ", first.Wo, "]");
-    states.push_back(xs[e].contiguous(kChannelsLast));
+    const bool bypass_alone = x.size(1) == C - m;
+    TORCH_CHECK_VALUE(x.size(1) == C || bypass_alone, op, ": xs[", e, "] must have the ", C,
+                      " channels of a state (partial_channels x outs' ", m, ") or the ", C - m,
+                      " of its bypass alone, got ", x.size(1));
+    TORCH_CHECK_VALUE(!bypass_alone || strides[e] == 1, op, ": xs[", e,
+                      "] is a bypass (", C - m, " channels), already at the output's size: strides[", e,
+                      "] must be 1, got ", strides[e]);
+    const int64_t stride = strides[e];
+    Shape s{x.size(0), C, x.size(2), x.size(3), (x.size(2) + stride - 1) / stride, (x.size(3) + stride - 1) / stride,
+            partial_channels, m, stride, x.size(1), bypass_alone ? 0 : m};
+    const Shape& first = shapes.empty() ? s : shapes[0];
+    TORCH_CHECK_VALUE(s.N == first.N && s.Ho == first.Ho && s.Wo == first.Wo, op, ": xs[", e, "] ", x.sizes(),
+                      " at stride ", stride, " gives an output of [", s.N, ", ", C, ", ", s.Ho, ", ", s.Wo,
+                      "], xs[0] one of [", first.N, ", ", C, ", ", first.Ho, ", ", first.Wo, "]");
+    shapes.push_back(s);
+    states.push_back(x.contiguous(kChannelsLast));
   }
   if (bypass_w.has_value()) {
-    check_weights(op, "bypass_w", *bypass_w, E, xs[0]);
+    check_weights(op, "bypass_w", *bypass_w, E, outs[0]);
   }
   const Shape& s = shapes[0];
-  check_sized_list(op, "outs", outs, E, "edge", {s.N, s.m, s.Ho, s.Wo}, "xs[0]", xs[0]);
+  check_sized_list(op, "outs", outs, E, "edge", {s.N, m, s.Ho, s.Wo}, "outs[0]", outs[0]);
   for (int64_t e = 0; e < E; ++e) {
     inputs.push_back(outs[e].contiguous(kChannelsLast));
   }
-  at::Tensor node = at::empty({s.N, s.C, s.Ho, s.Wo}, xs[0].options().memory_format(kChannelsLast));
-  AT_DISPATCH_FLOATING_TYPES(xs[0].scalar_type(), "partial_channels_cpu", [&] {
+  at::Tensor node = at::empty({s.N, C, s.Ho, s.Wo}, outs[0].options().memory_format(kChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES(outs[0].scalar_type(), "partial_channels_cpu", [&] {
     NodeArgs<scalar_t> a{{}, {}, values_of<scalar_t>(bypass_w, E), shapes, node.data_ptr<scalar_t>()};
     for (int64_t e = 0; e < E; ++e) {
       a.xs.push_back(states[e].const_data_ptr<scalar_t>());

@@ -765,13 +765,9 @@ def composed_partial_channel_outputs(outs: Sequence[Tensor], x: Tensor, partial_
 def composed_partial_channel_node(outs: Sequence[Tensor], xs: Sequence[Tensor], partial_channels: int,
                                   strides: Sequence[int], bypass_w: Tensor | None) -> Tensor:  # fmt: skip
     """partial_channel_node in ATen ops, for a backend without its kernel: each edge's full-width output
-    (composed_partial_channel_outputs), added in edge order."""
-    total = None
-    for e, (out, x, stride) in enumerate(zip(outs, xs, strides, strict=True)):
-        (term,) = composed_partial_channel_outputs([out], x, partial_channels, stride,
-                                                   None if bypass_w is None else bypass_w[e : e + 1])  # fmt: skip
-        total = term if total is None else total + term
-    return total
+    (reference.partial_channel_edge), added in edge order, laid out channels_last as the kernel's."""
+    node = reference.partial_channel_node(outs, xs, partial_channels, strides, bypass_w)
+    return node.contiguous(memory_format=_CHANNELS_LAST)
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -991,8 +987,13 @@ def edge_cell(group_forward: Callable, group_backward: Callable, kernels: EdgeKe
             means.append(mean.view(-1, C))
             variances.append(var.view(-1, C))
             saved += kept
+            # with partial channels, what each edge's bypass is read from: the state, or at stride 2 its bypass
+            # pooled once here for every node it feeds
+            bypass, bypass_stride = x, group.stride
+            if partial_channels > 1 and group.stride == 2:
+                bypass, bypass_stride = reference.split_partial_channels(x, partial_channels, 2)[1], 1
             for target, edge, out in zip(group.nodes, group.edges, outs):
-                incoming[target].append((out, x, group.stride, edge))
+                incoming[target].append((out, bypass, bypass_stride, edge))
         empty = s0.new_zeros(0, C)
         return states[2:], torch.cat(means) if means else empty, torch.cat(variances) if variances else empty, saved
 

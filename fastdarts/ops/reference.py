@@ -1077,11 +1077,13 @@ def partial_channel_node(outs: Sequence[Tensor], xs: Sequence[Tensor], partial_c
                          bypass_w: Tensor | None = None) -> Tensor:  # fmt: skip
     """A node of a partial-channel cell: the sum, in edge order, of the full-width outputs (partial_channel_outputs)
     of the edges entering it, edge e's from its ops' output outs[e] and the bypass of its state xs[e] at strides[e],
+    or of xs[e] that bypass alone (C - C/K channels, stride 1: a state's pooled bypass made once for its edges),
     times bypass_w[e] when given."""
     total = None
     for e, (out, x, stride) in enumerate(zip(outs, xs, strides, strict=True)):
-        (term,) = partial_channel_outputs([out], x, partial_channels, stride,
-                                          None if bypass_w is None else bypass_w[e : e + 1])  # fmt: skip
+        if x.shape[1] == out.shape[1] * partial_channels:
+            _, x = split_partial_channels(x, partial_channels, stride)
+        term = partial_channel_edge(out, x if bypass_w is None else x * bypass_w[e], partial_channels)
         total = term if total is None else total + term
     return total
 

@@ -219,6 +219,20 @@ def test_node_matches_reference_bit_for_bit(dtype, case, strides, with_w, cpu_is
     torch.testing.assert_close(composed, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", CASES[:4], ids=["x".join(map(str, s)) + f"-K{K}" for s, K in CASES[:4]])
+def test_node_from_a_bypass_alone(case, cpu_isa):
+    # A stride-2 state's bypass pooled once (as a reduction cell passes it to the 4 nodes it feeds), a stride-1
+    # state's sliced: the same bits as the states themselves.
+    shape, K = case
+    outs, xs, bypass_w = make_node_inputs(shape, K, [2, 1, 1], torch.float32)
+    bypasses = [reference.split_partial_channels(x, K, stride)[1] for x, stride in zip(xs[:2], [2, 1])]
+    want = torch.ops.fastdarts.partial_channel_node(outs, xs, K, [2, 1, 1], bypass_w)
+    got = torch.ops.fastdarts.partial_channel_node(outs, [*bypasses, xs[2]], K, [1, 1, 1], bypass_w)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    reference_got = reference.partial_channel_node(outs, [*bypasses, xs[2]], K, [1, 1, 1], bypass_w)
+    torch.testing.assert_close(reference_got, want, rtol=0, atol=0)
+
+
 def test_node_pools_nans_as_max_pool2d(cpu_isa):
     outs, xs, bypass_w = make_node_inputs((2, 8, 3, 4), 2, [2, 1])
     xs[0][0, 5, 0, 1] = float("nan")
@@ -261,13 +275,21 @@ def test_node_refuses_differentiation():
         (dict(xs=[]), "xs must have one tensor per edge (E = 2), got 0"),
         (dict(strides=[2]), "strides must have one entry per edge (E = 2), got 1"),
         (dict(strides=[2, 3]), "strides[1] must be 1 or 2, got 3"),
-        (dict(K=3), "partial_channels must be an integer >= 2 dividing the 8 channels, got 3"),
+        (dict(K=1), "partial_channels must be an integer >= 2, got 1"),
+        (dict(K=4), "xs[0] must have the 16 channels of a state (partial_channels x outs' 4) or the 12 of its bypass"),
         (dict(strides=[1, 1]), "xs[1] [1, 8, 4, 4] at stride 1 gives an output of [1, 8, 4, 4], xs[0] one of [1, 8, 7"),
+        (
+            dict(xs=[torch.zeros(1, 4, 4, 4, dtype=torch.float64)] * 2),
+            "xs[0] is a bypass (4 channels), already at the output's size: strides[0] must be 1, got 2",
+        ),
         (dict(bypass_w=torch.ones(3, dtype=torch.float64)), "bypass_w must have shape [K] with K = 2"),
-        (dict(outs=[torch.zeros(1, 2, 4, 4, dtype=torch.float64)] * 2), "outs[0] must have shape [1, 4, 4, 4]"),
+        (
+            dict(outs=[torch.zeros(1, 4, 4, 4, dtype=torch.float64), torch.zeros(1, 4, 4, 3, dtype=torch.float64)]),
+            "outs[1] must have shape [1, 4, 4, 4]",
+        ),
         (
             dict(xs=[torch.zeros(1, 8, 7, 8, dtype=torch.float64), torch.zeros(1, 8, 4, 4)]),
-            "xs[1] must have the dtype of xs[0]",
+            "xs[1] must have the dtype of outs[0]",
         ),
         (dict(xs=[torch.zeros(1, 8, 7), torch.zeros(1, 8, 4, 4)]), "xs[0] must be a 4-D [N, C, H, W] tensor"),
     ],
