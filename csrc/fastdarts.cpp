@@ -161,12 +161,10 @@ TORCH_LIBRARY(fastdarts, m) {
       "partial_channel_outputs(Tensor[] outs, Tensor x, int partial_channels, int stride, Tensor? bypass_w) -> "
       "Tensor[]");
   // A node of a partial-channel cell: the sum, in edge order, of E = len(outs) edges' outputs as
-  // partial_channel_outputs gives them, edge e's from its ops' output outs[e] [N, C/K, Ho, Wo] and the bypass of its
-  // state xs[e] [N, C, H_e, W_e] at strides[e], or xs[e] that bypass alone [N, C - C/K, Ho, Wo] (stride 1), times
-  // bypass_w[e] when given; [N, C, Ho, Wo], channels_last.
-  m.def(
-      "partial_channel_node(Tensor[] outs, Tensor[] xs, int partial_channels, int[] strides, Tensor? bypass_w) -> "
-      "Tensor");
+  // partial_channel_outputs gives them at stride 1, edge e's from its ops' output outs[e] [N, C/K, Ho, Wo] and the
+  // bypass of its state xs[e] [N, C, Ho, Wo], or xs[e] that bypass alone [N, C - C/K, Ho, Wo] (a stride-2 state's,
+  // pooled), times bypass_w[e] when given; [N, C, Ho, Wo], channels_last.
+  m.def("partial_channel_node(Tensor[] outs, Tensor[] xs, int partial_channels, Tensor? bypass_w) -> Tensor");
   // From the E edges' output gradients (None: not in the loss): the ops' gradients (one per given gradient, in
   // order), dL/dx of the bypass if x_grad (zero in the ops' m channels; the pool's argmax recomputed from x) and
   // dL/dbypass_w [E] if bypass_w_grad, else None.

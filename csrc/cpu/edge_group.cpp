@@ -178,11 +178,10 @@ std::tuple<OptionalTensor, Tensors, Tensors> factorized_reduce_bn_stats_backward
 }
 
 at::Tensor partial_channel_node(at::TensorList outs, at::TensorList xs, int64_t partial_channels,
-                                at::IntArrayRef strides, const OptionalTensor& bypass_w) {
-  static const auto op =
-      handle<at::Tensor(at::TensorList, at::TensorList, int64_t, at::IntArrayRef, const OptionalTensor&)>(
-          "fastdarts::partial_channel_node");
-  return op.call(outs, xs, partial_channels, strides, bypass_w);
+                                const OptionalTensor& bypass_w) {
+  static const auto op = handle<at::Tensor(at::TensorList, at::TensorList, int64_t, const OptionalTensor&)>(
+      "fastdarts::partial_channel_node");
+  return op.call(outs, xs, partial_channels, bypass_w);
 }
 
 std::tuple<Tensors, OptionalTensor, OptionalTensor> partial_channel_outputs_backward(
@@ -838,11 +837,11 @@ OptionalTensor edge_rows(const OptionalTensor& t, const at::Tensor& edges) {
 }
 
 // What enters a node: its incoming edges' outputs, in edge order; with partial channels each edge's ops' output
-// (C/K channels) with the state and stride its bypass comes from (or that bypass, pooled), and the edge's index (for
+// (C/K channels) with the state its bypass comes from (at stride 2 that bypass, pooled) and the edge's index (for
 // bypass_w).
 struct NodeTerms {
   Tensors outs, xs;
-  std::vector<int64_t> strides, edges;
+  std::vector<int64_t> edges;
 };
 
 // A node: its incoming edges' outputs summed in turn (three or more by one weighted_sum pass with unit weights, the
@@ -857,7 +856,7 @@ at::Tensor node_sum(const NodeTerms& terms, const at::Tensor& s0, int64_t stride
         .zero_();
   }
   if (partial_channels > 1) {
-    return partial_channel_node(outs, terms.xs, partial_channels, terms.strides,
+    return partial_channel_node(outs, terms.xs, partial_channels,
                                 edge_rows(bypass_w, index_tensor(terms.edges).to(s0.device())));
   }
   if (outs.size() == 1) {
@@ -942,16 +941,13 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
     // With partial channels, what each edge's bypass is read from: the state, or at stride 2 its bypass pooled
     // once here for every node it feeds (reference.split_partial_channels's pool)
     at::Tensor bypass = states[group.state];
-    int64_t bypass_stride = group.stride;
     if (partial_channels > 1 && group.stride == 2) {
       bypass = at::max_pool2d(bypass.narrow(1, C, bypass.size(1) - C), {2, 2}, {2, 2}, {0, 0}, {1, 1}, true);
-      bypass_stride = 1;
     }
     for (size_t i = 0; i < outs.size(); ++i) {
       NodeTerms& terms = incoming[group.nodes[i]];
       terms.outs.push_back(outs[i]);
       terms.xs.push_back(bypass);
-      terms.strides.push_back(bypass_stride);
       terms.edges.push_back(group.edges[i]);
     }
   }

@@ -10,9 +10,10 @@
 //             to x's channel m + (g - 1) m + c (stride 1) or to that channel at its window's argmax (stride 2);
 //             grad_x's first m channels are zero (the ops' own backward gives them); grad_bypass_w[e] = the sum
 //             over every value of grad_e[c K + g] b[(g - 1) m + c].
-//   node:     the sum, in edge order, of the forward's out_e of the E edges entering one node, each from its own
-//             state x_e and stride, or from its bypass b_e alone (a cell's node, without the edges' full-width
-//             outputs written and read back; a stride-2 state's bypass is pooled once for the 4 nodes it feeds).
+//   node:     the sum, in edge order, of the forward's out_e (stride 1) of the E edges entering one node, each
+//             from its own state x_e, or from its bypass b_e alone (a cell's node, without the edges' full-width
+//             outputs written and read back; a stride-2 state's bypass is pooled by the cell, once for the nodes
+//             it feeds).
 //
 // Why a kernel: in ATen the same took a zero fill and strided copies to place the shuffled bypass, a multiply and
 // a strided copy per edge, and in the backward a strided copy of each gradient's ops channels, a weighted sum and
@@ -306,14 +307,14 @@ FASTDARTS_ALWAYS_INLINE void forward_rows(const ForwardArgs<scalar_t>& a, int64_
 
 FASTDARTS_CPU_ISA_COPIES(forward_rows)
 
-// A node of a partial-channel cell: the edges' outputs of forward_rows, each from its own state and stride, summed
-// in edge order one output row at a time (the row stays in L1 while every edge adds to it) instead of written out
+// A node of a partial-channel cell: the edges' outputs of forward_rows, each from its own state, summed in edge
+// order one output row at a time (the row stays in L1 while every edge adds to it) instead of written out
 // full width and read back by the node's sum.
 template <typename scalar_t>
 struct NodeArgs {
   std::vector<const scalar_t*> xs, outs;
   std::vector<scalar_t> bw;
-  std::vector<Shape> shapes;  // edge e's: its state's sizes and its stride; the same K, m, Ho and Wo for all
+  std::vector<Shape> shapes;  // edge e's: where its bypass lies in xs[e] (x_C, x_skip); the rest the same for all
   scalar_t* node;
 };
 
@@ -504,52 +505,37 @@ std::vector<at::Tensor> partial_channel_outputs_cpu(at::TensorList outs, const a
 }
 
 at::Tensor partial_channel_node_cpu(at::TensorList outs, at::TensorList xs, int64_t partial_channels,
-                                   at::IntArrayRef strides, const std::optional<at::Tensor>& bypass_w) {
+                                   const std::optional<at::Tensor>& bypass_w) {
   const char* op = "partial_channel_node";
   const int64_t E = static_cast<int64_t>(outs.size());
   TORCH_CHECK_VALUE(E >= 1, op, ": outs must be a non-empty list of tensors");
   TORCH_CHECK_VALUE(static_cast<int64_t>(xs.size()) == E, op, ": xs must have one tensor per edge (E = ", E,
                     "), got ", xs.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(strides.size()) == E, op, ": strides must have one entry per edge (E = ", E,
-                    "), got ", strides.size());
   TORCH_CHECK_VALUE(partial_channels >= 2, op, ": partial_channels must be an integer >= 2, got ", partial_channels);
   check_images(op, ArgName("outs", 0), outs[0]);
   check_supported_dtype(op, outs[0]);
-  const int64_t m = outs[0].size(1), C = partial_channels * m;
+  const int64_t N = outs[0].size(0), m = outs[0].size(1), C = partial_channels * m;
+  const int64_t Ho = outs[0].size(2), Wo = outs[0].size(3);
+  check_sized_list(op, "outs", outs, E, "edge", {N, m, Ho, Wo}, "outs[0]", outs[0]);
   std::vector<Shape> shapes;
   std::vector<at::Tensor> states, inputs;
   for (int64_t e = 0; e < E; ++e) {
     const at::Tensor& x = xs[e];
-    check_images(op, ArgName("xs", e), x);
-    check_dtype_and_device(op, ArgName("xs", e), x, "outs[0]", outs[0]);
-    TORCH_CHECK_VALUE(strides[e] == 1 || strides[e] == 2, op, ": strides[", e, "] must be 1 or 2, got ",
-                      strides[e]);
-    const bool bypass_alone = x.size(1) == C - m;
-    TORCH_CHECK_VALUE(x.size(1) == C || bypass_alone, op, ": xs[", e, "] must have the ", C,
-                      " channels of a state (partial_channels x outs' ", m, ") or the ", C - m,
-                      " of its bypass alone, got ", x.size(1));
-    TORCH_CHECK_VALUE(!bypass_alone || strides[e] == 1, op, ": xs[", e,
-                      "] is a bypass (", C - m, " channels), already at the output's size: strides[", e,
-                      "] must be 1, got ", strides[e]);
-    const int64_t stride = strides[e];
-    Shape s{x.size(0), C, x.size(2), x.size(3), (x.size(2) + stride - 1) / stride, (x.size(3) + stride - 1) / stride,
-            partial_channels, m, stride, x.size(1), bypass_alone ? 0 : m};
-    const Shape& first = shapes.empty() ? s : shapes[0];
-    TORCH_CHECK_VALUE(s.N == first.N && s.Ho == first.Ho && s.Wo == first.Wo, op, ": xs[", e, "] ", x.sizes(),
-                      " at stride ", stride, " gives an output of [", s.N, ", ", C, ", ", s.Ho, ", ", s.Wo,
-                      "], xs[0] one of [", first.N, ", ", C, ", ", first.Ho, ", ", first.Wo, "]");
-    shapes.push_back(s);
+    const ArgName name("xs", e);
+    TORCH_CHECK_VALUE(x.dim() == 4 && x.size(0) == N && (x.size(1) == C || x.size(1) == C - m) && x.size(2) == Ho &&
+                          x.size(3) == Wo,
+                      op, ": ", name, " must be a state [", N, ", ", C, ", ", Ho, ", ", Wo, "] or its bypass alone [",
+                      N, ", ", C - m, ", ", Ho, ", ", Wo, "] (outs[0] ", outs[0].sizes(), ", partial_channels ",
+                      partial_channels, "), got ", x.sizes());
+    check_dtype_and_device(op, name, x, "outs[0]", outs[0]);
+    shapes.push_back({N, C, Ho, Wo, Ho, Wo, partial_channels, m, 1, x.size(1), x.size(1) == C ? m : 0});
     states.push_back(x.contiguous(kChannelsLast));
+    inputs.push_back(outs[e].contiguous(kChannelsLast));
   }
   if (bypass_w.has_value()) {
     check_weights(op, "bypass_w", *bypass_w, E, outs[0]);
   }
-  const Shape& s = shapes[0];
-  check_sized_list(op, "outs", outs, E, "edge", {s.N, m, s.Ho, s.Wo}, "outs[0]", outs[0]);
-  for (int64_t e = 0; e < E; ++e) {
-    inputs.push_back(outs[e].contiguous(kChannelsLast));
-  }
-  at::Tensor node = at::empty({s.N, C, s.Ho, s.Wo}, outs[0].options().memory_format(kChannelsLast));
+  at::Tensor node = at::empty({N, C, Ho, Wo}, outs[0].options().memory_format(kChannelsLast));
   AT_DISPATCH_FLOATING_TYPES(outs[0].scalar_type(), "partial_channels_cpu", [&] {
     NodeArgs<scalar_t> a{{}, {}, values_of<scalar_t>(bypass_w, E), shapes, node.data_ptr<scalar_t>()};
     for (int64_t e = 0; e < E; ++e) {

@@ -438,45 +438,29 @@ def _partial_channel_outputs_backward_fake(grads, x, partial_channels, stride, b
     return ops_grads, grad_x, x.new_empty(len(grads)) if bypass_w_grad else None
 
 
-def _check_partial_channel_node_edge(op, e, x, stride, C, m, outs) -> list[int]:
-    """Edge e's state (or bypass) and stride, checked as the kernel checks them; the output shape they give."""
-    check_images(op, f"xs[{e}]", x, torch_check)
-    check_dtype_and_device(op, f"xs[{e}]", x, "outs[0]", outs[0], torch_check)
-    torch_check(stride in (1, 2), ValueError, lambda: f"{op}: strides[{e}] must be 1 or 2, got {stride}")
-    bypass_alone = x.shape[1] == C - m
-    torch_check(x.shape[1] == C or bypass_alone, ValueError,
-                lambda: f"{op}: xs[{e}] must have the {C} channels of a state (partial_channels x outs' {m}) or the "
-                        f"{C - m} of its bypass alone, got {x.shape[1]}")  # fmt: skip
-    torch_check(not bypass_alone or stride == 1, ValueError,
-                lambda: f"{op}: xs[{e}] is a bypass ({C - m} channels), already at the output's size: strides[{e}] "
-                        f"must be 1, got {stride}")  # fmt: skip
-    return [x.shape[0], C, *relu_dwconv_output_shape(x, stride)[2:]]
-
-
 @torch.library.register_fake("fastdarts::partial_channel_node")
-def _partial_channel_node_fake(outs, xs, partial_channels, strides, bypass_w):
+def _partial_channel_node_fake(outs, xs, partial_channels, bypass_w):
     op = "partial_channel_node"
     E = len(outs)
     torch_check(E >= 1, ValueError, lambda: f"{op}: outs must be a non-empty list of tensors")
     torch_check(len(xs) == E, ValueError, lambda: f"{op}: xs must have one tensor per edge (E = {E}), got {len(xs)}")
-    torch_check(len(strides) == E, ValueError,
-                lambda: f"{op}: strides must have one entry per edge (E = {E}), got {len(strides)}")  # fmt: skip
     torch_check(partial_channels >= 2, ValueError,
                 lambda: f"{op}: partial_channels must be an integer >= 2, got {partial_channels}")  # fmt: skip
     check_images(op, "outs[0]", outs[0], torch_check)
     check_supported_dtype(op, outs[0])
-    m = outs[0].shape[1]
+    N, m, H, W = outs[0].shape
     C = partial_channels * m
-    shapes = [_check_partial_channel_node_edge(op, e, x, stride, C, m, outs)
-              for e, (x, stride) in enumerate(zip(xs, strides))]  # fmt: skip
-    shape = shapes[0]
-    for e, edge_shape in enumerate(shapes):
-        message = f"{op}: xs[{e}] {list(xs[e].shape)} at stride {strides[e]} gives an output of {edge_shape}, xs[0] "
-        torch_check(edge_shape == shape, ValueError, lambda m=message: m + f"one of {shape}")
+    check_sized_list(op, "outs", outs, E, "edge", [N, m, H, W], "outs[0]", outs[0], torch_check)
+    for e, x in enumerate(xs):
+        torch_check(x.dim() == 4 and x.shape[0] == N and x.shape[1] in (C, C - m) and x.shape[2:] == (H, W),
+                    ValueError,
+                    lambda e=e, x=x: f"{op}: xs[{e}] must be a state {[N, C, H, W]} or its bypass alone "
+                                     f"{[N, C - m, H, W]} (outs[0] {list(outs[0].shape)}, partial_channels "
+                                     f"{partial_channels}), got {list(x.shape)}")  # fmt: skip
+        check_dtype_and_device(op, f"xs[{e}]", x, "outs[0]", outs[0], torch_check)
     if bypass_w is not None:
         check_weights(op, "bypass_w", bypass_w, E, outs[0], torch_check)
-    check_sized_list(op, "outs", outs, E, "edge", [shape[0], m, *shape[2:]], "outs[0]", outs[0], torch_check)
-    return torch.empty(shape, dtype=outs[0].dtype, device=outs[0].device, memory_format=torch.channels_last)
+    return torch.empty([N, C, H, W], dtype=outs[0].dtype, device=outs[0].device, memory_format=torch.channels_last)
 
 
 for _name in ("partial_channel_outputs", "partial_channel_outputs_backward", "partial_channel_node"):

@@ -94,7 +94,7 @@ class EdgeKernels:
     # (grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad) -> (the ops' gradients, one per given
     #  gradient; dL/dx of the bypass or None; dL/dbypass_w or None)
     partial_channel_outputs_backward: Callable[..., tuple]
-    # (outs, xs, partial_channels, strides, bypass_w) -> a node: its edges' full-width outputs summed in edge order
+    # (outs, xs, partial_channels, bypass_w) -> a node: its edges' full-width outputs summed in edge order
     partial_channel_node: Callable[..., Tensor]
 
 
@@ -763,10 +763,10 @@ def composed_partial_channel_outputs(outs: Sequence[Tensor], x: Tensor, partial_
 
 
 def composed_partial_channel_node(outs: Sequence[Tensor], xs: Sequence[Tensor], partial_channels: int,
-                                  strides: Sequence[int], bypass_w: Tensor | None) -> Tensor:  # fmt: skip
+                                  bypass_w: Tensor | None) -> Tensor:  # fmt: skip
     """partial_channel_node in ATen ops, for a backend without its kernel: each edge's full-width output
     (reference.partial_channel_edge), added in edge order, laid out channels_last as the kernel's."""
-    node = reference.partial_channel_node(outs, xs, partial_channels, strides, bypass_w)
+    node = reference.partial_channel_node(outs, xs, partial_channels, bypass_w)
     return node.contiguous(memory_format=_CHANNELS_LAST)
 
 
@@ -959,15 +959,15 @@ def edge_cell(group_forward: Callable, group_backward: Callable, kernels: EdgeKe
                 partial_channels=1, bypass_w=None):  # fmt: skip
         plan = _CellPlan.of(steps, stride, len(weights), candidates, counts, pool_bn)
         C = s0.shape[1] // partial_channels
-        # per node its incoming edges' (output, and with partial channels: state, stride, edge), in edge order
+        # per node its incoming edges' (output, and with partial channels: bypass source, edge), in edge order
         states, incoming = [s0, s1], [[] for _ in range(steps)]
         means, variances, saved, at = [], [], [], 0
 
         def node(terms):
             if partial_channels == 1 or not terms:
                 return _node_sum([t[0] for t in terms], kernels.weighted_sum, s0, stride)
-            outs, xs, strides, edges = zip(*terms)
-            return kernels.partial_channel_node(list(outs), list(xs), partial_channels, list(strides),
+            outs, xs, edges = zip(*terms)
+            return kernels.partial_channel_node(list(outs), list(xs), partial_channels,
                                                 None if bypass_w is None else bypass_w[list(edges)])  # fmt: skip
 
         for group in plan.groups + [None]:
@@ -989,11 +989,11 @@ def edge_cell(group_forward: Callable, group_backward: Callable, kernels: EdgeKe
             saved += kept
             # with partial channels, what each edge's bypass is read from: the state, or at stride 2 its bypass
             # pooled once here for every node it feeds
-            bypass, bypass_stride = x, group.stride
+            bypass = x
             if partial_channels > 1 and group.stride == 2:
-                bypass, bypass_stride = reference.split_partial_channels(x, partial_channels, 2)[1], 1
+                bypass = reference.split_partial_channels(x, partial_channels, 2)[1]
             for target, edge, out in zip(group.nodes, group.edges, outs):
-                incoming[target].append((out, bypass, bypass_stride, edge))
+                incoming[target].append((out, bypass, edge))
         empty = s0.new_zeros(0, C)
         return states[2:], torch.cat(means) if means else empty, torch.cat(variances) if variances else empty, saved
 

@@ -1073,16 +1073,16 @@ def partial_channel_outputs(outs: Sequence[Tensor], x: Tensor, partial_channels:
     return [partial_channel_edge(out, b, partial_channels) for out, b in zip(outs, scaled)]
 
 
-def partial_channel_node(outs: Sequence[Tensor], xs: Sequence[Tensor], partial_channels: int, strides: Sequence[int],
+def partial_channel_node(outs: Sequence[Tensor], xs: Sequence[Tensor], partial_channels: int,
                          bypass_w: Tensor | None = None) -> Tensor:  # fmt: skip
-    """A node of a partial-channel cell: the sum, in edge order, of the full-width outputs (partial_channel_outputs)
-    of the edges entering it, edge e's from its ops' output outs[e] and the bypass of its state xs[e] at strides[e],
-    or of xs[e] that bypass alone (C - C/K channels, stride 1: a state's pooled bypass made once for its edges),
-    times bypass_w[e] when given."""
+    """A node of a partial-channel cell: the sum, in edge order, of the full-width outputs (partial_channel_outputs,
+    stride 1) of the edges entering it, edge e's from its ops' output outs[e] and the bypass of its state xs[e], or
+    of xs[e] that bypass alone (C - C/K channels: a stride-2 state's, pooled once for the nodes it feeds), times
+    bypass_w[e] when given."""
     total = None
-    for e, (out, x, stride) in enumerate(zip(outs, xs, strides, strict=True)):
+    for e, (out, x) in enumerate(zip(outs, xs, strict=True)):
         if x.shape[1] == out.shape[1] * partial_channels:
-            _, x = split_partial_channels(x, partial_channels, stride)
+            _, x = split_partial_channels(x, partial_channels, 1)
         term = partial_channel_edge(out, x if bypass_w is None else x * bypass_w[e], partial_channels)
         total = term if total is None else total + term
     return total

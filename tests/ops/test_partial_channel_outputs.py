@@ -186,86 +186,87 @@ def test_bad_arguments_in_one_line(change, message):
         assert message in str(error.value) and "\n" not in str(error.value).strip(), (op, str(error.value))
 
 
-def make_node_inputs(shape, K, strides, dtype=torch.float64, with_w=True, seed=0):
-    """A node's terms: per edge its ops' output and its state, a stride-2 edge's state twice the node's side (odd
-    sides: the pool rounds up), as a reduction cell's edges from s0 and s1 beside those from its nodes."""
+def make_node_inputs(shape, K, kinds, dtype=torch.float64, with_w=True, seed=0):
+    """A node's terms: per edge its ops' output and what its bypass is read from: its state ("state") or the bypass
+    alone ("bypass", as a reduction cell passes a stride-2 state's pooled bypass)."""
     generator = torch.Generator().manual_seed(seed)
     N, C, H, W = shape
     xs, outs = [], []
-    for stride in strides:
-        side = (H, W) if stride == 1 else (2 * H - 1, 2 * W)
-        xs.append(torch.randn(N, C, *side, dtype=dtype, generator=generator).contiguous(memory_format=CL))
+    for kind in kinds:
+        channels = C if kind == "state" else C - C // K
+        xs.append(torch.randn(N, channels, H, W, dtype=dtype, generator=generator).contiguous(memory_format=CL))
         outs.append(torch.randn(N, C // K, H, W, dtype=dtype, generator=generator).contiguous(memory_format=CL))
-    bypass_w = torch.rand(len(strides), dtype=dtype, generator=generator) + 0.5 if with_w else None
+    bypass_w = torch.rand(len(kinds), dtype=dtype, generator=generator) + 0.5 if with_w else None
     return outs, xs, bypass_w
 
 
-NODE_STRIDES = [[1], [1, 1], [2, 2, 1], [2, 1, 1, 1, 1]]
+NODE_KINDS = [["state"], ["state", "state"], ["bypass", "bypass", "state"], ["bypass", "state", "state", "state"]]
 
 
 @pytest.mark.parametrize("with_w", [True, False], ids=["bypass_w", "no_bypass_w"])
-@pytest.mark.parametrize("strides", NODE_STRIDES, ids=["-".join(map(str, s)) for s in NODE_STRIDES])
+@pytest.mark.parametrize("kinds", NODE_KINDS, ids=["-".join(k) for k in NODE_KINDS])
 @pytest.mark.parametrize("case", CASES, ids=["x".join(map(str, s)) + f"-K{K}" for s, K in CASES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_node_matches_reference_bit_for_bit(dtype, case, strides, with_w, cpu_isa):
+def test_node_matches_reference_bit_for_bit(dtype, case, kinds, with_w, cpu_isa):
     # The edges' full-width outputs summed in edge order: the same bits as writing each out and adding them in turn.
     shape, K = case
-    outs, xs, bypass_w = make_node_inputs(shape, K, strides, dtype, with_w)
-    got = torch.ops.fastdarts.partial_channel_node(outs, xs, K, strides, bypass_w)
-    want = reference.partial_channel_node(outs, xs, K, strides, bypass_w)
+    outs, xs, bypass_w = make_node_inputs(shape, K, kinds, dtype, with_w)
+    got = torch.ops.fastdarts.partial_channel_node(outs, xs, K, bypass_w)
+    want = reference.partial_channel_node(outs, xs, K, bypass_w)
     assert got.is_contiguous(memory_format=CL)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
-    composed = _mixed_op.composed_partial_channel_node(outs, xs, K, strides, bypass_w)
+    composed = _mixed_op.composed_partial_channel_node(outs, xs, K, bypass_w)
+    assert composed.is_contiguous(memory_format=CL)
     torch.testing.assert_close(composed, want, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", CASES[:4], ids=["x".join(map(str, s)) + f"-K{K}" for s, K in CASES[:4]])
-def test_node_from_a_bypass_alone(case, cpu_isa):
-    # A stride-2 state's bypass pooled once (as a reduction cell passes it to the 4 nodes it feeds), a stride-1
-    # state's sliced: the same bits as the states themselves.
-    shape, K = case
-    outs, xs, bypass_w = make_node_inputs(shape, K, [2, 1, 1], torch.float32)
-    bypasses = [reference.split_partial_channels(x, K, stride)[1] for x, stride in zip(xs[:2], [2, 1])]
-    want = torch.ops.fastdarts.partial_channel_node(outs, xs, K, [2, 1, 1], bypass_w)
-    got = torch.ops.fastdarts.partial_channel_node(outs, [*bypasses, xs[2]], K, [1, 1, 1], bypass_w)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    reference_got = reference.partial_channel_node(outs, [*bypasses, xs[2]], K, [1, 1, 1], bypass_w)
-    torch.testing.assert_close(reference_got, want, rtol=0, atol=0)
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+def test_node_equals_the_edges_outputs_added_in_turn(stride, cpu_isa):
+    # What the cell replaced: partial_channel_outputs of each edge, then the node's sum, from a stride-2 state's
+    # pooled bypass or a stride-1 state itself.
+    outs, _, bypass_w = make_node_inputs((2, 8, 3, 4), 4, ["state"] * 3, torch.float32)
+    generator = torch.Generator().manual_seed(5)
+    states = [torch.randn(2, 8, 3 * stride, 4 * stride, generator=generator).contiguous(memory_format=CL)
+              for _ in outs]  # fmt: skip
+    terms = [torch.ops.fastdarts.partial_channel_outputs([out], x, 4, stride, bypass_w[e : e + 1])[0]
+             for e, (out, x) in enumerate(zip(outs, states))]  # fmt: skip
+    bypasses = states if stride == 1 else [reference.split_partial_channels(x, 4, 2)[1] for x in states]
+    got = torch.ops.fastdarts.partial_channel_node(outs, bypasses, 4, bypass_w)
+    assert torch.equal(got, (terms[0] + terms[1]) + terms[2])
 
 
-def test_node_pools_nans_as_max_pool2d(cpu_isa):
-    outs, xs, bypass_w = make_node_inputs((2, 8, 3, 4), 2, [2, 1])
-    xs[0][0, 5, 0, 1] = float("nan")
-    xs[0][1, 6, 2, 2] = xs[0][1, 6, 3, 3] = float("nan")
-    got = torch.ops.fastdarts.partial_channel_node(outs, xs, 2, [2, 1], bypass_w)
-    want = reference.partial_channel_node(outs, xs, 2, [2, 1], bypass_w)
+def test_node_carries_nans(cpu_isa):
+    outs, xs, bypass_w = make_node_inputs((2, 8, 3, 4), 2, ["bypass", "state"])
+    xs[0][0, 1, 0, 1] = xs[1][1, 6, 2, 2] = outs[1][0, 3, 1, 1] = float("nan")
+    got = torch.ops.fastdarts.partial_channel_node(outs, xs, 2, bypass_w)
+    want = reference.partial_channel_node(outs, xs, 2, bypass_w)
     torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
-    assert got.isnan().any()
+    assert got.isnan().sum() == 3
 
 
 def test_node_does_not_depend_on_the_thread_count(cpu_isa):
-    outs, xs, bypass_w = make_node_inputs((8, 16, 9, 9), 4, [2, 2, 1], torch.float32)
+    outs, xs, bypass_w = make_node_inputs((8, 16, 9, 9), 4, ["bypass", "state", "state"], torch.float32)
     threads = torch.get_num_threads()
     results = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            results.append(torch.ops.fastdarts.partial_channel_node(outs, xs, 4, [2, 2, 1], bypass_w))
+            results.append(torch.ops.fastdarts.partial_channel_node(outs, xs, 4, bypass_w))
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(*results)
 
 
 def test_node_opcheck():
-    outs, xs, bypass_w = make_node_inputs((2, 8, 3, 3), 4, [2, 1], torch.float32)
-    opcheck(torch.ops.fastdarts.partial_channel_node.default, (outs, xs, 4, [2, 1], bypass_w))
-    opcheck(torch.ops.fastdarts.partial_channel_node.default, (outs[:1], xs[:1], 4, [2], None))
+    outs, xs, bypass_w = make_node_inputs((2, 8, 3, 3), 4, ["bypass", "state"], torch.float32)
+    opcheck(torch.ops.fastdarts.partial_channel_node.default, (outs, xs, 4, bypass_w))
+    opcheck(torch.ops.fastdarts.partial_channel_node.default, (outs[:1], xs[:1], 4, None))
 
 
 def test_node_refuses_differentiation():
-    outs, xs, bypass_w = make_node_inputs((1, 8, 4, 4), 4, [1])
+    outs, xs, bypass_w = make_node_inputs((1, 8, 4, 4), 4, ["state"])
     with pytest.raises(RuntimeError, match="a part of fastdarts.ops.mixed_ops"):
-        torch.ops.fastdarts.partial_channel_node([outs[0].requires_grad_()], xs, 4, [1], bypass_w).sum().backward()
+        torch.ops.fastdarts.partial_channel_node([outs[0].requires_grad_()], xs, 4, bypass_w).sum().backward()
 
 
 @pytest.mark.parametrize(
@@ -273,40 +274,39 @@ def test_node_refuses_differentiation():
     [
         (dict(outs=[]), "outs must be a non-empty list of tensors"),
         (dict(xs=[]), "xs must have one tensor per edge (E = 2), got 0"),
-        (dict(strides=[2]), "strides must have one entry per edge (E = 2), got 1"),
-        (dict(strides=[2, 3]), "strides[1] must be 1 or 2, got 3"),
         (dict(K=1), "partial_channels must be an integer >= 2, got 1"),
-        (dict(K=4), "xs[0] must have the 16 channels of a state (partial_channels x outs' 4) or the 12 of its bypass"),
-        (dict(strides=[1, 1]), "xs[1] [1, 8, 4, 4] at stride 1 gives an output of [1, 8, 4, 4], xs[0] one of [1, 8, 7"),
         (
-            dict(xs=[torch.zeros(1, 4, 4, 4, dtype=torch.float64)] * 2),
-            "xs[0] is a bypass (4 channels), already at the output's size: strides[0] must be 1, got 2",
+            dict(K=4),
+            "xs[0] must be a state [1, 16, 4, 4] or its bypass alone [1, 12, 4, 4] (outs[0] [1, 4, 4, 4], "
+            "partial_channels 4), got [1, 4, 4, 4]",
+        ),
+        (
+            dict(xs=[torch.zeros(1, 4, 4, 4, dtype=torch.float64), torch.zeros(1, 8, 4, 5, dtype=torch.float64)]),
+            "xs[1] must be a state [1, 8, 4, 4] or its bypass alone [1, 4, 4, 4]",
+        ),
+        (
+            dict(xs=[torch.zeros(1, 4, 4, 4, dtype=torch.float64), torch.zeros(1, 8, 4, 4)]),
+            "xs[1] must have the dtype of outs[0]",
         ),
         (dict(bypass_w=torch.ones(3, dtype=torch.float64)), "bypass_w must have shape [K] with K = 2"),
         (
             dict(outs=[torch.zeros(1, 4, 4, 4, dtype=torch.float64), torch.zeros(1, 4, 4, 3, dtype=torch.float64)]),
             "outs[1] must have shape [1, 4, 4, 4]",
         ),
-        (
-            dict(xs=[torch.zeros(1, 8, 7, 8, dtype=torch.float64), torch.zeros(1, 8, 4, 4)]),
-            "xs[1] must have the dtype of outs[0]",
-        ),
-        (dict(xs=[torch.zeros(1, 8, 7), torch.zeros(1, 8, 4, 4)]), "xs[0] must be a 4-D [N, C, H, W] tensor"),
+        (dict(outs=[torch.zeros(1, 4, 4), torch.zeros(1, 4, 4)]), "outs[0] must be a 4-D [N, C, H, W] tensor"),
     ],
 )
 def test_node_bad_arguments_in_one_line(change, message):
-    outs, xs, bypass_w = make_node_inputs((1, 8, 4, 4), 2, [2, 1])
-    args = dict(outs=outs, xs=xs, K=2, strides=[2, 1], bypass_w=bypass_w) | change
+    outs, xs, bypass_w = make_node_inputs((1, 8, 4, 4), 2, ["bypass", "state"])
+    args = dict(outs=outs, xs=xs, K=2, bypass_w=bypass_w) | change
     for op in ("cpp", "fake"):
         with pytest.raises((ValueError, TypeError)) as error:
             if op == "cpp":
-                torch.ops.fastdarts.partial_channel_node(args["outs"], args["xs"], args["K"], args["strides"],
-                                                         args["bypass_w"])  # fmt: skip
+                torch.ops.fastdarts.partial_channel_node(args["outs"], args["xs"], args["K"], args["bypass_w"])
             else:
                 with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
                     fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
                     fake["outs"] = [mode.from_tensor(o) for o in args["outs"]]
                     fake["xs"] = [mode.from_tensor(x) for x in args["xs"]]
-                    torch.ops.fastdarts.partial_channel_node(fake["outs"], fake["xs"], fake["K"], fake["strides"],
-                                                             fake["bypass_w"])  # fmt: skip
+                    torch.ops.fastdarts.partial_channel_node(fake["outs"], fake["xs"], fake["K"], fake["bypass_w"])
         assert message in str(error.value) and "\n" not in str(error.value).strip(), (op, str(error.value))
