@@ -198,11 +198,10 @@ FASTDARTS_ALWAYS_INLINE void routed_to_tap(scalar_t* __restrict__ out, const sca
   }
 }
 
-// out[i K] = ops[i] and out[i K + g] = w rows[g - 1][i] for i < count: one row of an edge's output; with kAdd the
-// row is added to out instead (a node's sum: w rows[...] rounded first, then added, as an edge's output written out
-// and then summed). With K fixed at compile time (kK > 0) the compiler turns the K interleaved streams into vector
-// shuffles; kK = 0 reads K at run time.
-template <int kK, bool kAdd = false, typename scalar_t>
+// out[i K] = ops[i] and out[i K + g] = w rows[g - 1][i] for i < count: one row of an edge's output. With K fixed at
+// compile time (kK > 0) the compiler turns the K interleaved streams into vector shuffles; kK = 0 reads K at run
+// time.
+template <int kK, typename scalar_t>
 FASTDARTS_ALWAYS_INLINE void interleave(scalar_t* __restrict__ out, const scalar_t* __restrict__ ops,
                                         const scalar_t* __restrict__ rows, int64_t row, scalar_t w, int64_t count,
                                         int64_t K) {
@@ -210,18 +209,9 @@ FASTDARTS_ALWAYS_INLINE void interleave(scalar_t* __restrict__ out, const scalar
     K = kK;
   }
   for (int64_t i = 0; i < count; ++i) {
-    if constexpr (kAdd) {
-      out[i * K] += ops[i];
-    } else {
-      out[i * K] = ops[i];
-    }
+    out[i * K] = ops[i];
     for (int64_t g = 1; g < K; ++g) {
-      const scalar_t bypass = w * rows[(g - 1) * row + i];
-      if constexpr (kAdd) {
-        out[i * K + g] += bypass;
-      } else {
-        out[i * K + g] = bypass;
-      }
+      out[i * K + g] = w * rows[(g - 1) * row + i];
     }
   }
 }
@@ -322,27 +312,38 @@ template <typename scalar_t, CpuIsa kIsa, int kK>
 FASTDARTS_ALWAYS_INLINE void node_rows_of(const NodeArgs<scalar_t>& a, int64_t begin, int64_t end) {
   const Shape& s = a.shapes[0];
   const int64_t E = static_cast<int64_t>(a.outs.size());
-  const int64_t row = s.Wo * s.m;
-  std::vector<scalar_t> rows((s.K - 1) * row);
+  const int64_t row = s.Wo * s.m, bypass_values = (s.K - 1) * row;
+  // The node's row by group (the ops' channels, then each bypass group's, as bypass_row lays them out), summed
+  // over the edges by contiguous adds and interleaved into the output once.
+  std::vector<scalar_t> sums(s.K * row), rows(bypass_values);
+  scalar_t* __restrict__ ops_sum = sums.data();
+  scalar_t* __restrict__ bypass_sum = sums.data() + row;
+  scalar_t* __restrict__ bypass = rows.data();
   for (int64_t r = begin; r < end; ++r) {
-    scalar_t* out = a.node + r * s.Wo * s.C;
     for (int64_t e = 0; e < E; ++e) {
-      bypass_row<false>(a.xs[e], a.shapes[e], r / s.Ho, r % s.Ho, rows.data(), static_cast<scalar_t*>(nullptr));
-      if (e == 0) {
-        interleave<kK, false>(out, a.outs[e] + r * row, rows.data(), row, a.bw[e], row, s.K);
-        continue;
-      }
-      // The products rounded and stored before the adds: an add of w * rows[i] would compile to one fused
+      const scalar_t* __restrict__ ops = a.outs[e] + r * row;
+      bypass_row<false>(a.xs[e], a.shapes[e], r / s.Ho, r % s.Ho, bypass, static_cast<scalar_t*>(nullptr));
+      // The products rounded and stored before the adds: an add of w * bypass[i] would compile to one fused
       // multiply-add, whose single rounding gives other bits than an edge's output written out and then summed.
       const scalar_t w = a.bw[e];
       if (w != scalar_t(1)) {
-        scalar_t* __restrict__ scaled = rows.data();
-        for (int64_t i = 0; i < (s.K - 1) * row; ++i) {
-          scaled[i] = w * scaled[i];
+        for (int64_t i = 0; i < bypass_values; ++i) {
+          bypass[i] = w * bypass[i];
         }
       }
-      interleave<kK, true>(out, a.outs[e] + r * row, rows.data(), row, scalar_t(1), row, s.K);
+      if (e == 0) {
+        std::copy(ops, ops + row, ops_sum);
+        std::copy(bypass, bypass + bypass_values, bypass_sum);
+        continue;
+      }
+      for (int64_t i = 0; i < row; ++i) {
+        ops_sum[i] += ops[i];
+      }
+      for (int64_t i = 0; i < bypass_values; ++i) {
+        bypass_sum[i] += bypass[i];
+      }
     }
+    interleave<kK>(a.node + r * s.Wo * s.C, ops_sum, bypass_sum, row, scalar_t(1), row, s.K);
   }
 }
 
