@@ -322,18 +322,19 @@ FASTDARTS_ALWAYS_INLINE void node_rows_of(const NodeArgs<scalar_t>& a, int64_t b
   for (int64_t r = begin; r < end; ++r) {
     for (int64_t e = 0; e < E; ++e) {
       const scalar_t* __restrict__ ops = a.outs[e] + r * row;
-      bypass_row<false>(a.xs[e], a.shapes[e], r / s.Ho, r % s.Ho, bypass, static_cast<scalar_t*>(nullptr));
+      // The first edge's bypass goes straight into the sums; a later one's into the scratch rows, then added.
+      scalar_t* target = e == 0 ? bypass_sum : bypass;
+      bypass_row<false>(a.xs[e], a.shapes[e], r / s.Ho, r % s.Ho, target, static_cast<scalar_t*>(nullptr));
       // The products rounded and stored before the adds: an add of w * bypass[i] would compile to one fused
       // multiply-add, whose single rounding gives other bits than an edge's output written out and then summed.
       const scalar_t w = a.bw[e];
       if (w != scalar_t(1)) {
         for (int64_t i = 0; i < bypass_values; ++i) {
-          bypass[i] = w * bypass[i];
+          target[i] = w * target[i];
         }
       }
       if (e == 0) {
         std::copy(ops, ops + row, ops_sum);
-        std::copy(bypass, bypass + bypass_values, bypass_sum);
         continue;
       }
       for (int64_t i = 0; i < row; ++i) {
