@@ -60,8 +60,9 @@
 // multiply-add on padding (PC-DARTS's edges compute on C/4 channels: 4 of 16 lanes at C = 16). At stride 1, with
 // C dividing 16 and Wo C a multiple of 16, the tiles instead hold columns of exactly C values, so that one vector
 // spans G = 16 / C neighbouring columns: a tap of kernel i shifts the tile by whole columns (C values), the tap
-// vectors repeat each channel's weight G times, and each 1x1 conv becomes the block-diagonal Cp x Cp matrix of G
-// copies of P_i (the same multiply-adds per position as before). Where the tier's registers hold whole columns
+// vectors repeat each channel's weight G times (for G = 2 or 4, tiles.h's unrolled loops load each column that a
+// kernel row reads once for all its taps, as they load each vector unpacked), and each 1x1 conv becomes the
+// block-diagonal Cp x Cp matrix of G copies of P_i (the same multiply-adds per position as before). Where the tier's registers hold whole columns
 // (C divides their lanes), the 1x1 convs and their weight gradient instead take each input channel of every
 // column by a lane shuffle (tiles.h's pointwise_row_columns): C shuffles and C multiply-adds a vector in place of
 // Cp multiply-adds. Sums over positions (the moments, grad_w, the 1x1 gradient) come out per lane and are folded
@@ -99,7 +100,6 @@ using tiles::add_row_products;
 using tiles::conv_row;
 using tiles::depthwise_grad_weight_row;
 using tiles::depthwise_row;
-using tiles::grad_weight_row;
 using tiles::pointwise_grad_row;
 using tiles::pointwise_row;
 
@@ -519,16 +519,12 @@ FASTDARTS_ALWAYS_INLINE void load_grad_tile(const Geometry& g, const T* grad, co
 }
 
 // One output row of kernel i (forward, z's recomputation) or of its transposed correlation (grad_x at stride 1)
-// into (onto, when accumulate) a tile row: packed, every loop step is one vector of G columns whose taps sit at
-// offsets of whole columns (C values), so the generic conv_row runs it; unpacked, depthwise_row.
+// into (onto, when accumulate) a tile row, in loop steps (one vector of G columns when packed).
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void kernel_row(const Geometry& g, int64_t i, const T* in, const int64_t* offsets,
                                         const T* taps, T* out, bool accumulate) {
-  if (g.G > 1) {
-    conv_row<T, kIsa>(in, g.Cp, offsets, taps, g.taps(i), out, g.Cp, g.loop_cols, g.Cp, accumulate);
-  } else {
-    depthwise_row<T, kIsa>(in, g.kernel_size[i], g.dilation[i], g.s, offsets, taps, out, g.Wo_r, g.Cp, accumulate);
-  }
+  depthwise_row<T, kIsa>(in, g.kernel_size[i], g.dilation[i], g.s, offsets, taps, out, g.loop_cols, g.Cp, accumulate,
+                         g.G);
 }
 
 // Whether tier isa runs the 1x1 convs of packed columns by lane shuffles (tiles.h's pointwise_row_columns; its
@@ -665,6 +661,9 @@ struct BackwardArgs {
   std::vector<const T*> grad_inputs;
   std::vector<Strides> gis;
   const T* grad_factors = nullptr;
+  // The same factors by lanes of packed columns, [K][4][kVecLanes], lane l holding channel l mod C (filled when C
+  // divides kVecLanes): made once per call, not per row.
+  const T* grad_factor_lanes = nullptr;
 };
 
 // One dt row formed from a row of the BN's output gradient and one of its input (BackwardArgs::grad_inputs):
@@ -709,24 +708,17 @@ FASTDARTS_ALWAYS_INLINE void pack_formed(const T* grad, const Strides& gs, const
 }
 
 // pack_formed of n values (a multiple of the tier's lanes L) of rows whose columns of C values lie one after the
-// other in grad, input and dst (packed columns, C dividing L): whole vectors of L / C columns, lane l of each factor
-// vector holding channel l mod C.
+// other in grad, input and dst (packed columns, C dividing L): whole vectors of L / C columns, the factors by lanes
+// (f_lanes: a, b, mean and e, kVecLanes values each, lane l holding channel l mod C).
 template <typename T, CpuIsa kIsa>
-FASTDARTS_ALWAYS_INLINE void pack_formed_columns(const T* grad, const T* input, int64_t n, int64_t C, const T* f,
-                                                 T* dst) {
+FASTDARTS_ALWAYS_INLINE void pack_formed_columns(const T* grad, const T* input, int64_t n, const T* f_lanes, T* dst) {
   using V = Vec<T, kIsa>;
   constexpr int64_t L = kLanes<T, kIsa>;
-  T pattern[4][L];
-  for (int64_t k = 0; k < 4; ++k) {
-    for (int64_t l = 0; l < L; ++l) {
-      pattern[k][l] = f[k * C + l % C];
-    }
-  }
   V a, b, m, e;
-  vec_load(a, pattern[0]);
-  vec_load(b, pattern[1]);
-  vec_load(m, pattern[2]);
-  vec_load(e, pattern[3]);
+  vec_load(a, f_lanes);
+  vec_load(b, f_lanes + kVecLanes<T>);
+  vec_load(m, f_lanes + 2 * kVecLanes<T>);
+  vec_load(e, f_lanes + 3 * kVecLanes<T>);
   for (int64_t i = 0; i < n; i += L) {
     V g, t;
     vec_load(g, grad + i);
@@ -737,14 +729,16 @@ FASTDARTS_ALWAYS_INLINE void pack_formed_columns(const T* grad, const T* input, 
 }
 
 // pack_formed by whole vectors where the rows allow it, up to 4 vectors of channels at a time (16 registers of
-// factors: AVX2 has 16 in all), or of several packed columns, else value by value.
+// factors: AVX2 has 16 in all), or of several packed columns (f_lanes: BackwardArgs::grad_factor_lanes), else value
+// by value.
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void pack_formed_row(const T* grad, const Strides& gs, const T* input, const Strides& is,
-                                             int64_t cols, int64_t C, const T* f, T* dst, int64_t dst_col) {
+                                             int64_t cols, int64_t C, const T* f, const T* f_lanes, T* dst,
+                                             int64_t dst_col) {
   constexpr int64_t L = kLanes<T, kIsa>;
   if (gs.c == 1 && is.c == 1 && gs.w == C && is.w == C && dst_col == C && L % C == 0) {
     const int64_t whole = cols - cols % (L / C);  // columns in whole vectors; the rest value by value
-    pack_formed_columns<T, kIsa>(grad, input, whole * C, C, f, dst);
+    pack_formed_columns<T, kIsa>(grad, input, whole * C, f_lanes, dst);
     pack_formed<T, kIsa, 0>(grad + whole * C, gs, input + whole * C, is, cols - whole, C, f, dst + whole * C, C);
     return;
   }
@@ -799,8 +793,9 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_tile(const BackwardArgs<T>& b, int64
       }
     }
     if (formed) {
+      const T* factor_lanes = b.grad_factor_lanes == nullptr ? nullptr : b.grad_factor_lanes + i * 4 * kVecLanes<T>;
       pack_formed_row<T, kIsa>(b.grads[i] + n * gs.n + ho * gs.h, gs, b.grad_inputs[i] + n * b.gis[i].n + ho * b.gis[i].h,
-                  b.gis[i], g.Wo, g.C, b.grad_factors + i * 4 * g.C, dt_row, g.col);
+                               b.gis[i], g.Wo, g.C, b.grad_factors + i * 4 * g.C, factor_lanes, dt_row, g.col);
     } else {
       pack<T, false>(b.grads[i] + n * gs.n + ho * gs.h, gs, 1, g.Wo, g.C, dt_row, 0, g.col);
     }
@@ -856,13 +851,8 @@ FASTDARTS_ALWAYS_INLINE void backward_chunks(const BackwardArgs<T>& b, int64_t b
         for (int64_t ho = ho0; ho < ho1; ++ho) {
           const T* grad_row = grad_tile + (ho - ho0 + g.Pg) * g.grad.row_stride + g.Pg * g.col;
           const T* input_row = input_tile + (ho - ho0) * g.s * g.input.row_stride;
-          if (g.G > 1) {
-            grad_weight_row<T, kIsa>(grad_row, input_row, g.s * g.Cp, g.offsets.data() + t0, g.taps(i),
-                                     partial + t0 * g.Cp, g.loop_cols, g.Cp);
-          } else {
-            depthwise_grad_weight_row<T, kIsa>(grad_row, input_row, g.kernel_size[i], g.dilation[i], g.s,
-                                               g.offsets.data() + t0, partial + t0 * g.Cp, g.Wo_r, g.Cp);
-          }
+          depthwise_grad_weight_row<T, kIsa>(grad_row, input_row, g.kernel_size[i], g.dilation[i], g.s,
+                                             g.offsets.data() + t0, partial + t0 * g.Cp, g.loop_cols, g.Cp, g.G);
         }
       }
       if (b.grad_x != nullptr) {
@@ -1112,7 +1102,7 @@ backward(
         pointwise_partials = scratch(g.num_chunks * K * g.Cp * g.Cp, x);
       }
     }
-    std::vector<scalar_t> normalisation;
+    std::vector<scalar_t> normalisation, factor_lanes;
     BackwardArgs<scalar_t> b{g,
                              x.const_data_ptr<scalar_t>(),
                              strides_of(x),
@@ -1133,6 +1123,15 @@ backward(
         b.gis.push_back(strides_of(input));
       }
       b.grad_factors = factors.const_data_ptr<scalar_t>();
+      if (kVecLanes<scalar_t> % g.C == 0) {
+        factor_lanes.resize(K * 4 * kVecLanes<scalar_t>);
+        for (int64_t f = 0; f < K * 4; ++f) {
+          for (int64_t l = 0; l < kVecLanes<scalar_t>; ++l) {
+            factor_lanes[f * kVecLanes<scalar_t> + l] = b.grad_factors[f * g.C + l % g.C];
+          }
+        }
+        b.grad_factor_lanes = factor_lanes.data();
+      }
     }
     if (with_pointwise) {
       b.pointwise_transposed = transposed.data();

@@ -64,6 +64,19 @@ FASTDARTS_ALWAYS_INLINE void conv_row(const T* in, int64_t step, const int64_t* 
 template <CpuIsa kIsa>
 constexpr int64_t kConvCols = kIsa == CpuIsa::kAvx512 ? 2 * kCols : kCols;
 
+// Whether input column x of a kernel row meets an output of the unrolled loops' block: output j, tap b reads
+// column j kStep + kD b (kStep = stride x columns per loop step), for j < kBlock and b < kK.
+template <int kK, int kD, int kStep, int64_t kBlock>
+constexpr bool reaches_output(int x) {
+  for (int b = 0; b < kK; ++b) {
+    const int shifted = x - kD * b;
+    if (shifted >= 0 && shifted % kStep == 0 && shifted / kStep < kBlock) {
+      return true;
+    }
+  }
+  return false;
+}
+
 // conv_row for one k x k kernel with dilation kD at stride kS, written out at compile time: for each kernel row a,
 // the k weight vectors stay in registers while the input columns the block of kBlock outputs reads pass once, each
 // loaded once and multiplied into every output it reaches (output j, tap b reads column j kS + kD b). Per kernel
@@ -71,11 +84,19 @@ constexpr int64_t kConvCols = kIsa == CpuIsa::kAvx512 ? 2 * kCols : kCols;
 // kBlock = 8): conv_row loads 9 for 8. offsets and taps as for conv_row (offsets[a k + b] = offsets[a k] + kD b Cp);
 // the row is written to (added to, when accumulate) out[w * Cp + c]. cols is a multiple of kCols: what whole
 // blocks of kBlock leave over runs in blocks of kCols.
-template <typename T, CpuIsa kIsa, int kK, int kD, int kS, int64_t kBlock = kConvCols<kIsa>>
+// Packed columns (kG > 1, stride 1; relu_dwconv.cpp): a tile column is Cp / kG values, a loop step kG columns, and
+// output j, tap b reads column j kG + kD b, so the same loop runs with columns of Cp / kG values (offsets[a k + b] =
+// offsets[a k] + kD b Cp / kG); a column that no output of the block reads is not loaded. Each output sums its taps
+// in conv_row's order, so both give the same bits.
+template <typename T, CpuIsa kIsa, int kK, int kD, int kS, int kG = 1,
+          int64_t kBlock = kG == 1 ? kConvCols<kIsa> : kCols>
 FASTDARTS_ALWAYS_INLINE void conv_row_unrolled(const T* in, const int64_t* offsets, const T* taps, T* out,
                                                int64_t cols, int64_t Cp, bool accumulate) {
+  static_assert(kG == 1 || kS == 1, "packed columns run at stride 1");
   constexpr int64_t V = kLanes<T, kIsa>;
-  constexpr int kInputs = (kBlock - 1) * kS + kD * (kK - 1) + 1;
+  constexpr int kStep = kS * kG;  // input columns between two outputs
+  constexpr int kInputs = (kBlock - 1) * kStep + kD * (kK - 1) + 1;
+  const int64_t column = Cp / kG;
   const int64_t whole = cols / kBlock * kBlock;
   for (int64_t w0 = 0; w0 < whole; w0 += kBlock) {
     for (int64_t c0 = 0; c0 < Cp; c0 += V) {
@@ -98,13 +119,16 @@ FASTDARTS_ALWAYS_INLINE void conv_row_unrolled(const T* in, const int64_t* offse
         const T* row = base + offsets[a * kK];
 #pragma GCC unroll 64  // every input column of the widest case ((16 - 1) 2 + 2 (5 - 1) + 1 = 39)
         for (int x = 0; x < kInputs; ++x) {
+          if (!reaches_output<kK, kD, kStep, kBlock>(x)) {
+            continue;
+          }
           Vec<T, kIsa> v;
-          vec_load_once(v, row + x * Cp);
+          vec_load_once(v, row + x * column);
 #pragma GCC unroll 8
           for (int b = 0; b < kK; ++b) {
-            const int shifted = x - kD * b;  // kS j for the output j that tap b of this column feeds
-            if (shifted >= 0 && shifted % kS == 0 && shifted / kS < kBlock) {
-              acc[shifted / kS] += wt[b] * v;
+            const int shifted = x - kD * b;  // kStep j for the output j that tap b of this column feeds
+            if (shifted >= 0 && shifted % kStep == 0 && shifted / kStep < kBlock) {
+              acc[shifted / kStep] += wt[b] * v;
             }
           }
         }
@@ -117,27 +141,36 @@ FASTDARTS_ALWAYS_INLINE void conv_row_unrolled(const T* in, const int64_t* offse
   }
   if constexpr (kBlock > kCols) {
     if (whole < cols) {
-      conv_row_unrolled<T, kIsa, kK, kD, kS, kCols>(in + whole * kS * Cp, offsets, taps, out + whole * Cp,
-                                                    cols - whole, Cp, accumulate);
+      conv_row_unrolled<T, kIsa, kK, kD, kS, kG, kCols>(in + whole * kS * Cp, offsets, taps, out + whole * Cp,
+                                                        cols - whole, Cp, accumulate);
     }
   }
 }
 
 // One row of a k x k depthwise kernel with dilation d at stride s into (onto, when accumulate) out[w * Cp + c]
-// (w < cols): the unrolled loop for DARTS's kernels (k 3 or 5, dilation 1 or 2, stride 1 or 2), conv_row for any
-// other.
+// (w < cols): the unrolled loop for DARTS's kernels (k 3 or 5, dilation 1 or 2, stride 1 or 2; packed columns of
+// G = 2 or 4 to a loop step at stride 1), conv_row for any other.
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void depthwise_row(const T* in, int64_t k, int64_t d, int64_t s, const int64_t* offsets,
-                                           const T* taps, T* out, int64_t cols, int64_t Cp, bool accumulate) {
-  switch ((k * 10 + d) * 10 + s) {
-    case 311: return conv_row_unrolled<T, kIsa, 3, 1, 1>(in, offsets, taps, out, cols, Cp, accumulate);
-    case 511: return conv_row_unrolled<T, kIsa, 5, 1, 1>(in, offsets, taps, out, cols, Cp, accumulate);
-    case 321: return conv_row_unrolled<T, kIsa, 3, 2, 1>(in, offsets, taps, out, cols, Cp, accumulate);
-    case 521: return conv_row_unrolled<T, kIsa, 5, 2, 1>(in, offsets, taps, out, cols, Cp, accumulate);
-    case 312: return conv_row_unrolled<T, kIsa, 3, 1, 2>(in, offsets, taps, out, cols, Cp, accumulate);
-    case 512: return conv_row_unrolled<T, kIsa, 5, 1, 2>(in, offsets, taps, out, cols, Cp, accumulate);
-    case 322: return conv_row_unrolled<T, kIsa, 3, 2, 2>(in, offsets, taps, out, cols, Cp, accumulate);
-    case 522: return conv_row_unrolled<T, kIsa, 5, 2, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+                                           const T* taps, T* out, int64_t cols, int64_t Cp, bool accumulate,
+                                           int64_t G = 1) {
+  switch (((G * 10 + k) * 10 + d) * 10 + s) {
+    case 1311: return conv_row_unrolled<T, kIsa, 3, 1, 1>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 1511: return conv_row_unrolled<T, kIsa, 5, 1, 1>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 1321: return conv_row_unrolled<T, kIsa, 3, 2, 1>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 1521: return conv_row_unrolled<T, kIsa, 5, 2, 1>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 1312: return conv_row_unrolled<T, kIsa, 3, 1, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 1512: return conv_row_unrolled<T, kIsa, 5, 1, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 1322: return conv_row_unrolled<T, kIsa, 3, 2, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 1522: return conv_row_unrolled<T, kIsa, 5, 2, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 2311: return conv_row_unrolled<T, kIsa, 3, 1, 1, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 2511: return conv_row_unrolled<T, kIsa, 5, 1, 1, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 2321: return conv_row_unrolled<T, kIsa, 3, 2, 1, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 2521: return conv_row_unrolled<T, kIsa, 5, 2, 1, 2>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 4311: return conv_row_unrolled<T, kIsa, 3, 1, 1, 4>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 4511: return conv_row_unrolled<T, kIsa, 5, 1, 1, 4>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 4321: return conv_row_unrolled<T, kIsa, 3, 2, 1, 4>(in, offsets, taps, out, cols, Cp, accumulate);
+    case 4521: return conv_row_unrolled<T, kIsa, 5, 2, 1, 4>(in, offsets, taps, out, cols, Cp, accumulate);
     default: return conv_row<T, kIsa>(in, s * Cp, offsets, taps, k * k, out, Cp, cols, Cp, accumulate);
   }
 }
@@ -190,20 +223,24 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row(const T* grad, const T* in, int64_t
 // conv_row_unrolled): for each kernel row a, the k partial sums of its taps stay in registers while the input columns
 // that the block of kBlock gradient vectors reaches pass once, each loaded once and multiplied into every tap that
 // reads it: (kBlock - 1) kS + kD (k - 1) + 1 input loads per kernel row for k kBlock FMAs (12 for 40 at k = 5,
-// stride 1), where grad_weight_row loads one input per FMA. offsets as for conv_row_unrolled; cols is a multiple
-// of kBlock.
-template <typename T, CpuIsa kIsa, int kK, int kD, int kS, int64_t kBlock = kConvCols<kIsa>>
+// stride 1), where grad_weight_row loads one input per FMA. offsets and packed columns (kG) as for
+// conv_row_unrolled; cols is a multiple of kCols.
+template <typename T, CpuIsa kIsa, int kK, int kD, int kS, int kG = 1,
+          int64_t kBlock = kG == 1 ? kConvCols<kIsa> : kCols>
 FASTDARTS_ALWAYS_INLINE void grad_weight_row_unrolled(const T* grad, const T* in, const int64_t* offsets, T* partial,
                                                       int64_t cols, int64_t Cp) {
+  static_assert(kG == 1 || kS == 1, "packed columns run at stride 1");
   constexpr int64_t V = kLanes<T, kIsa>;
-  constexpr int kInputs = (kBlock - 1) * kS + kD * (kK - 1) + 1;
+  constexpr int kStep = kS * kG;  // input columns between two gradient columns
+  constexpr int kInputs = (kBlock - 1) * kStep + kD * (kK - 1) + 1;
+  const int64_t column = Cp / kG;
   // Two sums per tap (even and odd gradient columns) halve the chain of dependent FMAs where the registers hold them.
   constexpr int kSplit = kBlock + 2 * kK + 1 <= (kIsa == CpuIsa::kAvx512 ? 32 : 16) ? 2 : 1;
   const int64_t whole = cols / kBlock * kBlock;
   if constexpr (kBlock > kCols) {
     if (whole < cols) {
-      grad_weight_row_unrolled<T, kIsa, kK, kD, kS, kCols>(grad + whole * Cp, in + whole * kS * Cp, offsets, partial,
-                                                           cols - whole, Cp);
+      grad_weight_row_unrolled<T, kIsa, kK, kD, kS, kG, kCols>(grad + whole * Cp, in + whole * kS * Cp, offsets,
+                                                               partial, cols - whole, Cp);
     }
   }
   for (int64_t w0 = 0; w0 < whole; w0 += kBlock) {
@@ -224,13 +261,16 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row_unrolled(const T* grad, const T* in
         const T* row = base + offsets[a * kK];
 #pragma GCC unroll 64
         for (int x = 0; x < kInputs; ++x) {
+          if (!reaches_output<kK, kD, kStep, kBlock>(x)) {
+            continue;
+          }
           Vec<T, kIsa> v;
-          vec_load_once(v, row + x * Cp);
+          vec_load_once(v, row + x * column);
 #pragma GCC unroll 8
           for (int b = 0; b < kK; ++b) {
-            const int shifted = x - kD * b;  // kS j for the gradient column j that tap b meets in this column
-            if (shifted >= 0 && shifted % kS == 0 && shifted / kS < kBlock) {
-              const int j = shifted / kS;
+            const int shifted = x - kD * b;  // kStep j for the gradient column j that tap b meets in this column
+            if (shifted >= 0 && shifted % kStep == 0 && shifted / kStep < kBlock) {
+              const int j = shifted / kStep;
               acc[j % kSplit][b] += g[j] * v;
             }
           }
@@ -248,20 +288,29 @@ FASTDARTS_ALWAYS_INLINE void grad_weight_row_unrolled(const T* grad, const T* in
 }
 
 // One row's share of a k x k depthwise kernel's weight gradient (grad_weight_row's sums, the tap offsets as
-// depthwise_row takes them): the unrolled loop for DARTS's kernels, grad_weight_row for any other.
+// depthwise_row takes them, and its packed columns): the unrolled loop for DARTS's kernels, grad_weight_row for
+// any other.
 template <typename T, CpuIsa kIsa>
 FASTDARTS_ALWAYS_INLINE void depthwise_grad_weight_row(const T* grad, const T* in, int64_t k, int64_t d, int64_t s,
-                                                       const int64_t* offsets, T* partial, int64_t cols,
-                                                       int64_t Cp) {
-  switch ((k * 10 + d) * 10 + s) {
-    case 311: return grad_weight_row_unrolled<T, kIsa, 3, 1, 1>(grad, in, offsets, partial, cols, Cp);
-    case 511: return grad_weight_row_unrolled<T, kIsa, 5, 1, 1>(grad, in, offsets, partial, cols, Cp);
-    case 321: return grad_weight_row_unrolled<T, kIsa, 3, 2, 1>(grad, in, offsets, partial, cols, Cp);
-    case 521: return grad_weight_row_unrolled<T, kIsa, 5, 2, 1>(grad, in, offsets, partial, cols, Cp);
-    case 312: return grad_weight_row_unrolled<T, kIsa, 3, 1, 2>(grad, in, offsets, partial, cols, Cp);
-    case 512: return grad_weight_row_unrolled<T, kIsa, 5, 1, 2>(grad, in, offsets, partial, cols, Cp);
-    case 322: return grad_weight_row_unrolled<T, kIsa, 3, 2, 2>(grad, in, offsets, partial, cols, Cp);
-    case 522: return grad_weight_row_unrolled<T, kIsa, 5, 2, 2>(grad, in, offsets, partial, cols, Cp);
+                                                       const int64_t* offsets, T* partial, int64_t cols, int64_t Cp,
+                                                       int64_t G = 1) {
+  switch (((G * 10 + k) * 10 + d) * 10 + s) {
+    case 1311: return grad_weight_row_unrolled<T, kIsa, 3, 1, 1>(grad, in, offsets, partial, cols, Cp);
+    case 1511: return grad_weight_row_unrolled<T, kIsa, 5, 1, 1>(grad, in, offsets, partial, cols, Cp);
+    case 1321: return grad_weight_row_unrolled<T, kIsa, 3, 2, 1>(grad, in, offsets, partial, cols, Cp);
+    case 1521: return grad_weight_row_unrolled<T, kIsa, 5, 2, 1>(grad, in, offsets, partial, cols, Cp);
+    case 1312: return grad_weight_row_unrolled<T, kIsa, 3, 1, 2>(grad, in, offsets, partial, cols, Cp);
+    case 1512: return grad_weight_row_unrolled<T, kIsa, 5, 1, 2>(grad, in, offsets, partial, cols, Cp);
+    case 1322: return grad_weight_row_unrolled<T, kIsa, 3, 2, 2>(grad, in, offsets, partial, cols, Cp);
+    case 1522: return grad_weight_row_unrolled<T, kIsa, 5, 2, 2>(grad, in, offsets, partial, cols, Cp);
+    case 2311: return grad_weight_row_unrolled<T, kIsa, 3, 1, 1, 2>(grad, in, offsets, partial, cols, Cp);
+    case 2511: return grad_weight_row_unrolled<T, kIsa, 5, 1, 1, 2>(grad, in, offsets, partial, cols, Cp);
+    case 2321: return grad_weight_row_unrolled<T, kIsa, 3, 2, 1, 2>(grad, in, offsets, partial, cols, Cp);
+    case 2521: return grad_weight_row_unrolled<T, kIsa, 5, 2, 1, 2>(grad, in, offsets, partial, cols, Cp);
+    case 4311: return grad_weight_row_unrolled<T, kIsa, 3, 1, 1, 4>(grad, in, offsets, partial, cols, Cp);
+    case 4511: return grad_weight_row_unrolled<T, kIsa, 5, 1, 1, 4>(grad, in, offsets, partial, cols, Cp);
+    case 4321: return grad_weight_row_unrolled<T, kIsa, 3, 2, 1, 4>(grad, in, offsets, partial, cols, Cp);
+    case 4521: return grad_weight_row_unrolled<T, kIsa, 5, 2, 1, 4>(grad, in, offsets, partial, cols, Cp);
     default: return grad_weight_row<T, kIsa>(grad, in, s * Cp, offsets, k * k, partial, cols, Cp);
   }
 }
