@@ -2,7 +2,7 @@
 bn_weighted_sum, forward + backward per provider.
 
     python benchmarks/ops.py --json [--ops relu_dwconv,relu_dwconv_pointwise,weighted_sum,pool_bn_stats,bn_weighted_sum]
-                             [--cases stride1,stride2] [--providers ...]
+                             [--cases stride1,stride2,narrow] [--providers ...]
                              [--repeats 10] [--peak_gbps G --peak_gflops F]
 
 Runs on the CUDA device when torch.cuda.is_available(), else on the CPU (benchmarks/_device.py: timers, peak
@@ -19,6 +19,7 @@ memory, peaks). Cases, the tensors of one DARTS edge of the batch-64 search:
 - bn_weighted_sum: the K = 7 candidates' last BNs folded into the weighted sum, at weighted_sum's shapes, with given
   statistics (mean, invstd [K, C], no gradient: the backward for the inputs and w; the path through batch statistics
   is the mixed op's, benchmarks/mixed_op.py).
+The "narrow" case (not run by default) gives every op (64, 4, 32, 32) at stride 1: a PC-DARTS normal edge at K = 4.
 Providers: "eager-contiguous" and "eager" (the reference in the contiguous and the channels_last layout),
 "compile" (torch.compile of the reference, channels_last), "cpp" (the C++ kernel, CPU only) and "triton" (the
 Triton kernel, channels_last; CUDA only: on the CPU it is skipped with one printed line, and runs only if asked
@@ -70,7 +71,8 @@ OPS = ("relu_dwconv", "relu_dwconv_pointwise", "weighted_sum", "pool_bn_stats", 
 DARTS = [(3, 1), (5, 1), (3, 2), (5, 2)]  # (kernel size, dilation)
 K_CANDIDATES = len(ops.MIXED_OP_CANDIDATES)
 # op -> case -> (shape, stride): relu_dwconv's and pool_bn_stats's x, weighted_sum's and bn_weighted_sum's inputs (the
-# mixed op's output at that stride).
+# mixed op's output at that stride). "narrow": a PC-DARTS normal edge at K = 4, its ops on 4 of the 16 channels (the
+# CPU kernels pack 4 columns to a 64-byte vector there).
 CASES = {
     "relu_dwconv": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
     "relu_dwconv_pointwise": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
@@ -78,6 +80,9 @@ CASES = {
     "pool_bn_stats": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 16, 16), 2)},
     "bn_weighted_sum": {"stride1": ((64, 16, 32, 32), 1), "stride2": ((64, 32, 8, 8), 2)},
 }
+for _cases in CASES.values():
+    _cases["narrow"] = ((64, 4, 32, 32), 1)
+
 PROVIDERS = ("eager-contiguous", "eager", "cpp", "compile", "triton")
 BACKEND_OF = {"eager-contiguous": "reference", "eager": "reference", "cpp": "cpp", "triton": "triton"}
 
@@ -194,7 +199,7 @@ def run_case(op, case, provider, device, timer, peaks, shape=None) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {', '.join(OPS)}")
-    parser.add_argument("--cases", default="stride1,stride2", help="comma-separated, from stride1, stride2")
+    parser.add_argument("--cases", default="stride1,stride2", help="comma-separated, from stride1, stride2, narrow")
     parser.add_argument(
         "--providers", default=None, help=f"comma-separated, from {', '.join(PROVIDERS)} (default: those of the device)"
     )

@@ -938,11 +938,12 @@ std::tuple<Tensors, at::Tensor, at::Tensor, Tensors> edge_cell_cpu(
       Tensors kept = g.saved();
       saved.insert(saved.end(), kept.begin(), kept.end());
     }
-    // With partial channels, what each edge's bypass is read from: the state, or at stride 2 its bypass pooled
-    // once here for every node it feeds (reference.split_partial_channels's pool)
+    // With partial channels, what each edge's bypass is read from: the state, or at stride 2 the state pooled once
+    // here for every node it feeds (reference.split_partial_channels's pool), all its channels: the node reads the
+    // bypass's among them, and ATen's pool would first copy a slice of the channels into a tensor of its own
     at::Tensor bypass = states[group.state];
     if (partial_channels > 1 && group.stride == 2) {
-      bypass = at::max_pool2d(bypass.narrow(1, C, bypass.size(1) - C), {2, 2}, {2, 2}, {0, 0}, {1, 1}, true);
+      bypass = at::max_pool2d(bypass, {2, 2}, {2, 2}, {0, 0}, {1, 1}, true);
     }
     for (size_t i = 0; i < outs.size(); ++i) {
       NodeTerms& terms = incoming[group.nodes[i]];

@@ -987,11 +987,12 @@ def edge_cell(group_forward: Callable, group_backward: Callable, kernels: EdgeKe
             means.append(mean.view(-1, C))
             variances.append(var.view(-1, C))
             saved += kept
-            # with partial channels, what each edge's bypass is read from: the state, or at stride 2 its bypass
-            # pooled once here for every node it feeds
+            # with partial channels, what each edge's bypass is read from: the state, or at stride 2 the state
+            # pooled once here for every node it feeds (split_partial_channels's pool, on all the channels: the
+            # node reads the bypass's among them)
             bypass = x
             if partial_channels > 1 and group.stride == 2:
-                bypass = reference.split_partial_channels(x, partial_channels, 2)[1]
+                bypass = F.max_pool2d(x, 2, 2, ceil_mode=True)
             for target, edge, out in zip(group.nodes, group.edges, outs):
                 incoming[target].append((out, bypass, edge))
         empty = s0.new_zeros(0, C)
