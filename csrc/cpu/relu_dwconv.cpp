@@ -62,11 +62,12 @@
 // spans G = 16 / C neighbouring columns: a tap of kernel i shifts the tile by whole columns (C values), the tap
 // vectors repeat each channel's weight G times (for G = 2 or 4, tiles.h's unrolled loops load each column that a
 // kernel row reads once for all its taps, as they load each vector unpacked), and each 1x1 conv becomes the
-// block-diagonal Cp x Cp matrix of G copies of P_i (the same multiply-adds per position as before). Where the tier's registers hold whole columns
-// (C divides their lanes), the 1x1 convs and their weight gradient instead take each input channel of every
-// column by a lane shuffle (tiles.h's pointwise_row_columns): C shuffles and C multiply-adds a vector in place of
-// Cp multiply-adds. Sums over positions (the moments, grad_w, the 1x1 gradient) come out per lane and are folded
-// over the G lanes of each channel at the end. (Float64 vectors hold 8 lanes: the same with 8 in place of 16.)
+// block-diagonal Cp x Cp matrix of G copies of P_i (the same multiply-adds per position as before). Where the
+// tier's registers hold whole columns (C divides their lanes), the 1x1 convs and their weight gradient instead
+// take each input channel of every column by a lane shuffle (tiles.h's pointwise_row_columns): C shuffles and C
+// multiply-adds a vector in place of Cp multiply-adds. Sums over positions (the moments, grad_w, the 1x1 gradient)
+// come out per lane and are folded over the G lanes of each channel at the end. (Float64 vectors hold 8 lanes: the
+// same with 8 in place of 16.)
 //
 // Normalised input. relu_dwconv_pointwise(_backward) with input_mean and input_invstd read u = (x - mean) invstd in
 // place of x: the pack into the input tile normalises each value before the ReLU, so a sep conv's second stage
@@ -816,8 +817,9 @@ FASTDARTS_ALWAYS_INLINE void pointwise_grad_tile(const BackwardArgs<T>& b, int64
     }
     if (formed) {
       const T* factor_lanes = b.grad_factor_lanes == nullptr ? nullptr : b.grad_factor_lanes + i * 4 * kVecLanes<T>;
-      pack_formed_row<T, kIsa>(b.grads[i] + n * gs.n + ho * gs.h, gs, b.grad_inputs[i] + n * b.gis[i].n + ho * b.gis[i].h,
-                               b.gis[i], g.Wo, g.C, b.grad_factors + i * 4 * g.C, factor_lanes, dt_row, g.col);
+      const T* input_row = b.grad_inputs[i] + n * b.gis[i].n + ho * b.gis[i].h;
+      pack_formed_row<T, kIsa>(b.grads[i] + n * gs.n + ho * gs.h, gs, input_row, b.gis[i], g.Wo, g.C,
+                               b.grad_factors + i * 4 * g.C, factor_lanes, dt_row, g.col);
     } else {
       pack<T, false>(b.grads[i] + n * gs.n + ho * gs.h, gs, 1, g.Wo, g.C, dt_row, 0, g.col);
     }
