@@ -268,6 +268,17 @@ std::vector<T> tap_vectors(at::TensorList weights, const Geometry& g) {
   return taps;
 }
 
+// values [rows][C] as rows of kVecLanes lanes, lane l holding channel l mod C (C dividing kVecLanes): per-channel
+// factors laid out as the vectors of packed columns see them.
+template <typename T>
+void spread_over_lanes(const T* values, int64_t rows, int64_t C, T* lanes) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t l = 0; l < kVecLanes<T>; ++l) {
+      lanes[r * kVecLanes<T> + l] = values[r * C + l % C];
+    }
+  }
+}
+
 // The tap vectors in the order of the phase lists (Geometry::phase_taps).
 template <typename T>
 std::vector<T> phase_tap_vectors(const std::vector<T>& taps, const Geometry& g) {
@@ -970,10 +981,7 @@ InputMap<T> input_map(bool relu, const std::optional<at::Tensor>& mean, const st
     return {relu, normalisation.data(), normalisation.data() + C};
   }
   T* lanes = normalisation.data() + 2 * C;
-  for (int64_t l = 0; l < L; ++l) {
-    lanes[l] = normalisation[l % C];
-    lanes[L + l] = normalisation[C + l % C];
-  }
+  spread_over_lanes(normalisation.data(), 2, C, lanes);  // mean, then invstd
   return {relu, normalisation.data(), normalisation.data() + C, lanes, lanes + L};
 }
 
@@ -1159,11 +1167,7 @@ backward(
       b.grad_factors = factors.const_data_ptr<scalar_t>();
       if (kVecLanes<scalar_t> % g.C == 0) {
         factor_lanes.resize(K * 4 * kVecLanes<scalar_t>);
-        for (int64_t f = 0; f < K * 4; ++f) {
-          for (int64_t l = 0; l < kVecLanes<scalar_t>; ++l) {
-            factor_lanes[f * kVecLanes<scalar_t> + l] = b.grad_factors[f * g.C + l % g.C];
-          }
-        }
+        spread_over_lanes(b.grad_factors, K * 4, g.C, factor_lanes.data());
         b.grad_factor_lanes = factor_lanes.data();
       }
     }
