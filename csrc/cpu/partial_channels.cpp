@@ -20,8 +20,10 @@
 // another strided copy: about 100 ms of PC-DARTS's 0.85 s search step at batch 64. Here every tensor is read or
 // written once, an output row at a time (channels_last): the row's bypass is first split by group into contiguous
 // rows in L1 (bypass_row), then each edge's output row interleaves its ops' row with them (interleave, with K
-// fixed at compile time for 2, 4 and 8 so that the K streams become vector shuffles); the backward undoes it
-// (deinterleave). The sums of grad_bypass_w are taken per image and added in image order, in double: the same bits
+// fixed at compile time for 2, 4 and 8 so that the K streams become vector shuffles). The backward reads each
+// gradient row once (deinterleave): the ops' channels out, and the row weighted into the edges' sum in its own
+// layout, contiguous; the sum's bypass channels then go to dL/dx a pixel at a time (at stride 2 a pixel's whole
+// bypass through its window's argmax: pooled_row). The sums of grad_bypass_w are taken per image and added in image order, in double: the same bits
 // whatever the number of threads (on a given tier: the loops are compiled once per instruction-set tier, and the
 // vectorised sums of a wider tier add in another order).
 
@@ -120,13 +122,59 @@ FASTDARTS_ALWAYS_INLINE void copy_short(scalar_t* __restrict__ out, const scalar
   }
 }
 
+// ATen's max_pool2d at one tap t (0..3 in scan order) of `count` windows, one per value: out[c] = v[c] where v[c] is
+// greater or a NaN, and tap[c] = t there (when tap is given; held as scalar_t so that the selects vectorise with the
+// values'). In 16-byte vectors, whose selects have no branch: GCC's scalar loop branched on every value, and random
+// data mispredicted half of them (and it turns the selects of the wider tiers' vectors into scalar code here).
+template <typename scalar_t>
+FASTDARTS_ALWAYS_INLINE void window_max(const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
+                                        scalar_t* __restrict__ tap, scalar_t t, int64_t count) {
+  using V16 = V16Of<scalar_t>;
+  int64_t c = 0;
+  for (; c + kLanes16Of<scalar_t> <= count; c += kLanes16Of<scalar_t>) {
+    V16 vv, vo;
+    vec_load(vv, v + c);
+    vec_load(vo, out + c);
+    const auto wins = (vv > vo) | (vv != vv);
+    vec_store(out + c, V16(wins ? vv : vo));
+    if (tap != nullptr) {
+      V16 vt;
+      vec_load(vt, tap + c);
+      vec_store(tap + c, V16(wins ? V16{} + t : vt));
+    }
+  }
+  for (; c < count; ++c) {
+    const bool wins = v[c] > out[c] || std::isnan(v[c]);
+    out[c] = wins ? v[c] : out[c];
+    if (tap != nullptr) {
+      tap[c] = wins ? t : tap[c];
+    }
+  }
+}
+
+// out[c] = total[c] where tap[c] is t, else 0, for c < count: the pool's gradient at one pixel of its windows. In
+// 16-byte vectors, as window_max.
+template <typename scalar_t>
+FASTDARTS_ALWAYS_INLINE void routed_to_tap(scalar_t* __restrict__ out, const scalar_t* __restrict__ total,
+                                           const scalar_t* __restrict__ tap, scalar_t t, int64_t count) {
+  using V16 = V16Of<scalar_t>;
+  int64_t c = 0;
+  for (; c + kLanes16Of<scalar_t> <= count; c += kLanes16Of<scalar_t>) {
+    V16 vt, vg;
+    vec_load(vt, tap + c);
+    vec_load(vg, total + c);
+    vec_store(out + c, V16(vt == t ? vg : V16{}));
+  }
+  for (; c < count; ++c) {
+    out[c] = tap[c] == t ? total[c] : scalar_t(0);
+  }
+}
+
 // One output row (n, ho) of the bypass, split by group: rows[g - 1][wo m + c] = b[(g - 1) m + c] at (n, ho, wo), for
-// g = 1 .. K-1, so that every group's values lie contiguous as the interleaving loops read them. At stride 2 each
-// is the maximum of its 2x2 window, and taps[...] (when given) the window's tap it came from (0..3 in scan order,
-// held as scalar_t so that the selects vectorise with the values').
-template <bool kTaps, typename scalar_t>
-FASTDARTS_ALWAYS_INLINE void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar_t* rows,
-                                        scalar_t* taps) {
+// g = 1 .. K-1, so that every group's values lie contiguous as the interleaving loops read them; at stride 2 each
+// the maximum of its 2x2 window.
+template <typename scalar_t>
+FASTDARTS_ALWAYS_INLINE void bypass_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho, scalar_t* rows) {
   const int64_t m = s.m, row = s.Wo * m;
   if (s.stride == 1) {  // a group at a time, each pixel's m values one short copy: a tight loop of loads and stores
     for (int64_t g = 1; g < s.K; ++g) {
@@ -140,61 +188,38 @@ FASTDARTS_ALWAYS_INLINE void bypass_row(const scalar_t* x, const Shape& s, int64
   }
   for (int64_t wo = 0; wo < s.Wo; ++wo) {
     for (int64_t g = 1; g < s.K; ++g) {
-      scalar_t* __restrict__ out = rows + (g - 1) * row + wo * m;
-      scalar_t* __restrict__ tap = kTaps ? taps + (g - 1) * row + wo * m : nullptr;
+      scalar_t* out = rows + (g - 1) * row + wo * m;
       std::fill(out, out + m, -std::numeric_limits<scalar_t>::infinity());
-      if constexpr (kTaps) {
-        std::fill(tap, tap + m, scalar_t(0));
-      }
-      for (int64_t dh = 0; dh < 2 && 2 * ho + dh < s.H; ++dh) {
+      for (int64_t dh = 0; dh < 2 && 2 * ho + dh < s.H; ++dh) {  // a window at an odd side's end has fewer pixels
         for (int64_t dw = 0; dw < 2 && 2 * wo + dw < s.W; ++dw) {
-          const scalar_t* __restrict__ v =
-              x + ((n * s.H + 2 * ho + dh) * s.W + 2 * wo + dw) * s.x_C + s.x_skip + (g - 1) * m;
-          const auto t = static_cast<scalar_t>(2 * dh + dw);
-          // ATen's max_pool2d: the value wins when it is greater or a NaN. In 16-byte vectors, whose selects have
-          // no branch (GCC's scalar loop branched on every value, and random data mispredicted half of them).
-          using V16 = V16Of<scalar_t>;
-          int64_t c = 0;
-          for (; c + kLanes16Of<scalar_t> <= m; c += kLanes16Of<scalar_t>) {
-            V16 vv, vo;
-            vec_load(vv, v + c);
-            vec_load(vo, out + c);
-            const auto wins = (vv > vo) | (vv != vv);
-            vec_store(out + c, V16(wins ? vv : vo));
-            if constexpr (kTaps) {
-              V16 vt;
-              vec_load(vt, tap + c);
-              vec_store(tap + c, V16(wins ? V16{} + t : vt));
-            }
-          }
-          for (; c < m; ++c) {
-            const bool wins = v[c] > out[c] || std::isnan(v[c]);
-            out[c] = wins ? v[c] : out[c];
-            if constexpr (kTaps) {
-              tap[c] = wins ? t : tap[c];
-            }
-          }
+          const scalar_t* v = x + ((n * s.H + 2 * ho + dh) * s.W + 2 * wo + dw) * s.x_C + s.x_skip + (g - 1) * m;
+          window_max(v, out, static_cast<scalar_t*>(nullptr), scalar_t(0), m);
         }
       }
     }
   }
 }
 
-// out[c] = total[c] where tap[c] is t, else 0: the pool's gradient at one pixel of its windows. In 16-byte vectors,
-// whose selects have no branch.
+// The same row at stride 2 pixel by pixel, as x holds it: maxima[wo B + j] (B = C - m) the maximum of the window of
+// the bypass's channel j, and taps[wo B + j] (when given) the window's tap it came from. Whole pixels at once: the
+// group-split rows took a loop of m values (one 16-byte vector at m = 4) per group, window tap and pixel.
 template <typename scalar_t>
-FASTDARTS_ALWAYS_INLINE void routed_to_tap(scalar_t* __restrict__ out, const scalar_t* __restrict__ total,
-                                           const scalar_t* __restrict__ tap, scalar_t t, int64_t m) {
-  using V16 = V16Of<scalar_t>;
-  int64_t c = 0;
-  for (; c + kLanes16Of<scalar_t> <= m; c += kLanes16Of<scalar_t>) {
-    V16 vt, vg;
-    vec_load(vt, tap + c);
-    vec_load(vg, total + c);
-    vec_store(out + c, V16(vt == t ? vg : V16{}));
-  }
-  for (; c < m; ++c) {
-    out[c] = tap[c] == t ? total[c] : scalar_t(0);
+FASTDARTS_ALWAYS_INLINE void pooled_row(const scalar_t* x, const Shape& s, int64_t n, int64_t ho,
+                                        scalar_t* maxima, scalar_t* taps) {
+  const int64_t B = s.C - s.m;
+  for (int64_t wo = 0; wo < s.Wo; ++wo) {
+    scalar_t* out = maxima + wo * B;
+    scalar_t* tap = taps == nullptr ? nullptr : taps + wo * B;
+    std::fill(out, out + B, -std::numeric_limits<scalar_t>::infinity());
+    if (tap != nullptr) {
+      std::fill(tap, tap + B, scalar_t(0));
+    }
+    for (int64_t dh = 0; dh < 2 && 2 * ho + dh < s.H; ++dh) {
+      for (int64_t dw = 0; dw < 2 && 2 * wo + dw < s.W; ++dw) {
+        const scalar_t* v = x + ((n * s.H + 2 * ho + dh) * s.W + 2 * wo + dw) * s.x_C + s.x_skip;
+        window_max(v, out, tap, static_cast<scalar_t>(2 * dh + dw), B);
+      }
+    }
   }
 }
 
@@ -216,42 +241,38 @@ FASTDARTS_ALWAYS_INLINE void interleave(scalar_t* __restrict__ out, const scalar
   }
 }
 
-// The reverse for one row of an edge's output gradient: ops_grad[i] = grad[i K]; totals[g - 1][i] = w grad[i K + g]
-// (first edge) or plus it (later edges: the edges' sum in edge order, as weighted_sum adds); and, when dot is given,
-// the dot product of the row with `shuffled`, the bypass in its places of an output row (zeros in the ops' channels).
+// The reverse for one row (count values) of an edge's output gradient: ops_grad[i] = grad[i K] (i < count / K);
+// sum = w grad (first edge) or plus it (later edges: the edges' sum in edge order, as weighted_sum adds), over the
+// whole row in the gradients' layout (the ops' channels in it unused), when sum is given; and, when dot is given, the
+// dot product of the row with `shuffled`, the bypass in its places of an output row (zeros in the ops' channels).
 template <int kK, typename scalar_t>
 FASTDARTS_ALWAYS_INLINE void deinterleave(const scalar_t* __restrict__ grad, scalar_t* __restrict__ ops_grad,
-                                          scalar_t* __restrict__ totals, bool first,
-                                          const scalar_t* __restrict__ shuffled, double* dot, int64_t row,
-                                          scalar_t w, int64_t count, int64_t K) {
+                                          scalar_t* __restrict__ sum, bool first,
+                                          const scalar_t* __restrict__ shuffled, double* dot, scalar_t w,
+                                          int64_t count, int64_t K) {
   if constexpr (kK > 0) {
     K = kK;
   }
-  for (int64_t i = 0; i < count; ++i) {
+  for (int64_t i = 0; i < count / K; ++i) {
     ops_grad[i] = grad[i * K];
   }
-  // One group at a time: each loop reads grad at a fixed stride, which vectorises; the row stays in L1.
-  for (int64_t g = 1; totals != nullptr && g < K; ++g) {
-    const scalar_t* __restrict__ in = grad + g;
-    scalar_t* __restrict__ t = totals + (g - 1) * row;
-    if (first) {
-      for (int64_t i = 0; i < count; ++i) {
-        t[i] = w * in[i * K];
-      }
-    } else {
-      for (int64_t i = 0; i < count; ++i) {
-        t[i] += w * in[i * K];
-      }
+  if (sum != nullptr && first) {
+    for (int64_t j = 0; j < count; ++j) {
+      sum[j] = w * grad[j];
+    }
+  } else if (sum != nullptr) {
+    for (int64_t j = 0; j < count; ++j) {
+      sum[j] += w * grad[j];
     }
   }
   if (dot != nullptr) {
-    double sum = 0.0;
+    double total = 0.0;
     // The reduction needs the pragma to vectorise; its order is fixed at compile time, so still deterministic.
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < count * K; ++j) {
-      sum += static_cast<double>(grad[j]) * static_cast<double>(shuffled[j]);
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < count; ++j) {
+      total += static_cast<double>(grad[j]) * static_cast<double>(shuffled[j]);
     }
-    *dot += sum;
+    *dot += total;
   }
 }
 
@@ -274,7 +295,7 @@ FASTDARTS_ALWAYS_INLINE void forward_rows_of(const ForwardArgs<scalar_t>& a, int
   const int64_t row = s.Wo * s.m;  // values per row of each group
   std::vector<scalar_t> rows((s.K - 1) * row);
   for (int64_t r = begin; r < end; ++r) {
-    bypass_row<false>(a.x, s, r / s.Ho, r % s.Ho, rows.data(), static_cast<scalar_t*>(nullptr));
+    bypass_row(a.x, s, r / s.Ho, r % s.Ho, rows.data());
     for (int64_t e = 0; e < E; ++e) {
       interleave<kK>(a.results[e] + r * s.Wo * s.C, a.outs[e] + r * row, rows.data(), row, a.bw[e], row, s.K);
     }
@@ -324,7 +345,7 @@ FASTDARTS_ALWAYS_INLINE void node_rows_of(const NodeArgs<scalar_t>& a, int64_t b
       const scalar_t* __restrict__ ops = a.outs[e] + r * row;
       // The first edge's bypass goes straight into the sums; a later one's into the scratch rows, then added.
       scalar_t* target = e == 0 ? bypass_sum : bypass;
-      bypass_row<false>(a.xs[e], a.shapes[e], r / s.Ho, r % s.Ho, target, static_cast<scalar_t*>(nullptr));
+      bypass_row(a.xs[e], a.shapes[e], r / s.Ho, r % s.Ho, target);
       // The products rounded and stored before the adds: an add of w * bypass[i] would compile to one fused
       // multiply-add, whose single rounding gives other bits than an edge's output written out and then summed.
       const scalar_t w = a.bw[e];
@@ -379,9 +400,14 @@ template <typename scalar_t, CpuIsa kIsa, int kK>
 FASTDARTS_ALWAYS_INLINE void backward_images_of(const BackwardArgs<scalar_t>& a, int64_t begin, int64_t end) {
   const Shape& s = a.s;
   const int64_t E = static_cast<int64_t>(a.grads.size());
-  const int64_t m = s.m, row = s.Wo * m;
-  std::vector<scalar_t> rows((s.K - 1) * row), totals((s.K - 1) * row, scalar_t(0));
-  std::vector<scalar_t> taps((s.K - 1) * row), zeros(a.dots == nullptr ? 0 : row), shuffled(zeros.size() * s.K);
+  const int64_t K = kK > 0 ? kK : s.K;
+  const int64_t m = s.m, C = s.C, B = C - m, row = s.Wo * C;
+  const bool pooled = s.stride == 2 && (a.grad_x != nullptr || a.dots != nullptr);
+  // sum: the edges' gradients weighted and summed over an output row, in their layout; totals: its bypass channels
+  // pixel by pixel in x's order (stride 2, where each goes to its window's argmax); maxima and taps: pooled_row's.
+  std::vector<scalar_t> sum(a.grad_x == nullptr ? 0 : row), totals(a.grad_x != nullptr && pooled ? s.Wo * B : 0);
+  std::vector<scalar_t> maxima(pooled ? s.Wo * B : 0), taps(a.grad_x != nullptr && pooled ? s.Wo * B : 0);
+  std::vector<scalar_t> shuffled(a.dots == nullptr ? 0 : row);
   for (int64_t n = begin; n < end; ++n) {
     double* dot = a.dots == nullptr ? nullptr : a.dots + n * E;
     if (dot != nullptr) {
@@ -389,40 +415,60 @@ FASTDARTS_ALWAYS_INLINE void backward_images_of(const BackwardArgs<scalar_t>& a,
     }
     for (int64_t ho = 0; ho < s.Ho; ++ho) {
       const int64_t r = n * s.Ho + ho;
-      if (a.grad_x != nullptr && s.stride == 2) {  // the pool's argmax too
-        bypass_row<true>(a.x, s, n, ho, rows.data(), taps.data());
-      } else if (dot != nullptr) {
-        bypass_row<false>(a.x, s, n, ho, rows.data(), taps.data());
+      // The bypass of the row pixel by pixel, `pixel` values apart: x's own channels, or their pooled maxima.
+      const scalar_t* bypass = a.x + (n * s.H + ho) * s.W * s.x_C + s.x_skip;
+      int64_t pixel = s.x_C;
+      if (pooled) {
+        pooled_row(a.x, s, n, ho, maxima.data(), taps.empty() ? nullptr : taps.data());
+        bypass = maxima.data();
+        pixel = B;
       }
-      if (dot != nullptr) {  // once per row for every edge's dot product
-        interleave<kK>(shuffled.data(), zeros.data(), rows.data(), row, scalar_t(1), row, s.K);
+      if (dot != nullptr) {  // once per row for every edge's dot product: x's channel m + (g - 1) m + c at c K + g
+        for (int64_t wo = 0; wo < s.Wo; ++wo) {
+          scalar_t* out = shuffled.data() + wo * C;
+          const scalar_t* in = bypass + wo * pixel;
+          for (int64_t c = 0; c < m; ++c) {
+            out[c * K] = scalar_t(0);
+            for (int64_t g = 1; g < K; ++g) {
+              out[c * K + g] = in[(g - 1) * m + c];
+            }
+          }
+        }
       }
       for (int64_t e = 0; e < E; ++e) {
-        deinterleave<kK>(a.grads[e] + r * s.Wo * s.C, a.ops_grads[e] + r * row,
-                         a.grad_x == nullptr ? nullptr : totals.data(), e == 0, shuffled.data(),
-                         dot == nullptr ? nullptr : dot + e, row, a.bw[e], row, s.K);
+        deinterleave<kK>(a.grads[e] + r * row, a.ops_grads[e] + r * s.Wo * m, sum.empty() ? nullptr : sum.data(),
+                         e == 0, shuffled.data(), dot == nullptr ? nullptr : dot + e, a.bw[e], row, K);
       }
       if (a.grad_x == nullptr) {
         continue;
       }
-      // dL/dx: zero in the ops' channels; the bypass's gradient in its channel, at stride 2 at its window's
-      // argmax (the windows do not overlap, so each pixel of x is written here once).
+      // dL/dx: zero in the ops' channels; in x's channel m + (g - 1) m + c the sum's c K + g (zero without edges),
+      // at stride 2 at its window's argmax (the windows do not overlap, so each pixel of x is written here once).
       for (int64_t wo = 0; wo < s.Wo; ++wo) {
-        for (int64_t dh = 0; dh < s.stride && s.stride * ho + dh < s.H; ++dh) {
-          for (int64_t dw = 0; dw < s.stride && s.stride * wo + dw < s.W; ++dw) {
-            scalar_t* gx = a.grad_x + ((n * s.H + s.stride * ho + dh) * s.W + s.stride * wo + dw) * s.C;
-            const auto t = static_cast<scalar_t>(2 * dh + dw);
-            copy_short(gx, static_cast<const scalar_t*>(nullptr), m);
-            for (int64_t g = 1; g < s.K; ++g) {
-              const scalar_t* __restrict__ total = totals.data() + (g - 1) * row + wo * m;
-              const scalar_t* __restrict__ tap = taps.data() + (g - 1) * row + wo * m;
-              scalar_t* __restrict__ out = gx + g * m;
-              if (E == 0 || s.stride == 1) {
-                copy_short(out, E == 0 ? nullptr : total, m);
-              } else {
-                routed_to_tap(out, total, tap, t, m);
-              }
+        const scalar_t* in = sum.data() + wo * C;
+        if (s.stride == 1) {
+          scalar_t* gx = a.grad_x + r * row + wo * C;
+          std::fill(gx, gx + (E == 0 ? C : m), scalar_t(0));
+          for (int64_t c = 0; c < m && E > 0; ++c) {
+            for (int64_t g = 1; g < K; ++g) {
+              gx[g * m + c] = in[c * K + g];
             }
+          }
+          continue;
+        }
+        scalar_t* __restrict__ total = totals.data() + wo * B;
+        for (int64_t c = 0; c < m; ++c) {
+          for (int64_t g = 1; g < K; ++g) {
+            total[(g - 1) * m + c] = E == 0 ? scalar_t(0) : in[c * K + g];
+          }
+        }
+        const scalar_t* __restrict__ tap = taps.data() + wo * B;
+        for (int64_t dh = 0; dh < 2 && 2 * ho + dh < s.H; ++dh) {
+          for (int64_t dw = 0; dw < 2 && 2 * wo + dw < s.W; ++dw) {
+            scalar_t* __restrict__ gx = a.grad_x + ((n * s.H + 2 * ho + dh) * s.W + 2 * wo + dw) * C;
+            const auto t = static_cast<scalar_t>(2 * dh + dw);
+            std::fill(gx, gx + m, scalar_t(0));
+            routed_to_tap(gx + m, total, tap, t, B);
           }
         }
       }
