@@ -167,11 +167,12 @@ TORCH_LIBRARY(fastdarts, m) {
   m.def("partial_channel_node(Tensor[] outs, Tensor[] xs, int partial_channels, Tensor? bypass_w) -> Tensor");
   // From the E edges' output gradients (None: not in the loss): the ops' gradients (one per given gradient, in
   // order), dL/dx of the bypass if x_grad (zero in the ops' m channels; the pool's argmax recomputed from x) and
-  // dL/dbypass_w [E] if bypass_w_grad, else None.
+  // dL/dbypass_w [E] if bypass_w_grad, else None. With grad_x_base (x's shape; needs x_grad), grad_x is
+  // grad_x_base + that dL/dx: x's gradient from its other readers, added as the bypass's is written.
   m.def(
       "partial_channel_outputs_backward(Tensor?[] grads, Tensor x, int partial_channels, int stride, "
-      "Tensor? bypass_w, bool x_grad, bool bypass_w_grad) -> (Tensor[] ops_grads, Tensor? grad_x, "
-      "Tensor? grad_bypass_w)");
+      "Tensor? bypass_w, bool x_grad, bool bypass_w_grad, Tensor? grad_x_base=None) -> (Tensor[] ops_grads, "
+      "Tensor? grad_x, Tensor? grad_bypass_w)");
   // A ReLU and 1x1 conv before a BN, for E = len(weights) weights from one read of x = cat(xs, 1) [N, C, H, W] (xs:
   // one or more [N, C_i, H, W], read where they are): outs[e] = conv2d(r, weights[e]), r = relu(x) (x when relu is
   // false); weights[e]: [C_out, C, 1, 1]; outs[e]: [N, C_out, H, W], laid out like xs[0]; mean, var [E, C_out]: each

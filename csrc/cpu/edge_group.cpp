@@ -186,11 +186,11 @@ at::Tensor partial_channel_node(at::TensorList outs, at::TensorList xs, int64_t 
 
 std::tuple<Tensors, OptionalTensor, OptionalTensor> partial_channel_outputs_backward(
     const c10::List<OptionalTensor>& grads, const at::Tensor& x, int64_t partial_channels, int64_t stride,
-    const OptionalTensor& bypass_w, bool x_grad, bool bypass_w_grad) {
+    const OptionalTensor& bypass_w, bool x_grad, bool bypass_w_grad, const OptionalTensor& grad_x_base) {
   static const auto op = handle<std::tuple<Tensors, OptionalTensor, OptionalTensor>(
-      const c10::List<OptionalTensor>&, const at::Tensor&, int64_t, int64_t, const OptionalTensor&, bool, bool)>(
-      "fastdarts::partial_channel_outputs_backward");
-  return op.call(grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad);
+      const c10::List<OptionalTensor>&, const at::Tensor&, int64_t, int64_t, const OptionalTensor&, bool, bool,
+      const OptionalTensor&)>("fastdarts::partial_channel_outputs_backward");
+  return op.call(grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad, grad_x_base);
 }
 
 at::Tensor index_tensor(const std::vector<int64_t>& indices) {
@@ -1020,11 +1020,12 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor, Tenso
     const at::Tensor x = processed(states[group.state], partial_channels);
     check_group(op, x, a.w, a.weights, group.stride, a.candidates, a.counts, pool_bn);
     const bool x_grad = group.state >= 2 || (group.state == 0 ? s0_grad : s1_grad);
+    OptionalTensor& previous = grad_states[group.state];  // the state's gradient from its other readers
     OptionalTensor grad_full;
-    if (partial_channels > 1) {  // the ops' part of each gradient; the bypass's, straight into dL/dx
-      auto [ops_grads, bypass_grad_x, group_grad_bypass_w] =
-          partial_channel_outputs_backward(edge_grads, states[group.state], partial_channels, group.stride,
-                                           edge_rows(bypass_w, a.edges), x_grad, bypass_w_grad);
+    if (partial_channels > 1) {  // the ops' part of each gradient; the bypass's, straight into dL/dx (plus previous)
+      auto [ops_grads, bypass_grad_x, group_grad_bypass_w] = partial_channel_outputs_backward(
+          edge_grads, states[group.state], partial_channels, group.stride, edge_rows(bypass_w, a.edges), x_grad,
+          bypass_w_grad, x_grad ? previous : std::nullopt);
       size_t next = 0;
       for (size_t i = 0; i < edge_grads.size(); ++i) {
         if (edge_grads.get(i).has_value()) {
@@ -1043,12 +1044,15 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor, OptionalTensor, Tenso
                      var.narrow(0, rows_end, group.rows).view({E, -1, C}), false, eps, pool_bn, group_saved);
     auto [grad_x, group_grad_w, group_grad_weights] =
         cell_group.backward(edge_grads, training, x_grad, w_grad, weights_grad);
-    if (x_grad) {
-      if (grad_full.has_value()) {  // the ops' gradient in their channels
-        grad_full->narrow(1, 0, C).copy_(*grad_x);
-        grad_x = grad_full;
+    if (x_grad && grad_full.has_value()) {  // the ops' gradient in their channels; previous is in grad_full
+      at::Tensor ops_part = grad_full->narrow(1, 0, C);
+      if (previous.has_value()) {
+        ops_part.add_(*grad_x);
+      } else {
+        ops_part.copy_(*grad_x);
       }
-      OptionalTensor& previous = grad_states[group.state];
+      previous = grad_full;
+    } else if (x_grad) {
       previous = previous.has_value() ? *previous + *grad_x : *grad_x;
     }
     if (w_grad) {

@@ -152,21 +152,29 @@ FASTDARTS_ALWAYS_INLINE void window_max(const scalar_t* __restrict__ v, scalar_t
   }
 }
 
-// out[c] = total[c] where tap[c] is t, else 0, for c < count: the pool's gradient at one pixel of its windows. In
-// 16-byte vectors, as window_max.
+// out[c] = total[c] where tap[c] is t, else 0, plus base[c] when base is given, for c < count: the pool's gradient at
+// one pixel of its windows. In 16-byte vectors, as window_max.
 template <typename scalar_t>
 FASTDARTS_ALWAYS_INLINE void routed_to_tap(scalar_t* __restrict__ out, const scalar_t* __restrict__ total,
-                                           const scalar_t* __restrict__ tap, scalar_t t, int64_t count) {
+                                           const scalar_t* __restrict__ tap, scalar_t t,
+                                           const scalar_t* __restrict__ base, int64_t count) {
   using V16 = V16Of<scalar_t>;
   int64_t c = 0;
   for (; c + kLanes16Of<scalar_t> <= count; c += kLanes16Of<scalar_t>) {
     V16 vt, vg;
     vec_load(vt, tap + c);
     vec_load(vg, total + c);
-    vec_store(out + c, V16(vt == t ? vg : V16{}));
+    V16 routed = vt == t ? vg : V16{};
+    if (base != nullptr) {
+      V16 vb;
+      vec_load(vb, base + c);
+      routed = vb + routed;
+    }
+    vec_store(out + c, routed);
   }
   for (; c < count; ++c) {
-    out[c] = tap[c] == t ? total[c] : scalar_t(0);
+    const scalar_t routed = tap[c] == t ? total[c] : scalar_t(0);
+    out[c] = base == nullptr ? routed : base[c] + routed;
   }
 }
 
@@ -391,8 +399,9 @@ struct BackwardArgs {
   std::vector<const scalar_t*> grads;
   std::vector<scalar_t> bw;
   std::vector<scalar_t*> ops_grads;
-  scalar_t* grad_x;  // null without x_grad
-  double* dots;      // [N, E], null without bypass_w_grad
+  scalar_t* grad_x;         // null without x_grad
+  const scalar_t* base;     // grad_x_base, null without it
+  double* dots;             // [N, E], null without bypass_w_grad
   Shape s;
 };
 
@@ -442,16 +451,23 @@ FASTDARTS_ALWAYS_INLINE void backward_images_of(const BackwardArgs<scalar_t>& a,
       if (a.grad_x == nullptr) {
         continue;
       }
-      // dL/dx: zero in the ops' channels; in x's channel m + (g - 1) m + c the sum's c K + g (zero without edges),
-      // at stride 2 at its window's argmax (the windows do not overlap, so each pixel of x is written here once).
+      // dL/dx: zero in the ops' channels, and in x's channel m + (g - 1) m + c the sum's c K + g (zero without
+      // edges), at stride 2 at its window's argmax (the windows do not overlap: each pixel is written once); base
+      // plus that when given (what base + that dL/dx would give, bit for bit, without being written out first).
       for (int64_t wo = 0; wo < s.Wo; ++wo) {
         const scalar_t* in = sum.data() + wo * C;
         if (s.stride == 1) {
-          scalar_t* gx = a.grad_x + r * row + wo * C;
-          std::fill(gx, gx + (E == 0 ? C : m), scalar_t(0));
+          const int64_t at = r * row + wo * C;
+          scalar_t* __restrict__ gx = a.grad_x + at;
+          const scalar_t* __restrict__ base = a.base == nullptr ? nullptr : a.base + at;
+          if (base == nullptr) {
+            std::fill(gx, gx + (E == 0 ? C : m), scalar_t(0));
+          } else {
+            copy_short(gx, base, E == 0 ? C : m);
+          }
           for (int64_t c = 0; c < m && E > 0; ++c) {
             for (int64_t g = 1; g < K; ++g) {
-              gx[g * m + c] = in[c * K + g];
+              gx[g * m + c] = base == nullptr ? in[c * K + g] : base[g * m + c] + in[c * K + g];
             }
           }
           continue;
@@ -465,10 +481,16 @@ FASTDARTS_ALWAYS_INLINE void backward_images_of(const BackwardArgs<scalar_t>& a,
         const scalar_t* __restrict__ tap = taps.data() + wo * B;
         for (int64_t dh = 0; dh < 2 && 2 * ho + dh < s.H; ++dh) {
           for (int64_t dw = 0; dw < 2 && 2 * wo + dw < s.W; ++dw) {
-            scalar_t* __restrict__ gx = a.grad_x + ((n * s.H + 2 * ho + dh) * s.W + 2 * wo + dw) * C;
-            const auto t = static_cast<scalar_t>(2 * dh + dw);
-            std::fill(gx, gx + m, scalar_t(0));
-            routed_to_tap(gx + m, total, tap, t, B);
+            const int64_t at = ((n * s.H + 2 * ho + dh) * s.W + 2 * wo + dw) * C;
+            scalar_t* __restrict__ gx = a.grad_x + at;
+            const scalar_t* __restrict__ base = a.base == nullptr ? nullptr : a.base + at;
+            if (base == nullptr) {
+              std::fill(gx, gx + m, scalar_t(0));
+            } else {
+              copy_short(gx, base, m);
+            }
+            routed_to_tap(gx + m, total, tap, static_cast<scalar_t>(2 * dh + dw),
+                          base == nullptr ? nullptr : base + m, B);
           }
         }
       }
@@ -598,7 +620,8 @@ at::Tensor partial_channel_node_cpu(at::TensorList outs, at::TensorList xs, int6
 std::tuple<std::vector<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>>
 partial_channel_outputs_backward_cpu(const c10::List<std::optional<at::Tensor>>& grads, const at::Tensor& x,
                                      int64_t partial_channels, int64_t stride,
-                                     const std::optional<at::Tensor>& bypass_w, bool x_grad, bool bypass_w_grad) {
+                                     const std::optional<at::Tensor>& bypass_w, bool x_grad, bool bypass_w_grad,
+                                     const std::optional<at::Tensor>& grad_x_base) {
   const char* op = "partial_channel_outputs_backward";
   const int64_t E = static_cast<int64_t>(grads.size());
   TORCH_CHECK_VALUE(E >= 1, op, ": grads must be a non-empty list");
@@ -617,6 +640,14 @@ partial_channel_outputs_backward_cpu(const c10::List<std::optional<at::Tensor>>&
     ops_grads.push_back(at::empty({s.N, s.m, s.Ho, s.Wo}, x.options().memory_format(kChannelsLast)));
   }
   const at::Tensor xc = x.contiguous(kChannelsLast);
+  at::Tensor base;
+  if (grad_x_base.has_value()) {
+    TORCH_CHECK_VALUE(x_grad, op, ": grad_x_base needs x_grad");
+    TORCH_CHECK_VALUE(grad_x_base->sizes() == x.sizes(), op, ": grad_x_base must have the shape of x ", x.sizes(),
+                      ", got ", grad_x_base->sizes());
+    check_dtype_and_device(op, "grad_x_base", *grad_x_base, "x", x);
+    base = grad_x_base->contiguous(kChannelsLast);
+  }
   std::optional<at::Tensor> grad_x, grad_bypass_w;
   if (x_grad) {
     grad_x = at::empty_like(xc, kChannelsLast);
@@ -638,7 +669,7 @@ partial_channel_outputs_backward_cpu(const c10::List<std::optional<at::Tensor>>&
     }
     backward_kernel<scalar_t>({xc.const_data_ptr<scalar_t>(), grad_data, w, ops_grad_data,
                                grad_x.has_value() ? grad_x->data_ptr<scalar_t>() : nullptr,
-                               bypass_w_grad ? dots.data_ptr<double>() : nullptr, s});
+                               base.defined() ? base.const_data_ptr<scalar_t>() : nullptr, bypass_w_grad ? dots.data_ptr<double>() : nullptr, s});
     if (bypass_w_grad) {
       const std::vector<double> totals = add_slots(dots.const_data_ptr<double>(), s.N, G);
       grad_bypass_w = at::zeros({E}, x.options());

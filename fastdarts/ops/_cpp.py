@@ -425,9 +425,16 @@ def _partial_channel_outputs_fake(outs, x, partial_channels, stride, bypass_w):
 
 
 @torch.library.register_fake("fastdarts::partial_channel_outputs_backward")
-def _partial_channel_outputs_backward_fake(grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad):
+def _partial_channel_outputs_backward_fake(grads, x, partial_channels, stride, bypass_w, x_grad, bypass_w_grad,
+                                           grad_x_base=None):  # fmt: skip
     op = "partial_channel_outputs_backward"
     shape = _check_partial_channel_outputs(op, x, partial_channels, stride, bypass_w, len(grads))
+    if grad_x_base is not None:
+        torch_check(x_grad, ValueError, lambda: f"{op}: grad_x_base needs x_grad")
+        torch_check(grad_x_base.shape == x.shape, ValueError,
+                    lambda: f"{op}: grad_x_base must have the shape of x {list(x.shape)}, "
+                            f"got {list(grad_x_base.shape)}")  # fmt: skip
+        check_dtype_and_device(op, "grad_x_base", grad_x_base, "x", x, torch_check)
     ops_shape = [shape[0], shape[1] // partial_channels, *shape[2:]]
     ops_grads = [
         torch.empty(ops_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)

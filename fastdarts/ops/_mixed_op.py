@@ -777,10 +777,10 @@ def _flat(t: Tensor) -> Tensor:
 
 def composed_partial_channel_outputs_backward(
     grads: Sequence[Tensor | None], x: Tensor, partial_channels: int, stride: int, bypass_w: Tensor | None,
-    x_grad: bool, bypass_w_grad: bool,
+    x_grad: bool, bypass_w_grad: bool, grad_x_base: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:  # fmt: skip
     """partial_channel_outputs_backward in ATen ops, for a backend without its kernel, from the edges' full-width
-    output gradients (channels_last; None: not in the loss)."""
+    output gradients (channels_last; None: not in the loss), dL/dx added to grad_x_base when given."""
     used = [e for e, g in enumerate(grads) if g is not None]
     ops_grads = [_by_group(grads[e], partial_channels)[0].contiguous(memory_format=_CHANNELS_LAST) for e in used]
     grad_bypass_w = None
@@ -792,21 +792,24 @@ def composed_partial_channel_outputs_backward(
     if not x_grad:
         return ops_grads, None, grad_bypass_w
     grad_x = torch.zeros_like(x, memory_format=_CHANNELS_LAST)
-    if not used:
-        return ops_grads, grad_x, grad_bypass_w
-    # sum_e bypass_w[e] dL/d(output e) over whole tensors; its bypass channels only used
-    total = sum(grads[e] if bypass_w is None else grads[e] * bypass_w[e] for e in used)
-    total = _by_group(total, partial_channels)[1]
-    grad_x_bypass = grad_x[:, x.shape[1] // partial_channels :]
-    if stride == 1:
-        _bypass_by_group(grad_x_bypass, partial_channels).copy_(total)
-        return ops_grads, grad_x, grad_bypass_w
-    bypass, indices = _bypass(x, partial_channels, stride)
-    pooled_grad = torch.empty_like(bypass, memory_format=_CHANNELS_LAST)
-    _bypass_by_group(pooled_grad, partial_channels).copy_(total)
-    grad_x_bypass.copy_(torch.ops.aten.max_pool2d_with_indices_backward.default(
-        pooled_grad, x[:, x.shape[1] // partial_channels :], [2, 2], [2, 2], [0, 0], [1, 1], True, indices
-    ))  # fmt: skip
+    if used:
+        # sum_e bypass_w[e] dL/d(output e) over whole tensors; its bypass channels only used
+        total = sum(grads[e] if bypass_w is None else grads[e] * bypass_w[e] for e in used)
+        total = _by_group(total, partial_channels)[1]
+        grad_x_bypass = grad_x[:, x.shape[1] // partial_channels :]
+        if stride == 1:
+            _bypass_by_group(grad_x_bypass, partial_channels).copy_(total)
+        else:
+            bypass, indices = _bypass(x, partial_channels, stride)
+            pooled_grad = torch.empty_like(bypass, memory_format=_CHANNELS_LAST)
+            _bypass_by_group(pooled_grad, partial_channels).copy_(total)
+            grad_x_bypass.copy_(torch.ops.aten.max_pool2d_with_indices_backward.default(
+                pooled_grad, x[:, x.shape[1] // partial_channels :], [2, 2], [2, 2], [0, 0], [1, 1], True, indices
+            ))  # fmt: skip
+    if grad_x_base is not None:  # the kernel's bits: the base's ops channels as they are, base + dL/dx elsewhere
+        ops_channels = x.shape[1] // partial_channels
+        grad_x = (grad_x_base + grad_x).contiguous(memory_format=_CHANNELS_LAST)
+        grad_x[:, :ops_channels] = grad_x_base[:, :ops_channels]
     return ops_grads, grad_x, grad_bypass_w
 
 
@@ -1019,10 +1022,12 @@ def edge_cell(group_forward: Callable, group_backward: Callable, kernels: EdgeKe
             x_grad = group.state >= 2 or (s0_grad, s1_grad)[group.state]
             stats = [t[rows_end : rows_end + group.rows].view(E, -1, C) for t in (mean, var)]
             x = states[group.state]
-            if partial_channels > 1:  # the ops' part of each gradient; the bypass's, straight into dL/dx
+            previous = grad_states[group.state]  # the state's gradient from its other readers
+            if partial_channels > 1:  # the ops' part of each gradient; the bypass's, straight into dL/dx (+ previous)
                 group_bypass_w = None if bypass_w is None else bypass_w[list(group.edges)]
                 ops_grads, grad_full, group_grad_bypass_w = kernels.partial_channel_outputs_backward(
-                    edge_grads, x, partial_channels, group.stride, group_bypass_w, x_grad, bypass_w_grad
+                    edge_grads, x, partial_channels, group.stride, group_bypass_w, x_grad, bypass_w_grad,
+                    previous if x_grad else None,
                 )  # fmt: skip
                 ops_grads = iter(ops_grads)
                 edge_grads = [None if g is None else next(ops_grads) for g in edge_grads]
@@ -1033,11 +1038,13 @@ def edge_cell(group_forward: Callable, group_backward: Callable, kernels: EdgeKe
                 group_candidates, group_counts, *stats, training, eps, pool_bn, group_saved, x_grad, w_grad,
                 weights_grad,
             )  # fmt: skip
-            if x_grad:
-                if partial_channels > 1:  # the ops' gradient in their channels
+            if x_grad and partial_channels > 1:  # the ops' gradient in their channels; previous is in grad_full
+                if previous is None:
                     grad_full[:, :C] = grad_x
-                    grad_x = grad_full
-                previous = grad_states[group.state]
+                else:
+                    grad_full[:, :C] += grad_x
+                grad_states[group.state] = grad_full
+            elif x_grad:
                 grad_states[group.state] = grad_x if previous is None else previous + grad_x
             if w_grad:
                 grad_w[list(group.edges)] = group_grad_w

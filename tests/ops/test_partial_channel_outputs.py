@@ -95,6 +95,27 @@ def test_only_what_is_asked_and_no_gradient_given(stride):
     assert torch.equal(grad_x, torch.zeros_like(x)) and torch.equal(grad_w, torch.zeros(2, dtype=x.dtype))
 
 
+@pytest.mark.parametrize("stride", [1, 2], ids=["stride1", "stride2"])
+@pytest.mark.parametrize("case", CASES[:3], ids=["x".join(map(str, s)) + f"-K{K}" for s, K in CASES[:3]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_grad_x_base_is_added_bit_for_bit(dtype, case, stride, cpu_isa):
+    # A cell passes a state's gradient from its other readers as grad_x_base: grad_x is base + dL/dx, the sum the
+    # cell made itself before (the ops' channels the base's own: dL/dx is zero there), the other outputs unchanged.
+    shape, K = case
+    x, outs, bypass_w, grads = make_inputs(shape, K, stride, 3, dtype)
+    grads[1] = None
+    op = torch.ops.fastdarts.partial_channel_outputs_backward
+    ops_grads, grad_x, grad_w = op(grads, x, K, stride, bypass_w, True, True)
+    for base in (torch.randn_like(x), torch.randn(shape, dtype=dtype)):  # channels_last, and contiguous
+        got_ops, got_x, got_w = op(grads, x, K, stride, bypass_w, True, True, base)
+        assert all(torch.equal(a, b) for a, b in zip(got_ops, ops_grads, strict=True)) and torch.equal(got_w, grad_w)
+        assert got_x.is_contiguous(memory_format=CL) and torch.equal(got_x, base + grad_x)
+        composed = _mixed_op.composed_partial_channel_outputs_backward(grads, x, K, stride, bypass_w, True, True, base)
+        torch.testing.assert_close(composed[1], got_x, rtol=1e-5, atol=1e-6)
+    _, only_base, _ = op([None, None, None], x, K, stride, bypass_w, True, False, base)
+    assert torch.equal(only_base, base)
+
+
 def test_stride2_ties_and_nans_route_as_max_pool2d(cpu_isa):
     # Ties take the first maximum in scan order, a NaN wins (the last NaN of a window), as ATen's max_pool2d.
     x, outs, bypass_w, grads = make_inputs((2, 8, 5, 7), 2, 2, 2)
@@ -149,6 +170,8 @@ def test_opcheck(stride):
     opcheck(torch.ops.fastdarts.partial_channel_outputs.default, (outs, x, 4, stride, None))
     opcheck(torch.ops.fastdarts.partial_channel_outputs_backward.default,
             ([grads[0], None], x, 4, stride, bypass_w, True, True))  # fmt: skip
+    opcheck(torch.ops.fastdarts.partial_channel_outputs_backward.default,
+            ([grads[0], None], x, 4, stride, bypass_w, True, False, torch.randn_like(x)))  # fmt: skip
 
 
 def test_refuses_differentiation():
@@ -184,6 +207,28 @@ def test_bad_arguments_in_one_line(change, message):
                     torch.ops.fastdarts.partial_channel_outputs(fake["outs"], fake["x"], fake["K"], fake["stride"],
                                                                 fake["bypass_w"])  # fmt: skip
         assert message in str(error.value) and "\n" not in str(error.value).strip(), (op, str(error.value))
+
+
+@pytest.mark.parametrize(
+    "base,x_grad,message",
+    [
+        (torch.zeros(1, 8, 4, 4, dtype=torch.float64), False, "grad_x_base needs x_grad"),
+        (torch.zeros(1, 8, 4, 5, dtype=torch.float64), True, "grad_x_base must have the shape of x [1, 8, 4, 4]"),
+        (torch.zeros(1, 8, 4, 4), True, "grad_x_base must have the dtype of x"),
+    ],
+)
+def test_bad_grad_x_base_in_one_line(base, x_grad, message):
+    x, _, bypass_w, grads = make_inputs((1, 8, 4, 4), 2, 1, 2)
+    op = torch.ops.fastdarts.partial_channel_outputs_backward
+    for mode in ("cpp", "fake"):
+        with pytest.raises((ValueError, TypeError)) as error:
+            if mode == "cpp":
+                op(grads, x, 2, 1, bypass_w, x_grad, False, base)
+            else:
+                with torch._subclasses.fake_tensor.FakeTensorMode() as fake_mode:
+                    fake = [fake_mode.from_tensor(t) for t in (x, bypass_w, base, *grads)]
+                    op(fake[3:], fake[0], 2, 1, fake[1], x_grad, False, fake[2])
+        assert message in str(error.value) and "\n" not in str(error.value).strip(), (mode, str(error.value))
 
 
 def make_node_inputs(shape, K, kinds, dtype=torch.float64, with_w=True, seed=0):
