@@ -341,39 +341,53 @@ template <typename scalar_t, CpuIsa kIsa, int kK>
 FASTDARTS_ALWAYS_INLINE void node_rows_of(const NodeArgs<scalar_t>& a, int64_t begin, int64_t end) {
   const Shape& s = a.shapes[0];
   const int64_t E = static_cast<int64_t>(a.outs.size());
-  const int64_t row = s.Wo * s.m, bypass_values = (s.K - 1) * row;
-  // The node's row by group (the ops' channels, then each bypass group's, as bypass_row lays them out), summed
-  // over the edges by contiguous adds and interleaved into the output once.
-  std::vector<scalar_t> sums(s.K * row), rows(bypass_values);
-  scalar_t* __restrict__ ops_sum = sums.data();
-  scalar_t* __restrict__ bypass_sum = sums.data() + row;
-  scalar_t* __restrict__ bypass = rows.data();
+  const int64_t K = kK > 0 ? kK : s.K;
+  const int64_t m = s.m, C = s.C, B = C - m, row = s.Wo * m;
+  // The node's row as the edges' states hold it: the ops' channels (row values), and the bypass pixel by pixel
+  // (B values each, the edges' states read in runs of B), summed over the edges by contiguous adds and shuffled into
+  // the output once: a split by group took a loop of m values per group and pixel for every edge.
+  std::vector<scalar_t> ops_sum(row), bypass_sum(s.Wo * B), products(s.Wo * B);
   for (int64_t r = begin; r < end; ++r) {
     for (int64_t e = 0; e < E; ++e) {
+      const Shape& se = a.shapes[e];  // at stride 1 an output row is a row of every state
       const scalar_t* __restrict__ ops = a.outs[e] + r * row;
-      // The first edge's bypass goes straight into the sums; a later one's into the scratch rows, then added.
-      scalar_t* target = e == 0 ? bypass_sum : bypass;
-      bypass_row(a.xs[e], a.shapes[e], r / s.Ho, r % s.Ho, target);
-      // The products rounded and stored before the adds: an add of w * bypass[i] would compile to one fused
+      const scalar_t* __restrict__ x = a.xs[e] + r * s.Wo * se.x_C + se.x_skip;
+      // The first edge's bypass goes straight into the sums; a later one's into the scratch row, then added.
+      scalar_t* __restrict__ target = e == 0 ? bypass_sum.data() : products.data();
+      // The products rounded and stored before the adds: an add of w * x[j] would compile to one fused
       // multiply-add, whose single rounding gives other bits than an edge's output written out and then summed.
       const scalar_t w = a.bw[e];
-      if (w != scalar_t(1)) {
-        for (int64_t i = 0; i < bypass_values; ++i) {
-          target[i] = w * target[i];
+      for (int64_t wo = 0; wo < s.Wo; ++wo) {
+        if (w == scalar_t(1)) {
+          copy_short(target + wo * B, x + wo * se.x_C, B);
+        } else {
+          for (int64_t j = 0; j < B; ++j) {
+            target[wo * B + j] = w * x[wo * se.x_C + j];
+          }
         }
       }
       if (e == 0) {
-        std::copy(ops, ops + row, ops_sum);
+        std::copy(ops, ops + row, ops_sum.data());
         continue;
       }
       for (int64_t i = 0; i < row; ++i) {
         ops_sum[i] += ops[i];
       }
-      for (int64_t i = 0; i < bypass_values; ++i) {
-        bypass_sum[i] += bypass[i];
+      for (int64_t i = 0; i < s.Wo * B; ++i) {
+        bypass_sum[i] += products[i];
       }
     }
-    interleave<kK>(a.node + r * s.Wo * s.C, ops_sum, bypass_sum, row, scalar_t(1), row, s.K);
+    // Channel c K of the node is the ops' channel c, channel c K + g the bypass's (g - 1) m + c.
+    for (int64_t wo = 0; wo < s.Wo; ++wo) {
+      scalar_t* __restrict__ out = a.node + (r * s.Wo + wo) * C;
+      const scalar_t* __restrict__ bypass = bypass_sum.data() + wo * B;
+      for (int64_t c = 0; c < m; ++c) {
+        out[c * K] = ops_sum[wo * m + c];
+        for (int64_t g = 1; g < K; ++g) {
+          out[c * K + g] = bypass[(g - 1) * m + c];
+        }
+      }
+    }
   }
 }
 
