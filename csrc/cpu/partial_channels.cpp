@@ -18,14 +18,15 @@
 // Why a kernel: in ATen the same took a zero fill and strided copies to place the shuffled bypass, a multiply and
 // a strided copy per edge, and in the backward a strided copy of each gradient's ops channels, a weighted sum and
 // another strided copy: about 100 ms of PC-DARTS's 0.85 s search step at batch 64. Here every tensor is read or
-// written once, an output row at a time (channels_last): the row's bypass is first split by group into contiguous
-// rows in L1 (bypass_row), then each edge's output row interleaves its ops' row with them (interleave, with K
-// fixed at compile time for 2, 4 and 8 so that the K streams become vector shuffles). The backward reads each
-// gradient row once (deinterleave): the ops' channels out, and the row weighted into the edges' sum in its own
-// layout, contiguous; the sum's bypass channels then go to dL/dx a pixel at a time (at stride 2 a pixel's whole
-// bypass through its window's argmax: pooled_row). The sums of grad_bypass_w are taken per image and added in image order, in double: the same bits
-// whatever the number of threads (on a given tier: the loops are compiled once per instruction-set tier, and the
-// vectorised sums of a wider tier add in another order).
+// written once, an output row at a time (channels_last). The forward splits the row's bypass by group into
+// contiguous rows in L1 (bypass_row), then each edge's output row interleaves its ops' row with them (interleave,
+// with K fixed at compile time for 2, 4 and 8 so that the K streams become vector shuffles). The node sums its
+// edges' bypasses pixel by pixel as the states hold them (runs of C - C/K values) and shuffles the sum into the node
+// once. The backward reads each gradient row once (deinterleave): the ops' channels out, and the row weighted into
+// the edges' sum in its own layout, contiguous; the sum's bypass channels then go to dL/dx a pixel at a time (at
+// stride 2 a pixel's whole bypass through its window's argmax: pooled_row). The sums of grad_bypass_w are taken per
+// image and added in image order, in double: the same bits whatever the number of threads (on a given tier: the
+// loops are compiled once per instruction-set tier, and the vectorised sums of a wider tier add in another order).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -104,7 +105,7 @@ std::vector<scalar_t> values_of(const std::optional<at::Tensor>& w, int64_t E) {
   return std::vector<scalar_t>(c.const_data_ptr<scalar_t>(), c.const_data_ptr<scalar_t>() + E);
 }
 
-// out[c] = in[c] (in[c] = 0 when in is null) for c < m, for the few channels of one pixel's group: in 16-byte vectors
+// out[c] = in[c] (in[c] = 0 when in is null) for c < m, for the channels of one pixel or its group: in 16-byte vectors
 // rather than the library call GCC makes of a copy loop, which costs more than the copy at 4 or 8 values (the
 // vector held in a register, vec_load_once: a plain load and store was still recognised as a copy and made a call).
 template <typename scalar_t>
@@ -125,7 +126,7 @@ FASTDARTS_ALWAYS_INLINE void copy_short(scalar_t* __restrict__ out, const scalar
 // ATen's max_pool2d at one tap t (0..3 in scan order) of `count` windows, one per value: out[c] = v[c] where v[c] is
 // greater or a NaN, and tap[c] = t there (when tap is given; held as scalar_t so that the selects vectorise with the
 // values'). In 16-byte vectors, whose selects have no branch: GCC's scalar loop branched on every value, and random
-// data mispredicted half of them (and it turns the selects of the wider tiers' vectors into scalar code here).
+// data mispredicted half of them; on the tiers' 32- and 64-byte vectors GCC made the selects scalar compares again.
 template <typename scalar_t>
 FASTDARTS_ALWAYS_INLINE void window_max(const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
                                         scalar_t* __restrict__ tap, scalar_t t, int64_t count) {
@@ -683,7 +684,8 @@ partial_channel_outputs_backward_cpu(const c10::List<std::optional<at::Tensor>>&
     }
     backward_kernel<scalar_t>({xc.const_data_ptr<scalar_t>(), grad_data, w, ops_grad_data,
                                grad_x.has_value() ? grad_x->data_ptr<scalar_t>() : nullptr,
-                               base.defined() ? base.const_data_ptr<scalar_t>() : nullptr, bypass_w_grad ? dots.data_ptr<double>() : nullptr, s});
+                               base.defined() ? base.const_data_ptr<scalar_t>() : nullptr,
+                               bypass_w_grad ? dots.data_ptr<double>() : nullptr, s});
     if (bypass_w_grad) {
       const std::vector<double> totals = add_slots(dots.const_data_ptr<double>(), s.N, G);
       grad_bypass_w = at::zeros({E}, x.options());
