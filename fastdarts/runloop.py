@@ -191,10 +191,11 @@ def check_network_fits(build: Callable[[], torch.nn.Module], config, *sizes: str
     with torch.device("meta"):
         try:
             network = build()
-        except RuntimeError as e:  # a weight whose byte count does not fit in 64 bits
-            if "overflow" not in str(e):
+        except (RuntimeError, TypeError) as e:  # a weight whose byte count (RuntimeError) or size (TypeError) does
+            if "overflow" not in str(e).lower():  # not fit in 64 bits
                 raise
-            raise ConfigError(f"{settings} make a weight too large to allocate on any machine ({e})") from None
+            reason = str(e).strip().splitlines()[0]  # torch's TypeError goes on with a C++ stack trace
+            raise ConfigError(f"{settings} make a weight too large to allocate on any machine ({reason})") from None
     tensors = [*network.parameters(), *network.buffers()]
     needed = 3 * sum(t.numel() * t.element_size() for t in tensors)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -292,6 +292,22 @@ def test_a_width_whose_weights_overflow_a_tensors_size_is_one_line(kind):
         check_network_fits(network, config, "init_channels", "layers")
 
 
+@pytest.mark.parametrize("kind", ["search", "train"])
+def test_a_width_whose_channels_overflow_a_size_is_one_line(kind):
+    # Found by the fuzzing: `fastdarts.train --init_channels 3074457345618258603` made a stem of 3 C channels, more
+    # than 64 bits hold, and torch's TypeError (with its C++ stack trace) came through instead of one line.
+    C = 3074457345618258603
+    if kind == "search":
+        network = functools.partial(SearchNetwork, C, 10, 3, 1, method=make_method("darts"))
+    else:
+        network = functools.partial(NETWORKS["cifar"], BUILTIN_GENOTYPES["DARTS_V2"], C, 10, 3, False, 0)
+    config = types.SimpleNamespace(init_channels=C, layers=3)
+    with pytest.raises(ConfigError, match=rf"^init_channels {C} and layers 3 make a weight too large to allocate on "
+                       r"any machine \(.*[Oo]verflow") as error:  # fmt: skip
+        check_network_fits(network, config, "init_channels", "layers")
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.slow
 def test_resume_refuses_other_settings_another_kind_and_a_finished_run(tmp_path):
     search.run(**{**SEARCH, "epochs": 1}, out=str(tmp_path / "done"))
