@@ -260,8 +260,12 @@ std::vector<T> tap_vectors(at::TensorList weights, const Geometry& g) {
     const T* src = w.const_data_ptr<T>();
     const int64_t k = w.size(2);
     for (int64_t t = 0; t < k * k; ++t) {
-      for (int64_t l = 0; l < g.G * g.C; ++l) {
-        taps[(g.tap_begin[i] + t) * g.Cp + l] = src[l % g.C * k * k + t];
+      T* tap = taps.data() + (g.tap_begin[i] + t) * g.Cp;
+      for (int64_t c = 0; c < g.C; ++c) {  // lane block + c holds channel c: no division per lane
+        const T value = src[c * k * k + t];
+        for (int64_t block = 0; block < g.G * g.C; block += g.C) {
+          tap[block + c] = value;
+        }
       }
     }
   }
