@@ -1060,12 +1060,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(
     }
     if (x.numel() > 0) {
       parallel_for_balanced(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
-        at::Tensor tile = scratch(g.input.size(), x);
-        at::Tensor rows = scratch((with_pointwise ? 2 : 1) * g.Wo_r * g.col + 2 * g.Cp, x);
-        scalar_t* row = rows.data_ptr<scalar_t>();
+        scalar_t* tile = thread_scratch<scalar_t>(0, g.input.size());
+        scalar_t* row = thread_scratch<scalar_t>(1, (with_pointwise ? 2 : 1) * g.Wo_r * g.col + 2 * g.Cp);
         const int64_t row_values = g.Wo_r * g.col;
-        FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_chunks, scalar_t, f, begin, end, tile.data_ptr<scalar_t>(), row,
-                                   row + row_values, row + (with_pointwise ? 2 : 1) * row_values);
+        FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_chunks, scalar_t, f, begin, end, tile, row, row + row_values,
+                                   row + (with_pointwise ? 2 : 1) * row_values);
       });
     }
     if (statistics) {
@@ -1187,15 +1186,15 @@ backward(
       parallel_for_balanced(0, g.num_chunks, g.grain, [&](int64_t begin, int64_t end) {
         // grad_w and the 1x1 gradient read r; grad_x's mask reads relu(x), the normalisation's sums u
         const bool want_input_tile = weight_grad || relu || b.input_sums != nullptr;
-        at::Tensor input_tile = scratch(want_input_tile ? g.input.size() : 0, x);
-        at::Tensor grad_tile = scratch(g.grad.size(), x);
-        at::Tensor grad_x_rows = scratch(input_grad ? g.chunk_rows * g.s * g.gx_cols * g.col : 0, x);
+        scalar_t* input_tile = thread_scratch<scalar_t>(0, want_input_tile ? g.input.size() : 0);
+        scalar_t* grad_tile = thread_scratch<scalar_t>(1, g.grad.size());
+        scalar_t* grad_x_rows = thread_scratch<scalar_t>(2, input_grad ? g.chunk_rows * g.s * g.gx_cols * g.col : 0);
         // dt_row must be zero wherever the pack of one dt row does not write (pointwise_grad_tile).
-        at::Tensor rows = at::zeros({with_pointwise ? 2 * g.Wo_r * g.col : 0}, input_tile.options());
-        scalar_t* dt_row = rows.data_ptr<scalar_t>();
-        FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_chunks, scalar_t, b, begin, end, input_tile.data_ptr<scalar_t>(),
-                                   grad_tile.data_ptr<scalar_t>(), grad_x_rows.data_ptr<scalar_t>(), dt_row,
-                                   with_pointwise ? dt_row + g.Wo_r * g.col : nullptr);
+        const int64_t dt_values = with_pointwise ? 2 * g.Wo_r * g.col : 0;
+        scalar_t* dt_row = thread_scratch<scalar_t>(3, dt_values);
+        std::fill_n(dt_row, dt_values, scalar_t(0));
+        FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_chunks, scalar_t, b, begin, end, input_tile, grad_tile, grad_x_rows,
+                                   dt_row, with_pointwise ? dt_row + g.Wo_r * g.col : nullptr);
       });
     }
     if (input_sums.has_value() && x.numel() > 0) {
