@@ -616,8 +616,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> forward(at::TensorLi
     if (g.rows > 0) {
       parallel_for_balanced(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
         // zeros: the tile's padding columns and rows are never written, and the products read them
-        at::Tensor buffers = at::zeros({g.P_r * (g.Kp() + g.Np()) + 2 * g.Np()}, x0.options());
-        scalar_t* tile = buffers.data_ptr<scalar_t>();
+        const int64_t values = g.P_r * (g.Kp() + g.Np()) + 2 * g.Np();
+        scalar_t* tile = thread_scratch<scalar_t>(0, values);
+        std::fill_n(tile, values, scalar_t(0));
         FASTDARTS_CALL_FOR_CPU_ISA(isa, forward_chunks, scalar_t, a, begin, end, tile, tile + g.P_r * g.Kp(),
                                    tile + g.P_r * (g.Kp() + g.Np()));
       });
@@ -696,8 +697,9 @@ std::tuple<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>> backwa
     a.partials = weight_grad ? partials.data_ptr<scalar_t>() : nullptr;
     if (g.rows > 0) {
       parallel_for_balanced(0, g.num_chunks, 1, [&](int64_t begin, int64_t end) {
-        at::Tensor buffers = at::zeros({g.P_r * (2 * g.Kp() + g.Np())}, x0.options());
-        scalar_t* tile = buffers.data_ptr<scalar_t>();
+        const int64_t values = g.P_r * (2 * g.Kp() + g.Np());  // zeros: as the forward's
+        scalar_t* tile = thread_scratch<scalar_t>(0, values);
+        std::fill_n(tile, values, scalar_t(0));
         FASTDARTS_CALL_FOR_CPU_ISA(isa, backward_chunks, scalar_t, a, begin, end, tile, tile + g.P_r * g.Kp(),
                                    tile + g.P_r * (g.Kp() + g.Np()));
       });
