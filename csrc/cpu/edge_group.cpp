@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
 #include <map>
 #include <optional>
 #include <tuple>
@@ -375,9 +376,15 @@ struct Group {
       pools[kMaxPool] = max_out;
       pools[kAvgPool] = avg_out;
     }
-    auto set_row = [&](Edge& edge, int64_t row, const at::Tensor& m, const at::Tensor& v) {
-      edge.mean.select(0, row).copy_(m);
-      edge.var.select(0, row).copy_(v);
+    // Row `source` of the kernels' statistics [K, C] into row `row` of the edge's [B, C] (both contiguous, of x's
+    // dtype): a copy of C values, where select and copy_ took six ATen calls a row.
+    auto set_row = [&](Edge& edge, int64_t row, const at::Tensor& m, const at::Tensor& v, int64_t source) {
+      const int64_t bytes = x.size(1) * x.element_size();
+      for (auto [to, from] : {std::pair{&edge.mean, &m}, std::pair{&edge.var, &v}}) {
+        const at::Tensor from_rows = from->contiguous();
+        std::memcpy(static_cast<char*>(to->data_ptr()) + row * bytes,
+                    static_cast<const char*>(from_rows.const_data_ptr()) + source * bytes, bytes);
+      }
     };
     size_t i = 0;
     std::map<std::pair<Edge*, int64_t>, size_t> first_of;
@@ -389,13 +396,13 @@ struct Group {
         const int64_t row = layout.row[k];
         if (is_pool(k)) {
           if (pool_bn && record) {
-            set_row(edge, row, pool_mean.select(0, k), pool_var.select(0, k));
+            set_row(edge, row, pool_mean, pool_var, k);
           }
         } else if (k == kSkip) {
           if (stride != 1) {
             const size_t f = reduce_of.at(&edge);
             if (record) {
-              set_row(edge, row, reduced_mean.select(0, f), reduced_var.select(0, f));
+              set_row(edge, row, reduced_mean, reduced_var, f);
             }
             edge.t[k] = reduced[f];
           }
@@ -403,7 +410,7 @@ struct Group {
           const size_t f = first_of.at({&edge, k});
           const at::Tensor& t1 = first[f];
           if (record) {
-            set_row(edge, row, first_mean.select(0, f), first_var.select(0, f));
+            set_row(edge, row, first_mean, first_var, f);
           }
           if (!is_sep(k)) {
             edge.t[k] = t1;
@@ -415,7 +422,7 @@ struct Group {
           auto [t2, m2, v2] = relu_dwconv_pointwise(record, t1, {edge.weight(layout, k, 2)},
                                                     {edge.weight(layout, k, 3)}, {1}, 1, mid_mean, mid_invstd);
           if (record) {
-            set_row(edge, row + 1, m2.select(0, 0), v2.select(0, 0));
+            set_row(edge, row + 1, m2, v2, 0);
           }
           edge.t[k] = t2[0];
         }
