@@ -34,8 +34,8 @@ inline at::Tensor scratch(int64_t numel, const at::Tensor& like) {
 }
 
 // Scratch space of the calling thread that outlives the call, 64-byte aligned like scratch(): the pieces a thread
-// takes in parallel_for_balanced (up to four a call) and the later calls reuse it, where allocating per piece cost
-// a kernel of a small call (a search on 8x8 images) a sixth of its time. `slot` numbers a kernel's buffers; a
+// takes in parallel_for_balanced (up to four a call) and the later calls reuse it, where small calls (a search on
+// 8x8 images) spent a measurable part of their time allocating tiles per piece. `slot` numbers a kernel's buffers; a
 // thread's buffer in a slot holds one thing at a time, so no kernel may call another that uses its slots while it
 // holds them. Each buffer keeps the size of the largest request so far.
 constexpr int kThreadScratchSlots = 4;
